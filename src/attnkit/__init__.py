@@ -1,0 +1,8 @@
+"""attnkit: every way of computing multi-head attention behind one verified interface."""
+
+from attnkit.call import UnsupportedError
+from attnkit.functional import attention, available
+
+__version__ = "0.1.0"
+
+__all__ = ["UnsupportedError", "attention", "available", "__version__"]

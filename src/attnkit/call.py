@@ -1,0 +1,279 @@
+"""The validated description of one `attention()` call, shared by every backend.
+
+`make_call` checks the arguments once, so that no backend has to; a backend reads the
+fields of `AttentionCall` and never re-validates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["AttentionCall", "UnsupportedError", "make_call"]
+
+
+class UnsupportedError(RuntimeError):
+    """No implementation (or not the one asked for) can run this call; the message says why."""
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention problem, validated.
+
+    q: (B, Hq, Sq, D); k: (B, Hkv, Skv, D); v: (B, Hkv, Skv, Dv); Hq % Hkv == 0.
+    key_lengths: int64 (B,) or None. attn_mask: bool or floating, 4-D and broadcastable
+    to (B, Hq, Sq, Skv), or None. window: (left, right), each None for unbounded.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    causal: bool
+    key_lengths: Tensor | None
+    attn_mask: Tensor | None
+    window: tuple[int | None, int | None] | None
+    scale: float
+    dropout_p: float
+    return_lse: bool
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def heads_kv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def group(self) -> int:
+        """How many query heads share one key/value head."""
+        return self.heads_q // self.heads_kv
+
+    @property
+    def seq_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def seq_kv(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def diagonal_offset(self) -> int:
+        """Skv - Sq: query i is aligned with key i + offset (bottom-right alignment)."""
+        return self.seq_kv - self.seq_q
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+    @property
+    def has_mask(self) -> bool:
+        """True when any key is hidden from any query (beyond plain full attention)."""
+        return (
+            self.causal
+            or self.window is not None
+            or self.key_lengths is not None
+            or self.attn_mask is not None
+        )
+
+    def describe(self) -> str:
+        """Short human-readable summary, used in error messages and tables."""
+        parts = [
+            f"q{tuple(self.q.shape)}",
+            f"k{tuple(self.k.shape)}",
+            f"v{tuple(self.v.shape)}",
+            str(self.dtype).removeprefix("torch."),
+            self.device.type,
+        ]
+        if self.causal:
+            parts.append("causal")
+        if self.window is not None:
+            parts.append(f"window={self.window}")
+        if self.key_lengths is not None:
+            parts.append("key_lengths")
+        if self.attn_mask is not None:
+            kind = "bool" if self.attn_mask.dtype == torch.bool else "additive"
+            parts.append(f"{kind} mask{tuple(self.attn_mask.shape)}")
+        if self.dropout_p:
+            parts.append(f"dropout={self.dropout_p}")
+        return " ".join(parts)
+
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def make_call(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_lengths: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    window: int | tuple[int | None, int | None] | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> AttentionCall:
+    """Validate the arguments of `attention()` and bundle them; raises ValueError/TypeError."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {_shape(t)}"
+            )
+        if t.dtype not in _FLOATING:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
+    b, hq, sq, d = q.shape
+    bk, hkv, skv, dk = k.shape
+    if bk != b or v.shape[0] != b:
+        raise ValueError(
+            f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+        )
+    if v.shape[1] != hkv or v.shape[2] != skv:
+        raise ValueError(
+            f"k and v must have the same heads and sequence length: k {_shape(k)}, v {_shape(v)}"
+        )
+    if dk != d:
+        raise ValueError(f"q and k head dims differ: q {_shape(q)}, k {_shape(k)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}): "
+            f"q {_shape(q)}, k {_shape(k)}"
+        )
+    if d == 0 or v.shape[3] == 0:
+        raise ValueError(f"head dims must be positive: q {_shape(q)}, v {_shape(v)}")
+
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+    if key_lengths is not None:
+        if not isinstance(key_lengths, Tensor):
+            raise TypeError(f"key_lengths must be a tensor, got {type(key_lengths).__name__}")
+        if key_lengths.dtype.is_floating_point or key_lengths.dtype in (torch.bool,):
+            raise TypeError(f"key_lengths must be an integer tensor, got {key_lengths.dtype}")
+        if _shape(key_lengths) != (b,):
+            raise ValueError(
+                f"key_lengths must have shape (batch,) = ({b},), got {_shape(key_lengths)}"
+            )
+        if key_lengths.device != q.device:
+            raise ValueError(
+                f"key_lengths is on {key_lengths.device} but q is on {q.device}"
+            )
+        if key_lengths.device.type == "cpu" and b and (
+            int(key_lengths.min()) < 0 or int(key_lengths.max()) > skv
+        ):
+            raise ValueError(
+                f"key_lengths must lie in [0, {skv}] (the key length), "
+                f"got values from {int(key_lengths.min())} to {int(key_lengths.max())}"
+            )
+        key_lengths = key_lengths.to(torch.int64)
+
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(
+                f"attn_mask must be bool (True = may attend) or floating (added to scores), "
+                f"got {attn_mask.dtype}"
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        if not 2 <= attn_mask.dim() <= 4:
+            raise ValueError(
+                f"attn_mask must have 2 to 4 dims broadcastable to (B, Hq, Sq, Skv) = "
+                f"{(b, hq, sq, skv)}, got shape {_shape(attn_mask)}"
+            )
+        full = (b, hq, sq, skv)
+        padded = (1,) * (4 - attn_mask.dim()) + _shape(attn_mask)
+        if any(m not in (1, f) for m, f in zip(padded, full)):
+            raise ValueError(
+                f"attn_mask of shape {_shape(attn_mask)} does not broadcast to "
+                f"(B, Hq, Sq, Skv) = {full}"
+            )
+        attn_mask = attn_mask.reshape(padded)
+
+    window = _normalize_window(window)
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+
+    return AttentionCall(
+        q=q,
+        k=k,
+        v=v,
+        causal=causal,
+        key_lengths=key_lengths,
+        attn_mask=attn_mask,
+        window=window,
+        scale=float(scale),
+        dropout_p=float(dropout_p),
+        return_lse=return_lse,
+    )
+
+
+def _normalize_window(
+    window: int | tuple[int | None, int | None] | None,
+) -> tuple[int | None, int | None] | None:
+    if window is None:
+        return None
+    if isinstance(window, int) and not isinstance(window, bool):
+        window = (window, 0)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be None, an int, or (left, right), got {window!r}")
+    sides = []
+    for side, value in zip(("left", "right"), window):
+        if value is None:
+            sides.append(None)
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            sides.append(value)
+        else:
+            raise ValueError(f"window {side} must be a non-negative int or None, got {value!r}")
+    if sides == [None, None]:
+        return None
+    return (sides[0], sides[1])

@@ -1,0 +1,114 @@
+"""`attnkit.attention`: one call, many implementations, picked by `impl`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnkit import backends
+from attnkit.call import AttentionCall, UnsupportedError, make_call
+
+__all__ = ["AUTO_ORDER", "attention", "available", "select"]
+
+# impl="auto" takes the first backend in this list that supports the call. The order is
+# the measured speed ranking on each device kind (benchmarks/results/), fastest first.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "sdpa", "chunked", "naive"),
+    "cpu": ("sdpa", "naive", "chunked", "einsum"),
+}
+_AUTO_FALLBACK = ("sdpa", "naive", "chunked", "reference")
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_lengths: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    window: int | tuple[int | None, int | None] | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    impl: str = "auto",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Multi-head scaled dot-product attention.
+
+    Args:
+        q: (B, Hq, Sq, D) queries.
+        k: (B, Hkv, Skv, D) keys; Hq must be a multiple of Hkv (grouped / multi-query).
+        v: (B, Hkv, Skv, Dv) values.
+        causal: query i sees key j when j <= i + (Skv - Sq) (bottom-right aligned).
+        key_lengths: int (B,); key j of batch b is hidden when j >= key_lengths[b].
+        attn_mask: bool (True = may attend) or floating (added to the scaled scores),
+            broadcastable to (B, Hq, Sq, Skv).
+        window: (left, right): query i sees keys in [i+off-left, i+off+right], off = Skv-Sq;
+            None on a side is unbounded; an int w means (w, 0).
+        scale: multiplies q @ k^T; defaults to 1/sqrt(D).
+        dropout_p: probability of dropping an attention weight (applied as given, also in
+            eval mode, as in `torch.nn.functional.scaled_dot_product_attention`).
+        impl: "auto" or a name from `attnkit.available()`.
+        return_lse: also return the float32 (B, Hq, Sq) log-sum-exp of the scaled, masked
+            scores (-inf for a query that sees no key).
+
+    Returns:
+        (B, Hq, Sq, Dv) in the dtype of q, or (out, lse) when return_lse. A query that sees
+        no key gets zeros.
+
+    Raises:
+        ValueError / TypeError for malformed input; UnsupportedError when `impl` cannot run
+        this call (the message says why).
+    """
+    call = make_call(
+        q, k, v, causal=causal, key_lengths=key_lengths, attn_mask=attn_mask, window=window,
+        scale=scale, dropout_p=dropout_p, return_lse=return_lse,
+    )
+    backend = select(call, impl)
+    out, lse = backend.run(call)
+    if return_lse:
+        if lse is None:
+            raise AssertionError(f"backend {backend.name} returned no lse for return_lse=True")
+        return out, lse
+    return out
+
+
+def refusal(backend: backends.Backend, call: AttentionCall) -> str | None:
+    """Why `backend` cannot run `call`, or None when it can."""
+    return backend.available(call.device) or backend.supports(call)
+
+
+def select(call: AttentionCall, impl: str = "auto") -> backends.Backend:
+    """The backend that runs `call` for `impl`; UnsupportedError says why when none can."""
+    if not isinstance(impl, str):
+        raise TypeError(f"impl must be a str, got {type(impl).__name__}")
+    if impl != "auto":
+        backend = backends.get(impl)
+        reason = refusal(backend, call)
+        if reason is not None:
+            raise UnsupportedError(f"impl={impl!r} cannot run {call.describe()}: {reason}")
+        return backend
+    order = AUTO_ORDER.get(call.device.type, _AUTO_FALLBACK)
+    reasons = []
+    for name in order:
+        backend = backends.BACKENDS.get(name)
+        if backend is None:
+            continue
+        reason = refusal(backend, call)
+        if reason is None:
+            return backend
+        reasons.append(f"  {name}: {reason}")
+    raise UnsupportedError(
+        f"no implementation can run {call.describe()}:\n" + "\n".join(reasons)
+    )
+
+
+def available(device: str | torch.device | None = None) -> dict[str, str | None]:
+    """Every backend name mapped to None when it can run on `device`, else the reason.
+
+    device defaults to CUDA when present, else the CPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return {name: backend.available(device) for name, backend in backends.BACKENDS.items()}

@@ -1,0 +1,113 @@
+"""Which keys each query may see, as tensors the PyTorch backends can use.
+
+One definition of visibility for every backend written in PyTorch ops (the Triton kernel
+re-states it in index arithmetic): query i sees key j when
+
+    causal:       j <= i + (Skv - Sq)
+    window:       i + off - left <= j <= i + off + right      (off = Skv - Sq)
+    key_lengths:  j < key_lengths[b]
+    bool mask:    attn_mask[b, h, i, j] is True
+and a floating mask is added to the scaled scores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnkit.call import AttentionCall
+
+__all__ = ["visibility", "score_bias", "masked_softmax", "expand_kv"]
+
+
+def visibility(
+    call: AttentionCall, q_range: tuple[int, int] | None = None, k_range: tuple[int, int] | None = None
+) -> Tensor | None:
+    """Bool (B|1, Hq|1, sq, sk) of the keys each query may see, or None when all are visible.
+
+    q_range / k_range = (start, stop) restrict the result to a block of queries / keys
+    (the chunked backend walks key blocks). The floating part of attn_mask is not here:
+    see `score_bias`.
+    """
+    q0, q1 = q_range or (0, call.seq_q)
+    k0, k1 = k_range or (0, call.seq_kv)
+    device = call.device
+    visible: Tensor | None = None
+
+    def both(mask: Tensor) -> Tensor:
+        return mask if visible is None else visible & mask
+
+    if call.causal or call.window is not None:
+        # Aligned to the bottom right: query i sits at key position i + (Skv - Sq).
+        pos_q = torch.arange(q0, q1, device=device)[:, None] + call.diagonal_offset
+        pos_k = torch.arange(k0, k1, device=device)[None, :]
+        left, right = call.window or (None, None)
+        if call.causal:
+            right = 0 if right is None else min(right, 0)
+        band = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+        if right is not None:
+            band &= pos_k <= pos_q + right
+        if left is not None:
+            band &= pos_k >= pos_q - left
+        visible = both(band[None, None])
+    if call.key_lengths is not None:
+        pos_k = torch.arange(k0, k1, device=device)
+        visible = both((pos_k[None, :] < call.key_lengths[:, None])[:, None, None, :])
+    if call.attn_mask is not None and call.attn_mask.dtype == torch.bool:
+        visible = both(_block(call.attn_mask, q0, q1, k0, k1))
+    return visible
+
+
+def score_bias(
+    call: AttentionCall,
+    dtype: torch.dtype,
+    q_range: tuple[int, int] | None = None,
+    k_range: tuple[int, int] | None = None,
+) -> Tensor | None:
+    """Additive (B|1, Hq|1, sq, sk) bias in `dtype`: the floating mask, -inf where hidden.
+
+    None when every key is visible and there is no floating mask.
+    """
+    q0, q1 = q_range or (0, call.seq_q)
+    k0, k1 = k_range or (0, call.seq_kv)
+    bias: Tensor | None = None
+    if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:
+        bias = _block(call.attn_mask, q0, q1, k0, k1).to(dtype)
+    visible = visibility(call, (q0, q1), (k0, k1))
+    if visible is not None:
+        mask_bias = torch.zeros(visible.shape, dtype=dtype, device=call.device)
+        mask_bias.masked_fill_(~visible, float("-inf"))
+        bias = mask_bias if bias is None else bias + mask_bias
+    return bias
+
+
+def masked_softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over the last dim where a row of all -inf gives zeros, not NaN.
+
+    Returns (probabilities, log-sum-exp); the log-sum-exp of an empty row is -inf.
+    """
+    row_max = scores.amax(dim=-1, keepdim=True)
+    # An empty row has max -inf; shifting by 0 instead keeps exp() at 0 rather than NaN.
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = weights / total.clamp_min(torch.finfo(total.dtype).tiny)
+    lse = (row_max + torch.log(total)).squeeze(-1)
+    return probs, lse
+
+
+def expand_kv(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """k, v repeated to Hq heads: query head h reads key/value head h // (Hq // Hkv)."""
+    if call.group == 1:
+        return call.k, call.v
+    return (
+        call.k.repeat_interleave(call.group, dim=1),
+        call.v.repeat_interleave(call.group, dim=1),
+    )
+
+
+def _block(mask: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+    """Slice a broadcastable 4-D mask to a query/key block, leaving size-1 dims alone."""
+    rows = slice(q0, q1) if mask.shape[2] != 1 else slice(None)
+    cols = slice(k0, k1) if mask.shape[3] != 1 else slice(None)
+    return mask[:, :, rows, cols]

@@ -91,7 +91,8 @@ def masked_softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     weights = torch.exp(scores - row_max)
     total = weights.sum(dim=-1, keepdim=True)
-    probs = weights / total.clamp_min(torch.finfo(total.dtype).tiny)
+    # Dividing an empty row by 1 (not by a tiny number) keeps its gradient finite too.
+    probs = weights / torch.where(total > 0, total, torch.ones_like(total))
     lse = (row_max + torch.log(total)).squeeze(-1)
     return probs, lse
 

@@ -46,7 +46,7 @@ def attention_by_loops(q, k, v, *, causal, key_lengths, attn_mask, window, scale
                     top = max(scores)
                     weights = [math.exp(s - top) for s in scores]
                     total = sum(weights)
-                    out[b, h, i] = sum(w / total * x for w, x in zip(weights, values))
+                    out[b, h, i] = sum(w / total * x for w, x in zip(weights, values, strict=True))
                     lse[b, h, i] = top + math.log(total)
     return out, lse
 

@@ -2,7 +2,10 @@
 
 from attnkit.call import UnsupportedError
 from attnkit.functional import attention, available
+from attnkit.module import KVCache, MultiHeadAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["UnsupportedError", "attention", "available", "__version__"]
+__all__ = [
+    "KVCache", "MultiHeadAttention", "UnsupportedError", "attention", "available", "__version__"
+]

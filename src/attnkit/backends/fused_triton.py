@@ -1,0 +1,639 @@
+"""`triton`: fused FlashAttention-2 style forward and backward kernels written in Triton.
+
+Forward: one program per (query block, batch * query head) walks the key blocks it can
+see with an online softmax, so nothing of size Sq x Skv is ever stored. Backward: delta =
+rowsum(dO * O); one program per (key block, batch * kv head) accumulates dK, dV over the
+query blocks of every query head of its group (deterministic, no atomics); one program
+per (query block, batch * query head) accumulates dQ.
+
+Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
+i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off
++ right (causal makes right = min(right, 0)); a bool mask hides, a floating mask is
+added. Key blocks that no query of a block can see are outside the loop bounds; key
+blocks that every query of a block sees skip the index arithmetic.
+
+Triton is optional: without it `import attnkit` still works and this backend reports
+itself unavailable.
+"""
+
+import dataclasses
+import math
+import os
+import types
+
+import torch
+from torch import Tensor
+
+from attnkit.backends.base import Backend, Result
+from attnkit.call import AttentionCall
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the kernels below still parse; available() says triton is missing
+    triton = None
+    tl = types.SimpleNamespace(constexpr=None)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# ---------------------------------------------------------------------------------------
+# Autotune configs: (BLOCK_M, BLOCK_N, num_warps, num_stages), re-tuned per head dim,
+# causal-or-not and power-of-two sequence bucket. Under the interpreter one small fixed
+# config runs instead (tuning there is slow and means nothing).
+# ---------------------------------------------------------------------------------------
+_FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+_BWD_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2)]
+_TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET"]
+_INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
+_DELTA_BLOCK = 64
+
+
+def _prune(configs, named_args, **kwargs):
+    # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only.
+    args = {**named_args, **kwargs}
+    if max(args["HEAD_D"], args["HEAD_DV"]) <= 128:
+        return configs
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+
+
+def _tuned(configs):
+    if triton is None or _INTERPRET:
+        return lambda fn: fn
+    return triton.autotune(
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+         for m, n, w, s in configs],
+        key=_TUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune},
+    )
+
+
+def _jit(fn):
+    return fn if triton is None else triton.jit(fn)
+
+
+# ---------------------------------------------------------------------------------------
+# Shared pieces: which (query, key) pairs are visible, and the user mask.
+# qi and kj are index tensors that broadcast against each other ((M, 1) and (1, N), or
+# transposed), so the same helpers serve the forward and both backward orientations.
+# ---------------------------------------------------------------------------------------
+@_jit
+def _visible(qi, kj, kv_len, off, left, right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    vis = kj < kv_len
+    if HAS_RIGHT:
+        vis = vis & (kj <= qi + off + right)
+    if HAS_LEFT:
+        vis = vis & (kj >= qi + off - left)
+    return vis
+
+
+@_jit
+def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a tile, masking only what may be out of range: a mask along the head dim that
+    is all true when BLOCK_D == D would still cost the 16-byte vector loads."""
+    if CHECK_ROWS and CHECK_COLS:
+        tile = tl.load(ptrs, mask=rows_ok & cols_ok, other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=rows_ok, other=0.0)
+    elif CHECK_COLS:
+        tile = tl.load(ptrs, mask=cols_ok, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@_jit
+def _apply_mask(s, mask_base, qi, kj, stride_mm, stride_mn, Sq, Skv,
+                MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """s (log2 units) with the user mask: bool hides (-inf), floating is added (x log2 e)."""
+    if MASK_ROWS:
+        ptrs = mask_base + qi * stride_mm + kj * stride_mn
+        inb = (qi < Sq) & (kj < Skv)
+    else:  # (B|1, Hq|1, 1, Skv): one row of the mask per key block, broadcast over queries
+        ptrs = mask_base + kj * stride_mn
+        inb = kj < Skv
+    if MASK_KIND == 1:
+        allowed = tl.load(ptrs, mask=inb, other=0)
+        s = tl.where(allowed != 0, s, float("-inf"))
+    else:
+        bias = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
+        s = s + bias * 1.4426950408889634
+    return s
+
+
+@_jit
+def _dropout_keep(seed, bh, qi, kj, Sq, Skv, drop_p):
+    # One Philox counter per (batch*head, query, key): the backward regenerates the same
+    # mask from the seed instead of storing it. Wrapping int32 arithmetic is fine here.
+    offset = ((bh.to(tl.int64) * Sq + qi) * Skv + kj).to(tl.int32)
+    return tl.rand(seed, offset) >= drop_p
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+@_jit
+def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+                start, end, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
+                seed, bh, drop_p,
+                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr):
+    """Fold key blocks [start, end) into the running (acc, m_i, l_i); MASKED = index checks."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        kt = _load_tile(kt_ptrs, offs_n[None, :] < Skv, offs_d[:, None] < HEAD_D,
+                        MASKED, HEAD_D != BLOCK_D)
+        v = _load_tile(v_ptrs, offs_n[:, None] < Skv, offs_dv[None, :] < HEAD_DV,
+                       MASKED, HEAD_DV != BLOCK_DV)
+        s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            vis = _visible(offs_m[:, None], offs_n[None, :], kv_len, off, left, right,
+                           HAS_LEFT, HAS_RIGHT)
+            s = tl.where(vis, s, float("-inf"))
+        if MASK_KIND != 0:
+            s = _apply_mask(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mm,
+                            stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only hidden keys keeps max -inf; shifting by 0 keeps exp at 0.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Sq, Skv, drop_p)
+            p = tl.where(keep, p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@_tuned(_FWD_CONFIGS)
+@_jit
+def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
+                stride_qb, stride_qh, stride_qm, stride_qd,
+                stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd,
+                stride_ob, stride_oh, stride_om, stride_od,
+                stride_mb, stride_mh, stride_mm, stride_mn,
+                Hq, group, Sq, Skv, left, right, qk_scale, seed, drop_p, SEQ_BUCKET,
+                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
+                HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
+                DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:  # later query blocks see more keys: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    kvh = h // group  # grouped heads read their shared K/V head in place
+    off = Skv - Sq
+    kv_len = Skv
+    if HAS_LENGTHS:
+        kv_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), Skv)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm \
+        + offs_d[None, :] * stride_qd
+    q = _load_tile(q_ptrs, offs_m[:, None] < Sq, offs_d[None, :] < HEAD_D, True,
+                   HEAD_D != BLOCK_D)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    mask_base = MASK + b * stride_mb + h * stride_mh
+
+    # Key range any row of this block sees: [lo, hi); rows see every key of
+    # [full_lo, full_hi) (both multiples of BLOCK_N), so those blocks skip index checks.
+    m0 = pid_m * BLOCK_M
+    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
+    lo = 0
+    full_lo = 0
+    hi = kv_len
+    full_hi = kv_len
+    if HAS_LEFT:
+        lo = (tl.maximum(m0 + off - left, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.maximum(m_last + off - left, 0)
+        full_lo = tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
+    if HAS_RIGHT:
+        hi = tl.minimum(m_last + off + right + 1, kv_len)
+        full_hi = tl.maximum(tl.minimum(m0 + off + right + 1, kv_len), 0)
+    full_hi = tl.maximum(full_hi // BLOCK_N * BLOCK_N, full_lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # The same fold three times: index checks only on the ragged edges of the range.
+    acc, m_i, l_i = _fwd_blocks(
+        acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+        lo, tl.minimum(full_lo, hi), stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
+        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+    acc, m_i, l_i = _fwd_blocks(
+        acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+        full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False,
+        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+    acc, m_i, l_i = _fwd_blocks(
+        acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+        full_hi, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
+        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+
+    # A row that saw no key: l = 0, out = 0, lse = -inf.
+    dead = l_i == 0.0
+    out = acc / tl.where(dead, 1.0, l_i)[:, None]
+    if DROPOUT:
+        out = out / (1.0 - drop_p)
+    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i)))
+                   * 0.6931471805599453)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om \
+        + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+             mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DV))
+    tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+@_jit
+def _bwd_delta_kernel(Out, DO, DELTA,
+                      stride_ob, stride_oh, stride_om, stride_od,
+                      stride_dob, stride_doh, stride_dom, stride_dod,
+                      Hq, Sq, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    inb = (offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DV)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                + offs_dv[None, :] * stride_od, mask=inb, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=inb, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@_tuned(_BWD_CONFIGS)
+@_jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
+                     stride_qb, stride_qh, stride_qm, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_dob, stride_doh, stride_dom, stride_dod,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                     stride_mb, stride_mh, stride_mm, stride_mn,
+                     Hq, Hkv, group, Sq, Skv, left, right, qk_scale, scale, seed, drop_p,
+                     SEQ_BUCKET,
+                     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
+                     HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
+                     MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = (bkv // Hkv).to(tl.int64)
+    kvh = (bkv % Hkv).to(tl.int64)
+    off = Skv - Sq
+    kv_len = Skv
+    if HAS_LENGTHS:
+        kv_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), Skv)
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn
+                   + offs_d[None, :] * stride_kd, offs_n[:, None] < Skv,
+                   offs_d[None, :] < HEAD_D, True, HEAD_D != BLOCK_D)
+    v = _load_tile(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn
+                   + offs_dv[None, :] * stride_vd, offs_n[:, None] < Skv,
+                   offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # Query rows that can see some key of this block: key j is seen by rows
+    # j - off - right .. j - off + left.
+    n_last = tl.minimum(n0 + BLOCK_N, Skv) - 1
+    q_lo = 0
+    q_hi = Sq
+    if HAS_RIGHT:
+        q_lo = (tl.maximum(n0 - off - right, 0) // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        q_hi = tl.minimum(n_last - off + left + 1, Sq)
+    if n0 >= kv_len:
+        q_hi = 0
+
+    for g in range(0, group):  # the group's query heads, summed here: no atomics
+        h = kvh * group + g
+        bh = b * Hq + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        mask_base = MASK + b * stride_mb + h * stride_mh
+        for start_m in range(q_lo, q_hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < Sq
+            q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                           row_ok[:, None], offs_d[None, :] < HEAD_D, True, HEAD_D != BLOCK_D)
+            do = _load_tile(do_base + offs_m[:, None] * stride_dom
+                            + offs_dv[None, :] * stride_dod, row_ok[:, None],
+                            offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
+            # Dead rows (lse = -inf) and rows past Sq: lse = +inf makes their p exactly 0.
+            lse = tl.load(LSE + bh * Sq + offs_m, mask=row_ok, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            delta = tl.load(DELTA + bh * Sq + offs_m, mask=row_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
+            vis = _visible(offs_m[None, :], offs_n[:, None], kv_len, off, left, right,
+                           HAS_LEFT, HAS_RIGHT)
+            st = tl.where(vis, st, float("-inf"))
+            if MASK_KIND != 0:
+                st = _apply_mask(st, mask_base, offs_m[None, :], offs_n[:, None], stride_mm,
+                                 stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
+            pt = tl.exp2(st - lse[None, :])
+            dpt = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Sq, Skv,
+                                     drop_p)
+                inv = 1.0 / (1.0 - drop_p)
+                dv = tl.dot(tl.where(keep, pt * inv, 0.0).to(do.dtype), do, dv)
+                dpt = tl.where(keep, dpt * inv, 0.0)
+            else:
+                dv = tl.dot(pt.to(do.dtype), do, dv)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(q.dtype), q, dk)
+
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             mask=(offs_n[:, None] < Skv) & (offs_d[None, :] < HEAD_D))
+    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=(offs_n[:, None] < Skv) & (offs_dv[None, :] < HEAD_DV))
+
+
+@_tuned(_BWD_CONFIGS)
+@_jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, LENGTHS,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                   stride_mb, stride_mh, stride_mm, stride_mn,
+                   Hq, group, Sq, Skv, left, right, qk_scale, scale, seed, drop_p, SEQ_BUCKET,
+                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
+                   HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
+                   MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:  # later query blocks see more keys: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    kvh = h // group
+    off = Skv - Sq
+    kv_len = Skv
+    if HAS_LENGTHS:
+        kv_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), Skv)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                   + offs_d[None, :] * stride_qd, row_ok[:, None], offs_d[None, :] < HEAD_D,
+                   True, HEAD_D != BLOCK_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_dv[None, :] * stride_dod, row_ok[:, None],
+                    offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
+    lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    mask_base = MASK + b * stride_mb + h * stride_mh
+
+    m0 = pid_m * BLOCK_M
+    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
+    lo = 0
+    hi = kv_len
+    if HAS_LEFT:
+        lo = (tl.maximum(m0 + off - left, 0) // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(m_last + off + right + 1, kv_len)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Skv
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       col_ok[:, None], offs_d[None, :] < HEAD_D, True, HEAD_D != BLOCK_D)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                       col_ok[:, None], offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = _visible(offs_m[:, None], offs_n[None, :], kv_len, off, left, right,
+                       HAS_LEFT, HAS_RIGHT)
+        s = tl.where(vis, s, float("-inf"))
+        if MASK_KIND != 0:
+            s = _apply_mask(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mm,
+                            stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Sq, Skv, drop_p)
+            dp = tl.where(keep, dp / (1.0 - drop_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
+
+
+# ---------------------------------------------------------------------------------------
+# Launch wrappers and autograd
+# ---------------------------------------------------------------------------------------
+def _strides(t: Tensor) -> tuple[int, ...]:
+    # Size-1 dims get stride 0, which is what broadcasting them means.
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride(), strict=True))
+
+
+def _meta(call: AttentionCall, seed: int) -> tuple[tuple, dict]:
+    """Scalar arguments and constexpr flags shared by the three main kernels."""
+    left, right = call.window or (None, None)
+    if call.causal:
+        right = 0 if right is None else min(right, 0)
+    mask = call.attn_mask
+    mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
+    d, dv = call.head_dim, call.head_dim_v
+    flags = dict(
+        HEAD_D=d, HEAD_DV=dv,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
+        WINDOWED=left is not None or right is not None,
+        HAS_LENGTHS=call.key_lengths is not None,
+        MASK_KIND=mask_kind, MASK_ROWS=mask is not None and mask.shape[2] != 1,
+        DROPOUT=call.dropout_p > 0.0,
+    )
+    if _INTERPRET:
+        flags.update(_INTERPRET_META)
+    # Tuning is redone per (query, key) length bucket, capped so long inputs share one.
+    bucket = (min(triton.next_power_of_2(call.seq_q), 4096) << 13) \
+        + min(triton.next_power_of_2(call.seq_kv), 4096)
+    scalars = (left or 0, right or 0, call.scale * 1.4426950408889634, seed, call.dropout_p,
+               bucket)
+    return scalars, flags
+
+
+def _mask_args(call: AttentionCall) -> tuple[Tensor, tuple[int, ...]]:
+    mask = call.attn_mask
+    if mask is None:
+        return call.q, (0, 0, 0, 0)  # never read: MASK_KIND = 0
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # same bytes, a dtype every Triton version loads
+    return mask, _strides(mask)
+
+
+def _forward(call: AttentionCall, seed: int) -> tuple[Tensor, Tensor]:
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Sq, _ = q.shape
+    out = torch.empty(B, Hq, Sq, call.head_dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    (left, right, qk_scale, seed, drop_p, bucket), flags = _meta(call, seed)
+    mask, mask_strides = _mask_args(call)
+    lengths = call.key_lengths if call.key_lengths is not None else lse
+
+    def grid(meta):
+        return (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)
+
+    _fwd_kernel[grid](
+        q, k, v, out, lse, mask, lengths,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+        Hq, call.group, Sq, call.seq_kv, left, right, qk_scale, seed, drop_p, bucket,
+        **flags,
+    )
+    return out, lse
+
+
+def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor):
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Sq, _ = q.shape
+    Hkv, Skv = call.heads_kv, call.seq_kv
+    (left, right, qk_scale, seed, drop_p, bucket), flags = _meta(call, seed)
+    mask, mask_strides = _mask_args(call)
+    lengths = call.key_lengths if call.key_lengths is not None else lse
+
+    delta = torch.empty_like(lse)
+    _bwd_delta_kernel[(triton.cdiv(Sq, _DELTA_BLOCK), B * Hq)](
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq,
+        HEAD_DV=flags["HEAD_DV"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=_DELTA_BLOCK,
+    )
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    common = (call.scale, seed, drop_p, bucket)
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Skv, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, mask, lengths,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        *mask_strides, Hq, Hkv, call.group, Sq, Skv, left, right, qk_scale, *common,
+        **flags,
+    )
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
+        q, k, v, dout, lse, delta, dq, mask, lengths,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common,
+        **flags,
+    )
+    return dq, dk, dv
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, call: AttentionCall, seed: int):
+        out, lse = _forward(call, seed)
+        ctx.call, ctx.seed = call, seed
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        # The saved tensors, not the ones the call was built with, are what autograd
+        # checks for in-place changes; the call only carries the options.
+        call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
+        dq, dk, dv = _backward(call, ctx.seed, out, lse, dout)
+        return dq, dk, dv, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------
+def available(device: torch.device) -> str | None:
+    if triton is None:
+        return "needs the optional dependency triton (pip install attnkit[triton])"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _INTERPRET:
+        return None
+    return (f"needs a CUDA device (or TRITON_INTERPRET=1 set before importing triton, to "
+            f"run on the CPU through Triton's interpreter), got {device.type}")
+
+
+def supports(call: AttentionCall) -> str | None:
+    if call.dtype not in (torch.float16, torch.bfloat16):
+        return f"needs float16 or bfloat16 inputs, got {str(call.dtype).removeprefix('torch.')}"
+    if call.dtype == torch.bfloat16 and call.device.type == "cpu":
+        # Triton's interpreter multiplies the raw bits of bfloat16 in tl.dot
+        # (triton-lang/triton#11584), so its answers would be garbage.
+        return "bfloat16 does not run under Triton's CPU interpreter; use float16 there"
+    for name, d in (("head_dim", call.head_dim), ("head_dim of v", call.head_dim_v)):
+        if not 16 <= d <= 256:
+            return f"{name} must lie in [16, 256], got {d}"
+    if call.attn_mask is not None and call.attn_mask.requires_grad:
+        return "computes no gradient for attn_mask, which requires grad"
+    return None
+
+
+def run(call: AttentionCall) -> Result:
+    B, Hq, Sq, _ = call.q.shape
+    if B * Hq * Sq == 0 or call.seq_kv == 0:
+        out = call.q.new_zeros(B, Hq, Sq, call.head_dim_v)
+        lse = torch.full((B, Hq, Sq), -math.inf, dtype=torch.float32, device=call.device)
+        # Keeps the graph connected so that backward gives zero gradients.
+        out = out + 0 * (call.q.sum() + call.k.sum() + call.v.sum())
+        return out, lse
+    # Dropout's Philox seed comes from torch's generator, so torch.manual_seed repeats it.
+    seed = int(torch.randint(0, 2**31 - 1, (1,))) if call.dropout_p else 0
+    return _FusedAttention.apply(call.q, call.k, call.v, call, seed)
+
+
+BACKEND = Backend(
+    name="triton",
+    summary="fused Triton kernels (FlashAttention-2 style forward and backward)",
+    available=available,
+    supports=supports,
+    run=run,
+)

@@ -1,0 +1,161 @@
+"""The fused Triton backend against the float64 oracle.
+
+Without a GPU these run on the CPU through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), which is slow: shapes stay tiny, and the interpreter's block size is
+16, so lengths 17 and 65 cross several key and query blocks. The interpreter miscomputes
+bfloat16 dots (triton-lang/triton#11584), so CPU cases use float16.
+"""
+
+import importlib
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from attnkit import UnsupportedError, attention
+from attnkit.verify import Case, check, default_cases, rel_err
+
+triton = pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+DTYPE = torch.bfloat16 if CUDA else torch.float16
+BASE = Case(batch=2, heads_q=2, heads_kv=1, seq_q=17, seq_kv=17, head_dim=16, dtype=DTYPE)
+
+CASES = [
+    BASE,
+    replace(BASE, seq_q=1, seq_kv=65, causal=True),  # one query against a cache
+    replace(BASE, seq_q=65, seq_kv=17, causal=True),  # early rows see no key
+    replace(BASE, seq_q=17, seq_kv=65, causal=True),
+    replace(BASE, batch=1, heads_q=4, heads_kv=1, seq_q=65, seq_kv=65, causal=True),  # MQA
+    replace(BASE, head_dim=80, heads_kv=2),
+    replace(BASE, head_dim=80, head_dim_v=16, causal=True),
+    replace(BASE, seq_q=33, seq_kv=65, window=(7, 3)),
+    replace(BASE, seq_q=65, seq_kv=33, window=(20, 0), causal=True),
+    replace(BASE, seq_q=17, seq_kv=65, window=(5, None)),
+    replace(BASE, seq_q=65, seq_kv=65, window=(None, 4), batch=1),
+    replace(BASE, seq_kv=65, key_lengths=True, dead_rows=True),  # a zero key length
+    replace(BASE, seq_kv=65, key_lengths=True, causal=True),
+    replace(BASE, seq_kv=65, mask="padding"),  # additive (B, 1, 1, Skv)
+    replace(BASE, seq_kv=65, mask="padding", dead_rows=True),
+    replace(BASE, seq_kv=65, mask="bool", dead_rows=True),  # bool (B, 1, Sq, Skv)
+    replace(BASE, seq_kv=65, mask="additive", causal=True),  # general (B, Hq, Sq, Skv)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_matches_oracle(case, device):
+    result = check("triton", case, device)
+    assert result.skipped is None, result.skipped
+    assert result.passed, (result.out_err, result.lse_err, result.grad_err, result.errors)
+    assert result.lse_err <= 1e-3  # return_lse ran, and its -inf pattern matched
+
+
+def test_default_matrix(device):
+    for case in default_cases(DTYPE, large=CUDA):
+        result = check("triton", case, device)
+        assert result.skipped is None and result.passed, (case.name, result)
+
+
+def _fused_qkv(device, b=2, s=33, hq=4, hkv=2, d=16):
+    """q, k, v as strided views into one (B, S, (Hq + 2 Hkv) * D) projection output."""
+    qkv = torch.randn(b, s, (hq + 2 * hkv) * d).to(device, DTYPE).requires_grad_()
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    views = [t.unflatten(-1, (-1, d)).transpose(1, 2) for t in (q, k, v)]  # (B, H, S, D)
+    return qkv, views
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_views_of_fused_qkv(causal, device):
+    qkv, (q, k, v) = _fused_qkv(device)
+    assert not q.is_contiguous()
+    lengths = torch.tensor([33, 20], device=device)
+    out, lse = attention(q, k, v, causal=causal, key_lengths=lengths, impl="triton",
+                         return_lse=True)
+    ref, lse_ref = attention(q, k, v, causal=causal, key_lengths=lengths, impl="reference",
+                             return_lse=True)
+    assert rel_err(out, ref) < 1e-2
+    assert rel_err(lse, lse_ref) < 1e-3
+    grad_out = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)
+    (g,) = torch.autograd.grad(out, qkv, grad_out)
+    (g_ref,) = torch.autograd.grad(ref, qkv, grad_out)
+    assert rel_err(g, g_ref) < 1e-2
+
+
+def test_general_broadcast_mask_per_head_row(device):
+    # (1, Hq, Sq, 1)-style broadcasts stride 0 along the missing dims.
+    q = torch.randn(2, 2, 17, 16).to(device, DTYPE)
+    k = torch.randn(2, 1, 17, 16).to(device, DTYPE)
+    v = torch.randn(2, 1, 17, 16).to(device, DTYPE)
+    mask = torch.randn(1, 2, 17, 1).to(device, DTYPE).expand(1, 2, 17, 17)
+    out = attention(q, k, v, attn_mask=mask, impl="triton")
+    assert rel_err(out, attention(q, k, v, attn_mask=mask, impl="reference")) < 1e-2
+
+
+def test_backward_is_deterministic(device):
+    case = replace(BASE, heads_q=4, heads_kv=1, seq_kv=65, causal=True)
+    q, k, v, kwargs = case.make_inputs(device, torch.Generator().manual_seed(3))
+    out = attention(q, k, v, impl="triton", **kwargs)
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_dropout_matches_its_own_mask(device):
+    """With v = identity the output is the dropped, rescaled probability matrix itself."""
+    p_drop, b, hq, hkv, sq, skv, d = 0.3, 1, 2, 1, 17, 32, 16
+    q = torch.randn(b, hq, sq, d).to(device, DTYPE).requires_grad_()
+    k = torch.randn(b, hkv, skv, d).to(device, DTYPE).requires_grad_()
+    v = torch.randn(b, hkv, skv, d).to(device, DTYPE).requires_grad_()
+    eye = torch.eye(skv).to(device, DTYPE).expand(b, hkv, skv, skv)
+    torch.manual_seed(11)
+    out = attention(q, k, v, dropout_p=p_drop, impl="triton")
+    torch.manual_seed(11)
+    dropped = attention(q, k, eye, dropout_p=p_drop, impl="triton").detach()  # (B, Hq, Sq, Skv)
+    keep = dropped > 0
+    assert 0.2 < 1 - keep.float().mean().item() < 0.4
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    probs = torch.softmax(q64 @ k64.transpose(-2, -1) / d**0.5, dim=-1)
+    assert rel_err(dropped, torch.where(keep, probs / (1 - p_drop), 0)) < 1e-2
+    ref = torch.where(keep, probs / (1 - p_drop), 0) @ v64
+    assert rel_err(out, ref) < 1e-2
+    grad_out = torch.randn(out.shape, dtype=torch.float64, device=device)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(DTYPE))
+    grads_ref = torch.autograd.grad(ref, (q64, k64, v64), grad_out)
+    assert max(rel_err(g, r) for g, r in zip(grads, grads_ref, strict=True)) < 1e-2
+
+
+def test_refuses_float32_with_reason(device):
+    q = torch.randn(1, 1, 4, 16, device=device)
+    with pytest.raises(UnsupportedError, match="float16 or bfloat16.*float32"):
+        attention(q, q, q, impl="triton")
+
+
+def test_refuses_small_head_dim(device):
+    q = torch.randn(1, 1, 4, 8).to(device, DTYPE)
+    with pytest.raises(UnsupportedError, match="head_dim must lie in"):
+        attention(q, q, q, impl="triton")
+
+
+def test_import_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    module = importlib.import_module("attnkit.backends.fused_triton")
+    fresh = importlib.reload(module)
+    try:
+        assert "triton" in fresh.available(torch.device("cpu"))
+    finally:
+        monkeypatch.undo()
+        importlib.reload(module)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_large_shapes_on_gpu(causal, head_dim):
+    case = Case(batch=2, heads_q=8, heads_kv=2, seq_q=1000, seq_kv=1000, head_dim=head_dim,
+                causal=causal, key_lengths=True, dtype=torch.bfloat16)
+    result = check("triton", case, "cuda")
+    assert result.skipped is None and result.passed, result

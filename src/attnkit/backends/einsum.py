@@ -1,0 +1,50 @@
+"""Attention written with torch.einsum over grouped heads: q is viewed as
+(B, Hkv, G, Sq, D) so that each key/value head serves its G query heads without being
+repeated in memory."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnkit.backends.base import Backend, Result, always_available
+from attnkit.call import AttentionCall
+from attnkit.masks import masked_softmax, score_bias
+
+
+def supports(call: AttentionCall) -> str | None:
+    return None
+
+
+def grouped(t: Tensor, heads_kv: int) -> Tensor:
+    """(B|1, Hq|1, ...) -> (B|1, Hkv|1, G|1, ...): query head h = hkv * G + g."""
+    if t.shape[1] == 1:
+        return t.unsqueeze(2)
+    return t.unflatten(1, (heads_kv, -1))
+
+
+def run(call: AttentionCall) -> Result:
+    b, hq, sq, _ = call.q.shape
+    q = grouped(call.q, call.heads_kv)  # (B, Hkv, G, Sq, D)
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", q, call.k) * call.scale  # (B, Hkv, G, Sq, Skv)
+    bias = score_bias(call, scores.dtype)  # (B|1, Hq|1, Sq, Skv)
+    if bias is not None:
+        scores = scores + grouped(bias, call.heads_kv)
+    probs, lse = masked_softmax(scores)  # zeros, not NaN, on rows that see no key
+    if call.return_lse and scores.dtype in (torch.float16, torch.bfloat16):
+        # A half-precision sum of exps loses the log-sum-exp's third digit; the same
+        # scores summed in float32 keep it.
+        lse = torch.logsumexp(scores.float(), dim=-1)
+    if call.dropout_p:
+        probs = torch.nn.functional.dropout(probs, call.dropout_p)
+    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, call.v)  # (B, Hkv, G, Sq, Dv)
+    return out.reshape(b, hq, sq, call.head_dim_v), lse.reshape(b, hq, sq).to(torch.float32)
+
+
+BACKEND = Backend(
+    name="einsum",
+    summary="torch.einsum over (B, Hkv, G, S, D): grouped heads without repeating k/v",
+    available=always_available,
+    supports=supports,
+    run=run,
+)

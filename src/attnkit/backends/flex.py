@@ -1,0 +1,168 @@
+"""FlexAttention (torch.nn.attention.flex_attention), compiled with torch.compile.
+
+The masking becomes a BlockMask built from one mask_mod (causal bottom-right aligned,
+window, key_lengths, bool mask), so that key blocks nobody sees are skipped; a floating
+mask becomes a score_mod. Block masks are cached, so a repeated call builds nothing.
+
+On a CPU, inductor compiles FlexAttention to C++ (a C++ compiler must be present; about
+5-15 s per new shape or mask structure on two cores) and only for inference: no backward,
+no log-sum-exp. Those calls are refused there.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import cache
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import (
+    AuxRequest,
+    BlockMask,
+    create_block_mask,
+    flex_attention,
+)
+
+from attnkit.backends.base import Backend, Result
+from attnkit.call import AttentionCall
+
+# Each new (shape, dtype, mask structure) is a recompile; past dynamo's default limit of 8
+# per function it would silently run FlexAttention eagerly, which is a dense math path.
+RECOMPILE_LIMIT = 256
+CACHED_BLOCK_MASKS = 32
+
+
+@cache
+def compiled_flex() -> Callable[..., Tensor | tuple[Tensor, object]]:
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(
+        config.accumulated_recompile_limit, 16 * RECOMPILE_LIMIT
+    )
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def available(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+            return "compiling FlexAttention on a CPU needs a C++ compiler; none found"
+        return None
+    return f"compiled FlexAttention runs on cuda and cpu, got {device.type}"
+
+
+def supports(call: AttentionCall) -> str | None:
+    if call.dropout_p:
+        return "FlexAttention has no dropout"
+    if call.dtype == torch.float64:
+        return "compiled FlexAttention does not take float64"
+    if call.device.type == "cpu":
+        if call.needs_grad:
+            return "compiled FlexAttention on a CPU is inference only (no backward)"
+        if call.return_lse:
+            return "compiled FlexAttention on a CPU cannot return the log-sum-exp"
+    return None
+
+
+# key -> (block mask, the tensors its mask_mod reads). Holding the tensors keeps their
+# memory from being reused by another tensor at the same address while the entry lives,
+# so (data_ptr, shape, stride, _version) identifies their content; in-place writes bump
+# _version and miss.
+_BLOCK_MASKS: OrderedDict[tuple, tuple[BlockMask, tuple[Tensor, ...]]] = OrderedDict()
+
+
+def _tensor_key(t: Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t._version)
+
+
+def block_mask(call: AttentionCall) -> BlockMask | None:
+    """The BlockMask of causal/window/key_lengths/bool mask, cached; None when all visible."""
+    bool_mask = call.attn_mask
+    if bool_mask is not None and bool_mask.dtype != torch.bool:
+        bool_mask = None  # a floating mask is the score_mod's
+    if not (call.causal or call.window is not None or call.key_lengths is not None):
+        if bool_mask is None:
+            return None
+    per_batch = call.key_lengths is not None or (bool_mask is not None and bool_mask.shape[0] > 1)
+    per_head = bool_mask is not None and bool_mask.shape[1] > 1
+    b = call.batch if per_batch else None
+    h = call.heads_q if per_head else None
+    key = (
+        call.device, b, h, call.seq_q, call.seq_kv, call.causal, call.window,
+        _tensor_key(call.key_lengths), _tensor_key(bool_mask),
+    )
+    hit = _BLOCK_MASKS.get(key)
+    if hit is not None:
+        _BLOCK_MASKS.move_to_end(key)
+        return hit[0]
+
+    off = call.diagonal_offset
+    left, right = call.window or (None, None)
+    if call.causal:
+        right = 0 if right is None else min(right, 0)
+    lengths = call.key_lengths
+    full = None if bool_mask is None else bool_mask.expand(call.batch, call.heads_q, -1, -1)
+    rows_1 = bool_mask is not None and bool_mask.shape[2] == 1
+    cols_1 = bool_mask is not None and bool_mask.shape[3] == 1
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        # The same definition as attnkit.masks.visibility, one (b, h, q, k) at a time.
+        visible = kv_idx >= 0
+        if right is not None:
+            visible = visible & (kv_idx <= q_idx + off + right)
+        if left is not None:
+            visible = visible & (kv_idx >= q_idx + off - left)
+        if lengths is not None:
+            visible = visible & (kv_idx < lengths[b])
+        if full is not None:
+            visible = visible & full[b, h, 0 if rows_1 else q_idx, 0 if cols_1 else kv_idx]
+        return visible
+
+    result = create_block_mask(mask_mod, b, h, call.seq_q, call.seq_kv, device=call.device)
+    held = tuple(t for t in (lengths, bool_mask) if t is not None)
+    _BLOCK_MASKS[key] = (result, held)
+    if len(_BLOCK_MASKS) > CACHED_BLOCK_MASKS:
+        _BLOCK_MASKS.popitem(last=False)
+    return result
+
+
+def score_mod(call: AttentionCall) -> Callable[..., Tensor] | None:
+    """Adds the floating attn_mask to each scaled score; None without one."""
+    if call.attn_mask is None or call.attn_mask.dtype == torch.bool:
+        return None
+    bias = call.attn_mask.expand(call.batch, call.heads_q, call.seq_q, call.seq_kv)
+
+    def add_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score + bias[b, h, q_idx, kv_idx]
+
+    return add_bias
+
+
+def run(call: AttentionCall) -> Result:
+    flex = compiled_flex()
+    kwargs = dict(
+        score_mod=score_mod(call),
+        block_mask=block_mask(call),
+        scale=call.scale,
+        enable_gqa=call.group > 1,
+    )
+    if not call.return_lse:
+        return flex(call.q, call.k, call.v, **kwargs), None
+    # flex_attention returns the log-sum-exp in natural log (it converts its base-2 stats),
+    # -inf on rows that see no key: the contract's convention.
+    out, aux = flex(call.q, call.k, call.v, return_aux=AuxRequest(lse=True), **kwargs)
+    return out, aux.lse.to(torch.float32)
+
+
+BACKEND = Backend(
+    name="flex",
+    summary="torch.compile'd FlexAttention with a cached BlockMask (CPU: inference only)",
+    available=available,
+    supports=supports,
+    run=run,
+)

@@ -1,0 +1,183 @@
+"""torch.nn.functional.scaled_dot_product_attention: PyTorch's choice, and each of its
+kernels pinned with torch.nn.attention.sdpa_kernel.
+
+This module defines a family, so it exports `BACKENDS` (a list) rather than one `BACKEND`.
+
+Mapping the contract onto SDPA:
+- causal alone with Sq == Skv -> is_causal=True. SDPA's is_causal is aligned to the top
+  left, so causal with Sq != Skv (or with any other masking) becomes an explicit mask.
+- masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
+  the additive masks.score_bias in the input dtype.
+- Hq != Hkv -> enable_gqa=True; a pinned kernel that rejects it gets k/v repeated instead.
+- A row that sees no key: the mask is opened on that row (so no kernel ever sees a fully
+  masked row, whose handling differs between kernels and versions) and its output is
+  zeroed afterwards, which also zeroes the gradient flowing into it.
+- return_lse is refused: SDPA does not return the log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from attnkit.backends.base import Backend, Result, always_available, cuda_only
+from attnkit.call import AttentionCall
+from attnkit.masks import expand_kv, score_bias, visibility
+
+NO_LSE = "scaled_dot_product_attention does not return the log-sum-exp (return_lse=True)"
+
+
+@dataclass(frozen=True)
+class Arguments:
+    """What one SDPA call receives, and which rows to zero afterwards."""
+
+    k: Tensor
+    v: Tensor
+    attn_mask: Tensor | None  # bool or additive, (B|1, Hq|1, Sq, Skv)
+    is_causal: bool
+    enable_gqa: bool
+    alive: Tensor | None  # bool (B|1, Hq|1, Sq, 1): rows that see at least one key
+
+
+def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
+    """The SDPA arguments for `call`; k/v are repeated to Hq heads unless native_gqa."""
+    k, v = (call.k, call.v) if native_gqa else expand_kv(call)
+    gqa = native_gqa and call.group > 1
+    only_causal = call.causal and call.window is None and call.key_lengths is None
+    if not call.has_mask or (only_causal and call.attn_mask is None and call.seq_q == call.seq_kv):
+        return Arguments(k, v, None, call.causal, gqa, None)
+    if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:
+        mask = score_bias(call, call.dtype)
+        alive = (mask != float("-inf")).any(dim=-1, keepdim=True)
+        mask = mask.masked_fill(~alive, 0.0)
+    else:
+        mask = visibility(call)
+        alive = mask.any(dim=-1, keepdim=True)
+        mask = mask | ~alive
+    return Arguments(k, v, mask, False, gqa, alive)
+
+
+def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | None, str | None]:
+    """(arguments, None) for running `call` on SDPA's `kernel` (None: PyTorch chooses), or
+    (None, why not)."""
+    if call.return_lse:
+        return None, NO_LSE
+    args = arguments(call, native_gqa=True)
+    if kernel is None or kernel == SDPBackend.MATH:
+        return args, None
+    if call.device.type != "cuda":
+        return None, f"{kernel.name} needs a CUDA device, got {call.device.type}"
+    dtypes, mask_rule = _RULES[kernel]
+    if call.dtype not in dtypes:
+        names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        return None, f"{kernel.name} needs {names}, got {str(call.dtype).removeprefix('torch.')}"
+    if mask_rule and args.attn_mask is not None:
+        return None, f"{kernel.name} {mask_rule}"
+    reason = kernel_refusal(kernel, call, args)
+    if reason is not None and call.group > 1:
+        # Some kernels reject enable_gqa but take k/v repeated to Hq heads.
+        repeated = Arguments(args.k, args.v, args.attn_mask, args.is_causal, False, args.alive)
+        if kernel_refusal(kernel, call, repeated) is None:
+            return arguments(call, native_gqa=False), None
+    return (args, None) if reason is None else (None, reason)
+
+
+# Rules that hold on every GPU, checked first so that the common refusals read plainly.
+_RULES: dict[SDPBackend, tuple[tuple[torch.dtype, ...], str | None]] = {
+    SDPBackend.FLASH_ATTENTION: (
+        (torch.float16, torch.bfloat16),
+        "takes no attn_mask: only no masking, or causal alone with Sq == Skv",
+    ),
+    SDPBackend.EFFICIENT_ATTENTION: ((torch.float16, torch.bfloat16, torch.float32), None),
+    SDPBackend.CUDNN_ATTENTION: ((torch.float16, torch.bfloat16), None),
+}
+
+# The kernels' own checks in this torch build; with debug=True they warn their reasons.
+_CHECKS = {
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.can_use_flash_attention,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.can_use_efficient_attention,
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.can_use_cudnn_attention,
+}
+
+
+def kernel_refusal(kernel: SDPBackend, call: AttentionCall, args: Arguments) -> str | None:
+    """None when `kernel`'s own check accepts these arguments, else the reasons it gave."""
+    k, v = args.k, args.v
+    if k.shape[1] != call.heads_q and not args.enable_gqa:
+        # The check reads only shapes, dtypes and strides: stand in for k/v repeated to Hq
+        # heads with zero-stride views instead of copying them.
+        rows = (call.batch, call.heads_q, call.seq_kv)
+        k = k.as_strided((*rows, call.head_dim), (0, 0, 0, 1))
+        v = v.as_strided((*rows, call.head_dim_v), (0, 0, 0, 1))
+    params = torch.backends.cuda.SDPAParams(
+        call.q, k, v, args.attn_mask, call.dropout_p, args.is_causal, args.enable_gqa
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = _CHECKS[kernel](params, debug=True)
+    if ok:
+        return None
+    reasons = "; ".join(dict.fromkeys(str(w.message).strip() for w in caught))
+    return reasons or f"{kernel.name} rejects this call"
+
+
+def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
+    args, reason = plan(kernel, call)
+    if args is None:
+        raise AssertionError(f"sdpa run on a call it refuses: {reason}")
+    sdpa = partial(
+        F.scaled_dot_product_attention,
+        call.q,
+        args.k,
+        args.v,
+        attn_mask=args.attn_mask,
+        dropout_p=call.dropout_p,
+        is_causal=args.is_causal,
+        scale=call.scale,
+        enable_gqa=args.enable_gqa,
+    )
+    if kernel is None:
+        out = sdpa()  # (B, Hq, Sq, Dv)
+    else:
+        with sdpa_kernel(kernel):
+            out = sdpa()
+    if args.alive is not None:
+        out = out.masked_fill(~args.alive, 0.0)
+    return out, None
+
+
+def refusal(kernel: SDPBackend | None, call: AttentionCall) -> str | None:
+    if kernel is None or kernel == SDPBackend.MATH:
+        return NO_LSE if call.return_lse else None
+    # A fused kernel's check needs the real arguments: the mask is built here and again
+    # in run(), cheap next to the attention it feeds, and no state is shared between them.
+    return plan(kernel, call)[1]
+
+
+def backend(name: str, kernel: SDPBackend | None, summary: str) -> Backend:
+    return Backend(
+        name=name,
+        summary=summary,
+        available=cuda_only if kernel in _RULES else always_available,
+        supports=partial(refusal, kernel),
+        run=partial(run_plan, kernel),
+    )
+
+
+BACKENDS = [
+    backend("sdpa", None, "F.scaled_dot_product_attention, PyTorch picks the kernel"),
+    backend("sdpa_flash", SDPBackend.FLASH_ATTENTION, "SDPA pinned to FlashAttention-2 (CUDA)"),
+    backend(
+        "sdpa_efficient",
+        SDPBackend.EFFICIENT_ATTENTION,
+        "SDPA pinned to the memory-efficient (xFormers) kernel (CUDA)",
+    ),
+    backend("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION, "SDPA pinned to cuDNN attention (CUDA)"),
+    backend("sdpa_math", SDPBackend.MATH, "SDPA pinned to its math (unfused) path; any device"),
+]

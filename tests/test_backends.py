@@ -1,0 +1,244 @@
+"""Every registered backend against the float64 oracle, plus dropout, refusals and dispatch."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import backends, verify
+from attnkit.backends import flex
+from attnkit.call import make_call
+from attnkit.functional import select
+from attnkit.masks import visibility
+from conftest import DEVICE
+
+# tests/test_triton.py covers the Triton kernel; under the interpreter it is too slow here.
+NAMES = [name for name in backends.BACKENDS if name not in ("reference", "triton")]
+
+# Compiling FlexAttention on a CPU takes 5-15 s per new shape or mask structure (the first
+# one 20-50 s), so there it runs four cases: a causal block mask with grouped heads, rows
+# that causality leaves empty, key_lengths with dead rows, and the score_mod. The rest of
+# its mask_mod is checked without compiling, in test_flex_block_mask_...
+FLEX_CPU_CASES = {
+    "b2 h4/2 s17x17 d64 causal",
+    "b2 h4/2 s17x5 d64 causal",
+    "b2 h4/2 s17x17 d64 causal lens dead-rows",
+    "b2 h4/2 s17x17 d64 additive-mask",
+}
+
+
+def cases_for(name: str) -> list[verify.Case]:
+    cases = verify.default_cases(torch.float32)
+    small_bf16 = verify.default_cases(torch.bfloat16, large=False)
+    cases += [small_bf16[i] for i in (0, 1, 2, 4, 9, 13, 15)]
+    if name == "flex" and DEVICE.type == "cpu":
+        cases = [c for c in cases if c.dtype == torch.float32 and c.name in FLEX_CPU_CASES]
+    return cases
+
+
+def case_id(name: str, case: verify.Case) -> str:
+    dtype = str(case.dtype).removeprefix("torch.")
+    return f"{name}[{dtype} {case.name}]".replace(" ", "_")
+
+
+MATRIX = [
+    pytest.param(
+        name, case, id=case_id(name, case), marks=[pytest.mark.slow] * (case.seq_q >= 1000)
+    )
+    for name in NAMES
+    for case in cases_for(name)
+]
+
+
+def skip_if_unavailable(name: str) -> None:
+    reason = backends.get(name).available(DEVICE)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+
+
+def describe(result: verify.CaseResult) -> str:
+    return (
+        f"{result.impl} on {result.case.name} ({result.case.dtype}): "
+        f"out_err={result.out_err:.3g} grad_err={result.grad_err:.3g} "
+        f"lse_err={result.lse_err:.3g} tol={result.tol:.0e} errors={result.errors}"
+    )
+
+
+@pytest.mark.parametrize(("name", "case"), MATRIX)
+def test_matches_oracle(name: str, case: verify.Case) -> None:
+    skip_if_unavailable(name)
+    result = verify.check(name, case, DEVICE)
+    if result.skipped is not None and case.grad:
+        # A backend without a backward pass (flex on a CPU) is still checked forward.
+        result = verify.check(name, replace(case, grad=False), DEVICE)
+    if result.skipped is not None:
+        pytest.skip(f"{name} refuses {case.name}: {result.skipped}")
+    assert result.passed, describe(result)
+
+
+def dead_row_inputs(dtype: torch.dtype = torch.float32) -> tuple:
+    """q, k, v and masks where batch 0 sees no key and query 0 of batch 1 sees none."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 9, 16, generator=g) for h in (4, 2, 2))
+    q, k, v = (t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v))
+    lengths = torch.tensor([0, 9], device=DEVICE)
+    allowed = torch.rand(2, 1, 9, 9, generator=g).to(DEVICE) > 0.3
+    allowed[1, :, 0] = False
+    return q, k, v, lengths, allowed
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rows_that_see_no_key_give_zeros(name: str) -> None:
+    skip_if_unavailable(name)
+    if name == "flex" and DEVICE.type == "cpu":
+        pytest.skip("flex compiles slowly on a CPU; its dead rows are checked in the matrix")
+    q, k, v, lengths, allowed = dead_row_inputs()
+    call = make_call(q, k, v, key_lengths=lengths, attn_mask=allowed, return_lse=True)
+    reason = backends.get(name).supports(call)
+    with_lse = reason is None
+    grad = True
+    if not with_lse:
+        reason = backends.get(name).supports(replace(call, return_lse=False))
+    if reason is not None:  # e.g. no backward: check forward alone
+        q, k, v = (t.detach() for t in (q, k, v))
+        grad = False
+        reason = backends.get(name).supports(make_call(q, k, v, key_lengths=lengths))
+    if reason is not None:
+        pytest.skip(reason)
+    got = attnkit.attention(
+        q, k, v, key_lengths=lengths, attn_mask=allowed, impl=name, return_lse=with_lse
+    )
+    out, lse = got if with_lse else (got, None)
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all() and (out[1, :, 0] == 0).all()
+    assert out[1, :, 1:].abs().amax(dim=-1).gt(0).all(), "live rows came back zero"
+    if lse is not None:
+        assert torch.isneginf(lse[0]).all() and torch.isneginf(lse[1, :, 0]).all()
+        assert torch.isfinite(lse[1, :, 1:]).all()
+    if grad:
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert (grads[0][0] == 0).all(), "a row that sees nothing has no gradient"
+
+
+def dropout_backends() -> list[str]:
+    """The backends that accept dropout on this device."""
+    q = torch.zeros(1, 1, 2, 8, device=DEVICE)
+    call = make_call(q, q, q, dropout_p=0.5)
+    return [
+        n for n in NAMES
+        if backends.get(n).available(DEVICE) is None and backends.get(n).supports(call) is None
+    ]
+
+
+@pytest.mark.parametrize("name", dropout_backends())
+def test_dropout(name: str) -> None:
+    """With v = identity the output is the dropped-out probability matrix itself."""
+    p, n, h, s = 0.5, 256, 2, 8
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, h, s, 16, generator=g).expand(n, -1, -1, -1).to(DEVICE)
+    k = torch.randn(1, 1, s, 16, generator=g).expand(n, -1, -1, -1).to(DEVICE)
+    v = torch.eye(s).expand(n, 1, s, s).to(DEVICE)  # (B, Hkv, Skv, Dv = Skv)
+    probs = attnkit.attention(q, k, v, causal=True, impl="reference")
+    torch.manual_seed(3)
+    out = attnkit.attention(q, k, v, causal=True, dropout_p=p, impl=name)
+    torch.manual_seed(3)
+    again = attnkit.attention(q, k, v, causal=True, dropout_p=p, impl=name)
+    assert torch.equal(out, again), "dropout is not reproducible under torch.manual_seed"
+
+    seen = probs > 0  # causal: the upper triangle is hidden and stays zero
+    assert (out[~seen.expand_as(out)] == 0).all()
+    kept = out[seen.expand_as(out)]
+    zero_fraction = (kept == 0).float().mean().item()
+    assert abs(zero_fraction - p) < 0.03, f"dropped {zero_fraction:.3f} of the weights, want {p}"
+    # A kept weight is scaled by 1 / (1 - p).
+    scaled = probs.expand_as(out)[seen.expand_as(out)] / (1 - p)
+    nonzero = kept != 0
+    torch.testing.assert_close(kept[nonzero], scaled[nonzero], rtol=1e-5, atol=1e-6)
+    # Averaged over the n draws (the batch), the output approaches the undropped one.
+    mean_err = verify.rel_err(out.mean(dim=0), probs[0])
+    assert mean_err < 0.1, f"mean over {n} draws is {mean_err:.3f} away from the undropped output"
+
+
+def test_pinned_kernel_that_cannot_run_says_why() -> None:
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)  # float32: flash takes fp16/bf16 only
+    with pytest.raises(attnkit.UnsupportedError) as info:
+        attnkit.attention(q, q, q, impl="sdpa_flash")
+    message = str(info.value)
+    assert "sdpa_flash" in message and "q(1, 2, 8, 16)" in message
+    assert ("CUDA" in message) if DEVICE.type == "cpu" else ("float16/bfloat16" in message)
+
+
+def test_sdpa_refuses_lse_and_auto_goes_past_it() -> None:
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(attnkit.UnsupportedError, match="log-sum-exp"):
+        attnkit.attention(q, q, q, impl="sdpa", return_lse=True)
+    out, lse = attnkit.attention(q, q, q, return_lse=True)
+    ref, ref_lse = attnkit.attention(q, q, q, impl="reference", return_lse=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [verify.Case(causal=True), verify.Case(mask="padding", dead_rows=True), verify.Case(seq_q=1)],
+    ids=lambda c: c.name.replace(" ", "_"),
+)
+def test_auto_picks_a_backend_that_matches_the_oracle(case: verify.Case) -> None:
+    q, k, v, kwargs = case.make_inputs(DEVICE)
+    chosen = select(make_call(q, k, v, **kwargs), "auto")
+    assert chosen.name in backends.BACKENDS and chosen.name != "reference"
+    result = verify.check("auto", case, DEVICE)
+    assert result.passed, describe(result)
+
+
+def test_available_lists_every_backend_with_a_reason_or_none() -> None:
+    listed = attnkit.available("cpu")
+    assert list(listed) == list(backends.BACKENDS)
+    for name, reason in listed.items():
+        assert reason is None or (isinstance(reason, str) and reason), name
+    assert listed["reference"] is None and listed["sdpa_math"] is None
+    assert "CUDA" in listed["sdpa_flash"]
+
+
+def test_unavailable_backend_raises_its_reason() -> None:
+    q = torch.randn(1, 2, 8, 16)
+    for name, reason in attnkit.available("cpu").items():
+        if reason is not None:
+            with pytest.raises(attnkit.UnsupportedError) as info:
+                attnkit.attention(q, q, q, impl=name)
+            assert reason in str(info.value)
+
+
+def test_flex_block_mask_matches_visibility_and_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    built = []
+    real = flex.create_block_mask
+    monkeypatch.setattr(
+        flex, "create_block_mask", lambda *a, **kw: built.append(1) or real(*a, **kw)
+    )
+    monkeypatch.setattr(flex, "_BLOCK_MASKS", type(flex._BLOCK_MASKS)())
+    q, k = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 11, 16)
+    lengths = torch.tensor([5, 11])
+    allowed = torch.rand(2, 4, 7, 11) > 0.2
+
+    def dense(call: attnkit.call.AttentionCall) -> torch.Tensor:
+        bm = flex.block_mask(call)
+        b, h = call.batch, call.heads_q
+        return torch.tensor([
+            [[[bool(bm.mask_mod(*map(torch.tensor, (i, j, r, c)))) for c in range(11)]
+              for r in range(7)] for j in range(h)] for i in range(b)
+        ])
+
+    options = dict(causal=True, window=(3, None), key_lengths=lengths, attn_mask=allowed)
+    call = make_call(q, k, k, **options)
+    assert torch.equal(dense(call), visibility(call).expand(2, 4, 7, 11))
+    first = flex.block_mask(call)
+    assert flex.block_mask(make_call(q, k, k, **options)) is first, "a repeated call rebuilt it"
+    assert len(built) == 1
+    lengths[0] = 2  # in place: the cached mask must not be reused
+    changed = make_call(q, k, k, **options)
+    assert flex.block_mask(changed) is not first
+    assert torch.equal(dense(changed), visibility(changed).expand(2, 4, 7, 11))

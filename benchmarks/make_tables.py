@@ -1,0 +1,279 @@
+"""Markdown tables from the result sets under benchmarks/results/.
+
+Each result set is a folder written by `attnkit bench --out DIR` (results.json, chart.png)
+or `attnkit verify --out DIR` (verify.json); loose *.json files of either kind directly in
+the results folder count too. This script writes benchmarks/results/README.md and rewrites
+the block between `<!-- results:start -->` and `<!-- results:end -->` in the top-level
+README.md, so that the tables there are always generated from committed data:
+
+    python benchmarks/make_tables.py            # rewrite both
+    python benchmarks/make_tables.py --check    # exit 1 if either is out of date (CI)
+
+Only the standard library: the tables can be rebuilt without installing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+_PRESET_ORDER = {"verify": 0, "notebook": 1, "bert": 2, "core": 3}
+
+
+def load_sets(results_dir: Path) -> list[dict]:
+    """Every result set under `results_dir`: {"kind", "path", "meta", "results", ...}."""
+    sets = []
+    files = sorted(results_dir.glob("*/*.json")) + sorted(results_dir.glob("*.json"))
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"skipping {path}: {exc}", file=sys.stderr)
+            continue
+        if not isinstance(data, dict) or "meta" not in data or "results" not in data:
+            continue
+        kind = "verify" if path.name == "verify.json" or "preset" not in data["meta"] else "bench"
+        sets.append({"kind": kind, "path": path, **data})
+
+    def order(s: dict) -> tuple:
+        meta = s["meta"]
+        preset = "verify" if s["kind"] == "verify" else meta.get("preset", "")
+        return (meta.get("device") != "cuda", meta.get("device_name", ""),
+                _PRESET_ORDER.get(preset, 9), meta.get("dtype", ""), str(s["path"]))
+
+    return sorted(sets, key=order)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _ms(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
+def _num(x: float | str | None, fmt: str) -> str:
+    if x is None or isinstance(x, str):
+        return "–" if x is None else str(x)
+    return "–" if math.isnan(x) else format(x, fmt)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(headers: list[str], rows: list[list[str]], align: str = "r") -> list[str]:
+    aligns = ["---"] + [("---:" if align == "r" else "---")] * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(aligns) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _provenance(meta: dict) -> str:
+    parts = [f"`{meta.get('command') or 'attnkit'}`", f"torch {meta.get('torch', '?')}"]
+    if meta.get("triton"):
+        parts.append(f"triton {meta['triton']}")
+    parts.append(f"python {meta.get('python', '?')}")
+    if meta.get("device") == "cpu":
+        parts.append(f"{meta.get('cpu_threads', '?')} threads")
+    parts.append(str(meta.get("date", "?"))[:10])
+    return "_" + " · ".join(parts) + "_"
+
+
+def bench_section(s: dict, link_base: str, heading: str = "####") -> list[str]:
+    """Markdown for one bench result set: one table per config, or a pivot for sweeps."""
+    meta, rows = s["meta"], s["results"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    title = (f"{heading} bench `{meta.get('preset')}` · {meta.get('dtype')} · "
+             f"{meta.get('device_name')}")
+    out = [title, "", _provenance(meta), ""]
+    for note in meta.get("notes", []):
+        out.append(f"- {note}")
+    if meta.get("notes"):
+        out.append("")
+    if len(configs) > 4:
+        out += _pivot(rows, configs)
+    else:
+        for config in configs:
+            out += _config_table(meta, [r for r in rows if r["config"] == config], config)
+    if s["path"].name == "results.json":
+        folder = s["path"].parent
+        for png in ("chart.png", "scaling.png"):
+            if (folder / png).exists():
+                out += [f"![{meta.get('preset')} {png[:-4]}]({link_base}/{folder.name}/{png})",
+                        ""]
+    return out
+
+
+def _config_table(meta: dict, rows: list[dict], config: str) -> list[str]:
+    gpu = meta.get("device") == "cuda"
+    ok = sorted((r for r in rows if r.get("fwd_ms") is not None), key=lambda r: r["fwd_ms"])
+    headers = ["implementation", "first call ms", "fwd ms", "fwd+bwd ms", "TFLOP/s fwd",
+               "TFLOP/s fwd+bwd", "% matmul peak", "× slowest", "× sdpa", "rel err"]
+    if gpu:
+        headers.insert(7, "MiB fwd / fwd+bwd")
+    table = []
+    for r in ok:
+        frac = r.get("peak_frac_fwd")
+        cells = [r["impl"], _ms(r.get("first_call_ms")), _ms(r["fwd_ms"]),
+                 _ms(r.get("fwd_bwd_ms")), _num(r.get("tflops_fwd"), ".3g"),
+                 _num(r.get("tflops_fwd_bwd"), ".3g"),
+                 _num(None if frac is None else 100 * frac, ".0f"),
+                 _num(r.get("speedup_vs_slowest"), ".1f"), _num(r.get("speedup_vs_sdpa"), ".2f"),
+                 _num(r.get("rel_err"), ".1e")]
+        if gpu:
+            cells.insert(7, f"{_num(r.get('peak_fwd_mib'), '.0f')} / "
+                            f"{_num(r.get('peak_fwd_bwd_mib'), '.0f')}")
+        table.append(cells)
+    out = [f"`{config}`", ""] + _table(headers, table) + [""]
+    for r in rows:
+        if r.get("reason"):
+            label = r["status"] if r["status"] != "ok" else "note"
+            out.append(f"- {label} `{r['impl']}`: {r['reason']}")
+    notes = {r["rel_err_note"] for r in ok if r.get("rel_err_note")}
+    out += [f"- rel err {note} (the float64 oracle would not fit)" for note in sorted(notes)]
+    return out + [""]
+
+
+def _rate(r: dict | None) -> str:
+    if r is None or r.get("tflops_fwd") is None:
+        return ""
+    return f"{_num(r['tflops_fwd'], '.3g')} / {_num(r.get('tflops_fwd_bwd'), '.3g')}"
+
+
+def _pivot(rows: list[dict], configs: list[str]) -> list[str]:
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    by_key = {(r["config"], r["impl"]): r for r in rows}
+    table = []
+    for config in configs:
+        cells = [config]
+        for impl in impls:
+            r = by_key.get((config, impl))
+            if r is None:
+                cells.append("")
+            elif r.get("fwd_ms") is None:
+                cells.append("skip" if r["status"] == "unsupported" else "error")
+            else:
+                cells.append(f"{_ms(r['fwd_ms'])} / {_ms(r.get('fwd_bwd_ms'))}")
+        table.append(cells)
+    out = ["forward / forward+backward ms (median):", ""]
+    out += _table(["config", *impls], table) + [""]
+    rates = [[config] + [_rate(by_key.get((config, impl))) for impl in impls]
+             for config in configs]
+    out += ["forward / forward+backward TFLOP/s:", ""]
+    out += _table(["config", *impls], rates) + [""]
+    reasons = sorted({(r["impl"], r["status"], r["reason"]) for r in rows if r.get("reason")})
+    out += [f"- {status} `{impl}`: {reason}" for impl, status, reason in reasons]
+    return out + [""]
+
+
+def verify_section(s: dict, heading: str = "####") -> list[str]:
+    """Markdown for one verify result set: per implementation, checks and the worst error."""
+    meta, rows = s["meta"], s["results"]
+    summary: dict[str, dict] = {}
+    for r in rows:
+        entry = summary.setdefault(r["impl"], {"n": 0, "pass": 0, "fail": 0, "skip": 0,
+                                               "worst": None, "tol": None, "reasons": set()})
+        entry["n"] += 1
+        if r.get("skipped") is not None:
+            entry["skip"] += 1
+            entry["reasons"].add(r["skipped"])
+            continue
+        entry["pass" if r["passed"] else "fail"] += 1
+        errs = [e for e in (r.get("out_err"), r.get("grad_err")) if e is not None]
+        errs = [math.inf if e == "inf" else e for e in errs]
+        if errs:
+            entry["worst"] = max(errs + ([entry["worst"]] if entry["worst"] is not None else []))
+        entry["tol"] = r.get("tol")
+    table = []
+    unavailable = []
+    for impl, e in summary.items():
+        if e["skip"] == e["n"]:
+            unavailable.append(f"- `{impl}`: {'; '.join(sorted(e['reasons']))}")
+            continue
+        status = "✅" if e["fail"] == 0 else "❌"
+        table.append([impl, status, str(e["pass"]), str(e["fail"]), str(e["skip"]),
+                      _num(e["worst"], ".1e"), _num(e["tol"], ".0e")])
+    failed = sum(e["fail"] for e in summary.values())
+    out = [f"{heading} verify · {meta.get('dtype')} · {meta.get('device_name')}", "",
+           _provenance(meta), "",
+           f"{len(rows)} checks, {failed} failed; worst = max(output, gradient) relative "
+           "error against the float64 oracle over every case.", ""]
+    out += _table(["implementation", "ok", "passed", "failed", "skipped", "worst error",
+                   "tolerance"], table) + [""]
+    if unavailable:
+        out += ["Not available on this device:", "", *unavailable, ""]
+    return out
+
+
+def render(sets: list[dict], link_base: str, heading: str = "###") -> str:
+    """All result sets as Markdown, grouped by device."""
+    if not sets:
+        return "_No result sets under benchmarks/results/ yet._\n"
+    out: list[str] = []
+    device = None
+    for s in sets:
+        name = f"{s['meta'].get('device_name', '?')} ({s['meta'].get('device', '?')})"
+        if name != device:
+            device = name
+            out += [f"{heading} {name}", ""]
+        sub = heading + "#"
+        out += (verify_section(s, sub) if s["kind"] == "verify"
+                else bench_section(s, link_base, sub))
+    return "\n".join(out).rstrip() + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with the part between the results markers replaced by `block`."""
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"README has no '{START}' ... '{END}' block")
+    return text[: start + len(START)] + "\n" + block + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="folder of result sets (default: benchmarks/results)")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md",
+                        help="README whose results block is rewritten (default: README.md)")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 when a file would change")
+    args = parser.parse_args(argv)
+
+    sets = load_sets(args.results)
+    header = ("# Results\n\nGenerated by `python benchmarks/make_tables.py` from the result "
+              "sets in this folder; do not edit by hand.\n\n")
+    targets = {args.results / "README.md": header + render(sets, ".", heading="##")}
+    if args.readme.exists():
+        rel = Path("benchmarks/results")
+        try:
+            rel = args.results.resolve().relative_to(args.readme.resolve().parent)
+        except ValueError:
+            pass
+        block = render(sets, rel.as_posix())
+        targets[args.readme] = replace_block(args.readme.read_text(), block)
+    else:
+        print(f"{args.readme} not found: only {args.results / 'README.md'} is written",
+              file=sys.stderr)
+
+    stale = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
+    if args.check:
+        for p in stale:
+            print(f"out of date: {p}", file=sys.stderr)
+        return 1 if stale else 0
+    for p in stale:
+        p.write_text(targets[p])
+        print(f"wrote {p}")
+    print(f"{len(sets)} result sets")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""`attnkit bench | verify | info`: the command line.
+
+Each subcommand is a thin shell over a function of `attnkit.bench` / `attnkit.verify`, so
+that everything the command line does is also a Python call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+
+__all__ = ["main"]
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _console():
+    from rich.console import Console
+
+    # Rich falls back to 80 columns when stdout is not a terminal (CI logs, pipes), which
+    # folds the tables; a wider default keeps one row per line there.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=140 if wide else None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnkit",
+        description="Every way of computing multi-head attention, verified and benchmarked.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{bench,verify,info}")
+
+    bench = sub.add_parser(
+        "bench", help="time every implementation side by side (default: the notebook preset)",
+        description="Time every implementation on one problem. On a CPU the quick sizes are "
+        "used unless --full, --batch or --seq is given.",
+    )
+    bench.add_argument("--preset", choices=("notebook", "bert", "core"), default="notebook",
+                       help="notebook: the notebook's b8 s1024 d768 h12 causal comparison of "
+                       "module variants; bert: the tutorial's b8 s384 d1024 h16 with biases "
+                       "and a padding mask; core: the functional backends over S and D")
+    bench.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
+    bench.add_argument("--dtype", choices=_DTYPES,
+                       help="default: bfloat16 on CUDA, float32 on the CPU")
+    bench.add_argument("--impl", action="append", metavar="NAME",
+                       help="run only this implementation (repeatable; 'sdpa' matches the "
+                       "backend, module:sdpa and a variant named sdpa; 'reference' runs the "
+                       "oracle, left out otherwise)")
+    bench.add_argument("--exclude", action="append", metavar="NAME",
+                       help="leave this implementation out (repeatable; matched as --impl)")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", default=None,
+                      help="small sizes for a slow CPU (the default on a CPU)")
+    size.add_argument("--full", dest="quick", action="store_false",
+                      help="the preset's own sizes, also on a CPU")
+    bench.add_argument("--batch", type=int, help="override the batch size")
+    bench.add_argument("--seq", type=int, help="override the sequence length (core: one S)")
+    bench.add_argument("--out", metavar="DIR",
+                       help="write results.json, results.csv and chart.png to DIR")
+    bench.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bar")
+
+    verify = sub.add_parser(
+        "verify", help="check every implementation against the float64 oracle",
+        description="Check every available backend, textbook variant and MultiHeadAttention "
+        "against the float64 oracle; exit status 1 on any failure.",
+    )
+    verify.add_argument("--device", help="cuda, cpu (default: CUDA when present)")
+    verify.add_argument("--dtype", choices=_DTYPES, default="float32")
+    verify.add_argument("--impl", action="append", metavar="NAME",
+                        help="check only this implementation (repeatable)")
+    verify.add_argument("--exclude", action="append", metavar="NAME",
+                        help="leave this implementation out (repeatable; matched as --impl)")
+    verify.add_argument("--quick", action="store_true",
+                        help="leave out the length-1000 cases")
+    verify.add_argument("--out", metavar="DIR", help="also write DIR/verify.json")
+    verify.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar")
+
+    info = sub.add_parser("info", help="versions, device, and which backends can run here")
+    info.add_argument("--device", help="cuda, cpu (default: CUDA when present)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `attnkit ARGS`; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    commands = {"bench": _bench, "verify": _verify, "info": _info}
+    return commands[args.command](args, argv)
+
+
+def _device(name: str | None) -> torch.device:
+    from attnkit.bench import default_device
+
+    return torch.device(name) if name else default_device()
+
+
+def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from attnkit.bench import command_line, print_results, run_bench, write_outputs
+
+    console = _console()
+    run = run_bench(
+        args.preset, device=args.device, dtype=args.dtype, impls=args.impl,
+        exclude=args.exclude, quick=args.quick,
+        batch=args.batch, seq=args.seq, progress=args.progress, console=console,
+        command=command_line(argv),
+    )
+    print_results(run, console)
+    if args.out:
+        paths = write_outputs(run, args.out)
+        console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
+    # Exit 1 only when nothing could be measured: one failing implementation is a result.
+    return 0 if any(m.fwd_ms is not None for m in run.results) else 1
+
+
+def _verify(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from pathlib import Path
+
+    from attnkit.bench import command_line, environment
+    from attnkit.verify import print_report, run_verify, write_json
+
+    console = _console()
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
+    console.print(f"[bold]attnkit verify[/] · {device} · {args.dtype}"
+                  f"{' · quick' if args.quick else ''}", highlight=False)
+    results = run_verify(device, dtype, impls=args.impl, large=not args.quick,
+                         progress=args.progress, exclude=args.exclude)
+    ok = print_report(results, console)
+    if args.out:
+        meta = environment(device)
+        meta.update(dtype=args.dtype, quick=args.quick, command=command_line(argv),
+                    impl_filter=args.impl, exclude=args.exclude)
+        path = write_json(results, Path(args.out) / "verify.json", meta)
+        console.print(f"wrote {path}", highlight=False)
+    return 0 if ok else 1
+
+
+def _info(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from rich.table import Table
+
+    import attnkit
+    from attnkit.backends import BACKENDS
+    from attnkit.bench import device_name, environment
+    from attnkit.functional import _AUTO_FALLBACK, AUTO_ORDER
+
+    console = _console()
+    device = _device(args.device)
+    env = environment(device)
+    console.print(f"[bold]attnkit[/] {attnkit.__version__} · torch {env['torch']} · "
+                  f"triton {env['triton'] or 'not installed'} · python {env['python']} · "
+                  f"{platform.system()} {platform.machine()}", highlight=False)
+    console.print(f"device: {device} ({device_name(device)}); CUDA "
+                  f"{'available: ' + str(torch.cuda.device_count()) + ' GPU(s)' if torch.cuda.is_available() else 'not available'}"  # noqa: E501
+                  f"; {torch.get_num_threads()} CPU threads", highlight=False)
+    console.print(f"float32 matmuls: precision={torch.get_float32_matmul_precision()!r}, "
+                  f"TF32 cuBLAS={torch.backends.cuda.matmul.allow_tf32}, "
+                  f"TF32 cuDNN={torch.backends.cudnn.allow_tf32}", highlight=False)
+
+    table = Table(title=f"backends on {device.type}", title_justify="left",
+                  header_style="bold")
+    table.add_column("name", no_wrap=True)
+    table.add_column("status")
+    table.add_column("what it is")
+    for name, backend in BACKENDS.items():
+        reason = backend.available(device)
+        status = "[green]available[/]" if reason is None else f"[yellow]{reason}[/]"
+        table.add_row(name, status, backend.summary)
+    console.print(table)
+
+    order = AUTO_ORDER.get(device.type, _AUTO_FALLBACK)
+    marked = [name if name in BACKENDS else f"[dim]{name} (not registered)[/]"
+              for name in order]
+    console.print(f"impl='auto' on {device.type} tries, in order: " + " > ".join(marked))
+
+    try:
+        from attnkit.variants import REGISTRY
+    except ImportError as exc:
+        console.print(f"variants: not importable ({exc})", highlight=False)
+    else:
+        console.print("variants: " + ", ".join(REGISTRY), highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The command line: `attnkit info | verify | bench`, and benchmarks/make_tables.py."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import backends
+from attnkit.backends import Backend
+from attnkit.bench import Config, attention_flops, config_flops, preset_configs
+from attnkit.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+# Compiled FlexAttention spends tens of seconds per shape compiling on a CPU; its own tests
+# cover it, and these keep the suite inside its time budget.
+SLOW_ON_CPU = ["flex"] if not torch.cuda.is_available() else []
+
+
+def _broken_backend(name: str, *, crash: bool = False) -> Backend:
+    """A backend that is 1% off the oracle (or raises), to see verify and bench catch it."""
+    reference = backends.get("reference")
+
+    def run(call):
+        if crash:
+            raise RuntimeError("kernel exploded")
+        out, lse = reference.run(call)
+        return out * 1.01, lse
+
+    return Backend(name=name, summary="deliberately wrong", available=lambda device: None,
+                   supports=lambda call: None, run=run)
+
+
+def _another_backend() -> str:
+    """A fast backend besides the oracle: plain SDPA when registered, else the first one."""
+    usable = [name for name, reason in attnkit.available("cpu").items()
+              if reason is None and name != "reference" and name not in ("flex", "triton")]
+    if not usable:
+        pytest.skip("no backend besides the oracle is registered")
+    return "sdpa" if "sdpa" in usable else usable[0]
+
+
+def test_info_lists_backends_and_auto_order(capsys):
+    assert main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "TF32" in out
+    for name in backends.BACKENDS:
+        assert name in out
+    assert "impl='auto' on cpu" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().out
+
+
+def test_verify_quick_passes_on_cpu(capsys, tmp_path):
+    code = main(["verify", "--quick", "--device", "cpu", "--no-progress", "--out", str(tmp_path),
+                 *(f"--exclude={name}" for name in SLOW_ON_CPU)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "relative error vs float64 oracle" in out
+    assert "s1000" not in out  # --quick leaves the length-1000 cases out
+    data = json.loads((tmp_path / "verify.json").read_text())
+    assert data["meta"]["dtype"] == "float32"
+    assert data["results"] and all(r["passed"] for r in data["results"])
+
+
+def test_verify_fails_on_a_wrong_backend(monkeypatch, capsys):
+    monkeypatch.setitem(backends.BACKENDS, "broken", _broken_backend("broken"))
+    monkeypatch.setitem(backends.BACKENDS, "crashing", _broken_backend("crashing", crash=True))
+    code = main(["verify", "--quick", "--device", "cpu", "--no-progress",
+                 "--impl", "broken", "--impl", "crashing"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "failed" in out and "broken" in out
+    assert "kernel exploded" in out  # a crash is reported as a failure, not raised
+
+
+def test_attention_flops_halves_for_causal_only_when_square():
+    full = attention_flops(2, 4, 128, 128, 64, causal=False)
+    assert full == 4 * 2 * 4 * 128 * 128 * 64
+    assert attention_flops(2, 4, 128, 128, 64, causal=True) == full / 2
+    # One query against a cache of 128 keys: causal hides nothing.
+    assert attention_flops(2, 4, 1, 128, 64, causal=True) == 4 * 2 * 4 * 1 * 128 * 64
+
+
+def test_config_flops_count_backward_and_projections():
+    core = Config("core", 2, 128, 4, 64, causal=True)
+    fwd, fwd_bwd = config_flops(core)
+    assert fwd == attention_flops(2, 4, 128, 128, 64, True)
+    assert fwd_bwd == 3.5 * fwd
+    module = Config("notebook", 2, 128, 4, 16, True, d_model=64)
+    attn = attention_flops(2, 4, 128, 128, 16, True)
+    proj = 2 * 2 * 128 * 64 * (3 * 64) + 2 * 2 * 128 * 64 * 64
+    assert config_flops(module) == (attn + proj, 3.5 * attn + 3 * proj)
+
+
+def test_presets_have_the_documented_sizes():
+    (notebook,) = preset_configs("notebook")
+    assert (notebook.batch, notebook.seq, notebook.d_model, notebook.heads) == (8, 1024, 768, 12)
+    assert notebook.causal and not notebook.qkv_bias and notebook.mask is None
+    (bert,) = preset_configs("bert")
+    assert (bert.batch, bert.seq, bert.d_model, bert.heads, bert.head_dim) == (8, 384, 1024, 16,
+                                                                               64)
+    assert bert.qkv_bias and bert.mask == "padding" and not bert.causal
+    core = preset_configs("core")
+    assert {c.seq for c in core} == {512, 1024, 2048, 4096, 8192, 16384}
+    assert {c.head_dim for c in core} == {64, 128} and {c.causal for c in core} == {True, False}
+    (small,) = preset_configs("notebook", quick=True)
+    assert small.batch * small.seq < notebook.batch * notebook.seq
+
+
+def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
+    other = _another_backend()
+    monkeypatch.setitem(backends.BACKENDS, "crashing", _broken_backend("crashing", crash=True))
+    out_dir = tmp_path / "out"
+    code = main(["bench", "--preset", "core", "--quick", "--seq", "128", "--device", "cpu",
+                 "--impl", "reference", "--impl", other, "--impl", "crashing",
+                 "--no-progress", "--out", str(out_dir)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "kernel exploded" in printed  # listed with its reason, the run goes on
+
+    data = json.loads((out_dir / "results.json").read_text())
+    meta = data["meta"]
+    for key in ("device", "device_name", "torch", "triton", "python", "date", "command",
+                "preset", "sizes", "dtype", "matmul_peak_tflops"):
+        assert key in meta, key
+    assert meta["preset"] == "core" and meta["dtype"] == "float32"
+    assert "--impl reference" in meta["command"]
+    rows = data["results"]
+    assert {r["impl"] for r in rows} == {"reference", other, "crashing"}
+    assert {r["causal"] for r in rows} == {True, False}
+    for r in rows:
+        if r["impl"] == "crashing":
+            assert r["status"] == "error" and "kernel exploded" in r["reason"]
+            continue
+        assert r["status"] == "ok"
+        for key in ("first_call_ms", "fwd_ms", "fwd_bwd_ms", "tflops_fwd", "tflops_fwd_bwd",
+                    "speedup_vs_slowest", "rel_err"):
+            assert r[key] is not None and r[key] >= 0, (r["impl"], key)
+        assert r["peak_fwd_mib"] is None  # not measurable on the CPU, so not reported
+        assert r["rel_err"] < 1e-5
+        causal_flops = r["flops_fwd"] * (2 if r["causal"] else 1)
+        assert causal_flops == 4 * r["batch"] * r["heads"] * r["seq"] ** 2 * r["head_dim"]
+    assert next(r for r in rows if r["impl"] == "reference")["rel_err"] == 0.0
+
+    with (out_dir / "results.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) and "fwd_bwd_ms" in csv_rows[0]
+    assert (out_dir / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # make_tables turns the result set into Markdown inside a README's results block.
+    verify_dir = tmp_path / "results" / "cpu-verify"
+    assert main(["verify", "--quick", "--impl", "reference", "--no-progress",
+                 "--out", str(verify_dir)]) == 0
+    (out_dir).rename(tmp_path / "results" / "cpu-core")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    spec = importlib.util.spec_from_file_location("make_tables",
+                                                  ROOT / "benchmarks" / "make_tables.py")
+    make_tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_tables)
+    args = ["--results", str(tmp_path / "results"), "--readme", str(readme)]
+    assert make_tables.main(args) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n")
+    assert "bench `core`" in text and "verify · float32" in text and f"| {other}" in text
+    assert "results/cpu-core/chart.png" in text
+    assert (tmp_path / "results" / "README.md").exists()
+    assert make_tables.main([*args, "--check"]) == 0

@@ -205,10 +205,13 @@ def test_notebook_state_dict_loads_strictly(name, qkv_bias):
 
 @pytest.mark.slow
 def test_flex_matches_oracle_forward():
-    """Compiled flex on the CPU: forward only (no backward there), a few compiles ~10 s."""
+    """Compiled flex on the CPU: forward only (no backward there), a few compiles ~10 s.
+
+    Head dim 32: below that compiled flex on a CPU is wrong, and the variant refuses.
+    """
     x = torch.randn(2, 17, 60)
     for causal, mask_kind in ((True, "none"), (False, "additive"), (True, "bool")):
-        m = build("flex", 60, 60, 4, 8, qkv_bias=True, causal=causal)
+        m = build("flex", 60, 128, 4, 8, qkv_bias=True, causal=causal)
         mask = make_mask(mask_kind, 2, 4, 17)
         with torch.no_grad():
             out = m(x, attn_mask=mask)
@@ -224,4 +227,6 @@ def test_flex_refuses_what_flex_cannot_do():
     m.eval()
     if x.device.type == "cpu":
         with pytest.raises(RuntimeError, match="no backward on the CPU"):
+            m(x)
+        with torch.no_grad(), pytest.raises(attnkit.UnsupportedError, match="head dims below"):
             m(x)

@@ -502,12 +502,15 @@ def run_bench(
     progress: bool = True,
     console: Console | None = None,
     command: str = "",
+    checkpoint: Callable[[BenchRun], object] | None = None,
 ) -> BenchRun:
     """Measure every selected implementation on every config of `preset`.
 
     device defaults to CUDA when present; dtype to bfloat16 on CUDA, float32 on the CPU;
     quick=None means quick sizes on the CPU (unless batch/seq are given) and the preset's
     own sizes on a GPU. impls / exclude filter as `attnkit.verify.selected` does.
+    checkpoint(run) is called after each config with the results so far (meta["complete"]
+    False until the end), so that a long sweep that is cut off still leaves its results.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -552,6 +555,8 @@ def run_bench(
 
     clock = Clock(device, min_run_time=0.3 if quick else 0.5)
     run = BenchRun(meta, configs)
+    meta["complete"] = False
+
     def peak() -> float | None:
         try:
             return matmul_peak_tflops(device, dtype, clock)
@@ -582,12 +587,17 @@ def run_bench(
                         measured.append(_measure(label, make, problem, clock))
                     bar.advance(task)
                 run.results.extend(measured)
+                if checkpoint is not None:
+                    meta["matmul_peak_tflops"] = max((p for p in peaks if p), default=None)
+                    _speedups(measured, meta["matmul_peak_tflops"])
+                    checkpoint(run)
         # Measured again at the end, the best of the two kept: on a shared machine one
         # reading alone can land in a busy moment and make the shares exceed 100%.
         peaks.append(peak())
     meta["matmul_peak_tflops"] = max((p for p in peaks if p), default=None)
     for config in configs:
         _speedups([m for m in run.results if m.config == config], meta["matmul_peak_tflops"])
+    meta["complete"] = True
     return run
 
 

@@ -222,7 +222,7 @@ def make_call(
             )
         full = (b, hq, sq, skv)
         padded = (1,) * (4 - attn_mask.dim()) + _shape(attn_mask)
-        if any(m not in (1, f) for m, f in zip(padded, full)):
+        if any(m not in (1, f) for m, f in zip(padded, full, strict=True)):
             raise ValueError(
                 f"attn_mask of shape {_shape(attn_mask)} does not broadcast to "
                 f"(B, Hq, Sq, Skv) = {full}"
@@ -267,7 +267,7 @@ def _normalize_window(
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise TypeError(f"window must be None, an int, or (left, right), got {window!r}")
     sides = []
-    for side, value in zip(("left", "right"), window):
+    for side, value in zip(("left", "right"), window, strict=True):
         if value is None:
             sides.append(None)
         elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:

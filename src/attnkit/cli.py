@@ -112,6 +112,7 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
         exclude=args.exclude, quick=args.quick,
         batch=args.batch, seq=args.seq, progress=args.progress, console=console,
         command=command_line(argv),
+        checkpoint=(lambda partial: write_outputs(partial, args.out)) if args.out else None,
     )
     print_results(run, console)
     if args.out:

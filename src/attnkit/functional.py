@@ -11,9 +11,13 @@ from attnkit.call import AttentionCall, UnsupportedError, make_call
 __all__ = ["AUTO_ORDER", "attention", "available", "select"]
 
 # impl="auto" takes the first backend in this list that supports the call. The order is
-# the measured speed ranking on each device kind (benchmarks/results/), fastest first.
+# the measured speed ranking on each device kind, fastest first (H100, bf16: cuDNN, then
+# attnkit's Triton kernel, which also takes the calls SDPA refuses: return_lse, masks with
+# gradients; benchmarks/NOTES.md and benchmarks/results/).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "sdpa", "chunked", "naive"),
+    "cuda": (
+        "sdpa_cudnn", "triton", "sdpa_flash", "sdpa_efficient", "flex", "sdpa", "chunked", "naive",
+    ),
     "cpu": ("sdpa", "naive", "chunked", "einsum"),
 }
 _AUTO_FALLBACK = ("sdpa", "naive", "chunked", "reference")

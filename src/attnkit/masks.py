@@ -21,7 +21,9 @@ __all__ = ["visibility", "score_bias", "masked_softmax", "expand_kv"]
 
 
 def visibility(
-    call: AttentionCall, q_range: tuple[int, int] | None = None, k_range: tuple[int, int] | None = None
+    call: AttentionCall,
+    q_range: tuple[int, int] | None = None,
+    k_range: tuple[int, int] | None = None,
 ) -> Tensor | None:
     """Bool (B|1, Hq|1, sq, sk) of the keys each query may see, or None when all are visible.
 

@@ -32,6 +32,7 @@ from attnkit.call import AttentionCall
 # per function it would silently run FlexAttention eagerly, which is a dense math path.
 RECOMPILE_LIMIT = 256
 CACHED_BLOCK_MASKS = 32
+CPU_MIN_HEAD_DIM = 32
 
 
 @cache
@@ -60,6 +61,12 @@ def supports(call: AttentionCall) -> str | None:
     if call.dtype == torch.float64:
         return "compiled FlexAttention does not take float64"
     if call.device.type == "cpu":
+        if call.head_dim < CPU_MIN_HEAD_DIM or call.head_dim_v < CPU_MIN_HEAD_DIM:
+            # Seen with torch 2.13: D=16 and D=8 at S=40 gave NaN or errors of 0.3.
+            return (
+                f"compiled FlexAttention on a CPU computes wrong results for head dims "
+                f"below {CPU_MIN_HEAD_DIM}, got {call.head_dim}/{call.head_dim_v}"
+            )
         if call.needs_grad:
             return "compiled FlexAttention on a CPU is inference only (no backward)"
         if call.return_lse:

@@ -31,6 +31,15 @@ from attnkit.call import AttentionCall
 from attnkit.masks import expand_kv, score_bias, visibility
 
 NO_LSE = "scaled_dot_product_attention does not return the log-sum-exp (return_lse=True)"
+# Seen on an H100 with torch 2.11 (attnkit verify, bf16, padding mask): cuDNN's backward
+# with an explicit attn_mask gave dL/dx errors of 1.4 while its forward was right; PyTorch
+# tracks such a case as pytorch/pytorch#196678. Until a fixed release, cuDNN gets no masked
+# call that needs gradients, and plain "sdpa" leaves cuDNN out of its choice for them.
+CUDNN_MASKED_GRAD = (
+    "cuDNN's backward with an explicit attn_mask gives wrong gradients on sm90 "
+    "(pytorch/pytorch#196678); run it without gradients or pick another kernel"
+)
+_NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,8 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
         return None, f"{kernel.name} needs {names}, got {str(call.dtype).removeprefix('torch.')}"
     if mask_rule and args.attn_mask is not None:
         return None, f"{kernel.name} {mask_rule}"
+    if kernel == SDPBackend.CUDNN_ATTENTION and args.attn_mask is not None and call.needs_grad:
+        return None, CUDNN_MASKED_GRAD
     reason = kernel_refusal(kernel, call, args)
     if reason is not None and call.group > 1:
         # Some kernels reject enable_gqa but take k/v repeated to Hq heads.
@@ -142,7 +153,10 @@ def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
         scale=call.scale,
         enable_gqa=args.enable_gqa,
     )
-    if kernel is None:
+    if kernel is None and args.attn_mask is not None and call.needs_grad:
+        with sdpa_kernel(_NOT_CUDNN):
+            out = sdpa()
+    elif kernel is None:
         out = sdpa()  # (B, Hq, Sq, Dv)
     else:
         with sdpa_kernel(kernel):

@@ -2,8 +2,9 @@
 
 Causality is a block mask (built once per length and device, and cached: building one is
 slow); a user `attn_mask` enters through `score_mod`. Limits of FlexAttention itself, raised
-as clear errors at forward: no dropout, no backward on the CPU (run under torch.no_grad()
-there), and only CPU and CUDA devices. The first call per shape compiles (~10-30 s on CPU).
+as attnkit.UnsupportedError at forward: no dropout, no backward on the CPU (run under
+torch.no_grad() there), head dims of at least 32 on the CPU, and only CPU and CUDA devices.
+The first call per shape compiles (~10-30 s on CPU).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from attnkit.backends.flex import CPU_MIN_HEAD_DIM
+from attnkit.call import UnsupportedError
 from attnkit.variants._common import check_heads, check_input, check_mask
 
 __all__ = ["FlexAttention"]
@@ -59,26 +62,32 @@ class FlexAttention(nn.Module):
 
     def _check_runnable(self, x: Tensor) -> None:
         if x.device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"FlexAttention runs on CPU or CUDA, got {x.device.type}")
+            raise UnsupportedError(f"FlexAttention runs on CPU or CUDA, got {x.device.type}")
         if self.training and self.dropout:
-            raise RuntimeError(
+            raise UnsupportedError(
                 f"FlexAttention has no dropout; got dropout={self.dropout} in training mode"
             )
         if x.device.type == "cpu" and torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
-            raise RuntimeError(
+            raise UnsupportedError(
                 "FlexAttention has no backward on the CPU: run this variant under "
                 "torch.no_grad() / torch.inference_mode(), or on CUDA"
+            )
+
+        if x.device.type == "cpu" and self.head_dim < CPU_MIN_HEAD_DIM:
+            raise UnsupportedError(
+                f"compiled FlexAttention on a CPU computes wrong results for head dims below "
+                f"{CPU_MIN_HEAD_DIM}, got {self.head_dim}"
             )
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """x: (B, S, d_in) -> (B, S, d_out)."""
         check_input(x, self.d_in)
-        self._check_runnable(x)
         b, s, _ = x.shape
         h = self.num_heads
         mask = check_mask(attn_mask, b, h, s)
+        self._check_runnable(x)
         qkv = self.qkv(x).view(b, s, 3, h, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D)
         score_mod = None

@@ -93,11 +93,15 @@ def bench_section(s: dict, link_base: str, heading: str = "####") -> list[str]:
     title = (f"{heading} bench `{meta.get('preset')}` · {meta.get('dtype')} · "
              f"{meta.get('device_name')}")
     out = [title, "", _provenance(meta), ""]
+    if meta.get("complete") is False:
+        planned = meta.get("sizes") or []
+        out += [f"**Cut off: the run hit its time limit with {len(configs)} of {len(planned)} configs "
+                f"measured**; what is missing was not run.", ""]
     for note in meta.get("notes", []):
         out.append(f"- {note}")
     if meta.get("notes"):
         out.append("")
-    if len(configs) > 4:
+    if len(configs) > 1:  # a sweep reads best as one table per quantity
         out += _pivot(rows, configs)
     else:
         for config in configs:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from attnkit.call import AttentionCall
 
-__all__ = ["visibility", "score_bias", "masked_softmax", "expand_kv"]
+__all__ = ["dense_attention", "expand_kv", "masked_softmax", "score_bias", "visibility"]
 
 
 def visibility(
@@ -86,17 +86,36 @@ def score_bias(
 def masked_softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
     """Softmax over the last dim where a row of all -inf gives zeros, not NaN.
 
-    Returns (probabilities, log-sum-exp); the log-sum-exp of an empty row is -inf.
+    Returns (probabilities in the dtype of `scores`, float32 log-sum-exp); the log-sum-exp
+    of an empty row is -inf. Half-precision scores are exponentiated and summed in float32:
+    a bfloat16 sum of a thousand exps keeps barely two digits.
     """
-    row_max = scores.amax(dim=-1, keepdim=True)
+    work = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    row_max = work.amax(dim=-1, keepdim=True)
     # An empty row has max -inf; shifting by 0 instead keeps exp() at 0 rather than NaN.
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    weights = torch.exp(scores - row_max)
+    weights = torch.exp(work - row_max)
     total = weights.sum(dim=-1, keepdim=True)
     # Dividing an empty row by 1 (not by a tiny number) keeps its gradient finite too.
     probs = weights / torch.where(total > 0, total, torch.ones_like(total))
     lse = (row_max + torch.log(total)).squeeze(-1)
-    return probs, lse
+    return probs.to(scores.dtype), lse.float()
+
+
+def dense_attention(call: AttentionCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The textbook form, materializing all (B, Hq, Sq, Skv) scores in the dtype of q.
+
+    q: (B, Hq, Sq, D); k, v: (B, Hq, Skv, D|Dv), already repeated to Hq heads.
+    Returns ((B, Hq, Sq, Dv) output, float32 (B, Hq, Sq) log-sum-exp).
+    """
+    scores = (q @ k.transpose(-2, -1)) * call.scale  # (B, Hq, Sq, Skv)
+    bias = score_bias(call, scores.dtype)  # (B|1, Hq|1, Sq, Skv)
+    if bias is not None:
+        scores = scores + bias
+    probs, lse = masked_softmax(scores)
+    if call.dropout_p:
+        probs = torch.nn.functional.dropout(probs, call.dropout_p)
+    return probs @ v, lse
 
 
 def expand_kv(call: AttentionCall) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,8 @@
-"""The float64 oracle: plain matmul + softmax, obviously correct, slow, S x S memory."""
+"""The float64 oracle: plain matmul + softmax, obviously correct, slow, S x S memory.
+
+It is the `naive` computation carried out in float64; tests/test_reference.py checks it
+against a per-element loop written straight from the contract.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import torch
 
 from attnkit.backends.base import Backend, Result, always_available
 from attnkit.call import AttentionCall
-from attnkit.masks import expand_kv, masked_softmax, score_bias
+from attnkit.masks import dense_attention, expand_kv
 
 
 def supports(call: AttentionCall) -> str | None:
@@ -15,16 +19,8 @@ def supports(call: AttentionCall) -> str | None:
 
 def run(call: AttentionCall) -> Result:
     k, v = expand_kv(call)
-    q, k, v = (t.to(torch.float64) for t in (call.q, k, v))
-    scores = (q @ k.transpose(-2, -1)) * call.scale  # (B, Hq, Sq, Skv)
-    bias = score_bias(call, torch.float64)
-    if bias is not None:
-        scores = scores + bias
-    probs, lse = masked_softmax(scores)
-    if call.dropout_p:
-        probs = torch.nn.functional.dropout(probs, call.dropout_p)
-    out = probs @ v  # (B, Hq, Sq, Dv)
-    return out.to(call.dtype), lse.to(torch.float32)
+    out, lse = dense_attention(call, *(t.to(torch.float64) for t in (call.q, k, v)))
+    return out.to(call.dtype), lse
 
 
 BACKEND = Backend(

@@ -95,8 +95,8 @@ def bench_section(s: dict, link_base: str, heading: str = "####") -> list[str]:
     out = [title, "", _provenance(meta), ""]
     if meta.get("complete") is False:
         planned = meta.get("sizes") or []
-        out += [f"**Cut off: the run hit its time limit with {len(configs)} of {len(planned)} configs "
-                f"measured**; what is missing was not run.", ""]
+        out += [f"**Cut off: the run hit its time limit with {len(configs)} of "
+                f"{len(planned)} configs measured**; what is missing was not run.", ""]
     for note in meta.get("notes", []):
         out.append(f"- {note}")
     if meta.get("notes"):

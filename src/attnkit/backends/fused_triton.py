@@ -519,7 +519,9 @@ def _mask_args(call: AttentionCall) -> tuple[Tensor, tuple[int, ...]]:
 def _forward(call: AttentionCall, seed: int) -> tuple[Tensor, Tensor]:
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
-    out = torch.empty(B, Hq, Sq, call.head_dim_v, dtype=q.dtype, device=q.device)
+    # Laid out (B, Sq, Hq, Dv) and returned as its (B, Hq, Sq, Dv) view, so the module's
+    # transpose back to (B, S, H*D) for the output projection is a view too, not a copy.
+    out = torch.empty(B, Sq, Hq, call.head_dim_v, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     (left, right, qk_scale, seed, drop_p, bucket), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)

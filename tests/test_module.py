@@ -7,28 +7,14 @@ import torch
 
 import attnkit
 from attnkit import KVCache, MultiHeadAttention
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert not torch.isnan(a).any(), "NaN in result"
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from attnkit.verify import module_oracle
+from attnkit.verify import rel_err as rel
 
 
 def oracle(m: MultiHeadAttention, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    """The module's function in float64, written out: x (B, S, d_in) -> (B, S, d_out)."""
-    b, s, _ = x.shape
-    hq, hkv, d = m.num_heads, m.num_kv_heads, m.head_dim
-    w = m.qkv.weight.double()
-    bias = None if m.qkv.bias is None else m.qkv.bias.double()
-    qkv = torch.nn.functional.linear(x.double(), w, bias).view(b, s, hq + 2 * hkv, d)
-    q, k, v = qkv.split([hq, hkv, hkv], dim=2)
-    # GQA spelled out: query head h reads key/value head h // (Hq // Hkv).
-    k, v = (t.repeat_interleave(hq // hkv, dim=2) for t in (k, v))
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = attnkit.attention(q, k, v, causal=m.causal, impl="reference", **kwargs)
-    ob = None if m.out_proj.bias is None else m.out_proj.bias.double()
-    return torch.nn.functional.linear(out.transpose(1, 2).reshape(b, s, m.d_out),
-                                      m.out_proj.weight.double(), ob)
+    """The module's function in float64, written out from its weights: (B, S, d_out)."""
+    return module_oracle(m, x, heads=m.num_heads, kv_heads=m.num_kv_heads, causal=m.causal,
+                         **kwargs)
 
 
 @pytest.mark.parametrize("s", [1, 17])

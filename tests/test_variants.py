@@ -7,6 +7,7 @@ import torch
 
 import attnkit
 from attnkit import variants
+from attnkit.verify import rel_err as rel
 from attnkit.weights import CanonicalWeights, convert, to_canonical
 
 EAGER = [name for name in variants.REGISTRY if name != "flex"]
@@ -16,11 +17,6 @@ SQUARE_ONLY = NO_BIAS_OUT  # nn.MultiheadAttention needs d_in == d_out
 # (batch, seq, d_in, d_out, heads, context_length): odd lengths, head dim 15, S past and
 # within context_length, S = 1, d_in != d_out.
 SHAPES = [(2, 17, 60, 60, 4, 8), (3, 1, 60, 60, 4, 8), (2, 5, 24, 60, 4, 8)]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert not torch.isnan(a).any(), "NaN in result"
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def oracle(w: CanonicalWeights, x: torch.Tensor, *, causal: bool,

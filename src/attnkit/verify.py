@@ -392,6 +392,7 @@ def module_oracle(
     kv_heads: int | None = None,
     causal: bool,
     attn_mask: Tensor | None = None,
+    key_lengths: Tensor | None = None,
 ) -> Tensor:
     """The float64 function every module must compute, from `source`'s weights; (B, S, d_out).
 
@@ -414,7 +415,8 @@ def module_oracle(
     v = v.reshape(b, s, kv_heads, hd).transpose(1, 2)
     if attn_mask is not None and attn_mask.is_floating_point():
         attn_mask = attn_mask.to(torch.float64)
-    out = attention(q, k, v, causal=causal, attn_mask=attn_mask, impl="reference")
+    out = attention(q, k, v, causal=causal, attn_mask=attn_mask, key_lengths=key_lengths,
+                    impl="reference")
     out = out.transpose(1, 2).reshape(b, s, heads * hd)  # (B, S, Hq*hd)
     proj = source.out_proj
     out_bias = None if proj.bias is None else proj.bias.detach().to(x.device, torch.float64)

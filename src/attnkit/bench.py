@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from rich.markup import escape
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -420,7 +421,8 @@ def _reason(exc: BaseException) -> str:
 
     text = (str(exc).strip().splitlines() or [""])[0]
     if isinstance(exc, UnsupportedError):
-        text = text.split(": ", 1)[-1]  # drop the "impl=... cannot run <call>" prefix
+        if text.startswith("impl="):  # drop the "impl=... cannot run <call>: " prefix
+            text = text.split(": ", 1)[-1]
     elif isinstance(exc, torch.cuda.OutOfMemoryError):
         text = "out of memory"
     else:
@@ -701,7 +703,7 @@ def print_results(run: BenchRun, console: Console | None = None) -> None:
             if m.reason:
                 style = "red" if m.status == "error" else "yellow"
                 console.print(f"  [{style}]{m.status if m.status != 'ok' else 'note'}[/] "
-                              f"{m.impl}: {m.reason}", highlight=False)
+                              f"{m.impl}: {escape(m.reason)}", highlight=False)
         notes = {m.rel_err_note for m in ok if m.rel_err_note}
         for note in notes:
             console.print(f"  [dim]rel err {note} (the float64 oracle would not fit)[/]")
@@ -734,7 +736,7 @@ def _print_pivot(run: BenchRun, console: Console) -> None:
     console.print(table)
     reasons = {(m.impl, m.status, m.reason) for m in run.results if m.reason}
     for impl, status, reason in sorted(reasons, key=lambda r: r[0]):
-        console.print(f"  [yellow]{status}[/] {impl}: {reason}", highlight=False)
+        console.print(f"  [yellow]{status}[/] {impl}: {escape(reason)}", highlight=False)
     console.print("[dim]every number (TFLOP/s, speed-ups, errors) is in results.json / "
                   "results.csv (--out)[/]")
 

@@ -12,6 +12,7 @@ import platform
 import sys
 
 import torch
+from rich.markup import escape
 
 __all__ = ["main"]
 
@@ -173,7 +174,7 @@ def _info(args: argparse.Namespace, argv: list[str] | None) -> int:
     table.add_column("what it is")
     for name, backend in BACKENDS.items():
         reason = backend.available(device)
-        status = "[green]available[/]" if reason is None else f"[yellow]{reason}[/]"
+        status = "[green]available[/]" if reason is None else f"[yellow]{escape(reason)}[/]"
         table.add_row(name, status, backend.summary)
     console.print(table)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from rich.markup import escape
 from torch import Tensor
 
 from attnkit.call import UnsupportedError
@@ -713,9 +714,9 @@ def print_report(results: list[CaseResult], console: Console | None = None) -> b
         table.add_column("implementation", no_wrap=True)
         table.add_column("reason")
         for impl, reason in unavailable.items():
-            table.add_row(impl, f"every case: {reason}")
+            table.add_row(impl, f"every case: {escape(reason)}")
         for impl, reason in sorted(partial_skips):
-            table.add_row(impl, f"some cases: {reason}")
+            table.add_row(impl, f"some cases: {escape(reason)}")
         console.print(table)
 
     failed = [r for r in results if not r.passed]
@@ -725,7 +726,7 @@ def print_report(results: list[CaseResult], console: Console | None = None) -> b
             errs = ", ".join(f"{e:.1e}" for e in (r.out_err, r.grad_err, r.lse_err))
             detail = "; ".join(r.errors)
             console.print(f"  [red]✗[/] {r.impl} · {r.case.name}: {errs}; tol {r.tol:.0e}"
-                          + (f" — {detail}" if detail else ""), highlight=False)
+                          + (f" — {escape(detail)}" if detail else ""), highlight=False)
 
     skipped = sum(r.skipped is not None for r in results)
     passed = len(results) - skipped - len(failed)

@@ -147,6 +147,70 @@ def test_dropout_matches_its_own_mask(device):
     assert max(rel_err(g, r) for g, r in zip(grads, grads_ref, strict=True)) < 1e-2
 
 
+# Small enough for the interpreter: one batch, two query heads sharing one kv head.
+SMALL = replace(BASE, batch=1, seq_kv=33)
+
+
+def test_ops_pass_opcheck(device):
+    """The custom ops' schemas, fake kernels (shapes, strides) and autograd, as torch checks
+    them. Every option is on: key lengths, a bool mask, a window, dropout with its seed."""
+    from attnkit.backends import fused_triton
+
+    q, k, v, kwargs = replace(SMALL, key_lengths=True, mask="bool").make_inputs(device)
+    seed = torch.randint(0, 2**31 - 1, ())
+    options = (kwargs["key_lengths"], kwargs["attn_mask"], True, 5, 2, 0.25, 0.2, seed)
+    torch.library.opcheck(fused_triton._attention_fwd, (q, k, v, *options))
+
+    out, lse = fused_triton._attention_fwd(q, k, v, *options)
+    assert out.transpose(1, 2).is_contiguous() and lse.is_contiguous()
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(fused_triton._attention_bwd,
+                          (grad_out, q, k, v, out.detach(), lse, *options),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _grads(out, inputs):
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    return torch.autograd.grad(out, inputs, grad_out.to(out))
+
+
+@pytest.mark.parametrize("case", [
+    replace(SMALL, key_lengths=True, causal=True),  # CPU key lengths: no value check traced
+    replace(SMALL, mask="bool", window=(7, 3)),
+], ids=lambda c: c.name)
+def test_compiled_attention_matches_eager(case, device):
+    """fullgraph=True makes any graph break an error; dropout draws its seed in the graph."""
+    q, k, v, kwargs = case.make_inputs(device)
+
+    def fn(q, k, v):
+        return attention(q, k, v, dropout_p=0.2, impl="triton", return_lse=True, **kwargs)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)
+    out, lse = compiled(q, k, v)
+    torch.manual_seed(1)
+    ref, lse_ref = fn(q, k, v)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, lse_ref)
+    assert out.stride() == ref.stride()
+    for g, g_ref in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_compiled_module_matches_eager(device):
+    torch.manual_seed(7)
+    mha = MultiHeadAttention(32, 32, 2, num_kv_heads=1, causal=True, impl="triton",
+                             device=device, dtype=DTYPE)
+    x = torch.randn(1, 17, 32).to(device, DTYPE).requires_grad_()
+    padding = torch.randn(1, 1, 1, 17).to(device, DTYPE)
+    out = torch.compile(mha, fullgraph=True, backend="aot_eager")(x, attn_mask=padding)
+    ref = mha(x, attn_mask=padding)
+    torch.testing.assert_close(out, ref)
+    params = (x, mha.qkv.weight)
+    for g, g_ref in zip(_grads(out, params), _grads(ref, params), strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+
 def test_refuses_float32_with_reason(device):
     q = torch.randn(1, 1, 4, 16, device=device)
     with pytest.raises(UnsupportedError, match="float16 or bfloat16.*float32"):

@@ -16,7 +16,6 @@ Triton is optional: without it `import attnkit` still works and this backend rep
 itself unavailable.
 """
 
-import dataclasses
 import math
 import os
 import types
@@ -472,8 +471,25 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, LENGTHS,
 
 
 # ---------------------------------------------------------------------------------------
-# Launch wrappers and autograd
+# Launch wrappers
 # ---------------------------------------------------------------------------------------
+def _empty_outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32, uninitialised."""
+    B, Hq, Sq, _ = q.shape
+    # out is laid out (B, Sq, Hq, Dv) and returned as its (B, Hq, Sq, Dv) view, so the
+    # module's transpose back to (B, S, H*D) for the output projection is a view too, not
+    # a copy. The fake kernel allocates through here as well: compiled graphs must see
+    # the strides the kernel really writes.
+    out = q.new_empty((B, Sq, Hq, v.shape[3])).transpose(1, 2)
+    lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    return out, lse
+
+
+def _empty_grads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv: contiguous, shaped like q, k, v; shared with the fake kernel."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def _strides(t: Tensor) -> tuple[int, ...]:
     # Size-1 dims get stride 0, which is what broadcasting them means.
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride(), strict=True))
@@ -519,10 +535,7 @@ def _mask_args(call: AttentionCall) -> tuple[Tensor, tuple[int, ...]]:
 def _forward(call: AttentionCall, seed: int) -> tuple[Tensor, Tensor]:
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
-    # Laid out (B, Sq, Hq, Dv) and returned as its (B, Hq, Sq, Dv) view, so the module's
-    # transpose back to (B, S, H*D) for the output projection is a view too, not a copy.
-    out = torch.empty(B, Sq, Hq, call.head_dim_v, dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    out, lse = _empty_outputs(q, v)
     (left, right, qk_scale, seed, drop_p, bucket), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
@@ -552,9 +565,7 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq,
         HEAD_DV=flags["HEAD_DV"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=_DELTA_BLOCK,
     )
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = _empty_grads(q, k, v)
     common = (call.scale, seed, drop_p, bucket)
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Skv, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
@@ -571,23 +582,80 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     return dq, dk, dv
 
 
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, call: AttentionCall, seed: int):
-        out, lse = _forward(call, seed)
-        ctx.call, ctx.seed = call, seed
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+# ---------------------------------------------------------------------------------------
+# The kernels as torch.library custom ops, so that torch.compile(fullgraph=True) keeps
+# them in its graph: the fake kernels give compile the output shapes and strides without
+# running Triton. Options travel as flat arguments (a window side of -1 is unbounded);
+# the dropout seed is a 0-d int64 CPU tensor drawn by the caller, so each op is a pure
+# function of its inputs and the draw itself stays traceable (an int would need .item()).
+# ---------------------------------------------------------------------------------------
+_OPTIONS = ("Tensor? key_lengths, Tensor? attn_mask, bool causal, int window_left, "
+            "int window_right, float scale, float dropout_p, Tensor? seed")
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        # The saved tensors, not the ones the call was built with, are what autograd
-        # checks for in-place changes; the call only carries the options.
-        call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
-        dq, dk, dv = _backward(call, ctx.seed, out, lse, dout)
-        return dq, dk, dv, None, None
+
+def _op_call(q, k, v, key_lengths, attn_mask, causal, window_left, window_right, scale,
+             dropout_p) -> AttentionCall:
+    """The AttentionCall back from an op's flat arguments (already validated once)."""
+    window = (None if window_left < 0 else window_left,
+              None if window_right < 0 else window_right)
+    return AttentionCall(
+        q=q, k=k, v=v, causal=causal, key_lengths=key_lengths, attn_mask=attn_mask,
+        window=None if window == (None, None) else window, scale=scale,
+        dropout_p=dropout_p, return_lse=False,
+    )
+
+
+@torch.library.custom_op(
+    "attnkit::triton_attention_fwd", mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor v, {_OPTIONS}) -> (Tensor, Tensor)",
+)
+def _attention_fwd(q, k, v, key_lengths, attn_mask, causal, window_left, window_right,
+                   scale, dropout_p, seed):
+    """-> out (B, Hq, Sq, Dv), a view of a (B, Sq, Hq, Dv) buffer; lse (B, Hq, Sq) float32."""
+    call = _op_call(q, k, v, key_lengths, attn_mask, causal, window_left, window_right,
+                    scale, dropout_p)
+    return _forward(call, 0 if seed is None else int(seed))
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, *options):
+    return _empty_outputs(q, v)
+
+
+@torch.library.custom_op(
+    "attnkit::triton_attention_bwd", mutates_args=(),
+    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_OPTIONS})"
+           " -> (Tensor, Tensor, Tensor)",
+)
+def _attention_bwd(dout, q, k, v, out, lse, key_lengths, attn_mask, causal, window_left,
+                   window_right, scale, dropout_p, seed):
+    """-> dq, dk, dv, contiguous, shaped like q, k, v."""
+    call = _op_call(q, k, v, key_lengths, attn_mask, causal, window_left, window_right,
+                    scale, dropout_p)
+    return _backward(call, 0 if seed is None else int(seed), out, lse, dout)
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, *rest):
+    return _empty_grads(q, k, v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_lengths, attn_mask, *options, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_lengths, attn_mask, seed)
+    ctx.options = options  # causal, window_left, window_right, scale, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, key_lengths, attn_mask, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, key_lengths, attn_mask,
+                                *ctx.options, seed)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -628,8 +696,13 @@ def run(call: AttentionCall) -> Result:
         out = out + 0 * (call.q.sum() + call.k.sum() + call.v.sum())
         return out, lse
     # Dropout's Philox seed comes from torch's generator, so torch.manual_seed repeats it.
-    seed = int(torch.randint(0, 2**31 - 1, (1,))) if call.dropout_p else 0
-    return _FusedAttention.apply(call.q, call.k, call.v, call, seed)
+    seed = torch.randint(0, 2**31 - 1, ()) if call.dropout_p else None
+    left, right = call.window or (None, None)
+    return _attention_fwd(
+        call.q, call.k, call.v, call.key_lengths, call.attn_mask, call.causal,
+        -1 if left is None else left, -1 if right is None else right, call.scale,
+        call.dropout_p, seed,
+    )
 
 
 BACKEND = Backend(

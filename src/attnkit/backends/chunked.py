@@ -1,16 +1,26 @@
 """Online softmax over blocks of keys, in plain PyTorch on any device.
 
-Each key block updates a running row max m, a running sum of exp(s - m) and an
+Forward: each key block updates a running row max m, a running sum of exp(s - m) and an
 accumulator acc of exp(s - m) @ v, rescaling the old sum and acc by exp(m_old - m_new); the
-output is acc / sum and the log-sum-exp is m + log(sum). Scores live for one block at a time,
-(B, Hq, Sq, BLOCK) instead of (B, Hq, Sq, Skv), and accumulate in float32. Grouped heads
-are handled by viewing q as (B, Hkv, G, Sq, D), so k/v are never repeated.
+output is acc / sum and the log-sum-exp is m + log(sum).
+
+Backward (FlashAttention-2's, written in torch ops): with delta = rowsum(dO * O), each key
+block recomputes its probabilities P = exp(s - lse) from the saved log-sum-exp and adds
+its share to dq, dk, dv. Autograd saves only q, k, v, out and lse, so scores live for one
+block at a time, (B, Hq, Sq, BLOCK) instead of (B, Hq, Sq, Skv), in training too.
+
+Grouped heads are handled by viewing q as (B, Hkv, G, Sq, D), so k/v are never repeated.
+Arithmetic runs in float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from attnkit.backends.base import Backend, Result, always_available
 from attnkit.backends.einsum import grouped
@@ -21,6 +31,8 @@ BLOCK = 256  # keys per step: large enough to keep the matmuls efficient on a CP
 
 
 def supports(call: AttentionCall) -> str | None:
+    if call.attn_mask is not None and call.attn_mask.requires_grad:
+        return "gives no gradient for attn_mask (its backward recomputes the scores)"
     return None
 
 
@@ -38,48 +50,125 @@ def key_span(call: AttentionCall) -> tuple[int, int]:
     return lo, max(lo, hi)
 
 
-def run(call: AttentionCall) -> Result:
-    b, hq, sq, _ = call.q.shape
-    hkv, dv = call.heads_kv, call.head_dim_v
-    q = grouped(call.q, hkv).float()  # (B, Hkv, G, Sq, D)
-    k = call.k.float()  # (B, Hkv, Skv, D)
-    v = call.v.float().unsqueeze(2)  # (B, Hkv, 1, Skv, Dv): broadcast over the group
-    m = q.new_full((*q.shape[:-1], 1), float("-inf"))  # running max (B, Hkv, G, Sq, 1)
-    total = q.new_zeros(m.shape)  # running sum of exp(s - m)
-    acc = q.new_zeros((*q.shape[:-1], dv))  # running sum of exp(s - m) @ v
-
+def _blocks(call: AttentionCall, q: Tensor, k: Tensor):
+    """Per visible key block: (k0, k1, scaled and masked scores (B, Hkv, G, Sq, bk))."""
     lo, hi = key_span(call)
     # Keys outside the causal/window band [lo, hi) are never computed.
     for k0 in range(lo, hi, BLOCK):
         k1 = min(k0 + BLOCK, hi)
         s = torch.einsum("bhgqd,bhkd->bhgqk", q, k[:, :, k0:k1]) * call.scale
-        bias = score_bias(call, torch.float32, k_range=(k0, k1))  # (B|1, Hq|1, Sq, bk)
+        bias = score_bias(call, s.dtype, k_range=(k0, k1))  # (B|1, Hq|1, Sq, bk)
         if bias is not None:
-            s = s + grouped(bias, hkv)
-        # The max only keeps exp() in range; the result does not depend on it, so it
-        # carries no gradient (which also keeps -inf - -inf out of the backward pass).
-        m_new = torch.maximum(m, s.detach().amax(dim=-1, keepdim=True))
+            s = s + grouped(bias, call.heads_kv)
+        yield k0, k1, s
+
+
+def _work(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
+    """q (B, Hkv, G, Sq, D), k (B, Hkv, Skv, D), v (B, Hkv, 1, Skv, Dv) in the work dtype."""
+    dtype = torch.float64 if call.dtype == torch.float64 else torch.float32
+    q = grouped(call.q, call.heads_kv).to(dtype)
+    # v broadcasts over the group dim.
+    return q, call.k.to(dtype), call.v.to(dtype).unsqueeze(2)
+
+
+def _forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """out (B, Hkv, G, Sq, Dv) and lse (B, Hkv, G, Sq, 1), both in the work dtype."""
+    q, k, v = _work(call)
+    m = q.new_full((*q.shape[:-1], 1), float("-inf"))  # running max (B, Hkv, G, Sq, 1)
+    total = q.new_zeros(m.shape)  # running sum of exp(s - m)
+    acc = q.new_zeros((*q.shape[:-1], call.head_dim_v))  # running sum of exp(s - m) @ v
+    for k0, k1, s in _blocks(call, q, k):
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         # A row that has seen no key yet has max -inf; shifting by 0 keeps exp() at 0.
         shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         p = torch.exp(s - shift)  # (B, Hkv, G, Sq, bk)
         alpha = torch.exp(m - shift)  # rescales what earlier blocks accumulated
         total = total * alpha + p.sum(dim=-1, keepdim=True)
         if call.dropout_p:
-            # Dropping unnormalized weights equals dropping normalized ones: 1/total is linear.
+            # Dropping unnormalized weights equals dropping normalized ones: 1/total is
+            # linear. The backward replays these draws block by block, in this order.
             p = F.dropout(p, call.dropout_p)
         acc = acc * alpha + p @ v[:, :, :, k0:k1]
         m = m_new
-
     # Rows that saw no key have total = 0 and acc = 0: divide by 1 to return zeros.
     out = acc / torch.where(total > 0, total, torch.ones_like(total))
     shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    lse = (shift + torch.log(total)).reshape(b, hq, sq)  # log(0) = -inf for those rows
-    return out.reshape(b, hq, sq, dv).to(call.dtype), lse
+    return out, shift + torch.log(total)  # log(0) = -inf for those rows
+
+
+def _backward(call: AttentionCall, out: Tensor, lse: Tensor, dout: Tensor):
+    """dq, dk, dv in the work dtype, shaped like the call's q, k, v."""
+    q, k, v = _work(call)
+    dout = grouped(dout, call.heads_kv).to(q.dtype)  # (B, Hkv, G, Sq, Dv)
+    delta = (dout * out).sum(dim=-1, keepdim=True)  # (B, Hkv, G, Sq, 1)
+    # A row that sees no key has lse = -inf and no probabilities: exp(s - inf) = 0.
+    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v.squeeze(2))
+    for k0, k1, s in _blocks(call, q, k):
+        p = torch.exp(s - lse)  # (B, Hkv, G, Sq, bk), normalized probabilities
+        dp = dout @ v[:, :, :, k0:k1].transpose(-2, -1)  # dL/d(dropped probabilities)
+        if call.dropout_p:
+            keep = F.dropout(torch.ones_like(p), call.dropout_p)  # 0 or 1/(1-p), as forward
+            dv[:, :, k0:k1] = torch.einsum("bhgqk,bhgqd->bhkd", p * keep, dout)
+            dp = dp * keep
+        else:
+            dv[:, :, k0:k1] = torch.einsum("bhgqk,bhgqd->bhkd", p, dout)
+        ds = p * (dp - delta) * call.scale  # dL/d(q k^T)
+        dq += ds @ k[:, :, None, k0:k1]
+        dk[:, :, k0:k1] = torch.einsum("bhgqk,bhgqd->bhkd", ds, q)
+    return dq.flatten(1, 2), dk, dv
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):
+        # Dropout's masks are replayed in backward from the generator state they came from.
+        ctx.rng = _rng_state(call.device) if call.dropout_p else None
+        out, lse = _forward(call)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        b, hq, sq = call.batch, call.heads_q, call.seq_q
+        lse32 = lse.reshape(b, hq, sq).float()
+        ctx.mark_non_differentiable(lse32)
+        return out.reshape(b, hq, sq, call.head_dim_v).to(call.dtype), lse32
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, _dlse: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        # The saved tensors, not the ones the call was built with, are what autograd
+        # checks for in-place changes; the call only carries the options.
+        call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
+        with _replayed_rng(call.device, ctx.rng):
+            dq, dk, dv = _backward(call, out, lse, dout)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replayed_rng(device: torch.device, state: tuple[Tensor, Tensor | None] | None):
+    """Run the block with the generators as `state` left them, then restore them."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def run(call: AttentionCall) -> Result:
+    return _ChunkedAttention.apply(call.q, call.k, call.v, call)
 
 
 BACKEND = Backend(
     name="chunked",
-    summary="online softmax over key blocks in plain PyTorch; O(S * block) score memory",
+    summary="online softmax over key blocks in plain PyTorch; O(S * block) memory, "
+    "forward and backward",
     available=always_available,
     supports=supports,
     run=run,

@@ -16,6 +16,7 @@ Triton is optional: without it `import attnkit` still works and this backend rep
 itself unavailable.
 """
 
+import inspect
 import math
 import os
 import types
@@ -59,12 +60,20 @@ def _prune(configs, named_args, **kwargs):
 def _tuned(configs):
     if triton is None or _INTERPRET:
         return lambda fn: fn
+    # Triton >= 3.2 can keep each key's tuning result in its on-disk cache, so a second
+    # process skips the benchmarking and starts with the chosen config.
+    on_disk = {"cache_results": True} if _accepts(triton.autotune, "cache_results") else {}
     return triton.autotune(
         [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
          for m, n, w, s in configs],
         key=_TUNE_KEY,
         prune_configs_by={"early_config_prune": _prune},
+        **on_disk,
     )
+
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
 
 
 def _jit(fn):

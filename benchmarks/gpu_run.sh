@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# One device call that verifies and benchmarks attnkit on a GPU and leaves the result sets
-# in $OUT/results.tar.gz (one archive: the device tool returns at most 8 files). Each step
-# has its own time limit and the archive is rewritten after each, so a cut-off run still
-# returns what finished; bench writes its results after every config.
-#   usage: bash benchmarks/gpu_run.sh PREFIX   (e.g. h100: dirs h100-notebook-bf16, ...)
+# Verify and benchmark attnkit on a GPU inside device calls of at most 10 minutes, leaving
+# the result sets in $OUT/results.tar.gz (one archive: the device tool returns at most 8
+# files). Each step has its own time limit and the archive is rewritten after each, so a
+# cut-off run still returns what finished; bench also writes its results after every config.
+#
+#   bash benchmarks/gpu_run.sh PREFIX [STEP ...]     (no STEP: all of them, in this order)
+#   steps: verify notebook-bf16 bert-bf16 core-bf16 notebook-fp32 bert-fp32 core-fp32
+#
+# Cold starts dominate on a fresh machine (flex compiles ~2-9 s per new shape, the Triton
+# kernels autotune ~5 s on their first shape), so the limits below are what one H100 needed
+# or more; the whole list is about 17 minutes: split it over two calls, e.g.
+#   bash benchmarks/gpu_run.sh h100 verify notebook-bf16 bert-bf16
+#   bash benchmarks/gpu_run.sh h100 core-bf16 notebook-fp32 bert-fp32 core-fp32
 set -u
 prefix=${1:-gpu}
+shift || true
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(verify notebook-bf16 bert-bf16 core-bf16 notebook-fp32 bert-fp32 core-fp32)
+
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 results=/tmp/attnkit-results
 mkdir -p "$results" "${OUT:=/tmp/out}"
-ak() { python3 -m attnkit.cli "$@"; }
 pack() { tar czf "$OUT/results.tar.gz" -C "$results" .; }
 
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -17,28 +28,33 @@ pack() { tar czf "$OUT/results.tar.gz" -C "$results" .; }
 } > "$results/versions.txt" 2>&1
 cat "$results/versions.txt"
 
-# Correctness first, both dtypes at once (they only compile and compare; no timing).
-timeout "${VERIFY_S:-150}" python3 -m attnkit.cli verify --dtype bfloat16 \
-    --out "$results/$prefix-verify-bf16" > "$results/verify-bf16.log" 2>&1 &
-timeout "${VERIFY_S:-150}" python3 -m attnkit.cli verify --dtype float32 \
-    --out "$results/$prefix-verify-fp32" > "$results/verify-fp32.log" 2>&1 &
-wait
-pack
-tail -n 4 "$results"/verify-*.log
-
-# Timing, one at a time.
-step() {  # step SECONDS NAME ARGS...
-    local seconds=$1 name=$2
+bench() {  # bench NAME SECONDS ARGS...
+    local name=$1 seconds=$2
     shift 2
     timeout "$seconds" python3 -m attnkit.cli bench --no-progress "$@" \
         --out "$results/$prefix-$name" > "$results/$name.log" 2>&1
     echo "$name: exit $?"
-    pack
 }
-step "${NB_S:-60}" notebook-bf16 --preset notebook --dtype bfloat16
-step "${BERT_S:-45}" bert-bf16 --preset bert --dtype bfloat16
-step "${CORE_S:-120}" core-bf16 --preset core --dtype bfloat16
-step "${NB_S:-60}" notebook-fp32 --preset notebook --dtype float32
-step "${BERT_S:-45}" bert-fp32 --preset bert --dtype float32
-[ "${CORE32_S:-60}" -gt 0 ] && step "${CORE32_S:-60}" core-fp32 --preset core --dtype float32
+
+for step in "${steps[@]}"; do
+    case $step in
+    verify)  # correctness only, so both dtypes share the GPU
+        for dtype in bfloat16 float32; do
+            short=${dtype/bfloat16/bf16}; short=${short/float32/fp32}
+            timeout "${VERIFY_S:-330}" python3 -m attnkit.cli verify --no-progress \
+                --dtype "$dtype" --out "$results/$prefix-verify-$short" \
+                > "$results/verify-$short.log" 2>&1 &
+        done
+        wait
+        tail -n 3 "$results"/verify-*.log ;;
+    notebook-bf16) bench "$step" "${NB_S:-120}" --preset notebook --dtype bfloat16 ;;
+    bert-bf16) bench "$step" "${BERT_S:-90}" --preset bert --dtype bfloat16 ;;
+    core-bf16) bench "$step" "${CORE_S:-300}" --preset core --dtype bfloat16 ;;
+    notebook-fp32) bench "$step" "${NB_S:-120}" --preset notebook --dtype float32 ;;
+    bert-fp32) bench "$step" "${BERT_S:-90}" --preset bert --dtype float32 ;;
+    core-fp32) bench "$step" "${CORE_S:-300}" --preset core --dtype float32 ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+    pack
+done
 ls -R "$results" | head -60

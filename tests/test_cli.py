@@ -175,3 +175,26 @@ def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
     assert "results/cpu-core/chart.png" in text
     assert (tmp_path / "results" / "README.md").exists()
     assert make_tables.main([*args, "--check"]) == 0
+
+
+def test_bench_checkpoints_after_each_config_and_prints_reasons_verbatim(capsys, monkeypatch):
+    """A sweep cut off mid-way keeps what it measured; reasons keep their brackets."""
+    from attnkit.bench import run_bench
+
+    refused = Backend(name="refusing", summary="always refuses", available=lambda d: None,
+                      supports=lambda call: "needs pip install attnkit[extra]",
+                      run=lambda call: None)
+    monkeypatch.setitem(backends.BACKENDS, "refusing", refused)
+    snapshots = []
+    run = run_bench("core", device="cpu", quick=True, impls=["reference", "refusing"],
+                    progress=False,
+                    checkpoint=lambda partial: snapshots.append(
+                        (len(partial.results), partial.meta["complete"])))
+    configs = len(run.configs)
+    assert [n for n, _ in snapshots] == [2 * (i + 1) for i in range(configs)]
+    assert all(done is False for _, done in snapshots) and run.meta["complete"] is True
+
+    from attnkit.bench import print_results
+
+    print_results(run)
+    assert "attnkit[extra]" in capsys.readouterr().out

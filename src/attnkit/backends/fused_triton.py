@@ -97,6 +97,20 @@ def _visible(qi, kj, kv_len, off, left, right,
 
 
 @_jit
+def _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[lo, hi): the keys some query of rows m0..m_last can see; lo is a multiple of BLOCK_N
+    so that key blocks stay aligned."""
+    lo = 0
+    hi = kv_len
+    if HAS_LEFT:
+        lo = (tl.maximum(m0 + off - left, 0) // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(m_last + off + right + 1, kv_len)
+    return lo, hi
+
+
+@_jit
 def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a tile, masking only what may be out of range: a mask along the head dim that
     is all true when BLOCK_D == D would still cost the 16-byte vector loads."""
@@ -223,16 +237,13 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     # [full_lo, full_hi) (both multiples of BLOCK_N), so those blocks skip index checks.
     m0 = pid_m * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
-    lo = 0
+    lo, hi = _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     full_lo = 0
-    hi = kv_len
     full_hi = kv_len
     if HAS_LEFT:
-        lo = (tl.maximum(m0 + off - left, 0) // BLOCK_N) * BLOCK_N
         full_lo = tl.maximum(m_last + off - left, 0)
         full_lo = tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
     if HAS_RIGHT:
-        hi = tl.minimum(m_last + off + right + 1, kv_len)
         full_hi = tl.maximum(tl.minimum(m0 + off + right + 1, kv_len), 0)
     full_hi = tl.maximum(full_hi // BLOCK_N * BLOCK_N, full_lo)
 
@@ -443,12 +454,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, LENGTHS,
 
     m0 = pid_m * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
-    lo = 0
-    hi = kv_len
-    if HAS_LEFT:
-        lo = (tl.maximum(m0 + off - left, 0) // BLOCK_N) * BLOCK_N
-    if HAS_RIGHT:
-        hi = tl.minimum(m_last + off + right + 1, kv_len)
+    lo, hi = _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):

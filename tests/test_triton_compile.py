@@ -1,0 +1,90 @@
+"""The Triton kernels compile for Hopper (sm_90) on a machine with no GPU.
+
+Triton's CPU interpreter runs the kernels' Python, which lets through what the compiler
+rejects (pointer/int arithmetic, constexpr misuse, tuple returns). Triton's own frontend
+and the ptxas it bundles need no GPU, so each kernel is compiled here for a few flag sets
+that cover the code paths: head dims 64/80/128/256, window sides, key lengths, additive
+and bool masks, dropout. The compile runs in a child process, because the test session
+has TRITON_INTERPRET=1 set, and with it triton.jit builds interpreted functions.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+# (head dim, (left bounded, right bounded), key lengths, mask kind: 0 none/1 add/2 bool, dropout)
+FLAG_SETS = [
+    (64, (False, False), False, 0, False),
+    (128, (False, True), True, 1, False),
+    (80, (True, True), True, 2, True),
+    (256, (False, True), False, 0, False),
+]
+
+
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a Triton 3.9 notice
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"compiled {3 * len(FLAG_SETS) + 1} kernels" in done.stdout
+
+
+def _signature(fn, mask_kind: int) -> dict[str, str]:
+    """Triton types for the kernel's arguments, by the names the kernels use."""
+    tensors = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64",
+                "MASK": "*u8" if mask_kind == 2 else "*bf16"}
+    sig = {}
+    for name, param in zip(fn.arg_names, fn.params, strict=True):
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in tensors:
+            sig[name] = "*bf16"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in ("qk_scale", "scale", "drop_p"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _compile_all() -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.autotuner import Autotuner
+
+    import attnkit.backends.fused_triton as ft
+
+    def compile_one(kernel, constexprs, num_warps, num_stages, mask_kind):
+        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        used = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+        source = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, mask_kind),
+                                           constexprs=used)
+        triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+
+    count = 0
+    for d, (left, right), lengths, mask_kind, dropout in FLAG_SETS:
+        flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=triton.next_power_of_2(d),
+                     BLOCK_DV=triton.next_power_of_2(d), HAS_LEFT=left, HAS_RIGHT=right,
+                     WINDOWED=left or right, HAS_LENGTHS=lengths, MASK_KIND=mask_kind,
+                     MASK_ROWS=False, DROPOUT=dropout)
+        wide = d > 128  # _prune's small tiles for wide heads
+        fwd = (64, 32, 4, 2) if wide else ft._FWD_CONFIGS[0]
+        bwd = (32, 32, 4, 1) if wide else ft._BWD_CONFIGS[0]
+        for kernel, (m, n, warps, stages) in ((ft._fwd_kernel, fwd), (ft._bwd_dkdv_kernel, bwd),
+                                              (ft._bwd_dq_kernel, bwd)):
+            compile_one(kernel, {**flags, "BLOCK_M": m, "BLOCK_N": n}, warps, stages, mask_kind)
+            count += 1
+    compile_one(ft._bwd_delta_kernel, {"HEAD_DV": 64, "BLOCK_DV": 64, "BLOCK_M": 64}, 4, 1, 0)
+    return count + 1
+
+
+if __name__ == "__main__":
+    print(f"compiled {_compile_all()} kernels for sm_90")

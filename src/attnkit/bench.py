@@ -95,16 +95,13 @@ class Config:
 
     @property
     def label(self) -> str:
+        from attnkit.verify import problem_label
+
         if self.is_module:
-            parts = [f"b{self.batch}", f"s{self.seq}", f"d{self.d_model}", f"h{self.heads}"]
+            sizes = [f"b{self.batch}", f"s{self.seq}", f"d{self.d_model}", f"h{self.heads}"]
         else:
-            parts = [f"b{self.batch}", f"h{self.heads}", f"s{self.seq}", f"d{self.head_dim}"]
-        parts.append("causal" if self.causal else "full")
-        if self.qkv_bias:
-            parts.append("bias")
-        if self.mask:
-            parts.append(f"{self.mask}-mask")
-        return " ".join(parts)
+            sizes = [f"b{self.batch}", f"h{self.heads}", f"s{self.seq}", f"d{self.head_dim}"]
+        return problem_label(sizes, self.causal, self.qkv_bias, self.mask)
 
 
 def preset_configs(

@@ -279,6 +279,16 @@ def default_cases(dtype: torch.dtype = torch.float32, *, large: bool = True) -> 
 # of weights, against the float64 computation of those same weights.
 
 
+def problem_label(sizes: list[str], causal: bool, qkv_bias: bool, mask: str | None) -> str:
+    """"b8 s1024 d768 h12 causal bias padding-mask": the sizes, then the options that are on."""
+    parts = [*sizes, "causal" if causal else "full"]
+    if qkv_bias:
+        parts.append("bias")
+    if mask:
+        parts.append(f"{mask}-mask")
+    return " ".join(parts)
+
+
 @dataclass(frozen=True)
 class ModuleCase:
     """One whole-module problem: x (B, S, d_model) through an attention module with `heads`.
@@ -298,13 +308,8 @@ class ModuleCase:
 
     @property
     def name(self) -> str:
-        parts = [f"b{self.batch}", f"s{self.seq}", f"d{self.d_model}", f"h{self.heads}"]
-        parts.append("causal" if self.causal else "full")
-        if self.qkv_bias:
-            parts.append("bias")
-        if self.mask:
-            parts.append(f"{self.mask}-mask")
-        return " ".join(parts)
+        sizes = [f"b{self.batch}", f"s{self.seq}", f"d{self.d_model}", f"h{self.heads}"]
+        return problem_label(sizes, self.causal, self.qkv_bias, self.mask)
 
     def make_inputs(
         self, device: torch.device | str, generator: torch.Generator | None = None

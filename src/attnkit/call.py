@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["AttentionCall", "UnsupportedError", "make_call"]
+__all__ = ["AttentionCall", "UnsupportedError", "checked_mask", "make_call"]
 
 
 class UnsupportedError(RuntimeError):
@@ -209,28 +209,9 @@ def make_call(
         key_lengths = key_lengths.to(torch.int64)
 
     if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-            raise TypeError(
-                f"attn_mask must be bool (True = may attend) or floating (added to scores), "
-                f"got {attn_mask.dtype}"
-            )
+        attn_mask = checked_mask(attn_mask, (b, hq, sq, skv), "(B, Hq, Sq, Skv)")
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
-        if not 2 <= attn_mask.dim() <= 4:
-            raise ValueError(
-                f"attn_mask must have 2 to 4 dims broadcastable to (B, Hq, Sq, Skv) = "
-                f"{(b, hq, sq, skv)}, got shape {_shape(attn_mask)}"
-            )
-        full = (b, hq, sq, skv)
-        padded = (1,) * (4 - attn_mask.dim()) + _shape(attn_mask)
-        if any(m not in (1, f) for m, f in zip(padded, full, strict=True)):
-            raise ValueError(
-                f"attn_mask of shape {_shape(attn_mask)} does not broadcast to "
-                f"(B, Hq, Sq, Skv) = {full}"
-            )
-        attn_mask = attn_mask.reshape(padded)
 
     window = _normalize_window(window)
 
@@ -258,6 +239,32 @@ def make_call(
         dropout_p=float(dropout_p),
         return_lse=return_lse,
     )
+
+
+def checked_mask(attn_mask: Tensor, full: tuple[int, ...], dims: str) -> Tensor:
+    """attn_mask as a 4-D view broadcastable to `full` (named `dims` in messages).
+
+    Every dim must be 1 or equal to the full size: no silent broadcast. TypeError for a
+    non-tensor or a dtype other than bool/floating, ValueError for a shape that does not fit.
+    """
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(
+            f"attn_mask must be bool (True = may attend) or floating (added to scores), "
+            f"got {attn_mask.dtype}"
+        )
+    if not 2 <= attn_mask.dim() <= 4:
+        raise ValueError(
+            f"attn_mask must have 2 to 4 dims broadcastable to {dims} = {full}, "
+            f"got shape {_shape(attn_mask)}"
+        )
+    padded = (1,) * (4 - attn_mask.dim()) + _shape(attn_mask)
+    if any(m not in (1, f) for m, f in zip(padded, full, strict=True)):
+        raise ValueError(
+            f"attn_mask of shape {_shape(attn_mask)} does not broadcast to {dims} = {full}"
+        )
+    return attn_mask.reshape(padded)
 
 
 def _normalize_window(

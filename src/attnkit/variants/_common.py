@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from attnkit.call import checked_mask
 from attnkit.masks import masked_softmax
 
 __all__ = [
@@ -67,22 +68,7 @@ def check_mask(attn_mask: Tensor | None, b: int, h: int, s: int) -> Tensor | Non
     """attn_mask reshaped to 4-D, or ValueError/TypeError when it cannot broadcast."""
     if attn_mask is None:
         return None
-    if not isinstance(attn_mask, Tensor):
-        raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-        raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
-    full = (b, h, s, s)
-    if not 2 <= attn_mask.dim() <= 4:
-        raise ValueError(
-            f"attn_mask must broadcast to (B, H, S, S) = {full}, got {tuple(attn_mask.shape)}"
-        )
-    padded = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-    if any(m not in (1, f) for m, f in zip(padded, full, strict=True)):
-        raise ValueError(
-            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-            f"(B, H, S, S) = {full}"
-        )
-    return attn_mask.reshape(padded)
+    return checked_mask(attn_mask, (b, h, s, s), "(B, H, S, S)")
 
 
 def hide(scores: Tensor, future: Tensor | None, attn_mask: Tensor | None) -> Tensor:

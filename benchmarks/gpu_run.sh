@@ -5,8 +5,9 @@
 # cut-off run still returns what finished; bench also writes its results after every config.
 #
 #   bash benchmarks/gpu_run.sh PREFIX [STEP ...]     (no STEP: all of them, in this order)
-#   steps: verify notebook-bf16 bert-bf16 core-bf16 notebook-fp32 bert-fp32 core-fp32
+#   steps: verify notebook-bf16 bert-bf16 core-bf16 notebook-fp32 bert-fp32 core-fp32 memcheck
 #
+# VERIFY_MEMCHECK=1 runs the memcheck step alongside verify (all three only check results).
 # Cold starts dominate on a fresh machine (flex compiles ~2-9 s per new shape, the Triton
 # kernels autotune ~5 s on their first shape), so the limits below are what one H100 needed
 # or more; the whole list is about 17 minutes: split it over two calls, e.g.
@@ -16,7 +17,7 @@ set -u
 prefix=${1:-gpu}
 shift || true
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(verify notebook-bf16 bert-bf16 core-bf16 notebook-fp32 bert-fp32 core-fp32)
+[ ${#steps[@]} -gt 0 ] || steps=(verify notebook-bf16 bert-bf16 core-bf16 notebook-fp32 bert-fp32 core-fp32 memcheck)
 
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 results=/tmp/attnkit-results
@@ -36,9 +37,19 @@ bench() {  # bench NAME SECONDS ARGS...
     echo "$name: exit $?"
 }
 
+memcheck() {  # the Triton kernels under compute-sanitizer (benchmarks/memcheck.py)
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${MEMCHECK_S:-240}" compute-sanitizer \
+        --tool memcheck --error-exitcode 1 python3 benchmarks/memcheck.py \
+        > "$results/memcheck.log" 2>&1
+    echo "memcheck: exit $?" >> "$results/memcheck.log"
+    tail -n 12 "$results/memcheck.log"
+}
+
 for step in "${steps[@]}"; do
+    started=$SECONDS
     case $step in
     verify)  # correctness only, so both dtypes share the GPU
+        [ "${VERIFY_MEMCHECK:-0}" = 1 ] && memcheck > /dev/null &
         for dtype in bfloat16 float32; do
             short=${dtype/bfloat16/bf16}; short=${short/float32/fp32}
             timeout "${VERIFY_S:-330}" python3 -m attnkit.cli verify --no-progress \
@@ -46,15 +57,18 @@ for step in "${steps[@]}"; do
                 > "$results/verify-$short.log" 2>&1 &
         done
         wait
-        tail -n 3 "$results"/verify-*.log ;;
+        tail -n 3 "$results"/verify-*.log
+        [ -f "$results/memcheck.log" ] && tail -n 8 "$results/memcheck.log" ;;
     notebook-bf16) bench "$step" "${NB_S:-120}" --preset notebook --dtype bfloat16 ;;
     bert-bf16) bench "$step" "${BERT_S:-90}" --preset bert --dtype bfloat16 ;;
     core-bf16) bench "$step" "${CORE_S:-300}" --preset core --dtype bfloat16 ;;
     notebook-fp32) bench "$step" "${NB_S:-120}" --preset notebook --dtype float32 ;;
     bert-fp32) bench "$step" "${BERT_S:-90}" --preset bert --dtype float32 ;;
     core-fp32) bench "$step" "${CORE_S:-300}" --preset core --dtype float32 ;;
+    memcheck) memcheck ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
+    echo "$step: $((SECONDS - started)) s"
     pack
 done
 ls -R "$results" | head -60

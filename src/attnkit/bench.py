@@ -567,16 +567,21 @@ def run_bench(
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         peaks = [peak()]
-        builders = {"module": _module_problem, "core": _core_problem}
-        problems = [builders["module" if c.is_module else "core"](
-            c, device, dtype, impls, exclude)
-                    for c in configs]
-        total = sum(len(p.entries) for p in problems)
+        def build(config: Config) -> Problem:
+            builder = _module_problem if config.is_module else _core_problem
+            return builder(config, device, dtype, impls, exclude)
+
+        # Built one config at a time, so that only one config's inputs are ever in memory
+        # (at S=16k the S x S backends need all of it). A preset's configs all list the same
+        # implementations, so the first one sizes the progress bar.
+        pending = [build(configs[0])]
+        total = len(pending[0].entries) * len(configs)
         columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
         with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task("bench", total=total)
-            for problem in problems:
+            for config in configs:
+                problem = pending.pop() if pending else build(config)
                 measured = []
                 for label, make in problem.entries.items():
                     bar.update(task, description=f"{label}  {problem.config.label}")
@@ -850,7 +855,12 @@ def plot_scaling(run: BenchRun, path: Path) -> Path:
         ax.set_xlabel("sequence length S")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("forward ms (median)")
-    axes[0][-1].legend(fontsize=7)
+    # The legend goes on the last panel, from whichever panel has the most lines: in a run
+    # cut off early the last panels are still empty.
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes[0]),
+                          key=lambda hl: len(hl[1]))
+    if handles:
+        axes[0][-1].legend(handles, labels, fontsize=7)
     fig.suptitle(f"attnkit bench {run.meta['preset']} · {run.meta['device_name']} · "
                  f"{run.meta['dtype']} · B*S, H*D fixed", fontsize=9)
     fig.tight_layout()

@@ -1,0 +1,62 @@
+"""Run the Triton kernels, forward and backward, on a few awkward shapes: for memcheck.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 benchmarks/memcheck.py
+
+Caching is turned off so that every tensor is its own allocation and a read past its end
+is caught instead of landing in the allocator's pool. The shapes are odd on purpose (tile
+edges in every dimension), and each one also checks the result against the oracle, so a
+clean run says "no bad access" and "right answer" together. Autotuning is left on: every
+candidate config is launched, so every one is checked.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import torch
+
+from attnkit import attention
+from attnkit.verify import Case, check
+
+# bfloat16 on a GPU; float16 where the script is tried under Triton's CPU interpreter,
+# which cannot multiply bfloat16.
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float16
+BASE = Case(dtype=DTYPE, batch=2, heads_q=4, heads_kv=2)
+CASES = [
+    replace(BASE, seq_q=17, seq_kv=65, head_dim=80, causal=True, key_lengths=True,
+            dead_rows=True),
+    replace(BASE, seq_q=1, seq_kv=300, head_dim=128, mask="additive"),
+    replace(BASE, seq_q=130, seq_kv=130, head_dim=256, window=(5, 0), causal=True),
+    replace(BASE, seq_q=33, seq_kv=33, head_dim=16, head_dim_v=32, mask="bool",
+            dead_rows=True),
+    replace(BASE, seq_q=1000, seq_kv=1000, head_dim=64, mask="padding", heads_kv=1),
+]
+
+
+def with_dropout(device: str) -> None:
+    """Dropout has no oracle to check against; run it forward and backward for memcheck."""
+    q, k, v = (torch.randn(2, 3, 70, 48, device=device, dtype=DTYPE,
+                           requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, causal=True, dropout_p=0.2, impl="triton")
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+
+
+def main() -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
+    failed = 0
+    for case in CASES:
+        result = check("triton", case, device)
+        ok = result.skipped is None and result.passed
+        detail = result.skipped or (f"out {result.out_err:.1e}  grads {result.grad_err:.1e}  "
+                                    f"(tolerance {result.tol:.0e})")
+        print(f"{'ok  ' if ok else 'FAIL'} {case.name}: {detail}", flush=True)
+        failed += not ok
+    with_dropout(device)
+    print("ok   dropout forward and backward ran", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

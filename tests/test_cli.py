@@ -52,6 +52,8 @@ def test_info_lists_backends_and_auto_order(capsys):
     for name in backends.BACKENDS:
         assert name in out
     assert "impl='auto' on cpu" in out
+    # This torch's SDPA chooser answers on the CPU: the line says which kernel it picks.
+    assert "sdpa there is PyTorch's own pick: FLASH_ATTENTION" in out
 
 
 def test_no_command_prints_help(capsys):

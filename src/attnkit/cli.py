@@ -151,6 +151,7 @@ def _info(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     import attnkit
     from attnkit.backends import BACKENDS
+    from attnkit.backends.sdpa import chosen_kernel
     from attnkit.bench import device_name, environment
     from attnkit.functional import _AUTO_FALLBACK, AUTO_ORDER
 
@@ -182,6 +183,11 @@ def _info(args: argparse.Namespace, argv: list[str] | None) -> int:
     marked = [name if name in BACKENDS else f"[dim]{name} (not registered)[/]"
               for name in order]
     console.print(f"impl='auto' on {device.type} tries, in order: " + " > ".join(marked))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kernel = chosen_kernel(device, dtype)
+    if kernel is not None:
+        console.print(f"  sdpa there is PyTorch's own pick: {kernel} for an unmasked "
+                      f"{str(dtype).removeprefix('torch.')} call", highlight=False)
 
     try:
         from attnkit.variants import REGISTRY

@@ -45,11 +45,17 @@ def compiled_flex() -> Callable[..., Tensor | tuple[Tensor, object]]:
     return torch.compile(flex_attention, dynamic=False)
 
 
+@cache
+def _has_cxx() -> bool:
+    # Looked up once: searching PATH on every call would cost more than the dispatch.
+    return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+
+
 def available(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        if not _has_cxx():
             return "compiling FlexAttention on a CPU needs a C++ compiler; none found"
         return None
     return f"compiled FlexAttention runs on cuda and cpu, got {device.type}"

@@ -174,6 +174,16 @@ def refusal(kernel: SDPBackend | None, call: AttentionCall) -> str | None:
     return plan(kernel, call)[1]
 
 
+def chosen_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The kernel plain SDPA picks on `device` for an unmasked (1, 8, 1024, 64) call, or
+    None where this torch cannot say (the chooser is private API)."""
+    try:
+        q = torch.zeros((1, 8, 1024, 64), device=device, dtype=dtype)
+        return SDPBackend(torch._fused_sdp_choice(q, q, q)).name
+    except Exception:  # noqa: BLE001 - any failure just means "unknown"
+        return None
+
+
 def backend(name: str, kernel: SDPBackend | None, summary: str) -> Backend:
     return Backend(
         name=name,

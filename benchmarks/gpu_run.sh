@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_run.sh PREFIX [STEP ...]     (no STEP: all of them, in this order)
 #   steps: verify notebook-bf16 bert-bf16 core-bf16 notebook-fp32 bert-fp32 core-fp32 memcheck
+#          triton-configs (not in the default list: a kernel-tuning sweep, ~8 minutes)
 #
 # VERIFY_MEMCHECK=1 runs the memcheck step alongside verify (all three only check results).
 # Cold starts dominate on a fresh machine (flex compiles ~2-9 s per new shape, the Triton
@@ -66,6 +67,10 @@ for step in "${steps[@]}"; do
     bert-fp32) bench "$step" "${BERT_S:-90}" --preset bert --dtype float32 ;;
     core-fp32) bench "$step" "${CORE_S:-300}" --preset core --dtype float32 ;;
     memcheck) memcheck ;;
+    triton-configs)  # benchmarks/triton_configs.py: every kernel under every tile config
+        timeout "${CONFIGS_S:-540}" python3 benchmarks/triton_configs.py --out "$results" \
+            --budget "$(( ${CONFIGS_S:-540} - 90 ))" > "$results/triton-configs.log" 2>&1
+        echo "triton-configs: exit $?" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
     echo "$step: $((SECONDS - started)) s"

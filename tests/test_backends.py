@@ -273,3 +273,24 @@ def test_chunked_saves_no_scores_for_backward() -> None:
     scores_bytes = 2 * s * s * 4
     assert sum(saved_bytes) < scores_bytes / 4, f"saved {sum(saved_bytes)} bytes"
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_pinned_sdpa_plans_once_per_call(monkeypatch):
+    # supports() and run() of a pinned SDPA backend share one plan (mask and kernel check)
+    # per call object; a call made from it by dataclasses.replace gets its own.
+    from attnkit.backends import sdpa
+
+    planned_for = []
+    real_plan = sdpa.plan
+    monkeypatch.setattr(sdpa, "plan", lambda kernel, call: (
+        planned_for.append(kernel), real_plan(kernel, call))[1])
+    q = torch.randn(1, 2, 5, 16)
+    call = make_call(q, q, q, causal=True, attn_mask=torch.rand(1, 1, 5, 5) > 0.3)
+    backend = backends.BACKENDS["sdpa_efficient"]
+    first = backend.supports(call)
+    assert backend.supports(call) == first
+    assert len(planned_for) == 1
+    backend.supports(replace(call, q=q.clone()))
+    assert len(planned_for) == 2
+    out = attnkit.attention(q, q, q, causal=True, impl="sdpa")  # plain: planned in run only
+    assert len(planned_for) == 3 and out.shape == q.shape

@@ -7,7 +7,7 @@ fields of `AttentionCall` and never re-validates.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ class AttentionCall:
     q: (B, Hq, Sq, D); k: (B, Hkv, Skv, D); v: (B, Hkv, Skv, Dv); Hq % Hkv == 0.
     key_lengths: int64 (B,) or None. attn_mask: bool or floating, 4-D and broadcastable
     to (B, Hq, Sq, Skv), or None. window: (left, right), each None for unbounded.
+    memo: what a backend worked out about this call in `supports` and reuses in `run`
+    (SDPA's plan and mask), so that it lives exactly as long as the call; never copied
+    by dataclasses.replace, whose new call starts with an empty one.
     """
 
     q: Tensor
@@ -38,6 +41,7 @@ class AttentionCall:
     scale: float
     dropout_p: float
     return_lse: bool
+    memo: dict[str, object] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def batch(self) -> int:

@@ -547,7 +547,24 @@ def _mask_args(call: AttentionCall) -> tuple[Tensor, tuple[int, ...]]:
     return mask, _strides(mask)
 
 
-def _forward(call: AttentionCall, seed: int) -> tuple[Tensor, Tensor]:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): a launch with its tile config given instead of
+# autotuned, for benchmarks/triton_configs.py, which times each candidate on its own.
+TileConfig = tuple[int, int, int, int]
+
+
+def _launch(kernel, grid, args: tuple, flags: dict, config: TileConfig | None = None) -> None:
+    """kernel[grid](*args, **flags), autotuned, or with `config` when one is given."""
+    if config is None:
+        kernel[grid](*args, **flags)
+        return
+    block_m, block_n, warps, stages = config
+    jitted = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    jitted[grid](*args, **{**flags, "BLOCK_M": block_m, "BLOCK_N": block_n},
+                 num_warps=warps, num_stages=stages)
+
+
+def _forward(call: AttentionCall, seed: int,
+             config: TileConfig | None = None) -> tuple[Tensor, Tensor]:
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     out, lse = _empty_outputs(q, v)
@@ -558,16 +575,17 @@ def _forward(call: AttentionCall, seed: int) -> tuple[Tensor, Tensor]:
     def grid(meta):
         return (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)
 
-    _fwd_kernel[grid](
+    _launch(_fwd_kernel, grid, (
         q, k, v, out, lse, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
         Hq, call.group, Sq, call.seq_kv, left, right, qk_scale, seed, drop_p, bucket,
-        **flags,
-    )
+    ), flags, config)
     return out, lse
 
 
-def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor):
+def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
+              configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
+    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     Hkv, Skv = call.heads_kv, call.seq_kv
@@ -582,18 +600,16 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     )
     dq, dk, dv = _empty_grads(q, k, v)
     common = (call.scale, seed, drop_p, bucket)
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Skv, meta["BLOCK_N"]), B * Hkv)](
+    _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Skv, meta["BLOCK_N"]), B * Hkv), (
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *mask_strides, Hq, Hkv, call.group, Sq, Skv, left, right, qk_scale, *common,
-        **flags,
-    )
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
+    ), flags, configs[0])
+    _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
         q, k, v, dout, lse, delta, dq, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common,
-        **flags,
-    )
+    ), flags, configs[1])
     return dq, dk, dv
 
 

@@ -129,6 +129,8 @@ def kernel_refusal(kernel: SDPBackend, call: AttentionCall, args: Arguments) -> 
     params = torch.backends.cuda.SDPAParams(
         call.q, k, v, args.attn_mask, call.dropout_p, args.is_causal, args.enable_gqa
     )
+    if _CHECKS[kernel](params, debug=False):
+        return None  # the common answer, without the cost of recording warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ok = _CHECKS[kernel](params, debug=True)
@@ -138,8 +140,18 @@ def kernel_refusal(kernel: SDPBackend, call: AttentionCall, args: Arguments) -> 
     return reasons or f"{kernel.name} rejects this call"
 
 
+def planned(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | None, str | None]:
+    """plan(kernel, call), made once per call and kernel: attention() asks a pinned
+    backend's `supports` and then runs it, and both need the explicit mask and PyTorch's
+    kernel check."""
+    key = f"sdpa plan {kernel}"
+    if key not in call.memo:
+        call.memo[key] = plan(kernel, call)
+    return call.memo[key]  # type: ignore[return-value]
+
+
 def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
-    args, reason = plan(kernel, call)
+    args, reason = planned(kernel, call)
     if args is None:
         raise AssertionError(f"sdpa run on a call it refuses: {reason}")
     sdpa = partial(
@@ -169,9 +181,9 @@ def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
 def refusal(kernel: SDPBackend | None, call: AttentionCall) -> str | None:
     if kernel is None or kernel == SDPBackend.MATH:
         return NO_LSE if call.return_lse else None
-    # A fused kernel's check needs the real arguments: the mask is built here and again
-    # in run(), cheap next to the attention it feeds, and no state is shared between them.
-    return plan(kernel, call)[1]
+    # A fused kernel's check needs the real arguments, mask included: `planned` keeps
+    # them for run() on the same call.
+    return planned(kernel, call)[1]
 
 
 def chosen_kernel(device: torch.device, dtype: torch.dtype) -> str | None:

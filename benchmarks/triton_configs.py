@@ -1,0 +1,119 @@
+"""Time each Triton kernel (forward, dK/dV, dQ) under every candidate tile config, on a GPU.
+
+    PYTHONPATH=src python benchmarks/triton_configs.py [--out DIR] [--budget SECONDS]
+
+The `core` bench times the autotuned backend as a whole; this separates it. For each
+shape it launches every kernel with each config of CANDIDATES given explicitly (the
+`_launch` path of fused_triton, bypassing the autotuner), times it with
+triton.testing.do_bench (median, after warm-up, random bf16 data), then asks the
+autotuner which config it picks. The questions it answers (benchmarks/NOTES.md, run 4):
+is the backward slow at S=512 in the dK/dV or the dQ kernel, does any config fix the
+causal S=512 forward, and which configs belong in _FWD_CONFIGS / _BWD_CONFIGS.
+
+Prints one table per shape and writes every number to DIR/triton_configs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from attnkit.backends import fused_triton as ft
+from attnkit.call import make_call
+
+START = time.time()
+
+# (batch, heads, seq, head_dim, causal): B*S = 16k tokens, as in the `core` preset.
+SHAPES = [
+    (32, 32, 512, 64, True),
+    (32, 32, 512, 64, False),
+    (32, 16, 512, 128, False),
+    (16, 16, 1024, 128, True),
+    (4, 32, 4096, 64, False),
+    (4, 16, 4096, 128, False),
+    (1, 16, 16384, 128, True),
+]
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The backward kernels read BLOCK_N as their
+# key tile and BLOCK_M as their query tile, like the forward.
+CANDIDATES = [
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+    (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3),
+    (64, 128, 4, 3), (64, 128, 8, 3),
+    (128, 128, 8, 2), (128, 128, 8, 3),
+    (32, 64, 4, 2), (32, 128, 4, 2),
+]
+
+
+def flops(b: int, h: int, s: int, d: int, causal: bool) -> float:
+    return 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
+
+
+def time_ms(fn) -> float | None:
+    try:
+        return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    except Exception as exc:  # out of shared memory, say: that config cannot run here
+        print(f"    skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+        return None
+
+
+def sweep(shape: tuple[int, int, int, int, bool]) -> dict:
+    b, h, s, d, causal = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
+                                 generator=gen) for _ in range(4))
+    call = make_call(q, k, v, causal=causal)
+    out, lse = ft._forward(call, 0)  # autotuned, also the reference for the backward
+    fl = flops(b, h, s, d, causal)
+    rows = []
+    for config in CANDIDATES:
+        fwd = time_ms(lambda c=config: ft._forward(call, 0, c))
+        dkdv = time_ms(lambda c=config: ft._backward(call, 0, out, lse, dout, (c, None)))
+        dq = time_ms(lambda c=config: ft._backward(call, 0, out, lse, dout, (None, c)))
+        rows.append({"config": list(config), "fwd_ms": fwd,
+                     "bwd_with_this_dkdv_ms": dkdv, "bwd_with_this_dq_ms": dq})
+        print(f"  {config}: fwd {fwd and f'{fwd:.3f}'} ms "
+              f"({fwd and f'{fl / fwd / 1e9:.0f}'} TFLOP/s); bwd with it as dK/dV "
+              f"{dkdv and f'{dkdv:.3f}'} ms, as dQ {dq and f'{dq:.3f}'} ms", flush=True)
+    tuned_fwd = time_ms(lambda: ft._forward(call, 0))
+    tuned_bwd = time_ms(lambda: ft._backward(call, 0, out, lse, dout))
+    return {
+        "shape": {"batch": b, "heads": h, "seq": s, "head_dim": d, "causal": causal},
+        "flops_fwd": fl,
+        "rows": rows,
+        "autotuned": {"fwd_ms": tuned_fwd, "bwd_ms": tuned_bwd,
+                      "picked": {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+                                 for name, kernel in (("fwd", ft._fwd_kernel),
+                                                      ("dkdv", ft._bwd_dkdv_kernel),
+                                                      ("dq", ft._bwd_dq_kernel))}},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--budget", type=float, default=480.0,
+                        help="stop starting new shapes after this many seconds")
+    args = parser.parse_args()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": triton.__version__, "shapes": []}
+    path = os.path.join(args.out, "triton_configs.json")
+    for shape in SHAPES:
+        if time.time() - START > args.budget:
+            print(f"budget of {args.budget:.0f} s spent; not run: {shape}")
+            continue
+        print(f"{shape} (batch, heads, seq, head_dim, causal)", flush=True)
+        result["shapes"].append(sweep(shape))
+        with open(path, "w") as f:  # after every shape, so a cut-off run keeps its data
+            json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

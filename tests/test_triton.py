@@ -195,6 +195,21 @@ def test_ops_pass_opcheck(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_eager_calls_skip_the_op_dispatcher(device, monkeypatch):
+    """Eager calls run the kernels through an autograd.Function (less host time per call);
+    only torch.compile goes through the custom ops (test_compiled_* below)."""
+    from attnkit.backends import fused_triton
+
+    def no_op(*args):
+        raise AssertionError("the custom op ran in an eager call")
+
+    monkeypatch.setattr(fused_triton, "_attention_fwd", no_op)
+    q, k, v, kwargs = replace(SMALL, causal=True).make_inputs(device)
+    out = attention(q, k, v, impl="triton", **kwargs)
+    assert rel_err(out, attention(q, k, v, impl="reference", **kwargs)) < 1e-2
+    assert all(g is not None for g in _grads(out, (q, k, v)))
+
+
 def _grads(out, inputs):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
     return torch.autograd.grad(out, inputs, grad_out.to(out))

@@ -16,6 +16,7 @@ Triton is optional: without it `import attnkit` still works and this backend rep
 itself unavailable.
 """
 
+import dataclasses
 import inspect
 import math
 import os
@@ -689,6 +690,30 @@ def _attention_backward(ctx, dout, dlse):
 _attention_fwd.register_autograd(_attention_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same kernels as the custom ops, for eager calls, without the op dispatcher.
+
+    At small sizes the GPU waits on host time, and a custom op with autograd costs about
+    three times an autograd.Function per call (CPU machine, torch 2.13: 51 against 16 us
+    with gradients, 23 against 12 without). torch.compile gets the custom ops instead,
+    which it can trace.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, call: AttentionCall, seed: int):
+        out, lse = _forward(call, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call, ctx.seed = call, seed
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
+        return (*_backward(call, ctx.seed, out, lse, dout), None, None)
+
+
 # ---------------------------------------------------------------------------------------
 # The backend
 # ---------------------------------------------------------------------------------------
@@ -728,6 +753,9 @@ def run(call: AttentionCall) -> Result:
         return out, lse
     # Dropout's Philox seed comes from torch's generator, so torch.manual_seed repeats it.
     seed = torch.randint(0, 2**31 - 1, ()) if call.dropout_p else None
+    if not torch.compiler.is_compiling():
+        return _EagerAttention.apply(call.q, call.k, call.v, call,
+                                     0 if seed is None else int(seed))
     left, right = call.window or (None, None)
     return _attention_fwd(
         call.q, call.k, call.v, call.key_lengths, call.attn_mask, call.causal,

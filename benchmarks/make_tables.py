@@ -138,8 +138,7 @@ def _config_table(meta: dict, rows: list[dict], config: str) -> list[str]:
     out = [f"`{config}`", ""] + _table(headers, table) + [""]
     for r in rows:
         if r.get("reason"):
-            label = r["status"] if r["status"] != "ok" else "note"
-            out.append(f"- {label} `{r['impl']}`: {r['reason']}")
+            out.append(f"- {_status_label(r)} `{r['impl']}`: {r['reason']}")
     notes = {r["rel_err_note"] for r in ok if r.get("rel_err_note")}
     out += [f"- rel err {note} (the float64 oracle would not fit)" for note in sorted(notes)]
     return out + [""]
@@ -172,9 +171,18 @@ def _pivot(rows: list[dict], configs: list[str]) -> list[str]:
              for config in configs]
     out += ["forward / forward+backward TFLOP/s:", ""]
     out += _table(["config", *impls], rates) + [""]
-    reasons = sorted({(r["impl"], r["status"], r["reason"]) for r in rows if r.get("reason")})
-    out += [f"- {status} `{impl}`: {reason}" for impl, status, reason in reasons]
+    where: dict[tuple[str, str, str], list[str]] = {}
+    for r in rows:
+        if r.get("reason"):
+            where.setdefault((r["impl"], _status_label(r), r["reason"]), []).append(r["config"])
+    out += [f"- {label} `{impl}` ({', '.join(configs)}): {reason}"
+            for (impl, label, reason), configs in sorted(where.items())]
     return out + [""]
+
+
+def _status_label(r: dict) -> str:
+    """"error"/"unsupported", or "note" for a run that measured its forward but not all."""
+    return r["status"] if r["status"] != "ok" else "note"
 
 
 def verify_section(s: dict, heading: str = "####") -> list[str]:

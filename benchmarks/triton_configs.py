@@ -25,6 +25,7 @@ import triton
 from triton.testing import do_bench
 
 from attnkit.backends import fused_triton as ft
+from attnkit.bench import attention_flops
 from attnkit.call import make_call
 
 START = time.time()
@@ -51,10 +52,6 @@ CANDIDATES = [
 ]
 
 
-def flops(b: int, h: int, s: int, d: int, causal: bool) -> float:
-    return 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
-
-
 def time_ms(fn) -> float | None:
     try:
         return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
@@ -70,7 +67,7 @@ def sweep(shape: tuple[int, int, int, int, bool]) -> dict:
                                  generator=gen) for _ in range(4))
     call = make_call(q, k, v, causal=causal)
     out, lse = ft._forward(call, 0)  # autotuned, also the reference for the backward
-    fl = flops(b, h, s, d, causal)
+    fl = attention_flops(b, h, s, s, d, causal)
     rows = []
     for config in CANDIDATES:
         fwd = time_ms(lambda c=config: ft._forward(call, 0, c))
@@ -88,10 +85,7 @@ def sweep(shape: tuple[int, int, int, int, bool]) -> dict:
         "flops_fwd": fl,
         "rows": rows,
         "autotuned": {"fwd_ms": tuned_fwd, "bwd_ms": tuned_bwd,
-                      "picked": {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
-                                 for name, kernel in (("fwd", ft._fwd_kernel),
-                                                      ("dkdv", ft._bwd_dkdv_kernel),
-                                                      ("dq", ft._bwd_dq_kernel))}},
+                      "picked": ft.autotuned_configs()},
     }
 
 

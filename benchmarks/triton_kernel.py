@@ -24,6 +24,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit import attention
+from attnkit.backends.fused_triton import autotuned_configs
+from attnkit.bench import attention_flops
 from attnkit.verify import Case, check
 
 START = time.time()
@@ -50,18 +52,8 @@ def checks() -> list[Case]:
     ]
 
 
-def best_configs() -> dict[str, dict[str, str]]:
-    """What the autotuner chose, per kernel and tuning key."""
-    from attnkit.backends import fused_triton as ft
-
-    kernels = {"fwd": ft._fwd_kernel, "dkdv": ft._bwd_dkdv_kernel, "dq": ft._bwd_dq_kernel}
-    return {name: {str(key): str(cfg) for key, cfg in getattr(k, "cache", {}).items()}
-            for name, k in kernels.items()}
-
-
 def flops(b, h, s, d, causal, mode):
-    f = 4 * b * h * s * s * d / (2 if causal else 1)
-    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+    return attention_flops(b, h, s, s, d, causal) * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
 def sdpa_with(backend):
@@ -158,7 +150,7 @@ def main():
                               f"{mode:8s} {ms:8.3f} ms {tf:6.0f} TFLOP/s", flush=True)
                         save()
     record["seconds"] = time.time() - START
-    record["best_configs"] = best_configs()
+    record["best_configs"] = autotuned_configs()
     save()
     for name, chosen in record["best_configs"].items():
         print(name, chosen)

@@ -11,6 +11,22 @@ if not torch.cuda.is_available():
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def assert_dropout_only_in_training(m: torch.nn.Module, plain: torch.nn.Module,
+                                    x: torch.Tensor) -> None:
+    """m (dropout on) equals `plain` (same weights, no dropout) in eval; in training it
+    differs from it and repeats itself under the same seed."""
+    from attnkit.verify import rel_err
+
+    m.eval()
+    torch.testing.assert_close(m(x), plain(x))
+    m.train()
+    torch.manual_seed(0)
+    first = m(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(m(x), first)
+    assert rel_err(first, plain(x)) > 1e-3
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE

@@ -9,6 +9,7 @@ import attnkit
 from attnkit import KVCache, MultiHeadAttention
 from attnkit.verify import module_oracle
 from attnkit.verify import rel_err as rel
+from conftest import assert_dropout_only_in_training
 
 
 def oracle(m: MultiHeadAttention, x: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -107,15 +108,7 @@ def test_dropout_only_in_training():
     m = MultiHeadAttention(24, 24, 3, dropout=0.5, impl="reference")
     plain = MultiHeadAttention(24, 24, 3, impl="reference")
     plain.load_state_dict(m.state_dict())
-    x = torch.randn(2, 9, 24)
-    m.eval()
-    torch.testing.assert_close(m(x), plain(x))
-    m.train()
-    torch.manual_seed(0)
-    first = m(x)
-    torch.manual_seed(0)
-    torch.testing.assert_close(m(x), first)
-    assert rel(first, plain(x)) > 1e-3
+    assert_dropout_only_in_training(m, plain, torch.randn(2, 9, 24))
 
 
 def test_parameters_and_shapes():

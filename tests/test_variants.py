@@ -9,6 +9,7 @@ import attnkit
 from attnkit import variants
 from attnkit.verify import rel_err as rel
 from attnkit.weights import CanonicalWeights, convert, to_canonical
+from conftest import assert_dropout_only_in_training
 
 EAGER = [name for name in variants.REGISTRY if name != "flex"]
 NO_BIAS_OUT = ("torch_mha", "torch_mha_noweights")  # torch's class: bias=False drops bo too
@@ -118,15 +119,7 @@ def test_dropout_only_in_training(name):
     m = build(name, 24, 24, 3, 8, qkv_bias=True, causal=True, dropout=0.5)
     plain = build(name, 24, 24, 3, 8, qkv_bias=True, causal=True)
     convert(m, plain)
-    x = torch.randn(2, 9, 24)
-    m.eval()
-    torch.testing.assert_close(m(x), plain(x))
-    m.train()
-    torch.manual_seed(0)
-    first = m(x)
-    torch.manual_seed(0)
-    torch.testing.assert_close(m(x), first)
-    assert rel(first, plain(x)) > 1e-3
+    assert_dropout_only_in_training(m, plain, torch.randn(2, 9, 24))
 
 
 @pytest.mark.parametrize("name", list(variants.REGISTRY))

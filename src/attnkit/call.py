@@ -41,7 +41,7 @@ class AttentionCall:
     scale: float
     dropout_p: float
     return_lse: bool
-    memo: dict[str, object] = field(default_factory=dict, init=False, compare=False, repr=False)
+    memo: dict[object, object] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def batch(self) -> int:

@@ -548,6 +548,13 @@ def _mask_args(call: AttentionCall) -> tuple[Tensor, tuple[int, ...]]:
     return mask, _strides(mask)
 
 
+def autotuned_configs() -> dict[str, dict[str, str]]:
+    """What the autotuner chose so far in this process, per kernel and tuning key."""
+    kernels = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+    return {name: {str(key): str(cfg) for key, cfg in getattr(kernel, "cache", {}).items()}
+            for name, kernel in kernels.items()}
+
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): a launch with its tile config given instead of
 # autotuned, for benchmarks/triton_configs.py, which times each candidate on its own.
 TileConfig = tuple[int, int, int, int]

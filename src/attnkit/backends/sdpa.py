@@ -144,7 +144,7 @@ def planned(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments |
     """plan(kernel, call), made once per call and kernel: attention() asks a pinned
     backend's `supports` and then runs it, and both need the explicit mask and PyTorch's
     kernel check."""
-    key = f"sdpa plan {kernel}"
+    key = ("sdpa plan", kernel)
     if key not in call.memo:
         call.memo[key] = plan(kernel, call)
     return call.memo[key]  # type: ignore[return-value]

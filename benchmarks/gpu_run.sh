@@ -6,7 +6,14 @@
 #
 #   bash benchmarks/gpu_run.sh PREFIX [STEP ...]     (no STEP: all of them, in this order)
 #   steps: verify notebook-bf16 bert-bf16 core-bf16 notebook-fp32 bert-fp32 core-fp32 memcheck
-#          triton-configs (not in the default list: a kernel-tuning sweep, ~8 minutes)
+#   and, not in the default list, for kernel work on `triton`: triton-configs (every kernel
+#   under every candidate tile config, ~4 minutes), triton-tuned (the same shapes, only
+#   what the autotuner picks, ~1 minute), triton-kernel (benchmarks/triton_kernel.py:
+#   large-shape checks against the oracle, then timings beside SDPA), verify-fp16 (verify
+#   of `triton` alone in float16)
+#
+# CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations. The bench
+# steps log the Triton autotuner's picks (TRITON_PRINT_AUTOTUNING=1).
 #
 # VERIFY_MEMCHECK=1 runs the memcheck step alongside verify (all three only check results).
 # Cold starts dominate on a fresh machine (flex compiles ~2-9 s per new shape, the Triton
@@ -24,6 +31,8 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 results=/tmp/attnkit-results
 mkdir -p "$results" "${OUT:=/tmp/out}"
 pack() { tar czf "$OUT/results.tar.gz" -C "$results" .; }
+core_impls=()
+for impl in ${CORE_IMPLS:-}; do core_impls+=(--impl "$impl"); done
 
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
@@ -33,7 +42,7 @@ cat "$results/versions.txt"
 bench() {  # bench NAME SECONDS ARGS...
     local name=$1 seconds=$2
     shift 2
-    timeout "$seconds" python3 -m attnkit.cli bench --no-progress "$@" \
+    TRITON_PRINT_AUTOTUNING=1 timeout "$seconds" python3 -m attnkit.cli bench --no-progress "$@" \
         --out "$results/$prefix-$name" > "$results/$name.log" 2>&1
     echo "$name: exit $?"
 }
@@ -62,15 +71,28 @@ for step in "${steps[@]}"; do
         [ -f "$results/memcheck.log" ] && tail -n 8 "$results/memcheck.log" ;;
     notebook-bf16) bench "$step" "${NB_S:-120}" --preset notebook --dtype bfloat16 ;;
     bert-bf16) bench "$step" "${BERT_S:-90}" --preset bert --dtype bfloat16 ;;
-    core-bf16) bench "$step" "${CORE_S:-300}" --preset core --dtype bfloat16 ;;
+    core-bf16) bench "$step" "${CORE_S:-300}" --preset core --dtype bfloat16 "${core_impls[@]}" ;;
     notebook-fp32) bench "$step" "${NB_S:-120}" --preset notebook --dtype float32 ;;
     bert-fp32) bench "$step" "${BERT_S:-90}" --preset bert --dtype float32 ;;
-    core-fp32) bench "$step" "${CORE_S:-300}" --preset core --dtype float32 ;;
+    core-fp32) bench "$step" "${CORE_S:-300}" --preset core --dtype float32 "${core_impls[@]}" ;;
     memcheck) memcheck ;;
     triton-configs)  # benchmarks/triton_configs.py: every kernel under every tile config
         timeout "${CONFIGS_S:-540}" python3 benchmarks/triton_configs.py --out "$results" \
             --budget "$(( ${CONFIGS_S:-540} - 90 ))" > "$results/triton-configs.log" 2>&1
         echo "triton-configs: exit $?" ;;
+    triton-tuned)
+        timeout "${TUNED_S:-150}" python3 benchmarks/triton_configs.py --out "$results" \
+            --tuned-only > "$results/triton-tuned.log" 2>&1
+        echo "triton-tuned: exit $?"; grep -E "^\(|autotuned" "$results/triton-tuned.log" ;;
+    triton-kernel)
+        timeout "${KERNEL_S:-240}" python3 benchmarks/triton_kernel.py --out "$results" \
+            --budget "$(( ${KERNEL_S:-240} - 30 ))" > "$results/triton-kernel.log" 2>&1
+        echo "triton-kernel: exit $?"; tail -n 30 "$results/triton-kernel.log" ;;
+    verify-fp16)
+        timeout "${VERIFY_S:-330}" python3 -m attnkit.cli verify --no-progress --impl triton \
+            --dtype float16 --out "$results/$prefix-verify-fp16-triton" \
+            > "$results/verify-fp16.log" 2>&1
+        echo "verify-fp16: exit $?"; tail -n 3 "$results/verify-fp16.log" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
     echo "$step: $((SECONDS - started)) s"

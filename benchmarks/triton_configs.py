@@ -1,6 +1,7 @@
 """Time each Triton kernel (forward, dK/dV, dQ) under every candidate tile config, on a GPU.
 
     PYTHONPATH=src python benchmarks/triton_configs.py [--out DIR] [--budget SECONDS]
+                                                       [--tuned-only]
 
 The `core` bench times the autotuned backend as a whole; this separates it. For each
 shape it launches every kernel with each config of CANDIDATES given explicitly (the
@@ -60,7 +61,7 @@ def time_ms(fn) -> float | None:
         return None
 
 
-def sweep(shape: tuple[int, int, int, int, bool]) -> dict:
+def sweep(shape: tuple[int, int, int, int, bool], candidates: list) -> dict:
     b, h, s, d, causal = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
@@ -69,7 +70,7 @@ def sweep(shape: tuple[int, int, int, int, bool]) -> dict:
     out, lse = ft._forward(call, 0)  # autotuned, also the reference for the backward
     fl = attention_flops(b, h, s, s, d, causal)
     rows = []
-    for config in CANDIDATES:
+    for config in candidates:
         fwd = time_ms(lambda c=config: ft._forward(call, 0, c))
         dkdv = time_ms(lambda c=config: ft._backward(call, 0, out, lse, dout, (c, None)))
         dq = time_ms(lambda c=config: ft._backward(call, 0, out, lse, dout, (None, c)))
@@ -80,6 +81,8 @@ def sweep(shape: tuple[int, int, int, int, bool]) -> dict:
               f"{dkdv and f'{dkdv:.3f}'} ms, as dQ {dq and f'{dq:.3f}'} ms", flush=True)
     tuned_fwd = time_ms(lambda: ft._forward(call, 0))
     tuned_bwd = time_ms(lambda: ft._backward(call, 0, out, lse, dout))
+    print(f"  autotuned: fwd {tuned_fwd:.3f} ms ({fl / tuned_fwd / 1e9:.0f} TFLOP/s), "
+          f"bwd {tuned_bwd:.3f} ms ({2.5 * fl / tuned_bwd / 1e9:.0f} TFLOP/s)", flush=True)
     return {
         "shape": {"batch": b, "heads": h, "seq": s, "head_dim": d, "causal": causal},
         "flops_fwd": fl,
@@ -94,7 +97,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--budget", type=float, default=480.0,
                         help="stop starting new shapes after this many seconds")
+    parser.add_argument("--tuned-only", action="store_true",
+                        help="time only what the autotuner picks (about a minute)")
     args = parser.parse_args()
+    candidates = [] if args.tuned_only else CANDIDATES
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "shapes": []}
     path = os.path.join(args.out, "triton_configs.json")
@@ -103,7 +109,7 @@ def main() -> None:
             print(f"budget of {args.budget:.0f} s spent; not run: {shape}")
             continue
         print(f"{shape} (batch, heads, seq, head_dim, causal)", flush=True)
-        result["shapes"].append(sweep(shape))
+        result["shapes"].append(sweep(shape, candidates))
         with open(path, "w") as f:  # after every shape, so a cut-off run keeps its data
             json.dump(result, f, indent=1)
     print(f"wrote {path}")

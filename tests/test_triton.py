@@ -57,6 +57,21 @@ def test_default_matrix(device):
         assert result.skipped is None and result.passed, (case.name, result)
 
 
+@pytest.mark.parametrize("scale", [-40.0, 0.0, 2.5])
+@pytest.mark.parametrize("causal", [False, True])
+def test_explicit_scale(scale, causal, device):
+    # Interior key blocks take the row max before scaling (one multiply-add per score):
+    # a negative scale turns that max into a min, and at -40 the wrong one overflows exp2.
+    q, k, v = (torch.randn(1, 2, 65, 16).to(device, DTYPE).requires_grad_() for _ in range(3))
+    grad = torch.randn(1, 2, 65, 16).to(device, DTYPE)
+    results = []
+    for impl in ("triton", "reference"):
+        out = attention(q, k, v, causal=causal, scale=scale, impl=impl)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for got, want in zip(*results, strict=True):
+        assert rel_err(got, want) < 1e-2
+
+
 def _fused_qkv(device, b=2, s=33, hq=4, hkv=2, d=16):
     """q, k, v as strided views into one (B, S, (Hq + 2 Hkv) * D) projection output."""
     qkv = torch.randn(b, s, (hq + 2 * hkv) * d).to(device, DTYPE).requires_grad_()

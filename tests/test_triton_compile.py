@@ -74,12 +74,12 @@ def _compile_all() -> int:
         flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=triton.next_power_of_2(d),
                      BLOCK_DV=triton.next_power_of_2(d), HAS_LEFT=left, HAS_RIGHT=right,
                      WINDOWED=left or right, HAS_LENGTHS=lengths, MASK_KIND=mask_kind,
-                     MASK_ROWS=False, DROPOUT=dropout)
+                     MASK_ROWS=False, DROPOUT=dropout, NEG_SCALE=dropout)
         wide = d > 128  # _prune's small tiles for wide heads
-        fwd = (64, 32, 4, 2) if wide else ft._FWD_CONFIGS[0]
-        bwd = (32, 32, 4, 1) if wide else ft._BWD_CONFIGS[0]
-        for kernel, (m, n, warps, stages) in ((ft._fwd_kernel, fwd), (ft._bwd_dkdv_kernel, bwd),
-                                              (ft._bwd_dq_kernel, bwd)):
+        tiles = ((ft._fwd_kernel, ft._FWD_CONFIGS), (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
+                 (ft._bwd_dq_kernel, ft._DQ_CONFIGS))
+        for kernel, configs in tiles:
+            m, n, warps, stages = (32, 32, 4, 1) if wide else configs[-1]
             compile_one(kernel, {**flags, "BLOCK_M": m, "BLOCK_N": n}, warps, stages, mask_kind)
             count += 1
     compile_one(ft._bwd_delta_kernel, {"HEAD_DV": 64, "BLOCK_DV": 64, "BLOCK_M": 64}, 4, 1, 0)

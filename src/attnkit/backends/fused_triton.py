@@ -39,12 +39,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ---------------------------------------------------------------------------------------
 # Autotune configs: (BLOCK_M, BLOCK_N, num_warps, num_stages), re-tuned per head dim,
-# causal-or-not and power-of-two sequence bucket. Under the interpreter one small fixed
-# config runs instead (tuning there is slow and means nothing).
+# causal-or-not, power-of-two sequence bucket and amount of work (ROWS_BUCKET: without it
+# a choice made on a small shape, kept in Triton's on-disk cache, served large ones too).
+# Each list holds the configs that won somewhere in the H100 sweep
+# (benchmarks/triton_configs.py, results in benchmarks/NOTES.md). BLOCK_M tiles queries
+# and BLOCK_N keys in every kernel; dK/dV keeps a key tile and streams query tiles, dQ
+# the other way round, so they want different shapes. Under the interpreter one small
+# fixed config runs instead (tuning there is slow and means nothing).
 # ---------------------------------------------------------------------------------------
-_FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-_BWD_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2)]
-_TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET"]
+_FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
+_DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
+_DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
+_TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 _DELTA_BLOCK = 64
 
@@ -100,15 +106,51 @@ def _visible(qi, kj, kv_len, off, left, right,
 @_jit
 def _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """[lo, hi): the keys some query of rows m0..m_last can see; lo is a multiple of BLOCK_N
-    so that key blocks stay aligned."""
+    """Key bounds lo <= full_lo <= full_hi <= hi for query rows m0..m_last: some row sees
+    each key of [lo, hi), every row sees every key of the whole blocks in [full_lo,
+    full_hi), whose loop skips the index checks. lo, full_lo and full_hi are multiples
+    of BLOCK_N, so that key blocks stay aligned across the three loops."""
     lo = 0
     hi = kv_len
+    full_lo = 0
+    full_hi = kv_len
     if HAS_LEFT:
         lo = (tl.maximum(m0 + off - left, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.maximum(m_last + off - left, 0)
+        full_lo = tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
     if HAS_RIGHT:
         hi = tl.minimum(m_last + off + right + 1, kv_len)
-    return lo, hi
+        full_hi = tl.maximum(tl.minimum(m0 + off + right + 1, kv_len), 0)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi // BLOCK_N * BLOCK_N, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@_jit
+def _query_range(n0, n_last, Sq, kv_len, off, left, right, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """_key_range turned round for the dK/dV kernel's key block n0..n_last (key j is seen
+    by rows j - off - right .. j - off + left): query bounds lo <= full_lo <= full_hi
+    <= hi, where every row of the whole blocks in [full_lo, full_hi) sees every key of
+    the block."""
+    lo = 0
+    hi = Sq
+    full_lo = 0
+    full_hi = Sq
+    if HAS_RIGHT:
+        lo = (tl.maximum(n0 - off - right, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.maximum(n0 + BLOCK_N - 1 - off - right, 0)
+        full_lo = tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo)
+    if HAS_LEFT:
+        hi = tl.minimum(n_last - off + left + 1, Sq)
+        full_hi = tl.maximum(n0 - off + left + 1, 0) // BLOCK_M * BLOCK_M
+    if n0 >= kv_len:
+        hi = 0
+    if n0 + BLOCK_N > kv_len:  # the block holds keys past kv_len: no query sees them all
+        full_hi = 0
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
 
 
 @_jit
@@ -164,7 +206,8 @@ def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, off
                 BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr):
+                MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+                NEG_SCALE: tl.constexpr):
     """Fold key blocks [start, end) into the running (acc, m_i, l_i); MASKED = index checks."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -174,19 +217,31 @@ def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, off
                         MASKED, HEAD_D != BLOCK_D)
         v = _load_tile(v_ptrs, offs_n[:, None] < Skv, offs_dv[None, :] < HEAD_DV,
                        MASKED, HEAD_DV != BLOCK_DV)
-        s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        if MASKED:
-            vis = _visible(offs_m[:, None], offs_n[None, :], kv_len, off, left, right,
-                           HAS_LEFT, HAS_RIGHT)
-            s = tl.where(vis, s, float("-inf"))
-        if MASK_KIND != 0:
-            s = _apply_mask(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mm,
-                            stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only hidden keys keeps max -inf; shifting by 0 keeps exp at 0.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        qk = tl.dot(q, kt)  # (BLOCK_M, BLOCK_N), raw scores
+        if MASKED or MASK_KIND != 0:
+            s = qk * qk_scale  # log2 units
+            if MASKED:
+                vis = _visible(offs_m[:, None], offs_n[None, :], kv_len, off, left, right,
+                               HAS_LEFT, HAS_RIGHT)
+                s = tl.where(vis, s, float("-inf"))
+            if MASK_KIND != 0:
+                s = _apply_mask(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mm,
+                                stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen only hidden keys keeps max -inf; shifting by 0 keeps
+            # exp at 0.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+        else:
+            # Every key of the block is visible, so the row max is finite, and scaling
+            # after the max lets scale and shift share one multiply-add per score.
+            if NEG_SCALE:
+                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_safe = m_new
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -205,12 +260,14 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ob, stride_oh, stride_om, stride_od,
                 stride_mb, stride_mh, stride_mm, stride_mn,
-                Hq, group, Sq, Skv, left, right, qk_scale, seed, drop_p, SEQ_BUCKET,
+                Hq, group, Sq, Skv, left, right, qk_scale, seed, drop_p,
+                SEQ_BUCKET, ROWS_BUCKET,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
-                DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # later query blocks see more keys: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -234,19 +291,10 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     v_base = V + b * stride_vb + kvh * stride_vh
     mask_base = MASK + b * stride_mb + h * stride_mh
 
-    # Key range any row of this block sees: [lo, hi); rows see every key of
-    # [full_lo, full_hi) (both multiples of BLOCK_N), so those blocks skip index checks.
     m0 = pid_m * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
-    lo, hi = _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    full_lo = 0
-    full_hi = kv_len
-    if HAS_LEFT:
-        full_lo = tl.maximum(m_last + off - left, 0)
-        full_lo = tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
-    if HAS_RIGHT:
-        full_hi = tl.maximum(tl.minimum(m0 + off + right + 1, kv_len), 0)
-    full_hi = tl.maximum(full_hi // BLOCK_N * BLOCK_N, full_lo)
+    lo, full_lo, full_hi, hi = _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N,
+                                          HAS_LEFT, HAS_RIGHT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -254,22 +302,22 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     # The same fold three times: index checks only on the ragged edges of the range.
     acc, m_i, l_i = _fwd_blocks(
         acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
-        lo, tl.minimum(full_lo, hi), stride_kn, stride_kd, stride_vn, stride_vd,
+        lo, full_lo, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
         BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
-        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE)
     acc, m_i, l_i = _fwd_blocks(
         acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
         full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
         BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False,
-        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE)
     acc, m_i, l_i = _fwd_blocks(
         acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
         full_hi, hi, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
         BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
-        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE)
 
     # A row that saw no key: l = 0, out = 0, lse = -inf.
     dead = l_i == 0.0
@@ -309,7 +357,51 @@ def _bwd_delta_kernel(Out, DO, DELTA,
     tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
 
 
-@_tuned(_BWD_CONFIGS)
+@_jit
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+                 offs_n, offs_d, offs_dv, start, end,
+                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                 Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+                 BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr):
+    """Add query blocks [start, end) of one query head into the key block's (dk, dv)."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Sq
+        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                       row_ok[:, None], offs_d[None, :] < HEAD_D, True, HEAD_D != BLOCK_D)
+        do = _load_tile(do_base + offs_m[:, None] * stride_dom
+                        + offs_dv[None, :] * stride_dod, row_ok[:, None],
+                        offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
+        # Dead rows (lse = -inf) and rows past Sq: lse = +inf makes their p exactly 0.
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
+        if MASKED:
+            vis = _visible(offs_m[None, :], offs_n[:, None], kv_len, off, left, right,
+                           HAS_LEFT, HAS_RIGHT)
+            st = tl.where(vis, st, float("-inf"))
+        if MASK_KIND != 0:
+            st = _apply_mask(st, mask_base, offs_m[None, :], offs_n[:, None], stride_mm,
+                             stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
+        pt = tl.exp2(st - lse[None, :])
+        dpt = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Sq, Skv, drop_p)
+            inv = 1.0 / (1.0 - drop_p)
+            dv = tl.dot(tl.where(keep, pt * inv, 0.0).to(do.dtype), do, dv)
+            dpt = tl.where(keep, dpt * inv, 0.0)
+        else:
+            dv = tl.dot(pt.to(do.dtype), do, dv)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@_tuned(_DKDV_CONFIGS)
 @_jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      stride_qb, stride_qh, stride_qm, stride_qd,
@@ -320,12 +412,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                      stride_mb, stride_mh, stride_mm, stride_mn,
                      Hq, Hkv, group, Sq, Skv, left, right, qk_scale, scale, seed, drop_p,
-                     SEQ_BUCKET,
+                     SEQ_BUCKET, ROWS_BUCKET,
                      HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                      HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
-                     MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+                     MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -348,18 +440,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                    offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-
-    # Query rows that can see some key of this block: key j is seen by rows
-    # j - off - right .. j - off + left.
     n_last = tl.minimum(n0 + BLOCK_N, Skv) - 1
-    q_lo = 0
-    q_hi = Sq
-    if HAS_RIGHT:
-        q_lo = (tl.maximum(n0 - off - right, 0) // BLOCK_M) * BLOCK_M
-    if HAS_LEFT:
-        q_hi = tl.minimum(n_last - off + left + 1, Sq)
-    if n0 >= kv_len:
-        q_hi = 0
+    lo, full_lo, full_hi, hi = _query_range(n0, n_last, Sq, kv_len, off, left, right,
+                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     for g in range(0, group):  # the group's query heads, summed here: no atomics
         h = kvh * group + g
@@ -367,37 +450,28 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         mask_base = MASK + b * stride_mb + h * stride_mh
-        for start_m in range(q_lo, q_hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < Sq
-            q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                           row_ok[:, None], offs_d[None, :] < HEAD_D, True, HEAD_D != BLOCK_D)
-            do = _load_tile(do_base + offs_m[:, None] * stride_dom
-                            + offs_dv[None, :] * stride_dod, row_ok[:, None],
-                            offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
-            # Dead rows (lse = -inf) and rows past Sq: lse = +inf makes their p exactly 0.
-            lse = tl.load(LSE + bh * Sq + offs_m, mask=row_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = tl.load(DELTA + bh * Sq + offs_m, mask=row_ok, other=0.0)
-            st = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
-            vis = _visible(offs_m[None, :], offs_n[:, None], kv_len, off, left, right,
-                           HAS_LEFT, HAS_RIGHT)
-            st = tl.where(vis, st, float("-inf"))
-            if MASK_KIND != 0:
-                st = _apply_mask(st, mask_base, offs_m[None, :], offs_n[:, None], stride_mm,
-                                 stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
-            pt = tl.exp2(st - lse[None, :])
-            dpt = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
-            if DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Sq, Skv,
-                                     drop_p)
-                inv = 1.0 / (1.0 - drop_p)
-                dv = tl.dot(tl.where(keep, pt * inv, 0.0).to(do.dtype), do, dv)
-                dpt = tl.where(keep, dpt * inv, 0.0)
-            else:
-                dv = tl.dot(pt.to(do.dtype), do, dv)
-            dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(dst.to(q.dtype), q, dk)
+        # As in the forward: index checks only on the ragged edges of the range.
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, q_base, do_base, LSE + bh * Sq, DELTA + bh * Sq, mask_base,
+            offs_n, offs_d, offs_dv, lo, full_lo,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+            Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+            BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, q_base, do_base, LSE + bh * Sq, DELTA + bh * Sq, mask_base,
+            offs_n, offs_d, offs_dv, full_lo, full_hi,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+            Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+            BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False,
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, q_base, do_base, LSE + bh * Sq, DELTA + bh * Sq, mask_base,
+            offs_n, offs_d, offs_dv, full_hi, hi,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+            Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+            BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -408,7 +482,42 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
              mask=(offs_n[:, None] < Skv) & (offs_dv[None, :] < HEAD_DV))
 
 
-@_tuned(_BWD_CONFIGS)
+@_jit
+def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+               start, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+               Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr):
+    """Add key blocks [start, end) into the query block's dq."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Skv
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       col_ok[:, None], offs_d[None, :] < HEAD_D, MASKED, HEAD_D != BLOCK_D)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                       col_ok[:, None], offs_dv[None, :] < HEAD_DV, MASKED,
+                       HEAD_DV != BLOCK_DV)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            vis = _visible(offs_m[:, None], offs_n[None, :], kv_len, off, left, right,
+                           HAS_LEFT, HAS_RIGHT)
+            s = tl.where(vis, s, float("-inf"))
+        if MASK_KIND != 0:
+            s = _apply_mask(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mm,
+                            stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Sq, Skv, drop_p)
+            dp = tl.where(keep, dp / (1.0 - drop_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@_tuned(_DQ_CONFIGS)
 @_jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    stride_qb, stride_qh, stride_qm, stride_qd,
@@ -417,12 +526,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                    stride_mb, stride_mh, stride_mm, stride_mn,
-                   Hq, group, Sq, Skv, left, right, qk_scale, scale, seed, drop_p, SEQ_BUCKET,
+                   Hq, group, Sq, Skv, left, right, qk_scale, scale, seed, drop_p,
+                   SEQ_BUCKET, ROWS_BUCKET,
                    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                    HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
-                   MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+                   MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # later query blocks see more keys: start them first
@@ -455,30 +565,25 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, LENGTHS,
 
     m0 = pid_m * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
-    lo, hi = _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-
+    lo, full_lo, full_hi, hi = _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N,
+                                          HAS_LEFT, HAS_RIGHT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < Skv
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       col_ok[:, None], offs_d[None, :] < HEAD_D, True, HEAD_D != BLOCK_D)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                       col_ok[:, None], offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        vis = _visible(offs_m[:, None], offs_n[None, :], kv_len, off, left, right,
-                       HAS_LEFT, HAS_RIGHT)
-        s = tl.where(vis, s, float("-inf"))
-        if MASK_KIND != 0:
-            s = _apply_mask(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mm,
-                            stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Sq, Skv, drop_p)
-            dp = tl.where(keep, dp / (1.0 - drop_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+    # As in the forward: index checks only on the ragged edges of the range.
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+                    lo, full_lo, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+                    stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+                    BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
+                    HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+                    full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+                    stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+                    BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False,
+                    HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+                    full_hi, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+                    stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+                    BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
+                    HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
 
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
@@ -527,15 +632,19 @@ def _meta(call: AttentionCall, seed: int) -> tuple[tuple, dict]:
         WINDOWED=left is not None or right is not None,
         HAS_LENGTHS=call.key_lengths is not None,
         MASK_KIND=mask_kind, MASK_ROWS=mask is not None and mask.shape[2] != 1,
-        DROPOUT=call.dropout_p > 0.0,
+        DROPOUT=call.dropout_p > 0.0, NEG_SCALE=call.scale < 0,
     )
     if _INTERPRET:
         flags.update(_INTERPRET_META)
-    # Tuning is redone per (query, key) length bucket, capped so long inputs share one.
-    bucket = (min(triton.next_power_of_2(call.seq_q), 4096) << 13) \
+    # Tuning is redone per (query, key) length bucket, capped so long inputs share one,
+    # and per power of two of query rows in all (B * Hq * Sq, 16k to 512k), which is how
+    # many programs there are to keep the GPU's multiprocessors busy.
+    seq_bucket = (min(triton.next_power_of_2(call.seq_q), 4096) << 13) \
         + min(triton.next_power_of_2(call.seq_kv), 4096)
+    rows = call.q.shape[0] * call.heads_q * call.seq_q
+    rows_bucket = min(max(triton.next_power_of_2(rows), 2**14), 2**19)
     scalars = (left or 0, right or 0, call.scale * 1.4426950408889634, seed, call.dropout_p,
-               bucket)
+               seq_bucket, rows_bucket)
     return scalars, flags
 
 
@@ -576,7 +685,7 @@ def _forward(call: AttentionCall, seed: int,
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     out, lse = _empty_outputs(q, v)
-    (left, right, qk_scale, seed, drop_p, bucket), flags = _meta(call, seed)
+    (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
 
@@ -586,7 +695,7 @@ def _forward(call: AttentionCall, seed: int,
     _launch(_fwd_kernel, grid, (
         q, k, v, out, lse, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-        Hq, call.group, Sq, call.seq_kv, left, right, qk_scale, seed, drop_p, bucket,
+        Hq, call.group, Sq, call.seq_kv, left, right, qk_scale, seed, drop_p, *buckets,
     ), flags, config)
     return out, lse
 
@@ -597,7 +706,7 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     Hkv, Skv = call.heads_kv, call.seq_kv
-    (left, right, qk_scale, seed, drop_p, bucket), flags = _meta(call, seed)
+    (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
 
@@ -607,7 +716,7 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
         HEAD_DV=flags["HEAD_DV"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=_DELTA_BLOCK,
     )
     dq, dk, dv = _empty_grads(q, k, v)
-    common = (call.scale, seed, drop_p, bucket)
+    common = (call.scale, seed, drop_p, *buckets)
     _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Skv, meta["BLOCK_N"]), B * Hkv), (
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),

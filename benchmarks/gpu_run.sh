@@ -10,7 +10,8 @@
 #   under every candidate tile config, ~4 minutes), triton-tuned (the same shapes, only
 #   what the autotuner picks, ~1 minute), triton-kernel (benchmarks/triton_kernel.py:
 #   large-shape checks against the oracle, then timings beside SDPA), verify-fp16 (verify
-#   of `triton` alone in float16)
+#   of `triton` alone in float16), host-overhead (benchmarks/host_overhead.py: host time
+#   per call of sdpa, triton and flex on a tiny input)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations. The bench
 # steps log the Triton autotuner's picks (TRITON_PRINT_AUTOTUNING=1).
@@ -88,6 +89,10 @@ for step in "${steps[@]}"; do
         timeout "${KERNEL_S:-240}" python3 benchmarks/triton_kernel.py --out "$results" \
             --budget "$(( ${KERNEL_S:-240} - 30 ))" > "$results/triton-kernel.log" 2>&1
         echo "triton-kernel: exit $?"; tail -n 30 "$results/triton-kernel.log" ;;
+    host-overhead)
+        timeout 120 python3 benchmarks/host_overhead.py --out "$results" \
+            > "$results/host-overhead.log" 2>&1
+        echo "host-overhead: exit $?"; cat "$results/host-overhead.log" ;;
     verify-fp16)
         timeout "${VERIFY_S:-330}" python3 -m attnkit.cli verify --no-progress --impl triton \
             --dtype float16 --out "$results/$prefix-verify-fp16-triton" \

@@ -611,6 +611,16 @@ def _empty_grads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tenso
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+# Host-side integer helpers: triton.next_power_of_2 and triton.cdiv go through Triton's
+# constexpr-function wrapper, about 10 us a call, and every launch needs several.
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _strides(t: Tensor) -> tuple[int, ...]:
     # Size-1 dims get stride 0, which is what broadcasting them means.
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride(), strict=True))
@@ -626,8 +636,8 @@ def _meta(call: AttentionCall, seed: int) -> tuple[tuple, dict]:
     d, dv = call.head_dim, call.head_dim_v
     flags = dict(
         HEAD_D=d, HEAD_DV=dv,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        BLOCK_D=max(16, _pow2(d)),
+        BLOCK_DV=max(16, _pow2(dv)),
         HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
         WINDOWED=left is not None or right is not None,
         HAS_LENGTHS=call.key_lengths is not None,
@@ -639,13 +649,18 @@ def _meta(call: AttentionCall, seed: int) -> tuple[tuple, dict]:
     # Tuning is redone per (query, key) length bucket, capped so long inputs share one,
     # and per power of two of query rows in all (B * Hq * Sq, 16k to 512k), which is how
     # many programs there are to keep the GPU's multiprocessors busy.
-    seq_bucket = (min(triton.next_power_of_2(call.seq_q), 4096) << 13) \
-        + min(triton.next_power_of_2(call.seq_kv), 4096)
+    seq_bucket = (min(_pow2(call.seq_q), 4096) << 13) + min(_pow2(call.seq_kv), 4096)
     rows = call.q.shape[0] * call.heads_q * call.seq_q
-    rows_bucket = min(max(triton.next_power_of_2(rows), 2**14), 2**19)
+    rows_bucket = min(max(_pow2(rows), 2**14), 2**19)
     scalars = (left or 0, right or 0, call.scale * 1.4426950408889634, seed, call.dropout_p,
                seq_bucket, rows_bucket)
     return scalars, flags
+
+
+def _tune_key(flags: dict, buckets: list[int], *tensors: Tensor) -> tuple:
+    """What the autotuner's key is made of (_TUNE_KEY and the dtypes of the tensors)."""
+    return (flags["HEAD_D"], flags["HEAD_DV"], flags["WINDOWED"], *buckets,
+            *(t.dtype for t in tensors))
 
 
 def _mask_args(call: AttentionCall) -> tuple[Tensor, tuple[int, ...]]:
@@ -669,13 +684,29 @@ def autotuned_configs() -> dict[str, dict[str, str]]:
 TileConfig = tuple[int, int, int, int]
 
 
-def _launch(kernel, grid, args: tuple, flags: dict, config: TileConfig | None = None) -> None:
-    """kernel[grid](*args, **flags), autotuned, or with `config` when one is given."""
+# The autotuner's pick per (kernel, tuning key). Triton's Autotuner rebuilds its key from
+# all ~60 arguments on every launch; after the first launch of a key this looks the
+# config up from a tuple and launches the kernel itself.
+_CHOSEN: dict[tuple, TileConfig] = {}
+
+
+def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
+            config: TileConfig | None = None) -> None:
+    """kernel[grid](*args, **flags) with `config`, or else with the autotuner's pick for
+    `tune_key` (which must determine the autotuner's own key: its key arguments and the
+    dtypes of the tensors)."""
+    tuner = isinstance(kernel, triton.runtime.Autotuner)  # not under the interpreter
+    if config is None and tuner:
+        config = _CHOSEN.get((kernel, tune_key))
     if config is None:
         kernel[grid](*args, **flags)
+        if tuner:
+            best = kernel.best_config
+            _CHOSEN[(kernel, tune_key)] = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"],
+                                           best.num_warps, best.num_stages)
         return
     block_m, block_n, warps, stages = config
-    jitted = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    jitted = kernel.fn if tuner else kernel
     jitted[grid](*args, **{**flags, "BLOCK_M": block_m, "BLOCK_N": block_n},
                  num_warps=warps, num_stages=stages)
 
@@ -690,13 +721,13 @@ def _forward(call: AttentionCall, seed: int,
     lengths = call.key_lengths if call.key_lengths is not None else lse
 
     def grid(meta):
-        return (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)
+        return (_cdiv(Sq, meta["BLOCK_M"]), B * Hq)
 
     _launch(_fwd_kernel, grid, (
         q, k, v, out, lse, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
         Hq, call.group, Sq, call.seq_kv, left, right, qk_scale, seed, drop_p, *buckets,
-    ), flags, config)
+    ), flags, _tune_key(flags, buckets, q, mask, lengths), config)
     return out, lse
 
 
@@ -711,22 +742,23 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     lengths = call.key_lengths if call.key_lengths is not None else lse
 
     delta = torch.empty_like(lse)
-    _bwd_delta_kernel[(triton.cdiv(Sq, _DELTA_BLOCK), B * Hq)](
+    _bwd_delta_kernel[(_cdiv(Sq, _DELTA_BLOCK), B * Hq)](
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq,
         HEAD_DV=flags["HEAD_DV"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=_DELTA_BLOCK,
     )
     dq, dk, dv = _empty_grads(q, k, v)
     common = (call.scale, seed, drop_p, *buckets)
-    _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Skv, meta["BLOCK_N"]), B * Hkv), (
+    tune_key = _tune_key(flags, buckets, q, dout, mask, lengths)
+    _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(Skv, meta["BLOCK_N"]), B * Hkv), (
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *mask_strides, Hq, Hkv, call.group, Sq, Skv, left, right, qk_scale, *common,
-    ), flags, configs[0])
-    _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
+    ), flags, tune_key, configs[0])
+    _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
         q, k, v, dout, lse, delta, dq, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common,
-    ), flags, configs[1])
+    ), flags, tune_key, configs[1])
     return dq, dk, dv
 
 

@@ -7,9 +7,9 @@ The `core` bench times the autotuned backend as a whole; this separates it. For 
 shape it launches every kernel with each config of CANDIDATES given explicitly (the
 `_launch` path of fused_triton, bypassing the autotuner), times it with
 triton.testing.do_bench (median, after warm-up, random bf16 data), then asks the
-autotuner which config it picks. The questions it answers (benchmarks/NOTES.md, run 4):
-is the backward slow at S=512 in the dK/dV or the dQ kernel, does any config fix the
-causal S=512 forward, and which configs belong in _FWD_CONFIGS / _BWD_CONFIGS.
+autotuner which config it picks: which configs belong in _FWD_CONFIGS, _DKDV_CONFIGS
+and _DQ_CONFIGS, and whether a slow shape is a tile problem at all (benchmarks/NOTES.md,
+run 5). --tuned-only times just the autotuned kernels, to compare kernel versions.
 
 Prints one table per shape and writes every number to DIR/triton_configs.json.
 """

@@ -154,6 +154,19 @@ def _query_range(n0, n_last, Sq, kv_len, off, left, right, BLOCK_M: tl.constexpr
 
 
 @_jit
+def _segment(part: tl.constexpr, lo, full_lo, full_hi, hi):
+    """Bounds of segment `part` of a range split by _key_range or _query_range: 0 and 2
+    are the ragged edges, 1 the whole blocks that need no index checks."""
+    if part == 0:
+        bounds = lo, full_lo
+    elif part == 1:
+        bounds = full_lo, full_hi
+    else:
+        bounds = full_hi, hi
+    return bounds
+
+
+@_jit
 def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a tile, masking only what may be out of range: a mask along the head dim that
     is all true when BLOCK_D == D would still cost the 16-byte vector loads."""
@@ -299,25 +312,15 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # The same fold three times: index checks only on the ragged edges of the range.
-    acc, m_i, l_i = _fwd_blocks(
-        acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
-        lo, full_lo, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
-        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE)
-    acc, m_i, l_i = _fwd_blocks(
-        acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
-        full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False,
-        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE)
-    acc, m_i, l_i = _fwd_blocks(
-        acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
-        full_hi, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
-        HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE)
+    # Three segments of the key range: index checks only on the ragged edges.
+    for part in tl.static_range(3):
+        start, end = _segment(part, lo, full_lo, full_hi, hi)
+        acc, m_i, l_i = _fwd_blocks(
+            acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+            start, end, stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh,
+            drop_p, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE)
 
     # A row that saw no key: l = 0, out = 0, lse = -inf.
     dead = l_i == 0.0
@@ -450,28 +453,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         mask_base = MASK + b * stride_mb + h * stride_mh
-        # As in the forward: index checks only on the ragged edges of the range.
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, LSE + bh * Sq, DELTA + bh * Sq, mask_base,
-            offs_n, offs_d, offs_dv, lo, full_lo,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-            Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
-            BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, LSE + bh * Sq, DELTA + bh * Sq, mask_base,
-            offs_n, offs_d, offs_dv, full_lo, full_hi,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-            Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
-            BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, LSE + bh * Sq, DELTA + bh * Sq, mask_base,
-            offs_n, offs_d, offs_dv, full_hi, hi,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-            Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
-            BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+        for part in tl.static_range(3):  # as in the forward: checks on the edges only
+            start, end = _segment(part, lo, full_lo, full_hi, hi)
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, q_base, do_base, LSE + bh * Sq, DELTA + bh * Sq, mask_base,
+                offs_n, offs_d, offs_dv, start, end,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+                BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
+                HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -568,22 +558,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, LENGTHS,
     lo, full_lo, full_hi, hi = _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # As in the forward: index checks only on the ragged edges of the range.
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
-                    lo, full_lo, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
-                    stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
-                    BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
-                    HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
-                    full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
-                    stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
-                    BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False,
-                    HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
-                    full_hi, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
-                    stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
-                    BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True,
-                    HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+    for part in tl.static_range(3):  # as in the forward: checks on the edges only
+        start, end = _segment(part, lo, full_lo, full_hi, hi)
+        dq = _dq_blocks(
+            dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+            start, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+            BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
 
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm

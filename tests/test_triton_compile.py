@@ -74,7 +74,8 @@ def _compile_all() -> int:
         flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=triton.next_power_of_2(d),
                      BLOCK_DV=triton.next_power_of_2(d), HAS_LEFT=left, HAS_RIGHT=right,
                      WINDOWED=left or right, HAS_LENGTHS=lengths, MASK_KIND=mask_kind,
-                     MASK_ROWS=False, DROPOUT=dropout, NEG_SCALE=dropout)
+                     MASK_ROWS=False, DROPOUT=dropout,
+                     NEG_SCALE=dropout)  # rides on dropout's sets: both values compiled
         wide = d > 128  # _prune's small tiles for wide heads
         tiles = ((ft._fwd_kernel, ft._FWD_CONFIGS), (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
                  (ft._bwd_dq_kernel, ft._DQ_CONFIGS))

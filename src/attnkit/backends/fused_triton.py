@@ -201,6 +201,30 @@ def _apply_mask(s, mask_base, qi, kj, stride_mm, stride_mn, Sq, Skv,
 
 
 @_jit
+def _hide(s, mask_base, qi, kj, kv_len, off, left, right, stride_mm, stride_mn, Sq, Skv,
+          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+          MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Scores s (log2 units) with what each (qi, kj) pair may not see hidden: the index
+    checks when MASKED, then the user mask."""
+    if MASKED:
+        s = tl.where(_visible(qi, kj, kv_len, off, left, right, HAS_LEFT, HAS_RIGHT),
+                     s, float("-inf"))
+    if MASK_KIND != 0:
+        s = _apply_mask(s, mask_base, qi, kj, stride_mm, stride_mn, Sq, Skv, MASK_KIND,
+                        MASK_ROWS)
+    return s
+
+
+@_jit
+def _row_stats(lse_ptrs, delta_ptrs, row_ok):
+    """The backward's per-row lse (log2 units) and delta. Dead rows (lse = -inf) and rows
+    past Sq get lse = +inf, which makes their p exactly 0."""
+    lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    return lse, tl.load(delta_ptrs, mask=row_ok, other=0.0)
+
+
+@_jit
 def _dropout_keep(seed, bh, qi, kj, Sq, Skv, drop_p):
     # One Philox counter per (batch*head, query, key): the backward regenerates the same
     # mask from the seed instead of storing it. Wrapping int32 arithmetic is fine here.
@@ -232,14 +256,9 @@ def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, off
                        MASKED, HEAD_DV != BLOCK_DV)
         qk = tl.dot(q, kt)  # (BLOCK_M, BLOCK_N), raw scores
         if MASKED or MASK_KIND != 0:
-            s = qk * qk_scale  # log2 units
-            if MASKED:
-                vis = _visible(offs_m[:, None], offs_n[None, :], kv_len, off, left, right,
-                               HAS_LEFT, HAS_RIGHT)
-                s = tl.where(vis, s, float("-inf"))
-            if MASK_KIND != 0:
-                s = _apply_mask(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mm,
-                                stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
+            s = _hide(qk * qk_scale, mask_base, offs_m[:, None], offs_n[None, :], kv_len,
+                      off, left, right, stride_mm, stride_mn, Sq, Skv,
+                      MASKED, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS)  # log2 units
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen only hidden keys keeps max -inf; shifting by 0 keeps
             # exp at 0.
@@ -378,18 +397,11 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
         do = _load_tile(do_base + offs_m[:, None] * stride_dom
                         + offs_dv[None, :] * stride_dod, row_ok[:, None],
                         offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
-        # Dead rows (lse = -inf) and rows past Sq: lse = +inf makes their p exactly 0.
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
-        if MASKED:
-            vis = _visible(offs_m[None, :], offs_n[:, None], kv_len, off, left, right,
-                           HAS_LEFT, HAS_RIGHT)
-            st = tl.where(vis, st, float("-inf"))
-        if MASK_KIND != 0:
-            st = _apply_mask(st, mask_base, offs_m[None, :], offs_n[:, None], stride_mm,
-                             stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
+        lse, delta = _row_stats(lse_base + offs_m, delta_base + offs_m, row_ok)
+        # (BLOCK_N, BLOCK_M): scores transposed
+        st = _hide(tl.dot(k, tl.trans(q)) * qk_scale, mask_base, offs_m[None, :],
+                   offs_n[:, None], kv_len, off, left, right, stride_mm, stride_mn, Sq, Skv,
+                   MASKED, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS)
         pt = tl.exp2(st - lse[None, :])
         dpt = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
@@ -489,14 +501,9 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d,
         v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                        col_ok[:, None], offs_dv[None, :] < HEAD_DV, MASKED,
                        HEAD_DV != BLOCK_DV)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if MASKED:
-            vis = _visible(offs_m[:, None], offs_n[None, :], kv_len, off, left, right,
-                           HAS_LEFT, HAS_RIGHT)
-            s = tl.where(vis, s, float("-inf"))
-        if MASK_KIND != 0:
-            s = _apply_mask(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mm,
-                            stride_mn, Sq, Skv, MASK_KIND, MASK_ROWS)
+        s = _hide(tl.dot(q, tl.trans(k)) * qk_scale, mask_base, offs_m[:, None],
+                  offs_n[None, :], kv_len, off, left, right, stride_mm, stride_mn, Sq, Skv,
+                  MASKED, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
@@ -546,9 +553,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, LENGTHS,
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                     + offs_dv[None, :] * stride_dod, row_ok[:, None],
                     offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
-    lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
+    lse, delta = _row_stats(LSE + bh.to(tl.int64) * Sq + offs_m,
+                            DELTA + bh.to(tl.int64) * Sq + offs_m, row_ok)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     mask_base = MASK + b * stride_mb + h * stride_mh

@@ -90,7 +90,7 @@ for step in "${steps[@]}"; do
             --budget "$(( ${KERNEL_S:-240} - 30 ))" > "$results/triton-kernel.log" 2>&1
         echo "triton-kernel: exit $?"; tail -n 30 "$results/triton-kernel.log" ;;
     host-overhead)
-        timeout 120 python3 benchmarks/host_overhead.py --out "$results" \
+        timeout 120 python3 benchmarks/host_overhead.py --out "$results" --profile triton \
             > "$results/host-overhead.log" 2>&1
         echo "host-overhead: exit $?"; cat "$results/host-overhead.log" ;;
     verify-fp16)

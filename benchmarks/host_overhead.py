@@ -7,11 +7,18 @@ whose Python takes longer than its kernels is timed at its host cost. This launc
 many calls on a tiny input (B=1, H=2, S=64, D=64, bf16: microseconds of GPU work) with
 one synchronize at the end, so the time per call is the host's: validation, dispatch,
 Triton's launcher, autograd. Prints a table and writes DIR/host_overhead.json.
+
+--profile IMPL also runs IMPL's forward+backward under cProfile and writes where the host
+time goes to DIR/host_profile_IMPL.txt (the functions with the most time of their own,
+and the most time in all).
 """
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import time
 
 import torch
@@ -39,6 +46,8 @@ def per_call_us(fn, calls: int = 300, trials: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--profile", action="append", default=[], metavar="IMPL",
+                        help="profile IMPL's forward+backward (repeatable)")
     args = parser.parse_args()
     q, k, v, grad = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
                      for _ in range(4))
@@ -59,6 +68,25 @@ def main() -> None:
             rows.append(row)
             print(f"{impl:7s} {'causal' if causal else 'full  '} forward {row['fwd_us']:6.1f} us"
                   f"  forward+backward {row['fwd_bwd_us']:6.1f} us", flush=True)
+    for impl in args.profile:
+        def forward_backward(impl=impl):
+            out = attention(q, k, v, impl=impl)
+            torch.autograd.grad(out, (q, k, v), grad)
+
+        per_call_us(forward_backward, calls=10, trials=1)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(200):
+            forward_backward()
+        torch.cuda.synchronize()
+        profiler.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+        with open(os.path.join(args.out, f"host_profile_{impl}.txt"), "w") as f:
+            f.write(f"200 calls of forward+backward, b1 h2 s64 d64 bfloat16\n{text.getvalue()}")
+        print(text.getvalue()[:6000])
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "shape": "b1 h2 s64 d64 bfloat16", "rows": rows}
     with open(os.path.join(args.out, "host_overhead.json"), "w") as f:

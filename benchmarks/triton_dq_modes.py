@@ -88,6 +88,8 @@ def main() -> None:
                 print("budget spent", flush=True)
                 save()
                 return
+            if mode == "ordered" and not causal:
+                continue  # falls back to "kernel"
             fused_triton._dq_mode = mode
             got = grads(q, k, v, grad, causal)
             again = grads(q, k, v, grad, causal)

@@ -16,13 +16,12 @@ import pytest
 
 pytest.importorskip("triton")
 
-# (head dim, (left bounded, right bounded), key lengths, mask kind: 0 none/1 add/2 bool,
-# dropout, how the backward gets dq: an index into fused_triton.DQ_MODES)
+# (head dim, (left bounded, right bounded), key lengths, mask kind: 0 none/1 add/2 bool, dropout)
 FLAG_SETS = [
-    (64, (False, False), False, 0, False, 0),
-    (128, (False, True), True, 1, False, 2),
-    (80, (True, True), True, 2, True, 1),
-    (256, (False, True), False, 0, False, 2),
+    (64, (False, False), False, 0, False),
+    (128, (False, True), True, 1, False),
+    (80, (True, True), True, 2, True),
+    (256, (False, True), False, 0, False),
 ]
 
 
@@ -39,10 +38,7 @@ def _signature(fn, mask_kind: int) -> dict[str, str]:
     """Triton types for the kernel's arguments, by the names the kernels use."""
     tensors = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64",
-                "MASK": "*u8" if mask_kind == 2 else "*bf16", "TURNS": "*i32", "FAULTS": "*i32"}
-    if "TURNS" in fn.arg_names:  # the dK/dV kernel adds dq into a float32 buffer
-        pointers["DQ"] = "*fp32"
-        tensors = tensors - {"DQ"}
+                "MASK": "*u8" if mask_kind == 2 else "*bf16"}
     sig = {}
     for name, param in zip(fn.arg_names, fn.params, strict=True):
         if param.is_constexpr:
@@ -74,16 +70,14 @@ def _compile_all() -> int:
                        options={"num_warps": num_warps, "num_stages": num_stages})
 
     count = 0
-    for d, (left, right), lengths, mask_kind, dropout, dq_mode in FLAG_SETS:
+    for d, (left, right), lengths, mask_kind, dropout in FLAG_SETS:
         flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=triton.next_power_of_2(d),
                      BLOCK_DV=triton.next_power_of_2(d), HAS_LEFT=left, HAS_RIGHT=right,
                      WINDOWED=left or right, HAS_LENGTHS=lengths, MASK_KIND=mask_kind,
                      MASK_ROWS=False, DROPOUT=dropout,
-                     NEG_SCALE=dropout,  # rides on dropout's sets: both values compiled
-                     DQ_MODE=dq_mode, MAX_SPINS=ft._MAX_SPINS)
+                     NEG_SCALE=dropout)  # rides on dropout's sets: both values compiled
         wide = d > 128  # _prune's small tiles for wide heads
-        dkdv_configs = ft._DKDV_DQ_CONFIGS if dq_mode else ft._DKDV_CONFIGS
-        tiles = ((ft._fwd_kernel, ft._FWD_CONFIGS), (ft._bwd_dkdv_kernel, dkdv_configs),
+        tiles = ((ft._fwd_kernel, ft._FWD_CONFIGS), (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
                  (ft._bwd_dq_kernel, ft._DQ_CONFIGS))
         for kernel, configs in tiles:
             m, n, warps, stages = (32, 32, 4, 1) if wide else configs[-1]

@@ -50,28 +50,21 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
-# dK/dV with dq added in: one more (BLOCK_M, HEAD_D) accumulator live per query block.
-_DKDV_DQ_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2),
-                    (64, 128, 8, 3)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 _DELTA_BLOCK = 64
 
 
 def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    if "DQ_MODE" in args:  # the dK/dV kernel: its own list with dq added in
-        wanted = _DKDV_DQ_CONFIGS if args["DQ_MODE"] else _DKDV_CONFIGS
-        configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                          c.num_warps, c.num_stages) in wanted]
     # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only.
+    args = {**named_args, **kwargs}
     if max(args["HEAD_D"], args["HEAD_DV"]) <= 128:
         return configs
     return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
 
-def _tuned(configs, key=tuple(_TUNE_KEY)):
+def _tuned(configs):
     if triton is None or _INTERPRET:
         return lambda fn: fn
     # Triton >= 3.2 can keep each key's tuning result in its on-disk cache, so a second
@@ -80,7 +73,7 @@ def _tuned(configs, key=tuple(_TUNE_KEY)):
     return triton.autotune(
         [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
          for m, n, w, s in configs],
-        key=list(key),
+        key=_TUNE_KEY,
         prune_configs_by={"early_config_prune": _prune},
         **on_disk,
     )
@@ -229,20 +222,6 @@ def _row_stats(lse_ptrs, delta_ptrs, row_ok):
     lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     return lse, tl.load(delta_ptrs, mask=row_ok, other=0.0)
-
-
-@_jit
-def _wait_turn(turn_ptr, expected, faults, MAX_SPINS: tl.constexpr):
-    """Spin until the counter at turn_ptr reads `expected` (acquire). Gives up after
-    MAX_SPINS reads and counts a fault instead of hanging: the sum stays right, only its
-    order (and with it bitwise determinism) is then lost, and the tests check faults."""
-    seen = tl.atomic_add(turn_ptr, 0, sem="acquire")
-    spins = 0
-    while (seen != expected) & (spins < MAX_SPINS):
-        seen = tl.atomic_add(turn_ptr, 0, sem="acquire")
-        spins += 1
-    if seen != expected:
-        tl.atomic_add(faults, 1)
 
 
 @_jit
@@ -402,17 +381,14 @@ def _bwd_delta_kernel(Out, DO, DELTA,
 
 @_jit
 def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-                 dq_base, turn_base, faults, offs_n, offs_d, offs_dv, start, end,
+                 offs_n, offs_d, offs_dv, start, end,
                  stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                 stride_dqm, stride_dqd, Sq, Skv, kv_len, off, left, right, qk_scale, scale,
-                 seed, bh, drop_p, n_idx, last_block,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-                 HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                 DQ_MODE: tl.constexpr, MAX_SPINS: tl.constexpr):
-    """Add query blocks [start, end) of one query head into the key block's (dk, dv), and
-    with DQ_MODE != 0 this key block's share of their dq into dq_base (float32)."""
+                 Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+                 BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr):
+    """Add query blocks [start, end) of one query head into the key block's (dk, dv)."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
@@ -435,30 +411,14 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
             dpt = tl.where(keep, dpt * inv, 0.0)
         else:
             dv = tl.dot(pt.to(do.dtype), do, dv)
-        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-        dk = tl.dot(dst, q, dk)
-        if DQ_MODE != 0:
-            dq = tl.dot(tl.trans(dst), k) * scale  # (BLOCK_M, BLOCK_D)
-            dq_ptrs = dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-            if DQ_MODE == 2:
-                # Key blocks add into a query block one at a time, the last one first
-                # (the program order, so every wait is on a program launched earlier):
-                # the sum's order, and so its bits, are the same every run.
-                m_block = start_m // BLOCK_M
-                last_seen = ((m_block + 1) * BLOCK_M + off + right - 1) // BLOCK_N
-                _wait_turn(turn_base + m_block, tl.minimum(last_seen, last_block) - n_idx,
-                           faults, MAX_SPINS)
-            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D),
-                          sem="relaxed")
-            if DQ_MODE == 2:
-                tl.debug_barrier()  # every thread's adds are issued before the release
-                tl.atomic_add(turn_base + m_block, 1, sem="release")
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk)
     return dk, dv
 
 
-@_tuned(sorted(set(_DKDV_CONFIGS + _DKDV_DQ_CONFIGS)), key=(*_TUNE_KEY, "DQ_MODE"))
+@_tuned(_DKDV_CONFIGS)
 @_jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS, DQ, TURNS, FAULTS,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
@@ -466,19 +426,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS, DQ, TURNS, 
                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                      stride_mb, stride_mh, stride_mm, stride_mn,
-                     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                      Hq, Hkv, group, Sq, Skv, left, right, qk_scale, scale, seed, drop_p,
-                     turns_per_head, SEQ_BUCKET, ROWS_BUCKET,
+                     SEQ_BUCKET, ROWS_BUCKET,
                      HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                      HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                      MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
-                     DQ_MODE: tl.constexpr, MAX_SPINS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
-    if DQ_MODE == 2:  # last key block first: see _dkdv_blocks
-        pid_n = tl.num_programs(0) - 1 - pid_n
     bkv = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
@@ -509,17 +465,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS, DQ, TURNS, 
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         mask_base = MASK + b * stride_mb + h * stride_mh
-        dq_base = DQ + b * stride_dqb + h * stride_dqh
         for part in tl.static_range(3):  # as in the forward: checks on the edges only
             start, end = _segment(part, lo, full_lo, full_hi, hi)
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, q_base, do_base, LSE + bh * Sq, DELTA + bh * Sq, mask_base,
-                dq_base, TURNS + bh * turns_per_head, FAULTS, offs_n, offs_d, offs_dv,
-                start, end, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
-                stride_mn, stride_dqm, stride_dqd, Sq, Skv, kv_len, off, left, right,
-                qk_scale, scale, seed, bh, drop_p, pid_n, (kv_len - 1) // BLOCK_N,
-                BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-                HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, DQ_MODE, MAX_SPINS)
+                offs_n, offs_d, offs_dv, start, end,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+                BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
+                HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -765,33 +719,6 @@ def _forward(call: AttentionCall, seed: int,
     return out, lse
 
 
-# How the backward gets dq: "kernel", a second kernel that walks the key blocks again for
-# each query block (recomputing two of its three matmuls); "atomic", the dK/dV kernel adds
-# each key block's share into a float32 buffer, in whatever order the blocks finish (not
-# bitwise repeatable); "ordered", the same adds taken in a fixed order (causal-type
-# windows only, where the order costs little waiting; other calls use "kernel").
-DQ_MODES = ("kernel", "atomic", "ordered")
-_dq_mode = os.environ.get("ATTNKIT_TRITON_DQ", "kernel")
-# A wait for a turn that has not come after this many reads is a bug: give up, count it.
-_MAX_SPINS = 64 if _INTERPRET else 1 << 20
-_FAULTS: dict[torch.device, Tensor] = {}
-
-
-def order_faults(device: torch.device) -> int:
-    """How many "ordered" dq adds on `device` gave up waiting for their turn (a bug)."""
-    faults = _FAULTS.get(torch.device(device))
-    return 0 if faults is None else int(faults.item())
-
-
-def _dq_mode_for(call: AttentionCall) -> int:
-    if _dq_mode not in DQ_MODES:
-        raise ValueError(f"ATTNKIT_TRITON_DQ must be one of {DQ_MODES}, got {_dq_mode!r}")
-    has_right = call.causal or (call.window is not None and call.window[1] is not None)
-    if _dq_mode == "ordered" and not has_right:
-        return 0
-    return DQ_MODES.index(_dq_mode)
-
-
 def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
               configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
     """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
@@ -808,31 +735,17 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
         HEAD_DV=flags["HEAD_DV"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=_DELTA_BLOCK,
     )
     dq, dk, dv = _empty_grads(q, k, v)
-    mode = _dq_mode_for(call)
-    turns_per_head = _cdiv(Sq, 16) if mode == 2 else 0  # one turn counter per query block
-    if mode:
-        dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        turns = torch.zeros(max(B * Hq * turns_per_head, 1), dtype=torch.int32,
-                            device=q.device)
-        faults = _FAULTS.get(q.device)
-        if faults is None:
-            faults = _FAULTS[q.device] = torch.zeros(1, dtype=torch.int32, device=q.device)
-    else:
-        dq_sum, turns, faults = dq, lse, lse  # never touched with DQ_MODE = 0
-    common = (call.scale, seed, drop_p)
+    common = (call.scale, seed, drop_p, *buckets)
     tune_key = _tune_key(flags, buckets, q, dout, mask, lengths)
     _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(Skv, meta["BLOCK_N"]), B * Hkv), (
-        q, k, v, dout, lse, delta, dk, dv, mask, lengths, dq_sum, turns, faults,
+        q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        *mask_strides, *dq_sum.stride(), Hq, Hkv, call.group, Sq, Skv, left, right,
-        qk_scale, *common, turns_per_head, *buckets,
-    ), {**flags, "DQ_MODE": mode, "MAX_SPINS": _MAX_SPINS}, (*tune_key, mode), configs[0])
-    if mode:
-        return dq.copy_(dq_sum), dk, dv
+        *mask_strides, Hq, Hkv, call.group, Sq, Skv, left, right, qk_scale, *common,
+    ), flags, tune_key, configs[0])
     _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
         q, k, v, dout, lse, delta, dq, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common, *buckets,
+        *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common,
     ), flags, tune_key, configs[1])
     return dq, dk, dv
 

@@ -46,6 +46,8 @@ def per_call_us(fn, calls: int = 300, trials: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), metavar="IMPL",
+                        help=f"implementations to time (default: {' '.join(IMPLS)})")
     parser.add_argument("--profile", action="append", default=[], metavar="IMPL",
                         help="profile IMPL's forward+backward (repeatable)")
     args = parser.parse_args()
@@ -53,7 +55,7 @@ def main() -> None:
                      for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     rows = []
-    for impl in IMPLS:
+    for impl in args.impls:
         for causal in (False, True):
             def forward(impl=impl, causal=causal):
                 with torch.no_grad():

@@ -31,7 +31,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert f"compiled {3 * len(FLAG_SETS) + 1} kernels" in done.stdout
+    assert f"compiled {3 * len(FLAG_SETS)} kernels" in done.stdout
 
 
 def _signature(fn, mask_kind: int) -> dict[str, str]:
@@ -83,8 +83,7 @@ def _compile_all() -> int:
             m, n, warps, stages = (32, 32, 4, 1) if wide else configs[-1]
             compile_one(kernel, {**flags, "BLOCK_M": m, "BLOCK_N": n}, warps, stages, mask_kind)
             count += 1
-    compile_one(ft._bwd_delta_kernel, {"HEAD_DV": 64, "BLOCK_DV": 64, "BLOCK_M": 64}, 4, 1, 0)
-    return count + 1
+    return count
 
 
 if __name__ == "__main__":

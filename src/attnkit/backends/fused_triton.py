@@ -1,10 +1,10 @@
 """`triton`: fused FlashAttention-2 style forward and backward kernels written in Triton.
 
 Forward: one program per (query block, batch * query head) walks the key blocks it can
-see with an online softmax, so nothing of size Sq x Skv is ever stored. Backward: delta =
-rowsum(dO * O); one program per (key block, batch * kv head) accumulates dK, dV over the
-query blocks of every query head of its group (deterministic, no atomics); one program
-per (query block, batch * query head) accumulates dQ.
+see with an online softmax, so nothing of size Sq x Skv is ever stored. Backward: one program
+per (query block, batch * query head) accumulates dQ, and first stores its rows' delta =
+rowsum(dO * O); then one program per (key block, batch * kv head) accumulates dK, dV over
+the query blocks of every query head of its group (deterministic, no atomics).
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
 i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off
@@ -52,7 +52,6 @@ _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
-_DELTA_BLOCK = 64
 
 
 def _prune(configs, named_args, **kwargs):
@@ -216,12 +215,11 @@ def _hide(s, mask_base, qi, kj, kv_len, off, left, right, stride_mm, stride_mn, 
 
 
 @_jit
-def _row_stats(lse_ptrs, delta_ptrs, row_ok):
-    """The backward's per-row lse (log2 units) and delta. Dead rows (lse = -inf) and rows
-    past Sq get lse = +inf, which makes their p exactly 0."""
+def _row_lse(lse_ptrs, row_ok):
+    """The backward's per-row lse in log2 units. Dead rows (lse = -inf) and rows past Sq
+    get +inf, which makes their p exactly 0."""
     lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    return lse, tl.load(delta_ptrs, mask=row_ok, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
 
 
 @_jit
@@ -359,27 +357,6 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
 # Backward
 # ---------------------------------------------------------------------------------------
 @_jit
-def _bwd_delta_kernel(Out, DO, DELTA,
-                      stride_ob, stride_oh, stride_om, stride_od,
-                      stride_dob, stride_doh, stride_dom, stride_dod,
-                      Hq, Sq, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    inb = (offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DV)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
-                + offs_dv[None, :] * stride_od, mask=inb, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod, mask=inb, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
-
-
-@_jit
 def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
                  offs_n, offs_d, offs_dv, start, end,
                  stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
@@ -397,7 +374,8 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
         do = _load_tile(do_base + offs_m[:, None] * stride_dom
                         + offs_dv[None, :] * stride_dod, row_ok[:, None],
                         offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
-        lse, delta = _row_stats(lse_base + offs_m, delta_base + offs_m, row_ok)
+        lse = _row_lse(lse_base + offs_m, row_ok)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         # (BLOCK_N, BLOCK_M): scores transposed
         st = _hide(tl.dot(k, tl.trans(q)) * qk_scale, mask_base, offs_m[None, :],
                    offs_n[:, None], kv_len, off, left, right, stride_mm, stride_mn, Sq, Skv,
@@ -516,10 +494,11 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d,
 
 @_tuned(_DQ_CONFIGS)
 @_jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, LENGTHS,
+def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_ob, stride_oh, stride_om, stride_od,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                    stride_mb, stride_mh, stride_mm, stride_mn,
@@ -553,8 +532,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, LENGTHS,
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                     + offs_dv[None, :] * stride_dod, row_ok[:, None],
                     offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
-    lse, delta = _row_stats(LSE + bh.to(tl.int64) * Sq + offs_m,
-                            DELTA + bh.to(tl.int64) * Sq + offs_m, row_ok)
+    o = _load_tile(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                   + offs_dv[None, :] * stride_od, row_ok[:, None],
+                   offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
+    # delta here rather than in a pass of its own: one launch fewer per backward (host
+    # time dominates small calls), and the dK/dV kernel, launched next, reads it.
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, delta, mask=row_ok)
+    lse = _row_lse(LSE + bh.to(tl.int64) * Sq + offs_m, row_ok)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     mask_base = MASK + b * stride_mb + h * stride_mh
@@ -729,24 +714,20 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
 
-    delta = torch.empty_like(lse)
-    _bwd_delta_kernel[(_cdiv(Sq, _DELTA_BLOCK), B * Hq)](
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq,
-        HEAD_DV=flags["HEAD_DV"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=_DELTA_BLOCK,
-    )
+    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     dq, dk, dv = _empty_grads(q, k, v)
     common = (call.scale, seed, drop_p, *buckets)
     tune_key = _tune_key(flags, buckets, q, dout, mask, lengths)
+    _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
+        q, k, v, out, dout, lse, delta, dq, mask, lengths,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
+        *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common,
+    ), flags, tune_key, configs[1])
     _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(Skv, meta["BLOCK_N"]), B * Hkv), (
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *mask_strides, Hq, Hkv, call.group, Sq, Skv, left, right, qk_scale, *common,
     ), flags, tune_key, configs[0])
-    _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
-        q, k, v, dout, lse, delta, dq, mask, lengths,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common,
-    ), flags, tune_key, configs[1])
     return dq, dk, dv
 
 

@@ -1,0 +1,99 @@
+"""Registers and spills of each Triton kernel per tile config, compiled for sm_90 on any
+machine (no GPU needed: Triton's frontend and the ptxas it bundles run on the CPU).
+
+    TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=src python benchmarks/triton_registers.py \
+        [--head-dim 128] [--causal] [--kernel dkdv] [--config M,N,WARPS,STAGES ...] \
+        [--out DIR]
+
+Compiles the forward, dK/dV and dQ kernels under every config of their autotune lists
+(or only the --config ones), specialised as a launch on contiguous (B, H, S, D) tensors
+would be: head-dim strides equal to 1, pointers and the other strides divisible by 16.
+Prints registers per thread, stack bytes per thread (spills: local-memory traffic inside
+the loops) and shared memory per program, from `cuobjdump -res-usage`. The numbers are
+the installed Triton's, which need not be the GPU machine's version.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+import attnkit.backends.fused_triton as ft
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from test_triton_compile import _signature  # noqa: E402  (the kernels' argument types)
+
+KERNELS = {"fwd": (ft._fwd_kernel, ft._FWD_CONFIGS),
+           "dkdv": (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
+           "dq": (ft._bwd_dq_kernel, ft._DQ_CONFIGS)}
+
+
+def source(fn, flags: dict) -> triton.compiler.ASTSource:
+    """fn specialised like a launch on contiguous tensors with 16-aligned sizes."""
+    signature, constexprs, attrs = _signature(fn, mask_kind=0), dict(flags), {}
+    for i, name in enumerate(fn.arg_names):
+        if name.startswith("stride_") and name.endswith("d"):
+            signature[name], constexprs[name] = "constexpr", 1
+        elif signature[name].startswith("*") or name.startswith("stride_") or name in (
+                "Sq", "Skv"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    used = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=used, attrs=attrs)
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    return {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK):(\d+)", text)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES")
+    parser.add_argument("--kernel", action="append", choices=list(KERNELS), default=[],
+                        help="only these kernels (repeatable; default: all three)")
+    parser.add_argument("--out", default=None, help="also write DIR/triton_registers.json")
+    args = parser.parse_args()
+    d = args.head_dim
+    flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=max(16, ft._pow2(d)),
+                 BLOCK_DV=max(16, ft._pow2(d)), HAS_LEFT=False, HAS_RIGHT=args.causal,
+                 WINDOWED=args.causal, HAS_LENGTHS=False, MASK_KIND=0, MASK_ROWS=False,
+                 DROPOUT=False, NEG_SCALE=False)
+    chosen = [tuple(int(x) for x in c.split(",")) for c in args.config]
+    rows = []
+    print(f"sm_90, Triton {triton.__version__}, head dim {d}, "
+          f"{'causal' if args.causal else 'full'}")
+    for name, (kernel, configs) in KERNELS.items():
+        if args.kernel and name not in args.kernel:
+            continue
+        for m, n, warps, stages in chosen or configs:
+            compiled = triton.compile(
+                source(kernel.fn, {**flags, "BLOCK_M": m, "BLOCK_N": n}),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": warps, "num_stages": stages})
+            row = {"kernel": name, "config": [m, n, warps, stages],
+                   "shared": compiled.metadata.shared, **resources(compiled.asm["cubin"])}
+            rows.append(row)
+            print(f"{name:5s} {str((m, n, warps, stages)):18s} registers {row['reg']:3d}  "
+                  f"stack {row['stack']:5d} B  shared {row['shared']:6d} B", flush=True)
+    if args.out:
+        with open(os.path.join(args.out, "triton_registers.json"), "w") as f:
+            json.dump({"triton": triton.__version__, "head_dim": d, "causal": args.causal,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 machine (no GPU needed: Triton's frontend and the ptxas it bundles run on the CPU).
 
     TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=src python benchmarks/triton_registers.py \
-        [--head-dim 128] [--causal] [--kernel dkdv] [--config M,N,WARPS,STAGES ...] \
+        [--head-dim 128] [--causal] [--grouped] [--kernel dkdv] [--config M,N,WARPS,STAGES ...] \
         [--out DIR]
 
 Compiles the forward, dK/dV and dQ kernels under every config of their autotune lists
@@ -62,6 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--grouped", action="store_true",
+                        help="the dK/dV kernel for grouped heads (its loop over a group)")
     parser.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES")
     parser.add_argument("--kernel", action="append", choices=list(KERNELS), default=[],
                         help="only these kernels (repeatable; default: all three)")
@@ -71,7 +73,7 @@ def main() -> None:
     flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=max(16, ft._pow2(d)),
                  BLOCK_DV=max(16, ft._pow2(d)), HAS_LEFT=False, HAS_RIGHT=args.causal,
                  WINDOWED=args.causal, HAS_LENGTHS=False, MASK_KIND=0, MASK_ROWS=False,
-                 DROPOUT=False, NEG_SCALE=False)
+                 DROPOUT=False, NEG_SCALE=False, GROUPED=args.grouped)
     chosen = [tuple(int(x) for x in c.split(",")) for c in args.config]
     rows = []
     print(f"sm_90, Triton {triton.__version__}, head dim {d}, "
@@ -92,7 +94,7 @@ def main() -> None:
     if args.out:
         with open(os.path.join(args.out, "triton_registers.json"), "w") as f:
             json.dump({"triton": triton.__version__, "head_dim": d, "causal": args.causal,
-                       "rows": rows}, f, indent=1)
+                       "grouped": args.grouped, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

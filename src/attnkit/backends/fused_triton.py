@@ -411,7 +411,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                      HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                      MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
@@ -437,7 +437,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
     lo, full_lo, full_hi, hi = _query_range(n0, n_last, Sq, kv_len, off, left, right,
                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
-    for g in range(0, group):  # the group's query heads, summed here: no atomics
+    # The group's query heads are summed here (no atomics). A loop around the three
+    # segment loops costs registers (sm_90: spills at D=128, benchmarks/NOTES.md run 6),
+    # so one query head per kv head compiles without it.
+    heads = group if GROUPED else 1
+    for g in range(0, heads):
         h = kvh * group + g
         bh = b * Hq + h
         q_base = Q + b * stride_qb + h * stride_qh
@@ -727,7 +731,7 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *mask_strides, Hq, Hkv, call.group, Sq, Skv, left, right, qk_scale, *common,
-    ), flags, tune_key, configs[0])
+    ), {**flags, "GROUPED": call.group > 1}, tune_key, configs[0])
     return dq, dk, dv
 
 

@@ -357,16 +357,35 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
 # Backward
 # ---------------------------------------------------------------------------------------
 @_jit
-def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-                 offs_n, offs_d, offs_dv, start, end,
-                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                 Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
+def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_first,
+                 offs_n, offs_d, offs_dv, start, end, heads, bh_first,
+                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                 stride_mh, stride_mm, stride_mn,
+                 Sq, Skv, kv_len, off, left, right, qk_scale, seed, drop_p,
                  BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr):
-    """Add query blocks [start, end) of one query head into the key block's (dk, dv)."""
-    for start_m in range(start, end, BLOCK_M):
+                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+                 GROUPED: tl.constexpr):
+    """Add query blocks [start, end) of `heads` query heads (from the *_first ones on) into
+    the key block's (dk, dv). One flat loop over (head, query block) pairs: a head loop
+    around the block loops costs registers (sm_90, D=128: spills, benchmarks/NOTES.md).
+    GROUPED = False promises heads == 1, which saves the loop its index division."""
+    blocks = (end - start + BLOCK_M - 1) // BLOCK_M
+    for step in range(0, heads * blocks):
+        if GROUPED:
+            g = step // blocks
+            start_m = start + (step - g * blocks) * BLOCK_M
+            g = g.to(tl.int64)
+        else:
+            g = 0
+            start_m = start + step * BLOCK_M
+        q_base = q_first + g * stride_qh
+        do_base = do_first + g * stride_doh
+        lse_base = lse_first + g * Sq
+        delta_base = delta_first + g * Sq
+        mask_base = mask_first + g * stride_mh
+        bh = bh_first + g
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
         q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -437,25 +456,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
     lo, full_lo, full_hi, hi = _query_range(n0, n_last, Sq, kv_len, off, left, right,
                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
-    # The group's query heads are summed here (no atomics). A loop around the three
-    # segment loops costs registers (sm_90: spills at D=128, benchmarks/NOTES.md run 6),
-    # so one query head per kv head compiles without it.
-    heads = group if GROUPED else 1
-    for g in range(0, heads):
-        h = kvh * group + g
-        bh = b * Hq + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        mask_base = MASK + b * stride_mb + h * stride_mh
-        for part in tl.static_range(3):  # as in the forward: checks on the edges only
-            start, end = _segment(part, lo, full_lo, full_hi, hi)
-            dk, dv = _dkdv_blocks(
-                dk, dv, k, v, q_base, do_base, LSE + bh * Sq, DELTA + bh * Sq, mask_base,
-                offs_n, offs_d, offs_dv, start, end,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
-                BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-                HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+    h = kvh * group  # the group's first query head; the group is summed here, no atomics
+    bh = b * Hq + h
+    for part in tl.static_range(3):  # as in the forward: checks on the edges only
+        start, end = _segment(part, lo, full_lo, full_hi, hi)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob
+            + h * stride_doh, LSE + bh * Sq, DELTA + bh * Sq, MASK + b * stride_mb
+            + h * stride_mh, offs_n, offs_d, offs_dv, start, end, group, bh,
+            stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+            stride_mh, stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
+            seed, drop_p, BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED)
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn

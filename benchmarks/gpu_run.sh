@@ -11,7 +11,9 @@
 #   what the autotuner picks, ~1 minute), triton-kernel (benchmarks/triton_kernel.py:
 #   large-shape checks against the oracle, then timings beside SDPA), verify-fp16 (verify
 #   of `triton` alone in float16), host-overhead (benchmarks/host_overhead.py: host time
-#   per call of sdpa, triton and flex on a tiny input)
+#   per call of sdpa, triton and flex on a tiny input, and a profile of triton's),
+#   triton-registers (benchmarks/triton_registers.py under the machine's own Triton:
+#   registers and spills per kernel and tile config, D=64/128, full/causal, MHA/GQA)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations. The bench
 # steps log the Triton autotuner's picks (TRITON_PRINT_AUTOTUNING=1).
@@ -93,6 +95,12 @@ for step in "${steps[@]}"; do
         timeout 120 python3 benchmarks/host_overhead.py --out "$results" --profile triton \
             > "$results/host-overhead.log" 2>&1
         echo "host-overhead: exit $?"; cat "$results/host-overhead.log" ;;
+    triton-registers)
+        for args in "--head-dim 64" "--head-dim 64 --causal" "" "--causal" "--causal --grouped"; do
+            # shellcheck disable=SC2086
+            timeout 120 python3 benchmarks/triton_registers.py $args
+        done > "$results/triton-registers.log" 2>&1
+        cat "$results/triton-registers.log" ;;
     verify-fp16)
         timeout "${VERIFY_S:-330}" python3 -m attnkit.cli verify --no-progress --impl triton \
             --dtype float16 --out "$results/$prefix-verify-fp16-triton" \

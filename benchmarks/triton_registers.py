@@ -18,16 +18,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 
 import attnkit.backends.fused_triton as ft
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from test_triton_compile import _signature  # noqa: E402  (the kernels' argument types)
 
 KERNELS = {"fwd": (ft._fwd_kernel, ft._FWD_CONFIGS),
            "dkdv": (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
@@ -36,7 +32,7 @@ KERNELS = {"fwd": (ft._fwd_kernel, ft._FWD_CONFIGS),
 
 def source(fn, flags: dict) -> triton.compiler.ASTSource:
     """fn specialised like a launch on contiguous tensors with 16-aligned sizes."""
-    signature, constexprs, attrs = _signature(fn, mask_kind=0), dict(flags), {}
+    signature, constexprs, attrs = ft.arg_types(fn, mask_kind=0), dict(flags), {}
     for i, name in enumerate(fn.arg_names):
         if name.startswith("stride_") and name.endswith("d"):
             signature[name], constexprs[name] = "constexpr", 1

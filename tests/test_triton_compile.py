@@ -34,25 +34,6 @@ def test_kernels_compile_for_sm90():
     assert f"compiled {3 * len(FLAG_SETS)} kernels" in done.stdout
 
 
-def _signature(fn, mask_kind: int) -> dict[str, str]:
-    """Triton types for the kernel's arguments, by the names the kernels use."""
-    tensors = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64",
-                "MASK": "*u8" if mask_kind == 2 else "*bf16"}
-    sig = {}
-    for name, param in zip(fn.arg_names, fn.params, strict=True):
-        if param.is_constexpr:
-            sig[name] = "constexpr"
-        elif name in tensors:
-            sig[name] = "*bf16"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        elif name in ("qk_scale", "scale", "drop_p"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
 
 def _compile_all() -> int:
     import triton
@@ -64,7 +45,7 @@ def _compile_all() -> int:
     def compile_one(kernel, constexprs, num_warps, num_stages, mask_kind):
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
         used = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-        source = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, mask_kind),
+        source = triton.compiler.ASTSource(fn=fn, signature=ft.arg_types(fn, mask_kind),
                                            constexprs=used)
         triton.compile(source, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})

@@ -661,6 +661,28 @@ def _mask_args(call: AttentionCall) -> tuple[Tensor, tuple[int, ...]]:
     return mask, _strides(mask)
 
 
+def arg_types(fn, mask_kind: int) -> dict[str, str]:
+    """Triton types of a kernel's arguments (bfloat16 tensors; mask_kind as MASK_KIND), by
+    the names the kernels use: the signature for compiling one ahead of time, with no GPU
+    (tests/test_triton_compile.py, benchmarks/triton_registers.py)."""
+    tensors = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64",
+                "MASK": "*u8" if mask_kind == 2 else "*bf16"}
+    sig = {}
+    for name, param in zip(fn.arg_names, fn.params, strict=True):
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in tensors:
+            sig[name] = "*bf16"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in ("qk_scale", "scale", "drop_p"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
 def autotuned_configs() -> dict[str, dict[str, str]]:
     """What the autotuner chose so far in this process, per kernel and tuning key."""
     kernels = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}

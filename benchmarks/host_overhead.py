@@ -27,6 +27,7 @@ import triton
 from attnkit import attention
 
 IMPLS = ("sdpa", "triton", "flex")
+SHAPE = "b1 h2 s64 d64 bfloat16"
 
 
 def per_call_us(fn, calls: int = 300, trials: int = 5) -> float:
@@ -43,6 +44,19 @@ def per_call_us(fn, calls: int = 300, trials: int = 5) -> float:
     return best * 1e6
 
 
+def calls(q, k, v, grad, impl: str, causal: bool):
+    """The forward (no autograd) and forward+backward calls that get timed."""
+    def forward():
+        with torch.no_grad():
+            attention(q, k, v, causal=causal, impl=impl)
+
+    def forward_backward():
+        out = attention(q, k, v, causal=causal, impl=impl)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return forward, forward_backward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -57,24 +71,14 @@ def main() -> None:
     rows = []
     for impl in args.impls:
         for causal in (False, True):
-            def forward(impl=impl, causal=causal):
-                with torch.no_grad():
-                    attention(q, k, v, causal=causal, impl=impl)
-
-            def forward_backward(impl=impl, causal=causal):
-                out = attention(q, k, v, causal=causal, impl=impl)
-                torch.autograd.grad(out, (q, k, v), grad)
-
+            forward, forward_backward = calls(q, k, v, grad, impl, causal)
             row = {"impl": impl, "causal": causal, "fwd_us": per_call_us(forward),
                    "fwd_bwd_us": per_call_us(forward_backward)}
             rows.append(row)
             print(f"{impl:7s} {'causal' if causal else 'full  '} forward {row['fwd_us']:6.1f} us"
                   f"  forward+backward {row['fwd_bwd_us']:6.1f} us", flush=True)
     for impl in args.profile:
-        def forward_backward(impl=impl):
-            out = attention(q, k, v, impl=impl)
-            torch.autograd.grad(out, (q, k, v), grad)
-
+        _, forward_backward = calls(q, k, v, grad, impl, causal=False)
         per_call_us(forward_backward, calls=10, trials=1)
         profiler = cProfile.Profile()
         profiler.enable()
@@ -87,10 +91,10 @@ def main() -> None:
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(40)
         with open(os.path.join(args.out, f"host_profile_{impl}.txt"), "w") as f:
-            f.write(f"200 calls of forward+backward, b1 h2 s64 d64 bfloat16\n{text.getvalue()}")
+            f.write(f"200 calls of forward+backward, {SHAPE}\n{text.getvalue()}")
         print(text.getvalue()[:6000])
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton.__version__, "shape": "b1 h2 s64 d64 bfloat16", "rows": rows}
+              "triton": triton.__version__, "shape": SHAPE, "rows": rows}
     with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
         json.dump(record, f, indent=1)
 

@@ -4,8 +4,9 @@ Triton's CPU interpreter runs the kernels' Python, which lets through what the c
 rejects (pointer/int arithmetic, constexpr misuse, tuple returns). Triton's own frontend
 and the ptxas it bundles need no GPU, so each kernel is compiled here for a few flag sets
 that cover the code paths: head dims 64/80/128/256, window sides, key lengths, additive
-and bool masks, dropout. The compile runs in a child process, because the test session
-has TRITON_INTERPRET=1 set, and with it triton.jit builds interpreted functions.
+and bool masks, dropout, grouped heads. The compile runs in a child process, because the
+test session has TRITON_INTERPRET=1 set, and with it triton.jit builds interpreted
+functions.
 """
 
 import os
@@ -32,7 +33,6 @@ def test_kernels_compile_for_sm90():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"compiled {3 * len(FLAG_SETS)} kernels" in done.stdout
-
 
 
 def _compile_all() -> int:

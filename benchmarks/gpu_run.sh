@@ -13,7 +13,8 @@
 #   of `triton` alone in float16), host-overhead (benchmarks/host_overhead.py: host time
 #   per call of sdpa, triton and flex on a tiny input, and a profile of triton's),
 #   triton-registers (benchmarks/triton_registers.py under the machine's own Triton:
-#   registers and spills per kernel and tile config, D=64/128, full/causal, MHA/GQA)
+#   registers and spills per kernel and tile config, D=64/128, full/causal, MHA/GQA,
+#   and the forward with TMA loads)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations. The bench
 # steps log the Triton autotuner's picks (TRITON_PRINT_AUTOTUNING=1).
@@ -96,7 +97,8 @@ for step in "${steps[@]}"; do
             > "$results/host-overhead.log" 2>&1
         echo "host-overhead: exit $?"; cat "$results/host-overhead.log" ;;
     triton-registers)
-        for args in "--head-dim 64" "--head-dim 64 --causal" "" "--causal" "--causal --grouped"; do
+        for args in "--head-dim 64" "--head-dim 64 --causal" "" "--causal" "--causal --grouped" \
+                "--kernel fwd --tma" "--kernel fwd --tma --causal"; do
             # shellcheck disable=SC2086
             timeout 120 python3 benchmarks/triton_registers.py $args
         done > "$results/triton-registers.log" 2>&1

@@ -9,7 +9,9 @@ shape it launches every kernel with each config of CANDIDATES given explicitly (
 triton.testing.do_bench (median, after warm-up, random bf16 data), then asks the
 autotuner which config it picks: which configs belong in _FWD_CONFIGS, _DKDV_CONFIGS
 and _DQ_CONFIGS, and whether a slow shape is a tile problem at all (benchmarks/NOTES.md,
-run 5). --tuned-only times just the autotuned kernels, to compare kernel versions.
+run 5). --tuned-only times just the autotuned kernels, to compare kernel versions, and
+the forward under each of its own configs with K/V loads through TMA and through pointers
+(an A/B in one process, where the GPU it runs on takes TMA).
 
 Prints one table per shape and writes every number to DIR/triton_configs.json.
 """
@@ -79,6 +81,14 @@ def sweep(shape: tuple[int, int, int, int, bool], candidates: list) -> dict:
         print(f"  {config}: fwd {fwd and f'{fwd:.3f}'} ms "
               f"({fwd and f'{fl / fwd / 1e9:.0f}'} TFLOP/s); bwd with it as dK/dV "
               f"{dkdv and f'{dkdv:.3f}'} ms, as dQ {dq and f'{dq:.3f}'} ms", flush=True)
+    loads = {}
+    if not candidates and ft._tma_ready(k, v):
+        for config in ft._FWD_CONFIGS:
+            times = [time_ms(lambda c=config, t=tma: ft._forward(call, 0, c, tma=t))
+                     for tma in (True, False)]
+            loads[str(config)] = {"tma_ms": times[0], "pointer_ms": times[1]}
+            print(f"  fwd {config}: TMA {times[0] and f'{times[0]:.3f}'} ms, pointers "
+                  f"{times[1] and f'{times[1]:.3f}'} ms", flush=True)
     tuned_fwd = time_ms(lambda: ft._forward(call, 0))
     tuned_bwd = time_ms(lambda: ft._backward(call, 0, out, lse, dout))
     print(f"  autotuned: fwd {tuned_fwd:.3f} ms ({fl / tuned_fwd / 1e9:.0f} TFLOP/s), "
@@ -87,6 +97,7 @@ def sweep(shape: tuple[int, int, int, int, bool], candidates: list) -> dict:
         "shape": {"batch": b, "heads": h, "seq": s, "head_dim": d, "causal": causal},
         "flops_fwd": fl,
         "rows": rows,
+        "fwd_loads": loads,
         "autotuned": {"fwd_ms": tuned_fwd, "bwd_ms": tuned_bwd,
                       "picked": ft.autotuned_configs()},
     }

@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--grouped", action="store_true",
                         help="the dK/dV kernel for grouped heads (its loop over a group)")
+    parser.add_argument("--tma", action="store_true",
+                        help="the forward loading K and V through TMA descriptors")
     parser.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES")
     parser.add_argument("--kernel", action="append", choices=list(KERNELS), default=[],
                         help="only these kernels (repeatable; default: all three)")
@@ -69,11 +71,11 @@ def main() -> None:
     flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=max(16, ft._pow2(d)),
                  BLOCK_DV=max(16, ft._pow2(d)), HAS_LEFT=False, HAS_RIGHT=args.causal,
                  WINDOWED=args.causal, HAS_LENGTHS=False, MASK_KIND=0, MASK_ROWS=False,
-                 DROPOUT=False, NEG_SCALE=False, GROUPED=args.grouped)
+                 DROPOUT=False, NEG_SCALE=False, GROUPED=args.grouped, TMA=args.tma)
     chosen = [tuple(int(x) for x in c.split(",")) for c in args.config]
     rows = []
     print(f"sm_90, Triton {triton.__version__}, head dim {d}, "
-          f"{'causal' if args.causal else 'full'}")
+          f"{'causal' if args.causal else 'full'}{', TMA' if args.tma else ''}")
     for name, (kernel, configs) in KERNELS.items():
         if args.kernel and name not in args.kernel:
             continue
@@ -90,7 +92,7 @@ def main() -> None:
     if args.out:
         with open(os.path.join(args.out, "triton_registers.json"), "w") as f:
             json.dump({"triton": triton.__version__, "head_dim": d, "causal": args.causal,
-                       "grouped": args.grouped, "rows": rows}, f, indent=1)
+                       "grouped": args.grouped, "tma": args.tma, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def _prune(configs, named_args, **kwargs):
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
 
-def _tuned(configs):
+def _tuned(configs, key=_TUNE_KEY):
     if triton is None or _INTERPRET:
         return lambda fn: fn
     # Triton >= 3.2 can keep each key's tuning result in its on-disk cache, so a second
@@ -72,7 +72,7 @@ def _tuned(configs):
     return triton.autotune(
         [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
          for m, n, w, s in configs],
-        key=_TUNE_KEY,
+        key=key,
         prune_configs_by={"early_config_prune": _prune},
         **on_disk,
     )
@@ -234,7 +234,7 @@ def _dropout_keep(seed, bh, qi, kj, Sq, Skv, drop_p):
 # Forward
 # ---------------------------------------------------------------------------------------
 @_jit
-def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
                 start, end, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
                 seed, bh, drop_p,
@@ -242,16 +242,22 @@ def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, off
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                NEG_SCALE: tl.constexpr):
-    """Fold key blocks [start, end) into the running (acc, m_i, l_i); MASKED = index checks."""
+                NEG_SCALE: tl.constexpr, TMA: tl.constexpr):
+    """Fold key blocks [start, end) into the running (acc, m_i, l_i); MASKED = index checks.
+    k_src, v_src: the (batch, kv head)'s K and V, as pointers, or with TMA as (Skv, D)
+    tensor descriptors, whose loads fill what lies past Skv or D with zeros."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        kt = _load_tile(kt_ptrs, offs_n[None, :] < Skv, offs_d[:, None] < HEAD_D,
-                        MASKED, HEAD_D != BLOCK_D)
-        v = _load_tile(v_ptrs, offs_n[:, None] < Skv, offs_dv[None, :] < HEAD_DV,
-                       MASKED, HEAD_DV != BLOCK_DV)
+        if TMA:
+            kt = k_src.load([start_n, 0]).T
+            v = v_src.load([start_n, 0])
+        else:
+            kt_ptrs = k_src + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            v_ptrs = v_src + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+            kt = _load_tile(kt_ptrs, offs_n[None, :] < Skv, offs_d[:, None] < HEAD_D,
+                            MASKED, HEAD_D != BLOCK_D)
+            v = _load_tile(v_ptrs, offs_n[:, None] < Skv, offs_dv[None, :] < HEAD_DV,
+                           MASKED, HEAD_DV != BLOCK_DV)
         qk = tl.dot(q, kt)  # (BLOCK_M, BLOCK_N), raw scores
         if MASKED or MASK_KIND != 0:
             s = _hide(qk * qk_scale, mask_base, offs_m[:, None], offs_n[None, :], kv_len,
@@ -282,7 +288,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, off
     return acc, m_i, l_i
 
 
-@_tuned(_FWD_CONFIGS)
+@_tuned(_FWD_CONFIGS, _TUNE_KEY + ["TMA"])
 @_jit
 def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 stride_qb, stride_qh, stride_qm, stride_qd,
@@ -296,7 +302,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
-                DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
+                DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr, TMA: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # later query blocks see more keys: start them first
@@ -317,8 +323,13 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
         + offs_d[None, :] * stride_qd
     q = _load_tile(q_ptrs, offs_m[:, None] < Sq, offs_d[None, :] < HEAD_D, True,
                    HEAD_D != BLOCK_D)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    k_src = K + b * stride_kb + kvh * stride_kh
+    v_src = V + b * stride_vb + kvh * stride_vh
+    if TMA:  # the host checked what TMA needs: unit stride along D, 16-byte alignment
+        k_src = tl.make_tensor_descriptor(k_src, [Skv, HEAD_D], [stride_kn, 1],
+                                          [BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_src, [Skv, HEAD_DV], [stride_vn, 1],
+                                          [BLOCK_N, BLOCK_DV])
     mask_base = MASK + b * stride_mb + h * stride_mh
 
     m0 = pid_m * BLOCK_M
@@ -333,11 +344,11 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     for part in tl.static_range(3):
         start, end = _segment(part, lo, full_lo, full_hi, hi)
         acc, m_i, l_i = _fwd_blocks(
-            acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+            acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
             start, end, stride_kn, stride_kd, stride_vn, stride_vd,
             stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh,
             drop_p, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE)
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA)
 
     # A row that saw no key: l = 0, out = 0, lse = -inf.
     dead = l_i == 0.0
@@ -722,14 +733,52 @@ def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
                  num_warps=warps, num_stages=stages)
 
 
-def _forward(call: AttentionCall, seed: int,
-             config: TileConfig | None = None) -> tuple[Tensor, Tensor]:
+def _tma_layout(t: Tensor) -> bool:
+    """Whether TMA can load tiles of the (B, H, S, D) tensor t: unit stride along D, and
+    16-byte aligned (batch, head) bases and rows."""
+    size = t.element_size()
+    return (t.stride(3) == 1 and t.data_ptr() % 16 == 0
+            and all(s * size % 16 == 0 for s in t.stride()[:3]))
+
+
+def _tma_ready(*tensors: Tensor) -> bool:
+    """TMA for these tensors: a Triton that builds descriptors, a Hopper or newer GPU (not
+    the interpreter), and _tma_layout."""
+    if not hasattr(tl, "make_tensor_descriptor") or _INTERPRET:
+        return False
+    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    return all(_tma_layout(t) for t in tensors)
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Kernels that build TMA descriptors on the GPU need Triton's scratch allocator, which
+    is per thread (a ContextVar) and unset by default; a user's own stays in place."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # a Triton without this module: set ours
+        pass
+    triton.set_allocator(_scratch)
+
+
+def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
+             tma: bool | None = None) -> tuple[Tensor, Tensor]:
+    """out, lse; tma: load K and V tiles through TMA (None: wherever _tma_ready)."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     out, lse = _empty_outputs(q, v)
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
+    flags["TMA"] = _tma_ready(k, v) if tma is None else tma
+    if flags["TMA"]:
+        _ensure_allocator()
 
     def grid(meta):
         return (_cdiv(Sq, meta["BLOCK_M"]), B * Hq)
@@ -738,7 +787,7 @@ def _forward(call: AttentionCall, seed: int,
         q, k, v, out, lse, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
         Hq, call.group, Sq, call.seq_kv, left, right, qk_scale, seed, drop_p, *buckets,
-    ), flags, _tune_key(flags, buckets, q, mask, lengths), config)
+    ), flags, (*_tune_key(flags, buckets, q, mask, lengths), flags["TMA"]), config)
     return out, lse
 
 

@@ -71,7 +71,8 @@ def main() -> None:
     flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=max(16, ft._pow2(d)),
                  BLOCK_DV=max(16, ft._pow2(d)), HAS_LEFT=False, HAS_RIGHT=args.causal,
                  WINDOWED=args.causal, HAS_LENGTHS=False, MASK_KIND=0, MASK_ROWS=False,
-                 DROPOUT=False, NEG_SCALE=False, GROUPED=args.grouped, TMA=args.tma)
+                 DROPOUT=False, NEG_SCALE=False, GROUPED=args.grouped, TMA_OK=args.tma,
+                 TMA=args.tma)
     chosen = [tuple(int(x) for x in c.split(",")) for c in args.config]
     rows = []
     print(f"sm_90, Triton {triton.__version__}, head dim {d}, "

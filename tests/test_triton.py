@@ -178,7 +178,7 @@ def test_tma_forward_matches_oracle(device, case):
 
     q, k, v, kwargs = case.make_inputs(device, torch.Generator().manual_seed(9))
     call = make_call(q, k, v, **kwargs)
-    out, lse = ft._forward(call, 0, tma=True)
+    out, lse = ft._forward(call, 0, (32, 16, 4, 1), tma=True)
     want, want_lse = attention(q, k, v, impl="reference", return_lse=True, **kwargs)
     assert rel_err(out, want) < 1e-2
     dead = want_lse == float("-inf")
@@ -200,19 +200,22 @@ def test_tma_layout_check():
 
 def test_launch_remembers_the_autotuners_pick(monkeypatch, device):
     # After a key's first launch _launch skips Triton's Autotuner (whose per-launch key
-    # building costs host time) and launches the kernel with the remembered config.
+    # building costs host time) and launches the kernel with the remembered config, all
+    # of its meta-parameters (the forward's TMA, here FACTOR) as well as its tiles.
     from attnkit.backends import fused_triton as ft
 
     def fake_bench(fn, quantiles=None):  # every config "takes" 1 ms: the first one wins
         fn()
         return [1.0, 1.0, 1.0]
 
-    @triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": 16}, num_warps=1, num_stages=1)
-                      for m in (16, 32)], key=["n"], do_bench=fake_bench)
+    @triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": 16, "FACTOR": 2}, num_warps=1,
+                                    num_stages=1) for m in (16, 32)],
+                     key=["n"], do_bench=fake_bench)
     @triton.jit
-    def double(src, dst, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def double(src, dst, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               FACTOR: tl.constexpr):
         offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(dst + offs, 2 * tl.load(src + offs, mask=offs < n), mask=offs < n)
+        tl.store(dst + offs, FACTOR * tl.load(src + offs, mask=offs < n), mask=offs < n)
 
     monkeypatch.setattr(ft, "_CHOSEN", {})
     src = torch.randn(50, device=device)
@@ -225,7 +228,7 @@ def test_launch_remembers_the_autotuners_pick(monkeypatch, device):
                    tune_key=("n", 50))
         torch.testing.assert_close(dst, 2 * src)
     assert len(runs) == 1  # tuned once, then launched directly
-    assert list(ft._CHOSEN.values()) == [(16, 16, 1, 1)]
+    assert list(ft._CHOSEN.values()) == [({"BLOCK_M": 16, "BLOCK_N": 16, "FACTOR": 2}, 1, 1)]
 
 
 def test_dropout_matches_its_own_mask(device):

@@ -58,6 +58,7 @@ def _compile_all() -> int:
                      MASK_ROWS=False, DROPOUT=dropout,
                      NEG_SCALE=dropout,  # rides on dropout's sets: both values compiled
                      GROUPED=lengths,  # dK/dV's loop over a kv group's heads: on lengths
+                     TMA_OK=not lengths,
                      TMA=not lengths)  # the forward's TMA loads: both values compiled
         wide = d > 128  # _prune's small tiles for wide heads
         tiles = ((ft._fwd_kernel, ft._FWD_CONFIGS), (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),

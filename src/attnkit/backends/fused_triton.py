@@ -44,10 +44,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Each list holds the configs that won somewhere in the H100 sweep
 # (benchmarks/triton_configs.py, results in benchmarks/NOTES.md). BLOCK_M tiles queries
 # and BLOCK_N keys in every kernel; dK/dV keeps a key tile and streams query tiles, dQ
-# the other way round, so they want different shapes. Under the interpreter one small
-# fixed config runs instead (tuning there is slow and means nothing).
+# the other way round, so they want different shapes. The forward also tries
+# _FWD_TMA_CONFIGS with its K/V tiles loaded through TMA, where the tensors allow it
+# (TMA_OK): on the H100 that won at long sequences and lost at short ones (NOTES, run 7).
+# Under the interpreter one small fixed config runs instead (tuning there is slow and
+# means nothing).
 # ---------------------------------------------------------------------------------------
 _FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
+_FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3)]
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
@@ -55,23 +59,32 @@ _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
 def _prune(configs, named_args, **kwargs):
-    # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only.
     args = {**named_args, **kwargs}
+    if not args.get("TMA_OK", False):
+        configs = [c for c in configs if not c.kwargs.get("TMA", False)]
     if max(args["HEAD_D"], args["HEAD_DV"]) <= 128:
         return configs
-    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only.
+    pointers = {"TMA": False} if "TMA" in configs[0].kwargs else {}
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, **pointers}, num_warps=4,
+                          num_stages=2),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, **pointers}, num_warps=4,
+                          num_stages=1)]
 
 
-def _tuned(configs, key=_TUNE_KEY):
+def _tuned(configs, key=_TUNE_KEY, tma_configs=None):
+    """Autotune over configs; with tma_configs (the forward), those with TMA = True and
+    configs with TMA = False."""
     if triton is None or _INTERPRET:
         return lambda fn: fn
+    variants = [(configs, {})] if tma_configs is None else [
+        (configs, {"TMA": False}), (tma_configs, {"TMA": True})]
     # Triton >= 3.2 can keep each key's tuning result in its on-disk cache, so a second
     # process skips the benchmarking and starts with the chosen config.
     on_disk = {"cache_results": True} if _accepts(triton.autotune, "cache_results") else {}
     return triton.autotune(
-        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-         for m, n, w, s in configs],
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
+         for tiles, meta in variants for m, n, w, s in tiles],
         key=key,
         prune_configs_by={"early_config_prune": _prune},
         **on_disk,
@@ -288,7 +301,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_
     return acc, m_i, l_i
 
 
-@_tuned(_FWD_CONFIGS, _TUNE_KEY + ["TMA"])
+@_tuned(_FWD_CONFIGS, _TUNE_KEY + ["TMA_OK"], _FWD_TMA_CONFIGS)
 @_jit
 def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 stride_qb, stride_qh, stride_qm, stride_qd,
@@ -302,8 +315,9 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
-                DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr, TMA: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr, TMA_OK: tl.constexpr,
+                TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # later query blocks see more keys: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -706,10 +720,11 @@ def autotuned_configs() -> dict[str, dict[str, str]]:
 TileConfig = tuple[int, int, int, int]
 
 
-# The autotuner's pick per (kernel, tuning key). Triton's Autotuner rebuilds its key from
-# all ~60 arguments on every launch; after the first launch of a key this looks the
-# config up from a tuple and launches the kernel itself.
-_CHOSEN: dict[tuple, TileConfig] = {}
+# The autotuner's pick per (kernel, tuning key): its meta-parameters (tiles, and for the
+# forward TMA), num_warps, num_stages. Triton's Autotuner rebuilds its key from all ~60
+# arguments on every launch; after the first launch of a key this looks the config up
+# from a tuple and launches the kernel itself.
+_CHOSEN: dict[tuple, tuple[dict, int, int]] = {}
 
 
 def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
@@ -718,19 +733,20 @@ def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
     `tune_key` (which must determine the autotuner's own key: its key arguments and the
     dtypes of the tensors)."""
     tuner = isinstance(kernel, triton.runtime.Autotuner)  # not under the interpreter
-    if config is None and tuner:
-        config = _CHOSEN.get((kernel, tune_key))
-    if config is None:
+    if config is not None:
+        block_m, block_n, warps, stages = config
+        chosen = {"BLOCK_M": block_m, "BLOCK_N": block_n}, warps, stages
+    else:
+        chosen = _CHOSEN.get((kernel, tune_key)) if tuner else None
+    if chosen is None:
         kernel[grid](*args, **flags)
         if tuner:
             best = kernel.best_config
-            _CHOSEN[(kernel, tune_key)] = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"],
-                                           best.num_warps, best.num_stages)
+            _CHOSEN[(kernel, tune_key)] = (best.kwargs, best.num_warps, best.num_stages)
         return
-    block_m, block_n, warps, stages = config
+    meta, warps, stages = chosen
     jitted = kernel.fn if tuner else kernel
-    jitted[grid](*args, **{**flags, "BLOCK_M": block_m, "BLOCK_N": block_n},
-                 num_warps=warps, num_stages=stages)
+    jitted[grid](*args, **{**flags, **meta}, num_warps=warps, num_stages=stages)
 
 
 def _tma_layout(t: Tensor) -> bool:
@@ -769,15 +785,20 @@ def _ensure_allocator() -> None:
 
 def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
              tma: bool | None = None) -> tuple[Tensor, Tensor]:
-    """out, lse; tma: load K and V tiles through TMA (None: wherever _tma_ready)."""
+    """out, lse. The autotuner decides whether K and V tiles load through TMA (where
+    _tma_ready); with a tile config given, tma decides (None: wherever _tma_ready)."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     out, lse = _empty_outputs(q, v)
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
-    flags["TMA"] = _tma_ready(k, v) if tma is None else tma
-    if flags["TMA"]:
+    flags["TMA_OK"] = _tma_ready(k, v) if tma is None else tma
+    if config is not None or not isinstance(_fwd_kernel, triton.runtime.Autotuner):
+        flags["TMA"] = flags["TMA_OK"]
+    elif tma is not None:
+        raise ValueError("tma is chosen by the autotuner unless a tile config is given")
+    if flags["TMA_OK"]:
         _ensure_allocator()
 
     def grid(meta):
@@ -787,7 +808,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
         q, k, v, out, lse, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
         Hq, call.group, Sq, call.seq_kv, left, right, qk_scale, seed, drop_p, *buckets,
-    ), flags, (*_tune_key(flags, buckets, q, mask, lengths), flags["TMA"]), config)
+    ), flags, (*_tune_key(flags, buckets, q, mask, lengths), flags["TMA_OK"]), config)
     return out, lse
 
 

@@ -44,14 +44,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Each list holds the configs that won somewhere in the H100 sweep
 # (benchmarks/triton_configs.py, results in benchmarks/NOTES.md). BLOCK_M tiles queries
 # and BLOCK_N keys in every kernel; dK/dV keeps a key tile and streams query tiles, dQ
-# the other way round, so they want different shapes. The forward also tries
-# _FWD_TMA_CONFIGS with its K/V tiles loaded through TMA, where the tensors allow it
-# (TMA_OK): on the H100 that won at long sequences and lost at short ones (NOTES, run 7).
+# the other way round, so they want different shapes. The forward and dQ, which stream
+# K/V tiles, also try _FWD_TMA_CONFIGS / _DQ_TMA_CONFIGS with those loaded through TMA,
+# where the tensors allow it (TMA_OK): in the forward on the H100 that won at long
+# sequences and lost at short ones (NOTES, run 7).
 # Under the interpreter one small fixed config runs instead (tuning there is slow and
 # means nothing).
 # ---------------------------------------------------------------------------------------
 _FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 _FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3)]
+_DQ_TMA_CONFIGS = [(128, 64, 8, 3)]
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
@@ -243,6 +245,43 @@ def _dropout_keep(seed, bh, qi, kj, Sq, Skv, drop_p):
     return tl.rand(seed, offset) >= drop_p
 
 
+@_jit
+def _kv_sources(K, V, b, kvh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                Skv, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
+    """The (batch, kv head)'s K and V: base pointers, or with TMA (Skv, D) tensor
+    descriptors, whose loads fill what lies past Skv or D with zeros. The host checked
+    what TMA needs (_tma_layout): unit stride along D, 16-byte alignment."""
+    k_src = K + b * stride_kb + kvh * stride_kh
+    v_src = V + b * stride_vb + kvh * stride_vh
+    if TMA:
+        k_src = tl.make_tensor_descriptor(k_src, [Skv, HEAD_D], [stride_kn, 1],
+                                          [BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_src, [Skv, HEAD_DV], [stride_vn, 1],
+                                          [BLOCK_N, BLOCK_DV])
+    return k_src, v_src
+
+
+@_jit
+def _kv_tiles(k_src, v_src, start_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
+              stride_vd, Skv, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+              HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              MASKED: tl.constexpr, TMA: tl.constexpr):
+    """The (BLOCK_N, D) tiles of K and V from key start_n on, from _kv_sources; MASKED:
+    the block may reach past Skv."""
+    if TMA:
+        k = k_src.load([start_n, 0])
+        v = v_src.load([start_n, 0])
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n[:, None] < Skv
+        k = _load_tile(k_src + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       col_ok, offs_d[None, :] < HEAD_D, MASKED, HEAD_D != BLOCK_D)
+        v = _load_tile(v_src + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                       col_ok, offs_dv[None, :] < HEAD_DV, MASKED, HEAD_DV != BLOCK_DV)
+    return k, v
+
+
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
@@ -257,21 +296,13 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_
                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
                 NEG_SCALE: tl.constexpr, TMA: tl.constexpr):
     """Fold key blocks [start, end) into the running (acc, m_i, l_i); MASKED = index checks.
-    k_src, v_src: the (batch, kv head)'s K and V, as pointers, or with TMA as (Skv, D)
-    tensor descriptors, whose loads fill what lies past Skv or D with zeros."""
+    k_src, v_src: from _kv_sources."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if TMA:
-            kt = k_src.load([start_n, 0]).T
-            v = v_src.load([start_n, 0])
-        else:
-            kt_ptrs = k_src + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-            v_ptrs = v_src + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-            kt = _load_tile(kt_ptrs, offs_n[None, :] < Skv, offs_d[:, None] < HEAD_D,
-                            MASKED, HEAD_D != BLOCK_D)
-            v = _load_tile(v_ptrs, offs_n[:, None] < Skv, offs_dv[None, :] < HEAD_DV,
-                           MASKED, HEAD_DV != BLOCK_DV)
-        qk = tl.dot(q, kt)  # (BLOCK_M, BLOCK_N), raw scores
+        k, v = _kv_tiles(k_src, v_src, start_n, offs_d, offs_dv, stride_kn, stride_kd,
+                         stride_vn, stride_vd, Skv, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D,
+                         BLOCK_DV, MASKED, TMA)
+        qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), raw scores
         if MASKED or MASK_KIND != 0:
             s = _hide(qk * qk_scale, mask_base, offs_m[:, None], offs_n[None, :], kv_len,
                       off, left, right, stride_mm, stride_mn, Sq, Skv,
@@ -337,13 +368,9 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
         + offs_d[None, :] * stride_qd
     q = _load_tile(q_ptrs, offs_m[:, None] < Sq, offs_d[None, :] < HEAD_D, True,
                    HEAD_D != BLOCK_D)
-    k_src = K + b * stride_kb + kvh * stride_kh
-    v_src = V + b * stride_vb + kvh * stride_vh
-    if TMA:  # the host checked what TMA needs: unit stride along D, 16-byte alignment
-        k_src = tl.make_tensor_descriptor(k_src, [Skv, HEAD_D], [stride_kn, 1],
-                                          [BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_src, [Skv, HEAD_DV], [stride_vn, 1],
-                                          [BLOCK_N, BLOCK_DV])
+    k_src, v_src = _kv_sources(K, V, b, kvh, stride_kb, stride_kh, stride_kn, stride_vb,
+                               stride_vh, stride_vn, Skv, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D,
+                               BLOCK_DV, TMA)
     mask_base = MASK + b * stride_mb + h * stride_mh
 
     m0 = pid_m * BLOCK_M
@@ -504,22 +531,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
 
 
 @_jit
-def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
                start, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr):
-    """Add key blocks [start, end) into the query block's dq."""
+               MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+               TMA: tl.constexpr):
+    """Add key blocks [start, end) into the query block's dq (k_src, v_src: _kv_sources)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < Skv
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       col_ok[:, None], offs_d[None, :] < HEAD_D, MASKED, HEAD_D != BLOCK_D)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                       col_ok[:, None], offs_dv[None, :] < HEAD_DV, MASKED,
-                       HEAD_DV != BLOCK_DV)
+        k, v = _kv_tiles(k_src, v_src, start_n, offs_d, offs_dv, stride_kn, stride_kd,
+                         stride_vn, stride_vd, Skv, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D,
+                         BLOCK_DV, MASKED, TMA)
         s = _hide(tl.dot(q, tl.trans(k)) * qk_scale, mask_base, offs_m[:, None],
                   offs_n[None, :], kv_len, off, left, right, stride_mm, stride_mn, Sq, Skv,
                   MASKED, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS)
@@ -533,7 +558,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d,
     return dq
 
 
-@_tuned(_DQ_CONFIGS)
+@_tuned(_DQ_CONFIGS, _TUNE_KEY + ["TMA_OK"], _DQ_TMA_CONFIGS)
 @_jit
 def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    stride_qb, stride_qh, stride_qm, stride_qd,
@@ -550,7 +575,9 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                    HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                    MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
+                   TMA_OK: tl.constexpr, TMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # later query blocks see more keys: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -581,8 +608,9 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, delta, mask=row_ok)
     lse = _row_lse(LSE + bh.to(tl.int64) * Sq + offs_m, row_ok)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    k_src, v_src = _kv_sources(K, V, b, kvh, stride_kb, stride_kh, stride_kn, stride_vb,
+                               stride_vh, stride_vn, Skv, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D,
+                               BLOCK_DV, TMA)
     mask_base = MASK + b * stride_mb + h * stride_mh
 
     m0 = pid_m * BLOCK_M
@@ -593,11 +621,11 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
     for part in tl.static_range(3):  # as in the forward: checks on the edges only
         start, end = _segment(part, lo, full_lo, full_hi, hi)
         dq = _dq_blocks(
-            dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, offs_dv,
+            dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
             start, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
             BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, TMA)
 
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
@@ -660,10 +688,12 @@ def _meta(call: AttentionCall, seed: int) -> tuple[tuple, dict]:
     )
     if _INTERPRET:
         flags.update(_INTERPRET_META)
-    # Tuning is redone per (query, key) length bucket, capped so long inputs share one,
-    # and per power of two of query rows in all (B * Hq * Sq, 16k to 512k), which is how
-    # many programs there are to keep the GPU's multiprocessors busy.
-    seq_bucket = (min(_pow2(call.seq_q), 4096) << 13) + min(_pow2(call.seq_kv), 4096)
+    # Tuning is redone per power-of-two (query, key) length bucket, capped at 16k so the
+    # longest inputs share one (a cap at 4k let 4k's pick serve 16k, where larger tiles
+    # and TMA win: NOTES, run 7), and per power of two of query rows in all (B * Hq *
+    # Sq, 16k to 512k), which is how many programs there are to keep the GPU's
+    # multiprocessors busy.
+    seq_bucket = (min(_pow2(call.seq_q), 2**14) << 15) + min(_pow2(call.seq_kv), 2**14)
     rows = call.q.shape[0] * call.heads_q * call.seq_q
     rows_bucket = min(max(_pow2(rows), 2**14), 2**19)
     scalars = (left or 0, right or 0, call.scale * 1.4426950408889634, seed, call.dropout_p,
@@ -783,6 +813,20 @@ def _ensure_allocator() -> None:
     triton.set_allocator(_scratch)
 
 
+def _with_tma(flags: dict, kernel, config: TileConfig | None, tma: bool | None,
+              k: Tensor, v: Tensor) -> dict:
+    """flags for a kernel that can load its K/V tiles through TMA: TMA_OK (tma, or None:
+    _tma_ready) and, unless the autotuner is to choose, TMA itself."""
+    flags = {**flags, "TMA_OK": _tma_ready(k, v) if tma is None else tma}
+    if config is not None or not isinstance(kernel, triton.runtime.Autotuner):
+        flags["TMA"] = flags["TMA_OK"]
+    elif tma is not None:
+        raise ValueError("tma is chosen by the autotuner unless a tile config is given")
+    if flags["TMA_OK"]:
+        _ensure_allocator()
+    return flags
+
+
 def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
              tma: bool | None = None) -> tuple[Tensor, Tensor]:
     """out, lse. The autotuner decides whether K and V tiles load through TMA (where
@@ -793,13 +837,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
-    flags["TMA_OK"] = _tma_ready(k, v) if tma is None else tma
-    if config is not None or not isinstance(_fwd_kernel, triton.runtime.Autotuner):
-        flags["TMA"] = flags["TMA_OK"]
-    elif tma is not None:
-        raise ValueError("tma is chosen by the autotuner unless a tile config is given")
-    if flags["TMA_OK"]:
-        _ensure_allocator()
+    flags = _with_tma(flags, _fwd_kernel, config, tma, k, v)
 
     def grid(meta):
         return (_cdiv(Sq, meta["BLOCK_M"]), B * Hq)
@@ -813,8 +851,10 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 
 
 def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
-              configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
-    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
+              configs: tuple[TileConfig | None, TileConfig | None] = (None, None),
+              tma: bool | None = None):
+    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned;
+    tma: the dQ kernel's K/V loads, as in _forward."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     Hkv, Skv = call.heads_kv, call.seq_kv
@@ -826,11 +866,12 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     dq, dk, dv = _empty_grads(q, k, v)
     common = (call.scale, seed, drop_p, *buckets)
     tune_key = _tune_key(flags, buckets, q, dout, mask, lengths)
+    dq_flags = _with_tma(flags, _bwd_dq_kernel, configs[1], tma, k, v)
     _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
         q, k, v, out, dout, lse, delta, dq, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
         *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common,
-    ), flags, tune_key, configs[1])
+    ), dq_flags, (*tune_key, dq_flags["TMA_OK"]), configs[1])
     _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(Skv, meta["BLOCK_N"]), B * Hkv), (
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),

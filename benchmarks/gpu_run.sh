@@ -14,7 +14,7 @@
 #   per call of sdpa, triton and flex on a tiny input, and a profile of triton's),
 #   triton-registers (benchmarks/triton_registers.py under the machine's own Triton:
 #   registers and spills per kernel and tile config, D=64/128, full/causal, MHA/GQA,
-#   and the forward and dQ with TMA loads)
+#   and the forward with TMA loads)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations. The bench
 # steps log the Triton autotuner's picks (TRITON_PRINT_AUTOTUNING=1).
@@ -98,7 +98,7 @@ for step in "${steps[@]}"; do
         echo "host-overhead: exit $?"; cat "$results/host-overhead.log" ;;
     triton-registers)
         for args in "--head-dim 64" "--head-dim 64 --causal" "" "--causal" "--causal --grouped" \
-                "--kernel fwd --kernel dq --tma" "--kernel fwd --kernel dq --tma --causal"; do
+                "--kernel fwd --tma" "--kernel fwd --tma --causal"; do
             # shellcheck disable=SC2086
             timeout 120 python3 benchmarks/triton_registers.py $args
         done > "$results/triton-registers.log" 2>&1

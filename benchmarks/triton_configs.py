@@ -10,8 +10,8 @@ triton.testing.do_bench (median, after warm-up, random bf16 data), then asks the
 autotuner which config it picks: which configs belong in _FWD_CONFIGS, _DKDV_CONFIGS
 and _DQ_CONFIGS, and whether a slow shape is a tile problem at all (benchmarks/NOTES.md,
 run 5). --tuned-only times just the autotuned kernels, to compare kernel versions, and
-the forward and dQ under each of their TMA configs with K/V loads through TMA and
-through pointers (an A/B in one process, where the GPU it runs on takes TMA).
+the forward under each of its own configs with K/V loads through TMA and through pointers
+(an A/B in one process, where the GPU it runs on takes TMA).
 
 Prints one table per shape and writes every number to DIR/triton_configs.json.
 """
@@ -89,13 +89,6 @@ def sweep(shape: tuple[int, int, int, int, bool], candidates: list) -> dict:
             loads[str(config)] = {"tma_ms": times[0], "pointer_ms": times[1]}
             print(f"  fwd {config}: TMA {times[0] and f'{times[0]:.3f}'} ms, pointers "
                   f"{times[1] and f'{times[1]:.3f}'} ms", flush=True)
-        for config in ft._DQ_TMA_CONFIGS:
-            times = [time_ms(lambda c=config, t=tma: ft._backward(call, 0, out, lse, dout,
-                                                                  (None, c), tma=t))
-                     for tma in (True, False)]
-            loads[f"bwd, dQ {config}"] = {"tma_ms": times[0], "pointer_ms": times[1]}
-            print(f"  bwd with dQ {config}: TMA {times[0] and f'{times[0]:.3f}'} ms, "
-                  f"pointers {times[1] and f'{times[1]:.3f}'} ms", flush=True)
     tuned_fwd = time_ms(lambda: ft._forward(call, 0))
     tuned_bwd = time_ms(lambda: ft._backward(call, 0, out, lse, dout))
     print(f"  autotuned: fwd {tuned_fwd:.3f} ms ({fl / tuned_fwd / 1e9:.0f} TFLOP/s), "

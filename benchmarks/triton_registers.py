@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--grouped", action="store_true",
                         help="the dK/dV kernel for grouped heads (its loop over a group)")
     parser.add_argument("--tma", action="store_true",
-                        help="the forward and dQ loading K and V through TMA descriptors")
+                        help="the forward loading K and V through TMA descriptors")
     parser.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES")
     parser.add_argument("--kernel", action="append", choices=list(KERNELS), default=[],
                         help="only these kernels (repeatable; default: all three)")

@@ -170,10 +170,10 @@ def test_explicit_tile_configs_match_oracle(device, fwd_config, bwd_configs):
     replace(BASE, seq_kv=65, key_lengths=True, mask="padding", dead_rows=True),
     replace(BASE, seq_q=33, seq_kv=65, window=(7, 3), heads_q=4, heads_kv=1),
 ], ids=lambda c: c.name)
-def test_tma_loads_match_oracle(device, case):
-    # The forward's and dQ's K and V tiles through tensor descriptors, forced where
-    # _tma_ready would say no (the interpreter, an older GPU): the loads that replace the
-    # masked pointer loads.
+def test_tma_forward_matches_oracle(device, case):
+    # The forward's K and V tiles through tensor descriptors, forced where _tma_ready
+    # would say no (the interpreter, an older GPU): the loads that replace the masked
+    # pointer loads.
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
@@ -185,10 +185,6 @@ def test_tma_loads_match_oracle(device, case):
     dead = want_lse == float("-inf")
     assert torch.equal(lse == float("-inf"), dead)
     assert (lse[~dead] - want_lse[~dead]).abs().max() < 1e-2
-    grad_out = torch.randn_like(out)
-    dq, _, _ = ft._backward(call, 0, out, lse, grad_out, (None, (32, 16, 4, 1)), tma=True)
-    want_dq, = torch.autograd.grad(want, q, grad_out.double())
-    assert rel_err(dq, want_dq) < 1e-2
 
 
 def test_tma_layout_check():

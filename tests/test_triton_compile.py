@@ -59,7 +59,7 @@ def _compile_all() -> int:
                      NEG_SCALE=dropout,  # rides on dropout's sets: both values compiled
                      GROUPED=lengths,  # dK/dV's loop over a kv group's heads: on lengths
                      TMA_OK=not lengths,
-                     TMA=not lengths)  # forward and dQ's TMA loads: both values compiled
+                     TMA=not lengths)  # the forward's TMA loads: both values compiled
         wide = d > 128  # _prune's small tiles for wide heads
         tiles = ((ft._fwd_kernel, ft._FWD_CONFIGS), (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
                  (ft._bwd_dq_kernel, ft._DQ_CONFIGS))

@@ -44,16 +44,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Each list holds the configs that won somewhere in the H100 sweep
 # (benchmarks/triton_configs.py, results in benchmarks/NOTES.md). BLOCK_M tiles queries
 # and BLOCK_N keys in every kernel; dK/dV keeps a key tile and streams query tiles, dQ
-# the other way round, so they want different shapes. The forward and dQ, which stream
-# K/V tiles, also try _FWD_TMA_CONFIGS / _DQ_TMA_CONFIGS with those loaded through TMA,
-# where the tensors allow it (TMA_OK): in the forward on the H100 that won at long
-# sequences and lost at short ones (NOTES, run 7).
+# the other way round, so they want different shapes. The forward also tries
+# _FWD_TMA_CONFIGS with its K/V tiles loaded through TMA, where the tensors allow it
+# (TMA_OK): on the H100 that won at long sequences and lost at short ones. dQ streams
+# K/V tiles too, but through TMA under Triton 3.6 it compiled or ran pathologically
+# slowly (NOTES, run 7), so it keeps pointer loads.
 # Under the interpreter one small fixed config runs instead (tuning there is slow and
 # means nothing).
 # ---------------------------------------------------------------------------------------
 _FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 _FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3)]
-_DQ_TMA_CONFIGS = [(128, 64, 8, 3)]
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
@@ -558,7 +558,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, o
     return dq
 
 
-@_tuned(_DQ_CONFIGS, _TUNE_KEY + ["TMA_OK"], _DQ_TMA_CONFIGS)
+@_tuned(_DQ_CONFIGS)
 @_jit
 def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    stride_qb, stride_qh, stride_qm, stride_qd,
@@ -575,9 +575,7 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                    HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                    MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
-                   TMA_OK: tl.constexpr, TMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # later query blocks see more keys: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -610,7 +608,7 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
     lse = _row_lse(LSE + bh.to(tl.int64) * Sq + offs_m, row_ok)
     k_src, v_src = _kv_sources(K, V, b, kvh, stride_kb, stride_kh, stride_kn, stride_vb,
                                stride_vh, stride_vn, Skv, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D,
-                               BLOCK_DV, TMA)
+                               BLOCK_DV, False)
     mask_base = MASK + b * stride_mb + h * stride_mh
 
     m0 = pid_m * BLOCK_M
@@ -625,7 +623,7 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
             start, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
             BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, TMA)
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, False)
 
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
@@ -851,10 +849,8 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 
 
 def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
-              configs: tuple[TileConfig | None, TileConfig | None] = (None, None),
-              tma: bool | None = None):
-    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned;
-    tma: the dQ kernel's K/V loads, as in _forward."""
+              configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
+    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     Hkv, Skv = call.heads_kv, call.seq_kv
@@ -866,12 +862,11 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     dq, dk, dv = _empty_grads(q, k, v)
     common = (call.scale, seed, drop_p, *buckets)
     tune_key = _tune_key(flags, buckets, q, dout, mask, lengths)
-    dq_flags = _with_tma(flags, _bwd_dq_kernel, configs[1], tma, k, v)
     _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
         q, k, v, out, dout, lse, delta, dq, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
         *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common,
-    ), dq_flags, (*tune_key, dq_flags["TMA_OK"]), configs[1])
+    ), flags, tune_key, configs[1])
     _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(Skv, meta["BLOCK_N"]), B * Hkv), (
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),

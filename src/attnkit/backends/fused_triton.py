@@ -4,7 +4,9 @@ Forward: one program per (query block, batch * query head) walks the key blocks 
 see with an online softmax, so nothing of size Sq x Skv is ever stored. Backward: one program
 per (query block, batch * query head) accumulates dQ, and first stores its rows' delta =
 rowsum(dO * O); then one program per (key block, batch * kv head) accumulates dK, dV over
-the query blocks of every query head of its group (deterministic, no atomics).
+the query blocks of every query head of its group (deterministic, no atomics). On Hopper
+and newer, the forward can load its K/V tiles through TMA descriptors, where their layout
+allows and the autotuner finds it faster (long sequences).
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
 i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off

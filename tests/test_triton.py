@@ -199,6 +199,20 @@ def test_tma_layout_check():
     assert not _tma_layout(narrow)
 
 
+def test_prune_offers_tma_configs_only_where_allowed():
+    # TMA configs are autotuned beside pointer ones only where the host found the layout
+    # fit (TMA_OK); wide heads get the small pointer tiles, still naming TMA for the forward.
+    from attnkit.backends.fused_triton import _prune
+
+    configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TMA": tma}, num_warps=4,
+                             num_stages=3) for tma in (False, True)]
+    heads = {"HEAD_D": 128, "HEAD_DV": 128}
+    assert _prune(configs, heads, TMA_OK=True) == configs
+    assert [c.kwargs["TMA"] for c in _prune(configs, heads, TMA_OK=False)] == [False]
+    wide = _prune(configs, {"HEAD_D": 256, "HEAD_DV": 256}, TMA_OK=True)
+    assert [(c.kwargs["BLOCK_N"], c.kwargs["TMA"]) for c in wide] == [(32, False), (32, False)]
+
+
 def test_launch_remembers_the_autotuners_pick(monkeypatch, device):
     # After a key's first launch _launch skips Triton's Autotuner (whose per-launch key
     # building costs host time) and launches the kernel with the remembered config, all

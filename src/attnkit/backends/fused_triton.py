@@ -19,6 +19,7 @@ itself unavailable.
 """
 
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -265,17 +266,16 @@ def _kv_sources(K, V, b, kvh, stride_kb, stride_kh, stride_kn, stride_vb, stride
 
 
 @_jit
-def _kv_tiles(k_src, v_src, start_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
-              stride_vd, Skv, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-              HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              MASKED: tl.constexpr, TMA: tl.constexpr):
-    """The (BLOCK_N, D) tiles of K and V from key start_n on, from _kv_sources; MASKED:
-    the block may reach past Skv."""
+def _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_kd,
+              stride_vn, stride_vd, Skv, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+              TMA: tl.constexpr):
+    """The (BLOCK_N, D) tiles of K and V for keys offs_n = start_n + arange(BLOCK_N),
+    from _kv_sources; MASKED: the block may reach past Skv."""
     if TMA:
         k = k_src.load([start_n, 0])
         v = v_src.load([start_n, 0])
     else:
-        offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n[:, None] < Skv
         k = _load_tile(k_src + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                        col_ok, offs_d[None, :] < HEAD_D, MASKED, HEAD_D != BLOCK_D)
@@ -301,8 +301,8 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_
     k_src, v_src: from _kv_sources."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _kv_tiles(k_src, v_src, start_n, offs_d, offs_dv, stride_kn, stride_kd,
-                         stride_vn, stride_vd, Skv, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D,
+        k, v = _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn,
+                         stride_kd, stride_vn, stride_vd, Skv, HEAD_D, HEAD_DV, BLOCK_D,
                          BLOCK_DV, MASKED, TMA)
         qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), raw scores
         if MASKED or MASK_KIND != 0:
@@ -539,14 +539,14 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, o
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-               TMA: tl.constexpr):
-    """Add key blocks [start, end) into the query block's dq (k_src, v_src: _kv_sources)."""
+               MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr):
+    """Add key blocks [start, end) into the query block's dq (k_src, v_src: _kv_sources,
+    pointers: through TMA this kernel stalled on the H100, NOTES run 7)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _kv_tiles(k_src, v_src, start_n, offs_d, offs_dv, stride_kn, stride_kd,
-                         stride_vn, stride_vd, Skv, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D,
-                         BLOCK_DV, MASKED, TMA)
+        k, v = _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn,
+                         stride_kd, stride_vn, stride_vd, Skv, HEAD_D, HEAD_DV, BLOCK_D,
+                         BLOCK_DV, MASKED, False)
         s = _hide(tl.dot(q, tl.trans(k)) * qk_scale, mask_base, offs_m[:, None],
                   offs_n[None, :], kv_len, off, left, right, stride_mm, stride_mn, Sq, Skv,
                   MASKED, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS)
@@ -625,7 +625,7 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
             start, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
             BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, False)
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT)
 
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
@@ -787,44 +787,35 @@ def _tma_layout(t: Tensor) -> bool:
             and all(s * size % 16 == 0 for s in t.stride()[:3]))
 
 
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """A Triton that builds TMA descriptors and a Hopper or newer GPU, not the interpreter;
+    looked up once per device, not on every call."""
+    return (hasattr(tl, "make_tensor_descriptor") and not _INTERPRET
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def _tma_ready(*tensors: Tensor) -> bool:
-    """TMA for these tensors: a Triton that builds descriptors, a Hopper or newer GPU (not
-    the interpreter), and _tma_layout."""
-    if not hasattr(tl, "make_tensor_descriptor") or _INTERPRET:
-        return False
-    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
-        return False
-    return all(_tma_layout(t) for t in tensors)
+    """TMA for these tensors: _has_tma on their device, and _tma_layout."""
+    return _has_tma(tensors[0].device) and all(_tma_layout(t) for t in tensors)
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+try:  # Triton's allocator state, to tell whether one is set (private: may move)
+    from triton.runtime._allocation import NullAllocator as _NullAllocator
+    from triton.runtime._allocation import _allocator
+except ImportError:
+    _allocator = None
+
+
 def _ensure_allocator() -> None:
     """Kernels that build TMA descriptors on the GPU need Triton's scratch allocator, which
     is per thread (a ContextVar) and unset by default; a user's own stays in place."""
-    try:
-        from triton.runtime._allocation import NullAllocator, _allocator
-        if not isinstance(_allocator.get(), NullAllocator):
-            return
-    except ImportError:  # a Triton without this module: set ours
-        pass
-    triton.set_allocator(_scratch)
-
-
-def _with_tma(flags: dict, kernel, config: TileConfig | None, tma: bool | None,
-              k: Tensor, v: Tensor) -> dict:
-    """flags for a kernel that can load its K/V tiles through TMA: TMA_OK (tma, or None:
-    _tma_ready) and, unless the autotuner is to choose, TMA itself."""
-    flags = {**flags, "TMA_OK": _tma_ready(k, v) if tma is None else tma}
-    if config is not None or not isinstance(kernel, triton.runtime.Autotuner):
-        flags["TMA"] = flags["TMA_OK"]
-    elif tma is not None:
-        raise ValueError("tma is chosen by the autotuner unless a tile config is given")
-    if flags["TMA_OK"]:
-        _ensure_allocator()
-    return flags
+    if _allocator is None or isinstance(_allocator.get(), _NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
@@ -837,7 +828,13 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
-    flags = _with_tma(flags, _fwd_kernel, config, tma, k, v)
+    flags["TMA_OK"] = _tma_ready(k, v) if tma is None else tma
+    if config is not None or not isinstance(_fwd_kernel, triton.runtime.Autotuner):
+        flags["TMA"] = flags["TMA_OK"]
+    elif tma is not None:
+        raise ValueError("tma is chosen by the autotuner unless a tile config is given")
+    if flags["TMA_OK"]:
+        _ensure_allocator()
 
     def grid(meta):
         return (_cdiv(Sq, meta["BLOCK_M"]), B * Hq)

@@ -54,10 +54,6 @@ CANDIDATES = [
     (32, 64, 4, 2), (32, 128, 4, 2),
 ]
 
-# Forward configs tried with the key loop warp-specialized (Triton's automatic warp
-# specialization on Hopper splits BLOCK_M between two consumer warp groups of num_warps).
-WS_CANDIDATES = [(128, 128, 4, 2), (128, 128, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3)]
-
 
 def time_ms(fn) -> float | None:
     try:
@@ -86,34 +82,13 @@ def sweep(shape: tuple[int, int, int, int, bool], candidates: list) -> dict:
               f"({fwd and f'{fl / fwd / 1e9:.0f}'} TFLOP/s); bwd with it as dK/dV "
               f"{dkdv and f'{dkdv:.3f}'} ms, as dQ {dq and f'{dq:.3f}'} ms", flush=True)
     loads = {}
-    if not candidates and ft._tma_ready(q, k, v):
+    if not candidates and ft._tma_ready(k, v):
         for config in ft._FWD_CONFIGS:
             times = [time_ms(lambda c=config, t=tma: ft._forward(call, 0, c, tma=t))
                      for tma in (True, False)]
             loads[str(config)] = {"tma_ms": times[0], "pointer_ms": times[1]}
             print(f"  fwd {config}: TMA {times[0] and f'{times[0]:.3f}'} ms, pointers "
                   f"{times[1] and f'{times[1]:.3f}'} ms", flush=True)
-        for config in WS_CANDIDATES if ft._has_ws else []:
-            started = time.time()
-            try:  # Triton's warp specialization may fail to compile: a skip, not an abort
-                ws_out, _ = ft._forward(call, 0, config, tma=True, warp_specialize=True)
-            except Exception as exc:
-                print(f"  fwd {config} warp-specialized: failed: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:160]}", flush=True)
-                loads[str(config)] = {"ws_error": f"{type(exc).__name__}"}
-                continue
-            compile_s = time.time() - started
-            error = (ws_out.float() - out.float()).abs().max().item()
-            times = [time_ms(lambda c=config, w=ws: ft._forward(call, 0, c, tma=True,
-                                                               warp_specialize=w))
-                     for ws in (True, False)]
-            loads[str(config)] = {**loads.get(str(config), {}), "ws_ms": times[0],
-                                  "tma_ms": times[1], "ws_compile_s": compile_s,
-                                  "ws_max_abs_diff": error}
-            print(f"  fwd {config}: warp-specialized {times[0] and f'{times[0]:.3f}'} ms "
-                  f"({times[0] and f'{fl / times[0] / 1e9:.0f}'} TFLOP/s), TMA "
-                  f"{times[1] and f'{times[1]:.3f}'} ms; first call {compile_s:.1f} s, "
-                  f"max |diff| to the autotuned output {error:.2e}", flush=True)
     tuned_fwd = time_ms(lambda: ft._forward(call, 0))
     tuned_bwd = time_ms(lambda: ft._backward(call, 0, out, lse, dout))
     print(f"  autotuned: fwd {tuned_fwd:.3f} ms ({fl / tuned_fwd / 1e9:.0f} TFLOP/s), "

@@ -187,36 +187,6 @@ def test_tma_forward_matches_oracle(device, case):
     assert (lse[~dead] - want_lse[~dead]).abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("case", [
-    replace(BASE, seq_q=65, seq_kv=128, causal=True),  # dead rows: causal, bottom right
-    replace(BASE, seq_q=9, seq_kv=128, head_dim=80, key_lengths=True, heads_q=4),
-    replace(BASE, seq_q=33, seq_kv=128, window=(7, 3), heads_q=4, heads_kv=1),
-], ids=lambda c: c.name)
-def test_warp_specialized_forward_matches_oracle(device, case):
-    # The forward's one-loop form for Triton's warp specialization (Q, K and V through
-    # TMA, index checks on every block); the interpreter runs the loop plainly.
-    from attnkit.backends import fused_triton as ft
-    from attnkit.call import make_call
-
-    q, k, v, kwargs = case.make_inputs(device, torch.Generator().manual_seed(11))
-    call = make_call(q, k, v, **kwargs)
-    out, lse = ft._forward(call, 0, (32, 16, 4, 1), tma=True, warp_specialize=True)
-    want, want_lse = attention(q, k, v, impl="reference", return_lse=True, **kwargs)
-    assert rel_err(out, want) < 1e-2
-    dead = want_lse == float("-inf")
-    assert torch.equal(lse == float("-inf"), dead)
-    assert (lse[~dead] - want_lse[~dead]).abs().max() < 1e-2
-
-
-def test_warp_specialization_refused_where_one_loop_cannot_serve(device):
-    from attnkit.backends import fused_triton as ft
-    from attnkit.call import make_call
-
-    q, k, v, _ = replace(BASE, seq_kv=120).make_inputs(device, torch.Generator())
-    with pytest.raises(ValueError, match="multiple of 128"):  # a ragged last key block
-        ft._forward(make_call(q, k, v), 0, (32, 16, 4, 1), tma=True, warp_specialize=True)
-
-
 def test_tma_layout_check():
     from attnkit.backends.fused_triton import _tma_layout
 

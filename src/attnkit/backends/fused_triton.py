@@ -57,8 +57,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # ---------------------------------------------------------------------------------------
 _FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 _FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3)]
-_FWD_WS_CONFIGS: list[tuple[int, int, int, int]] = []
-_LOAD_FLAGS = ("TMA", "WS")  # the forward's meta-parameters for how it loads K/V
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
@@ -69,23 +67,23 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     if not args.get("TMA_OK", False):
         configs = [c for c in configs if not c.kwargs.get("TMA", False)]
-    if not args.get("WS_OK", False):
-        configs = [c for c in configs if not c.kwargs.get("WS", False)]
     if max(args["HEAD_D"], args["HEAD_DV"]) <= 128:
         return configs
-    # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only,
-    # with the plain pointer loads.
-    plain = {name: False for name in _LOAD_FLAGS if name in configs[0].kwargs}
-    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, **plain}, num_warps=4,
+    # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only.
+    pointers = {"TMA": False} if "TMA" in configs[0].kwargs else {}
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, **pointers}, num_warps=4,
                           num_stages=2),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, **plain}, num_warps=4,
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, **pointers}, num_warps=4,
                           num_stages=1)]
 
 
-def _tuned(variants, key=_TUNE_KEY):
-    """Autotune over variants: (tile configs, extra meta-parameters they all take)."""
+def _tuned(configs, key=_TUNE_KEY, tma_configs=None):
+    """Autotune over configs; with tma_configs (the forward), those with TMA = True and
+    configs with TMA = False."""
     if triton is None or _INTERPRET:
         return lambda fn: fn
+    variants = [(configs, {})] if tma_configs is None else [
+        (configs, {"TMA": False}), (tma_configs, {"TMA": True})]
     # Triton >= 3.2 can keep each key's tuning result in its on-disk cache, so a second
     # process skips the benchmarking and starts with the chosen config.
     on_disk = {"cache_results": True} if _accepts(triton.autotune, "cache_results") else {}
@@ -100,10 +98,6 @@ def _tuned(variants, key=_TUNE_KEY):
 
 def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
-
-
-# Whether Triton has automatic warp specialization of a loop (tl.range(warp_specialize=...)).
-_has_ws = triton is not None and _accepts(tl.range, "warp_specialize")
 
 
 def _jit(fn):
@@ -294,51 +288,6 @@ def _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_
 # Forward
 # ---------------------------------------------------------------------------------------
 @_jit
-def _fwd_step(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
-              start_n, stride_kn, stride_kd, stride_vn, stride_vd,
-              stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
-              seed, bh, drop_p,
-              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-              NEG_SCALE: tl.constexpr, TMA: tl.constexpr):
-    """Fold the key block at start_n into the running (acc, m_i, l_i); MASKED = index
-    checks. k_src, v_src: from _kv_sources."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k, v = _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn,
-                     stride_kd, stride_vn, stride_vd, Skv, HEAD_D, HEAD_DV, BLOCK_D,
-                     BLOCK_DV, MASKED, TMA)
-    qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), raw scores
-    if MASKED or MASK_KIND != 0:
-        s = _hide(qk * qk_scale, mask_base, offs_m[:, None], offs_n[None, :], kv_len,
-                  off, left, right, stride_mm, stride_mn, Sq, Skv,
-                  MASKED, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS)  # log2 units
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only hidden keys keeps max -inf; shifting by 0 keeps
-        # exp at 0.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-    else:
-        # Every key of the block is visible, so the row max is finite, and scaling
-        # after the max lets scale and shift share one multiply-add per score.
-        if NEG_SCALE:
-            m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_safe = m_new
-        p = tl.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Sq, Skv, drop_p)
-        p = tl.where(keep, p, 0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_new, l_i
-
-
-@_jit
 def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
                 start, end, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
@@ -347,32 +296,45 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                NEG_SCALE: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
-    """_fwd_step over the key blocks [start, end). WS: Triton's warp specialization of
-    the loop (loads, matmuls and softmax in their own warp groups); it is only ever set
-    with TMA, and the branch keeps Triton versions without it from seeing the argument."""
-    if WS:
-        for start_n in tl.range(start, end, BLOCK_N, warp_specialize=True):
-            acc, m_i, l_i = _fwd_step(
-                acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
-                start_n, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p, BLOCK_N,
-                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, MASKED, HAS_LEFT, HAS_RIGHT,
-                MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA)
-    else:
-        for start_n in range(start, end, BLOCK_N):
-            acc, m_i, l_i = _fwd_step(
-                acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
-                start_n, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p, BLOCK_N,
-                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, MASKED, HAS_LEFT, HAS_RIGHT,
-                MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA)
+                NEG_SCALE: tl.constexpr, TMA: tl.constexpr):
+    """Fold key blocks [start, end) into the running (acc, m_i, l_i); MASKED = index checks.
+    k_src, v_src: from _kv_sources."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v = _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn,
+                         stride_kd, stride_vn, stride_vd, Skv, HEAD_D, HEAD_DV, BLOCK_D,
+                         BLOCK_DV, MASKED, TMA)
+        qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), raw scores
+        if MASKED or MASK_KIND != 0:
+            s = _hide(qk * qk_scale, mask_base, offs_m[:, None], offs_n[None, :], kv_len,
+                      off, left, right, stride_mm, stride_mn, Sq, Skv,
+                      MASKED, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS)  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen only hidden keys keeps max -inf; shifting by 0 keeps
+            # exp at 0.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+        else:
+            # Every key of the block is visible, so the row max is finite, and scaling
+            # after the max lets scale and shift share one multiply-add per score.
+            if NEG_SCALE:
+                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_safe = m_new
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Sq, Skv, drop_p)
+            p = tl.where(keep, p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
     return acc, m_i, l_i
 
 
-@_tuned([(_FWD_CONFIGS, {"TMA": False, "WS": False}),
-         (_FWD_TMA_CONFIGS, {"TMA": True, "WS": False}),
-         (_FWD_WS_CONFIGS, {"TMA": True, "WS": True})], _TUNE_KEY + ["TMA_OK", "WS_OK"])
+@_tuned(_FWD_CONFIGS, _TUNE_KEY + ["TMA_OK"], _FWD_TMA_CONFIGS)
 @_jit
 def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 stride_qb, stride_qh, stride_qm, stride_qd,
@@ -387,10 +349,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
                 DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr, TMA_OK: tl.constexpr,
-                WS_OK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
-    tl.static_assert(WS_OK or not WS, "warp specialization where the host did not allow it")
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # later query blocks see more keys: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -408,13 +368,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     offs_dv = tl.arange(0, BLOCK_DV)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm \
         + offs_d[None, :] * stride_qd
-    if WS:  # every load of a warp-specialized kernel goes through TMA
-        q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh,
-                                           [Sq, HEAD_D], [stride_qm, 1], [BLOCK_M, BLOCK_D])
-        q = q_desc.load([pid_m * BLOCK_M, 0])
-    else:
-        q = _load_tile(q_ptrs, offs_m[:, None] < Sq, offs_d[None, :] < HEAD_D, True,
-                       HEAD_D != BLOCK_D)
+    q = _load_tile(q_ptrs, offs_m[:, None] < Sq, offs_d[None, :] < HEAD_D, True,
+                   HEAD_D != BLOCK_D)
     k_src, v_src = _kv_sources(K, V, b, kvh, stride_kb, stride_kh, stride_kn, stride_vb,
                                stride_vh, stride_vn, Skv, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D,
                                BLOCK_DV, TMA)
@@ -428,26 +383,15 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if WS:
-        # Triton's warp specialization takes one loop, so one loop over every key block,
-        # with index checks wherever a block may need them (_prune offers WS only where
-        # Skv is a multiple of BLOCK_N, so without a window or lengths none does).
+    # Three segments of the key range: index checks only on the ragged edges.
+    for part in tl.static_range(3):
+        start, end = _segment(part, lo, full_lo, full_hi, hi)
         acc, m_i, l_i = _fwd_blocks(
             acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
-            lo, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+            start, end, stride_kn, stride_kd, stride_vn, stride_vd,
             stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh,
-            drop_p, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, WINDOWED or HAS_LENGTHS,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA, WS)
-    else:
-        # Three segments of the key range: index checks only on the ragged edges.
-        for part in tl.static_range(3):
-            start, end = _segment(part, lo, full_lo, full_hi, hi)
-            acc, m_i, l_i = _fwd_blocks(
-                acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
-                start, end, stride_kn, stride_kd, stride_vn, stride_vd,
-                stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed,
-                bh, drop_p, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-                HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA, False)
+            drop_p, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA)
 
     # A row that saw no key: l = 0, out = 0, lse = -inf.
     dead = l_i == 0.0
@@ -523,7 +467,7 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
     return dk, dv
 
 
-@_tuned([(_DKDV_CONFIGS, {})])
+@_tuned(_DKDV_CONFIGS)
 @_jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      stride_qb, stride_qh, stride_qm, stride_qd,
@@ -616,7 +560,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, o
     return dq
 
 
-@_tuned([(_DQ_CONFIGS, {})])
+@_tuned(_DQ_CONFIGS)
 @_jit
 def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    stride_qb, stride_qh, stride_qm, stride_qd,
@@ -875,28 +819,20 @@ def _ensure_allocator() -> None:
 
 
 def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
-             tma: bool | None = None, warp_specialize: bool = False) -> tuple[Tensor, Tensor]:
+             tma: bool | None = None) -> tuple[Tensor, Tensor]:
     """out, lse. The autotuner decides whether K and V tiles load through TMA (where
-    _tma_ready) and whether the key loop is warp-specialized; with a tile config given,
-    tma decides (None: wherever _tma_ready), and warp_specialize (which needs TMA)."""
+    _tma_ready); with a tile config given, tma decides (None: wherever _tma_ready)."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     out, lse = _empty_outputs(q, v)
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
-    flags["TMA_OK"] = _tma_ready(q, k, v) if tma is None else tma
-    # Warp specialization: Q through TMA too, and only where one loop without per-block
-    # loads of a mask covers every key (see the kernel).
-    flags["WS_OK"] = (flags["TMA_OK"] and not flags["MASK_KIND"] and not flags["DROPOUT"]
-                      and call.seq_kv % 128 == 0 and _has_ws)
+    flags["TMA_OK"] = _tma_ready(k, v) if tma is None else tma
     if config is not None or not isinstance(_fwd_kernel, triton.runtime.Autotuner):
-        if warp_specialize and not flags["WS_OK"]:
-            raise ValueError("warp specialization needs TMA loads, no mask or dropout, "
-                             "and Skv a multiple of 128")
-        flags["TMA"], flags["WS"] = flags["TMA_OK"], warp_specialize
-    elif tma is not None or warp_specialize:
-        raise ValueError("the autotuner chooses the loads unless a tile config is given")
+        flags["TMA"] = flags["TMA_OK"]
+    elif tma is not None:
+        raise ValueError("tma is chosen by the autotuner unless a tile config is given")
     if flags["TMA_OK"]:
         _ensure_allocator()
 
@@ -907,8 +843,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
         q, k, v, out, lse, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
         Hq, call.group, Sq, call.seq_kv, left, right, qk_scale, seed, drop_p, *buckets,
-    ), flags, (*_tune_key(flags, buckets, q, mask, lengths), flags["TMA_OK"], flags["WS_OK"]),
-        config)
+    ), flags, (*_tune_key(flags, buckets, q, mask, lengths), flags["TMA_OK"]), config)
     return out, lse
 
 

@@ -16,7 +16,8 @@
 #   registers and spills per kernel and tile config, D=64/128, full/causal, MHA/GQA,
 #   and the forward with TMA loads)
 #
-# CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations. The bench
+# CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, TUNED_ARGS
+# adds arguments to triton-tuned (e.g. "--shape 1,32,16384,64,0"). The bench
 # steps log the Triton autotuner's picks (TRITON_PRINT_AUTOTUNING=1).
 #
 # VERIFY_MEMCHECK=1 runs the memcheck step alongside verify (all three only check results).
@@ -85,9 +86,10 @@ for step in "${steps[@]}"; do
             --budget "$(( ${CONFIGS_S:-540} - 90 ))" > "$results/triton-configs.log" 2>&1
         echo "triton-configs: exit $?" ;;
     triton-tuned)
+        # shellcheck disable=SC2086  # TUNED_ARGS: e.g. "--shape 1,32,16384,64,0", split
         timeout "${TUNED_S:-150}" python3 benchmarks/triton_configs.py --out "$results" \
-            --tuned-only > "$results/triton-tuned.log" 2>&1
-        echo "triton-tuned: exit $?"; grep -E "^\(|autotuned" "$results/triton-tuned.log" ;;
+            --tuned-only ${TUNED_ARGS:-} > "$results/triton-tuned.log" 2>&1
+        echo "triton-tuned: exit $?"; grep -E "^\(|autotune" "$results/triton-tuned.log" ;;
     triton-kernel)
         timeout "${KERNEL_S:-240}" python3 benchmarks/triton_kernel.py --out "$results" \
             --budget "$(( ${KERNEL_S:-240} - 30 ))" > "$results/triton-kernel.log" 2>&1

@@ -1,7 +1,7 @@
 """Time each Triton kernel (forward, dK/dV, dQ) under every candidate tile config, on a GPU.
 
     PYTHONPATH=src python benchmarks/triton_configs.py [--out DIR] [--budget SECONDS]
-                                                       [--tuned-only]
+                                                       [--tuned-only] [--shape B,H,S,D,C]
 
 The `core` bench times the autotuned backend as a whole; this separates it. For each
 shape it launches every kernel with each config of CANDIDATES given explicitly (the
@@ -11,7 +11,8 @@ autotuner which config it picks: which configs belong in _FWD_CONFIGS, _DKDV_CON
 and _DQ_CONFIGS, and whether a slow shape is a tile problem at all (benchmarks/NOTES.md,
 run 5). --tuned-only times just the autotuned kernels, to compare kernel versions, and
 the forward under each of its own configs with K/V loads through TMA and through pointers
-(an A/B in one process, where the GPU it runs on takes TMA).
+(an A/B in one process, where the GPU it runs on takes TMA), beside the autotuner's own
+timings of those configs.
 
 Prints one table per shape and writes every number to DIR/triton_configs.json.
 """
@@ -69,7 +70,14 @@ def sweep(shape: tuple[int, int, int, int, bool], candidates: list) -> dict:
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
                                  generator=gen) for _ in range(4))
     call = make_call(q, k, v, causal=causal)
+    ft._fwd_kernel.configs_timings = {}
     out, lse = ft._forward(call, 0)  # autotuned, also the reference for the backward
+    # The autotuner's own timings of the forward's configs for this shape (empty when an
+    # earlier shape had the same tuning key), to set beside do_bench's below.
+    tuner_ms = {str(config): timing
+                for config, timing in (ft._fwd_kernel.configs_timings or {}).items()}
+    for config, timing in tuner_ms.items():
+        print(f"  autotuner timed fwd {config}: {timing}", flush=True)
     fl = attention_flops(b, h, s, s, d, causal)
     rows = []
     for config in candidates:
@@ -98,6 +106,7 @@ def sweep(shape: tuple[int, int, int, int, bool], candidates: list) -> dict:
         "flops_fwd": fl,
         "rows": rows,
         "fwd_loads": loads,
+        "fwd_autotuner_ms": tuner_ms,
         "autotuned": {"fwd_ms": tuned_fwd, "bwd_ms": tuned_bwd,
                       "picked": ft.autotuned_configs()},
     }
@@ -110,12 +119,17 @@ def main() -> None:
                         help="stop starting new shapes after this many seconds")
     parser.add_argument("--tuned-only", action="store_true",
                         help="time only what the autotuner picks (about a minute)")
+    parser.add_argument("--shape", action="append", default=[],
+                        metavar="BATCH,HEADS,SEQ,HEAD_DIM,CAUSAL",
+                        help="only these shapes (repeatable; CAUSAL 0 or 1)")
     args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] or SHAPES
+    shapes = [(b, h, s, d, bool(causal)) for b, h, s, d, causal in shapes]
     candidates = [] if args.tuned_only else CANDIDATES
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "shapes": []}
     path = os.path.join(args.out, "triton_configs.json")
-    for shape in SHAPES:
+    for shape in shapes:
         if time.time() - START > args.budget:
             print(f"budget of {args.budget:.0f} s spent; not run: {shape}")
             continue

@@ -14,7 +14,8 @@
 #   per call of sdpa, triton and flex on a tiny input, and a profile of triton's),
 #   triton-registers (benchmarks/triton_registers.py under the machine's own Triton:
 #   registers and spills per kernel and tile config, D=64/128, full/causal, MHA/GQA,
-#   and the forward with TMA loads)
+#   and the forward with TMA loads), fwd-bwd-gap (benchmarks/fwd_bwd_gap.py: triton's
+#   forward+backward kernels timed alone against attention() + autograd, profiled)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, TUNED_ARGS
 # adds arguments to triton-tuned (e.g. "--shape 1,32,16384,64,0"). The bench
@@ -94,6 +95,10 @@ for step in "${steps[@]}"; do
         timeout "${KERNEL_S:-240}" python3 benchmarks/triton_kernel.py --out "$results" \
             --budget "$(( ${KERNEL_S:-240} - 30 ))" > "$results/triton-kernel.log" 2>&1
         echo "triton-kernel: exit $?"; tail -n 30 "$results/triton-kernel.log" ;;
+    fwd-bwd-gap)  # benchmarks/fwd_bwd_gap.py: triton's fwd+bwd kernels against autograd
+        timeout "${GAP_S:-150}" python3 benchmarks/fwd_bwd_gap.py --out "$results" \
+            > "$results/fwd-bwd-gap.log" 2>&1
+        echo "fwd-bwd-gap: exit $?"; grep -E "_ms\"|\"seq\"|causal" "$results/fwd-bwd-gap.log" ;;
     host-overhead)
         timeout 120 python3 benchmarks/host_overhead.py --out "$results" --profile triton \
             > "$results/host-overhead.log" 2>&1

@@ -426,10 +426,14 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
     around the block loops costs registers (sm_90, D=128: spills, benchmarks/NOTES.md).
     GROUPED = False promises heads == 1, which saves the loop its index division."""
     blocks = (end - start + BLOCK_M - 1) // BLOCK_M
+    # At least 1 as a divisor: the software pipeline computes the first step's addresses
+    # before it knows the loop is empty, and a division by zero there gave a wild pointer
+    # (an illegal address under compute-sanitizer on the H100, NOTES run 8).
+    divisor = tl.maximum(blocks, 1)
     for step in range(0, heads * blocks):
         if GROUPED:
-            g = step // blocks
-            start_m = start + (step - g * blocks) * BLOCK_M
+            g = step // divisor
+            start_m = start + (step - g * divisor) * BLOCK_M
             g = g.to(tl.int64)
         else:
             g = 0

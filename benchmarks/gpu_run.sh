@@ -21,7 +21,8 @@
 # adds arguments to triton-tuned (e.g. "--shape 1,32,16384,64,0"). The bench
 # steps log the Triton autotuner's picks (TRITON_PRINT_AUTOTUNING=1).
 #
-# VERIFY_MEMCHECK=1 runs the memcheck step alongside verify (all three only check results).
+# VERIFY_MEMCHECK=1 runs the memcheck step alongside verify (all three only check results);
+# VERIFY_DTYPES="bfloat16" limits verify to one dtype.
 # Cold starts dominate on a fresh machine (flex compiles ~2-9 s per new shape, the Triton
 # kernels autotune ~5 s on their first shape), so the limits below are what one H100 needed
 # or more; the whole list is about 17 minutes: split it over two calls, e.g.
@@ -66,7 +67,7 @@ for step in "${steps[@]}"; do
     case $step in
     verify)  # correctness only, so both dtypes share the GPU
         [ "${VERIFY_MEMCHECK:-0}" = 1 ] && memcheck > /dev/null &
-        for dtype in bfloat16 float32; do
+        for dtype in ${VERIFY_DTYPES:-bfloat16 float32}; do
             short=${dtype/bfloat16/bf16}; short=${short/float32/fp32}
             timeout "${VERIFY_S:-330}" python3 -m attnkit.cli verify --no-progress \
                 --dtype "$dtype" --out "$results/$prefix-verify-$short" \
@@ -100,7 +101,7 @@ for step in "${steps[@]}"; do
             > "$results/fwd-bwd-gap.log" 2>&1
         echo "fwd-bwd-gap: exit $?"; grep -E "_ms\"|\"seq\"|causal" "$results/fwd-bwd-gap.log" ;;
     host-overhead)
-        timeout 120 python3 benchmarks/host_overhead.py --out "$results" --profile triton \
+        timeout 150 python3 benchmarks/host_overhead.py --out "$results" --ab-fast-launch --profile triton \
             > "$results/host-overhead.log" 2>&1
         echo "host-overhead: exit $?"; cat "$results/host-overhead.log" ;;
     triton-registers)

@@ -8,6 +8,10 @@ many calls on a tiny input (B=1, H=2, S=64, D=64, bf16: microseconds of GPU work
 one synchronize at the end, so the time per call is the host's: validation, dispatch,
 Triton's launcher, autograd. Prints a table and writes DIR/host_overhead.json.
 
+--ab-fast-launch times triton twice in the same process, trials alternating, with
+fused_triton's direct launch of compiled kernels on and off (`_FAST_LAUNCH`): host noise
+between processes on the H100 host is larger than the difference (NOTES, run 6).
+
 --profile IMPL also runs IMPL's forward+backward under cProfile and writes where the host
 time goes to DIR/host_profile_IMPL.txt (the functions with the most time of their own,
 and the most time in all).
@@ -19,6 +23,7 @@ import io
 import json
 import os
 import pstats
+import statistics
 import time
 
 import torch
@@ -57,11 +62,42 @@ def calls(q, k, v, grad, impl: str, causal: bool):
     return forward, forward_backward
 
 
+def fast_launch_ab(q, k, v, grad, rounds: int = 7) -> list[dict]:
+    """triton's host time per call with fused_triton._FAST_LAUNCH on and off, the two
+    alternating over `rounds` so that drifts of the host hit both alike; medians."""
+    from attnkit.backends import fused_triton
+
+    saved, rows = fused_triton._FAST_LAUNCH, []
+    try:
+        for causal in (False, True):
+            times = {(fast, part): [] for fast in (True, False) for part in ("fwd", "fwd_bwd")}
+            for _ in range(rounds):
+                for fast in (True, False):
+                    fused_triton._FAST_LAUNCH = fast
+                    for part, fn in zip(("fwd", "fwd_bwd"), calls(q, k, v, grad, "triton", causal),
+                                        strict=True):
+                        times[fast, part].append(per_call_us(fn, calls=200, trials=2))
+            for fast in (True, False):
+                row = {"impl": "triton" if fast else "triton (Triton's launch path)",
+                       "causal": causal, "rounds": rounds,
+                       "fwd_us": statistics.median(times[fast, "fwd"]),
+                       "fwd_bwd_us": statistics.median(times[fast, "fwd_bwd"])}
+                rows.append(row)
+                print(f"{row['impl']:30s} {'causal' if causal else 'full  '} forward "
+                      f"{row['fwd_us']:6.1f} us  forward+backward {row['fwd_bwd_us']:6.1f} us "
+                      f"(median of {rounds} alternating rounds)", flush=True)
+    finally:
+        fused_triton._FAST_LAUNCH = saved
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), metavar="IMPL",
                         help=f"implementations to time (default: {' '.join(IMPLS)})")
+    parser.add_argument("--ab-fast-launch", action="store_true",
+                        help="triton with and without its direct launch, trials alternating")
     parser.add_argument("--profile", action="append", default=[], metavar="IMPL",
                         help="profile IMPL's forward+backward (repeatable)")
     args = parser.parse_args()
@@ -77,6 +113,8 @@ def main() -> None:
             rows.append(row)
             print(f"{impl:7s} {'causal' if causal else 'full  '} forward {row['fwd_us']:6.1f} us"
                   f"  forward+backward {row['fwd_bwd_us']:6.1f} us", flush=True)
+    if args.ab_fast_launch:
+        rows += fast_launch_ab(q, k, v, grad)
     for impl in args.profile:
         _, forward_backward = calls(q, k, v, grad, impl, causal=False)
         per_call_us(forward_backward, calls=10, trials=1)

@@ -7,6 +7,7 @@ bfloat16 dots (triton-lang/triton#11584), so CPU cases use float16.
 """
 
 import importlib
+import inspect
 import sys
 from dataclasses import replace
 
@@ -244,6 +245,90 @@ def test_launch_remembers_the_autotuners_pick(monkeypatch, device):
         torch.testing.assert_close(dst, 2 * src)
     assert len(runs) == 1  # tuned once, then launched directly
     assert list(ft._CHOSEN.values()) == [({"BLOCK_M": 16, "BLOCK_N": 16, "FACTOR": 2}, 1, 1)]
+
+
+def test_fast_launch_reuses_a_compiled_kernel_only_for_its_specialization(monkeypatch):
+    # _launch_jitted keeps each compiled kernel under what Triton specialized it on and
+    # launches it directly next time; anything Triton would compile anew for (an int
+    # becoming 1 or a multiple of 16, a tensor losing 16-byte alignment, its dtype,
+    # another constexpr, warps or stages) must go through Triton's own path again.
+    from attnkit.backends import fused_triton as ft
+
+    class Param:
+        def __init__(self, name, is_constexpr, default=inspect.Parameter.empty):
+            self.name, self.is_constexpr, self.default = name, is_constexpr, default
+
+    class Compiled:
+        def __init__(self):
+            self.launches = []
+
+        def __getitem__(self, grid):
+            return lambda *args: self.launches.append((grid, args))
+
+    class Jitted:  # a JITFunction that compiles on every launch through its own path
+        params = [Param("x", False), Param("n", False), Param("BLOCK", True),
+                  Param("FLAG", True, default=False)]
+
+        def __init__(self):
+            self.compiled = []
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.compiled.append(Compiled())
+                return self.compiled[-1]
+            return run
+
+    monkeypatch.setattr(ft, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(ft, "_COMPILED", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    kernel, x = Jitted(), torch.zeros(64)
+
+    def launch(t, n, block=16, stages=2):
+        ft._launch_jitted(kernel, lambda meta: (ft._cdiv(n, meta["BLOCK"]),), (t, n),
+                          {"BLOCK": block}, 4, stages)
+
+    launch(x, 17)
+    launch(x, 33)  # same specialization as 17: straight to the compiled kernel
+    assert len(kernel.compiled) == 1
+    assert kernel.compiled[0].launches == [((3,), (x, 33, 16, False))]
+    for t, n, block, stages in [(x, 32, 16, 2), (x, 1, 16, 2), (x[1:], 17, 16, 2),
+                                (x.half(), 17, 16, 2), (x, 17, 32, 2), (x, 17, 16, 3),
+                                (x, 2**33 + 1, 16, 2)]:
+        before = len(kernel.compiled)
+        launch(t, n, block, stages)
+        assert len(kernel.compiled) == before + 1, (t.dtype, t.data_ptr() % 16, n, block)
+    launch(x[4:], 49)  # 16 bytes in: aligned again, as the first
+    assert len(kernel.compiled) == 8 and len(kernel.compiled[0].launches) == 2
+
+    monkeypatch.setattr(ft, "_FAST_LAUNCH", False)  # off: Triton's path every time
+    launch(x, 17)
+    assert len(kernel.compiled) == 9
+
+
+@pytest.mark.parametrize("mask", [None, "lengths", "padding"])
+def test_repeated_calls_are_bit_identical(mask, device):
+    # On a GPU the third launch of a kernel specialization on goes straight to its
+    # compiled kernel (fused_triton._FAST_LAUNCH) with the arguments passed positionally;
+    # the kernels are deterministic, so any argument out of place shows as a difference.
+    b, hq, hkv, s, d = 2, 4, 2, 33, 16
+    q = torch.randn(b, hq, s, d).to(device, DTYPE).requires_grad_()
+    k, v = (torch.randn(b, hkv, s, d).to(device, DTYPE).requires_grad_() for _ in range(2))
+    grad = torch.randn(b, hq, s, d).to(device, DTYPE)
+    options = {"causal": True}
+    if mask == "lengths":
+        options["key_lengths"] = torch.tensor([20, 0], device=device)
+    elif mask == "padding":
+        options["attn_mask"] = torch.zeros(b, 1, 1, s, device=device, dtype=DTYPE)
+        options["attn_mask"][0, ..., 20:] = -torch.inf
+    results = []
+    for _ in range(3):
+        out, lse = attention(q, k, v, impl="triton", return_lse=True, **options)
+        results.append((out, lse, *torch.autograd.grad(out, (q, k, v), grad)))
+    ref_out = attention(q.double(), k.double(), v.double(), impl="reference", **options)
+    assert rel_err(results[0][0], ref_out) < 1e-2
+    for later in results[1:]:
+        for first, again in zip(results[0], later, strict=True):
+            assert torch.equal(first, again)
 
 
 def test_dropout_matches_its_own_mask(device):

@@ -779,8 +779,70 @@ def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
             _CHOSEN[(kernel, tune_key)] = (best.kwargs, best.num_warps, best.num_stages)
         return
     meta, warps, stages = chosen
-    jitted = kernel.fn if tuner else kernel
-    jitted[grid](*args, **{**flags, **meta}, num_warps=warps, num_stages=stages)
+    _launch_jitted(kernel.fn if tuner else kernel, grid, args, {**flags, **meta}, warps, stages)
+
+
+# Triton's own launch path (JITFunction.run) binds and specializes every argument, about
+# 40 here, in Python on each launch: ~100 us of host time per launch under the profiler
+# on the H100 host (NOTES, run 6), more than the GPU time of a small call. So after a
+# launch _COMPILED keeps the compiled kernel under everything Triton specialized it on,
+# and a later launch with the same specialization goes to it directly: CompiledKernel
+# [grid](*args), which from Triton 3.3 on takes the constexpr arguments too, in order.
+_FAST_LAUNCH = (triton is not None and not _INTERPRET
+                and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3))
+_COMPILED: dict[tuple, tuple] = {}
+_COMPILED_MAX = 4096  # distinct specializations kept; past that, Triton's path serves
+
+
+def _specialization(args: tuple) -> tuple:
+    """At least what Triton specializes a launch on, per non-constexpr argument: a
+    tensor's dtype and 16-byte alignment; an int's width and whether it is 1 or a
+    multiple of 16; anything else by type (floats are not specialized) and value."""
+    key = []
+    for a in args:  # type() is, not isinstance: isinstance(a, Tensor) costs ~0.1 us
+        kind = type(a)
+        if kind is int:
+            wide = 0 if -2**31 <= a < 2**31 else 64
+            key.append(wide + (1 if a == 1 else 16 if a % 16 == 0 else 0))
+        elif kind is float:
+            key.append(float)
+        elif isinstance(a, Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append((kind, a))
+    return tuple(key)
+
+
+def _constexpr_tail(jitted, n_args: int, constexprs: dict) -> tuple | None:
+    """The values of the kernel's parameters after its first n_args, all constexpr, as
+    CompiledKernel[grid] takes them; None where one is not a constexpr or has no value."""
+    tail = []
+    for param in jitted.params[n_args:]:
+        value = constexprs.get(param.name, getattr(param, "default", inspect.Parameter.empty))
+        if not param.is_constexpr or value is inspect.Parameter.empty:
+            return None
+        tail.append(value)
+    return tuple(tail)
+
+
+def _launch_jitted(jitted, grid, args: tuple, constexprs: dict, warps: int,
+                   stages: int) -> None:
+    """jitted[grid](*args, **constexprs, num_warps=warps, num_stages=stages), straight to
+    the compiled kernel where this specialization was launched before (_FAST_LAUNCH)."""
+    if not _FAST_LAUNCH:
+        jitted[grid](*args, **constexprs, num_warps=warps, num_stages=stages)
+        return
+    key = (jitted, frozenset(constexprs.items()), warps, stages,
+           torch.cuda.current_device(), _specialization(args))
+    entry = _COMPILED.get(key)
+    if entry is not None:
+        compiled, tail = entry
+        compiled[grid(constexprs)](*args, *tail)
+        return
+    compiled = jitted[grid](*args, **constexprs, num_warps=warps, num_stages=stages)
+    tail = _constexpr_tail(jitted, len(args), constexprs)
+    if compiled is not None and tail is not None and len(_COMPILED) < _COMPILED_MAX:
+        _COMPILED[key] = compiled, tail
 
 
 def _tma_layout(t: Tensor) -> bool:

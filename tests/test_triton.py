@@ -263,6 +263,7 @@ def test_fast_launch_reuses_a_compiled_kernel_only_for_its_specialization(monkey
             self.launches = []
 
         def __getitem__(self, grid):
+            assert len(grid) == 3  # as Triton's CompiledKernel indexes it
             return lambda *args: self.launches.append((grid, args))
 
     class Jitted:  # a JITFunction that compiles on every launch through its own path
@@ -290,7 +291,7 @@ def test_fast_launch_reuses_a_compiled_kernel_only_for_its_specialization(monkey
     launch(x, 17)
     launch(x, 33)  # same specialization as 17: straight to the compiled kernel
     assert len(kernel.compiled) == 1
-    assert kernel.compiled[0].launches == [((3,), (x, 33, 16, False))]
+    assert kernel.compiled[0].launches == [((3, 1, 1), (x, 33, 16, False))]
     for t, n, block, stages in [(x, 32, 16, 2), (x, 1, 16, 2), (x[1:], 17, 16, 2),
                                 (x.half(), 17, 16, 2), (x, 17, 32, 2), (x, 17, 16, 3),
                                 (x, 2**33 + 1, 16, 2)]:

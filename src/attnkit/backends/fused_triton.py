@@ -837,7 +837,8 @@ def _launch_jitted(jitted, grid, args: tuple, constexprs: dict, warps: int,
     entry = _COMPILED.get(key)
     if entry is not None:
         compiled, tail = entry
-        compiled[grid(constexprs)](*args, *tail)
+        blocks = grid(constexprs)
+        compiled[(*blocks, 1, 1)[:3]](*args, *tail)  # it takes three grid dimensions
         return
     compiled = jitted[grid](*args, **constexprs, num_warps=warps, num_stages=stages)
     tail = _constexpr_tail(jitted, len(args), constexprs)

@@ -332,6 +332,39 @@ def test_repeated_calls_are_bit_identical(mask, device):
             assert torch.equal(first, again)
 
 
+def test_eager_backward_gets_no_zero_filled_lse_gradient(monkeypatch, device):
+    # lse is not differentiable; autograd would otherwise hand the backward a zero-filled
+    # tensor for it on every call (an allocation and a fill kernel for nothing).
+    from attnkit.backends import fused_triton as ft
+
+    seen, backward = [], ft._EagerAttention.backward
+    monkeypatch.setattr(ft._EagerAttention, "backward", staticmethod(
+        lambda ctx, dout, dlse: seen.append(dlse) or backward(ctx, dout, dlse)))
+    q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE).requires_grad_() for _ in range(3))
+    out, lse = attention(q, k, v, impl="triton", return_lse=True)
+    grads = torch.autograd.grad((out * out).sum(), (q, k, v))
+    assert seen == [None]
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention(*exact, impl="reference")
+    for got, want in zip(grads, torch.autograd.grad((ref * ref).sum(), exact), strict=True):
+        assert rel_err(got, want) < 1e-2
+
+    class NoGradient(torch.autograd.Function):  # out's only consumer passes nothing back
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    out = attention(q, k, v, impl="triton")
+    dq, dk, dv = torch.autograd.grad(NoGradient.apply(out).sum() + q.sum(), (q, k, v),
+                                     allow_unused=True)
+    assert seen[-1] is None and dk is None and dv is None
+    assert torch.equal(dq, torch.ones_like(q))
+
+
 def test_dropout_matches_its_own_mask(device):
     """With v = identity the output is the dropped, rescaled probability matrix itself."""
     p_drop, b, hq, hkv, sq, skv, d = 0.3, 1, 2, 1, 17, 32, 16

@@ -1032,10 +1032,15 @@ class _EagerAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.seed = call, seed
         ctx.mark_non_differentiable(lse)
+        # lse gets no gradient; materialized, it would cost every backward a zero-filled
+        # (B, Hq, Sq) tensor (an allocation and a fill kernel) that nothing reads.
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if dout is None:  # nothing downstream of out needed a gradient
+            return None, None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
         call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
         return (*_backward(call, ctx.seed, out, lse, dout), None, None)

@@ -17,7 +17,9 @@
 #   and the forward with TMA loads), fwd-bwd-gap (benchmarks/fwd_bwd_gap.py: triton's
 #   forward+backward kernels timed alone against attention() + autograd, profiled)
 #
-# CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, TUNED_ARGS
+# CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, CORE_ARGS
+# adds arguments to them (e.g. "--head-dim 128": one half of core, which cold does not fit
+# one 10-minute call beside the other half with five implementations), TUNED_ARGS
 # adds arguments to triton-tuned (e.g. "--shape 1,32,16384,64,0"). The bench
 # steps log the Triton autotuner's picks (TRITON_PRINT_AUTOTUNING=1).
 #
@@ -38,8 +40,10 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 results=/tmp/attnkit-results
 mkdir -p "$results" "${OUT:=/tmp/out}"
 pack() { tar czf "$OUT/results.tar.gz" -C "$results" .; }
-core_impls=()
-for impl in ${CORE_IMPLS:-}; do core_impls+=(--impl "$impl"); done
+core_args=()
+for impl in ${CORE_IMPLS:-}; do core_args+=(--impl "$impl"); done
+# shellcheck disable=SC2206  # CORE_ARGS: e.g. "--head-dim 128", split on purpose
+core_args+=(${CORE_ARGS:-})
 
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
@@ -78,10 +82,10 @@ for step in "${steps[@]}"; do
         [ -f "$results/memcheck.log" ] && tail -n 8 "$results/memcheck.log" ;;
     notebook-bf16) bench "$step" "${NB_S:-120}" --preset notebook --dtype bfloat16 ;;
     bert-bf16) bench "$step" "${BERT_S:-90}" --preset bert --dtype bfloat16 ;;
-    core-bf16) bench "$step" "${CORE_S:-300}" --preset core --dtype bfloat16 "${core_impls[@]}" ;;
+    core-bf16) bench "$step" "${CORE_S:-300}" --preset core --dtype bfloat16 "${core_args[@]}" ;;
     notebook-fp32) bench "$step" "${NB_S:-120}" --preset notebook --dtype float32 ;;
     bert-fp32) bench "$step" "${BERT_S:-90}" --preset bert --dtype float32 ;;
-    core-fp32) bench "$step" "${CORE_S:-300}" --preset core --dtype float32 "${core_impls[@]}" ;;
+    core-fp32) bench "$step" "${CORE_S:-300}" --preset core --dtype float32 "${core_args[@]}" ;;
     memcheck) memcheck ;;
     triton-configs)  # benchmarks/triton_configs.py: every kernel under every tile config
         timeout "${CONFIGS_S:-540}" python3 benchmarks/triton_configs.py --out "$results" \

@@ -118,6 +118,29 @@ def test_presets_have_the_documented_sizes():
     assert small.batch * small.seq < notebook.batch * notebook.seq
 
 
+def test_core_head_dim_runs_one_head_dim_at_the_same_width():
+    core = preset_configs("core", head_dim=128)
+    assert {c.head_dim for c in core} == {128} and {c.heads for c in core} == {16}
+    assert len(core) == len(preset_configs("core")) // 2
+    (one,) = preset_configs("core", quick=True, seq=128, head_dim=80, batch=1)[:1]
+    assert (one.heads, one.head_dim) == (3, 80)  # 256 // 80 heads at the quick width
+    with pytest.raises(ValueError, match="core preset only"):
+        preset_configs("bert", head_dim=64)
+    with pytest.raises(ValueError, match="must lie in"):
+        preset_configs("core", quick=True, head_dim=512)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "notebook", "--head-dim", "64"], "--head-dim applies to --preset core only"),
+    (["--preset", "core", "--head-dim", "0"], "expected a positive integer, got 0"),
+    (["--seq", "many"], "expected a positive integer, got 'many'"),
+])
+def test_bench_refuses_bad_sizes(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
     other = _another_backend()
     monkeypatch.setitem(backends.BACKENDS, "crashing", _broken_backend("crashing", crash=True))

@@ -105,9 +105,13 @@ class Config:
 
 
 def preset_configs(
-    preset: str, *, quick: bool = False, batch: int | None = None, seq: int | None = None
+    preset: str, *, quick: bool = False, batch: int | None = None, seq: int | None = None,
+    head_dim: int | None = None,
 ) -> list[Config]:
-    """The configs of `preset`; batch / seq override the preset's (seq: one S for core)."""
+    """The configs of `preset`; batch / seq override the preset's (seq: one S for core);
+    head_dim (core only) runs that head dim alone, with heads = the preset's H * D // D."""
+    if head_dim is not None and preset != "core":
+        raise ValueError(f"head_dim applies to the core preset only, not {preset!r}")
     if preset in _MODULE_SIZES:
         b, s, d, h, causal, bias, mask = _MODULE_SIZES[preset]
         if quick:
@@ -116,9 +120,12 @@ def preset_configs(
     if preset != "core":
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     seqs = (seq,) if seq else _CORE_QUICK_SEQS if quick else _CORE_SEQS
-    head_dims = _CORE_QUICK_HEAD_DIMS if quick else _CORE_HEAD_DIMS
+    head_dims = (head_dim,) if head_dim else _CORE_QUICK_HEAD_DIMS if quick else _CORE_HEAD_DIMS
     tokens, width = (_CORE_QUICK_TOKENS, _CORE_QUICK_WIDTH) if quick else (
         _CORE_TOKENS, _CORE_WIDTH)
+    if head_dim is not None and not 0 < head_dim <= width:
+        raise ValueError(f"head_dim must lie in [1, {width}] (the core width H * D), "
+                         f"got {head_dim}")
     return [
         Config("core", batch or max(1, tokens // s), s, width // d, d, causal)
         for d in head_dims
@@ -498,6 +505,7 @@ def run_bench(
     quick: bool | None = None,
     batch: int | None = None,
     seq: int | None = None,
+    head_dim: int | None = None,
     progress: bool = True,
     console: Console | None = None,
     command: str = "",
@@ -508,6 +516,7 @@ def run_bench(
     device defaults to CUDA when present; dtype to bfloat16 on CUDA, float32 on the CPU;
     quick=None means quick sizes on the CPU (unless batch/seq are given) and the preset's
     own sizes on a GPU. impls / exclude filter as `attnkit.verify.selected` does.
+    batch, seq and head_dim override the preset's sizes as `preset_configs` says.
     checkpoint(run) is called after each config with the results so far (meta["complete"]
     False until the end), so that a long sweep that is cut off still leaves its results.
     """
@@ -528,7 +537,7 @@ def run_bench(
     quick = auto_quick or bool(quick)
     impls = list(impls) if impls else None
     exclude = list(exclude) if exclude else None
-    configs = preset_configs(preset, quick=quick, batch=batch, seq=seq)
+    configs = preset_configs(preset, quick=quick, batch=batch, seq=seq, head_dim=head_dim)
 
     notes = []
     if auto_quick:

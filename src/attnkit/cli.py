@@ -28,6 +28,16 @@ def _console():
     return Console(width=140 if wide else None)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnkit",
@@ -58,8 +68,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="small sizes for a slow CPU (the default on a CPU)")
     size.add_argument("--full", dest="quick", action="store_false",
                       help="the preset's own sizes, also on a CPU")
-    bench.add_argument("--batch", type=int, help="override the batch size")
-    bench.add_argument("--seq", type=int, help="override the sequence length (core: one S)")
+    bench.add_argument("--batch", type=_positive_int, help="override the batch size")
+    bench.add_argument("--seq", type=_positive_int,
+                       help="override the sequence length (core: one S)")
+    bench.add_argument("--head-dim", type=_positive_int,
+                       help="core only: run this head dim alone (heads = 2048 // D, or "
+                       "256 // D with --quick), e.g. to split the preset over two runs")
     bench.add_argument("--out", metavar="DIR",
                        help="write results.json, results.csv and chart.png to DIR")
     bench.add_argument("--no-progress", dest="progress", action="store_false",
@@ -94,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "bench" and args.head_dim is not None and args.preset != "core":
+        parser.error(f"--head-dim applies to --preset core only, not {args.preset}")
     commands = {"bench": _bench, "verify": _verify, "info": _info}
     return commands[args.command](args, argv)
 
@@ -111,7 +127,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     run = run_bench(
         args.preset, device=args.device, dtype=args.dtype, impls=args.impl,
         exclude=args.exclude, quick=args.quick,
-        batch=args.batch, seq=args.seq, progress=args.progress, console=console,
+        batch=args.batch, seq=args.seq, head_dim=args.head_dim, progress=args.progress,
+        console=console,
         command=command_line(argv),
         checkpoint=(lambda partial: write_outputs(partial, args.out)) if args.out else None,
     )

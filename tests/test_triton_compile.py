@@ -64,6 +64,8 @@ def _compile_all() -> int:
         tiles = ((ft._fwd_kernel, ft._FWD_CONFIGS), (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
                  (ft._bwd_dq_kernel, ft._DQ_CONFIGS))
         for kernel, configs in tiles:
+            fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+            assert [p.name for p in fn.params if p.do_not_specialize] == ["seed"], fn
             m, n, warps, stages = (32, 32, 4, 1) if wide else configs[-1]
             compile_one(kernel, {**flags, "BLOCK_M": m, "BLOCK_N": n}, warps, stages, mask_kind)
             count += 1

@@ -104,6 +104,13 @@ def _jit(fn):
     return fn if triton is None else triton.jit(fn)
 
 
+def _kernel(fn):
+    """triton.jit for the three launched kernels. The dropout seed is drawn anew for every
+    call, and Triton specializes an int on its value (1, multiples of 16): one call in
+    sixteen would compile the kernels again, seconds of stall, for no gain."""
+    return fn if triton is None else triton.jit(fn, do_not_specialize=["seed"])
+
+
 # ---------------------------------------------------------------------------------------
 # Shared pieces: which (query, key) pairs are visible, and the user mask.
 # qi and kj are index tensors that broadcast against each other ((M, 1) and (1, N), or
@@ -335,7 +342,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_
 
 
 @_tuned(_FWD_CONFIGS, _TUNE_KEY + ["TMA_OK"], _FWD_TMA_CONFIGS)
-@_jit
+@_kernel
 def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
@@ -472,7 +479,7 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
 
 
 @_tuned(_DKDV_CONFIGS)
-@_jit
+@_kernel
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
@@ -565,7 +572,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, o
 
 
 @_tuned(_DQ_CONFIGS)
-@_jit
+@_kernel
 def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,

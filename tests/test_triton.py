@@ -247,6 +247,19 @@ def test_launch_remembers_the_autotuners_pick(monkeypatch, device):
     assert list(ft._CHOSEN.values()) == [({"BLOCK_M": 16, "BLOCK_N": 16, "FACTOR": 2}, 1, 1)]
 
 
+@pytest.mark.parametrize("version, expected", [
+    ("3.3.0", True), ("3.10.0rc1", True), ("4.0.0+git1a2b", True), ("3.2.1", False),
+    ("2.9.0", False), ("unknown", False),
+])
+def test_direct_launch_needs_triton_3_3(monkeypatch, version, expected):
+    # Before 3.3, CompiledKernel[grid] took no constexpr arguments: the direct launch
+    # would pass it too many.
+    from attnkit.backends import fused_triton as ft
+
+    monkeypatch.setattr(triton, "__version__", version)
+    assert ft._triton_at_least(3, 3) is expected
+
+
 def test_fast_launch_reuses_a_compiled_kernel_only_for_its_specialization(monkeypatch):
     # _launch_jitted keeps each compiled kernel under what Triton specialized it on and
     # launches it directly next time; anything Triton would compile anew for (an int

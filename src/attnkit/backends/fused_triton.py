@@ -23,6 +23,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import types
 
 import torch
@@ -795,8 +796,12 @@ def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
 # launch _COMPILED keeps the compiled kernel under everything Triton specialized it on,
 # and a later launch with the same specialization goes to it directly: CompiledKernel
 # [grid](*args), which from Triton 3.3 on takes the constexpr arguments too, in order.
-_FAST_LAUNCH = (triton is not None and not _INTERPRET
-                and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3))
+def _triton_at_least(major: int, minor: int) -> bool:
+    found = re.match(r"(\d+)\.(\d+)", getattr(triton, "__version__", ""))
+    return found is not None and (int(found[1]), int(found[2])) >= (major, minor)
+
+
+_FAST_LAUNCH = triton is not None and not _INTERPRET and _triton_at_least(3, 3)
 _COMPILED: dict[tuple, tuple] = {}
 _COMPILED_MAX = 4096  # distinct specializations kept; past that, Triton's path serves
 

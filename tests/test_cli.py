@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit import backends
+from attnkit import attention, backends
 from attnkit.backends import Backend
 from attnkit.bench import Config, attention_flops, config_flops, preset_configs
 from attnkit.cli import main
@@ -130,8 +130,25 @@ def test_core_head_dim_runs_one_head_dim_at_the_same_width():
         preset_configs("core", quick=True, head_dim=512)
 
 
+def test_core_key_lengths_reach_the_implementations_and_the_oracle():
+    from attnkit.bench import _core_problem
+    from attnkit.verify import rel_err
+
+    configs = preset_configs("core", quick=True, seq=64, key_lengths=True)
+    assert {c.mask for c in configs} == {"lengths"} and "key-lengths" in configs[0].label
+    with pytest.raises(ValueError, match="core preset only"):
+        preset_configs("notebook", key_lengths=True)
+    problem = _core_problem(configs[0], torch.device("cpu"), torch.float32, ["naive"], None)
+    work = problem.entries["naive"]()
+    out = work.run_forward()
+    assert problem.oracle(out)[0] < 1e-5
+    q, k, v = work.inputs  # the same inputs without the lengths give another answer
+    assert rel_err(out, attention(q, k, v, causal=configs[0].causal, impl="naive")) > 1e-2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "notebook", "--head-dim", "64"], "--head-dim applies to --preset core only"),
+    (["--preset", "bert", "--key-lengths"], "--key-lengths applies to --preset core only"),
     (["--preset", "core", "--head-dim", "0"], "expected a positive integer, got 0"),
     (["--seq", "many"], "expected a positive integer, got 'many'"),
 ])

@@ -7,7 +7,8 @@ Three presets:
   an additive (B, 1, 1, S) padding mask, not causal; the same implementations.
 - core: the functional backends alone on q, k, v over S = 512 .. 16k, D = 64 / 128, causal
   and not, with B*S = 16k tokens and H*D = 2048 (the flash-attention benchmark's sizing,
-  so the work per call grows with S only through the S^2 term).
+  so the work per call grows with S only through the S^2 term). With key_lengths, each
+  batch element hides its keys past a length drawn in [S/2, S] (padded batches).
 
 Per implementation: the first call (cold: compilation, autotuning, caches), the warm
 median forward (under no_grad) and forward+backward, peak memory (GPU), TFLOP/s, the
@@ -87,7 +88,7 @@ class Config:
     causal: bool
     d_model: int | None = None
     qkv_bias: bool = False
-    mask: str | None = None
+    mask: str | None = None  # "padding" (module presets) or "lengths" (core: key_lengths)
 
     @property
     def is_module(self) -> bool:
@@ -106,12 +107,14 @@ class Config:
 
 def preset_configs(
     preset: str, *, quick: bool = False, batch: int | None = None, seq: int | None = None,
-    head_dim: int | None = None,
+    head_dim: int | None = None, key_lengths: bool = False,
 ) -> list[Config]:
-    """The configs of `preset`; batch / seq override the preset's (seq: one S for core);
-    head_dim (core only) runs that head dim alone, with heads = the preset's H * D // D."""
-    if head_dim is not None and preset != "core":
-        raise ValueError(f"head_dim applies to the core preset only, not {preset!r}")
+    """The configs of `preset`; batch / seq override the preset's (seq: one S for core).
+    Core only: head_dim runs that head dim alone, with heads = the preset's H * D // D;
+    key_lengths gives every config key lengths (mask "lengths")."""
+    for name, value in (("head_dim", head_dim), ("key_lengths", key_lengths or None)):
+        if value is not None and preset != "core":
+            raise ValueError(f"{name} applies to the core preset only, not {preset!r}")
     if preset in _MODULE_SIZES:
         b, s, d, h, causal, bias, mask = _MODULE_SIZES[preset]
         if quick:
@@ -127,7 +130,8 @@ def preset_configs(
         raise ValueError(f"head_dim must lie in [1, {width}] (the core width H * D), "
                          f"got {head_dim}")
     return [
-        Config("core", batch or max(1, tokens // s), s, width // d, d, causal)
+        Config("core", batch or max(1, tokens // s), s, width // d, d, causal,
+               mask="lengths" if key_lengths else None)
         for d in head_dims
         for causal in (False, True)
         for s in seqs
@@ -296,10 +300,15 @@ def _core_problem(config: Config, device: torch.device, dtype: torch.dtype,
     shape = (c.batch, c.heads, c.seq, c.head_dim)
     q, k, v = (_randn(shape, device, dtype, gen, grad=True) for _ in range(3))
     grad_out = _randn(shape, device, dtype, gen)
+    lengths = None
+    if c.mask == "lengths":
+        lengths = torch.randint(max(1, c.seq // 2), c.seq + 1, (c.batch,), generator=gen)
+        lengths = lengths.to(device)
 
     def entry(name: str) -> Callable[[], Workload]:
         return lambda: Workload(
-            lambda: attention(q, k, v, causal=c.causal, impl=name), [q, k, v], grad_out
+            lambda: attention(q, k, v, causal=c.causal, key_lengths=lengths, impl=name),
+            [q, k, v], grad_out,
         )
 
     entries: dict[str, Callable[[], Workload] | str] = {
@@ -316,8 +325,9 @@ def _core_problem(config: Config, device: torch.device, dtype: torch.dtype,
         if "ref" not in cache:
             sub = (slice(0, nb), slice(0, nh))
             with torch.no_grad():
-                cache["ref"] = attention(q[sub], k[sub], v[sub], causal=c.causal,
-                                         impl="reference")
+                cache["ref"] = attention(
+                    q[sub], k[sub], v[sub], causal=c.causal, impl="reference",
+                    key_lengths=None if lengths is None else lengths[:nb])
         note = None
         if (nb, nh) != (c.batch, c.heads):
             note = f"on batch 0..{nb - 1} of {c.batch}, heads 0..{nh - 1} of {c.heads}"
@@ -506,6 +516,7 @@ def run_bench(
     batch: int | None = None,
     seq: int | None = None,
     head_dim: int | None = None,
+    key_lengths: bool = False,
     progress: bool = True,
     console: Console | None = None,
     command: str = "",
@@ -516,7 +527,8 @@ def run_bench(
     device defaults to CUDA when present; dtype to bfloat16 on CUDA, float32 on the CPU;
     quick=None means quick sizes on the CPU (unless batch/seq are given) and the preset's
     own sizes on a GPU. impls / exclude filter as `attnkit.verify.selected` does.
-    batch, seq and head_dim override the preset's sizes as `preset_configs` says.
+    batch, seq, head_dim and key_lengths change the preset's configs as `preset_configs`
+    says.
     checkpoint(run) is called after each config with the results so far (meta["complete"]
     False until the end), so that a long sweep that is cut off still leaves its results.
     """
@@ -537,7 +549,8 @@ def run_bench(
     quick = auto_quick or bool(quick)
     impls = list(impls) if impls else None
     exclude = list(exclude) if exclude else None
-    configs = preset_configs(preset, quick=quick, batch=batch, seq=seq, head_dim=head_dim)
+    configs = preset_configs(preset, quick=quick, batch=batch, seq=seq, head_dim=head_dim,
+                             key_lengths=key_lengths)
 
     notes = []
     if auto_quick:
@@ -546,6 +559,9 @@ def run_bench(
                      f"{' and up' if preset == 'core' else ''}; pass --full for those)")
     if configs[0].is_module:
         notes.append("FLOPs count the QKV and output projections as well as attention")
+    if key_lengths:
+        notes.append("key lengths drawn in [S/2, S] per batch element; FLOPs count every "
+                     "key, also the hidden ones")
     if device.type == "cpu":
         notes.append("peak memory: n/a on the CPU (no per-tensor allocator statistics)")
 

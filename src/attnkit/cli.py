@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--head-dim", type=_positive_int,
                        help="core only: run this head dim alone (heads = 2048 // D, or "
                        "256 // D with --quick), e.g. to split the preset over two runs")
+    bench.add_argument("--key-lengths", action="store_true",
+                       help="core only: every batch element hides its keys past a length "
+                       "drawn in [S/2, S] (padded batches, through key_lengths)")
     bench.add_argument("--out", metavar="DIR",
                        help="write results.json, results.csv and chart.png to DIR")
     bench.add_argument("--no-progress", dest="progress", action="store_false",
@@ -108,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "bench" and args.head_dim is not None and args.preset != "core":
-        parser.error(f"--head-dim applies to --preset core only, not {args.preset}")
+    if args.command == "bench" and args.preset != "core":
+        for flag, value in (("--head-dim", args.head_dim), ("--key-lengths", args.key_lengths)):
+            if value:
+                parser.error(f"{flag} applies to --preset core only, not {args.preset}")
     commands = {"bench": _bench, "verify": _verify, "info": _info}
     return commands[args.command](args, argv)
 
@@ -127,8 +132,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     run = run_bench(
         args.preset, device=args.device, dtype=args.dtype, impls=args.impl,
         exclude=args.exclude, quick=args.quick,
-        batch=args.batch, seq=args.seq, head_dim=args.head_dim, progress=args.progress,
-        console=console,
+        batch=args.batch, seq=args.seq, head_dim=args.head_dim, key_lengths=args.key_lengths,
+        progress=args.progress, console=console,
         command=command_line(argv),
         checkpoint=(lambda partial: write_outputs(partial, args.out)) if args.out else None,
     )

@@ -285,7 +285,7 @@ def problem_label(sizes: list[str], causal: bool, qkv_bias: bool, mask: str | No
     if qkv_bias:
         parts.append("bias")
     if mask:
-        parts.append(f"{mask}-mask")
+        parts.append("key-lengths" if mask == "lengths" else f"{mask}-mask")
     return " ".join(parts)
 
 

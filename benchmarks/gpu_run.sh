@@ -19,7 +19,8 @@
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, CORE_ARGS
 # adds arguments to them (e.g. "--head-dim 128": one half of core, which cold does not fit
-# one 10-minute call beside the other half with five implementations), TUNED_ARGS
+# one 10-minute call beside the other half with five implementations; "--key-lengths":
+# padded batches), TUNED_ARGS
 # adds arguments to triton-tuned (e.g. "--shape 1,32,16384,64,0"). The bench
 # steps log the Triton autotuner's picks (TRITON_PRINT_AUTOTUNING=1).
 #

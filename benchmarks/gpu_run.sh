@@ -106,7 +106,7 @@ for step in "${steps[@]}"; do
             > "$results/fwd-bwd-gap.log" 2>&1
         echo "fwd-bwd-gap: exit $?"; grep -E "_ms\"|\"seq\"|causal" "$results/fwd-bwd-gap.log" ;;
     host-overhead)
-        timeout 150 python3 benchmarks/host_overhead.py --out "$results" --ab-fast-launch --profile triton \
+        timeout 150 python3 benchmarks/host_overhead.py --out "$results" --ab-fast-launch --engine --profile triton \
             > "$results/host-overhead.log" 2>&1
         echo "host-overhead: exit $?"; cat "$results/host-overhead.log" ;;
     triton-registers)

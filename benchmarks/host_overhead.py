@@ -12,6 +12,10 @@ Triton's launcher, autograd. Prints a table and writes DIR/host_overhead.json.
 fused_triton's direct launch of compiled kernels on and off (`_FAST_LAUNCH`): host noise
 between processes on the H100 host is larger than the difference (NOTES, run 6).
 
+--engine times the autograd engine alone on the same tensor: a backward through a C++ op
+(x * 1) against one through a Python autograd.Function that does the same, to tell how
+much of triton's host time any Python backward pays on this device.
+
 --profile IMPL also runs IMPL's forward+backward under cProfile and writes where the host
 time goes to DIR/host_profile_IMPL.txt (the functions with the most time of their own,
 and the most time in all).
@@ -91,6 +95,32 @@ def fast_launch_ab(q, k, v, grad, rounds: int = 7) -> list[dict]:
     return rows
 
 
+class _PythonScale(torch.autograd.Function):
+    """x * 1 with a Python backward: what the autograd engine pays for any Python node."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def engine_rows(x, grad) -> list[dict]:
+    """fwd+bwd host time of x * 1 through a C++ node and through a Python node."""
+    rows = []
+    for name, op in (("engine: C++ node", lambda t: t * 1),
+                     ("engine: Python node", _PythonScale.apply)):
+        def forward_backward(op=op):
+            torch.autograd.grad(op(x), x, grad)
+
+        rows.append({"impl": name, "causal": None, "fwd_us": None,
+                     "fwd_bwd_us": per_call_us(forward_backward)})
+        print(f"{name:22s} forward+backward {rows[-1]['fwd_bwd_us']:6.1f} us", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -98,6 +128,8 @@ def main() -> None:
                         help=f"implementations to time (default: {' '.join(IMPLS)})")
     parser.add_argument("--ab-fast-launch", action="store_true",
                         help="triton with and without its direct launch, trials alternating")
+    parser.add_argument("--engine", action="store_true",
+                        help="also time the autograd engine alone: a C++ against a Python node")
     parser.add_argument("--profile", action="append", default=[], metavar="IMPL",
                         help="profile IMPL's forward+backward (repeatable)")
     args = parser.parse_args()
@@ -115,6 +147,8 @@ def main() -> None:
                   f"  forward+backward {row['fwd_bwd_us']:6.1f} us", flush=True)
     if args.ab_fast_launch:
         rows += fast_launch_ab(q, k, v, grad)
+    if args.engine:
+        rows += engine_rows(q, grad)
     for impl in args.profile:
         _, forward_backward = calls(q, k, v, grad, impl, causal=False)
         per_call_us(forward_backward, calls=10, trials=1)

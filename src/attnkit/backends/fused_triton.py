@@ -14,6 +14,10 @@ i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= 
 added. Key blocks that no query of a block can see are outside the loop bounds; key
 blocks that every query of a block sees skip the index arithmetic.
 
+Host side: after a key's first launch the autotuner's pick is remembered (`_CHOSEN`), and
+after a specialization's first launch its compiled kernel is launched directly
+(`_launch_jitted`), so repeated calls skip Triton's per-launch argument handling.
+
 Triton is optional: without it `import attnkit` still works and this backend reports
 itself unavailable.
 """

@@ -158,6 +158,12 @@ def test_bench_refuses_bad_sizes(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_bench_reports_a_head_dim_wider_than_core_as_an_error(capsys):
+    assert main(["bench", "--preset", "core", "--head-dim", "4096", "--device", "cpu",
+                 "--no-progress"]) == 2
+    assert "head_dim must lie in [1, 256]" in capsys.readouterr().err
+
+
 def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
     other = _another_backend()
     monkeypatch.setitem(backends.BACKENDS, "crashing", _broken_backend("crashing", crash=True))

@@ -129,14 +129,20 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     from attnkit.bench import command_line, print_results, run_bench, write_outputs
 
     console = _console()
-    run = run_bench(
-        args.preset, device=args.device, dtype=args.dtype, impls=args.impl,
-        exclude=args.exclude, quick=args.quick,
-        batch=args.batch, seq=args.seq, head_dim=args.head_dim, key_lengths=args.key_lengths,
-        progress=args.progress, console=console,
-        command=command_line(argv),
-        checkpoint=(lambda partial: write_outputs(partial, args.out)) if args.out else None,
-    )
+    try:
+        run = run_bench(
+            args.preset, device=args.device, dtype=args.dtype, impls=args.impl,
+            exclude=args.exclude, quick=args.quick,
+            batch=args.batch, seq=args.seq, head_dim=args.head_dim,
+            key_lengths=args.key_lengths, progress=args.progress, console=console,
+            command=command_line(argv),
+            checkpoint=(lambda partial: write_outputs(partial, args.out)) if args.out else None,
+        )
+    except ValueError as exc:
+        # A size the preset cannot take (say --head-dim past the core width), refused
+        # before anything is measured: run_bench keeps each implementation's own errors.
+        print(f"attnkit bench: error: {exc}", file=sys.stderr)
+        return 2
     print_results(run, console)
     if args.out:
         paths = write_outputs(run, args.out)

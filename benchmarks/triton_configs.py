@@ -1,7 +1,8 @@
 """Time each Triton kernel (forward, dK/dV, dQ) under every candidate tile config, on a GPU.
 
     PYTHONPATH=src python benchmarks/triton_configs.py [--out DIR] [--budget SECONDS]
-                                                       [--tuned-only] [--shape B,H,S,D,C]
+                                                       [--tuned-only | --forward-only]
+                                                       [--shape B,H,S,D,C]
 
 The `core` bench times the autotuned backend as a whole; this separates it. For each
 shape it launches every kernel with each config of CANDIDATES given explicitly (the
@@ -12,7 +13,9 @@ and _DQ_CONFIGS, and whether a slow shape is a tile problem at all (benchmarks/N
 run 5). --tuned-only times just the autotuned kernels, to compare kernel versions, and
 the forward under each of its own configs with K/V loads through TMA and through pointers
 (an A/B in one process, where the GPU it runs on takes TMA), beside the autotuner's own
-timings of those configs.
+timings of those configs. --forward-only times the forward alone under every config of
+CANDIDATES and FORWARD_EXTRA, each through TMA and through pointers: a wider search than
+the autotuner's lists, for what to add to _FWD_CONFIGS / _FWD_TMA_CONFIGS.
 
 Prints one table per shape and writes every number to DIR/triton_configs.json.
 """
@@ -54,6 +57,9 @@ CANDIDATES = [
     (128, 128, 8, 2), (128, 128, 8, 3),
     (32, 64, 4, 2), (32, 128, 4, 2),
 ]
+# Forward-only tiles too large for the backward kernels' shared memory or registers.
+FORWARD_EXTRA = [(128, 64, 8, 4), (128, 128, 4, 3), (128, 128, 8, 4), (256, 64, 8, 3),
+                 (256, 128, 8, 2)]
 
 
 def time_ms(fn) -> float | None:
@@ -64,7 +70,8 @@ def time_ms(fn) -> float | None:
         return None
 
 
-def sweep(shape: tuple[int, int, int, int, bool], candidates: list) -> dict:
+def sweep(shape: tuple[int, int, int, int, bool], candidates: list,
+          forward_only: bool = False) -> dict:
     b, h, s, d, causal = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
@@ -80,7 +87,16 @@ def sweep(shape: tuple[int, int, int, int, bool], candidates: list) -> dict:
         print(f"  autotuner timed fwd {config}: {timing}", flush=True)
     fl = attention_flops(b, h, s, s, d, causal)
     rows = []
-    for config in candidates:
+    for config in candidates if forward_only else []:
+        times = [time_ms(lambda c=config, t=tma: ft._forward(call, 0, c, tma=t))
+                 for tma in ((True, False) if ft._tma_ready(k, v) else (False,))]
+        rows.append({"config": list(config), "fwd_ms": times[-1],
+                     "fwd_tma_ms": times[0] if len(times) == 2 else None})
+        print(f"  fwd {config}: " + ", ".join(
+            f"{name} {t:.3f} ms ({fl / t / 1e9:.0f} TFLOP/s)" if t else f"{name} -"
+            for name, t in zip(("TMA", "pointers")[2 - len(times):], times, strict=True)),
+            flush=True)
+    for config in [] if forward_only else candidates:
         fwd = time_ms(lambda c=config: ft._forward(call, 0, c))
         dkdv = time_ms(lambda c=config: ft._backward(call, 0, out, lse, dout, (c, None)))
         dq = time_ms(lambda c=config: ft._backward(call, 0, out, lse, dout, (None, c)))
@@ -98,9 +114,11 @@ def sweep(shape: tuple[int, int, int, int, bool], candidates: list) -> dict:
             print(f"  fwd {config}: TMA {times[0] and f'{times[0]:.3f}'} ms, pointers "
                   f"{times[1] and f'{times[1]:.3f}'} ms", flush=True)
     tuned_fwd = time_ms(lambda: ft._forward(call, 0))
-    tuned_bwd = time_ms(lambda: ft._backward(call, 0, out, lse, dout))
+    tuned_bwd = None if forward_only else time_ms(
+        lambda: ft._backward(call, 0, out, lse, dout))
     print(f"  autotuned: fwd {tuned_fwd:.3f} ms ({fl / tuned_fwd / 1e9:.0f} TFLOP/s), "
-          f"bwd {tuned_bwd:.3f} ms ({2.5 * fl / tuned_bwd / 1e9:.0f} TFLOP/s)", flush=True)
+          f"bwd {tuned_bwd and f'{tuned_bwd:.3f}'} ms "
+          f"({tuned_bwd and f'{2.5 * fl / tuned_bwd / 1e9:.0f}'} TFLOP/s)", flush=True)
     return {
         "shape": {"batch": b, "heads": h, "seq": s, "head_dim": d, "causal": causal},
         "flops_fwd": fl,
@@ -119,13 +137,18 @@ def main() -> None:
                         help="stop starting new shapes after this many seconds")
     parser.add_argument("--tuned-only", action="store_true",
                         help="time only what the autotuner picks (about a minute)")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="the forward alone under more tile configs, TMA and pointers")
     parser.add_argument("--shape", action="append", default=[],
                         metavar="BATCH,HEADS,SEQ,HEAD_DIM,CAUSAL",
                         help="only these shapes (repeatable; CAUSAL 0 or 1)")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] or SHAPES
     shapes = [(b, h, s, d, bool(causal)) for b, h, s, d, causal in shapes]
-    candidates = [] if args.tuned_only else CANDIDATES
+    if args.tuned_only and args.forward_only:
+        parser.error("--tuned-only and --forward-only exclude each other")
+    candidates = ([] if args.tuned_only else
+                  CANDIDATES + FORWARD_EXTRA if args.forward_only else CANDIDATES)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "shapes": []}
     path = os.path.join(args.out, "triton_configs.json")
@@ -134,7 +157,7 @@ def main() -> None:
             print(f"budget of {args.budget:.0f} s spent; not run: {shape}")
             continue
         print(f"{shape} (batch, heads, seq, head_dim, causal)", flush=True)
-        result["shapes"].append(sweep(shape, candidates))
+        result["shapes"].append(sweep(shape, candidates, args.forward_only))
         with open(path, "w") as f:  # after every shape, so a cut-off run keeps its data
             json.dump(result, f, indent=1)
     print(f"wrote {path}")

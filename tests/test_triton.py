@@ -214,6 +214,27 @@ def test_prune_offers_tma_configs_only_where_allowed():
     assert [(c.kwargs["BLOCK_N"], c.kwargs["TMA"]) for c in wide] == [(32, False), (32, False)]
 
 
+def test_prune_keeps_the_swept_winners_for_128_wide_heads():
+    # The H100 sweep's winners replace the autotuner's choice where it mis-ranked them
+    # (NOTES run 10); every other head dim keeps the whole list.
+    from attnkit.backends import fused_triton as ft
+
+    def offered(kernel, configs, head, windowed, **extra):
+        made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w,
+                              num_stages=s) for m, n, w, s in configs]
+        args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": windowed, "TMA_OK": True}
+        return [ft._tiles(c) for c in ft._prune(made, args, kernel=kernel)]
+
+    assert offered("dq", ft._DQ_CONFIGS, 128, False) == [(128, 64, 8, 3)]
+    assert offered("dq", ft._DQ_CONFIGS, 64, False) == ft._DQ_CONFIGS
+    assert offered("dkdv", ft._DKDV_CONFIGS, 128, False) == [(64, 64, 4, 2)]
+    assert offered("dkdv", ft._DKDV_CONFIGS, 128, True) == [(64, 128, 8, 3)]
+    assert offered("dkdv", ft._DKDV_CONFIGS, 80, True) == ft._DKDV_CONFIGS
+    tma = ft._FWD_TMA_CONFIGS
+    assert offered("fwd", tma, 64, False, TMA=True) == tma
+    assert offered("fwd", tma, 128, True, TMA=True) == [(64, 64, 4, 3), (128, 128, 8, 3)]
+
+
 def test_launch_remembers_the_autotuners_pick(monkeypatch, device):
     # After a key's first launch _launch skips Triton's Autotuner (whose per-launch key
     # building costs host time) and launches the kernel with the remembered config, all

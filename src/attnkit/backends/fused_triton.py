@@ -61,19 +61,47 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # means nothing).
 # ---------------------------------------------------------------------------------------
 _FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
-_FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3)]
+_FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 
+# Where the autotuner's own timings mis-rank the candidates, the sweep's winners alone
+# (H100, benchmarks/triton_configs.py, NOTES run 10). Heads of 97..128: the autotuner chose
+# dQ (64, 64, 4, 2) and dK/dV (64, 128, 8, 3) for full attention, where the whole backward
+# ran 6-10% faster with dQ (128, 64, 8, 3) and, without a window, dK/dV (64, 64, 4, 2).
+# The forward's (128, 64, 4, 3) and (64, 128, 4, 3) through TMA won at D=64, S=16k
+# (full and causal) and lost by 10-20% at D=128, so they are offered to heads of <= 64.
+_SWEPT = {
+    "fwd": lambda d, windowed: [(128, 64, 4, 3), (64, 128, 4, 3)] if d > 64 else [],
+    "dq": lambda d, windowed: ([(64, 64, 4, 2), (128, 32, 4, 4)]
+                               if 96 < d <= 128 else []),
+    "dkdv": lambda d, windowed: ([] if not 96 < d <= 128 else
+                                 [(32, 64, 4, 2), (64, 64, 4, 2)] if windowed else
+                                 [(32, 64, 4, 2), (64, 128, 8, 3)]),
+}
 
-def _prune(configs, named_args, **kwargs):
+
+def _tiles(config) -> tuple[int, int, int, int]:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+            config.num_stages)
+
+
+def _prune(configs, named_args, kernel: str | None = None, **kwargs):
+    """The candidates for these arguments: TMA ones only where TMA_OK, the measured
+    winners of _SWEPT for `kernel` (the losers, by head dim, taken out), and small tiles
+    alone for heads wider than 128."""
     args = {**named_args, **kwargs}
     if not args.get("TMA_OK", False):
         configs = [c for c in configs if not c.kwargs.get("TMA", False)]
-    if max(args["HEAD_D"], args["HEAD_DV"]) <= 128:
-        return configs
+    head = max(args["HEAD_D"], args["HEAD_DV"])
+    if head <= 128:
+        if kernel is None:
+            return configs
+        losers = _SWEPT[kernel](head, bool(args["WINDOWED"]))
+        kept = [c for c in configs if _tiles(c) not in losers]
+        return kept or configs
     # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only.
     pointers = {"TMA": False} if "TMA" in configs[0].kwargs else {}
     return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, **pointers}, num_warps=4,
@@ -82,9 +110,9 @@ def _prune(configs, named_args, **kwargs):
                           num_stages=1)]
 
 
-def _tuned(configs, key=_TUNE_KEY, tma_configs=None):
+def _tuned(kernel: str, configs, key=_TUNE_KEY, tma_configs=None):
     """Autotune over configs; with tma_configs (the forward), those with TMA = True and
-    configs with TMA = False."""
+    configs with TMA = False. kernel names the kernel in _SWEPT."""
     if triton is None or _INTERPRET:
         return lambda fn: fn
     variants = [(configs, {})] if tma_configs is None else [
@@ -96,7 +124,7 @@ def _tuned(configs, key=_TUNE_KEY, tma_configs=None):
         [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
          for tiles, meta in variants for m, n, w, s in tiles],
         key=key,
-        prune_configs_by={"early_config_prune": _prune},
+        prune_configs_by={"early_config_prune": functools.partial(_prune, kernel=kernel)},
         **on_disk,
     )
 
@@ -346,7 +374,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_
     return acc, m_i, l_i
 
 
-@_tuned(_FWD_CONFIGS, _TUNE_KEY + ["TMA_OK"], _FWD_TMA_CONFIGS)
+@_tuned("fwd", _FWD_CONFIGS, _TUNE_KEY + ["TMA_OK"], _FWD_TMA_CONFIGS)
 @_kernel
 def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 stride_qb, stride_qh, stride_qm, stride_qd,
@@ -483,7 +511,7 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
     return dk, dv
 
 
-@_tuned(_DKDV_CONFIGS)
+@_tuned("dkdv", _DKDV_CONFIGS)
 @_kernel
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      stride_qb, stride_qh, stride_qm, stride_qd,
@@ -576,7 +604,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, o
     return dq
 
 
-@_tuned(_DQ_CONFIGS)
+@_tuned("dq", _DQ_CONFIGS)
 @_kernel
 def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    stride_qb, stride_qh, stride_qm, stride_qd,

@@ -217,6 +217,10 @@ def verify_section(s: dict, heading: str = "####") -> list[str]:
            _provenance(meta), "",
            f"{len(rows)} checks, {failed} failed; worst = max(output, gradient) relative "
            "error against the float64 oracle over every case.", ""]
+    done, total = meta.get("checks_done"), meta.get("checks_total")
+    if done is not None and total is not None and done < total:
+        out[-1:] = [f"**Cut off: {done} of {total} checks finished** (the run hit its time "
+                    "limit; the rest did not run).", ""]
     out += _table(["implementation", "ok", "passed", "failed", "skipped", "worst error",
                    "tolerance"], table) + [""]
     if unavailable:

@@ -73,6 +73,41 @@ def test_verify_quick_passes_on_cpu(capsys, tmp_path):
     assert data["results"] and all(r["passed"] for r in data["results"])
 
 
+def test_verify_cut_off_keeps_the_checks_it_finished(monkeypatch, capsys, tmp_path):
+    # A time limit that kills verify mid-run must leave the finished checks in verify.json.
+    from attnkit import verify
+
+    clock = iter(range(0, 10_000, 10))  # every check looks 10 s after the last
+    monkeypatch.setattr("attnkit.cli.time.monotonic", lambda: next(clock))
+    finished = []
+    real_check = verify._check_backend
+
+    def check_then_stop(name, case, device):
+        if len(finished) == 3:
+            raise KeyboardInterrupt  # what a timeout's signal does to the run
+        finished.append(name)
+        return real_check(name, case, device)
+
+    monkeypatch.setattr(verify, "_check_backend", check_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(["verify", "--quick", "--device", "cpu", "--no-progress", "--impl", "naive",
+              "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "verify.json").read_text())
+    assert len(data["results"]) == data["meta"]["checks_done"] == 3
+    assert data["meta"]["checks_total"] > 3
+    assert not list(tmp_path.glob("*.partial"))
+    section = "\n".join(_make_tables().verify_section(data))
+    assert f"Cut off: 3 of {data['meta']['checks_total']} checks" in section
+
+
+def _make_tables():
+    spec = importlib.util.spec_from_file_location("make_tables",
+                                                  ROOT / "benchmarks" / "make_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_verify_fails_on_a_wrong_backend(monkeypatch, capsys):
     monkeypatch.setitem(backends.BACKENDS, "broken", _broken_backend("broken"))
     monkeypatch.setitem(backends.BACKENDS, "crashing", _broken_backend("crashing", crash=True))
@@ -211,10 +246,7 @@ def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
     (out_dir).rename(tmp_path / "results" / "cpu-core")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
-    spec = importlib.util.spec_from_file_location("make_tables",
-                                                  ROOT / "benchmarks" / "make_tables.py")
-    make_tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_tables)
+    make_tables = _make_tables()
     args = ["--results", str(tmp_path / "results"), "--readme", str(readme)]
     assert make_tables.main(args) == 0
     text = readme.read_text()

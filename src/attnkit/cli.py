@@ -10,6 +10,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 
 import torch
 from rich.markup import escape
@@ -162,14 +163,26 @@ def _verify(args: argparse.Namespace, argv: list[str] | None) -> int:
     dtype = getattr(torch, args.dtype)
     console.print(f"[bold]attnkit verify[/] · {device} · {args.dtype}"
                   f"{' · quick' if args.quick else ''}", highlight=False)
+    meta = environment(device)
+    meta.update(dtype=args.dtype, quick=args.quick, command=command_line(argv),
+                impl_filter=args.impl, exclude=args.exclude)
+    path = Path(args.out) / "verify.json" if args.out else None
+    last_write = time.monotonic()
+
+    def save(results: list, total: int) -> None:
+        # A run cut off by a time limit keeps what it finished: verify.json is rewritten
+        # every few seconds during the run, saying how many of the checks it holds.
+        nonlocal last_write
+        if path is not None and (len(results) == total or time.monotonic() - last_write > 5):
+            write_json(results, path, {**meta, "checks_done": len(results),
+                                       "checks_total": total})
+            last_write = time.monotonic()
+
     results = run_verify(device, dtype, impls=args.impl, large=not args.quick,
-                         progress=args.progress, exclude=args.exclude)
+                         progress=args.progress, exclude=args.exclude, on_result=save)
     ok = print_report(results, console)
-    if args.out:
-        meta = environment(device)
-        meta.update(dtype=args.dtype, quick=args.quick, command=command_line(argv),
-                    impl_filter=args.impl, exclude=args.exclude)
-        path = write_json(results, Path(args.out) / "verify.json", meta)
+    if path is not None:
+        save(results, len(results))
         console.print(f"wrote {path}", highlight=False)
     return 0 if ok else 1
 

@@ -585,12 +585,15 @@ def run_verify(
     large: bool = True,
     progress: bool = True,
     exclude: Iterable[str] | None = None,
+    on_result: Callable[[list[CaseResult], int], None] | None = None,
 ) -> list[CaseResult]:
     """Every available backend over `default_cases`, every module over `module_cases`.
 
     impls / exclude filter by name (see `selected`). An implementation that is unavailable on the
     device is recorded as skipped with the reason; one that raises anything other than
     UnsupportedError is recorded as failed with the error, never stops the run.
+    on_result(results so far, number of checks in all) is called after every check, so that
+    a caller can keep what a run cut off by a time limit had finished.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -639,6 +642,8 @@ def run_verify(
                 except Exception as exc:  # a broken implementation is a result, not a crash
                     results.append(_failure(label, case, exc))
             bar.advance(task)
+            if on_result is not None:
+                on_result(results, len(jobs))
     return results
 
 
@@ -749,7 +754,8 @@ def _number(x: float) -> float | str | None:
 
 
 def write_json(results: list[CaseResult], path: str | Path, meta: dict) -> Path:
-    """Write {"meta": ..., "results": [one row per check]} to `path` (for make_tables.py)."""
+    """Write {"meta": ..., "results": [one row per check]} to `path` (for make_tables.py),
+    through a temporary file, so that a run killed while writing leaves the last whole one."""
     rows = []
     for r in results:
         case = asdict(r.case)
@@ -769,5 +775,7 @@ def write_json(results: list[CaseResult], path: str | Path, meta: dict) -> Path:
         })
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1, default=str) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"meta": meta, "results": rows}, indent=1, default=str) + "\n")
+    partial.replace(path)
     return path

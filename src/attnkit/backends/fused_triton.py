@@ -67,12 +67,14 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 
-# Where the autotuner's own timings mis-rank the candidates, the sweep's winners alone
-# (H100, benchmarks/triton_configs.py, NOTES run 10). Heads of 97..128: the autotuner chose
-# dQ (64, 64, 4, 2) and dK/dV (64, 128, 8, 3) for full attention, where the whole backward
-# ran 6-10% faster with dQ (128, 64, 8, 3) and, without a window, dK/dV (64, 64, 4, 2).
-# The forward's (128, 64, 4, 3) and (64, 128, 4, 3) through TMA won at D=64, S=16k
-# (full and causal) and lost by 10-20% at D=128, so they are offered to heads of <= 64.
+# Configs taken out by head dim where the H100 sweep (benchmarks/triton_configs.py, NOTES
+# run 10) found them losing and the autotuner still picked them now and then: its timings
+# of candidates a few % apart move with the GPU's clock. Heads of 97..128: the whole
+# backward ran 3-9% faster with dQ (128, 64, 8, 3) than (64, 64, 4, 2) at 4k, 16k and 8k
+# causal; dK/dV (64, 64, 4, 2) was 4-10% faster than (64, 128, 8, 3) without a window and
+# 9% slower with one. The forward's (128, 64, 4, 3) and (64, 128, 4, 3) through TMA won
+# at D=64, S=16k (full and causal) and lost by 10-20% at D=128, so they are offered to
+# heads of <= 64 only.
 _SWEPT = {
     "fwd": lambda d, windowed: [(128, 64, 4, 3), (64, 128, 4, 3)] if d > 64 else [],
     "dq": lambda d, windowed: ([(64, 64, 4, 2), (128, 32, 4, 4)]

@@ -195,6 +195,23 @@ def test_auto_picks_a_backend_that_matches_the_oracle(case: verify.Case) -> None
     assert result.passed, describe(result)
 
 
+def test_auto_sends_padded_calls_by_their_own_order(monkeypatch) -> None:
+    # Calls that hide padded keys go by AUTO_ORDER_PADDED (CUDA: the Triton kernel first);
+    # masks that differ per head or query row, and unmasked calls, by AUTO_ORDER.
+    from attnkit import functional
+
+    monkeypatch.setitem(functional.AUTO_ORDER_PADDED, "cpu", ("naive", "sdpa"))
+    monkeypatch.setitem(functional.AUTO_ORDER, "cpu", ("sdpa", "naive"))
+    q = torch.randn(2, 4, 9, 16)
+    lengths = torch.tensor([9, 5])
+    padding = torch.rand(2, 1, 1, 9) > 0.3
+    per_row = torch.rand(2, 1, 9, 9) > 0.3
+    assert select(make_call(q, q, q, key_lengths=lengths), "auto").name == "naive"
+    assert select(make_call(q, q, q, attn_mask=padding), "auto").name == "naive"
+    assert select(make_call(q, q, q, attn_mask=per_row), "auto").name == "sdpa"
+    assert select(make_call(q, q, q, causal=True), "auto").name == "sdpa"
+
+
 def test_available_lists_every_backend_with_a_reason_or_none() -> None:
     listed = attnkit.available("cpu")
     assert list(listed) == list(backends.BACKENDS)

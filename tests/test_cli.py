@@ -52,6 +52,7 @@ def test_info_lists_backends_and_auto_order(capsys):
     for name in backends.BACKENDS:
         assert name in out
     assert "impl='auto' on cpu" in out
+    assert "key-padding mask" not in out  # the CPU has no separate order for padded calls
     # This torch's SDPA chooser answers on the CPU: the line says which kernel it picks.
     assert "sdpa there is PyTorch's own pick: FLASH_ATTENTION" in out
 

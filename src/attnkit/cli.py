@@ -194,7 +194,7 @@ def _info(args: argparse.Namespace, argv: list[str] | None) -> int:
     from attnkit.backends import BACKENDS
     from attnkit.backends.sdpa import chosen_kernel
     from attnkit.bench import device_name, environment
-    from attnkit.functional import _AUTO_FALLBACK, AUTO_ORDER
+    from attnkit.functional import _AUTO_FALLBACK, AUTO_ORDER, AUTO_ORDER_PADDED
 
     console = _console()
     device = _device(args.device)
@@ -220,10 +220,15 @@ def _info(args: argparse.Namespace, argv: list[str] | None) -> int:
         table.add_row(name, status, backend.summary)
     console.print(table)
 
-    order = AUTO_ORDER.get(device.type, _AUTO_FALLBACK)
-    marked = [name if name in BACKENDS else f"[dim]{name} (not registered)[/]"
-              for name in order]
-    console.print(f"impl='auto' on {device.type} tries, in order: " + " > ".join(marked))
+    def marked(order: tuple[str, ...]) -> str:
+        return " > ".join(name if name in BACKENDS else f"[dim]{name} (not registered)[/]"
+                          for name in order)
+
+    console.print(f"impl='auto' on {device.type} tries, in order: "
+                  + marked(AUTO_ORDER.get(device.type, _AUTO_FALLBACK)))
+    if device.type in AUTO_ORDER_PADDED:
+        console.print("  calls with key_lengths or a key-padding mask: "
+                      + marked(AUTO_ORDER_PADDED[device.type]))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kernel = chosen_kernel(device, dtype)
     if kernel is not None:

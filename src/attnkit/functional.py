@@ -8,7 +8,7 @@ from torch import Tensor
 from attnkit import backends
 from attnkit.call import AttentionCall, UnsupportedError, make_call
 
-__all__ = ["AUTO_ORDER", "attention", "available", "select"]
+__all__ = ["AUTO_ORDER", "AUTO_ORDER_PADDED", "attention", "auto_order", "available", "select"]
 
 # impl="auto" takes the first backend in this list that supports the call, fastest first
 # as measured (benchmarks/results/h100-core-*): on an H100, plain SDPA (which itself runs
@@ -21,6 +21,29 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("sdpa", "naive", "chunked", "einsum"),
 }
 _AUTO_FALLBACK = ("sdpa", "naive", "chunked", "reference")
+# Calls that hide padded keys (key_lengths, or a (B|1, 1, 1, Skv) key-padding mask) take
+# this order where the device has one: SDPA runs them on its mem-efficient kernel, which
+# on the H100 was 2-8x slower than the Triton kernel forward and 4-8x forward+backward,
+# where the Triton kernel skips the padded key blocks (run 10,
+# benchmarks/results/h100-core-bf16-key-lengths).
+AUTO_ORDER_PADDED: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "sdpa", "flex", "chunked", "naive"),
+}
+
+
+def hides_padded_keys(call: AttentionCall) -> bool:
+    """Whether `call` has key_lengths or a mask that only hides keys per batch element."""
+    mask = call.attn_mask
+    return call.key_lengths is not None or (
+        mask is not None and mask.shape[1] == 1 and mask.shape[2] == 1)
+
+
+def auto_order(call: AttentionCall) -> tuple[str, ...]:
+    """The backends impl="auto" tries for `call`, in order."""
+    device = call.device.type
+    if device in AUTO_ORDER_PADDED and hides_padded_keys(call):
+        return AUTO_ORDER_PADDED[device]
+    return AUTO_ORDER.get(device, _AUTO_FALLBACK)
 
 
 def attention(
@@ -92,7 +115,7 @@ def select(call: AttentionCall, impl: str = "auto") -> backends.Backend:
         if reason is not None:
             raise UnsupportedError(f"impl={impl!r} cannot run {call.describe()}: {reason}")
         return backend
-    order = AUTO_ORDER.get(call.device.type, _AUTO_FALLBACK)
+    order = auto_order(call)
     reasons = []
     for name in order:
         backend = backends.BACKENDS.get(name)

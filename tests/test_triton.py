@@ -219,10 +219,11 @@ def test_prune_keeps_the_swept_winners_for_128_wide_heads():
     # (NOTES run 10); every other head dim keeps the whole list.
     from attnkit.backends import fused_triton as ft
 
-    def offered(kernel, configs, head, windowed, **extra):
+    def offered(kernel, configs, head, windowed, keys=4096, **extra):
         made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w,
                               num_stages=s) for m, n, w, s in configs]
-        args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": windowed, "TMA_OK": True}
+        args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": windowed, "TMA_OK": True,
+                "SEQ_BUCKET": (keys << 15) + keys}
         return [ft._tiles(c) for c in ft._prune(made, args, kernel=kernel)]
 
     assert offered("dq", ft._DQ_CONFIGS, 128, False) == [(128, 64, 8, 3)]
@@ -233,6 +234,8 @@ def test_prune_keeps_the_swept_winners_for_128_wide_heads():
     tma = ft._FWD_TMA_CONFIGS
     assert offered("fwd", tma, 64, False, TMA=True) == tma
     assert offered("fwd", tma, 128, True, TMA=True) == [(64, 64, 4, 3), (128, 128, 8, 3)]
+    short = offered("fwd", tma, 64, False, keys=1024, TMA=True)
+    assert short == [(64, 64, 4, 3), (128, 128, 8, 3)]
 
 
 def test_launch_remembers_the_autotuners_pick(monkeypatch, device):

@@ -73,15 +73,17 @@ _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 # backward ran 3-9% faster with dQ (128, 64, 8, 3) than (64, 64, 4, 2) at 4k, 16k and 8k
 # causal; dK/dV (64, 64, 4, 2) was 4-10% faster than (64, 128, 8, 3) without a window and
 # 9% slower with one. The forward's (128, 64, 4, 3) and (64, 128, 4, 3) through TMA won
-# at D=64, S=16k (full and causal) and lost by 10-20% at D=128, so they are offered to
-# heads of <= 64 only.
+# at D=64 from S=2k on (full and causal) and lost by 10-20% at D=128, so they are offered
+# to heads of <= 64 with at least 2k keys only (fewer candidates, shorter cold starts).
+# Each entry: (head dim, windowed, keys) -> the tiles taken out.
 _SWEPT = {
-    "fwd": lambda d, windowed: [(128, 64, 4, 3), (64, 128, 4, 3)] if d > 64 else [],
-    "dq": lambda d, windowed: ([(64, 64, 4, 2), (128, 32, 4, 4)]
-                               if 96 < d <= 128 else []),
-    "dkdv": lambda d, windowed: ([] if not 96 < d <= 128 else
-                                 [(32, 64, 4, 2), (64, 64, 4, 2)] if windowed else
-                                 [(32, 64, 4, 2), (64, 128, 8, 3)]),
+    "fwd": lambda d, windowed, keys: ([(128, 64, 4, 3), (64, 128, 4, 3)]
+                                      if d > 64 or keys < 2048 else []),
+    "dq": lambda d, windowed, keys: ([(64, 64, 4, 2), (128, 32, 4, 4)]
+                                     if 96 < d <= 128 else []),
+    "dkdv": lambda d, windowed, keys: ([] if not 96 < d <= 128 else
+                                       [(32, 64, 4, 2), (64, 64, 4, 2)] if windowed else
+                                       [(32, 64, 4, 2), (64, 128, 8, 3)]),
 }
 
 
@@ -101,7 +103,8 @@ def _prune(configs, named_args, kernel: str | None = None, **kwargs):
     if head <= 128:
         if kernel is None:
             return configs
-        losers = _SWEPT[kernel](head, bool(args["WINDOWED"]))
+        keys = args["SEQ_BUCKET"] & (2**15 - 1)  # _meta packs (Sq, Skv) buckets
+        losers = _SWEPT[kernel](head, bool(args["WINDOWED"]), keys)
         kept = [c for c in configs if _tiles(c) not in losers]
         return kept or configs
     # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only.

@@ -14,8 +14,10 @@ run 5). --tuned-only times just the autotuned kernels, to compare kernel version
 the forward under each of its own configs with K/V loads through TMA and through pointers
 (an A/B in one process, where the GPU it runs on takes TMA), beside the autotuner's own
 timings of those configs. --forward-only times the forward alone under every config of
-CANDIDATES and FORWARD_EXTRA, each through TMA and through pointers: a wider search than
-the autotuner's lists, for what to add to _FWD_CONFIGS / _FWD_TMA_CONFIGS.
+CANDIDATES and FORWARD_EXTRA, each through TMA and through pointers, and checks each one's
+output and log-sum-exp against the float64 oracle: a wider search than the autotuner's
+lists, for what to add to _FWD_CONFIGS / _FWD_TMA_CONFIGS. --config limits any mode to
+the tile configs given.
 
 Prints one table per shape and writes every number to DIR/triton_configs.json.
 """
@@ -31,9 +33,11 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from attnkit import attention
 from attnkit.backends import fused_triton as ft
 from attnkit.bench import attention_flops
 from attnkit.call import make_call
+from attnkit.verify import rel_err
 
 START = time.time()
 
@@ -87,15 +91,26 @@ def sweep(shape: tuple[int, int, int, int, bool], candidates: list,
         print(f"  autotuner timed fwd {config}: {timing}", flush=True)
     fl = attention_flops(b, h, s, s, d, causal)
     rows = []
+    if forward_only:  # each config's out and lse against the float64 oracle, too
+        ref_out, ref_lse = attention(q.double(), k.double(), v.double(), causal=causal,
+                                     impl="reference", return_lse=True)
     for config in candidates if forward_only else []:
+        loads = (True, False) if ft._tma_ready(k, v) else (False,)
         times = [time_ms(lambda c=config, t=tma: ft._forward(call, 0, c, tma=t))
-                 for tma in ((True, False) if ft._tma_ready(k, v) else (False,))]
+                 for tma in loads]
+        errors = []
+        for tma, t in zip(loads, times, strict=True):
+            if t is not None:
+                out_c, lse_c = ft._forward(call, 0, config, tma=tma)
+                errors.append(max(rel_err(out_c, ref_out), rel_err(lse_c, ref_lse)))
         rows.append({"config": list(config), "fwd_ms": times[-1],
-                     "fwd_tma_ms": times[0] if len(times) == 2 else None})
+                     "fwd_tma_ms": times[0] if len(times) == 2 else None,
+                     "worst_rel_err": max(errors, default=None)})
+        wrong = " WRONG" if any(e > 1e-2 for e in errors) else ""
         print(f"  fwd {config}: " + ", ".join(
             f"{name} {t:.3f} ms ({fl / t / 1e9:.0f} TFLOP/s)" if t else f"{name} -"
-            for name, t in zip(("TMA", "pointers")[2 - len(times):], times, strict=True)),
-            flush=True)
+            for name, t in zip(("TMA", "pointers")[2 - len(times):], times, strict=True))
+            + f"; worst rel err {max(errors, default=float('nan')):.1e}{wrong}", flush=True)
     for config in [] if forward_only else candidates:
         fwd = time_ms(lambda c=config: ft._forward(call, 0, c))
         dkdv = time_ms(lambda c=config: ft._backward(call, 0, out, lse, dout, (c, None)))
@@ -139,6 +154,9 @@ def main() -> None:
                         help="time only what the autotuner picks (about a minute)")
     parser.add_argument("--forward-only", action="store_true",
                         help="the forward alone under more tile configs, TMA and pointers")
+    parser.add_argument("--config", action="append", default=[],
+                        metavar="BLOCK_M,BLOCK_N,WARPS,STAGES",
+                        help="only these tile configs (repeatable)")
     parser.add_argument("--shape", action="append", default=[],
                         metavar="BATCH,HEADS,SEQ,HEAD_DIM,CAUSAL",
                         help="only these shapes (repeatable; CAUSAL 0 or 1)")
@@ -149,6 +167,8 @@ def main() -> None:
         parser.error("--tuned-only and --forward-only exclude each other")
     candidates = ([] if args.tuned_only else
                   CANDIDATES + FORWARD_EXTRA if args.forward_only else CANDIDATES)
+    if args.config:
+        candidates = [tuple(int(x) for x in c.split(",")) for c in args.config]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "shapes": []}
     path = os.path.join(args.out, "triton_configs.json")

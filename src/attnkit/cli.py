@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="leave this implementation out (repeatable; matched as --impl)")
     verify.add_argument("--quick", action="store_true",
                         help="leave out the length-1000 cases")
-    verify.add_argument("--out", metavar="DIR", help="also write DIR/verify.json")
+    verify.add_argument("--out", metavar="DIR",
+                        help="also write DIR/verify.json (kept up to date during the run)")
     verify.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar")
 

@@ -258,6 +258,42 @@ def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
     assert make_tables.main([*args, "--check"]) == 0
 
 
+def test_bench_times_a_configs_implementations_in_turns():
+    # Warm times go round the implementations ROUNDS times, each reported time being the
+    # median of its rounds; a backward that fails in a later round drops fwd+bwd alone.
+    from attnkit.bench import Measurement, Workload, _time_rounds, _Timed
+
+    calls: list[str] = []
+    x = torch.ones(2, requires_grad=True)
+
+    def work(name: str, fail_on_call: int | None = None) -> Workload:
+        def forward():
+            calls.append(name)
+            if fail_on_call is not None and calls.count(name) == fail_on_call:
+                raise RuntimeError("backward gave up")
+            return x * 2
+        return Workload(forward, [x], torch.ones(2))
+
+    class ScriptedClock:
+        def median(self, fn, mode="median", share=1.0, warmed=False):
+            assert share == 1 / 3 and warmed
+            fn()
+            return next(times)  # one value per timing that got past fn()
+
+    config = Config("core", 1, 8, 1, 2, causal=False)
+    a, b, c = (Measurement(name, config, flops_fwd=1e9, flops_fwd_bwd=3e9)
+               for name in "abc")
+    timed = [_Timed(a, work("a"), backward=True), _Timed(b, work("b"), backward=False),
+             _Timed(c, work("c", fail_on_call=4), backward=True)]
+    times = iter([5.0, 10.0, 7.0, 2.0, 2.0, 1.0, 30.0, 7.0, 2.0, 3.0, 20.0, 9.0, 2.0])
+    _time_rounds(timed, ScriptedClock(), rounds=3)
+    assert calls == ["a", "a", "b", "c", "c", "a", "a", "b", "c", "c", "a", "a", "b", "c"]
+    assert (a.fwd_ms, a.fwd_bwd_ms, b.fwd_ms, b.fwd_bwd_ms) == (3.0, 20.0, 7.0, None)
+    assert a.tflops_fwd == pytest.approx(1e9 / 3e-3 / 1e12)
+    assert c.fwd_ms == 2.0 and c.fwd_bwd_ms is None and c.status == "ok"
+    assert c.reason == "fwd+bwd: RuntimeError: backward gave up"
+
+
 def test_bench_checkpoints_after_each_config_and_prints_reasons_verbatim(capsys, monkeypatch):
     """A sweep cut off mid-way keeps what it measured; reasons keep their brackets."""
     from attnkit.bench import run_bench

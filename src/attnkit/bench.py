@@ -13,7 +13,10 @@ Three presets:
 Per implementation: the first call (cold: compilation, autotuning, caches), the warm
 median forward (under no_grad) and forward+backward, peak memory (GPU), TFLOP/s, the
 share of this device's measured matmul rate, speed-ups, and the relative error against
-the float64 oracle on the same inputs and weights.
+the float64 oracle on the same inputs and weights. The warm times of one config's
+implementations are taken in turns, ROUNDS times over, and each reported time is the
+median of its rounds: a GPU's clocks drift over the seconds one config takes, and timing
+the implementations one after the other would hand that drift to the comparison.
 
 A slow CPU gets the `--quick` sizes by default (printed at the start); `--full` forces the
 presets' own sizes.
@@ -194,19 +197,24 @@ class Clock:
         self.sync()
         return (time.perf_counter() - start) * 1e3
 
-    def median(self, fn: Callable[[], object], mode: str = "median") -> float:
-        """Warm median time of fn() (mode="min": the fastest, for a peak rate)."""
+    def median(self, fn: Callable[[], object], mode: str = "median",
+               share: float = 1.0, warmed: bool = False) -> float:
+        """Warm median time of fn() (mode="min": the fastest, for a peak rate), timed for
+        `share` of the usual time (one of several rounds); warmed: fn ran already, the
+        CPU's warm-up call is left out."""
         if self.device.type == "cuda":
             try:
                 from triton.testing import do_bench
             except ImportError:
-                return self._cuda_events(fn, mode)
-            return float(do_bench(fn, warmup=25, rep=100, return_mode=mode))
+                return self._cuda_events(fn, mode, reps=max(5, round(30 * share)))
+            return float(do_bench(fn, warmup=10 if warmed else 25, rep=100 * share,
+                                  return_mode=mode))
         from torch.utils.benchmark import Timer
 
-        fn()  # warm-up: allocator caches, lazy initialization, a second compile
+        if not warmed:
+            fn()  # warm-up: allocator caches, lazy initialization, a second compile
         timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        measured = timer.blocked_autorange(min_run_time=self.min_run_time)
+        measured = timer.blocked_autorange(min_run_time=self.min_run_time * share)
         return (measured.median if mode == "median" else min(measured.times)) * 1e3
 
     def _cuda_events(self, fn: Callable[[], object], mode: str, reps: int = 30) -> float:
@@ -444,8 +452,24 @@ def _reason(exc: BaseException) -> str:
     return text[:240]
 
 
-def _measure(label: str, make: Callable[[], Workload], problem: Problem,
-             clock: Clock) -> Measurement:
+ROUNDS = 3
+
+
+@dataclass
+class _Timed:
+    """One implementation of a config between its first call and its last round."""
+
+    measurement: Measurement
+    work: Workload
+    backward: bool  # forward+backward ran in _prepare; it is timed too
+    fwd: list[float] = field(default_factory=list)
+    fwd_bwd: list[float] = field(default_factory=list)
+
+
+def _prepare(label: str, make: Callable[[], Workload], problem: Problem,
+             clock: Clock) -> tuple[Measurement, _Timed | None]:
+    """The first call, the oracle's verdict and peak memory of one implementation; the
+    warm times come from _time_rounds. None for the timing where the forward fails."""
     from attnkit.call import UnsupportedError
 
     m = Measurement(label, problem.config)
@@ -454,25 +478,54 @@ def _measure(label: str, make: Callable[[], Workload], problem: Problem,
         work = make()
         out: list[Tensor] = []
         m.first_call_ms = clock.once(lambda: out.append(work.run_forward()))
-        m.fwd_ms = clock.median(work.run_forward)
         m.peak_fwd_mib = clock.peak_mib(work.run_forward)
         m.rel_err, m.rel_err_note = problem.oracle(out[0])
     except Exception as exc:  # one broken implementation must not end the run
         m.status = "unsupported" if isinstance(exc, UnsupportedError) else "error"
         m.reason = _reason(exc)
-        return m
+        return m, None
     finally:
         if clock.device.type == "cuda":
             torch.cuda.empty_cache()
     try:
-        m.fwd_bwd_ms = clock.median(work.run_forward_backward)
+        clock.once(work.run_forward_backward)  # its compiles and autotuning, untimed
         m.peak_fwd_bwd_mib = clock.peak_mib(work.run_forward_backward)
     except Exception as exc:
         m.reason = f"fwd+bwd: {_reason(exc)}"
-    m.tflops_fwd = m.flops_fwd / (m.fwd_ms * 1e-3) / 1e12
-    if m.fwd_bwd_ms is not None:
-        m.tflops_fwd_bwd = m.flops_fwd_bwd / (m.fwd_bwd_ms * 1e-3) / 1e12
-    return m
+        return m, _Timed(m, work, backward=False)
+    return m, _Timed(m, work, backward=True)
+
+
+def _time_rounds(timed: list[_Timed], clock: Clock, rounds: int = ROUNDS) -> None:
+    """Warm medians of every prepared implementation, taken in turns `rounds` times; each
+    measurement gets the median of its rounds."""
+    for _ in range(rounds):
+        for t in timed:
+            m = t.measurement
+            if m.status != "ok":
+                continue
+            try:
+                t.fwd.append(clock.median(t.work.run_forward, share=1 / rounds,
+                                          warmed=True))
+            except Exception as exc:  # out of memory beside the others, say
+                m.status, m.reason = "error", _reason(exc)
+                continue
+            if t.backward:
+                try:
+                    t.fwd_bwd.append(clock.median(t.work.run_forward_backward,
+                                                  share=1 / rounds, warmed=True))
+                except Exception as exc:
+                    t.backward, m.reason = False, f"fwd+bwd: {_reason(exc)}"
+                    t.fwd_bwd.clear()
+    for t in timed:
+        m = t.measurement
+        if m.status != "ok":
+            continue
+        m.fwd_ms = statistics.median(t.fwd)
+        m.tflops_fwd = m.flops_fwd / (m.fwd_ms * 1e-3) / 1e12
+        if t.fwd_bwd:
+            m.fwd_bwd_ms = statistics.median(t.fwd_bwd)
+            m.tflops_fwd_bwd = m.flops_fwd_bwd / (m.fwd_bwd_ms * 1e-3) / 1e12
 
 
 def _baseline(labels: Iterable[str]) -> str | None:
@@ -569,7 +622,7 @@ def run_bench(
     meta = environment(device)
     meta.update(preset=preset, dtype=dtype_name, quick=quick, command=command,
                 sizes=[c.label for c in configs], impl_filter=impls, exclude=exclude,
-                notes=notes)
+                notes=notes, timing_rounds=ROUNDS)
     sizes = configs[0].label if len(configs) == 1 else (
         f"{len(configs)} configs, S {configs[0].seq}..{max(c.seq for c in configs)}")
     console.print(f"[bold]attnkit bench[/] · preset [cyan]{preset}[/] · {meta['device_name']} "
@@ -600,21 +653,29 @@ def run_bench(
         # (at S=16k the S x S backends need all of it). A preset's configs all list the same
         # implementations, so the first one sizes the progress bar.
         pending = [build(configs[0])]
-        total = len(pending[0].entries) * len(configs)
+        total = len(pending[0].entries) * len(configs) * 2  # the first calls, the rounds
         columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
         with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task("bench", total=total)
             for config in configs:
                 problem = pending.pop() if pending else build(config)
-                measured = []
+                measured, timed = [], []
                 for label, make in problem.entries.items():
                     bar.update(task, description=f"{label}  {problem.config.label}")
                     if isinstance(make, str):
                         measured.append(Measurement(label, problem.config, "unsupported", make))
                     else:
-                        measured.append(_measure(label, make, problem, clock))
+                        m, t = _prepare(label, make, problem, clock)
+                        measured.append(m)
+                        timed += [t] if t is not None else []
                     bar.advance(task)
+                bar.update(task, description=f"warm times  {problem.config.label}")
+                _time_rounds(timed, clock)
+                bar.advance(task, len(problem.entries))
+                del timed  # the workloads: their outputs and graphs
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 run.results.extend(measured)
                 if checkpoint is not None:
                     meta["matmul_peak_tflops"] = max((p for p in peaks if p), default=None)

@@ -322,25 +322,56 @@ def test_fast_launch_reuses_a_compiled_kernel_only_for_its_specialization(monkey
     kernel, x = Jitted(), torch.zeros(64)
 
     def launch(t, n, block=16, stages=2):
-        ft._launch_jitted(kernel, lambda meta: (ft._cdiv(n, meta["BLOCK"]),), (t, n),
+        ft._launch_jitted(kernel, lambda meta: (ft._cdiv(int(n), meta["BLOCK"]),), (t, n),
                           {"BLOCK": block}, 4, stages)
 
     launch(x, 17)
     launch(x, 33)  # same specialization as 17: straight to the compiled kernel
+    launch(x, 33)
     assert len(kernel.compiled) == 1
-    assert kernel.compiled[0].launches == [((3, 1, 1), (x, 33, 16, False))]
+    assert kernel.compiled[0].launches == [((3, 1, 1), (x, 33, 16, False))] * 2
     for t, n, block, stages in [(x, 32, 16, 2), (x, 1, 16, 2), (x[1:], 17, 16, 2),
                                 (x.half(), 17, 16, 2), (x, 17, 32, 2), (x, 17, 16, 3),
-                                (x, 2**33 + 1, 16, 2)]:
+                                (x, 2**33 + 1, 16, 2), (x, 17.0, 16, 2)]:
         before = len(kernel.compiled)
         launch(t, n, block, stages)
         assert len(kernel.compiled) == before + 1, (t.dtype, t.data_ptr() % 16, n, block)
     launch(x[4:], 49)  # 16 bytes in: aligned again, as the first
-    assert len(kernel.compiled) == 8 and len(kernel.compiled[0].launches) == 2
+    assert len(kernel.compiled) == 9 and len(kernel.compiled[0].launches) == 3
 
     monkeypatch.setattr(ft, "_FAST_LAUNCH", False)  # off: Triton's path every time
     launch(x, 17)
-    assert len(kernel.compiled) == 9
+    assert len(kernel.compiled) == 10
+
+
+def test_meta_remembers_each_call_apart():
+    # _meta keeps what it worked out per call signature: two calls that differ in any
+    # option _meta reads must not share an entry, and each caller gets its own flags.
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    q, k, v = (torch.randn(2, 4, 24, 16) for _ in range(3))
+    lengths = torch.tensor([24, 9])
+    padding = torch.rand(2, 1, 1, 24) > 0.5
+    variants = [
+        {}, {"causal": True}, {"window": 5}, {"window": (3, None)},
+        {"attn_mask": padding}, {"attn_mask": padding.float()},
+        {"attn_mask": torch.rand(2, 1, 24, 24) > 0.5}, {"key_lengths": lengths},
+        {"dropout_p": 0.1}, {"scale": 0.5}, {"scale": -2.0},
+    ]
+    calls = [make_call(q, k, v, **kw) for kw in variants]
+    calls += [make_call(q, k[:, :, :20], v[:, :, :20]), make_call(q, k, v[..., :8]),
+              make_call(q[:1], k[:1], v[:1]), make_call(q[:, :2], k[:, :2], v[:, :2])]
+    ft._META.clear()
+    for rounds in range(2):  # the first fills _META, the second reads it
+        for call in calls:
+            scalars, flags = ft._meta(call, 7 + rounds)
+            fresh_scalars, fresh_flags = ft._work_out_meta(call)
+            assert flags == fresh_flags
+            assert scalars == (*fresh_scalars[:3], 7 + rounds, *fresh_scalars[3:])
+            flags["TMA_OK"] = True  # the caller's own copy
+    assert len(ft._META) == len(calls)
+    assert "TMA_OK" not in ft._meta(calls[0], 0)[1]
 
 
 @pytest.mark.parametrize("mask", [None, "lengths", "padding"])

@@ -16,7 +16,10 @@ blocks that every query of a block sees skip the index arithmetic.
 
 Host side: after a key's first launch the autotuner's pick is remembered (`_CHOSEN`), and
 after a specialization's first launch its compiled kernel is launched directly
-(`_launch_jitted`), so repeated calls skip Triton's per-launch argument handling.
+(`_launch_jitted`), so repeated calls skip Triton's per-launch argument handling; the
+scalars and flags of a call signature are worked out once (`_meta`). The autotuner's
+candidates are narrowed per head dim where an H100 sweep found some of them losing
+(`_SWEPT`).
 
 Triton is optional: without it `import attnkit` still works and this backend reports
 itself unavailable.

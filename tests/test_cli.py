@@ -14,6 +14,7 @@ import attnkit
 from attnkit import attention, backends
 from attnkit.backends import Backend
 from attnkit.bench import Config, attention_flops, config_flops, preset_configs
+from attnkit.call import make_call
 from attnkit.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +165,22 @@ def test_core_head_dim_runs_one_head_dim_at_the_same_width():
         preset_configs("bert", head_dim=64)
     with pytest.raises(ValueError, match="must lie in"):
         preset_configs("core", quick=True, head_dim=512)
+
+
+def test_core_times_what_auto_picks_unless_filtered_out():
+    from attnkit.bench import _core_problem
+    from attnkit.functional import select
+
+    (config,) = preset_configs("core", quick=True, seq=64, head_dim=64)[:1]
+    cpu = torch.device("cpu")
+    problem = _core_problem(config, cpu, torch.float32, None, None)
+    work = problem.entries["auto"]()
+    assert problem.oracle(work.run_forward())[0] < 1e-5
+    q, k, v = work.inputs
+    picked = select(make_call(q, k, v, causal=config.causal), "auto").name
+    assert picked in problem.entries  # auto is one of the rows beside it
+    assert "auto" not in _core_problem(config, cpu, torch.float32, ["naive"], None).entries
+    assert "auto" not in _core_problem(config, cpu, torch.float32, None, ["auto"]).entries
 
 
 def test_core_key_lengths_reach_the_implementations_and_the_oracle():

@@ -7,8 +7,9 @@ Three presets:
   an additive (B, 1, 1, S) padding mask, not causal; the same implementations.
 - core: the functional backends alone on q, k, v over S = 512 .. 16k, D = 64 / 128, causal
   and not, with B*S = 16k tokens and H*D = 2048 (the flash-attention benchmark's sizing,
-  so the work per call grows with S only through the S^2 term). With key_lengths, each
-  batch element hides its keys past a length drawn in [S/2, S] (padded batches).
+  so the work per call grows with S only through the S^2 term), and `auto`: whatever
+  impl="auto" picks for the call. With key_lengths, each batch element hides its keys
+  past a length drawn in [S/2, S] (padded batches).
 
 Per implementation: the first call (cold: compilation, autotuning, caches), the warm
 median forward (under no_grad) and forward+backward, peak memory (GPU), TFLOP/s, the
@@ -324,6 +325,8 @@ def _core_problem(config: Config, device: torch.device, dtype: torch.dtype,
         for name, backend in BACKENDS.items()
         if selected(name, impls, exclude)
     }
+    if selected("auto", impls, exclude):  # what impl="auto" picks, beside the rest
+        entries["auto"] = entry("auto")
     per_head = c.seq * c.seq
     nh = min(c.heads, max(1, _ORACLE_BUDGET // per_head))
     nb = min(c.batch, max(1, _ORACLE_BUDGET // (nh * per_head)))

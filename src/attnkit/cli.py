@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", choices=("notebook", "bert", "core"), default="notebook",
                        help="notebook: the notebook's b8 s1024 d768 h12 causal comparison of "
                        "module variants; bert: the tutorial's b8 s384 d1024 h16 with biases "
-                       "and a padding mask; core: the functional backends over S and D")
+                       "and a padding mask; core: the functional backends over S and D, and "
+                       "'auto' (what impl='auto' picks)")
     bench.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
     bench.add_argument("--dtype", choices=_DTYPES,
                        help="default: bfloat16 on CUDA, float32 on the CPU")

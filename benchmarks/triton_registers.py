@@ -2,7 +2,8 @@
 machine (no GPU needed: Triton's frontend and the ptxas it bundles run on the CPU).
 
     TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=src python benchmarks/triton_registers.py \
-        [--head-dim 128] [--causal] [--grouped] [--kernel dkdv] [--config M,N,WARPS,STAGES ...] \
+        [--head-dim 128] [--causal] [--grouped] [--dropout] [--lengths] [--kernel dkdv] \
+        [--config M,N,WARPS,STAGES ...] \
         [--out DIR]
 
 Compiles the forward, dK/dV and dQ kernels under every config of their autotune lists
@@ -62,6 +63,8 @@ def main() -> None:
                         help="the dK/dV kernel for grouped heads (its loop over a group)")
     parser.add_argument("--tma", action="store_true",
                         help="the forward loading K and V through TMA descriptors")
+    parser.add_argument("--dropout", action="store_true", help="the kernels with dropout")
+    parser.add_argument("--lengths", action="store_true", help="the kernels with key_lengths")
     parser.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES")
     parser.add_argument("--kernel", action="append", choices=list(KERNELS), default=[],
                         help="only these kernels (repeatable; default: all three)")
@@ -70,13 +73,14 @@ def main() -> None:
     d = args.head_dim
     flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=max(16, ft._pow2(d)),
                  BLOCK_DV=max(16, ft._pow2(d)), HAS_LEFT=False, HAS_RIGHT=args.causal,
-                 WINDOWED=args.causal, HAS_LENGTHS=False, MASK_KIND=0, MASK_ROWS=False,
-                 DROPOUT=False, NEG_SCALE=False, GROUPED=args.grouped, TMA_OK=args.tma,
-                 TMA=args.tma)
+                 WINDOWED=args.causal, HAS_LENGTHS=args.lengths, MASK_KIND=0,
+                 MASK_ROWS=False, DROPOUT=args.dropout, NEG_SCALE=False, GROUPED=args.grouped,
+                 TMA_OK=args.tma, TMA=args.tma)
     chosen = [tuple(int(x) for x in c.split(",")) for c in args.config]
     rows = []
     print(f"sm_90, Triton {triton.__version__}, head dim {d}, "
-          f"{'causal' if args.causal else 'full'}{', TMA' if args.tma else ''}")
+          f"{'causal' if args.causal else 'full'}{', TMA' if args.tma else ''}"
+          f"{', dropout' if args.dropout else ''}{', key lengths' if args.lengths else ''}")
     for name, (kernel, configs) in KERNELS.items():
         if args.kernel and name not in args.kernel:
             continue

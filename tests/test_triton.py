@@ -219,11 +219,11 @@ def test_prune_keeps_the_swept_winners_for_128_wide_heads():
     # (NOTES run 10); every other head dim keeps the whole list.
     from attnkit.backends import fused_triton as ft
 
-    def offered(kernel, configs, head, windowed, keys=4096, **extra):
+    def offered(kernel, configs, head, windowed, keys=4096, dropout=False, **extra):
         made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w,
                               num_stages=s) for m, n, w, s in configs]
         args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": windowed, "TMA_OK": True,
-                "SEQ_BUCKET": (keys << 15) + keys}
+                "SEQ_BUCKET": (keys << 15) + keys, "DROPOUT": dropout}
         return [ft._tiles(c) for c in ft._prune(made, args, kernel=kernel)]
 
     assert offered("dq", ft._DQ_CONFIGS, 128, False) == [(128, 64, 8, 3)]
@@ -231,6 +231,7 @@ def test_prune_keeps_the_swept_winners_for_128_wide_heads():
     assert offered("dkdv", ft._DKDV_CONFIGS, 128, False) == [(64, 64, 4, 2)]
     assert offered("dkdv", ft._DKDV_CONFIGS, 128, True) == [(64, 128, 8, 3)]
     assert offered("dkdv", ft._DKDV_CONFIGS, 80, True) == ft._DKDV_CONFIGS
+    assert offered("dkdv", ft._DKDV_CONFIGS, 128, False, dropout=True) == ft._DKDV_CONFIGS
     tma = ft._FWD_TMA_CONFIGS
     assert offered("fwd", tma, 64, False, TMA=True) == tma
     assert offered("fwd", tma, 128, True, TMA=True) == [(64, 64, 4, 3), (128, 128, 8, 3)]

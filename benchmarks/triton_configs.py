@@ -2,7 +2,9 @@
 
     PYTHONPATH=src python benchmarks/triton_configs.py [--out DIR] [--budget SECONDS]
                                                        [--tuned-only | --forward-only]
-                                                       [--shape B,H,S,D,C]
+                                                       [--shape B,H,S,D,C ...]
+                                                       [--config M,N,WARPS,STAGES ...]
+                                                       [--repeat N]
 
 The `core` bench times the autotuned backend as a whole; this separates it. For each
 shape it launches every kernel with each config of CANDIDATES given explicitly (the
@@ -17,7 +19,8 @@ timings of those configs. --forward-only times the forward alone under every con
 CANDIDATES and FORWARD_EXTRA, each through TMA and through pointers, and checks each one's
 output and log-sum-exp against the float64 oracle: a wider search than the autotuner's
 lists, for what to add to _FWD_CONFIGS / _FWD_TMA_CONFIGS. --config limits any mode to
-the tile configs given.
+the tile configs given; --repeat N times each config of the kernel sweep N times, the
+configs in turns, and keeps the medians.
 
 Prints one table per shape and writes every number to DIR/triton_configs.json.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -75,7 +79,7 @@ def time_ms(fn) -> float | None:
 
 
 def sweep(shape: tuple[int, int, int, int, bool], candidates: list,
-          forward_only: bool = False) -> dict:
+          forward_only: bool = False, repeat: int = 1) -> dict:
     b, h, s, d, causal = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
@@ -111,12 +115,21 @@ def sweep(shape: tuple[int, int, int, int, bool], candidates: list,
             f"{name} {t:.3f} ms ({fl / t / 1e9:.0f} TFLOP/s)" if t else f"{name} -"
             for name, t in zip(("TMA", "pointers")[2 - len(times):], times, strict=True))
             + f"; worst rel err {max(errors, default=float('nan')):.1e}{wrong}", flush=True)
-    for config in [] if forward_only else candidates:
-        fwd = time_ms(lambda c=config: ft._forward(call, 0, c))
-        dkdv = time_ms(lambda c=config: ft._backward(call, 0, out, lse, dout, (c, None)))
-        dq = time_ms(lambda c=config: ft._backward(call, 0, out, lse, dout, (None, c)))
+    # Each config timed `repeat` times, the configs in turns, medians kept: the same pair
+    # timed twice in one process moved 6% (NOTES, run 10), as much as tiles differ.
+    samples: dict[tuple, list[list]] = {c: [[], [], []] for c in candidates}
+    for _ in range(repeat if not forward_only else 0):
+        for config, (fwd, dkdv, dq) in samples.items():
+            fwd.append(time_ms(lambda c=config: ft._forward(call, 0, c)))
+            dkdv.append(time_ms(
+                lambda c=config: ft._backward(call, 0, out, lse, dout, (c, None))))
+            dq.append(time_ms(
+                lambda c=config: ft._backward(call, 0, out, lse, dout, (None, c))))
+    for config, timings in samples.items() if not forward_only else ():
+        fwd, dkdv, dq = (None if None in t else statistics.median(t) for t in timings)
         rows.append({"config": list(config), "fwd_ms": fwd,
-                     "bwd_with_this_dkdv_ms": dkdv, "bwd_with_this_dq_ms": dq})
+                     "bwd_with_this_dkdv_ms": dkdv, "bwd_with_this_dq_ms": dq,
+                     "samples": timings})
         print(f"  {config}: fwd {fwd and f'{fwd:.3f}'} ms "
               f"({fwd and f'{fl / fwd / 1e9:.0f}'} TFLOP/s); bwd with it as dK/dV "
               f"{dkdv and f'{dkdv:.3f}'} ms, as dQ {dq and f'{dq:.3f}'} ms", flush=True)
@@ -154,6 +167,9 @@ def main() -> None:
                         help="time only what the autotuner picks (about a minute)")
     parser.add_argument("--forward-only", action="store_true",
                         help="the forward alone under more tile configs, TMA and pointers")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="time each config this many times, the configs in turns, "
+                        "and keep the medians (kernel sweep)")
     parser.add_argument("--config", action="append", default=[],
                         metavar="BLOCK_M,BLOCK_N,WARPS,STAGES",
                         help="only these tile configs (repeatable)")
@@ -177,7 +193,7 @@ def main() -> None:
             print(f"budget of {args.budget:.0f} s spent; not run: {shape}")
             continue
         print(f"{shape} (batch, heads, seq, head_dim, causal)", flush=True)
-        result["shapes"].append(sweep(shape, candidates, args.forward_only))
+        result["shapes"].append(sweep(shape, candidates, args.forward_only, args.repeat))
         with open(path, "w") as f:  # after every shape, so a cut-off run keeps its data
             json.dump(result, f, indent=1)
     print(f"wrote {path}")

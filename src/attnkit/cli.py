@@ -172,16 +172,20 @@ def _verify(args: argparse.Namespace, argv: list[str] | None) -> int:
     last_write = time.monotonic()
 
     def save(results: list, total: int) -> None:
-        # A run cut off by a time limit keeps what it finished: verify.json is rewritten
-        # every few seconds during the run, saying how many of the checks it holds.
         nonlocal last_write
-        if path is not None and (len(results) == total or time.monotonic() - last_write > 5):
-            write_json(results, path, {**meta, "checks_done": len(results),
-                                       "checks_total": total})
-            last_write = time.monotonic()
+        write_json(results, path, {**meta, "checks_done": len(results), "checks_total": total})
+        last_write = time.monotonic()
+
+    def save_now_and_then(results: list, total: int) -> None:
+        # A run cut off by a time limit keeps what it finished: verify.json is rewritten
+        # every few seconds during the run, saying how many of the checks it holds; the
+        # whole set is written once at the end.
+        if path is not None and time.monotonic() - last_write > 5:
+            save(results, total)
 
     results = run_verify(device, dtype, impls=args.impl, large=not args.quick,
-                         progress=args.progress, exclude=args.exclude, on_result=save)
+                         progress=args.progress, exclude=args.exclude,
+                         on_result=save_now_and_then)
     ok = print_report(results, console)
     if path is not None:
         save(results, len(results))

@@ -39,27 +39,33 @@ def _tiles(K, V, j, BLOCK_N: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _start(Q, first_row, ROWS: tl.constexpr, D: tl.constexpr):
+    """Offsets of query rows [first_row, first_row + ROWS), their tile, and the running
+    max, sum and output accumulator of an online softmax over them."""
+    rows = (first_row + tl.arange(0, ROWS))[:, None] * D + tl.arange(0, D)[None, :]
+    return (rows, tl.load(Q + rows), tl.full([ROWS], float("-inf"), tl.float32),
+            tl.zeros([ROWS], tl.float32), tl.zeros([ROWS, D], tl.float32))
+
+
+@triton.jit
+def _finish(Out, rows, acc, l_i):
+    tl.store(Out + rows, (acc / l_i[:, None]).to(tl.bfloat16))
+
+
+@triton.jit
 def plain(Q, K, V, Out, n_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           D: tl.constexpr):
-    rows = tl.arange(0, BLOCK_M)[:, None] * D + tl.arange(0, D)[None, :]
-    q = tl.load(Q + rows)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    rows, q, m_i, l_i, acc = _start(Q, 0, BLOCK_M, D)
     for j in range(0, n_blocks):
         k, v = _tiles(K, V, j, BLOCK_N, D)
         m_i, l_i, acc = _softmax_step(tl.dot(q, tl.trans(k)), m_i, l_i, acc, v)
-    tl.store(Out + rows, (acc / l_i[:, None]).to(tl.bfloat16))
+    _finish(Out, rows, acc, l_i)
 
 
 @triton.jit
 def rotated(Q, K, V, Out, n_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             D: tl.constexpr):
-    rows = tl.arange(0, BLOCK_M)[:, None] * D + tl.arange(0, D)[None, :]
-    q = tl.load(Q + rows)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    rows, q, m_i, l_i, acc = _start(Q, 0, BLOCK_M, D)
     k, v = _tiles(K, V, 0, BLOCK_N, D)
     qk = tl.dot(q, tl.trans(k))
     for j in range(1, n_blocks):
@@ -68,27 +74,23 @@ def rotated(Q, K, V, Out, n_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
         m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc, v)
         qk, v = qk_next, v_next
     m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc, v)
-    tl.store(Out + rows, (acc / l_i[:, None]).to(tl.bfloat16))
+    _finish(Out, rows, acc, l_i)
 
 
 @triton.jit
 def halves(Q, K, V, Out, n_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
            D: tl.constexpr):
     HALF: tl.constexpr = BLOCK_M // 2
-    rows = tl.arange(0, HALF)[:, None] * D + tl.arange(0, D)[None, :]
-    qa, qb = tl.load(Q + rows), tl.load(Q + HALF * D + rows)
-    ma = tl.full([HALF], float("-inf"), tl.float32)
-    mb = tl.full([HALF], float("-inf"), tl.float32)
-    la, lb = tl.zeros([HALF], tl.float32), tl.zeros([HALF], tl.float32)
-    acca, accb = tl.zeros([HALF, D], tl.float32), tl.zeros([HALF, D], tl.float32)
+    rows_a, qa, ma, la, acca = _start(Q, 0, HALF, D)
+    rows_b, qb, mb, lb, accb = _start(Q, HALF, HALF, D)
     for j in range(0, n_blocks):
         k, v = _tiles(K, V, j, BLOCK_N, D)
         qka = tl.dot(qa, tl.trans(k))
         qkb = tl.dot(qb, tl.trans(k))  # in flight during half a's softmax?
         ma, la, acca = _softmax_step(qka, ma, la, acca, v)
         mb, lb, accb = _softmax_step(qkb, mb, lb, accb, v)
-    tl.store(Out + rows, (acca / la[:, None]).to(tl.bfloat16))
-    tl.store(Out + HALF * D + rows, (accb / lb[:, None]).to(tl.bfloat16))
+    _finish(Out, rows_a, acca, la)
+    _finish(Out, rows_b, accb, lb)
 
 
 def loop_events(fn, warps: int = 4, stages: int = 3) -> list[str]:

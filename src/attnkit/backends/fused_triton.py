@@ -463,21 +463,19 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
 # ---------------------------------------------------------------------------------------
 @_jit
 def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_first,
-                 dq_desc, offs_n, offs_d, offs_dv, start, end, heads, bh_first,
+                 offs_n, offs_d, offs_dv, start, end, heads, bh_first,
                  stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
                  stride_mh, stride_mm, stride_mn,
-                 Sq, Skv, kv_len, off, left, right, qk_scale, scale, seed, drop_p,
+                 Sq, Skv, kv_len, off, left, right, qk_scale, seed, drop_p,
                  BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                 GROUPED: tl.constexpr, DQ_REDUCE: tl.constexpr):
+                 GROUPED: tl.constexpr):
     """Add query blocks [start, end) of `heads` query heads (from the *_first ones on) into
     the key block's (dk, dv). One flat loop over (head, query block) pairs: a head loop
     around the block loops costs registers (sm_90, D=128: spills, benchmarks/NOTES.md).
-    GROUPED = False promises heads == 1, which saves the loop its index division.
-    DQ_REDUCE: also add each pair's dS K into dq_desc, a float32 (B * Hq, Sq, D) TMA
-    descriptor, by the copy engine's reduce-add (an experiment, not deterministic)."""
+    GROUPED = False promises heads == 1, which saves the loop its index division."""
     blocks = (end - start + BLOCK_M - 1) // BLOCK_M
     # At least 1 as a divisor: the software pipeline computes the first step's addresses
     # before it knows the loop is empty, and a division by zero there gave a wild pointer
@@ -521,16 +519,12 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
             dv = tl.dot(pt.to(do.dtype), do, dv)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk)
-        if DQ_REDUCE:
-            dq = tl.dot(tl.trans(dst.to(k.dtype)), k) * scale  # (BLOCK_M, BLOCK_D)
-            dq_desc.atomic_add([bh.to(tl.int32), start_m, 0],
-                               tl.reshape(dq, [1, BLOCK_M, BLOCK_D]))
     return dk, dv
 
 
 @_tuned("dkdv", _DKDV_CONFIGS)
 @_kernel
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS, DQ_ACC,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
@@ -545,8 +539,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS, DQ_ACC,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                      HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                      MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
-                     GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     DQ_REDUCE: tl.constexpr = False):
+                     GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
@@ -574,21 +567,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS, DQ_ACC,
 
     h = kvh * group  # the group's first query head; the group is summed here, no atomics
     bh = b * Hq + h
-    dq_desc = DQ_ACC
-    if DQ_REDUCE:  # rows past Sq of a head are clipped by the copy engine
-        dq_desc = tl.make_tensor_descriptor(DQ_ACC, [tl.num_programs(1) // Hkv * Hq, Sq,
-                                                     HEAD_D], [Sq * HEAD_D, HEAD_D, 1],
-                                            [1, BLOCK_M, BLOCK_D])
     for part in tl.static_range(3):  # as in the forward: checks on the edges only
         start, end = _segment(part, lo, full_lo, full_hi, hi)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob
             + h * stride_doh, LSE + bh * Sq, DELTA + bh * Sq, MASK + b * stride_mb
-            + h * stride_mh, dq_desc, offs_n, offs_d, offs_dv, start, end, group, bh,
+            + h * stride_mh, offs_n, offs_d, offs_dv, start, end, group, bh,
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
             stride_mh, stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
-            scale, seed, drop_p, BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED, DQ_REDUCE)
+            seed, drop_p, BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED)
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -811,7 +799,7 @@ def arg_types(fn, mask_kind: int) -> dict[str, str]:
     the names the kernels use: the signature for compiling one ahead of time, with no GPU
     (tests/test_triton_compile.py, benchmarks/triton_registers.py)."""
     tensors = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "LENGTHS": "*i64",
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64",
                 "MASK": "*u8" if mask_kind == 2 else "*bf16"}
     sig = {}
     for name, param in zip(fn.arg_names, fn.params, strict=True):
@@ -1005,13 +993,8 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 
 
 def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
-              configs: tuple[TileConfig | None, TileConfig | None] = (None, None),
-              dq_reduce: bool = False):
-    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned.
-
-    dq_reduce (an experiment, benchmarks/triton_dq_reduce.py; Hopper, a dK/dV config
-    given): no dQ kernel; the dK/dV kernel adds dS K into a float32 dq through TMA
-    reduce-adds, in whatever order the programs run, so dq is not deterministic."""
+              configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
+    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     Hkv, Skv = call.heads_kv, call.seq_kv
@@ -1019,32 +1002,20 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
 
+    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     dq, dk, dv = _empty_grads(q, k, v)
     common = (call.scale, seed, drop_p, *buckets)
     tune_key = _tune_key(flags, buckets, q, dout, mask, lengths)
-    dq_acc = lse  # never read unless dq_reduce
-    if dq_reduce:
-        if configs[0] is None or not _has_tma(q.device):
-            raise ValueError("dq_reduce needs a dK/dV tile config and a GPU with TMA")
-        delta = (out.float() * dout.float()).sum(-1)
-        dq_acc = torch.zeros(B * Hq, Sq, call.head_dim, device=q.device, dtype=torch.float32)
-        flags["DQ_REDUCE"] = True
-        _ensure_allocator()
-    else:
-        delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
-        _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
-            q, k, v, out, dout, lse, delta, dq, mask, lengths,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
-            *dq.stride(), *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale,
-            *common,
-        ), flags, tune_key, configs[1])
+    _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
+        q, k, v, out, dout, lse, delta, dq, mask, lengths,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
+        *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common,
+    ), flags, tune_key, configs[1])
     _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(Skv, meta["BLOCK_N"]), B * Hkv), (
-        q, k, v, dout, lse, delta, dk, dv, mask, lengths, dq_acc,
+        q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *mask_strides, Hq, Hkv, call.group, Sq, Skv, left, right, qk_scale, *common,
     ), {**flags, "GROUPED": call.group > 1}, tune_key, configs[0])
-    if dq_reduce:
-        dq.copy_(dq_acc.view(B, Hq, Sq, -1))
     return dq, dk, dv
 
 

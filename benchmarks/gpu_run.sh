@@ -53,11 +53,13 @@ core_args+=(${CORE_ARGS:-})
 } > "$results/versions.txt" 2>&1
 cat "$results/versions.txt"
 
-bench() {  # bench NAME SECONDS ARGS...
+# bench NAME SECONDS ARGS... The log is named by the prefix too: a warm machine keeps the
+# last call's files, and two calls with one step name overwrote each other's log (run 11).
+bench() {
     local name=$1 seconds=$2
     shift 2
     TRITON_PRINT_AUTOTUNING=1 timeout "$seconds" python3 -m attnkit.cli bench --no-progress "$@" \
-        --out "$results/$prefix-$name" > "$results/$name.log" 2>&1
+        --out "$results/$prefix-$name" > "$results/$prefix-$name.log" 2>&1
     echo "$name: exit $?"
 }
 

@@ -177,7 +177,33 @@ def _pivot(rows: list[dict], configs: list[str]) -> list[str]:
             where.setdefault((r["impl"], _status_label(r), r["reason"]), []).append(r["config"])
     out += [f"- {label} `{impl}` ({', '.join(configs)}): {reason}"
             for (impl, label, reason), configs in sorted(where.items())]
-    return out + [""]
+    return out + _picks(rows) + _spread(rows) + [""]
+
+
+def _picks(rows: list[dict]) -> list[str]:
+    """Which backend each `auto` row ran (sets from before it was recorded have none)."""
+    picked: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("picked"):
+            picked.setdefault(r["picked"], []).append(r["config"])
+    if len(picked) == 1:
+        return [f"- `auto` ran `{next(iter(picked))}` on every config"]
+    return [f"- `auto` ran `{name}` on {', '.join(configs)}" for name, configs in picked.items()]
+
+
+def _spread(rows: list[dict]) -> list[str]:
+    """How far the timing rounds behind the medians disagreed (sets that recorded it)."""
+    spreads = sorted((r[key], r["impl"], r["config"], what) for r in rows
+                     for key, what in (("fwd_spread", "forward"),
+                                       ("fwd_bwd_spread", "fwd+bwd"))
+                     if r.get(key) is not None)
+    if not spreads:
+        return []
+    worst, impl, config, what = spreads[-1]
+    middle = spreads[len(spreads) // 2][0]
+    return [f"- rounds behind each median disagreed by (slowest - fastest) / median: "
+            f"{100 * middle:.1f}% in the middle, at worst {100 * worst:.1f}% (`{impl}`, "
+            f"{what}, {config})"]
 
 
 def _status_label(r: dict) -> str:

@@ -179,6 +179,7 @@ def test_core_times_what_auto_picks_unless_filtered_out():
     q, k, v = work.inputs
     picked = select(make_call(q, k, v, causal=config.causal), "auto").name
     assert picked in problem.entries  # auto is one of the rows beside it
+    assert work.picked == picked and problem.entries[picked]().picked is None
     assert "auto" not in _core_problem(config, cpu, torch.float32, ["naive"], None).entries
     assert "auto" not in _core_problem(config, cpu, torch.float32, None, ["auto"]).entries
 
@@ -223,10 +224,11 @@ def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "out"
     code = main(["bench", "--preset", "core", "--quick", "--seq", "128", "--device", "cpu",
                  "--impl", "reference", "--impl", other, "--impl", "crashing",
-                 "--no-progress", "--out", str(out_dir)])
+                 "--impl", "auto", "--no-progress", "--out", str(out_dir)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "kernel exploded" in printed  # listed with its reason, the run goes on
+    assert "auto ran " in printed
 
     data = json.loads((out_dir / "results.json").read_text())
     meta = data["meta"]
@@ -236,7 +238,10 @@ def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
     assert meta["preset"] == "core" and meta["dtype"] == "float32"
     assert "--impl reference" in meta["command"]
     rows = data["results"]
-    assert {r["impl"] for r in rows} == {"reference", other, "crashing"}
+    assert {r["impl"] for r in rows} == {"reference", other, "crashing", "auto"}
+    auto_picks = {r["picked"] for r in rows if r["impl"] == "auto"}
+    assert auto_picks <= set(backends.BACKENDS) and len(auto_picks) == 1
+    assert all(r["picked"] is None for r in rows if r["impl"] != "auto")
     assert {r["causal"] for r in rows} == {True, False}
     for r in rows:
         if r["impl"] == "crashing":
@@ -244,7 +249,7 @@ def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
             continue
         assert r["status"] == "ok"
         for key in ("first_call_ms", "fwd_ms", "fwd_bwd_ms", "tflops_fwd", "tflops_fwd_bwd",
-                    "speedup_vs_slowest", "rel_err"):
+                    "speedup_vs_slowest", "rel_err", "fwd_spread", "fwd_bwd_spread"):
             assert r[key] is not None and r[key] >= 0, (r["impl"], key)
         assert r["peak_fwd_mib"] is None  # not measurable on the CPU, so not reported
         assert r["rel_err"] < 1e-5
@@ -271,6 +276,8 @@ def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
     assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n")
     assert "bench `core`" in text and "verify · float32" in text and f"| {other}" in text
     assert "results/cpu-core/chart.png" in text
+    assert f"`auto` ran `{auto_picks.pop()}` on every config" in text
+    assert "rounds behind each median disagreed" in text
     assert (tmp_path / "results" / "README.md").exists()
     assert make_tables.main([*args, "--check"]) == 0
 
@@ -308,6 +315,10 @@ def test_bench_times_a_configs_implementations_in_turns():
     assert (a.fwd_ms, a.fwd_bwd_ms, b.fwd_ms, b.fwd_bwd_ms) == (3.0, 20.0, 7.0, None)
     assert a.tflops_fwd == pytest.approx(1e9 / 3e-3 / 1e12)
     assert c.fwd_ms == 2.0 and c.fwd_bwd_ms is None and c.status == "ok"
+    # how far each median's rounds disagreed: (max - min) / median
+    assert (a.fwd_spread, a.fwd_bwd_spread) == (pytest.approx(4 / 3), 1.0)
+    assert (b.fwd_spread, c.fwd_spread) == (pytest.approx(2 / 7), 0.0)
+    assert b.fwd_bwd_spread is None and c.fwd_bwd_spread is None
     assert c.reason == "fwd+bwd: RuntimeError: backward gave up"
 
 

@@ -8,7 +8,8 @@ Three presets:
 - core: the functional backends alone on q, k, v over S = 512 .. 16k, D = 64 / 128, causal
   and not, with B*S = 16k tokens and H*D = 2048 (the flash-attention benchmark's sizing,
   so the work per call grows with S only through the S^2 term), and `auto`: whatever
-  impl="auto" picks for the call. With key_lengths, each batch element hides its keys
+  impl="auto" picks for the call (recorded as `picked`; beside that backend's own row it
+  is an A/A test of the timing). With key_lengths, each batch element hides its keys
   past a length drawn in [S/2, S] (padded batches).
 
 Per implementation: the first call (cold: compilation, autotuning, caches), the warm
@@ -17,7 +18,8 @@ share of this device's measured matmul rate, speed-ups, and the relative error a
 the float64 oracle on the same inputs and weights. The warm times of one config's
 implementations are taken in turns, ROUNDS times over, and each reported time is the
 median of its rounds: a GPU's clocks drift over the seconds one config takes, and timing
-the implementations one after the other would hand that drift to the comparison.
+the implementations one after the other would hand that drift to the comparison. How far
+the rounds disagreed is kept too (`fwd_spread`, `fwd_bwd_spread`).
 
 A slow CPU gets the `--quick` sizes by default (printed at the start); `--full` forces the
 presets' own sizes.
@@ -265,11 +267,13 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, clock: Clock) -
 
 @dataclass
 class Workload:
-    """What one implementation runs: forward() -> out, differentiated against `inputs`."""
+    """What one implementation runs: forward() -> out, differentiated against `inputs`;
+    picked: the backend that runs it, where the name does not say (impl="auto")."""
 
     forward: Callable[[], Tensor]
     inputs: list[Tensor]
     grad_out: Tensor
+    picked: str | None = None
 
     def run_forward(self) -> Tensor:
         with torch.no_grad():
@@ -301,7 +305,8 @@ def _randn(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
 def _core_problem(config: Config, device: torch.device, dtype: torch.dtype,
                   impls: list[str] | None, exclude: list[str] | None) -> Problem:
     from attnkit.backends import BACKENDS
-    from attnkit.functional import attention
+    from attnkit.call import make_call
+    from attnkit.functional import attention, select
     from attnkit.verify import rel_err, selected
 
     c = config
@@ -315,10 +320,15 @@ def _core_problem(config: Config, device: torch.device, dtype: torch.dtype,
         lengths = lengths.to(device)
 
     def entry(name: str) -> Callable[[], Workload]:
-        return lambda: Workload(
-            lambda: attention(q, k, v, causal=c.causal, key_lengths=lengths, impl=name),
-            [q, k, v], grad_out,
-        )
+        def make() -> Workload:
+            picked = None
+            if name == "auto":
+                picked = select(make_call(q, k, v, causal=c.causal, key_lengths=lengths)).name
+            return Workload(
+                lambda: attention(q, k, v, causal=c.causal, key_lengths=lengths, impl=name),
+                [q, k, v], grad_out, picked,
+            )
+        return make
 
     entries: dict[str, Callable[[], Workload] | str] = {
         name: backend.available(device) or entry(name)
@@ -405,7 +415,11 @@ def _module_problem(config: Config, device: torch.device, dtype: torch.dtype,
 
 @dataclass
 class Measurement:
-    """One implementation on one config. status: "ok", "unsupported" or "error"."""
+    """One implementation on one config. status: "ok", "unsupported" or "error".
+
+    fwd_spread, fwd_bwd_spread: (slowest - fastest) / median of the timing rounds, how far
+    the rounds behind a median disagreed. picked: the backend impl="auto" ran.
+    """
 
     impl: str
     config: Config
@@ -426,6 +440,9 @@ class Measurement:
     speedup_vs_sdpa: float | None = None
     rel_err: float | None = None
     rel_err_note: str | None = None
+    fwd_spread: float | None = None
+    fwd_bwd_spread: float | None = None
+    picked: str | None = None
 
     @property
     def kind(self) -> str:
@@ -479,6 +496,7 @@ def _prepare(label: str, make: Callable[[], Workload], problem: Problem,
     m.flops_fwd, m.flops_fwd_bwd = config_flops(problem.config)
     try:
         work = make()
+        m.picked = work.picked
         out: list[Tensor] = []
         m.first_call_ms = clock.once(lambda: out.append(work.run_forward()))
         m.peak_fwd_mib = clock.peak_mib(work.run_forward)
@@ -524,11 +542,17 @@ def _time_rounds(timed: list[_Timed], clock: Clock, rounds: int = ROUNDS) -> Non
         m = t.measurement
         if m.status != "ok":
             continue
-        m.fwd_ms = statistics.median(t.fwd)
+        m.fwd_ms, m.fwd_spread = _median_spread(t.fwd)
         m.tflops_fwd = m.flops_fwd / (m.fwd_ms * 1e-3) / 1e12
         if t.fwd_bwd:
-            m.fwd_bwd_ms = statistics.median(t.fwd_bwd)
+            m.fwd_bwd_ms, m.fwd_bwd_spread = _median_spread(t.fwd_bwd)
             m.tflops_fwd_bwd = m.flops_fwd_bwd / (m.fwd_bwd_ms * 1e-3) / 1e12
+
+
+def _median_spread(times: list[float]) -> tuple[float, float | None]:
+    """The median of the rounds, and (max - min) / median (None for a single round)."""
+    median = statistics.median(times)
+    return median, (max(times) - min(times)) / median if len(times) > 1 else None
 
 
 def _baseline(labels: Iterable[str]) -> str | None:
@@ -798,6 +822,7 @@ def print_results(run: BenchRun, console: Console | None = None) -> None:
         notes = {m.rel_err_note for m in ok if m.rel_err_note}
         for note in notes:
             console.print(f"  [dim]rel err {note} (the float64 oracle would not fit)[/]")
+        _print_picks(rows, console)
     peak = run.meta.get("matmul_peak_tflops")
     console.print(f"[dim]% matmul peak: of {_num(peak, '.3g')} TFLOP/s measured on a "
                   f"{run.meta['dtype']} matmul; × sdpa: forward speed-up against plain "
@@ -828,8 +853,15 @@ def _print_pivot(run: BenchRun, console: Console) -> None:
     reasons = {(m.impl, m.status, m.reason) for m in run.results if m.reason}
     for impl, status, reason in sorted(reasons, key=lambda r: r[0]):
         console.print(f"  [yellow]{status}[/] {impl}: {escape(reason)}", highlight=False)
+    _print_picks(run.results, console)
     console.print("[dim]every number (TFLOP/s, speed-ups, errors) is in results.json / "
                   "results.csv (--out)[/]")
+
+
+def _print_picks(results: list[Measurement], console: Console) -> None:
+    picked = sorted({m.picked for m in results if m.picked})
+    if picked:
+        console.print(f"  [dim]auto ran {', '.join(picked)}[/]")
 
 
 def result_rows(run: BenchRun) -> list[dict]:

@@ -18,7 +18,8 @@
 #   forward+backward kernels timed alone against attention() + autograd, profiled)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, CORE_ARGS
-# adds arguments to them (e.g. "--head-dim 128": one half of core, which cold does not fit
+# adds arguments to them (e.g. "--rounds 7": more, shorter timing rounds, against the GPU's
+# drift; "--head-dim 128": one half of core, which cold does not fit
 # one 10-minute call beside the other half with five implementations; "--key-lengths":
 # padded batches), TUNED_ARGS
 # adds arguments to triton-tuned (e.g. "--shape 1,32,16384,64,0"). The bench

@@ -332,12 +332,17 @@ def test_bench_checkpoints_after_each_config_and_prints_reasons_verbatim(capsys,
     monkeypatch.setitem(backends.BACKENDS, "refusing", refused)
     snapshots = []
     run = run_bench("core", device="cpu", quick=True, impls=["reference", "refusing"],
-                    progress=False,
+                    rounds=1, progress=False,
                     checkpoint=lambda partial: snapshots.append(
                         (len(partial.results), partial.meta["complete"])))
     configs = len(run.configs)
     assert [n for n, _ in snapshots] == [2 * (i + 1) for i in range(configs)]
     assert all(done is False for _, done in snapshots) and run.meta["complete"] is True
+    # one round: nothing to disagree with
+    assert run.meta["timing_rounds"] == 1
+    assert all(m.fwd_ms and m.fwd_spread is None for m in run.results if m.status == "ok")
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        run_bench("core", device="cpu", quick=True, impls=["reference"], rounds=0)
 
     from attnkit.bench import print_results
 

@@ -16,8 +16,8 @@ Per implementation: the first call (cold: compilation, autotuning, caches), the 
 median forward (under no_grad) and forward+backward, peak memory (GPU), TFLOP/s, the
 share of this device's measured matmul rate, speed-ups, and the relative error against
 the float64 oracle on the same inputs and weights. The warm times of one config's
-implementations are taken in turns, ROUNDS times over, and each reported time is the
-median of its rounds: a GPU's clocks drift over the seconds one config takes, and timing
+implementations are taken in turns, ROUNDS (3; `--rounds`) times over, and each reported
+time is the median of its rounds: a GPU's clocks drift over the seconds one config takes, and timing
 the implementations one after the other would hand that drift to the comparison. How far
 the rounds disagreed is kept too (`fwd_spread`, `fwd_bwd_spread`).
 
@@ -597,6 +597,7 @@ def run_bench(
     seq: int | None = None,
     head_dim: int | None = None,
     key_lengths: bool = False,
+    rounds: int | None = None,
     progress: bool = True,
     console: Console | None = None,
     command: str = "",
@@ -608,7 +609,8 @@ def run_bench(
     quick=None means quick sizes on the CPU (unless batch/seq are given) and the preset's
     own sizes on a GPU. impls / exclude filter as `attnkit.verify.selected` does.
     batch, seq, head_dim and key_lengths change the preset's configs as `preset_configs`
-    says.
+    says. rounds: how many times the warm timings go round a config's implementations
+    (default ROUNDS); more rounds split the same time finer.
     checkpoint(run) is called after each config with the results so far (meta["complete"]
     False until the end), so that a long sweep that is cut off still leaves its results.
     """
@@ -625,6 +627,9 @@ def run_bench(
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         dtype = _DTYPES[dtype]
+    rounds = ROUNDS if rounds is None else rounds
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     auto_quick = quick is None and device.type == "cpu" and batch is None and seq is None
     quick = auto_quick or bool(quick)
     impls = list(impls) if impls else None
@@ -649,7 +654,7 @@ def run_bench(
     meta = environment(device)
     meta.update(preset=preset, dtype=dtype_name, quick=quick, command=command,
                 sizes=[c.label for c in configs], impl_filter=impls, exclude=exclude,
-                notes=notes, timing_rounds=ROUNDS)
+                notes=notes, timing_rounds=rounds)
     sizes = configs[0].label if len(configs) == 1 else (
         f"{len(configs)} configs, S {configs[0].seq}..{max(c.seq for c in configs)}")
     console.print(f"[bold]attnkit bench[/] · preset [cyan]{preset}[/] · {meta['device_name']} "
@@ -698,7 +703,7 @@ def run_bench(
                         timed += [t] if t is not None else []
                     bar.advance(task)
                 bar.update(task, description=f"warm times  {problem.config.label}")
-                _time_rounds(timed, clock)
+                _time_rounds(timed, clock, rounds)
                 bar.advance(task, len(problem.entries))
                 del timed  # the workloads: their outputs and graphs
                 if device.type == "cuda":

@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--key-lengths", action="store_true",
                        help="core only: every batch element hides its keys past a length "
                        "drawn in [S/2, S] (padded batches, through key_lengths)")
+    bench.add_argument("--rounds", type=_positive_int, default=None,
+                       help="timing rounds per config, taken in turns over the "
+                       "implementations, each a share of the same time (default: 3)")
     bench.add_argument("--out", metavar="DIR",
                        help="write results.json, results.csv and chart.png to DIR")
     bench.add_argument("--no-progress", dest="progress", action="store_false",
@@ -137,7 +140,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
             args.preset, device=args.device, dtype=args.dtype, impls=args.impl,
             exclude=args.exclude, quick=args.quick,
             batch=args.batch, seq=args.seq, head_dim=args.head_dim,
-            key_lengths=args.key_lengths, progress=args.progress, console=console,
+            key_lengths=args.key_lengths, rounds=args.rounds, progress=args.progress,
+            console=console,
             command=command_line(argv),
             checkpoint=(lambda partial: write_outputs(partial, args.out)) if args.out else None,
         )

@@ -141,7 +141,7 @@ def _config_table(meta: dict, rows: list[dict], config: str) -> list[str]:
             out.append(f"- {_status_label(r)} `{r['impl']}`: {r['reason']}")
     notes = {r["rel_err_note"] for r in ok if r.get("rel_err_note")}
     out += [f"- rel err {note} (the float64 oracle would not fit)" for note in sorted(notes)]
-    return out + [""]
+    return out + _picks(rows) + _spread(rows) + [""]
 
 
 def _rate(r: dict | None) -> str:

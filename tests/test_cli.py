@@ -102,6 +102,28 @@ def test_verify_cut_off_keeps_the_checks_it_finished(monkeypatch, capsys, tmp_pa
     assert f"Cut off: 3 of {data['meta']['checks_total']} checks" in section
 
 
+def test_make_tables_says_what_auto_ran_and_how_far_rounds_disagreed(tmp_path):
+    def row(impl, config, fwd, spread=None, picked=None):
+        return {"impl": impl, "config": config, "status": "ok", "fwd_ms": fwd,
+                "fwd_bwd_ms": None, "fwd_spread": spread, "picked": picked}
+
+    one = [row("sdpa", "c1", 1.0, 0.02), row("auto", "c1", 1.1, 0.30, "sdpa"),
+           row("naive", "c1", 5.0, 0.05)]
+    meta = {"preset": "notebook", "device": "cpu", "dtype": "float32"}
+    text = "\n".join(_make_tables().bench_section(
+        {"meta": meta, "results": one, "path": tmp_path / "results.json"}, "."))
+    assert "`auto` ran `sdpa` on every config" in text
+    assert "5.0% in the middle, at worst 30.0% (`auto`, forward, c1)" in text
+    two = one + [row("auto", "c2", 1.0, None, "naive"), row("sdpa", "c2", 2.0)]
+    text = "\n".join(_make_tables().bench_section(
+        {"meta": meta, "results": two, "path": tmp_path / "results.json"}, "."))
+    assert "`auto` ran `sdpa` on c1" in text and "`auto` ran `naive` on c2" in text
+    old = [{k: v for k, v in r.items() if k not in ("fwd_spread", "picked")} for r in two]
+    text = "\n".join(_make_tables().bench_section(
+        {"meta": meta, "results": old, "path": tmp_path / "results.json"}, "."))
+    assert "auto` ran" not in text and "disagreed" not in text  # sets from before
+
+
 def _make_tables():
     spec = importlib.util.spec_from_file_location("make_tables",
                                                   ROOT / "benchmarks" / "make_tables.py")

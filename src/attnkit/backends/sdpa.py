@@ -51,7 +51,7 @@ class Arguments:
     attn_mask: Tensor | None  # bool or additive, (B|1, Hq|1, Sq, Skv)
     is_causal: bool
     enable_gqa: bool
-    alive: Tensor | None  # bool (B|1, Hq|1, Sq, 1): rows that see at least one key
+    dead: Tensor | None  # bool (B|1, Hq|1, Sq, 1): rows that see no key
 
 
 def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
@@ -61,15 +61,17 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     only_causal = call.causal and call.window is None and call.key_lengths is None
     if not call.has_mask or (only_causal and call.attn_mask is None and call.seq_q == call.seq_kv):
         return Arguments(k, v, None, call.causal, gqa, None)
+    # Dead rows as one tensor, used twice (here and on the output): each small op is a
+    # kernel launch, and at module sizes launches are what the GPU waits on.
     if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:
         mask = score_bias(call, call.dtype)
-        alive = (mask != float("-inf")).any(dim=-1, keepdim=True)
-        mask = mask.masked_fill(~alive, 0.0)
+        dead = (mask == float("-inf")).all(dim=-1, keepdim=True)
+        mask = mask.masked_fill(dead, 0.0)
     else:
         mask = visibility(call)
-        alive = mask.any(dim=-1, keepdim=True)
-        mask = mask | ~alive
-    return Arguments(k, v, mask, False, gqa, alive)
+        dead = mask.any(dim=-1, keepdim=True).logical_not_()
+        mask = mask | dead
+    return Arguments(k, v, mask, False, gqa, dead)
 
 
 def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | None, str | None]:
@@ -93,7 +95,7 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
     reason = kernel_refusal(kernel, call, args)
     if reason is not None and call.group > 1:
         # Some kernels reject enable_gqa but take k/v repeated to Hq heads.
-        repeated = Arguments(args.k, args.v, args.attn_mask, args.is_causal, False, args.alive)
+        repeated = Arguments(args.k, args.v, args.attn_mask, args.is_causal, False, args.dead)
         if kernel_refusal(kernel, call, repeated) is None:
             return arguments(call, native_gqa=False), None
     return (args, None) if reason is None else (None, reason)
@@ -173,8 +175,8 @@ def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
     else:
         with sdpa_kernel(kernel):
             out = sdpa()
-    if args.alive is not None:
-        out = out.masked_fill(~args.alive, 0.0)
+    if args.dead is not None:
+        out = out.masked_fill(args.dead, 0.0)
     return out, None
 
 

@@ -15,7 +15,9 @@
 #   triton-registers (benchmarks/triton_registers.py under the machine's own Triton:
 #   registers and spills per kernel and tile config, D=64/128, full/causal, MHA/GQA,
 #   and the forward with TMA loads), fwd-bwd-gap (benchmarks/fwd_bwd_gap.py: triton's
-#   forward+backward kernels timed alone against attention() + autograd, profiled)
+#   forward+backward kernels timed alone against attention() + autograd, profiled),
+#   decode (benchmarks/decode.py: decoding steps, K/V bytes per second against a copy),
+#   gpu-tests (pytest -m gpu: the tests that need a GPU)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, CORE_ARGS
 # adds arguments to them (e.g. "--rounds 7": more, shorter timing rounds, against the GPU's
@@ -122,6 +124,14 @@ for step in "${steps[@]}"; do
             timeout 120 python3 benchmarks/triton_registers.py $args
         done > "$results/triton-registers.log" 2>&1
         cat "$results/triton-registers.log" ;;
+    decode)  # benchmarks/decode.py: decoding steps against long caches, K/V bandwidth
+        timeout "${DECODE_S:-240}" python3 benchmarks/decode.py --out "$results" \
+            > "$results/decode.log" 2>&1
+        echo "decode: exit $?"; cat "$results/decode.log" ;;
+    gpu-tests)  # the GPU-only tests of triton (pytest -m gpu), decode key ranges among them
+        timeout "${GPU_TESTS_S:-300}" python3 -m pytest -q -m gpu tests/test_triton.py \
+            > "$results/pytest-gpu.log" 2>&1
+        echo "gpu-tests: exit $?"; tail -n 5 "$results/pytest-gpu.log" ;;
     verify-fp16)
         timeout "${VERIFY_S:-330}" python3 -m attnkit.cli verify --no-progress --impl triton \
             --dtype float16 --out "$results/$prefix-verify-fp16-triton" \

@@ -53,6 +53,57 @@ def test_matches_oracle(case, device):
     assert result.lse_err <= 1e-3  # return_lse ran, and its -inf pattern matched
 
 
+# Enough keys for several key ranges (on a GPU the ranges are 128 keys, so longer there).
+SPLIT_CASES = [replace(c, seq_kv=c.seq_kv * (12 if CUDA else 1)) for c in CASES
+               if c.seq_kv > 17]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.name)
+def test_forward_over_key_ranges_matches_oracle(case, device, monkeypatch):
+    """The forward run over separate key ranges, then merged: what a call with few query
+    rows gets on a GPU (_kv_splits). Dead rows, masks, windows and the backward through
+    the merged out and lse, as in test_matches_oracle."""
+    from attnkit.backends import fused_triton as ft
+
+    monkeypatch.setattr(ft, "_kv_splits", lambda call: 3)
+    if not CUDA:
+        monkeypatch.setattr(ft, "_SPLIT_ALIGN", 16)  # the interpreter's key block
+    launched = []
+    merge = ft._merge_kernel
+    monkeypatch.setattr(ft, "_launch_jitted", _spy(ft._launch_jitted, launched))
+    result = check("triton", case, device)
+    assert result.skipped is None, result.skipped
+    assert result.passed, (result.out_err, result.lse_err, result.grad_err, result.errors)
+    assert result.lse_err <= 1e-3
+    assert merge in launched  # the forward did run over several ranges
+
+
+def _spy(fn, seen: list):
+    def spied(jitted, *args, **kwargs):
+        seen.append(jitted)
+        return fn(jitted, *args, **kwargs)
+    return spied
+
+
+def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
+    from types import SimpleNamespace
+
+    from attnkit.backends import fused_triton as ft
+
+    monkeypatch.setattr(ft, "_multiprocessors", lambda device: 132)
+
+    def splits(batch, heads, seq_q, seq_kv, device="cuda"):
+        return ft._kv_splits(SimpleNamespace(device=torch.device(device), batch=batch,
+                                             heads_q=heads, seq_q=seq_q, seq_kv=seq_kv))
+
+    assert splits(1, 32, 1, 16384) == 9  # 32 programs: 9 ranges make 288, two per SM
+    assert splits(1, 32, 1, 4096) == 4  # at least _SPLIT_KEYS keys per range
+    assert splits(1, 32, 1, 1500) == 1
+    assert splits(8, 32, 1, 16384) == 1  # 256 programs already
+    assert splits(1, 1, 1, 2**20) == ft._MAX_SPLITS
+    assert splits(1, 32, 1, 16384, device="cpu") == 1
+
+
 def test_default_matrix(device):
     for case in default_cases(DTYPE, large=CUDA):
         result = check("triton", case, device)
@@ -434,9 +485,16 @@ def test_eager_backward_gets_no_zero_filled_lse_gradient(monkeypatch, device):
     assert torch.equal(dq, torch.ones_like(q))
 
 
-def test_dropout_matches_its_own_mask(device):
-    """With v = identity the output is the dropped, rescaled probability matrix itself."""
-    p_drop, b, hq, hkv, sq, skv, d = 0.3, 1, 2, 1, 17, 32, 16
+@pytest.mark.parametrize("ranges", [1, 2])
+def test_dropout_matches_its_own_mask(device, ranges, monkeypatch):
+    """With v = identity the output is the dropped, rescaled probability matrix itself;
+    also with the forward run over two key ranges (each keeps its keys' dropout draws)."""
+    from attnkit.backends import fused_triton as ft
+
+    monkeypatch.setattr(ft, "_kv_splits", lambda call: ranges)
+    if not CUDA:
+        monkeypatch.setattr(ft, "_SPLIT_ALIGN", 16)  # the interpreter's key block
+    p_drop, b, hq, hkv, sq, skv, d = 0.3, 1, 2, 1, 17, 32 if not CUDA else 256, 16
     q = torch.randn(b, hq, sq, d).to(device, DTYPE).requires_grad_()
     k = torch.randn(b, hkv, skv, d).to(device, DTYPE).requires_grad_()
     v = torch.randn(b, hkv, skv, d).to(device, DTYPE).requires_grad_()
@@ -569,4 +627,13 @@ def test_large_shapes_on_gpu(causal, head_dim):
     case = Case(batch=2, heads_q=8, heads_kv=2, seq_q=1000, seq_kv=1000, head_dim=head_dim,
                 causal=causal, key_lengths=True, dtype=torch.bfloat16)
     result = check("triton", case, "cuda")
+    assert result.skipped is None and result.passed, result
+    # decoding: 4 query rows against 9000 cached keys take the key ranges unforced
+    decode = replace(case, seq_q=4, seq_kv=9000)
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    q, k, v, kwargs = decode.make_inputs("cuda", torch.Generator().manual_seed(3))
+    assert ft._kv_splits(make_call(q, k, v, **kwargs)) > 1
+    result = check("triton", decode, "cuda")
     assert result.skipped is None and result.passed, result

@@ -32,7 +32,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert f"compiled {3 * len(FLAG_SETS)} kernels" in done.stdout
+    assert f"compiled {3 * len(FLAG_SETS) + 1} kernels" in done.stdout
 
 
 def _compile_all() -> int:
@@ -59,7 +59,8 @@ def _compile_all() -> int:
                      NEG_SCALE=dropout,  # rides on dropout's sets: both values compiled
                      GROUPED=lengths,  # dK/dV's loop over a kv group's heads: on lengths
                      TMA_OK=not lengths,
-                     TMA=not lengths)  # the forward's TMA loads: both values compiled
+                     TMA=not lengths,  # the forward's TMA loads: both values compiled
+                     SPLIT=dropout)  # the forward over key ranges: with dropout's sets
         wide = d > 128  # _prune's small tiles for wide heads
         tiles = ((ft._fwd_kernel, ft._FWD_CONFIGS), (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
                  (ft._bwd_dq_kernel, ft._DQ_CONFIGS))
@@ -69,7 +70,9 @@ def _compile_all() -> int:
             m, n, warps, stages = (32, 32, 4, 1) if wide else configs[-1]
             compile_one(kernel, {**flags, "BLOCK_M": m, "BLOCK_N": n}, warps, stages, mask_kind)
             count += 1
-    return count
+    # the merge of the key ranges' partial results
+    compile_one(ft._merge_kernel, {"HEAD_DV": 80, "BLOCK_DV": 128, "BLOCK_S": 8}, 4, 1, 0)
+    return count + 1
 
 
 if __name__ == "__main__":

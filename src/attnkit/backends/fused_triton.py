@@ -1,10 +1,13 @@
 """`triton`: fused FlashAttention-2 style forward and backward kernels written in Triton.
 
 Forward: one program per (query block, batch * query head) walks the key blocks it can
-see with an online softmax, so nothing of size Sq x Skv is ever stored. Backward: one program
-per (query block, batch * query head) accumulates dQ, and first stores its rows' delta =
-rowsum(dO * O); then one program per (key block, batch * kv head) accumulates dK, dV over
-the query blocks of every query head of its group (deterministic, no atomics). On Hopper
+see with an online softmax, so nothing of size Sq x Skv is ever stored. A call with too
+few query rows to occupy the GPU (decoding against a cache) splits the keys into ranges,
+each with its own programs, and merges their partial out and lse (`_kv_splits`).
+Backward: one program per (query block, batch * query head) accumulates dQ, and first
+stores its rows' delta = rowsum(dO * O); then one program per (key block, batch * kv
+head) accumulates dK, dV over the query blocks of every query head of its group
+(deterministic, no atomics). On Hopper
 and newer, the forward can load its K/V tiles through TMA descriptors, where their layout
 allows and the autotuner finds it faster (long sequences).
 
@@ -235,6 +238,19 @@ def _segment(part: tl.constexpr, lo, full_lo, full_hi, hi):
 
 
 @_jit
+def _split_range(lo, full_lo, full_hi, hi, s0, s1):
+    """_key_range's bounds cut to the split [s0, s1) of the keys. s0 and s1 are multiples
+    of BLOCK_N, so no key block crosses into a neighbouring split, and the three segments
+    keep their order and alignment: lo and full_hi stay multiples of BLOCK_N (or reach hi),
+    and the whole blocks stay within the whole blocks of the uncut range."""
+    hi = tl.minimum(hi, s1)
+    lo = tl.minimum(tl.maximum(lo, s0), hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@_jit
 def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a tile, masking only what may be out of range: a mask along the head dim that
     is all true when BLOCK_D == D would still cost the 16-byte vector loads."""
@@ -385,7 +401,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_
     return acc, m_i, l_i
 
 
-@_tuned("fwd", _FWD_CONFIGS, _TUNE_KEY + ["TMA_OK"], _FWD_TMA_CONFIGS)
+@_tuned("fwd", _FWD_CONFIGS, _TUNE_KEY + ["TMA_OK", "SPLIT"], _FWD_TMA_CONFIGS)
 @_kernel
 def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 stride_qb, stride_qh, stride_qm, stride_qd,
@@ -394,13 +410,17 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 stride_ob, stride_oh, stride_om, stride_od,
                 stride_mb, stride_mh, stride_mm, stride_mn,
                 Hq, group, Sq, Skv, left, right, qk_scale, seed, drop_p,
-                SEQ_BUCKET, ROWS_BUCKET,
+                kv_split, stride_os, SEQ_BUCKET, ROWS_BUCKET,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
                 DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr, TMA_OK: tl.constexpr,
-                TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                SPLIT: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """SPLIT: program_id(2) takes keys [pid * kv_split, (pid + 1) * kv_split) alone and
+    writes its partial out (float32) and lse at Out + pid * stride_os and LSE + pid * B *
+    Hq * Sq, for _merge_kernel to combine."""
     tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # later query blocks see more keys: start them first
@@ -430,6 +450,13 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
     lo, full_lo, full_hi, hi = _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
+    lse_base = LSE + bh.to(tl.int64) * Sq
+    if SPLIT:
+        split = tl.program_id(2)
+        lo, full_lo, full_hi, hi = _split_range(lo, full_lo, full_hi, hi, split * kv_split,
+                                                (split + 1) * kv_split)
+        Out += split.to(tl.int64) * stride_os
+        lse_base += split.to(tl.int64) * tl.num_programs(1) * Sq
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -455,7 +482,35 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
         + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DV))
-    tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+    tl.store(lse_base + offs_m, lse, mask=offs_m < Sq)
+
+
+@_jit
+def _merge_kernel(OUT_P, LSE_P, Out, LSE, splits, Hq, Sq,
+                  stride_ob, stride_oh, stride_om, stride_od,
+                  HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One query row's results of the key splits (OUT_P: contiguous (splits, B, Hq, Sq, Dv)
+    float32, LSE_P: (splits, B * Hq * Sq)) merged into its out and lse: lse = logsumexp
+    of the splits' lse, out = sum of exp(lse_s - lse) * out_s. A row that no split saw
+    keeps out 0, lse -inf."""
+    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + m
+    rows = tl.num_programs(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    split_ok = offs_s < splits
+    lse_s = tl.load(LSE_P + offs_s * rows + row, mask=split_ok, other=float("-inf"))
+    top = tl.max(lse_s, 0)
+    seen = top != float("-inf")
+    weights = tl.exp(lse_s - tl.where(seen, top, 0.0))  # 0 for a split that saw no key
+    total = tl.where(seen, tl.sum(weights, 0), 1.0)
+    parts = tl.load(OUT_P + (offs_s[:, None] * rows + row) * HEAD_DV + offs_dv[None, :],
+                    mask=split_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    out = tl.sum(parts * weights[:, None], 0) / total
+    bh = row // Sq
+    m = row % Sq
+    tl.store(Out + (bh // Hq) * stride_ob + (bh % Hq) * stride_oh + m * stride_om
+             + offs_dv * stride_od, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DV)
+    tl.store(LSE + row, tl.where(seen, top + tl.log(total), float("-inf")))
 
 
 # ---------------------------------------------------------------------------------------
@@ -799,7 +854,8 @@ def arg_types(fn, mask_kind: int) -> dict[str, str]:
     the names the kernels use: the signature for compiling one ahead of time, with no GPU
     (tests/test_triton_compile.py, benchmarks/triton_registers.py)."""
     tensors = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64",
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64", "OUT_P": "*fp32",
+                "LSE_P": "*fp32",
                 "MASK": "*u8" if mask_kind == 2 else "*bf16"}
     sig = {}
     for name, param in zip(fn.arg_names, fn.params, strict=True):
@@ -964,11 +1020,14 @@ def _ensure_allocator() -> None:
 
 
 def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
-             tma: bool | None = None) -> tuple[Tensor, Tensor]:
+             tma: bool | None = None, splits: int | None = None) -> tuple[Tensor, Tensor]:
     """out, lse. The autotuner decides whether K and V tiles load through TMA (where
-    _tma_ready); with a tile config given, tma decides (None: wherever _tma_ready)."""
+    _tma_ready); with a tile config given, tma decides (None: wherever _tma_ready).
+    splits: how many key ranges the forward runs apart and then merges (None: _kv_splits;
+    the count is rounded so that each range is a multiple of _SPLIT_ALIGN keys)."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
+    Skv, Dv = call.seq_kv, call.head_dim_v
     out, lse = _empty_outputs(q, v)
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
@@ -980,16 +1039,61 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
         raise ValueError("tma is chosen by the autotuner unless a tile config is given")
     if flags["TMA_OK"]:
         _ensure_allocator()
+    kv_split = -(-_cdiv(Skv, splits or _kv_splits(call)) // _SPLIT_ALIGN) * _SPLIT_ALIGN
+    splits = _cdiv(Skv, kv_split)
+    if config is not None and kv_split % config[1]:
+        splits = 1  # a key block wider than _SPLIT_ALIGN would straddle two ranges
+    flags["SPLIT"] = splits > 1
+    written, written_lse, split_stride = out, lse, 0
+    if splits > 1:  # partial results per key range, float32, merged below
+        parts = q.new_empty((splits, B, Hq, Sq, Dv), dtype=torch.float32)
+        written, split_stride = parts[0], parts.stride(0)
+        written_lse = q.new_empty((splits, B * Hq * Sq), dtype=torch.float32)
+    else:
+        kv_split = 0  # not read: a constant keeps the launch's specialization one
 
     def grid(meta):
-        return (_cdiv(Sq, meta["BLOCK_M"]), B * Hq)
+        return (_cdiv(Sq, meta["BLOCK_M"]), B * Hq, splits)
 
     _launch(_fwd_kernel, grid, (
-        q, k, v, out, lse, mask, lengths,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-        Hq, call.group, Sq, call.seq_kv, left, right, qk_scale, seed, drop_p, *buckets,
-    ), flags, (*_tune_key(flags, buckets, q, mask, lengths), flags["TMA_OK"]), config)
+        q, k, v, written, written_lse, mask, lengths,
+        *q.stride(), *k.stride(), *v.stride(), *written.stride(), *mask_strides,
+        Hq, call.group, Sq, Skv, left, right, qk_scale, seed, drop_p,
+        kv_split, split_stride, *buckets,
+    ), flags, (*_tune_key(flags, buckets, q, mask, lengths), flags["TMA_OK"],
+               flags["SPLIT"]), config)
+    if splits > 1:
+        _launch_jitted(_merge_kernel, lambda meta: (B * Hq * Sq,), (
+            parts, written_lse, out, lse, splits, Hq, Sq, *out.stride(),
+        ), {"HEAD_DV": Dv, "BLOCK_DV": flags["BLOCK_DV"], "BLOCK_S": _pow2(splits)}, 4, 1)
     return out, lse
+
+
+# Key splits for calls with few query rows (decoding against a cache): the forward's grid
+# is (query blocks, B * Hq), which for one query row is B * Hq programs, a fraction of a
+# GPU's multiprocessors, each walking every key. Split, each range of keys gets its own
+# programs. Each range is a multiple of _SPLIT_ALIGN keys (of every BLOCK_N, so that no
+# key block straddles two ranges) and at least _SPLIT_KEYS long.
+_SPLIT_ALIGN = 128  # the widest BLOCK_N
+_SPLIT_KEYS = 1024
+_MAX_SPLITS = 64
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _kv_splits(call: AttentionCall) -> int:
+    """How many key ranges to run apart: enough programs for two per multiprocessor when
+    the query rows alone give fewer than one each; 1 otherwise, and on the CPU."""
+    if call.device.type != "cuda":
+        return 1
+    programs = call.batch * call.heads_q * _cdiv(call.seq_q, 64)  # 64: the smallest BLOCK_M
+    sms = _multiprocessors(call.device)
+    if programs >= sms:
+        return 1
+    return max(1, min(_cdiv(2 * sms, programs), call.seq_kv // _SPLIT_KEYS, _MAX_SPLITS))
 
 
 def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,

@@ -1,0 +1,90 @@
+"""Decoding steps: a few query rows against a long KV cache, `triton` beside SDPA and flex.
+
+    PYTHONPATH=src python benchmarks/decode.py [--out DIR]
+
+Decoding reads every cached key and value once per step and does little arithmetic on
+them, so its yardstick is bandwidth (DESIGN.md): bytes of K and V read per second against
+a measured device-to-device copy. `triton` runs the forward over several key ranges at
+once when the query rows alone leave the GPU's multiprocessors idle (`_kv_splits`); the
+`triton, one range` column forces the single-range forward, so the two columns show what
+the split buys. Each output is checked against `sdpa` on the same inputs first.
+Writes DIR/decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from triton.testing import do_bench
+
+from attnkit import attention
+from attnkit.backends import fused_triton as ft
+from attnkit.call import make_call
+from attnkit.verify import rel_err
+
+# (batch, query heads, kv heads, query rows, cached keys, head dim)
+SHAPES = [(1, 32, 8, 1, 4096, 128), (1, 32, 8, 1, 16384, 128), (1, 32, 8, 1, 65536, 128),
+          (8, 32, 8, 1, 16384, 128), (1, 32, 32, 1, 16384, 128), (4, 32, 8, 4, 16384, 128)]
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write counted)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
+    b, hq, hkv, sq, skv, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn((b, hq, sq, d), device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn((b, hkv, skv, d), device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(2))
+    call = make_call(q, k, v, causal=True)
+    runs = {
+        "triton": lambda: attention(q, k, v, causal=True, impl="triton"),
+        "triton, one range": lambda: ft._forward(call, 0, splits=1)[0],
+        "sdpa": lambda: attention(q, k, v, causal=True, impl="sdpa"),
+        "flex": lambda: attention(q, k, v, causal=True, impl="flex"),
+    }
+    want = runs["sdpa"]()
+    kv_bytes = 2 * k.numel() * k.element_size()
+    row = {"shape": list(shape), "kv_bytes": kv_bytes, "splits": ft._kv_splits(call),
+           "ms": {}, "rel_err_vs_sdpa": {}}
+    for name, fn in runs.items():
+        try:
+            with torch.no_grad():
+                row["rel_err_vs_sdpa"][name] = rel_err(fn(), want)
+                row["ms"][name] = float(do_bench(fn, return_mode="median"))
+        except Exception as exc:  # flex's compile, say: the row goes on
+            print(f"  {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+            row["ms"][name] = None
+    cells = [f"{name} {ms * 1e3:.0f} us ({kv_bytes / (ms * 1e-3) / bandwidth:.0%}, "
+             f"err {row['rel_err_vs_sdpa'][name]:.1e})"
+             for name, ms in row["ms"].items() if ms is not None]
+    print(f"b{b} h{hq}/{hkv} q{sq} kv{skv} d{d}, {row['splits']} ranges: " + ", ".join(cells),
+          flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write DIR/decode.json")
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s ({torch.cuda.get_device_name()}); "
+          f"in brackets: K and V bytes read per second as a share of it")
+    rows = [measure(shape, bandwidth) for shape in SHAPES]
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "decode.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "copy_bytes_per_s": bandwidth, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

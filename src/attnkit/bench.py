@@ -17,9 +17,9 @@ median forward (under no_grad) and forward+backward, peak memory (GPU), TFLOP/s,
 share of this device's measured matmul rate, speed-ups, and the relative error against
 the float64 oracle on the same inputs and weights. The warm times of one config's
 implementations are taken in turns, ROUNDS (3; `--rounds`) times over, and each reported
-time is the median of its rounds: a GPU's clocks drift over the seconds one config takes, and timing
-the implementations one after the other would hand that drift to the comparison. How far
-the rounds disagreed is kept too (`fwd_spread`, `fwd_bwd_spread`).
+time is the median of its rounds: a GPU's clocks drift over the seconds one config takes,
+and timing the implementations one after the other would hand that drift to the
+comparison. How far the rounds disagreed is kept too (`fwd_spread`, `fwd_bwd_spread`).
 
 A slow CPU gets the `--quick` sizes by default (printed at the start); `--full` forces the
 presets' own sizes.

@@ -7,9 +7,9 @@ each with its own programs, and merges their partial out and lse (`_kv_splits`).
 Backward: one program per (query block, batch * query head) accumulates dQ, and first
 stores its rows' delta = rowsum(dO * O); then one program per (key block, batch * kv
 head) accumulates dK, dV over the query blocks of every query head of its group
-(deterministic, no atomics). On Hopper
-and newer, the forward can load its K/V tiles through TMA descriptors, where their layout
-allows and the autotuner finds it faster (long sequences).
+(deterministic, no atomics). On Hopper and newer, the forward can load its K/V tiles
+through TMA descriptors, where their layout allows and the autotuner finds it faster
+(long sequences).
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
 i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off
@@ -241,8 +241,8 @@ def _segment(part: tl.constexpr, lo, full_lo, full_hi, hi):
 def _split_range(lo, full_lo, full_hi, hi, s0, s1):
     """_key_range's bounds cut to the split [s0, s1) of the keys. s0 and s1 are multiples
     of BLOCK_N, so no key block crosses into a neighbouring split, and the three segments
-    keep their order and alignment: lo and full_hi stay multiples of BLOCK_N (or reach hi),
-    and the whole blocks stay within the whole blocks of the uncut range."""
+    keep their order and alignment: lo, full_lo and full_hi stay multiples of BLOCK_N (or
+    equal hi), and the whole blocks stay within the whole blocks of the uncut range."""
     hi = tl.minimum(hi, s1)
     lo = tl.minimum(tl.maximum(lo, s0), hi)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)

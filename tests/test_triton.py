@@ -65,24 +65,25 @@ def test_forward_over_key_ranges_matches_oracle(case, device, monkeypatch):
     the merged out and lse, as in test_matches_oracle."""
     from attnkit.backends import fused_triton as ft
 
-    monkeypatch.setattr(ft, "_kv_splits", lambda call: 3)
-    if not CUDA:
-        monkeypatch.setattr(ft, "_SPLIT_ALIGN", 16)  # the interpreter's key block
-    launched = []
-    merge = ft._merge_kernel
-    monkeypatch.setattr(ft, "_launch_jitted", _spy(ft._launch_jitted, launched))
+    _force_key_ranges(monkeypatch, 3)
+    launched, launch = [], ft._launch_jitted
+    monkeypatch.setattr(ft, "_launch_jitted", lambda jitted, *args: launched.append(jitted)
+                        or launch(jitted, *args))
     result = check("triton", case, device)
     assert result.skipped is None, result.skipped
     assert result.passed, (result.out_err, result.lse_err, result.grad_err, result.errors)
     assert result.lse_err <= 1e-3
-    assert merge in launched  # the forward did run over several ranges
+    assert ft._merge_kernel in launched  # the forward did run over several ranges
 
 
-def _spy(fn, seen: list):
-    def spied(jitted, *args, **kwargs):
-        seen.append(jitted)
-        return fn(jitted, *args, **kwargs)
-    return spied
+def _force_key_ranges(monkeypatch, ranges: int) -> None:
+    """Every forward over `ranges` key ranges; on the CPU, ranges as short as the
+    interpreter's key block, so that the small shapes here split too."""
+    from attnkit.backends import fused_triton as ft
+
+    monkeypatch.setattr(ft, "_kv_splits", lambda call: ranges)
+    if not CUDA:
+        monkeypatch.setattr(ft, "_SPLIT_ALIGN", ft._INTERPRET_META["BLOCK_N"])
 
 
 def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
@@ -489,11 +490,7 @@ def test_eager_backward_gets_no_zero_filled_lse_gradient(monkeypatch, device):
 def test_dropout_matches_its_own_mask(device, ranges, monkeypatch):
     """With v = identity the output is the dropped, rescaled probability matrix itself;
     also with the forward run over two key ranges (each keeps its keys' dropout draws)."""
-    from attnkit.backends import fused_triton as ft
-
-    monkeypatch.setattr(ft, "_kv_splits", lambda call: ranges)
-    if not CUDA:
-        monkeypatch.setattr(ft, "_SPLIT_ALIGN", 16)  # the interpreter's key block
+    _force_key_ranges(monkeypatch, ranges)
     p_drop, b, hq, hkv, sq, skv, d = 0.3, 1, 2, 1, 17, 32 if not CUDA else 256, 16
     q = torch.randn(b, hq, sq, d).to(device, DTYPE).requires_grad_()
     k = torch.randn(b, hkv, skv, d).to(device, DTYPE).requires_grad_()

@@ -204,7 +204,7 @@ def _info(args: argparse.Namespace, argv: list[str] | None) -> int:
     from attnkit.backends import BACKENDS
     from attnkit.backends.sdpa import chosen_kernel
     from attnkit.bench import device_name, environment
-    from attnkit.functional import _AUTO_FALLBACK, AUTO_ORDER, AUTO_ORDER_PADDED
+    from attnkit.functional import AUTO_ORDER_PADDED, device_auto_order
 
     console = _console()
     device = _device(args.device)
@@ -235,10 +235,10 @@ def _info(args: argparse.Namespace, argv: list[str] | None) -> int:
                           for name in order)
 
     console.print(f"impl='auto' on {device.type} tries, in order: "
-                  + marked(AUTO_ORDER.get(device.type, _AUTO_FALLBACK)))
+                  + marked(device_auto_order(device.type)))
     if device.type in AUTO_ORDER_PADDED:
         console.print("  calls with key_lengths or a key-padding mask: "
-                      + marked(AUTO_ORDER_PADDED[device.type]))
+                      + marked(device_auto_order(device.type, padded=True)))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kernel = chosen_kernel(device, dtype)
     if kernel is not None:

@@ -8,7 +8,8 @@ from torch import Tensor
 from attnkit import backends
 from attnkit.call import AttentionCall, UnsupportedError, make_call
 
-__all__ = ["AUTO_ORDER", "AUTO_ORDER_PADDED", "attention", "auto_order", "available", "select"]
+__all__ = ["AUTO_ORDER", "AUTO_ORDER_PADDED", "attention", "auto_order", "available",
+           "device_auto_order", "select"]
 
 # impl="auto" takes the first backend in this list that supports the call, fastest first
 # as measured (benchmarks/results/h100-core-*): on an H100, plain SDPA (which itself runs
@@ -38,12 +39,17 @@ def hides_padded_keys(call: AttentionCall) -> bool:
         mask is not None and mask.shape[1] == 1 and mask.shape[2] == 1)
 
 
+def device_auto_order(device_type: str, padded: bool = False) -> tuple[str, ...]:
+    """The backends impl="auto" tries on a device type, in order; padded: for calls that
+    hide padded keys (the same order where the device has no order of its own for them)."""
+    if padded and device_type in AUTO_ORDER_PADDED:
+        return AUTO_ORDER_PADDED[device_type]
+    return AUTO_ORDER.get(device_type, _AUTO_FALLBACK)
+
+
 def auto_order(call: AttentionCall) -> tuple[str, ...]:
     """The backends impl="auto" tries for `call`, in order."""
-    device = call.device.type
-    if device in AUTO_ORDER_PADDED and hides_padded_keys(call):
-        return AUTO_ORDER_PADDED[device]
-    return AUTO_ORDER.get(device, _AUTO_FALLBACK)
+    return device_auto_order(call.device.type, hides_padded_keys(call))
 
 
 def attention(

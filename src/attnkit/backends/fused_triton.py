@@ -71,6 +71,7 @@ _FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128,
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
+_KEYS_BITS = 15  # SEQ_BUCKET = (query bucket << _KEYS_BITS) + key bucket (_work_out_meta)
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 # Configs taken out by head dim where the H100 sweep (benchmarks/triton_configs.py, NOTES
@@ -112,7 +113,7 @@ def _prune(configs, named_args, kernel: str | None = None, **kwargs):
         # triton_registers.py --dropout): with dropout the autotuner keeps every tile.
         if kernel is None or args.get("DROPOUT", False):
             return configs
-        keys = args["SEQ_BUCKET"] & (2**15 - 1)  # _meta packs (Sq, Skv) buckets
+        keys = args["SEQ_BUCKET"] & ((1 << _KEYS_BITS) - 1)
         losers = _SWEPT[kernel](head, bool(args["WINDOWED"]), keys)
         kept = [c for c in configs if _tiles(c) not in losers]
         return kept or configs
@@ -826,7 +827,8 @@ def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
     # and TMA win: NOTES, run 7), and per power of two of query rows in all (B * Hq *
     # Sq, 16k to 512k), which is how many programs there are to keep the GPU's
     # multiprocessors busy.
-    seq_bucket = (min(_pow2(call.seq_q), 2**14) << 15) + min(_pow2(call.seq_kv), 2**14)
+    seq_bucket = ((min(_pow2(call.seq_q), 2**14) << _KEYS_BITS)
+                  + min(_pow2(call.seq_kv), 2**14))
     rows = call.q.shape[0] * call.heads_q * call.seq_q
     rows_bucket = min(max(_pow2(rows), 2**14), 2**19)
     scalars = (left or 0, right or 0, call.scale * 1.4426950408889634, call.dropout_p,
@@ -1039,18 +1041,13 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
         raise ValueError("tma is chosen by the autotuner unless a tile config is given")
     if flags["TMA_OK"]:
         _ensure_allocator()
-    kv_split = -(-_cdiv(Skv, splits or _kv_splits(call)) // _SPLIT_ALIGN) * _SPLIT_ALIGN
-    splits = _cdiv(Skv, kv_split)
-    if config is not None and kv_split % config[1]:
-        splits = 1  # a key block wider than _SPLIT_ALIGN would straddle two ranges
+    splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call), config)
     flags["SPLIT"] = splits > 1
     written, written_lse, split_stride = out, lse, 0
     if splits > 1:  # partial results per key range, float32, merged below
         parts = q.new_empty((splits, B, Hq, Sq, Dv), dtype=torch.float32)
         written, split_stride = parts[0], parts.stride(0)
         written_lse = q.new_empty((splits, B * Hq * Sq), dtype=torch.float32)
-    else:
-        kv_split = 0  # not read: a constant keeps the launch's specialization one
 
     def grid(meta):
         return (_cdiv(Sq, meta["BLOCK_M"]), B * Hq, splits)
@@ -1082,6 +1079,17 @@ _MAX_SPLITS = 64
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _key_ranges(seq_kv: int, wanted: int, config: TileConfig | None) -> tuple[int, int]:
+    """(ranges, keys per range) for about `wanted` ranges of multiples of _SPLIT_ALIGN
+    keys; (1, 0) for the whole range at once (0: the kernel does not read it, and a
+    constant keeps the launch's specialization one)."""
+    size = _cdiv(_cdiv(seq_kv, wanted), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    ranges = _cdiv(seq_kv, size)
+    if ranges == 1 or (config is not None and size % config[1]):
+        return 1, 0  # (a key block wider than _SPLIT_ALIGN would straddle two ranges)
+    return ranges, size
 
 
 def _kv_splits(call: AttentionCall) -> int:

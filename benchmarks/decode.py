@@ -7,7 +7,10 @@ them, so its yardstick is bandwidth (DESIGN.md): bytes of K and V read per secon
 a measured device-to-device copy. `triton` runs the forward over several key ranges at
 once when the query rows alone leave the GPU's multiprocessors idle (`_kv_splits`); the
 `triton, one range` column forces the single-range forward, so the two columns show what
-the split buys. Each output is checked against `sdpa` on the same inputs first.
+the split buys. With grouped heads, one program's tile holds the query rows of a kv
+group's heads (`_packs_group`), so K and V are loaded once per group; `triton, heads
+apart` forces a program per query head, which loads them once per query head. Each
+output is checked against `sdpa` on the same inputs first.
 Writes DIR/decode.json.
 """
 
@@ -48,12 +51,15 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
     runs = {
         "triton": lambda: attention(q, k, v, causal=True, impl="triton"),
         "triton, one range": lambda: ft._forward(call, 0, splits=1)[0],
+        "triton, heads apart": lambda: ft._forward(call, 0, packed=False)[0],
         "sdpa": lambda: attention(q, k, v, causal=True, impl="sdpa"),
         "flex": lambda: attention(q, k, v, causal=True, impl="flex"),
     }
     want = runs["sdpa"]()
     kv_bytes = 2 * k.numel() * k.element_size()
-    row = {"shape": list(shape), "kv_bytes": kv_bytes, "splits": ft._kv_splits(call),
+    packed = ft._packs_group(call)
+    row = {"shape": list(shape), "kv_bytes": kv_bytes, "packed": packed,
+           "splits": ft._kv_splits(call, packed),
            "ms": {}, "rel_err_vs_sdpa": {}}
     for name, fn in runs.items():
         try:

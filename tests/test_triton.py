@@ -81,7 +81,7 @@ def _force_key_ranges(monkeypatch, ranges: int) -> None:
     interpreter's key block, so that the small shapes here split too."""
     from attnkit.backends import fused_triton as ft
 
-    monkeypatch.setattr(ft, "_kv_splits", lambda call: ranges)
+    monkeypatch.setattr(ft, "_kv_splits", lambda call, packed: ranges)
     if not CUDA:
         monkeypatch.setattr(ft, "_SPLIT_ALIGN", ft._INTERPRET_META["BLOCK_N"])
 
@@ -93,9 +93,12 @@ def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
 
     monkeypatch.setattr(ft, "_multiprocessors", lambda device: 132)
 
-    def splits(batch, heads, seq_q, seq_kv, device="cuda"):
-        return ft._kv_splits(SimpleNamespace(device=torch.device(device), batch=batch,
-                                             heads_q=heads, seq_q=seq_q, seq_kv=seq_kv))
+    def splits(batch, heads, seq_q, seq_kv, heads_kv=None, device="cuda"):
+        heads_kv = heads_kv or heads
+        call = SimpleNamespace(device=torch.device(device), batch=batch, heads_q=heads,
+                               heads_kv=heads_kv, group=heads // heads_kv, seq_q=seq_q,
+                               seq_kv=seq_kv)
+        return ft._kv_splits(call, ft._packs_group(call))
 
     assert splits(1, 32, 1, 16384) == 9  # 32 programs: 9 ranges make 288, two per SM
     assert splits(1, 32, 1, 4096) == 4  # at least _SPLIT_KEYS keys per range
@@ -103,6 +106,10 @@ def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
     assert splits(8, 32, 1, 16384) == 1  # 256 programs already
     assert splits(1, 1, 1, 2**20) == ft._MAX_SPLITS
     assert splits(1, 32, 1, 16384, device="cpu") == 1
+    # A group's query heads share one program (packed rows): 8 programs for 32 heads.
+    assert splits(1, 32, 1, 16384, heads_kv=8) == 16  # capped by _SPLIT_KEYS
+    assert splits(8, 32, 1, 16384, heads_kv=8) == 5  # 64 programs
+    assert splits(1, 32, 64, 16384, heads_kv=8) == 9  # 64 query rows: a tile per head
 
 
 def test_default_matrix(device):
@@ -625,12 +632,15 @@ def test_large_shapes_on_gpu(causal, head_dim):
                 causal=causal, key_lengths=True, dtype=torch.bfloat16)
     result = check("triton", case, "cuda")
     assert result.skipped is None and result.passed, result
-    # decoding: 4 query rows against 9000 cached keys take the key ranges unforced
-    decode = replace(case, seq_q=4, seq_kv=9000)
+    # decoding: 4 query rows against 9000 cached keys take the key ranges unforced, with
+    # a kv group's query heads packed into one tile, and (MHA) without
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
-    q, k, v, kwargs = decode.make_inputs("cuda", torch.Generator().manual_seed(3))
-    assert ft._kv_splits(make_call(q, k, v, **kwargs)) > 1
-    result = check("triton", decode, "cuda")
-    assert result.skipped is None and result.passed, result
+    for heads_kv, packed in ((2, True), (8, False)):
+        decode = replace(case, seq_q=4, seq_kv=9000, heads_kv=heads_kv)
+        q, k, v, kwargs = decode.make_inputs("cuda", torch.Generator().manual_seed(3))
+        call = make_call(q, k, v, **kwargs)
+        assert ft._packs_group(call) == packed and ft._kv_splits(call, packed) > 1
+        result = check("triton", decode, "cuda")
+        assert result.skipped is None and result.passed, (decode.name, result)

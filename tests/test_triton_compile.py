@@ -4,9 +4,9 @@ Triton's CPU interpreter runs the kernels' Python, which lets through what the c
 rejects (pointer/int arithmetic, constexpr misuse, tuple returns). Triton's own frontend
 and the ptxas it bundles need no GPU, so each kernel is compiled here for a few flag sets
 that cover the code paths: head dims 64/80/128/256, window sides, key lengths, additive
-and bool masks, dropout, grouped heads. The compile runs in a child process, because the
-test session has TRITON_INTERPRET=1 set, and with it triton.jit builds interpreted
-functions.
+and bool masks, dropout, grouped heads, key ranges, a kv group's heads packed in one
+tile. The compile runs in a child process, because the test session has
+TRITON_INTERPRET=1 set, and with it triton.jit builds interpreted functions.
 """
 
 import os
@@ -60,7 +60,8 @@ def _compile_all() -> int:
                      GROUPED=lengths,  # dK/dV's loop over a kv group's heads: on lengths
                      TMA_OK=not lengths,
                      TMA=not lengths,  # the forward's TMA loads: both values compiled
-                     SPLIT=dropout)  # the forward over key ranges: with dropout's sets
+                     SPLIT=dropout,  # the forward over key ranges: with dropout's sets
+                     PACKED=mask_kind != 0)  # a kv group's heads in one tile: with masks
         wide = d > 128  # _prune's small tiles for wide heads
         tiles = ((ft._fwd_kernel, ft._FWD_CONFIGS), (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
                  (ft._bwd_dq_kernel, ft._DQ_CONFIGS))

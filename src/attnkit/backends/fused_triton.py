@@ -3,7 +3,10 @@
 Forward: one program per (query block, batch * query head) walks the key blocks it can
 see with an online softmax, so nothing of size Sq x Skv is ever stored. A call with too
 few query rows to occupy the GPU (decoding against a cache) splits the keys into ranges,
-each with its own programs, and merges their partial out and lse (`_kv_splits`).
+each with its own programs, and merges their partial out and lse (`_kv_splits`). With
+fewer query rows than a tile holds and grouped heads, one program takes the rows of
+every query head of a kv group instead, so that each K/V tile is loaded once for the
+group (`_packs_group`).
 Backward: one program per (query block, batch * query head) accumulates dQ, and first
 stores its rows' delta = rowsum(dO * O); then one program per (key block, batch * kv
 head) accumulates dK, dV over the query blocks of every query head of its group
@@ -356,7 +359,7 @@ def _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_
 # Forward
 # ---------------------------------------------------------------------------------------
 @_jit
-def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
+def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
                 start, end, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
                 seed, bh, drop_p,
@@ -366,7 +369,8 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_
                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
                 NEG_SCALE: tl.constexpr, TMA: tl.constexpr):
     """Fold key blocks [start, end) into the running (acc, m_i, l_i); MASKED = index checks.
-    k_src, v_src: from _kv_sources."""
+    k_src, v_src: from _kv_sources; qi: each row's query index; mask_base and bh: scalars,
+    or (BLOCK_M, 1) when the rows belong to several heads (PACKED)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn,
@@ -374,7 +378,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_
                          BLOCK_DV, MASKED, TMA)
         qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), raw scores
         if MASKED or MASK_KIND != 0:
-            s = _hide(qk * qk_scale, mask_base, offs_m[:, None], offs_n[None, :], kv_len,
+            s = _hide(qk * qk_scale, mask_base, qi[:, None], offs_n[None, :], kv_len,
                       off, left, right, stride_mm, stride_mn, Sq, Skv,
                       MASKED, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS)  # log2 units
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -395,14 +399,14 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Sq, Skv, drop_p)
+            keep = _dropout_keep(seed, bh, qi[:, None], offs_n[None, :], Sq, Skv, drop_p)
             p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, m_i, l_i
 
 
-@_tuned("fwd", _FWD_CONFIGS, _TUNE_KEY + ["TMA_OK", "SPLIT"], _FWD_TMA_CONFIGS)
+@_tuned("fwd", _FWD_CONFIGS, _TUNE_KEY + ["TMA_OK", "SPLIT", "PACKED"], _FWD_TMA_CONFIGS)
 @_kernel
 def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 stride_qb, stride_qh, stride_qm, stride_qd,
@@ -417,47 +421,67 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
                 DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr, TMA_OK: tl.constexpr,
-                SPLIT: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                SPLIT: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """SPLIT: program_id(2) takes keys [pid * kv_split, (pid + 1) * kv_split) alone and
     writes its partial out (float32) and lse at Out + pid * stride_os and LSE + pid * B *
-    Hq * Sq, for _merge_kernel to combine."""
+    Hq * Sq, for _merge_kernel to combine. PACKED: program_id(1) is (batch, kv head), and
+    a tile's rows run over the group's query heads and their Sq queries, head-major, so
+    that K/V tiles are loaded once for the whole group (calls with few query rows)."""
     tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # later query blocks see more keys: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    kvh = h // group  # grouped heads read their shared K/V head in place
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the program's rows of (b, h), or (b, kvh)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if PACKED:
+        heads_kv = Hq // group
+        b = (bh // heads_kv).to(tl.int64)
+        kvh = (bh % heads_kv).to(tl.int64)
+        row_span = group * Sq  # rows per program_id(1), and per (b, kvh) in LSE
+        row_ok = rows < row_span
+        # Rows past the group's last are clamped to it, so that every address they form
+        # (Q, the mask) stays inside its tensor; they are never stored.
+        row = tl.minimum(rows, row_span - 1)
+        qi = row % Sq
+        h = kvh * group + (row // Sq)[:, None]  # (BLOCK_M, 1): each row's query head
+        m0 = tl.min(qi, 0)
+        m_last = tl.max(qi, 0)
+    else:
+        b = (bh // Hq).to(tl.int64)
+        h = (bh % Hq).to(tl.int64)
+        kvh = h // group  # grouped heads read their shared K/V head in place
+        row_span = Sq
+        row_ok = rows < Sq
+        qi = rows
+        m0 = pid_m * BLOCK_M
+        m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
     off = Skv - Sq
     kv_len = Skv
     if HAS_LENGTHS:
         kv_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), Skv)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm \
+    q_ptrs = Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qm \
         + offs_d[None, :] * stride_qd
-    q = _load_tile(q_ptrs, offs_m[:, None] < Sq, offs_d[None, :] < HEAD_D, True,
+    q = _load_tile(q_ptrs, row_ok[:, None], offs_d[None, :] < HEAD_D, not PACKED,
                    HEAD_D != BLOCK_D)
     k_src, v_src = _kv_sources(K, V, b, kvh, stride_kb, stride_kh, stride_kn, stride_vb,
                                stride_vh, stride_vn, Skv, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D,
                                BLOCK_DV, TMA)
     mask_base = MASK + b * stride_mb + h * stride_mh
+    bh_q = b * Hq + h  # (batch, query head), which the dropout stream is keyed on
 
-    m0 = pid_m * BLOCK_M
-    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
     lo, full_lo, full_hi, hi = _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
-    lse_base = LSE + bh.to(tl.int64) * Sq
+    lse_base = LSE + bh.to(tl.int64) * row_span
     if SPLIT:
         split = tl.program_id(2)
         lo, full_lo, full_hi, hi = _split_range(lo, full_lo, full_hi, hi, split * kv_split,
                                                 (split + 1) * kv_split)
         Out += split.to(tl.int64) * stride_os
-        lse_base += split.to(tl.int64) * tl.num_programs(1) * Sq
+        lse_base += split.to(tl.int64) * tl.num_programs(1) * row_span
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -466,9 +490,9 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     for part in tl.static_range(3):
         start, end = _segment(part, lo, full_lo, full_hi, hi)
         acc, m_i, l_i = _fwd_blocks(
-            acc, m_i, l_i, q, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
+            acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
             start, end, stride_kn, stride_kd, stride_vn, stride_vd,
-            stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh,
+            stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh_q,
             drop_p, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
             HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA)
 
@@ -479,11 +503,11 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
         out = out / (1.0 - drop_p)
     lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i)))
                    * 0.6931471805599453)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om \
+    o_ptrs = Out + b * stride_ob + h * stride_oh + qi[:, None] * stride_om \
         + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty),
-             mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DV))
-    tl.store(lse_base + offs_m, lse, mask=offs_m < Sq)
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    tl.store(lse_base + rows, lse, mask=row_ok)
 
 
 @_jit
@@ -1022,11 +1046,13 @@ def _ensure_allocator() -> None:
 
 
 def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
-             tma: bool | None = None, splits: int | None = None) -> tuple[Tensor, Tensor]:
+             tma: bool | None = None, splits: int | None = None,
+             packed: bool | None = None) -> tuple[Tensor, Tensor]:
     """out, lse. The autotuner decides whether K and V tiles load through TMA (where
     _tma_ready); with a tile config given, tma decides (None: wherever _tma_ready).
     splits: how many key ranges the forward runs apart and then merges (None: _kv_splits;
-    the count is rounded so that each range is a multiple of _SPLIT_ALIGN keys)."""
+    the count is rounded so that each range is a multiple of _SPLIT_ALIGN keys).
+    packed: whether a kv group's query heads share a tile (None: _packs_group)."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     Skv, Dv = call.seq_kv, call.head_dim_v
@@ -1041,7 +1067,9 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
         raise ValueError("tma is chosen by the autotuner unless a tile config is given")
     if flags["TMA_OK"]:
         _ensure_allocator()
-    splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call), config)
+    flags["PACKED"] = packed = _packs_group(call) if packed is None else packed
+    row_programs = B * call.heads_kv if packed else B * Hq
+    splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call, packed), config)
     flags["SPLIT"] = splits > 1
     written, written_lse, split_stride = out, lse, 0
     if splits > 1:  # partial results per key range, float32, merged below
@@ -1050,7 +1078,8 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
         written_lse = q.new_empty((splits, B * Hq * Sq), dtype=torch.float32)
 
     def grid(meta):
-        return (_cdiv(Sq, meta["BLOCK_M"]), B * Hq, splits)
+        return (_cdiv(Sq * call.group if packed else Sq, meta["BLOCK_M"]), row_programs,
+                splits)
 
     _launch(_fwd_kernel, grid, (
         q, k, v, written, written_lse, mask, lengths,
@@ -1058,7 +1087,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
         Hq, call.group, Sq, Skv, left, right, qk_scale, seed, drop_p,
         kv_split, split_stride, *buckets,
     ), flags, (*_tune_key(flags, buckets, q, mask, lengths), flags["TMA_OK"],
-               flags["SPLIT"]), config)
+               flags["SPLIT"], packed), config)
     if splits > 1:
         _launch_jitted(_merge_kernel, lambda meta: (B * Hq * Sq,), (
             parts, written_lse, out, lse, splits, Hq, Sq, *out.stride(),
@@ -1072,6 +1101,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 # programs. Each range is a multiple of _SPLIT_ALIGN keys (of every BLOCK_N, so that no
 # key block straddles two ranges) and at least _SPLIT_KEYS long.
 _SPLIT_ALIGN = 128  # the widest BLOCK_N
+_MIN_BLOCK_M = 64  # the smallest BLOCK_M on a GPU
 _SPLIT_KEYS = 1024
 _MAX_SPLITS = 64
 
@@ -1092,12 +1122,22 @@ def _key_ranges(seq_kv: int, wanted: int, config: TileConfig | None) -> tuple[in
     return ranges, size
 
 
-def _kv_splits(call: AttentionCall) -> int:
+def _packs_group(call: AttentionCall) -> bool:
+    """Whether the forward packs a kv group's query heads into the rows of one tile: with
+    fewer query rows than the smallest tile (decoding), a tile per query head would
+    leave most of its rows empty and load the group's K/V once per query head."""
+    return call.group > 1 and call.seq_q < _MIN_BLOCK_M
+
+
+def _kv_splits(call: AttentionCall, packed: bool) -> int:
     """How many key ranges to run apart: enough programs for two per multiprocessor when
-    the query rows alone give fewer than one each; 1 otherwise, and on the CPU."""
+    the query rows alone give fewer than one each; 1 otherwise, and on the CPU. packed:
+    the rows are a kv group's (_packs_group)."""
     if call.device.type != "cuda":
         return 1
-    programs = call.batch * call.heads_q * _cdiv(call.seq_q, 64)  # 64: the smallest BLOCK_M
+    heads, rows = ((call.heads_kv, call.group * call.seq_q) if packed
+                   else (call.heads_q, call.seq_q))
+    programs = call.batch * heads * _cdiv(rows, _MIN_BLOCK_M)
     sms = _multiprocessors(call.device)
     if programs >= sms:
         return 1

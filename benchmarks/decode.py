@@ -7,11 +7,15 @@ them, so its yardstick is bandwidth (DESIGN.md): bytes of K and V read per secon
 a measured device-to-device copy. `triton` runs the forward over several key ranges at
 once when the query rows alone leave the GPU's multiprocessors idle (`_kv_splits`); the
 `triton, one range` column forces the single-range forward, so the two columns show what
-the split buys. With grouped heads, one program's tile holds the query rows of a kv
+the split buys, and `triton kernels` the default choices, all three launched without
+attention()'s host work. With grouped heads, one program's tile holds the query rows of a kv
 group's heads (`_packs_group`), so K and V are loaded once per group; `triton, heads
 apart` forces a program per query head, which loads them once per query head. Each
-output is checked against `sdpa` on the same inputs first.
-Writes DIR/decode.json.
+output is checked against `sdpa` on the same inputs first. Each is timed twice: by
+do_bench, which includes host time (a decoding step of a few microseconds of GPU work is
+host-bound), and replayed from a CUDA graph, which is GPU time alone.
+Writes DIR/decode.json ({"meta": versions and device, "results": one row per step}),
+which benchmarks/make_tables.py turns into a table.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from attnkit import attention
 from attnkit.backends import fused_triton as ft
+from attnkit.bench import environment
 from attnkit.call import make_call
 from attnkit.verify import rel_err
 
@@ -50,6 +56,7 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
     call = make_call(q, k, v, causal=True)
     runs = {
         "triton": lambda: attention(q, k, v, causal=True, impl="triton"),
+        "triton kernels": lambda: ft._forward(call, 0)[0],
         "triton, one range": lambda: ft._forward(call, 0, splits=1)[0],
         "triton, heads apart": lambda: ft._forward(call, 0, packed=False)[0],
         "sdpa": lambda: attention(q, k, v, causal=True, impl="sdpa"),
@@ -60,7 +67,7 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
     packed = ft._packs_group(call)
     row = {"shape": list(shape), "kv_bytes": kv_bytes, "packed": packed,
            "splits": ft._kv_splits(call, packed),
-           "ms": {}, "rel_err_vs_sdpa": {}}
+           "ms": {}, "graph_ms": {}, "rel_err_vs_sdpa": {}}
     for name, fn in runs.items():
         try:
             with torch.no_grad():
@@ -69,11 +76,21 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
         except Exception as exc:  # flex's compile, say: the row goes on
             print(f"  {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
             row["ms"][name] = None
-    cells = [f"{name} {ms * 1e3:.0f} us ({kv_bytes / (ms * 1e-3) / bandwidth:.0%}, "
-             f"err {row['rel_err_vs_sdpa'][name]:.1e})"
+            continue
+        try:  # GPU time alone: a step this short can take less than its host time
+            with torch.no_grad():
+                row["graph_ms"][name] = float(do_bench_cudagraph(fn, return_mode="median"))
+        except Exception as exc:
+            print(f"  {name} in a CUDA graph: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:100]}")
+    def rate(ms: float | None) -> str:
+        return "-" if ms is None else f"{ms * 1e3:.0f} us {kv_bytes / (ms * 1e-3) / bandwidth:.0%}"
+
+    cells = [f"{name} {rate(ms)} | graph {rate(row['graph_ms'].get(name))} "
+             f"(err {row['rel_err_vs_sdpa'][name]:.1e})"
              for name, ms in row["ms"].items() if ms is not None]
-    print(f"b{b} h{hq}/{hkv} q{sq} kv{skv} d{d}, {row['splits']} ranges: " + ", ".join(cells),
-          flush=True)
+    print(f"b{b} h{hq}/{hkv} q{sq} kv{skv} d{d}, {row['splits']} ranges"
+          f"{', packed' if packed else ''}:\n  " + "\n  ".join(cells), flush=True)
     return row
 
 
@@ -83,13 +100,16 @@ def main() -> None:
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s ({torch.cuda.get_device_name()}); "
-          f"in brackets: K and V bytes read per second as a share of it")
+          f"after each time: K and V bytes read per second as a share of it; first by "
+          f"do_bench (host time included), then replayed in a CUDA graph (GPU time only)")
     rows = [measure(shape, bandwidth) for shape in SHAPES]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        meta = {**environment(torch.device("cuda")), "kind": "decode",
+                "command": " ".join(["python", "benchmarks/decode.py", *sys.argv[1:]]),
+                "copy_bytes_per_s": bandwidth}
         with open(os.path.join(args.out, "decode.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "copy_bytes_per_s": bandwidth, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Markdown tables from the result sets under benchmarks/results/.
 
 Each result set is a folder written by `attnkit bench --out DIR` (results.json, chart.png)
-or `attnkit verify --out DIR` (verify.json); loose *.json files of either kind directly in
-the results folder count too. This script writes benchmarks/results/README.md and rewrites
-the block between `<!-- results:start -->` and `<!-- results:end -->` in the top-level
-README.md, so that the tables there are always generated from committed data:
+or `attnkit verify --out DIR` (verify.json), or a decode.json of `benchmarks/decode.py`;
+loose *.json files of these kinds directly in the results folder count too. This script
+writes benchmarks/results/README.md and rewrites the block between
+`<!-- results:start -->` and `<!-- results:end -->` in the top-level README.md, so that
+the tables there are always generated from committed data:
 
     python benchmarks/make_tables.py            # rewrite both
     python benchmarks/make_tables.py --check    # exit 1 if either is out of date (CI)
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-_PRESET_ORDER = {"verify": 0, "notebook": 1, "bert": 2, "core": 3}
+_PRESET_ORDER = {"verify": 0, "notebook": 1, "bert": 2, "core": 3, "decode": 4}
 
 
 def load_sets(results_dir: Path) -> list[dict]:
@@ -37,12 +38,14 @@ def load_sets(results_dir: Path) -> list[dict]:
             continue
         if not isinstance(data, dict) or "meta" not in data or "results" not in data:
             continue
-        kind = "verify" if path.name == "verify.json" or "preset" not in data["meta"] else "bench"
+        meta = data["meta"]
+        kind = ("decode" if meta.get("kind") == "decode" else "verify"
+                if path.name == "verify.json" or "preset" not in meta else "bench")
         sets.append({"kind": kind, "path": path, **data})
 
     def order(s: dict) -> tuple:
         meta = s["meta"]
-        preset = "verify" if s["kind"] == "verify" else meta.get("preset", "")
+        preset = s["kind"] if s["kind"] != "bench" else meta.get("preset", "")
         return (meta.get("device") != "cuda", meta.get("device_name", ""),
                 _PRESET_ORDER.get(preset, 9), meta.get("dtype", ""), str(s["path"]))
 
@@ -254,6 +257,50 @@ def verify_section(s: dict, heading: str = "####") -> list[str]:
     return out
 
 
+_DECODE_FORCED = {"triton kernels": "its own choices",
+                  "triton, one range": "the keys in one range",
+                  "triton, heads apart": "a program per query head"}
+
+
+def decode_section(s: dict, heading: str = "####") -> list[str]:
+    """Markdown for one decode set (benchmarks/decode.py): time per step and the K/V bytes
+    read per second as a share of a device copy's, per implementation."""
+    meta, rows = s["meta"], s["results"]
+    impls = list(dict.fromkeys(name for r in rows for name in r["ms"]))
+    graphed = any(r.get("graph_ms") for r in rows)
+    forced = [f"`{name}` ({what})" for name, what in _DECODE_FORCED.items() if name in impls]
+    out = [f"{heading} decode · bfloat16 · {meta.get('device_name')}", "",
+           _provenance(meta), "",
+           "One causal decoding step: µs per step and, in brackets, K and V bytes read per "
+           "second as a share of a device-to-device copy "
+           f"({meta['copy_bytes_per_s'] / 1e9:.0f} GB/s). "
+           + ("GPU time alone: each step replayed from a CUDA graph (do_bench's times, host "
+              "included, are in the JSON: a step this short is host-bound). "
+              if graphed else "Times by do_bench, host time included. ")
+           + ("These call the forward directly: " + ", ".join(forced) + "."
+              if forced else ""), ""]
+    if meta.get("note"):
+        out += [f"- {meta['note']}", ""]
+    table = []
+    for r in rows:
+        b, hq, hkv, sq, skv, d = r["shape"]
+        times = r.get("graph_ms") if graphed else r["ms"]
+        cells = []
+        for name in impls:
+            ms = times.get(name) if times else None
+            share = None if ms is None else r["kv_bytes"] / (ms * 1e-3) / meta["copy_bytes_per_s"]
+            cells.append("–" if ms is None else f"{ms * 1e3:.0f} ({share:.0%})")
+        layout = f"{r['splits']}" + (", packed" if r.get("packed") else "")
+        table.append([f"b{b} h{hq}/{hkv} q{sq} kv{skv} d{d}", layout, *cells])
+    out += _table(["step", "key ranges", *(f"`{name}`" for name in impls)], table) + [""]
+    return out
+
+
+_SECTIONS = {"verify": lambda s, link_base, sub: verify_section(s, sub),
+             "decode": lambda s, link_base, sub: decode_section(s, sub),
+             "bench": bench_section}
+
+
 def render(sets: list[dict], link_base: str, heading: str = "###") -> str:
     """All result sets as Markdown, grouped by device."""
     if not sets:
@@ -266,8 +313,7 @@ def render(sets: list[dict], link_base: str, heading: str = "###") -> str:
             device = name
             out += [f"{heading} {name}", ""]
         sub = heading + "#"
-        out += (verify_section(s, sub) if s["kind"] == "verify"
-                else bench_section(s, link_base, sub))
+        out += _SECTIONS[s["kind"]](s, link_base, sub)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -102,6 +102,26 @@ def test_verify_cut_off_keeps_the_checks_it_finished(monkeypatch, capsys, tmp_pa
     assert f"Cut off: 3 of {data['meta']['checks_total']} checks" in section
 
 
+def test_make_tables_renders_decode_sets(tmp_path):
+    """benchmarks/decode.py's JSON: found among the sets, one row per step, GPU (graph)
+    times where recorded and do_bench's otherwise, shares of the copy bandwidth."""
+    row = {"shape": [1, 32, 8, 1, 16384, 128], "kv_bytes": 2 * 8 * 16384 * 128 * 2,
+           "packed": True, "splits": 16, "ms": {"triton": 0.133, "flex": 0.303},
+           "graph_ms": {"triton": 0.029, "flex": 0.034}}
+    meta = {"kind": "decode", "device": "cuda", "device_name": "GPU",
+            "copy_bytes_per_s": 3.0e12}
+    (tmp_path / "decode.json").write_text(json.dumps({"meta": meta, "results": [row]}))
+    tables = _make_tables()
+    [found] = tables.load_sets(tmp_path)
+    assert found["kind"] == "decode"
+    text = tables.render([found], ".")
+    assert "| b1 h32/8 q1 kv16384 d128 | 16, packed | 29 (77%) | 34 (66%) |" in text
+    assert "GPU time alone" in text and "call the forward directly" not in text
+    del row["graph_ms"]
+    text = tables.render([{**found, "results": [row]}], ".")
+    assert "| 133 (17%) | 303 (7%) |" in text and "host time included" in text
+
+
 def test_make_tables_says_what_auto_ran_and_how_far_rounds_disagreed(tmp_path):
     def row(impl, config, fwd, spread=None, picked=None):
         return {"impl": impl, "config": config, "status": "ok", "fwd_ms": fwd,

@@ -558,6 +558,30 @@ def test_eager_calls_skip_the_op_dispatcher(device, monkeypatch):
     assert all(g is not None for g in _grads(out, (q, k, v)))
 
 
+@pytest.mark.parametrize("no_grad", [True, False])
+def test_calls_with_nothing_to_differentiate_skip_autograd(no_grad, device, monkeypatch):
+    """Under no_grad, or with no input that requires grad, the forward runs without the
+    autograd.Function (its host time bought nothing there); the results are the same."""
+    from attnkit.backends import fused_triton
+
+    q, k, v, kwargs = replace(SMALL, causal=True, mask="bool").make_inputs(device)
+    want = attention(q, k, v, impl="triton", return_lse=True, **kwargs)
+    assert want[0].grad_fn is not None  # these inputs require grad: the Function ran
+
+    def no_function(*args):
+        raise AssertionError("the autograd.Function ran with nothing to differentiate")
+
+    monkeypatch.setattr(fused_triton._EagerAttention, "apply", no_function)
+    if no_grad:
+        with torch.no_grad():
+            got = attention(q, k, v, impl="triton", return_lse=True, **kwargs)
+    else:
+        q, k, v = (t.detach() for t in (q, k, v))
+        got = attention(q, k, v, impl="triton", return_lse=True, **kwargs)
+    assert got[0].grad_fn is None
+    assert torch.equal(got[0], want[0].detach()) and torch.equal(got[1], want[1])
+
+
 def _grads(out, inputs):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
     return torch.autograd.grad(out, inputs, grad_out.to(out))

@@ -1248,7 +1248,8 @@ _attention_fwd.register_autograd(_attention_backward, setup_context=_setup_conte
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The same kernels as the custom ops, for eager calls, without the op dispatcher.
+    """The same kernels as the custom ops, for eager calls that need gradients, without
+    the op dispatcher (eager calls with nothing to differentiate call _forward alone).
 
     At small sizes the GPU waits on host time, and a custom op with autograd costs about
     three times an autograd.Function per call (CPU machine, torch 2.13: 51 against 16 us
@@ -1316,8 +1317,13 @@ def run(call: AttentionCall) -> Result:
     # Dropout's Philox seed comes from torch's generator, so torch.manual_seed repeats it.
     seed = torch.randint(0, 2**31 - 1, ()) if call.dropout_p else None
     if not torch.compiler.is_compiling():
-        return _EagerAttention.apply(call.q, call.k, call.v, call,
-                                     0 if seed is None else int(seed))
+        seed = 0 if seed is None else int(seed)
+        if not (torch.is_grad_enabled()
+                and (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad)):
+            # Nothing to differentiate (inference, decoding): an autograd.Function would
+            # only add its own host time, ~20 us a call (benchmarks/host_stub.py).
+            return _forward(call, seed)
+        return _EagerAttention.apply(call.q, call.k, call.v, call, seed)
     left, right = call.window or (None, None)
     return _attention_fwd(
         call.q, call.k, call.v, call.key_lengths, call.attn_mask, call.causal,

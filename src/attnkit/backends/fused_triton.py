@@ -1321,7 +1321,8 @@ def run(call: AttentionCall) -> Result:
         if not (torch.is_grad_enabled()
                 and (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad)):
             # Nothing to differentiate (inference, decoding): an autograd.Function would
-            # only add its own host time, ~20 us a call (benchmarks/host_stub.py).
+            # only add its own host time: 11-18 us a call on the CPU machine (launches
+            # stubbed as in benchmarks/host_stub.py, the two paths timed in turns).
             return _forward(call, seed)
         return _EagerAttention.apply(call.q, call.k, call.v, call, seed)
     left, right = call.window or (None, None)

@@ -61,7 +61,7 @@ def _compile_all() -> int:
                      TMA_OK=not lengths,
                      TMA=not lengths,  # the forward's TMA loads: both values compiled
                      SPLIT=dropout,  # the forward over key ranges: with dropout's sets
-                     PACKED=mask_kind != 0)  # a kv group's heads in one tile: with masks
+                     PACKED=mask_kind != 1)  # a kv group's heads in a tile: with TMA, bool mask
         wide = d > 128  # _prune's small tiles for wide heads
         tiles = ((ft._fwd_kernel, ft._FWD_CONFIGS), (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
                  (ft._bwd_dq_kernel, ft._DQ_CONFIGS))

@@ -83,6 +83,7 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
         except Exception as exc:
             print(f"  {name} in a CUDA graph: {type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:100]}")
+
     def rate(ms: float | None) -> str:
         return "-" if ms is None else f"{ms * 1e3:.0f} us {kv_bytes / (ms * 1e-3) / bandwidth:.0%}"
 

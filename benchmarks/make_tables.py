@@ -288,8 +288,11 @@ def decode_section(s: dict, heading: str = "####") -> list[str]:
         cells = []
         for name in impls:
             ms = times.get(name) if times else None
-            share = None if ms is None else r["kv_bytes"] / (ms * 1e-3) / meta["copy_bytes_per_s"]
-            cells.append("–" if ms is None else f"{ms * 1e3:.0f} ({share:.0%})")
+            if ms is None:
+                cells.append("–")
+                continue
+            share = r["kv_bytes"] / (ms * 1e-3) / meta["copy_bytes_per_s"]
+            cells.append(f"{ms * 1e3:.0f} ({share:.0%})")
         layout = f"{r['splits']}" + (", packed" if r.get("packed") else "")
         table.append([f"b{b} h{hq}/{hkv} q{sq} kv{skv} d{d}", layout, *cells])
     out += _table(["step", "key ranges", *(f"`{name}`" for name in impls)], table) + [""]

@@ -282,7 +282,7 @@ def test_prune_keeps_the_swept_winners_for_128_wide_heads():
         made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w,
                               num_stages=s) for m, n, w, s in configs]
         args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": windowed, "TMA_OK": True,
-                "SEQ_BUCKET": (keys << 15) + keys, "DROPOUT": dropout}
+                "SEQ_BUCKET": (keys << ft._KEYS_BITS) + keys, "DROPOUT": dropout}
         return [ft._tiles(c) for c in ft._prune(made, args, kernel=kernel)]
 
     assert offered("dq", ft._DQ_CONFIGS, 128, False) == [(128, 64, 8, 3)]

@@ -1068,7 +1068,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     if flags["TMA_OK"]:
         _ensure_allocator()
     flags["PACKED"] = packed = _packs_group(call) if packed is None else packed
-    row_programs = B * call.heads_kv if packed else B * Hq
+    row_groups, rows = _query_rows(call, packed)
     splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call, packed), config)
     flags["SPLIT"] = splits > 1
     written, written_lse, split_stride = out, lse, 0
@@ -1078,8 +1078,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
         written_lse = q.new_empty((splits, B * Hq * Sq), dtype=torch.float32)
 
     def grid(meta):
-        return (_cdiv(Sq * call.group if packed else Sq, meta["BLOCK_M"]), row_programs,
-                splits)
+        return (_cdiv(rows, meta["BLOCK_M"]), row_groups, splits)
 
     _launch(_fwd_kernel, grid, (
         q, k, v, written, written_lse, mask, lengths,
@@ -1129,15 +1128,23 @@ def _packs_group(call: AttentionCall) -> bool:
     return call.group > 1 and call.seq_q < _MIN_BLOCK_M
 
 
+def _query_rows(call: AttentionCall, packed: bool) -> tuple[int, int]:
+    """(row groups, rows in each) of the forward: its grid's axis 1 runs over the groups,
+    (batch, query head), or (batch, kv head) when packed (_packs_group), and axis 0 over
+    tiles of each group's rows."""
+    if packed:
+        return call.batch * call.heads_kv, call.group * call.seq_q
+    return call.batch * call.heads_q, call.seq_q
+
+
 def _kv_splits(call: AttentionCall, packed: bool) -> int:
     """How many key ranges to run apart: enough programs for two per multiprocessor when
     the query rows alone give fewer than one each; 1 otherwise, and on the CPU. packed:
     the rows are a kv group's (_packs_group)."""
     if call.device.type != "cuda":
         return 1
-    heads, rows = ((call.heads_kv, call.group * call.seq_q) if packed
-                   else (call.heads_q, call.seq_q))
-    programs = call.batch * heads * _cdiv(rows, _MIN_BLOCK_M)
+    row_groups, rows = _query_rows(call, packed)
+    programs = row_groups * _cdiv(rows, _MIN_BLOCK_M)
     sms = _multiprocessors(call.device)
     if programs >= sms:
         return 1

@@ -17,7 +17,8 @@
 #   and the forward with TMA loads), fwd-bwd-gap (benchmarks/fwd_bwd_gap.py: triton's
 #   forward+backward kernels timed alone against attention() + autograd, profiled),
 #   decode (benchmarks/decode.py: decoding steps, K/V bytes per second against a copy),
-#   gpu-tests (pytest -m gpu: the tests that need a GPU)
+#   gpu-tests (pytest -m gpu: the tests that need a GPU), kernel-variants
+#   (benchmarks/kernel_variants.py: fused_triton's code variants timed in turns)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, CORE_ARGS
 # adds arguments to them (e.g. "--rounds 7": more, shorter timing rounds, against the GPU's
@@ -128,6 +129,11 @@ for step in "${steps[@]}"; do
         timeout "${DECODE_S:-240}" python3 benchmarks/decode.py --out "$results" \
             > "$results/decode.log" 2>&1
         echo "decode: exit $?"; cat "$results/decode.log" ;;
+    kernel-variants)  # benchmarks/kernel_variants.py: code variants of triton, A/B in turns
+        # shellcheck disable=SC2086  # VARIANTS_ARGS: e.g. "--backward --rounds 7", split
+        timeout "${VARIANTS_S:-300}" python3 benchmarks/kernel_variants.py --out "$results" \
+            ${VARIANTS_ARGS:-} > "$results/kernel-variants.log" 2>&1
+        echo "kernel-variants: exit $?"; cat "$results/kernel-variants.log" ;;
     gpu-tests)  # the GPU-only tests of triton (pytest -m gpu), decode key ranges among them
         timeout "${GPU_TESTS_S:-300}" python3 -m pytest -q -m gpu tests/test_triton.py \
             > "$results/pytest-gpu.log" 2>&1

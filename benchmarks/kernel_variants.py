@@ -1,0 +1,114 @@
+"""A/B of the Triton backend's code variants in one process, on a GPU.
+
+    PYTHONPATH=src python benchmarks/kernel_variants.py [--out DIR] [--rounds 5]
+        [--variant NAME:ATTR=VALUE,ATTR=VALUE ...] [--shape B,H,S,D,C ...] [--backward]
+
+A variant is a set of fused_triton module switches (for instance `_LAZY_RESCALE=0` or
+`_EXP_POLY=2`), which the launch wrappers read on every call. For each shape the
+forward (or, with --backward, the backward) runs under the autotuner's tile pick, which
+every variant then shares, and is timed with triton.testing.do_bench (median, after
+warm-up, random bf16 data) under each variant in turns, `--rounds` times over; the
+medians of the rounds are reported. Timing in turns matters here: the differences
+sought are a few %, and the same kernel moves that much between calls (NOTES, run 10).
+Each variant's outputs are compared with the first variant's.
+
+Prints one table per shape and writes every sample to DIR/kernel_variants.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from attnkit.backends import fused_triton as ft
+from attnkit.bench import attention_flops, environment
+from attnkit.call import make_call
+from attnkit.verify import rel_err
+
+# (batch, heads, seq, head_dim, causal): B*S = 16k tokens, as in the `core` preset.
+SHAPES = [
+    (4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (1, 16, 16384, 128, False),
+    (4, 32, 4096, 64, False), (4, 32, 4096, 64, True), (1, 32, 16384, 64, False),
+]
+VARIANTS = ["base:_LAZY_RESCALE=0,_EXP_POLY=0", "lazy:_LAZY_RESCALE=1,_EXP_POLY=0",
+            "lazy+poly1:_LAZY_RESCALE=1,_EXP_POLY=1", "lazy+poly2:_LAZY_RESCALE=1,_EXP_POLY=2",
+            "poly1:_LAZY_RESCALE=0,_EXP_POLY=1"]
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, int]]:
+    name, _, settings = text.partition(":")
+    switches = {}
+    for item in filter(None, settings.split(",")):
+        attr, _, value = item.partition("=")
+        if not hasattr(ft, attr):
+            raise SystemExit(f"fused_triton has no switch {attr!r}")
+        switches[attr] = int(value)
+    return name, switches
+
+
+def run_shape(shape, variants, rounds: int, backward: bool) -> dict:
+    b, h, s, d, causal = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
+                                 generator=gen) for _ in range(4))
+    call = make_call(q, k, v, causal=causal)
+    out, lse = ft._forward(call, 0)  # the autotuner picks tiles once, for every variant
+
+    def step():
+        return ft._backward(call, 0, out, lse, dout) if backward else ft._forward(call, 0)
+
+    samples: dict[str, list[float]] = {name: [] for name, _ in variants}
+    results = {}
+    for round_ in range(rounds):
+        for name, switches in variants:
+            for attr, value in switches.items():
+                setattr(ft, attr, value)
+            if round_ == 0:
+                results[name] = step()
+            samples[name].append(float(do_bench(step, warmup=25, rep=150,
+                                                return_mode="median")))
+    flops = attention_flops(b, h, s, s, d, causal) * (2.5 if backward else 1.0)
+    first = variants[0][0]
+    rows = []
+    for name, _ in variants:
+        ms = statistics.median(samples[name])
+        err = max(rel_err(got, want) for got, want in zip(results[name], results[first],
+                                                            strict=True))
+        rows.append({"variant": name, "ms": ms, "tflops": flops / ms / 1e9,
+                     "vs_first": statistics.median(samples[first]) / ms,
+                     "rel_err_vs_first": err, "samples": samples[name]})
+        print(f"  {name:14s} {ms:.3f} ms  {flops / ms / 1e9:5.0f} TFLOP/s  "
+              f"x{rows[-1]['vs_first']:.3f}  err vs {first} {err:.1e}", flush=True)
+    return {"shape": {"batch": b, "heads": h, "seq": s, "head_dim": d, "causal": causal},
+            "backward": backward, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variant", action="append", default=[])
+    parser.add_argument("--shape", action="append", default=[], metavar="B,H,S,D,C")
+    parser.add_argument("--backward", action="store_true",
+                        help="time the backward (dQ, dK, dV) instead of the forward")
+    args = parser.parse_args()
+    variants = [parse_variant(text) for text in args.variant or VARIANTS]
+    shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] or SHAPES
+    report = {"meta": {**environment(torch.device("cuda")), "triton": triton.__version__,
+                       "variants": args.variant or VARIANTS, "rounds": args.rounds},
+              "results": []}
+    for shape in shapes:
+        print(f"{'backward' if args.backward else 'forward'} {shape}", flush=True)
+        report["results"].append(run_shape(shape, variants, args.rounds, args.backward))
+        with open(os.path.join(args.out, "kernel_variants.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -100,7 +100,8 @@ def main() -> None:
     args = parser.parse_args()
     variants = [parse_variant(text) for text in args.variant or VARIANTS]
     shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] or SHAPES
-    report = {"meta": {**environment(torch.device("cuda")), "triton": triton.__version__,
+    report = {"meta": {**environment(torch.device("cuda")), "kind": "kernel-variants",
+                       "triton": triton.__version__,
                        "variants": args.variant or VARIANTS, "rounds": args.rounds},
               "results": []}
     for shape in shapes:

@@ -103,14 +103,18 @@ def test_verify_cut_off_keeps_the_checks_it_finished(monkeypatch, capsys, tmp_pa
 
 
 def test_make_tables_renders_decode_sets(tmp_path):
-    """benchmarks/decode.py's JSON: found among the sets, one row per step, GPU (graph)
-    times where recorded and do_bench's otherwise, shares of the copy bandwidth."""
+    """benchmarks/decode.py's JSON: found among the sets (kernel_variants.py's is not), one
+    row per step, GPU (graph) times where recorded and do_bench's otherwise, shares of
+    the copy bandwidth."""
     row = {"shape": [1, 32, 8, 1, 16384, 128], "kv_bytes": 2 * 8 * 16384 * 128 * 2,
            "packed": True, "splits": 16, "ms": {"triton": 0.133, "flex": 0.303},
            "graph_ms": {"triton": 0.029, "flex": 0.034}}
     meta = {"kind": "decode", "device": "cuda", "device_name": "GPU",
             "copy_bytes_per_s": 3.0e12}
     (tmp_path / "decode.json").write_text(json.dumps({"meta": meta, "results": [row]}))
+    # benchmarks/kernel_variants.py's records sit beside them and have no table
+    variants = {"meta": {"kind": "kernel-variants", "device": "cuda"}, "results": []}
+    (tmp_path / "kernel_variants.json").write_text(json.dumps(variants))
     tables = _make_tables()
     [found] = tables.load_sets(tmp_path)
     assert found["kind"] == "decode"

@@ -37,7 +37,6 @@ import inspect
 import math
 import os
 import re
-import struct
 import types
 
 import torch
@@ -304,76 +303,6 @@ def _hide(s, mask_base, qi, kj, kv_len, off, left, right, stride_mm, stride_mn, 
     return s
 
 
-# 2**f ~ c0 + c1 f + c2 f**2 + c3 f**3 on [-1/2, 1/2], minimax in relative error (Remez).
-_EXP2_POLY = (0.9999280571937561, 0.6932609677314758, 0.2426111251115799, 0.0551716685295105)
-
-
-def _exp2_asm(poly: int) -> str:
-    """PTX for 2**x over a pack of 8 float32 values ($8..$15 in, $0..$7 out): the first
-    `poly` by a polynomial on the FMA units, the rest by the MUFU unit's ex2. An SM issues
-    16 ex2 per clock against 128 FMAs; in the forward's inner loop, one ex2 per score is
-    as much MUFU time as the matmuls take tensor time at D=64 (NOTES, run 13), and the
-    FMA units are mostly idle meanwhile. The polynomial: x clamped to >= -126, x = j + f
-    with j = round(x) (by adding 1.5 * 2**23, which leaves j in the low mantissa bits)
-    and |f| <= 1/2, 2**f by a degree-3 minimax polynomial (relative error 7.5e-5, far
-    below bfloat16's 4e-3), then j added into the exponent bits. Inputs below -126 give
-    a denormal or zero instead of exp2's exact zero, so callers pass finite scores only."""
-    c = [f"0f{struct.unpack('<I', struct.pack('<f', v))[0]:08X}" for v in _EXP2_POLY]
-    lines = ["{", ".reg .b32 x, t, j, f, p, e, r;"]
-    for i in range(8):
-        if i >= poly:
-            lines.append(f"ex2.approx.ftz.f32 ${i}, ${i + 8};")
-            continue
-        lines += [
-            f"max.ftz.f32 x, ${i + 8}, 0fC2FC0000;",  # -126
-            "add.rn.ftz.f32 t, x, 0f4B400000;",  # 1.5 * 2**23
-            "sub.rn.ftz.f32 j, t, 0f4B400000;",
-            "sub.rn.ftz.f32 f, x, j;",
-            f"fma.rn.ftz.f32 p, f, {c[3]}, {c[2]};",  # Horner
-            f"fma.rn.ftz.f32 p, p, f, {c[1]};",
-            f"fma.rn.ftz.f32 p, p, f, {c[0]};",
-            "shl.b32 e, t, 23;",
-            "add.s32 r, p, e;",
-            f"mov.b32 ${i}, r;",
-        ]
-    return "\n".join(lines + ["}"])
-
-
-# The forward's softmax over unmasked key blocks: how many of every 8 scores it
-# exponentiates by polynomial (_exp2_asm), and whether it rescales its running sums only
-# when some row's max has grown by more than 2**8 (LAZY, _fwd_blocks).
-_EXP_POLY = 0
-_LAZY_RESCALE = True
-
-# The variants the forward can use (EXP_POLY: how many of every 8 scores go through the
-# polynomial); Triton's kernels read module globals only as constexpr.
-_EXP2_POLY_1 = tl.constexpr(_exp2_asm(1)) if triton is not None else None
-_EXP2_POLY_2 = tl.constexpr(_exp2_asm(2)) if triton is not None else None
-_EXP2_POLY_3 = tl.constexpr(_exp2_asm(3)) if triton is not None else None
-_EXP2_POLY_4 = tl.constexpr(_exp2_asm(4)) if triton is not None else None
-
-
-@_jit
-def _exp2(x, POLY: tl.constexpr):
-    """2**x of finite float32 x; POLY of every 8 values by _exp2_asm's polynomial (0: all
-    by tl.exp2, which the interpreter needs: it runs no inline PTX)."""
-    if POLY == 0:
-        y = tl.exp2(x)
-    else:
-        tl.static_assert(POLY <= 4, "EXP_POLY: 0 to 4 of every 8")
-        if POLY == 1:
-            asm: tl.constexpr = _EXP2_POLY_1
-        elif POLY == 2:
-            asm: tl.constexpr = _EXP2_POLY_2
-        elif POLY == 3:
-            asm: tl.constexpr = _EXP2_POLY_3
-        else:
-            asm: tl.constexpr = _EXP2_POLY_4
-        y = tl.inline_asm_elementwise(asm, "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,f,f", [x],
-                                      dtype=tl.float32, is_pure=True, pack=8)
-    return y
-
-
 @_jit
 def _row_lse(lse_ptrs, row_ok):
     """The backward's per-row lse in log2 units. Dead rows (lse = -inf) and rows past Sq
@@ -430,13 +359,6 @@ def _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_
 # Forward
 # ---------------------------------------------------------------------------------------
 @_jit
-def _rescale(acc, l_i, m_i, m_new):
-    """The running (acc, l_i), summed relative to row max m_i, made relative to m_new."""
-    alpha = tl.exp2(m_i - m_new)
-    return acc * alpha[:, None], l_i * alpha
-
-
-@_jit
 def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
                 start, end, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
@@ -445,8 +367,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                NEG_SCALE: tl.constexpr, TMA: tl.constexpr, EXP_POLY: tl.constexpr,
-                LAZY: tl.constexpr):
+                NEG_SCALE: tl.constexpr, TMA: tl.constexpr):
     """Fold key blocks [start, end) into the running (acc, m_i, l_i); MASKED = index checks.
     k_src, v_src: from _kv_sources; qi: each row's query index; mask_base and bh: scalars,
     or (BLOCK_M, 1) when the rows belong to several heads (PACKED)."""
@@ -465,8 +386,6 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
             # exp at 0.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
-            acc, l_i = _rescale(acc, l_i, m_i, m_safe)
-            m_i = m_new
         else:
             # Every key of the block is visible, so the row max is finite, and scaling
             # after the max lets scale and shift share one multiply-add per score.
@@ -474,22 +393,16 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
                 m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
             else:
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if LAZY:
-                # The old max stays while no row's max has grown by more than 2**8 (p <=
-                # 256, far from any overflow): the rescale, a multiply per element of
-                # acc, runs only when the test over the whole tile says so.
-                if tl.max(m_new - m_i, 0) > 8.0:
-                    acc, l_i = _rescale(acc, l_i, m_i, m_new)
-                    m_i = m_new
-            else:
-                acc, l_i = _rescale(acc, l_i, m_i, m_new)
-                m_i = m_new
-            p = _exp2(qk * qk_scale - m_i[:, None], EXP_POLY)  # finite: no hidden key
-        l_i = l_i + tl.sum(p, 1)
+            m_safe = m_new
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
         if DROPOUT:
             keep = _dropout_keep(seed, bh, qi[:, None], offs_n[None, :], Sq, Skv, drop_p)
             p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -508,9 +421,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
                 DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr, TMA_OK: tl.constexpr,
-                SPLIT: tl.constexpr, PACKED: tl.constexpr, EXP_POLY: tl.constexpr,
-                LAZY: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                SPLIT: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """SPLIT: program_id(2) takes keys [pid * kv_split, (pid + 1) * kv_split) alone and
     writes its partial out (float32) and lse at Out + pid * stride_os and LSE + pid * B *
     Hq * Sq, for _merge_kernel to combine. PACKED: program_id(1) is (batch, kv head), and
@@ -582,7 +494,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
             start, end, stride_kn, stride_kd, stride_vn, stride_vd,
             stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh_q,
             drop_p, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA, EXP_POLY, LAZY)
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA)
 
     # A row that saw no key: l = 0, out = 0, lse = -inf.
     dead = l_i == 0.0
@@ -1159,8 +1071,6 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     row_groups, rows = _query_rows(call, packed)
     splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call, packed), config)
     flags["SPLIT"] = splits > 1
-    flags["EXP_POLY"] = 0 if _INTERPRET else _EXP_POLY
-    flags["LAZY"] = _LAZY_RESCALE
     written, written_lse, split_stride = out, lse, 0
     if splits > 1:  # partial results per key range, float32, merged below
         parts = q.new_empty((splits, B, Hq, Sq, Dv), dtype=torch.float32)

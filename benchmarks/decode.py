@@ -1,6 +1,6 @@
 """Decoding steps: a few query rows against a long KV cache, `triton` beside SDPA and flex.
 
-    PYTHONPATH=src python benchmarks/decode.py [--out DIR]
+    PYTHONPATH=src python benchmarks/decode.py [--out DIR] [--splits 1,2,4,8]
 
 Decoding reads every cached key and value once per step and does little arithmetic on
 them, so its yardstick is bandwidth (DESIGN.md): bytes of K and V read per second against
@@ -16,6 +16,12 @@ do_bench, which includes host time (a decoding step of a few microseconds of GPU
 host-bound), and replayed from a CUDA graph, which is GPU time alone.
 Writes DIR/decode.json ({"meta": versions and device, "results": one row per step}),
 which benchmarks/make_tables.py turns into a table.
+
+--splits times instead the triton forward alone on shorter caches (SPLIT_SHAPES) under
+each of the given key-range counts (as `_key_ranges` rounds them), GPU time from CUDA
+graphs, beside the count `_kv_splits` picks: what the choice of ranges should be where
+the merge's launch and the ranges' fixed costs weigh against the parallelism they buy.
+Writes DIR/decode_splits.json.
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ SHAPES = [(1, 32, 8, 1, 4096, 128), (1, 32, 8, 1, 16384, 128), (1, 32, 8, 1, 655
           (8, 32, 8, 1, 16384, 128), (1, 32, 32, 1, 16384, 128), (4, 32, 8, 4, 16384, 128)]
 
 
+SPLIT_SHAPES = [(1, 32, 8, 1, 1024, 128), (1, 32, 8, 1, 2048, 128), (1, 32, 8, 1, 4096, 128),
+                (1, 32, 8, 1, 8192, 128), (1, 32, 8, 1, 16384, 128),
+                (1, 32, 32, 1, 4096, 128), (1, 32, 32, 1, 8192, 128),
+                (4, 32, 8, 1, 4096, 128), (8, 32, 8, 1, 4096, 128), (4, 32, 8, 4, 4096, 128)]
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a 1 GiB device-to-device copy (read + write counted)."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
@@ -47,12 +59,40 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
+def inputs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, hq, hkv, sq, skv, d = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn((b, hq, sq, d), device="cuda", dtype=torch.bfloat16, generator=gen)
     k, v = (torch.randn((b, hkv, skv, d), device="cuda", dtype=torch.bfloat16, generator=gen)
             for _ in range(2))
+    return q, k, v
+
+
+def sweep_splits(shape: tuple[int, ...], counts: list[int]) -> dict:
+    """GPU time of the triton forward under each key-range count, against the default."""
+    q, k, v = inputs(shape)
+    call = make_call(q, k, v, causal=True)
+    packed = ft._packs_group(call)
+    default = ft._key_ranges(call.seq_kv, ft._kv_splits(call, packed), None)[0]
+    want = ft._forward(call, 0)[0]
+    graph_us: dict[int, float] = {}
+    for count in sorted({ft._key_ranges(call.seq_kv, n, None)[0] for n in counts} | {default}):
+        with torch.no_grad():
+            got = ft._forward(call, 0, splits=count)[0]
+            assert rel_err(got, want) < 1e-2, (shape, count)
+            graph_us[count] = 1e3 * float(do_bench_cudagraph(
+                lambda c=count: ft._forward(call, 0, splits=c), return_mode="median"))
+    best = min(graph_us, key=graph_us.get)
+    print(f"{shape}: default {default} ranges {graph_us[default]:.1f} us; best {best} "
+          f"{graph_us[best]:.1f} us; " + ", ".join(f"{n}: {t:.1f}" for n, t in
+                                                   graph_us.items()), flush=True)
+    return {"shape": list(shape), "packed": packed, "default": default,
+            "graph_us": {str(n): t for n, t in graph_us.items()}}
+
+
+def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
+    b, hq, hkv, sq, skv, d = shape
+    q, k, v = inputs(shape)
     call = make_call(q, k, v, causal=True)
     runs = {
         "triton": lambda: attention(q, k, v, causal=True, impl="triton"),
@@ -98,7 +138,20 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write DIR/decode.json")
+    parser.add_argument("--splits", default=None, metavar="N,N,...",
+                        help="time the forward under these key-range counts instead")
     args = parser.parse_args()
+    meta = {**environment(torch.device("cuda")),
+            "command": " ".join(["python", "benchmarks/decode.py", *sys.argv[1:]])}
+    if args.splits:
+        counts = [int(n) for n in args.splits.split(",")]
+        rows = [sweep_splits(shape, counts) for shape in SPLIT_SHAPES]
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "decode_splits.json"), "w") as f:
+                json.dump({"meta": {**meta, "kind": "decode-splits"}, "results": rows}, f,
+                          indent=1)
+        return
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s ({torch.cuda.get_device_name()}); "
           f"after each time: K and V bytes read per second as a share of it; first by "
@@ -106,9 +159,7 @@ def main() -> None:
     rows = [measure(shape, bandwidth) for shape in SHAPES]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        meta = {**environment(torch.device("cuda")), "kind": "decode",
-                "command": " ".join(["python", "benchmarks/decode.py", *sys.argv[1:]]),
-                "copy_bytes_per_s": bandwidth}
+        meta = {**meta, "kind": "decode", "copy_bytes_per_s": bandwidth}
         with open(os.path.join(args.out, "decode.json"), "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)
 

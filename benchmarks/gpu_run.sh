@@ -17,6 +17,7 @@
 #   and the forward with TMA loads), fwd-bwd-gap (benchmarks/fwd_bwd_gap.py: triton's
 #   forward+backward kernels timed alone against attention() + autograd, profiled),
 #   decode (benchmarks/decode.py: decoding steps, K/V bytes per second against a copy),
+#   decode-splits (decode.py --splits: the forward's GPU time per key-range count),
 #   gpu-tests (pytest -m gpu: the tests that need a GPU), kernel-variants
 #   (benchmarks/kernel_variants.py: fused_triton's code variants timed in turns)
 #
@@ -129,6 +130,10 @@ for step in "${steps[@]}"; do
         timeout "${DECODE_S:-240}" python3 benchmarks/decode.py --out "$results" \
             > "$results/decode.log" 2>&1
         echo "decode: exit $?"; cat "$results/decode.log" ;;
+    decode-splits)  # decode.py --splits: the triton forward under each key-range count
+        timeout "${DECODE_S:-240}" python3 benchmarks/decode.py --out "$results" \
+            --splits "${SPLITS:-1,2,3,4,6,8,12,16}" > "$results/decode-splits.log" 2>&1
+        echo "decode-splits: exit $?"; cat "$results/decode-splits.log" ;;
     kernel-variants)  # benchmarks/kernel_variants.py: code variants of triton, A/B in turns
         # shellcheck disable=SC2086  # VARIANTS_ARGS: e.g. "--backward --rounds 7", split
         timeout "${VARIANTS_S:-300}" python3 benchmarks/kernel_variants.py --out "$results" \

@@ -3,14 +3,16 @@
     PYTHONPATH=src python benchmarks/kernel_variants.py [--out DIR] [--rounds 5]
         [--variant NAME:ATTR=VALUE,ATTR=VALUE ...] [--shape B,H,S,D,C ...] [--backward]
 
-A variant is a set of fused_triton module switches (for instance `_DKDV_TMA=0`), which
-the launch wrappers read on every call. For each shape the forward (or, with
---backward, the backward) runs autotuned under each variant once (a switch that enters
-a tuning key gets its own pick, a switch that does not shares the first one's), then is
-timed with triton.testing.do_bench (median, after warm-up, random bf16 data) under each
-variant in turns, `--rounds` times over; the medians of the rounds are reported. Timing in turns matters here: the differences
-sought are a few %, and the same kernel moves that much between calls (NOTES, run 10).
-Each variant's outputs are compared with the first variant's.
+A variant is a set of fused_triton module switches that an experiment adds (run 13's,
+taken out again: `_LAZY_RESCALE`, `_EXP_POLY`, `_DKDV_TMA`; NOTES), which the launch
+wrappers read on every call. For each shape the forward (or, with --backward, the
+backward) runs autotuned under each variant once (a switch that enters a tuning key gets
+its own pick, a switch that does not shares the first one's), then is timed with
+triton.testing.do_bench (median, after warm-up, random bf16 data) under each variant in
+turns, `--rounds` times over; the medians of the rounds are reported. Timing in turns
+matters here: the differences sought are a few %, and the same kernel moves that much
+between calls (NOTES, run 10). Each variant's outputs are compared with the first
+variant's.
 
 Prints one table per shape and writes every sample to DIR/kernel_variants.json.
 """
@@ -36,10 +38,6 @@ SHAPES = [
     (4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (1, 16, 16384, 128, False),
     (4, 32, 4096, 64, False), (4, 32, 4096, 64, True), (1, 32, 16384, 64, False),
 ]
-# Default: dK/dV's Q and dO tiles through pointers against TMA (the autotuner choosing
-# among _DKDV_CONFIGS and _DKDV_TMA_CONFIGS). Run 13's forward variants (lazy rescale,
-# polynomial exp2) were measured with this script and taken out (NOTES).
-VARIANTS = ["pointers:_DKDV_TMA=0", "tma:_DKDV_TMA=1"]
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, int]]:
@@ -58,7 +56,7 @@ def run_shape(shape, variants, rounds: int, backward: bool) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
                                  generator=gen) for _ in range(4))
-    call = make_call(q, k, v, causal=causal)
+    call = make_call(q, k, v, causal=bool(causal))
     out, lse = ft._forward(call, 0)  # the autotuner picks tiles once, for every variant
 
     def step():
@@ -103,11 +101,14 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true",
                         help="time the backward (dQ, dK, dV) instead of the forward")
     args = parser.parse_args()
-    variants = [parse_variant(text) for text in args.variant or VARIANTS]
+    if not args.variant:
+        raise SystemExit("give the variants to compare: --variant NAME:ATTR=VALUE,... (twice "
+                         "or more); fused_triton keeps no switches between experiments")
+    variants = [parse_variant(text) for text in args.variant]
     shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] or SHAPES
     report = {"meta": {**environment(torch.device("cuda")), "kind": "kernel-variants",
                        "triton": triton.__version__,
-                       "variants": args.variant or VARIANTS, "rounds": args.rounds},
+                       "variants": args.variant, "rounds": args.rounds},
               "results": []}
     for shape in shapes:
         print(f"{'backward' if args.backward else 'forward'} {shape}", flush=True)

@@ -58,10 +58,8 @@ def _compile_all() -> int:
                      MASK_ROWS=False, DROPOUT=dropout,
                      NEG_SCALE=dropout,  # rides on dropout's sets: both values compiled
                      GROUPED=lengths,  # dK/dV's loop over a kv group's heads: on lengths
-                     # TMA loads (forward: K/V tiles; dK/dV: Q/dO tiles, also over a
-                     # kv group's heads, with the bool mask's set): both values compiled
-                     TMA_OK=not lengths or mask_kind == 2,
-                     TMA=not lengths or mask_kind == 2,
+                     TMA_OK=not lengths,
+                     TMA=not lengths,  # the forward's TMA loads: both values compiled
                      SPLIT=dropout,  # the forward over key ranges: with dropout's sets
                      PACKED=mask_kind != 1)  # a kv group's heads in a tile: with TMA, bool mask
         wide = d > 128  # _prune's small tiles for wide heads

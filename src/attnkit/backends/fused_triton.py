@@ -72,8 +72,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 _FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
-_DKDV_TMA_CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 3)]
-_DKDV_TMA = True  # whether dK/dV may load its Q and dO tiles through TMA (where allowed)
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
 _KEYS_BITS = 15  # SEQ_BUCKET = (query bucket << _KEYS_BITS) + key bucket (_work_out_meta)
@@ -544,7 +542,7 @@ def _merge_kernel(OUT_P, LSE_P, Out, LSE, splits, Hq, Sq,
 # Backward
 # ---------------------------------------------------------------------------------------
 @_jit
-def _dkdv_blocks(dk, dv, k, v, q_src, do_src, lse_first, delta_first, mask_first,
+def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_first,
                  offs_n, offs_d, offs_dv, start, end, heads, bh_first,
                  stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
                  stride_mh, stride_mm, stride_mn,
@@ -553,12 +551,11 @@ def _dkdv_blocks(dk, dv, k, v, q_src, do_src, lse_first, delta_first, mask_first
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                 GROUPED: tl.constexpr, TMA: tl.constexpr):
+                 GROUPED: tl.constexpr):
     """Add query blocks [start, end) of `heads` query heads (from the *_first ones on) into
     the key block's (dk, dv). One flat loop over (head, query block) pairs: a head loop
     around the block loops costs registers (sm_90, D=128: spills, benchmarks/NOTES.md).
-    GROUPED = False promises heads == 1, which saves the loop its index division. q_src,
-    do_src: the first head's base pointers, or with TMA (heads, Sq, D) descriptors."""
+    GROUPED = False promises heads == 1, which saves the loop its index division."""
     blocks = (end - start + BLOCK_M - 1) // BLOCK_M
     # At least 1 as a divisor: the software pipeline computes the first step's addresses
     # before it knows the loop is empty, and a division by zero there gave a wild pointer
@@ -566,29 +563,25 @@ def _dkdv_blocks(dk, dv, k, v, q_src, do_src, lse_first, delta_first, mask_first
     divisor = tl.maximum(blocks, 1)
     for step in range(0, heads * blocks):
         if GROUPED:
-            head = step // divisor
-            start_m = start + (step - head * divisor) * BLOCK_M
-            g = head.to(tl.int64)
+            g = step // divisor
+            start_m = start + (step - g * divisor) * BLOCK_M
+            g = g.to(tl.int64)
         else:
-            head = 0
             g = 0
             start_m = start + step * BLOCK_M
+        q_base = q_first + g * stride_qh
+        do_base = do_first + g * stride_doh
         lse_base = lse_first + g * Sq
         delta_base = delta_first + g * Sq
         mask_base = mask_first + g * stride_mh
         bh = bh_first + g
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
-        if TMA:  # rows past Sq and columns past D come back as zeros
-            q = q_src.load([head, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-            do = do_src.load([head, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
-        else:
-            q = _load_tile(q_src + g * stride_qh + offs_m[:, None] * stride_qm
-                           + offs_d[None, :] * stride_qd, row_ok[:, None],
-                           offs_d[None, :] < HEAD_D, True, HEAD_D != BLOCK_D)
-            do = _load_tile(do_src + g * stride_doh + offs_m[:, None] * stride_dom
-                            + offs_dv[None, :] * stride_dod, row_ok[:, None],
-                            offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
+        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                       row_ok[:, None], offs_d[None, :] < HEAD_D, True, HEAD_D != BLOCK_D)
+        do = _load_tile(do_base + offs_m[:, None] * stride_dom
+                        + offs_dv[None, :] * stride_dod, row_ok[:, None],
+                        offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
         lse = _row_lse(lse_base + offs_m, row_ok)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         # (BLOCK_N, BLOCK_M): scores transposed
@@ -609,7 +602,7 @@ def _dkdv_blocks(dk, dv, k, v, q_src, do_src, lse_first, delta_first, mask_first
     return dk, dv
 
 
-@_tuned("dkdv", _DKDV_CONFIGS, _TUNE_KEY + ["TMA_OK"], _DKDV_TMA_CONFIGS)
+@_tuned("dkdv", _DKDV_CONFIGS)
 @_kernel
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      stride_qb, stride_qh, stride_qm, stride_qd,
@@ -626,9 +619,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                      HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                      MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
-                     GROUPED: tl.constexpr, TMA_OK: tl.constexpr, TMA: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
+                     GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
@@ -656,23 +647,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
 
     h = kvh * group  # the group's first query head; the group is summed here, no atomics
     bh = b * Hq + h
-    q_src = Q + b * stride_qb + h * stride_qh
-    do_src = DO + b * stride_dob + h * stride_doh
-    if TMA:
-        q_src = tl.make_tensor_descriptor(q_src, [group, Sq, HEAD_D],
-                                          [stride_qh, stride_qm, 1], [1, BLOCK_M, BLOCK_D])
-        do_src = tl.make_tensor_descriptor(do_src, [group, Sq, HEAD_DV],
-                                           [stride_doh, stride_dom, 1],
-                                           [1, BLOCK_M, BLOCK_DV])
     for part in tl.static_range(3):  # as in the forward: checks on the edges only
         start, end = _segment(part, lo, full_lo, full_hi, hi)
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_src, do_src, LSE + bh * Sq, DELTA + bh * Sq, MASK + b * stride_mb
+            dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob
+            + h * stride_doh, LSE + bh * Sq, DELTA + bh * Sq, MASK + b * stride_mb
             + h * stride_mh, offs_n, offs_d, offs_dv, start, end, group, bh,
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
             stride_mh, stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
             seed, drop_p, BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED, TMA)
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED)
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -1114,10 +1098,12 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 # is (query blocks, B * Hq), which for one query row is B * Hq programs, a fraction of a
 # GPU's multiprocessors, each walking every key. Split, each range of keys gets its own
 # programs. Each range is a multiple of _SPLIT_ALIGN keys (of every BLOCK_N, so that no
-# key block straddles two ranges) and at least _SPLIT_KEYS long.
+# key block straddles two ranges) and at least _SPLIT_KEYS long, or _SHORT_SPLIT_KEYS
+# where longer ranges would leave most multiprocessors idle (short caches, NOTES run 13).
 _SPLIT_ALIGN = 128  # the widest BLOCK_N
 _MIN_BLOCK_M = 64  # the smallest BLOCK_M on a GPU
 _SPLIT_KEYS = 1024
+_SHORT_SPLIT_KEYS = 256
 _MAX_SPLITS = 64
 
 
@@ -1155,8 +1141,11 @@ def _query_rows(call: AttentionCall, packed: bool) -> tuple[int, int]:
 
 def _kv_splits(call: AttentionCall, packed: bool) -> int:
     """How many key ranges to run apart: enough programs for two per multiprocessor when
-    the query rows alone give fewer than one each; 1 otherwise, and on the CPU. packed:
-    the rows are a kv group's (_packs_group)."""
+    the query rows alone give fewer than one each; 1 otherwise, and on the CPU. Ranges
+    keep _SPLIT_KEYS keys at least, unless that leaves fewer programs than half the
+    multiprocessors: then shorter ones, down to _SHORT_SPLIT_KEYS, for one program per
+    multiprocessor (on the H100, b1 h32/8 against 4k keys: 9.6 against 16.5 us with 4
+    ranges). packed: the rows are a kv group's (_packs_group)."""
     if call.device.type != "cuda":
         return 1
     row_groups, rows = _query_rows(call, packed)
@@ -1164,16 +1153,15 @@ def _kv_splits(call: AttentionCall, packed: bool) -> int:
     sms = _multiprocessors(call.device)
     if programs >= sms:
         return 1
-    return max(1, min(_cdiv(2 * sms, programs), call.seq_kv // _SPLIT_KEYS, _MAX_SPLITS))
+    ranges = min(_cdiv(2 * sms, programs), call.seq_kv // _SPLIT_KEYS)
+    if ranges * programs < sms // 2:
+        ranges = max(ranges, min(_cdiv(sms, programs), call.seq_kv // _SHORT_SPLIT_KEYS))
+    return max(1, min(ranges, _MAX_SPLITS))
 
 
 def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
-              configs: tuple[TileConfig | None, TileConfig | None] = (None, None),
-              tma: bool | None = None):
-    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned.
-    The autotuner decides whether dK/dV loads its Q and dO tiles through TMA (where
-    _DKDV_TMA and _tma_ready); with its tile config given, tma decides (None: wherever
-    _tma_ready)."""
+              configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
+    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     Hkv, Skv = call.heads_kv, call.seq_kv
@@ -1185,14 +1173,6 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     dq, dk, dv = _empty_grads(q, k, v)
     common = (call.scale, seed, drop_p, *buckets)
     tune_key = _tune_key(flags, buckets, q, dout, mask, lengths)
-    dkdv_flags = {**flags, "GROUPED": call.group > 1,
-                  "TMA_OK": _DKDV_TMA and _tma_ready(q, dout) if tma is None else tma}
-    if configs[0] is not None or not isinstance(_bwd_dkdv_kernel, triton.runtime.Autotuner):
-        dkdv_flags["TMA"] = dkdv_flags["TMA_OK"]
-    elif tma is not None:
-        raise ValueError("tma is chosen by the autotuner unless a dK/dV tile config is given")
-    if dkdv_flags["TMA_OK"]:
-        _ensure_allocator()
     _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
         q, k, v, out, dout, lse, delta, dq, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
@@ -1202,7 +1182,7 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *mask_strides, Hq, Hkv, call.group, Sq, Skv, left, right, qk_scale, *common,
-    ), dkdv_flags, (*tune_key, dkdv_flags["TMA_OK"]), configs[0])
+    ), {**flags, "GROUPED": call.group > 1}, tune_key, configs[0])
     return dq, dk, dv
 
 

@@ -135,7 +135,8 @@ for step in "${steps[@]}"; do
             --splits "${SPLITS:-1,2,3,4,6,8,12,16}" > "$results/decode-splits.log" 2>&1
         echo "decode-splits: exit $?"; cat "$results/decode-splits.log" ;;
     kernel-variants)  # benchmarks/kernel_variants.py: code variants of triton, A/B in turns
-        # shellcheck disable=SC2086  # VARIANTS_ARGS: e.g. "--backward --rounds 7", split
+        # shellcheck disable=SC2086  # VARIANTS_ARGS: the --variant switches (at least
+        # two), e.g. "--variant a:_SWITCH=0 --variant b:_SWITCH=1 --backward", split
         timeout "${VARIANTS_S:-300}" python3 benchmarks/kernel_variants.py --out "$results" \
             ${VARIANTS_ARGS:-} > "$results/kernel-variants.log" 2>&1
         echo "kernel-variants: exit $?"; cat "$results/kernel-variants.log" ;;

@@ -56,15 +56,13 @@ def run_shape(shape, variants, rounds: int, backward: bool) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
                                  generator=gen) for _ in range(4))
-    call = make_call(q, k, v, causal=bool(causal))
-    out, lse = ft._forward(call, 0)  # the autotuner picks tiles once, for every variant
+    call = make_call(q, k, v, causal=causal)
+    out, lse = ft._forward(call, 0)  # the backward's input, under the switches as found
 
     def step():
         return ft._backward(call, 0, out, lse, dout) if backward else ft._forward(call, 0)
 
     samples: dict[str, list[float]] = {name: [] for name, _ in variants}
-    # tensors' alignment is what _tma_ready checks: report what this shape could take
-    print(f"  TMA possible: {ft._tma_ready(q, dout)}", flush=True)
     results = {}
     for round_ in range(rounds):
         for name, switches in variants:
@@ -105,7 +103,8 @@ def main() -> None:
         raise SystemExit("give the variants to compare: --variant NAME:ATTR=VALUE,... (twice "
                          "or more); fused_triton keeps no switches between experiments")
     variants = [parse_variant(text) for text in args.variant]
-    shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] or SHAPES
+    shapes = [(*(int(x) for x in text.split(",")[:4]), text.split(",")[4] == "1")
+              for text in args.shape] or SHAPES
     report = {"meta": {**environment(torch.device("cuda")), "kind": "kernel-variants",
                        "triton": triton.__version__,
                        "variants": args.variant, "rounds": args.rounds},

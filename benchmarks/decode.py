@@ -137,7 +137,8 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="write DIR/decode.json")
+    parser.add_argument("--out", default=None,
+                        help="write DIR/decode.json (with --splits: DIR/decode_splits.json)")
     parser.add_argument("--splits", default=None, metavar="N,N,...",
                         help="time the forward under these key-range counts instead")
     args = parser.parse_args()
@@ -146,21 +147,18 @@ def main() -> None:
     if args.splits:
         counts = [int(n) for n in args.splits.split(",")]
         rows = [sweep_splits(shape, counts) for shape in SPLIT_SHAPES]
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "decode_splits.json"), "w") as f:
-                json.dump({"meta": {**meta, "kind": "decode-splits"}, "results": rows}, f,
-                          indent=1)
-        return
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s ({torch.cuda.get_device_name()}); "
-          f"after each time: K and V bytes read per second as a share of it; first by "
-          f"do_bench (host time included), then replayed in a CUDA graph (GPU time only)")
-    rows = [measure(shape, bandwidth) for shape in SHAPES]
+        meta["kind"], name = "decode-splits", "decode_splits.json"
+    else:
+        bandwidth = copy_bandwidth()
+        print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s ({torch.cuda.get_device_name()}); "
+              f"after each time: K and V bytes read per second as a share of it; first by "
+              f"do_bench (host time included), then replayed in a CUDA graph (GPU time only)")
+        rows = [measure(shape, bandwidth) for shape in SHAPES]
+        meta.update(kind="decode", copy_bytes_per_s=bandwidth)
+        name = "decode.json"
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        meta = {**meta, "kind": "decode", "copy_bytes_per_s": bandwidth}
-        with open(os.path.join(args.out, "decode.json"), "w") as f:
+        with open(os.path.join(args.out, name), "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)
 
 

@@ -103,8 +103,8 @@ def main() -> None:
         raise SystemExit("give the variants to compare: --variant NAME:ATTR=VALUE,... (twice "
                          "or more); fused_triton keeps no switches between experiments")
     variants = [parse_variant(text) for text in args.variant]
-    shapes = [(*(int(x) for x in text.split(",")[:4]), text.split(",")[4] == "1")
-              for text in args.shape] or SHAPES
+    shapes = [(*map(int, fields[:4]), fields[4] == "1")
+              for fields in (text.split(",") for text in args.shape)] or SHAPES
     report = {"meta": {**environment(torch.device("cuda")), "kind": "kernel-variants",
                        "triton": triton.__version__,
                        "variants": args.variant, "rounds": args.rounds},

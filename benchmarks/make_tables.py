@@ -45,7 +45,7 @@ def load_sets(results_dir: Path) -> list[dict]:
             kind = "verify"
         elif "preset" in meta:
             kind = "bench"
-        else:  # a kernel script's record (kernel_variants.py): no table in the README
+        else:  # a sweep's record (kernel_variants.py, decode.py --splits): no table
             continue
         sets.append({"kind": kind, "path": path, **data})
 

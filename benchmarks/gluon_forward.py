@@ -1,0 +1,150 @@
+"""The Gluon forward for Hopper (`backends/hopper_forward.py`) against the Triton one, on a GPU.
+
+    PYTHONPATH=src python benchmarks/gluon_forward.py [--out DIR] [--rounds 5]
+        [--shape B,H,S,D,C ...] [--config BLOCK_N,WARPS,STAGES,WS ...]
+
+First every tile config is checked against the float64 oracle on awkward inputs (odd
+lengths, causal with Sq != Skv and rows that see no key, key_lengths with an empty row,
+grouped heads, q/k/v as strided views of one QKV projection); any failure stops the run.
+Then on each shape the Triton forward (autotuned, as `attnkit` runs it) and every Gluon
+config are timed with triton.testing.do_bench in turns, `--rounds` times over, on random
+bf16 data; medians of the rounds are reported in TFLOP/s. Writes DIR/gluon_forward.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from triton.testing import do_bench
+
+from attnkit.backends import fused_triton as ft
+from attnkit.backends import hopper_forward as hf
+from attnkit.backends import reference
+from attnkit.bench import attention_flops, environment
+from attnkit.call import make_call
+from attnkit.verify import rel_err
+
+SHAPES = [
+    (4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (2, 16, 8192, 128, False),
+    (2, 16, 8192, 128, True), (1, 16, 16384, 128, False), (1, 16, 16384, 128, True),
+    (4, 32, 4096, 64, False), (4, 32, 4096, 64, True), (1, 32, 16384, 64, False),
+    (1, 32, 16384, 64, True), (16, 16, 1024, 128, True), (16, 32, 1024, 64, False),
+]
+
+# (B, Hq, Hkv, Sq, Skv, D, causal, lengths, qkv-view)
+CASES = [
+    (2, 4, 4, 1000, 1000, 128, False, None, False),
+    (2, 4, 4, 1000, 1000, 128, True, None, False),
+    (2, 4, 4, 1000, 1000, 64, True, None, False),
+    (1, 4, 4, 17, 1000, 128, True, None, False),
+    (1, 4, 4, 1000, 17, 64, True, None, False),  # rows before the first key see nothing
+    (2, 4, 4, 1, 300, 128, False, None, False),
+    (2, 4, 4, 300, 700, 128, False, [0, 555], False),  # batch 0 sees no key at all
+    (2, 4, 4, 700, 700, 64, True, [700, 333], False),
+    (2, 8, 2, 513, 513, 128, True, None, False),
+    (2, 6, 6, 777, 777, 128, True, None, True),
+    (2, 6, 6, 777, 777, 64, False, None, True),
+]
+
+
+def make_inputs(case, gen):
+    b, hq, hkv, sq, skv, d, causal, lengths, view = case
+    dev, dt = "cuda", torch.bfloat16
+    if view:  # one (B, S, 3, H, D) projection, q/k/v as (B, H, S, D) views into it
+        qkv = torch.randn((b, sq, 3, hq, d), device=dev, dtype=dt, generator=gen)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    else:
+        q = torch.randn((b, hq, sq, d), device=dev, dtype=dt, generator=gen)
+        k, v = (torch.randn((b, hkv, skv, d), device=dev, dtype=dt, generator=gen)
+                for _ in range(2))
+    key_lengths = None if lengths is None else torch.tensor(lengths, device=dev)
+    return make_call(q, k, v, causal=causal, key_lengths=key_lengths)
+
+
+def run_gluon(call, config):
+    q = call.q
+    out, lse = ft._empty_outputs(q, call.v)
+    ft._ensure_allocator()
+    hf.launch(q, call.k, call.v, out, lse, call.key_lengths, call.causal, call.scale, config)
+    return out, lse
+
+
+def check(configs) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows = []
+    for case in CASES:
+        call = make_inputs(case, gen)
+        want_out, want_lse = reference.BACKEND.run(make_call(
+            call.q.double(), call.k.double(), call.v.double(), causal=call.causal,
+            key_lengths=call.key_lengths, return_lse=True))
+        for config in configs[case[5]]:
+            out, lse = run_gluon(call, config)
+            torch.cuda.synchronize()
+            err = rel_err(out.double(), want_out)
+            finite = torch.isfinite(want_lse)
+            lse_ok = bool(torch.equal(finite, torch.isfinite(lse))) and (
+                rel_err(lse.double()[finite], want_lse[finite]) < 1e-3 if finite.any() else True)
+            ok = err < 1e-2 and lse_ok and not torch.isnan(out).any()
+            rows.append({"case": list(map(str, case)), "config": config, "rel_err": err,
+                         "lse_ok": lse_ok, "ok": ok})
+            print(f"{'ok  ' if ok else 'FAIL'} {case} {config}: rel err {err:.2e}, lse "
+                  f"{'ok' if lse_ok else 'WRONG'}", flush=True)
+    return rows
+
+
+def time_shape(shape, configs, rounds: int) -> dict:
+    b, h, s, d, causal = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    call = make_call(q, k, v, causal=causal)
+    ref_out, _ = ft._forward(call, 0)  # autotunes once
+    runs = {"triton": lambda: ft._forward(call, 0)}
+    for config in configs[d]:
+        out, _ = run_gluon(call, config)
+        err = rel_err(out.float(), ref_out.float())
+        print(f"  gluon {config} against triton: rel err {err:.2e}")
+        runs[f"gluon {config}"] = (lambda c=config: run_gluon(call, c))
+    samples = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            samples[name].append(do_bench(fn, warmup=25, rep=100))
+    flops = attention_flops(b, h, s, s, d, causal)
+    med = {name: statistics.median(ms) for name, ms in samples.items()}
+    print(f"B{b} H{h} S{s} D{d} {'causal' if causal else 'full'}:")
+    for name, ms in med.items():
+        print(f"  {name:24s} {ms:8.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  "
+              f"{med['triton'] / ms:5.2f}x")
+    return {"shape": list(shape), "flops": flops, "samples_ms": samples, "median_ms": med}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--shape", action="append", help="B,H,S,D,CAUSAL")
+    parser.add_argument("--config", action="append", help="BLOCK_N,WARPS,STAGES,WS (all D)")
+    parser.add_argument("--check-only", action="store_true")
+    args = parser.parse_args()
+    configs = dict(hf.CONFIGS)
+    if args.config:
+        picked = [tuple(int(x) for x in c.split(",")[:3]) + (c.split(",")[3] == "1",)
+                  for c in args.config]
+        configs = {64: picked, 128: picked}
+    shapes = SHAPES if not args.shape else [
+        tuple(int(x) for x in s.split(",")[:4]) + (s.split(",")[4] == "1",) for s in args.shape]
+    result = {"environment": environment(torch.device("cuda")),
+              "configs": {str(d): c for d, c in configs.items()}}
+    result["checks"] = check(configs)
+    if all(r["ok"] for r in result["checks"]) and not args.check_only:
+        result["timings"] = [time_shape(shape, configs, args.rounds) for shape in shapes]
+    with open(os.path.join(args.out, "gluon_forward.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -695,3 +695,83 @@ def test_large_shapes_on_gpu(causal, head_dim):
         assert ft._packs_group(call) == packed and ft._kv_splits(call, packed) > 1
         result = check("triton", decode, "cuda")
         assert result.skipped is None and result.passed, (decode.name, result)
+
+
+def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, d=128, **kwargs):
+    """A call of 2 query heads against 4096 keys on the CPU, for rules that look at sizes
+    and layouts only."""
+    from attnkit.call import make_call
+
+    q = torch.randn(1, 2, sq, d, dtype=dtype)
+    k, v = (torch.randn(1, hkv, 4096, d, dtype=dtype) for _ in range(2))
+    return make_call(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, fits", [
+    ({}, True),
+    ({"causal": True, "hkv": 1}, True),  # grouped heads
+    ({"key_lengths": torch.tensor([4000])}, True),
+    ({"dtype": torch.float16}, True),
+    ({"d": 64}, False),  # measured slower there
+    ({"sq": 1000}, False),  # likewise
+    ({"dtype": torch.float32}, False),
+    ({"attn_mask": torch.zeros(1, 1, 1, 4096, dtype=torch.bfloat16)}, False),
+    ({"window": (256, 0)}, False),
+    ({"dropout_p": 0.1}, False),
+    ({"scale": -1.0}, False),
+])
+def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
+    from attnkit.backends import fused_triton as ft
+
+    assert ft._hopper_forward_fits(_long_call(**kwargs)) == fits
+
+
+def test_hopper_forward_needs_tma_readable_tensors():
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    call = _long_call()
+    k_columns = call.k.transpose(2, 3).contiguous().transpose(2, 3)  # stride 1 along S
+    assert not ft._hopper_forward_fits(make_call(call.q, k_columns, call.v))
+
+
+@pytest.mark.gpu
+def test_hopper_forward_on_gpu():
+    """Each Gluon config against the oracle on awkward shapes, then attention(impl="triton")
+    forward and backward on a long call that takes the Gluon forward."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_forward as hf
+    from attnkit.call import make_call
+
+    if torch.cuda.get_device_capability() != (9, 0) or not hf.available():
+        pytest.skip("the Gluon forward runs on sm_90 with a Triton that has Gluon")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for b, hq, hkv, sq, skv, causal, lengths in [
+        (2, 4, 2, 1000, 1000, True, None),
+        (1, 2, 2, 1000, 17, True, None),  # rows before the first key see nothing
+        (2, 2, 2, 300, 700, False, [0, 555]),  # batch 0 sees no key
+        (2, 2, 1, 17, 1000, True, [1000, 333]),
+    ]:
+        for d, configs in hf.CONFIGS.items():
+            q = torch.randn(b, hq, sq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            k, v = (torch.randn(b, hkv, skv, d, device="cuda", dtype=torch.bfloat16,
+                                generator=gen) for _ in range(2))
+            key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
+            call = make_call(q, k, v, causal=causal, key_lengths=key_lengths)
+            want, want_lse = attention(q.double(), k.double(), v.double(), causal=causal,
+                                       key_lengths=key_lengths, impl="reference",
+                                       return_lse=True)
+            for config in configs:
+                out, lse = ft._empty_outputs(q, v)
+                ft._ensure_allocator()
+                hf.launch(q, k, v, out, lse, key_lengths, causal, call.scale, config)
+                assert rel_err(out, want) < 1e-2, (b, hq, sq, skv, d, config)
+                assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))
+                seen = torch.isfinite(want_lse)
+                assert rel_err(lse[seen], want_lse[seen]) < 1e-3
+    q, k, v = (torch.randn(1, 4, 4096, 128, device="cuda", dtype=torch.bfloat16,
+                           generator=gen).requires_grad_() for _ in range(3))
+    lengths = torch.tensor([3000], device="cuda")
+    assert ft._uses_hopper_forward(make_call(q, k, v, causal=True, key_lengths=lengths))
+    _assert_matches_reference(q, k, v, torch.randn_like(q), causal=True,
+                              key_lengths=lengths, return_lse=True)

@@ -42,6 +42,7 @@ import types
 import torch
 from torch import Tensor
 
+from attnkit.backends import hopper_forward
 from attnkit.backends.base import Backend, Result
 from attnkit.call import AttentionCall
 
@@ -1070,6 +1071,11 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     flags["PACKED"] = packed = _packs_group(call) if packed is None else packed
     row_groups, rows = _query_rows(call, packed)
     splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call, packed), config)
+    if config is None and tma is None and splits == 1 and _uses_hopper_forward(call):
+        _ensure_allocator()
+        hopper_forward.launch(q, k, v, out, lse, call.key_lengths, call.causal, call.scale,
+                              _HOPPER_CONFIG)
+        return out, lse
     flags["SPLIT"] = splits > 1
     written, written_lse, split_stride = out, lse, 0
     if splits > 1:  # partial results per key range, float32, merged below
@@ -1092,6 +1098,38 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
             parts, written_lse, out, lse, splits, Hq, Sq, *out.stride(),
         ), {"HEAD_DV": Dv, "BLOCK_DV": flags["BLOCK_DV"], "BLOCK_S": _pow2(splits)}, 4, 1)
     return out, lse
+
+
+# Long sequences on Hopper take the Gluon forward (hopper_forward: the softmax overlaps the
+# matmuls, which the Triton language cannot say) where it covers the call: on the H100 it
+# ran 1.03-1.09x this file's forward at D=128 and S >= 8k, about even at 4k, slower at 1k
+# and at D=64 (NOTES, run 14). _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
+_HOPPER_FORWARD = True
+_HOPPER_MIN_SEQ = 4096
+_HOPPER_CONFIG = (128, 4, 2, True)  # hopper_forward.launch's (BLOCK_N, warps, stages, WS)
+
+
+def _hopper_forward_fits(call: AttentionCall) -> bool:
+    """Whether the call is one the Gluon forward covers and was measured faster on: fp16 or
+    bf16, D = Dv = 128, a positive scale, no mask tensor, window or dropout, Sq and Skv
+    of at least _HOPPER_MIN_SEQ, and q, k, v that TMA can read. Says nothing about the
+    device."""
+    return (call.dtype in (torch.float16, torch.bfloat16)
+            and call.head_dim == 128 and call.head_dim_v == 128 and call.scale > 0
+            and call.attn_mask is None and call.window is None and call.dropout_p == 0.0
+            and min(call.seq_q, call.seq_kv) >= _HOPPER_MIN_SEQ
+            and all(_tma_layout(t) for t in (call.q, call.k, call.v)))
+
+
+@functools.cache
+def _is_hopper(device: torch.device) -> bool:
+    return (not _INTERPRET and hopper_forward.available()
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def _uses_hopper_forward(call: AttentionCall) -> bool:
+    return (_HOPPER_FORWARD and call.device.type == "cuda" and _is_hopper(call.device)
+            and _hopper_forward_fits(call))
 
 
 # Key splits for calls with few query rows (decoding against a cache): the forward's grid

@@ -364,7 +364,7 @@ if gluon is not None:
 # (BLOCK_N, num_warps, STAGES, WS) per head dim; BLOCK_M is 16 * num_warps, or 128 with
 # WS (num_warps 4: the first warpgroup's, the second and the loading warp come on top).
 CONFIGS = {64: [(128, 4, 2, True), (128, 4, 3, True), (64, 4, 2, False)],
-           128: [(128, 4, 2, True), (64, 4, 3, True), (128, 8, 2, False)]}
+           128: [(128, 4, 2, True), (128, 4, 3, True), (128, 8, 2, False)]}
 
 
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,

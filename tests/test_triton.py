@@ -735,6 +735,16 @@ def test_hopper_forward_needs_tma_readable_tensors():
     assert not ft._hopper_forward_fits(make_call(call.q, k_columns, call.v))
 
 
+def test_verify_on_a_gpu_reaches_the_hopper_forward():
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    short = default_cases(torch.bfloat16)
+    (long,) = [c for c in default_cases(torch.bfloat16, long=True) if c not in short]
+    q, k, v, kwargs = long.make_inputs("cpu", torch.Generator().manual_seed(0))
+    assert ft._hopper_forward_fits(make_call(q, k, v, **kwargs))
+
+
 @pytest.mark.gpu
 def test_hopper_forward_on_gpu():
     """Each Gluon config against the oracle on awkward shapes, then attention(impl="triton")

@@ -243,8 +243,11 @@ def _lse_err(lse: Tensor, ref: Tensor) -> float:
     return rel_err(lse[finite], ref[finite])
 
 
-def default_cases(dtype: torch.dtype = torch.float32, *, large: bool = True) -> list[Case]:
-    """The verification matrix: masks, grouped heads, odd lengths and head dims, dead rows."""
+def default_cases(dtype: torch.dtype = torch.float32, *, large: bool = True,
+                  long: bool = False) -> list[Case]:
+    """The verification matrix: masks, grouped heads, odd lengths and head dims, dead rows.
+    large adds 1000-long sequences; long adds 4096 queries against 4096 keys at D=128,
+    where `triton` on Hopper runs its Gluon forward (too slow for a CPU's oracle)."""
     base = Case(dtype=dtype)
     cases = [
         base,
@@ -270,6 +273,9 @@ def default_cases(dtype: torch.dtype = torch.float32, *, large: bool = True) -> 
             replace(base, batch=1, seq_q=1000, seq_kv=1000, causal=True),
             replace(base, batch=1, seq_q=1000, seq_kv=1000, key_lengths=True, head_dim=80),
         ]
+    if long:
+        cases.append(replace(base, batch=1, seq_q=4096, seq_kv=4096, head_dim=128,
+                             causal=True, key_lengths=True))
     return cases
 
 
@@ -604,7 +610,7 @@ def run_verify(
     Job = Callable[[], CaseResult] | str  # the check to run, or why it cannot
     jobs: list[tuple[str, Case | ModuleCase, Job]] = []
 
-    cases = default_cases(dtype, large=large)
+    cases = default_cases(dtype, large=large, long=large and device.type == "cuda")
     for name, backend in BACKENDS.items():
         if selected(name, impls, exclude):
             reason = backend.available(device)

@@ -12,7 +12,9 @@ stores its rows' delta = rowsum(dO * O); then one program per (key block, batch 
 head) accumulates dK, dV over the query blocks of every query head of its group
 (deterministic, no atomics). On Hopper and newer, the forward can load its K/V tiles
 through TMA descriptors, where their layout allows and the autotuner finds it faster
-(long sequences).
+(long sequences). On Hopper, long calls with 128-wide heads take a forward written in
+Gluon instead (`hopper_forward`: the softmax overlaps the matmuls; `_uses_hopper_forward`
+says which calls).
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
 i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off
@@ -1388,7 +1390,8 @@ def run(call: AttentionCall) -> Result:
 
 BACKEND = Backend(
     name="triton",
-    summary="fused Triton kernels (FlashAttention-2 style forward and backward)",
+    summary="fused Triton kernels (FlashAttention-2 style forward and backward; on "
+            "Hopper, a Gluon forward for long sequences with 128-wide heads)",
     available=available,
     supports=supports,
     run=run,

@@ -2,11 +2,17 @@
 
 The Triton-language forward in `fused_triton` waits for each matmul right after issuing
 it, so a warpgroup's softmax never runs while its own tensor-core work does (NOTES, run
-10, `wgmma_waits.py`). Here the waits are explicit, and each key block's loop step
-issues block j's Q K^T and block j-1's P V together, waits for the first only, and runs
-block j's softmax while P V is still on the tensor cores (FlashAttention-3's
-intra-warpgroup overlap). K and V tiles arrive through TMA into a ring of STAGES slots,
-each slot refilled as soon as the matmul that read it has finished.
+10, `wgmma_waits.py`). Here the waits are explicit. Each key block's step (`_step`) takes
+block j's row max, issues block j-1's P V, runs block j's exponentials while P V is on
+the tensor cores, issues block j+1's Q K^T and only then waits (FlashAttention-3's
+intra-warpgroup overlap; NOTES, run 14, says why in that order). K and V tiles arrive
+through TMA into a ring of STAGES slots.
+
+With WS (what `fused_triton` runs), a program's 128 query rows are two warpgroups of 64,
+each in its own partition, and a third partition of one warp does the loading, so
+nothing ties the two warpgroups together: while one runs its softmax the other's matmuls
+can run. Without WS the warps that compute also refill the ring; Gluon then puts a CTA
+barrier before each copy, which keeps them in lockstep (slower on the H100: run 14).
 
 It covers the common case only, and `fused_triton` keeps the rest: an sm_90 GPU, fp16 or
 bf16, D = Dv in (64, 128), a positive scale, causal or not, key_lengths, grouped heads;
@@ -386,4 +392,7 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
         Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=ws, num_warps=warps,
+        # WS runs 12 warps; at 168 registers each they fill the register file, and
+        # setmaxnreg then moves them to the computing partitions (232) from the loading
+        # warp's warpgroup (24), as warp_specialize's last argument asks.
         **({"maxnreg": 168} if ws else {}))

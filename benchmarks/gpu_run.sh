@@ -18,8 +18,11 @@
 #   forward+backward kernels timed alone against attention() + autograd, profiled),
 #   decode (benchmarks/decode.py: decoding steps, K/V bytes per second against a copy),
 #   decode-splits (decode.py --splits: the forward's GPU time per key-range count),
-#   gpu-tests (pytest -m gpu: the tests that need a GPU), kernel-variants
-#   (benchmarks/kernel_variants.py: fused_triton's code variants timed in turns)
+#   gpu-tests (pytest -m gpu: the tests that need a GPU; cold, ~250 s), kernel-variants
+#   (benchmarks/kernel_variants.py: fused_triton's code variants timed in turns),
+#   gluon-forward (benchmarks/gluon_forward.py: the Gluon forward's tile configs checked
+#   against the oracle, then timed beside the Triton forward; GLUON_ARGS adds arguments,
+#   e.g. "--shape 4,16,4096,128,1 --config 128,4,2,1")
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, CORE_ARGS
 # adds arguments to them (e.g. "--rounds 7": more, shorter timing rounds, against the GPU's
@@ -140,8 +143,13 @@ for step in "${steps[@]}"; do
         timeout "${VARIANTS_S:-300}" python3 benchmarks/kernel_variants.py --out "$results" \
             ${VARIANTS_ARGS:-} > "$results/kernel-variants.log" 2>&1
         echo "kernel-variants: exit $?"; cat "$results/kernel-variants.log" ;;
+    gluon-forward)  # benchmarks/gluon_forward.py: checks, then the A/B against Triton's
+        # shellcheck disable=SC2086  # GLUON_ARGS: e.g. "--shape 4,16,4096,128,1", split
+        timeout "${GLUON_S:-300}" python3 benchmarks/gluon_forward.py --out "$results" \
+            ${GLUON_ARGS:-} > "$results/gluon-forward.log" 2>&1
+        echo "gluon-forward: exit $?"; grep -v "^ok" "$results/gluon-forward.log" ;;
     gpu-tests)  # the GPU-only tests of triton (pytest -m gpu), decode key ranges among them
-        timeout "${GPU_TESTS_S:-300}" python3 -m pytest -q -m gpu tests/test_triton.py \
+        timeout "${GPU_TESTS_S:-330}" python3 -m pytest -q -m gpu tests/test_triton.py \
             > "$results/pytest-gpu.log" 2>&1
         echo "gpu-tests: exit $?"; tail -n 5 "$results/pytest-gpu.log" ;;
     verify-fp16)

@@ -43,12 +43,12 @@ def available() -> bool:
 if gluon is not None:
 
     @gluon.jit
-    def _issue(desc, row, bar, dest, pred):
+    def issue(desc, row, bar, dest, pred):
         mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
         tma.async_copy_global_to_shared(desc, [row, 0], bar, dest, pred=pred)
 
     @gluon.jit
-    def _hold(x):
+    def hold(x):
         """Keep the packed registers of x, a bf16/fp16 matmul operand, unwritten until here.
         The wait's own dependency holds each 16-bit half, not the 32-bit pairs the
         matmul reads, so ptxas would reuse a pair while P V is in flight and then wait
@@ -58,15 +58,21 @@ if gluon is not None:
                                   pack=2)
 
     @gluon.jit
+    def visible(qi, kj, kv_len, off, CAUSAL: gl.constexpr):
+        """(rows, keys) bool: query qi sees key kj (key_lengths, and causal aligned to the
+        bottom right, off = Skv - Sq)."""
+        seen = gl.expand_dims(kj, 0) < kv_len
+        if CAUSAL:
+            seen = seen & (gl.expand_dims(kj, 0) <= gl.expand_dims(qi, 1) + off)
+        return seen
+
+    @gluon.jit
     def _row_max(s, m_i, qi, kj, kv_len, off, qk_scale,
                  MASKED: gl.constexpr, CAUSAL: gl.constexpr):
         """Block scores s (raw Q K^T) -> the scores to exponentiate (hidden ones -inf, in
         log2 units where MASKED; raw otherwise) and the new running max (log2 units)."""
         if MASKED:
-            visible = gl.expand_dims(kj, 0) < kv_len
-            if CAUSAL:
-                visible = visible & (gl.expand_dims(kj, 0) <= gl.expand_dims(qi, 1) + off)
-            s = gl.where(visible, s * qk_scale, float("-inf"))
+            s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s * qk_scale, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1))
         else:
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
@@ -123,7 +129,7 @@ if gluon is not None:
                 o, _ = warpgroup_mma_wait(1, deps=[o_tok, p_op])
             else:
                 o, _ = warpgroup_mma_wait(0, deps=[o_tok, p_op])
-            _hold(p_op)
+            hold(p_op)
         o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         if HAS_NEXT:
             s = warpgroup_mma_wait(0, deps=[s_tok])
@@ -137,10 +143,10 @@ if gluon is not None:
                 mbarrier.arrive(v_free.index(v_slot), count=1)
         else:
             if HAS_NEXT:
-                _issue(k_desc, (nxt + STAGES) * BLOCK_N, k_bars.index(k_slot),
+                issue(k_desc, (nxt + STAGES) * BLOCK_N, k_bars.index(k_slot),
                        k_smem.index(k_slot), nxt + STAGES < total)
             if HAS_PREV:
-                _issue(v_desc, (j - 1 + STAGES) * BLOCK_N, v_bars.index(v_slot),
+                issue(v_desc, (j - 1 + STAGES) * BLOCK_N, v_bars.index(v_slot),
                        v_smem.index(v_slot), j - 1 + STAGES < total)
         return s, o, p_next, m_new, l_i
 
@@ -191,7 +197,7 @@ if gluon is not None:
         if WS:
             mbarrier.arrive(k_free.index(0), count=1)
         else:
-            _issue(k_desc, STAGES * BLOCK_N, k_bars.index(0), k_smem.index(0), STAGES < total)
+            issue(k_desc, STAGES * BLOCK_N, k_bars.index(0), k_smem.index(0), STAGES < total)
         s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), s, o, p_op, m_i, l_i,
                                      q_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                                      k_desc, v_desc, qi, kv_len, off, qk_scale, total, True,
@@ -237,18 +243,25 @@ if gluon is not None:
     @gluon.jit
     def _produce(m0, total, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
                  v_bars, k_free, v_free, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """The loading warp: Q, then K and V of each key block into the ring's next slot
-        once both warpgroups have let it go."""
-        _issue(q_desc, m0, q_bar, q_smem, True)
+        """The loading warp: Q, then the K/V ring (load_kv_ring)."""
+        issue(q_desc, m0, q_bar, q_smem, True)
+        load_kv_ring(total, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                     BLOCK_N, STAGES)
+
+    @gluon.jit
+    def load_kv_ring(total, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """K and V of key blocks 0 .. total-1, each into the ring's next slot once both
+        warpgroups have let it go (k_free / v_free, two arrivals a phase)."""
         for j in range(total):
             slot = j % STAGES
             # A fresh barrier counts as having completed the phase before its first, so
             # the first round over the ring does not wait.
             free_phase = ((j // STAGES) & 1) ^ 1
             mbarrier.wait(k_free.index(slot), free_phase)
-            _issue(k_desc, j * BLOCK_N, k_bars.index(slot), k_smem.index(slot), True)
+            issue(k_desc, j * BLOCK_N, k_bars.index(slot), k_smem.index(slot), True)
             mbarrier.wait(v_free.index(slot), free_phase)
-            _issue(v_desc, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot), True)
+            issue(v_desc, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot), True)
 
     @gluon.jit
     def _second_partition(ROLE: gl.constexpr, Out, LSE, b, h, bh, m0, Sq, kv_len, off,
@@ -357,10 +370,10 @@ if gluon is not None:
         else:
             num_warps: gl.constexpr = gl.num_warps()
             gl.static_assert(BLOCK_M == 16 * num_warps, "each warp owns 16 rows")
-            _issue(q_desc, m0, q_bar, q_smem, True)
+            issue(q_desc, m0, q_bar, q_smem, True)
             for i in gl.static_range(STAGES):
-                _issue(k_desc, i * BLOCK_N, k_bars.index(i), k_smem.index(i), i < total)
-                _issue(v_desc, i * BLOCK_N, v_bars.index(i), v_smem.index(i), i < total)
+                issue(k_desc, i * BLOCK_N, k_bars.index(i), k_smem.index(i), i < total)
+                issue(v_desc, i * BLOCK_N, v_bars.index(i), v_smem.index(i), i < total)
             _consume(Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total, full_blocks,
                      stride_ob, stride_oh, stride_om, q_smem, k_smem, v_smem, q_bar, k_bars,
                      v_bars, k_free, v_free, k_desc, v_desc, BLOCK_M, num_warps, HEAD_D,

@@ -1,0 +1,390 @@
+"""Experiment, not wired in and not yet run on a GPU: the backward's dQ kernel in Gluon.
+
+    PYTHONPATH=src python benchmarks/gluon_dq.py [--out DIR] [--rounds 3]
+        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_N,STAGES ...]
+
+fused_triton's dQ kernel (one program per query block: S = Q K^T, P = exp2(S - lse),
+dP = dO V^T, dS = P (dP - delta), dQ += dS K over the key blocks, and delta = rowsum(O dO)
+stored for the dK/dV kernel) rebuilt like hopper_forward's WS forward: two warpgroups of
+64 query rows in partitions of their own and a loading warp that fills a K/V ring. In a
+warpgroup, block j+1's S and dP are issued first, block j's exponentials and dS run
+while they are on the tensor cores, then block j's dQ product. Compiled for sm_90 under
+Triton 3.6 (no spills at BLOCK_N = 64; 128 spills and serializes the matmuls, C7512).
+
+First every config is checked against fused_triton's dq and delta and the float64 oracle's
+dq on awkward shapes (any failure stops the run); then on each shape fused_triton's dQ
+kernel (autotuned) and each Gluon config are timed alone with do_bench in turns, `--rounds`
+times, on random bf16 data. Writes DIR/gluon_dq.json. Covers what hopper_forward covers:
+bf16/fp16, D = Dv, no mask tensor, window or dropout, a positive scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.testing import do_bench
+
+from attnkit import attention
+from attnkit.backends import fused_triton as ft
+from attnkit.backends.hopper_forward import hold, load_kv_ring, visible
+from attnkit.bench import attention_flops, environment
+from attnkit.call import make_call
+from attnkit.verify import rel_err
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem, do_smem,
+             k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+             MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_NEXT: gl.constexpr,
+             STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+             ds_layout: gl.constexpr):
+    """Key block j, whose S and dP are in registers: block j+1's S and dP are issued
+    (HAS_NEXT), block j's exponentials and dS run while they are on the tensor cores,
+    then block j's dQ product; everything is waited for before the next step, since a
+    product still in flight across the loop's back edge makes ptxas serialize them all
+    (C7514). Returns block j+1's S and dP, and dq."""
+    slot = j % STAGES
+    mbarrier.arrive(v_free.index(slot), count=1)  # dP, the one reader of V's slot, is done
+    if HAS_NEXT:
+        nxt = (j + 1) % STAGES
+        phase = ((j + 1) // STAGES) & 1
+        # Each product gets zeros of its own: one set of registers read as two
+        # accumulators also serializes them.
+        mbarrier.wait(k_bars.index(nxt), phase)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)),
+                              gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
+                              is_async=True)
+        mbarrier.wait(v_bars.index(nxt), phase)
+        dp_tok = warpgroup_mma(do_smem, v_smem.index(nxt).permute((1, 0)),
+                               gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
+                               is_async=True)
+    if MASKED:
+        kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s * qk_scale, float("-inf"))
+        p = gl.exp2(s - gl.expand_dims(lse, 1))
+    else:
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+    ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(q_smem.dtype), ds_layout)
+    dq_tok = warpgroup_mma(ds, k_smem.index(slot), dq, is_async=True)
+    if HAS_NEXT:
+        dq, s, dp, _ = warpgroup_mma_wait(0, deps=[dq_tok, s_tok, dp_tok, ds])
+    else:
+        dq, _ = warpgroup_mma_wait(0, deps=[dq_tok, ds])
+    hold(ds)
+    mbarrier.arrive(k_free.index(slot), count=1)  # S and the dQ product read K's slot
+    return s, dp, dq
+
+
+@gluon.jit
+def _dq_blocks(first, last, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem,
+               do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+               MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+               BLOCK_N: gl.constexpr, s_layout: gl.constexpr, ds_layout: gl.constexpr):
+    for j in range(first, last):
+        s, dp, dq = _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem,
+                             do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free, MASKED,
+                             CAUSAL, True, STAGES, BLOCK_N, s_layout, ds_layout)
+    return s, dp, dq
+
+
+@gluon.jit
+def _dq_consume(Out, LSE, DELTA, DQ, b, h, bh, row0, Sq, kv_len, off, qk_scale, scale, total,
+                full_blocks, stride_ob, stride_oh, stride_om, stride_dqb, stride_dqh,
+                stride_dqm, q_smem, do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free,
+                v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                CAUSAL: gl.constexpr):
+    """One warpgroup's 64 query rows [row0, row0 + 64): delta, then dq over every key
+    block, stored scaled."""
+    ROWS: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    d_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
+    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout,
+                                                  k_width=2)
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    qi = row0 + gl.arange(0, ROWS, layout=rows_layout)
+    row_ok = qi < Sq
+    # lse in log2 units; dead rows (-inf) and rows past Sq get +inf, so that p = 0.
+    lse = gl.load(LSE + bh.to(gl.int64) * Sq + qi, mask=row_ok, other=float("inf"))
+    lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+
+    mbarrier.wait(q_bar, 0)
+    # delta = rowsum(O dO), in the layout the dO tile loads into, then stored for dK/dV.
+    o_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    o_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+    o = gl.load(Out + b * stride_ob + h * stride_oh + gl.expand_dims(o_rows, 1) * stride_om
+                + gl.expand_dims(cols, 0), mask=gl.expand_dims(o_rows < Sq, 1), other=0.0)
+    do = do_smem.load(o_layout)
+    delta = gl.sum(o.to(gl.float32) * do.to(gl.float32), 1)
+    gl.store(DELTA + bh.to(gl.int64) * Sq + o_rows, delta, mask=o_rows < Sq)
+    delta = gl.convert_layout(delta, rows_layout)
+
+    dq = gl.zeros([ROWS, HEAD_D], gl.float32, d_layout)
+    mbarrier.wait(k_bars.index(0), 0)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
+                          gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                          is_async=True)
+    mbarrier.wait(v_bars.index(0), 0)
+    dp_tok = warpgroup_mma(do_smem, v_smem.index(0).permute((1, 0)),
+                           gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                           is_async=True)
+    s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])
+    # Blocks every row sees first, then the rest with index checks; the last block
+    # apart, as it issues no next S and dP.
+    split = gl.minimum(full_blocks, total - 1)
+    s, dp, dq = _dq_blocks(0, split, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
+                           q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                           False, CAUSAL, STAGES, BLOCK_N, s_layout, ds_layout)
+    s, dp, dq = _dq_blocks(split, total - 1, s, dp, dq, lse, delta, qi, kv_len, off,
+                           qk_scale, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
+                           v_free, True, CAUSAL, STAGES, BLOCK_N, s_layout, ds_layout)
+    s, dp, dq = _dq_step(total - 1, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
+                         q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                         True, CAUSAL, False, STAGES, BLOCK_N, s_layout, ds_layout)
+
+    d_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, d_layout))
+    d_cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
+    gl.store(DQ + b * stride_dqb + h * stride_dqh + gl.expand_dims(d_rows, 1) * stride_dqm
+             + gl.expand_dims(d_cols, 0), (dq * scale).to(q_smem.dtype),
+             mask=gl.expand_dims(d_rows < Sq, 1) & gl.expand_dims(d_cols < HEAD_D, 0))
+
+
+@gluon.jit
+def _dq_worker(ROLE: gl.constexpr, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off,
+               qk_scale, scale, total, full_blocks, stride_ob, stride_oh, stride_om,
+               stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_smem,
+               do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
+               HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+               CAUSAL: gl.constexpr):
+    """ROLE 0: the second warpgroup's rows; ROLE 1: the loading warp (Q and dO on one
+    barrier, then the K/V ring)."""
+    if ROLE == 0:
+        _dq_consume(Out, LSE, DELTA, DQ, b, h, bh, m0 + 64, Sq, kv_len, off, qk_scale, scale,
+                    total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
+                    stride_dqh, stride_dqm, q_smem.slice(64, 64), do_smem.slice(64, 64),
+                    k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N,
+                    STAGES, CAUSAL)
+    else:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [m0, 0], q_bar, q_smem)
+        tma.async_copy_global_to_shared(do_desc, [m0, 0], q_bar, do_smem)
+        load_kv_ring(total, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                     BLOCK_N, STAGES)
+
+
+@gluon.jit
+def dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, LENGTHS,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+              stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+              Hq, group, Sq, Skv, qk_scale, scale,
+              HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One program per (128 query rows, batch * query head); 4 warps + 4 + 1 (WS)."""
+    BLOCK_M: gl.constexpr = 128
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
+    pid_m = gl.program_id(0)
+    if CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    bh = gl.program_id(1)
+    b = (bh // Hq).to(gl.int64)
+    h = (bh % Hq).to(gl.int64)
+    kvh = h // group
+    q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Sq, HEAD_D],
+                                        [stride_qm, 1], [BLOCK_M, HEAD_D], q_layout)
+    do_desc = tma.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, [Sq, HEAD_D],
+                                         [stride_dom, 1], [BLOCK_M, HEAD_D], q_layout)
+    k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh, [Skv, HEAD_D],
+                                        [stride_kn, 1], [BLOCK_N, HEAD_D], kv_layout)
+    v_desc = tma.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh, [Skv, HEAD_D],
+                                        [stride_vn, 1], [BLOCK_N, HEAD_D], kv_layout)
+    m0 = pid_m * BLOCK_M
+    off = Skv - Sq
+    kv_len = Skv
+    if HAS_LENGTHS:
+        kv_len = gl.minimum(gl.load(LENGTHS + b).to(gl.int32), Skv)
+    end = kv_len
+    full_end = kv_len
+    if CAUSAL:
+        end = gl.minimum(end, m0 + BLOCK_M + off)
+        full_end = gl.minimum(full_end, m0 + 1 + off)
+    total = gl.maximum(gl.cdiv(gl.maximum(end, 0), BLOCK_N), 1)
+    full_blocks = gl.minimum(gl.maximum(full_end, 0) // BLOCK_N, total)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+        mbarrier.init(k_free.index(i), count=2)
+        mbarrier.init(v_free.index(i), count=2)
+    gl.warp_specialize([
+        (_dq_consume, (Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
+                       total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
+                       stride_dqh, stride_dqm, q_smem.slice(0, 64), do_smem.slice(0, 64),
+                       k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
+                       BLOCK_N, STAGES, CAUSAL)),
+        (_dq_worker, (0, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
+                      total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
+                      stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_smem,
+                      do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
+                      BLOCK_N, STAGES, CAUSAL)),
+        (_dq_worker, (1, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
+                      total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
+                      stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_smem,
+                      do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
+                      BLOCK_N, STAGES, CAUSAL)),
+    ], [4, 1], [232, 24])
+
+
+def gluon_dq(call, out, lse, dout, config=(64, 3)):
+    """dq and delta (B, Hq, Sq float32) for `call` through dq_kernel."""
+    block_n, stages = config
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Sq, D = q.shape
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    delta = torch.empty_like(lse)
+    lengths = call.key_lengths if call.key_lengths is not None else lse
+    ft._ensure_allocator()
+    dq_kernel[(-(-Sq // 128), B * Hq)](
+        q, k, v, out, dout, lse, delta, dq, lengths,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *dout.stride()[:3], *dq.stride()[:3],
+        Hq, call.group, Sq, call.seq_kv, call.scale * LOG2E, call.scale,
+        HEAD_D=D, CAUSAL=call.causal, HAS_LENGTHS=call.key_lengths is not None,
+        BLOCK_N=block_n, STAGES=stages, num_warps=4, maxnreg=168)
+    return dq, delta
+
+
+def triton_dq(call, out, lse, dout):
+    """fused_triton's dQ kernel alone (as _backward launches it): dq, delta."""
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Sq, _ = q.shape
+    (left, right, qk_scale, seed, drop_p, *buckets), flags = ft._meta(call, 0)
+    mask, mask_strides = ft._mask_args(call)
+    lengths = call.key_lengths if call.key_lengths is not None else lse
+    delta = torch.empty_like(lse)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    ft._launch(ft._bwd_dq_kernel, lambda meta: (ft._cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
+        q, k, v, out, dout, lse, delta, dq, mask, lengths,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
+        *mask_strides, Hq, call.group, Sq, call.seq_kv, left, right, qk_scale,
+        call.scale, seed, drop_p, *buckets,
+    ), flags, ft._tune_key(flags, buckets, q, dout, mask, lengths))
+    return dq, delta
+
+
+# (B, Hq, Hkv, Sq, Skv, D, causal, key lengths)
+CASES = [
+    (2, 4, 2, 1000, 1000, 128, True, None),
+    (2, 4, 4, 1000, 1000, 64, False, None),
+    (1, 2, 2, 1000, 17, 128, True, None),  # rows before the first key see nothing
+    (2, 2, 2, 300, 700, 128, False, [0, 555]),  # batch 0 sees no key
+    (2, 2, 1, 700, 700, 64, True, [700, 333]),
+]
+SHAPES = [(4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (1, 16, 16384, 128, False),
+          (1, 16, 16384, 128, True), (4, 32, 4096, 64, False)]
+
+
+def _inputs(b, hq, hkv, sq, skv, d, causal, lengths, gen):
+    q = torch.randn(b, hq, sq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(b, hkv, skv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(2))
+    key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
+    call = make_call(q, k, v, causal=causal, key_lengths=key_lengths)
+    ft._HOPPER_FORWARD = False  # the Triton forward's out and lse, as _backward gets them
+    out, lse = ft._forward(call, 0)
+    ft._HOPPER_FORWARD = True
+    return call, out, lse, torch.randn_like(out)
+
+
+def check(configs) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows = []
+    for case in CASES:
+        call, out, lse, dout = _inputs(*case, gen)
+        want_dq, want_delta = triton_dq(call, out, lse, dout)
+        q64 = call.q.double().requires_grad_()
+        ref = attention(q64, call.k.double(), call.v.double(), causal=call.causal,
+                        key_lengths=call.key_lengths, impl="reference")
+        (oracle_dq,) = torch.autograd.grad(ref, q64, dout.double())
+        for config in configs:
+            dq, delta = gluon_dq(call, out, lse, dout, config)
+            torch.cuda.synchronize()
+            errs = {"dq_vs_triton": rel_err(dq, want_dq), "dq_vs_oracle": rel_err(dq, oracle_dq),
+                    "delta_vs_triton": rel_err(delta, want_delta)}
+            ok = errs["dq_vs_oracle"] < 1e-2 and errs["delta_vs_triton"] < 1e-4
+            rows.append({"case": list(map(str, case)), "config": config, **errs, "ok": ok})
+            print(f"{'ok  ' if ok else 'FAIL'} {case} {config}: "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()), flush=True)
+    return rows
+
+
+def time_shape(shape, configs, rounds: int) -> dict:
+    b, h, s, d, causal = shape
+    call, out, lse, dout = _inputs(b, h, h, s, s, d, causal, None,
+                                   torch.Generator(device="cuda").manual_seed(0))
+    triton_dq(call, out, lse, dout)  # autotunes once
+    runs = {"triton": lambda: triton_dq(call, out, lse, dout)}
+    for config in configs:
+        runs[f"gluon {config}"] = (lambda c=config: gluon_dq(call, out, lse, dout, c))
+    samples = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            samples[name].append(do_bench(fn, warmup=25, rep=100))
+    flops = attention_flops(b, h, s, s, d, causal) * 1.5  # three matmuls of the forward's size
+    med = {name: statistics.median(ms) for name, ms in samples.items()}
+    print(f"B{b} H{h} S{s} D{d} {'causal' if causal else 'full'} (dQ kernel alone):")
+    for name, ms in med.items():
+        print(f"  {name:20s} {ms:8.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  "
+              f"{med['triton'] / ms:5.2f}x")
+    return {"shape": list(shape), "flops": flops, "samples_ms": samples, "median_ms": med}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shape", action="append", help="B,H,S,D,CAUSAL")
+    parser.add_argument("--config", action="append", help="BLOCK_N,STAGES")
+    args = parser.parse_args()
+    configs = [tuple(int(x) for x in c.split(",")) for c in args.config or ["64,3", "64,2"]]
+    shapes = SHAPES if not args.shape else [
+        tuple(int(x) for x in s.split(",")[:4]) + (s.split(",")[4] == "1",) for s in args.shape]
+    result = {"environment": environment(torch.device("cuda")), "configs": configs}
+    result["checks"] = check(configs)
+    if all(r["ok"] for r in result["checks"]):
+        result["timings"] = [time_shape(shape, configs, args.rounds) for shape in shapes]
+    with open(os.path.join(args.out, "gluon_dq.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

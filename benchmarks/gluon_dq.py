@@ -1,4 +1,4 @@
-"""Experiment, not wired in and not yet run on a GPU: the backward's dQ kernel in Gluon.
+"""Experiment, not wired in: the backward's dQ kernel in Gluon (NOTES, run 14, has its run).
 
     PYTHONPATH=src python benchmarks/gluon_dq.py [--out DIR] [--rounds 3]
         [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_N,STAGES ...]

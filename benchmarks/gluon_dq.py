@@ -1,7 +1,7 @@
 """Experiment, not wired in: the backward's dQ kernel in Gluon (NOTES, run 14, has its run).
 
     PYTHONPATH=src python benchmarks/gluon_dq.py [--out DIR] [--rounds 3]
-        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_N,STAGES ...]
+        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_N,STAGES ...] [--check-only]
 
 fused_triton's dQ kernel (one program per query block: S = Q K^T, P = exp2(S - lse),
 dP = dO V^T, dS = P (dP - delta), dQ += dS K over the key blocks, and delta = rowsum(O dO)
@@ -20,12 +20,8 @@ bf16/fp16, D = Dv, no mask tensor, window or dropout, a positive scale.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
-
 import torch
+from gluon_forward import experiment_parser, run_experiment, time_in_turns  # beside this
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -34,12 +30,18 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.testing import do_bench
 
 from attnkit import attention
 from attnkit.backends import fused_triton as ft
-from attnkit.backends.hopper_forward import hold, load_kv_ring, visible
-from attnkit.bench import attention_flops, environment
+from attnkit.backends.hopper_forward import (
+    hold,
+    key_blocks,
+    kv_ring,
+    load_kv_ring,
+    program,
+    visible,
+)
+from attnkit.bench import attention_flops
 from attnkit.call import make_call
 from attnkit.verify import rel_err
 
@@ -201,13 +203,7 @@ def dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, LENGTHS,
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
-    pid_m = gl.program_id(0)
-    if CAUSAL:
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    bh = gl.program_id(1)
-    b = (bh // Hq).to(gl.int64)
-    h = (bh % Hq).to(gl.int64)
-    kvh = h // group
+    pid_m, bh, b, h, kvh = program(Hq, group, CAUSAL)
     q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Sq, HEAD_D],
                                         [stride_qm, 1], [BLOCK_M, HEAD_D], q_layout)
     do_desc = tma.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, [Sq, HEAD_D],
@@ -217,34 +213,14 @@ def dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, LENGTHS,
     v_desc = tma.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh, [Skv, HEAD_D],
                                         [stride_vn, 1], [BLOCK_N, HEAD_D], kv_layout)
     m0 = pid_m * BLOCK_M
-    off = Skv - Sq
-    kv_len = Skv
-    if HAS_LENGTHS:
-        kv_len = gl.minimum(gl.load(LENGTHS + b).to(gl.int32), Skv)
-    end = kv_len
-    full_end = kv_len
-    if CAUSAL:
-        end = gl.minimum(end, m0 + BLOCK_M + off)
-        full_end = gl.minimum(full_end, m0 + 1 + off)
-    total = gl.maximum(gl.cdiv(gl.maximum(end, 0), BLOCK_N), 1)
-    full_blocks = gl.minimum(gl.maximum(full_end, 0) // BLOCK_N, total)
-
+    kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M, BLOCK_N,
+                                                 CAUSAL, HAS_LENGTHS)
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
     do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
-    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-        mbarrier.init(k_free.index(i), count=2)
-        mbarrier.init(v_free.index(i), count=2)
+    k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(dtype, kv_layout, STAGES,
+                                                             BLOCK_N, HEAD_D)
     gl.warp_specialize([
         (_dq_consume, (Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
                        total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
@@ -355,35 +331,15 @@ def time_shape(shape, configs, rounds: int) -> dict:
     runs = {"triton": lambda: triton_dq(call, out, lse, dout)}
     for config in configs:
         runs[f"gluon {config}"] = (lambda c=config: gluon_dq(call, out, lse, dout, c))
-    samples = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            samples[name].append(do_bench(fn, warmup=25, rep=100))
-    flops = attention_flops(b, h, s, s, d, causal) * 1.5  # three matmuls of the forward's size
-    med = {name: statistics.median(ms) for name, ms in samples.items()}
-    print(f"B{b} H{h} S{s} D{d} {'causal' if causal else 'full'} (dQ kernel alone):")
-    for name, ms in med.items():
-        print(f"  {name:20s} {ms:8.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  "
-              f"{med['triton'] / ms:5.2f}x")
-    return {"shape": list(shape), "flops": flops, "samples_ms": samples, "median_ms": med}
+    # three matmuls of the forward's size
+    return time_in_turns(shape, runs, rounds, attention_flops(b, h, s, s, d, causal) * 1.5,
+                         " (dQ kernel alone)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--shape", action="append", help="B,H,S,D,CAUSAL")
-    parser.add_argument("--config", action="append", help="BLOCK_N,STAGES")
-    args = parser.parse_args()
+    args = experiment_parser(__doc__, 3, "BLOCK_N,STAGES").parse_args()
     configs = [tuple(int(x) for x in c.split(",")) for c in args.config or ["64,3", "64,2"]]
-    shapes = SHAPES if not args.shape else [
-        tuple(int(x) for x in s.split(",")[:4]) + (s.split(",")[4] == "1",) for s in args.shape]
-    result = {"environment": environment(torch.device("cuda")), "configs": configs}
-    result["checks"] = check(configs)
-    if all(r["ok"] for r in result["checks"]):
-        result["timings"] = [time_shape(shape, configs, args.rounds) for shape in shapes]
-    with open(os.path.join(args.out, "gluon_dq.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    run_experiment(args, "gluon_dq", configs, check, time_shape, SHAPES)
 
 
 if __name__ == "__main__":

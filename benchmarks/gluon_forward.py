@@ -116,41 +116,62 @@ def time_shape(shape, configs, rounds: int) -> dict:
         err = rel_err(out.float(), ref_out.float())
         print(f"  gluon {config} against triton: rel err {err:.2e}")
         runs[f"gluon {config}"] = (lambda c=config: run_gluon(call, c))
+    return time_in_turns(shape, runs, rounds, attention_flops(b, h, s, s, d, causal))
+
+
+def time_in_turns(shape, runs: dict, rounds: int, flops: float, what: str = "") -> dict:
+    """Each of runs (name -> callable; the first is the baseline) timed with do_bench once
+    per round, in turns, `rounds` times; prints the medians (ms, TFLOP/s of `flops`, and
+    speed against the baseline) and returns every sample."""
     samples = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
             samples[name].append(do_bench(fn, warmup=25, rep=100))
-    flops = attention_flops(b, h, s, s, d, causal)
     med = {name: statistics.median(ms) for name, ms in samples.items()}
-    print(f"B{b} H{h} S{s} D{d} {'causal' if causal else 'full'}:")
+    base = next(iter(med.values()))
+    b, h, s, d, causal = shape
+    print(f"B{b} H{h} S{s} D{d} {'causal' if causal else 'full'}{what}:")
     for name, ms in med.items():
         print(f"  {name:24s} {ms:8.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  "
-              f"{med['triton'] / ms:5.2f}x")
+              f"{base / ms:5.2f}x")
     return {"shape": list(shape), "flops": flops, "samples_ms": samples, "median_ms": med}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def experiment_parser(doc: str, rounds: int, config_help: str) -> argparse.ArgumentParser:
+    """The options of this script and of gluon_dq.py."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", default=".")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--shape", action="append", help="B,H,S,D,CAUSAL")
-    parser.add_argument("--config", action="append", help="BLOCK_N,WARPS,STAGES,WS (all D)")
+    parser.add_argument("--config", action="append", help=config_help)
     parser.add_argument("--check-only", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def run_experiment(args, name: str, configs, check_fn, time_fn, shapes) -> None:
+    """check_fn(configs); then, where every check passed, time_fn(shape, configs, rounds)
+    over --shape (or `shapes`); everything into OUT/<name>.json."""
+    if args.shape:
+        shapes = [tuple(int(x) for x in s.split(",")[:4]) + (s.split(",")[4] == "1",)
+                  for s in args.shape]
+    result = {"environment": environment(torch.device("cuda")),
+              "configs": {str(d): c for d, c in configs.items()} if isinstance(configs, dict)
+              else configs}
+    result["checks"] = check_fn(configs)
+    if all(r["ok"] for r in result["checks"]) and not args.check_only:
+        result["timings"] = [time_fn(shape, configs, args.rounds) for shape in shapes]
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def main() -> None:
+    args = experiment_parser(__doc__, 5, "BLOCK_N,WARPS,STAGES,WS (all D)").parse_args()
     configs = dict(hf.CONFIGS)
     if args.config:
         picked = [tuple(int(x) for x in c.split(",")[:3]) + (c.split(",")[3] == "1",)
                   for c in args.config]
         configs = {64: picked, 128: picked}
-    shapes = SHAPES if not args.shape else [
-        tuple(int(x) for x in s.split(",")[:4]) + (s.split(",")[4] == "1",) for s in args.shape]
-    result = {"environment": environment(torch.device("cuda")),
-              "configs": {str(d): c for d, c in configs.items()}}
-    result["checks"] = check(configs)
-    if all(r["ok"] for r in result["checks"]) and not args.check_only:
-        result["timings"] = [time_shape(shape, configs, args.rounds) for shape in shapes]
-    with open(os.path.join(args.out, "gluon_forward.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    run_experiment(args, "gluon_forward", configs, check, time_shape, SHAPES)
 
 
 if __name__ == "__main__":

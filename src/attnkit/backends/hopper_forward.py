@@ -241,6 +241,57 @@ if gluon is not None:
         gl.store(LSE + bh.to(gl.int64) * Sq + qi, lse, mask=qi < Sq)
 
     @gluon.jit
+    def program(Hq, group, CAUSAL: gl.constexpr):
+        """This program's query block and (batch * query head) of a (query blocks, B * Hq)
+        grid, with its batch, head and kv head (int64)."""
+        pid_m = gl.program_id(0)
+        if CAUSAL:  # later query blocks see more keys: start them first
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        bh = gl.program_id(1)
+        b = (bh // Hq).to(gl.int64)
+        h = (bh % Hq).to(gl.int64)
+        return pid_m, bh, b, h, h // group
+
+    @gluon.jit
+    def key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr):
+        """The key range of the query rows [m0, m0 + BLOCK_M) of batch b: kv_len, off =
+        Skv - Sq, how many key blocks to walk (at least 1: block 0 always runs, with
+        index checks, so that rows that see no key at all come out dead) and how many of
+        them every row sees whole."""
+        off = Skv - Sq
+        kv_len = Skv
+        if HAS_LENGTHS:
+            kv_len = gl.minimum(gl.load(LENGTHS + b).to(gl.int32), Skv)
+        end = kv_len
+        full_end = kv_len
+        if CAUSAL:
+            end = gl.minimum(end, m0 + BLOCK_M + off)
+            full_end = gl.minimum(full_end, m0 + 1 + off)
+        total = gl.maximum(gl.cdiv(gl.maximum(end, 0), BLOCK_N), 1)
+        full_blocks = gl.minimum(gl.maximum(full_end, 0) // BLOCK_N, total)
+        return kv_len, off, total, full_blocks
+
+    @gluon.jit
+    def kv_ring(dtype: gl.constexpr, layout: gl.constexpr, STAGES: gl.constexpr,
+                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr):
+        """Shared memory for a ring of STAGES K and V tiles, and its mbarriers: ready
+        (TMA bytes, one arrival) and free (one arrival per computing warpgroup, two)."""
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], layout)
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(i), count=1)
+            mbarrier.init(v_bars.index(i), count=1)
+            mbarrier.init(k_free.index(i), count=2)
+            mbarrier.init(v_free.index(i), count=2)
+        return k_smem, v_smem, k_bars, v_bars, k_free, v_free
+
+    @gluon.jit
     def _produce(m0, total, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
                  v_bars, k_free, v_free, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """The loading warp: Q, then the K/V ring (load_kv_ring)."""
@@ -300,13 +351,7 @@ if gluon is not None:
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D],
                                                                         dtype)
-        pid_m = gl.program_id(0)
-        if CAUSAL:  # later query blocks see more keys: start them first
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        bh = gl.program_id(1)
-        b = (bh // Hq).to(gl.int64)
-        h = (bh % Hq).to(gl.int64)
-        kvh = h // group
+        pid_m, bh, b, h, kvh = program(Hq, group, CAUSAL)
         q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Sq, HEAD_D],
                                             [stride_qm, 1], [BLOCK_M, HEAD_D], q_layout)
         k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh,
@@ -317,36 +362,14 @@ if gluon is not None:
                                             [BLOCK_N, HEAD_D], kv_layout)
 
         m0 = pid_m * BLOCK_M
-        off = Skv - Sq
-        kv_len = Skv
-        if HAS_LENGTHS:
-            kv_len = gl.minimum(gl.load(LENGTHS + b).to(gl.int32), Skv)
-        # Keys [0, full_end) are visible to every row of the block, [full_end, end) to
-        # some. Block 0 always runs, with index checks: with no visible key at all it
-        # leaves every row dead.
-        end = kv_len
-        full_end = kv_len
-        if CAUSAL:
-            end = gl.minimum(end, m0 + BLOCK_M + off)
-            full_end = gl.minimum(full_end, m0 + 1 + off)
-        total = gl.maximum(gl.cdiv(gl.maximum(end, 0), BLOCK_N), 1)
-        full_blocks = gl.minimum(gl.maximum(full_end, 0) // BLOCK_N, total)
-
+        kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M,
+                                                     BLOCK_N, CAUSAL, HAS_LENGTHS)
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
         q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bars.index(i), count=1)
-            mbarrier.init(v_bars.index(i), count=1)
-            mbarrier.init(k_free.index(i), count=2)  # one arrival per warpgroup (WS)
-            mbarrier.init(v_free.index(i), count=2)
+        k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(dtype, kv_layout, STAGES,
+                                                                 BLOCK_N, HEAD_D)
 
         if WS:
             gl.static_assert(BLOCK_M == 128, "two warpgroups of 64 rows")

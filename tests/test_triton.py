@@ -736,6 +736,42 @@ def test_hopper_forward_needs_tma_readable_tensors():
     assert not ft._hopper_forward_fits(make_call(call.q, k_columns, call.v))
 
 
+@pytest.mark.parametrize("version, offered", [("3.6.0", True), ("3.6.1+git", True),
+                                              ("3.5.1", False), ("3.9.0", False)])
+def test_hopper_forward_offered_on_checked_triton_releases_only(monkeypatch, version,
+                                                                offered):
+    from attnkit.backends import hopper_forward as hf
+
+    if hf.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper operations to import")
+    monkeypatch.setattr(hf.triton, "__version__", version)
+    assert hf.available() == offered
+
+
+def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, device):
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_forward as hf
+    from attnkit.call import make_call
+
+    launches = []
+
+    def fails(*args):
+        launches.append(args)
+        raise triton.CompilationError(None, None, "no such Gluon op here")
+
+    monkeypatch.setattr(ft, "_HOPPER_FORWARD", True)
+    # as if on a Hopper GPU with a call the Gluon forward covers, the switch still read
+    monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: ft._HOPPER_FORWARD)
+    monkeypatch.setattr(hf, "launch", fails)
+    q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE) for _ in range(3))
+    call = make_call(q, k, v, causal=True)
+    with pytest.warns(RuntimeWarning, match="did not compile"):
+        out, _ = ft._forward(call, 0)
+    assert rel_err(out, attention(q, k, v, causal=True, impl="reference")) < 1e-2
+    ft._forward(call, 0)  # switched off now: no second try, no second warning
+    assert len(launches) == 1 and not ft._HOPPER_FORWARD
+
+
 def test_verify_on_a_gpu_reaches_the_hopper_forward():
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call

@@ -40,6 +40,7 @@ import math
 import os
 import re
 import types
+import warnings
 
 import torch
 from torch import Tensor
@@ -1075,9 +1076,12 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call, packed), config)
     if config is None and tma is None and splits == 1 and _uses_hopper_forward(call):
         _ensure_allocator()
-        hopper_forward.launch(q, k, v, out, lse, call.key_lengths, call.causal, call.scale,
-                              _HOPPER_CONFIG)
-        return out, lse
+        try:
+            hopper_forward.launch(q, k, v, out, lse, call.key_lengths, call.causal,
+                                  call.scale, _HOPPER_CONFIG)
+            return out, lse
+        except triton.CompilationError as exc:
+            _give_up_hopper_forward(exc)
     flags["SPLIT"] = splits > 1
     written, written_lse, split_stride = out, lse, 0
     if splits > 1:  # partial results per key range, float32, merged below
@@ -1121,6 +1125,17 @@ def _hopper_forward_fits(call: AttentionCall) -> bool:
             and call.attn_mask is None and call.window is None and call.dropout_p == 0.0
             and min(call.seq_q, call.seq_kv) >= _HOPPER_MIN_SEQ
             and all(_tma_layout(t) for t in (call.q, call.k, call.v)))
+
+
+def _give_up_hopper_forward(exc: Exception) -> None:
+    """A Gluon forward that does not compile here (a Triton whose Gluon differs from the
+    one it was checked under) is switched off for the process, once, with a warning; the
+    Triton forward serves instead."""
+    global _HOPPER_FORWARD
+    _HOPPER_FORWARD = False
+    warnings.warn(f"attnkit: the Gluon forward for Hopper did not compile under Triton "
+                  f"{triton.__version__} ({type(exc).__name__}: {str(exc)[:200]}); using the "
+                  f"Triton forward instead", RuntimeWarning, stacklevel=3)
 
 
 @functools.cache

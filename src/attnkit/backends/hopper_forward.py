@@ -22,7 +22,10 @@ TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
 
 from __future__ import annotations
 
+import re
+
 try:
+    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -35,9 +38,19 @@ except ImportError:  # an older Triton: `available` says so, nothing below is co
     gluon = None
 
 
+# Gluon is experimental and its API moves between Triton releases (by 3.9 the TMA copy
+# this file calls is gone, renamed async_load); the kernels here were written and checked
+# on a GPU under Triton 3.6, so that is the only release they are offered on.
+_CHECKED_RELEASES = ((3, 6),)
+
+
 def available() -> bool:
-    """Whether this Triton has Gluon's Hopper operations."""
-    return gluon is not None
+    """Whether this Triton is a release the kernels were checked under, with Gluon's
+    Hopper operations."""
+    if gluon is None:
+        return False
+    found = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return found is not None and (int(found[1]), int(found[2])) in _CHECKED_RELEASES
 
 
 if gluon is not None:

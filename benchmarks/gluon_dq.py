@@ -21,7 +21,12 @@ bf16/fp16, D = Dv, no mask tensor, window or dropout, a positive scale.
 from __future__ import annotations
 
 import torch
-from gluon_forward import experiment_parser, run_experiment, time_in_turns  # beside this
+from gluon_forward import (  # beside this script
+    experiment_parser,
+    record,
+    run_experiment,
+    time_against_triton,
+)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -41,7 +46,6 @@ from attnkit.backends.hopper_forward import (
     program,
     visible,
 )
-from attnkit.bench import attention_flops
 from attnkit.call import make_call
 from attnkit.verify import rel_err
 
@@ -289,7 +293,7 @@ SHAPES = [(4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (1, 16, 16384, 12
           (1, 16, 16384, 128, True), (4, 32, 4096, 64, False)]
 
 
-def _inputs(b, hq, hkv, sq, skv, d, causal, lengths, gen):
+def inputs(b, hq, hkv, sq, skv, d, causal, lengths, gen):
     q = torch.randn(b, hq, sq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     k, v = (torch.randn(b, hkv, skv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
             for _ in range(2))
@@ -305,7 +309,7 @@ def check(configs) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
     for case in CASES:
-        call, out, lse, dout = _inputs(*case, gen)
+        call, out, lse, dout = inputs(*case, gen)
         want_dq, want_delta = triton_dq(call, out, lse, dout)
         q64 = call.q.double().requires_grad_()
         ref = attention(q64, call.k.double(), call.v.double(), causal=call.causal,
@@ -317,23 +321,13 @@ def check(configs) -> list[dict]:
             errs = {"dq_vs_triton": rel_err(dq, want_dq), "dq_vs_oracle": rel_err(dq, oracle_dq),
                     "delta_vs_triton": rel_err(delta, want_delta)}
             ok = errs["dq_vs_oracle"] < 1e-2 and errs["delta_vs_triton"] < 1e-4
-            rows.append({"case": list(map(str, case)), "config": config, **errs, "ok": ok})
-            print(f"{'ok  ' if ok else 'FAIL'} {case} {config}: "
-                  + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()), flush=True)
+            record(rows, case, config, errs, ok)
     return rows
 
 
 def time_shape(shape, configs, rounds: int) -> dict:
-    b, h, s, d, causal = shape
-    call, out, lse, dout = _inputs(b, h, h, s, s, d, causal, None,
-                                   torch.Generator(device="cuda").manual_seed(0))
-    triton_dq(call, out, lse, dout)  # autotunes once
-    runs = {"triton": lambda: triton_dq(call, out, lse, dout)}
-    for config in configs:
-        runs[f"gluon {config}"] = (lambda c=config: gluon_dq(call, out, lse, dout, c))
-    # three matmuls of the forward's size
-    return time_in_turns(shape, runs, rounds, attention_flops(b, h, s, s, d, causal) * 1.5,
-                         " (dQ kernel alone)")
+    return time_against_triton(shape, configs, rounds, inputs, triton_dq, gluon_dq, 3,
+                               " (dQ kernel alone)")
 
 
 def main() -> None:

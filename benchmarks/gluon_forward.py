@@ -89,11 +89,16 @@ def check(configs) -> list[dict]:
             lse_ok = bool(torch.equal(finite, torch.isfinite(lse))) and (
                 rel_err(lse.double()[finite], want_lse[finite]) < 1e-3 if finite.any() else True)
             ok = err < 1e-2 and lse_ok and not torch.isnan(out).any()
-            rows.append({"case": list(map(str, case)), "config": config, "rel_err": err,
-                         "lse_ok": lse_ok, "ok": ok})
-            print(f"{'ok  ' if ok else 'FAIL'} {case} {config}: rel err {err:.2e}, lse "
-                  f"{'ok' if lse_ok else 'WRONG'}", flush=True)
+            record(rows, case, config, {"rel_err": err, "lse_ok": lse_ok}, bool(ok))
     return rows
+
+
+def record(rows: list, case, config, errs: dict, ok: bool) -> None:
+    """One check of a case under a config: appended to rows and printed."""
+    rows.append({"case": list(map(str, case)), "config": config, **errs, "ok": ok})
+    print(f"{'ok  ' if ok else 'FAIL'} {case} {config}: "
+          + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in errs.items()), flush=True)
 
 
 def time_shape(shape, configs, rounds: int) -> dict:
@@ -117,6 +122,22 @@ def time_shape(shape, configs, rounds: int) -> dict:
         print(f"  gluon {config} against triton: rel err {err:.2e}")
         runs[f"gluon {config}"] = (lambda c=config: run_gluon(call, c))
     return time_in_turns(shape, runs, rounds, attention_flops(b, h, s, s, d, causal))
+
+
+def time_against_triton(shape, configs, rounds: int, prepare, triton_fn, gluon_fn,
+                        matmuls: int, what: str) -> dict:
+    """For the backward experiments: prepare(B, Hq, Hkv, Sq, Skv, D, causal, lengths,
+    generator) gives the arguments both kernels take; fused_triton's (triton_fn, warmed up
+    and autotuned first) and each Gluon config's are timed by time_in_turns, on `matmuls`
+    matmuls of the forward's size."""
+    b, h, s, d, causal = shape
+    args = prepare(b, h, h, s, s, d, causal, None, torch.Generator(device="cuda").manual_seed(0))
+    triton_fn(*args)
+    runs = {"triton": lambda: triton_fn(*args)}
+    for config in configs:
+        runs[f"gluon {config}"] = (lambda c=config: gluon_fn(*args, c))
+    flops = attention_flops(b, h, s, s, d, causal) * matmuls / 2
+    return time_in_turns(shape, runs, rounds, flops, what)
 
 
 def time_in_turns(shape, runs: dict, rounds: int, flops: float, what: str = "") -> dict:

@@ -23,7 +23,8 @@
 #   gluon-forward (benchmarks/gluon_forward.py: the Gluon forward's tile configs checked
 #   against the oracle, then timed beside the Triton forward; GLUON_ARGS adds arguments,
 #   e.g. "--shape 4,16,4096,128,1 --config 128,4,2,1"), gluon-dq (benchmarks/gluon_dq.py,
-#   the Gluon dQ experiment: oracle checks, then the A/B against the Triton dQ kernel)
+#   the Gluon dQ experiment: oracle checks, then the A/B against the Triton dQ kernel),
+#   gluon-dkdv (benchmarks/gluon_dkdv.py, the same for the dK/dV kernel)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, CORE_ARGS
 # adds arguments to them (e.g. "--rounds 7": more, shorter timing rounds, against the GPU's
@@ -149,11 +150,11 @@ for step in "${steps[@]}"; do
         timeout "${GLUON_S:-300}" python3 benchmarks/gluon_forward.py --out "$results" \
             ${GLUON_ARGS:-} > "$results/gluon-forward.log" 2>&1
         echo "gluon-forward: exit $?"; grep -v "^ok" "$results/gluon-forward.log" ;;
-    gluon-dq)  # benchmarks/gluon_dq.py: checks, then the A/B against Triton's dQ kernel
+    gluon-dq|gluon-dkdv)  # benchmarks/gluon_dq.py, gluon_dkdv.py: checks, then the A/B
         # shellcheck disable=SC2086  # GLUON_ARGS: e.g. "--config 64,3", split
-        timeout "${GLUON_S:-300}" python3 benchmarks/gluon_dq.py --out "$results" \
-            ${GLUON_ARGS:-} > "$results/gluon-dq.log" 2>&1
-        echo "gluon-dq: exit $?"; grep -v "^ok" "$results/gluon-dq.log" ;;
+        timeout "${GLUON_S:-300}" python3 "benchmarks/${step/-/_}.py" --out "$results" \
+            ${GLUON_ARGS:-} > "$results/$step.log" 2>&1
+        echo "$step: exit $?"; grep -v "^ok" "$results/$step.log" ;;
     gpu-tests)  # the GPU-only tests of triton (pytest -m gpu), decode key ranges among them
         timeout "${GPU_TESTS_S:-330}" python3 -m pytest -q -m gpu tests/test_triton.py \
             > "$results/pytest-gpu.log" 2>&1

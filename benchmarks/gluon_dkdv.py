@@ -1,0 +1,344 @@
+"""Experiment, not wired in and not yet run on a GPU: the backward's dK/dV kernel in Gluon.
+
+    PYTHONPATH=src python benchmarks/gluon_dkdv.py [--out DIR] [--rounds 3]
+        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_M,STAGES ...] [--check-only]
+
+fused_triton's dK/dV kernel (one program per key block and (batch, kv head): over the
+query blocks of every query head of the group, S^T = K Q^T, P^T = exp2(S^T - lse),
+dP^T = V dO^T, dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q; deterministic)
+rebuilt with hopper_forward's WS layout: 128 keys as two warpgroups of 64 in partitions
+of their own, and a loading warp that brings K and V once, then Q and dO of each query
+block into a ring. Q and dO are read through (heads, queries, D) descriptors, so that a
+kv group's query heads need no descriptor of their own. In a warpgroup, P^T's
+exponentials run while dP^T is on the tensor cores; everything is waited for before the
+next query block (a product in flight across the loop's back edge serializes them all,
+NOTES run 14).
+
+Checked against fused_triton's dk, dv (and the oracle's) on awkward shapes first; then
+fused_triton's dK/dV kernel (autotuned) and each config are timed alone in turns. The
+delta both read comes from fused_triton's dQ kernel. Writes DIR/gluon_dkdv.json.
+"""
+
+from __future__ import annotations
+
+import torch
+from gluon_dq import inputs, triton_dq
+from gluon_forward import (  # beside this script
+    experiment_parser,
+    record,
+    run_experiment,
+    time_against_triton,
+)
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from attnkit import attention
+from attnkit.backends import fused_triton as ft
+from attnkit.backends.hopper_forward import hold
+from attnkit.verify import rel_err
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA, lse_base, Sq,
+               k_smem, v_smem, q_ring, do_ring, ready, free,
+               MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+               BLOCK_M: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr):
+    """Step t of the walk: the query rows [m0, m0 + BLOCK_M) of the group's query head
+    `head`. S^T and dP^T issued; P^T's exponentials under dP^T; dV's product, dS^T under
+    it, dK's; all waited for before the slot goes back to the loading warp."""
+    KEYS: gl.constexpr = 64
+    slot = t % STAGES
+    qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    row = lse_base + head * Sq + qi
+    # lse in log2 units; dead rows (-inf) and rows past Sq get +inf, so that p = 0.
+    lse = gl.load(LSE + row, mask=qi < Sq, other=float("inf"))
+    lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = gl.load(DELTA + row, mask=qi < Sq, other=0.0)
+    mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+    q = q_ring.index(slot).reshape([BLOCK_M, q_ring.shape[3]])  # the (1, BLOCK_M, D) box
+    do = do_ring.index(slot).reshape([BLOCK_M, do_ring.shape[3]])
+    s_tok = warpgroup_mma(k_smem, q.permute((1, 0)),
+                          gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+    dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)),
+                           gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(1, deps=[s_tok])
+    if MASKED:
+        seen = gl.expand_dims(kj, 1) < kv_len
+        if CAUSAL:
+            seen = seen & (gl.expand_dims(kj, 1) <= gl.expand_dims(qi, 0) + off)
+        s = gl.where(seen, s * qk_scale, float("-inf"))
+        p = gl.exp2(s - gl.expand_dims(lse, 0))
+    else:
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0))
+    # dV's product needs P^T only: issued before dP^T is waited for, it pins that wait
+    # below every exponential (ptxas would move a free-standing wait up into the first
+    # stall, NOTES run 14), and dS^T then runs under it.
+    p_op = gl.convert_layout(p.to(q.dtype), op_layout)
+    dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+    dp = warpgroup_mma_wait(1, deps=[dp_tok])
+    ds_op = gl.convert_layout((p * (dp - gl.expand_dims(delta, 0))).to(q.dtype), op_layout)
+    dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+    dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+    hold(p_op)
+    hold(ds_op)
+    mbarrier.arrive(free.index(slot), count=1)
+    return dk, dv
+
+
+@gluon.jit
+def _dkdv_consume(DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale,
+                  group, Hq, first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn,
+                  stride_dvb, stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring,
+                  ready, free, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
+    first_block.. of every query head of the group, stored (dK scaled)."""
+    KEYS: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    d_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout,
+                                                  k_width=2)
+    kj = n0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
+    dk = gl.zeros([KEYS, HEAD_D], gl.float32, d_layout)
+    dv = gl.zeros([KEYS, HEAD_D], gl.float32, d_layout)
+    lse_base = (b * Hq + kvh * group) * Sq
+    mbarrier.wait(kv_bar, 0)
+    for t in range(group * n_blocks):
+        head = t // n_blocks
+        m0 = (first_block + t % n_blocks) * BLOCK_M
+        # Every key of the warpgroup below kv_len and (causal) seen by the block's first
+        # query: no index checks.
+        whole = n0 + KEYS <= kv_len
+        if CAUSAL:
+            whole = whole & (n0 + KEYS - 1 <= m0 + off)
+        if whole:
+            dk, dv = _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA,
+                                lse_base, Sq, k_smem, v_smem, q_ring, do_ring, ready, free,
+                                False, CAUSAL, STAGES, BLOCK_M, s_layout, op_layout)
+        else:
+            dk, dv = _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA,
+                                lse_base, Sq, k_smem, v_smem, q_ring, do_ring, ready, free,
+                                True, CAUSAL, STAGES, BLOCK_M, s_layout, op_layout)
+    rows = n0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, d_layout))
+    cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
+    ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0)
+    gl.store(DK + b * stride_dkb + kvh * stride_dkh + gl.expand_dims(rows, 1) * stride_dkn
+             + gl.expand_dims(cols, 0), (dk * scale).to(k_smem.dtype), mask=ok)
+    gl.store(DV + b * stride_dvb + kvh * stride_dvh + gl.expand_dims(rows, 1) * stride_dvn
+             + gl.expand_dims(cols, 0), dv.to(k_smem.dtype), mask=ok)
+
+
+@gluon.jit
+def _dkdv_produce(kvh, group, n0, first_block, n_blocks, k_desc, v_desc, q_desc, do_desc,
+                  k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free,
+                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """The loading warp: K and V of the key block once, then Q and dO of each step of the
+    walk into the ring, once both warpgroups have let the slot go."""
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [n0, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [n0, 0], kv_bar, v_smem)
+    for t in range(group * n_blocks):
+        slot = t % STAGES
+        mbarrier.wait(free.index(slot), ((t // STAGES) & 1) ^ 1)
+        h = (kvh * group + t // n_blocks).to(gl.int32)  # TMA coordinates are 32-bit
+        m0 = (first_block + t % n_blocks) * BLOCK_M
+        bar = ready.index(slot)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [h, m0, 0], bar, q_ring.index(slot))
+        tma.async_copy_global_to_shared(do_desc, [h, m0, 0], bar, do_ring.index(slot))
+
+
+@gluon.jit
+def _dkdv_worker(ROLE: gl.constexpr, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
+                 qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                 stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
+                 do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free,
+                 HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                 CAUSAL: gl.constexpr):
+    """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
+    if ROLE == 0:
+        _dkdv_consume(DK, DV, LSE, DELTA, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale,
+                      scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                      stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_smem.slice(64, 64),
+                      v_smem.slice(64, 64), kv_bar, q_ring, do_ring, ready, free, HEAD_D,
+                      BLOCK_M, STAGES, CAUSAL)
+    else:
+        _dkdv_produce(kvh, group, n0, first_block, n_blocks, k_desc, v_desc, q_desc,
+                      do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, BLOCK_M,
+                      STAGES)
+
+
+@gluon.jit
+def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                Hq, Hkv, group, Sq, Skv, qk_scale, scale,
+                HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+                BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS)."""
+    BLOCK_N: gl.constexpr = 128
+    dtype: gl.constexpr = Q.dtype.element_ty
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, HEAD_D], dtype)
+    n0 = gl.program_id(0) * BLOCK_N
+    bh = gl.program_id(1)
+    b = (bh // Hkv).to(gl.int64)
+    kvh = (bh % Hkv).to(gl.int64)
+    k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh, [Skv, HEAD_D],
+                                        [stride_kn, 1], [BLOCK_N, HEAD_D], kv_layout)
+    v_desc = tma.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh, [Skv, HEAD_D],
+                                        [stride_vn, 1], [BLOCK_N, HEAD_D], kv_layout)
+    # (heads, queries, D) over the batch's query heads: a kv group's heads share them.
+    q_desc = tma.make_tensor_descriptor(Q + b * stride_qb, [Hq, Sq, HEAD_D],
+                                        [stride_qh, stride_qm, 1], [1, BLOCK_M, HEAD_D],
+                                        q_layout)
+    do_desc = tma.make_tensor_descriptor(DO + b * stride_dob, [Hq, Sq, HEAD_D],
+                                         [stride_doh, stride_dom, 1], [1, BLOCK_M, HEAD_D],
+                                         q_layout)
+    off = Skv - Sq
+    kv_len = Skv
+    if HAS_LENGTHS:
+        kv_len = gl.minimum(gl.load(LENGTHS + b).to(gl.int32), Skv)
+    # The query blocks that can see a key of this block: from the one holding the first
+    # query that sees key n0 (causal: n0 - off) to the last; none past kv_len.
+    first_block = 0
+    if CAUSAL:
+        first_block = gl.maximum(n0 - off, 0) // BLOCK_M
+    n_blocks = gl.maximum(gl.cdiv(Sq, BLOCK_M) - first_block, 0)
+    n_blocks = gl.where(n0 < kv_len, n_blocks, 0)
+
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], kv_layout)
+    q_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_D], q_layout)
+    do_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_D], q_layout)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(free.index(i), count=2)  # one arrival per computing warpgroup
+    gl.warp_specialize([
+        (_dkdv_consume, (DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
+                         scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                         stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_smem.slice(0, 64),
+                         v_smem.slice(0, 64), kv_bar, q_ring, do_ring, ready, free, HEAD_D,
+                         BLOCK_M, STAGES, CAUSAL)),
+        (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
+                        scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                        stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc,
+                        q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
+                        free, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+        (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
+                        scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                        stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc,
+                        q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
+                        free, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+    ], [4, 1], [232, 24])
+
+
+def gluon_dkdv(call, lse, dout, delta, config=(32, 3)):
+    """dk, dv for `call` through dkdv_kernel (delta: rowsum(O dO), from a dQ kernel)."""
+    block_m, stages = config
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Sq, D = q.shape
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    lengths = call.key_lengths if call.key_lengths is not None else lse
+    ft._ensure_allocator()
+    dkdv_kernel[(-(-call.seq_kv // 128), B * call.heads_kv)](
+        q, k, v, dout, lse, delta, dk, dv, lengths,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3],
+        Hq, call.heads_kv, call.group, Sq, call.seq_kv, call.scale * LOG2E, call.scale,
+        HEAD_D=D, CAUSAL=call.causal, HAS_LENGTHS=call.key_lengths is not None,
+        BLOCK_M=block_m, STAGES=stages, num_warps=4, maxnreg=168)
+    return dk, dv
+
+
+def triton_dkdv(call, lse, dout, delta):
+    """fused_triton's dK/dV kernel alone (as _backward launches it): dk, dv."""
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Sq, _ = q.shape
+    (left, right, qk_scale, seed, drop_p, *buckets), flags = ft._meta(call, 0)
+    mask, mask_strides = ft._mask_args(call)
+    lengths = call.key_lengths if call.key_lengths is not None else lse
+    _, dk, dv = ft._empty_grads(q, k, v)
+    ft._launch(ft._bwd_dkdv_kernel,
+               lambda meta: (ft._cdiv(call.seq_kv, meta["BLOCK_N"]), B * call.heads_kv), (
+                   q, k, v, dout, lse, delta, dk, dv, mask, lengths,
+                   *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
+                   *dv.stride(), *mask_strides, Hq, call.heads_kv, call.group, Sq,
+                   call.seq_kv, left, right, qk_scale, call.scale, seed, drop_p, *buckets,
+               ), {**flags, "GROUPED": call.group > 1},
+               ft._tune_key(flags, buckets, q, dout, mask, lengths))
+    return dk, dv
+
+
+# (B, Hq, Hkv, Sq, Skv, D, causal, key lengths)
+CASES = [
+    (2, 4, 2, 1000, 1000, 128, True, None),
+    (2, 4, 4, 1000, 1000, 64, False, None),
+    (1, 2, 2, 17, 1000, 128, True, None),  # 17 queries against 1000 keys
+    (2, 2, 2, 700, 300, 128, False, [0, 255]),  # batch 0: every key hidden
+    (2, 4, 1, 700, 700, 64, True, [700, 333]),
+]
+SHAPES = [(4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (1, 16, 16384, 128, False),
+          (1, 16, 16384, 128, True), (4, 32, 4096, 64, False)]
+
+
+def _inputs(*case):
+    """gluon_dq.inputs (a call, the Triton forward's out and lse, a random dO), without
+    out, and with the delta of the Triton dQ kernel."""
+    call, out, lse, dout = inputs(*case)
+    _, delta = triton_dq(call, out, lse, dout)
+    return call, lse, dout, delta
+
+
+def check(configs) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows = []
+    for case in CASES:
+        call, lse, dout, delta = _inputs(*case, gen)
+        want_dk, want_dv = triton_dkdv(call, lse, dout, delta)
+        k64, v64 = (t.double().requires_grad_() for t in (call.k, call.v))
+        ref = attention(call.q.double(), k64, v64, causal=call.causal,
+                        key_lengths=call.key_lengths, impl="reference")
+        oracle_dk, oracle_dv = torch.autograd.grad(ref, (k64, v64), dout.double())
+        for config in configs:
+            dk, dv = gluon_dkdv(call, lse, dout, delta, config)
+            torch.cuda.synchronize()
+            errs = {"dk_vs_triton": rel_err(dk, want_dk), "dv_vs_triton": rel_err(dv, want_dv),
+                    "dk_vs_oracle": rel_err(dk, oracle_dk), "dv_vs_oracle": rel_err(dv, oracle_dv)}
+            ok = errs["dk_vs_oracle"] < 1e-2 and errs["dv_vs_oracle"] < 1e-2
+            record(rows, case, config, errs, ok)
+    return rows
+
+
+def time_shape(shape, configs, rounds: int) -> dict:
+    return time_against_triton(shape, configs, rounds, _inputs, triton_dkdv, gluon_dkdv, 4,
+                               " (dK/dV kernel alone)")
+
+
+def main() -> None:
+    args = experiment_parser(__doc__, 3, "BLOCK_M,STAGES").parse_args()
+    configs = [tuple(int(x) for x in c.split(",")) for c in args.config or ["32,3", "64,2"]]
+    run_experiment(args, "gluon_dkdv", configs, check, time_shape, SHAPES)
+
+
+if __name__ == "__main__":
+    main()

@@ -271,21 +271,9 @@ def gluon_dkdv(call, lse, dout, delta, config=(32, 3)):
 
 
 def triton_dkdv(call, lse, dout, delta):
-    """fused_triton's dK/dV kernel alone (as _backward launches it): dk, dv."""
-    q, k, v = call.q, call.k, call.v
-    B, Hq, Sq, _ = q.shape
-    (left, right, qk_scale, seed, drop_p, *buckets), flags = ft._meta(call, 0)
-    mask, mask_strides = ft._mask_args(call)
-    lengths = call.key_lengths if call.key_lengths is not None else lse
-    _, dk, dv = ft._empty_grads(q, k, v)
-    ft._launch(ft._bwd_dkdv_kernel,
-               lambda meta: (ft._cdiv(call.seq_kv, meta["BLOCK_N"]), B * call.heads_kv), (
-                   q, k, v, dout, lse, delta, dk, dv, mask, lengths,
-                   *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
-                   *dv.stride(), *mask_strides, Hq, call.heads_kv, call.group, Sq,
-                   call.seq_kv, left, right, qk_scale, call.scale, seed, drop_p, *buckets,
-               ), {**flags, "GROUPED": call.group > 1},
-               ft._tune_key(flags, buckets, q, dout, mask, lengths))
+    """fused_triton's dK/dV kernel alone, launched as _backward launches it: dk, dv."""
+    _, dk, dv = ft._empty_grads(call.q, call.k, call.v)
+    ft._launch_dkdv(call, ft._backward_shared(call, 0, lse, dout), lse, dout, delta, dk, dv)
     return dk, dv
 
 

@@ -26,6 +26,7 @@ from gluon_forward import (  # beside this script
     record,
     run_experiment,
     time_against_triton,
+    triton_forward,
 )
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -264,20 +265,10 @@ def gluon_dq(call, out, lse, dout, config=(64, 3)):
 
 
 def triton_dq(call, out, lse, dout):
-    """fused_triton's dQ kernel alone (as _backward launches it): dq, delta."""
-    q, k, v = call.q, call.k, call.v
-    B, Hq, Sq, _ = q.shape
-    (left, right, qk_scale, seed, drop_p, *buckets), flags = ft._meta(call, 0)
-    mask, mask_strides = ft._mask_args(call)
-    lengths = call.key_lengths if call.key_lengths is not None else lse
+    """fused_triton's dQ kernel alone, launched as _backward launches it: dq, delta."""
     delta = torch.empty_like(lse)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    ft._launch(ft._bwd_dq_kernel, lambda meta: (ft._cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
-        q, k, v, out, dout, lse, delta, dq, mask, lengths,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
-        *mask_strides, Hq, call.group, Sq, call.seq_kv, left, right, qk_scale,
-        call.scale, seed, drop_p, *buckets,
-    ), flags, ft._tune_key(flags, buckets, q, dout, mask, lengths))
+    dq, _, _ = ft._empty_grads(call.q, call.k, call.v)
+    ft._launch_dq(call, ft._backward_shared(call, 0, lse, dout), out, lse, dout, delta, dq)
     return dq, delta
 
 
@@ -299,9 +290,7 @@ def inputs(b, hq, hkv, sq, skv, d, causal, lengths, gen):
             for _ in range(2))
     key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
     call = make_call(q, k, v, causal=causal, key_lengths=key_lengths)
-    ft._HOPPER_FORWARD = False  # the Triton forward's out and lse, as _backward gets them
-    out, lse = ft._forward(call, 0)
-    ft._HOPPER_FORWARD = True
+    out, lse = triton_forward(call)
     return call, out, lse, torch.randn_like(out)
 
 

@@ -1061,6 +1061,16 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     B, Hq, Sq, _ = q.shape
     Skv, Dv = call.seq_kv, call.head_dim_v
     out, lse = _empty_outputs(q, v)
+    packed = _packs_group(call) if packed is None else packed
+    splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call, packed), config)
+    if config is None and tma is None and splits == 1 and _uses_hopper_forward(call):
+        _ensure_allocator()
+        try:
+            hopper_forward.launch(q, k, v, out, lse, call.key_lengths, call.causal,
+                                  call.scale, _HOPPER_CONFIG)
+            return out, lse
+        except triton.CompilationError as exc:
+            _give_up_hopper_forward(exc)
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
@@ -1071,17 +1081,8 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
         raise ValueError("tma is chosen by the autotuner unless a tile config is given")
     if flags["TMA_OK"]:
         _ensure_allocator()
-    flags["PACKED"] = packed = _packs_group(call) if packed is None else packed
+    flags["PACKED"] = packed
     row_groups, rows = _query_rows(call, packed)
-    splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call, packed), config)
-    if config is None and tma is None and splits == 1 and _uses_hopper_forward(call):
-        _ensure_allocator()
-        try:
-            hopper_forward.launch(q, k, v, out, lse, call.key_lengths, call.causal,
-                                  call.scale, _HOPPER_CONFIG)
-            return out, lse
-        except triton.CompilationError as exc:
-            _give_up_hopper_forward(exc)
     flags["SPLIT"] = splits > 1
     written, written_lse, split_stride = out, lse, 0
     if splits > 1:  # partial results per key range, float32, merged below
@@ -1217,28 +1218,52 @@ def _kv_splits(call: AttentionCall, packed: bool) -> int:
 def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
               configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
     """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
-    q, k, v = call.q, call.k, call.v
-    B, Hq, Sq, _ = q.shape
-    Hkv, Skv = call.heads_kv, call.seq_kv
+    shared = _backward_shared(call, seed, lse, dout)
+    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
+    dq, dk, dv = _empty_grads(call.q, call.k, call.v)
+    _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
+    _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
+    return dq, dk, dv
+
+
+def _backward_shared(call: AttentionCall, seed: int, lse: Tensor, dout: Tensor) -> tuple:
+    """What the two backward kernels' launches share, worked out once per backward: the
+    scalar arguments after the sizes, the flags, the mask and its strides, the key
+    lengths (or a stand-in the kernels do not read) and the tuning key."""
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
+    scalars = (left, right, qk_scale, call.scale, seed, drop_p, *buckets)
+    return (scalars, flags, mask, mask_strides, lengths,
+            _tune_key(flags, buckets, call.q, dout, mask, lengths))
 
-    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
-    dq, dk, dv = _empty_grads(q, k, v)
-    common = (call.scale, seed, drop_p, *buckets)
-    tune_key = _tune_key(flags, buckets, q, dout, mask, lengths)
+
+def _launch_dq(call: AttentionCall, shared: tuple, out: Tensor, lse: Tensor, dout: Tensor,
+               delta: Tensor, dq: Tensor, config: TileConfig | None = None) -> None:
+    """The dQ kernel: dq, and delta = rowsum(out * dout) for the dK/dV kernel."""
+    scalars, flags, mask, mask_strides, lengths, tune_key = shared
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Sq, _ = q.shape
     _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
         q, k, v, out, dout, lse, delta, dq, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
-        *mask_strides, Hq, call.group, Sq, Skv, left, right, qk_scale, *common,
-    ), flags, tune_key, configs[1])
-    _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(Skv, meta["BLOCK_N"]), B * Hkv), (
+        *mask_strides, Hq, call.group, Sq, call.seq_kv, *scalars,
+    ), flags, tune_key, config)
+
+
+def _launch_dkdv(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,
+                 delta: Tensor, dk: Tensor, dv: Tensor, config: TileConfig | None = None
+                 ) -> None:
+    """The dK/dV kernel, reading the delta that _launch_dq wrote."""
+    scalars, flags, mask, mask_strides, lengths, tune_key = shared
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Sq, _ = q.shape
+    _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(call.seq_kv, meta["BLOCK_N"]),
+                                            B * call.heads_kv), (
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        *mask_strides, Hq, Hkv, call.group, Sq, Skv, left, right, qk_scale, *common,
-    ), {**flags, "GROUPED": call.group > 1}, tune_key, configs[0])
-    return dq, dk, dv
+        *mask_strides, Hq, call.heads_kv, call.group, Sq, call.seq_kv, *scalars,
+    ), {**flags, "GROUPED": call.group > 1}, tune_key, config)
 
 
 # ---------------------------------------------------------------------------------------

@@ -712,7 +712,7 @@ def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, d=128, **kwargs):
     ({}, True),
     ({"causal": True, "hkv": 1}, True),  # grouped heads
     ({"key_lengths": torch.tensor([4000])}, True),
-    ({"dtype": torch.float16}, False),  # not yet run on a GPU
+    ({"dtype": torch.float16}, True),
     ({"d": 64}, False),  # measured slower there
     ({"sq": 1000}, False),  # likewise
     ({"dtype": torch.float32}, False),
@@ -818,9 +818,10 @@ def test_hopper_forward_on_gpu():
                 assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))
                 seen = torch.isfinite(want_lse)
                 assert rel_err(lse[seen], want_lse[seen]) < 1e-3
-    q, k, v = (torch.randn(1, 4, 4096, 128, device="cuda", dtype=torch.bfloat16,
-                           generator=gen).requires_grad_() for _ in range(3))
     lengths = torch.tensor([3000], device="cuda")
-    assert ft._uses_hopper_forward(make_call(q, k, v, causal=True, key_lengths=lengths))
-    _assert_matches_reference(q, k, v, torch.randn_like(q), causal=True,
-                              key_lengths=lengths, return_lse=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (torch.randn(1, 4, 4096, 128, device="cuda", dtype=dtype,
+                               generator=gen).requires_grad_() for _ in range(3))
+        assert ft._uses_hopper_forward(make_call(q, k, v, causal=True, key_lengths=lengths))
+        _assert_matches_reference(q, k, v, torch.randn_like(q), causal=True,
+                                  key_lengths=lengths, return_lse=True)

@@ -1118,10 +1118,10 @@ _HOPPER_CONFIG = (128, 4, 2, True)  # hopper_forward.launch's (BLOCK_N, warps, s
 
 def _hopper_forward_fits(call: AttentionCall) -> bool:
     """Whether the call is one the Gluon forward covers and was measured faster on:
-    bfloat16 (float16 compiles but has not run on a GPU yet), D = Dv = 128, a positive
-    scale, no mask tensor, window or dropout, Sq and Skv of at least _HOPPER_MIN_SEQ, and
-    q, k, v that TMA can read. Says nothing about the device."""
-    return (call.dtype == torch.bfloat16
+    bfloat16 or float16 (timed in bfloat16; the two take the same tensor-core path),
+    D = Dv = 128, a positive scale, no mask tensor, window or dropout, Sq and Skv of at
+    least _HOPPER_MIN_SEQ, and q, k, v that TMA can read. Says nothing about the device."""
+    return (call.dtype in (torch.bfloat16, torch.float16)
             and call.head_dim == 128 and call.head_dim_v == 128 and call.scale > 0
             and call.attn_mask is None and call.window is None and call.dropout_p == 0.0
             and min(call.seq_q, call.seq_kv) >= _HOPPER_MIN_SEQ

@@ -5,7 +5,7 @@
 
 fused_triton's dQ kernel (one program per query block: S = Q K^T, P = exp2(S - lse),
 dP = dO V^T, dS = P (dP - delta), dQ += dS K over the key blocks, and delta = rowsum(O dO)
-stored for the dK/dV kernel) rebuilt like hopper_forward's WS forward: two warpgroups of
+stored for the dK/dV kernel) rebuilt like hopper_forward's forward: two warpgroups of
 64 query rows in partitions of their own and a loading warp that fills a K/V ring. In a
 warpgroup, block j+1's S and dP are issued first, block j's exponentials and dS run
 while they are on the tensor cores, then block j's dQ product. Compiled for sm_90 under

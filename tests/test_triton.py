@@ -727,6 +727,13 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     assert ft._hopper_forward_fits(_long_call(**kwargs)) == fits
 
 
+def test_hopper_forward_runs_a_config_the_gpu_test_checks():
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_forward as hf
+
+    assert ft._HOPPER_CONFIG in hf.CONFIGS[128]
+
+
 def test_hopper_forward_needs_tma_readable_tensors():
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call

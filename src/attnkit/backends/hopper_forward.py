@@ -8,11 +8,12 @@ the tensor cores, issues block j+1's Q K^T and only then waits (FlashAttention-3
 intra-warpgroup overlap; NOTES, run 14, says why in that order). K and V tiles arrive
 through TMA into a ring of STAGES slots.
 
-With WS (what `fused_triton` runs), a program's 128 query rows are two warpgroups of 64,
+The kernel is warp-specialized: a program's 128 query rows are two warpgroups of 64,
 each in its own partition, and a third partition of one warp does the loading, so
 nothing ties the two warpgroups together: while one runs its softmax the other's matmuls
-can run. Without WS the warps that compute also refill the ring; Gluon then puts a CTA
-barrier before each copy, which keeps them in lockstep (slower on the H100: run 14).
+can run. (A version whose computing warps also refilled the ring was slower on the
+H100, as Gluon puts a CTA barrier before each copy and that kept the warpgroups in
+lockstep: NOTES run 14; it is in git history up to 3280f9e.)
 
 It covers the common case only, and `fused_triton` keeps the rest: an sm_90 GPU, fp16 or
 bf16, D = Dv in (64, 128), a positive scale, causal or not, key_lengths, grouped heads;
@@ -108,11 +109,10 @@ if gluon is not None:
 
     @gluon.jit
     def _step(j, nxt, s, o, p_op, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars,
-              k_free, v_free, k_desc, v_desc, qi, kv_len, off, qk_scale, total,
+              k_free, v_free, qi, kv_len, off, qk_scale,
               MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_PREV: gl.constexpr,
               HAS_NEXT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-              WS: gl.constexpr):
+              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
         """Key block j, whose raw scores s are in registers: its softmax runs while block
         j-1's P V (HAS_PREV) is on the tensor cores; then block nxt's Q K^T is issued
         (HAS_NEXT) and its scores are what this returns, with o, block j's p as the P V
@@ -146,52 +146,40 @@ if gluon is not None:
         o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         if HAS_NEXT:
             s = warpgroup_mma_wait(0, deps=[s_tok])
-        # The matmuls that read these slots are done. WS: tell the loading warp. Else
-        # refill them here (Gluon puts a CTA barrier before each copy, so the other
-        # warpgroup's matmuls are done too).
-        if WS:
-            if HAS_NEXT:
-                mbarrier.arrive(k_free.index(k_slot), count=1)
-            if HAS_PREV:
-                mbarrier.arrive(v_free.index(v_slot), count=1)
-        else:
-            if HAS_NEXT:
-                issue(k_desc, (nxt + STAGES) * BLOCK_N, k_bars.index(k_slot),
-                       k_smem.index(k_slot), nxt + STAGES < total)
-            if HAS_PREV:
-                issue(v_desc, (j - 1 + STAGES) * BLOCK_N, v_bars.index(v_slot),
-                       v_smem.index(v_slot), j - 1 + STAGES < total)
+        # The matmuls that read these slots are done: tell the loading warp.
+        if HAS_NEXT:
+            mbarrier.arrive(k_free.index(k_slot), count=1)
+        if HAS_PREV:
+            mbarrier.arrive(v_free.index(v_slot), count=1)
         return s, o, p_next, m_new, l_i
 
     @gluon.jit
     def _blocks(first, last, s, o, p_op, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars,
-                k_free, v_free, k_desc, v_desc, qi, kv_len, off, qk_scale, total,
+                k_free, v_free, qi, kv_len, off, qk_scale,
                 MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                 BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                p_layout: gl.constexpr, WS: gl.constexpr):
+                p_layout: gl.constexpr):
         """_step over key blocks [first, last), each followed by another."""
         for j in range(first, last):
             s, o, p_op, m_i, l_i = _step(j, j + 1, s, o, p_op, m_i, l_i, q_smem, k_smem,
-                                         v_smem, k_bars, v_bars, k_free, v_free, k_desc,
-                                         v_desc, qi, kv_len, off, qk_scale, total, MASKED,
-                                         CAUSAL, True, True, STAGES, BLOCK_N, s_layout,
-                                         o_layout, p_layout, WS)
+                                         v_smem, k_bars, v_bars, k_free, v_free, qi, kv_len,
+                                         off, qk_scale, MASKED, CAUSAL, True, True, STAGES,
+                                         BLOCK_N, s_layout, o_layout, p_layout)
         return s, o, p_op, m_i, l_i
 
     @gluon.jit
     def _consume(Out, LSE, b, h, bh, row0, Sq, kv_len, off, qk_scale, total, full_blocks,
                  stride_ob, stride_oh, stride_om, q_smem, k_smem, v_smem, q_bar, k_bars,
-                 v_bars, k_free, v_free, k_desc, v_desc,
-                 ROWS: gl.constexpr, WARPS: gl.constexpr, HEAD_D: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 WS: gl.constexpr):
-        """The rows [row0, row0 + ROWS) of one (batch, head): every key block in turn
-        (_step), then out and lse stored. WARPS warps, 16 rows each."""
+                 v_bars, k_free, v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """One warpgroup's rows [row0, row0 + 64) of one (batch, head): every key block in
+        turn (_step), then out and lse stored."""
+        ROWS: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_D, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
                                                      k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -207,32 +195,27 @@ if gluon is not None:
         mbarrier.wait(k_bars.index(0), 0)
         s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
                           gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
-        if WS:
-            mbarrier.arrive(k_free.index(0), count=1)
-        else:
-            issue(k_desc, STAGES * BLOCK_N, k_bars.index(0), k_smem.index(0), STAGES < total)
+        mbarrier.arrive(k_free.index(0), count=1)
         s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), s, o, p_op, m_i, l_i,
                                      q_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
-                                     k_desc, v_desc, qi, kv_len, off, qk_scale, total, True,
-                                     CAUSAL, False, True, STAGES, BLOCK_N, s_layout, o_layout,
-                                     p_layout, WS)
+                                     qi, kv_len, off, qk_scale, True, CAUSAL, False, True,
+                                     STAGES, BLOCK_N, s_layout, o_layout, p_layout)
         # Blocks 1 .. total-2, those every row sees first; the last block apart, as it
         # issues no next Q K^T.
         split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
         s, o, p_op, m_i, l_i = _blocks(1, split, s, o, p_op, m_i, l_i, q_smem, k_smem,
-                                       v_smem, k_bars, v_bars, k_free, v_free, k_desc, v_desc,
-                                       qi, kv_len, off, qk_scale, total, False, CAUSAL,
-                                       STAGES, BLOCK_N, s_layout, o_layout, p_layout, WS)
+                                       v_smem, k_bars, v_bars, k_free, v_free, qi, kv_len,
+                                       off, qk_scale, False, CAUSAL, STAGES, BLOCK_N,
+                                       s_layout, o_layout, p_layout)
         s, o, p_op, m_i, l_i = _blocks(split, total - 1, s, o, p_op, m_i, l_i, q_smem,
-                                       k_smem, v_smem, k_bars, v_bars, k_free, v_free, k_desc,
-                                       v_desc, qi, kv_len, off, qk_scale, total, True, CAUSAL,
-                                       STAGES, BLOCK_N, s_layout, o_layout, p_layout, WS)
+                                       k_smem, v_smem, k_bars, v_bars, k_free, v_free, qi,
+                                       kv_len, off, qk_scale, True, CAUSAL, STAGES, BLOCK_N,
+                                       s_layout, o_layout, p_layout)
         if total > 1:
             s, o, p_op, m_i, l_i = _step(total - 1, total - 1, s, o, p_op, m_i, l_i, q_smem,
-                                         k_smem, v_smem, k_bars, v_bars, k_free, v_free,
-                                         k_desc, v_desc, qi, kv_len, off, qk_scale, total,
-                                         True, CAUSAL, True, False, STAGES, BLOCK_N,
-                                         s_layout, o_layout, p_layout, WS)
+                                         k_smem, v_smem, k_bars, v_bars, k_free, v_free, qi,
+                                         kv_len, off, qk_scale, True, CAUSAL, True, False,
+                                         STAGES, BLOCK_N, s_layout, o_layout, p_layout)
         # The last block's P V.
         last = total - 1
         mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
@@ -338,8 +321,8 @@ if gluon is not None:
         if ROLE == 0:
             _consume(Out, LSE, b, h, bh, m0 + 64, Sq, kv_len, off, qk_scale, total,
                      full_blocks, stride_ob, stride_oh, stride_om, q_smem.slice(64, 64),
-                     k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, k_desc, v_desc,
-                     64, 4, HEAD_D, BLOCK_N, STAGES, CAUSAL, True)
+                     k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N,
+                     STAGES, CAUSAL)
         else:
             _produce(m0, total, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
                      k_bars, v_bars, k_free, v_free, BLOCK_N, STAGES)
@@ -352,14 +335,13 @@ if gluon is not None:
                        stride_ob, stride_oh, stride_om,
                        Hq, group, Sq, Skv, qk_scale,
                        HEAD_D: gl.constexpr, CAUSAL: gl.constexpr,
-                       HAS_LENGTHS: gl.constexpr, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
-        """One program per (query block, batch * query head): out (B, Hq, Sq, D) and lse
+                       HAS_LENGTHS: gl.constexpr, BLOCK_N: gl.constexpr,
+                       STAGES: gl.constexpr):
+        """One program per (128 queries, batch * query head): out (B, Hq, Sq, D) and lse
         (B * Hq * Sq, natural log) for the rows of its block, like fused_triton's
-        forward. Each warpgroup owns 64 rows. WS: two warpgroups of BLOCK_M = 128 rows
-        run apart, each in its own partition, and one more warp loads the tiles, so no
-        CTA-wide barrier ties them together; else BLOCK_M = 16 * num_warps and the
-        warps that compute also issue the loads."""
+        forward. Two warpgroups of 64 rows run apart, each in its own partition, and one
+        more warp loads the tiles, so no CTA-wide barrier ties them together."""
+        BLOCK_M: gl.constexpr = 128
         dtype: gl.constexpr = Q.dtype.element_ty
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D],
@@ -384,54 +366,37 @@ if gluon is not None:
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(dtype, kv_layout, STAGES,
                                                                  BLOCK_N, HEAD_D)
 
-        if WS:
-            gl.static_assert(BLOCK_M == 128, "two warpgroups of 64 rows")
-            gl.warp_specialize([
-                (_consume, (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total,
-                            full_blocks, stride_ob, stride_oh, stride_om,
-                            q_smem.slice(0, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
-                            k_free, v_free, k_desc, v_desc, 64, 4, HEAD_D, BLOCK_N, STAGES,
-                            CAUSAL, True)),
-                (_second_partition, (0, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
-                                     total, full_blocks, stride_ob, stride_oh, stride_om,
-                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
-                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
-                                     CAUSAL)),
-                (_second_partition, (1, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
-                                     total, full_blocks, stride_ob, stride_oh, stride_om,
-                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
-                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
-                                     CAUSAL)),
-            ], [4, 1], [232, 24])
-        else:
-            num_warps: gl.constexpr = gl.num_warps()
-            gl.static_assert(BLOCK_M == 16 * num_warps, "each warp owns 16 rows")
-            issue(q_desc, m0, q_bar, q_smem, True)
-            for i in gl.static_range(STAGES):
-                issue(k_desc, i * BLOCK_N, k_bars.index(i), k_smem.index(i), i < total)
-                issue(v_desc, i * BLOCK_N, v_bars.index(i), v_smem.index(i), i < total)
-            _consume(Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total, full_blocks,
-                     stride_ob, stride_oh, stride_om, q_smem, k_smem, v_smem, q_bar, k_bars,
-                     v_bars, k_free, v_free, k_desc, v_desc, BLOCK_M, num_warps, HEAD_D,
-                     BLOCK_N, STAGES, CAUSAL, False)
+        gl.warp_specialize([
+            (_consume, (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total,
+                        full_blocks, stride_ob, stride_oh, stride_om, q_smem.slice(0, 64),
+                        k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
+                        BLOCK_N, STAGES, CAUSAL)),
+            (_second_partition, (0, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
+                                 total, full_blocks, stride_ob, stride_oh, stride_om, q_desc,
+                                 k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
+                                 v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL)),
+            (_second_partition, (1, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
+                                 total, full_blocks, stride_ob, stride_oh, stride_om, q_desc,
+                                 k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
+                                 v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL)),
+        ], [4, 1], [232, 24])
 
 
-# (BLOCK_N, num_warps, STAGES, WS) per head dim; BLOCK_M is 16 * num_warps, or 128 with
-# WS (num_warps 4: the first warpgroup's, the second and the loading warp come on top).
-CONFIGS = {64: [(128, 4, 2, True), (128, 4, 3, True), (64, 4, 2, False)],
-           128: [(128, 4, 2, True), (128, 4, 3, True), (128, 8, 2, False)]}
+# (BLOCK_N, STAGES) per head dim: the tile configs the GPU test checks and
+# benchmarks/gluon_forward.py times; fused_triton runs (128, 2) (NOTES run 14).
+CONFIGS = {64: [(128, 2), (128, 3)], 128: [(128, 2), (128, 3)]}
 
 
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
-           config: tuple[int, int, int, bool]) -> None:
+           config: tuple[int, int]) -> None:
     """Run the kernel on q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D), writing out (like q) and
-    lse (B, Hq, Sq, float32); the caller has checked that the call is one it covers."""
-    block_n, warps, stages, ws = config
-    block_m = 128 if ws else 16 * warps
+    lse (B, Hq, Sq, float32); the caller has checked that the call is one it covers.
+    config: (BLOCK_N, STAGES)."""
+    block_n, stages = config
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
-    grid = (-(-Sq // block_m), B * Hq)
+    grid = (-(-Sq // 128), B * Hq)
     forward_kernel[grid](
         q, k, v, out, lse, lengths,
         q.stride(0), q.stride(1), q.stride(2),
@@ -440,8 +405,9 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
         out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=ws, num_warps=warps,
-        # WS runs 12 warps; at 168 registers each they fill the register file, and
-        # setmaxnreg then moves them to the computing partitions (232) from the loading
-        # warp's warpgroup (24), as warp_specialize's last argument asks.
-        **({"maxnreg": 168} if ws else {}))
+        BLOCK_N=block_n, STAGES=stages, num_warps=4,
+        # 12 warps run (num_warps is the first partition's); at 168 registers each they
+        # fill the register file, and setmaxnreg then moves them to the computing
+        # partitions (232) from the loading warp's warpgroup (24), as warp_specialize's
+        # last argument asks.
+        maxnreg=168)

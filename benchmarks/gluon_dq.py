@@ -225,7 +225,7 @@ def dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, LENGTHS,
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(dtype, kv_layout, STAGES,
-                                                             BLOCK_N, HEAD_D)
+                                                             BLOCK_N, HEAD_D, 2)
     gl.warp_specialize([
         (_dq_consume, (Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
                        total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,

@@ -1113,7 +1113,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 # and at D=64 (NOTES, run 14). _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
 _HOPPER_FORWARD = True
 _HOPPER_MIN_SEQ = 4096
-_HOPPER_CONFIG = (128, 2)  # hopper_forward.launch's (BLOCK_N, STAGES)
+_HOPPER_CONFIG = (128, 2, 2)  # hopper_forward.launch's (BLOCK_N, STAGES, WARPGROUPS)
 
 
 def _hopper_forward_fits(call: AttentionCall) -> bool:

@@ -8,12 +8,13 @@ the tensor cores, issues block j+1's Q K^T and only then waits (FlashAttention-3
 intra-warpgroup overlap; NOTES, run 14, says why in that order). K and V tiles arrive
 through TMA into a ring of STAGES slots.
 
-The kernel is warp-specialized: a program's 128 query rows are two warpgroups of 64,
-each in its own partition, and a third partition of one warp does the loading, so
-nothing ties the two warpgroups together: while one runs its softmax the other's matmuls
-can run. (A version whose computing warps also refilled the ring was slower on the
-H100, as Gluon puts a CTA barrier before each copy and that kept the warpgroups in
-lockstep: NOTES run 14; it is in git history up to 3280f9e.)
+The kernel is warp-specialized: a program's query rows are two warpgroups of 64 (three,
+192 rows, in two D=64 configs, after FlashAttention-3's tile there), each in its own
+partition, and one more partition of one warp does the loading, so nothing ties the
+warpgroups together: while one runs its softmax another's matmuls can run. (A version
+whose computing warps also refilled the ring was slower on the H100, as Gluon puts a
+CTA barrier before each copy and that kept the warpgroups in lockstep: NOTES run 14; it
+is in git history up to 3280f9e.)
 
 It covers the common case only, and `fused_triton` keeps the rest: an sm_90 GPU, fp16 or
 bf16, D = Dv in (64, 128), a positive scale, causal or not, key_lengths, grouped heads;
@@ -112,7 +113,8 @@ if gluon is not None:
               k_free, v_free, qi, kv_len, off, qk_scale,
               MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_PREV: gl.constexpr,
               HAS_NEXT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+              LEAN: gl.constexpr):
         """Key block j, whose raw scores s are in registers: its softmax runs while block
         j-1's P V (HAS_PREV) is on the tensor cores; then block nxt's Q K^T is issued
         (HAS_NEXT) and its scores are what this returns, with o, block j's p as the P V
@@ -131,18 +133,26 @@ if gluon is not None:
         p, alpha = _exp(s, m_i, m_new, qk_scale, MASKED)
         l_i = l_i * alpha + gl.sum(p, 1)
         p_next = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        if LEAN:
+            # Fewer registers live at once: P V(j-1) is waited for before Q K^T(j+1) is
+            # issued, so that its scores can take p_op's registers. p_next among the
+            # wait's operands keeps the wait below the exponentials.
+            if HAS_PREV:
+                o, _, p_next = warpgroup_mma_wait(0, deps=[o_tok, p_op, p_next])
+                hold(p_op)
         if HAS_NEXT:
             k_slot = nxt % STAGES
             mbarrier.wait(k_bars.index(k_slot), (nxt // STAGES) & 1)
             s_tok = warpgroup_mma(q_smem, k_smem.index(k_slot).permute((1, 0)),
                                   gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                                   is_async=True)
-        if HAS_PREV:
-            if HAS_NEXT:
-                o, _ = warpgroup_mma_wait(1, deps=[o_tok, p_op])
-            else:
-                o, _ = warpgroup_mma_wait(0, deps=[o_tok, p_op])
-            hold(p_op)
+        if not LEAN:
+            if HAS_PREV:
+                if HAS_NEXT:
+                    o, _ = warpgroup_mma_wait(1, deps=[o_tok, p_op])
+                else:
+                    o, _ = warpgroup_mma_wait(0, deps=[o_tok, p_op])
+                hold(p_op)
         o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         if HAS_NEXT:
             s = warpgroup_mma_wait(0, deps=[s_tok])
@@ -158,23 +168,25 @@ if gluon is not None:
                 k_free, v_free, qi, kv_len, off, qk_scale,
                 MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                 BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                p_layout: gl.constexpr):
+                p_layout: gl.constexpr, LEAN: gl.constexpr):
         """_step over key blocks [first, last), each followed by another."""
         for j in range(first, last):
             s, o, p_op, m_i, l_i = _step(j, j + 1, s, o, p_op, m_i, l_i, q_smem, k_smem,
                                          v_smem, k_bars, v_bars, k_free, v_free, qi, kv_len,
                                          off, qk_scale, MASKED, CAUSAL, True, True, STAGES,
-                                         BLOCK_N, s_layout, o_layout, p_layout)
+                                         BLOCK_N, s_layout, o_layout, p_layout, LEAN)
         return s, o, p_op, m_i, l_i
 
     @gluon.jit
     def _consume(Out, LSE, b, h, bh, row0, Sq, kv_len, off, qk_scale, total, full_blocks,
                  stride_ob, stride_oh, stride_om, q_smem, k_smem, v_smem, q_bar, k_bars,
                  v_bars, k_free, v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, WARPGROUPS: gl.constexpr):
         """One warpgroup's rows [row0, row0 + 64) of one (batch, head): every key block in
         turn (_step), then out and lse stored."""
         ROWS: gl.constexpr = 64
+        # Three warpgroups get 160 registers each, too few for _step's usual order.
+        LEAN: gl.constexpr = WARPGROUPS == 3
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -199,23 +211,23 @@ if gluon is not None:
         s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), s, o, p_op, m_i, l_i,
                                      q_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                                      qi, kv_len, off, qk_scale, True, CAUSAL, False, True,
-                                     STAGES, BLOCK_N, s_layout, o_layout, p_layout)
+                                     STAGES, BLOCK_N, s_layout, o_layout, p_layout, LEAN)
         # Blocks 1 .. total-2, those every row sees first; the last block apart, as it
         # issues no next Q K^T.
         split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
         s, o, p_op, m_i, l_i = _blocks(1, split, s, o, p_op, m_i, l_i, q_smem, k_smem,
                                        v_smem, k_bars, v_bars, k_free, v_free, qi, kv_len,
                                        off, qk_scale, False, CAUSAL, STAGES, BLOCK_N,
-                                       s_layout, o_layout, p_layout)
+                                       s_layout, o_layout, p_layout, LEAN)
         s, o, p_op, m_i, l_i = _blocks(split, total - 1, s, o, p_op, m_i, l_i, q_smem,
                                        k_smem, v_smem, k_bars, v_bars, k_free, v_free, qi,
                                        kv_len, off, qk_scale, True, CAUSAL, STAGES, BLOCK_N,
-                                       s_layout, o_layout, p_layout)
+                                       s_layout, o_layout, p_layout, LEAN)
         if total > 1:
             s, o, p_op, m_i, l_i = _step(total - 1, total - 1, s, o, p_op, m_i, l_i, q_smem,
                                          k_smem, v_smem, k_bars, v_bars, k_free, v_free, qi,
                                          kv_len, off, qk_scale, True, CAUSAL, True, False,
-                                         STAGES, BLOCK_N, s_layout, o_layout, p_layout)
+                                         STAGES, BLOCK_N, s_layout, o_layout, p_layout, LEAN)
         # The last block's P V.
         last = total - 1
         mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
@@ -270,9 +282,9 @@ if gluon is not None:
 
     @gluon.jit
     def kv_ring(dtype: gl.constexpr, layout: gl.constexpr, STAGES: gl.constexpr,
-                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr):
+                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, WARPGROUPS: gl.constexpr):
         """Shared memory for a ring of STAGES K and V tiles, and its mbarriers: ready
-        (TMA bytes, one arrival) and free (one arrival per computing warpgroup, two)."""
+        (TMA bytes, one arrival) and free (one arrival per computing warpgroup)."""
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], layout)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -283,23 +295,30 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(k_bars.index(i), count=1)
             mbarrier.init(v_bars.index(i), count=1)
-            mbarrier.init(k_free.index(i), count=2)
-            mbarrier.init(v_free.index(i), count=2)
+            mbarrier.init(k_free.index(i), count=WARPGROUPS)
+            mbarrier.init(v_free.index(i), count=WARPGROUPS)
         return k_smem, v_smem, k_bars, v_bars, k_free, v_free
 
     @gluon.jit
     def _produce(m0, total, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
-                 v_bars, k_free, v_free, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                 v_bars, k_free, v_free, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 WARPGROUPS: gl.constexpr):
         """The loading warp: Q, then the K/V ring (load_kv_ring)."""
-        issue(q_desc, m0, q_bar, q_smem, True)
+        if WARPGROUPS == 2:
+            issue(q_desc, m0, q_bar, q_smem, True)
+        else:  # 64-row boxes, one expect for all of them (each expect is an arrival too)
+            mbarrier.expect(q_bar, WARPGROUPS * q_desc.block_type.nbytes)
+            for i in gl.static_range(WARPGROUPS):
+                tma.async_copy_global_to_shared(q_desc, [m0 + 64 * i, 0], q_bar,
+                                                q_smem.slice(64 * i, 64))
         load_kv_ring(total, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                      BLOCK_N, STAGES)
 
     @gluon.jit
     def load_kv_ring(total, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """K and V of key blocks 0 .. total-1, each into the ring's next slot once both
-        warpgroups have let it go (k_free / v_free, two arrivals a phase)."""
+        """K and V of key blocks 0 .. total-1, each into the ring's next slot once every
+        computing warpgroup has let it go (k_free / v_free, one arrival each a phase)."""
         for j in range(total):
             slot = j % STAGES
             # A fresh barrier counts as having completed the phase before its first, so
@@ -311,21 +330,23 @@ if gluon is not None:
             issue(v_desc, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot), True)
 
     @gluon.jit
-    def _second_partition(ROLE: gl.constexpr, Out, LSE, b, h, bh, m0, Sq, kv_len, off,
+    def _worker_partition(ROLE: gl.constexpr, Out, LSE, b, h, bh, m0, Sq, kv_len, off,
                           qk_scale, total, full_blocks, stride_ob, stride_oh, stride_om,
                           q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
                           v_bars, k_free, v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-        """Worker partitions share one signature: ROLE 0 is the second warpgroup's rows,
-        ROLE 1 the loading warp."""
-        if ROLE == 0:
-            _consume(Out, LSE, b, h, bh, m0 + 64, Sq, kv_len, off, qk_scale, total,
-                     full_blocks, stride_ob, stride_oh, stride_om, q_smem.slice(64, 64),
+                          STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                          WARPGROUPS: gl.constexpr):
+        """Worker partitions share one signature: ROLE r < WARPGROUPS - 1 is warpgroup
+        r + 1's rows, the last ROLE the loading warp."""
+        if ROLE < WARPGROUPS - 1:
+            row: gl.constexpr = 64 * (ROLE + 1)
+            _consume(Out, LSE, b, h, bh, m0 + row, Sq, kv_len, off, qk_scale, total,
+                     full_blocks, stride_ob, stride_oh, stride_om, q_smem.slice(row, 64),
                      k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N,
-                     STAGES, CAUSAL)
+                     STAGES, CAUSAL, WARPGROUPS)
         else:
             _produce(m0, total, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
-                     k_bars, v_bars, k_free, v_free, BLOCK_N, STAGES)
+                     k_bars, v_bars, k_free, v_free, BLOCK_N, STAGES, WARPGROUPS)
 
     @gluon.jit
     def forward_kernel(Q, K, V, Out, LSE, LENGTHS,
@@ -336,19 +357,25 @@ if gluon is not None:
                        Hq, group, Sq, Skv, qk_scale,
                        HEAD_D: gl.constexpr, CAUSAL: gl.constexpr,
                        HAS_LENGTHS: gl.constexpr, BLOCK_N: gl.constexpr,
-                       STAGES: gl.constexpr):
-        """One program per (128 queries, batch * query head): out (B, Hq, Sq, D) and lse
-        (B * Hq * Sq, natural log) for the rows of its block, like fused_triton's
-        forward. Two warpgroups of 64 rows run apart, each in its own partition, and one
-        more warp loads the tiles, so no CTA-wide barrier ties them together."""
-        BLOCK_M: gl.constexpr = 128
+                       STAGES: gl.constexpr, WARPGROUPS: gl.constexpr):
+        """One program per (64 * WARPGROUPS queries, batch * query head): out (B, Hq, Sq,
+        D) and lse (B * Hq * Sq, natural log) for the rows of its block, like
+        fused_triton's forward. WARPGROUPS (2 or 3) warpgroups of 64 rows run apart,
+        each in its own partition, and one more warp loads the tiles, so no CTA-wide
+        barrier ties them together."""
+        gl.static_assert((WARPGROUPS == 2) or (WARPGROUPS == 3), "2 or 3 warpgroups")
+        BLOCK_M: gl.constexpr = 64 * WARPGROUPS
         dtype: gl.constexpr = Q.dtype.element_ty
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
+        # Shared-memory shapes are powers of 2: 192 rows of Q come in as three 64-row
+        # boxes into a 256-row buffer.
+        Q_BOX: gl.constexpr = BLOCK_M if WARPGROUPS == 2 else 64
+        Q_ROWS: gl.constexpr = BLOCK_M if WARPGROUPS == 2 else 256
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_BOX, HEAD_D], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D],
                                                                         dtype)
         pid_m, bh, b, h, kvh = program(Hq, group, CAUSAL)
         q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Sq, HEAD_D],
-                                            [stride_qm, 1], [BLOCK_M, HEAD_D], q_layout)
+                                            [stride_qm, 1], [Q_BOX, HEAD_D], q_layout)
         k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh,
                                             [Skv, HEAD_D], [stride_kn, 1],
                                             [BLOCK_N, HEAD_D], kv_layout)
@@ -359,44 +386,78 @@ if gluon is not None:
         m0 = pid_m * BLOCK_M
         kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M,
                                                      BLOCK_N, CAUSAL, HAS_LENGTHS)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [Q_ROWS, HEAD_D], q_layout)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
         q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
         mbarrier.init(q_bar, count=1)
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(dtype, kv_layout, STAGES,
-                                                                 BLOCK_N, HEAD_D)
+                                                                 BLOCK_N, HEAD_D, WARPGROUPS)
+        # Registers: the launch's maxnreg fills the register file with every warp at the
+        # same count; setmaxnreg then moves them from the loading warp's warpgroup (24) to
+        # the computing ones. (The partition lists are written out: Gluon takes no
+        # function in a variable.)
+        if WARPGROUPS == 2:
+            gl.warp_specialize([
+                (_consume, (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total,
+                            full_blocks, stride_ob, stride_oh, stride_om,
+                            q_smem.slice(0, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
+                            k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
+                (_worker_partition, (0, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
+                                     total, full_blocks, stride_ob, stride_oh, stride_om,
+                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
+                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
+                                     CAUSAL, WARPGROUPS)),
+                (_worker_partition, (1, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
+                                     total, full_blocks, stride_ob, stride_oh, stride_om,
+                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
+                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
+                                     CAUSAL, WARPGROUPS)),
+            ], [4, 1], [232, 24])
+        else:
+            gl.warp_specialize([
+                (_consume, (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total,
+                            full_blocks, stride_ob, stride_oh, stride_om,
+                            q_smem.slice(0, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
+                            k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
+                (_worker_partition, (0, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
+                                     total, full_blocks, stride_ob, stride_oh, stride_om,
+                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
+                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
+                                     CAUSAL, WARPGROUPS)),
+                (_worker_partition, (1, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
+                                     total, full_blocks, stride_ob, stride_oh, stride_om,
+                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
+                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
+                                     CAUSAL, WARPGROUPS)),
+                (_worker_partition, (2, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
+                                     total, full_blocks, stride_ob, stride_oh, stride_om,
+                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
+                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
+                                     CAUSAL, WARPGROUPS)),
+            ], [4, 4, 1], [160, 160, 24])
 
-        gl.warp_specialize([
-            (_consume, (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total,
-                        full_blocks, stride_ob, stride_oh, stride_om, q_smem.slice(0, 64),
-                        k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
-                        BLOCK_N, STAGES, CAUSAL)),
-            (_second_partition, (0, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
-                                 total, full_blocks, stride_ob, stride_oh, stride_om, q_desc,
-                                 k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
-                                 v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL)),
-            (_second_partition, (1, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
-                                 total, full_blocks, stride_ob, stride_oh, stride_om, q_desc,
-                                 k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
-                                 v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL)),
-        ], [4, 1], [232, 24])
 
-
-# (BLOCK_N, STAGES) per head dim: the tile configs the GPU test checks and
-# benchmarks/gluon_forward.py times; fused_triton runs (128, 2) (NOTES run 14).
-CONFIGS = {64: [(128, 2), (128, 3)], 128: [(128, 2), (128, 3)]}
+# (BLOCK_N, STAGES, WARPGROUPS) per head dim: the tile configs the GPU test checks and
+# benchmarks/gluon_forward.py times; fused_triton runs (128, 2, 2) (NOTES run 14). Three
+# warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there; not yet run
+# on a GPU (NOTES run 15).
+CONFIGS = {64: [(128, 2, 2), (128, 3, 2), (128, 2, 3), (64, 3, 3)],
+           128: [(128, 2, 2), (128, 3, 2)]}
+# maxnreg at launch: 12 warps (2 computing warpgroups and the loading warp's, padded) at
+# 168 registers, or 16 at 128, fill the 64K-register file.
+_MAXNREG = {2: 168, 3: 128}
 
 
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
-           config: tuple[int, int]) -> None:
+           config: tuple[int, int, int]) -> None:
     """Run the kernel on q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D), writing out (like q) and
     lse (B, Hq, Sq, float32); the caller has checked that the call is one it covers.
-    config: (BLOCK_N, STAGES)."""
-    block_n, stages = config
+    config: (BLOCK_N, STAGES, WARPGROUPS)."""
+    block_n, stages, warpgroups = config
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
-    grid = (-(-Sq // 128), B * Hq)
+    grid = (-(-Sq // (64 * warpgroups)), B * Hq)
     forward_kernel[grid](
         q, k, v, out, lse, lengths,
         q.stride(0), q.stride(1), q.stride(2),
@@ -405,9 +466,5 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
         out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-        BLOCK_N=block_n, STAGES=stages, num_warps=4,
-        # 12 warps run (num_warps is the first partition's); at 168 registers each they
-        # fill the register file, and setmaxnreg then moves them to the computing
-        # partitions (232) from the loading warp's warpgroup (24), as warp_specialize's
-        # last argument asks.
-        maxnreg=168)
+        BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, num_warps=4,
+        maxnreg=_MAXNREG[warpgroups])

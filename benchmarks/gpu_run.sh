@@ -18,9 +18,9 @@
 #   forward+backward kernels timed alone against attention() + autograd, profiled),
 #   decode (benchmarks/decode.py: decoding steps, K/V bytes per second against a copy),
 #   decode-splits (decode.py --splits: the forward's GPU time per key-range count),
-#   gpu-tests (pytest -m gpu: the tests that need a GPU; cold, ~250 s in run 14, with two
-#   Gluon configs fewer than now), kernel-variants (benchmarks/kernel_variants.py:
-#   fused_triton's code variants timed in turns),
+#   gpu-tests (pytest -m gpu: the tests that need a GPU; cold, ~250 s before the float16
+#   dispatch check was added), kernel-variants
+#   (benchmarks/kernel_variants.py: fused_triton's code variants timed in turns),
 #   gluon-forward (benchmarks/gluon_forward.py: the Gluon forward's tile configs checked
 #   against the oracle, then timed beside the Triton forward; GLUON_ARGS adds arguments,
 #   e.g. "--shape 4,32,4096,64,1 --config 64,3,3"), gluon-dq (benchmarks/gluon_dq.py,
@@ -157,7 +157,7 @@ for step in "${steps[@]}"; do
             ${GLUON_ARGS:-} > "$results/$step.log" 2>&1
         echo "$step: exit $?"; grep -v "^ok" "$results/$step.log" ;;
     gpu-tests)  # the GPU-only tests of triton (pytest -m gpu), decode key ranges among them
-        timeout "${GPU_TESTS_S:-420}" python3 -m pytest -q -m gpu tests/test_triton.py \
+        timeout "${GPU_TESTS_S:-390}" python3 -m pytest -q -m gpu tests/test_triton.py \
             > "$results/pytest-gpu.log" 2>&1
         echo "gpu-tests: exit $?"; tail -n 5 "$results/pytest-gpu.log" ;;
     verify-fp16)

@@ -330,16 +330,15 @@ if gluon is not None:
             issue(v_desc, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot), True)
 
     @gluon.jit
-    def _worker_partition(ROLE: gl.constexpr, Out, LSE, b, h, bh, m0, Sq, kv_len, off,
-                          qk_scale, total, full_blocks, stride_ob, stride_oh, stride_om,
-                          q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
-                          v_bars, k_free, v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                          WARPGROUPS: gl.constexpr):
-        """Worker partitions share one signature: ROLE r < WARPGROUPS - 1 is warpgroup
-        r + 1's rows, the last ROLE the loading warp."""
-        if ROLE < WARPGROUPS - 1:
-            row: gl.constexpr = 64 * (ROLE + 1)
+    def _partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WARPGROUPS: gl.constexpr):
+        """ROLE r < WARPGROUPS: warpgroup r's 64 rows (r = 0 is the default partition);
+        ROLE WARPGROUPS: the loading warp. shared: what every partition takes."""
+        (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total, full_blocks, stride_ob,
+         stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
+         v_bars, k_free, v_free) = shared
+        if ROLE < WARPGROUPS:
+            row: gl.constexpr = 64 * ROLE
             _consume(Out, LSE, b, h, bh, m0 + row, Sq, kv_len, off, qk_scale, total,
                      full_blocks, stride_ob, stride_oh, stride_om, q_smem.slice(row, 64),
                      k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N,
@@ -392,48 +391,25 @@ if gluon is not None:
         mbarrier.init(q_bar, count=1)
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(dtype, kv_layout, STAGES,
                                                                  BLOCK_N, HEAD_D, WARPGROUPS)
+        # What every partition takes (_partition unpacks it).
+        shared = (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total, full_blocks,
+                  stride_ob, stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, k_smem,
+                  v_smem, q_bar, k_bars, v_bars, k_free, v_free)
         # Registers: the launch's maxnreg fills the register file with every warp at the
         # same count; setmaxnreg then moves them from the loading warp's warpgroup (24) to
-        # the computing ones. (The partition lists are written out: Gluon takes no
-        # function in a variable.)
+        # the computing ones.
         if WARPGROUPS == 2:
             gl.warp_specialize([
-                (_consume, (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total,
-                            full_blocks, stride_ob, stride_oh, stride_om,
-                            q_smem.slice(0, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
-                            k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
-                (_worker_partition, (0, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
-                                     total, full_blocks, stride_ob, stride_oh, stride_om,
-                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
-                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
-                                     CAUSAL, WARPGROUPS)),
-                (_worker_partition, (1, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
-                                     total, full_blocks, stride_ob, stride_oh, stride_om,
-                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
-                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
-                                     CAUSAL, WARPGROUPS)),
+                (_partition, (0, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
+                (_partition, (1, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
+                (_partition, (2, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
             ], [4, 1], [232, 24])
         else:
             gl.warp_specialize([
-                (_consume, (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total,
-                            full_blocks, stride_ob, stride_oh, stride_om,
-                            q_smem.slice(0, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
-                            k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
-                (_worker_partition, (0, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
-                                     total, full_blocks, stride_ob, stride_oh, stride_om,
-                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
-                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
-                                     CAUSAL, WARPGROUPS)),
-                (_worker_partition, (1, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
-                                     total, full_blocks, stride_ob, stride_oh, stride_om,
-                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
-                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
-                                     CAUSAL, WARPGROUPS)),
-                (_worker_partition, (2, Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale,
-                                     total, full_blocks, stride_ob, stride_oh, stride_om,
-                                     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
-                                     k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N, STAGES,
-                                     CAUSAL, WARPGROUPS)),
+                (_partition, (0, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
+                (_partition, (1, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
+                (_partition, (2, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
+                (_partition, (3, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
             ], [4, 4, 1], [160, 160, 24])
 
 

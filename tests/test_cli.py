@@ -58,6 +58,23 @@ def test_info_lists_backends_and_auto_order(capsys):
     assert "sdpa there is PyTorch's own pick: FLASH_ATTENTION" in out
 
 
+def test_info_prints_what_available_backends_say_of_the_device(capsys, monkeypatch):
+    def run(call):
+        raise AssertionError("info runs nothing")
+
+    def backend(name, available):
+        return Backend(name=name, summary="a test backend", available=lambda d: available,
+                       supports=lambda call: None, run=run,
+                       details=lambda d: f"{name} on {d.type}: kernel X off")
+
+    monkeypatch.setitem(backends.BACKENDS, "here", backend("here", None))
+    monkeypatch.setitem(backends.BACKENDS, "elsewhere", backend("elsewhere", "not here"))
+    assert main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "here here: here on cpu: kernel X off" in out
+    assert "elsewhere on cpu" not in out
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "bench" in capsys.readouterr().out

@@ -734,6 +734,26 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
     assert ft._HOPPER_CONFIG in hf.CONFIGS[128]
 
 
+def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_forward as hf
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(ft.torch.cuda, "get_device_capability", lambda device: (8, 0))
+    assert ft.BACKEND.details(cuda) is None  # not a Hopper GPU
+    assert ft.BACKEND.details(torch.device("cpu")) is None
+    monkeypatch.setattr(ft.torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ft, "_INTERPRET", False)
+    monkeypatch.setattr(hf, "available", lambda: False)
+    assert "off: Triton" in ft.BACKEND.details(cuda) and "(3.6)" in ft.BACKEND.details(cuda)
+    monkeypatch.setattr(hf, "available", lambda: True)
+    assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
+    monkeypatch.setattr(ft, "_HOPPER_FORWARD", False)
+    assert "switched off in this process" in ft.BACKEND.details(cuda)
+    monkeypatch.setattr(ft, "_INTERPRET", True)
+    assert "TRITON_INTERPRET" in ft.BACKEND.details(cuda)
+
+
 def test_hopper_forward_needs_tma_readable_tensors():
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call

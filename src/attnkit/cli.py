@@ -229,6 +229,9 @@ def _info(args: argparse.Namespace, argv: list[str] | None) -> int:
         status = "[green]available[/]" if reason is None else f"[yellow]{escape(reason)}[/]"
         table.add_row(name, status, backend.summary)
     console.print(table)
+    for name, backend in BACKENDS.items():
+        if backend.available(device) is None and (line := backend.details(device)):
+            console.print(f"{name} here: {line}", highlight=False)
 
     def marked(order: tuple[str, ...]) -> str:
         return " > ".join(name if name in BACKENDS else f"[dim]{name} (not registered)[/]"

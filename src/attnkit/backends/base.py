@@ -23,6 +23,8 @@ class Backend:
     available(device) -> None, or why this backend cannot run on that device at all.
     supports(call)    -> None, or why it cannot run this particular call.
     run(call)         -> (out, lse); lse may be None unless call.return_lse.
+    details(device)   -> None, or a line for `attnkit info` on what it does on that
+                         device beyond its summary (e.g. a kernel switched off there).
     """
 
     name: str
@@ -30,6 +32,7 @@ class Backend:
     available: Callable[[torch.device], str | None]
     supports: Callable[[AttentionCall], str | None]
     run: Callable[[AttentionCall], Result]
+    details: Callable[[torch.device], str | None] = lambda device: None
 
 
 def always_available(device: torch.device) -> str | None:

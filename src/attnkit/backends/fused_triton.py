@@ -1145,6 +1145,25 @@ def _is_hopper(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
+def _details(device: torch.device) -> str | None:
+    """On a Hopper GPU, whether the Gluon forward runs there, and if not why."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return None
+    if _INTERPRET:
+        state = "off: TRITON_INTERPRET is set"
+    elif not hopper_forward.available():
+        checked = ", ".join(f"{major}.{minor}" for major, minor in
+                            hopper_forward.CHECKED_RELEASES)
+        state = (f"off: Triton {triton.__version__} is not a release it was checked "
+                 f"under ({checked})")
+    elif not _HOPPER_FORWARD:
+        state = "off: switched off in this process (it did not compile here, or by hand)"
+    else:
+        state = ("on for bfloat16/float16 calls with D = Dv = 128, Sq and Skv >= "
+                 f"{_HOPPER_MIN_SEQ}, and no mask tensor, window or dropout")
+    return f"Gluon forward for Hopper: {state}"
+
+
 def _uses_hopper_forward(call: AttentionCall) -> bool:
     return (_HOPPER_FORWARD and call.device.type == "cuda" and _is_hopper(call.device)
             and _hopper_forward_fits(call))
@@ -1435,4 +1454,5 @@ BACKEND = Backend(
     available=available,
     supports=supports,
     run=run,
+    details=_details,
 )

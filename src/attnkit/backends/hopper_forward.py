@@ -43,7 +43,7 @@ except ImportError:  # an older Triton: `available` says so, nothing below is co
 # Gluon is experimental and its API moves between Triton releases (by 3.9 the TMA copy
 # this file calls is gone, renamed async_load); the kernels here were written and checked
 # on a GPU under Triton 3.6, so that is the only release they are offered on.
-_CHECKED_RELEASES = ((3, 6),)
+CHECKED_RELEASES = ((3, 6),)
 
 
 def available() -> bool:
@@ -52,7 +52,7 @@ def available() -> bool:
     if gluon is None:
         return False
     found = re.match(r"(\d+)\.(\d+)", triton.__version__)
-    return found is not None and (int(found[1]), int(found[2])) in _CHECKED_RELEASES
+    return found is not None and (int(found[1]), int(found[2])) in CHECKED_RELEASES
 
 
 if gluon is not None:

@@ -58,9 +58,9 @@ def available() -> bool:
 if gluon is not None:
 
     @gluon.jit
-    def issue(desc, row, bar, dest, pred):
-        mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(desc, [row, 0], bar, dest, pred=pred)
+    def issue(desc, row, bar, dest):
+        mbarrier.expect(bar, desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [row, 0], bar, dest)
 
     @gluon.jit
     def hold(x):
@@ -304,13 +304,13 @@ if gluon is not None:
                  v_bars, k_free, v_free, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  WARPGROUPS: gl.constexpr):
         """The loading warp: Q, then the K/V ring (load_kv_ring)."""
-        if WARPGROUPS == 2:
-            issue(q_desc, m0, q_bar, q_smem, True)
-        else:  # 64-row boxes, one expect for all of them (each expect is an arrival too)
-            mbarrier.expect(q_bar, WARPGROUPS * q_desc.block_type.nbytes)
-            for i in gl.static_range(WARPGROUPS):
-                tma.async_copy_global_to_shared(q_desc, [m0 + 64 * i, 0], q_bar,
-                                                q_smem.slice(64 * i, 64))
+        # Q in boxes of q_desc's rows, under one expect (each expect is an arrival too).
+        BOX: gl.constexpr = q_desc.block_type.shape[0]
+        BOXES: gl.constexpr = 64 * WARPGROUPS // BOX
+        mbarrier.expect(q_bar, BOXES * q_desc.block_type.nbytes)
+        for i in gl.static_range(BOXES):
+            tma.async_copy_global_to_shared(q_desc, [m0 + BOX * i, 0], q_bar,
+                                            q_smem.slice(BOX * i, BOX))
         load_kv_ring(total, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                      BLOCK_N, STAGES)
 
@@ -325,9 +325,9 @@ if gluon is not None:
             # the first round over the ring does not wait.
             free_phase = ((j // STAGES) & 1) ^ 1
             mbarrier.wait(k_free.index(slot), free_phase)
-            issue(k_desc, j * BLOCK_N, k_bars.index(slot), k_smem.index(slot), True)
+            issue(k_desc, j * BLOCK_N, k_bars.index(slot), k_smem.index(slot))
             mbarrier.wait(v_free.index(slot), free_phase)
-            issue(v_desc, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot), True)
+            issue(v_desc, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot))
 
     @gluon.jit
     def _partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,

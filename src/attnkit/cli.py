@@ -224,14 +224,16 @@ def _info(args: argparse.Namespace, argv: list[str] | None) -> int:
     table.add_column("name", no_wrap=True)
     table.add_column("status")
     table.add_column("what it is")
+    details = []  # what available backends say of this device beyond their summaries
     for name, backend in BACKENDS.items():
         reason = backend.available(device)
         status = "[green]available[/]" if reason is None else f"[yellow]{escape(reason)}[/]"
         table.add_row(name, status, backend.summary)
+        if reason is None and (line := backend.details(device)):
+            details.append(f"{name} here: {line}")
     console.print(table)
-    for name, backend in BACKENDS.items():
-        if backend.available(device) is None and (line := backend.details(device)):
-            console.print(f"{name} here: {line}", highlight=False)
+    for line in details:
+        console.print(line, highlight=False)
 
     def marked(order: tuple[str, ...]) -> str:
         return " > ".join(name if name in BACKENDS else f"[dim]{name} (not registered)[/]"

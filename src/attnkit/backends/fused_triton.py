@@ -1139,28 +1139,38 @@ def _give_up_hopper_forward(exc: Exception) -> None:
                   f"Triton forward instead", RuntimeWarning, stacklevel=3)
 
 
+_NOT_HOPPER = "not a Hopper GPU"
+
+
+def _hopper_forward_unavailable(device: torch.device) -> str | None:
+    """None where the Gluon forward can run on device (an sm_90 GPU, a Triton release it
+    was checked under, not the interpreter), else why not."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return _NOT_HOPPER
+    if _INTERPRET:
+        return "TRITON_INTERPRET is set"
+    if not hopper_forward.available():
+        checked = ", ".join(f"{major}.{minor}" for major, minor in
+                            hopper_forward.CHECKED_RELEASES)
+        return f"Triton {triton.__version__} is not a release it was checked under ({checked})"
+    return None
+
+
 @functools.cache
 def _is_hopper(device: torch.device) -> bool:
-    return (not _INTERPRET and hopper_forward.available()
-            and torch.cuda.get_device_capability(device) == (9, 0))
+    return _hopper_forward_unavailable(device) is None
 
 
 def _details(device: torch.device) -> str | None:
     """On a Hopper GPU, whether the Gluon forward runs there, and if not why."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+    why = _hopper_forward_unavailable(device)
+    if why == _NOT_HOPPER:
         return None
-    if _INTERPRET:
-        state = "off: TRITON_INTERPRET is set"
-    elif not hopper_forward.available():
-        checked = ", ".join(f"{major}.{minor}" for major, minor in
-                            hopper_forward.CHECKED_RELEASES)
-        state = (f"off: Triton {triton.__version__} is not a release it was checked "
-                 f"under ({checked})")
-    elif not _HOPPER_FORWARD:
-        state = "off: switched off in this process (it did not compile here, or by hand)"
-    else:
-        state = ("on for bfloat16/float16 calls with D = Dv = 128, Sq and Skv >= "
-                 f"{_HOPPER_MIN_SEQ}, and no mask tensor, window or dropout")
+    if why is None and not _HOPPER_FORWARD:
+        why = "switched off in this process (it did not compile here, or by hand)"
+    state = (f"off: {why}" if why else
+             f"on for bfloat16/float16 calls with D = Dv = 128, Sq and Skv >= "
+             f"{_HOPPER_MIN_SEQ}, and no mask tensor, window or dropout")
     return f"Gluon forward for Hopper: {state}"
 
 

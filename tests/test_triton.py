@@ -8,7 +8,6 @@ bfloat16 dots (triton-lang/triton#11584), so CPU cases use float16.
 
 import importlib
 import inspect
-import itertools
 import sys
 from dataclasses import replace
 
@@ -698,13 +697,13 @@ def test_large_shapes_on_gpu(causal, head_dim):
         assert result.skipped is None and result.passed, (decode.name, result)
 
 
-def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, d=128, **kwargs):
+def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, **kwargs):
     """A call of 2 query heads against 4096 keys on the CPU, for rules that look at sizes
     and layouts only."""
     from attnkit.call import make_call
 
     q = torch.randn(1, 2, sq, d, dtype=dtype)
-    k, v = (torch.randn(1, hkv, 4096, d, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(1, hkv, skv, d, dtype=dtype) for _ in range(2))
     return make_call(q, k, v, **kwargs)
 
 
@@ -713,8 +712,11 @@ def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, d=128, **kwargs):
     ({"causal": True, "hkv": 1}, True),  # grouped heads
     ({"key_lengths": torch.tensor([4000])}, True),
     ({"dtype": torch.float16}, True),
-    ({"d": 64}, False),  # measured slower there
-    ({"sq": 1000}, False),  # likewise
+    ({"d": 64}, True),
+    ({"d": 64, "causal": True}, False),  # measured slower there at 4k
+    ({"d": 64, "causal": True, "sq": 16384, "skv": 16384}, True),  # faster at 16k
+    ({"d": 80}, False),
+    ({"sq": 1000}, False),  # measured slower there
     ({"dtype": torch.float32}, False),
     ({"attn_mask": torch.zeros(1, 1, 1, 4096, dtype=torch.bfloat16)}, False),
     ({"window": (256, 0)}, False),
@@ -731,7 +733,8 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_forward as hf
 
-    assert ft._HOPPER_CONFIG in hf.CONFIGS[128]
+    for head_dim, config in ft._HOPPER_CONFIGS.items():
+        assert config in hf.CONFIGS[head_dim]
 
 
 def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
@@ -789,6 +792,7 @@ def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, devic
     monkeypatch.setattr(ft, "_HOPPER_FORWARD", True)
     # as if on a Hopper GPU with a call the Gluon forward covers, the switch still read
     monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: ft._HOPPER_FORWARD)
+    monkeypatch.setitem(ft._HOPPER_CONFIGS, 16, (128, 2, 2))
     monkeypatch.setattr(hf, "launch", fails)
     q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE) for _ in range(3))
     call = make_call(q, k, v, causal=True)
@@ -809,46 +813,63 @@ def test_verify_on_a_gpu_reaches_the_hopper_forward():
     assert ft._hopper_forward_fits(make_call(q, k, v, **kwargs))
 
 
-@pytest.mark.gpu
-def test_hopper_forward_on_gpu():
-    """Each Gluon config against the oracle on awkward shapes, then attention(impl="triton")
-    forward and backward on a long call that takes the Gluon forward."""
-    from attnkit.backends import fused_triton as ft
+def _skip_without_hopper_forward():
     from attnkit.backends import hopper_forward as hf
-    from attnkit.call import make_call
 
     if torch.cuda.get_device_capability() != (9, 0) or not hf.available():
         pytest.skip("the Gluon forward runs on sm_90 under the Triton release it was "
                     "checked under (hopper_forward.available)")
-    gen = torch.Generator(device="cuda").manual_seed(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_forward_configs_on_gpu(head_dim, dtype):
+    """Each Gluon config against the oracle on awkward shapes, one of them with more tiles
+    than the GPU has multiprocessors (persistent programs walk several)."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_forward as hf
+    from attnkit.call import make_call
+
+    _skip_without_hopper_forward()
+    gen = torch.Generator(device="cuda").manual_seed(head_dim)
     for b, hq, hkv, sq, skv, causal, lengths in [
         (2, 4, 2, 1000, 1000, True, None),
         (1, 2, 2, 1000, 17, True, None),  # rows before the first key see nothing
         (2, 2, 2, 300, 700, False, [0, 555]),  # batch 0 sees no key
         (2, 2, 1, 17, 1000, True, [1000, 333]),
+        (3, 8, 2, 2000, 2000, True, [2000, 777, 0]),  # more tiles than multiprocessors
     ]:
-        for (d, configs), dtype in itertools.product(hf.CONFIGS.items(),
-                                                     (torch.bfloat16, torch.float16)):
-            q = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype, generator=gen)
-            k, v = (torch.randn(b, hkv, skv, d, device="cuda", dtype=dtype, generator=gen)
-                    for _ in range(2))
-            key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
-            call = make_call(q, k, v, causal=causal, key_lengths=key_lengths)
-            want, want_lse = attention(q.double(), k.double(), v.double(), causal=causal,
-                                       key_lengths=key_lengths, impl="reference",
-                                       return_lse=True)
-            for config in configs:
-                out, lse = ft._empty_outputs(q, v)
-                ft._ensure_allocator()
-                hf.launch(q, k, v, out, lse, key_lengths, causal, call.scale, config)
-                assert rel_err(out, want) < 1e-2, (b, hq, sq, skv, d, dtype, config)
-                assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))
-                seen = torch.isfinite(want_lse)
-                assert rel_err(lse[seen], want_lse[seen]) < 1e-3
-    lengths = torch.tensor([3000], device="cuda")
-    for dtype in (torch.bfloat16, torch.float16):
-        q, k, v = (torch.randn(1, 4, 4096, 128, device="cuda", dtype=dtype,
-                               generator=gen).requires_grad_() for _ in range(3))
-        assert ft._uses_hopper_forward(make_call(q, k, v, causal=True, key_lengths=lengths))
-        _assert_matches_reference(q, k, v, torch.randn_like(q), causal=True,
-                                  key_lengths=lengths, return_lse=True)
+        q = torch.randn(b, hq, sq, head_dim, device="cuda", dtype=dtype, generator=gen)
+        k, v = (torch.randn(b, hkv, skv, head_dim, device="cuda", dtype=dtype, generator=gen)
+                for _ in range(2))
+        key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
+        call = make_call(q, k, v, causal=causal, key_lengths=key_lengths)
+        want, want_lse = attention(q.double(), k.double(), v.double(), causal=causal,
+                                   key_lengths=key_lengths, impl="reference", return_lse=True)
+        seen = torch.isfinite(want_lse)
+        for config in hf.CONFIGS[head_dim]:
+            out, lse = ft._empty_outputs(q, v)
+            hf.launch(q, k, v, out, lse, key_lengths, causal, call.scale, config)
+            assert rel_err(out, want) < 1e-2, (b, hq, sq, skv, config)
+            assert torch.equal(torch.isfinite(lse), seen), (b, hq, sq, skv, config)
+            assert rel_err(lse[seen], want_lse[seen]) < 1e-3, (b, hq, sq, skv, config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, head_dim, causal", [
+    (torch.bfloat16, 128, True), (torch.float16, 128, True), (torch.bfloat16, 64, False)])
+def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
+    """attention(impl="triton") forward and backward on a long call that takes the Gluon
+    forward."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    _skip_without_hopper_forward()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lengths = torch.tensor([3000, 4096], device="cuda")
+    q, k, v = (torch.randn(2, 4, 4096, head_dim, device="cuda", dtype=dtype,
+                           generator=gen).requires_grad_() for _ in range(3))
+    assert ft._uses_hopper_forward(make_call(q, k, v, causal=causal, key_lengths=lengths))
+    _assert_matches_reference(q, k, v, torch.randn_like(q), causal=causal,
+                              key_lengths=lengths, return_lse=True)

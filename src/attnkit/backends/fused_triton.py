@@ -1064,10 +1064,9 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     packed = _packs_group(call) if packed is None else packed
     splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call, packed), config)
     if config is None and tma is None and splits == 1 and _uses_hopper_forward(call):
-        _ensure_allocator()
         try:
             hopper_forward.launch(q, k, v, out, lse, call.key_lengths, call.causal,
-                                  call.scale, _HOPPER_CONFIG)
+                                  call.scale, _HOPPER_CONFIGS[call.head_dim])
             return out, lse
         except triton.CompilationError as exc:
             _give_up_hopper_forward(exc)
@@ -1108,23 +1107,31 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 
 
 # Long sequences on Hopper take the Gluon forward (hopper_forward: the softmax overlaps the
-# matmuls, which the Triton language cannot say) where it covers the call: on the H100 it
-# ran 1.03-1.09x this file's forward at D=128 and S >= 8k, about even at 4k, slower at 1k
-# and at D=64 (NOTES, run 14). _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
+# matmuls, which the Triton language cannot say) where it covers the call and was measured
+# faster: on an H200, persistent, 1.07-1.11x this file's forward at D=128 and S >= 4k,
+# causal or not; at D=64 1.09-1.12x without causal, and causal 1.07x at 16k but 0.71x at
+# 4k (NOTES, run 16). Slower at 1k (run 14). _HOPPER_FORWARD switches it off (A/B,
+# kernel_variants.py).
 _HOPPER_FORWARD = True
 _HOPPER_MIN_SEQ = 4096
-_HOPPER_CONFIG = (128, 2, 2)  # hopper_forward.launch's (BLOCK_N, STAGES, WARPGROUPS)
+_HOPPER_MIN_SEQ_D64_CAUSAL = 16384
+# hopper_forward.launch's (BLOCK_N, STAGES, WARPGROUPS) per head dim
+_HOPPER_CONFIGS = {64: (128, 2, 3), 128: (128, 2, 2)}
 
 
 def _hopper_forward_fits(call: AttentionCall) -> bool:
     """Whether the call is one the Gluon forward covers and was measured faster on:
     bfloat16 or float16 (timed in bfloat16; the two take the same tensor-core path),
-    D = Dv = 128, a positive scale, no mask tensor, window or dropout, Sq and Skv of at
-    least _HOPPER_MIN_SEQ, and q, k, v that TMA can read. Says nothing about the device."""
+    D = Dv in _HOPPER_CONFIGS, a positive scale, no mask tensor, window or dropout, Sq
+    and Skv of at least _HOPPER_MIN_SEQ (_HOPPER_MIN_SEQ_D64_CAUSAL for causal D=64), and
+    q, k, v that TMA can read. Says nothing about the device."""
+    min_seq = (_HOPPER_MIN_SEQ_D64_CAUSAL if call.causal and call.head_dim == 64
+               else _HOPPER_MIN_SEQ)
     return (call.dtype in (torch.bfloat16, torch.float16)
-            and call.head_dim == 128 and call.head_dim_v == 128 and call.scale > 0
+            and call.head_dim in _HOPPER_CONFIGS and call.head_dim_v == call.head_dim
+            and call.scale > 0
             and call.attn_mask is None and call.window is None and call.dropout_p == 0.0
-            and min(call.seq_q, call.seq_kv) >= _HOPPER_MIN_SEQ
+            and min(call.seq_q, call.seq_kv) >= min_seq
             and all(_tma_layout(t) for t in (call.q, call.k, call.v)))
 
 
@@ -1169,8 +1176,9 @@ def _details(device: torch.device) -> str | None:
     if why is None and not _HOPPER_FORWARD:
         why = "switched off in this process (it did not compile here, or by hand)"
     state = (f"off: {why}" if why else
-             f"on for bfloat16/float16 calls with D = Dv = 128, Sq and Skv >= "
-             f"{_HOPPER_MIN_SEQ}, and no mask tensor, window or dropout")
+             f"on for bfloat16/float16 calls with D = Dv = 128 or 64, Sq and Skv >= "
+             f"{_HOPPER_MIN_SEQ} (causal at D=64: {_HOPPER_MIN_SEQ_D64_CAUSAL}), and no "
+             f"mask tensor, window or dropout")
     return f"Gluon forward for Hopper: {state}"
 
 
@@ -1192,9 +1200,7 @@ _SHORT_SPLIT_KEYS = 256
 _MAX_SPLITS = 64
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+_multiprocessors = hopper_forward.multiprocessors
 
 
 def _key_ranges(seq_kv: int, wanted: int, config: TileConfig | None) -> tuple[int, int]:

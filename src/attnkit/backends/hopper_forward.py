@@ -6,15 +6,21 @@ it, so a warpgroup's softmax never runs while its own tensor-core work does (NOT
 block j's row max, issues block j-1's P V, runs block j's exponentials while P V is on
 the tensor cores, issues block j+1's Q K^T and only then waits (FlashAttention-3's
 intra-warpgroup overlap; NOTES, run 14, says why in that order). K and V tiles arrive
-through TMA into a ring of STAGES slots.
+through TMA into a ring of STAGES slots, from descriptors built on the host.
 
-The kernel is warp-specialized: a program's query rows are two warpgroups of 64 (three,
+The kernel is warp-specialized: a tile's query rows are two warpgroups of 64 (three,
 192 rows, in two D=64 configs, after FlashAttention-3's tile there), each in its own
 partition, and one more partition of one warp does the loading, so nothing ties the
 warpgroups together: while one runs its softmax another's matmuls can run. (A version
 whose computing warps also refilled the ring was slower on the H100, as Gluon puts a
 CTA barrier before each copy and that kept the warpgroups in lockstep: NOTES run 14; it
 is in git history up to 3280f9e.)
+
+The grid is persistent: one program per multiprocessor, whose loading warp takes tiles
+from a counter in global memory and posts each to the warpgroups beside its Q, so that
+the next tile's Q and first K/V blocks load while the last one's final blocks and stores
+run, and tiles of different lengths (causal) go to whichever program is free. On an H200
+that gave 1.04-1.07x a program per tile (causal 4k/8k/16k, D=128; NOTES run 16).
 
 It covers the common case only, and `fused_triton` keeps the rest: an sm_90 GPU, fp16 or
 bf16, D = Dv in (64, 128), a positive scale, causal or not, key_lengths, grouped heads;
@@ -24,7 +30,10 @@ TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
 
 from __future__ import annotations
 
+import functools
 import re
+
+import torch
 
 try:
     import triton
@@ -36,6 +45,7 @@ try:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # an older Triton: `available` says so, nothing below is compiled
     gluon = None
 
@@ -58,9 +68,9 @@ def available() -> bool:
 if gluon is not None:
 
     @gluon.jit
-    def issue(desc, row, bar, dest):
+    def issue(desc, coords, bar, dest):
         mbarrier.expect(bar, desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc, [row, 0], bar, dest)
+        tma.async_copy_global_to_shared(desc, coords, bar, dest)
 
     @gluon.jit
     def hold(x):
@@ -109,8 +119,13 @@ if gluon is not None:
         return p, gl.exp2(m_i - m_safe)
 
     @gluon.jit
-    def _step(j, nxt, s, o, p_op, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars,
-              k_free, v_free, qi, kv_len, off, qk_scale,
+    def box(ring, i):
+        """Entry i of a ring of TMA boxes (N, 1, 1, rows, D), as the (rows, D) matmul
+        operand."""
+        return ring.index(i).reshape([ring.shape[3], ring.shape[4]])
+
+    @gluon.jit
+    def _step(j, nxt, base, s, o, p_op, m_i, l_i, q_smem, ring, qi, kv_len, off, qk_scale,
               MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_PREV: gl.constexpr,
               HAS_NEXT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
@@ -118,18 +133,21 @@ if gluon is not None:
         """Key block j, whose raw scores s are in registers: its softmax runs while block
         j-1's P V (HAS_PREV) is on the tensor cores; then block nxt's Q K^T is issued
         (HAS_NEXT) and its scores are what this returns, with o, block j's p as the P V
-        operand, and the running max and sum.
+        operand, and the running max and sum. base: the ring position of the tile's
+        block 0 (the key blocks of the program's earlier tiles came before it).
 
         The order is what keeps the overlap: ptxas fills a stall with a matmul wait
         wherever one is free to move, so P V is issued after the row max (whose
         shuffles would be that stall) and waited for after the next Q K^T is issued,
         which has to follow the exponentials that read the score registers it reuses."""
+        k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
         kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s, m_new = _row_max(s, m_i, qi, kj, kv_len, off, qk_scale, MASKED, CAUSAL)
         if HAS_PREV:
-            v_slot = (j - 1) % STAGES
-            mbarrier.wait(v_bars.index(v_slot), ((j - 1) // STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(v_slot), o, is_async=True)
+            v_at = base + j - 1
+            v_slot = v_at % STAGES
+            mbarrier.wait(v_bars.index(v_slot), (v_at // STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, box(v_smem, v_slot), o, is_async=True)
         p, alpha = _exp(s, m_i, m_new, qk_scale, MASKED)
         l_i = l_i * alpha + gl.sum(p, 1)
         p_next = gl.convert_layout(p.to(q_smem.dtype), p_layout)
@@ -141,9 +159,10 @@ if gluon is not None:
                 o, _, p_next = warpgroup_mma_wait(0, deps=[o_tok, p_op, p_next])
                 hold(p_op)
         if HAS_NEXT:
-            k_slot = nxt % STAGES
-            mbarrier.wait(k_bars.index(k_slot), (nxt // STAGES) & 1)
-            s_tok = warpgroup_mma(q_smem, k_smem.index(k_slot).permute((1, 0)),
+            k_at = base + nxt
+            k_slot = k_at % STAGES
+            mbarrier.wait(k_bars.index(k_slot), (k_at // STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, box(k_smem, k_slot).permute((1, 0)),
                                   gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                                   is_async=True)
         if not LEAN:
@@ -164,27 +183,46 @@ if gluon is not None:
         return s, o, p_next, m_new, l_i
 
     @gluon.jit
-    def _blocks(first, last, s, o, p_op, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars,
-                k_free, v_free, qi, kv_len, off, qk_scale,
-                MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+    def _blocks(first, last, base, s, o, p_op, m_i, l_i, q_smem, ring, qi, kv_len, off,
+                qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                 BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                 p_layout: gl.constexpr, LEAN: gl.constexpr):
         """_step over key blocks [first, last), each followed by another."""
         for j in range(first, last):
-            s, o, p_op, m_i, l_i = _step(j, j + 1, s, o, p_op, m_i, l_i, q_smem, k_smem,
-                                         v_smem, k_bars, v_bars, k_free, v_free, qi, kv_len,
-                                         off, qk_scale, MASKED, CAUSAL, True, True, STAGES,
-                                         BLOCK_N, s_layout, o_layout, p_layout, LEAN)
+            s, o, p_op, m_i, l_i = _step(j, j + 1, base, s, o, p_op, m_i, l_i, q_smem, ring,
+                                         qi, kv_len, off, qk_scale, MASKED, CAUSAL, True,
+                                         True, STAGES, BLOCK_N, s_layout, o_layout, p_layout,
+                                         LEAN)
         return s, o, p_op, m_i, l_i
 
     @gluon.jit
-    def _consume(Out, LSE, b, h, bh, row0, Sq, kv_len, off, qk_scale, total, full_blocks,
-                 stride_ob, stride_oh, stride_om, q_smem, k_smem, v_smem, q_bar, k_bars,
-                 v_bars, k_free, v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, WARPGROUPS: gl.constexpr):
-        """One warpgroup's rows [row0, row0 + 64) of one (batch, head): every key block in
-        turn (_step), then out and lse stored."""
+    def tile_of(tile, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr):
+        """Tile number -> its batch, query head, kv head, (batch * query head), first
+        query row, and key range (key_blocks). A head's query blocks are consecutive
+        tiles, so the tiles running at once share K and V in L2; causal ones heaviest
+        (latest) first, so that a program's last tiles are light."""
+        bh = tile // q_blocks
+        block = tile % q_blocks
+        if CAUSAL:
+            block = q_blocks - 1 - block
+        b = bh // Hq
+        h = bh % Hq
+        m0 = block * BLOCK_M
+        kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M,
+                                                     BLOCK_N, CAUSAL, HAS_LENGTHS)
+        return b, h, h // group, bh, m0, kv_len, off, total, full_blocks
+
+    @gluon.jit
+    def _consume(ROLE: gl.constexpr, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv,
+                 qk_scale, stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem,
+                 ring, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr, WARPGROUPS: gl.constexpr,
+                 Q_BUFFERS: gl.constexpr):
+        """Warpgroup ROLE: rows [64 * ROLE, 64 * ROLE + 64) of each tile the loading warp
+        posts (next_tile), every key block in turn (_step), then out and lse stored."""
         ROWS: gl.constexpr = 64
+        BLOCK_M: gl.constexpr = ROWS * WARPGROUPS
         # Three warpgroups get 160 registers each, too few for _step's usual order.
         LEAN: gl.constexpr = WARPGROUPS == 3
         dtype: gl.constexpr = q_smem.dtype
@@ -195,70 +233,76 @@ if gluon is not None:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
                                                      k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-        qi = row0 + gl.arange(0, ROWS, layout=row_layout)
-        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
-        l_i = gl.zeros([ROWS], gl.float32, row_layout)
-        o = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
-        p_op = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
-
-        # Block 0's Q K^T alone, then block 0 (index checks: it may be partly hidden, or
-        # wholly), which issues block 1's (or, for a single block, block 0's again).
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bars.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
-                          gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
-        mbarrier.arrive(k_free.index(0), count=1)
-        s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), s, o, p_op, m_i, l_i,
-                                     q_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
-                                     qi, kv_len, off, qk_scale, True, CAUSAL, False, True,
-                                     STAGES, BLOCK_N, s_layout, o_layout, p_layout, LEAN)
-        # Blocks 1 .. total-2, those every row sees first; the last block apart, as it
-        # issues no next Q K^T.
-        split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
-        s, o, p_op, m_i, l_i = _blocks(1, split, s, o, p_op, m_i, l_i, q_smem, k_smem,
-                                       v_smem, k_bars, v_bars, k_free, v_free, qi, kv_len,
-                                       off, qk_scale, False, CAUSAL, STAGES, BLOCK_N,
-                                       s_layout, o_layout, p_layout, LEAN)
-        s, o, p_op, m_i, l_i = _blocks(split, total - 1, s, o, p_op, m_i, l_i, q_smem,
-                                       k_smem, v_smem, k_bars, v_bars, k_free, v_free, qi,
-                                       kv_len, off, qk_scale, True, CAUSAL, STAGES, BLOCK_N,
-                                       s_layout, o_layout, p_layout, LEAN)
-        if total > 1:
-            s, o, p_op, m_i, l_i = _step(total - 1, total - 1, s, o, p_op, m_i, l_i, q_smem,
-                                         k_smem, v_smem, k_bars, v_bars, k_free, v_free, qi,
-                                         kv_len, off, qk_scale, True, CAUSAL, True, False,
-                                         STAGES, BLOCK_N, s_layout, o_layout, p_layout, LEAN)
-        # The last block's P V.
-        last = total - 1
-        mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-        o = warpgroup_mma(p_op, v_smem.index(last % STAGES), o)
-
-        # A row that saw no key: l = 0, out = 0, lse = -inf.
-        dead = l_i == 0.0
-        lse = gl.where(dead, float("-inf"),
-                       (m_i + gl.log2(gl.where(dead, 1.0, l_i))) * 0.6931471805599453)
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        l_o = gl.convert_layout(gl.where(dead, 1.0, l_i), o_rows)
-        out = o / gl.expand_dims(l_o, 1)
-        rows = row0 + gl.arange(0, ROWS, layout=o_rows)
         cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
-        o_ptrs = (Out + b * stride_ob + h * stride_oh
-                  + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0))
-        gl.store(o_ptrs, out.to(dtype),
-                 mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
-        gl.store(LSE + bh.to(gl.int64) * Sq + qi, lse, mask=qi < Sq)
+        k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
+        done = 0  # tiles, for Q's buffer and phase
+        base = 0  # key blocks, for the ring's slot and phase
+        tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
+        while tile < tiles:
+            b, h, kvh, bh, m0, kv_len, off, total, full_blocks = tile_of(
+                tile, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M, BLOCK_N, CAUSAL,
+                HAS_LENGTHS)
+            row0 = m0 + ROWS * ROLE
+            qi = row0 + gl.arange(0, ROWS, layout=row_layout)
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
+            l_i = gl.zeros([ROWS], gl.float32, row_layout)
+            o = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
+            p_op = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+            q_slot = done % Q_BUFFERS
+            q = box(q_smem, q_slot * WARPGROUPS + ROLE)
 
-    @gluon.jit
-    def program(Hq, group, CAUSAL: gl.constexpr):
-        """This program's query block and (batch * query head) of a (query blocks, B * Hq)
-        grid, with its batch, head and kv head (int64)."""
-        pid_m = gl.program_id(0)
-        if CAUSAL:  # later query blocks see more keys: start them first
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        bh = gl.program_id(1)
-        b = (bh // Hq).to(gl.int64)
-        h = (bh % Hq).to(gl.int64)
-        return pid_m, bh, b, h, h // group
+            # Block 0's Q K^T alone, then block 0 (index checks: it may be partly hidden,
+            # or wholly), which issues block 1's.
+            first = base % STAGES
+            mbarrier.wait(k_bars.index(first), (base // STAGES) & 1)
+            s = warpgroup_mma(q, box(k_smem, first).permute((1, 0)),
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
+            # A single block's Q K^T is issued again by _step (which always issues one),
+            # on the slot still held: only that one lets the slot go.
+            mbarrier.arrive(k_free.index(first), count=1, pred=total > 1)
+            s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), base, s, o, p_op, m_i,
+                                         l_i, q, ring, qi, kv_len, off, qk_scale, True,
+                                         CAUSAL, False, True, STAGES, BLOCK_N, s_layout,
+                                         o_layout, p_layout, LEAN)
+            # Blocks 1 .. total-2, those every row sees first; the last block apart, as it
+            # issues no next Q K^T.
+            split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
+            s, o, p_op, m_i, l_i = _blocks(1, split, base, s, o, p_op, m_i, l_i, q, ring, qi,
+                                           kv_len, off, qk_scale, False, CAUSAL, STAGES,
+                                           BLOCK_N, s_layout, o_layout, p_layout, LEAN)
+            s, o, p_op, m_i, l_i = _blocks(split, total - 1, base, s, o, p_op, m_i, l_i, q,
+                                           ring, qi, kv_len, off, qk_scale, True, CAUSAL,
+                                           STAGES, BLOCK_N, s_layout, o_layout, p_layout,
+                                           LEAN)
+            if total > 1:
+                s, o, p_op, m_i, l_i = _step(total - 1, total - 1, base, s, o, p_op, m_i,
+                                             l_i, q, ring, qi, kv_len, off, qk_scale, True,
+                                             CAUSAL, True, False, STAGES, BLOCK_N, s_layout,
+                                             o_layout, p_layout, LEAN)
+            # Every Q K^T of the tile is done: the loading warp may refill Q's buffer
+            # while the last P V and the stores run.
+            mbarrier.arrive(q_free.index(q_slot), count=1)
+            last = base + total - 1
+            mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+            o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o)
+            mbarrier.arrive(v_free.index(last % STAGES), count=1)
+
+            # A row that saw no key: l = 0, out = 0, lse = -inf.
+            dead = l_i == 0.0
+            lse = gl.where(dead, float("-inf"),
+                           (m_i + gl.log2(gl.where(dead, 1.0, l_i))) * 0.6931471805599453)
+            l_o = gl.convert_layout(gl.where(dead, 1.0, l_i), o_rows)
+            out = o / gl.expand_dims(l_o, 1)
+            rows = row0 + gl.arange(0, ROWS, layout=o_rows)
+            o_ptrs = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                      + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0))
+            gl.store(o_ptrs, out.to(dtype),
+                     mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
+            gl.store(LSE + bh.to(gl.int64) * Sq + qi, lse, mask=qi < Sq)
+            done += 1
+            base += total
+            tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
 
     @gluon.jit
     def key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -281,147 +325,199 @@ if gluon is not None:
         return kv_len, off, total, full_blocks
 
     @gluon.jit
-    def kv_ring(dtype: gl.constexpr, layout: gl.constexpr, STAGES: gl.constexpr,
-                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, WARPGROUPS: gl.constexpr):
-        """Shared memory for a ring of STAGES K and V tiles, and its mbarriers: ready
-        (TMA bytes, one arrival) and free (one arrival per computing warpgroup)."""
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], layout)
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bars.index(i), count=1)
-            mbarrier.init(v_bars.index(i), count=1)
-            mbarrier.init(k_free.index(i), count=WARPGROUPS)
-            mbarrier.init(v_free.index(i), count=WARPGROUPS)
+    def kv_ring(desc, STAGES: gl.constexpr, WARPGROUPS: gl.constexpr):
+        """Shared memory for a ring of STAGES K and V boxes (desc's), and its mbarriers:
+        ready (TMA bytes, one arrival) and free (one arrival per computing warpgroup)."""
+        k_smem = gl.allocate_shared_memory(desc.dtype, [STAGES] + desc.block_shape,
+                                           desc.layout)
+        v_smem = gl.allocate_shared_memory(desc.dtype, [STAGES] + desc.block_shape,
+                                           desc.layout)
+        k_bars, k_free = barrier_pairs(STAGES, WARPGROUPS)
+        v_bars, v_free = barrier_pairs(STAGES, WARPGROUPS)
         return k_smem, v_smem, k_bars, v_bars, k_free, v_free
 
     @gluon.jit
-    def _produce(m0, total, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
-                 v_bars, k_free, v_free, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 WARPGROUPS: gl.constexpr):
-        """The loading warp: Q, then the K/V ring (load_kv_ring)."""
-        # Q in boxes of q_desc's rows, under one expect (each expect is an arrival too).
-        BOX: gl.constexpr = q_desc.block_type.shape[0]
-        BOXES: gl.constexpr = 64 * WARPGROUPS // BOX
-        mbarrier.expect(q_bar, BOXES * q_desc.block_type.nbytes)
-        for i in gl.static_range(BOXES):
-            tma.async_copy_global_to_shared(q_desc, [m0 + BOX * i, 0], q_bar,
-                                            q_smem.slice(BOX * i, BOX))
-        load_kv_ring(total, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
-                     BLOCK_N, STAGES)
+    def barrier_pairs(N: gl.constexpr, WARPGROUPS: gl.constexpr):
+        """N ready mbarriers (one arrival: the expect's, then TMA's bytes) and N free
+        ones (one arrival per computing warpgroup)."""
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        ready = gl.allocate_shared_memory(gl.int64, [N, 1], bar_layout)
+        free = gl.allocate_shared_memory(gl.int64, [N, 1], bar_layout)
+        for i in gl.static_range(N):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=WARPGROUPS)
+        return ready, free
 
     @gluon.jit
-    def load_kv_ring(total, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """K and V of key blocks 0 .. total-1, each into the ring's next slot once every
-        computing warpgroup has let it go (k_free / v_free, one arrival each a phase)."""
+    def _produce(COUNTER, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, q_desc, k_desc,
+                 v_desc, q_smem, q_bars, q_free, tile_smem, ring, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+                 WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr):
+        """The loading warp: takes tiles from COUNTER until none is left. For each, once
+        every warpgroup has let the next of Q_BUFFERS go: the tile's number (post_tile)
+        and Q (one 64-row box per warpgroup) under one expect; then the tile's K and V
+        blocks into the ring (load_kv_ring). Then posts `tiles`: nothing left."""
+        BLOCK_M: gl.constexpr = 64 * WARPGROUPS
+        done = 0
+        base = 0
+        # Taken as the loading warps get to them, tiles go out in order to whichever
+        # program is free: a static share per program leaves some with more work where
+        # tiles differ in length (causal: 0.78x at 16k, NOTES run 16).
+        tile = gl.atomic_add(COUNTER, 1)
+        while tile < tiles:
+            b, h, kvh, bh, m0, kv_len, off, total, full_blocks = tile_of(
+                tile, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M, BLOCK_N, CAUSAL,
+                HAS_LENGTHS)
+            q_slot = post_tile(tile, tile_smem, q_free, done, Q_BUFFERS)
+            mbarrier.expect(q_bars.index(q_slot), WARPGROUPS * q_desc.block_type.nbytes)
+            for i in gl.static_range(WARPGROUPS):
+                tma.async_copy_global_to_shared(q_desc, [b, h, m0 + 64 * i, 0],
+                                                q_bars.index(q_slot),
+                                                q_smem.index(q_slot * WARPGROUPS + i))
+            load_kv_ring(b, kvh, base, total, k_desc, v_desc, ring, BLOCK_N, STAGES)
+            done += 1
+            base += total
+            tile = gl.atomic_add(COUNTER, 1)
+        q_slot = post_tile(tiles, tile_smem, q_free, done, Q_BUFFERS)
+        mbarrier.arrive(q_bars.index(q_slot), count=1)
+
+    @gluon.jit
+    def post_tile(tile, tile_smem, q_free, done, Q_BUFFERS: gl.constexpr):
+        """The loading warp's half of next_tile: once every warpgroup has let Q's buffer
+        for the program's tile number `done` go, writes `tile` beside it and returns the
+        buffer's index; the arrival on q_bars that follows publishes both."""
+        q_slot = done % Q_BUFFERS
+        # A fresh barrier counts as having completed the phase before its first, so the
+        # first round over the buffers does not wait.
+        mbarrier.wait(q_free.index(q_slot), ((done // Q_BUFFERS) & 1) ^ 1)
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        tile_smem.index(q_slot).store(gl.full([1], tile, gl.int32, layout))
+        gl.thread_barrier()
+        return q_slot
+
+    @gluon.jit
+    def next_tile(tile_smem, q_bars, done, Q_BUFFERS: gl.constexpr):
+        """A computing warpgroup's tile number `done` (0, 1, ...), once the loading warp
+        has posted it and its Q has arrived; `tiles` when none is left."""
+        q_slot = done % Q_BUFFERS
+        mbarrier.wait(q_bars.index(q_slot), (done // Q_BUFFERS) & 1)
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        return gl.max(tile_smem.index(q_slot).load(layout), 0)
+
+    @gluon.jit
+    def load_kv_ring(b, kvh, base, total, k_desc, v_desc, ring, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """K and V of key blocks 0 .. total-1 of (batch b, kv head kvh), each into the
+        ring's next slot (from ring position base on) once every computing warpgroup has
+        let it go (k_free / v_free, one arrival each a phase)."""
+        k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
         for j in range(total):
-            slot = j % STAGES
-            # A fresh barrier counts as having completed the phase before its first, so
-            # the first round over the ring does not wait.
-            free_phase = ((j // STAGES) & 1) ^ 1
+            slot = (base + j) % STAGES
+            # As with Q's buffers, the first round over the ring does not wait.
+            free_phase = (((base + j) // STAGES) & 1) ^ 1
             mbarrier.wait(k_free.index(slot), free_phase)
-            issue(k_desc, j * BLOCK_N, k_bars.index(slot), k_smem.index(slot))
+            issue(k_desc, [b, kvh, j * BLOCK_N, 0], k_bars.index(slot), k_smem.index(slot))
             mbarrier.wait(v_free.index(slot), free_phase)
-            issue(v_desc, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot))
+            issue(v_desc, [b, kvh, j * BLOCK_N, 0], v_bars.index(slot), v_smem.index(slot))
 
     @gluon.jit
     def _partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WARPGROUPS: gl.constexpr):
-        """ROLE r < WARPGROUPS: warpgroup r's 64 rows (r = 0 is the default partition);
-        ROLE WARPGROUPS: the loading warp. shared: what every partition takes."""
-        (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total, full_blocks, stride_ob,
-         stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars,
-         v_bars, k_free, v_free) = shared
+                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+                   WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr):
+        """ROLE r < WARPGROUPS: warpgroup r's 64 rows of each tile (r = 0 is the default
+        partition); ROLE WARPGROUPS: the loading warp. shared: what every partition
+        takes."""
+        (Out, LSE, LENGTHS, COUNTER, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
+         stride_ob, stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, q_bars, q_free,
+         tile_smem, ring) = shared
         if ROLE < WARPGROUPS:
-            row: gl.constexpr = 64 * ROLE
-            _consume(Out, LSE, b, h, bh, m0 + row, Sq, kv_len, off, qk_scale, total,
-                     full_blocks, stride_ob, stride_oh, stride_om, q_smem.slice(row, 64),
-                     k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N,
-                     STAGES, CAUSAL, WARPGROUPS)
+            _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
+                     stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,
+                     HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS, WARPGROUPS, Q_BUFFERS)
         else:
-            _produce(m0, total, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar,
-                     k_bars, v_bars, k_free, v_free, BLOCK_N, STAGES, WARPGROUPS)
+            _produce(COUNTER, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, q_desc, k_desc,
+                     v_desc, q_smem, q_bars, q_free, tile_smem, ring, BLOCK_N, STAGES, CAUSAL,
+                     HAS_LENGTHS, WARPGROUPS, Q_BUFFERS)
 
     @gluon.jit
-    def forward_kernel(Q, K, V, Out, LSE, LENGTHS,
-                       stride_qb, stride_qh, stride_qm,
-                       stride_kb, stride_kh, stride_kn,
-                       stride_vb, stride_vh, stride_vn,
+    def forward_kernel(q_desc, k_desc, v_desc, Out, LSE, LENGTHS, COUNTER,
                        stride_ob, stride_oh, stride_om,
-                       Hq, group, Sq, Skv, qk_scale,
+                       batch_heads, Hq, group, Sq, Skv, qk_scale,
                        HEAD_D: gl.constexpr, CAUSAL: gl.constexpr,
                        HAS_LENGTHS: gl.constexpr, BLOCK_N: gl.constexpr,
-                       STAGES: gl.constexpr, WARPGROUPS: gl.constexpr):
-        """One program per (64 * WARPGROUPS queries, batch * query head): out (B, Hq, Sq,
-        D) and lse (B * Hq * Sq, natural log) for the rows of its block, like
-        fused_triton's forward. WARPGROUPS (2 or 3) warpgroups of 64 rows run apart,
-        each in its own partition, and one more warp loads the tiles, so no CTA-wide
-        barrier ties them together."""
+                       STAGES: gl.constexpr, WARPGROUPS: gl.constexpr,
+                       Q_BUFFERS: gl.constexpr):
+        """out (B, Hq, Sq, D) and lse (B * Hq * Sq, natural log), like fused_triton's
+        forward, from TMA descriptors of q (B, Hq, Sq, D; boxes of 64 rows) and k, v (B,
+        Hkv, Skv, D; boxes of BLOCK_N rows). A tile is 64 * WARPGROUPS query rows of one
+        (batch, query head). The grid is persistent, a program per multiprocessor, and
+        each takes tile after tile from COUNTER (an int32, zero at launch), so that its
+        loading warp runs ahead into the next tile while the last one's blocks run.
+        WARPGROUPS (2 or 3) warpgroups of 64 rows run apart, each in its own partition,
+        and one more warp loads, so no CTA-wide barrier ties them together."""
         gl.static_assert((WARPGROUPS == 2) or (WARPGROUPS == 3), "2 or 3 warpgroups")
-        BLOCK_M: gl.constexpr = 64 * WARPGROUPS
-        dtype: gl.constexpr = Q.dtype.element_ty
-        # Shared-memory shapes are powers of 2: 192 rows of Q come in as three 64-row
-        # boxes into a 256-row buffer.
-        Q_BOX: gl.constexpr = BLOCK_M if WARPGROUPS == 2 else 64
-        Q_ROWS: gl.constexpr = BLOCK_M if WARPGROUPS == 2 else 256
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_BOX, HEAD_D], dtype)
-        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D],
-                                                                        dtype)
-        pid_m, bh, b, h, kvh = program(Hq, group, CAUSAL)
-        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Sq, HEAD_D],
-                                            [stride_qm, 1], [Q_BOX, HEAD_D], q_layout)
-        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh,
-                                            [Skv, HEAD_D], [stride_kn, 1],
-                                            [BLOCK_N, HEAD_D], kv_layout)
-        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh,
-                                            [Skv, HEAD_D], [stride_vn, 1],
-                                            [BLOCK_N, HEAD_D], kv_layout)
-
-        m0 = pid_m * BLOCK_M
-        kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M,
-                                                     BLOCK_N, CAUSAL, HAS_LENGTHS)
-        q_smem = gl.allocate_shared_memory(dtype, [Q_ROWS, HEAD_D], q_layout)
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        mbarrier.init(q_bar, count=1)
-        k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(dtype, kv_layout, STAGES,
-                                                                 BLOCK_N, HEAD_D, WARPGROUPS)
+        dtype: gl.constexpr = q_desc.dtype
+        q_blocks = gl.cdiv(Sq, 64 * WARPGROUPS)
+        tiles = q_blocks * batch_heads
+        q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS * WARPGROUPS] + q_desc.block_shape,
+                                           q_desc.layout)
+        q_bars, q_free = barrier_pairs(Q_BUFFERS, WARPGROUPS)
+        # The tile number that goes with each Q buffer (post_tile, next_tile).
+        tile_smem = gl.allocate_shared_memory(gl.int32, [Q_BUFFERS, 1],
+                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        ring = kv_ring(k_desc, STAGES, WARPGROUPS)
         # What every partition takes (_partition unpacks it).
-        shared = (Out, LSE, b, h, bh, m0, Sq, kv_len, off, qk_scale, total, full_blocks,
-                  stride_ob, stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, k_smem,
-                  v_smem, q_bar, k_bars, v_bars, k_free, v_free)
+        shared = (Out, LSE, LENGTHS, COUNTER, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
+                  stride_ob, stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, q_bars,
+                  q_free, tile_smem, ring)
         # Registers: the launch's maxnreg fills the register file with every warp at the
         # same count; setmaxnreg then moves them from the loading warp's warpgroup (24) to
         # the computing ones.
+        args: gl.constexpr = (HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS, WARPGROUPS,
+                              Q_BUFFERS)
         if WARPGROUPS == 2:
             gl.warp_specialize([
-                (_partition, (0, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
-                (_partition, (1, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
-                (_partition, (2, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
+                (_partition, (0, shared) + args),
+                (_partition, (1, shared) + args),
+                (_partition, (2, shared) + args),
             ], [4, 1], [232, 24])
         else:
             gl.warp_specialize([
-                (_partition, (0, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
-                (_partition, (1, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
-                (_partition, (2, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
-                (_partition, (3, shared, HEAD_D, BLOCK_N, STAGES, CAUSAL, WARPGROUPS)),
+                (_partition, (0, shared) + args),
+                (_partition, (1, shared) + args),
+                (_partition, (2, shared) + args),
+                (_partition, (3, shared) + args),
             ], [4, 4, 1], [160, 160, 24])
 
 
 # (BLOCK_N, STAGES, WARPGROUPS) per head dim: the tile configs the GPU test checks and
-# benchmarks/gluon_forward.py times; fused_triton runs (128, 2, 2) (NOTES run 14). Three
-# warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there; not yet run
-# on a GPU (NOTES run 15).
-CONFIGS = {64: [(128, 2, 2), (128, 3, 2), (128, 2, 3), (64, 3, 3)],
-           128: [(128, 2, 2), (128, 3, 2)]}
+# benchmarks/gluon_forward.py times; fused_triton runs one of them (NOTES runs 14, 16).
+# Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there.
+CONFIGS = {64: [(128, 2, 2), (128, 2, 3), (64, 3, 3)], 128: [(128, 2, 2), (128, 3, 2)]}
 # maxnreg at launch: 12 warps (2 computing warpgroups and the loading warp's, padded) at
 # 168 registers, or 16 at 128, fill the 64K-register file.
 _MAXNREG = {2: 168, 3: 128}
+_SHARED_BYTES = 227 * 1024  # an sm_90 program's most
+
+
+@functools.cache
+def _box_layout(rows: int, head_dim: int, dtype: torch.dtype):
+    """The shared-memory layout of a (1, 1, rows, head_dim) TMA box."""
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], element)
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A TMA descriptor of t (B, H, S, D) read in boxes of (1, 1, rows, D)."""
+    D = t.shape[3]
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, D],
+                            _box_layout(rows, D, t.dtype))
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count (a persistent grid's size), looked up once."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
@@ -433,14 +529,17 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
-    grid = (-(-Sq // (64 * warpgroups)), B * Hq)
-    forward_kernel[grid](
-        q, k, v, out, lse, lengths,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
+    tiles = -(-Sq // (64 * warpgroups)) * B * Hq
+    # Q double-buffered where both buffers fit beside the K/V ring: the next tile's Q
+    # then loads while this one's last blocks run.
+    q_bytes = warpgroups * 64 * D * q.element_size()
+    ring_bytes = 2 * stages * block_n * D * k.element_size()
+    q_buffers = 2 if 2 * q_bytes + ring_bytes <= _SHARED_BYTES - 1024 else 1
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    forward_kernel[(min(tiles, multiprocessors(q.device)),)](
+        _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
+        lengths, counter, out.stride(0), out.stride(1), out.stride(2),
+        B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-        BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, num_warps=4,
-        maxnreg=_MAXNREG[warpgroups])
+        BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
+        num_warps=4, maxnreg=_MAXNREG[warpgroups])

@@ -18,8 +18,9 @@
 #   forward+backward kernels timed alone against attention() + autograd, profiled),
 #   decode (benchmarks/decode.py: decoding steps, K/V bytes per second against a copy),
 #   decode-splits (decode.py --splits: the forward's GPU time per key-range count),
-#   gpu-tests (pytest -m gpu: the tests that need a GPU; cold, ~250 s before the float16
-#   dispatch check was added), kernel-variants
+#   gpu-tests (pytest -m gpu: the tests that need a GPU; cold on an H200 in run 16, the
+#   seven Gluon forward ones took 217 s and the whole set did not fit 350 s; GPU_TESTS_ARGS
+#   adds pytest arguments, e.g. "-k hopper"), kernel-variants
 #   (benchmarks/kernel_variants.py: fused_triton's code variants timed in turns),
 #   gluon-forward (benchmarks/gluon_forward.py: the Gluon forward's tile configs checked
 #   against the oracle, then timed beside the Triton forward; GLUON_ARGS adds arguments,
@@ -157,9 +158,11 @@ for step in "${steps[@]}"; do
             ${GLUON_ARGS:-} > "$results/$step.log" 2>&1
         echo "$step: exit $?"; grep -v "^ok" "$results/$step.log" ;;
     gpu-tests)  # the GPU-only tests of triton (pytest -m gpu), decode key ranges among them
-        timeout "${GPU_TESTS_S:-390}" python3 -m pytest -q -m gpu tests/test_triton.py \
-            > "$results/pytest-gpu.log" 2>&1
-        echo "gpu-tests: exit $?"; tail -n 5 "$results/pytest-gpu.log" ;;
+        # shellcheck disable=SC2086  # GPU_TESTS_ARGS: e.g. "-k hopper", split on purpose
+        timeout "${GPU_TESTS_S:-480}" python3 -m pytest -v -m gpu tests/test_triton.py \
+            ${GPU_TESTS_ARGS:-} > "$results/pytest-gpu.log" 2>&1
+        echo "gpu-tests: exit $?"
+        grep -E "PASSED|FAILED|ERROR|passed|failed" "$results/pytest-gpu.log" | tail -n 20 ;;
     verify-fp16)
         timeout "${VERIFY_S:-330}" python3 -m attnkit.cli verify --no-progress --impl triton \
             --dtype float16 --out "$results/$prefix-verify-fp16-triton" \

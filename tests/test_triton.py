@@ -759,11 +759,19 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
 
 def test_hopper_forward_needs_tma_readable_tensors():
     from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_forward as hf
     from attnkit.call import make_call
 
     call = _long_call()
     k_columns = call.k.transpose(2, 3).contiguous().transpose(2, 3)  # stride 1 along S
     assert not ft._hopper_forward_fits(make_call(call.q, k_columns, call.v))
+    # K and V broadcast over the heads (stride 0): a descriptor's strides are positive
+    k_shared, v_shared = (t[:, :1].expand(-1, 2, -1, -1) for t in (call.k, call.v))
+    assert not ft._hopper_forward_fits(make_call(call.q, k_shared, v_shared))
+    one_batch = call.q[:1].as_strided(call.q.shape, (0, *call.q.stride()[1:]))
+    assert ft._hopper_forward_fits(make_call(one_batch, call.k, call.v))  # size 1: free
+    if hf.gluon is not None:  # its descriptor gets a stride the encoder takes
+        assert all(s > 0 for s in hf._descriptor(one_batch, 64).strides)
 
 
 @pytest.mark.parametrize("version, offered", [("3.6.0", True), ("3.6.1+git", True),

@@ -1124,7 +1124,7 @@ def _hopper_forward_fits(call: AttentionCall) -> bool:
     bfloat16 or float16 (timed in bfloat16; the two take the same tensor-core path),
     D = Dv in _HOPPER_CONFIGS, a positive scale, no mask tensor, window or dropout, Sq
     and Skv of at least _HOPPER_MIN_SEQ (_HOPPER_MIN_SEQ_D64_CAUSAL for causal D=64), and
-    q, k, v that TMA can read. Says nothing about the device."""
+    q, k, v that TMA can read, none broadcast. Says nothing about the device."""
     min_seq = (_HOPPER_MIN_SEQ_D64_CAUSAL if call.causal and call.head_dim == 64
                else _HOPPER_MIN_SEQ)
     return (call.dtype in (torch.bfloat16, torch.float16)
@@ -1132,7 +1132,8 @@ def _hopper_forward_fits(call: AttentionCall) -> bool:
             and call.scale > 0
             and call.attn_mask is None and call.window is None and call.dropout_p == 0.0
             and min(call.seq_q, call.seq_kv) >= min_seq
-            and all(_tma_layout(t) for t in (call.q, call.k, call.v)))
+            and all(_tma_layout(t) and hopper_forward.describable(t)
+                    for t in (call.q, call.k, call.v)))
 
 
 def _give_up_hopper_forward(exc: Exception) -> None:

@@ -202,7 +202,7 @@ if gluon is not None:
         """Tile number -> its batch, query head, kv head, (batch * query head), first
         query row, and key range (key_blocks). A head's query blocks are consecutive
         tiles, so the tiles running at once share K and V in L2; causal ones heaviest
-        (latest) first, so that a program's last tiles are light."""
+        (latest) first, so that the tiles handed out last are light."""
         bh = tile // q_blocks
         block = tile % q_blocks
         if CAUSAL:
@@ -508,10 +508,22 @@ def _box_layout(rows: int, head_dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], element)
 
 
+def describable(t: torch.Tensor) -> bool:
+    """Whether launch can describe t (B, H, S, D) to TMA as it is, beyond the alignment
+    the caller checks: no dimension broadcast (stride 0 over more than one index), as a
+    descriptor's strides must be positive."""
+    return all(stride > 0 or size == 1 for size, stride in
+               zip(t.shape, t.stride(), strict=True))
+
+
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A TMA descriptor of t (B, H, S, D) read in boxes of (1, 1, rows, D)."""
+    """A TMA descriptor of t (B, H, S, D) read in boxes of (1, 1, rows, D). A dimension of
+    size 1 is only ever read at index 0, so its stride, which torch leaves free (0, say),
+    becomes one the encoder accepts."""
     D = t.shape[3]
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, D],
+    strides = [stride if size > 1 else D
+               for size, stride in zip(t.shape, t.stride(), strict=True)]
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, D],
                             _box_layout(rows, D, t.dtype))
 
 

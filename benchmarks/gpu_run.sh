@@ -24,7 +24,7 @@
 #   (benchmarks/kernel_variants.py: fused_triton's code variants timed in turns),
 #   gluon-forward (benchmarks/gluon_forward.py: the Gluon forward's tile configs checked
 #   against the oracle, then timed beside the Triton forward; GLUON_ARGS adds arguments,
-#   e.g. "--shape 4,32,4096,64,1 --config 64,3,3"), gluon-dq (benchmarks/gluon_dq.py,
+#   e.g. "--shape 4,32,4096,64,1 --config 64,3,3,0"), gluon-dq (benchmarks/gluon_dq.py,
 #   the Gluon dQ experiment: oracle checks, then the A/B against the Triton dQ kernel),
 #   gluon-dkdv (benchmarks/gluon_dkdv.py, the same for the dK/dV kernel)
 #

@@ -737,6 +737,15 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
         assert config in hf.CONFIGS[head_dim]
 
 
+def test_hopper_forward_refuses_a_config_that_does_not_fit():
+    from attnkit.backends import hopper_forward as hf
+
+    q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
+    # three K/V stages (192 KB), Q (32 KB) and out's boxes (32 KB): over 227 KB
+    with pytest.raises(ValueError, match="does not fit in shared memory"):
+        hf.launch(q, q, q, q, None, None, False, 1.0, (128, 3, 2, 1))
+
+
 def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_forward as hf
@@ -800,7 +809,7 @@ def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, devic
     monkeypatch.setattr(ft, "_HOPPER_FORWARD", True)
     # as if on a Hopper GPU with a call the Gluon forward covers, the switch still read
     monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: ft._HOPPER_FORWARD)
-    monkeypatch.setitem(ft._HOPPER_CONFIGS, 16, (128, 2, 2))
+    monkeypatch.setitem(ft._HOPPER_CONFIGS, 16, (128, 2, 2, 0))
     monkeypatch.setattr(hf, "launch", fails)
     q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE) for _ in range(3))
     call = make_call(q, k, v, causal=True)

@@ -1115,8 +1115,8 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 _HOPPER_FORWARD = True
 _HOPPER_MIN_SEQ = 4096
 _HOPPER_MIN_SEQ_D64_CAUSAL = 16384
-# hopper_forward.launch's (BLOCK_N, STAGES, WARPGROUPS) per head dim
-_HOPPER_CONFIGS = {64: (128, 2, 3), 128: (128, 2, 2)}
+# hopper_forward.launch's (BLOCK_N, STAGES, WARPGROUPS, O_TMA) per head dim
+_HOPPER_CONFIGS = {64: (128, 2, 3, 0), 128: (128, 2, 2, 0)}
 
 
 def _hopper_forward_fits(call: AttentionCall) -> bool:

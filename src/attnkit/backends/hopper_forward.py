@@ -41,6 +41,7 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -217,9 +218,9 @@ if gluon is not None:
     @gluon.jit
     def _consume(ROLE: gl.constexpr, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv,
                  qk_scale, stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem,
-                 ring, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr, WARPGROUPS: gl.constexpr,
-                 Q_BUFFERS: gl.constexpr):
+                 ring, o_desc, o_smem, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+                 WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr):
         """Warpgroup ROLE: rows [64 * ROLE, 64 * ROLE + 64) of each tile the loading warp
         posts (next_tile), every key block in turn (_step), then out and lse stored."""
         ROWS: gl.constexpr = 64
@@ -295,15 +296,29 @@ if gluon is not None:
                            (m_i + gl.log2(gl.where(dead, 1.0, l_i))) * 0.6931471805599453)
             l_o = gl.convert_layout(gl.where(dead, 1.0, l_i), o_rows)
             out = o / gl.expand_dims(l_o, 1)
-            rows = row0 + gl.arange(0, ROWS, layout=o_rows)
-            o_ptrs = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-                      + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0))
-            gl.store(o_ptrs, out.to(dtype),
-                     mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
+            if O_TMA:
+                # Through shared memory and one TMA store (rows past Sq clipped by the
+                # descriptor), so that the warpgroup goes on to its next tile while the
+                # store runs; the buffer's previous store has to have read it first.
+                o_buf = o_smem.index(ROLE)
+                tma.store_wait(0)
+                gl.thread_barrier()
+                o_buf.reshape([ROWS, HEAD_D]).store(out.to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], o_buf)
+            else:
+                rows = row0 + gl.arange(0, ROWS, layout=o_rows)
+                o_ptrs = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                          + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0))
+                gl.store(o_ptrs, out.to(dtype),
+                         mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
             gl.store(LSE + bh.to(gl.int64) * Sq + qi, lse, mask=qi < Sq)
             done += 1
             base += total
             tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
+        if O_TMA:
+            tma.store_wait(0)  # before the program ends and its shared memory goes
 
     @gluon.jit
     def key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -424,30 +439,31 @@ if gluon is not None:
     @gluon.jit
     def _partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                   WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr):
+                   WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr):
         """ROLE r < WARPGROUPS: warpgroup r's 64 rows of each tile (r = 0 is the default
         partition); ROLE WARPGROUPS: the loading warp. shared: what every partition
         takes."""
         (Out, LSE, LENGTHS, COUNTER, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
          stride_ob, stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, q_bars, q_free,
-         tile_smem, ring) = shared
+         tile_smem, ring, o_desc, o_smem) = shared
         if ROLE < WARPGROUPS:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,
-                     HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS, WARPGROUPS, Q_BUFFERS)
+                     o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS,
+                     WARPGROUPS, Q_BUFFERS, O_TMA)
         else:
             _produce(COUNTER, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, q_desc, k_desc,
                      v_desc, q_smem, q_bars, q_free, tile_smem, ring, BLOCK_N, STAGES, CAUSAL,
                      HAS_LENGTHS, WARPGROUPS, Q_BUFFERS)
 
     @gluon.jit
-    def forward_kernel(q_desc, k_desc, v_desc, Out, LSE, LENGTHS, COUNTER,
+    def forward_kernel(q_desc, k_desc, v_desc, o_desc, Out, LSE, LENGTHS, COUNTER,
                        stride_ob, stride_oh, stride_om,
                        batch_heads, Hq, group, Sq, Skv, qk_scale,
                        HEAD_D: gl.constexpr, CAUSAL: gl.constexpr,
                        HAS_LENGTHS: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, WARPGROUPS: gl.constexpr,
-                       Q_BUFFERS: gl.constexpr):
+                       Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr):
         """out (B, Hq, Sq, D) and lse (B * Hq * Sq, natural log), like fused_triton's
         forward, from TMA descriptors of q (B, Hq, Sq, D; boxes of 64 rows) and k, v (B,
         Hkv, Skv, D; boxes of BLOCK_N rows). A tile is 64 * WARPGROUPS query rows of one
@@ -467,15 +483,21 @@ if gluon is not None:
         tile_smem = gl.allocate_shared_memory(gl.int32, [Q_BUFFERS, 1],
                                               gl.SwizzledSharedLayout(1, 1, 1, [0]))
         ring = kv_ring(k_desc, STAGES, WARPGROUPS)
+        # Where O_TMA: a 64-row box of out per warpgroup, for its TMA store. Without it,
+        # q_smem stands in, unused, so that the kernel is the one measured without.
+        o_smem = q_smem
+        if O_TMA:
+            o_smem = gl.allocate_shared_memory(dtype, [WARPGROUPS] + o_desc.block_shape,
+                                               o_desc.layout)
         # What every partition takes (_partition unpacks it).
         shared = (Out, LSE, LENGTHS, COUNTER, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                   stride_ob, stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, q_bars,
-                  q_free, tile_smem, ring)
+                  q_free, tile_smem, ring, o_desc, o_smem)
         # Registers: the launch's maxnreg fills the register file with every warp at the
         # same count; setmaxnreg then moves them from the loading warp's warpgroup (24) to
         # the computing ones.
         args: gl.constexpr = (HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS, WARPGROUPS,
-                              Q_BUFFERS)
+                              Q_BUFFERS, O_TMA)
         if WARPGROUPS == 2:
             gl.warp_specialize([
                 (_partition, (0, shared) + args),
@@ -491,10 +513,12 @@ if gluon is not None:
             ], [4, 4, 1], [160, 160, 24])
 
 
-# (BLOCK_N, STAGES, WARPGROUPS) per head dim: the tile configs the GPU test checks and
-# benchmarks/gluon_forward.py times; fused_triton runs one of them (NOTES runs 14, 16).
-# Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there.
-CONFIGS = {64: [(128, 2, 2), (128, 2, 3), (64, 3, 3)], 128: [(128, 2, 2), (128, 3, 2)]}
+# (BLOCK_N, STAGES, WARPGROUPS, O_TMA) per head dim: the tile configs the GPU test checks
+# and benchmarks/gluon_forward.py times; fused_triton runs one of them (NOTES runs 14,
+# 16). Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there.
+# O_TMA (out stored through shared memory by TMA) has not run on a GPU yet.
+CONFIGS = {64: [(128, 2, 2, 0), (128, 2, 3, 0), (64, 3, 3, 0), (128, 2, 3, 1)],
+           128: [(128, 2, 2, 0), (128, 3, 2, 0), (128, 2, 2, 1)]}
 # maxnreg at launch: 12 warps (2 computing warpgroups and the loading warp's, padded) at
 # 168 registers, or 16 at 128, fill the 64K-register file.
 _MAXNREG = {2: 168, 3: 128}
@@ -534,25 +558,29 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
-           config: tuple[int, int, int]) -> None:
+           config: tuple[int, int, int, int]) -> None:
     """Run the kernel on q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D), writing out (like q) and
     lse (B, Hq, Sq, float32); the caller has checked that the call is one it covers.
-    config: (BLOCK_N, STAGES, WARPGROUPS)."""
-    block_n, stages, warpgroups = config
+    config: (BLOCK_N, STAGES, WARPGROUPS, O_TMA)."""
+    block_n, stages, warpgroups, o_tma = config
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     tiles = -(-Sq // (64 * warpgroups)) * B * Hq
     # Q double-buffered where both buffers fit beside the K/V ring: the next tile's Q
     # then loads while this one's last blocks run.
-    q_bytes = warpgroups * 64 * D * q.element_size()
-    ring_bytes = 2 * stages * block_n * D * k.element_size()
-    q_buffers = 2 if 2 * q_bytes + ring_bytes <= _SHARED_BYTES - 1024 else 1
+    q_bytes = warpgroups * 64 * D * q.element_size()  # as many for out's boxes (O_TMA)
+    fixed = 2 * stages * block_n * D * k.element_size() + (q_bytes if o_tma else 0)
+    room = _SHARED_BYTES - 1024  # the barriers, tile numbers and atomic's scratch
+    if fixed + q_bytes > room:
+        raise ValueError(f"config {config} does not fit in shared memory at D={D}")
+    q_buffers = 2 if fixed + 2 * q_bytes <= room else 1
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)
     forward_kernel[(min(tiles, multiprocessors(q.device)),)](
-        _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
-        lengths, counter, out.stride(0), out.stride(1), out.stride(2),
+        _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n),
+        _descriptor(out, 64), out, lse, lengths, counter,
+        out.stride(0), out.stride(1), out.stride(2),
         B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
         BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
-        num_warps=4, maxnreg=_MAXNREG[warpgroups])
+        O_TMA=bool(o_tma), num_warps=4, maxnreg=_MAXNREG[warpgroups])

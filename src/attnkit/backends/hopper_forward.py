@@ -466,7 +466,8 @@ if gluon is not None:
                        Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr):
         """out (B, Hq, Sq, D) and lse (B * Hq * Sq, natural log), like fused_triton's
         forward, from TMA descriptors of q (B, Hq, Sq, D; boxes of 64 rows) and k, v (B,
-        Hkv, Skv, D; boxes of BLOCK_N rows). A tile is 64 * WARPGROUPS query rows of one
+        Hkv, Skv, D; boxes of BLOCK_N rows); out is stored through Out and its strides,
+        or where O_TMA through o_desc (like q's). A tile is 64 * WARPGROUPS query rows of one
         (batch, query head). The grid is persistent, a program per multiprocessor, and
         each takes tile after tile from COUNTER (an int32, zero at launch), so that its
         loading warp runs ahead into the next tile while the last one's blocks run.

@@ -577,9 +577,13 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
         raise ValueError(f"config {config} does not fit in shared memory at D={D}")
     q_buffers = 2 if fixed + 2 * q_bytes <= room else 1
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    q_desc = _descriptor(q, 64)
+    # out's descriptor is read only where O_TMA; q's (the same box type) stands in
+    # otherwise, so that the routed configs do not build one more per call.
+    o_desc = _descriptor(out, 64) if o_tma else q_desc
     forward_kernel[(min(tiles, multiprocessors(q.device)),)](
-        _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n),
-        _descriptor(out, 64), out, lse, lengths, counter,
+        q_desc, _descriptor(k, block_n), _descriptor(v, block_n), o_desc, out, lse, lengths,
+        counter,
         out.stride(0), out.stride(1), out.stride(2),
         B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,

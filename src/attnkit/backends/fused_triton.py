@@ -12,8 +12,8 @@ stores its rows' delta = rowsum(dO * O); then one program per (key block, batch 
 head) accumulates dK, dV over the query blocks of every query head of its group
 (deterministic, no atomics). On Hopper and newer, the forward can load its K/V tiles
 through TMA descriptors, where their layout allows and the autotuner finds it faster
-(long sequences). On Hopper, long calls with 128-wide heads take a forward written in
-Gluon instead (`hopper_forward`: the softmax overlaps the matmuls; `_uses_hopper_forward`
+(long sequences). On Hopper, long calls with 64- or 128-wide heads take a forward written
+in Gluon instead (`hopper_forward`: the softmax overlaps the matmuls; `_uses_hopper_forward`
 says which calls).
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
@@ -1177,9 +1177,9 @@ def _details(device: torch.device) -> str | None:
     if why is None and not _HOPPER_FORWARD:
         why = "switched off in this process (it did not compile here, or by hand)"
     state = (f"off: {why}" if why else
-             f"on for bfloat16/float16 calls with D = Dv = 128 or 64, Sq and Skv >= "
-             f"{_HOPPER_MIN_SEQ} (causal at D=64: {_HOPPER_MIN_SEQ_D64_CAUSAL}), and no "
-             f"mask tensor, window or dropout")
+             f"on for bfloat16/float16 calls with D = Dv in {sorted(_HOPPER_CONFIGS)}, "
+             f"Sq and Skv >= {_HOPPER_MIN_SEQ} (causal at D=64: "
+             f"{_HOPPER_MIN_SEQ_D64_CAUSAL}), and no mask tensor, window or dropout")
     return f"Gluon forward for Hopper: {state}"
 
 
@@ -1467,7 +1467,7 @@ def run(call: AttentionCall) -> Result:
 BACKEND = Backend(
     name="triton",
     summary="fused Triton kernels (FlashAttention-2 style forward and backward; on "
-            "Hopper, a Gluon forward for long sequences with 128-wide heads)",
+            "Hopper, a Gluon forward for long sequences with 64- or 128-wide heads)",
     available=available,
     supports=supports,
     run=run,

@@ -40,11 +40,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from attnkit import attention
 from attnkit.backends import fused_triton as ft
 from attnkit.backends.hopper_forward import (
+    box,
     hold,
     key_blocks,
     kv_ring,
     load_kv_ring,
-    program,
     visible,
 )
 from attnkit.call import make_call
@@ -72,11 +72,11 @@ def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem, do_sme
         # Each product gets zeros of its own: one set of registers read as two
         # accumulators also serializes them.
         mbarrier.wait(k_bars.index(nxt), phase)
-        s_tok = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)),
+        s_tok = warpgroup_mma(q_smem, box(k_smem, nxt).permute((1, 0)),
                               gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                               is_async=True)
         mbarrier.wait(v_bars.index(nxt), phase)
-        dp_tok = warpgroup_mma(do_smem, v_smem.index(nxt).permute((1, 0)),
+        dp_tok = warpgroup_mma(do_smem, box(v_smem, nxt).permute((1, 0)),
                                gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                                is_async=True)
     if MASKED:
@@ -86,7 +86,7 @@ def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem, do_sme
     else:
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
     ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(q_smem.dtype), ds_layout)
-    dq_tok = warpgroup_mma(ds, k_smem.index(slot), dq, is_async=True)
+    dq_tok = warpgroup_mma(ds, box(k_smem, slot), dq, is_async=True)
     if HAS_NEXT:
         dq, s, dp, _ = warpgroup_mma_wait(0, deps=[dq_tok, s_tok, dp_tok, ds])
     else:
@@ -144,11 +144,11 @@ def _dq_consume(Out, LSE, DELTA, DQ, b, h, bh, row0, Sq, kv_len, off, qk_scale, 
 
     dq = gl.zeros([ROWS, HEAD_D], gl.float32, d_layout)
     mbarrier.wait(k_bars.index(0), 0)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
+    s_tok = warpgroup_mma(q_smem, box(k_smem, 0).permute((1, 0)),
                           gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                           is_async=True)
     mbarrier.wait(v_bars.index(0), 0)
-    dp_tok = warpgroup_mma(do_smem, v_smem.index(0).permute((1, 0)),
+    dp_tok = warpgroup_mma(do_smem, box(v_smem, 0).permute((1, 0)),
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                            is_async=True)
     s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])
@@ -191,8 +191,22 @@ def _dq_worker(ROLE: gl.constexpr, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len
         mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [m0, 0], q_bar, q_smem)
         tma.async_copy_global_to_shared(do_desc, [m0, 0], q_bar, do_smem)
-        load_kv_ring(total, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
-                     BLOCK_N, STAGES)
+        # The forward's loader, on this program's (1, 1, Skv, D) K and V: coordinates 0, 0
+        load_kv_ring(0, 0, 0, total, k_desc, v_desc,
+                     (k_smem, v_smem, k_bars, v_bars, k_free, v_free), BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _program(Hq, group, CAUSAL: gl.constexpr):
+    """This program's query block and (batch * query head) of a (query blocks, B * Hq)
+    grid, with its batch, head and kv head (int64)."""
+    pid_m = gl.program_id(0)
+    if CAUSAL:  # later query blocks see more keys: start them first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    bh = gl.program_id(1)
+    b = (bh // Hq).to(gl.int64)
+    h = (bh % Hq).to(gl.int64)
+    return pid_m, bh, b, h, h // group
 
 
 @gluon.jit
@@ -207,16 +221,21 @@ def dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, LENGTHS,
     BLOCK_M: gl.constexpr = 128
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
-    pid_m, bh, b, h, kvh = program(Hq, group, CAUSAL)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_D],
+                                                                    dtype)
+    pid_m, bh, b, h, kvh = _program(Hq, group, CAUSAL)
     q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Sq, HEAD_D],
                                         [stride_qm, 1], [BLOCK_M, HEAD_D], q_layout)
     do_desc = tma.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, [Sq, HEAD_D],
                                          [stride_dom, 1], [BLOCK_M, HEAD_D], q_layout)
-    k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh, [Skv, HEAD_D],
-                                        [stride_kn, 1], [BLOCK_N, HEAD_D], kv_layout)
-    v_desc = tma.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh, [Skv, HEAD_D],
-                                        [stride_vn, 1], [BLOCK_N, HEAD_D], kv_layout)
+    # K and V as (1, 1, Skv, D) boxes of (1, 1, BLOCK_N, D), the forward's ring's shape
+    # (kv_ring, load_kv_ring); the size-1 dimensions' strides are never stepped.
+    k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh,
+                                        [1, 1, Skv, HEAD_D], [stride_kn, stride_kn, stride_kn, 1],
+                                        [1, 1, BLOCK_N, HEAD_D], kv_layout)
+    v_desc = tma.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh,
+                                        [1, 1, Skv, HEAD_D], [stride_vn, stride_vn, stride_vn, 1],
+                                        [1, 1, BLOCK_N, HEAD_D], kv_layout)
     m0 = pid_m * BLOCK_M
     kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M, BLOCK_N,
                                                  CAUSAL, HAS_LENGTHS)
@@ -224,8 +243,7 @@ def dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, LENGTHS,
     do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(dtype, kv_layout, STAGES,
-                                                             BLOCK_N, HEAD_D, 2)
+    k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(k_desc, STAGES, 2)
     gl.warp_specialize([
         (_dq_consume, (Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
                        total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,

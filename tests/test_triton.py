@@ -737,6 +737,24 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
         assert config in hf.CONFIGS[head_dim]
 
 
+@pytest.mark.parametrize("script", ["gluon_forward", "gluon_dq", "gluon_dkdv"])
+def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, script):
+    """benchmarks/gluon_*.py borrow hopper_forward's helpers by name; one renamed or
+    dropped there (run 16 dropped `program`) would otherwise break them only on a GPU.
+    Names only: Gluon code compiles for sm_90 under the Triton release it was written
+    for, not the one tests run under."""
+    from pathlib import Path
+
+    from attnkit.backends import hopper_forward as hf
+
+    if hf.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper operations to import")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    for name in ("gluon_forward", "gluon_dq", "gluon_dkdv"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    importlib.import_module(script)
+
+
 def test_hopper_forward_refuses_a_config_that_does_not_fit():
     from attnkit.backends import hopper_forward as hf
 

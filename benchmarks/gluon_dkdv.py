@@ -329,7 +329,7 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 def main() -> None:
     args = experiment_parser(__doc__, 3, "BLOCK_M,STAGES").parse_args()
-    configs = [tuple(int(x) for x in c.split(",")) for c in args.config or ["32,3"]]
+    configs = args.config or [(32, 3)]
     run_experiment(args, "gluon_dkdv", configs, check, time_shape, SHAPES)
 
 

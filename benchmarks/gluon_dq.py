@@ -339,7 +339,7 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 def main() -> None:
     args = experiment_parser(__doc__, 3, "BLOCK_N,STAGES").parse_args()
-    configs = [tuple(int(x) for x in c.split(",")) for c in args.config or ["64,3", "64,2"]]
+    configs = args.config or [(64, 3), (64, 2)]
     run_experiment(args, "gluon_dq", configs, check, time_shape, SHAPES)
 
 

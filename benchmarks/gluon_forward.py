@@ -163,13 +163,18 @@ def time_in_turns(shape, runs: dict, rounds: int, flops: float, what: str = "") 
     return {"shape": list(shape), "flops": flops, "samples_ms": samples, "median_ms": med}
 
 
+def int_tuple(text: str) -> tuple[int, ...]:
+    """A --config value, e.g. "128,2,2,0" -> (128, 2, 2, 0)."""
+    return tuple(int(x) for x in text.split(","))
+
+
 def experiment_parser(doc: str, rounds: int, config_help: str) -> argparse.ArgumentParser:
-    """The options of this script and of gluon_dq.py."""
+    """The options of this script and of gluon_dq.py and gluon_dkdv.py."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--shape", action="append", help="B,H,S,D,CAUSAL")
-    parser.add_argument("--config", action="append", help=config_help)
+    parser.add_argument("--config", action="append", type=int_tuple, help=config_help)
     parser.add_argument("--check-only", action="store_true")
     return parser
 
@@ -194,8 +199,7 @@ def main() -> None:
     args = experiment_parser(__doc__, 5, "BLOCK_N,STAGES,WARPGROUPS,O_TMA (all D)").parse_args()
     configs = dict(hf.CONFIGS)
     if args.config:
-        picked = [tuple(int(x) for x in c.split(",")) for c in args.config]
-        configs = {64: picked, 128: picked}
+        configs = {64: args.config, 128: args.config}
     run_experiment(args, "gluon_forward", configs, check, time_shape, SHAPES)
 
 

@@ -1108,15 +1108,15 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 
 # Long sequences on Hopper take the Gluon forward (hopper_forward: the softmax overlaps the
 # matmuls, which the Triton language cannot say) where it covers the call and was measured
-# faster: on an H200, persistent, 1.07-1.11x this file's forward at D=128 and S >= 4k,
-# causal or not; at D=64 1.09-1.12x without causal, and causal 1.07x at 16k but 0.71x at
-# 4k (NOTES, run 16). Slower at 1k (run 14). _HOPPER_FORWARD switches it off (A/B,
-# kernel_variants.py).
+# faster: on an H200, persistent and with out stored by TMA, 1.10-1.15x this file's
+# forward at D=128 and S >= 4k, causal or not; at D=64 1.12x without causal at 4k, and
+# causal 1.08x at 16k but 0.81x at 4k (NOTES, runs 16 and 17). Slower at 1k (run 14).
+# _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
 _HOPPER_FORWARD = True
 _HOPPER_MIN_SEQ = 4096
 _HOPPER_MIN_SEQ_D64_CAUSAL = 16384
 # hopper_forward.launch's (BLOCK_N, STAGES, WARPGROUPS, O_TMA) per head dim
-_HOPPER_CONFIGS = {64: (128, 2, 3, 0), 128: (128, 2, 2, 0)}
+_HOPPER_CONFIGS = {64: (128, 2, 3, 1), 128: (128, 2, 2, 1)}
 
 
 def _hopper_forward_fits(call: AttentionCall) -> bool:

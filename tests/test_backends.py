@@ -212,6 +212,20 @@ def test_auto_sends_padded_calls_by_their_own_order(monkeypatch) -> None:
     assert select(make_call(q, q, q, causal=True), "auto").name == "sdpa"
 
 
+def test_auto_tries_a_backend_that_leads_the_call_first(monkeypatch) -> None:
+    from dataclasses import replace
+
+    from attnkit import functional
+
+    monkeypatch.setitem(functional.AUTO_ORDER, "cpu", ("sdpa", "naive", "einsum"))
+    leads_causal = replace(backends.BACKENDS["einsum"], leads=lambda call: call.causal)
+    monkeypatch.setitem(backends.BACKENDS, "einsum", leads_causal)
+    q = torch.randn(1, 2, 5, 16)
+    assert functional.auto_order(make_call(q, q, q, causal=True)) == ("einsum", "sdpa", "naive")
+    assert select(make_call(q, q, q, causal=True), "auto").name == "einsum"
+    assert select(make_call(q, q, q), "auto").name == "sdpa"
+
+
 def test_available_lists_every_backend_with_a_reason_or_none() -> None:
     listed = attnkit.available("cpu")
     assert list(listed) == list(backends.BACKENDS)

@@ -729,6 +729,29 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     assert ft._hopper_forward_fits(_long_call(**kwargs)) == fits
 
 
+@pytest.mark.parametrize("kwargs, grad, leads", [
+    ({}, False, True),
+    ({}, True, False),  # cuDNN's backward is faster
+    ({"causal": True}, False, False),  # 0.94x cuDNN at 4k
+    ({"causal": True, "sq": 8192, "skv": 8192}, False, True),
+    ({"d": 80}, False, False),  # no Gluon forward
+])
+def test_auto_tries_triton_first_where_the_hopper_forward_beat_cudnn(monkeypatch, kwargs,
+                                                                     grad, leads):
+    from attnkit import functional
+    from attnkit.backends import fused_triton as ft
+
+    call = _long_call(**kwargs)
+    call.q.requires_grad_(grad)
+    # the CPU call stands in for one on a Hopper GPU
+    monkeypatch.setattr(ft, "_uses_hopper_forward", ft._hopper_forward_fits)
+    monkeypatch.setitem(functional.AUTO_ORDER, "cpu", functional.AUTO_ORDER["cuda"])
+    assert ft._leads(call) == leads
+    assert functional.auto_order(call)[0] == ("triton" if leads else "sdpa")
+    with torch.no_grad():  # nothing to differentiate, whatever requires_grad says
+        assert ft._leads(call) == (leads or grad)
+
+
 def test_hopper_forward_runs_a_config_the_gpu_test_checks():
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_forward as hf

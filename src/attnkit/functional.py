@@ -48,8 +48,12 @@ def device_auto_order(device_type: str, padded: bool = False) -> tuple[str, ...]
 
 
 def auto_order(call: AttentionCall) -> tuple[str, ...]:
-    """The backends impl="auto" tries for `call`, in order."""
-    return device_auto_order(call.device.type, hides_padded_keys(call))
+    """The backends impl="auto" tries for `call`, in order: the device's order, with the
+    backends in it that lead this call (Backend.leads) moved to the front."""
+    order = device_auto_order(call.device.type, hides_padded_keys(call))
+    leading = tuple(name for name in order
+                    if name in backends.BACKENDS and backends.BACKENDS[name].leads(call))
+    return leading + tuple(name for name in order if name not in leading)
 
 
 def attention(

@@ -25,6 +25,9 @@ class Backend:
     run(call)         -> (out, lse); lse may be None unless call.return_lse.
     details(device)   -> None, or a line for `attnkit info` on what it does on that
                          device beyond its summary (e.g. a kernel switched off there).
+    leads(call)       -> True where this backend was measured faster on the call than
+                         the backends before it in impl="auto"'s device order, which
+                         then tries it first. Cheap: it runs for every auto call.
     """
 
     name: str
@@ -33,6 +36,7 @@ class Backend:
     supports: Callable[[AttentionCall], str | None]
     run: Callable[[AttentionCall], Result]
     details: Callable[[torch.device], str | None] = lambda device: None
+    leads: Callable[[AttentionCall], bool] = lambda call: False
 
 
 def always_available(device: torch.device) -> str | None:

@@ -1179,13 +1179,31 @@ def _details(device: torch.device) -> str | None:
     state = (f"off: {why}" if why else
              f"on for bfloat16/float16 calls with D = Dv in {sorted(_HOPPER_CONFIGS)}, "
              f"Sq and Skv >= {_HOPPER_MIN_SEQ} (causal at D=64: "
-             f"{_HOPPER_MIN_SEQ_D64_CAUSAL}), and no mask tensor, window or dropout")
+             f"{_HOPPER_MIN_SEQ_D64_CAUSAL}), and no mask tensor, window or dropout; "
+             f"impl='auto' runs triton first for those calls when nothing needs a "
+             f"gradient (causal ones from {_LEADS_MIN_SEQ_CAUSAL}), where it was faster "
+             f"than cuDNN")
     return f"Gluon forward for Hopper: {state}"
 
 
 def _uses_hopper_forward(call: AttentionCall) -> bool:
     return (_HOPPER_FORWARD and call.device.type == "cuda" and _is_hopper(call.device)
             and _hopper_forward_fits(call))
+
+
+# impl="auto" runs SDPA first, which runs cuDNN on Hopper. Forward alone, the Gluon forward
+# was faster than cuDNN where it runs on an H200 (run 17, `core` beside sdpa_cudnn; NOTES):
+# 1.02-1.09x without causal (0.99x at D=128 8k, inside the rounds' spread), 1.03-1.07x
+# causal from 8k, but 0.94x at D=128 causal 4k. With gradients to compute, cuDNN's
+# backward is faster than this file's (0.68-0.93x forward+backward), so SDPA keeps those.
+_LEADS_MIN_SEQ_CAUSAL = 8192
+
+
+def _leads(call: AttentionCall) -> bool:
+    """Whether impl="auto" should try this backend before SDPA: a call with nothing to
+    differentiate that the Gluon forward runs (causal ones from _LEADS_MIN_SEQ_CAUSAL)."""
+    return (not call.needs_grad and _uses_hopper_forward(call)
+            and (not call.causal or min(call.seq_q, call.seq_kv) >= _LEADS_MIN_SEQ_CAUSAL))
 
 
 # Key splits for calls with few query rows (decoding against a cache): the forward's grid
@@ -1472,4 +1490,5 @@ BACKEND = Backend(
     supports=supports,
     run=run,
     details=_details,
+    leads=_leads,
 )

@@ -247,6 +247,23 @@ def test_core_times_what_auto_picks_unless_filtered_out():
     assert "auto" not in _core_problem(config, cpu, torch.float32, None, ["auto"]).entries
 
 
+def test_core_names_both_picks_when_auto_runs_the_forward_elsewhere(monkeypatch):
+    from dataclasses import replace
+
+    from attnkit.bench import _core_problem
+    from attnkit.functional import select
+
+    (config,) = preset_configs("core", quick=True, seq=64, head_dim=64)[:1]
+    forward_only = replace(backends.BACKENDS["einsum"], leads=lambda call: not call.needs_grad)
+    monkeypatch.setitem(backends.BACKENDS, "einsum", forward_only)
+    problem = _core_problem(config, torch.device("cpu"), torch.float32, None, None)
+    work = problem.entries["auto"]()
+    q, k, v = work.inputs
+    both = select(make_call(q, k, v, causal=config.causal), "auto").name
+    assert both != "einsum"
+    assert work.picked == f"einsum (forward), {both} (forward+backward)"
+
+
 def test_core_key_lengths_reach_the_implementations_and_the_oracle():
     from attnkit.bench import _core_problem
     from attnkit.verify import rel_err

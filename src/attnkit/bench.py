@@ -323,7 +323,12 @@ def _core_problem(config: Config, device: torch.device, dtype: torch.dtype,
         def make() -> Workload:
             picked = None
             if name == "auto":
-                picked = select(make_call(q, k, v, causal=c.causal, key_lengths=lengths)).name
+                # what runs the forward, timed under no_grad, and what runs forward+backward
+                with torch.no_grad():
+                    forward = select(make_call(q, k, v, causal=c.causal, key_lengths=lengths))
+                both = select(make_call(q, k, v, causal=c.causal, key_lengths=lengths))
+                picked = (both.name if forward is both
+                          else f"{forward.name} (forward), {both.name} (forward+backward)")
             return Workload(
                 lambda: attention(q, k, v, causal=c.causal, key_lengths=lengths, impl=name),
                 [q, k, v], grad_out, picked,

@@ -1181,8 +1181,8 @@ def _details(device: torch.device) -> str | None:
              f"Sq and Skv >= {_HOPPER_MIN_SEQ} (causal at D=64: "
              f"{_HOPPER_MIN_SEQ_D64_CAUSAL}), and no mask tensor, window or dropout; "
              f"impl='auto' runs triton first for those calls when nothing needs a "
-             f"gradient (causal ones from {_LEADS_MIN_SEQ_CAUSAL}), where it was faster "
-             f"than cuDNN")
+             f"gradient, from {_LEADS_MIN_SEQ} queries and keys, causal or at D=64, "
+             f"where it was faster than cuDNN")
     return f"Gluon forward for Hopper: {state}"
 
 
@@ -1191,19 +1191,23 @@ def _uses_hopper_forward(call: AttentionCall) -> bool:
             and _hopper_forward_fits(call))
 
 
-# impl="auto" runs SDPA first, which runs cuDNN on Hopper. Forward alone, the Gluon forward
-# was faster than cuDNN where it runs on an H200 (run 17, `core` beside sdpa_cudnn; NOTES):
-# 1.02-1.09x without causal (0.99x at D=128 8k, inside the rounds' spread), 1.03-1.07x
-# causal from 8k, but 0.94x at D=128 causal 4k. With gradients to compute, cuDNN's
-# backward is faster than this file's (0.68-0.93x forward+backward), so SDPA keeps those.
-_LEADS_MIN_SEQ_CAUSAL = 8192
+# impl="auto" runs SDPA first, which runs cuDNN on Hopper. Forward alone, two `core` runs
+# on an H200 (run 17, NOTES) put the Gluon forward against the faster of sdpa and
+# sdpa_cudnn at: D=64 without causal 1.03/0.98x at 4k, 1.04-1.09x from 8k; causal 0.94-
+# 0.99x at 4k, 0.99-1.07x at 8k, 1.01-1.04x at 16k; but D=128 without causal 0.93-1.03x,
+# a coin toss. So it leads from 8192 queries and keys, causal or at D=64. With gradients
+# to compute, cuDNN's backward is faster than this file's (0.68-0.93x forward+backward),
+# so SDPA keeps those calls.
+_LEADS_MIN_SEQ = 8192
 
 
 def _leads(call: AttentionCall) -> bool:
     """Whether impl="auto" should try this backend before SDPA: a call with nothing to
-    differentiate that the Gluon forward runs (causal ones from _LEADS_MIN_SEQ_CAUSAL)."""
+    differentiate that the Gluon forward runs, of at least _LEADS_MIN_SEQ queries and keys,
+    causal or with 64-wide heads."""
     return (not call.needs_grad and _uses_hopper_forward(call)
-            and (not call.causal or min(call.seq_q, call.seq_kv) >= _LEADS_MIN_SEQ_CAUSAL))
+            and min(call.seq_q, call.seq_kv) >= _LEADS_MIN_SEQ
+            and (call.causal or call.head_dim == 64))
 
 
 # Key splits for calls with few query rows (decoding against a cache): the forward's grid

@@ -222,9 +222,13 @@ if gluon is not None:
                  qk_scale, stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem,
                  ring, o_desc, o_smem, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                 WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr):
+                 WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
+                 OWN_RANGES: gl.constexpr):
         """Warpgroup ROLE: rows [64 * ROLE, 64 * ROLE + 64) of each tile the loading warp
-        posts (next_tile), every key block in turn (_step), then out and lse stored."""
+        posts (next_tile), every key block in turn (_step), then out and lse stored.
+        Where OWN_RANGES, the key blocks are those its own rows see (key_blocks of its 64
+        rows: causal tiles whose rows end in different key blocks), and it only lets the
+        rest of the tile's blocks go (release)."""
         ROWS: gl.constexpr = 64
         BLOCK_M: gl.constexpr = ROWS * WARPGROUPS
         # Three warpgroups get 160 registers each, too few for _step's usual order.
@@ -244,10 +248,14 @@ if gluon is not None:
         base = 0  # key blocks, for the ring's slot and phase
         tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
         while tile < tiles:
-            b, h, kvh, bh, m0, kv_len, off, total, full_blocks = tile_of(
+            b, h, kvh, bh, m0, kv_len, off, tile_total, full_blocks = tile_of(
                 tile, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M, BLOCK_N, CAUSAL,
                 HAS_LENGTHS)
             row0 = m0 + ROWS * ROLE
+            total = tile_total
+            if OWN_RANGES:
+                kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, row0, Sq, Skv, ROWS,
+                                                             BLOCK_N, CAUSAL, HAS_LENGTHS)
             qi = row0 + gl.arange(0, ROWS, layout=row_layout)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
             l_i = gl.zeros([ROWS], gl.float32, row_layout)
@@ -291,6 +299,8 @@ if gluon is not None:
             mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
             o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o)
             mbarrier.arrive(v_free.index(last % STAGES), count=1)
+            if OWN_RANGES:
+                release(ring, base, total, tile_total, STAGES)
 
             # A row that saw no key: l = 0, out = 0, lse = -inf.
             dead = l_i == 0.0
@@ -317,7 +327,7 @@ if gluon is not None:
                          mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
             gl.store(LSE + bh.to(gl.int64) * Sq + qi, lse, mask=qi < Sq)
             done += 1
-            base += total
+            base += tile_total
             tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
         if O_TMA:
             tma.store_wait(0)  # before the program ends and its shared memory goes
@@ -341,6 +351,20 @@ if gluon is not None:
         total = gl.maximum(gl.cdiv(gl.maximum(end, 0), BLOCK_N), 1)
         full_blocks = gl.minimum(gl.maximum(full_end, 0) // BLOCK_N, total)
         return kv_len, off, total, full_blocks
+
+    @gluon.jit
+    def release(ring, base, first, last, STAGES: gl.constexpr):
+        """Lets the ring's key blocks first .. last-1 of a tile go unread. Each is waited
+        for first: the arrival has to count towards the phase of that block's load, and
+        the load is issued only after the slot's previous phase completed."""
+        k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
+        for j in range(first, last):
+            at = base + j
+            phase = (at // STAGES) & 1
+            mbarrier.wait(k_bars.index(at % STAGES), phase)
+            mbarrier.arrive(k_free.index(at % STAGES), count=1)
+            mbarrier.wait(v_bars.index(at % STAGES), phase)
+            mbarrier.arrive(v_free.index(at % STAGES), count=1)
 
     @gluon.jit
     def kv_ring(desc, STAGES: gl.constexpr, WARPGROUPS: gl.constexpr):
@@ -441,7 +465,8 @@ if gluon is not None:
     @gluon.jit
     def _partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                   WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr):
+                   WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
+                   OWN_RANGES: gl.constexpr):
         """ROLE r < WARPGROUPS: warpgroup r's 64 rows of each tile (r = 0 is the default
         partition); ROLE WARPGROUPS: the loading warp. shared: what every partition
         takes."""
@@ -452,7 +477,7 @@ if gluon is not None:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,
                      o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS,
-                     WARPGROUPS, Q_BUFFERS, O_TMA)
+                     WARPGROUPS, Q_BUFFERS, O_TMA, OWN_RANGES)
         else:
             _produce(COUNTER, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, q_desc, k_desc,
                      v_desc, q_smem, q_bars, q_free, tile_smem, ring, BLOCK_N, STAGES, CAUSAL,
@@ -465,7 +490,8 @@ if gluon is not None:
                        HEAD_D: gl.constexpr, CAUSAL: gl.constexpr,
                        HAS_LENGTHS: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, WARPGROUPS: gl.constexpr,
-                       Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr):
+                       Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
+                       OWN_RANGES: gl.constexpr):
         """out (B, Hq, Sq, D) and lse (B * Hq * Sq, natural log), like fused_triton's
         forward, from TMA descriptors of q (B, Hq, Sq, D; boxes of 64 rows) and k, v (B,
         Hkv, Skv, D; boxes of BLOCK_N rows); out is stored through Out and its strides,
@@ -500,7 +526,7 @@ if gluon is not None:
         # same count; setmaxnreg then moves them from the loading warp's warpgroup (24) to
         # the computing ones.
         args: gl.constexpr = (HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS, WARPGROUPS,
-                              Q_BUFFERS, O_TMA)
+                              Q_BUFFERS, O_TMA, OWN_RANGES)
         if WARPGROUPS == 2:
             gl.warp_specialize([
                 (_partition, (0, shared) + args),
@@ -516,13 +542,15 @@ if gluon is not None:
             ], [4, 4, 1], [160, 160, 24])
 
 
-# (BLOCK_N, STAGES, WARPGROUPS, O_TMA) per head dim: the tile configs the GPU test checks
-# and benchmarks/gluon_forward.py times; fused_triton runs one of them (NOTES runs 14,
-# 16, 17). Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there.
-# O_TMA (out stored through shared memory by TMA) was 1.01-1.13x the same tile without it
-# on an H200 (run 17); the configs without it stay as the A/B's baseline. Each config
-# here is compiled by the GPU test in two types: fewer keep that test inside one call.
-CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 0), (128, 2, 3, 1)],
+# (BLOCK_N, STAGES, WARPGROUPS, O_TMA[, OWN_RANGES]) per head dim: the tile configs the GPU
+# test checks and benchmarks/gluon_forward.py times; fused_triton runs one of them (NOTES
+# runs 14, 16, 17). Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's
+# tile there. O_TMA (out stored through shared memory by TMA) was 1.01-1.13x the same tile
+# without it on an H200 (run 17); the configs without it stay as the A/B's baseline.
+# OWN_RANGES (each warpgroup walks the key blocks its own rows see) has not run on a GPU
+# yet; it is for causal D=64, where 192-row tiles end mid-block. Each config here is
+# compiled by the GPU test in two types: fewer keep that test inside one call.
+CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 1, 1), (128, 2, 3, 1)],
            128: [(128, 2, 2, 0), (128, 2, 2, 1)]}
 # maxnreg at launch: 12 warps (2 computing warpgroups and the loading warp's, padded) at
 # 168 registers, or 16 at 128, fill the 64K-register file.
@@ -563,11 +591,12 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
-           config: tuple[int, int, int, int]) -> None:
+           config: tuple[int, ...]) -> None:
     """Run the kernel on q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D), writing out (like q) and
     lse (B, Hq, Sq, float32); the caller has checked that the call is one it covers.
-    config: (BLOCK_N, STAGES, WARPGROUPS, O_TMA)."""
-    block_n, stages, warpgroups, o_tma = config
+    config: (BLOCK_N, STAGES, WARPGROUPS, O_TMA[, OWN_RANGES]), OWN_RANGES 0 if left out."""
+    block_n, stages, warpgroups, o_tma = config[:4]
+    own_ranges = config[4] if len(config) > 4 else 0
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
@@ -592,4 +621,5 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
         B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
         BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
-        O_TMA=bool(o_tma), num_warps=4, maxnreg=_MAXNREG[warpgroups])
+        O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), num_warps=4,
+        maxnreg=_MAXNREG[warpgroups])

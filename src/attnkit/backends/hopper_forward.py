@@ -299,8 +299,6 @@ if gluon is not None:
             mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
             o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o)
             mbarrier.arrive(v_free.index(last % STAGES), count=1)
-            if OWN_RANGES:
-                release(ring, base, total, tile_total, STAGES)
 
             # A row that saw no key: l = 0, out = 0, lse = -inf.
             dead = l_i == 0.0
@@ -326,6 +324,9 @@ if gluon is not None:
                 gl.store(o_ptrs, out.to(dtype),
                          mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
             gl.store(LSE + bh.to(gl.int64) * Sq + qi, lse, mask=qi < Sq)
+            if OWN_RANGES:
+                # After the stores: the blocks it lets go may still be loading.
+                release(ring, base, total, tile_total, STAGES)
             done += 1
             base += tile_total
             tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)

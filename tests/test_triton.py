@@ -787,6 +787,9 @@ def test_hopper_forward_refuses_a_config_that_does_not_fit():
     # three K/V stages (192 KB), Q (32 KB) and out's boxes (32 KB): over 227 KB
     with pytest.raises(ValueError, match="does not fit in shared memory"):
         hf.launch(q, q, q, q, None, None, False, 1.0, (128, 3, 2, 1))
+    with pytest.raises(ValueError, match="do not go together"):
+        hf.launch(q, q, q, q, None, None, True, 1.0, (64, 3, 3, 1, 1, 1))
+    assert hf.Config(128, 2, 2) == (128, 2, 2, 0, 0, 0)
 
 
 def test_info_says_whether_the_hopper_forward_runs(monkeypatch):

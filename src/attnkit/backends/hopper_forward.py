@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import NamedTuple
 
 import torch
 
@@ -133,12 +134,19 @@ if gluon is not None:
               MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_PREV: gl.constexpr,
               HAS_NEXT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-              LEAN: gl.constexpr):
+              LEAN: gl.constexpr, CROSS: gl.constexpr = False, k_pred=True, pv_acc=True):
         """Key block j, whose raw scores s are in registers: its softmax runs while block
         j-1's P V (HAS_PREV) is on the tensor cores; then block nxt's Q K^T is issued
         (HAS_NEXT) and its scores are what this returns, with o, block j's p as the P V
         operand, and the running max and sum. base: the ring position of the tile's
         block 0 (the key blocks of the program's earlier tiles came before it).
+
+        Chained tiles (_consume_chained): q_smem is the Q that block nxt's Q K^T reads
+        (the next tile's, after a tile's last block), and k_pred False skips the wait
+        for a block that will never load (no next tile; the product is not used). pv_acc
+        False: o holds nothing of this tile yet. CROSS: j = 0 of a tile whose P V is the
+        tile before's last (ring position base - 1) into that tile's o, which comes back
+        unscaled, finished.
 
         The order is what keeps the overlap: ptxas fills a stall with a matmul wait
         wherever one is free to move, so P V is issued after the row max (whose
@@ -151,7 +159,8 @@ if gluon is not None:
             v_at = base + j - 1
             v_slot = v_at % STAGES
             mbarrier.wait(v_bars.index(v_slot), (v_at // STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, box(v_smem, v_slot), o, is_async=True)
+            o_tok = warpgroup_mma(p_op, box(v_smem, v_slot), o, use_acc=pv_acc,
+                                  is_async=True)
         p, alpha = _exp(s, m_i, m_new, qk_scale, MASKED)
         l_i = l_i * alpha + gl.sum(p, 1)
         p_next = gl.convert_layout(p.to(q_smem.dtype), p_layout)
@@ -165,7 +174,7 @@ if gluon is not None:
         if HAS_NEXT:
             k_at = base + nxt
             k_slot = k_at % STAGES
-            mbarrier.wait(k_bars.index(k_slot), (k_at // STAGES) & 1)
+            mbarrier.wait(k_bars.index(k_slot), (k_at // STAGES) & 1, pred=k_pred)
             s_tok = warpgroup_mma(q_smem, box(k_smem, k_slot).permute((1, 0)),
                                   gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                                   is_async=True)
@@ -176,12 +185,13 @@ if gluon is not None:
                 else:
                     o, _ = warpgroup_mma_wait(0, deps=[o_tok, p_op])
                 hold(p_op)
-        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        if not CROSS:
+            o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         if HAS_NEXT:
             s = warpgroup_mma_wait(0, deps=[s_tok])
         # The matmuls that read these slots are done: tell the loading warp.
         if HAS_NEXT:
-            mbarrier.arrive(k_free.index(k_slot), count=1)
+            mbarrier.arrive(k_free.index(k_slot), count=1, pred=k_pred)
         if HAS_PREV:
             mbarrier.arrive(v_free.index(v_slot), count=1)
         return s, o, p_next, m_new, l_i
@@ -190,13 +200,17 @@ if gluon is not None:
     def _blocks(first, last, base, s, o, p_op, m_i, l_i, q_smem, ring, qi, kv_len, off,
                 qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                 BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                p_layout: gl.constexpr, LEAN: gl.constexpr):
-        """_step over key blocks [first, last), each followed by another."""
+                p_layout: gl.constexpr, LEAN: gl.constexpr, FRESH_O: gl.constexpr = False):
+        """_step over key blocks [first, last), each followed by another. FRESH_O: o holds
+        nothing of the tile before block 0's P V (chained tiles)."""
         for j in range(first, last):
+            pv_acc = True
+            if FRESH_O:
+                pv_acc = j > 1
             s, o, p_op, m_i, l_i = _step(j, j + 1, base, s, o, p_op, m_i, l_i, q_smem, ring,
                                          qi, kv_len, off, qk_scale, MASKED, CAUSAL, True,
                                          True, STAGES, BLOCK_N, s_layout, o_layout, p_layout,
-                                         LEAN)
+                                         LEAN, pv_acc=pv_acc)
         return s, o, p_op, m_i, l_i
 
     @gluon.jit
@@ -241,8 +255,6 @@ if gluon is not None:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
                                                      k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
         done = 0  # tiles, for Q's buffer and phase
         base = 0  # key blocks, for the ring's slot and phase
@@ -300,30 +312,8 @@ if gluon is not None:
             o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o)
             mbarrier.arrive(v_free.index(last % STAGES), count=1)
 
-            # A row that saw no key: l = 0, out = 0, lse = -inf.
-            dead = l_i == 0.0
-            lse = gl.where(dead, float("-inf"),
-                           (m_i + gl.log2(gl.where(dead, 1.0, l_i))) * 0.6931471805599453)
-            l_o = gl.convert_layout(gl.where(dead, 1.0, l_i), o_rows)
-            out = o / gl.expand_dims(l_o, 1)
-            if O_TMA:
-                # Through shared memory and one TMA store (rows past Sq clipped by the
-                # descriptor), so that the warpgroup goes on to its next tile while the
-                # store runs; the buffer's previous store has to have read it first.
-                o_buf = o_smem.index(ROLE)
-                tma.store_wait(0)
-                gl.thread_barrier()
-                o_buf.reshape([ROWS, HEAD_D]).store(out.to(dtype))
-                fence_async_shared()
-                gl.thread_barrier()
-                tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], o_buf)
-            else:
-                rows = row0 + gl.arange(0, ROWS, layout=o_rows)
-                o_ptrs = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-                          + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0))
-                gl.store(o_ptrs, out.to(dtype),
-                         mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
-            gl.store(LSE + bh.to(gl.int64) * Sq + qi, lse, mask=qi < Sq)
+            _finish(o, m_i, l_i, b, h, bh, row0, Out, LSE, Sq, stride_ob, stride_oh,
+                    stride_om, o_desc, o_smem, ROLE, HEAD_D, O_TMA, s_layout, o_layout)
             if OWN_RANGES:
                 # After the stores: the blocks it lets go may still be loading.
                 release(ring, base, total, tile_total, STAGES)
@@ -332,6 +322,163 @@ if gluon is not None:
             tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
         if O_TMA:
             tma.store_wait(0)  # before the program ends and its shared memory goes
+
+    @gluon.jit
+    def _consume_chained(ROLE: gl.constexpr, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group,
+                         Sq, Skv, qk_scale, stride_ob, stride_oh, stride_om, q_smem, q_bars,
+                         q_free, tile_smem, ring, o_desc, o_smem, HEAD_D: gl.constexpr,
+                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                         HAS_LENGTHS: gl.constexpr, WARPGROUPS: gl.constexpr,
+                         Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr):
+        """_consume with the tiles chained, so that nothing runs alone where one tile ends
+        and the next begins: a tile's last step issues the next tile's block-0 Q K^T, and
+        the next tile's first step runs its exponentials while the last P V of the tile
+        before is on the tensor cores (CROSS); the tile before's out is stored after that.
+        Only the program's first Q K^T and last P V run alone."""
+        ROWS: gl.constexpr = 64
+        BLOCK_M: gl.constexpr = ROWS * WARPGROUPS
+        LEAN: gl.constexpr = WARPGROUPS == 3
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                     k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
+        done = 0
+        base = 0
+        tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
+        # The tile before: its o, p (its last block's, for the P V still to run), running
+        # max and sum, block count and where its rows go.
+        o = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
+        p_op = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
+        l_i = gl.zeros([ROWS], gl.float32, row_layout)
+        last_total = 1
+        last_b = 0
+        last_h = 0
+        last_bh = 0
+        last_row0 = 0
+        s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+        if tile < tiles:
+            # The program's first tile: block 0's Q K^T alone.
+            mbarrier.wait(k_bars.index(0), 0)
+            s = warpgroup_mma(box(q_smem, ROLE), box(k_smem, 0).permute((1, 0)),
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
+            mbarrier.arrive(k_free.index(0), count=1)
+        while tile < tiles:
+            b, h, kvh, bh, m0, kv_len, off, total, full_blocks = tile_of(
+                tile, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M, BLOCK_N, CAUSAL,
+                HAS_LENGTHS)
+            row0 = m0 + ROWS * ROLE
+            qi = row0 + gl.arange(0, ROWS, layout=row_layout)
+            q_slot = done % Q_BUFFERS
+            after = (done + 1) % Q_BUFFERS * WARPGROUPS + ROLE  # the next tile's Q
+            # Block 0's step issues block 1's Q K^T, or with one block the next tile's
+            # block 0's, which needs that tile posted (and this tile's Q let go first).
+            q_next = q_slot * WARPGROUPS + ROLE
+            nxt = tile
+            if total == 1:
+                mbarrier.arrive(q_free.index(q_slot), count=1)
+                nxt = next_tile(tile_smem, q_bars, done + 1, Q_BUFFERS)
+                q_next = after
+            m_new = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
+            l_new = gl.zeros([ROWS], gl.float32, row_layout)
+            k_pred = (total > 1) | (nxt < tiles)
+            if done == 0:
+                s, o, p_op, m_new, l_new = _step(
+                    0, 1, base, s, o, p_op, m_new, l_new, box(q_smem, q_next), ring, qi,
+                    kv_len, off, qk_scale, True, CAUSAL, False, True, STAGES, BLOCK_N,
+                    s_layout, o_layout, p_layout, LEAN, k_pred=k_pred)
+            else:
+                s, o, p_op, m_new, l_new = _step(
+                    0, 1, base, s, o, p_op, m_new, l_new, box(q_smem, q_next), ring, qi,
+                    kv_len, off, qk_scale, True, CAUSAL, True, True, STAGES, BLOCK_N,
+                    s_layout, o_layout, p_layout, LEAN, CROSS=True, k_pred=k_pred,
+                    pv_acc=last_total > 1)
+                # o is the tile before's, finished; its registers carry on as this
+                # tile's, whose first P V overwrites them (pv_acc False).
+                _finish(o, m_i, l_i, last_b, last_h, last_bh, last_row0, Out, LSE, Sq,
+                        stride_ob, stride_oh, stride_om, o_desc, o_smem, ROLE, HEAD_D, O_TMA,
+                        s_layout, o_layout)
+            split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
+            s, o, p_op, m_new, l_new = _blocks(1, split, base, s, o, p_op, m_new, l_new,
+                                               box(q_smem, q_slot * WARPGROUPS + ROLE), ring,
+                                               qi, kv_len, off, qk_scale, False, CAUSAL,
+                                               STAGES, BLOCK_N, s_layout, o_layout, p_layout,
+                                               LEAN, FRESH_O=True)
+            s, o, p_op, m_new, l_new = _blocks(split, total - 1, base, s, o, p_op, m_new,
+                                               l_new, box(q_smem, q_slot * WARPGROUPS + ROLE),
+                                               ring, qi, kv_len, off, qk_scale, True, CAUSAL,
+                                               STAGES, BLOCK_N, s_layout, o_layout, p_layout,
+                                               LEAN, FRESH_O=True)
+            if total > 1:
+                # Every Q K^T of the tile is done: its Q buffer may go.
+                mbarrier.arrive(q_free.index(q_slot), count=1)
+                nxt = next_tile(tile_smem, q_bars, done + 1, Q_BUFFERS)
+                s, o, p_op, m_new, l_new = _step(
+                    total - 1, total, base, s, o, p_op, m_new, l_new, box(q_smem, after),
+                    ring, qi, kv_len, off, qk_scale, True, CAUSAL, True, True, STAGES,
+                    BLOCK_N, s_layout, o_layout, p_layout, LEAN, k_pred=nxt < tiles,
+                    pv_acc=total > 2)
+            m_i = m_new
+            l_i = l_new
+            last_total = total
+            last_b = b
+            last_h = h
+            last_bh = bh
+            last_row0 = row0
+            done += 1
+            base += total
+            tile = nxt
+        if done > 0:
+            # The program's last P V, alone, and its tile's out.
+            last = base - 1
+            mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+            o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o, use_acc=last_total > 1)
+            mbarrier.arrive(v_free.index(last % STAGES), count=1)
+            _finish(o, m_i, l_i, last_b, last_h, last_bh, last_row0, Out, LSE, Sq, stride_ob,
+                    stride_oh, stride_om, o_desc, o_smem, ROLE, HEAD_D, O_TMA, s_layout,
+                    o_layout)
+        if O_TMA:
+            tma.store_wait(0)
+
+    @gluon.jit
+    def _finish(o, m_i, l_i, b, h, bh, row0, Out, LSE, Sq, stride_ob, stride_oh, stride_om,
+                o_desc, o_smem, ROLE: gl.constexpr, HEAD_D: gl.constexpr,
+                O_TMA: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """Out and lse of a warpgroup's 64 rows [row0, row0 + 64) of (batch b, query head
+        h), from its accumulator o and running max and sum (log2 units)."""
+        ROWS: gl.constexpr = 64
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        qi = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        # A row that saw no key: l = 0, out = 0, lse = -inf.
+        dead = l_i == 0.0
+        lse = gl.where(dead, float("-inf"),
+                       (m_i + gl.log2(gl.where(dead, 1.0, l_i))) * 0.6931471805599453)
+        l_o = gl.convert_layout(gl.where(dead, 1.0, l_i), o_rows)
+        out = o / gl.expand_dims(l_o, 1)
+        if O_TMA:
+            # Through shared memory and one TMA store (rows past Sq clipped by the
+            # descriptor), so that the warpgroup goes on to its next tile while the
+            # store runs; the buffer's previous store has to have read it first.
+            o_buf = o_smem.index(ROLE)
+            tma.store_wait(0)
+            gl.thread_barrier()
+            o_buf.reshape([ROWS, HEAD_D]).store(out.to(o_smem.dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], o_buf)
+        else:
+            rows = row0 + gl.arange(0, ROWS, layout=o_rows)
+            cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+            o_ptrs = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                      + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0))
+            gl.store(o_ptrs, out.to(o_smem.dtype),
+                     mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
+        gl.store(LSE + bh.to(gl.int64) * Sq + qi, lse, mask=qi < Sq)
 
     @gluon.jit
     def key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -467,14 +614,19 @@ if gluon is not None:
     def _partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                    WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                   OWN_RANGES: gl.constexpr):
+                   OWN_RANGES: gl.constexpr, CHAIN: gl.constexpr):
         """ROLE r < WARPGROUPS: warpgroup r's 64 rows of each tile (r = 0 is the default
         partition); ROLE WARPGROUPS: the loading warp. shared: what every partition
         takes."""
         (Out, LSE, LENGTHS, COUNTER, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
          stride_ob, stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, q_bars, q_free,
          tile_smem, ring, o_desc, o_smem) = shared
-        if ROLE < WARPGROUPS:
+        if ROLE < WARPGROUPS and CHAIN:
+            _consume_chained(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv,
+                             qk_scale, stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free,
+                             tile_smem, ring, o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL,
+                             HAS_LENGTHS, WARPGROUPS, Q_BUFFERS, O_TMA)
+        elif ROLE < WARPGROUPS:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,
                      o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS,
@@ -492,7 +644,7 @@ if gluon is not None:
                        HAS_LENGTHS: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, WARPGROUPS: gl.constexpr,
                        Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                       OWN_RANGES: gl.constexpr):
+                       OWN_RANGES: gl.constexpr, CHAIN: gl.constexpr):
         """out (B, Hq, Sq, D) and lse (B * Hq * Sq, natural log), like fused_triton's
         forward, from TMA descriptors of q (B, Hq, Sq, D; boxes of 64 rows) and k, v (B,
         Hkv, Skv, D; boxes of BLOCK_N rows); out is stored through Out and its strides,
@@ -503,6 +655,7 @@ if gluon is not None:
         WARPGROUPS (2 or 3) warpgroups of 64 rows run apart, each in its own partition,
         and one more warp loads, so no CTA-wide barrier ties them together."""
         gl.static_assert((WARPGROUPS == 2) or (WARPGROUPS == 3), "2 or 3 warpgroups")
+        gl.static_assert(not (CHAIN and OWN_RANGES), "CHAIN walks every tile's whole range")
         dtype: gl.constexpr = q_desc.dtype
         q_blocks = gl.cdiv(Sq, 64 * WARPGROUPS)
         tiles = q_blocks * batch_heads
@@ -527,7 +680,7 @@ if gluon is not None:
         # same count; setmaxnreg then moves them from the loading warp's warpgroup (24) to
         # the computing ones.
         args: gl.constexpr = (HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS, WARPGROUPS,
-                              Q_BUFFERS, O_TMA, OWN_RANGES)
+                              Q_BUFFERS, O_TMA, OWN_RANGES, CHAIN)
         if WARPGROUPS == 2:
             gl.warp_specialize([
                 (_partition, (0, shared) + args),
@@ -543,16 +696,17 @@ if gluon is not None:
             ], [4, 4, 1], [160, 160, 24])
 
 
-# (BLOCK_N, STAGES, WARPGROUPS, O_TMA[, OWN_RANGES]) per head dim: the tile configs the GPU
-# test checks and benchmarks/gluon_forward.py times; fused_triton runs one of them (NOTES
-# runs 14, 16, 17). Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's
-# tile there. O_TMA (out stored through shared memory by TMA) was 1.01-1.13x the same tile
-# without it on an H200 (run 17); the configs without it stay as the A/B's baseline.
-# OWN_RANGES (each warpgroup walks the key blocks its own rows see) has not run on a GPU
-# yet; it is for causal D=64, where 192-row tiles end mid-block. Each config here is
-# compiled by the GPU test in two types: fewer keep that test inside one call.
-CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 1, 1), (128, 2, 3, 1)],
-           128: [(128, 2, 2, 0), (128, 2, 2, 1)]}
+# Config tuples per head dim: the tile configs the GPU test checks and
+# benchmarks/gluon_forward.py times; fused_triton runs one of them (NOTES runs 14, 16,
+# 17). Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there.
+# O_TMA (out stored through shared memory by TMA) was 1.01-1.13x the same tile without it
+# on an H200 (run 17); the configs without it stay as the A/B's baseline. OWN_RANGES and
+# CHAIN have not run on a GPU yet: OWN_RANGES is for causal D=64, where 192-row tiles end
+# mid-block; CHAIN is for short tiles (causal at 4k), where a tile's first Q K^T and
+# softmax and its last P V ran alone. Each config here is compiled by the GPU test in two
+# types: fewer keep that test inside one call.
+CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 1, 1), (128, 2, 3, 1), (64, 3, 3, 1, 0, 1)],
+           128: [(128, 2, 2, 1), (128, 2, 2, 1, 0, 1)]}
 # maxnreg at launch: 12 warps (2 computing warpgroups and the loading warp's, padded) at
 # 168 registers, or 16 at 128, fill the 64K-register file.
 _MAXNREG = {2: 168, 3: 128}
@@ -591,13 +745,26 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+class Config(NamedTuple):
+    """A tile config of the kernel; a plain tuple of its first three to six fields serves
+    as one (CONFIGS, fused_triton's routing, gluon_forward.py's --config)."""
+
+    block_n: int  # keys per block
+    stages: int  # K/V ring slots
+    warpgroups: int  # computing warpgroups of 64 query rows: 2 or 3
+    o_tma: int = 0  # out stored through shared memory and TMA
+    own_ranges: int = 0  # each warpgroup walks its own rows' key blocks only
+    chain: int = 0  # tiles chained (_consume_chained)
+
+
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
            config: tuple[int, ...]) -> None:
     """Run the kernel on q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D), writing out (like q) and
     lse (B, Hq, Sq, float32); the caller has checked that the call is one it covers.
-    config: (BLOCK_N, STAGES, WARPGROUPS, O_TMA[, OWN_RANGES]), OWN_RANGES 0 if left out."""
-    block_n, stages, warpgroups, o_tma = config[:4]
-    own_ranges = config[4] if len(config) > 4 else 0
+    config: a Config, or a tuple of its fields in order."""
+    block_n, stages, warpgroups, o_tma, own_ranges, chain = Config(*config)
+    if own_ranges and chain:
+        raise ValueError(f"config {config}: OWN_RANGES and CHAIN do not go together")
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
@@ -622,5 +789,5 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
         B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
         BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
-        O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), num_warps=4,
+        O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), CHAIN=bool(chain), num_warps=4,
         maxnreg=_MAXNREG[warpgroups])

@@ -134,7 +134,9 @@ if gluon is not None:
               MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_PREV: gl.constexpr,
               HAS_NEXT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-              LEAN: gl.constexpr, CROSS: gl.constexpr = False, k_pred=True, pv_acc=True):
+              LEAN: gl.constexpr, CROSS: gl.constexpr = False, k_pred=True, pv_acc=True,
+              before=None, dest=None, ROLE: gl.constexpr = 0, HEAD_D: gl.constexpr = 0,
+              O_TMA: gl.constexpr = False):
         """Key block j, whose raw scores s are in registers: its softmax runs while block
         j-1's P V (HAS_PREV) is on the tensor cores; then block nxt's Q K^T is issued
         (HAS_NEXT) and its scores are what this returns, with o, block j's p as the P V
@@ -145,8 +147,9 @@ if gluon is not None:
         (the next tile's, after a tile's last block), and k_pred False skips the wait
         for a block that will never load (no next tile; the product is not used). pv_acc
         False: o holds nothing of this tile yet. CROSS: j = 0 of a tile whose P V is the
-        tile before's last (ring position base - 1) into that tile's o, which comes back
-        unscaled, finished.
+        tile before's last (ring position base - 1) into that tile's o, which is then
+        stored (_finish of before, dest) while block nxt's Q K^T runs; o's registers
+        come back unscaled, for the new tile to overwrite.
 
         The order is what keeps the overlap: ptxas fills a stall with a matmul wait
         wherever one is free to move, so P V is issued after the row max (whose
@@ -185,7 +188,9 @@ if gluon is not None:
                 else:
                     o, _ = warpgroup_mma_wait(0, deps=[o_tok, p_op])
                 hold(p_op)
-        if not CROSS:
+        if CROSS:
+            _finish(o, before, dest, ROLE, HEAD_D, O_TMA, s_layout, o_layout)
+        else:
             o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         if HAS_NEXT:
             s = warpgroup_mma_wait(0, deps=[s_tok])
@@ -312,8 +317,9 @@ if gluon is not None:
             o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o)
             mbarrier.arrive(v_free.index(last % STAGES), count=1)
 
-            _finish(o, m_i, l_i, b, h, bh, row0, Out, LSE, Sq, stride_ob, stride_oh,
-                    stride_om, o_desc, o_smem, ROLE, HEAD_D, O_TMA, s_layout, o_layout)
+            _finish(o, (m_i, l_i, b, h, bh, row0),
+                    (Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem), ROLE,
+                    HEAD_D, O_TMA, s_layout, o_layout)
             if OWN_RANGES:
                 # After the stores: the blocks it lets go may still be loading.
                 release(ring, base, total, tile_total, STAGES)
@@ -347,6 +353,7 @@ if gluon is not None:
                                                      k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
+        dest = (Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem)
         done = 0
         base = 0
         tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
@@ -393,16 +400,16 @@ if gluon is not None:
                     kv_len, off, qk_scale, True, CAUSAL, False, True, STAGES, BLOCK_N,
                     s_layout, o_layout, p_layout, LEAN, k_pred=k_pred)
             else:
+                # The tile before's out is stored inside the step, while block 1's Q K^T
+                # runs; o's registers then carry on as this tile's, whose first P V
+                # overwrites them (pv_acc False).
                 s, o, p_op, m_new, l_new = _step(
                     0, 1, base, s, o, p_op, m_new, l_new, box(q_smem, q_next), ring, qi,
                     kv_len, off, qk_scale, True, CAUSAL, True, True, STAGES, BLOCK_N,
                     s_layout, o_layout, p_layout, LEAN, CROSS=True, k_pred=k_pred,
-                    pv_acc=last_total > 1)
-                # o is the tile before's, finished; its registers carry on as this
-                # tile's, whose first P V overwrites them (pv_acc False).
-                _finish(o, m_i, l_i, last_b, last_h, last_bh, last_row0, Out, LSE, Sq,
-                        stride_ob, stride_oh, stride_om, o_desc, o_smem, ROLE, HEAD_D, O_TMA,
-                        s_layout, o_layout)
+                    pv_acc=last_total > 1,
+                    before=(m_i, l_i, last_b, last_h, last_bh, last_row0), dest=dest,
+                    ROLE=ROLE, HEAD_D=HEAD_D, O_TMA=O_TMA)
             split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
             s, o, p_op, m_new, l_new = _blocks(1, split, base, s, o, p_op, m_new, l_new,
                                                box(q_smem, q_slot * WARPGROUPS + ROLE), ring,
@@ -439,18 +446,19 @@ if gluon is not None:
             mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
             o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o, use_acc=last_total > 1)
             mbarrier.arrive(v_free.index(last % STAGES), count=1)
-            _finish(o, m_i, l_i, last_b, last_h, last_bh, last_row0, Out, LSE, Sq, stride_ob,
-                    stride_oh, stride_om, o_desc, o_smem, ROLE, HEAD_D, O_TMA, s_layout,
-                    o_layout)
+            _finish(o, (m_i, l_i, last_b, last_h, last_bh, last_row0), dest, ROLE, HEAD_D,
+                    O_TMA, s_layout, o_layout)
         if O_TMA:
             tma.store_wait(0)
 
     @gluon.jit
-    def _finish(o, m_i, l_i, b, h, bh, row0, Out, LSE, Sq, stride_ob, stride_oh, stride_om,
-                o_desc, o_smem, ROLE: gl.constexpr, HEAD_D: gl.constexpr,
+    def _finish(o, rows_of, dest, ROLE: gl.constexpr, HEAD_D: gl.constexpr,
                 O_TMA: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
-        """Out and lse of a warpgroup's 64 rows [row0, row0 + 64) of (batch b, query head
-        h), from its accumulator o and running max and sum (log2 units)."""
+        """Out and lse of a warpgroup's 64 rows, from its accumulator o. rows_of: (running
+        max (log2 units), running sum, batch, query head, batch * query head, first row);
+        dest: (Out, LSE, Sq, Out's strides over batch, head and row, o_desc, o_smem)."""
+        m_i, l_i, b, h, bh, row0 = rows_of
+        Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem = dest
         ROWS: gl.constexpr = 64
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
         qi = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))

@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from attnkit import attention
 from attnkit.backends import fused_triton as ft
-from attnkit.backends.hopper_forward import hold
+from attnkit.backends.hopper_forward import hold, score_layout
 from attnkit.verify import rel_err
 
 LOG2E = 1.4426950408889634
@@ -106,10 +106,8 @@ def _dkdv_consume(DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale
     """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
     first_block.. of every query head of the group, stored (dK scaled)."""
     KEYS: gl.constexpr = 64
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
-    d_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
+    s_layout: gl.constexpr = score_layout(BLOCK_M)
+    d_layout: gl.constexpr = score_layout(HEAD_D)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout,
                                                   k_width=2)
     kj = n0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))

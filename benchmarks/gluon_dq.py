@@ -45,6 +45,7 @@ from attnkit.backends.hopper_forward import (
     key_blocks,
     kv_ring,
     load_kv_ring,
+    score_layout,
     visible,
 )
 from attnkit.call import make_call
@@ -117,10 +118,8 @@ def _dq_consume(Out, LSE, DELTA, DQ, b, h, bh, row0, Sq, kv_len, off, qk_scale, 
     """One warpgroup's 64 query rows [row0, row0 + 64): delta, then dq over every key
     block, stored scaled."""
     ROWS: gl.constexpr = 64
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    d_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
+    s_layout: gl.constexpr = score_layout(BLOCK_N)
+    d_layout: gl.constexpr = score_layout(HEAD_D)
     ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout,
                                                   k_width=2)
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)

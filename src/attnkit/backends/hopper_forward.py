@@ -123,6 +123,13 @@ if gluon is not None:
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_safe, 1))
         return p, gl.exp2(m_i - m_safe)
 
+    @gluon.constexpr_function
+    def score_layout(columns):
+        """The register layout of a warpgroup's (64, columns) float32 matmul result: its
+        scores (columns = BLOCK_N) or its accumulator (columns = HEAD_D)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                         instr_shape=[16, columns, 16])
+
     @gluon.jit
     def box(ring, i):
         """Entry i of a ring of TMA boxes (N, 1, 1, rows, D), as the (rows, D) matmul
@@ -242,7 +249,8 @@ if gluon is not None:
                  ring, o_desc, o_smem, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                  WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                 OWN_RANGES: gl.constexpr):
+                 OWN_RANGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                 p_layout: gl.constexpr):
         """Warpgroup ROLE: rows [64 * ROLE, 64 * ROLE + 64) of each tile the loading warp
         posts (next_tile), every key block in turn (_step), then out and lse stored.
         Where OWN_RANGES, the key blocks are those its own rows see (key_blocks of its 64
@@ -253,12 +261,6 @@ if gluon is not None:
         # Three warpgroups get 160 registers each, too few for _step's usual order.
         LEAN: gl.constexpr = WARPGROUPS == 3
         dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
-                                                     k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
         done = 0  # tiles, for Q's buffer and phase
@@ -335,22 +337,18 @@ if gluon is not None:
                          q_free, tile_smem, ring, o_desc, o_smem, HEAD_D: gl.constexpr,
                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                          HAS_LENGTHS: gl.constexpr, WARPGROUPS: gl.constexpr,
-                         Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr):
+                         Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
+                         s_layout: gl.constexpr, o_layout: gl.constexpr,
+                         p_layout: gl.constexpr):
         """_consume with the tiles chained, so that nothing runs alone where one tile ends
         and the next begins: a tile's last step issues the next tile's block-0 Q K^T, and
         the next tile's first step runs its exponentials while the last P V of the tile
-        before is on the tensor cores (CROSS); the tile before's out is stored after that.
-        Only the program's first Q K^T and last P V run alone."""
+        before is on the tensor cores (CROSS), and stores that tile's out while block 1's
+        Q K^T runs. Only the program's first Q K^T and last P V run alone."""
         ROWS: gl.constexpr = 64
         BLOCK_M: gl.constexpr = ROWS * WARPGROUPS
         LEAN: gl.constexpr = WARPGROUPS == 3
         dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
-                                                     k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
         dest = (Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem)
@@ -629,16 +627,22 @@ if gluon is not None:
         (Out, LSE, LENGTHS, COUNTER, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
          stride_ob, stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, q_bars, q_free,
          tile_smem, ring, o_desc, o_smem) = shared
+        # A warpgroup's scores, its accumulator and its P operand, in registers.
+        s_layout: gl.constexpr = score_layout(BLOCK_N)
+        o_layout: gl.constexpr = score_layout(HEAD_D)
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                     k_width=2)
         if ROLE < WARPGROUPS and CHAIN:
             _consume_chained(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv,
                              qk_scale, stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free,
                              tile_smem, ring, o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL,
-                             HAS_LENGTHS, WARPGROUPS, Q_BUFFERS, O_TMA)
+                             HAS_LENGTHS, WARPGROUPS, Q_BUFFERS, O_TMA, s_layout, o_layout,
+                             p_layout)
         elif ROLE < WARPGROUPS:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,
                      o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS,
-                     WARPGROUPS, Q_BUFFERS, O_TMA, OWN_RANGES)
+                     WARPGROUPS, Q_BUFFERS, O_TMA, OWN_RANGES, s_layout, o_layout, p_layout)
         else:
             _produce(COUNTER, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, q_desc, k_desc,
                      v_desc, q_smem, q_bars, q_free, tile_smem, ring, BLOCK_N, STAGES, CAUSAL,

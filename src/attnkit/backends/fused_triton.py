@@ -1115,7 +1115,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 _HOPPER_FORWARD = True
 _HOPPER_MIN_SEQ = 4096
 _HOPPER_MIN_SEQ_D64_CAUSAL = 16384
-# hopper_forward.launch's (BLOCK_N, STAGES, WARPGROUPS, O_TMA) per head dim
+# hopper_forward.launch's config (hopper_forward.Config's fields) per head dim
 _HOPPER_CONFIGS = {64: (128, 2, 3, 1), 128: (128, 2, 2, 1)}
 
 
@@ -1205,9 +1205,10 @@ def _leads(call: AttentionCall) -> bool:
     """Whether impl="auto" should try this backend before SDPA: a call with nothing to
     differentiate that the Gluon forward runs, of at least _LEADS_MIN_SEQ queries and keys,
     causal or with 64-wide heads."""
-    return (not call.needs_grad and _uses_hopper_forward(call)
-            and min(call.seq_q, call.seq_kv) >= _LEADS_MIN_SEQ
-            and (call.causal or call.head_dim == 64))
+    # The size checks first: auto asks this of every call, short ones (decoding) above all.
+    return (min(call.seq_q, call.seq_kv) >= _LEADS_MIN_SEQ
+            and (call.causal or call.head_dim == 64)
+            and not call.needs_grad and _uses_hopper_forward(call))
 
 
 # Key splits for calls with few query rows (decoding against a cache): the forward's grid

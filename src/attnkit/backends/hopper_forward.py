@@ -142,8 +142,7 @@ if gluon is not None:
               HAS_NEXT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
               LEAN: gl.constexpr, CROSS: gl.constexpr = False, k_pred=True, pv_acc=True,
-              before=None, dest=None, ROLE: gl.constexpr = 0, HEAD_D: gl.constexpr = 0,
-              O_TMA: gl.constexpr = False):
+              before=None, dest=None, ROLE: gl.constexpr = 0, O_TMA: gl.constexpr = False):
         """Key block j, whose raw scores s are in registers: its softmax runs while block
         j-1's P V (HAS_PREV) is on the tensor cores; then block nxt's Q K^T is issued
         (HAS_NEXT) and its scores are what this returns, with o, block j's p as the P V
@@ -196,7 +195,7 @@ if gluon is not None:
                     o, _ = warpgroup_mma_wait(0, deps=[o_tok, p_op])
                 hold(p_op)
         if CROSS:
-            _finish(o, before, dest, ROLE, HEAD_D, O_TMA, s_layout, o_layout)
+            _finish(o, before, dest, ROLE, O_TMA, s_layout, o_layout)
         else:
             o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         if HAS_NEXT:
@@ -321,7 +320,7 @@ if gluon is not None:
 
             _finish(o, (m_i, l_i, b, h, bh, row0),
                     (Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem), ROLE,
-                    HEAD_D, O_TMA, s_layout, o_layout)
+                    O_TMA, s_layout, o_layout)
             if OWN_RANGES:
                 # After the stores: the blocks it lets go may still be loading.
                 release(ring, base, total, tile_total, STAGES)
@@ -407,7 +406,7 @@ if gluon is not None:
                     s_layout, o_layout, p_layout, LEAN, CROSS=True, k_pred=k_pred,
                     pv_acc=last_total > 1,
                     before=(m_i, l_i, last_b, last_h, last_bh, last_row0), dest=dest,
-                    ROLE=ROLE, HEAD_D=HEAD_D, O_TMA=O_TMA)
+                    ROLE=ROLE, O_TMA=O_TMA)
             split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
             s, o, p_op, m_new, l_new = _blocks(1, split, base, s, o, p_op, m_new, l_new,
                                                box(q_smem, q_slot * WARPGROUPS + ROLE), ring,
@@ -444,20 +443,21 @@ if gluon is not None:
             mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
             o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o, use_acc=last_total > 1)
             mbarrier.arrive(v_free.index(last % STAGES), count=1)
-            _finish(o, (m_i, l_i, last_b, last_h, last_bh, last_row0), dest, ROLE, HEAD_D,
-                    O_TMA, s_layout, o_layout)
+            _finish(o, (m_i, l_i, last_b, last_h, last_bh, last_row0), dest, ROLE, O_TMA,
+                    s_layout, o_layout)
         if O_TMA:
             tma.store_wait(0)
 
     @gluon.jit
-    def _finish(o, rows_of, dest, ROLE: gl.constexpr, HEAD_D: gl.constexpr,
-                O_TMA: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+    def _finish(o, rows_of, dest, ROLE: gl.constexpr, O_TMA: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr):
         """Out and lse of a warpgroup's 64 rows, from its accumulator o. rows_of: (running
         max (log2 units), running sum, batch, query head, batch * query head, first row);
         dest: (Out, LSE, Sq, Out's strides over batch, head and row, o_desc, o_smem)."""
         m_i, l_i, b, h, bh, row0 = rows_of
         Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem = dest
-        ROWS: gl.constexpr = 64
+        ROWS: gl.constexpr = o.shape[0]
+        HEAD_D: gl.constexpr = o.shape[1]
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
         qi = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
         # A row that saw no key: l = 0, out = 0, lse = -inf.

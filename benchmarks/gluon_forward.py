@@ -1,7 +1,7 @@
 """The Gluon forward for Hopper (`backends/hopper_forward.py`) against the Triton one, on a GPU.
 
     PYTHONPATH=src python benchmarks/gluon_forward.py [--out DIR] [--rounds 5]
-        [--shape B,H,S,D,C ...] [--config BLOCK_N,STAGES,WARPGROUPS[,O_TMA,OWN_RANGES,CHAIN] ...]
+        [--shape B,H,S,D,C ...] [--config BLOCK_N,STAGES,WARPGROUPS[,O_TMA,OWN_RANGES] ...]
 
 First every tile config is checked against the float64 oracle on awkward inputs (odd
 lengths, causal with Sq != Skv and rows that see no key, key_lengths with an empty row,
@@ -196,7 +196,7 @@ def run_experiment(args, name: str, configs, check_fn, time_fn, shapes) -> None:
 
 
 def main() -> None:
-    fields = "BLOCK_N,STAGES,WARPGROUPS[,O_TMA,OWN_RANGES,CHAIN] (all D)"
+    fields = "BLOCK_N,STAGES,WARPGROUPS[,O_TMA,OWN_RANGES] (all D)"
     args = experiment_parser(__doc__, 5, fields).parse_args()
     configs = dict(hf.CONFIGS)
     if args.config:

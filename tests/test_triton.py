@@ -713,8 +713,8 @@ def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, **kwargs):
     ({"key_lengths": torch.tensor([4000])}, True),
     ({"dtype": torch.float16}, True),
     ({"d": 64}, True),
-    ({"d": 64, "causal": True}, False),  # measured slower there at 4k
-    ({"d": 64, "causal": True, "sq": 16384, "skv": 16384}, True),  # faster at 16k
+    ({"d": 64, "causal": True}, True),  # each warpgroup's own key blocks: faster at 4k
+    ({"d": 64, "causal": True, "sq": 2048, "skv": 8192}, False),
     ({"d": 80}, False),
     ({"sq": 1000}, False),  # measured slower there
     ({"dtype": torch.float32}, False),
@@ -758,8 +758,23 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_forward as hf
 
-    for head_dim, config in ft._HOPPER_CONFIGS.items():
-        assert config in hf.CONFIGS[head_dim]
+    for (head_dim, _), routes in ft._HOPPER_ROUTES.items():
+        for _, config in routes:
+            assert config in hf.CONFIGS[head_dim]
+
+
+@pytest.mark.parametrize("d, causal, seq, config", [
+    (128, True, 4096, (128, 2, 2, 1)),
+    (64, False, 16384, (128, 2, 3, 1)),
+    (64, True, 4096, (64, 3, 3, 1, 1)),  # 192-row tiles end mid-block: own key ranges
+    (64, True, 16383, (64, 3, 3, 1, 1)),
+    (64, True, 16384, (128, 2, 3, 1)),
+    (64, True, 4095, None),
+])
+def test_hopper_forward_config_by_head_dim_causality_and_length(d, causal, seq, config):
+    from attnkit.backends import fused_triton as ft
+
+    assert ft._hopper_config(_long_call(d=d, causal=causal, sq=seq, skv=seq)) == config
 
 
 @pytest.mark.parametrize("script", ["gluon_forward", "gluon_dq", "gluon_dkdv"])
@@ -787,9 +802,7 @@ def test_hopper_forward_refuses_a_config_that_does_not_fit():
     # three K/V stages (192 KB), Q (32 KB) and out's boxes (32 KB): over 227 KB
     with pytest.raises(ValueError, match="does not fit in shared memory"):
         hf.launch(q, q, q, q, None, None, False, 1.0, (128, 3, 2, 1))
-    with pytest.raises(ValueError, match="do not go together"):
-        hf.launch(q, q, q, q, None, None, True, 1.0, (64, 3, 3, 1, 1, 1))
-    assert hf.Config(128, 2, 2) == (128, 2, 2, 0, 0, 0)
+    assert hf.Config(128, 2, 2) == (128, 2, 2, 0, 0)
 
 
 def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
@@ -855,7 +868,7 @@ def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, devic
     monkeypatch.setattr(ft, "_HOPPER_FORWARD", True)
     # as if on a Hopper GPU with a call the Gluon forward covers, the switch still read
     monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: ft._HOPPER_FORWARD)
-    monkeypatch.setitem(ft._HOPPER_CONFIGS, 16, (128, 2, 2, 0))
+    monkeypatch.setitem(ft._HOPPER_ROUTES, (16, True), ((1, (128, 2, 2, 0)),))
     monkeypatch.setattr(hf, "launch", fails)
     q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE) for _ in range(3))
     call = make_call(q, k, v, causal=True)
@@ -921,7 +934,8 @@ def test_hopper_forward_configs_on_gpu(head_dim, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, head_dim, causal", [
-    (torch.bfloat16, 128, True), (torch.float16, 128, True), (torch.bfloat16, 64, False)])
+    (torch.bfloat16, 128, True), (torch.float16, 128, True), (torch.bfloat16, 64, False),
+    (torch.bfloat16, 64, True)])
 def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     """attention(impl="triton") forward and backward on a long call that takes the Gluon
     forward."""

@@ -1066,7 +1066,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     if config is None and tma is None and splits == 1 and _uses_hopper_forward(call):
         try:
             hopper_forward.launch(q, k, v, out, lse, call.key_lengths, call.causal,
-                                  call.scale, _HOPPER_CONFIGS[call.head_dim])
+                                  call.scale, _hopper_config(call))
             return out, lse
         except triton.CompilationError as exc:
             _give_up_hopper_forward(exc)
@@ -1109,29 +1109,40 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 # Long sequences on Hopper take the Gluon forward (hopper_forward: the softmax overlaps the
 # matmuls, which the Triton language cannot say) where it covers the call and was measured
 # faster: on an H200, persistent and with out stored by TMA, 1.10-1.15x this file's
-# forward at D=128 and S >= 4k, causal or not; at D=64 1.12x without causal at 4k, and
-# causal 1.08x at 16k but 0.81x at 4k (NOTES, runs 16 and 17). Slower at 1k (run 14).
-# _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
+# forward at D=128 and S >= 4k, causal or not; at D=64 1.09-1.13x without causal; causal
+# at D=64, with each warpgroup walking its own rows' key blocks, 1.04x at 4k and 1.11x at
+# 8k, and from 16k the 128-key blocks, 1.08x (NOTES, runs 16-18). Slower at 1k (runs 14,
+# 18). _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
 _HOPPER_FORWARD = True
 _HOPPER_MIN_SEQ = 4096
-_HOPPER_MIN_SEQ_D64_CAUSAL = 16384
-# hopper_forward.launch's config (hopper_forward.Config's fields) per head dim
-_HOPPER_CONFIGS = {64: (128, 2, 3, 1), 128: (128, 2, 2, 1)}
+# hopper_forward.launch's config (hopper_forward.Config's fields) per (head dim, causal):
+# the first (minimum of Sq and Skv, config) pair whose minimum the call reaches.
+_HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[int, tuple[int, ...]], ...]] = {
+    (128, False): ((_HOPPER_MIN_SEQ, (128, 2, 2, 1)),),
+    (128, True): ((_HOPPER_MIN_SEQ, (128, 2, 2, 1)),),
+    (64, False): ((_HOPPER_MIN_SEQ, (128, 2, 3, 1)),),
+    (64, True): ((16384, (128, 2, 3, 1)), (_HOPPER_MIN_SEQ, (64, 3, 3, 1, 1))),
+}
+
+
+def _hopper_config(call: AttentionCall) -> tuple[int, ...] | None:
+    """The Gluon forward's tile config for the call's head dim, causality and length
+    (_HOPPER_ROUTES), or None where it was not measured faster."""
+    shorter = min(call.seq_q, call.seq_kv)
+    routes = _HOPPER_ROUTES.get((call.head_dim, call.causal), ())
+    return next((config for min_seq, config in routes if shorter >= min_seq), None)
 
 
 def _hopper_forward_fits(call: AttentionCall) -> bool:
     """Whether the call is one the Gluon forward covers and was measured faster on:
     bfloat16 or float16 (timed in bfloat16; the two take the same tensor-core path),
-    D = Dv in _HOPPER_CONFIGS, a positive scale, no mask tensor, window or dropout, Sq
-    and Skv of at least _HOPPER_MIN_SEQ (_HOPPER_MIN_SEQ_D64_CAUSAL for causal D=64), and
-    q, k, v that TMA can read, none broadcast. Says nothing about the device."""
-    min_seq = (_HOPPER_MIN_SEQ_D64_CAUSAL if call.causal and call.head_dim == 64
-               else _HOPPER_MIN_SEQ)
+    D = Dv with a config in _HOPPER_ROUTES for its length, a positive scale, no mask
+    tensor, window or dropout, and q, k, v that TMA can read, none broadcast. Says
+    nothing about the device."""
     return (call.dtype in (torch.bfloat16, torch.float16)
-            and call.head_dim in _HOPPER_CONFIGS and call.head_dim_v == call.head_dim
+            and call.head_dim_v == call.head_dim and _hopper_config(call) is not None
             and call.scale > 0
             and call.attn_mask is None and call.window is None and call.dropout_p == 0.0
-            and min(call.seq_q, call.seq_kv) >= min_seq
             and all(_tma_layout(t) and hopper_forward.describable(t)
                     for t in (call.q, call.k, call.v)))
 
@@ -1177,9 +1188,9 @@ def _details(device: torch.device) -> str | None:
     if why is None and not _HOPPER_FORWARD:
         why = "switched off in this process (it did not compile here, or by hand)"
     state = (f"off: {why}" if why else
-             f"on for bfloat16/float16 calls with D = Dv in {sorted(_HOPPER_CONFIGS)}, "
-             f"Sq and Skv >= {_HOPPER_MIN_SEQ} (causal at D=64: "
-             f"{_HOPPER_MIN_SEQ_D64_CAUSAL}), and no mask tensor, window or dropout; "
+             f"on for bfloat16/float16 calls with D = Dv in "
+             f"{sorted({d for d, _ in _HOPPER_ROUTES})}, Sq and Skv >= {_HOPPER_MIN_SEQ}, "
+             f"and no mask tensor, window or dropout; "
              f"impl='auto' runs triton first for those calls when nothing needs a "
              f"gradient, from {_LEADS_MIN_SEQ} queries and keys, causal or at D=64, "
              f"where it was faster than cuDNN")

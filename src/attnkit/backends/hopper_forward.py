@@ -23,7 +23,11 @@ run, and tiles of different lengths (causal) go to whichever program is free. On
 it took the causal D=128 forward from 1.04x the Triton forward timed beside it (a
 program per tile) to 1.07-1.11x at 4k-16k (NOTES run 16). Out goes through shared
 memory and a TMA store (O_TMA), so that a warpgroup starts its next tile while the store
-runs: 1.10-1.15x (run 17).
+runs: 1.10-1.15x (run 17). For causal D=64 each warpgroup can walk only the key blocks
+its own rows see (OWN_RANGES), as 192-row tiles end mid-block. (A version that chained
+tiles, so that a tile's first Q K^T and last P V would overlap its neighbours' work, was
+0.91-0.97x without it at D=128 and faulted on 4k at D=64: NOTES run 18; it is in git
+history up to 8b4972a.)
 
 It covers the common case only, and `fused_triton` keeps the rest: an sm_90 GPU, fp16 or
 bf16, D = Dv in (64, 128), a positive scale, causal or not, key_lengths, grouped heads;
@@ -141,21 +145,12 @@ if gluon is not None:
               MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_PREV: gl.constexpr,
               HAS_NEXT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-              LEAN: gl.constexpr, CROSS: gl.constexpr = False, k_pred=True, pv_acc=True,
-              before=None, dest=None, ROLE: gl.constexpr = 0, O_TMA: gl.constexpr = False):
+              LEAN: gl.constexpr):
         """Key block j, whose raw scores s are in registers: its softmax runs while block
         j-1's P V (HAS_PREV) is on the tensor cores; then block nxt's Q K^T is issued
         (HAS_NEXT) and its scores are what this returns, with o, block j's p as the P V
         operand, and the running max and sum. base: the ring position of the tile's
         block 0 (the key blocks of the program's earlier tiles came before it).
-
-        Chained tiles (_consume_chained): q_smem is the Q that block nxt's Q K^T reads
-        (the next tile's, after a tile's last block), and k_pred False skips the wait
-        for a block that will never load (no next tile; the product is not used). pv_acc
-        False: o holds nothing of this tile yet. CROSS: j = 0 of a tile whose P V is the
-        tile before's last (ring position base - 1) into that tile's o, which is then
-        stored (_finish of before, dest) while block nxt's Q K^T runs; o's registers
-        come back unscaled, for the new tile to overwrite.
 
         The order is what keeps the overlap: ptxas fills a stall with a matmul wait
         wherever one is free to move, so P V is issued after the row max (whose
@@ -168,8 +163,7 @@ if gluon is not None:
             v_at = base + j - 1
             v_slot = v_at % STAGES
             mbarrier.wait(v_bars.index(v_slot), (v_at // STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, box(v_smem, v_slot), o, use_acc=pv_acc,
-                                  is_async=True)
+            o_tok = warpgroup_mma(p_op, box(v_smem, v_slot), o, is_async=True)
         p, alpha = _exp(s, m_i, m_new, qk_scale, MASKED)
         l_i = l_i * alpha + gl.sum(p, 1)
         p_next = gl.convert_layout(p.to(q_smem.dtype), p_layout)
@@ -183,7 +177,7 @@ if gluon is not None:
         if HAS_NEXT:
             k_at = base + nxt
             k_slot = k_at % STAGES
-            mbarrier.wait(k_bars.index(k_slot), (k_at // STAGES) & 1, pred=k_pred)
+            mbarrier.wait(k_bars.index(k_slot), (k_at // STAGES) & 1)
             s_tok = warpgroup_mma(q_smem, box(k_smem, k_slot).permute((1, 0)),
                                   gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                                   is_async=True)
@@ -194,15 +188,12 @@ if gluon is not None:
                 else:
                     o, _ = warpgroup_mma_wait(0, deps=[o_tok, p_op])
                 hold(p_op)
-        if CROSS:
-            _finish(o, before, dest, ROLE, O_TMA, s_layout, o_layout)
-        else:
-            o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         if HAS_NEXT:
             s = warpgroup_mma_wait(0, deps=[s_tok])
         # The matmuls that read these slots are done: tell the loading warp.
         if HAS_NEXT:
-            mbarrier.arrive(k_free.index(k_slot), count=1, pred=k_pred)
+            mbarrier.arrive(k_free.index(k_slot), count=1)
         if HAS_PREV:
             mbarrier.arrive(v_free.index(v_slot), count=1)
         return s, o, p_next, m_new, l_i
@@ -211,17 +202,13 @@ if gluon is not None:
     def _blocks(first, last, base, s, o, p_op, m_i, l_i, q_smem, ring, qi, kv_len, off,
                 qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                 BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                p_layout: gl.constexpr, LEAN: gl.constexpr, FRESH_O: gl.constexpr = False):
-        """_step over key blocks [first, last), each followed by another. FRESH_O: o holds
-        nothing of the tile before block 0's P V (chained tiles)."""
+                p_layout: gl.constexpr, LEAN: gl.constexpr):
+        """_step over key blocks [first, last), each followed by another."""
         for j in range(first, last):
-            pv_acc = True
-            if FRESH_O:
-                pv_acc = j > 1
             s, o, p_op, m_i, l_i = _step(j, j + 1, base, s, o, p_op, m_i, l_i, q_smem, ring,
                                          qi, kv_len, off, qk_scale, MASKED, CAUSAL, True,
                                          True, STAGES, BLOCK_N, s_layout, o_layout, p_layout,
-                                         LEAN, pv_acc=pv_acc)
+                                         LEAN)
         return s, o, p_op, m_i, l_i
 
     @gluon.jit
@@ -329,124 +316,6 @@ if gluon is not None:
             tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
         if O_TMA:
             tma.store_wait(0)  # before the program ends and its shared memory goes
-
-    @gluon.jit
-    def _consume_chained(ROLE: gl.constexpr, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group,
-                         Sq, Skv, qk_scale, stride_ob, stride_oh, stride_om, q_smem, q_bars,
-                         q_free, tile_smem, ring, o_desc, o_smem, HEAD_D: gl.constexpr,
-                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                         HAS_LENGTHS: gl.constexpr, WARPGROUPS: gl.constexpr,
-                         Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                         s_layout: gl.constexpr, o_layout: gl.constexpr,
-                         p_layout: gl.constexpr):
-        """_consume with the tiles chained, so that nothing runs alone where one tile ends
-        and the next begins: a tile's last step issues the next tile's block-0 Q K^T, and
-        the next tile's first step runs its exponentials while the last P V of the tile
-        before is on the tensor cores (CROSS), and stores that tile's out while block 1's
-        Q K^T runs. Only the program's first Q K^T and last P V run alone."""
-        ROWS: gl.constexpr = 64
-        BLOCK_M: gl.constexpr = ROWS * WARPGROUPS
-        LEAN: gl.constexpr = WARPGROUPS == 3
-        dtype: gl.constexpr = q_smem.dtype
-        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-        k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
-        dest = (Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem)
-        done = 0
-        base = 0
-        tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
-        # The tile before: its o, p (its last block's, for the P V still to run), running
-        # max and sum, block count and where its rows go.
-        o = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
-        p_op = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
-        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
-        l_i = gl.zeros([ROWS], gl.float32, row_layout)
-        last_total = 1
-        last_b = 0
-        last_h = 0
-        last_bh = 0
-        last_row0 = 0
-        s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-        if tile < tiles:
-            # The program's first tile: block 0's Q K^T alone.
-            mbarrier.wait(k_bars.index(0), 0)
-            s = warpgroup_mma(box(q_smem, ROLE), box(k_smem, 0).permute((1, 0)),
-                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
-            mbarrier.arrive(k_free.index(0), count=1)
-        while tile < tiles:
-            b, h, kvh, bh, m0, kv_len, off, total, full_blocks = tile_of(
-                tile, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M, BLOCK_N, CAUSAL,
-                HAS_LENGTHS)
-            row0 = m0 + ROWS * ROLE
-            qi = row0 + gl.arange(0, ROWS, layout=row_layout)
-            q_slot = done % Q_BUFFERS
-            after = (done + 1) % Q_BUFFERS * WARPGROUPS + ROLE  # the next tile's Q
-            # Block 0's step issues block 1's Q K^T, or with one block the next tile's
-            # block 0's, which needs that tile posted (and this tile's Q let go first).
-            q_next = q_slot * WARPGROUPS + ROLE
-            nxt = tile
-            if total == 1:
-                mbarrier.arrive(q_free.index(q_slot), count=1)
-                nxt = next_tile(tile_smem, q_bars, done + 1, Q_BUFFERS)
-                q_next = after
-            m_new = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
-            l_new = gl.zeros([ROWS], gl.float32, row_layout)
-            k_pred = (total > 1) | (nxt < tiles)
-            if done == 0:
-                s, o, p_op, m_new, l_new = _step(
-                    0, 1, base, s, o, p_op, m_new, l_new, box(q_smem, q_next), ring, qi,
-                    kv_len, off, qk_scale, True, CAUSAL, False, True, STAGES, BLOCK_N,
-                    s_layout, o_layout, p_layout, LEAN, k_pred=k_pred)
-            else:
-                # The tile before's out is stored inside the step, while block 1's Q K^T
-                # runs; o's registers then carry on as this tile's, whose first P V
-                # overwrites them (pv_acc False).
-                s, o, p_op, m_new, l_new = _step(
-                    0, 1, base, s, o, p_op, m_new, l_new, box(q_smem, q_next), ring, qi,
-                    kv_len, off, qk_scale, True, CAUSAL, True, True, STAGES, BLOCK_N,
-                    s_layout, o_layout, p_layout, LEAN, CROSS=True, k_pred=k_pred,
-                    pv_acc=last_total > 1,
-                    before=(m_i, l_i, last_b, last_h, last_bh, last_row0), dest=dest,
-                    ROLE=ROLE, O_TMA=O_TMA)
-            split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
-            s, o, p_op, m_new, l_new = _blocks(1, split, base, s, o, p_op, m_new, l_new,
-                                               box(q_smem, q_slot * WARPGROUPS + ROLE), ring,
-                                               qi, kv_len, off, qk_scale, False, CAUSAL,
-                                               STAGES, BLOCK_N, s_layout, o_layout, p_layout,
-                                               LEAN, FRESH_O=True)
-            s, o, p_op, m_new, l_new = _blocks(split, total - 1, base, s, o, p_op, m_new,
-                                               l_new, box(q_smem, q_slot * WARPGROUPS + ROLE),
-                                               ring, qi, kv_len, off, qk_scale, True, CAUSAL,
-                                               STAGES, BLOCK_N, s_layout, o_layout, p_layout,
-                                               LEAN, FRESH_O=True)
-            if total > 1:
-                # Every Q K^T of the tile is done: its Q buffer may go.
-                mbarrier.arrive(q_free.index(q_slot), count=1)
-                nxt = next_tile(tile_smem, q_bars, done + 1, Q_BUFFERS)
-                s, o, p_op, m_new, l_new = _step(
-                    total - 1, total, base, s, o, p_op, m_new, l_new, box(q_smem, after),
-                    ring, qi, kv_len, off, qk_scale, True, CAUSAL, True, True, STAGES,
-                    BLOCK_N, s_layout, o_layout, p_layout, LEAN, k_pred=nxt < tiles,
-                    pv_acc=total > 2)
-            m_i = m_new
-            l_i = l_new
-            last_total = total
-            last_b = b
-            last_h = h
-            last_bh = bh
-            last_row0 = row0
-            done += 1
-            base += total
-            tile = nxt
-        if done > 0:
-            # The program's last P V, alone, and its tile's out.
-            last = base - 1
-            mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-            o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o, use_acc=last_total > 1)
-            mbarrier.arrive(v_free.index(last % STAGES), count=1)
-            _finish(o, (m_i, l_i, last_b, last_h, last_bh, last_row0), dest, ROLE, O_TMA,
-                    s_layout, o_layout)
-        if O_TMA:
-            tma.store_wait(0)
 
     @gluon.jit
     def _finish(o, rows_of, dest, ROLE: gl.constexpr, O_TMA: gl.constexpr,
@@ -620,7 +489,7 @@ if gluon is not None:
     def _partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                    WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                   OWN_RANGES: gl.constexpr, CHAIN: gl.constexpr):
+                   OWN_RANGES: gl.constexpr):
         """ROLE r < WARPGROUPS: warpgroup r's 64 rows of each tile (r = 0 is the default
         partition); ROLE WARPGROUPS: the loading warp. shared: what every partition
         takes."""
@@ -632,13 +501,7 @@ if gluon is not None:
         o_layout: gl.constexpr = score_layout(HEAD_D)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
                                                      k_width=2)
-        if ROLE < WARPGROUPS and CHAIN:
-            _consume_chained(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv,
-                             qk_scale, stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free,
-                             tile_smem, ring, o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL,
-                             HAS_LENGTHS, WARPGROUPS, Q_BUFFERS, O_TMA, s_layout, o_layout,
-                             p_layout)
-        elif ROLE < WARPGROUPS:
+        if ROLE < WARPGROUPS:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,
                      o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS,
@@ -656,7 +519,7 @@ if gluon is not None:
                        HAS_LENGTHS: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, WARPGROUPS: gl.constexpr,
                        Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                       OWN_RANGES: gl.constexpr, CHAIN: gl.constexpr):
+                       OWN_RANGES: gl.constexpr):
         """out (B, Hq, Sq, D) and lse (B * Hq * Sq, natural log), like fused_triton's
         forward, from TMA descriptors of q (B, Hq, Sq, D; boxes of 64 rows) and k, v (B,
         Hkv, Skv, D; boxes of BLOCK_N rows); out is stored through Out and its strides,
@@ -667,7 +530,6 @@ if gluon is not None:
         WARPGROUPS (2 or 3) warpgroups of 64 rows run apart, each in its own partition,
         and one more warp loads, so no CTA-wide barrier ties them together."""
         gl.static_assert((WARPGROUPS == 2) or (WARPGROUPS == 3), "2 or 3 warpgroups")
-        gl.static_assert(not (CHAIN and OWN_RANGES), "CHAIN walks every tile's whole range")
         dtype: gl.constexpr = q_desc.dtype
         q_blocks = gl.cdiv(Sq, 64 * WARPGROUPS)
         tiles = q_blocks * batch_heads
@@ -692,7 +554,7 @@ if gluon is not None:
         # same count; setmaxnreg then moves them from the loading warp's warpgroup (24) to
         # the computing ones.
         args: gl.constexpr = (HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS, WARPGROUPS,
-                              Q_BUFFERS, O_TMA, OWN_RANGES, CHAIN)
+                              Q_BUFFERS, O_TMA, OWN_RANGES)
         if WARPGROUPS == 2:
             gl.warp_specialize([
                 (_partition, (0, shared) + args),
@@ -709,16 +571,15 @@ if gluon is not None:
 
 
 # Config tuples per head dim: the tile configs the GPU test checks and
-# benchmarks/gluon_forward.py times; fused_triton runs one of them (NOTES runs 14, 16,
-# 17). Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there.
-# O_TMA (out stored through shared memory by TMA) was 1.01-1.13x the same tile without it
-# on an H200 (run 17); the configs without it stay as the A/B's baseline. OWN_RANGES and
-# CHAIN have not run on a GPU yet: OWN_RANGES is for causal D=64, where 192-row tiles end
-# mid-block; CHAIN is for short tiles (causal at 4k), where a tile's first Q K^T and
-# softmax and its last P V ran alone. Each config here is compiled by the GPU test in two
-# types: fewer keep that test inside one call.
-CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 1, 1), (128, 2, 3, 1), (64, 3, 3, 1, 0, 1)],
-           128: [(128, 2, 2, 1), (128, 2, 2, 1, 0, 1)]}
+# benchmarks/gluon_forward.py times; fused_triton runs three of them (NOTES runs 14, 16-18).
+# Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there. O_TMA
+# (out stored through shared memory by TMA) was 1.01-1.13x the same tile without it on an
+# H200 (run 17); (128, 2, 2, 0) keeps the direct store tested. OWN_RANGES (each warpgroup
+# walks the key blocks its own rows see, for causal D=64, where 192-row tiles end
+# mid-block) was 1.01-1.05x (64, 3, 3, 1) at 4k-16k (run 18). Each config here is
+# compiled by the GPU test in two types: fewer keep that test inside one call.
+CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 1, 1), (128, 2, 3, 1)],
+           128: [(128, 2, 2, 0), (128, 2, 2, 1)]}
 # maxnreg at launch: 12 warps (2 computing warpgroups and the loading warp's, padded) at
 # 168 registers, or 16 at 128, fill the 64K-register file.
 _MAXNREG = {2: 168, 3: 128}
@@ -766,7 +627,6 @@ class Config(NamedTuple):
     warpgroups: int  # computing warpgroups of 64 query rows: 2 or 3
     o_tma: int = 0  # out stored through shared memory and TMA
     own_ranges: int = 0  # each warpgroup walks its own rows' key blocks only
-    chain: int = 0  # tiles chained (_consume_chained)
 
 
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
@@ -774,9 +634,7 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
     """Run the kernel on q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D), writing out (like q) and
     lse (B, Hq, Sq, float32); the caller has checked that the call is one it covers.
     config: a Config, or a tuple of its fields in order."""
-    block_n, stages, warpgroups, o_tma, own_ranges, chain = Config(*config)
-    if own_ranges and chain:
-        raise ValueError(f"config {config}: OWN_RANGES and CHAIN do not go together")
+    block_n, stages, warpgroups, o_tma, own_ranges = Config(*config)
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
@@ -801,5 +659,5 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
         B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
         BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
-        O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), CHAIN=bool(chain), num_warps=4,
+        O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), num_warps=4,
         maxnreg=_MAXNREG[warpgroups])

@@ -1108,20 +1108,20 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 
 # Long sequences on Hopper take the Gluon forward (hopper_forward: the softmax overlaps the
 # matmuls, which the Triton language cannot say) where it covers the call and was measured
-# faster: on an H200, persistent and with out stored by TMA, 1.10-1.15x this file's
-# forward at D=128 and S >= 4k, causal or not; at D=64 1.09-1.13x without causal; causal
-# at D=64, with each warpgroup walking its own rows' key blocks, 1.04x at 4k and 1.11x at
-# 8k, and from 16k the 128-key blocks, 1.08x (NOTES, runs 16-18). Slower at 1k (runs 14,
-# 18). _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
+# faster: on an H200, persistent and with out stored by TMA, 1.10-1.17x this file's
+# forward at D=128 and S >= 2k, causal or not, and 1.08-1.24x at 1k (1.00x at 512); at
+# D=64 1.09-1.13x without causal from 2k (0.98x at 1k); causal at D=64, with each
+# warpgroup walking its own rows' key blocks, 1.03-1.04x at 2k-4k and 1.11x at 8k (0.84x
+# at 1k), and from 16k the 128-key blocks, 1.08x (NOTES, runs 16-18). _HOPPER_FORWARD
+# switches it off (A/B, kernel_variants.py).
 _HOPPER_FORWARD = True
-_HOPPER_MIN_SEQ = 4096
 # hopper_forward.launch's config (hopper_forward.Config's fields) per (head dim, causal):
 # the first (minimum of Sq and Skv, config) pair whose minimum the call reaches.
 _HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[int, tuple[int, ...]], ...]] = {
-    (128, False): ((_HOPPER_MIN_SEQ, (128, 2, 2, 1)),),
-    (128, True): ((_HOPPER_MIN_SEQ, (128, 2, 2, 1)),),
-    (64, False): ((_HOPPER_MIN_SEQ, (128, 2, 3, 1)),),
-    (64, True): ((16384, (128, 2, 3, 1)), (_HOPPER_MIN_SEQ, (64, 3, 3, 1, 1))),
+    (128, False): ((1024, (128, 2, 2, 1)),),
+    (128, True): ((1024, (128, 2, 2, 1)),),
+    (64, False): ((2048, (128, 2, 3, 1)),),
+    (64, True): ((16384, (128, 2, 3, 1)), (2048, (64, 3, 3, 1, 1))),
 }
 
 
@@ -1189,12 +1189,22 @@ def _details(device: torch.device) -> str | None:
         why = "switched off in this process (it did not compile here, or by hand)"
     state = (f"off: {why}" if why else
              f"on for bfloat16/float16 calls with D = Dv in "
-             f"{sorted({d for d, _ in _HOPPER_ROUTES})}, Sq and Skv >= {_HOPPER_MIN_SEQ}, "
+             f"{sorted({d for d, _ in _HOPPER_ROUTES})}, Sq and Skv >= {_route_text()}, "
              f"and no mask tensor, window or dropout; "
              f"impl='auto' runs triton first for those calls when nothing needs a "
              f"gradient, from {_LEADS_MIN_SEQ} queries and keys, causal or at D=64, "
              f"where it was faster than cuDNN")
     return f"Gluon forward for Hopper: {state}"
+
+
+def _route_text() -> str:
+    """The shortest length _HOPPER_ROUTES takes per head dim, e.g. "1024 at D=128, 2048
+    at D=64"."""
+    shortest: dict[int, int] = {}
+    for (head_dim, _), routes in _HOPPER_ROUTES.items():
+        for min_seq, _ in routes:
+            shortest[head_dim] = min(shortest.get(head_dim, min_seq), min_seq)
+    return ", ".join(f"{seq} at D={d}" for d, seq in sorted(shortest.items(), reverse=True))
 
 
 def _uses_hopper_forward(call: AttentionCall) -> bool:

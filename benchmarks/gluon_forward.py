@@ -52,6 +52,10 @@ CASES = [
     # different lengths (the K/V ring and Q's buffers carry over from tile to tile)
     (3, 8, 2, 2000, 2000, 128, True, [2000, 777, 0], False),
     (3, 8, 4, 2000, 2000, 64, False, [1500, 0, 2000], False),
+    # 8-16 tiles per program on 132 multiprocessors, as long calls have (run 18's
+    # chained-tiles config passed every case above and then faulted at 4k)
+    (8, 16, 4, 1000, 1000, 128, True, None, False),
+    (8, 32, 8, 1000, 1000, 64, True, None, False),
 ]
 
 

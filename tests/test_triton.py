@@ -698,8 +698,8 @@ def test_large_shapes_on_gpu(causal, head_dim):
 
 
 def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, **kwargs):
-    """A call of 2 query heads against 4096 keys on the CPU, for rules that look at sizes
-    and layouts only."""
+    """A call of 2 query heads (sq rows) against skv keys on the CPU, for rules that look at
+    sizes and layouts only."""
     from attnkit.call import make_call
 
     q = torch.randn(1, 2, sq, d, dtype=dtype)

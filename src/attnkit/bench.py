@@ -324,9 +324,11 @@ def _core_problem(config: Config, device: torch.device, dtype: torch.dtype,
             picked = None
             if name == "auto":
                 # what runs the forward, timed under no_grad, and what runs forward+backward
+                # (a call reads grad mode when asked whether it needs gradients)
+                call = make_call(q, k, v, causal=c.causal, key_lengths=lengths)
                 with torch.no_grad():
-                    forward = select(make_call(q, k, v, causal=c.causal, key_lengths=lengths))
-                both = select(make_call(q, k, v, causal=c.causal, key_lengths=lengths))
+                    forward = select(call)
+                both = select(call)
                 picked = (both.name if forward is both
                           else f"{forward.name} (forward), {both.name} (forward+backward)")
             return Workload(

@@ -619,7 +619,7 @@ def multiprocessors(device: torch.device) -> int:
 
 
 class Config(NamedTuple):
-    """A tile config of the kernel; a plain tuple of its first three to six fields serves
+    """A tile config of the kernel; a plain tuple of its first three to five fields serves
     as one (CONFIGS, fused_triton's routing, gluon_forward.py's --config)."""
 
     block_n: int  # keys per block

@@ -560,14 +560,14 @@ def _merge_kernel(OUT_P, LSE_P, Out, LSE, splits, Hq, Sq,
 # Backward
 # ---------------------------------------------------------------------------------------
 # A turn waited for this many reads of its lock (a microsecond or less each) is given up
-# on (_add_in_turn).
+# on (_wait_turn).
 _MAX_SPINS = 1 << 22
 _constexpr = (lambda value: value) if triton is None else tl.constexpr
 _IN_INTERPRETER = _constexpr(_INTERPRET)
-# _add_in_turn's PTX, run by every thread. Wait: until the lock ($1) reaches turn ($3)
-# times the warps per program, starting from the value read before ($4); reads with
-# acquire, so that this thread's adds come after those of the turns before. Giving up
-# after _MAX_SPINS reads counts one late add per thread in $2.
+# _wait_turn's and _hand_on's PTX, run by every thread. Wait: until the lock ($1) reaches
+# turn ($3) times the warps per program, starting from the value read before ($4); reads
+# with acquire, so that this thread's adds come after those of the turns before. Giving
+# up after _MAX_SPINS reads counts one late add per thread in $2.
 _WAIT_PTX = _constexpr("""{
 .reg .pred %p;
 .reg .b32 %target, %seen, %n;
@@ -604,7 +604,7 @@ mov.u32 $0, 0;
 
 @_jit
 def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_first,
-                 dq_first, lock_first, late, lock_stride, key_block, scale,
+                 dq_first, lock_first, late, pending, lock_stride, key_block, scale,
                  offs_n, offs_d, offs_dv, start, end, heads, bh_first,
                  stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
                  stride_mh, stride_mm, stride_mn,
@@ -613,26 +613,34 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
                  HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                 GROUPED: tl.constexpr, ONE_PASS: tl.constexpr):
+                 GROUPED: tl.constexpr, ONE_PASS: tl.constexpr,
+                 HAND_ON_LATE: tl.constexpr):
     """Add query blocks [start, end) of `heads` query heads (from the *_first ones on) into
     the key block's (dk, dv). One flat loop over (head, query block) pairs: a head loop
     around the block loops costs registers (sm_90, D=128: spills, benchmarks/NOTES.md).
     GROUPED = False promises heads == 1, which saves the loop its index division.
     ONE_PASS: also add each pair's scale * dS K into the float32 dq rows at dq_first, in
-    key block order (_add_in_turn), so that no dQ kernel has to compute S and dP again."""
+    key block order (_wait_turn), so that no dQ kernel has to compute S and dP again.
+    pending: the lock to hand on at the next step (HAND_ON_LATE); returned updated."""
     blocks = (end - start + BLOCK_M - 1) // BLOCK_M
     # At least 1 as a divisor: the software pipeline computes the first step's addresses
     # before it knows the loop is empty, and a division by zero there gave a wild pointer
     # (an illegal address under compute-sanitizer on the H100, NOTES run 8).
     divisor = tl.maximum(blocks, 1)
     for step in range(0, heads * blocks):
+        pair = step
+        if ONE_PASS:
+            # Last block first: the key blocks of a causal mask all see the last query
+            # block, so each starts its turns one step behind the one before. In order
+            # from its first block, key block n would wait for n - 1 to get there first.
+            pair = heads * blocks - 1 - step
         if GROUPED:
-            g = step // divisor
-            start_m = start + (step - g * divisor) * BLOCK_M
+            g = pair // divisor
+            start_m = start + (pair - g * divisor) * BLOCK_M
             g = g.to(tl.int64)
         else:
             g = 0
-            start_m = start + step * BLOCK_M
+            start_m = start + pair * BLOCK_M
         q_base = q_first + g * stride_qh
         do_base = do_first + g * stride_doh
         lse_base = lse_first + g * Sq
@@ -675,31 +683,43 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
                                             kv_len, off, left, right, BLOCK_N, HAS_LEFT,
                                             HAS_RIGHT)
                 first = first // BLOCK_N
-            _add_in_turn(dq_first + g * Sq * HEAD_D + offs_m[:, None] * HEAD_D
-                         + offs_d[None, :], dq, row_ok[:, None] & (offs_d[None, :] < HEAD_D),
-                         lock, seen, key_block - first, late)
-    return dk, dv
+            if HAND_ON_LATE:
+                _hand_on(pending)
+            _wait_turn(lock, seen, key_block - first, late)
+            tl.atomic_add(dq_first + g * Sq * HEAD_D + offs_m[:, None] * HEAD_D
+                          + offs_d[None, :], dq,
+                          mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), sem="relaxed")
+            if HAND_ON_LATE:
+                pending = lock
+            else:
+                _hand_on(lock)
+    return dk, dv, pending
 
 
 @_jit
-def _add_in_turn(dq_ptrs, dq, dq_ok, lock, seen, turn, late):
-    """Add dq into float32 memory once `lock` says it is `turn`'s go, then hand the go on.
-    The key blocks that see a query block take turns in key order, so the float sums come
-    out the same in every run (deterministic) although the adds are atomics. Programs
-    start in grid order, so the program waited for is running; after _MAX_SPINS reads the
-    add goes ahead anyway and counts itself in `late`: the right sum, not in order.
-    seen: the lock as read earlier. On a GPU the lock counts warps (each warp hands on
-    its own go, after its own adds), and the waiting and handing on are PTX: a Triton
-    loop or scalar atomic inside the key loop stops Triton from pipelining its loads."""
+def _wait_turn(lock, seen, turn, late):
+    """Wait until `lock` says it is `turn`'s go to add into the dq rows it guards. The key
+    blocks that see a query block add in key order, so the float sums come out the same
+    in every run (deterministic) although the adds are atomics. Programs start in grid
+    order, so the program waited for is running; after _MAX_SPINS reads the add goes
+    ahead anyway and counts itself in `late`: the right sum, not in order. seen: the lock
+    as read earlier. On a GPU the lock counts warps (each warp hands on its own go, after
+    its own adds), and the waiting and handing on are PTX: a Triton loop or scalar atomic
+    inside the key loop stops Triton from pipelining its loads."""
     if _IN_INTERPRETER:  # one program at a time, one "warp": the go is there or never
         if seen != turn:
             tl.atomic_add(late, 1)
-        tl.atomic_add(dq_ptrs, dq, mask=dq_ok, sem="relaxed")
-        tl.atomic_add(lock, 1)
     else:
         tl.inline_asm_elementwise(_WAIT_PTX, "=r,l,l,r,r", [lock, late, turn, seen],
                                   dtype=tl.int32, is_pure=False, pack=1)
-        tl.atomic_add(dq_ptrs, dq, mask=dq_ok, sem="relaxed")
+
+
+@_jit
+def _hand_on(lock):
+    """Hand the go of `lock` on to the next turn, after this program's adds (_wait_turn)."""
+    if _IN_INTERPRETER:
+        tl.atomic_add(lock, 1)
+    else:
         tl.inline_asm_elementwise(_HAND_ON_PTX, "=r,l", [lock], dtype=tl.int32,
                                   is_pure=False, pack=1)
 
@@ -723,10 +743,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGT
                      HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                      MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
                      GROUPED: tl.constexpr, ONE_PASS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAND_ON_LATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV for one key block of one (batch, kv head); with ONE_PASS, dQ as well, added
     into DQ_ACC ((B * Hq, Sq, HEAD_D) float32, zeroed) in turns kept in LOCKS (int32,
-    zeroed: one slot that counts late adds, then B * Hq rows of lock_stride turns)."""
+    zeroed: one slot that counts late adds, a spare one, then B * Hq rows of lock_stride
+    turns). HAND_ON_LATE: each step hands on the previous step's go rather than its own,
+    so that the release no longer waits for the adds just made."""
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
@@ -754,17 +776,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGT
 
     h = kvh * group  # the group's first query head; the group is summed here, no atomics
     bh = b * Hq + h
-    for part in tl.static_range(3):  # as in the forward: checks on the edges only
+    pending = LOCKS + 1  # a lock whose go is handed on next (HAND_ON_LATE): a spare slot
+    for step in tl.static_range(3):  # as in the forward: checks on the edges only
+        part = 2 - step if ONE_PASS else step  # (_dkdv_blocks: last blocks first)
         start, end = _segment(part, lo, full_lo, full_hi, hi)
-        dk, dv = _dkdv_blocks(
+        dk, dv, pending = _dkdv_blocks(
             dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob
             + h * stride_doh, LSE + bh * Sq, DELTA + bh * Sq, MASK + b * stride_mb
-            + h * stride_mh, DQ_ACC + bh * Sq * HEAD_D, LOCKS + 1 + bh * lock_stride, LOCKS,
-            lock_stride, pid_n, scale, offs_n, offs_d, offs_dv, start, end, group, bh,
-            stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+            + h * stride_mh, DQ_ACC + bh * Sq * HEAD_D, LOCKS + 2 + bh * lock_stride, LOCKS,
+            pending, lock_stride, pid_n, scale, offs_n, offs_d, offs_dv, start, end, group,
+            bh, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
             stride_mh, stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
             seed, drop_p, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED, ONE_PASS)
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED, ONE_PASS,
+            HAND_ON_LATE)
+    if ONE_PASS and HAND_ON_LATE:
+        _hand_on(pending)
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -1465,10 +1492,10 @@ def _one_pass(call: AttentionCall) -> bool:
 
 def _one_pass_buffers(call: AttentionCall) -> tuple[Tensor, Tensor]:
     """The one-pass backward's zeroed float32 dq sums ((B * Hq, Sq, D)) and its turns
-    (a late-add count, then a row of turns per query head; _bwd_dkdv_kernel)."""
+    (a late-add count, a spare, then a row of turns per query head; _bwd_dkdv_kernel)."""
     B, Hq, Sq, D = call.q.shape
     dq_acc = torch.zeros((B * Hq, Sq, D), dtype=torch.float32, device=call.q.device)
-    locks = torch.zeros(1 + B * Hq * _cdiv(Sq, _LOCK_ROWS), dtype=torch.int32,
+    locks = torch.zeros(2 + B * Hq * _cdiv(Sq, _LOCK_ROWS), dtype=torch.int32,
                         device=call.q.device)
     return dq_acc, locks
 
@@ -1515,8 +1542,11 @@ def _launch_dkdv(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *mask_strides, Hq, call.heads_kv, call.group, Sq, call.seq_kv,
         _cdiv(Sq, _LOCK_ROWS), *scalars,
-    ), {**flags, "GROUPED": call.group > 1, "ONE_PASS": one_pass}, (*tune_key, one_pass),
-        config)
+    ), {**flags, "GROUPED": call.group > 1, "ONE_PASS": one_pass,
+        "HAND_ON_LATE": one_pass and bool(_HAND_ON_LATE)}, (*tune_key, one_pass), config)
+
+
+_HAND_ON_LATE = 1
 
 
 @functools.cache

@@ -67,6 +67,8 @@ def main() -> None:
                         help="the forward loading K and V through TMA descriptors")
     parser.add_argument("--dropout", action="store_true", help="the kernels with dropout")
     parser.add_argument("--lengths", action="store_true", help="the kernels with key_lengths")
+    parser.add_argument("--late", action="store_true",
+                        help="one_pass handing each turn on a step late (HAND_ON_LATE)")
     parser.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES")
     parser.add_argument("--kernel", action="append", choices=list(KERNELS), default=[],
                         help="only these kernels (repeatable; default: all four)")
@@ -89,7 +91,9 @@ def main() -> None:
         for m, n, warps, stages in chosen or configs:
             compiled = triton.compile(
                 source(kernel.fn, {**flags, "BLOCK_M": m, "BLOCK_N": n,
-                                   "ONE_PASS": name == "one_pass"}),
+                                   "ONE_PASS": name == "one_pass",
+                                   "HAND_ON_LATE": name == "one_pass" and args.late,
+                                   "TURNS": True}),
                 target=GPUTarget("cuda", 90, 32),
                 options={"num_warps": warps, "num_stages": stages})
             row = {"kernel": name, "config": [m, n, warps, stages],

@@ -604,7 +604,7 @@ mov.u32 $0, 0;
 
 @_jit
 def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_first,
-                 dq_first, lock_first, late, pending, lock_stride, key_block, scale,
+                 dq_first, locks, lock_first, pending, lock_stride, key_block, scale,
                  offs_n, offs_d, offs_dv, start, end, heads, bh_first,
                  stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
                  stride_mh, stride_mm, stride_mn,
@@ -614,14 +614,16 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
                  GROUPED: tl.constexpr, ONE_PASS: tl.constexpr,
-                 HAND_ON_LATE: tl.constexpr):
+                 HAND_ON_LATE: tl.constexpr, TURNS: tl.constexpr):
     """Add query blocks [start, end) of `heads` query heads (from the *_first ones on) into
     the key block's (dk, dv). One flat loop over (head, query block) pairs: a head loop
     around the block loops costs registers (sm_90, D=128: spills, benchmarks/NOTES.md).
     GROUPED = False promises heads == 1, which saves the loop its index division.
     ONE_PASS: also add each pair's scale * dS K into the float32 dq rows at dq_first, in
     key block order (_wait_turn), so that no dQ kernel has to compute S and dP again.
-    pending: the lock to hand on at the next step (HAND_ON_LATE); returned updated."""
+    locks: _bwd_dkdv_kernel's LOCKS; lock_first: the index there of the first head's first
+    turn; pending: the index of the turn to hand on at the next step (HAND_ON_LATE),
+    returned updated."""
     blocks = (end - start + BLOCK_M - 1) // BLOCK_M
     # At least 1 as a divisor: the software pipeline computes the first step's addresses
     # before it knows the loop is empty, and a division by zero there gave a wild pointer
@@ -650,7 +652,8 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
         if ONE_PASS:
-            lock = lock_first + g * lock_stride + start_m // BLOCK_M
+            turns = lock_first + g * lock_stride + start_m // BLOCK_M
+            lock = locks + turns
             # Read now, needed after the matmuls: the load's latency hides behind them.
             seen = tl.load(lock, volatile=True)
         q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -683,15 +686,16 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
                                             kv_len, off, left, right, BLOCK_N, HAS_LEFT,
                                             HAS_RIGHT)
                 first = first // BLOCK_N
-            if HAND_ON_LATE:
-                _hand_on(pending)
-            _wait_turn(lock, seen, key_block - first, late)
+            if HAND_ON_LATE and TURNS:
+                _hand_on(locks + pending)
+            if TURNS:
+                _wait_turn(lock, seen, key_block - first, locks)
             tl.atomic_add(dq_first + g * Sq * HEAD_D + offs_m[:, None] * HEAD_D
                           + offs_d[None, :], dq,
                           mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), sem="relaxed")
             if HAND_ON_LATE:
-                pending = lock
-            else:
+                pending = turns
+            elif TURNS:
                 _hand_on(lock)
     return dk, dv, pending
 
@@ -725,7 +729,7 @@ def _hand_on(lock):
 
 
 @_tuned("dkdv", list(dict.fromkeys(_DKDV_CONFIGS + _ONE_PASS_CONFIGS)),
-        _TUNE_KEY + ["ONE_PASS"], zeroed=["DQ_ACC", "LOCKS"])
+        _TUNE_KEY + ["ONE_PASS", "HAND_ON_LATE", "TURNS"], zeroed=["DQ_ACC", "LOCKS"])
 @_kernel
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGTHS,
                      stride_qb, stride_qh, stride_qm, stride_qd,
@@ -743,7 +747,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGT
                      HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                      MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
                      GROUPED: tl.constexpr, ONE_PASS: tl.constexpr,
-                     HAND_ON_LATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAND_ON_LATE: tl.constexpr, TURNS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV for one key block of one (batch, kv head); with ONE_PASS, dQ as well, added
     into DQ_ACC ((B * Hq, Sq, HEAD_D) float32, zeroed) in turns kept in LOCKS (int32,
     zeroed: one slot that counts late adds, a spare one, then B * Hq rows of lock_stride
@@ -776,22 +781,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGT
 
     h = kvh * group  # the group's first query head; the group is summed here, no atomics
     bh = b * Hq + h
-    pending = LOCKS + 1  # a lock whose go is handed on next (HAND_ON_LATE): a spare slot
+    pending = tl.full([], 1, tl.int64)  # the turn handed on next: at first a spare slot
     for step in tl.static_range(3):  # as in the forward: checks on the edges only
         part = 2 - step if ONE_PASS else step  # (_dkdv_blocks: last blocks first)
         start, end = _segment(part, lo, full_lo, full_hi, hi)
         dk, dv, pending = _dkdv_blocks(
             dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob
             + h * stride_doh, LSE + bh * Sq, DELTA + bh * Sq, MASK + b * stride_mb
-            + h * stride_mh, DQ_ACC + bh * Sq * HEAD_D, LOCKS + 2 + bh * lock_stride, LOCKS,
-            pending, lock_stride, pid_n, scale, offs_n, offs_d, offs_dv, start, end, group,
-            bh, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+            + h * stride_mh, DQ_ACC + bh * Sq * HEAD_D, LOCKS, 2 + bh * lock_stride, pending,
+            lock_stride, pid_n, scale, offs_n, offs_d, offs_dv, start, end, group, bh,
+            stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
             stride_mh, stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
             seed, drop_p, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
             HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED, ONE_PASS,
-            HAND_ON_LATE)
-    if ONE_PASS and HAND_ON_LATE:
-        _hand_on(pending)
+            HAND_ON_LATE, TURNS)
+    if ONE_PASS and HAND_ON_LATE and TURNS:
+        _hand_on(LOCKS + pending)
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -1543,10 +1548,12 @@ def _launch_dkdv(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,
         *mask_strides, Hq, call.heads_kv, call.group, Sq, call.seq_kv,
         _cdiv(Sq, _LOCK_ROWS), *scalars,
     ), {**flags, "GROUPED": call.group > 1, "ONE_PASS": one_pass,
-        "HAND_ON_LATE": one_pass and bool(_HAND_ON_LATE)}, (*tune_key, one_pass), config)
+        "HAND_ON_LATE": one_pass and bool(_HAND_ON_LATE), "TURNS": bool(_TURNS)},
+        (*tune_key, one_pass, _HAND_ON_LATE, _TURNS), config)
 
 
 _HAND_ON_LATE = 1
+_TURNS = 1  # measurement only: 0 adds dQ with no turns (not deterministic)
 
 
 @functools.cache

@@ -93,7 +93,7 @@ def main() -> None:
                 source(kernel.fn, {**flags, "BLOCK_M": m, "BLOCK_N": n,
                                    "ONE_PASS": name == "one_pass",
                                    "HAND_ON_LATE": name == "one_pass" and args.late,
-                                   "TURNS": True}),
+                                   "TURNS": True, "DQ_TMA": bool(os.environ.get("DQ_TMA"))}),
                 target=GPUTarget("cuda", 90, 32),
                 options={"num_warps": warps, "num_stages": stages})
             row = {"kernel": name, "config": [m, n, warps, stages],

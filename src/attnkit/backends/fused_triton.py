@@ -590,10 +590,13 @@ done${:uid}:
 mov.u32 $0, 0;
 }""".replace("SPINS", str(_MAX_SPINS)))
 # Hand on: once the warp's adds are issued (bar.warp.sync orders them before lane 0's
-# release, which is cumulative over them), lane 0 adds 1 to the lock ($1).
+# release, which is cumulative over them), lane 0 adds 1 to the lock ($1). Adds made
+# through a TMA reduce (DQ_TMA) are waited for first: only their completion makes them
+# part of what the release hands on.
 _HAND_ON_PTX = _constexpr("""{
 .reg .pred %p;
 .reg .b32 %lane;
+cp.async.bulk.wait_group 0;
 bar.warp.sync -1;
 mov.u32 %lane, %laneid;
 setp.eq.u32 %p, %lane, 0;
@@ -614,7 +617,7 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
                  GROUPED: tl.constexpr, ONE_PASS: tl.constexpr,
-                 HAND_ON_LATE: tl.constexpr, TURNS: tl.constexpr):
+                 HAND_ON_LATE: tl.constexpr, TURNS: tl.constexpr, DQ_TMA: tl.constexpr):
     """Add query blocks [start, end) of `heads` query heads (from the *_first ones on) into
     the key block's (dk, dv). One flat loop over (head, query block) pairs: a head loop
     around the block loops costs registers (sm_90, D=128: spills, benchmarks/NOTES.md).
@@ -690,9 +693,12 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
                 _hand_on(locks + pending)
             if TURNS:
                 _wait_turn(lock, seen, key_block - first, locks)
-            tl.atomic_add(dq_first + g * Sq * HEAD_D + offs_m[:, None] * HEAD_D
-                          + offs_d[None, :], dq,
-                          mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), sem="relaxed")
+            if DQ_TMA:
+                dq_first.atomic_add([g, start_m, 0], tl.reshape(dq, [1, BLOCK_M, BLOCK_D]))
+            else:
+                tl.atomic_add(dq_first + g * Sq * HEAD_D + offs_m[:, None] * HEAD_D
+                              + offs_d[None, :], dq,
+                              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), sem="relaxed")
             if HAND_ON_LATE:
                 pending = turns
             elif TURNS:
@@ -729,7 +735,7 @@ def _hand_on(lock):
 
 
 @_tuned("dkdv", list(dict.fromkeys(_DKDV_CONFIGS + _ONE_PASS_CONFIGS)),
-        _TUNE_KEY + ["ONE_PASS", "HAND_ON_LATE", "TURNS"], zeroed=["DQ_ACC", "LOCKS"])
+        _TUNE_KEY + ["ONE_PASS", "HAND_ON_LATE", "TURNS", "DQ_TMA"], zeroed=["DQ_ACC", "LOCKS"])
 @_kernel
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGTHS,
                      stride_qb, stride_qh, stride_qm, stride_qd,
@@ -747,7 +753,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGT
                      HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                      MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
                      GROUPED: tl.constexpr, ONE_PASS: tl.constexpr,
-                     HAND_ON_LATE: tl.constexpr, TURNS: tl.constexpr,
+                     HAND_ON_LATE: tl.constexpr, TURNS: tl.constexpr, DQ_TMA: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV for one key block of one (batch, kv head); with ONE_PASS, dQ as well, added
     into DQ_ACC ((B * Hq, Sq, HEAD_D) float32, zeroed) in turns kept in LOCKS (int32,
@@ -782,19 +788,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGT
     h = kvh * group  # the group's first query head; the group is summed here, no atomics
     bh = b * Hq + h
     pending = tl.full([], 1, tl.int64)  # the turn handed on next: at first a spare slot
+    dq_rows = DQ_ACC + bh * Sq * HEAD_D
+    if DQ_TMA:
+        dq_rows = tl.make_tensor_descriptor(dq_rows, [group, Sq, HEAD_D],
+                                            [Sq * HEAD_D, HEAD_D, 1], [1, BLOCK_M, BLOCK_D])
     for step in tl.static_range(3):  # as in the forward: checks on the edges only
         part = 2 - step if ONE_PASS else step  # (_dkdv_blocks: last blocks first)
         start, end = _segment(part, lo, full_lo, full_hi, hi)
         dk, dv, pending = _dkdv_blocks(
             dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob
             + h * stride_doh, LSE + bh * Sq, DELTA + bh * Sq, MASK + b * stride_mb
-            + h * stride_mh, DQ_ACC + bh * Sq * HEAD_D, LOCKS, 2 + bh * lock_stride, pending,
+            + h * stride_mh, dq_rows, LOCKS, 2 + bh * lock_stride, pending,
             lock_stride, pid_n, scale, offs_n, offs_d, offs_dv, start, end, group, bh,
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
             stride_mh, stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
             seed, drop_p, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
             HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED, ONE_PASS,
-            HAND_ON_LATE, TURNS)
+            HAND_ON_LATE, TURNS, DQ_TMA)
     if ONE_PASS and HAND_ON_LATE and TURNS:
         _hand_on(LOCKS + pending)
 
@@ -1541,6 +1551,8 @@ def _launch_dkdv(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,
     one_pass = dq_acc is not None
     if not one_pass:  # never read; zeroed only while the autotuner tries configs
         dq_acc, locks = _unread(q.device)
+    elif _DQ_TMA:
+        _ensure_allocator()
     _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(call.seq_kv, meta["BLOCK_N"]),
                                             B * call.heads_kv), (
         q, k, v, dout, lse, delta, dk, dv, dq_acc, locks, mask, lengths,
@@ -1548,12 +1560,14 @@ def _launch_dkdv(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,
         *mask_strides, Hq, call.heads_kv, call.group, Sq, call.seq_kv,
         _cdiv(Sq, _LOCK_ROWS), *scalars,
     ), {**flags, "GROUPED": call.group > 1, "ONE_PASS": one_pass,
-        "HAND_ON_LATE": one_pass and bool(_HAND_ON_LATE), "TURNS": bool(_TURNS)},
-        (*tune_key, one_pass, _HAND_ON_LATE, _TURNS), config)
+        "HAND_ON_LATE": one_pass and bool(_HAND_ON_LATE), "TURNS": bool(_TURNS),
+        "DQ_TMA": one_pass and bool(_DQ_TMA)},
+        (*tune_key, one_pass, _HAND_ON_LATE, _TURNS, _DQ_TMA), config)
 
 
 _HAND_ON_LATE = 1
 _TURNS = 1  # measurement only: 0 adds dQ with no turns (not deterministic)
+_DQ_TMA = 0  # experiment: dQ added through a TMA reduce
 
 
 @functools.cache

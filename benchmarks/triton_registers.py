@@ -6,13 +6,12 @@ machine (no GPU needed: Triton's frontend and the ptxas it bundles run on the CP
         [--config M,N,WARPS,STAGES ...] \
         [--out DIR]
 
-Compiles the forward, dK/dV, dK/dV with dQ inside (one_pass) and dQ kernels under every
-config of their autotune lists (or only the --config ones), specialised as a launch on
-contiguous (B, H, S, D) tensors would be: head-dim strides equal to 1, pointers and the
-other strides divisible by 16. Prints registers per thread, stack bytes per thread
-(spills: local-memory traffic inside the loops) and shared memory per program, from
-`cuobjdump -res-usage`. The numbers are the installed Triton's, which need not be the
-GPU machine's version.
+Compiles the forward, dK/dV and dQ kernels under every config of their autotune lists
+(or only the --config ones), specialised as a launch on contiguous (B, H, S, D) tensors
+would be: head-dim strides equal to 1, pointers and the other strides divisible by 16.
+Prints registers per thread, stack bytes per thread (spills: local-memory traffic inside
+the loops) and shared memory per program, from `cuobjdump -res-usage`. The numbers are
+the installed Triton's, which need not be the GPU machine's version.
 """
 
 import argparse
@@ -29,8 +28,7 @@ import attnkit.backends.fused_triton as ft
 
 KERNELS = {"fwd": (ft._fwd_kernel, ft._FWD_CONFIGS),
            "dkdv": (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
-           "dq": (ft._bwd_dq_kernel, ft._DQ_CONFIGS),
-           "one_pass": (ft._bwd_dkdv_kernel, ft._ONE_PASS_CONFIGS)}  # dK/dV with dQ inside
+           "dq": (ft._bwd_dq_kernel, ft._DQ_CONFIGS)}
 
 
 def source(fn, flags: dict) -> triton.compiler.ASTSource:
@@ -67,11 +65,9 @@ def main() -> None:
                         help="the forward loading K and V through TMA descriptors")
     parser.add_argument("--dropout", action="store_true", help="the kernels with dropout")
     parser.add_argument("--lengths", action="store_true", help="the kernels with key_lengths")
-    parser.add_argument("--late", action="store_true",
-                        help="one_pass handing each turn on a step late (HAND_ON_LATE)")
     parser.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES")
     parser.add_argument("--kernel", action="append", choices=list(KERNELS), default=[],
-                        help="only these kernels (repeatable; default: all four)")
+                        help="only these kernels (repeatable; default: all three)")
     parser.add_argument("--out", default=None, help="also write DIR/triton_registers.json")
     args = parser.parse_args()
     d = args.head_dim
@@ -90,10 +86,7 @@ def main() -> None:
             continue
         for m, n, warps, stages in chosen or configs:
             compiled = triton.compile(
-                source(kernel.fn, {**flags, "BLOCK_M": m, "BLOCK_N": n,
-                                   "ONE_PASS": name == "one_pass",
-                                   "HAND_ON_LATE": name == "one_pass" and args.late,
-                                   "TURNS": True, "DQ_TMA": bool(os.environ.get("DQ_TMA"))}),
+                source(kernel.fn, {**flags, "BLOCK_M": m, "BLOCK_N": n}),
                 target=GPUTarget("cuda", 90, 32),
                 options={"num_warps": warps, "num_stages": stages})
             row = {"kernel": name, "config": [m, n, warps, stages],

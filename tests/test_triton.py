@@ -225,78 +225,6 @@ def test_backward_is_deterministic(device):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-def _one_pass_everywhere(monkeypatch) -> list:
-    """Every backward in one pass (dQ inside the dK/dV kernel); returns the list that each
-    backward's lock buffer is appended to (its slot 0 counts late adds)."""
-    from attnkit.backends import fused_triton as ft
-
-    locks, make = [], ft._one_pass_buffers
-    monkeypatch.setattr(ft, "_one_pass", lambda call: True)
-    monkeypatch.setattr(ft, "_one_pass_buffers",
-                        lambda call: (lambda made: locks.append(made[1]) or made)(make(call)))
-    return locks
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_one_pass_backward_matches_oracle(case, device, monkeypatch):
-    """dQ added inside the dK/dV kernel, in key-block turns: every feature of CASES, and
-    every add in its turn (none late: the turns each key block works out for a query block
-    are the turns that the key blocks before it hand on)."""
-    locks = _one_pass_everywhere(monkeypatch)
-    result = check("triton", case, device)
-    assert result.skipped is None, result.skipped
-    assert result.passed, (result.out_err, result.lse_err, result.grad_err, result.errors)
-    assert locks and all(int(lock[0]) == 0 for lock in locks)
-
-
-def test_one_pass_backward_is_deterministic(device, monkeypatch):
-    """Two backwards give the same bits: the dQ adds are atomics, made in a fixed order."""
-    _one_pass_everywhere(monkeypatch)
-    case = replace(BASE, heads_q=4, heads_kv=2, seq_q=65, seq_kv=65)
-    q, k, v, kwargs = case.make_inputs(device, torch.Generator().manual_seed(4))
-    out = attention(q, k, v, impl="triton", **kwargs)
-    grad_out = torch.randn_like(out)
-    first = torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
-    second = torch.autograd.grad(out, (q, k, v), grad_out)
-    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-
-
-@pytest.mark.skipif(CUDA, reason="a turn that never comes: a GPU would wait seconds")
-def test_one_pass_add_that_misses_its_turn_is_counted_and_still_summed(monkeypatch):
-    """Locks that start past every turn: no add finds its turn, each goes ahead anyway and
-    counts itself late, and dq still holds the whole sum."""
-    from attnkit.backends import fused_triton as ft
-
-    locks = _one_pass_everywhere(monkeypatch)
-    make = ft._one_pass_buffers
-    monkeypatch.setattr(ft, "_one_pass_buffers",
-                        lambda call: (lambda made: made[1][1:].fill_(1000) is None or made)(
-                            make(call)))
-    case = replace(BASE, seq_q=33, seq_kv=65, causal=True)
-    q, k, v, kwargs = case.make_inputs("cpu", torch.Generator().manual_seed(6))
-    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
-    _assert_matches_reference(q, k, v, grad_out, **kwargs)
-    assert int(locks[-1][0]) > 0
-
-
-def test_one_pass_where_long_and_on_a_gpu(monkeypatch):
-    from types import SimpleNamespace
-
-    from attnkit.backends import fused_triton as ft
-
-    def call(is_cuda: bool, seq_q: int, seq_kv: int):
-        return SimpleNamespace(q=SimpleNamespace(is_cuda=is_cuda), seq_q=seq_q, seq_kv=seq_kv)
-
-    shortest = ft._ONE_PASS_MIN_SEQ
-    monkeypatch.setattr(ft, "_INTERPRET", False)
-    assert ft._one_pass(call(True, shortest, shortest))
-    assert not ft._one_pass(call(True, shortest, shortest - 1))
-    assert not ft._one_pass(call(True, shortest - 1, 8 * shortest))
-    assert not ft._one_pass(call(False, shortest, shortest))
-    monkeypatch.setattr(ft, "_INTERPRET", True)
-    assert not ft._one_pass(call(True, shortest, shortest))
-
-
 @pytest.mark.parametrize("fwd_config, bwd_configs", [
     ((32, 16, 4, 1), ((16, 32, 4, 1), (32, 16, 4, 1))),
     ((16, 64, 8, 2), ((64, 16, 8, 2), (16, 64, 8, 2))),
@@ -378,12 +306,10 @@ def test_prune_keeps_the_swept_winners_for_128_wide_heads():
     from attnkit.backends import fused_triton as ft
 
     def offered(kernel, configs, head, windowed, keys=4096, dropout=False, **extra):
-        meta = {k: v for k, v in extra.items() if k != "ONE_PASS"}
-        made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w,
+        made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w,
                               num_stages=s) for m, n, w, s in configs]
         args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": windowed, "TMA_OK": True,
-                "SEQ_BUCKET": (keys << ft._KEYS_BITS) + keys, "DROPOUT": dropout,
-                **{k: v for k, v in extra.items() if k == "ONE_PASS"}}
+                "SEQ_BUCKET": (keys << ft._KEYS_BITS) + keys, "DROPOUT": dropout}
         return [ft._tiles(c) for c in ft._prune(made, args, kernel=kernel)]
 
     assert offered("dq", ft._DQ_CONFIGS, 128, False) == [(128, 64, 8, 3)]
@@ -392,12 +318,6 @@ def test_prune_keeps_the_swept_winners_for_128_wide_heads():
     assert offered("dkdv", ft._DKDV_CONFIGS, 128, True) == [(64, 128, 8, 3)]
     assert offered("dkdv", ft._DKDV_CONFIGS, 80, True) == ft._DKDV_CONFIGS
     assert offered("dkdv", ft._DKDV_CONFIGS, 128, False, dropout=True) == ft._DKDV_CONFIGS
-    # The dK/dV kernel's autotuner holds both passes' lists; each pass gets its own.
-    both = list(dict.fromkeys(ft._DKDV_CONFIGS + ft._ONE_PASS_CONFIGS))
-    assert offered("dkdv", both, 80, False, ONE_PASS=False) == ft._DKDV_CONFIGS
-    for head in (80, 128):
-        one_pass = offered("dkdv", both, head, False, ONE_PASS=True)
-        assert sorted(one_pass) == sorted(ft._ONE_PASS_CONFIGS)
     tma = ft._FWD_TMA_CONFIGS
     assert offered("fwd", tma, 64, False, TMA=True) == tma
     assert offered("fwd", tma, 128, True, TMA=True) == [(64, 64, 4, 3), (128, 128, 8, 3)]
@@ -600,14 +520,11 @@ def test_eager_backward_gets_no_zero_filled_lse_gradient(monkeypatch, device):
     assert torch.equal(dq, torch.ones_like(q))
 
 
-@pytest.mark.parametrize("ranges, one_pass", [(1, False), (2, False), (1, True)])
-def test_dropout_matches_its_own_mask(device, ranges, one_pass, monkeypatch):
+@pytest.mark.parametrize("ranges", [1, 2])
+def test_dropout_matches_its_own_mask(device, ranges, monkeypatch):
     """With v = identity the output is the dropped, rescaled probability matrix itself;
-    also with the forward run over two key ranges (each keeps its keys' dropout draws),
-    and with the backward in one pass."""
+    also with the forward run over two key ranges (each keeps its keys' dropout draws)."""
     _force_key_ranges(monkeypatch, ranges)
-    if one_pass:
-        _one_pass_everywhere(monkeypatch)
     p_drop, b, hq, hkv, sq, skv, d = 0.3, 1, 2, 1, 17, 32 if not CUDA else 256, 16
     q = torch.randn(b, hq, sq, d).to(device, DTYPE).requires_grad_()
     k = torch.randn(b, hkv, skv, d).to(device, DTYPE).requires_grad_()
@@ -778,32 +695,6 @@ def test_large_shapes_on_gpu(causal, head_dim):
         assert ft._packs_group(call) == packed and ft._kv_splits(call, packed) > 1
         result = check("triton", decode, "cuda")
         assert result.skipped is None and result.passed, (decode.name, result)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", [
-    Case(batch=2, heads_q=8, heads_kv=2, seq_q=1500, seq_kv=2100, head_dim=128,
-         key_lengths=True, dtype=torch.bfloat16),
-    Case(batch=2, heads_q=8, heads_kv=8, seq_q=2100, seq_kv=2100, head_dim=128, causal=True,
-         dtype=torch.bfloat16),
-    Case(batch=1, heads_q=8, heads_kv=1, seq_q=2100, seq_kv=1500, head_dim=64, causal=True,
-         dead_rows=True, key_lengths=True, dtype=torch.bfloat16),
-    Case(batch=2, heads_q=4, heads_kv=2, seq_q=1000, seq_kv=3000, head_dim=96,
-         window=(300, 40), mask="padding", dtype=torch.float16),
-], ids=lambda c: c.name)
-def test_one_pass_backward_on_gpu(case, monkeypatch):
-    """The one-pass backward on the GPU, where its turns are PTX and programs run at once:
-    against the oracle, no add late, and the same bits twice."""
-    locks = _one_pass_everywhere(monkeypatch)
-    result = check("triton", case, "cuda")
-    assert result.skipped is None and result.passed, (case.name, result)
-    q, k, v, kwargs = case.make_inputs("cuda", torch.Generator().manual_seed(8))
-    out = attention(q, k, v, impl="triton", **kwargs)
-    grad_out = torch.randn_like(out)
-    first = torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
-    second = torch.autograd.grad(out, (q, k, v), grad_out)
-    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    assert locks and all(int(lock[0]) == 0 for lock in locks)
 
 
 def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, **kwargs):

@@ -77,10 +77,6 @@ _FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 _FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
-# The dK/dV kernel with dQ inside (one pass) holds a dQ tile too: at D=128 these spill
-# nothing or a few dozen bytes on sm_90 (benchmarks/triton_registers.py --kernel one_pass).
-_ONE_PASS_CONFIGS = [(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 2),
-                     (32, 64, 4, 2)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
 _KEYS_BITS = 15  # SEQ_BUCKET = (query bucket << _KEYS_BITS) + key bucket (_work_out_meta)
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -102,7 +98,6 @@ _SWEPT = {
     "dkdv": lambda d, windowed, keys: ([] if not 96 < d <= 128 else
                                        [(32, 64, 4, 2), (64, 64, 4, 2)] if windowed else
                                        [(32, 64, 4, 2), (64, 128, 8, 3)]),
-    "one_pass": lambda d, windowed, keys: [],  # the dK/dV kernel with dQ: not swept yet
 }
 
 
@@ -112,16 +107,12 @@ def _tiles(config) -> tuple[int, int, int, int]:
 
 
 def _prune(configs, named_args, kernel: str | None = None, **kwargs):
-    """The candidates for these arguments: TMA ones only where TMA_OK, the dK/dV kernel's
-    list for its pass (ONE_PASS or not), the measured winners of _SWEPT for `kernel` (the
-    losers, by head dim, taken out; not with dropout), and small tiles alone for heads
-    wider than 128."""
+    """The candidates for these arguments: TMA ones only where TMA_OK, the measured
+    winners of _SWEPT for `kernel` (the losers, by head dim, taken out; not with
+    dropout), and small tiles alone for heads wider than 128."""
     args = {**named_args, **kwargs}
     if not args.get("TMA_OK", False):
         configs = [c for c in configs if not c.kwargs.get("TMA", False)]
-    if "ONE_PASS" in args:
-        wanted = _ONE_PASS_CONFIGS if args["ONE_PASS"] else _DKDV_CONFIGS
-        configs = [c for c in configs if _tiles(c) in wanted]
     head = max(args["HEAD_D"], args["HEAD_DV"])
     if head <= 128:
         # The sweep ran without dropout, whose random bits push dK/dV (64, 64, 4, 2) to
@@ -130,8 +121,6 @@ def _prune(configs, named_args, kernel: str | None = None, **kwargs):
         if kernel is None or args.get("DROPOUT", False):
             return configs
         keys = args["SEQ_BUCKET"] & ((1 << _KEYS_BITS) - 1)
-        if args.get("ONE_PASS", False):
-            kernel = "one_pass"
         losers = _SWEPT[kernel](head, bool(args["WINDOWED"]), keys)
         kept = [c for c in configs if _tiles(c) not in losers]
         return kept or configs
@@ -143,11 +132,9 @@ def _prune(configs, named_args, kernel: str | None = None, **kwargs):
                           num_stages=1)]
 
 
-def _tuned(kernel: str, configs, key=_TUNE_KEY, tma_configs=None, zeroed=None):
+def _tuned(kernel: str, configs, key=_TUNE_KEY, tma_configs=None):
     """Autotune over configs; with tma_configs (the forward), those with TMA = True and
-    configs with TMA = False. kernel names the kernel in _SWEPT; zeroed names the
-    arguments that the kernel adds into, which the autotuner zeroes before each trial
-    and after the last one."""
+    configs with TMA = False. kernel names the kernel in _SWEPT."""
     if triton is None or _INTERPRET:
         return lambda fn: fn
     variants = [(configs, {})] if tma_configs is None else [
@@ -160,7 +147,6 @@ def _tuned(kernel: str, configs, key=_TUNE_KEY, tma_configs=None, zeroed=None):
          for tiles, meta in variants for m, n, w, s in tiles],
         key=key,
         prune_configs_by={"early_config_prune": functools.partial(_prune, kernel=kernel)},
-        reset_to_zero=zeroed,
         **on_disk,
     )
 
@@ -559,93 +545,34 @@ def _merge_kernel(OUT_P, LSE_P, Out, LSE, splits, Hq, Sq,
 # ---------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------
-# A turn waited for this many reads of its lock (a microsecond or less each) is given up
-# on (_wait_turn).
-_MAX_SPINS = 1 << 22
-_constexpr = (lambda value: value) if triton is None else tl.constexpr
-_IN_INTERPRETER = _constexpr(_INTERPRET)
-# _wait_turn's and _hand_on's PTX, run by every thread. Wait: until the lock ($1) reaches
-# turn ($3) times the warps per program, starting from the value read before ($4); reads
-# with acquire, so that this thread's adds come after those of the turns before. Giving
-# up after _MAX_SPINS reads counts one late add per thread in $2.
-_WAIT_PTX = _constexpr("""{
-.reg .pred %p;
-.reg .b32 %target, %seen, %n;
-mov.u32 %target, %ntid.x;
-shr.u32 %target, %target, 5;
-mul.lo.u32 %target, %target, $3;
-mov.u32 %seen, $4;
-mov.u32 %n, 0;
-wait${:uid}:
-setp.eq.u32 %p, %seen, %target;
-@%p bra done${:uid};
-setp.ge.u32 %p, %n, SPINS;
-@%p bra late${:uid};
-ld.acquire.gpu.global.u32 %seen, [$1];
-add.u32 %n, %n, 1;
-bra.uni wait${:uid};
-late${:uid}:
-red.relaxed.gpu.global.add.u32 [$2], 1;
-done${:uid}:
-mov.u32 $0, 0;
-}""".replace("SPINS", str(_MAX_SPINS)))
-# Hand on: once the warp's adds are issued (bar.warp.sync orders them before lane 0's
-# release, which is cumulative over them), lane 0 adds 1 to the lock ($1). Adds made
-# through a TMA reduce (DQ_TMA) are waited for first: only their completion makes them
-# part of what the release hands on.
-_HAND_ON_PTX = _constexpr("""{
-.reg .pred %p;
-.reg .b32 %lane;
-cp.async.bulk.wait_group 0;
-bar.warp.sync -1;
-mov.u32 %lane, %laneid;
-setp.eq.u32 %p, %lane, 0;
-@%p red.release.gpu.global.add.u32 [$1], 1;
-mov.u32 $0, 0;
-}""")
-
-
 @_jit
 def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_first,
-                 dq_first, locks, lock_first, pending, lock_stride, key_block, scale,
                  offs_n, offs_d, offs_dv, start, end, heads, bh_first,
                  stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
                  stride_mh, stride_mm, stride_mn,
                  Sq, Skv, kv_len, off, left, right, qk_scale, seed, drop_p,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-                 HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                 GROUPED: tl.constexpr, ONE_PASS: tl.constexpr,
-                 HAND_ON_LATE: tl.constexpr, TURNS: tl.constexpr, DQ_TMA: tl.constexpr):
+                 GROUPED: tl.constexpr):
     """Add query blocks [start, end) of `heads` query heads (from the *_first ones on) into
     the key block's (dk, dv). One flat loop over (head, query block) pairs: a head loop
     around the block loops costs registers (sm_90, D=128: spills, benchmarks/NOTES.md).
-    GROUPED = False promises heads == 1, which saves the loop its index division.
-    ONE_PASS: also add each pair's scale * dS K into the float32 dq rows at dq_first, in
-    key block order (_wait_turn), so that no dQ kernel has to compute S and dP again.
-    locks: _bwd_dkdv_kernel's LOCKS; lock_first: the index there of the first head's first
-    turn; pending: the index of the turn to hand on at the next step (HAND_ON_LATE),
-    returned updated."""
+    GROUPED = False promises heads == 1, which saves the loop its index division."""
     blocks = (end - start + BLOCK_M - 1) // BLOCK_M
     # At least 1 as a divisor: the software pipeline computes the first step's addresses
     # before it knows the loop is empty, and a division by zero there gave a wild pointer
     # (an illegal address under compute-sanitizer on the H100, NOTES run 8).
     divisor = tl.maximum(blocks, 1)
     for step in range(0, heads * blocks):
-        pair = step
-        if ONE_PASS:
-            # Last block first: the key blocks of a causal mask all see the last query
-            # block, so each starts its turns one step behind the one before. In order
-            # from its first block, key block n would wait for n - 1 to get there first.
-            pair = heads * blocks - 1 - step
         if GROUPED:
-            g = pair // divisor
-            start_m = start + (pair - g * divisor) * BLOCK_M
+            g = step // divisor
+            start_m = start + (step - g * divisor) * BLOCK_M
             g = g.to(tl.int64)
         else:
             g = 0
-            start_m = start + pair * BLOCK_M
+            start_m = start + step * BLOCK_M
         q_base = q_first + g * stride_qh
         do_base = do_first + g * stride_doh
         lse_base = lse_first + g * Sq
@@ -654,11 +581,6 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
         bh = bh_first + g
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
-        if ONE_PASS:
-            turns = lock_first + g * lock_stride + start_m // BLOCK_M
-            lock = locks + turns
-            # Read now, needed after the matmuls: the load's latency hides behind them.
-            seen = tl.load(lock, volatile=True)
         q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                        row_ok[:, None], offs_d[None, :] < HEAD_D, True, HEAD_D != BLOCK_D)
         do = _load_tile(do_base + offs_m[:, None] * stride_dom
@@ -681,63 +603,12 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
             dv = tl.dot(pt.to(do.dtype), do, dv)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk)
-        if ONE_PASS:
-            dq = tl.dot(tl.trans(dst.to(k.dtype)), k) * scale  # (BLOCK_M, BLOCK_D)
-            first = 0
-            if HAS_LEFT:  # the query block's first key block; without a left edge, 0
-                first, _, _, _ = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq) - 1,
-                                            kv_len, off, left, right, BLOCK_N, HAS_LEFT,
-                                            HAS_RIGHT)
-                first = first // BLOCK_N
-            if HAND_ON_LATE and TURNS:
-                _hand_on(locks + pending)
-            if TURNS:
-                _wait_turn(lock, seen, key_block - first, locks)
-            if DQ_TMA:
-                dq_first.atomic_add([g, start_m, 0], tl.reshape(dq, [1, BLOCK_M, BLOCK_D]))
-            else:
-                tl.atomic_add(dq_first + g * Sq * HEAD_D + offs_m[:, None] * HEAD_D
-                              + offs_d[None, :], dq,
-                              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), sem="relaxed")
-            if HAND_ON_LATE:
-                pending = turns
-            elif TURNS:
-                _hand_on(lock)
-    return dk, dv, pending
+    return dk, dv
 
 
-@_jit
-def _wait_turn(lock, seen, turn, late):
-    """Wait until `lock` says it is `turn`'s go to add into the dq rows it guards. The key
-    blocks that see a query block add in key order, so the float sums come out the same
-    in every run (deterministic) although the adds are atomics. Programs start in grid
-    order, so the program waited for is running; after _MAX_SPINS reads the add goes
-    ahead anyway and counts itself in `late`: the right sum, not in order. seen: the lock
-    as read earlier. On a GPU the lock counts warps (each warp hands on its own go, after
-    its own adds), and the waiting and handing on are PTX: a Triton loop or scalar atomic
-    inside the key loop stops Triton from pipelining its loads."""
-    if _IN_INTERPRETER:  # one program at a time, one "warp": the go is there or never
-        if seen != turn:
-            tl.atomic_add(late, 1)
-    else:
-        tl.inline_asm_elementwise(_WAIT_PTX, "=r,l,l,r,r", [lock, late, turn, seen],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@_jit
-def _hand_on(lock):
-    """Hand the go of `lock` on to the next turn, after this program's adds (_wait_turn)."""
-    if _IN_INTERPRETER:
-        tl.atomic_add(lock, 1)
-    else:
-        tl.inline_asm_elementwise(_HAND_ON_PTX, "=r,l", [lock], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@_tuned("dkdv", list(dict.fromkeys(_DKDV_CONFIGS + _ONE_PASS_CONFIGS)),
-        _TUNE_KEY + ["ONE_PASS", "HAND_ON_LATE", "TURNS", "DQ_TMA"], zeroed=["DQ_ACC", "LOCKS"])
+@_tuned("dkdv", _DKDV_CONFIGS)
 @_kernel
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGTHS,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
@@ -745,21 +616,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGT
                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                      stride_mb, stride_mh, stride_mm, stride_mn,
-                     Hq, Hkv, group, Sq, Skv, lock_stride, left, right, qk_scale, scale,
-                     seed, drop_p, SEQ_BUCKET, ROWS_BUCKET,
+                     Hq, Hkv, group, Sq, Skv, left, right, qk_scale, scale, seed, drop_p,
+                     SEQ_BUCKET, ROWS_BUCKET,
                      HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                      HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                      MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
-                     GROUPED: tl.constexpr, ONE_PASS: tl.constexpr,
-                     HAND_ON_LATE: tl.constexpr, TURNS: tl.constexpr, DQ_TMA: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV for one key block of one (batch, kv head); with ONE_PASS, dQ as well, added
-    into DQ_ACC ((B * Hq, Sq, HEAD_D) float32, zeroed) in turns kept in LOCKS (int32,
-    zeroed: one slot that counts late adds, a spare one, then B * Hq rows of lock_stride
-    turns). HAND_ON_LATE: each step hands on the previous step's go rather than its own,
-    so that the release no longer waits for the adds just made."""
+                     GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
@@ -787,26 +651,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS, MASK, LENGT
 
     h = kvh * group  # the group's first query head; the group is summed here, no atomics
     bh = b * Hq + h
-    pending = tl.full([], 1, tl.int64)  # the turn handed on next: at first a spare slot
-    dq_rows = DQ_ACC + bh * Sq * HEAD_D
-    if DQ_TMA:
-        dq_rows = tl.make_tensor_descriptor(dq_rows, [group, Sq, HEAD_D],
-                                            [Sq * HEAD_D, HEAD_D, 1], [1, BLOCK_M, BLOCK_D])
-    for step in tl.static_range(3):  # as in the forward: checks on the edges only
-        part = 2 - step if ONE_PASS else step  # (_dkdv_blocks: last blocks first)
+    for part in tl.static_range(3):  # as in the forward: checks on the edges only
         start, end = _segment(part, lo, full_lo, full_hi, hi)
-        dk, dv, pending = _dkdv_blocks(
+        dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob
             + h * stride_doh, LSE + bh * Sq, DELTA + bh * Sq, MASK + b * stride_mb
-            + h * stride_mh, dq_rows, LOCKS, 2 + bh * lock_stride, pending,
-            lock_stride, pid_n, scale, offs_n, offs_d, offs_dv, start, end, group, bh,
+            + h * stride_mh, offs_n, offs_d, offs_dv, start, end, group, bh,
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
             stride_mh, stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
-            seed, drop_p, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED, ONE_PASS,
-            HAND_ON_LATE, TURNS, DQ_TMA)
-    if ONE_PASS and HAND_ON_LATE and TURNS:
-        _hand_on(LOCKS + pending)
+            seed, drop_p, BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, GROUPED)
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -843,35 +697,6 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, o
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
-
-
-@_jit
-def _store_delta(o_base, do, delta_base, offs_m, offs_dv, row_ok, stride_om, stride_od,
-                 HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Store and return delta = rowsum(out * dout) for rows offs_m; do: their dout tile."""
-    o = _load_tile(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                   row_ok[:, None], offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_base + offs_m, delta, mask=row_ok)
-    return delta
-
-
-@_jit
-def _delta_kernel(Out, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
-                  stride_dob, stride_doh, stride_dom, stride_dod, Hq, Sq,
-                  HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta for the one-pass backward, which has no dQ kernel to work it out."""
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < Sq
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_dv[None, :] * stride_dod, row_ok[:, None],
-                    offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
-    _store_delta(Out + b * stride_ob + h * stride_oh, do, DELTA + bh.to(tl.int64) * Sq,
-                 offs_m, offs_dv, row_ok, stride_om, stride_od, HEAD_DV, BLOCK_DV)
 
 
 @_tuned("dq", _DQ_CONFIGS)
@@ -914,10 +739,13 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                     + offs_dv[None, :] * stride_dod, row_ok[:, None],
                     offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
+    o = _load_tile(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                   + offs_dv[None, :] * stride_od, row_ok[:, None],
+                   offs_dv[None, :] < HEAD_DV, True, HEAD_DV != BLOCK_DV)
     # delta here rather than in a pass of its own: one launch fewer per backward (host
     # time dominates small calls), and the dK/dV kernel, launched next, reads it.
-    delta = _store_delta(Out + b * stride_ob + h * stride_oh, do, DELTA + bh.to(tl.int64) * Sq,
-                         offs_m, offs_dv, row_ok, stride_om, stride_od, HEAD_DV, BLOCK_DV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, delta, mask=row_ok)
     lse = _row_lse(LSE + bh.to(tl.int64) * Sq + offs_m, row_ok)
     k_src, v_src = _kv_sources(K, V, b, kvh, stride_kb, stride_kh, stride_kn, stride_vb,
                                stride_vh, stride_vn, Skv, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D,
@@ -1057,7 +885,7 @@ def arg_types(fn, mask_kind: int) -> dict[str, str]:
     (tests/test_triton_compile.py, benchmarks/triton_registers.py)."""
     tensors = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64", "OUT_P": "*fp32",
-                "LSE_P": "*fp32", "DQ_ACC": "*fp32", "LOCKS": "*i32",
+                "LSE_P": "*fp32",
                 "MASK": "*u8" if mask_kind == 2 else "*bf16"}
     sig = {}
     for name, param in zip(fn.arg_names, fn.params, strict=True):
@@ -1468,51 +1296,14 @@ def _kv_splits(call: AttentionCall, packed: bool) -> int:
 
 
 def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
-              configs: tuple[TileConfig | None, TileConfig | None] = (None, None),
-              one_pass: bool | None = None):
-    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned.
-    one_pass: dQ inside the dK/dV kernel (None: where _one_pass says)."""
+              configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
+    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
     shared = _backward_shared(call, seed, lse, dout)
-    delta = torch.empty_like(lse)  # read by the dK/dV kernel
+    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     dq, dk, dv = _empty_grads(call.q, call.k, call.v)
-    if one_pass is None:
-        one_pass = _one_pass(call)
-    if not one_pass:
-        _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
-        _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
-        return dq, dk, dv
-    B, Hq, Sq, _ = call.q.shape
-    _launch_jitted(_delta_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq,
-    ), {"HEAD_DV": shared[1]["HEAD_DV"], "BLOCK_DV": shared[1]["BLOCK_DV"],
-        "BLOCK_M": _DELTA_ROWS}, 4, 1)
-    dq_acc, locks = _one_pass_buffers(call)
-    _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0], dq_acc, locks)
-    dq.copy_(dq_acc.view(dq.shape))
+    _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
+    _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
     return dq, dk, dv
-
-
-_DELTA_ROWS = 64
-_LOCK_ROWS = 16  # the smallest BLOCK_M the dK/dV kernel runs with: one turn per block
-# Where dQ goes into the dK/dV kernel on its own (one pass): set from the H200 A/B, NOTES.
-_ONE_PASS_MIN_SEQ = 2048
-
-
-def _one_pass(call: AttentionCall) -> bool:
-    """Whether the backward adds dQ inside the dK/dV kernel (no dQ kernel, which computes
-    S and dP again) rather than in a kernel of its own: long calls on a GPU."""
-    return (not _INTERPRET and call.q.is_cuda
-            and min(call.seq_q, call.seq_kv) >= _ONE_PASS_MIN_SEQ)
-
-
-def _one_pass_buffers(call: AttentionCall) -> tuple[Tensor, Tensor]:
-    """The one-pass backward's zeroed float32 dq sums ((B * Hq, Sq, D)) and its turns
-    (a late-add count, a spare, then a row of turns per query head; _bwd_dkdv_kernel)."""
-    B, Hq, Sq, D = call.q.shape
-    dq_acc = torch.zeros((B * Hq, Sq, D), dtype=torch.float32, device=call.q.device)
-    locks = torch.zeros(2 + B * Hq * _cdiv(Sq, _LOCK_ROWS), dtype=torch.int32,
-                        device=call.q.device)
-    return dq_acc, locks
 
 
 def _backward_shared(call: AttentionCall, seed: int, lse: Tensor, dout: Tensor) -> tuple:
@@ -1541,40 +1332,18 @@ def _launch_dq(call: AttentionCall, shared: tuple, out: Tensor, lse: Tensor, dou
 
 
 def _launch_dkdv(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,
-                 delta: Tensor, dk: Tensor, dv: Tensor, config: TileConfig | None = None,
-                 dq_acc: Tensor | None = None, locks: Tensor | None = None) -> None:
-    """The dK/dV kernel, reading the delta that _launch_dq (or _delta_kernel) wrote; with
-    dq_acc and locks (_one_pass_buffers), it adds dQ into dq_acc as well."""
+                 delta: Tensor, dk: Tensor, dv: Tensor, config: TileConfig | None = None
+                 ) -> None:
+    """The dK/dV kernel, reading the delta that _launch_dq wrote."""
     scalars, flags, mask, mask_strides, lengths, tune_key = shared
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
-    one_pass = dq_acc is not None
-    if not one_pass:  # never read; zeroed only while the autotuner tries configs
-        dq_acc, locks = _unread(q.device)
-    elif _DQ_TMA:
-        _ensure_allocator()
     _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(call.seq_kv, meta["BLOCK_N"]),
                                             B * call.heads_kv), (
-        q, k, v, dout, lse, delta, dk, dv, dq_acc, locks, mask, lengths,
+        q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        *mask_strides, Hq, call.heads_kv, call.group, Sq, call.seq_kv,
-        _cdiv(Sq, _LOCK_ROWS), *scalars,
-    ), {**flags, "GROUPED": call.group > 1, "ONE_PASS": one_pass,
-        "HAND_ON_LATE": one_pass and bool(_HAND_ON_LATE), "TURNS": bool(_TURNS),
-        "DQ_TMA": one_pass and bool(_DQ_TMA)},
-        (*tune_key, one_pass, _HAND_ON_LATE, _TURNS, _DQ_TMA), config)
-
-
-_HAND_ON_LATE = 1
-_TURNS = 1  # measurement only: 0 adds dQ with no turns (not deterministic)
-_DQ_TMA = 0  # experiment: dQ added through a TMA reduce
-
-
-@functools.cache
-def _unread(device: torch.device) -> tuple[Tensor, Tensor]:
-    """Stand-ins for the one-pass buffers in a launch without one pass."""
-    return (torch.zeros(1, dtype=torch.float32, device=device),
-            torch.zeros(1, dtype=torch.int32, device=device))
+        *mask_strides, Hq, call.heads_kv, call.group, Sq, call.seq_kv, *scalars,
+    ), {**flags, "GROUPED": call.group > 1}, tune_key, config)
 
 
 # ---------------------------------------------------------------------------------------

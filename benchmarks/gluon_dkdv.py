@@ -1,9 +1,10 @@
 """Experiment, not wired in: the backward's dK/dV kernel in Gluon. Run 15 (H200): correct
 at (32, 3) but 0.90-0.98x the Triton kernel at D=128 and 0.73x at D=64; (32, 2) still
-faults (an illegal address on the first case), cause not found (NOTES, run 15).
+faults (an illegal address on the first case), cause not found (NOTES, run 15). Run 19
+added P_SMEM, which lets BLOCK_M 64 nearly fit in registers (compiled, not yet run).
 
     PYTHONPATH=src python benchmarks/gluon_dkdv.py [--out DIR] [--rounds 3]
-        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_M,STAGES ...] [--check-only]
+        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_M,STAGES[,P_SMEM] ...] [--check-only]
 
 fused_triton's dK/dV kernel (one program per key block and (batch, kv head): over the
 query blocks of every query head of the group, S^T = K Q^T, P^T = exp2(S^T - lse),
@@ -34,6 +35,7 @@ from gluon_forward import (  # beside this script
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -49,22 +51,36 @@ LOG2E = 1.4426950408889634
 
 
 @gluon.jit
+def _lse_log2(lse):
+    """lse in log2 units; dead rows (-inf) and rows past Sq (read as +inf) get +inf, so
+    that their p is exactly 0."""
+    return gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+
+
+@gluon.jit
 def _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA, lse_base, Sq,
-               k_smem, v_smem, q_ring, do_ring, ready, free,
+               k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
                MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-               BLOCK_M: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr):
+               BLOCK_M: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr,
+               P_SMEM: gl.constexpr):
     """Step t of the walk: the query rows [m0, m0 + BLOCK_M) of the group's query head
     `head`. S^T and dP^T issued; P^T's exponentials under dP^T; dV's product, dS^T under
-    it, dK's; all waited for before the slot goes back to the loading warp."""
+    it, dK's; all waited for before the slot goes back to the loading warp. P_SMEM: P^T
+    and dS^T reach their products through shared memory (pt_buf, dst_buf) instead of
+    registers, so that neither stays in registers while its product runs (BLOCK_M 64
+    did not fit otherwise, NOTES run 15); and lse (in log2 units) and delta come from
+    rows_ring, where the loading warp put them beside Q and dO: per-column pointers into
+    LSE and DELTA took 32 registers a vector."""
     KEYS: gl.constexpr = 64
     slot = t % STAGES
     qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-    row = lse_base + head * Sq + qi
-    # lse in log2 units; dead rows (-inf) and rows past Sq get +inf, so that p = 0.
-    lse = gl.load(LSE + row, mask=qi < Sq, other=float("inf"))
-    lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = gl.load(DELTA + row, mask=qi < Sq, other=0.0)
+    if not P_SMEM:
+        row = lse_base + head * Sq + qi
+        lse = _lse_log2(gl.load(LSE + row, mask=qi < Sq, other=float("inf")))
+        delta = gl.load(DELTA + row, mask=qi < Sq, other=0.0)
     mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+    if P_SMEM:
+        lse = rows_ring.index(slot).load(gl.SliceLayout(0, s_layout))
     q = q_ring.index(slot).reshape([BLOCK_M, q_ring.shape[3]])  # the (1, BLOCK_M, D) box
     do = do_ring.index(slot).reshape([BLOCK_M, do_ring.shape[3]])
     s_tok = warpgroup_mma(k_smem, q.permute((1, 0)),
@@ -85,14 +101,28 @@ def _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA, lse_b
     # dV's product needs P^T only: issued before dP^T is waited for, it pins that wait
     # below every exponential (ptxas would move a free-standing wait up into the first
     # stall, NOTES run 14), and dS^T then runs under it.
-    p_op = gl.convert_layout(p.to(q.dtype), op_layout)
-    dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
-    dp = warpgroup_mma_wait(1, deps=[dp_tok])
-    ds_op = gl.convert_layout((p * (dp - gl.expand_dims(delta, 0))).to(q.dtype), op_layout)
-    dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
-    dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
-    hold(p_op)
-    hold(ds_op)
+    if P_SMEM:
+        pt_buf.store(p.to(q.dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        dv_tok = warpgroup_mma(pt_buf, do, dv, is_async=True)
+        dp = warpgroup_mma_wait(1, deps=[dp_tok])
+        delta = rows_ring.index(STAGES + slot).load(gl.SliceLayout(0, s_layout))
+        dst_buf.store((p * (dp - gl.expand_dims(delta, 0))).to(q.dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        dk_tok = warpgroup_mma(dst_buf, q, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+    else:
+        p_op = gl.convert_layout(p.to(q.dtype), op_layout)
+        dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+        dp = warpgroup_mma_wait(1, deps=[dp_tok])
+        ds_op = gl.convert_layout((p * (dp - gl.expand_dims(delta, 0))).to(q.dtype),
+                                  op_layout)
+        dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+        dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+        hold(p_op)
+        hold(ds_op)
     mbarrier.arrive(free.index(slot), count=1)
     return dk, dv
 
@@ -101,10 +131,12 @@ def _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA, lse_b
 def _dkdv_consume(DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale,
                   group, Hq, first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn,
                   stride_dvb, stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring,
-                  ready, free, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                  ready, free, pt_buf, dst_buf, rows_ring, HEAD_D: gl.constexpr,
+                  BLOCK_M: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, P_SMEM: gl.constexpr):
     """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
-    first_block.. of every query head of the group, stored (dK scaled)."""
+    first_block.. of every query head of the group, stored (dK scaled). pt_buf, dst_buf:
+    the warpgroup's own (64, BLOCK_M) buffers for P^T and dS^T (P_SMEM)."""
     KEYS: gl.constexpr = 64
     s_layout: gl.constexpr = score_layout(BLOCK_M)
     d_layout: gl.constexpr = score_layout(HEAD_D)
@@ -126,11 +158,13 @@ def _dkdv_consume(DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale
         if whole:
             dk, dv = _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA,
                                 lse_base, Sq, k_smem, v_smem, q_ring, do_ring, ready, free,
-                                False, CAUSAL, STAGES, BLOCK_M, s_layout, op_layout)
+                                pt_buf, dst_buf, rows_ring, False, CAUSAL, STAGES, BLOCK_M,
+                                s_layout, op_layout, P_SMEM)
         else:
             dk, dv = _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA,
                                 lse_base, Sq, k_smem, v_smem, q_ring, do_ring, ready, free,
-                                True, CAUSAL, STAGES, BLOCK_M, s_layout, op_layout)
+                                pt_buf, dst_buf, rows_ring, True, CAUSAL, STAGES, BLOCK_M,
+                                s_layout, op_layout, P_SMEM)
     rows = n0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, d_layout))
     cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
     ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0)
@@ -141,11 +175,15 @@ def _dkdv_consume(DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale
 
 
 @gluon.jit
-def _dkdv_produce(kvh, group, n0, first_block, n_blocks, k_desc, v_desc, q_desc, do_desc,
-                  k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free,
-                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+def _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
+                  v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
+                  free, rows_ring, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                  P_SMEM: gl.constexpr):
     """The loading warp: K and V of the key block once, then Q and dO of each step of the
-    walk into the ring, once both warpgroups have let the slot go."""
+    walk into the ring, once both warpgroups have let the slot go; with P_SMEM, the
+    step's lse (log2 units) and delta too, stored before the arrival that the ring's
+    TMA loads complete."""
+    row_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [n0, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [n0, 0], kv_bar, v_smem)
@@ -155,6 +193,14 @@ def _dkdv_produce(kvh, group, n0, first_block, n_blocks, k_desc, v_desc, q_desc,
         h = (kvh * group + t // n_blocks).to(gl.int32)  # TMA coordinates are 32-bit
         m0 = (first_block + t % n_blocks) * BLOCK_M
         bar = ready.index(slot)
+        if P_SMEM:
+            qi = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+            row = (b * Hq + h) * Sq + qi
+            rows_ring.index(slot).store(_lse_log2(gl.load(LSE + row, mask=qi < Sq,
+                                                          other=float("inf"))))
+            rows_ring.index(STAGES + slot).store(gl.load(DELTA + row, mask=qi < Sq,
+                                                         other=0.0))
+            gl.thread_barrier()  # every lane's stores before the arrival that releases them
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [h, m0, 0], bar, q_ring.index(slot))
         tma.async_copy_global_to_shared(do_desc, [h, m0, 0], bar, do_ring.index(slot))
@@ -164,20 +210,21 @@ def _dkdv_produce(kvh, group, n0, first_block, n_blocks, k_desc, v_desc, q_desc,
 def _dkdv_worker(ROLE: gl.constexpr, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
                  qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                  stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
-                 do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free,
-                 HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 CAUSAL: gl.constexpr):
+                 do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                 dst_smem, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, P_SMEM: gl.constexpr):
     """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
     if ROLE == 0:
         _dkdv_consume(DK, DV, LSE, DELTA, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale,
                       scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                       stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_smem.slice(64, 64),
-                      v_smem.slice(64, 64), kv_bar, q_ring, do_ring, ready, free, HEAD_D,
-                      BLOCK_M, STAGES, CAUSAL)
+                      v_smem.slice(64, 64), kv_bar, q_ring, do_ring, ready, free,
+                      pt_smem.index(1), dst_smem.index(1), rows_ring, HEAD_D, BLOCK_M, STAGES,
+                      CAUSAL, P_SMEM)
     else:
-        _dkdv_produce(kvh, group, n0, first_block, n_blocks, k_desc, v_desc, q_desc,
-                      do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, BLOCK_M,
-                      STAGES)
+        _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
+                      v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
+                      free, rows_ring, BLOCK_M, STAGES, P_SMEM)
 
 
 # With group == 1 specialised as a constant (Triton's default for an int that is 1), key
@@ -190,7 +237,7 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
                 stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                 Hq, Hkv, group, Sq, Skv, qk_scale, scale,
                 HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                BLOCK_M: gl.constexpr, STAGES: gl.constexpr, P_SMEM: gl.constexpr):
     """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS)."""
     BLOCK_N: gl.constexpr = 128
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -231,32 +278,48 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
     free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    # P^T and dS^T of each computing warpgroup (P_SMEM; one row otherwise, unused).
+    pt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
+    pt_rows: gl.constexpr = 64 if P_SMEM else 1
+    pt_smem = gl.allocate_shared_memory(dtype, [2, pt_rows, BLOCK_M], pt_layout)
+    dst_smem = gl.allocate_shared_memory(dtype, [2, pt_rows, BLOCK_M], pt_layout)
+    # lse of ring slot i at row i, delta at row STAGES + i (P_SMEM)
+    rows_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M],
+                                          gl.SwizzledSharedLayout(1, 1, 1, [0]))
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(free.index(i), count=2)  # one arrival per computing warpgroup
+    # Registers per computing thread: 240 leaves the loading warp's warpgroup 24 of the
+    # 64K; BLOCK_M 64 with P_SMEM needs them all (4 bytes of spills causal, 176 full at
+    # D=128, against 232's 44 and 204).
+    REGISTERS: gl.constexpr = 240 if P_SMEM else 232
     gl.warp_specialize([
         (_dkdv_consume, (DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                          scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                          stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_smem.slice(0, 64),
-                         v_smem.slice(0, 64), kv_bar, q_ring, do_ring, ready, free, HEAD_D,
-                         BLOCK_M, STAGES, CAUSAL)),
+                         v_smem.slice(0, 64), kv_bar, q_ring, do_ring, ready, free,
+                         pt_smem.index(0), dst_smem.index(0), rows_ring, HEAD_D, BLOCK_M,
+                         STAGES, CAUSAL, P_SMEM)),
         (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                         scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                         stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc,
                         q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
-                        free, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+                        free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
+                        P_SMEM)),
         (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                         scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                         stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc,
                         q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
-                        free, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
-    ], [4, 1], [232, 24])
+                        free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
+                        P_SMEM)),
+    ], [4, 1], [REGISTERS, 24])
 
 
 def gluon_dkdv(call, lse, dout, delta, config=(32, 3)):
-    """dk, dv for `call` through dkdv_kernel (delta: rowsum(O dO), from a dQ kernel)."""
-    block_m, stages = config
+    """dk, dv for `call` through dkdv_kernel (delta: rowsum(O dO), from a dQ kernel).
+    config: (BLOCK_M, STAGES[, P_SMEM])."""
+    block_m, stages, p_smem = (*config, 0)[:3]
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, D = q.shape
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -269,7 +332,7 @@ def gluon_dkdv(call, lse, dout, delta, config=(32, 3)):
         *dk.stride()[:3], *dv.stride()[:3],
         Hq, call.heads_kv, call.group, Sq, call.seq_kv, call.scale * LOG2E, call.scale,
         HEAD_D=D, CAUSAL=call.causal, HAS_LENGTHS=call.key_lengths is not None,
-        BLOCK_M=block_m, STAGES=stages, num_warps=4, maxnreg=168)
+        BLOCK_M=block_m, STAGES=stages, P_SMEM=bool(p_smem), num_warps=4, maxnreg=168)
     return dk, dv
 
 
@@ -326,7 +389,7 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 
 def main() -> None:
-    args = experiment_parser(__doc__, 3, "BLOCK_M,STAGES").parse_args()
+    args = experiment_parser(__doc__, 3, "BLOCK_M,STAGES[,P_SMEM]").parse_args()
     configs = args.config or [(32, 3)]
     run_experiment(args, "gluon_dkdv", configs, check, time_shape, SHAPES)
 

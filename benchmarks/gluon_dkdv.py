@@ -25,7 +25,7 @@ delta both read comes from fused_triton's dQ kernel. Writes DIR/gluon_dkdv.json.
 from __future__ import annotations
 
 import torch
-from gluon_dq import inputs, triton_dq
+from gluon_dq import inputs, lse_log2, triton_dq
 from gluon_forward import (  # beside this script
     experiment_parser,
     record,
@@ -51,13 +51,6 @@ LOG2E = 1.4426950408889634
 
 
 @gluon.jit
-def _lse_log2(lse):
-    """lse in log2 units; dead rows (-inf) and rows past Sq (read as +inf) get +inf, so
-    that their p is exactly 0."""
-    return gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-
-
-@gluon.jit
 def _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA, lse_base, Sq,
                k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
                MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
@@ -76,7 +69,7 @@ def _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA, lse_b
     qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
     if not P_SMEM:
         row = lse_base + head * Sq + qi
-        lse = _lse_log2(gl.load(LSE + row, mask=qi < Sq, other=float("inf")))
+        lse = lse_log2(gl.load(LSE + row, mask=qi < Sq, other=float("inf")))
         delta = gl.load(DELTA + row, mask=qi < Sq, other=0.0)
     mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
     if P_SMEM:
@@ -196,8 +189,8 @@ def _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, 
         if P_SMEM:
             qi = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
             row = (b * Hq + h) * Sq + qi
-            rows_ring.index(slot).store(_lse_log2(gl.load(LSE + row, mask=qi < Sq,
-                                                          other=float("inf"))))
+            rows_ring.index(slot).store(lse_log2(gl.load(LSE + row, mask=qi < Sq,
+                                                         other=float("inf"))))
             rows_ring.index(STAGES + slot).store(gl.load(DELTA + row, mask=qi < Sq,
                                                          other=0.0))
             gl.thread_barrier()  # every lane's stores before the arrival that releases them

@@ -54,6 +54,14 @@ from attnkit.verify import rel_err
 LOG2E = 1.4426950408889634
 
 
+
+@gluon.jit
+def lse_log2(lse):
+    """lse in log2 units; dead rows (-inf) and rows past Sq (read as +inf) get +inf, so
+    that their p is exactly 0."""
+    return gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+
+
 @gluon.jit
 def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem, do_smem,
              k_smem, v_smem, k_bars, v_bars, k_free, v_free,
@@ -125,9 +133,7 @@ def _dq_consume(Out, LSE, DELTA, DQ, b, h, bh, row0, Sq, kv_len, off, qk_scale, 
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     qi = row0 + gl.arange(0, ROWS, layout=rows_layout)
     row_ok = qi < Sq
-    # lse in log2 units; dead rows (-inf) and rows past Sq get +inf, so that p = 0.
-    lse = gl.load(LSE + bh.to(gl.int64) * Sq + qi, mask=row_ok, other=float("inf"))
-    lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse = lse_log2(gl.load(LSE + bh.to(gl.int64) * Sq + qi, mask=row_ok, other=float("inf")))
 
     mbarrier.wait(q_bar, 0)
     # delta = rowsum(O dO), in the layout the dO tile loads into, then stored for dK/dV.

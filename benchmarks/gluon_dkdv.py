@@ -50,8 +50,6 @@ from attnkit.backends.hopper_forward import hold, score_layout
 from attnkit.verify import rel_err
 
 LOG2E = 1.4426950408889634
-import os  # noqa: E402
-_FORCE = gl.constexpr(int(os.environ.get("DKDV_FORCE", "0")))  # run 20 diag: 1 = every step masked
 
 
 @gluon.jit
@@ -91,7 +89,7 @@ def _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA, lse_b
         seen = gl.expand_dims(kj, 1) < kv_len
         if CAUSAL:
             seen = seen & (gl.expand_dims(kj, 1) <= gl.expand_dims(qi, 0) + off)
-        elif _FORCE != 3:
+        else:
             # Always true, but it makes the mask per element, as causal's is. With the
             # per-key mask alone, (64, 2, 1) gave wrong and run-to-run different dK/dV
             # wherever a warpgroup took this step (Skv not a multiple of 128, key
@@ -158,8 +156,6 @@ def _dkdv_consume(DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale
         whole = n0 + KEYS <= kv_len
         if CAUSAL:
             whole = whole & (n0 + KEYS - 1 <= m0 + off)
-        if _FORCE == 1:
-            whole = whole & (Sq < 0)
         if whole:
             dk, dv = _dkdv_step(t, m0, head, dk, dv, kj, kv_len, off, qk_scale, LSE, DELTA,
                                 lse_base, Sq, k_smem, v_smem, q_ring, do_ring, ready, free,
@@ -321,7 +317,7 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
     ], [4, 1], [REGISTERS, 24])
 
 
-def gluon_dkdv(call, lse, dout, delta, config=(32, 3)):
+def gluon_dkdv(call, lse, dout, delta, config=(64, 2, 1)):
     """dk, dv for `call` through dkdv_kernel (delta: rowsum(O dO), from a dQ kernel).
     config: (BLOCK_M, STAGES[, P_SMEM])."""
     block_m, stages, p_smem = (*config, 0)[:3]

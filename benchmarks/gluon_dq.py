@@ -39,6 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from attnkit import attention
 from attnkit.backends import fused_triton as ft
+from attnkit.backends.hopper_backward import lse_log2
 from attnkit.backends.hopper_forward import (
     box,
     hold,
@@ -53,13 +54,6 @@ from attnkit.verify import rel_err
 
 LOG2E = 1.4426950408889634
 
-
-
-@gluon.jit
-def lse_log2(lse):
-    """lse in log2 units; dead rows (-inf) and rows past Sq (read as +inf) get +inf, so
-    that their p is exactly 0."""
-    return gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
 
 
 @gluon.jit

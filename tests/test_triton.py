@@ -729,6 +729,43 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     assert ft._hopper_forward_fits(_long_call(**kwargs)) == fits
 
 
+@pytest.mark.parametrize("kwargs, fits", [
+    ({}, True),
+    ({"causal": True, "hkv": 1}, True),  # grouped heads
+    ({"key_lengths": torch.tensor([4000])}, True),
+    ({"dtype": torch.float16}, False),  # not yet checked on a GPU
+    ({"d": 64, "causal": True}, True),
+    ({"d": 64}, False),  # 1.02x: not routed
+    ({"sq": 2048}, False),  # timed from 4k only
+    ({"skv": 2048}, False),
+    ({"d": 80}, False),
+    ({"dtype": torch.float32}, False),
+    ({"attn_mask": torch.zeros(1, 1, 1, 4096, dtype=torch.bfloat16)}, False),
+    ({"window": (256, 0)}, False),
+    ({"dropout_p": 0.1}, False),
+    ({"scale": -1.0}, False),
+])
+def test_hopper_dkdv_covers_long_plain_calls_only(kwargs, fits):
+    from attnkit.backends import fused_triton as ft
+
+    call = _long_call(**kwargs)
+    assert ft._hopper_dkdv_fits(call, torch.randn_like(call.q)) == fits
+
+
+def test_hopper_dkdv_needs_a_gradient_tma_can_read():
+    from attnkit.backends import fused_triton as ft
+
+    call = _long_call()
+    assert ft._hopper_dkdv_fits(call, torch.randn_like(call.q))
+    columns = torch.randn_like(call.q).transpose(2, 3).contiguous().transpose(2, 3)
+    assert not ft._hopper_dkdv_fits(call, columns)  # stride 1 along S
+    broadcast = torch.randn_like(call.q[:, :1]).expand_as(call.q)  # stride 0 over heads
+    assert not ft._hopper_dkdv_fits(call, broadcast)
+    # the kernel builds its descriptors from the strides: none may be 0, even of size 1
+    one_batch = call.q.as_strided(call.q.shape, (0, *call.q.stride()[1:]))
+    assert not ft._hopper_dkdv_fits(call, one_batch)
+
+
 @pytest.mark.parametrize("kwargs, grad, leads", [
     ({"d": 64, "sq": 8192, "skv": 8192}, False, True),
     ({"d": 64, "sq": 8192, "skv": 8192}, True, False),  # cuDNN's backward is faster
@@ -822,8 +859,13 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "off: Triton" in ft.BACKEND.details(cuda) and "(3.6)" in ft.BACKEND.details(cuda)
     monkeypatch.setattr(hf, "available", lambda: True)
     assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
+    assert "dK/dV kernel for Hopper: on for" in ft.BACKEND.details(cuda)
+    assert "4096 at D=64 causal" in ft.BACKEND.details(cuda)
+    monkeypatch.setattr(ft, "_HOPPER_DKDV", False)
+    assert "dK/dV kernel for Hopper: off: switched off" in ft.BACKEND.details(cuda)
+    assert "Gluon forward for Hopper: on" in ft.BACKEND.details(cuda)
     monkeypatch.setattr(ft, "_HOPPER_FORWARD", False)
-    assert "switched off in this process" in ft.BACKEND.details(cuda)
+    assert "forward for Hopper: off: switched off in this process" in ft.BACKEND.details(cuda)
     monkeypatch.setattr(ft, "_INTERPRET", True)
     assert "TRITON_INTERPRET" in ft.BACKEND.details(cuda)
 
@@ -882,6 +924,28 @@ def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, devic
     assert len(launches) == 1 and not ft._HOPPER_FORWARD
 
 
+def test_hopper_dkdv_that_does_not_compile_falls_back_once(monkeypatch, device):
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_backward as hb
+
+    launches = []
+
+    def fails(*args):
+        launches.append(args)
+        raise triton.CompilationError(None, None, "no such Gluon op here")
+
+    monkeypatch.setattr(ft, "_HOPPER_DKDV", True)
+    # as if on a Hopper GPU with a call the Gluon dK/dV kernel covers
+    monkeypatch.setattr(ft, "_uses_hopper_dkdv", lambda call, dout: ft._HOPPER_DKDV)
+    monkeypatch.setattr(hb, "launch_dkdv", fails)
+    q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE).requires_grad_() for _ in range(3))
+    grad = torch.randn_like(q)
+    with pytest.warns(RuntimeWarning, match="dK/dV kernel for Hopper did not compile"):
+        _assert_matches_reference(q, k, v, grad, causal=True)
+    _assert_matches_reference(q, k, v, grad, causal=True)  # no second try or warning
+    assert len(launches) == 1 and not ft._HOPPER_DKDV
+
+
 def test_verify_on_a_gpu_reaches_the_hopper_forward():
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
@@ -936,12 +1000,59 @@ def test_hopper_forward_configs_on_gpu(head_dim, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_dkdv_on_gpu(head_dim, dtype):
+    """The Gluon dK/dV kernel against the oracle on awkward shapes (partial key and query
+    blocks, rows and batches that see no key, grouped heads), and the same bits twice."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_backward as hb
+    from attnkit.call import make_call
+
+    _skip_without_hopper_forward()
+    gen = torch.Generator(device="cuda").manual_seed(head_dim)
+    for b, hq, hkv, sq, skv, causal, lengths in [
+        (2, 4, 2, 1000, 1000, True, None),
+        (2, 4, 4, 1000, 1000, False, None),
+        (1, 2, 2, 17, 1000, True, None),
+        (1, 2, 2, 1000, 17, True, None),  # rows before the first key see nothing
+        (2, 2, 2, 700, 300, False, [0, 255]),  # batch 0 sees no key
+        (2, 4, 1, 700, 700, True, [700, 333]),
+        (1, 2, 2, 1024, 1024, False, [960]),  # a warpgroup whose keys are all hidden
+    ]:
+        q, dout = (torch.randn(b, hq, sq, head_dim, device="cuda", dtype=dtype, generator=gen)
+                   for _ in range(2))
+        k, v = (torch.randn(b, hkv, skv, head_dim, device="cuda", dtype=dtype, generator=gen)
+                for _ in range(2))
+        key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
+        call = make_call(q, k, v, causal=causal, key_lengths=key_lengths)
+        out, lse = ft._forward(call, 0)
+        shared = ft._backward_shared(call, 0, lse, dout)
+        dq, *_ = ft._empty_grads(q, k, v)
+        delta = torch.empty_like(lse)
+        ft._launch_dq(call, shared, out, lse, dout, delta, dq)
+        ft._ensure_allocator()
+        grads = []
+        for _ in range(2):
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            hb.launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal, call.scale)
+            grads.append((dk, dv))
+        k64, v64 = (t.double().requires_grad_() for t in (k, v))
+        ref = attention(q.double(), k64, v64, causal=causal, key_lengths=key_lengths,
+                        impl="reference")
+        want = torch.autograd.grad(ref, (k64, v64), dout.double())
+        for got, expected in zip(grads[0], want, strict=True):
+            assert rel_err(got, expected) < 1e-2, (b, hq, hkv, sq, skv, causal, lengths)
+        assert all(torch.equal(x, y) for x, y in zip(*grads, strict=True))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype, head_dim, causal", [
     (torch.bfloat16, 128, True), (torch.float16, 128, True), (torch.bfloat16, 64, False),
     (torch.bfloat16, 64, True)])
 def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     """attention(impl="triton") forward and backward on a long call that takes the Gluon
-    forward."""
+    forward, and in bfloat16 (but at D=64 without causal) the Gluon dK/dV kernel."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
@@ -950,6 +1061,10 @@ def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     lengths = torch.tensor([3000, 4096], device="cuda")
     q, k, v = (torch.randn(2, 4, 4096, head_dim, device="cuda", dtype=dtype,
                            generator=gen).requires_grad_() for _ in range(3))
-    assert ft._uses_hopper_forward(make_call(q, k, v, causal=causal, key_lengths=lengths))
-    _assert_matches_reference(q, k, v, torch.randn_like(q), causal=causal,
-                              key_lengths=lengths, return_lse=True)
+    call = make_call(q, k, v, causal=causal, key_lengths=lengths)
+    assert ft._uses_hopper_forward(call)
+    grad = torch.randn_like(q)
+    assert ft._uses_hopper_dkdv(call, grad) == (dtype == torch.bfloat16
+                                                 and (head_dim == 128 or causal))
+    _assert_matches_reference(q, k, v, grad, causal=causal, key_lengths=lengths,
+                              return_lse=True)

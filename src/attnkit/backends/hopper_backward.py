@@ -1,0 +1,298 @@
+"""The `triton` backend's dK/dV kernel for Hopper, in Gluon (Triton's lower-level language).
+
+`fused_triton`'s backward runs two kernels: the dQ kernel (which also writes delta =
+rowsum(out * dout)) and the dK/dV kernel. On Hopper the second one can be this kernel
+instead. One program per 128 keys and (batch, kv head) walks the query blocks of every
+query head of the kv group, in order, so dK and dV need no atomics and come out the
+same on every run:
+
+    S^T = K Q^T,  P^T = exp2(S^T * scale - lse),  dP^T = V dO^T,
+    dV += P^T dO,  dS^T = P^T (dP^T - delta),  dK += dS^T Q
+
+The 128 keys are two warpgroups of 64, each in a partition of its own, and one loading
+warp brings K and V once, then Q, dO, lse and delta of each step into a ring of STAGES
+slots. In a warpgroup, P^T's exponentials run while dP^T is on the tensor cores; P^T
+and dS^T reach dV's and dK's products through shared memory, so that neither stays in
+registers while its product runs (this is what lets 64 query rows a step fit in
+registers at D=128; NOTES runs 15, 19, 20). On an H200 it ran 1.15-1.19x the Triton
+dK/dV kernel at D=128 (4k causal or not, 16k without), 1.11x at D=64 causal and 1.02x
+at D=64 without (4k; NOTES run 20).
+
+It covers what `hopper_forward` covers: an sm_90 GPU, fp16 or bf16, D = Dv in (64,
+128), a positive scale, causal or not, key_lengths, grouped heads; no window, mask
+tensor or dropout; tensors that TMA can read. Only bfloat16 has been checked on a GPU so
+far, and `fused_triton` routes only that (`_hopper_dkdv_fits`). Gluon does not run under
+TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
+"""
+
+from __future__ import annotations
+
+from attnkit.backends import hopper_forward
+
+if hopper_forward.gluon is not None:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    from attnkit.backends.hopper_forward import score_layout
+
+    @gluon.jit
+    def lse_log2(lse):
+        """lse in log2 units; dead rows (-inf) and rows past Sq (read as +inf) get +inf,
+        so that their p is exactly 0."""
+        return gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+
+    @gluon.jit
+    def _step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem, q_ring,
+              do_ring, ready, free, pt_buf, dst_buf, rows_ring, MASKED: gl.constexpr,
+              CAUSAL: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+              s_layout: gl.constexpr):
+        """Step t of the walk: query rows [m0, m0 + BLOCK_M) of one query head. S^T and
+        dP^T issued; P^T's exponentials under dP^T; dV's product, dS^T under it, dK's;
+        all waited for before the slot goes back to the loading warp."""
+        slot = t % STAGES
+        qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        lse = rows_ring.index(slot).load(gl.SliceLayout(0, s_layout))
+        q = q_ring.index(slot).reshape([BLOCK_M, q_ring.shape[3]])  # the (1, BLOCK_M, D) box
+        do = do_ring.index(slot).reshape([BLOCK_M, do_ring.shape[3]])
+        s_tok = warpgroup_mma(k_smem, q.permute((1, 0)),
+                              gl.zeros([64, BLOCK_M], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)),
+                               gl.zeros([64, BLOCK_M], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        if MASKED:
+            seen = gl.expand_dims(kj, 1) < kv_len
+            if CAUSAL:
+                seen = seen & (gl.expand_dims(kj, 1) <= gl.expand_dims(qi, 0) + off)
+            else:
+                # Always true, but it makes the mask per element, as causal's is. With the
+                # per-key mask alone, dK and dV came out wrong, and different from run to
+                # run, wherever a warpgroup took this step (H200, Triton 3.6); the PTX
+                # and SASS looked right. Cause not found (NOTES run 20).
+                seen = seen & (gl.expand_dims(qi, 0) < Sq + BLOCK_M)
+            s = gl.where(seen, s * qk_scale, float("-inf"))
+            p = gl.exp2(s - gl.expand_dims(lse, 0))
+        else:
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0))
+        # dV's product needs P^T only: issued before dP^T is waited for, it pins that wait
+        # below every exponential (ptxas would move a free-standing wait up into the first
+        # stall, NOTES run 14), and dS^T then runs under it.
+        pt_buf.store(p.to(q.dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        dv_tok = warpgroup_mma(pt_buf, do, dv, is_async=True)
+        dp = warpgroup_mma_wait(1, deps=[dp_tok])
+        delta = rows_ring.index(STAGES + slot).load(gl.SliceLayout(0, s_layout))
+        dst_buf.store((p * (dp - gl.expand_dims(delta, 0))).to(q.dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        dk_tok = warpgroup_mma(dst_buf, q, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+        mbarrier.arrive(free.index(slot), count=1)
+        return dk, dv
+
+    @gluon.jit
+    def _consume(DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
+                 first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                 stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
+                 free, pt_buf, dst_buf, rows_ring, HEAD_D: gl.constexpr,
+                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
+        first_block.. of every query head of the group, stored (dK scaled). pt_buf,
+        dst_buf: the warpgroup's own (64, BLOCK_M) buffers for P^T and dS^T."""
+        s_layout: gl.constexpr = score_layout(BLOCK_M)
+        d_layout: gl.constexpr = score_layout(HEAD_D)
+        kj = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+        dk = gl.zeros([64, HEAD_D], gl.float32, d_layout)
+        dv = gl.zeros([64, HEAD_D], gl.float32, d_layout)
+        mbarrier.wait(kv_bar, 0)
+        for t in range(group * n_blocks):
+            m0 = (first_block + t % n_blocks) * BLOCK_M
+            # Every key of the warpgroup below kv_len and (causal) seen by the block's
+            # first query: no index checks.
+            whole = n0 + 64 <= kv_len
+            if CAUSAL:
+                whole = whole & (n0 + 63 <= m0 + off)
+            if whole:
+                dk, dv = _step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
+                               q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
+                               False, CAUSAL, STAGES, BLOCK_M, s_layout)
+            else:
+                dk, dv = _step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
+                               q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
+                               True, CAUSAL, STAGES, BLOCK_M, s_layout)
+        rows = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, d_layout))
+        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
+        ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0)
+        gl.store(DK + b * stride_dkb + kvh * stride_dkh + gl.expand_dims(rows, 1) * stride_dkn
+                 + gl.expand_dims(cols, 0), (dk * scale).to(k_smem.dtype), mask=ok)
+        gl.store(DV + b * stride_dvb + kvh * stride_dvh + gl.expand_dims(rows, 1) * stride_dvn
+                 + gl.expand_dims(cols, 0), dv.to(k_smem.dtype), mask=ok)
+
+    @gluon.jit
+    def _produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
+                 v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
+                 free, rows_ring, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """The loading warp: K and V of the key block once, then for each step of the walk
+        Q and dO into the ring, and lse (log2 units) and delta into rows_ring (stored
+        before the arrival that the ring's TMA loads complete), once both warpgroups have
+        let the slot go. The computing warpgroups read lse and delta from there because
+        per-column pointers into LSE and DELTA took 32 registers a vector."""
+        row_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [n0, 0], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [n0, 0], kv_bar, v_smem)
+        for t in range(group * n_blocks):
+            slot = t % STAGES
+            mbarrier.wait(free.index(slot), ((t // STAGES) & 1) ^ 1)
+            h = (kvh * group + t // n_blocks).to(gl.int32)  # TMA coordinates are 32-bit
+            m0 = (first_block + t % n_blocks) * BLOCK_M
+            bar = ready.index(slot)
+            qi = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+            row = (b * Hq + h) * Sq + qi
+            rows_ring.index(slot).store(lse_log2(gl.load(LSE + row, mask=qi < Sq,
+                                                         other=float("inf"))))
+            rows_ring.index(STAGES + slot).store(gl.load(DELTA + row, mask=qi < Sq,
+                                                         other=0.0))
+            gl.thread_barrier()  # every lane's stores before the arrival that releases them
+            mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [h, m0, 0], bar, q_ring.index(slot))
+            tma.async_copy_global_to_shared(do_desc, [h, m0, 0], bar, do_ring.index(slot))
+
+    @gluon.jit
+    def _worker(ROLE: gl.constexpr, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
+                qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
+                do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                dst_smem, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
+        if ROLE == 0:
+            _consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
+                     first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                     stride_dvh, stride_dvn, k_smem.slice(64, 64), v_smem.slice(64, 64),
+                     kv_bar, q_ring, do_ring, ready, free, pt_smem.index(1),
+                     dst_smem.index(1), rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)
+        else:
+            _produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
+                     v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
+                     free, rows_ring, BLOCK_M, STAGES)
+
+    # With group == 1 specialised as a constant (Triton's default for an int that is 1),
+    # key blocks that take the index-checked step came out wrong or faulted (H200, Triton
+    # 3.6; NOTES run 15); unspecialised, the same cases pass.
+    @gluon.jit(do_not_specialize=["group"])
+    def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
+                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                    Hq, Hkv, group, Sq, Skv, qk_scale, scale,
+                    HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS)."""
+        BLOCK_N: gl.constexpr = 128
+        dtype: gl.constexpr = Q.dtype.element_ty
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D],
+                                                                        dtype)
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, HEAD_D],
+                                                                       dtype)
+        n0 = gl.program_id(0) * BLOCK_N
+        bh = gl.program_id(1)
+        b = (bh // Hkv).to(gl.int64)
+        kvh = (bh % Hkv).to(gl.int64)
+        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh, [Skv, HEAD_D],
+                                            [stride_kn, 1], [BLOCK_N, HEAD_D], kv_layout)
+        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh, [Skv, HEAD_D],
+                                            [stride_vn, 1], [BLOCK_N, HEAD_D], kv_layout)
+        # (heads, queries, D) over the batch's query heads: a kv group's heads share them.
+        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb, [Hq, Sq, HEAD_D],
+                                            [stride_qh, stride_qm, 1], [1, BLOCK_M, HEAD_D],
+                                            q_layout)
+        do_desc = tma.make_tensor_descriptor(DO + b * stride_dob, [Hq, Sq, HEAD_D],
+                                             [stride_doh, stride_dom, 1],
+                                             [1, BLOCK_M, HEAD_D], q_layout)
+        off = Skv - Sq
+        kv_len = Skv
+        if HAS_LENGTHS:
+            kv_len = gl.minimum(gl.load(LENGTHS + b).to(gl.int32), Skv)
+        # The query blocks that can see a key of this block: from the one holding the
+        # first query that sees key n0 (causal: n0 - off) to the last; none past kv_len.
+        first_block = 0
+        if CAUSAL:
+            first_block = gl.maximum(n0 - off, 0) // BLOCK_M
+        n_blocks = gl.maximum(gl.cdiv(Sq, BLOCK_M) - first_block, 0)
+        n_blocks = gl.where(n0 < kv_len, n_blocks, 0)
+
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], kv_layout)
+        q_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_D], q_layout)
+        do_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_D], q_layout)
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        # P^T and dS^T of each computing warpgroup
+        pt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
+        pt_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M], pt_layout)
+        dst_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M], pt_layout)
+        # lse of ring slot i at row i, delta at row STAGES + i
+        rows_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M],
+                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=2)  # one arrival per computing warpgroup
+        # 240 registers per computing thread leave the loading warp's warpgroup 24 of the
+        # 64K; at BLOCK_M 64 and D=128 they need them all.
+        gl.warp_specialize([
+            (_consume, (DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
+                        first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                        stride_dvh, stride_dvn, k_smem.slice(0, 64), v_smem.slice(0, 64),
+                        kv_bar, q_ring, do_ring, ready, free, pt_smem.index(0),
+                        dst_smem.index(0), rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+            (_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
+                       scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                       stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
+                       do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                       dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+            (_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
+                       scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                       stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
+                       do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                       dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+        ], [4, 1], [240, 24])
+
+
+# (BLOCK_M, STAGES): the config checked and timed on an H200 (NOTES run 20). (32, 3) was
+# 0.83-0.96x it; (32, 4) and (64, 3) gave wrong dK/dV before the mask was made per
+# element and were not checked after.
+CONFIG = (64, 2)
+
+
+def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, scale: float,
+                config: tuple[int, int] = CONFIG) -> None:
+    """Write dk, dv (shaped like k, v (B, Hkv, Skv, D)) for q (B, Hq, Sq, D), dout (like
+    q), lse and delta (B, Hq, Sq) float32 (delta = rowsum(out * dout), from the dQ
+    kernel). The caller has checked that the call is one this kernel covers, and has set
+    Triton's allocator (the descriptors are built on the GPU)."""
+    block_m, stages = config
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    lengths = key_lengths if key_lengths is not None else lse
+    dkdv_kernel[(-(-Skv // 128), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, lengths,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3],
+        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * 1.4426950408889634, scale,
+        HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
+        BLOCK_M=block_m, STAGES=stages, num_warps=4, maxnreg=168)
+

@@ -707,6 +707,17 @@ def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, **kwargs):
     return make_call(q, k, v, **kwargs)
 
 
+# Calls neither Gluon kernel covers (_gluon_covers, and no head dim but 64 and 128).
+_NOT_GLUON = [
+    ({"d": 80}, False),
+    ({"dtype": torch.float32}, False),
+    ({"attn_mask": torch.zeros(1, 1, 1, 4096, dtype=torch.bfloat16)}, False),
+    ({"window": (256, 0)}, False),
+    ({"dropout_p": 0.1}, False),
+    ({"scale": -1.0}, False),
+]
+
+
 @pytest.mark.parametrize("kwargs, fits", [
     ({}, True),
     ({"causal": True, "hkv": 1}, True),  # grouped heads
@@ -715,14 +726,8 @@ def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, **kwargs):
     ({"d": 64}, True),
     ({"d": 64, "causal": True}, True),  # each warpgroup's own key blocks: faster at 4k
     ({"d": 64, "causal": True, "sq": 1024, "skv": 8192}, False),  # 0.84x at 1k
-    ({"d": 80}, False),
     ({"sq": 1000}, False),  # from 1024 at D=128 (1.00x at 512)
-    ({"dtype": torch.float32}, False),
-    ({"attn_mask": torch.zeros(1, 1, 1, 4096, dtype=torch.bfloat16)}, False),
-    ({"window": (256, 0)}, False),
-    ({"dropout_p": 0.1}, False),
-    ({"scale": -1.0}, False),
-])
+] + _NOT_GLUON)
 def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     from attnkit.backends import fused_triton as ft
 
@@ -738,13 +743,7 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     ({"d": 64}, False),  # 1.02x: not routed
     ({"sq": 2048}, False),  # timed from 4k only
     ({"skv": 2048}, False),
-    ({"d": 80}, False),
-    ({"dtype": torch.float32}, False),
-    ({"attn_mask": torch.zeros(1, 1, 1, 4096, dtype=torch.bfloat16)}, False),
-    ({"window": (256, 0)}, False),
-    ({"dropout_p": 0.1}, False),
-    ({"scale": -1.0}, False),
-])
+] + _NOT_GLUON)
 def test_hopper_dkdv_covers_long_plain_calls_only(kwargs, fits):
     from attnkit.backends import fused_triton as ft
 
@@ -899,17 +898,24 @@ def test_hopper_forward_offered_on_checked_triton_releases_only(monkeypatch, ver
     assert hf.available() == offered
 
 
-def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, device):
-    from attnkit.backends import fused_triton as ft
-    from attnkit.backends import hopper_forward as hf
-    from attnkit.call import make_call
-
+def _failing_launch():
+    """(launches, fails): a stand-in for a Gluon launch that records its arguments in
+    launches and raises the CompilationError of a Gluon the kernel does not compile under."""
     launches = []
 
     def fails(*args):
         launches.append(args)
         raise triton.CompilationError(None, None, "no such Gluon op here")
 
+    return launches, fails
+
+
+def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, device):
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_forward as hf
+    from attnkit.call import make_call
+
+    launches, fails = _failing_launch()
     monkeypatch.setattr(ft, "_HOPPER_FORWARD", True)
     # as if on a Hopper GPU with a call the Gluon forward covers, the switch still read
     monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: ft._HOPPER_FORWARD)
@@ -928,12 +934,7 @@ def test_hopper_dkdv_that_does_not_compile_falls_back_once(monkeypatch, device):
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_backward as hb
 
-    launches = []
-
-    def fails(*args):
-        launches.append(args)
-        raise triton.CompilationError(None, None, "no such Gluon op here")
-
+    launches, fails = _failing_launch()
     monkeypatch.setattr(ft, "_HOPPER_DKDV", True)
     # as if on a Hopper GPU with a call the Gluon dK/dV kernel covers
     monkeypatch.setattr(ft, "_uses_hopper_dkdv", lambda call, dout: ft._HOPPER_DKDV)

@@ -55,7 +55,6 @@ from attnkit.verify import rel_err
 LOG2E = 1.4426950408889634
 
 
-
 @gluon.jit
 def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem, do_smem,
              k_smem, v_smem, k_bars, v_bars, k_free, v_free,

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from attnkit import MultiHeadAttention, UnsupportedError, attention
+from attnkit.backends import fused_triton
 from attnkit.verify import Case, check, default_cases, rel_err
 
 triton = pytest.importorskip("triton")
@@ -223,6 +224,45 @@ def test_backward_is_deterministic(device):
     first = torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
     second = torch.autograd.grad(out, (q, k, v), grad_out)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@triton.jit
+def _record_program_tiles(out, HEAVIEST_LAST: tl.constexpr, HEAD_GROUP: tl.constexpr):
+    """out[i] = the (tile, head) of the i-th program to start."""
+    tile, head = fused_triton._program_tile(HEAVIEST_LAST, HEAD_GROUP)
+    started = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(out + 2 * started, tile)
+    tl.store(out + 2 * started + 1, head)
+
+
+@pytest.mark.parametrize("n_tiles, n_heads, group, heaviest_last", [
+    (5, 7, 3, True), (4, 16, 8, False), (3, 2, 8, True), (6, 5, 1, True), (1, 9, 4, False),
+])
+def test_programs_go_a_group_of_heads_at_a_time_heaviest_tile_first(n_tiles, n_heads, group,
+                                                                      heaviest_last):
+    out = torch.full((n_tiles * n_heads, 2), -1, dtype=torch.int32)
+    _record_program_tiles[(n_tiles, n_heads)](out, HEAVIEST_LAST=heaviest_last, HEAD_GROUP=group)
+    heaviest_first = list(range(n_tiles))[::-1 if heaviest_last else 1]
+    expected = [(tile, head) for first in range(0, n_heads, group) for tile in heaviest_first
+                for head in range(first, min(first + group, n_heads))]
+    assert [tuple(row) for row in out.tolist()] == expected
+
+
+@pytest.mark.parametrize("case", [
+    replace(BASE, batch=3, heads_q=4, heads_kv=2, seq_q=65, seq_kv=65, causal=True),
+    replace(BASE, batch=3, heads_q=2, heads_kv=2, seq_q=33, seq_kv=65, window=(20, 0),
+            causal=True, key_lengths=True),
+], ids=lambda c: c.name)
+def test_causal_calls_in_groups_of_heads_match_oracle(case, device, monkeypatch):
+    """Causal calls order their programs HEAD_GROUP heads at a time: with groups of 4,
+    12 (batch, head) pairs make three groups in the forward and dQ kernel, 6 (batch, kv
+    head) pairs a full and a short one in the dK/dV kernel."""
+    from attnkit.backends import fused_triton as ft
+
+    monkeypatch.setattr(ft, "_HEAD_GROUP", 4)
+    result = check("triton", case, device)
+    assert result.skipped is None, result.skipped
+    assert result.passed, (result.out_err, result.lse_err, result.grad_err, result.errors)
 
 
 @pytest.mark.parametrize("fwd_config, bwd_configs", [
@@ -738,11 +778,15 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     ({}, True),
     ({"causal": True, "hkv": 1}, True),  # grouped heads
     ({"key_lengths": torch.tensor([4000])}, True),
-    ({"dtype": torch.float16}, False),  # not yet checked on a GPU
+    ({"dtype": torch.float16}, True),
     ({"d": 64, "causal": True}, True),
-    ({"d": 64}, False),  # 1.02x: not routed
-    ({"sq": 2048}, False),  # timed from 4k only
-    ({"skv": 2048}, False),
+    ({"d": 64}, True),
+    ({"sq": 1024, "skv": 1024}, True),  # 1.05x at 1k
+    ({"sq": 512}, False),  # 0.95x
+    ({"causal": True, "skv": 2048}, True),
+    ({"causal": True, "sq": 1024, "skv": 1024}, False),  # 1.01x: not worth a second path
+    ({"d": 64, "causal": True, "skv": 2048}, False),  # 1.00x at 2k, 0.88x at 1k
+    ({"d": 64, "sq": 2048}, False),
 ] + _NOT_GLUON)
 def test_hopper_dkdv_covers_long_plain_calls_only(kwargs, fits):
     from attnkit.backends import fused_triton as ft
@@ -903,7 +947,7 @@ def _failing_launch():
     launches and raises the CompilationError of a Gluon the kernel does not compile under."""
     launches = []
 
-    def fails(*args):
+    def fails(*args, **kwargs):
         launches.append(args)
         raise triton.CompilationError(None, None, "no such Gluon op here")
 
@@ -1012,12 +1056,14 @@ def test_hopper_dkdv_on_gpu(monkeypatch, head_dim, dtype):
     from attnkit.call import make_call
 
     _skip_without_hopper_forward()
-    # every call routed: these shapes are shorter than the route takes, and float16 is not
-    # routed yet
+    # every call routed: these shapes are shorter than the route takes
     launched = []
     launch = hb.launch_dkdv
     monkeypatch.setattr(ft, "_hopper_dkdv_fits", lambda call, dout: True)
-    monkeypatch.setattr(hb, "launch_dkdv", lambda *args: launched.append(launch(*args)))
+    monkeypatch.setattr(hb, "launch_dkdv",
+                        lambda *args, **kw: launched.append(launch(*args, **kw)))
+    # causal programs ordered 3 heads at a time: several groups, the last one short
+    monkeypatch.setattr(ft, "_HEAD_GROUP", 3)
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
     for b, hq, hkv, sq, skv, causal, lengths in [
         (2, 4, 2, 1000, 1000, True, None),
@@ -1053,7 +1099,7 @@ def test_hopper_dkdv_on_gpu(monkeypatch, head_dim, dtype):
     (torch.bfloat16, 64, True)])
 def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     """attention(impl="triton") forward and backward on a long call that takes the Gluon
-    forward, and in bfloat16 (but at D=64 without causal) the Gluon dK/dV kernel."""
+    forward and the Gluon dK/dV kernel."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
@@ -1065,7 +1111,6 @@ def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     call = make_call(q, k, v, causal=causal, key_lengths=lengths)
     assert ft._uses_hopper_forward(call)
     grad = torch.randn_like(q)
-    assert ft._uses_hopper_dkdv(call, grad) == (dtype == torch.bfloat16
-                                                 and (head_dim == 128 or causal))
+    assert ft._uses_hopper_dkdv(call, grad)
     _assert_matches_reference(q, k, v, grad, causal=causal, key_lengths=lengths,
                               return_lse=True)

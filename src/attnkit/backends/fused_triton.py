@@ -168,10 +168,37 @@ def _kernel(fn):
 
 
 # ---------------------------------------------------------------------------------------
-# Shared pieces: which (query, key) pairs are visible, and the user mask.
+# Shared pieces: which program takes which tile, which (query, key) pairs are visible, and
+# the user mask.
 # qi and kj are index tensors that broadcast against each other ((M, 1) and (1, N), or
 # transposed), so the same helpers serve the forward and both backward orientations.
 # ---------------------------------------------------------------------------------------
+@_jit
+def _program_tile(HEAVIEST_LAST: tl.constexpr, HEAD_GROUP: tl.constexpr):
+    """(tile along the sequence, row group: (batch, head)) of this program, on a grid of
+    (tiles, row groups[, splits]). Under a causal mask a head's tiles differ in work by up
+    to its number of tiles; started head by head, the last head's heaviest tile starts
+    near the end and the GPU finishes on it alone (6-7% of a causal 4k backward, by a
+    simulation of the schedule, NOTES run 21). So the programs go HEAD_GROUP heads at a
+    time, and within a group every head's heaviest tile first: the last group's light
+    tiles are the tail. Head by head (HEAD_GROUP 1) keeps the heads running at once fewer,
+    sharing their K/V (or Q/dO) in L2, which is all the order does without a mask."""
+    n_tiles = tl.num_programs(0)
+    if HEAD_GROUP == 1:
+        tile = tl.program_id(0)
+        head = tl.program_id(1)
+    else:
+        pid = tl.program_id(1) * n_tiles + tl.program_id(0)  # the order programs start in
+        first = pid // (HEAD_GROUP * n_tiles) * HEAD_GROUP
+        heads = tl.minimum(tl.num_programs(1) - first, HEAD_GROUP)
+        within = pid - first * n_tiles
+        tile = within // heads
+        head = first + within % heads
+    if HEAVIEST_LAST:
+        tile = n_tiles - 1 - tile
+    return tile, head
+
+
 @_jit
 def _visible(qi, kj, kv_len, off, left, right,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
@@ -425,8 +452,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
-                DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr, TMA_OK: tl.constexpr,
-                SPLIT: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
+                DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr, HEAD_GROUP: tl.constexpr,
+                TMA_OK: tl.constexpr, SPLIT: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """SPLIT: program_id(2) takes keys [pid * kv_split, (pid + 1) * kv_split) alone and
     writes its partial out (float32) and lse at Out + pid * stride_os and LSE + pid * B *
@@ -434,10 +461,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     a tile's rows run over the group's query heads and their Sq queries, head-major, so
     that K/V tiles are loaded once for the whole group (calls with few query rows)."""
     tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
-    pid_m = tl.program_id(0)
-    if HAS_RIGHT:  # later query blocks see more keys: start them first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
+    # later query blocks see more keys under a causal mask: _program_tile starts them first
+    pid_m, bh = _program_tile(HAS_RIGHT, HEAD_GROUP)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the program's rows of (b, h), or (b, kvh)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -624,9 +649,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                      HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                      MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
-                     GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bkv = tl.program_id(1)
+                     HEAD_GROUP: tl.constexpr, GROUPED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, bkv = _program_tile(False, HEAD_GROUP)  # earlier key blocks see more queries
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
     off = Skv - Sq
@@ -717,11 +742,8 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WINDOWED: tl.constexpr,
                    HAS_LENGTHS: tl.constexpr, MASK_KIND: tl.constexpr,
                    MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, NEG_SCALE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if HAS_RIGHT:  # later query blocks see more keys: start them first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
+                   HEAD_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, bh = _program_tile(HAS_RIGHT, HEAD_GROUP)  # as in the forward
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     kvh = h // group
@@ -815,6 +837,11 @@ _META: dict[tuple, tuple] = {}
 _META_MAX = 1024
 
 
+# How many heads' programs are ordered together, heaviest tile first, under a causal
+# mask (_program_tile).
+_HEAD_GROUP = 8
+
+
 def _meta(call: AttentionCall, seed: int) -> tuple[tuple, dict]:
     """Scalar arguments and constexpr flags shared by the three main kernels; the flags
     are the caller's own copy to add to."""
@@ -828,7 +855,9 @@ def _meta(call: AttentionCall, seed: int) -> tuple[tuple, dict]:
             _META.clear()
         known = _META[key] = _work_out_meta(call)
     (left, right, qk_scale, drop_p, *buckets), flags = known
-    return (left, right, qk_scale, seed, drop_p, *buckets), dict(flags)
+    # read on every call, not cached with the rest: kernel_variants.py switches it
+    head_group = _HEAD_GROUP if flags["HAS_RIGHT"] else 1
+    return (left, right, qk_scale, seed, drop_p, *buckets), {**flags, "HEAD_GROUP": head_group}
 
 
 def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
@@ -1152,23 +1181,25 @@ def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
 
 
 # The backward's dK/dV kernel on Hopper is the Gluon one (hopper_backward) where it covers
-# the call and was measured faster: on an H200, 1.15-1.19x this file's dK/dV kernel at
-# D=128 (4k causal or not, 16k without) and 1.11x at D=64 causal, all at 4k and longer;
-# at D=64 without causal 1.02x, not routed (NOTES run 20). bfloat16 only: its float16
-# build compiles but has not yet been checked on a GPU. _HOPPER_DKDV switches it off.
+# the call and was measured faster. On an H200, the whole backward (NOTES runs 20, 21):
+# 1.05-1.13x at D=128 without causal from 1k (0.95x at 512), 1.05-1.10x causal from 2k
+# (1.01x at 1k); at D=64 1.03-1.04x without causal and 1.07x causal from 4k (causal 0.88x
+# at 1k, 1.00x at 2k). bfloat16 and float16, both checked on a GPU. _HOPPER_DKDV
+# switches it off.
 _HOPPER_DKDV = True
 # the shortest Sq and Skv routed, per (head dim, causal)
-_HOPPER_DKDV_MIN_SEQ = {(128, False): 4096, (128, True): 4096, (64, True): 4096}
+_HOPPER_DKDV_MIN_SEQ = {(128, False): 1024, (128, True): 2048, (64, False): 4096,
+                        (64, True): 4096}
 
 
 def _hopper_dkdv_fits(call: AttentionCall, dout: Tensor) -> bool:
     """Whether the Gluon dK/dV kernel covers the call (with its gradient dout) and was
-    measured faster on it: bfloat16, _HOPPER_DKDV_MIN_SEQ, _gluon_covers, and every
-    stride of q, k, v and dout positive, as the kernel builds its descriptors from them
-    on the GPU. Says nothing about the device."""
+    measured faster on it: _HOPPER_DKDV_MIN_SEQ, _gluon_covers, and every stride of q, k,
+    v and dout positive, as the kernel builds its descriptors from them on the GPU. Says
+    nothing about the device."""
     shortest = _HOPPER_DKDV_MIN_SEQ.get((call.head_dim, call.causal))
     tensors = (call.q, call.k, call.v, dout)
-    return (call.dtype == torch.bfloat16 and shortest is not None
+    return (shortest is not None
             and min(call.seq_q, call.seq_kv) >= shortest
             and _gluon_covers(call, tensors) and all(min(t.stride()) > 0 for t in tensors))
 
@@ -1242,7 +1273,7 @@ def _details(device: torch.device) -> str | None:
     routed = ", ".join(f"{seq} at D={d}{' causal' if causal else ''}" for (d, causal), seq
                        in _HOPPER_DKDV_MIN_SEQ.items())
     dkdv_state = (f"off: {dkdv_why}" if dkdv_why else
-                  f"on for bfloat16 calls of the same kinds with Sq and Skv >= {routed}")
+                  f"on for calls of the same kinds with Sq and Skv >= {routed}")
     return f"Gluon forward for Hopper: {state}. Gluon dK/dV kernel for Hopper: {dkdv_state}"
 
 
@@ -1355,7 +1386,8 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
         try:
             _ensure_allocator()
             hopper_backward.launch_dkdv(call.q, call.k, call.v, dout, lse, delta, dk, dv,
-                                        call.key_lengths, call.causal, call.scale)
+                                        call.key_lengths, call.causal, call.scale,
+                                        head_group=shared[1]["HEAD_GROUP"])
             return dq, dk, dv
         except triton.CompilationError as exc:
             _give_up_hopper_dkdv(exc)

@@ -197,7 +197,7 @@ if hopper_forward.gluon is not None:
                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                     Hq, Hkv, group, Sq, Skv, qk_scale, scale,
                     HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
         """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS)."""
         BLOCK_N: gl.constexpr = 128
         dtype: gl.constexpr = Q.dtype.element_ty
@@ -205,8 +205,20 @@ if hopper_forward.gluon is not None:
                                                                         dtype)
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, HEAD_D],
                                                                        dtype)
-        n0 = gl.program_id(0) * BLOCK_N
-        bh = gl.program_id(1)
+        # The programs start in fused_triton._program_tile's order (a Gluon function cannot
+        # call that Triton one): HEAD_GROUP heads at a time, each one's first key block,
+        # under a causal mask the one with the most queries to see, first.
+        if HEAD_GROUP == 1:
+            n0 = gl.program_id(0) * BLOCK_N
+            bh = gl.program_id(1)
+        else:
+            n_tiles = gl.num_programs(0)
+            pid = gl.program_id(1) * n_tiles + gl.program_id(0)
+            first = pid // (HEAD_GROUP * n_tiles) * HEAD_GROUP
+            heads = gl.minimum(gl.num_programs(1) - first, HEAD_GROUP)
+            within = pid - first * n_tiles
+            n0 = within // heads * BLOCK_N
+            bh = first + within % heads
         b = (bh // Hkv).to(gl.int64)
         kvh = (bh % Hkv).to(gl.int64)
         k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh, [Skv, HEAD_D],
@@ -279,11 +291,12 @@ CONFIG = (64, 2)
 
 
 def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, scale: float,
-                config: tuple[int, int] = CONFIG) -> None:
+                config: tuple[int, int] = CONFIG, head_group: int = 1) -> None:
     """Write dk, dv (shaped like k, v (B, Hkv, Skv, D)) for q (B, Hq, Sq, D), dout (like
     q), lse and delta (B, Hq, Sq) float32 (delta = rowsum(out * dout), from the dQ
     kernel). The caller has checked that the call is one this kernel covers, and has set
-    Triton's allocator (the descriptors are built on the GPU)."""
+    Triton's allocator (the descriptors are built on the GPU). head_group: how many
+    (batch, kv head) pairs' programs start together, each one's first key block first."""
     block_m, stages = config
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -294,5 +307,5 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
         *dk.stride()[:3], *dv.stride()[:3],
         Hq, Hkv, Hq // Hkv, Sq, Skv, scale * 1.4426950408889634, scale,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-        BLOCK_M=block_m, STAGES=stages, num_warps=4, maxnreg=168)
+        BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group, num_warps=4, maxnreg=168)
 

@@ -68,6 +68,7 @@ def run_shape(shape, variants, rounds: int, backward: bool) -> dict:
         for name, switches in variants:
             for attr, value in switches.items():
                 setattr(ft, attr, value)
+            ft._META.clear()  # flags worked out under the last variant's switches
             if round_ == 0:
                 results[name] = step()
             samples[name].append(float(do_bench(step, warmup=25, rep=150,

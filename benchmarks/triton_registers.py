@@ -74,7 +74,8 @@ def main() -> None:
     flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=max(16, ft._pow2(d)),
                  BLOCK_DV=max(16, ft._pow2(d)), HAS_LEFT=False, HAS_RIGHT=args.causal,
                  WINDOWED=args.causal, HAS_LENGTHS=args.lengths, MASK_KIND=0,
-                 MASK_ROWS=False, DROPOUT=args.dropout, NEG_SCALE=False, GROUPED=args.grouped,
+                 MASK_ROWS=False, DROPOUT=args.dropout, NEG_SCALE=False,
+                 HEAD_GROUP=ft._HEAD_GROUP if args.causal else 1, GROUPED=args.grouped,
                  TMA_OK=args.tma, TMA=args.tma)
     chosen = [tuple(int(x) for x in c.split(",")) for c in args.config]
     rows = []

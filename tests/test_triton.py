@@ -248,6 +248,13 @@ def test_programs_go_a_group_of_heads_at_a_time_heaviest_tile_first(n_tiles, n_h
     assert [tuple(row) for row in out.tolist()] == expected
 
 
+def _order_heads_in_groups_of(heads: int, monkeypatch) -> None:
+    """Causal calls' programs ordered `heads` heads at a time (_HEAD_GROUP), with none of
+    the flags _meta worked out before under another group size."""
+    monkeypatch.setattr(fused_triton, "_HEAD_GROUP", heads)
+    monkeypatch.setattr(fused_triton, "_META", {})
+
+
 @pytest.mark.parametrize("case", [
     replace(BASE, batch=3, heads_q=4, heads_kv=2, seq_q=65, seq_kv=65, causal=True),
     replace(BASE, batch=3, heads_q=2, heads_kv=2, seq_q=33, seq_kv=65, window=(20, 0),
@@ -257,9 +264,8 @@ def test_causal_calls_in_groups_of_heads_match_oracle(case, device, monkeypatch)
     """Causal calls order their programs HEAD_GROUP heads at a time: with groups of 4,
     12 (batch, head) pairs make three groups in the forward and dQ kernel, 6 (batch, kv
     head) pairs a full and a short one in the dK/dV kernel."""
-    from attnkit.backends import fused_triton as ft
 
-    monkeypatch.setattr(ft, "_HEAD_GROUP", 4)
+    _order_heads_in_groups_of(4, monkeypatch)
     result = check("triton", case, device)
     assert result.skipped is None, result.skipped
     assert result.passed, (result.out_err, result.lse_err, result.grad_err, result.errors)
@@ -1062,8 +1068,7 @@ def test_hopper_dkdv_on_gpu(monkeypatch, head_dim, dtype):
     monkeypatch.setattr(ft, "_hopper_dkdv_fits", lambda call, dout: True)
     monkeypatch.setattr(hb, "launch_dkdv",
                         lambda *args, **kw: launched.append(launch(*args, **kw)))
-    # causal programs ordered 3 heads at a time: several groups, the last one short
-    monkeypatch.setattr(ft, "_HEAD_GROUP", 3)
+    _order_heads_in_groups_of(3, monkeypatch)  # several groups, the last one short
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
     for b, hq, hkv, sq, skv, causal, lengths in [
         (2, 4, 2, 1000, 1000, True, None),

@@ -57,6 +57,7 @@ def _compile_all() -> int:
                      WINDOWED=left or right, HAS_LENGTHS=lengths, MASK_KIND=mask_kind,
                      MASK_ROWS=False, DROPOUT=dropout,
                      NEG_SCALE=dropout,  # rides on dropout's sets: both values compiled
+                     HEAD_GROUP=ft._HEAD_GROUP if right else 1,
                      GROUPED=lengths,  # dK/dV's loop over a kv group's heads: on lengths
                      TMA_OK=not lengths,
                      TMA=not lengths,  # the forward's TMA loads: both values compiled

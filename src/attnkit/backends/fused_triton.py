@@ -855,9 +855,7 @@ def _meta(call: AttentionCall, seed: int) -> tuple[tuple, dict]:
             _META.clear()
         known = _META[key] = _work_out_meta(call)
     (left, right, qk_scale, drop_p, *buckets), flags = known
-    # read on every call, not cached with the rest: kernel_variants.py switches it
-    head_group = _HEAD_GROUP if flags["HAS_RIGHT"] else 1
-    return (left, right, qk_scale, seed, drop_p, *buckets), {**flags, "HEAD_GROUP": head_group}
+    return (left, right, qk_scale, seed, drop_p, *buckets), dict(flags)
 
 
 def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
@@ -877,6 +875,7 @@ def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
         HAS_LENGTHS=call.key_lengths is not None,
         MASK_KIND=mask_kind, MASK_ROWS=mask is not None and mask.shape[2] != 1,
         DROPOUT=call.dropout_p > 0.0, NEG_SCALE=call.scale < 0,
+        HEAD_GROUP=_HEAD_GROUP if right is not None else 1,
     )
     if _INTERPRET:
         flags.update(_INTERPRET_META)

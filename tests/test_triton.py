@@ -264,7 +264,6 @@ def test_causal_calls_in_groups_of_heads_match_oracle(case, device, monkeypatch)
     """Causal calls order their programs HEAD_GROUP heads at a time: with groups of 4,
     12 (batch, head) pairs make three groups in the forward and dQ kernel, 6 (batch, kv
     head) pairs a full and a short one in the dK/dV kernel."""
-
     _order_heads_in_groups_of(4, monkeypatch)
     result = check("triton", case, device)
     assert result.skipped is None, result.skipped

@@ -1096,7 +1096,8 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     if config is None and tma is None and splits == 1 and _uses_hopper_forward(call):
         try:
             hopper_forward.launch(q, k, v, out, lse, call.key_lengths, call.causal,
-                                  call.scale, _hopper_config(call))
+                                  call.scale, _hopper_config(call),
+                                  _HOPPER_FORWARD_HEAD_GROUP if call.causal else 1)
             return out, lse
         except triton.CompilationError as exc:
             _give_up_hopper_forward(exc)
@@ -1145,6 +1146,10 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 # at 1k), and from 16k the 128-key blocks, 1.08x (NOTES, runs 16-18). _HOPPER_FORWARD
 # switches it off (A/B, kernel_variants.py).
 _HOPPER_FORWARD = True
+# The Gluon forward's causal tiles go out head by head, each head's heaviest first: its
+# in_head_groups order (as _HEAD_GROUP for this file's kernels) compiles, but has not
+# been checked or timed on a GPU yet (NOTES run 21); kernel_variants.py switches this.
+_HOPPER_FORWARD_HEAD_GROUP = 1
 # hopper_forward.launch's config (hopper_forward.Config's fields) per (head dim, causal):
 # the first (minimum of Sq and Skv, config) pair whose minimum the call reaches.
 _HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[int, tuple[int, ...]], ...]] = {

@@ -205,20 +205,17 @@ if hopper_forward.gluon is not None:
                                                                         dtype)
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, HEAD_D],
                                                                        dtype)
-        # The programs start in fused_triton._program_tile's order (a Gluon function cannot
-        # call that Triton one): HEAD_GROUP heads at a time, each one's first key block,
-        # under a causal mask the one with the most queries to see, first.
+        # The programs start HEAD_GROUP heads at a time, each one's first key block (under
+        # a causal mask the one with the most queries to see) first.
         if HEAD_GROUP == 1:
             n0 = gl.program_id(0) * BLOCK_N
             bh = gl.program_id(1)
         else:
             n_tiles = gl.num_programs(0)
-            pid = gl.program_id(1) * n_tiles + gl.program_id(0)
-            first = pid // (HEAD_GROUP * n_tiles) * HEAD_GROUP
-            heads = gl.minimum(gl.num_programs(1) - first, HEAD_GROUP)
-            within = pid - first * n_tiles
-            n0 = within // heads * BLOCK_N
-            bh = first + within % heads
+            bh, block = hopper_forward.in_head_groups(
+                gl.program_id(1) * n_tiles + gl.program_id(0), n_tiles, gl.num_programs(1),
+                HEAD_GROUP)
+            n0 = block * BLOCK_N
         b = (bh // Hkv).to(gl.int64)
         kvh = (bh % Hkv).to(gl.int64)
         k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh, [Skv, HEAD_D],

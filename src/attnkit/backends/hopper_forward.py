@@ -212,14 +212,30 @@ if gluon is not None:
         return s, o, p_op, m_i, l_i
 
     @gluon.jit
-    def tile_of(tile, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr):
+    def in_head_groups(index, per_head, heads, HEAD_GROUP: gl.constexpr):
+        """(head, place) of the index-th of `heads` heads' `per_head` tiles each, taken
+        HEAD_GROUP heads at a time: place p of every head of a group before place p + 1.
+        fused_triton._program_tile's order, which a Gluon function cannot call."""
+        if HEAD_GROUP == 1:
+            head = index // per_head
+            place = index % per_head
+        else:
+            first = index // (HEAD_GROUP * per_head) * HEAD_GROUP
+            in_group = gl.minimum(heads - first, HEAD_GROUP)
+            within = index - first * per_head
+            head = first + within % in_group
+            place = within // in_group
+        return head, place
+
+    @gluon.jit
+    def tile_of(tile, tiles, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+                HEAD_GROUP: gl.constexpr):
         """Tile number -> its batch, query head, kv head, (batch * query head), first
-        query row, and key range (key_blocks). A head's query blocks are consecutive
-        tiles, so the tiles running at once share K and V in L2; causal ones heaviest
-        (latest) first, so that the tiles handed out last are light."""
-        bh = tile // q_blocks
-        block = tile % q_blocks
+        query row, and key range (key_blocks). The tiles go HEAD_GROUP heads at a time
+        (in_head_groups), so the tiles running at once share K and V in L2; causal ones
+        heaviest (latest) first, so that the tiles handed out last are light."""
+        bh, block = in_head_groups(tile, q_blocks, tiles // q_blocks, HEAD_GROUP)
         if CAUSAL:
             block = q_blocks - 1 - block
         b = bh // Hq
@@ -235,8 +251,8 @@ if gluon is not None:
                  ring, o_desc, o_smem, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                  WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                 OWN_RANGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                 p_layout: gl.constexpr):
+                 OWN_RANGES: gl.constexpr, HEAD_GROUP: gl.constexpr, s_layout: gl.constexpr,
+                 o_layout: gl.constexpr, p_layout: gl.constexpr):
         """Warpgroup ROLE: rows [64 * ROLE, 64 * ROLE + 64) of each tile the loading warp
         posts (next_tile), every key block in turn (_step), then out and lse stored.
         Where OWN_RANGES, the key blocks are those its own rows see (key_blocks of its 64
@@ -254,8 +270,8 @@ if gluon is not None:
         tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)
         while tile < tiles:
             b, h, kvh, bh, m0, kv_len, off, tile_total, full_blocks = tile_of(
-                tile, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M, BLOCK_N, CAUSAL,
-                HAS_LENGTHS)
+                tile, tiles, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M, BLOCK_N, CAUSAL,
+                HAS_LENGTHS, HEAD_GROUP)
             row0 = m0 + ROWS * ROLE
             total = tile_total
             if OWN_RANGES:
@@ -417,7 +433,7 @@ if gluon is not None:
     def _produce(COUNTER, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, q_desc, k_desc,
                  v_desc, q_smem, q_bars, q_free, tile_smem, ring, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                 WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr):
+                 WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, HEAD_GROUP: gl.constexpr):
         """The loading warp: takes tiles from COUNTER until none is left. For each, once
         every warpgroup has let the next of Q_BUFFERS go: the tile's number (post_tile)
         and Q (one 64-row box per warpgroup) under one expect; then the tile's K and V
@@ -431,8 +447,8 @@ if gluon is not None:
         tile = gl.atomic_add(COUNTER, 1)
         while tile < tiles:
             b, h, kvh, bh, m0, kv_len, off, total, full_blocks = tile_of(
-                tile, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M, BLOCK_N, CAUSAL,
-                HAS_LENGTHS)
+                tile, tiles, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M, BLOCK_N, CAUSAL,
+                HAS_LENGTHS, HEAD_GROUP)
             q_slot = post_tile(tile, tile_smem, q_free, done, Q_BUFFERS)
             mbarrier.expect(q_bars.index(q_slot), WARPGROUPS * q_desc.block_type.nbytes)
             for i in gl.static_range(WARPGROUPS):
@@ -489,7 +505,7 @@ if gluon is not None:
     def _partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                    WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                   OWN_RANGES: gl.constexpr):
+                   OWN_RANGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
         """ROLE r < WARPGROUPS: warpgroup r's 64 rows of each tile (r = 0 is the default
         partition); ROLE WARPGROUPS: the loading warp. shared: what every partition
         takes."""
@@ -505,11 +521,12 @@ if gluon is not None:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,
                      o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS,
-                     WARPGROUPS, Q_BUFFERS, O_TMA, OWN_RANGES, s_layout, o_layout, p_layout)
+                     WARPGROUPS, Q_BUFFERS, O_TMA, OWN_RANGES, HEAD_GROUP, s_layout, o_layout,
+                     p_layout)
         else:
             _produce(COUNTER, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, q_desc, k_desc,
                      v_desc, q_smem, q_bars, q_free, tile_smem, ring, BLOCK_N, STAGES, CAUSAL,
-                     HAS_LENGTHS, WARPGROUPS, Q_BUFFERS)
+                     HAS_LENGTHS, WARPGROUPS, Q_BUFFERS, HEAD_GROUP)
 
     @gluon.jit
     def forward_kernel(q_desc, k_desc, v_desc, o_desc, Out, LSE, LENGTHS, COUNTER,
@@ -519,7 +536,7 @@ if gluon is not None:
                        HAS_LENGTHS: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, WARPGROUPS: gl.constexpr,
                        Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                       OWN_RANGES: gl.constexpr):
+                       OWN_RANGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
         """out (B, Hq, Sq, D) and lse (B * Hq * Sq, natural log), like fused_triton's
         forward, from TMA descriptors of q (B, Hq, Sq, D; boxes of 64 rows) and k, v (B,
         Hkv, Skv, D; boxes of BLOCK_N rows); out is stored through Out and its strides,
@@ -554,7 +571,7 @@ if gluon is not None:
         # same count; setmaxnreg then moves them from the loading warp's warpgroup (24) to
         # the computing ones.
         args: gl.constexpr = (HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS, WARPGROUPS,
-                              Q_BUFFERS, O_TMA, OWN_RANGES)
+                              Q_BUFFERS, O_TMA, OWN_RANGES, HEAD_GROUP)
         if WARPGROUPS == 2:
             gl.warp_specialize([
                 (_partition, (0, shared) + args),
@@ -630,10 +647,11 @@ class Config(NamedTuple):
 
 
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
-           config: tuple[int, ...]) -> None:
+           config: tuple[int, ...], head_group: int = 1) -> None:
     """Run the kernel on q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D), writing out (like q) and
     lse (B, Hq, Sq, float32); the caller has checked that the call is one it covers.
-    config: a Config, or a tuple of its fields in order."""
+    config: a Config, or a tuple of its fields in order. head_group: how many (batch,
+    query head) pairs' tiles go out together (in_head_groups)."""
     block_n, stages, warpgroups, o_tma, own_ranges = Config(*config)
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
@@ -659,5 +677,5 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
         B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
         BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
-        O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), num_warps=4,
+        O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), HEAD_GROUP=head_group, num_warps=4,
         maxnreg=_MAXNREG[warpgroups])

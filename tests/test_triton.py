@@ -884,6 +884,25 @@ def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, scr
     importlib.import_module(script)
 
 
+@pytest.mark.parametrize("kernel", ["forward", "dkdv"])
+@pytest.mark.parametrize("head_dim, causal", [(64, False), (64, True), (128, True)])
+def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, head_dim,
+                                                         causal):
+    """benchmarks/gluon_sass.py builds the Gluon kernels' signatures by hand: a constexpr
+    added to a kernel and not to the script would compile as an int there."""
+    from pathlib import Path
+
+    from attnkit.backends import hopper_forward as hf
+
+    if hf.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper operations")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    gluon_sass = importlib.import_module("gluon_sass")
+    source, _ = getattr(gluon_sass, kernel)(head_dim, causal, False, None, 3)
+    kinds = {name: kind == "constexpr" for name, kind in source.signature.items()}
+    assert kinds == {param.name: param.is_constexpr for param in source.fn.params}
+
+
 def test_hopper_forward_refuses_a_config_that_does_not_fit():
     from attnkit.backends import hopper_forward as hf
 

@@ -646,6 +646,19 @@ class Config(NamedTuple):
     own_ranges: int = 0  # each warpgroup walks its own rows' key blocks only
 
 
+def q_buffer_count(config: tuple[int, ...], head_dim: int, element_size: int) -> int:
+    """How many Q buffers the kernel gets under config (Q_BUFFERS): two where both fit
+    beside the K/V ring, so that the next tile's Q loads while this one's last blocks
+    run, else one; ValueError where not even one fits."""
+    block_n, stages, warpgroups, o_tma, _ = Config(*config)
+    q_bytes = warpgroups * 64 * head_dim * element_size  # as many for out's boxes (O_TMA)
+    fixed = 2 * stages * block_n * head_dim * element_size + (q_bytes if o_tma else 0)
+    room = _SHARED_BYTES - 1024  # the barriers, tile numbers and atomic's scratch
+    if fixed + q_bytes > room:
+        raise ValueError(f"config {config} does not fit in shared memory at D={head_dim}")
+    return 2 if fixed + 2 * q_bytes <= room else 1
+
+
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
            config: tuple[int, ...], head_group: int = 1) -> None:
     """Run the kernel on q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D), writing out (like q) and
@@ -657,14 +670,7 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
     Skv = k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     tiles = -(-Sq // (64 * warpgroups)) * B * Hq
-    # Q double-buffered where both buffers fit beside the K/V ring: the next tile's Q
-    # then loads while this one's last blocks run.
-    q_bytes = warpgroups * 64 * D * q.element_size()  # as many for out's boxes (O_TMA)
-    fixed = 2 * stages * block_n * D * k.element_size() + (q_bytes if o_tma else 0)
-    room = _SHARED_BYTES - 1024  # the barriers, tile numbers and atomic's scratch
-    if fixed + q_bytes > room:
-        raise ValueError(f"config {config} does not fit in shared memory at D={D}")
-    q_buffers = 2 if fixed + 2 * q_bytes <= room else 1
+    q_buffers = q_buffer_count(config, D, q.element_size())
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)
     q_desc = _descriptor(q, 64)
     # out's descriptor is read only where O_TMA; q's (the same box type) stands in

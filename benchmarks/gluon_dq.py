@@ -43,6 +43,7 @@ from attnkit.backends.hopper_backward import lse_log2
 from attnkit.backends.hopper_forward import (
     box,
     hold,
+    in_head_groups,
     key_blocks,
     kv_ring,
     load_kv_ring,
@@ -195,13 +196,15 @@ def _dq_worker(ROLE: gl.constexpr, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len
 
 
 @gluon.jit
-def _program(Hq, group, CAUSAL: gl.constexpr):
+def _program(Hq, group, CAUSAL: gl.constexpr, HEAD_GROUP: gl.constexpr):
     """This program's query block and (batch * query head) of a (query blocks, B * Hq)
-    grid, with its batch, head and kv head (int64)."""
-    pid_m = gl.program_id(0)
-    if CAUSAL:  # later query blocks see more keys: start them first
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    bh = gl.program_id(1)
+    grid, with its batch, head and kv head (int64); in the order of fused_triton's dQ
+    kernel: HEAD_GROUP heads at a time, causal ones' later query blocks (more keys) first."""
+    n_tiles = gl.num_programs(0)
+    bh, pid_m = in_head_groups(gl.program_id(1) * n_tiles + gl.program_id(0), n_tiles,
+                               gl.num_programs(1), HEAD_GROUP)
+    if CAUSAL:
+        pid_m = n_tiles - 1 - pid_m
     b = (bh // Hq).to(gl.int64)
     h = (bh % Hq).to(gl.int64)
     return pid_m, bh, b, h, h // group
@@ -214,14 +217,14 @@ def dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, LENGTHS,
               stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
               Hq, group, Sq, Skv, qk_scale, scale,
               HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
     """One program per (128 query rows, batch * query head); 4 warps + 4 + 1 (WS)."""
     BLOCK_M: gl.constexpr = 128
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_D],
                                                                     dtype)
-    pid_m, bh, b, h, kvh = _program(Hq, group, CAUSAL)
+    pid_m, bh, b, h, kvh = _program(Hq, group, CAUSAL, HEAD_GROUP)
     q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Sq, HEAD_D],
                                         [stride_qm, 1], [BLOCK_M, HEAD_D], q_layout)
     do_desc = tma.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, [Sq, HEAD_D],
@@ -276,7 +279,8 @@ def gluon_dq(call, out, lse, dout, config=(64, 3)):
         *dout.stride()[:3], *dq.stride()[:3],
         Hq, call.group, Sq, call.seq_kv, call.scale * LOG2E, call.scale,
         HEAD_D=D, CAUSAL=call.causal, HAS_LENGTHS=call.key_lengths is not None,
-        BLOCK_N=block_n, STAGES=stages, num_warps=4, maxnreg=168)
+        BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=ft._meta(call, 0)[1]["HEAD_GROUP"],
+        num_warps=4, maxnreg=168)
     return dq, delta
 
 

@@ -1,7 +1,7 @@
 """The Gluon kernels compiled for sm_90 on any machine (no GPU needed), to compare their
 machine code before and after a change.
 
-    PYTHONPATH=src python benchmarks/gluon_sass.py [--kernel forward|dkdv] [--head-dim 128]
+    PYTHONPATH=src python benchmarks/gluon_sass.py [--kernel forward|dkdv|dq] [--head-dim 128]
         [--causal] [--lengths] [--config 128,2,2,1] [--head-group 1] [--sass FILE]
 
 Needs a Triton the kernels were checked under (hopper_forward.CHECKED_RELEASES: 3.6;
@@ -11,7 +11,8 @@ launch on contiguous bfloat16 (B, H, S, D) tensors would be, with Sq and Skv mul
 shared memory per program; --sass writes the SASS without its addresses, so that two
 builds (git stash, or a worktree of another commit on PYTHONPATH) diff line by line.
 Without --config: the forward's routed config for the head dim and causality
-(fused_triton._HOPPER_ROUTES, its longest), the dK/dV kernel's hopper_backward.CONFIG.
+(fused_triton._HOPPER_ROUTES, its longest), the dK/dV kernel's hopper_backward.CONFIG,
+the dQ experiment's (benchmarks/gluon_dq.py) (64, 3).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from attnkit.backends import fused_triton, hopper_backward, hopper_forward
 
 TYPES = {"qk_scale": "fp32", "scale": "fp32", "LSE": "*fp32", "DELTA": "*fp32",
          "LENGTHS": "*i64", "COUNTER": "*i32",
-         **dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV", "Out"), "*bf16")}  # else i32
+         **dict.fromkeys(("Q", "K", "V", "DO", "DQ", "DK", "DV", "Out"), "*bf16")}  # else i32
 
 
 def descriptor_type(rows: int, head_dim: int) -> str:
@@ -84,15 +85,26 @@ def dkdv(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | N
     return source(hopper_backward.dkdv_kernel, constexprs, {}), 168
 
 
+def dq(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | None,
+       head_group: int):
+    """(source, maxnreg) of the dQ experiment's kernel (benchmarks/gluon_dq.py)."""
+    from gluon_dq import dq_kernel  # beside this script
+
+    block_n, stages = config or (64, 3)
+    constexprs = dict(HEAD_D=head_dim, CAUSAL=causal, HAS_LENGTHS=lengths, BLOCK_N=block_n,
+                      STAGES=stages, HEAD_GROUP=head_group)
+    return source(dq_kernel, constexprs, {}), 168
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=("forward", "dkdv"), default="forward")
+    parser.add_argument("--kernel", choices=("forward", "dkdv", "dq"), default="forward")
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--lengths", action="store_true", help="with key_lengths")
     parser.add_argument("--config", default=None,
                         help="forward: BLOCK_N,STAGES,WARPGROUPS[,O_TMA[,OWN_RANGES]]; "
-                             "dkdv: BLOCK_M,STAGES")
+                             "dkdv: BLOCK_M,STAGES; dq: BLOCK_N,STAGES")
     parser.add_argument("--head-group", type=int, default=1)
     parser.add_argument("--sass", default=None, help="write the SASS here")
     args = parser.parse_args()
@@ -100,7 +112,7 @@ def main() -> None:
         raise SystemExit(f"Triton {triton.__version__}: the Gluon kernels are offered under "
                          f"{hopper_forward.CHECKED_RELEASES} only")
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
-    build = forward if args.kernel == "forward" else dkdv
+    build = {"forward": forward, "dkdv": dkdv, "dq": dq}[args.kernel]
     src, maxnreg = build(args.head_dim, args.causal, args.lengths, config, args.head_group)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4, "maxnreg": maxnreg})

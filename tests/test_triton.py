@@ -884,7 +884,7 @@ def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, scr
     importlib.import_module(script)
 
 
-@pytest.mark.parametrize("kernel", ["forward", "dkdv"])
+@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
 @pytest.mark.parametrize("head_dim, causal", [(64, False), (64, True), (128, True)])
 def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, head_dim,
                                                          causal):

@@ -76,7 +76,8 @@ def make_inputs(case, gen):
 def run_gluon(call, config):
     q = call.q
     out, lse = ft._empty_outputs(q, call.v)
-    hf.launch(q, call.k, call.v, out, lse, call.key_lengths, call.causal, call.scale, config)
+    hf.launch(q, call.k, call.v, out, lse, call.key_lengths, call.causal, call.scale, config,
+              ft._hopper_head_group(call))  # as _forward does
     return out, lse
 
 

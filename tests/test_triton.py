@@ -999,6 +999,35 @@ def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, devic
     assert len(launches) == 1 and not ft._HOPPER_FORWARD
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, causal):
+    """Causal calls hand the Gluon forward _HOPPER_FORWARD_HEAD_GROUP and the Gluon dK/dV
+    kernel _HEAD_GROUP; the rest go head by head."""
+    from attnkit.backends import hopper_backward as hb
+    from attnkit.backends import hopper_forward as hf
+    from attnkit.call import make_call
+
+    ft = fused_triton
+    launches, fails = _failing_launch()
+    # each launch fails and switches its kernel off: back on after the test
+    monkeypatch.setattr(ft, "_HOPPER_FORWARD", True)
+    monkeypatch.setattr(ft, "_HOPPER_DKDV", True)
+    monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: True)
+    monkeypatch.setattr(ft, "_uses_hopper_dkdv", lambda call, dout: True)
+    monkeypatch.setattr(ft, "_warn_gluon_off", lambda kernel, exc: None)
+    monkeypatch.setitem(ft._HOPPER_ROUTES, (16, causal), ((1, (128, 2, 2, 0)),))
+    monkeypatch.setattr(hf, "launch", fails)
+    monkeypatch.setattr(hb, "launch_dkdv",
+                        lambda *args, head_group: fails(*args, head_group))
+    monkeypatch.setattr(ft, "_HOPPER_FORWARD_HEAD_GROUP", 5)
+    _order_heads_in_groups_of(6, monkeypatch)
+    q, k, v = (torch.randn(1, 2, 17, 16, dtype=DTYPE) for _ in range(3))
+    call = make_call(q, k, v, causal=causal)
+    out, lse = ft._forward(call, 0)
+    ft._backward(call, 0, out, lse, torch.randn_like(out))
+    assert [launch[-1] for launch in launches] == ([5, 6] if causal else [1, 1])
+
+
 def test_hopper_dkdv_that_does_not_compile_falls_back_once(monkeypatch, device):
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_backward as hb

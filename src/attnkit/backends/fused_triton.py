@@ -1096,8 +1096,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     if config is None and tma is None and splits == 1 and _uses_hopper_forward(call):
         try:
             hopper_forward.launch(q, k, v, out, lse, call.key_lengths, call.causal,
-                                  call.scale, _hopper_config(call),
-                                  _HOPPER_FORWARD_HEAD_GROUP if call.causal else 1)
+                                  call.scale, _hopper_config(call), _hopper_head_group(call))
             return out, lse
         except triton.CompilationError as exc:
             _give_up_hopper_forward(exc)
@@ -1150,6 +1149,13 @@ _HOPPER_FORWARD = True
 # in_head_groups order (as _HEAD_GROUP for this file's kernels) compiles, but has not
 # been checked or timed on a GPU yet (NOTES run 21); kernel_variants.py switches this.
 _HOPPER_FORWARD_HEAD_GROUP = 1
+
+
+def _hopper_head_group(call: AttentionCall) -> int:
+    """The Gluon forward's head group for the call (hopper_forward.launch's head_group)."""
+    return _HOPPER_FORWARD_HEAD_GROUP if call.causal else 1
+
+
 # hopper_forward.launch's config (hopper_forward.Config's fields) per (head dim, causal):
 # the first (minimum of Sq and Skv, config) pair whose minimum the call reaches.
 _HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[int, tuple[int, ...]], ...]] = {

@@ -16,12 +16,14 @@ and dS^T reach dV's and dK's products through shared memory, so that neither sta
 registers while its product runs (this is what lets 64 query rows a step fit in
 registers at D=128; NOTES runs 15, 19, 20). On an H200 it ran 1.15-1.19x the Triton
 dK/dV kernel at D=128 (4k causal or not, 16k without), 1.11x at D=64 causal and 1.02x
-at D=64 without (4k; NOTES run 20).
+at D=64 without (4k; NOTES run 20); the whole backward with it, 1.05-1.13x from 1k-4k
+(run 21). Under a causal mask the programs start a group of heads at a time, each head's
+first key block (the one with the most queries to see) first (HEAD_GROUP).
 
-It covers what `hopper_forward` covers: an sm_90 GPU, fp16 or bf16, D = Dv in (64,
-128), a positive scale, causal or not, key_lengths, grouped heads; no window, mask
-tensor or dropout; tensors that TMA can read. Only bfloat16 has been checked on a GPU so
-far, and `fused_triton` routes only that (`_hopper_dkdv_fits`). Gluon does not run under
+It covers what `hopper_forward` covers: an sm_90 GPU, fp16 or bf16 (both checked on a
+GPU), D = Dv in (64, 128), a positive scale, causal or not, key_lengths, grouped heads;
+no window, mask tensor or dropout; tensors that TMA can read. `fused_triton` routes the
+lengths where it was faster (`_hopper_dkdv_fits`). Gluon does not run under
 TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
 """
 

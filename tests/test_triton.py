@@ -1003,11 +1003,11 @@ def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, devic
 def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, causal):
     """Causal calls hand the Gluon forward _HOPPER_FORWARD_HEAD_GROUP and the Gluon dK/dV
     kernel _HEAD_GROUP; the rest go head by head."""
+    from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_backward as hb
     from attnkit.backends import hopper_forward as hf
     from attnkit.call import make_call
 
-    ft = fused_triton
     launches, fails = _failing_launch()
     # each launch fails and switches its kernel off: back on after the test
     monkeypatch.setattr(ft, "_HOPPER_FORWARD", True)

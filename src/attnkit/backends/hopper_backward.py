@@ -208,7 +208,9 @@ if hopper_forward.gluon is not None:
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, HEAD_D],
                                                                        dtype)
         # The programs start HEAD_GROUP heads at a time, each one's first key block (under
-        # a causal mask the one with the most queries to see) first.
+        # a causal mask the one with the most queries to see) first. Head by head, the
+        # grid's own order, the program ids serve as they are, as in the build checked in
+        # run 20 (in_head_groups would divide a linear index back into them).
         if HEAD_GROUP == 1:
             n0 = gl.program_id(0) * BLOCK_N
             bh = gl.program_id(1)

@@ -32,7 +32,7 @@ from attnkit.backends import hopper_backward
 from attnkit.verify import rel_err
 
 
-def gluon_dkdv(call, lse, dout, delta, config=hopper_backward.CONFIG):
+def gluon_dkdv(call, lse, dout, delta, config=hopper_backward.DKDV_CONFIG):
     """dk, dv for `call` through hopper_backward's kernel (delta: rowsum(O dO), from a dQ
     kernel). config: (BLOCK_M, STAGES)."""
     dk = torch.empty_like(call.k, memory_format=torch.contiguous_format)
@@ -98,7 +98,7 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 def main() -> None:
     args = experiment_parser(__doc__, 3, "BLOCK_M,STAGES").parse_args()
-    configs = args.config or [hopper_backward.CONFIG]
+    configs = args.config or [hopper_backward.DKDV_CONFIG]
     run_experiment(args, "gluon_dkdv", configs, check, time_shape, SHAPES)
 
 

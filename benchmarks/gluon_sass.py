@@ -11,8 +11,8 @@ launch on contiguous bfloat16 (B, H, S, D) tensors would be, with Sq and Skv mul
 shared memory per program; --sass writes the SASS without its addresses, so that two
 builds (git stash, or a worktree of another commit on PYTHONPATH) diff line by line.
 Without --config: the forward's routed config for the head dim and causality
-(fused_triton._HOPPER_ROUTES, its longest), the dK/dV kernel's hopper_backward.CONFIG,
-the dQ experiment's (benchmarks/gluon_dq.py) (64, 3).
+(fused_triton._HOPPER_ROUTES, its longest), hopper_backward.DKDV_CONFIG and DQ_CONFIG
+for the backward kernels.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def forward(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] 
 def dkdv(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | None,
          head_group: int):
     """(source, maxnreg) of hopper_backward.dkdv_kernel, as launch_dkdv launches it."""
-    block_m, stages = config or hopper_backward.CONFIG
+    block_m, stages = config or hopper_backward.DKDV_CONFIG
     constexprs = dict(HEAD_D=head_dim, CAUSAL=causal, HAS_LENGTHS=lengths, BLOCK_M=block_m,
                       STAGES=stages, HEAD_GROUP=head_group)
     return source(hopper_backward.dkdv_kernel, constexprs, {}), 168
@@ -87,13 +87,11 @@ def dkdv(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | N
 
 def dq(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | None,
        head_group: int):
-    """(source, maxnreg) of the dQ experiment's kernel (benchmarks/gluon_dq.py)."""
-    from gluon_dq import dq_kernel  # beside this script
-
-    block_n, stages = config or (64, 3)
+    """(source, maxnreg) of hopper_backward.dq_kernel, as launch_dq launches it."""
+    block_n, stages = config or hopper_backward.DQ_CONFIG
     constexprs = dict(HEAD_D=head_dim, CAUSAL=causal, HAS_LENGTHS=lengths, BLOCK_N=block_n,
                       STAGES=stages, HEAD_GROUP=head_group)
-    return source(dq_kernel, constexprs, {}), 168
+    return source(hopper_backward.dq_kernel, constexprs, {}), 168
 
 
 def main() -> None:

@@ -780,39 +780,49 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     assert ft._hopper_forward_fits(_long_call(**kwargs)) == fits
 
 
-@pytest.mark.parametrize("kwargs, fits", [
-    ({}, True),
-    ({"causal": True, "hkv": 1}, True),  # grouped heads
-    ({"key_lengths": torch.tensor([4000])}, True),
-    ({"dtype": torch.float16}, True),
-    ({"d": 64, "causal": True}, True),
-    ({"d": 64}, True),
-    ({"sq": 1024, "skv": 1024}, True),  # 1.05x at 1k
-    ({"sq": 512}, False),  # 0.95x
-    ({"causal": True, "skv": 2048}, True),
-    ({"causal": True, "sq": 1024, "skv": 1024}, False),  # 1.01x: not worth a second path
-    ({"d": 64, "causal": True, "skv": 2048}, False),  # 1.00x at 2k, 0.88x at 1k
-    ({"d": 64, "sq": 2048}, False),
-] + _NOT_GLUON)
-def test_hopper_dkdv_covers_long_plain_calls_only(kwargs, fits):
+@pytest.mark.parametrize("kwargs, dkdv, dq", [
+    ({}, True, True),
+    ({"causal": True, "hkv": 1}, True, True),  # grouped heads
+    ({"key_lengths": torch.tensor([4000])}, True, True),
+    ({"dtype": torch.float16}, True, True),
+    ({"d": 64, "causal": True}, True, False),  # dQ: 0.77x at D=64
+    ({"d": 64}, True, False),
+    ({"sq": 2048, "skv": 2048}, True, True),
+    ({"sq": 1024, "skv": 1024}, True, False),  # dK/dV: 1.05x at 1k
+    ({"sq": 512}, False, False),  # dK/dV: 0.95x
+    ({"causal": True, "skv": 2048}, True, True),
+    ({"causal": True, "sq": 1024, "skv": 1024}, False, False),  # dK/dV: 1.01x
+    ({"d": 64, "causal": True, "skv": 2048}, False, False),  # dK/dV: 1.00x at 2k
+    ({"d": 64, "sq": 2048}, False, False),
+] + [(kwargs, False, False) for kwargs, _ in _NOT_GLUON])
+def test_hopper_backward_kernels_cover_long_plain_calls_only(kwargs, dkdv, dq):
     from attnkit.backends import fused_triton as ft
 
     call = _long_call(**kwargs)
-    assert ft._hopper_dkdv_fits(call, torch.randn_like(call.q)) == fits
+    out, dout = torch.randn_like(call.q), torch.randn_like(call.q)
+    assert ft._hopper_dkdv_fits(call, dout) == dkdv
+    assert ft._hopper_dq_fits(call, out, dout) == dq
 
 
-def test_hopper_dkdv_needs_a_gradient_tma_can_read():
+def test_hopper_backward_kernels_need_tensors_tma_can_read():
     from attnkit.backends import fused_triton as ft
 
     call = _long_call()
-    assert ft._hopper_dkdv_fits(call, torch.randn_like(call.q))
+    out = torch.randn_like(call.q)
+
+    def fits(dout):
+        return ft._hopper_dkdv_fits(call, dout), ft._hopper_dq_fits(call, out, dout)
+
+    assert fits(torch.randn_like(call.q)) == (True, True)
     columns = torch.randn_like(call.q).transpose(2, 3).contiguous().transpose(2, 3)
-    assert not ft._hopper_dkdv_fits(call, columns)  # stride 1 along S
+    assert fits(columns) == (False, False)  # stride 1 along S
     broadcast = torch.randn_like(call.q[:, :1]).expand_as(call.q)  # stride 0 over heads
-    assert not ft._hopper_dkdv_fits(call, broadcast)
-    # the kernel builds its descriptors from the strides: none may be 0, even of size 1
+    assert fits(broadcast) == (False, False)
+    # the kernels build their descriptors from the strides: none may be 0, even of size 1
     one_batch = call.q.as_strided(call.q.shape, (0, *call.q.stride()[1:]))
-    assert not ft._hopper_dkdv_fits(call, one_batch)
+    assert fits(one_batch) == (False, False)
+    # the dQ kernel reads out by rows of unit stride
+    assert not ft._hopper_dq_fits(call, columns, torch.randn_like(call.q))
 
 
 @pytest.mark.parametrize("kwargs, grad, leads", [
@@ -929,8 +939,13 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
     assert "dK/dV kernel for Hopper: on for" in ft.BACKEND.details(cuda)
     assert "4096 at D=64 causal" in ft.BACKEND.details(cuda)
+    assert "dQ kernel for Hopper: on for calls of the same kinds with Sq and Skv >= 2048 at " \
+        "D=128" in ft.BACKEND.details(cuda)
     monkeypatch.setattr(ft, "_HOPPER_DKDV", False)
     assert "dK/dV kernel for Hopper: off: switched off" in ft.BACKEND.details(cuda)
+    assert "dQ kernel for Hopper: on" in ft.BACKEND.details(cuda)
+    monkeypatch.setattr(ft, "_HOPPER_DQ", False)
+    assert "dQ kernel for Hopper: off: switched off" in ft.BACKEND.details(cuda)
     assert "Gluon forward for Hopper: on" in ft.BACKEND.details(cuda)
     monkeypatch.setattr(ft, "_HOPPER_FORWARD", False)
     assert "forward for Hopper: off: switched off in this process" in ft.BACKEND.details(cuda)
@@ -1001,8 +1016,8 @@ def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, devic
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, causal):
-    """Causal calls hand the Gluon forward _HOPPER_FORWARD_HEAD_GROUP and the Gluon dK/dV
-    kernel _HEAD_GROUP; the rest go head by head."""
+    """Causal calls hand the Gluon forward _HOPPER_FORWARD_HEAD_GROUP and the Gluon dQ and
+    dK/dV kernels _HEAD_GROUP; the rest go head by head."""
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_backward as hb
     from attnkit.backends import hopper_forward as hf
@@ -1012,37 +1027,45 @@ def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, caus
     # each launch fails and switches its kernel off: back on after the test
     monkeypatch.setattr(ft, "_HOPPER_FORWARD", True)
     monkeypatch.setattr(ft, "_HOPPER_DKDV", True)
+    monkeypatch.setattr(ft, "_HOPPER_DQ", True)
     monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: True)
     monkeypatch.setattr(ft, "_uses_hopper_dkdv", lambda call, dout: True)
+    monkeypatch.setattr(ft, "_uses_hopper_dq", lambda call, out, dout: True)
     monkeypatch.setattr(ft, "_warn_gluon_off", lambda kernel, exc: None)
     monkeypatch.setitem(ft._HOPPER_ROUTES, (16, causal), ((1, (128, 2, 2, 0)),))
     monkeypatch.setattr(hf, "launch", fails)
-    monkeypatch.setattr(hb, "launch_dkdv",
-                        lambda *args, head_group: fails(*args, head_group))
+    for launch in ("launch_dkdv", "launch_dq"):
+        monkeypatch.setattr(hb, launch, lambda *args, head_group: fails(*args, head_group))
     monkeypatch.setattr(ft, "_HOPPER_FORWARD_HEAD_GROUP", 5)
     _order_heads_in_groups_of(6, monkeypatch)
     q, k, v = (torch.randn(1, 2, 17, 16, dtype=DTYPE) for _ in range(3))
     call = make_call(q, k, v, causal=causal)
     out, lse = ft._forward(call, 0)
     ft._backward(call, 0, out, lse, torch.randn_like(out))
-    assert [launch[-1] for launch in launches] == ([5, 6] if causal else [1, 1])
+    assert [launch[-1] for launch in launches] == ([5, 6, 6] if causal else [1, 1, 1])
 
 
-def test_hopper_dkdv_that_does_not_compile_falls_back_once(monkeypatch, device):
+@pytest.mark.parametrize("kernel, switch, launch", [
+    ("dK/dV", "_HOPPER_DKDV", "launch_dkdv"), ("dQ", "_HOPPER_DQ", "launch_dq")])
+def test_hopper_backward_kernel_that_does_not_compile_falls_back_once(monkeypatch, device,
+                                                                      kernel, switch, launch):
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_backward as hb
 
     launches, fails = _failing_launch()
-    monkeypatch.setattr(ft, "_HOPPER_DKDV", True)
-    # as if on a Hopper GPU with a call the Gluon dK/dV kernel covers
-    monkeypatch.setattr(ft, "_uses_hopper_dkdv", lambda call, dout: ft._HOPPER_DKDV)
-    monkeypatch.setattr(hb, "launch_dkdv", fails)
+    monkeypatch.setattr(ft, switch, True)
+    # as if on a Hopper GPU with a call the Gluon kernel covers (the other one off)
+    uses = {"_HOPPER_DKDV": ("_uses_hopper_dkdv", lambda call, dout: ft._HOPPER_DKDV),
+            "_HOPPER_DQ": ("_uses_hopper_dq", lambda call, out, dout: ft._HOPPER_DQ)}
+    for kernel_switch, (name, rule) in uses.items():
+        monkeypatch.setattr(ft, name, rule if kernel_switch == switch else lambda *a: False)
+    monkeypatch.setattr(hb, launch, fails)
     q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE).requires_grad_() for _ in range(3))
     grad = torch.randn_like(q)
-    with pytest.warns(RuntimeWarning, match="dK/dV kernel for Hopper did not compile"):
+    with pytest.warns(RuntimeWarning, match=f"{kernel} kernel for Hopper did not compile"):
         _assert_matches_reference(q, k, v, grad, causal=True)
     _assert_matches_reference(q, k, v, grad, causal=True)  # no second try or warning
-    assert len(launches) == 1 and not ft._HOPPER_DKDV
+    assert len(launches) == 1 and not getattr(ft, switch)
 
 
 def test_verify_on_a_gpu_reaches_the_hopper_forward():
@@ -1105,21 +1128,31 @@ def test_hopper_forward_configs_on_gpu(head_dim, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_hopper_dkdv_on_gpu(monkeypatch, head_dim, dtype):
-    """The Gluon dK/dV kernel, through _backward, against the oracle on awkward shapes
-    (partial key and query blocks, rows and batches that see no key, grouped heads), and
-    the same bits twice."""
+def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
+    """The Gluon dQ and dK/dV kernels, through _backward, against the oracle on awkward
+    shapes (partial key and query blocks, rows and batches that see no key, grouped
+    heads), and the same bits twice."""
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_backward as hb
     from attnkit.call import make_call
 
     _skip_without_hopper_forward()
-    # every call routed: these shapes are shorter than the route takes
+    # every call routed to both (the dQ kernel at D=64 too): these shapes are shorter
+    # than the routes take
     launched = []
-    launch = hb.launch_dkdv
     monkeypatch.setattr(ft, "_hopper_dkdv_fits", lambda call, dout: True)
-    monkeypatch.setattr(hb, "launch_dkdv",
-                        lambda *args, **kw: launched.append(launch(*args, **kw)))
+    monkeypatch.setattr(ft, "_hopper_dq_fits", lambda call, out, dout: True)
+    def counted(name):
+        launch = getattr(hb, name)
+
+        def run(*args, **kwargs):
+            launch(*args, **kwargs)
+            launched.append(name)
+
+        return run
+
+    for name in ("launch_dkdv", "launch_dq"):
+        monkeypatch.setattr(hb, name, counted(name))
     _order_heads_in_groups_of(3, monkeypatch)  # several groups, the last one short
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
     for b, hq, hkv, sq, skv, causal, lengths in [
@@ -1139,14 +1172,13 @@ def test_hopper_dkdv_on_gpu(monkeypatch, head_dim, dtype):
         call = make_call(q, k, v, causal=causal, key_lengths=key_lengths)
         out, lse = ft._forward(call, 0)
         launched.clear()
-        grads = [ft._backward(call, 0, out, lse, dout)[1:] for _ in range(2)]
-        assert len(launched) == 2  # not the Triton dK/dV kernel
-        k64, v64 = (t.double().requires_grad_() for t in (k, v))
-        ref = attention(q.double(), k64, v64, causal=causal, key_lengths=key_lengths,
-                        impl="reference")
-        want = torch.autograd.grad(ref, (k64, v64), dout.double())
-        for got, expected in zip(grads[0], want, strict=True):
-            assert rel_err(got, expected) < 1e-2, (b, hq, hkv, sq, skv, causal, lengths)
+        grads = [ft._backward(call, 0, out, lse, dout) for _ in range(2)]
+        assert sorted(launched) == ["launch_dkdv", "launch_dkdv", "launch_dq", "launch_dq"]
+        inputs64 = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = attention(*inputs64, causal=causal, key_lengths=key_lengths, impl="reference")
+        want = torch.autograd.grad(ref, inputs64, dout.double())
+        for name, got, expected in zip("qkv", grads[0], want, strict=True):
+            assert rel_err(got, expected) < 1e-2, (name, b, hq, hkv, sq, skv, causal, lengths)
         assert all(torch.equal(x, y) for x, y in zip(*grads, strict=True))
 
 
@@ -1156,7 +1188,7 @@ def test_hopper_dkdv_on_gpu(monkeypatch, head_dim, dtype):
     (torch.bfloat16, 64, True)])
 def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     """attention(impl="triton") forward and backward on a long call that takes the Gluon
-    forward and the Gluon dK/dV kernel."""
+    forward and the Gluon dK/dV kernel, and at D=128 the Gluon dQ kernel."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
@@ -1169,5 +1201,6 @@ def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     assert ft._uses_hopper_forward(call)
     grad = torch.randn_like(q)
     assert ft._uses_hopper_dkdv(call, grad)
+    assert ft._uses_hopper_dq(call, grad, grad) == (head_dim == 128)  # grad's layout as out's
     _assert_matches_reference(q, k, v, grad, causal=causal, key_lengths=lengths,
                               return_lse=True)

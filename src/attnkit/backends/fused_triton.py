@@ -14,8 +14,8 @@ head) accumulates dK, dV over the query blocks of every query head of its group
 through TMA descriptors, where their layout allows and the autotuner finds it faster
 (long sequences). On Hopper, long calls with 64- or 128-wide heads take a forward written
 in Gluon instead (`hopper_forward`: the softmax overlaps the matmuls; `_uses_hopper_forward`
-says which calls), and a dK/dV kernel written in Gluon (`hopper_backward`: 64 query rows a
-step; `_uses_hopper_dkdv`).
+says which calls), and backward kernels written in Gluon (`hopper_backward`, the same
+layout: `_uses_hopper_dq`, `_uses_hopper_dkdv`).
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
 i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off
@@ -42,6 +42,7 @@ import os
 import re
 import types
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -1093,13 +1094,11 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     out, lse = _empty_outputs(q, v)
     packed = _packs_group(call) if packed is None else packed
     splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call, packed), config)
-    if config is None and tma is None and splits == 1 and _uses_hopper_forward(call):
-        try:
-            hopper_forward.launch(q, k, v, out, lse, call.key_lengths, call.causal,
-                                  call.scale, _hopper_config(call), _hopper_head_group(call))
-            return out, lse
-        except triton.CompilationError as exc:
-            _give_up_hopper_forward(exc)
+    if (config is None and tma is None and splits == 1 and _uses_hopper_forward(call)
+            and _ran_on_gluon("_HOPPER_FORWARD", "forward", lambda: hopper_forward.launch(
+                q, k, v, out, lse, call.key_lengths, call.causal, call.scale,
+                _hopper_config(call), _hopper_head_group(call)))):
+        return out, lse
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
@@ -1192,28 +1191,43 @@ def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
             and all(_tma_layout(t) and hopper_forward.describable(t) for t in tensors))
 
 
-# The backward's dK/dV kernel on Hopper is the Gluon one (hopper_backward) where it covers
-# the call and was measured faster. On an H200, the whole backward (NOTES runs 20, 21):
-# 1.05-1.13x at D=128 without causal from 1k (0.95x at 512), 1.05-1.10x causal from 2k
-# (1.01x at 1k); at D=64 1.03-1.04x without causal and 1.07x causal from 4k (causal 0.88x
-# at 1k, 1.00x at 2k). bfloat16 and float16, both checked on a GPU. _HOPPER_DKDV
-# switches it off.
+# The backward's kernels on Hopper are the Gluon ones (hopper_backward) where they cover
+# the call and were measured faster, each with a switch of its own and the shortest Sq
+# and Skv it takes per (head dim, causal). The dK/dV kernel, on an H200, the whole
+# backward (NOTES runs 20, 21): 1.05-1.13x at D=128 without causal from 1k (0.95x at
+# 512), 1.05-1.10x causal from 2k (1.01x at 1k); at D=64 1.03-1.04x without causal and
+# 1.07x causal from 4k (causal 0.88x at 1k, 1.00x at 2k). bfloat16 and float16, both
+# checked on a GPU.
 _HOPPER_DKDV = True
-# the shortest Sq and Skv routed, per (head dim, causal)
 _HOPPER_DKDV_MIN_SEQ = {(128, False): 1024, (128, True): 2048, (64, False): 4096,
                         (64, True): 4096}
+# The dQ kernel: 1.02-1.07x the Triton dQ kernel alone at D=128 from 4k, 0.77x at D=64
+# (NOTES run 22).
+_HOPPER_DQ = True
+_HOPPER_DQ_MIN_SEQ = {(128, False): 1024, (128, True): 1024}
 
 
-def _hopper_dkdv_fits(call: AttentionCall, dout: Tensor) -> bool:
-    """Whether the Gluon dK/dV kernel covers the call (with its gradient dout) and was
-    measured faster on it: _HOPPER_DKDV_MIN_SEQ, _gluon_covers, and every stride of q, k,
-    v and dout positive, as the kernel builds its descriptors from them on the GPU. Says
-    nothing about the device."""
-    shortest = _HOPPER_DKDV_MIN_SEQ.get((call.head_dim, call.causal))
+def _hopper_backward_fits(call: AttentionCall, dout: Tensor,
+                          min_seq: dict[tuple[int, bool], int]) -> bool:
+    """Whether a Gluon backward kernel covers the call (with its gradient dout) and was
+    measured faster on it: min_seq (its shortest routed Sq and Skv), _gluon_covers, and
+    every stride of q, k, v and dout positive, as the kernels build their descriptors
+    from them on the GPU. Says nothing about the device."""
+    shortest = min_seq.get((call.head_dim, call.causal))
     tensors = (call.q, call.k, call.v, dout)
     return (shortest is not None
             and min(call.seq_q, call.seq_kv) >= shortest
             and _gluon_covers(call, tensors) and all(min(t.stride()) > 0 for t in tensors))
+
+
+def _hopper_dkdv_fits(call: AttentionCall, dout: Tensor) -> bool:
+    return _hopper_backward_fits(call, dout, _HOPPER_DKDV_MIN_SEQ)
+
+
+def _hopper_dq_fits(call: AttentionCall, out: Tensor, dout: Tensor) -> bool:
+    """_hopper_backward_fits for the dQ kernel, which also reads out along rows of unit
+    stride (the forward's own out always is)."""
+    return out.stride(3) == 1 and _hopper_backward_fits(call, dout, _HOPPER_DQ_MIN_SEQ)
 
 
 def _uses_hopper_dkdv(call: AttentionCall, dout: Tensor) -> bool:
@@ -1221,20 +1235,24 @@ def _uses_hopper_dkdv(call: AttentionCall, dout: Tensor) -> bool:
             and _hopper_dkdv_fits(call, dout))
 
 
-def _give_up_hopper_forward(exc: Exception) -> None:
-    """A Gluon forward that does not compile here (a Triton whose Gluon differs from the
-    one it was checked under) is switched off for the process, once, with a warning; the
-    Triton forward serves instead."""
-    global _HOPPER_FORWARD
-    _HOPPER_FORWARD = False
-    _warn_gluon_off("forward", exc)
+def _uses_hopper_dq(call: AttentionCall, out: Tensor, dout: Tensor) -> bool:
+    return (_HOPPER_DQ and call.device.type == "cuda" and _is_hopper(call.device)
+            and _hopper_dq_fits(call, out, dout))
 
 
-def _give_up_hopper_dkdv(exc: Exception) -> None:
-    """As _give_up_hopper_forward, for the Gluon dK/dV kernel."""
-    global _HOPPER_DKDV
-    _HOPPER_DKDV = False
-    _warn_gluon_off("dK/dV kernel", exc)
+def _ran_on_gluon(switch: str, kernel: str, launch: Callable[[], None]) -> bool:
+    """Runs a Gluon kernel's launch and says whether it ran. One that does not compile
+    here (a Triton whose Gluon differs from the one it was checked under) is switched off
+    for the process (the module flag `switch`), once, with a warning; the Triton kernel
+    serves instead."""
+    _ensure_allocator()  # the backward kernels build their descriptors on the GPU
+    try:
+        launch()
+        return True
+    except triton.CompilationError as exc:
+        globals()[switch] = False
+        _warn_gluon_off(kernel, exc)
+        return False
 
 
 def _warn_gluon_off(kernel: str, exc: Exception) -> None:
@@ -1266,15 +1284,13 @@ def _is_hopper(device: torch.device) -> bool:
 
 
 def _details(device: torch.device) -> str | None:
-    """On a Hopper GPU, whether the Gluon forward and dK/dV kernel run there, and if not
-    why."""
-    why = _hopper_forward_unavailable(device)
-    if why == _NOT_HOPPER:
+    """On a Hopper GPU, whether the Gluon forward and backward kernels run there, and if
+    not why."""
+    unavailable = _hopper_forward_unavailable(device)
+    if unavailable == _NOT_HOPPER:
         return None
     off = "switched off in this process (it did not compile here, or by hand)"
-    dkdv_why = why or (None if _HOPPER_DKDV else off)
-    if why is None and not _HOPPER_FORWARD:
-        why = off
+    why = unavailable or (None if _HOPPER_FORWARD else off)
     state = (f"off: {why}" if why else
              f"on for bfloat16/float16 calls with D = Dv in "
              f"{sorted({d for d, _ in _HOPPER_ROUTES})}, Sq and Skv >= {_route_text()}, "
@@ -1282,11 +1298,16 @@ def _details(device: torch.device) -> str | None:
              f"impl='auto' runs triton first for those calls when nothing needs a "
              f"gradient, from {_LEADS_MIN_SEQ} queries and keys, causal or at D=64, "
              f"where it was faster than cuDNN")
-    routed = ", ".join(f"{seq} at D={d}{' causal' if causal else ''}" for (d, causal), seq
-                       in _HOPPER_DKDV_MIN_SEQ.items())
-    dkdv_state = (f"off: {dkdv_why}" if dkdv_why else
-                  f"on for calls of the same kinds with Sq and Skv >= {routed}")
-    return f"Gluon forward for Hopper: {state}. Gluon dK/dV kernel for Hopper: {dkdv_state}"
+    text = f"Gluon forward for Hopper: {state}"
+    for kernel, switch, min_seq in (("dQ", _HOPPER_DQ, _HOPPER_DQ_MIN_SEQ),
+                                    ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_MIN_SEQ)):
+        why = unavailable or (None if switch else off)
+        routed = ", ".join(f"{seq} at D={d}{' causal' if causal else ''}"
+                           for (d, causal), seq in min_seq.items())
+        state = (f"off: {why}" if why else
+                 f"on for calls of the same kinds with Sq and Skv >= {routed}")
+        text += f". Gluon {kernel} kernel for Hopper: {state}"
+    return text
 
 
 def _route_text() -> str:
@@ -1393,17 +1414,17 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     shared = _backward_shared(call, seed, lse, dout)
     delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     dq, dk, dv = _empty_grads(call.q, call.k, call.v)
-    _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
-    if configs[0] is None and _uses_hopper_dkdv(call, dout):
-        try:
-            _ensure_allocator()
-            hopper_backward.launch_dkdv(call.q, call.k, call.v, dout, lse, delta, dk, dv,
-                                        call.key_lengths, call.causal, call.scale,
-                                        head_group=shared[1]["HEAD_GROUP"])
-            return dq, dk, dv
-        except triton.CompilationError as exc:
-            _give_up_hopper_dkdv(exc)
-    _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
+    q, k, v, head_group = call.q, call.k, call.v, shared[1]["HEAD_GROUP"]
+    if not (configs[1] is None and _uses_hopper_dq(call, out, dout)
+            and _ran_on_gluon("_HOPPER_DQ", "dQ kernel", lambda: hopper_backward.launch_dq(
+                q, k, v, out, dout, lse, delta, dq, call.key_lengths, call.causal,
+                call.scale, head_group=head_group))):
+        _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
+    if not (configs[0] is None and _uses_hopper_dkdv(call, dout)
+            and _ran_on_gluon("_HOPPER_DKDV", "dK/dV kernel", lambda: hopper_backward.launch_dkdv(
+                q, k, v, dout, lse, delta, dk, dv, call.key_lengths, call.causal,
+                call.scale, head_group=head_group))):
+        _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
     return dq, dk, dv
 
 

@@ -1,30 +1,44 @@
-"""The `triton` backend's dK/dV kernel for Hopper, in Gluon (Triton's lower-level language).
+"""The `triton` backend's two backward kernels for Hopper, in Gluon (Triton's lower-level
+language): the dQ kernel and the dK/dV kernel.
 
-`fused_triton`'s backward runs two kernels: the dQ kernel (which also writes delta =
-rowsum(out * dout)) and the dK/dV kernel. On Hopper the second one can be this kernel
-instead. One program per 128 keys and (batch, kv head) walks the query blocks of every
-query head of the kv group, in order, so dK and dV need no atomics and come out the
-same on every run:
+`fused_triton`'s backward runs two kernels, each one recomputing P: the dQ kernel (which
+also writes delta = rowsum(out * dout)) and then the dK/dV kernel. On Hopper either can
+be the one here instead. Both have the layout of `hopper_forward`'s forward: two
+warpgroups of 64 rows, each in a partition of its own, and one loading warp filling a
+ring of STAGES slots through TMA, so the next tile's loads run under this one's math.
+Neither needs atomics, so both give the same bits on every run.
+
+The dQ kernel: one program per 128 query rows and (batch, query head) walks the key
+blocks the rows can see, its loading warp bringing K and V (the forward's ring):
+
+    S = Q K^T,  P = exp2(S * scale - lse),  dP = dO V^T,  dS = P (dP - delta),
+    dQ += dS K
+
+In a warpgroup, block j+1's S and dP are on the tensor cores while block j's
+exponentials and dS run. On an H200 it ran 1.02-1.07x the Triton dQ kernel at D=128
+(4k and 16k, causal or not) but 0.77x at D=64 (NOTES runs 14, 22).
+
+The dK/dV kernel: one program per 128 keys and (batch, kv head) walks the query blocks
+of every query head of the kv group, in order, so dK and dV need no atomics:
 
     S^T = K Q^T,  P^T = exp2(S^T * scale - lse),  dP^T = V dO^T,
     dV += P^T dO,  dS^T = P^T (dP^T - delta),  dK += dS^T Q
 
-The 128 keys are two warpgroups of 64, each in a partition of its own, and one loading
-warp brings K and V once, then Q, dO, lse and delta of each step into a ring of STAGES
-slots. In a warpgroup, P^T's exponentials run while dP^T is on the tensor cores; P^T
-and dS^T reach dV's and dK's products through shared memory, so that neither stays in
-registers while its product runs (this is what lets 64 query rows a step fit in
-registers at D=128; NOTES runs 15, 19, 20). On an H200 it ran 1.15-1.19x the Triton
-dK/dV kernel at D=128 (4k causal or not, 16k without), 1.11x at D=64 causal and 1.02x
-at D=64 without (4k; NOTES run 20); the whole backward with it, 1.05-1.13x from 1k-4k
-(run 21). Under a causal mask the programs start a group of heads at a time, each head's
-first key block (the one with the most queries to see) first (HEAD_GROUP).
+Its loading warp brings K and V once, then Q, dO, lse and delta of each step. In a
+warpgroup, P^T's exponentials run while dP^T is on the tensor cores; P^T and dS^T reach
+dV's and dK's products through shared memory, so that neither stays in registers while
+its product runs (this is what lets 64 query rows a step fit in registers at D=128;
+NOTES runs 15, 19, 20). On an H200 it ran 1.15-1.19x the Triton dK/dV kernel at D=128
+(4k causal or not, 16k without), 1.11x at D=64 causal and 1.02x at D=64 without (4k;
+NOTES run 20); the whole backward with it, 1.05-1.13x from 1k-4k (run 21).
 
-It covers what `hopper_forward` covers: an sm_90 GPU, fp16 or bf16 (both checked on a
-GPU), D = Dv in (64, 128), a positive scale, causal or not, key_lengths, grouped heads;
-no window, mask tensor or dropout; tensors that TMA can read. `fused_triton` routes the
-lengths where it was faster (`_hopper_dkdv_fits`). Gluon does not run under
-TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
+Under a causal mask both kernels' programs start a group of heads at a time, each
+head's heaviest block first (HEAD_GROUP). They cover what `hopper_forward` covers: an
+sm_90 GPU, fp16 or bf16, D = Dv in (64, 128), a positive scale, causal or not,
+key_lengths, grouped heads; no window, mask tensor or dropout; tensors that TMA can
+read. `fused_triton` routes each where it was faster (`_hopper_dq_fits`,
+`_hopper_dkdv_fits`). Gluon does not run under TRITON_INTERPRET, so this file is tested
+on a GPU only (tests/test_triton.py).
 """
 
 from __future__ import annotations
@@ -42,7 +56,16 @@ if hopper_forward.gluon is not None:
         warpgroup_mma_wait,
     )
 
-    from attnkit.backends.hopper_forward import score_layout
+    from attnkit.backends.hopper_forward import (
+        box,
+        hold,
+        in_head_groups,
+        key_blocks,
+        kv_ring,
+        load_kv_ring,
+        score_layout,
+        visible,
+    )
 
     @gluon.jit
     def lse_log2(lse):
@@ -51,7 +74,7 @@ if hopper_forward.gluon is not None:
         return gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
 
     @gluon.jit
-    def _step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem, q_ring,
+    def _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem, q_ring,
               do_ring, ready, free, pt_buf, dst_buf, rows_ring, MASKED: gl.constexpr,
               CAUSAL: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
               s_layout: gl.constexpr):
@@ -103,7 +126,7 @@ if hopper_forward.gluon is not None:
         return dk, dv
 
     @gluon.jit
-    def _consume(DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
+    def _dkdv_consume(DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
                  first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
                  stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
                  free, pt_buf, dst_buf, rows_ring, HEAD_D: gl.constexpr,
@@ -125,11 +148,11 @@ if hopper_forward.gluon is not None:
             if CAUSAL:
                 whole = whole & (n0 + 63 <= m0 + off)
             if whole:
-                dk, dv = _step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
+                dk, dv = _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
                                q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
                                False, CAUSAL, STAGES, BLOCK_M, s_layout)
             else:
-                dk, dv = _step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
+                dk, dv = _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
                                q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
                                True, CAUSAL, STAGES, BLOCK_M, s_layout)
         rows = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, d_layout))
@@ -141,7 +164,7 @@ if hopper_forward.gluon is not None:
                  + gl.expand_dims(cols, 0), dv.to(k_smem.dtype), mask=ok)
 
     @gluon.jit
-    def _produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
+    def _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                  v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
                  free, rows_ring, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """The loading warp: K and V of the key block once, then for each step of the walk
@@ -171,7 +194,7 @@ if hopper_forward.gluon is not None:
             tma.async_copy_global_to_shared(do_desc, [h, m0, 0], bar, do_ring.index(slot))
 
     @gluon.jit
-    def _worker(ROLE: gl.constexpr, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
+    def _dkdv_worker(ROLE: gl.constexpr, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
                 qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                 stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
                 do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
@@ -179,13 +202,13 @@ if hopper_forward.gluon is not None:
                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
         """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
         if ROLE == 0:
-            _consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
+            _dkdv_consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
                      first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
                      stride_dvh, stride_dvn, k_smem.slice(64, 64), v_smem.slice(64, 64),
                      kv_bar, q_ring, do_ring, ready, free, pt_smem.index(1),
                      dst_smem.index(1), rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)
         else:
-            _produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
+            _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                      v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
                      free, rows_ring, BLOCK_M, STAGES)
 
@@ -267,32 +290,240 @@ if hopper_forward.gluon is not None:
         # 240 registers per computing thread leave the loading warp's warpgroup 24 of the
         # 64K; at BLOCK_M 64 and D=128 they need them all.
         gl.warp_specialize([
-            (_consume, (DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
+            (_dkdv_consume, (DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
                         first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
                         stride_dvh, stride_dvn, k_smem.slice(0, 64), v_smem.slice(0, 64),
                         kv_bar, q_ring, do_ring, ready, free, pt_smem.index(0),
                         dst_smem.index(0), rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
-            (_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
+            (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                        scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                        stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
                        do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
                        dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
-            (_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
+            (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                        scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                        stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
                        do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
                        dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
         ], [4, 1], [240, 24])
 
+    @gluon.jit
+    def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem, do_smem,
+                 k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                 MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_NEXT: gl.constexpr,
+                 STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                 ds_layout: gl.constexpr):
+        """Key block j, whose S and dP are in registers: block j+1's S and dP are issued
+        (HAS_NEXT), block j's exponentials and dS run while they are on the tensor cores,
+        then block j's dQ product; everything is waited for before the next step, since a
+        product still in flight across the loop's back edge makes ptxas serialize them all
+        (C7514). Returns block j+1's S and dP, and dq."""
+        slot = j % STAGES
+        mbarrier.arrive(v_free.index(slot), count=1)  # dP, the one reader of V's slot, is done
+        if HAS_NEXT:
+            nxt = (j + 1) % STAGES
+            phase = ((j + 1) // STAGES) & 1
+            # Each product gets zeros of its own: one set of registers read as two
+            # accumulators also serializes them.
+            mbarrier.wait(k_bars.index(nxt), phase)
+            s_tok = warpgroup_mma(q_smem, box(k_smem, nxt).permute((1, 0)),
+                                  gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
+                                  is_async=True)
+            mbarrier.wait(v_bars.index(nxt), phase)
+            dp_tok = warpgroup_mma(do_smem, box(v_smem, nxt).permute((1, 0)),
+                                   gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
+                                   is_async=True)
+        if MASKED:
+            kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s * qk_scale, float("-inf"))
+            p = gl.exp2(s - gl.expand_dims(lse, 1))
+        else:
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+        ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(q_smem.dtype), ds_layout)
+        dq_tok = warpgroup_mma(ds, box(k_smem, slot), dq, is_async=True)
+        if HAS_NEXT:
+            dq, s, dp, _ = warpgroup_mma_wait(0, deps=[dq_tok, s_tok, dp_tok, ds])
+        else:
+            dq, _ = warpgroup_mma_wait(0, deps=[dq_tok, ds])
+        hold(ds)
+        mbarrier.arrive(k_free.index(slot), count=1)  # S and the dQ product read K's slot
+        return s, dp, dq
 
-# (BLOCK_M, STAGES): the config checked and timed on an H200 (NOTES run 20). (32, 3) was
-# 0.83-0.96x it; (32, 4) and (64, 3) gave wrong dK/dV before the mask was made per
-# element and were not checked after.
-CONFIG = (64, 2)
+    @gluon.jit
+    def _dq_blocks(first, last, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem,
+                   do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                   BLOCK_N: gl.constexpr, s_layout: gl.constexpr, ds_layout: gl.constexpr):
+        for j in range(first, last):
+            s, dp, dq = _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem,
+                                 do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free, MASKED,
+                                 CAUSAL, True, STAGES, BLOCK_N, s_layout, ds_layout)
+        return s, dp, dq
+
+    @gluon.jit
+    def _dq_consume(Out, LSE, DELTA, DQ, b, h, bh, row0, Sq, kv_len, off, qk_scale, scale, total,
+                    full_blocks, stride_ob, stride_oh, stride_om, stride_dqb, stride_dqh,
+                    stride_dqm, q_smem, do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free,
+                    v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    CAUSAL: gl.constexpr):
+        """One warpgroup's 64 query rows [row0, row0 + 64): delta, then dq over every key
+        block, stored scaled."""
+        ROWS: gl.constexpr = 64
+        s_layout: gl.constexpr = score_layout(BLOCK_N)
+        d_layout: gl.constexpr = score_layout(HEAD_D)
+        ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout,
+                                                      k_width=2)
+        rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        qi = row0 + gl.arange(0, ROWS, layout=rows_layout)
+        row_ok = qi < Sq
+        lse = lse_log2(gl.load(LSE + bh.to(gl.int64) * Sq + qi, mask=row_ok, other=float("inf")))
+
+        mbarrier.wait(q_bar, 0)
+        # delta = rowsum(O dO), in the layout the dO tile loads into, then stored for dK/dV.
+        o_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        o_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+        o = gl.load(Out + b * stride_ob + h * stride_oh + gl.expand_dims(o_rows, 1) * stride_om
+                    + gl.expand_dims(cols, 0), mask=gl.expand_dims(o_rows < Sq, 1), other=0.0)
+        do = do_smem.load(o_layout)
+        delta = gl.sum(o.to(gl.float32) * do.to(gl.float32), 1)
+        gl.store(DELTA + bh.to(gl.int64) * Sq + o_rows, delta, mask=o_rows < Sq)
+        delta = gl.convert_layout(delta, rows_layout)
+
+        dq = gl.zeros([ROWS, HEAD_D], gl.float32, d_layout)
+        mbarrier.wait(k_bars.index(0), 0)
+        s_tok = warpgroup_mma(q_smem, box(k_smem, 0).permute((1, 0)),
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                              is_async=True)
+        mbarrier.wait(v_bars.index(0), 0)
+        dp_tok = warpgroup_mma(do_smem, box(v_smem, 0).permute((1, 0)),
+                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                               is_async=True)
+        s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])
+        # Blocks every row sees first, then the rest with index checks; the last block
+        # apart, as it issues no next S and dP.
+        split = gl.minimum(full_blocks, total - 1)
+        s, dp, dq = _dq_blocks(0, split, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
+                               q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                               False, CAUSAL, STAGES, BLOCK_N, s_layout, ds_layout)
+        s, dp, dq = _dq_blocks(split, total - 1, s, dp, dq, lse, delta, qi, kv_len, off,
+                               qk_scale, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
+                               v_free, True, CAUSAL, STAGES, BLOCK_N, s_layout, ds_layout)
+        s, dp, dq = _dq_step(total - 1, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
+                             q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                             True, CAUSAL, False, STAGES, BLOCK_N, s_layout, ds_layout)
+
+        d_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, d_layout))
+        d_cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
+        gl.store(DQ + b * stride_dqb + h * stride_dqh + gl.expand_dims(d_rows, 1) * stride_dqm
+                 + gl.expand_dims(d_cols, 0), (dq * scale).to(q_smem.dtype),
+                 mask=gl.expand_dims(d_rows < Sq, 1) & gl.expand_dims(d_cols < HEAD_D, 0))
+
+    @gluon.jit
+    def _dq_worker(ROLE: gl.constexpr, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off,
+                   qk_scale, scale, total, full_blocks, stride_ob, stride_oh, stride_om,
+                   stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_smem,
+                   do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
+                   HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr):
+        """ROLE 0: the second warpgroup's rows; ROLE 1: the loading warp (Q and dO on one
+        barrier, then the K/V ring)."""
+        if ROLE == 0:
+            _dq_consume(Out, LSE, DELTA, DQ, b, h, bh, m0 + 64, Sq, kv_len, off, qk_scale, scale,
+                        total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
+                        stride_dqh, stride_dqm, q_smem.slice(64, 64), do_smem.slice(64, 64),
+                        k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N,
+                        STAGES, CAUSAL)
+        else:
+            mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [m0, 0], q_bar, q_smem)
+            tma.async_copy_global_to_shared(do_desc, [m0, 0], q_bar, do_smem)
+            # The forward's loader, on this program's (1, 1, Skv, D) K and V: coordinates 0, 0
+            load_kv_ring(0, 0, 0, total, k_desc, v_desc,
+                         (k_smem, v_smem, k_bars, v_bars, k_free, v_free), BLOCK_N, STAGES)
+
+    @gluon.jit
+    def _dq_program(Hq, group, CAUSAL: gl.constexpr, HEAD_GROUP: gl.constexpr):
+        """This program's query block and (batch * query head) of a (query blocks, B * Hq)
+        grid, with its batch, head and kv head (int64); in the order of fused_triton's dQ
+        kernel: HEAD_GROUP heads at a time, causal ones' later query blocks (more keys) first."""
+        n_tiles = gl.num_programs(0)
+        bh, pid_m = in_head_groups(gl.program_id(1) * n_tiles + gl.program_id(0), n_tiles,
+                                   gl.num_programs(1), HEAD_GROUP)
+        if CAUSAL:
+            pid_m = n_tiles - 1 - pid_m
+        b = (bh // Hq).to(gl.int64)
+        h = (bh % Hq).to(gl.int64)
+        return pid_m, bh, b, h, h // group
+
+    @gluon.jit
+    def dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, LENGTHS,
+                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                  stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+                  Hq, group, Sq, Skv, qk_scale, scale,
+                  HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
+        """One program per (128 query rows, batch * query head); 4 warps + 4 + 1 (WS)."""
+        BLOCK_M: gl.constexpr = 128
+        dtype: gl.constexpr = Q.dtype.element_ty
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_D],
+                                                                        dtype)
+        pid_m, bh, b, h, kvh = _dq_program(Hq, group, CAUSAL, HEAD_GROUP)
+        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Sq, HEAD_D],
+                                            [stride_qm, 1], [BLOCK_M, HEAD_D], q_layout)
+        do_desc = tma.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, [Sq, HEAD_D],
+                                             [stride_dom, 1], [BLOCK_M, HEAD_D], q_layout)
+        # K and V as (1, 1, Skv, D) boxes of (1, 1, BLOCK_N, D), the forward's ring's shape
+        # (kv_ring, load_kv_ring); the size-1 dimensions' strides are never stepped.
+        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh,
+                                            [1, 1, Skv, HEAD_D],
+                                            [stride_kn, stride_kn, stride_kn, 1],
+                                            [1, 1, BLOCK_N, HEAD_D], kv_layout)
+        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh,
+                                            [1, 1, Skv, HEAD_D],
+                                            [stride_vn, stride_vn, stride_vn, 1],
+                                            [1, 1, BLOCK_N, HEAD_D], kv_layout)
+        m0 = pid_m * BLOCK_M
+        kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M, BLOCK_N,
+                                                     CAUSAL, HAS_LENGTHS)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
+        do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(k_desc, STAGES, 2)
+        gl.warp_specialize([
+            (_dq_consume, (Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
+                           total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
+                           stride_dqh, stride_dqm, q_smem.slice(0, 64), do_smem.slice(0, 64),
+                           k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
+                           BLOCK_N, STAGES, CAUSAL)),
+            (_dq_worker, (0, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
+                          total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
+                          stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_smem,
+                          do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
+                          BLOCK_N, STAGES, CAUSAL)),
+            (_dq_worker, (1, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
+                          total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
+                          stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_smem,
+                          do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
+                          BLOCK_N, STAGES, CAUSAL)),
+        ], [4, 1], [232, 24])
+
+
+# (BLOCK_M, STAGES): the dK/dV kernel's config, checked and timed on an H200 (NOTES run 20).
+# (32, 3) was 0.83-0.96x it; (32, 4) and (64, 3) gave wrong dK/dV before the mask was
+# made per element and were not checked after.
+DKDV_CONFIG = (64, 2)
+# (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
+# blocks spill and serialize the matmuls (NOTES runs 14, 22).
+DQ_CONFIG = (64, 3)
+_LOG2E = 1.4426950408889634
 
 
 def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, scale: float,
-                config: tuple[int, int] = CONFIG, head_group: int = 1) -> None:
+                config: tuple[int, int] = DKDV_CONFIG, head_group: int = 1) -> None:
     """Write dk, dv (shaped like k, v (B, Hkv, Skv, D)) for q (B, Hq, Sq, D), dout (like
     q), lse and delta (B, Hq, Sq) float32 (delta = rowsum(out * dout), from the dQ
     kernel). The caller has checked that the call is one this kernel covers, and has set
@@ -306,7 +537,25 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
         q, k, v, dout, lse, delta, dk, dv, lengths,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3],
-        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * 1.4426950408889634, scale,
+        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * _LOG2E, scale,
         HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
         BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group, num_warps=4, maxnreg=168)
 
+
+def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, scale: float,
+              config: tuple[int, int] = DQ_CONFIG, head_group: int = 1) -> None:
+    """Write dq (like q (B, Hq, Sq, D)) and delta (B, Hq, Sq) float32 = rowsum(out * dout)
+    for the dK/dV kernel, from k, v (B, Hkv, Skv, D), out and dout (like q) and lse (B, Hq,
+    Sq) float32. out, dq: unit stride along D. The caller has checked that the call is one
+    this kernel covers, and has set Triton's allocator. head_group: how many (batch, query
+    head) pairs' programs start together, causal ones' last query block first."""
+    block_n, stages = config
+    B, Hq, Sq, D = q.shape
+    lengths = key_lengths if key_lengths is not None else lse
+    dq_kernel[(-(-Sq // 128), B * Hq)](
+        q, k, v, out, dout, lse, delta, dq, lengths,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *dout.stride()[:3], *dq.stride()[:3],
+        Hq, Hq // k.shape[1], Sq, k.shape[2], scale * _LOG2E, scale,
+        HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
+        BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group, num_warps=4, maxnreg=168)

@@ -1201,10 +1201,11 @@ def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
 _HOPPER_DKDV = True
 _HOPPER_DKDV_MIN_SEQ = {(128, False): 1024, (128, True): 2048, (64, False): 4096,
                         (64, True): 4096}
-# The dQ kernel: 1.02-1.07x the Triton dQ kernel alone at D=128 from 4k, 0.77x at D=64
-# (NOTES run 22).
+# The dQ kernel at D=128: the whole backward 1.012-1.013x without causal and 1.006-1.008x
+# causal at 4k and 16k, but 0.98-0.99x at 2k and 0.95-0.97x at 1k; alone, 0.77x the
+# Triton dQ kernel at D=64 (NOTES run 22). bfloat16 and float16, both checked on a GPU.
 _HOPPER_DQ = True
-_HOPPER_DQ_MIN_SEQ = {(128, False): 1024, (128, True): 1024}
+_HOPPER_DQ_MIN_SEQ = {(128, False): 4096, (128, True): 4096}
 
 
 def _hopper_backward_fits(call: AttentionCall, dout: Tensor,

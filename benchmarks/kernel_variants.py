@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/kernel_variants.py [--out DIR] [--rounds 5]
         [--variant NAME:ATTR=VALUE,ATTR=VALUE ...] [--shape B,H,S,D,C ...] [--backward]
+        [--key-lengths]
 
 A variant is a set of fused_triton module switches that an experiment adds (run 13's,
 taken out again: `_LAZY_RESCALE`, `_EXP_POLY`, `_DKDV_TMA`; NOTES), which the launch
@@ -12,7 +13,8 @@ triton.testing.do_bench (median, after warm-up, random bf16 data) under each var
 turns, `--rounds` times over; the medians of the rounds are reported. Timing in turns
 matters here: the differences sought are a few %, and the same kernel moves that much
 between calls (NOTES, run 10). Each variant's outputs are compared with the first
-variant's.
+variant's. --key-lengths gives each batch element a key length drawn in [S/2, S], as
+`attnkit bench --key-lengths` does (padded batches).
 
 Prints one table per shape and writes every sample to DIR/kernel_variants.json.
 """
@@ -51,12 +53,14 @@ def parse_variant(text: str) -> tuple[str, dict[str, int]]:
     return name, switches
 
 
-def run_shape(shape, variants, rounds: int, backward: bool) -> dict:
+def run_shape(shape, variants, rounds: int, backward: bool, key_lengths: bool) -> dict:
     b, h, s, d, causal = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
                                  generator=gen) for _ in range(4))
-    call = make_call(q, k, v, causal=causal)
+    lengths = (torch.randint(s // 2, s + 1, (b,), device="cuda", generator=gen)
+               if key_lengths else None)
+    call = make_call(q, k, v, causal=causal, key_lengths=lengths)
     out, lse = ft._forward(call, 0)  # the backward's input, under the switches as found
 
     def step():
@@ -88,6 +92,7 @@ def run_shape(shape, variants, rounds: int, backward: bool) -> dict:
     picked = ft.autotuned_configs()
     print(f"  autotuner picks so far: {picked}", flush=True)
     return {"shape": {"batch": b, "heads": h, "seq": s, "head_dim": d, "causal": causal},
+            "key_lengths": None if lengths is None else lengths.tolist(),
             "backward": backward, "rows": rows, "autotuned": picked}
 
 
@@ -99,6 +104,8 @@ def main() -> None:
     parser.add_argument("--shape", action="append", default=[], metavar="B,H,S,D,C")
     parser.add_argument("--backward", action="store_true",
                         help="time the backward (dQ, dK, dV) instead of the forward")
+    parser.add_argument("--key-lengths", action="store_true",
+                        help="key lengths drawn in [S/2, S] per batch element")
     args = parser.parse_args()
     if not args.variant:
         raise SystemExit("give the variants to compare: --variant NAME:ATTR=VALUE,... (twice "
@@ -111,8 +118,10 @@ def main() -> None:
                        "variants": args.variant, "rounds": args.rounds},
               "results": []}
     for shape in shapes:
-        print(f"{'backward' if args.backward else 'forward'} {shape}", flush=True)
-        report["results"].append(run_shape(shape, variants, args.rounds, args.backward))
+        print(f"{'backward' if args.backward else 'forward'} {shape}"
+              f"{' key lengths' if args.key_lengths else ''}", flush=True)
+        report["results"].append(run_shape(shape, variants, args.rounds, args.backward,
+                                           args.key_lengths))
         with open(os.path.join(args.out, "kernel_variants.json"), "w") as f:
             json.dump(report, f, indent=1)
 

@@ -1,12 +1,14 @@
 """Host time per attention call on a GPU: what a call costs when its GPU work is tiny.
 
-    PYTHONPATH=src python benchmarks/host_overhead.py [--out DIR]
+    PYTHONPATH=src python benchmarks/host_overhead.py [--out DIR] [--shape B,H,S,D]
 
 At small sizes `triton.testing.do_bench` times from one launch to the next, so a call
 whose Python takes longer than its kernels is timed at its host cost. This launches
 many calls on a tiny input (B=1, H=2, S=64, D=64, bf16: microseconds of GPU work) with
 one synchronize at the end, so the time per call is the host's: validation, dispatch,
 Triton's launcher, autograd. Prints a table and writes DIR/host_overhead.json.
+--shape times another input instead: on Hopper, 1,2,4096,128 takes the Gluon kernels
+with still little GPU work (tens of us), so that their launches' host time shows.
 
 --ab-fast-launch times triton twice in the same process, trials alternating, with
 fused_triton's direct launch of compiled kernels on and off (`_FAST_LAUNCH`): host noise
@@ -36,7 +38,6 @@ import triton
 from attnkit import attention
 
 IMPLS = ("sdpa", "triton", "flex")
-SHAPE = "b1 h2 s64 d64 bfloat16"
 
 
 def per_call_us(fn, calls: int = 300, trials: int = 5) -> float:
@@ -132,8 +133,12 @@ def main() -> None:
                         help="also time the autograd engine alone: a C++ against a Python node")
     parser.add_argument("--profile", action="append", default=[], metavar="IMPL",
                         help="profile IMPL's forward+backward (repeatable)")
+    parser.add_argument("--shape", default="1,2,64,64", metavar="B,H,S,D",
+                        help="the input's shape (default 1,2,64,64)")
     args = parser.parse_args()
-    q, k, v, grad = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
+    b, h, s, d = map(int, args.shape.split(","))
+    shape = f"b{b} h{h} s{s} d{d} bfloat16"
+    q, k, v, grad = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
                      for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     rows = []
@@ -163,10 +168,10 @@ def main() -> None:
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(40)
         with open(os.path.join(args.out, f"host_profile_{impl}.txt"), "w") as f:
-            f.write(f"200 calls of forward+backward, {SHAPE}\n{text.getvalue()}")
+            f.write(f"200 calls of forward+backward, {shape}\n{text.getvalue()}")
         print(text.getvalue()[:6000])
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton.__version__, "shape": SHAPE, "rows": rows}
+              "triton": triton.__version__, "shape": shape, "rows": rows}
     with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
         json.dump(record, f, indent=1)
 

@@ -456,7 +456,7 @@ def test_fast_launch_reuses_a_compiled_kernel_only_for_its_specialization(monkey
 
     def launch(t, n, block=16, stages=2):
         ft._launch_jitted(kernel, lambda meta: (ft._cdiv(int(n), meta["BLOCK"]),), (t, n),
-                          {"BLOCK": block}, 4, stages)
+                          {"BLOCK": block}, {"num_warps": 4, "num_stages": stages})
 
     launch(x, 17)
     launch(x, 33)  # same specialization as 17: straight to the compiled kernel
@@ -475,6 +475,25 @@ def test_fast_launch_reuses_a_compiled_kernel_only_for_its_specialization(monkey
     monkeypatch.setattr(ft, "_FAST_LAUNCH", False)  # off: Triton's path every time
     launch(x, 17)
     assert len(kernel.compiled) == 10
+
+
+def test_fast_launch_keys_a_tma_descriptor_by_its_box():
+    # Triton specializes a host TMA descriptor on its dtype, box and layout; its shape and
+    # strides go to the kernel as values, so they must not split the launch cache.
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_forward as hf
+
+    if hf.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper descriptors")
+
+    def key(t, rows):
+        return ft._specialization((hf._descriptor(t, rows),))
+
+    t = torch.randn(2, 4, 1000, 128, dtype=torch.bfloat16)
+    assert key(t, 64) == key(torch.randn(1, 2, 4096, 128, dtype=torch.bfloat16), 64)
+    assert key(t, 64) != key(t, 128)
+    assert key(t, 64) != key(t.half(), 64)
+    assert key(t[..., :64], 64) != key(t, 64)  # a box of another width
 
 
 def test_meta_remembers_each_call_apart():
@@ -1035,7 +1054,8 @@ def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, caus
     monkeypatch.setitem(ft._HOPPER_ROUTES, (16, causal), ((1, (128, 2, 2, 0)),))
     monkeypatch.setattr(hf, "launch", fails)
     for launch in ("launch_dkdv", "launch_dq"):
-        monkeypatch.setattr(hb, launch, lambda *args, head_group: fails(*args, head_group))
+        monkeypatch.setattr(hb, launch,
+                            lambda *args, head_group, launcher: fails(*args, head_group))
     monkeypatch.setattr(ft, "_HOPPER_FORWARD_HEAD_GROUP", 5)
     _order_heads_in_groups_of(6, monkeypatch)
     q, k, v = (torch.randn(1, 2, 17, 16, dtype=DTYPE) for _ in range(3))
@@ -1180,6 +1200,55 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
         for name, got, expected in zip("qkv", grads[0], want, strict=True):
             assert rel_err(got, expected) < 1e-2, (name, b, hq, hkv, sq, skv, causal, lengths)
         assert all(torch.equal(x, y) for x, y in zip(*grads, strict=True))
+
+
+@pytest.mark.gpu
+def test_gluon_kernels_launched_directly_on_gpu(monkeypatch):
+    """The Gluon forward, dQ and dK/dV kernels through fused_triton's direct launch of a
+    compiled kernel (_FAST_LAUNCH), reused for a call of other sizes and the same
+    specialization (other descriptor shapes), give the same bits as Triton's own launch
+    path."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_backward as hb
+    from attnkit.backends import hopper_forward as hf
+    from attnkit.call import make_call
+
+    _skip_without_hopper_forward()
+    direct = []
+
+    def counted(launch):
+        def run(*args, **kwargs):
+            direct.append(kwargs["launcher"] is ft._launch_jitted)
+            launch(*args, **kwargs)
+
+        return run
+
+    for module, name in ((hf, "launch"), (hb, "launch_dq"), (hb, "launch_dkdv")):
+        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    monkeypatch.setattr(ft, "_COMPILED", {})
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    calls = []
+    for b, h, causal, lengths in [(1, 2, False, None), (2, 4, False, None),
+                                  (2, 2, True, [4096, 3000]), (1, 6, True, [2500])]:
+        q, k, v, dout = (torch.randn(b, h, 4096, 128, device="cuda", dtype=torch.bfloat16,
+                                     generator=gen) for _ in range(4))
+        key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
+        calls.append((make_call(q, k, v, causal=causal, key_lengths=key_lengths), dout))
+
+    def run_all(fast: bool) -> list:
+        monkeypatch.setattr(ft, "_FAST_LAUNCH", fast)
+        results = []
+        for call, dout in calls * 2:  # the second time round, from _COMPILED
+            out, lse = ft._forward(call, 0)
+            results.append((out, lse, *ft._backward(call, 0, out, lse, dout)))
+        return results
+
+    want = run_all(False)
+    got = run_all(True)
+    assert all(direct) and len(direct) == 2 * 3 * 2 * len(calls)
+    assert len(ft._COMPILED) == 3 * 2  # the second size of each kind reused the first's
+    for i, (expected, actual) in enumerate(zip(want, got, strict=True)):
+        assert all(torch.equal(x, y) for x, y in zip(expected, actual, strict=True)), i
 
 
 @pytest.mark.gpu

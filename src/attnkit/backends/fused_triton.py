@@ -970,7 +970,8 @@ def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
             _CHOSEN[(kernel, tune_key)] = (best.kwargs, best.num_warps, best.num_stages)
         return
     meta, warps, stages = chosen
-    _launch_jitted(kernel.fn if tuner else kernel, grid, args, {**flags, **meta}, warps, stages)
+    _launch_jitted(kernel.fn if tuner else kernel, grid, args, {**flags, **meta},
+                   {"num_warps": warps, "num_stages": stages})
 
 
 # Triton's own launch path (JITFunction.run) binds and specializes every argument, about
@@ -985,6 +986,8 @@ def _triton_at_least(major: int, minor: int) -> bool:
 
 
 _FAST_LAUNCH = triton is not None and not _INTERPRET and _triton_at_least(3, 3)
+# Host TMA descriptor classes (Triton's and Gluon's), which _specialization keys by box.
+_DESCRIPTORS = tuple(kind for kind in (hopper_forward.TensorDescriptor,) if kind is not None)
 _COMPILED: dict[tuple, tuple] = {}
 _COMPILED_MAX = 4096  # distinct specializations kept; past that, Triton's path serves
 
@@ -992,7 +995,9 @@ _COMPILED_MAX = 4096  # distinct specializations kept; past that, Triton's path 
 def _specialization(args: tuple) -> tuple:
     """At least what Triton specializes a launch on, per non-constexpr argument: a
     tensor's dtype and 16-byte alignment; an int's width and whether it is 1 or a
-    multiple of 16; anything else by type (floats are not specialized) and value."""
+    multiple of 16; a host TMA descriptor's dtype, box and layout (not its shape or
+    strides, which the launcher passes as values); anything else by type (floats are not
+    specialized) and value."""
     key = []
     for a in args:  # type() is, not isinstance: isinstance(a, Tensor) costs ~0.1 us
         kind = type(a)
@@ -1001,6 +1006,9 @@ def _specialization(args: tuple) -> tuple:
             key.append(wide + (1 if a == 1 else 16 if a % 16 == 0 else 0))
         elif kind is float:
             key.append(float)
+        elif kind in _DESCRIPTORS:
+            key.append((kind, a.base.dtype, tuple(a.block_shape), getattr(a, "layout", None),
+                        a.padding))
         elif isinstance(a, Tensor):
             key.append((a.dtype, a.data_ptr() % 16 == 0))
         else:
@@ -1020,22 +1028,23 @@ def _constexpr_tail(jitted, n_args: int, constexprs: dict) -> tuple | None:
     return tuple(tail)
 
 
-def _launch_jitted(jitted, grid, args: tuple, constexprs: dict, warps: int,
-                   stages: int) -> None:
-    """jitted[grid](*args, **constexprs, num_warps=warps, num_stages=stages), straight to
-    the compiled kernel where this specialization was launched before (_FAST_LAUNCH)."""
+def _launch_jitted(jitted, grid, args: tuple, constexprs: dict, options: dict) -> None:
+    """jitted[grid](*args, **constexprs, **options) (grid: a tuple of block counts, or a
+    function of the constexprs to one; options: num_warps, num_stages, maxnreg), straight
+    to the compiled kernel where this specialization was launched before (_FAST_LAUNCH).
+    Triton and Gluon kernels alike."""
     if not _FAST_LAUNCH:
-        jitted[grid](*args, **constexprs, num_warps=warps, num_stages=stages)
+        jitted[grid](*args, **constexprs, **options)
         return
-    key = (jitted, frozenset(constexprs.items()), warps, stages,
+    key = (jitted, frozenset(constexprs.items()), frozenset(options.items()),
            torch.cuda.current_device(), _specialization(args))
     entry = _COMPILED.get(key)
     if entry is not None:
         compiled, tail = entry
-        blocks = grid(constexprs)
+        blocks = grid(constexprs) if callable(grid) else grid
         compiled[(*blocks, 1, 1)[:3]](*args, *tail)  # it takes three grid dimensions
         return
-    compiled = jitted[grid](*args, **constexprs, num_warps=warps, num_stages=stages)
+    compiled = jitted[grid](*args, **constexprs, **options)
     tail = _constexpr_tail(jitted, len(args), constexprs)
     if compiled is not None and tail is not None and len(_COMPILED) < _COMPILED_MAX:
         _COMPILED[key] = compiled, tail
@@ -1097,7 +1106,7 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     if (config is None and tma is None and splits == 1 and _uses_hopper_forward(call)
             and _ran_on_gluon("_HOPPER_FORWARD", "forward", lambda: hopper_forward.launch(
                 q, k, v, out, lse, call.key_lengths, call.causal, call.scale,
-                _hopper_config(call), _hopper_head_group(call)))):
+                _hopper_config(call), _hopper_head_group(call), launcher=_launch_jitted))):
         return out, lse
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
@@ -1131,7 +1140,8 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
     if splits > 1:
         _launch_jitted(_merge_kernel, lambda meta: (B * Hq * Sq,), (
             parts, written_lse, out, lse, splits, Hq, Sq, *out.stride(),
-        ), {"HEAD_DV": Dv, "BLOCK_DV": flags["BLOCK_DV"], "BLOCK_S": _pow2(splits)}, 4, 1)
+        ), {"HEAD_DV": Dv, "BLOCK_DV": flags["BLOCK_DV"], "BLOCK_S": _pow2(splits)},
+            {"num_warps": 4, "num_stages": 1})
     return out, lse
 
 
@@ -1419,12 +1429,12 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     if not (configs[1] is None and _uses_hopper_dq(call, out, dout)
             and _ran_on_gluon("_HOPPER_DQ", "dQ kernel", lambda: hopper_backward.launch_dq(
                 q, k, v, out, dout, lse, delta, dq, call.key_lengths, call.causal,
-                call.scale, head_group=head_group))):
+                call.scale, head_group=head_group, launcher=_launch_jitted))):
         _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
     if not (configs[0] is None and _uses_hopper_dkdv(call, dout)
             and _ran_on_gluon("_HOPPER_DKDV", "dK/dV kernel", lambda: hopper_backward.launch_dkdv(
                 q, k, v, dout, lse, delta, dk, dv, call.key_lengths, call.causal,
-                call.scale, head_group=head_group))):
+                call.scale, head_group=head_group, launcher=_launch_jitted))):
         _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
     return dq, dk, dv
 

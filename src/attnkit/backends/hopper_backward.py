@@ -523,39 +523,45 @@ _LOG2E = 1.4426950408889634
 
 
 def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, scale: float,
-                config: tuple[int, int] = DKDV_CONFIG, head_group: int = 1) -> None:
+                config: tuple[int, int] = DKDV_CONFIG, head_group: int = 1,
+                launcher=hopper_forward.run_kernel) -> None:
     """Write dk, dv (shaped like k, v (B, Hkv, Skv, D)) for q (B, Hq, Sq, D), dout (like
     q), lse and delta (B, Hq, Sq) float32 (delta = rowsum(out * dout), from the dQ
     kernel). The caller has checked that the call is one this kernel covers, and has set
     Triton's allocator (the descriptors are built on the GPU). head_group: how many
-    (batch, kv head) pairs' programs start together, each one's first key block first."""
+    (batch, kv head) pairs' programs start together, each one's first key block first.
+    launcher: called as hopper_forward.run_kernel is."""
     block_m, stages = config
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
-    dkdv_kernel[(-(-Skv // 128), B * Hkv)](
+    launcher(dkdv_kernel, (-(-Skv // 128), B * Hkv), (
         q, k, v, dout, lse, delta, dk, dv, lengths,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3],
         Hq, Hkv, Hq // Hkv, Sq, Skv, scale * _LOG2E, scale,
-        HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-        BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group, num_warps=4, maxnreg=168)
+    ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
+            BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
+        {"num_warps": 4, "maxnreg": 168})
 
 
 def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, scale: float,
-              config: tuple[int, int] = DQ_CONFIG, head_group: int = 1) -> None:
+              config: tuple[int, int] = DQ_CONFIG, head_group: int = 1,
+              launcher=hopper_forward.run_kernel) -> None:
     """Write dq (like q (B, Hq, Sq, D)) and delta (B, Hq, Sq) float32 = rowsum(out * dout)
     for the dK/dV kernel, from k, v (B, Hkv, Skv, D), out and dout (like q) and lse (B, Hq,
     Sq) float32. out, dq: unit stride along D. The caller has checked that the call is one
     this kernel covers, and has set Triton's allocator. head_group: how many (batch, query
-    head) pairs' programs start together, causal ones' last query block first."""
+    head) pairs' programs start together, causal ones' last query block first. launcher:
+    called as hopper_forward.run_kernel is."""
     block_n, stages = config
     B, Hq, Sq, D = q.shape
     lengths = key_lengths if key_lengths is not None else lse
-    dq_kernel[(-(-Sq // 128), B * Hq)](
+    launcher(dq_kernel, (-(-Sq // 128), B * Hq), (
         q, k, v, out, dout, lse, delta, dq, lengths,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *dout.stride()[:3], *dq.stride()[:3],
         Hq, Hq // k.shape[1], Sq, k.shape[2], scale * _LOG2E, scale,
-        HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-        BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group, num_warps=4, maxnreg=168)
+    ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
+            BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group),
+        {"num_warps": 4, "maxnreg": 168})

@@ -56,7 +56,7 @@ try:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # an older Triton: `available` says so, nothing below is compiled
-    gluon = None
+    gluon = TensorDescriptor = None
 
 
 # Gluon is experimental and its API moves between Triton releases (by 3.9 the TMA copy
@@ -659,12 +659,20 @@ def q_buffer_count(config: tuple[int, ...], head_dim: int, element_size: int) ->
     return 2 if fixed + 2 * q_bytes <= room else 1
 
 
+def run_kernel(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict,
+               options: dict) -> None:
+    """kernel[grid](*args, **constexprs, **options): Triton's own launch path, the
+    launches' default `launcher` (fused_triton passes its faster one)."""
+    kernel[grid](*args, **constexprs, **options)
+
+
 def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
-           config: tuple[int, ...], head_group: int = 1) -> None:
+           config: tuple[int, ...], head_group: int = 1, launcher=run_kernel) -> None:
     """Run the kernel on q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D), writing out (like q) and
     lse (B, Hq, Sq, float32); the caller has checked that the call is one it covers.
     config: a Config, or a tuple of its fields in order. head_group: how many (batch,
-    query head) pairs' tiles go out together (in_head_groups)."""
+    query head) pairs' tiles go out together (in_head_groups). launcher: called as
+    run_kernel is."""
     block_n, stages, warpgroups, o_tma, own_ranges = Config(*config)
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
@@ -676,12 +684,12 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
     # out's descriptor is read only where O_TMA; q's (the same box type) stands in
     # otherwise, so that the routed configs do not build one more per call.
     o_desc = _descriptor(out, 64) if o_tma else q_desc
-    forward_kernel[(min(tiles, multiprocessors(q.device)),)](
+    launcher(forward_kernel, (min(tiles, multiprocessors(q.device)),), (
         q_desc, _descriptor(k, block_n), _descriptor(v, block_n), o_desc, out, lse, lengths,
         counter,
         out.stride(0), out.stride(1), out.stride(2),
         B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
-        HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-        BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
-        O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), HEAD_GROUP=head_group, num_warps=4,
-        maxnreg=_MAXNREG[warpgroups])
+    ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
+            BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
+            O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), HEAD_GROUP=head_group),
+        {"num_warps": 4, "maxnreg": _MAXNREG[warpgroups]})

@@ -1228,7 +1228,7 @@ def test_gluon_kernels_launched_directly_on_gpu(monkeypatch):
     monkeypatch.setattr(ft, "_COMPILED", {})
     gen = torch.Generator(device="cuda").manual_seed(0)
     calls = []
-    for b, h, causal, lengths in [(1, 2, False, None), (2, 4, False, None),
+    for b, h, causal, lengths in [(2, 4, False, None), (3, 4, False, None),
                                   (2, 2, True, [4096, 3000]), (1, 6, True, [2500])]:
         q, k, v, dout = (torch.randn(b, h, 4096, 128, device="cuda", dtype=torch.bfloat16,
                                      generator=gen) for _ in range(4))

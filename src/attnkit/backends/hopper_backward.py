@@ -16,7 +16,8 @@ blocks the rows can see, its loading warp bringing K and V (the forward's ring):
 
 In a warpgroup, block j+1's S and dP are on the tensor cores while block j's
 exponentials and dS run. On an H200 it ran 1.02-1.07x the Triton dQ kernel at D=128
-(4k and 16k, causal or not) but 0.77x at D=64 (NOTES runs 14, 22).
+(4k and 16k, causal or not) but 0.77x at D=64; the whole backward with it, 1.006-1.013x
+from 4k at D=128 and 0.95-0.99x at 1k-2k (NOTES runs 14, 22).
 
 The dK/dV kernel: one program per 128 keys and (batch, kv head) walks the query blocks
 of every query head of the kv group, in order, so dK and dV need no atomics:

@@ -7,7 +7,9 @@ machine code before and after a change.
 Needs a Triton the kernels were checked under (hopper_forward.CHECKED_RELEASES: 3.6;
 `pip install triton==3.6.0` in a side environment). The kernel is specialised as a
 launch on contiguous bfloat16 (B, H, S, D) tensors would be, with Sq and Skv multiples of
-16. Prints the instruction count, the local-memory instructions (LDL/STL: spills) and the
+16; its constexprs and launch options are the ones hopper_forward.launch,
+hopper_backward.launch_dq and launch_dkdv pass, taken from them on small CPU tensors.
+Prints the instruction count, the local-memory instructions (LDL/STL: spills) and the
 shared memory per program; --sass writes the SASS without its addresses, so that two
 builds (git stash, or a worktree of another commit on PYTHONPATH) diff line by line.
 Without --config: the forward's routed config for the head dim and causality
@@ -22,6 +24,7 @@ import os
 import re
 import subprocess
 import tempfile
+from unittest import mock
 
 import torch
 import triton
@@ -34,22 +37,17 @@ TYPES = {"qk_scale": "fp32", "scale": "fp32", "LSE": "*fp32", "DELTA": "*fp32",
          **dict.fromkeys(("Q", "K", "V", "DO", "DQ", "DK", "DV", "Out"), "*bf16")}  # else i32
 
 
-def descriptor_type(rows: int, head_dim: int) -> str:
-    """The signature type of a hopper_forward._descriptor of a bfloat16 tensor."""
-    layout = hopper_forward._box_layout(rows, head_dim, torch.bfloat16)
-    return f"tensordesc<bf16[1, 1, {rows}, {head_dim}],{layout!r}>"
-
-
-def source(fn, constexprs: dict, descriptors: dict[str, str]):
-    """fn's GluonASTSource: tensors bfloat16, pointers and strides divisible by 16."""
+def source(fn, args: tuple, constexprs: dict):
+    """fn's GluonASTSource for a launch with these arguments: tensors bfloat16, pointers
+    and strides divisible by 16, host descriptors by their box and layout."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in descriptors:
-            signature[name] = descriptors[name]
+        elif isinstance(args[i], hopper_forward.TensorDescriptor):
+            signature[name] = f"tensordesc<bf16{list(args[i].block_shape)},{args[i].layout!r}>"
         else:
             signature[name] = TYPES.get(name, "i32")
             if (signature[name].startswith("*") or name.startswith("stride")
@@ -58,40 +56,59 @@ def source(fn, constexprs: dict, descriptors: dict[str, str]):
     return GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
+def call_tensors(head_dim: int, lengths: bool) -> tuple:
+    """q, k, v, out, dout, lse, delta and key_lengths (or None) of a small bfloat16 call on
+    the CPU, for the launch functions to work out their arguments from."""
+    q, k, v, out, dout = (torch.randn(1, 2, 256, head_dim, dtype=torch.bfloat16)
+                          for _ in range(5))
+    lse, delta = torch.zeros(1, 2, 256), torch.zeros(1, 2, 256)
+    return q, k, v, out, dout, lse, delta, torch.tensor([200]) if lengths else None
+
+
+def captured(launch, tensors: tuple, **kwargs):
+    """(source, launch options) of the kernel that launch(*tensors, **kwargs) (a
+    hopper_forward or hopper_backward launch function) runs: its launcher is handed the
+    kernel, arguments, constexprs and options (maxnreg) and runs nothing, so that they
+    come from the launch itself rather than a copy here."""
+    seen = []
+
+    def launcher(kernel, grid, args, constexprs, options):
+        seen.append((source(kernel, args, constexprs), options))
+
+    # the grid is not compiled, and the CPU has no multiprocessor count to size it by
+    with mock.patch.object(hopper_forward, "multiprocessors", lambda device: 1):
+        launch(*tensors, **kwargs, launcher=launcher)
+    return seen[0]
+
+
 def forward(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | None,
             head_group: int):
-    """(source, maxnreg) of hopper_forward.forward_kernel."""
+    """(source, options) of hopper_forward.forward_kernel, as launch launches it."""
+    q, k, v, out, _, lse, _, key_lengths = call_tensors(head_dim, lengths)
     if config is None:
-        routes = fused_triton._HOPPER_ROUTES[(head_dim, causal)]
-        config = routes[0][1]
-    block_n, stages, warpgroups, o_tma, own_ranges = hopper_forward.Config(*config)
-    constexprs = dict(HEAD_D=head_dim, CAUSAL=causal, HAS_LENGTHS=lengths, BLOCK_N=block_n,
-                      STAGES=stages, WARPGROUPS=warpgroups,
-                      Q_BUFFERS=hopper_forward.q_buffer_count(config, head_dim, 2),
-                      O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), HEAD_GROUP=head_group)
-    descriptors = {"q_desc": descriptor_type(64, head_dim), "o_desc": descriptor_type(64, head_dim),
-                   "k_desc": descriptor_type(block_n, head_dim),
-                   "v_desc": descriptor_type(block_n, head_dim)}
-    return (source(hopper_forward.forward_kernel, constexprs, descriptors),
-            hopper_forward._MAXNREG[warpgroups])
+        config = fused_triton._HOPPER_ROUTES[(head_dim, causal)][0][1]
+    return captured(hopper_forward.launch, (q, k, v, out, lse, key_lengths), causal=causal,
+                    scale=0.1, config=config, head_group=head_group)
 
 
 def dkdv(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | None,
          head_group: int):
-    """(source, maxnreg) of hopper_backward.dkdv_kernel, as launch_dkdv launches it."""
-    block_m, stages = config or hopper_backward.DKDV_CONFIG
-    constexprs = dict(HEAD_D=head_dim, CAUSAL=causal, HAS_LENGTHS=lengths, BLOCK_M=block_m,
-                      STAGES=stages, HEAD_GROUP=head_group)
-    return source(hopper_backward.dkdv_kernel, constexprs, {}), 168
+    """(source, options) of hopper_backward.dkdv_kernel, as launch_dkdv launches it."""
+    q, k, v, _, dout, lse, delta, key_lengths = call_tensors(head_dim, lengths)
+    return captured(hopper_backward.launch_dkdv, (q, k, v, dout, lse, delta, k.clone(),
+                                                  v.clone(), key_lengths),
+                    causal=causal, scale=0.1, config=config or hopper_backward.DKDV_CONFIG,
+                    head_group=head_group)
 
 
 def dq(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | None,
        head_group: int):
-    """(source, maxnreg) of hopper_backward.dq_kernel, as launch_dq launches it."""
-    block_n, stages = config or hopper_backward.DQ_CONFIG
-    constexprs = dict(HEAD_D=head_dim, CAUSAL=causal, HAS_LENGTHS=lengths, BLOCK_N=block_n,
-                      STAGES=stages, HEAD_GROUP=head_group)
-    return source(hopper_backward.dq_kernel, constexprs, {}), 168
+    """(source, options) of hopper_backward.dq_kernel, as launch_dq launches it."""
+    q, k, v, out, dout, lse, delta, key_lengths = call_tensors(head_dim, lengths)
+    return captured(hopper_backward.launch_dq, (q, k, v, out, dout, lse, delta, q.clone(),
+                                                key_lengths),
+                    causal=causal, scale=0.1, config=config or hopper_backward.DQ_CONFIG,
+                    head_group=head_group)
 
 
 def main() -> None:
@@ -111,9 +128,8 @@ def main() -> None:
                          f"{hopper_forward.CHECKED_RELEASES} only")
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
     build = {"forward": forward, "dkdv": dkdv, "dq": dq}[args.kernel]
-    src, maxnreg = build(args.head_dim, args.causal, args.lengths, config, args.head_group)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4, "maxnreg": maxnreg})
+    src, options = build(args.head_dim, args.causal, args.lengths, config, args.head_group)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                              "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

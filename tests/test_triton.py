@@ -917,8 +917,9 @@ def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, scr
 @pytest.mark.parametrize("head_dim, causal", [(64, False), (64, True), (128, True)])
 def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, head_dim,
                                                          causal):
-    """benchmarks/gluon_sass.py builds the Gluon kernels' signatures by hand: a constexpr
-    added to a kernel and not to the script would compile as an int there."""
+    """benchmarks/gluon_sass.py builds the Gluon kernels' signatures from what the launch
+    functions pass: a constexpr a kernel has and its launch does not pass (or passes as
+    an argument) would compile as an int there."""
     from pathlib import Path
 
     from attnkit.backends import hopper_forward as hf

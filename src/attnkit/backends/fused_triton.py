@@ -988,7 +988,7 @@ def _triton_at_least(major: int, minor: int) -> bool:
 _FAST_LAUNCH = triton is not None and not _INTERPRET and _triton_at_least(3, 3)
 # Host TMA descriptor classes that launches pass (Gluon's), which _specialization keys by
 # box rather than by value.
-_DESCRIPTORS = tuple(kind for kind in (hopper_forward.TensorDescriptor,) if kind is not None)
+_DESCRIPTORS = () if hopper_forward.gluon is None else (hopper_forward.TensorDescriptor,)
 _COMPILED: dict[tuple, tuple] = {}
 _COMPILED_MAX = 4096  # distinct specializations kept; past that, Triton's path serves
 

@@ -31,7 +31,7 @@ import triton
 from triton.testing import do_bench
 
 from attnkit.backends import fused_triton as ft
-from attnkit.bench import attention_flops, environment
+from attnkit.bench import attention_flops, environment, padded_lengths
 from attnkit.call import make_call
 from attnkit.verify import rel_err
 
@@ -58,8 +58,7 @@ def run_shape(shape, variants, rounds: int, backward: bool, key_lengths: bool) -
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
                                  generator=gen) for _ in range(4))
-    lengths = (torch.randint(s // 2, s + 1, (b,), device="cuda", generator=gen)
-               if key_lengths else None)
+    lengths = padded_lengths(b, s, gen) if key_lengths else None
     call = make_call(q, k, v, causal=causal, key_lengths=lengths)
     out, lse = ft._forward(call, 0)  # the backward's input, under the switches as found
 

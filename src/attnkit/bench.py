@@ -302,6 +302,13 @@ def _randn(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
     return t.requires_grad_(grad)
 
 
+def padded_lengths(batch: int, seq: int, generator: torch.Generator) -> Tensor:
+    """Key lengths of a padded batch, the `lengths` mask: one per batch element, drawn
+    uniformly in [seq / 2, seq] (at least 1), int64 on generator's device."""
+    return torch.randint(max(1, seq // 2), seq + 1, (batch,), generator=generator,
+                         device=generator.device)
+
+
 def _core_problem(config: Config, device: torch.device, dtype: torch.dtype,
                   impls: list[str] | None, exclude: list[str] | None) -> Problem:
     from attnkit.backends import BACKENDS
@@ -316,8 +323,7 @@ def _core_problem(config: Config, device: torch.device, dtype: torch.dtype,
     grad_out = _randn(shape, device, dtype, gen)
     lengths = None
     if c.mask == "lengths":
-        lengths = torch.randint(max(1, c.seq // 2), c.seq + 1, (c.batch,), generator=gen)
-        lengths = lengths.to(device)
+        lengths = padded_lengths(c.batch, c.seq, gen).to(device)
 
     def entry(name: str) -> Callable[[], Workload]:
         def make() -> Workload:

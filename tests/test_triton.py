@@ -1146,6 +1146,26 @@ def test_hopper_forward_configs_on_gpu(head_dim, dtype):
             assert rel_err(lse[seen], want_lse[seen]) < 1e-3, where
 
 
+def _watch_gluon_launches(monkeypatch) -> list[tuple[str, object]]:
+    """The Gluon launch functions, each wrapped to note (its name, the launcher it was
+    given) in the returned list before it runs."""
+    from attnkit.backends import hopper_backward as hb
+    from attnkit.backends import hopper_forward as hf
+
+    launches = []
+
+    def watched(name, launch):
+        def run(*args, **kwargs):
+            launches.append((name, kwargs.get("launcher")))
+            launch(*args, **kwargs)
+
+        return run
+
+    for module, name in ((hf, "launch"), (hb, "launch_dq"), (hb, "launch_dkdv")):
+        monkeypatch.setattr(module, name, watched(name, getattr(module, name)))
+    return launches
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -1154,26 +1174,14 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
     shapes (partial key and query blocks, rows and batches that see no key, grouped
     heads), and the same bits twice."""
     from attnkit.backends import fused_triton as ft
-    from attnkit.backends import hopper_backward as hb
     from attnkit.call import make_call
 
     _skip_without_hopper_forward()
     # every call routed to both (the dQ kernel at D=64 too): these shapes are shorter
     # than the routes take
-    launched = []
     monkeypatch.setattr(ft, "_hopper_dkdv_fits", lambda call, dout: True)
     monkeypatch.setattr(ft, "_hopper_dq_fits", lambda call, out, dout: True)
-    def counted(name):
-        launch = getattr(hb, name)
-
-        def run(*args, **kwargs):
-            launch(*args, **kwargs)
-            launched.append(name)
-
-        return run
-
-    for name in ("launch_dkdv", "launch_dq"):
-        monkeypatch.setattr(hb, name, counted(name))
+    launched = _watch_gluon_launches(monkeypatch)
     _order_heads_in_groups_of(3, monkeypatch)  # several groups, the last one short
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
     for b, hq, hkv, sq, skv, causal, lengths in [
@@ -1194,7 +1202,8 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
         out, lse = ft._forward(call, 0)
         launched.clear()
         grads = [ft._backward(call, 0, out, lse, dout) for _ in range(2)]
-        assert sorted(launched) == ["launch_dkdv", "launch_dkdv", "launch_dq", "launch_dq"]
+        assert sorted(name for name, _ in launched) == ["launch_dkdv", "launch_dkdv",
+                                                        "launch_dq", "launch_dq"]
         inputs64 = [t.double().requires_grad_() for t in (q, k, v)]
         ref = attention(*inputs64, causal=causal, key_lengths=key_lengths, impl="reference")
         want = torch.autograd.grad(ref, inputs64, dout.double())
@@ -1210,22 +1219,10 @@ def test_gluon_kernels_launched_directly_on_gpu(monkeypatch):
     specialization (other descriptor shapes), give the same bits as Triton's own launch
     path."""
     from attnkit.backends import fused_triton as ft
-    from attnkit.backends import hopper_backward as hb
-    from attnkit.backends import hopper_forward as hf
     from attnkit.call import make_call
 
     _skip_without_hopper_forward()
-    direct = []
-
-    def counted(launch):
-        def run(*args, **kwargs):
-            direct.append(kwargs["launcher"] is ft._launch_jitted)
-            launch(*args, **kwargs)
-
-        return run
-
-    for module, name in ((hf, "launch"), (hb, "launch_dq"), (hb, "launch_dkdv")):
-        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    launched = _watch_gluon_launches(monkeypatch)
     monkeypatch.setattr(ft, "_COMPILED", {})
     gen = torch.Generator(device="cuda").manual_seed(0)
     calls = []
@@ -1246,7 +1243,7 @@ def test_gluon_kernels_launched_directly_on_gpu(monkeypatch):
 
     want = run_all(False)
     got = run_all(True)
-    assert all(direct) and len(direct) == 2 * 3 * 2 * len(calls)
+    assert [launcher for _, launcher in launched] == [ft._launch_jitted] * 2 * 3 * 2 * len(calls)
     assert len(ft._COMPILED) == 3 * 2  # the second size of each kind reused the first's
     for i, (expected, actual) in enumerate(zip(want, got, strict=True)):
         assert all(torch.equal(x, y) for x, y in zip(expected, actual, strict=True)), i

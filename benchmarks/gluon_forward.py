@@ -200,12 +200,20 @@ def run_experiment(args, name: str, configs, check_fn, time_fn, shapes) -> None:
         json.dump(result, f, indent=1)
 
 
+def fits(config: tuple[int, ...], head_dim: int) -> bool:
+    try:
+        hf.q_buffer_count(config, head_dim, torch.bfloat16.itemsize)
+    except ValueError:
+        return False
+    return True
+
+
 def main() -> None:
     fields = "BLOCK_N,STAGES,WARPGROUPS[,O_TMA,OWN_RANGES] (all D)"
     args = experiment_parser(__doc__, 5, fields).parse_args()
     configs = dict(hf.CONFIGS)
-    if args.config:
-        configs = {64: args.config, 128: args.config}
+    if args.config:  # each head dim takes those of them that fit in shared memory
+        configs = {d: [c for c in args.config if fits(c, d)] for d in (64, 128)}
     run_experiment(args, "gluon_forward", configs, check, time_shape, SHAPES)
 
 

@@ -882,8 +882,7 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
     (128, True, 4096, (128, 2, 2, 1)),
     (64, False, 16384, (128, 2, 3, 1)),
     (64, True, 4096, (64, 3, 3, 1, 1)),  # 192-row tiles end mid-block: own key ranges
-    (64, True, 16383, (64, 3, 3, 1, 1)),
-    (64, True, 16384, (128, 2, 3, 1)),
+    (64, True, 16384, (64, 3, 3, 1, 1)),
     (64, True, 2048, (64, 3, 3, 1, 1)),
     (64, True, 2047, None),
     (128, False, 1024, (128, 2, 2, 1)),

@@ -1152,7 +1152,8 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 # forward at D=128 and S >= 2k, causal or not, and 1.08-1.24x at 1k (1.00x at 512); at
 # D=64 1.09-1.13x without causal from 2k (0.98x at 1k); causal at D=64, with each
 # warpgroup walking its own rows' key blocks, 1.03-1.04x at 2k-4k and 1.11x at 8k (0.84x
-# at 1k), and from 16k the 128-key blocks, 1.08x (NOTES, runs 16-18). _HOPPER_FORWARD
+# at 1k) (NOTES, runs 16-18); at 16k, with the causal tiles in groups of heads, 1.01x,
+# where the 128-key blocks routed there since run 18 ran 0.99x (run 23). _HOPPER_FORWARD
 # switches it off (A/B, kernel_variants.py).
 _HOPPER_FORWARD = True
 # The Gluon forward's causal tiles go out in groups of heads, heaviest first, as this
@@ -1173,7 +1174,7 @@ _HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[int, tuple[int, ...]], ...]] 
     (128, False): ((1024, (128, 2, 2, 1)),),
     (128, True): ((1024, (128, 2, 2, 1)),),
     (64, False): ((2048, (128, 2, 3, 1)),),
-    (64, True): ((16384, (128, 2, 3, 1)), (2048, (64, 3, 3, 1, 1))),
+    (64, True): ((2048, (64, 3, 3, 1, 1)),),
 }
 
 

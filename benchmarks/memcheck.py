@@ -1,4 +1,6 @@
 """Run the Triton kernels, forward and backward, on a few awkward shapes: for memcheck.
+On an sm_90 GPU, also the Gluon kernels, forced onto shapes shorter than their routes
+(--gluon-only: those alone).
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
         python3 benchmarks/memcheck.py
@@ -43,22 +45,73 @@ def with_dropout(device: str) -> None:
     torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
 
 
-def main() -> int:
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
+# The Gluon kernels for Hopper (hopper_forward, hopper_backward), all three forced on for
+# every call that they cover (their routes start at 1k-4k keys): D=64 and 128, causal or
+# not, key lengths with a zero one, grouped heads, lengths that end mid-block.
+GLUON_CASES = [
+    replace(BASE, seq_q=300, seq_kv=700, head_dim=128, key_lengths=True, dead_rows=True),
+    replace(BASE, seq_q=1000, seq_kv=1000, head_dim=128, causal=True),
+    replace(BASE, seq_q=700, seq_kv=17, head_dim=64, causal=True, key_lengths=True),
+    replace(BASE, seq_q=17, seq_kv=1000, head_dim=64, heads_kv=1),
+]
+
+
+def force_gluon_kernels() -> list[str]:
+    """Route every call the Gluon kernels cover to all three of them, whatever its length;
+    returns the list that each Gluon launch appends its name to."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_backward as hb
+    from attnkit.backends import hopper_forward as hf
+
+    launched: list[str] = []
+
+    def noted(name, launch):
+        def run(*args, **kwargs):
+            launched.append(name)
+            launch(*args, **kwargs)
+        return run
+
+    for module, name in ((hf, "launch"), (hb, "launch_dq"), (hb, "launch_dkdv")):
+        setattr(module, name, noted(name, getattr(module, name)))
+    everywhere = {(d, causal): 1 for d in (64, 128) for causal in (False, True)}
+    ft._HOPPER_ROUTES = {key: ((1, routes[-1][1]),) for key, routes in ft._HOPPER_ROUTES.items()}
+    ft._HOPPER_DKDV_MIN_SEQ = ft._HOPPER_DQ_MIN_SEQ = everywhere
+    ft._kv_splits = lambda call, packed: 1  # the Gluon forward runs unsplit calls only
+    return launched
+
+
+def run_cases(cases: list[Case], device: str) -> int:
+    """Each case three times (from the third launch of a specialization on, a kernel is
+    launched straight through its compiled form, fused_triton._FAST_LAUNCH); returns how
+    many failed."""
     failed = 0
-    # Each case three times: from the third launch of a specialization on, a kernel is
-    # launched straight through its compiled form (fused_triton._FAST_LAUNCH).
-    for case in [case for case in CASES for _ in range(3)]:
+    for case in [case for case in cases for _ in range(3)]:
         result = check("triton", case, device)
         ok = result.skipped is None and result.passed
         detail = result.skipped or (f"out {result.out_err:.1e}  grads {result.grad_err:.1e}  "
                                     f"(tolerance {result.tol:.0e})")
         print(f"{'ok  ' if ok else 'FAIL'} {case.name}: {detail}", flush=True)
         failed += not ok
-    with_dropout(device)
-    print("ok   dropout forward and backward ran", flush=True)
+    return failed
+
+
+def main(gluon_only: bool = False) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
+    failed = 0
+    if not gluon_only:
+        failed += run_cases(CASES, device)
+        with_dropout(device)
+        print("ok   dropout forward and backward ran", flush=True)
+    from attnkit.backends import hopper_forward as hf
+
+    if device == "cuda" and torch.cuda.get_device_capability() == (9, 0) and hf.available():
+        launched = force_gluon_kernels()
+        failed += run_cases(GLUON_CASES, device)
+        counts = {name: launched.count(name) for name in ("launch", "launch_dq", "launch_dkdv")}
+        print(f"Gluon launches: {counts}", flush=True)
+        failed += any(count != 3 * len(GLUON_CASES) for count in counts.values())
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(gluon_only="--gluon-only" in sys.argv[1:]))

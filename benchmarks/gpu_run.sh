@@ -26,7 +26,9 @@
 #   against the oracle, then timed beside the Triton forward; GLUON_ARGS adds arguments,
 #   e.g. "--shape 4,32,4096,64,1 --config 64,3,3,0"), gluon-dq (benchmarks/gluon_dq.py,
 #   the Gluon dQ experiment: oracle checks, then the A/B against the Triton dQ kernel),
-#   gluon-dkdv (benchmarks/gluon_dkdv.py, the same for the dK/dV kernel)
+#   gluon-dkdv (benchmarks/gluon_dkdv.py, the same for the dK/dV kernel), module-time
+#   (benchmarks/module_time.py: the notebook and bert presets' host and GPU time per call
+#   apart, ~2.5 minutes cold)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, CORE_ARGS
 # adds arguments to them (e.g. "--rounds 7": more, shorter timing rounds, against the GPU's
@@ -75,7 +77,7 @@ bench() {
     echo "$name: exit $?"
 }
 
-memcheck() {  # the Triton kernels under compute-sanitizer (benchmarks/memcheck.py)
+memcheck() {  # the Triton kernels, and on sm_90 the Gluon ones, under compute-sanitizer
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${MEMCHECK_S:-240}" compute-sanitizer \
         --tool memcheck --error-exitcode 1 python3 benchmarks/memcheck.py \
         > "$results/memcheck.log" 2>&1
@@ -157,6 +159,12 @@ for step in "${steps[@]}"; do
         timeout "${GLUON_S:-300}" python3 "benchmarks/${step/-/_}.py" --out "$results" \
             ${GLUON_ARGS:-} > "$results/$step.log" 2>&1
         echo "$step: exit $?"; grep -v "^ok" "$results/$step.log" ;;
+    module-time)  # benchmarks/module_time.py: host and GPU time per module call, apart
+        for preset in notebook bert; do
+            timeout "${MODULE_S:-150}" python3 benchmarks/module_time.py --preset "$preset" \
+                --out "$results" > "$results/module-time-$preset.log" 2>&1
+            echo "module-time $preset: exit $?"; grep -v "^  \|Warning" "$results/module-time-$preset.log"
+        done ;;
     gpu-tests)  # the GPU-only tests of triton (pytest -m gpu), decode key ranges among them
         # shellcheck disable=SC2086  # GPU_TESTS_ARGS: e.g. "-k hopper", split on purpose
         timeout "${GPU_TESTS_S:-480}" python3 -m pytest -v -m gpu tests/test_triton.py \

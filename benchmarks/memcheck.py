@@ -73,6 +73,8 @@ def force_gluon_kernels() -> list[str]:
 
     for module, name in ((hf, "launch"), (hb, "launch_dq"), (hb, "launch_dkdv")):
         setattr(module, name, noted(name, getattr(module, name)))
+    for name in ("_HOPPER_DKDV_MIN_SEQ", "_HOPPER_DQ_MIN_SEQ", "_kv_splits"):
+        getattr(ft, name)  # one renamed fails here, not by routing nothing
     everywhere = {(d, causal): 1 for d in (64, 128) for causal in (False, True)}
     ft._HOPPER_ROUTES = {key: ((1, routes[-1][1]),) for key, routes in ft._HOPPER_ROUTES.items()}
     ft._HOPPER_DKDV_MIN_SEQ = ft._HOPPER_DQ_MIN_SEQ = everywhere

@@ -71,12 +71,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write DIR/triton_registers.json")
     args = parser.parse_args()
     d = args.head_dim
-    flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=max(16, ft._pow2(d)),
-                 BLOCK_DV=max(16, ft._pow2(d)), HAS_LEFT=False, HAS_RIGHT=args.causal,
-                 WINDOWED=args.causal, HAS_LENGTHS=args.lengths, MASK_KIND=0,
-                 MASK_ROWS=False, DROPOUT=args.dropout, NEG_SCALE=False,
-                 HEAD_GROUP=ft._HEAD_GROUP if args.causal else 1, GROUPED=args.grouped,
-                 TMA_OK=args.tma, TMA=args.tma)
+    flags = ft.kernel_flags(d, d, has_left=False, has_right=args.causal,
+                            has_lengths=args.lengths, dropout=args.dropout)
+    flags.update(GROUPED=args.grouped, TMA_OK=args.tma, TMA=args.tma)
     chosen = [tuple(int(x) for x in c.split(",")) for c in args.config]
     rows = []
     print(f"sm_90, Triton {triton.__version__}, head dim {d}, "

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-# (head dim, (left bounded, right bounded), key lengths, mask kind: 0 none/1 add/2 bool, dropout)
+# (head dim, (left bounded, right bounded), key lengths, mask kind: 0 none/1 bool/2 add, dropout)
 FLAG_SETS = [
     (64, (False, False), False, 0, False),
     (128, (False, True), True, 1, False),
@@ -52,13 +52,10 @@ def _compile_all() -> int:
 
     count = 0
     for d, (left, right), lengths, mask_kind, dropout in FLAG_SETS:
-        flags = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=triton.next_power_of_2(d),
-                     BLOCK_DV=triton.next_power_of_2(d), HAS_LEFT=left, HAS_RIGHT=right,
-                     WINDOWED=left or right, HAS_LENGTHS=lengths, MASK_KIND=mask_kind,
-                     MASK_ROWS=False, DROPOUT=dropout,
-                     NEG_SCALE=dropout,  # rides on dropout's sets: both values compiled
-                     HEAD_GROUP=ft._HEAD_GROUP if right else 1,
-                     GROUPED=lengths,  # dK/dV's loop over a kv group's heads: on lengths
+        flags = ft.kernel_flags(d, d, has_left=left, has_right=right, has_lengths=lengths,
+                                mask_kind=mask_kind, dropout=dropout,
+                                neg_scale=dropout)  # rides on dropout's sets: both compiled
+        flags.update(GROUPED=lengths,  # dK/dV's loop over a kv group's heads: on lengths
                      TMA_OK=not lengths,
                      TMA=not lengths,  # the forward's TMA loads: both values compiled
                      SPLIT=dropout,  # the forward over key ranges: with dropout's sets

@@ -860,25 +860,34 @@ def _meta(call: AttentionCall, seed: int) -> tuple[tuple, dict]:
     return (left, right, qk_scale, seed, drop_p, *buckets), dict(flags)
 
 
+def kernel_flags(head_dim: int, head_dim_v: int, *, has_left: bool, has_right: bool,
+                 has_lengths: bool, mask_kind: int = 0, mask_rows: bool = False,
+                 dropout: bool = False, neg_scale: bool = False) -> dict:
+    """The constexpr flags that the three main kernels share, for a call with these
+    features (mask_kind: 0 none, 1 bool, 2 additive); benchmarks/triton_registers.py and
+    the sm_90 compile test build theirs here too, so that they compile what runs."""
+    return dict(
+        HEAD_D=head_dim, HEAD_DV=head_dim_v,
+        BLOCK_D=max(16, _pow2(head_dim)), BLOCK_DV=max(16, _pow2(head_dim_v)),
+        HAS_LEFT=has_left, HAS_RIGHT=has_right, WINDOWED=has_left or has_right,
+        HAS_LENGTHS=has_lengths, MASK_KIND=mask_kind, MASK_ROWS=mask_rows,
+        DROPOUT=dropout, NEG_SCALE=neg_scale,
+        HEAD_GROUP=_HEAD_GROUP if has_right else 1,
+    )
+
+
 def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
     """_meta's scalars (without the seed) and flags for `call`."""
     left, right = call.window or (None, None)
     if call.causal:
         right = 0 if right is None else min(right, 0)
     mask = call.attn_mask
-    mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
-    d, dv = call.head_dim, call.head_dim_v
-    flags = dict(
-        HEAD_D=d, HEAD_DV=dv,
-        BLOCK_D=max(16, _pow2(d)),
-        BLOCK_DV=max(16, _pow2(dv)),
-        HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
-        WINDOWED=left is not None or right is not None,
-        HAS_LENGTHS=call.key_lengths is not None,
-        MASK_KIND=mask_kind, MASK_ROWS=mask is not None and mask.shape[2] != 1,
-        DROPOUT=call.dropout_p > 0.0, NEG_SCALE=call.scale < 0,
-        HEAD_GROUP=_HEAD_GROUP if right is not None else 1,
-    )
+    flags = kernel_flags(
+        call.head_dim, call.head_dim_v, has_left=left is not None,
+        has_right=right is not None, has_lengths=call.key_lengths is not None,
+        mask_kind=0 if mask is None else (1 if mask.dtype == torch.bool else 2),
+        mask_rows=mask is not None and mask.shape[2] != 1, dropout=call.dropout_p > 0.0,
+        neg_scale=call.scale < 0)
     if _INTERPRET:
         flags.update(_INTERPRET_META)
     # Tuning is redone per power-of-two (query, key) length bucket, capped at 16k so the

@@ -912,6 +912,42 @@ def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, scr
     importlib.import_module(script)
 
 
+def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
+    """benchmarks/memcheck.py reroutes fused_triton by its module names so that its short
+    cases reach the three Gluon kernels; a rule renamed or added there would leave them
+    on the Triton kernels, and memcheck would say so only on a GPU."""
+    from pathlib import Path
+
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_backward as hb
+    from attnkit.backends import hopper_forward as hf
+    from attnkit.call import make_call
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    memcheck = importlib.import_module("memcheck")
+    for module, names in ((ft, ("_HOPPER_ROUTES", "_HOPPER_DKDV_MIN_SEQ",
+                                "_HOPPER_DQ_MIN_SEQ", "_kv_splits")),
+                          (hf, ("launch",)), (hb, ("launch_dq", "launch_dkdv"))):
+        for name in names:  # restored after the test
+            monkeypatch.setattr(module, name, getattr(module, name))
+    memcheck.force_gluon_kernels()
+    for case in memcheck.GLUON_CASES:
+        q, k, v, kwargs = case.make_inputs("cpu", torch.Generator().manual_seed(0))
+        call = make_call(q, k, v, **kwargs)
+        dout = torch.randn_like(q)
+        assert ft._hopper_forward_fits(call), case  # (the key-split rule is GPU-only)
+        assert ft._hopper_dkdv_fits(call, dout) and ft._hopper_dq_fits(call, dout, dout), case
+
+
+def test_module_time_imports_what_bench_still_has(monkeypatch):
+    """benchmarks/module_time.py builds its workloads with attnkit.bench's own private
+    helpers; one renamed there would break it only on a GPU."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    importlib.import_module("module_time")
+
+
 @pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
 @pytest.mark.parametrize("head_dim, causal", [(64, False), (64, True), (128, True)])
 def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, head_dim,

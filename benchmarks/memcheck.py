@@ -76,6 +76,7 @@ def force_gluon_kernels() -> list[str]:
     for name in ("_HOPPER_DKDV_MIN_SEQ", "_HOPPER_DQ_MIN_SEQ", "_kv_splits"):
         getattr(ft, name)  # one renamed fails here, not by routing nothing
     everywhere = {(d, causal): 1 for d in (64, 128) for causal in (False, True)}
+    # each (head dim, causal) takes the config of its shortest route, from length 1
     ft._HOPPER_ROUTES = {key: ((1, routes[-1][1]),) for key, routes in ft._HOPPER_ROUTES.items()}
     ft._HOPPER_DKDV_MIN_SEQ = ft._HOPPER_DQ_MIN_SEQ = everywhere
     ft._kv_splits = lambda call, packed: 1  # the Gluon forward runs unsplit calls only

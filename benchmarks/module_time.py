@@ -6,8 +6,9 @@
 `attnkit bench` times each call with triton.testing.do_bench, as it does every row. At
 the module presets a call's GPU work is ~0.1 ms, so where the host takes longer to
 enqueue it than the GPU takes to run it, that time is the host's, and it moves with
-whatever else the host runs (rounds 50-190% apart in run 23). This takes the two apart
-for the same workloads the bench builds (`bench._module_problem`, one set of weights):
+whatever else the host runs (the bench's rounds up to 195% apart in run 23). This takes
+the two apart for the same workloads the bench builds (`bench._module_problem`, one set
+of weights):
 
 - gpu: the GPU time per call. A sleep kernel holds the stream while `--calls` calls are
   enqueued, so the GPU then runs them back to back; CUDA events around them.

@@ -56,30 +56,47 @@ GLUON_CASES = [
 ]
 
 
-def force_gluon_kernels() -> list[str]:
-    """Route every call the Gluon kernels cover to all three of them, whatever its length;
-    returns the list that each Gluon launch appends its name to."""
-    from attnkit.backends import fused_triton as ft
+def _replace(obj, name: str, value) -> None:
+    """setattr for an attribute obj already has: one renamed fails here, as under
+    pytest's monkeypatch.setattr, instead of leaving the old one in use."""
+    getattr(obj, name)
+    setattr(obj, name, value)
+
+
+def watch_gluon_launches(set_attr=_replace) -> list[tuple[str, object]]:
+    """The Gluon launch functions, each wrapped (through set_attr) to note (its name, the
+    launcher it was given) in the returned list before it runs."""
     from attnkit.backends import hopper_backward as hb
     from attnkit.backends import hopper_forward as hf
 
-    launched: list[str] = []
+    launched: list[tuple[str, object]] = []
 
-    def noted(name, launch):
+    def watched(name, launch):
         def run(*args, **kwargs):
-            launched.append(name)
+            launched.append((name, kwargs.get("launcher")))
             launch(*args, **kwargs)
         return run
 
     for module, name in ((hf, "launch"), (hb, "launch_dq"), (hb, "launch_dkdv")):
-        setattr(module, name, noted(name, getattr(module, name)))
-    for name in ("_HOPPER_DKDV_MIN_SEQ", "_HOPPER_DQ_MIN_SEQ", "_kv_splits"):
-        getattr(ft, name)  # one renamed fails here, not by routing nothing
+        set_attr(module, name, watched(name, getattr(module, name)))
+    return launched
+
+
+def force_gluon_kernels(set_attr=_replace) -> list[tuple[str, object]]:
+    """Route every call the Gluon kernels cover to all three of them, whatever its length
+    (through set_attr: a test passes monkeypatch.setattr to undo it); returns
+    watch_gluon_launches's list."""
+    from attnkit.backends import fused_triton as ft
+
+    launched = watch_gluon_launches(set_attr)
     everywhere = {(d, causal): 1 for d in (64, 128) for causal in (False, True)}
     # each (head dim, causal) takes the config of its shortest route, from length 1
-    ft._HOPPER_ROUTES = {key: ((1, routes[-1][1]),) for key, routes in ft._HOPPER_ROUTES.items()}
-    ft._HOPPER_DKDV_MIN_SEQ = ft._HOPPER_DQ_MIN_SEQ = everywhere
-    ft._kv_splits = lambda call, packed: 1  # the Gluon forward runs unsplit calls only
+    set_attr(ft, "_HOPPER_ROUTES",
+             {key: ((1, routes[-1][1]),) for key, routes in ft._HOPPER_ROUTES.items()})
+    set_attr(ft, "_HOPPER_DKDV_MIN_SEQ", everywhere)
+    set_attr(ft, "_HOPPER_DQ_MIN_SEQ", everywhere)
+    # the Gluon forward runs unsplit calls only
+    set_attr(ft, "_kv_splits", lambda call, packed: 1)
     return launched
 
 
@@ -110,7 +127,8 @@ def main(gluon_only: bool = False) -> int:
     if device == "cuda" and torch.cuda.get_device_capability() == (9, 0) and hf.available():
         launched = force_gluon_kernels()
         failed += run_cases(GLUON_CASES, device)
-        counts = {name: launched.count(name) for name in ("launch", "launch_dq", "launch_dkdv")}
+        names = [name for name, _ in launched]
+        counts = {name: names.count(name) for name in ("launch", "launch_dq", "launch_dkdv")}
         print(f"Gluon launches: {counts}", flush=True)
         failed += any(count != 3 * len(GLUON_CASES) for count in counts.values())
     return 1 if failed else 0

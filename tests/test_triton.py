@@ -912,25 +912,23 @@ def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, scr
     importlib.import_module(script)
 
 
+def _memcheck_script(monkeypatch):
+    """benchmarks/memcheck.py as a module."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("memcheck")
+
+
 def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
     """benchmarks/memcheck.py reroutes fused_triton by its module names so that its short
     cases reach the three Gluon kernels; a rule renamed or added there would leave them
     on the Triton kernels, and memcheck would say so only on a GPU."""
-    from pathlib import Path
-
     from attnkit.backends import fused_triton as ft
-    from attnkit.backends import hopper_backward as hb
-    from attnkit.backends import hopper_forward as hf
     from attnkit.call import make_call
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    memcheck = importlib.import_module("memcheck")
-    for module, names in ((ft, ("_HOPPER_ROUTES", "_HOPPER_DKDV_MIN_SEQ",
-                                "_HOPPER_DQ_MIN_SEQ", "_kv_splits")),
-                          (hf, ("launch",)), (hb, ("launch_dq", "launch_dkdv"))):
-        for name in names:  # restored after the test
-            monkeypatch.setattr(module, name, getattr(module, name))
-    memcheck.force_gluon_kernels()
+    memcheck = _memcheck_script(monkeypatch)
+    memcheck.force_gluon_kernels(monkeypatch.setattr)  # undone after the test
     for case in memcheck.GLUON_CASES:
         q, k, v, kwargs = case.make_inputs("cpu", torch.Generator().manual_seed(0))
         call = make_call(q, k, v, **kwargs)
@@ -1183,22 +1181,9 @@ def test_hopper_forward_configs_on_gpu(head_dim, dtype):
 
 def _watch_gluon_launches(monkeypatch) -> list[tuple[str, object]]:
     """The Gluon launch functions, each wrapped to note (its name, the launcher it was
-    given) in the returned list before it runs."""
-    from attnkit.backends import hopper_backward as hb
-    from attnkit.backends import hopper_forward as hf
-
-    launches = []
-
-    def watched(name, launch):
-        def run(*args, **kwargs):
-            launches.append((name, kwargs.get("launcher")))
-            launch(*args, **kwargs)
-
-        return run
-
-    for module, name in ((hf, "launch"), (hb, "launch_dq"), (hb, "launch_dkdv")):
-        monkeypatch.setattr(module, name, watched(name, getattr(module, name)))
-    return launches
+    given) in the returned list before it runs (memcheck.py's watch, undone after the
+    test)."""
+    return _memcheck_script(monkeypatch).watch_gluon_launches(monkeypatch.setattr)
 
 
 @pytest.mark.gpu

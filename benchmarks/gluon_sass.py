@@ -20,7 +20,6 @@ for the backward kernels.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import re
 import subprocess
@@ -34,7 +33,7 @@ from triton.backends.compiler import GPUTarget
 from attnkit.backends import fused_triton, hopper_backward, hopper_forward
 
 TYPES = {"qk_scale": "fp32", "scale": "fp32", "LSE": "*fp32", "DELTA": "*fp32",
-         "LENGTHS": "*i64", "COUNTER": "*i32", "DQ_SUM": "*fp32",
+         "LENGTHS": "*i64", "COUNTER": "*i32",
          **dict.fromkeys(("Q", "K", "V", "DO", "DQ", "DK", "DV", "Out"), "*bf16")}  # else i32
 
 
@@ -93,14 +92,13 @@ def forward(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] 
 
 
 def dkdv(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | None,
-         head_group: int, dq_adds: bool = False):
-    """(source, options) of hopper_backward.dkdv_kernel, as launch_dkdv launches it;
-    dq_adds: the form that adds dq as well."""
+         head_group: int):
+    """(source, options) of hopper_backward.dkdv_kernel, as launch_dkdv launches it."""
     q, k, v, _, dout, lse, delta, key_lengths = call_tensors(head_dim, lengths)
     return captured(hopper_backward.launch_dkdv, (q, k, v, dout, lse, delta, k.clone(),
                                                   v.clone(), key_lengths),
                     causal=causal, scale=0.1, config=config or hopper_backward.DKDV_CONFIG,
-                    head_group=head_group, dq_sum=q.float() if dq_adds else None)
+                    head_group=head_group)
 
 
 def dq(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | None,
@@ -123,18 +121,13 @@ def main() -> None:
                         help="forward: BLOCK_N,STAGES,WARPGROUPS[,O_TMA[,OWN_RANGES]]; "
                              "dkdv: BLOCK_M,STAGES; dq: BLOCK_N,STAGES")
     parser.add_argument("--head-group", type=int, default=1)
-    parser.add_argument("--dq-adds", action="store_true",
-                        help="dkdv: the form that adds dq into float32 as well")
     parser.add_argument("--sass", default=None, help="write the SASS here")
     args = parser.parse_args()
-    if args.dq_adds and args.kernel != "dkdv":
-        parser.error("--dq-adds is a form of the dkdv kernel")
     if not hopper_forward.available():
         raise SystemExit(f"Triton {triton.__version__}: the Gluon kernels are offered under "
                          f"{hopper_forward.CHECKED_RELEASES} only")
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
-    build = {"forward": forward, "dkdv": functools.partial(dkdv, dq_adds=args.dq_adds),
-             "dq": dq}[args.kernel]
+    build = {"forward": forward, "dkdv": dkdv, "dq": dq}[args.kernel]
     src, options = build(args.head_dim, args.causal, args.lengths, config, args.head_group)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
@@ -147,8 +140,7 @@ def main() -> None:
     # "/*0a30*/  FFMA R1, R2, R3, R4 ;" -> "FFMA R1, R2, R3, R4"
     instructions = re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s*([^;]*?)\s*;", text, re.M)
     spills = sum(1 for i in instructions if re.match(r"(LDL|STL)\b", i))
-    print(f"{args.kernel}{' dq-adds' if args.dq_adds else ''} D={args.head_dim}"
-          f"{' causal' if args.causal else ''}"
+    print(f"{args.kernel} D={args.head_dim}{' causal' if args.causal else ''}"
           f"{' lengths' if args.lengths else ''} config {config or 'default'} head group "
           f"{args.head_group}: {len(instructions)} instructions, {spills} local-memory, "
           f"{compiled.metadata.shared} bytes shared")

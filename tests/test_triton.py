@@ -1187,14 +1187,12 @@ def _watch_gluon_launches(monkeypatch) -> list[tuple[str, object]]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dq_adds", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype, dq_adds):
-    """The Gluon dQ and dK/dV kernels (or, dq_adds, the dK/dV kernel alone adding dQ by
-    atomics), through _backward, against the oracle on awkward shapes (partial key and
-    query blocks, rows and batches that see no key, grouped heads), and the same bits
-    twice (dK and dV only where dQ is added in no order)."""
+def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
+    """The Gluon dQ and dK/dV kernels, through _backward, against the oracle on awkward
+    shapes (partial key and query blocks, rows and batches that see no key, grouped
+    heads), and the same bits twice."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
@@ -1203,8 +1201,6 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype, dq_adds):
     # than the routes take
     monkeypatch.setattr(ft, "_hopper_dkdv_fits", lambda call, dout: True)
     monkeypatch.setattr(ft, "_hopper_dq_fits", lambda call, out, dout: True)
-    monkeypatch.setattr(ft, "_HOPPER_DQ_ADDS", dq_adds)
-    kernels = ["launch_dkdv"] * 2 if dq_adds else ["launch_dkdv"] * 2 + ["launch_dq"] * 2
     launched = _watch_gluon_launches(monkeypatch)
     _order_heads_in_groups_of(3, monkeypatch)  # several groups, the last one short
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
@@ -1226,15 +1222,14 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype, dq_adds):
         out, lse = ft._forward(call, 0)
         launched.clear()
         grads = [ft._backward(call, 0, out, lse, dout) for _ in range(2)]
-        assert sorted(name for name, _ in launched) == kernels
+        assert sorted(name for name, _ in launched) == ["launch_dkdv", "launch_dkdv",
+                                                        "launch_dq", "launch_dq"]
         inputs64 = [t.double().requires_grad_() for t in (q, k, v)]
         ref = attention(*inputs64, causal=causal, key_lengths=key_lengths, impl="reference")
         want = torch.autograd.grad(ref, inputs64, dout.double())
         for name, got, expected in zip("qkv", grads[0], want, strict=True):
             assert rel_err(got, expected) < 1e-2, (name, b, hq, hkv, sq, skv, causal, lengths)
-        exact = grads[0][1:] if dq_adds else grads[0]
-        assert all(torch.equal(x, y) for x, y in zip(exact, grads[1][-len(exact):],
-                                                      strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(*grads, strict=True))
 
 
 @pytest.mark.gpu

@@ -797,25 +797,6 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
 
 
-@_jit
-def _delta_kernel(Out, DO, DELTA, Hq, Sq, stride_ob, stride_oh, stride_om, stride_od,
-                  stride_dob, stride_doh, stride_dom, stride_dod, HEAD_DV: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(out * dout), float32 (B * Hq, Sq), where no dQ kernel writes it."""
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    ok = (offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DV)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
-                + offs_dv[None, :] * stride_od, mask=ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod, mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
-
-
 # ---------------------------------------------------------------------------------------
 # Launch wrappers
 # ---------------------------------------------------------------------------------------
@@ -1246,10 +1227,6 @@ _HOPPER_DKDV_MIN_SEQ = {(128, False): 1024, (128, True): 2048, (64, False): 4096
 # Triton dQ kernel at D=64 (NOTES run 22). bfloat16 and float16, both checked on a GPU.
 _HOPPER_DQ = True
 _HOPPER_DQ_MIN_SEQ = {(128, False): 4096, (128, True): 4096}
-# Experiment (run 24): where the Gluon dK/dV kernel runs, it also adds dQ into float32 by
-# atomics (five matmuls a block pair instead of seven; not deterministic), and no dQ
-# kernel runs.
-_HOPPER_DQ_ADDS = False
 
 
 def _hopper_backward_fits(call: AttentionCall, dout: Tensor,
@@ -1460,14 +1437,6 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     dq, dk, dv = _empty_grads(call.q, call.k, call.v)
     q, k, v, head_group = call.q, call.k, call.v, shared[1]["HEAD_GROUP"]
-    if configs == (None, None) and _HOPPER_DQ_ADDS and _uses_hopper_dkdv(call, dout):
-        dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        _launch_delta(out, dout, delta)
-        if _ran_on_gluon("_HOPPER_DKDV", "dK/dV kernel", lambda: hopper_backward.launch_dkdv(
-                q, k, v, dout, lse, delta, dk, dv, call.key_lengths, call.causal,
-                call.scale, head_group=head_group, launcher=_launch_jitted, dq_sum=dq_sum)):
-            dq.copy_(dq_sum)
-            return dq, dk, dv
     if not (configs[1] is None and _uses_hopper_dq(call, out, dout)
             and _ran_on_gluon("_HOPPER_DQ", "dQ kernel", lambda: hopper_backward.launch_dq(
                 q, k, v, out, dout, lse, delta, dq, call.key_lengths, call.causal,
@@ -1479,15 +1448,6 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
                 call.scale, head_group=head_group, launcher=_launch_jitted))):
         _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
     return dq, dk, dv
-
-
-def _launch_delta(out: Tensor, dout: Tensor, delta: Tensor) -> None:
-    """delta (B, Hq, Sq) = rowsum(out * dout), for a dK/dV kernel that adds dq itself."""
-    B, Hq, Sq, Dv = out.shape
-    block_m = 64
-    _launch_jitted(_delta_kernel, (_cdiv(Sq, block_m), B * Hq), (
-        out, dout, delta, Hq, Sq, *out.stride(), *dout.stride(),
-    ), dict(HEAD_DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_M=block_m), {"num_warps": 4})
 
 
 def _backward_shared(call: AttentionCall, seed: int, lse: Tensor, dout: Tensor) -> tuple:

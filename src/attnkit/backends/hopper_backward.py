@@ -76,9 +76,9 @@ if hopper_forward.gluon is not None:
 
     @gluon.jit
     def _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem, q_ring,
-              do_ring, ready, free, pt_buf, dst_buf, rows_ring, dq_rows, scale,
-              MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-              BLOCK_M: gl.constexpr, s_layout: gl.constexpr, DQ_ADDS: gl.constexpr):
+              do_ring, ready, free, pt_buf, dst_buf, rows_ring, MASKED: gl.constexpr,
+              CAUSAL: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+              s_layout: gl.constexpr):
         """Step t of the walk: query rows [m0, m0 + BLOCK_M) of one query head. S^T and
         dP^T issued; P^T's exponentials under dP^T; dV's product, dS^T under it, dK's;
         all waited for before the slot goes back to the loading warp."""
@@ -122,34 +122,16 @@ if hopper_forward.gluon is not None:
         fence_async_shared()
         gl.thread_barrier()
         dk_tok = warpgroup_mma(dst_buf, q, dk, is_async=True)
-        if DQ_ADDS:
-            # This warpgroup's share of the query block's dQ, dS K over its 64 keys, added
-            # into float32 rows that every key block of the head adds into, in no order.
-            head_d: gl.constexpr = k_smem.shape[1]
-            d_layout: gl.constexpr = score_layout(head_d)
-            dq_tok = warpgroup_mma(dst_buf.permute((1, 0)), k_smem,
-                                   gl.zeros([BLOCK_M, head_d], gl.float32, d_layout),
-                                   use_acc=False, is_async=True)
-            dv, dk = warpgroup_mma_wait(1, deps=[dv_tok, dk_tok])
-            mbarrier.arrive(free.index(slot), count=1)
-            dq = warpgroup_mma_wait(0, deps=[dq_tok])
-            rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, d_layout))
-            cols = gl.arange(0, head_d, layout=gl.SliceLayout(0, d_layout))
-            gl.atomic_add(dq_rows + gl.expand_dims(rows, 1) * head_d + gl.expand_dims(cols, 0),
-                          dq * scale, mask=gl.expand_dims(rows < Sq, 1)
-                          & gl.expand_dims(cols < head_d, 0), sem="relaxed")
-        else:
-            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
-            mbarrier.arrive(free.index(slot), count=1)
+        dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+        mbarrier.arrive(free.index(slot), count=1)
         return dk, dv
 
     @gluon.jit
-    def _dkdv_consume(DK, DV, DQ_SUM, b, kvh, Hq, n0, Sq, Skv, kv_len, off, qk_scale, scale,
-                 group, first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+    def _dkdv_consume(DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
+                 first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
                  stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
                  free, pt_buf, dst_buf, rows_ring, HEAD_D: gl.constexpr,
-                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 DQ_ADDS: gl.constexpr):
+                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
         """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
         first_block.. of every query head of the group, stored (dK scaled). pt_buf,
         dst_buf: the warpgroup's own (64, BLOCK_M) buffers for P^T and dS^T."""
@@ -161,7 +143,6 @@ if hopper_forward.gluon is not None:
         mbarrier.wait(kv_bar, 0)
         for t in range(group * n_blocks):
             m0 = (first_block + t % n_blocks) * BLOCK_M
-            dq_rows = DQ_SUM + ((b * Hq + kvh * group + t // n_blocks) * Sq) * HEAD_D
             # Every key of the warpgroup below kv_len and (causal) seen by the block's
             # first query: no index checks.
             whole = n0 + 64 <= kv_len
@@ -169,12 +150,12 @@ if hopper_forward.gluon is not None:
                 whole = whole & (n0 + 63 <= m0 + off)
             if whole:
                 dk, dv = _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
-                               q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring, dq_rows,
-                               scale, False, CAUSAL, STAGES, BLOCK_M, s_layout, DQ_ADDS)
+                               q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
+                               False, CAUSAL, STAGES, BLOCK_M, s_layout)
             else:
                 dk, dv = _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
-                               q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring, dq_rows,
-                               scale, True, CAUSAL, STAGES, BLOCK_M, s_layout, DQ_ADDS)
+                               q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
+                               True, CAUSAL, STAGES, BLOCK_M, s_layout)
         rows = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, d_layout))
         cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
         ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0)
@@ -214,20 +195,19 @@ if hopper_forward.gluon is not None:
             tma.async_copy_global_to_shared(do_desc, [h, m0, 0], bar, do_ring.index(slot))
 
     @gluon.jit
-    def _dkdv_worker(ROLE: gl.constexpr, DK, DV, DQ_SUM, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len,
-                off, qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb,
-                stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc,
-                q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free,
-                pt_smem, dst_smem, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
-                STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_ADDS: gl.constexpr):
+    def _dkdv_worker(ROLE: gl.constexpr, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
+                qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
+                do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                dst_smem, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr):
         """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
         if ROLE == 0:
-            _dkdv_consume(DK, DV, DQ_SUM, b, kvh, Hq, n0 + 64, Sq, Skv, kv_len, off, qk_scale,
-                     scale, group, first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn,
-                     stride_dvb, stride_dvh, stride_dvn, k_smem.slice(64, 64),
-                     v_smem.slice(64, 64), kv_bar, q_ring, do_ring, ready, free,
-                     pt_smem.index(1), dst_smem.index(1), rows_ring, HEAD_D, BLOCK_M, STAGES,
-                     CAUSAL, DQ_ADDS)
+            _dkdv_consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
+                     first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                     stride_dvh, stride_dvn, k_smem.slice(64, 64), v_smem.slice(64, 64),
+                     kv_bar, q_ring, do_ring, ready, free, pt_smem.index(1),
+                     dst_smem.index(1), rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)
         else:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                      v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
@@ -237,16 +217,14 @@ if hopper_forward.gluon is not None:
     # key blocks that take the index-checked step came out wrong or faulted (H200, Triton
     # 3.6; NOTES run 15); unspecialised, the same cases pass.
     @gluon.jit(do_not_specialize=["group"])
-    def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, LENGTHS,
+    def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                     Hq, Hkv, group, Sq, Skv, qk_scale, scale,
                     HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HEAD_GROUP: gl.constexpr,
-                    DQ_ADDS: gl.constexpr):
-        """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS). DQ_ADDS:
-        also add scale * dS K into DQ_SUM, float32 (B, Hq, Sq, D) contiguous."""
+                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
+        """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS)."""
         BLOCK_N: gl.constexpr = 128
         dtype: gl.constexpr = Q.dtype.element_ty
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D],
@@ -313,24 +291,21 @@ if hopper_forward.gluon is not None:
         # 240 registers per computing thread leave the loading warp's warpgroup 24 of the
         # 64K; at BLOCK_M 64 and D=128 they need them all.
         gl.warp_specialize([
-            (_dkdv_consume, (DK, DV, DQ_SUM, b, kvh, Hq, n0, Sq, Skv, kv_len, off, qk_scale, scale,
-                        group, first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn,
-                        stride_dvb, stride_dvh, stride_dvn, k_smem.slice(0, 64),
-                        v_smem.slice(0, 64), kv_bar, q_ring, do_ring, ready, free,
-                        pt_smem.index(0), dst_smem.index(0), rows_ring, HEAD_D, BLOCK_M,
-                        STAGES, CAUSAL, DQ_ADDS)),
-            (_dkdv_worker, (0, DK, DV, DQ_SUM, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
-                       qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb,
-                       stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
-                       v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
-                       free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
-                       DQ_ADDS)),
-            (_dkdv_worker, (1, DK, DV, DQ_SUM, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
-                       qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb,
-                       stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
-                       v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
-                       free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
-                       DQ_ADDS)),
+            (_dkdv_consume, (DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
+                        first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                        stride_dvh, stride_dvn, k_smem.slice(0, 64), v_smem.slice(0, 64),
+                        kv_bar, q_ring, do_ring, ready, free, pt_smem.index(0),
+                        dst_smem.index(0), rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+            (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
+                       scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                       stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
+                       do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                       dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+            (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
+                       scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                       stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
+                       do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                       dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
         ], [4, 1], [240, 24])
 
     @gluon.jit
@@ -550,27 +525,24 @@ _LOG2E = 1.4426950408889634
 
 def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, scale: float,
                 config: tuple[int, int] = DKDV_CONFIG, head_group: int = 1,
-                launcher=hopper_forward.run_kernel, dq_sum=None) -> None:
+                launcher=hopper_forward.run_kernel) -> None:
     """Write dk, dv (shaped like k, v (B, Hkv, Skv, D)) for q (B, Hq, Sq, D), dout (like
     q), lse and delta (B, Hq, Sq) float32 (delta = rowsum(out * dout), from the dQ
     kernel). The caller has checked that the call is one this kernel covers, and has set
     Triton's allocator (the descriptors are built on the GPU). head_group: how many
     (batch, kv head) pairs' programs start together, each one's first key block first.
-    launcher: called as hopper_forward.run_kernel is. dq_sum: a zeroed float32 (B, Hq, Sq,
-    D) contiguous tensor to add dq into as well (in no fixed order: not bit for bit the
-    same from run to run), with delta from elsewhere; None: dq is the dQ kernel's."""
+    launcher: called as hopper_forward.run_kernel is."""
     block_m, stages = config
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     launcher(dkdv_kernel, (-(-Skv // 128), B * Hkv), (
-        q, k, v, dout, lse, delta, dk, dv, dq_sum if dq_sum is not None else lse, lengths,
+        q, k, v, dout, lse, delta, dk, dv, lengths,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3],
         Hq, Hkv, Hq // Hkv, Sq, Skv, scale * _LOG2E, scale,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-            BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group,
-            DQ_ADDS=dq_sum is not None),
+            BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
         {"num_warps": 4, "maxnreg": 168})
 
 

@@ -6,15 +6,16 @@
 
 A variant is a set of fused_triton module switches that an experiment adds (run 13's,
 taken out again: `_LAZY_RESCALE`, `_EXP_POLY`, `_DKDV_TMA`; NOTES), which the launch
-wrappers read on every call. For each shape the forward (or, with --backward, the
-backward) runs autotuned under each variant once (a switch that enters a tuning key gets
-its own pick, a switch that does not shares the first one's), then is timed with
-triton.testing.do_bench (median, after warm-up, random bf16 data) under each variant in
-turns, `--rounds` times over; the medians of the rounds are reported. Timing in turns
-matters here: the differences sought are a few %, and the same kernel moves that much
-between calls (NOTES, run 10). Each variant's outputs are compared with the first
-variant's. --key-lengths gives each batch element a key length drawn in [S/2, S], as
-`attnkit bench --key-lengths` does (padded batches).
+wrappers read on every call, or a kernel module swapped for another build of it
+(`hopper_backward=@NAME`: the module NAME, importable from this folder). For each shape
+the forward (or, with --backward, the backward) runs autotuned under each variant once
+(a switch that enters a tuning key gets its own pick, a switch that does not shares the
+first one's), then is timed with triton.testing.do_bench (median, after warm-up, random
+bf16 data) under each variant in turns, `--rounds` times over; the medians of the rounds
+are reported. Timing in turns matters here: the differences sought are a few %, and the
+same kernel moves that much between calls (NOTES, run 10). Each variant's outputs are
+compared with the first variant's. --key-lengths gives each batch element a key length
+drawn in [S/2, S], as `attnkit bench --key-lengths` does (padded batches).
 
 Prints one table per shape and writes every sample to DIR/kernel_variants.json.
 """
@@ -22,6 +23,7 @@ Prints one table per shape and writes every sample to DIR/kernel_variants.json.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -42,14 +44,17 @@ SHAPES = [
 ]
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, int]]:
+def parse_variant(text: str) -> tuple[str, dict[str, object]]:
     name, _, settings = text.partition(":")
-    switches = {}
+    switches: dict[str, object] = {}
     for item in filter(None, settings.split(",")):
         attr, _, value = item.partition("=")
         if not hasattr(ft, attr):
             raise SystemExit(f"fused_triton has no switch {attr!r}")
-        switches[attr] = int(value)
+        # ATTR=@module: one of fused_triton's kernel modules swapped for another build of
+        # it, e.g. a copy of the last commit's saved beside this script
+        switches[attr] = (importlib.import_module(value[1:]) if value.startswith("@")
+                          else int(value))
     return name, switches
 
 

@@ -487,7 +487,7 @@ def test_fast_launch_keys_a_tma_descriptor_by_its_box():
         pytest.skip("this Triton has no Gluon Hopper descriptors")
 
     def key(t, rows):
-        return ft._specialization((hf._descriptor(t, rows),))
+        return ft._specialization((hf.describe(t, rows),))
 
     t = torch.randn(2, 4, 1000, 128, dtype=torch.bfloat16)
     assert key(t, 64) == key(torch.randn(1, 2, 4096, 128, dtype=torch.bfloat16), 64)
@@ -1020,7 +1020,28 @@ def test_hopper_forward_needs_tma_readable_tensors():
     one_batch = call.q[:1].as_strided(call.q.shape, (0, *call.q.stride()[1:]))
     assert ft._hopper_forward_fits(make_call(one_batch, call.k, call.v))  # size 1: free
     if hf.gluon is not None:  # its descriptor gets a stride the encoder takes
-        assert all(s > 0 for s in hf._descriptor(one_batch, 64).strides)
+        assert all(s > 0 for s in hf.describe(one_batch, 64).strides)
+
+
+def test_hopper_descriptor_is_the_one_triton_would_build():
+    # describe() skips TensorDescriptor's checks for host time: the descriptor must still
+    # be the one the checked constructor builds, field for field (a field a later Triton
+    # adds without a default fails here), on the layouts the kernels get: a plain tensor,
+    # q as a view into a fused QKV projection, a batch of one with a free stride.
+    from attnkit.backends import hopper_forward as hf
+
+    if hf.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper descriptors")
+    qkv = torch.randn(2, 100, 3, 4, 64, dtype=torch.bfloat16)
+    one_batch = torch.randn(1, 4, 100, 128, dtype=torch.float16)
+    for t, rows in [(torch.randn(2, 4, 1000, 128, dtype=torch.bfloat16), 128),
+                    (qkv[:, :, 0].transpose(1, 2), 64),
+                    (one_batch.as_strided(one_batch.shape, (0, *one_batch.stride()[1:])), 64)]:
+        strides = [st if size > 1 else t.shape[3] for size, st in
+                   zip(t.shape, t.stride(), strict=True)]
+        checked = hf.TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, t.shape[3]],
+                                      hf._box_layout(rows, t.shape[3], t.dtype))
+        assert hf.describe(t, rows) == checked
 
 
 @pytest.mark.parametrize("version, offered", [("3.6.0", True), ("3.6.1+git", True),

@@ -1267,7 +1267,6 @@ def _ran_on_gluon(switch: str, kernel: str, launch: Callable[[], None]) -> bool:
     here (a Triton whose Gluon differs from the one it was checked under) is switched off
     for the process (the module flag `switch`), once, with a warning; the Triton kernel
     serves instead."""
-    _ensure_allocator()  # the backward kernels build their descriptors on the GPU
     try:
         launch()
         return True

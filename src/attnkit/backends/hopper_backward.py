@@ -6,7 +6,9 @@ also writes delta = rowsum(out * dout)) and then the dK/dV kernel. On Hopper eit
 be the one here instead. Both have the layout of `hopper_forward`'s forward: two
 warpgroups of 64 rows, each in a partition of its own, and one loading warp filling a
 ring of STAGES slots through TMA, so the next tile's loads run under this one's math.
-Neither needs atomics, so both give the same bits on every run.
+Neither needs atomics, so both give the same bits on every run. Both read Q, K, V and dO
+through descriptors built on the host (`hopper_forward.describe`); built in each program
+on the GPU, as up to run 23, they cost the backward 2.4-4.5% (NOTES run 24).
 
 The dQ kernel: one program per 128 query rows and (batch, query head) walks the key
 blocks the rows can see, its loading warp bringing K and V (the forward's ring):
@@ -86,8 +88,8 @@ if hopper_forward.gluon is not None:
         qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
         lse = rows_ring.index(slot).load(gl.SliceLayout(0, s_layout))
-        q = q_ring.index(slot).reshape([BLOCK_M, q_ring.shape[3]])  # the (1, BLOCK_M, D) box
-        do = do_ring.index(slot).reshape([BLOCK_M, do_ring.shape[3]])
+        q = box(q_ring, slot)
+        do = box(do_ring, slot)
         s_tok = warpgroup_mma(k_smem, q.permute((1, 0)),
                               gl.zeros([64, BLOCK_M], gl.float32, s_layout),
                               use_acc=False, is_async=True)
@@ -166,7 +168,7 @@ if hopper_forward.gluon is not None:
 
     @gluon.jit
     def _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
-                 v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
+                 v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
                  free, rows_ring, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """The loading warp: K and V of the key block once, then for each step of the walk
         Q and dO into the ring, and lse (log2 units) and delta into rows_ring (stored
@@ -174,13 +176,14 @@ if hopper_forward.gluon is not None:
         let the slot go. The computing warpgroups read lse and delta from there because
         per-column pointers into LSE and DELTA took 32 registers a vector."""
         row_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+        b32 = b.to(gl.int32)  # TMA coordinates are 32-bit
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [n0, 0], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [n0, 0], kv_bar, v_smem)
+        tma.async_copy_global_to_shared(k_desc, [b32, kvh.to(gl.int32), n0, 0], kv_bar, k_box)
+        tma.async_copy_global_to_shared(v_desc, [b32, kvh.to(gl.int32), n0, 0], kv_bar, v_box)
         for t in range(group * n_blocks):
             slot = t % STAGES
             mbarrier.wait(free.index(slot), ((t // STAGES) & 1) ^ 1)
-            h = (kvh * group + t // n_blocks).to(gl.int32)  # TMA coordinates are 32-bit
+            h = (kvh * group + t // n_blocks).to(gl.int32)
             m0 = (first_block + t % n_blocks) * BLOCK_M
             bar = ready.index(slot)
             qi = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
@@ -191,46 +194,43 @@ if hopper_forward.gluon is not None:
                                                          other=0.0))
             gl.thread_barrier()  # every lane's stores before the arrival that releases them
             mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [h, m0, 0], bar, q_ring.index(slot))
-            tma.async_copy_global_to_shared(do_desc, [h, m0, 0], bar, do_ring.index(slot))
+            tma.async_copy_global_to_shared(q_desc, [b32, h, m0, 0], bar, q_ring.index(slot))
+            tma.async_copy_global_to_shared(do_desc, [b32, h, m0, 0], bar, do_ring.index(slot))
 
     @gluon.jit
     def _dkdv_worker(ROLE: gl.constexpr, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
                 qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                 stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
-                do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
                 dst_smem, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
         """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
         if ROLE == 0:
             _dkdv_consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
                      first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                     stride_dvh, stride_dvn, k_smem.slice(64, 64), v_smem.slice(64, 64),
-                     kv_bar, q_ring, do_ring, ready, free, pt_smem.index(1),
-                     dst_smem.index(1), rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)
+                     stride_dvh, stride_dvn, box(k_box, 0).slice(64, 64),
+                     box(v_box, 0).slice(64, 64), kv_bar, q_ring, do_ring, ready, free,
+                     pt_smem.index(1), dst_smem.index(1), rows_ring, HEAD_D, BLOCK_M, STAGES,
+                     CAUSAL)
         else:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
-                     v_desc, q_desc, do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
-                     free, rows_ring, BLOCK_M, STAGES)
+                     v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar, q_ring,
+                     do_ring, ready, free, rows_ring, BLOCK_M, STAGES)
 
     # With group == 1 specialised as a constant (Triton's default for an int that is 1),
     # key blocks that take the index-checked step came out wrong or faulted (H200, Triton
     # 3.6; NOTES run 15); unspecialised, the same cases pass.
     @gluon.jit(do_not_specialize=["group"])
-    def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
-                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+    def dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, LENGTHS,
                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                     Hq, Hkv, group, Sq, Skv, qk_scale, scale,
                     HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
-        """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS)."""
+        """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS). The four
+        descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (K, V) and (1, 1,
+        BLOCK_M, D) (Q, dO)."""
         BLOCK_N: gl.constexpr = 128
-        dtype: gl.constexpr = Q.dtype.element_ty
-        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D],
-                                                                        dtype)
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, HEAD_D],
-                                                                       dtype)
+        dtype: gl.constexpr = q_desc.dtype
         # The programs start HEAD_GROUP heads at a time, each one's first key block (under
         # a causal mask the one with the most queries to see) first. Head by head, the
         # grid's own order, the program ids serve as they are, as in the build checked in
@@ -246,17 +246,6 @@ if hopper_forward.gluon is not None:
             n0 = block * BLOCK_N
         b = (bh // Hkv).to(gl.int64)
         kvh = (bh % Hkv).to(gl.int64)
-        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh, [Skv, HEAD_D],
-                                            [stride_kn, 1], [BLOCK_N, HEAD_D], kv_layout)
-        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh, [Skv, HEAD_D],
-                                            [stride_vn, 1], [BLOCK_N, HEAD_D], kv_layout)
-        # (heads, queries, D) over the batch's query heads: a kv group's heads share them.
-        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb, [Hq, Sq, HEAD_D],
-                                            [stride_qh, stride_qm, 1], [1, BLOCK_M, HEAD_D],
-                                            q_layout)
-        do_desc = tma.make_tensor_descriptor(DO + b * stride_dob, [Hq, Sq, HEAD_D],
-                                             [stride_doh, stride_dom, 1],
-                                             [1, BLOCK_M, HEAD_D], q_layout)
         off = Skv - Sq
         kv_len = Skv
         if HAS_LENGTHS:
@@ -269,10 +258,11 @@ if hopper_forward.gluon is not None:
         n_blocks = gl.maximum(gl.cdiv(Sq, BLOCK_M) - first_block, 0)
         n_blocks = gl.where(n0 < kv_len, n_blocks, 0)
 
-        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], kv_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], kv_layout)
-        q_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_D], q_layout)
-        do_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_D], q_layout)
+        k_box = gl.allocate_shared_memory(dtype, [1] + k_desc.block_shape, k_desc.layout)
+        v_box = gl.allocate_shared_memory(dtype, [1] + v_desc.block_shape, v_desc.layout)
+        q_ring = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_shape, q_desc.layout)
+        do_ring = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_shape,
+                                            do_desc.layout)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
@@ -293,18 +283,19 @@ if hopper_forward.gluon is not None:
         gl.warp_specialize([
             (_dkdv_consume, (DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
                         first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                        stride_dvh, stride_dvn, k_smem.slice(0, 64), v_smem.slice(0, 64),
-                        kv_bar, q_ring, do_ring, ready, free, pt_smem.index(0),
-                        dst_smem.index(0), rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+                        stride_dvh, stride_dvn, box(k_box, 0).slice(0, 64),
+                        box(v_box, 0).slice(0, 64), kv_bar, q_ring, do_ring, ready, free,
+                        pt_smem.index(0), dst_smem.index(0), rows_ring, HEAD_D, BLOCK_M,
+                        STAGES, CAUSAL)),
             (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                        scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                        stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
-                       do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                       do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
                        dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
             (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                        scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
                        stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
-                       do_desc, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                       do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
                        dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
         ], [4, 1], [240, 24])
 
@@ -421,10 +412,10 @@ if hopper_forward.gluon is not None:
                  mask=gl.expand_dims(d_rows < Sq, 1) & gl.expand_dims(d_cols < HEAD_D, 0))
 
     @gluon.jit
-    def _dq_worker(ROLE: gl.constexpr, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off,
+    def _dq_worker(ROLE: gl.constexpr, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off,
                    qk_scale, scale, total, full_blocks, stride_ob, stride_oh, stride_om,
-                   stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_smem,
-                   do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
+                   stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_box,
+                   do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
                    HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    CAUSAL: gl.constexpr):
         """ROLE 0: the second warpgroup's rows; ROLE 1: the loading warp (Q and dO on one
@@ -432,15 +423,16 @@ if hopper_forward.gluon is not None:
         if ROLE == 0:
             _dq_consume(Out, LSE, DELTA, DQ, b, h, bh, m0 + 64, Sq, kv_len, off, qk_scale, scale,
                         total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
-                        stride_dqh, stride_dqm, q_smem.slice(64, 64), do_smem.slice(64, 64),
-                        k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D, BLOCK_N,
-                        STAGES, CAUSAL)
+                        stride_dqh, stride_dqm, box(q_box, 0).slice(64, 64),
+                        box(do_box, 0).slice(64, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
+                        k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL)
         else:
+            b32 = b.to(gl.int32)  # TMA coordinates are 32-bit
+            h32 = h.to(gl.int32)
             mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [m0, 0], q_bar, q_smem)
-            tma.async_copy_global_to_shared(do_desc, [m0, 0], q_bar, do_smem)
-            # The forward's loader, on this program's (1, 1, Skv, D) K and V: coordinates 0, 0
-            load_kv_ring(0, 0, 0, total, k_desc, v_desc,
+            tma.async_copy_global_to_shared(q_desc, [b32, h32, m0, 0], q_bar, q_box.index(0))
+            tma.async_copy_global_to_shared(do_desc, [b32, h32, m0, 0], q_bar, do_box.index(0))
+            load_kv_ring(b32, kvh.to(gl.int32), 0, total, k_desc, v_desc,
                          (k_smem, v_smem, k_bars, v_bars, k_free, v_free), BLOCK_N, STAGES)
 
     @gluon.jit
@@ -458,58 +450,42 @@ if hopper_forward.gluon is not None:
         return pid_m, bh, b, h, h // group
 
     @gluon.jit
-    def dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, LENGTHS,
-                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                  stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+    def dq_kernel(q_desc, k_desc, v_desc, Out, do_desc, LSE, DELTA, DQ, LENGTHS,
+                  stride_ob, stride_oh, stride_om, stride_dqb, stride_dqh, stride_dqm,
                   Hq, group, Sq, Skv, qk_scale, scale,
                   HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
-        """One program per (128 query rows, batch * query head); 4 warps + 4 + 1 (WS)."""
+        """One program per (128 query rows, batch * query head); 4 warps + 4 + 1 (WS). The
+        four descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (Q, dO) and (1, 1,
+        BLOCK_N, D) (K, V: the forward's ring, kv_ring and load_kv_ring)."""
         BLOCK_M: gl.constexpr = 128
-        dtype: gl.constexpr = Q.dtype.element_ty
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
-        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_D],
-                                                                        dtype)
         pid_m, bh, b, h, kvh = _dq_program(Hq, group, CAUSAL, HEAD_GROUP)
-        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Sq, HEAD_D],
-                                            [stride_qm, 1], [BLOCK_M, HEAD_D], q_layout)
-        do_desc = tma.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, [Sq, HEAD_D],
-                                             [stride_dom, 1], [BLOCK_M, HEAD_D], q_layout)
-        # K and V as (1, 1, Skv, D) boxes of (1, 1, BLOCK_N, D), the forward's ring's shape
-        # (kv_ring, load_kv_ring); the size-1 dimensions' strides are never stepped.
-        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh,
-                                            [1, 1, Skv, HEAD_D],
-                                            [stride_kn, stride_kn, stride_kn, 1],
-                                            [1, 1, BLOCK_N, HEAD_D], kv_layout)
-        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh,
-                                            [1, 1, Skv, HEAD_D],
-                                            [stride_vn, stride_vn, stride_vn, 1],
-                                            [1, 1, BLOCK_N, HEAD_D], kv_layout)
         m0 = pid_m * BLOCK_M
         kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M, BLOCK_N,
                                                      CAUSAL, HAS_LENGTHS)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
-        do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_layout)
+        q_box = gl.allocate_shared_memory(q_desc.dtype, [1] + q_desc.block_shape,
+                                          q_desc.layout)
+        do_box = gl.allocate_shared_memory(do_desc.dtype, [1] + do_desc.block_shape,
+                                           do_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(k_desc, STAGES, 2)
         gl.warp_specialize([
             (_dq_consume, (Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
                            total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
-                           stride_dqh, stride_dqm, q_smem.slice(0, 64), do_smem.slice(0, 64),
-                           k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
-                           BLOCK_N, STAGES, CAUSAL)),
-            (_dq_worker, (0, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
-                          total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
-                          stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_smem,
-                          do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
-                          BLOCK_N, STAGES, CAUSAL)),
-            (_dq_worker, (1, Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
-                          total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
-                          stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_smem,
-                          do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free, HEAD_D,
-                          BLOCK_N, STAGES, CAUSAL)),
+                           stride_dqh, stride_dqm, box(q_box, 0).slice(0, 64),
+                           box(do_box, 0).slice(0, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
+                           k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL)),
+            (_dq_worker, (0, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off, qk_scale,
+                          scale, total, full_blocks, stride_ob, stride_oh, stride_om,
+                          stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc,
+                          q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
+                          HEAD_D, BLOCK_N, STAGES, CAUSAL)),
+            (_dq_worker, (1, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off, qk_scale,
+                          scale, total, full_blocks, stride_ob, stride_oh, stride_om,
+                          stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc,
+                          q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
+                          HEAD_D, BLOCK_N, STAGES, CAUSAL)),
         ], [4, 1], [232, 24])
 
 
@@ -528,17 +504,18 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
                 launcher=hopper_forward.run_kernel) -> None:
     """Write dk, dv (shaped like k, v (B, Hkv, Skv, D)) for q (B, Hq, Sq, D), dout (like
     q), lse and delta (B, Hq, Sq) float32 (delta = rowsum(out * dout), from the dQ
-    kernel). The caller has checked that the call is one this kernel covers, and has set
-    Triton's allocator (the descriptors are built on the GPU). head_group: how many
+    kernel). The caller has checked that the call is one this kernel covers
+    (fused_triton._hopper_dkdv_fits). head_group: how many
     (batch, kv head) pairs' programs start together, each one's first key block first.
     launcher: called as hopper_forward.run_kernel is."""
     block_m, stages = config
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
+    descriptor = hopper_forward.describe
     launcher(dkdv_kernel, (-(-Skv // 128), B * Hkv), (
-        q, k, v, dout, lse, delta, dk, dv, lengths,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        descriptor(q, block_m), descriptor(k, 128), descriptor(v, 128),
+        descriptor(dout, block_m), lse, delta, dk, dv, lengths,
         *dk.stride()[:3], *dv.stride()[:3],
         Hq, Hkv, Hq // Hkv, Sq, Skv, scale * _LOG2E, scale,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
@@ -552,16 +529,16 @@ def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, sca
     """Write dq (like q (B, Hq, Sq, D)) and delta (B, Hq, Sq) float32 = rowsum(out * dout)
     for the dK/dV kernel, from k, v (B, Hkv, Skv, D), out and dout (like q) and lse (B, Hq,
     Sq) float32. out, dq: unit stride along D. The caller has checked that the call is one
-    this kernel covers, and has set Triton's allocator. head_group: how many (batch, query
+    this kernel covers (fused_triton._hopper_dq_fits). head_group: how many (batch, query
     head) pairs' programs start together, causal ones' last query block first. launcher:
     called as hopper_forward.run_kernel is."""
     block_n, stages = config
     B, Hq, Sq, D = q.shape
     lengths = key_lengths if key_lengths is not None else lse
+    descriptor = hopper_forward.describe
     launcher(dq_kernel, (-(-Sq // 128), B * Hq), (
-        q, k, v, out, dout, lse, delta, dq, lengths,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        *dout.stride()[:3], *dq.stride()[:3],
+        descriptor(q, 128), descriptor(k, block_n), descriptor(v, block_n), out,
+        descriptor(dout, 128), lse, delta, dq, lengths, *out.stride()[:3], *dq.stride()[:3],
         Hq, Hq // k.shape[1], Sq, k.shape[2], scale * _LOG2E, scale,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
             BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group),

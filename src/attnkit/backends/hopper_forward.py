@@ -618,15 +618,27 @@ def describable(t: torch.Tensor) -> bool:
                zip(t.shape, t.stride(), strict=True))
 
 
-def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A TMA descriptor of t (B, H, S, D) read in boxes of (1, 1, rows, D). A dimension of
-    size 1 is only ever read at index 0, so its stride, which torch leaves free (0, say),
-    becomes one the encoder accepts."""
+def describe(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A TMA descriptor of t (B, H, S, D) read in boxes of (1, 1, rows, D), rows a power
+    of two. A dimension of size 1 is only ever read at index 0, so its stride, which torch
+    leaves free (0, say), becomes one the encoder accepts.
+
+    Built without TensorDescriptor's own checks, which cost ~4 us of host time each (on
+    the CPU machine) and a launch takes four: what they check (16-byte base and strides,
+    unit stride along D, positive sizes, a power-of-two box) is what the callers have
+    checked before routing a call here (fused_triton._gluon_covers, describable; the
+    empty call never reaches a kernel). The fields are those of the Triton releases the
+    kernels are offered under (CHECKED_RELEASES)."""
     D = t.shape[3]
-    strides = [stride if size > 1 else D
-               for size, stride in zip(t.shape, t.stride(), strict=True)]
-    return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, D],
-                            _box_layout(rows, D, t.dtype))
+    desc = object.__new__(TensorDescriptor)
+    desc.base = t
+    desc.shape = list(t.shape)
+    desc.strides = [stride if size > 1 else D
+                    for size, stride in zip(t.shape, t.stride(), strict=True)]
+    desc.block_shape = [1, 1, rows, D]
+    desc.layout = _box_layout(rows, D, t.dtype)
+    desc.padding = "zero"
+    return desc
 
 
 @functools.cache
@@ -680,12 +692,12 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
     tiles = -(-Sq // (64 * warpgroups)) * B * Hq
     q_buffers = q_buffer_count(config, D, q.element_size())
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)
-    q_desc = _descriptor(q, 64)
+    q_desc = describe(q, 64)
     # out's descriptor is read only where O_TMA; q's (the same box type) stands in
     # otherwise, so that the routed configs do not build one more per call.
-    o_desc = _descriptor(out, 64) if o_tma else q_desc
+    o_desc = describe(out, 64) if o_tma else q_desc
     launcher(forward_kernel, (min(tiles, multiprocessors(q.device)),), (
-        q_desc, _descriptor(k, block_n), _descriptor(v, block_n), o_desc, out, lse, lengths,
+        q_desc, describe(k, block_n), describe(v, block_n), o_desc, out, lse, lengths,
         counter,
         out.stride(0), out.stride(1), out.stride(2),
         B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,

@@ -37,7 +37,6 @@ def gluon_dkdv(call, lse, dout, delta, config=hopper_backward.DKDV_CONFIG):
     kernel). config: (BLOCK_M, STAGES)."""
     dk = torch.empty_like(call.k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(call.v, memory_format=torch.contiguous_format)
-    ft._ensure_allocator()
     hopper_backward.launch_dkdv(call.q, call.k, call.v, dout, lse, delta, dk, dv,
                                 call.key_lengths, call.causal, call.scale, config,
                                 ft._meta(call, 0)[1]["HEAD_GROUP"])  # as _backward does

@@ -36,7 +36,6 @@ def gluon_dq(call, out, lse, dout, config=hopper_backward.DQ_CONFIG):
     config: (BLOCK_N, STAGES)."""
     dq = torch.empty_like(call.q, memory_format=torch.contiguous_format)
     delta = torch.empty_like(lse)
-    ft._ensure_allocator()
     hopper_backward.launch_dq(call.q, call.k, call.v, out, dout, lse, delta, dq,
                               call.key_lengths, call.causal, call.scale, config,
                               ft._meta(call, 0)[1]["HEAD_GROUP"])  # as _backward does

@@ -899,7 +899,7 @@ def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
                   + min(_pow2(call.seq_kv), 2**14))
     rows = call.q.shape[0] * call.heads_q * call.seq_q
     rows_bucket = min(max(_pow2(rows), 2**14), 2**19)
-    scalars = (left or 0, right or 0, call.scale * 1.4426950408889634, call.dropout_p,
+    scalars = (left or 0, right or 0, call.scale * hopper_forward.LOG2E, call.dropout_p,
                seq_bucket, rows_bucket)
     return scalars, flags
 

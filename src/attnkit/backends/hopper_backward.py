@@ -496,7 +496,6 @@ DKDV_CONFIG = (64, 2)
 # (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
 # blocks spill and serialize the matmuls (NOTES runs 14, 22).
 DQ_CONFIG = (64, 3)
-_LOG2E = 1.4426950408889634
 
 
 def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, scale: float,
@@ -517,7 +516,7 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
         descriptor(q, block_m), descriptor(k, 128), descriptor(v, 128),
         descriptor(dout, block_m), lse, delta, dk, dv, lengths,
         *dk.stride()[:3], *dv.stride()[:3],
-        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * _LOG2E, scale,
+        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
             BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
         {"num_warps": 4, "maxnreg": 168})
@@ -539,7 +538,7 @@ def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, sca
     launcher(dq_kernel, (-(-Sq // 128), B * Hq), (
         descriptor(q, 128), descriptor(k, block_n), descriptor(v, block_n), out,
         descriptor(dout, 128), lse, delta, dq, lengths, *out.stride()[:3], *dq.stride()[:3],
-        Hq, Hq // k.shape[1], Sq, k.shape[2], scale * _LOG2E, scale,
+        Hq, Hq // k.shape[1], Sq, k.shape[2], scale * hopper_forward.LOG2E, scale,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
             BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group),
         {"num_warps": 4, "maxnreg": 168})

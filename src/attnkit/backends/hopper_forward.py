@@ -63,6 +63,9 @@ except ImportError:  # an older Triton: `available` says so, nothing below is co
 # this file calls is gone, renamed async_load); the kernels here were written and checked
 # on a GPU under Triton 3.6, so that is the only release they are offered on.
 CHECKED_RELEASES = ((3, 6),)
+# The kernels exponentiate with exp2: the scores' scale goes to them times log2(e). Host
+# side, for this file, hopper_backward and fused_triton alike.
+LOG2E = 1.4426950408889634
 
 
 def available() -> bool:
@@ -700,7 +703,7 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
         q_desc, describe(k, block_n), describe(v, block_n), o_desc, out, lse, lengths,
         counter,
         out.stride(0), out.stride(1), out.stride(2),
-        B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * 1.4426950408889634,
+        B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * LOG2E,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
             BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
             O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), HEAD_GROUP=head_group),

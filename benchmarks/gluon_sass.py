@@ -34,7 +34,7 @@ from attnkit.backends import fused_triton, hopper_backward, hopper_forward
 
 TYPES = {"qk_scale": "fp32", "scale": "fp32", "LSE": "*fp32", "DELTA": "*fp32",
          "LENGTHS": "*i64", "COUNTER": "*i32",
-         **dict.fromkeys(("Q", "K", "V", "DO", "DQ", "DK", "DV", "Out"), "*bf16")}  # else i32
+         **dict.fromkeys(("DQ", "DK", "DV", "Out"), "*bf16")}  # else i32
 
 
 def source(fn, args: tuple, constexprs: dict):

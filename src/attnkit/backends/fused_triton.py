@@ -1233,8 +1233,10 @@ def _hopper_backward_fits(call: AttentionCall, dout: Tensor,
                           min_seq: dict[tuple[int, bool], int]) -> bool:
     """Whether a Gluon backward kernel covers the call (with its gradient dout) and was
     measured faster on it: min_seq (its shortest routed Sq and Skv), _gluon_covers, and
-    every stride of q, k, v and dout positive, as the kernels build their descriptors
-    from them on the GPU. Says nothing about the device."""
+    every stride of q, k, v and dout positive (up to run 23 the kernels built their
+    descriptors from the raw strides on the GPU; `hopper_forward.describe` would now take
+    the free stride of a size-1 dimension too, but the backward was not checked on a GPU
+    with one). Says nothing about the device."""
     shortest = min_seq.get((call.head_dim, call.causal))
     tensors = (call.q, call.k, call.v, dout)
     return (shortest is not None

@@ -7,13 +7,14 @@
 A variant is a set of fused_triton module switches that an experiment adds (run 13's,
 taken out again: `_LAZY_RESCALE`, `_EXP_POLY`, `_DKDV_TMA`; NOTES), which the launch
 wrappers read on every call, or a kernel module swapped for another build of it
-(`hopper_backward=@NAME`: the module NAME, importable from this folder). For each shape
-the forward (or, with --backward, the backward) runs autotuned under each variant once
-(a switch that enters a tuning key gets its own pick, a switch that does not shares the
-first one's), then is timed with triton.testing.do_bench (median, after warm-up, random
-bf16 data) under each variant in turns, `--rounds` times over; the medians of the rounds
-are reported. Timing in turns matters here: the differences sought are a few %, and the
-same kernel moves that much between calls (NOTES, run 10). Each variant's outputs are
+(`hopper_backward=@NAME`: the module NAME, importable from this folder); a switch a
+variant does not set stays as found, whatever ran before it. For each shape the forward
+(or, with --backward, the backward) runs autotuned under each variant once (a switch
+that enters a tuning key gets its own pick, a switch that does not shares the first
+one's), then is timed with triton.testing.do_bench (median, after warm-up, random bf16
+data) under each variant in turns, `--rounds` times over; the medians of the rounds are
+reported. Timing in turns matters here: the differences sought are a few %, and the same
+kernel moves that much between calls (NOTES, run 10). Each variant's outputs are
 compared with the first variant's. --key-lengths gives each batch element a key length
 drawn in [S/2, S], as `attnkit bench --key-lengths` does (padded batches).
 
@@ -58,6 +59,15 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
     return name, switches
 
 
+def switch_to(switches: dict[str, object], found: dict[str, object]) -> None:
+    """fused_triton as one variant has it: its own switches set, and every other switch
+    that some variant sets back at its value as found, so that a variant runs as written
+    whatever ran before it."""
+    for attr, value in {**found, **switches}.items():
+        setattr(ft, attr, value)
+    ft._META.clear()  # flags worked out under the last variant's switches
+
+
 def run_shape(shape, variants, rounds: int, backward: bool, key_lengths: bool) -> dict:
     b, h, s, d, causal = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -72,15 +82,17 @@ def run_shape(shape, variants, rounds: int, backward: bool, key_lengths: bool) -
 
     samples: dict[str, list[float]] = {name: [] for name, _ in variants}
     results = {}
-    for round_ in range(rounds):
-        for name, switches in variants:
-            for attr, value in switches.items():
-                setattr(ft, attr, value)
-            ft._META.clear()  # flags worked out under the last variant's switches
-            if round_ == 0:
-                results[name] = step()
-            samples[name].append(float(do_bench(step, warmup=25, rep=150,
-                                                return_mode="median")))
+    found = {attr: getattr(ft, attr) for _, switches in variants for attr in switches}
+    try:
+        for round_ in range(rounds):
+            for name, switches in variants:
+                switch_to(switches, found)
+                if round_ == 0:
+                    results[name] = step()
+                samples[name].append(float(do_bench(step, warmup=25, rep=150,
+                                                    return_mode="median")))
+    finally:  # the next shape starts from the switches as found too
+        switch_to({}, found)
     flops = attention_flops(b, h, s, s, d, causal) * (2.5 if backward else 1.0)
     first = variants[0][0]
     rows = []

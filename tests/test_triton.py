@@ -946,6 +946,32 @@ def test_module_time_imports_what_bench_still_has(monkeypatch):
     importlib.import_module("module_time")
 
 
+def test_kernel_variants_runs_each_variant_as_written(monkeypatch):
+    """benchmarks/kernel_variants.py: a switch set by one variant and not by the next goes
+    back to its value as found; a module can stand in for one of fused_triton's."""
+    from pathlib import Path
+
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_backward
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    kv = importlib.import_module("kernel_variants")
+    for attr in ("_HOPPER_DQ", "_HOPPER_DKDV", "hopper_backward"):
+        monkeypatch.setattr(ft, attr, getattr(ft, attr))  # undone after the test
+    variants = [kv.parse_variant("a:_HOPPER_DQ=0"),
+                kv.parse_variant("b:_HOPPER_DKDV=0,hopper_backward=@json")]
+    assert variants[1][1]["hopper_backward"] is importlib.import_module("json")
+    found = {"_HOPPER_DQ": True, "_HOPPER_DKDV": True, "hopper_backward": hopper_backward}
+    kv.switch_to(variants[0][1], found)
+    assert (ft._HOPPER_DQ, ft._HOPPER_DKDV, ft.hopper_backward) == (0, True, hopper_backward)
+    kv.switch_to(variants[1][1], found)
+    assert (ft._HOPPER_DQ, ft._HOPPER_DKDV) == (True, 0)
+    assert ft.hopper_backward is variants[1][1]["hopper_backward"]
+    kv.switch_to({}, found)
+    assert (ft._HOPPER_DQ, ft._HOPPER_DKDV, ft.hopper_backward) == (True, True,
+                                                                     hopper_backward)
+
+
 @pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
 @pytest.mark.parametrize("head_dim, causal", [(64, False), (64, True), (128, True)])
 def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, head_dim,

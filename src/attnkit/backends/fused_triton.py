@@ -1255,13 +1255,11 @@ def _hopper_dq_fits(call: AttentionCall, out: Tensor, dout: Tensor) -> bool:
 
 
 def _uses_hopper_dkdv(call: AttentionCall, dout: Tensor) -> bool:
-    return (_HOPPER_DKDV and call.device.type == "cuda" and _is_hopper(call.device)
-            and _hopper_dkdv_fits(call, dout))
+    return _HOPPER_DKDV and _on_hopper(call) and _hopper_dkdv_fits(call, dout)
 
 
 def _uses_hopper_dq(call: AttentionCall, out: Tensor, dout: Tensor) -> bool:
-    return (_HOPPER_DQ and call.device.type == "cuda" and _is_hopper(call.device)
-            and _hopper_dq_fits(call, out, dout))
+    return _HOPPER_DQ and _on_hopper(call) and _hopper_dq_fits(call, out, dout)
 
 
 def _ran_on_gluon(switch: str, kernel: str, launch: Callable[[], None]) -> bool:
@@ -1306,6 +1304,12 @@ def _is_hopper(device: torch.device) -> bool:
     return _hopper_forward_unavailable(device) is None
 
 
+def _on_hopper(call: AttentionCall) -> bool:
+    """Whether the call's device is one the Gluon kernels run on (_is_hopper); a CPU
+    call is told so without the cached lookup."""
+    return call.device.type == "cuda" and _is_hopper(call.device)
+
+
 def _details(device: torch.device) -> str | None:
     """On a Hopper GPU, whether the Gluon forward and backward kernels run there, and if
     not why."""
@@ -1344,8 +1348,7 @@ def _route_text() -> str:
 
 
 def _uses_hopper_forward(call: AttentionCall) -> bool:
-    return (_HOPPER_FORWARD and call.device.type == "cuda" and _is_hopper(call.device)
-            and _hopper_forward_fits(call))
+    return _HOPPER_FORWARD and _on_hopper(call) and _hopper_forward_fits(call)
 
 
 # impl="auto" runs SDPA first, which runs cuDNN on Hopper. Forward alone, two `core` runs

@@ -177,9 +177,10 @@ if hopper_forward.gluon is not None:
         per-column pointers into LSE and DELTA took 32 registers a vector."""
         row_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         b32 = b.to(gl.int32)  # TMA coordinates are 32-bit
+        kvh32 = kvh.to(gl.int32)
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b32, kvh.to(gl.int32), n0, 0], kv_bar, k_box)
-        tma.async_copy_global_to_shared(v_desc, [b32, kvh.to(gl.int32), n0, 0], kv_bar, v_box)
+        tma.async_copy_global_to_shared(k_desc, [b32, kvh32, n0, 0], kv_bar, k_box)
+        tma.async_copy_global_to_shared(v_desc, [b32, kvh32, n0, 0], kv_bar, v_box)
         for t in range(group * n_blocks):
             slot = t % STAGES
             mbarrier.wait(free.index(slot), ((t // STAGES) & 1) ^ 1)
@@ -504,9 +505,9 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     """Write dk, dv (shaped like k, v (B, Hkv, Skv, D)) for q (B, Hq, Sq, D), dout (like
     q), lse and delta (B, Hq, Sq) float32 (delta = rowsum(out * dout), from the dQ
     kernel). The caller has checked that the call is one this kernel covers
-    (fused_triton._hopper_dkdv_fits). head_group: how many
-    (batch, kv head) pairs' programs start together, each one's first key block first.
-    launcher: called as hopper_forward.run_kernel is."""
+    (fused_triton._hopper_dkdv_fits). head_group: how many (batch, kv head) pairs'
+    programs start together, each one's first key block first. launcher: called as
+    hopper_forward.run_kernel is."""
     block_m, stages = config
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]

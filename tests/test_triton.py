@@ -837,7 +837,8 @@ def test_hopper_backward_kernels_need_tensors_tma_can_read():
     assert fits(columns) == (False, False)  # stride 1 along S
     broadcast = torch.randn_like(call.q[:, :1]).expand_as(call.q)  # stride 0 over heads
     assert fits(broadcast) == (False, False)
-    # the kernels build their descriptors from the strides: none may be 0, even of size 1
+    # none may be 0, even of size 1: the kernels were checked on a GPU only with positive
+    # strides (_hopper_backward_fits)
     one_batch = call.q.as_strided(call.q.shape, (0, *call.q.stride()[1:]))
     assert fits(one_batch) == (False, False)
     # the dQ kernel reads out by rows of unit stride
@@ -900,24 +901,21 @@ def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, scr
     dropped there (run 16 dropped `program`) would otherwise break them only on a GPU.
     Names only: Gluon code compiles for sm_90 under the Triton release it was written
     for, not the one tests run under."""
-    from pathlib import Path
-
     from attnkit.backends import hopper_forward as hf
 
     if hf.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper operations to import")
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     for name in ("gluon_forward", "gluon_dq", "gluon_dkdv"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    importlib.import_module(script)
+    _benchmark_script(script, monkeypatch)
 
 
-def _memcheck_script(monkeypatch):
-    """benchmarks/memcheck.py as a module."""
+def _benchmark_script(name: str, monkeypatch):
+    """benchmarks/NAME.py as a module (the folder on sys.path for the test only)."""
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    return importlib.import_module("memcheck")
+    return importlib.import_module(name)
 
 
 def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
@@ -927,7 +925,7 @@ def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
-    memcheck = _memcheck_script(monkeypatch)
+    memcheck = _benchmark_script("memcheck", monkeypatch)
     memcheck.force_gluon_kernels(monkeypatch.setattr)  # undone after the test
     for case in memcheck.GLUON_CASES:
         q, k, v, kwargs = case.make_inputs("cpu", torch.Generator().manual_seed(0))
@@ -940,22 +938,16 @@ def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
 def test_module_time_imports_what_bench_still_has(monkeypatch):
     """benchmarks/module_time.py builds its workloads with attnkit.bench's own private
     helpers; one renamed there would break it only on a GPU."""
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    importlib.import_module("module_time")
+    _benchmark_script("module_time", monkeypatch)
 
 
 def test_kernel_variants_runs_each_variant_as_written(monkeypatch):
     """benchmarks/kernel_variants.py: a switch set by one variant and not by the next goes
     back to its value as found; a module can stand in for one of fused_triton's."""
-    from pathlib import Path
-
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_backward
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    kv = importlib.import_module("kernel_variants")
+    kv = _benchmark_script("kernel_variants", monkeypatch)
     for attr in ("_HOPPER_DQ", "_HOPPER_DKDV", "hopper_backward"):
         monkeypatch.setattr(ft, attr, getattr(ft, attr))  # undone after the test
     variants = [kv.parse_variant("a:_HOPPER_DQ=0"),
@@ -979,14 +971,11 @@ def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, h
     """benchmarks/gluon_sass.py builds the Gluon kernels' signatures from what the launch
     functions pass: a constexpr a kernel has and its launch does not pass (or passes as
     an argument) would compile as an int there."""
-    from pathlib import Path
-
     from attnkit.backends import hopper_forward as hf
 
     if hf.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper operations")
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    gluon_sass = importlib.import_module("gluon_sass")
+    gluon_sass = _benchmark_script("gluon_sass", monkeypatch)
     source, _ = getattr(gluon_sass, kernel)(head_dim, causal, False, None, 3)
     kinds = {name: kind == "constexpr" for name, kind in source.signature.items()}
     assert kinds == {param.name: param.is_constexpr for param in source.fn.params}
@@ -1230,7 +1219,7 @@ def _watch_gluon_launches(monkeypatch) -> list[tuple[str, object]]:
     """The Gluon launch functions, each wrapped to note (its name, the launcher it was
     given) in the returned list before it runs (memcheck.py's watch, undone after the
     test)."""
-    return _memcheck_script(monkeypatch).watch_gluon_launches(monkeypatch.setattr)
+    return _benchmark_script("memcheck", monkeypatch).watch_gluon_launches(monkeypatch.setattr)
 
 
 @pytest.mark.gpu

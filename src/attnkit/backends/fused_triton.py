@@ -1232,16 +1232,12 @@ _HOPPER_DQ_MIN_SEQ = {(128, False): 4096, (128, True): 4096}
 def _hopper_backward_fits(call: AttentionCall, dout: Tensor,
                           min_seq: dict[tuple[int, bool], int]) -> bool:
     """Whether a Gluon backward kernel covers the call (with its gradient dout) and was
-    measured faster on it: min_seq (its shortest routed Sq and Skv), _gluon_covers, and
-    every stride of q, k, v and dout positive (up to run 23 the kernels built their
-    descriptors from the raw strides on the GPU; `hopper_forward.describe` would now take
-    the free stride of a size-1 dimension too, but the backward was not checked on a GPU
-    with one). Says nothing about the device."""
+    measured faster on it: min_seq (its shortest routed Sq and Skv) and _gluon_covers.
+    Says nothing about the device."""
     shortest = min_seq.get((call.head_dim, call.causal))
-    tensors = (call.q, call.k, call.v, dout)
     return (shortest is not None
             and min(call.seq_q, call.seq_kv) >= shortest
-            and _gluon_covers(call, tensors) and all(min(t.stride()) > 0 for t in tensors))
+            and _gluon_covers(call, (call.q, call.k, call.v, dout)))
 
 
 def _hopper_dkdv_fits(call: AttentionCall, dout: Tensor) -> bool:

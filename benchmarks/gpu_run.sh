@@ -18,9 +18,10 @@
 #   forward+backward kernels timed alone against attention() + autograd, profiled),
 #   decode (benchmarks/decode.py: decoding steps, K/V bytes per second against a copy),
 #   decode-splits (decode.py --splits: the forward's GPU time per key-range count),
-#   gpu-tests (pytest -m gpu: the tests that need a GPU; cold on an H200 in run 16, the
-#   seven Gluon forward ones took 217 s and the whole set did not fit 350 s; GPU_TESTS_ARGS
-#   adds pytest arguments, e.g. "-k hopper"), kernel-variants
+#   gpu-tests (pytest -m gpu: the tests that need a GPU; cold on an H200 in run 25 the 17
+#   of them needed more than one 600 s call: the large shapes ~190 s, each Gluon forward
+#   config test ~100 s; GPU_TESTS_ARGS adds pytest arguments, e.g. "-k hopper", or
+#   "-n 4" to compile in four processes with pytest-xdist, not yet tried), kernel-variants
 #   (benchmarks/kernel_variants.py: fused_triton's code variants timed in turns),
 #   gluon-forward (benchmarks/gluon_forward.py: the Gluon forward's tile configs checked
 #   against the oracle, then timed beside the Triton forward; GLUON_ARGS adds arguments,

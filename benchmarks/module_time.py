@@ -57,6 +57,11 @@ def host_and_gpu_ms(fn, calls: int) -> tuple[float, float | None]:
     return host, None if waited else start.elapsed_time(end) / calls
 
 
+def parts(work) -> tuple[tuple[str, object], ...]:
+    """The two timed parts of a bench workload, by the names the JSON rows carry."""
+    return ("fwd", work.run_forward), ("fwd_bwd", work.run_forward_backward)
+
+
 def synchronizing_ops(fn) -> list[str]:
     """The warnings of torch's sync debug mode over one call of fn: the ops in it that
     make the host wait for the GPU (.item(), nonzero, copies to the host)."""
@@ -87,22 +92,21 @@ def main() -> None:
     for label in labels:
         try:
             work = problem.entries[label]()
-            work.run_forward()  # compiles, autotuning
-            work.run_forward_backward()
+            for _, fn in parts(work):  # compiles, autotunes
+                fn()
         except Exception as exc:  # not on this device, or not with this preset's mask
             print(f"{label}: left out ({type(exc).__name__}: {str(exc)[:100]})")
             continue
         works[label] = work
-        syncs[label] = {part: synchronizing_ops(fn) for part, fn in
-                        (("fwd", work.run_forward), ("fwd_bwd", work.run_forward_backward))}
+        syncs[label] = {part: synchronizing_ops(fn) for part, fn in parts(work)}
         for part, ops in syncs[label].items():
             for op in ops:
                 print(f"{label} {part} waits for the GPU: {op}")
     samples = {(label, part): {"host": [], "gpu": [], "bench": []}
-               for label in works for part in ("fwd", "fwd_bwd")}
+               for label, work in works.items() for part, _ in parts(work)}
     for _ in range(args.rounds):
         for label, work in works.items():
-            for part, fn in (("fwd", work.run_forward), ("fwd_bwd", work.run_forward_backward)):
+            for part, fn in parts(work):
                 host, gpu = host_and_gpu_ms(fn, args.calls)
                 got = samples[(label, part)]
                 got["host"].append(host)

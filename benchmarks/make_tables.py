@@ -10,6 +10,10 @@ the tables there are always generated from committed data:
     python benchmarks/make_tables.py            # rewrite both
     python benchmarks/make_tables.py --check    # exit 1 if either is out of date (CI)
 
+benchmarks/results/README.md has every set; the top-level README the latest set of each
+series (`series`: one device, preset, dtype and set of options, run again), so that it
+reads as where things stand rather than as the history of every run.
+
 Only the standard library: the tables can be rebuilt without installing anything.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -56,6 +61,47 @@ def load_sets(results_dir: Path) -> list[dict]:
                 _PRESET_ORDER.get(preset, 9), meta.get("dtype", ""), str(s["path"]))
 
     return sorted(sets, key=order)
+
+
+# Options of a set's command that say how a run went, not what it measured: `series`
+# leaves them out (the value is how many words each takes after it). A bench set's
+# implementations are left out too, as each run asks for the ones it compares; a verify
+# set's are kept, as one limited to a few implementations does not stand for a whole one.
+_RUN_OPTIONS = {"--out": 1, "--rounds": 1, "--no-progress": 0}
+_BENCH_RUN_OPTIONS = {**_RUN_OPTIONS, "--impl": 1}
+
+
+def series(s: dict) -> tuple:
+    """What a result set measured: its device, kind, preset, dtype and command options
+    but those of _RUN_OPTIONS. Sets of one series are runs of the same measurement."""
+    meta = s["meta"]
+    skip = _BENCH_RUN_OPTIONS if s["kind"] == "bench" else _RUN_OPTIONS
+    words = shlex.split(meta.get("command") or "")
+    kept, i = [], 1  # words[0] is the program
+    while i < len(words):
+        name, has_value, _ = words[i].partition("=")
+        if name in skip:
+            i += 1 if has_value else 1 + skip[name]
+        else:
+            kept.append(words[i])
+            i += 1
+    return (meta.get("device_name"), s["kind"], meta.get("preset"), meta.get("dtype"),
+            tuple(kept))
+
+
+def latest_of_each_series(sets: list[dict]) -> list[dict]:
+    """The newest set (by its date, then its path) of each series, in the order given."""
+    newest: dict[tuple, dict] = {}
+    for s in sets:
+        key = series(s)
+        if key not in newest or _age(s) > _age(newest[key]):
+            newest[key] = s
+    kept = {id(s) for s in newest.values()}
+    return [s for s in sets if id(s) in kept]
+
+
+def _age(s: dict) -> tuple[str, str]:
+    return str(s["meta"].get("date", "")), str(s["path"])
 
 
 # --------------------------------------------------------------------------- formatting
@@ -354,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
             rel = args.results.resolve().relative_to(args.readme.resolve().parent)
         except ValueError:
             pass
-        block = render(sets, rel.as_posix())
+        latest = latest_of_each_series(sets)
+        block = (f"_The latest result set of each series: {len(latest)} of {len(sets)}; "
+                 f"every set, older runs included, is in "
+                 f"[{rel.as_posix()}/README.md]({rel.as_posix()}/README.md)._\n\n"
+                 + render(latest, rel.as_posix()))
         targets[args.readme] = replace_block(args.readme.read_text(), block)
     else:
         print(f"{args.readme} not found: only {args.results / 'README.md'} is written",

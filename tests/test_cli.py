@@ -165,6 +165,42 @@ def test_make_tables_says_what_auto_ran_and_how_far_rounds_disagreed(tmp_path):
     assert "auto` ran" not in text and "disagreed" not in text  # sets from before
 
 
+def test_make_tables_readme_shows_the_latest_set_of_each_series(tmp_path):
+    """The top-level README's block: the newest set per series (where it wrote, its rounds
+    and a bench's implementations do not make a new series; a verify's do); the results
+    folder's README keeps every set."""
+    def result_set(folder, command, date, kind="bench"):
+        path = tmp_path / "results" / folder
+        path.mkdir(parents=True)
+        meta = {"device": "cpu", "device_name": "CPU", "dtype": "float32", "date": date,
+                "command": command}
+        if kind == "bench":
+            meta["preset"] = "core"
+            row = {"impl": "naive", "config": folder, "status": "ok", "fwd_ms": 1.0}
+            (path / "results.json").write_text(json.dumps({"meta": meta, "results": [row]}))
+        else:
+            (path / "verify.json").write_text(json.dumps({"meta": meta, "results": []}))
+
+    result_set("old-d64", "attnkit bench --preset core --head-dim 64 --out a --impl naive",
+               "2026-11-01T00:00:00")
+    result_set("new-d64", "attnkit bench --preset core --head-dim 64 --rounds 5 --out=b",
+               "2026-11-02T00:00:00")
+    result_set("d128", "attnkit bench --preset core --head-dim 128 --out c", "2026-10-01")
+    result_set("verify-all", "attnkit verify --out d", "2026-11-01", kind="verify")
+    result_set("verify-one", "attnkit verify --impl naive --out e", "2026-11-02",
+               kind="verify")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    tables = _make_tables()
+    assert tables.main(["--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    top, everything = readme.read_text(), (tmp_path / "results" / "README.md").read_text()
+    # bench sets show up by their config, verify sets by their command
+    for shown in ("new-d64", "d128", "verify --out d", "verify --impl naive --out e"):
+        assert shown in top and shown in everything, shown
+    assert "old-d64" not in top and "old-d64" in everything
+    assert "4 of 5" in top
+
+
 def _make_tables():
     spec = importlib.util.spec_from_file_location("make_tables",
                                                   ROOT / "benchmarks" / "make_tables.py")

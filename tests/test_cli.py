@@ -384,12 +384,12 @@ def test_bench_core_quick_writes_results(tmp_path, capsys, monkeypatch):
                  "--out", str(verify_dir)]) == 0
     (out_dir).rename(tmp_path / "results" / "cpu-core")
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    readme.write_text("# x\n<!-- results:start -->\nstale block\n<!-- results:end -->\ntail\n")
     make_tables = _make_tables()
     args = ["--results", str(tmp_path / "results"), "--readme", str(readme)]
     assert make_tables.main(args) == 0
     text = readme.read_text()
-    assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n")
+    assert "stale block" not in text and text.endswith("<!-- results:end -->\ntail\n")
     assert "bench `core`" in text and "verify · float32" in text and f"| {other}" in text
     assert "results/cpu-core/chart.png" in text
     assert f"`auto` ran `{auto_picks.pop()}` on every config" in text

@@ -77,10 +77,10 @@ if hopper_forward.gluon is not None:
         return gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
 
     @gluon.jit
-    def _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem, q_ring,
-              do_ring, ready, free, pt_buf, dst_buf, rows_ring, MASKED: gl.constexpr,
-              CAUSAL: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
-              s_layout: gl.constexpr):
+    def _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem, q_ring, do_ring,
+                   ready, free, pt_buf, dst_buf, rows_ring, MASKED: gl.constexpr,
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                   s_layout: gl.constexpr):
         """Step t of the walk: query rows [m0, m0 + BLOCK_M) of one query head. S^T and
         dP^T issued; P^T's exponentials under dP^T; dV's product, dS^T under it, dK's;
         all waited for before the slot goes back to the loading warp."""
@@ -129,11 +129,11 @@ if hopper_forward.gluon is not None:
         return dk, dv
 
     @gluon.jit
-    def _dkdv_consume(DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
-                 first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                 stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring, ready,
-                 free, pt_buf, dst_buf, rows_ring, HEAD_D: gl.constexpr,
-                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    def _dkdv_consume(DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group, first_block,
+                      n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                      stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_buf,
+                      dst_buf, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr):
         """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
         first_block.. of every query head of the group, stored (dK scaled). pt_buf,
         dst_buf: the warpgroup's own (64, BLOCK_M) buffers for P^T and dS^T."""
@@ -152,12 +152,12 @@ if hopper_forward.gluon is not None:
                 whole = whole & (n0 + 63 <= m0 + off)
             if whole:
                 dk, dv = _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
-                               q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
-                               False, CAUSAL, STAGES, BLOCK_M, s_layout)
+                                    q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring, False,
+                                    CAUSAL, STAGES, BLOCK_M, s_layout)
             else:
                 dk, dv = _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
-                               q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
-                               True, CAUSAL, STAGES, BLOCK_M, s_layout)
+                                    q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring, True,
+                                    CAUSAL, STAGES, BLOCK_M, s_layout)
         rows = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, d_layout))
         cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
         ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0)
@@ -167,9 +167,9 @@ if hopper_forward.gluon is not None:
                  + gl.expand_dims(cols, 0), dv.to(k_smem.dtype), mask=ok)
 
     @gluon.jit
-    def _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
-                 v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
-                 free, rows_ring, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    def _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc, v_desc,
+                      q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free,
+                      rows_ring, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """The loading warp: K and V of the key block once, then for each step of the walk
         Q and dO into the ring, and lse (log2 units) and delta into rows_ring (stored
         before the arrival that the ring's TMA loads complete), once both warpgroups have
@@ -200,23 +200,23 @@ if hopper_forward.gluon is not None:
 
     @gluon.jit
     def _dkdv_worker(ROLE: gl.constexpr, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
-                qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
-                stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
-                do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
-                dst_smem, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
-                STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                     qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                     stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
+                     do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem, dst_smem,
+                     rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                     CAUSAL: gl.constexpr):
         """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
         if ROLE == 0:
             _dkdv_consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
-                     first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                     stride_dvh, stride_dvn, box(k_box, 0).slice(64, 64),
-                     box(v_box, 0).slice(64, 64), kv_bar, q_ring, do_ring, ready, free,
-                     pt_smem.index(1), dst_smem.index(1), rows_ring, HEAD_D, BLOCK_M, STAGES,
-                     CAUSAL)
+                          first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                          stride_dvh, stride_dvn, box(k_box, 0).slice(64, 64),
+                          box(v_box, 0).slice(64, 64), kv_bar, q_ring, do_ring, ready, free,
+                          pt_smem.index(1), dst_smem.index(1), rows_ring, HEAD_D, BLOCK_M, STAGES,
+                          CAUSAL)
         else:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
-                     v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar, q_ring,
-                     do_ring, ready, free, rows_ring, BLOCK_M, STAGES)
+                          v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar, q_ring,
+                          do_ring, ready, free, rows_ring, BLOCK_M, STAGES)
 
     # With group == 1 specialised as a constant (Triton's default for an int that is 1),
     # key blocks that take the index-checked step came out wrong or faulted (H200, Triton
@@ -283,21 +283,21 @@ if hopper_forward.gluon is not None:
         # 64K; at BLOCK_M 64 and D=128 they need them all.
         gl.warp_specialize([
             (_dkdv_consume, (DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
-                        first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                        stride_dvh, stride_dvn, box(k_box, 0).slice(0, 64),
-                        box(v_box, 0).slice(0, 64), kv_bar, q_ring, do_ring, ready, free,
-                        pt_smem.index(0), dst_smem.index(0), rows_ring, HEAD_D, BLOCK_M,
-                        STAGES, CAUSAL)),
+                             first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                             stride_dvh, stride_dvn, box(k_box, 0).slice(0, 64),
+                             box(v_box, 0).slice(0, 64), kv_bar, q_ring, do_ring, ready, free,
+                             pt_smem.index(0), dst_smem.index(0), rows_ring, HEAD_D, BLOCK_M,
+                             STAGES, CAUSAL)),
             (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
-                       scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
-                       stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
-                       do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
-                       dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+                            scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                            stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
+                            do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                            dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
             (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
-                       scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
-                       stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
-                       do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
-                       dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+                            scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
+                            stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
+                            do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                            dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
         ], [4, 1], [240, 24])
 
     @gluon.jit

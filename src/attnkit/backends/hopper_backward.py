@@ -107,10 +107,8 @@ if hopper_forward.gluon is not None:
                 # run, wherever a warpgroup took this step (H200, Triton 3.6); the PTX
                 # and SASS looked right. Cause not found (NOTES run 20).
                 seen = seen & (gl.expand_dims(qi, 0) < Sq + BLOCK_M)
-            s = gl.where(seen, s * qk_scale, float("-inf"))
-            p = gl.exp2(s - gl.expand_dims(lse, 0))
-        else:
-            p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0))
+            s = gl.where(seen, s, float("-inf"))  # the scale below: it is positive
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0))
         # dV's product needs P^T only: issued before dP^T is waited for, it pins that wait
         # below every exponential (ptxas would move a free-standing wait up into the first
         # stall, NOTES run 14), and dS^T then runs under it.
@@ -327,11 +325,10 @@ if hopper_forward.gluon is not None:
                                    gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                                    is_async=True)
         if MASKED:
+            # hidden scores -inf before the one multiply-add (the scale is positive)
             kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s * qk_scale, float("-inf"))
-            p = gl.exp2(s - gl.expand_dims(lse, 1))
-        else:
-            p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+            s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s, float("-inf"))
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
         ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(q_smem.dtype), ds_layout)
         dq_tok = warpgroup_mma(ds, box(k_smem, slot), dq, is_async=True)
         if HAS_NEXT:

@@ -106,28 +106,27 @@ if gluon is not None:
     @gluon.jit
     def _row_max(s, m_i, qi, kj, kv_len, off, qk_scale,
                  MASKED: gl.constexpr, CAUSAL: gl.constexpr):
-        """Block scores s (raw Q K^T) -> the scores to exponentiate (hidden ones -inf, in
-        log2 units where MASKED; raw otherwise) and the new running max (log2 units)."""
+        """Block scores s (raw Q K^T) -> the scores to exponentiate (raw, hidden ones -inf
+        where MASKED) and the new running max (log2 units). The scale is applied after
+        the max (it is positive, so the max commutes with it) and inside _exp's
+        multiply-add, not as a multiply of its own per score."""
         if MASKED:
-            s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-        else:
-            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         return s, m_new
 
     @gluon.jit
     def _exp(s, m_i, m_new, qk_scale, MASKED: gl.constexpr):
-        """p = exp2 of the scores against the new max, and alpha, what the old running
-        sums are scaled by."""
+        """p = exp2 of the scores against the new max (scale and shift in one multiply-add
+        per score; a hidden score's -inf stays -inf), and alpha, what the old running sums
+        are scaled by."""
         if MASKED:
             # A row that has seen only hidden keys keeps max -inf; shifting by 0 keeps
             # exp2 at 0.
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(s - gl.expand_dims(m_safe, 1))
         else:
-            # Every key is visible: scale and shift share one multiply-add per score.
             m_safe = m_new
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_safe, 1))
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_safe, 1))
         return p, gl.exp2(m_i - m_safe)
 
     @gluon.constexpr_function

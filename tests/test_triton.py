@@ -806,13 +806,14 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     ({"dtype": torch.float16}, True, True),
     ({"d": 64, "causal": True}, True, False),  # dQ: 0.77x at D=64
     ({"d": 64}, True, False),
-    ({"sq": 2048, "skv": 2048}, True, False),  # dQ: 0.99x at 2k
-    ({"sq": 1024, "skv": 1024}, True, False),  # dK/dV: 1.05x at 1k
+    ({"sq": 2048, "skv": 2048}, True, True),  # dQ: 1.02x at 2k (run 26)
+    ({"sq": 1024, "skv": 1024}, True, True),  # dK/dV: 1.05x at 1k, dQ 1.01x
     ({"sq": 512}, False, False),  # dK/dV: 0.95x
-    ({"causal": True, "skv": 2048}, True, False),  # dQ: 0.98x at 2k
-    ({"causal": True, "sq": 1024, "skv": 1024}, False, False),  # dK/dV: 1.01x
-    ({"d": 64, "causal": True, "skv": 2048}, False, False),  # dK/dV: 1.00x at 2k
-    ({"d": 64, "sq": 2048}, False, False),
+    ({"causal": True, "skv": 2048}, True, True),
+    ({"causal": True, "sq": 1024, "skv": 1024}, True, True),  # dK/dV: 1.09x (run 26)
+    ({"d": 64, "causal": True, "skv": 1024}, True, False),  # dK/dV: 1.02x at 1k
+    ({"d": 64, "sq": 2048}, True, False),  # dK/dV: 1.05x at 2k
+    ({"d": 64, "sq": 1000}, False, False),
 ] + [(kwargs, False, False) for kwargs, _ in _NOT_GLUON])
 def test_hopper_backward_kernels_cover_long_plain_calls_only(kwargs, dkdv, dq):
     from attnkit.backends import fused_triton as ft
@@ -990,6 +991,18 @@ def test_hopper_forward_refuses_a_config_that_does_not_fit():
     assert hf.Config(128, 2, 2) == (128, 2, 2, 0, 0)
 
 
+@pytest.mark.parametrize("min_seq, text", [
+    ({(128, False): 1024, (128, True): 1024}, "1024 at D=128"),
+    ({(64, True): 4096, (128, False): 1024, (128, True): 2048},
+     "1024 at D=128 (2048 causal), 4096 at D=64 causal"),
+    ({(64, False): 2048}, "2048 at D=64 without causal"),
+])
+def test_routes_in_words(min_seq, text):
+    from attnkit.backends import fused_triton as ft
+
+    assert ft._min_seq_text(min_seq) == text
+
+
 def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_forward as hf
@@ -1005,9 +1018,10 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     monkeypatch.setattr(hf, "available", lambda: True)
     assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
     assert "dK/dV kernel for Hopper: on for" in ft.BACKEND.details(cuda)
-    assert "4096 at D=64 causal" in ft.BACKEND.details(cuda)
-    assert "dQ kernel for Hopper: on for calls of the same kinds with Sq and Skv >= 4096 at " \
-        "D=128" in ft.BACKEND.details(cuda)
+    assert "dK/dV kernel for Hopper: on for calls of the same kinds with Sq and Skv >= 1024 " \
+        "at D=128, 1024 at D=64" in ft.BACKEND.details(cuda)
+    assert "dQ kernel for Hopper: on for calls of the same kinds with Sq and Skv >= 1024 at " \
+        "D=128." in ft.BACKEND.details(cuda)
     monkeypatch.setattr(ft, "_HOPPER_DKDV", False)
     assert "dK/dV kernel for Hopper: off: switched off" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on" in ft.BACKEND.details(cuda)

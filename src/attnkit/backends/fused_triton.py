@@ -1214,19 +1214,21 @@ def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
 
 # The backward's kernels on Hopper are the Gluon ones (hopper_backward) where they cover
 # the call and were measured faster, each with a switch of its own and the shortest Sq
-# and Skv it takes per (head dim, causal). The dK/dV kernel, on an H200, the whole
-# backward (NOTES runs 20, 21): 1.05-1.13x at D=128 without causal from 1k (0.95x at
-# 512), 1.05-1.10x causal from 2k (1.01x at 1k); at D=64 1.03-1.04x without causal and
-# 1.07x causal from 4k (causal 0.88x at 1k, 1.00x at 2k). bfloat16 and float16, both
-# checked on a GPU.
+# and Skv it takes per (head dim, causal): 1k wherever they run (D=128 full was 0.95x at
+# 512, run 20; `core`'s bars start at 1k). On an H200, the whole backward:
+# - the dK/dV kernel: D=128 full 1.05-1.13x from 1k (runs 20, 21); causal 1.05-1.10x
+#   from 2k and 1.09x at 1k (run 26; 1.01x in run 21, before the host descriptors and
+#   the masked-step change); D=64 1.03-1.04x from 4k (run 21), 1.02-1.05x at 1k-2k
+#   (run 26; causal 1k was 0.88x in run 21);
+# - the dQ kernel on top of it, D=128: 1.006-1.013x at 4k and 16k (run 22), 0.99-1.02x
+#   at 1k-2k (run 26; 0.95-0.99x in run 22); at D=64 alone 0.77x the Triton dQ kernel
+#   (run 22), so not routed there.
+# bfloat16 and float16, both checked on a GPU.
 _HOPPER_DKDV = True
-_HOPPER_DKDV_MIN_SEQ = {(128, False): 1024, (128, True): 2048, (64, False): 4096,
-                        (64, True): 4096}
-# The dQ kernel at D=128: the whole backward 1.012-1.013x without causal and 1.006-1.008x
-# causal at 4k and 16k, but 0.98-0.99x at 2k and 0.95-0.97x at 1k; alone, 0.77x the
-# Triton dQ kernel at D=64 (NOTES run 22). bfloat16 and float16, both checked on a GPU.
+_HOPPER_DKDV_MIN_SEQ = {(128, False): 1024, (128, True): 1024, (64, False): 1024,
+                        (64, True): 1024}
 _HOPPER_DQ = True
-_HOPPER_DQ_MIN_SEQ = {(128, False): 4096, (128, True): 4096}
+_HOPPER_DQ_MIN_SEQ = {(128, False): 1024, (128, True): 1024}
 
 
 def _hopper_backward_fits(call: AttentionCall, dout: Tensor,
@@ -1325,22 +1327,32 @@ def _details(device: torch.device) -> str | None:
     for kernel, switch, min_seq in (("dQ", _HOPPER_DQ, _HOPPER_DQ_MIN_SEQ),
                                     ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_MIN_SEQ)):
         why = unavailable or (None if switch else off)
-        routed = ", ".join(f"{seq} at D={d}{' causal' if causal else ''}"
-                           for (d, causal), seq in min_seq.items())
         state = (f"off: {why}" if why else
-                 f"on for calls of the same kinds with Sq and Skv >= {routed}")
+                 f"on for calls of the same kinds with Sq and Skv >= {_min_seq_text(min_seq)}")
         text += f". Gluon {kernel} kernel for Hopper: {state}"
     return text
 
 
 def _route_text() -> str:
-    """The shortest length _HOPPER_ROUTES takes per head dim, e.g. "1024 at D=128, 2048
-    at D=64"."""
-    shortest: dict[int, int] = {}
-    for (head_dim, _), routes in _HOPPER_ROUTES.items():
-        for min_seq, _ in routes:
-            shortest[head_dim] = min(shortest.get(head_dim, min_seq), min_seq)
-    return ", ".join(f"{seq} at D={d}" for d, seq in sorted(shortest.items(), reverse=True))
+    """The shortest length _HOPPER_ROUTES takes per head dim and causality, as
+    _min_seq_text says it."""
+    return _min_seq_text({key: min(seq for seq, _ in routes)
+                          for key, routes in _HOPPER_ROUTES.items()})
+
+
+def _min_seq_text(min_seq: dict[tuple[int, bool], int]) -> str:
+    """{(head dim, causal): shortest Sq and Skv} in words, widest head dim first, e.g.
+    "1024 at D=128, 2048 at D=64 (4096 causal)"."""
+    parts = []
+    for d in sorted({d for d, _ in min_seq}, reverse=True):
+        full, causal = min_seq.get((d, False)), min_seq.get((d, True))
+        if full == causal or causal is None:
+            parts.append(f"{full} at D={d}{'' if causal else ' without causal'}")
+        elif full is None:
+            parts.append(f"{causal} at D={d} causal")
+        else:
+            parts.append(f"{full} at D={d} ({causal} causal)")
+    return ", ".join(parts)
 
 
 def _uses_hopper_forward(call: AttentionCall) -> bool:

@@ -19,7 +19,7 @@ blocks the rows can see, its loading warp bringing K and V (the forward's ring):
 In a warpgroup, block j+1's S and dP are on the tensor cores while block j's
 exponentials and dS run. On an H200 it ran 1.02-1.07x the Triton dQ kernel at D=128
 (4k and 16k, causal or not) but 0.77x at D=64; the whole backward with it, 1.006-1.013x
-from 4k at D=128 and 0.95-0.99x at 1k-2k (NOTES runs 14, 22).
+from 4k at D=128 (NOTES runs 14, 22) and 0.99-1.02x at 1k-2k (run 26).
 
 The dK/dV kernel: one program per 128 keys and (batch, kv head) walks the query blocks
 of every query head of the kv group, in order, so dK and dV need no atomics:
@@ -33,7 +33,8 @@ dV's and dK's products through shared memory, so that neither stays in registers
 its product runs (this is what lets 64 query rows a step fit in registers at D=128;
 NOTES runs 15, 19, 20). On an H200 it ran 1.15-1.19x the Triton dK/dV kernel at D=128
 (4k causal or not, 16k without), 1.11x at D=64 causal and 1.02x at D=64 without (4k;
-NOTES run 20); the whole backward with it, 1.05-1.13x from 1k-4k (run 21).
+NOTES run 20); the whole backward with it, 1.05-1.13x from 1k-4k (run 21), and in run
+26 1.09x at D=128 causal 1k and 1.02-1.05x at D=64 1k-2k.
 
 Under a causal mask both kernels' programs start a group of heads at a time, each
 head's heaviest block first (HEAD_GROUP). They cover what `hopper_forward` covers: an

@@ -1346,10 +1346,12 @@ def _min_seq_text(min_seq: dict[tuple[int, bool], int]) -> str:
     parts = []
     for d in sorted({d for d, _ in min_seq}, reverse=True):
         full, causal = min_seq.get((d, False)), min_seq.get((d, True))
-        if full == causal or causal is None:
-            parts.append(f"{full} at D={d}{'' if causal else ' without causal'}")
+        if causal is None:
+            parts.append(f"{full} at D={d} without causal")
         elif full is None:
             parts.append(f"{causal} at D={d} causal")
+        elif full == causal:
+            parts.append(f"{full} at D={d}")
         else:
             parts.append(f"{full} at D={d} ({causal} causal)")
     return ", ".join(parts)

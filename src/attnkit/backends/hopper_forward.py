@@ -253,14 +253,16 @@ if gluon is not None:
                  ring, o_desc, o_smem, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                  WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                 OWN_RANGES: gl.constexpr, HEAD_GROUP: gl.constexpr, s_layout: gl.constexpr,
-                 o_layout: gl.constexpr, p_layout: gl.constexpr):
+                 OWN_RANGES: gl.constexpr, HEAD_GROUP: gl.constexpr, ALL_SEEN: gl.constexpr,
+                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
         """Warpgroup ROLE: rows [64 * ROLE, 64 * ROLE + 64) of each tile the loading warp
         posts (next_tile), every key block in turn (_step), then out and lse stored.
         Where OWN_RANGES, the key blocks are those its own rows see (key_blocks of its 64
         rows: causal tiles whose rows end in different key blocks), and it only lets the
-        rest of the tile's blocks go (release)."""
+        rest of the tile's blocks go (release). ALL_SEEN: every row sees every key (no
+        causal mask or key lengths, Skv a multiple of BLOCK_N), so no step checks indices."""
         ROWS: gl.constexpr = 64
+        MASKED: gl.constexpr = not ALL_SEEN
         BLOCK_M: gl.constexpr = ROWS * WARPGROUPS
         # Three warpgroups get 160 registers each, too few for _step's usual order.
         LEAN: gl.constexpr = WARPGROUPS == 3
@@ -287,8 +289,8 @@ if gluon is not None:
             q_slot = done % Q_BUFFERS
             q = box(q_smem, q_slot * WARPGROUPS + ROLE)
 
-            # Block 0's Q K^T alone, then block 0 (index checks: it may be partly hidden,
-            # or wholly), which issues block 1's.
+            # Block 0's Q K^T alone, then block 0 (index checks unless ALL_SEEN: it may be
+            # partly hidden, or wholly), which issues block 1's.
             first = base % STAGES
             mbarrier.wait(k_bars.index(first), (base // STAGES) & 1)
             s = warpgroup_mma(q, box(k_smem, first).permute((1, 0)),
@@ -297,7 +299,7 @@ if gluon is not None:
             # on the slot still held: only that one lets the slot go.
             mbarrier.arrive(k_free.index(first), count=1, pred=total > 1)
             s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), base, s, o, p_op, m_i,
-                                         l_i, q, ring, qi, kv_len, off, qk_scale, True,
+                                         l_i, q, ring, qi, kv_len, off, qk_scale, MASKED,
                                          CAUSAL, False, True, STAGES, BLOCK_N, s_layout,
                                          o_layout, p_layout, LEAN)
             # Blocks 1 .. total-2, those every row sees first; the last block apart, as it
@@ -306,13 +308,14 @@ if gluon is not None:
             s, o, p_op, m_i, l_i = _blocks(1, split, base, s, o, p_op, m_i, l_i, q, ring, qi,
                                            kv_len, off, qk_scale, False, CAUSAL, STAGES,
                                            BLOCK_N, s_layout, o_layout, p_layout, LEAN)
-            s, o, p_op, m_i, l_i = _blocks(split, total - 1, base, s, o, p_op, m_i, l_i, q,
-                                           ring, qi, kv_len, off, qk_scale, True, CAUSAL,
-                                           STAGES, BLOCK_N, s_layout, o_layout, p_layout,
-                                           LEAN)
+            if MASKED:  # else split is total - 1
+                s, o, p_op, m_i, l_i = _blocks(split, total - 1, base, s, o, p_op, m_i, l_i,
+                                               q, ring, qi, kv_len, off, qk_scale, True,
+                                               CAUSAL, STAGES, BLOCK_N, s_layout, o_layout,
+                                               p_layout, LEAN)
             if total > 1:
                 s, o, p_op, m_i, l_i = _step(total - 1, total - 1, base, s, o, p_op, m_i,
-                                             l_i, q, ring, qi, kv_len, off, qk_scale, True,
+                                             l_i, q, ring, qi, kv_len, off, qk_scale, MASKED,
                                              CAUSAL, True, False, STAGES, BLOCK_N, s_layout,
                                              o_layout, p_layout, LEAN)
             # Every Q K^T of the tile is done: the loading warp may refill Q's buffer
@@ -507,7 +510,8 @@ if gluon is not None:
     def _partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                    WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                   OWN_RANGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
+                   OWN_RANGES: gl.constexpr, HEAD_GROUP: gl.constexpr,
+                   ALL_SEEN: gl.constexpr):
         """ROLE r < WARPGROUPS: warpgroup r's 64 rows of each tile (r = 0 is the default
         partition); ROLE WARPGROUPS: the loading warp. shared: what every partition
         takes."""
@@ -523,8 +527,8 @@ if gluon is not None:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,
                      o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS,
-                     WARPGROUPS, Q_BUFFERS, O_TMA, OWN_RANGES, HEAD_GROUP, s_layout, o_layout,
-                     p_layout)
+                     WARPGROUPS, Q_BUFFERS, O_TMA, OWN_RANGES, HEAD_GROUP, ALL_SEEN, s_layout,
+                     o_layout, p_layout)
         else:
             _produce(COUNTER, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, q_desc, k_desc,
                      v_desc, q_smem, q_bars, q_free, tile_smem, ring, BLOCK_N, STAGES, CAUSAL,
@@ -538,7 +542,8 @@ if gluon is not None:
                        HAS_LENGTHS: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, WARPGROUPS: gl.constexpr,
                        Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
-                       OWN_RANGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
+                       OWN_RANGES: gl.constexpr, HEAD_GROUP: gl.constexpr,
+                       ALL_SEEN: gl.constexpr):
         """out (B, Hq, Sq, D) and lse (B * Hq * Sq, natural log), like fused_triton's
         forward, from TMA descriptors of q (B, Hq, Sq, D; boxes of 64 rows) and k, v (B,
         Hkv, Skv, D; boxes of BLOCK_N rows); out is stored through Out and its strides,
@@ -573,7 +578,7 @@ if gluon is not None:
         # same count; setmaxnreg then moves them from the loading warp's warpgroup (24) to
         # the computing ones.
         args: gl.constexpr = (HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS, WARPGROUPS,
-                              Q_BUFFERS, O_TMA, OWN_RANGES, HEAD_GROUP)
+                              Q_BUFFERS, O_TMA, OWN_RANGES, HEAD_GROUP, ALL_SEEN)
         if WARPGROUPS == 2:
             gl.warp_specialize([
                 (_partition, (0, shared) + args),
@@ -705,5 +710,6 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
         B * Hq, Hq, Hq // k.shape[1], Sq, Skv, scale * LOG2E,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
             BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
-            O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), HEAD_GROUP=head_group),
+            O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), HEAD_GROUP=head_group,
+            ALL_SEEN=not causal and key_lengths is None and Skv % block_n == 0),
         {"num_warps": 4, "maxnreg": _MAXNREG[warpgroups]})

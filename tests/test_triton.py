@@ -877,22 +877,33 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
     for (head_dim, _), routes in ft._HOPPER_ROUTES.items():
         for _, config in routes:
             assert config in hf.CONFIGS[head_dim]
+    for head_dim, routes in ft._HOPPER_ALL_SEEN_ROUTES.items():
+        for _, config in routes:
+            assert config in hf.CONFIGS[head_dim]
 
 
-@pytest.mark.parametrize("d, causal, seq, config", [
-    (128, True, 4096, (128, 2, 2, 1)),
-    (64, False, 16384, (128, 2, 3, 1)),
-    (64, True, 4096, (64, 3, 3, 1, 1)),  # 192-row tiles end mid-block: own key ranges
-    (64, True, 16384, (64, 3, 3, 1, 1)),
-    (64, True, 2048, (64, 3, 3, 1, 1)),
-    (64, True, 2047, None),
-    (128, False, 1024, (128, 2, 2, 1)),
-    (128, True, 1023, None),
+@pytest.mark.parametrize("d, causal, seq, lengths, config", [
+    (128, True, 4096, None, (128, 2, 2, 1)),
+    (64, False, 16384, None, (128, 3, 3, 1)),  # every key seen: a third K/V slot
+    (64, False, 16383, None, (128, 2, 3, 1)),  # the last block partly hidden
+    (64, False, 16384, [16384], (128, 2, 3, 1)),  # key lengths: index checks built
+    (64, False, 1024, None, (128, 3, 3, 1)),
+    (64, False, 1024, [1024], None),
+    (64, False, 1000, None, None),
+    (64, True, 4096, None, (64, 3, 3, 1, 1)),  # 192-row tiles end mid-block: own key ranges
+    (64, True, 16384, None, (64, 3, 3, 1, 1)),
+    (64, True, 2048, None, (64, 3, 3, 1, 1)),
+    (64, True, 2047, None, None),
+    (128, False, 1024, None, (128, 2, 2, 1)),
+    (128, True, 1023, None, None),
 ])
-def test_hopper_forward_config_by_head_dim_causality_and_length(d, causal, seq, config):
+def test_hopper_forward_config_by_head_dim_causality_and_length(d, causal, seq, lengths,
+                                                                config):
     from attnkit.backends import fused_triton as ft
 
-    assert ft._hopper_config(_long_call(d=d, causal=causal, sq=seq, skv=seq)) == config
+    key_lengths = None if lengths is None else torch.tensor(lengths)
+    call = _long_call(d=d, causal=causal, sq=seq, skv=seq, key_lengths=key_lengths)
+    assert ft._hopper_config(call) == config
 
 
 @pytest.mark.parametrize("script", ["gluon_forward", "gluon_dq", "gluon_dkdv"])
@@ -1017,6 +1028,8 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "off: Triton" in ft.BACKEND.details(cuda) and "(3.6)" in ft.BACKEND.details(cuda)
     monkeypatch.setattr(hf, "available", lambda: True)
     assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
+    assert "2048 at D=64; 1024 at D=64 where every row sees every key (no causal mask or key " \
+        "lengths, Skv a multiple of 128), and no mask" in ft.BACKEND.details(cuda)
     assert "dK/dV kernel for Hopper: on for calls of the same kinds with Sq and Skv >= 1024 " \
         "at D=128, 1024 at D=64" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on for calls of the same kinds with Sq and Skv >= 1024 at " \
@@ -1048,6 +1061,31 @@ def test_hopper_forward_needs_tma_readable_tensors():
     assert ft._hopper_forward_fits(make_call(one_batch, call.k, call.v))  # size 1: free
     if hf.gluon is not None:  # its descriptor gets a stride the encoder takes
         assert all(s > 0 for s in hf.describe(one_batch, 64).strides)
+
+
+@pytest.mark.parametrize("causal, lengths, skv, all_seen", [
+    (False, None, 256, True),
+    (True, None, 256, False),
+    (False, [200], 256, False),
+    (False, None, 200, False),  # the last 128-key block ends past the keys
+])
+def test_gluon_forward_skips_index_checks_only_where_every_key_is_seen(
+        causal, lengths, skv, all_seen, monkeypatch):
+    # an ALL_SEEN build has no masked step: a wrong True would let hidden keys in
+    from attnkit.backends import hopper_forward as hf
+
+    if hf.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(hf, "multiprocessors", lambda device: 1)
+    q, out = (torch.randn(1, 2, 256, 64, dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(1, 2, skv, 64, dtype=torch.bfloat16) for _ in range(2))
+    lse = torch.zeros(1, 2, 256)
+    key_lengths = None if lengths is None else torch.tensor(lengths)
+    seen = []
+    hf.launch(q, k, v, out, lse, key_lengths, causal, 0.125, (128, 2, 2, 1),
+              launcher=lambda kernel, grid, args, constexprs, options:
+              seen.append(constexprs["ALL_SEEN"]))
+    assert seen == [all_seen]
 
 
 def test_hopper_descriptor_is_the_one_triton_would_build():
@@ -1207,6 +1245,7 @@ def test_hopper_forward_configs_on_gpu(head_dim, dtype):
         (2, 2, 2, 300, 700, False, [0, 555]),  # batch 0 sees no key
         (2, 2, 1, 17, 1000, True, [1000, 333]),
         (3, 8, 2, 2000, 2000, True, [2000, 777, 0]),  # more tiles than multiprocessors
+        (2, 4, 2, 300, 1024, False, None),  # every key seen: no index checks built
     ]:
         q = torch.randn(b, hq, sq, head_dim, device="cuda", dtype=dtype, generator=gen)
         k, v = (torch.randn(b, hkv, skv, head_dim, device="cuda", dtype=dtype, generator=gen)

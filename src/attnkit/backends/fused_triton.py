@@ -1187,11 +1187,27 @@ _HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[int, tuple[int, ...]], ...]] 
 }
 
 
+# Routes taken before _HOPPER_ROUTES' where every row sees every key
+# (hopper_forward.every_key_seen, in the route's key blocks): the kernel then builds no
+# index checks, and at D=64 the registers that frees hold a third K/V slot without
+# spilling. On an H200 (128, 3, 3, 1) ran 1.02-1.04x (128, 2, 3, 1) at 1k-4k and 1.01x at
+# 8k-16k on such calls but 0.99-1.00x where the checks are built (key lengths, Skv not a
+# multiple of 128); and 1.16x this file's forward at 1k, where calls with the checks built
+# ran 0.94-1.00x (NOTES run 27).
+_HOPPER_ALL_SEEN_ROUTES: dict[int, tuple[tuple[int, tuple[int, ...]], ...]] = {
+    64: ((1024, (128, 3, 3, 1)),),
+}
+
+
 def _hopper_config(call: AttentionCall) -> tuple[int, ...] | None:
     """The Gluon forward's tile config for the call's head dim, causality and length
-    (_HOPPER_ROUTES), or None where it was not measured faster."""
+    (_HOPPER_ALL_SEEN_ROUTES where every key is seen, then _HOPPER_ROUTES), or None where
+    it was not measured faster."""
     shorter = min(call.seq_q, call.seq_kv)
-    routes = _HOPPER_ROUTES.get((call.head_dim, call.causal), ())
+    all_seen = tuple(route for route in _HOPPER_ALL_SEEN_ROUTES.get(call.head_dim, ())
+                     if hopper_forward.every_key_seen(call.causal, call.key_lengths,
+                                                      call.seq_kv, route[1][0]))
+    routes = all_seen + _HOPPER_ROUTES.get((call.head_dim, call.causal), ())
     return next((config for min_seq, config in routes if shorter >= min_seq), None)
 
 
@@ -1335,9 +1351,12 @@ def _details(device: torch.device) -> str | None:
 
 def _route_text() -> str:
     """The shortest length _HOPPER_ROUTES takes per head dim and causality, as
-    _min_seq_text says it."""
+    _min_seq_text says it, and _HOPPER_ALL_SEEN_ROUTES' after it."""
+    all_seen = "".join(f"; {min(seq for seq, _ in routes)} at D={d} where every row sees "
+                       f"every key (no causal mask or key lengths, Skv a multiple of "
+                       f"{routes[0][1][0]})" for d, routes in _HOPPER_ALL_SEEN_ROUTES.items())
     return _min_seq_text({key: min(seq for seq, _ in routes)
-                          for key, routes in _HOPPER_ROUTES.items()})
+                          for key, routes in _HOPPER_ROUTES.items()}) + all_seen
 
 
 def _min_seq_text(min_seq: dict[tuple[int, bool], int]) -> str:

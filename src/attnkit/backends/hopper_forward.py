@@ -595,14 +595,15 @@ if gluon is not None:
 
 
 # Config tuples per head dim: the tile configs the GPU test checks and
-# benchmarks/gluon_forward.py times; fused_triton runs three of them (NOTES runs 14, 16-18).
+# benchmarks/gluon_forward.py times; fused_triton runs four of them (NOTES runs 14, 16-18,
+# 27).
 # Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there. O_TMA
 # (out stored through shared memory by TMA) was 1.01-1.13x the same tile without it on an
 # H200 (run 17); (128, 2, 2, 0) keeps the direct store tested. OWN_RANGES (each warpgroup
 # walks the key blocks its own rows see, for causal D=64, where 192-row tiles end
 # mid-block) was 1.01-1.05x (64, 3, 3, 1) at 4k-16k (run 18). Each config here is
 # compiled by the GPU test in two types: fewer keep that test inside one call.
-CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 1, 1), (128, 2, 3, 1)],
+CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 1, 1), (128, 2, 3, 1), (128, 3, 3, 1)],
            128: [(128, 2, 2, 0), (128, 2, 2, 1)]}
 # maxnreg at launch: 12 warps (2 computing warpgroups and the loading warp's, padded) at
 # 168 registers, or 16 at 128, fill the 64K-register file.
@@ -678,6 +679,14 @@ def q_buffer_count(config: tuple[int, ...], head_dim: int, element_size: int) ->
     return 2 if fixed + 2 * q_bytes <= room else 1
 
 
+def every_key_seen(causal: bool, key_lengths: torch.Tensor | None, seq_kv: int,
+                   block_n: int) -> bool:
+    """Whether every query row sees every key, in whole blocks of block_n keys: no causal
+    mask or key lengths, and seq_kv a multiple of block_n. The kernel then builds no
+    index checks (ALL_SEEN)."""
+    return not causal and key_lengths is None and seq_kv % block_n == 0
+
+
 def run_kernel(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict,
                options: dict) -> None:
     """kernel[grid](*args, **constexprs, **options): Triton's own launch path, the
@@ -711,5 +720,5 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
             BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, Q_BUFFERS=q_buffers,
             O_TMA=bool(o_tma), OWN_RANGES=bool(own_ranges), HEAD_GROUP=head_group,
-            ALL_SEEN=not causal and key_lengths is None and Skv % block_n == 0),
+            ALL_SEEN=every_key_seen(causal, key_lengths, Skv, block_n)),
         {"num_warps": 4, "maxnreg": _MAXNREG[warpgroups]})

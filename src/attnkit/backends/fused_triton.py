@@ -1159,11 +1159,12 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 # matmuls, which the Triton language cannot say) where it covers the call and was measured
 # faster: on an H200, persistent and with out stored by TMA, 1.10-1.17x this file's
 # forward at D=128 and S >= 2k, causal or not, and 1.08-1.24x at 1k (1.00x at 512); at
-# D=64 1.09-1.13x without causal from 2k (0.98x at 1k); causal at D=64, with each
-# warpgroup walking its own rows' key blocks, 1.03-1.04x at 2k-4k and 1.11x at 8k (0.84x
-# at 1k) (NOTES, runs 16-18); at 16k, with the causal tiles in groups of heads, 1.01x,
-# where the 128-key blocks routed there since run 18 ran 0.99x (run 23). _HOPPER_FORWARD
-# switches it off (A/B, kernel_variants.py).
+# D=64 1.09-1.13x without causal from 2k (0.98x at 1k), and where every key is seen, with
+# no index checks built and a third K/V slot, 1.16x at 1k and 1.15-1.19x at 2k-8k (run
+# 27); causal at D=64, with each warpgroup walking its own rows' key blocks, 1.03-1.04x at
+# 2k-4k and 1.11x at 8k (0.84x at 1k) (NOTES, runs 16-18); at 16k, with the causal tiles
+# in groups of heads, 1.01x, where the 128-key blocks routed there since run 18 ran 0.99x
+# (run 23). _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
 _HOPPER_FORWARD = True
 # The Gluon forward's causal tiles go out in groups of heads, heaviest first, as this
 # file's kernels' do: on an H200 1.03x at D=128 4k, 1.02x at 8k, 1.00x at D=64, 1.18x

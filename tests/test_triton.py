@@ -874,10 +874,8 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_forward as hf
 
-    for (head_dim, _), routes in ft._HOPPER_ROUTES.items():
-        for _, config in routes:
-            assert config in hf.CONFIGS[head_dim]
-    for head_dim, routes in ft._HOPPER_ALL_SEEN_ROUTES.items():
+    by_head_dim = [(d, routes) for (d, _), routes in ft._HOPPER_ROUTES.items()]
+    for head_dim, routes in by_head_dim + list(ft._HOPPER_ALL_SEEN_ROUTES.items()):
         for _, config in routes:
             assert config in hf.CONFIGS[head_dim]
 
@@ -1068,6 +1066,7 @@ def test_hopper_forward_needs_tma_readable_tensors():
     (True, None, 256, False),
     (False, [200], 256, False),
     (False, None, 200, False),  # the last 128-key block ends past the keys
+    (False, None, 0, False),  # no keys: every row's lse is -inf, which needs the checks
 ])
 def test_gluon_forward_skips_index_checks_only_where_every_key_is_seen(
         causal, lengths, skv, all_seen, monkeypatch):

@@ -682,9 +682,9 @@ def q_buffer_count(config: tuple[int, ...], head_dim: int, element_size: int) ->
 def every_key_seen(causal: bool, key_lengths: torch.Tensor | None, seq_kv: int,
                    block_n: int) -> bool:
     """Whether every query row sees every key, in whole blocks of block_n keys: no causal
-    mask or key lengths, and seq_kv a multiple of block_n. The kernel then builds no
-    index checks (ALL_SEEN)."""
-    return not causal and key_lengths is None and seq_kv % block_n == 0
+    mask or key lengths, and seq_kv a positive multiple of block_n (with no keys, no row
+    sees one). The kernel then builds no index checks (ALL_SEEN)."""
+    return not causal and key_lengths is None and seq_kv > 0 and seq_kv % block_n == 0
 
 
 def run_kernel(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict,

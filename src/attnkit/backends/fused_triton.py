@@ -1353,10 +1353,13 @@ def _details(device: torch.device) -> str | None:
 def _route_text() -> str:
     """The shortest length _HOPPER_ROUTES takes per head dim and causality, as
     _min_seq_text says it, and _HOPPER_ALL_SEEN_ROUTES' after it."""
-    all_seen = "".join(f"; {min(seq for seq, _ in routes)} at D={d} where every row sees "
-                       f"every key (no causal mask or key lengths, Skv a multiple of "
-                       f"{routes[0][1][0]})" for d, routes in _HOPPER_ALL_SEEN_ROUTES.items())
-    return _min_seq_text({key: min(seq for seq, _ in routes)
+    def shortest(routes: tuple[tuple[int, tuple[int, ...]], ...]) -> int:
+        return min(seq for seq, _ in routes)
+
+    all_seen = "".join(f"; {shortest(routes)} at D={d} where every row sees every key (no "
+                       f"causal mask or key lengths, Skv a multiple of {routes[0][1][0]})"
+                       for d, routes in _HOPPER_ALL_SEEN_ROUTES.items())
+    return _min_seq_text({key: shortest(routes)
                           for key, routes in _HOPPER_ROUTES.items()}) + all_seen
 
 

@@ -850,7 +850,10 @@ def test_hopper_backward_kernels_need_tensors_tma_can_read():
     ({"d": 64, "sq": 8192, "skv": 8192}, True, False),  # cuDNN's backward is faster
     ({"causal": True, "sq": 8192, "skv": 8192}, False, True),
     ({"causal": True}, False, False),  # 0.94-0.99x cuDNN at 4k
-    ({"d": 64}, False, False),  # 0.98-1.03x at 4k
+    ({"d": 64, "causal": True}, False, False),  # 0.94x at 4k
+    ({"d": 64}, False, True),  # 1.08-1.10x at 2k-4k
+    ({"d": 64, "sq": 2048, "skv": 2048}, False, True),
+    ({"d": 64, "sq": 2047, "skv": 4096}, False, False),  # 0.97x at 1k
     ({"sq": 16384, "skv": 16384}, False, False),  # D=128 full: 0.93-1.03x
     ({"d": 80, "sq": 8192, "skv": 8192}, False, False),  # no Gluon forward
 ])
@@ -893,6 +896,9 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
     (64, True, 2048, None, (64, 3, 3, 1, 1)),
     (64, True, 2047, None, None),
     (128, False, 1024, None, (128, 2, 2, 1)),
+    (128, True, 2048, None, (128, 2, 2, 1)),
+    (128, True, 2047, None, (64, 4, 2, 1)),  # short causal tiles: 64-key blocks
+    (128, True, 1024, [512], (64, 4, 2, 1)),
     (128, True, 1023, None, None),
 ])
 def test_hopper_forward_config_by_head_dim_causality_and_length(d, causal, seq, lengths,

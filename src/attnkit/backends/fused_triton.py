@@ -1179,10 +1179,13 @@ def _hopper_head_group(call: AttentionCall) -> int:
 
 
 # hopper_forward.launch's config (hopper_forward.Config's fields) per (head dim, causal):
-# the first (minimum of Sq and Skv, config) pair whose minimum the call reaches.
+# the first (minimum of Sq and Skv, config) pair whose minimum the call reaches. D=128
+# causal below 2k takes 64-key blocks (four K/V slots, two Q buffers): on an H200 1.05x
+# the 128-key blocks at 1k, 1.09x with key lengths, 0.99-1.00x at 2k and 0.96-0.97x at
+# 4k (run 28).
 _HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[int, tuple[int, ...]], ...]] = {
     (128, False): ((1024, (128, 2, 2, 1)),),
-    (128, True): ((1024, (128, 2, 2, 1)),),
+    (128, True): ((2048, (128, 2, 2, 1)), (1024, (64, 4, 2, 1))),
     (64, False): ((2048, (128, 2, 3, 1)),),
     (64, True): ((2048, (64, 3, 3, 1, 1)),),
 }
@@ -1338,8 +1341,8 @@ def _details(device: torch.device) -> str | None:
              f"{sorted({d for d, _ in _HOPPER_ROUTES})}, Sq and Skv >= {_route_text()}, "
              f"and no mask tensor, window or dropout; "
              f"impl='auto' runs triton first for those calls when nothing needs a "
-             f"gradient, from {_LEADS_MIN_SEQ} queries and keys, causal or at D=64, "
-             f"where it was faster than cuDNN")
+             f"gradient, where it was faster than cuDNN: Sq and Skv >= "
+             f"{_min_seq_text(_LEADS_MIN_SEQ)}")
     text = f"Gluon forward for Hopper: {state}"
     for kernel, switch, min_seq in (("dQ", _HOPPER_DQ, _HOPPER_DQ_MIN_SEQ),
                                     ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_MIN_SEQ)):
@@ -1384,23 +1387,25 @@ def _uses_hopper_forward(call: AttentionCall) -> bool:
     return _HOPPER_FORWARD and _on_hopper(call) and _hopper_forward_fits(call)
 
 
-# impl="auto" runs SDPA first, which runs cuDNN on Hopper. Forward alone, two `core` runs
-# on an H200 (run 17, NOTES) put the Gluon forward against the faster of sdpa and
-# sdpa_cudnn at: D=64 without causal 1.03/0.98x at 4k, 1.04-1.09x from 8k; causal 0.94-
-# 0.99x at 4k, 0.99-1.07x at 8k, 1.01-1.04x at 16k; but D=128 without causal 0.93-1.03x,
-# a coin toss. So it leads from 8192 queries and keys, causal or at D=64. With gradients
-# to compute, cuDNN's backward is faster than this file's (0.68-0.93x forward+backward),
-# so SDPA keeps those calls.
-_LEADS_MIN_SEQ = 8192
+# impl="auto" runs SDPA first, which runs cuDNN on Hopper. Forward alone, on an H200, the
+# Gluon forward against the faster of sdpa and sdpa_cudnn: D=64 without causal 1.08-1.10x
+# at 2k-4k in two runs (runs 27-28, after the all-seen build), 0.97x at 1k, 1.04-1.16x
+# from 8k; causal 0.94-0.99x at 4k (runs 17, 28), 0.99-1.07x at 8k, 1.01-1.04x at 16k
+# (run 17); D=128 without causal 0.93-1.03x, a coin toss. So it leads from these lengths
+# (the shorter of Sq and Skv) per (head dim, causal), and nowhere else. With gradients to
+# compute, cuDNN's backward is faster than this file's (0.68-0.93x forward+backward), so
+# SDPA keeps those calls.
+_LEADS_MIN_SEQ: dict[tuple[int, bool], int] = {(64, False): 2048, (64, True): 8192,
+                                               (128, True): 8192}
 
 
 def _leads(call: AttentionCall) -> bool:
     """Whether impl="auto" should try this backend before SDPA: a call with nothing to
-    differentiate that the Gluon forward runs, of at least _LEADS_MIN_SEQ queries and keys,
-    causal or with 64-wide heads."""
+    differentiate that the Gluon forward runs, at least _LEADS_MIN_SEQ's length for its
+    head dim and causality."""
+    min_seq = _LEADS_MIN_SEQ.get((call.head_dim, call.causal))
     # The size checks first: auto asks this of every call, short ones (decoding) above all.
-    return (min(call.seq_q, call.seq_kv) >= _LEADS_MIN_SEQ
-            and (call.causal or call.head_dim == 64)
+    return (min_seq is not None and min(call.seq_q, call.seq_kv) >= min_seq
             and not call.needs_grad and _uses_hopper_forward(call))
 
 

@@ -604,7 +604,7 @@ if gluon is not None:
 # mid-block) was 1.01-1.05x (64, 3, 3, 1) at 4k-16k (run 18). Each config here is
 # compiled by the GPU test in two types: fewer keep that test inside one call.
 CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 1, 1), (128, 2, 3, 1), (128, 3, 3, 1)],
-           128: [(128, 2, 2, 0), (128, 2, 2, 1)]}
+           128: [(128, 2, 2, 0), (128, 2, 2, 1), (64, 4, 2, 1)]}
 # maxnreg at launch: 12 warps (2 computing warpgroups and the loading warp's, padded) at
 # 168 registers, or 16 at 128, fill the 64K-register file.
 _MAXNREG = {2: 168, 3: 128}

@@ -1034,6 +1034,9 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
     assert "2048 at D=64; 1024 at D=64 where every row sees every key (no causal mask or key " \
         "lengths, Skv a multiple of 128), and no mask" in ft.BACKEND.details(cuda)
+    assert "runs triton first for those calls when nothing needs a gradient, where it was " \
+        "faster than cuDNN: Sq and Skv >= 8192 at D=128 causal, 2048 at D=64 (8192 causal)" \
+        in ft.BACKEND.details(cuda)
     assert "dK/dV kernel for Hopper: on for calls of the same kinds with Sq and Skv >= 1024 " \
         "at D=128, 1024 at D=64" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on for calls of the same kinds with Sq and Skv >= 1024 at " \

@@ -1251,15 +1251,19 @@ _HOPPER_DQ = True
 _HOPPER_DQ_MIN_SEQ = {(128, False): 1024, (128, True): 1024}
 
 
+def _reaches(call: AttentionCall, min_seq: dict[tuple[int, bool], int]) -> bool:
+    """Whether the call's Sq and Skv both reach min_seq's length for its head dim and
+    causality; False where min_seq has none."""
+    shortest = min_seq.get((call.head_dim, call.causal))
+    return shortest is not None and min(call.seq_q, call.seq_kv) >= shortest
+
+
 def _hopper_backward_fits(call: AttentionCall, dout: Tensor,
                           min_seq: dict[tuple[int, bool], int]) -> bool:
     """Whether a Gluon backward kernel covers the call (with its gradient dout) and was
     measured faster on it: min_seq (its shortest routed Sq and Skv) and _gluon_covers.
     Says nothing about the device."""
-    shortest = min_seq.get((call.head_dim, call.causal))
-    return (shortest is not None
-            and min(call.seq_q, call.seq_kv) >= shortest
-            and _gluon_covers(call, (call.q, call.k, call.v, dout)))
+    return _reaches(call, min_seq) and _gluon_covers(call, (call.q, call.k, call.v, dout))
 
 
 def _hopper_dkdv_fits(call: AttentionCall, dout: Tensor) -> bool:
@@ -1403,10 +1407,9 @@ def _leads(call: AttentionCall) -> bool:
     """Whether impl="auto" should try this backend before SDPA: a call with nothing to
     differentiate that the Gluon forward runs, at least _LEADS_MIN_SEQ's length for its
     head dim and causality."""
-    min_seq = _LEADS_MIN_SEQ.get((call.head_dim, call.causal))
-    # The size checks first: auto asks this of every call, short ones (decoding) above all.
-    return (min_seq is not None and min(call.seq_q, call.seq_kv) >= min_seq
-            and not call.needs_grad and _uses_hopper_forward(call))
+    # The size check first: auto asks this of every call, short ones (decoding) above all.
+    return (_reaches(call, _LEADS_MIN_SEQ) and not call.needs_grad
+            and _uses_hopper_forward(call))
 
 
 # Key splits for calls with few query rows (decoding against a cache): the forward's grid

@@ -89,13 +89,13 @@ def force_gluon_kernels(set_attr=_replace) -> list[tuple[str, object]]:
     from attnkit.backends import fused_triton as ft
 
     launched = watch_gluon_launches(set_attr)
-    everywhere = {(d, causal): 1 for d in (64, 128) for causal in (False, True)}
+    everywhere = {(d, causal): (1, 1) for d in (64, 128) for causal in (False, True)}
     # each route table's key takes the config of its shortest route, from length 1
     for table in ("_HOPPER_ROUTES", "_HOPPER_ALL_SEEN_ROUTES"):
-        set_attr(ft, table, {key: ((1, routes[-1][1]),)
+        set_attr(ft, table, {key: (((1, 1), routes[-1][1]),)
                              for key, routes in getattr(ft, table).items()})
-    set_attr(ft, "_HOPPER_DKDV_MIN_SEQ", everywhere)
-    set_attr(ft, "_HOPPER_DQ_MIN_SEQ", everywhere)
+    set_attr(ft, "_HOPPER_DKDV_REACH", everywhere)
+    set_attr(ft, "_HOPPER_DQ_REACH", everywhere)
     # the Gluon forward runs unsplit calls only
     set_attr(ft, "_kv_splits", lambda call, packed: 1)
     return launched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -325,3 +326,13 @@ def test_pinned_sdpa_plans_once_per_call(monkeypatch):
     assert len(planned_for) == 2
     out = attnkit.attention(q, q, q, causal=True, impl="sdpa")  # plain: planned in run only
     assert len(planned_for) == 3 and out.shape == q.shape
+
+
+def test_lse_err_counts_finite_rows_and_needs_the_same_dead_rows() -> None:
+    ref = torch.tensor([[1.0, float("-inf"), 2.0]], dtype=torch.float64)
+    close = torch.tensor([[1.001, float("-inf"), 2.0]])
+    assert 0 < verify.lse_err(close, ref) < 1e-3
+    assert verify.lse_err(torch.tensor([[1.0, 0.0, 2.0]]), ref) == math.inf  # a row alive
+    assert verify.lse_err(close.double(), ref) == math.inf  # not float32
+    dead = torch.full((1, 3), float("-inf"))
+    assert verify.lse_err(dead, dead) == 0.0

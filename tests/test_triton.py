@@ -791,7 +791,12 @@ _NOT_GLUON = [
     ({"d": 64}, True),
     ({"d": 64, "causal": True}, True),  # each warpgroup's own key blocks: faster at 4k
     ({"d": 64, "causal": True, "sq": 1024, "skv": 8192}, False),  # 0.84x at 1k
-    ({"sq": 1000}, False),  # from 1024 at D=128 (1.00x at 512)
+    ({"sq": 1000}, True),  # Sq from 256 at D=128 against 512 keys or more
+    ({"sq": 512, "skv": 512}, True),  # 1.28x at 512
+    ({"sq": 255}, False),  # 0.96x at Sq = 128, 0.77x at 64
+    ({"skv": 511}, False),
+    ({"d": 64, "sq": 512, "skv": 512}, True),  # every key seen: 1.17x at 512
+    ({"d": 64, "sq": 511, "skv": 4096}, False),  # 0.88x at Sq = 256 (192-row tiles)
 ] + _NOT_GLUON)
 def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     from attnkit.backends import fused_triton as ft
@@ -808,7 +813,14 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     ({"d": 64}, True, False),
     ({"sq": 2048, "skv": 2048}, True, True),  # dQ: 1.02x at 2k (run 26)
     ({"sq": 1024, "skv": 1024}, True, True),  # dK/dV: 1.05x at 1k, dQ 1.01x
-    ({"sq": 512}, False, False),  # dK/dV: 0.95x
+    ({"sq": 512, "skv": 512}, True, True),  # 1.06x (run 29)
+    ({"causal": True, "sq": 512, "skv": 512}, False, False),  # host time: 0.88-0.92x
+    ({"causal": True, "sq": 256, "skv": 1024}, True, True),
+    ({"sq": 256}, True, True),  # 1.04-1.08x at Sq = 256 against 4k keys
+    ({"sq": 255, "skv": 8192}, False, False),  # 0.98x at Sq = 128
+    ({"skv": 511}, False, False),
+    ({"d": 64, "sq": 512}, False, False),  # dK/dV: 0.96x at Sq = 512 against 4k keys
+    ({"d": 64, "causal": True, "sq": 512, "skv": 512}, False, False),  # dK/dV: 0.93x
     ({"causal": True, "skv": 2048}, True, True),
     ({"causal": True, "sq": 1024, "skv": 1024}, True, True),  # dK/dV: 1.09x (run 26)
     ({"d": 64, "causal": True, "skv": 1024}, True, False),  # dK/dV: 1.02x at 1k
@@ -899,7 +911,9 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
     (128, True, 2048, None, (128, 2, 2, 1)),
     (128, True, 2047, None, (64, 4, 2, 1)),  # short causal tiles: 64-key blocks
     (128, True, 1024, [512], (64, 4, 2, 1)),
-    (128, True, 1023, None, None),
+    (128, True, 1023, None, (64, 4, 2, 1)),
+    (128, True, 511, None, None),
+    (64, False, 511, None, None),
 ])
 def test_hopper_forward_config_by_head_dim_causality_and_length(d, causal, seq, lengths,
                                                                 config):
@@ -908,6 +922,25 @@ def test_hopper_forward_config_by_head_dim_causality_and_length(d, causal, seq, 
     key_lengths = None if lengths is None else torch.tensor(lengths)
     call = _long_call(d=d, causal=causal, sq=seq, skv=seq, key_lengths=key_lengths)
     assert ft._hopper_config(call) == config
+
+
+@pytest.mark.parametrize("d, causal, sq, skv, config", [
+    (128, True, 1024, 16384, (128, 2, 2, 1)),  # long tiles: 128-key blocks, whatever Sq
+    (128, True, 256, 2048, (128, 2, 2, 1)),
+    (128, True, 4096, 1024, (64, 4, 2, 1)),
+    (128, True, 512, 512, (64, 4, 2, 1)),
+    (128, True, 255, 16384, None),
+    (128, False, 256, 512, (128, 2, 2, 1)),
+    (128, False, 16384, 511, None),
+    (64, False, 512, 512, (128, 3, 3, 1)),
+    (64, False, 511, 16384, None),
+    (64, False, 4096, 1000, None),  # the last block partly hidden: below (128, 2, 3, 1)'s 2k
+    (64, True, 1024, 16384, None),  # 0.93x at Sq = 1k against 8k keys
+])
+def test_hopper_forward_config_by_query_and_key_lengths(d, causal, sq, skv, config):
+    from attnkit.backends import fused_triton as ft
+
+    assert ft._hopper_config(_long_call(d=d, causal=causal, sq=sq, skv=skv)) == config
 
 
 @pytest.mark.parametrize("script", ["gluon_forward", "gluon_dq", "gluon_dkdv"])
@@ -979,6 +1012,21 @@ def test_kernel_variants_runs_each_variant_as_written(monkeypatch):
                                                                      hopper_backward)
 
 
+def test_kernel_variants_reads_values_and_uneven_shapes(monkeypatch):
+    """benchmarks/kernel_variants.py: `@MODULE.ATTR` sets a switch to a value a module
+    holds (a route table to try), `@MODULE` to the module; S may be SQ:SKV."""
+    kv = _benchmark_script("kernel_variants", monkeypatch)
+    _, switches = kv.parse_variant("x:_HOPPER_ROUTES=@json.decoder.JSONArray,hopper_forward=@json")
+    assert switches["_HOPPER_ROUTES"] is importlib.import_module("json.decoder").JSONArray
+    assert switches["hopper_forward"] is importlib.import_module("json")
+    with pytest.raises(AttributeError):
+        kv.parse_variant("x:_HOPPER_ROUTES=@json.no_such_table")
+    with pytest.raises(ModuleNotFoundError):
+        kv.parse_variant("x:_HOPPER_ROUTES=@no_such_module")
+    assert kv.parse_shape("8,16,1024:16384,128,1") == (8, 16, 1024, 16384, 128, True)
+    assert kv.parse_shape("4,32,4096,64,0") == (4, 32, 4096, 4096, 64, False)
+
+
 @pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
 @pytest.mark.parametrize("head_dim, causal", [(64, False), (64, True), (128, True)])
 def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, head_dim,
@@ -1006,16 +1054,17 @@ def test_hopper_forward_refuses_a_config_that_does_not_fit():
     assert hf.Config(128, 2, 2) == (128, 2, 2, 0, 0)
 
 
-@pytest.mark.parametrize("min_seq, text", [
-    ({(128, False): 1024, (128, True): 1024}, "1024 at D=128"),
-    ({(64, True): 4096, (128, False): 1024, (128, True): 2048},
-     "1024 at D=128 (2048 causal), 4096 at D=64 causal"),
-    ({(64, False): 2048}, "2048 at D=64 without causal"),
+@pytest.mark.parametrize("reach, text", [
+    ({(128, False): (1024, 1024), (128, True): (1024, 1024)}, "Sq and Skv >= 1024 at D=128"),
+    ({(64, True): (4096, 4096), (128, False): (256, 1024), (128, True): (256, 2048)},
+     "Sq >= 256 and Skv >= 1024 at D=128 (Sq >= 256 and Skv >= 2048 causal), "
+     "Sq and Skv >= 4096 at D=64 causal"),
+    ({(64, False): (2048, 2048)}, "Sq and Skv >= 2048 at D=64 without causal"),
 ])
-def test_routes_in_words(min_seq, text):
+def test_routes_in_words(reach, text):
     from attnkit.backends import fused_triton as ft
 
-    assert ft._min_seq_text(min_seq) == text
+    assert ft._reach_text(reach) == text
 
 
 def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
@@ -1032,15 +1081,18 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "off: Triton" in ft.BACKEND.details(cuda) and "(3.6)" in ft.BACKEND.details(cuda)
     monkeypatch.setattr(hf, "available", lambda: True)
     assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
-    assert "2048 at D=64; 1024 at D=64 where every row sees every key (no causal mask or key " \
-        "lengths, Skv a multiple of 128), and no mask" in ft.BACKEND.details(cuda)
-    assert "runs triton first for those calls when nothing needs a gradient, where it was " \
-        "faster than cuDNN: Sq and Skv >= 8192 at D=128 causal, 2048 at D=64 (8192 causal)" \
+    assert "with D = Dv in [64, 128] and Sq >= 256 and Skv >= 512 at D=128, Sq and Skv >= " \
+        "2048 at D=64; Sq and Skv >= 512 at D=64 where every row sees every key (no causal " \
+        "mask or key lengths, Skv a multiple of 128), and no mask" \
         in ft.BACKEND.details(cuda)
-    assert "dK/dV kernel for Hopper: on for calls of the same kinds with Sq and Skv >= 1024 " \
-        "at D=128, 1024 at D=64" in ft.BACKEND.details(cuda)
-    assert "dQ kernel for Hopper: on for calls of the same kinds with Sq and Skv >= 1024 at " \
-        "D=128." in ft.BACKEND.details(cuda)
+    assert "runs triton first for those calls when nothing needs a gradient, where it was " \
+        "faster than cuDNN: Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \
+        "(Sq and Skv >= 8192 causal)" in ft.BACKEND.details(cuda)
+    assert "dK/dV kernel for Hopper: on for calls of the same kinds with Sq >= 256 and Skv >= " \
+        "512 at D=128 (Sq >= 256 and Skv >= 1024 causal), Sq and Skv >= 1024 at D=64" \
+        in ft.BACKEND.details(cuda)
+    assert "dQ kernel for Hopper: on for calls of the same kinds with Sq >= 256 and Skv >= " \
+        "512 at D=128 (Sq >= 256 and Skv >= 1024 causal)." in ft.BACKEND.details(cuda)
     monkeypatch.setattr(ft, "_HOPPER_DKDV", False)
     assert "dK/dV kernel for Hopper: off: switched off" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on" in ft.BACKEND.details(cuda)
@@ -1150,7 +1202,7 @@ def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, devic
     monkeypatch.setattr(ft, "_HOPPER_FORWARD", True)
     # as if on a Hopper GPU with a call the Gluon forward covers, the switch still read
     monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: ft._HOPPER_FORWARD)
-    monkeypatch.setitem(ft._HOPPER_ROUTES, (16, True), ((1, (128, 2, 2, 0)),))
+    monkeypatch.setitem(ft._HOPPER_ROUTES, (16, True), (((1, 1), (128, 2, 2, 0)),))
     monkeypatch.setattr(hf, "launch", fails)
     q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE) for _ in range(3))
     call = make_call(q, k, v, causal=True)
@@ -1179,7 +1231,7 @@ def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, caus
     monkeypatch.setattr(ft, "_uses_hopper_dkdv", lambda call, dout: True)
     monkeypatch.setattr(ft, "_uses_hopper_dq", lambda call, out, dout: True)
     monkeypatch.setattr(ft, "_warn_gluon_off", lambda kernel, exc: None)
-    monkeypatch.setitem(ft._HOPPER_ROUTES, (16, causal), ((1, (128, 2, 2, 0)),))
+    monkeypatch.setitem(ft._HOPPER_ROUTES, (16, causal), (((1, 1), (128, 2, 2, 0)),))
     monkeypatch.setattr(hf, "launch", fails)
     for launch in ("launch_dkdv", "launch_dq"):
         monkeypatch.setattr(hb, launch,

@@ -38,6 +38,7 @@ __all__ = [
     "check",
     "check_module",
     "default_cases",
+    "lse_err",
     "module_candidates",
     "module_cases",
     "module_oracle",
@@ -217,7 +218,7 @@ def check(
 
     result.out_err = rel_err(out, out_ref)
     if lse is not None:
-        result.lse_err = _lse_err(lse, lse_ref)
+        result.lse_err = lse_err(lse, lse_ref)
     if case.grad:
         grad_out = torch.randn(out_ref.shape, generator=generator).to(device, case.dtype)
         grads = torch.autograd.grad(out, (q, k, v), grad_out, allow_unused=True)
@@ -232,7 +233,9 @@ def check(
     return result
 
 
-def _lse_err(lse: Tensor, ref: Tensor) -> float:
+def lse_err(lse: Tensor, ref: Tensor) -> float:
+    """rel_err of a float32 log-sum-exp (B, H, Sq) over its finite entries; inf unless
+    its -inf entries (rows that see no key) are ref's."""
     if lse.dtype != torch.float32 or lse.shape != ref.shape:
         return math.inf
     finite = torch.isfinite(ref)

@@ -1158,7 +1158,8 @@ def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
 # Long sequences on Hopper take the Gluon forward (hopper_forward: the softmax overlaps the
 # matmuls, which the Triton language cannot say) where it covers the call and was measured
 # faster: on an H200, persistent and with out stored by TMA, 1.10-1.17x this file's
-# forward at D=128 and S >= 2k, causal or not, and 1.08-1.24x at 1k (1.00x at 512); at
+# forward at D=128 and S >= 2k, causal or not, 1.08-1.24x at 1k, and at 512 1.28x
+# without causal and 1.05x causal (run 29; 1.00x in run 18); at
 # D=64 1.09-1.13x without causal from 2k (0.98x at 1k), and where every key is seen, with
 # no index checks built and a third K/V slot, 1.16x at 1k and 1.15-1.19x at 2k-8k (run
 # 27); causal at D=64, with each warpgroup walking its own rows' key blocks, 1.03-1.04x at
@@ -1178,16 +1179,27 @@ def _hopper_head_group(call: AttentionCall) -> int:
     return _HOPPER_FORWARD_HEAD_GROUP if call.causal else 1
 
 
+# The shortest (Sq, Skv) from which a Gluon kernel is routed: a call takes it where its
+# Sq and its Skv each reach their own. Skv sets how many key blocks a tile walks, Sq how
+# many tiles there are and how full the last one is, so they are kept apart: on an H200
+# the Gluon forward at D=128 ran 1.17-1.27x the Triton forward at Sq = 256-512 against
+# Skv = 1024, 1.01-1.07x against 2k-16k keys, but against 8k keys 0.96-1.00x at Sq = 128
+# and 0.77-0.81x at 64 (one 128-row tile, mostly empty); at Sq = Skv = 512, 1.28x without
+# causal and 1.05x causal, where run 18 had measured 1.00x (NOTES run 29).
+Reach = tuple[int, int]
+
 # hopper_forward.launch's config (hopper_forward.Config's fields) per (head dim, causal):
-# the first (minimum of Sq and Skv, config) pair whose minimum the call reaches. D=128
-# causal below 2k takes 64-key blocks (four K/V slots, two Q buffers): on an H200 1.05x
-# the 128-key blocks at 1k, 1.09x with key lengths, 0.99-1.00x at 2k and 0.96-0.97x at
-# 4k (run 28).
-_HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[int, tuple[int, ...]], ...]] = {
-    (128, False): ((1024, (128, 2, 2, 1)),),
-    (128, True): ((2048, (128, 2, 2, 1)), (1024, (64, 4, 2, 1))),
-    (64, False): ((2048, (128, 2, 3, 1)),),
-    (64, True): ((2048, (64, 3, 3, 1, 1)),),
+# the first (reach, config) pair whose reach the call has. D=128 causal against fewer
+# than 2k keys takes 64-key blocks (four K/V slots, two Q buffers): on an H200 1.05x the
+# 128-key blocks at 1k, 1.09x with key lengths, 0.99-1.00x at 2k and 0.96-0.97x at 4k
+# (run 28); at Sq = 1k against 16k keys the 128-key blocks ran 1.04x the 64-key ones
+# (run 29), so the choice goes by Skv. D=64 causal needs Sq of 2k: against 4k-8k keys
+# the Gluon forward ran 0.93-0.95x the Triton forward at Sq = 512-1k (run 29).
+_HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[Reach, tuple[int, ...]], ...]] = {
+    (128, False): (((256, 512), (128, 2, 2, 1)),),
+    (128, True): (((256, 2048), (128, 2, 2, 1)), ((256, 512), (64, 4, 2, 1))),
+    (64, False): (((2048, 2048), (128, 2, 3, 1)),),
+    (64, True): (((2048, 2048), (64, 3, 3, 1, 1)),),
 }
 
 
@@ -1197,22 +1209,27 @@ _HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[int, tuple[int, ...]], ...]] 
 # spilling. On an H200 (128, 3, 3, 1) ran 1.02-1.04x (128, 2, 3, 1) at 1k-4k and 1.01x at
 # 8k-16k on such calls but 0.99-1.00x where the checks are built (key lengths, Skv not a
 # multiple of 128); and 1.16x this file's forward at 1k, where calls with the checks built
-# ran 0.94-1.00x (NOTES run 27).
-_HOPPER_ALL_SEEN_ROUTES: dict[int, tuple[tuple[int, tuple[int, ...]], ...]] = {
-    64: ((1024, (128, 3, 3, 1)),),
+# ran 0.94-1.00x (NOTES run 27). Its 192-row tiles want Sq to fill them: against 512-4k
+# keys 1.05-1.17x at Sq = 512 and 1.20x at 768, 1.00x at 640, 0.84-0.88x at 256 (run 29).
+_HOPPER_ALL_SEEN_ROUTES: dict[int, tuple[tuple[Reach, tuple[int, ...]], ...]] = {
+    64: (((512, 512), (128, 3, 3, 1)),),
 }
 
 
+def _reaches(call: AttentionCall, reach: Reach | None) -> bool:
+    """Whether the call's Sq and Skv each reach reach's (Sq, Skv); False for None."""
+    return reach is not None and call.seq_q >= reach[0] and call.seq_kv >= reach[1]
+
+
 def _hopper_config(call: AttentionCall) -> tuple[int, ...] | None:
-    """The Gluon forward's tile config for the call's head dim, causality and length
+    """The Gluon forward's tile config for the call's head dim, causality, Sq and Skv
     (_HOPPER_ALL_SEEN_ROUTES where every key is seen, then _HOPPER_ROUTES), or None where
     it was not measured faster."""
-    shorter = min(call.seq_q, call.seq_kv)
     all_seen = tuple(route for route in _HOPPER_ALL_SEEN_ROUTES.get(call.head_dim, ())
                      if hopper_forward.every_key_seen(call.causal, call.key_lengths,
                                                       call.seq_kv, route[1][0]))
     routes = all_seen + _HOPPER_ROUTES.get((call.head_dim, call.causal), ())
-    return next((config for min_seq, config in routes if shorter >= min_seq), None)
+    return next((config for reach, config in routes if _reaches(call, reach)), None)
 
 
 def _hopper_forward_fits(call: AttentionCall) -> bool:
@@ -1233,9 +1250,15 @@ def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
 
 
 # The backward's kernels on Hopper are the Gluon ones (hopper_backward) where they cover
-# the call and were measured faster, each with a switch of its own and the shortest Sq
-# and Skv it takes per (head dim, causal): 1k wherever they run (D=128 full was 0.95x at
-# 512, run 20; `core`'s bars start at 1k). On an H200, the whole backward:
+# the call and were measured faster, each with a switch of its own and a Reach per (head
+# dim, causal). At D=128 Sq from 256 and Skv from 512 (1024 causal): the two ran
+# 1.04-1.11x the Triton backward at Sq = 256-512 against 1k-4k keys and 1.06x (full) and
+# 1.14x (causal) at Sq = Skv = 512, where run 20 had 0.95x; 0.98x at Sq = 128 against 8k
+# keys. But a step that small waits on the host, and the Gluon pair costs ~85 us more
+# host time per forward+backward (its eight TMA descriptors, a guess): through autograd,
+# causal 512 ran 0.88-0.92x, full 512 1.04x. At D=64 from 1k: the dK/dV kernel ran 0.93x
+# at Sq = Skv = 512 causal and 0.96x at Sq = 512 against 4k keys without causal (run 29).
+# On an H200, the whole backward:
 # - the dK/dV kernel: D=128 full 1.05-1.13x from 1k (runs 20, 21); causal 1.05-1.10x
 #   from 2k and 1.09x at 1k (run 26; 1.01x in run 21, before the host descriptors and
 #   the masked-step change); D=64 1.03-1.04x from 4k (run 21), 1.02-1.05x at 1k-2k
@@ -1245,35 +1268,31 @@ def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
 #   (run 22), so not routed there.
 # bfloat16 and float16, both checked on a GPU.
 _HOPPER_DKDV = True
-_HOPPER_DKDV_MIN_SEQ = {(128, False): 1024, (128, True): 1024, (64, False): 1024,
-                        (64, True): 1024}
+_HOPPER_DKDV_REACH: dict[tuple[int, bool], Reach] = {
+    (128, False): (256, 512), (128, True): (256, 1024), (64, False): (1024, 1024),
+    (64, True): (1024, 1024)}
 _HOPPER_DQ = True
-_HOPPER_DQ_MIN_SEQ = {(128, False): 1024, (128, True): 1024}
-
-
-def _reaches(call: AttentionCall, min_seq: dict[tuple[int, bool], int]) -> bool:
-    """Whether the call's Sq and Skv both reach min_seq's length for its head dim and
-    causality; False where min_seq has none."""
-    shortest = min_seq.get((call.head_dim, call.causal))
-    return shortest is not None and min(call.seq_q, call.seq_kv) >= shortest
+_HOPPER_DQ_REACH: dict[tuple[int, bool], Reach] = {(128, False): (256, 512),
+                                                   (128, True): (256, 1024)}
 
 
 def _hopper_backward_fits(call: AttentionCall, dout: Tensor,
-                          min_seq: dict[tuple[int, bool], int]) -> bool:
+                          reach: dict[tuple[int, bool], Reach]) -> bool:
     """Whether a Gluon backward kernel covers the call (with its gradient dout) and was
-    measured faster on it: min_seq (its shortest routed Sq and Skv) and _gluon_covers.
-    Says nothing about the device."""
-    return _reaches(call, min_seq) and _gluon_covers(call, (call.q, call.k, call.v, dout))
+    measured faster on it: the call has reach's (Sq, Skv) for its head dim and causality,
+    and _gluon_covers. Says nothing about the device."""
+    return (_reaches(call, reach.get((call.head_dim, call.causal)))
+            and _gluon_covers(call, (call.q, call.k, call.v, dout)))
 
 
 def _hopper_dkdv_fits(call: AttentionCall, dout: Tensor) -> bool:
-    return _hopper_backward_fits(call, dout, _HOPPER_DKDV_MIN_SEQ)
+    return _hopper_backward_fits(call, dout, _HOPPER_DKDV_REACH)
 
 
 def _hopper_dq_fits(call: AttentionCall, out: Tensor, dout: Tensor) -> bool:
     """_hopper_backward_fits for the dQ kernel, which also reads out along rows of unit
     stride (the forward's own out always is)."""
-    return out.stride(3) == 1 and _hopper_backward_fits(call, dout, _HOPPER_DQ_MIN_SEQ)
+    return out.stride(3) == 1 and _hopper_backward_fits(call, dout, _HOPPER_DQ_REACH)
 
 
 def _uses_hopper_dkdv(call: AttentionCall, dout: Tensor) -> bool:
@@ -1342,48 +1361,50 @@ def _details(device: torch.device) -> str | None:
     why = unavailable or (None if _HOPPER_FORWARD else off)
     state = (f"off: {why}" if why else
              f"on for bfloat16/float16 calls with D = Dv in "
-             f"{sorted({d for d, _ in _HOPPER_ROUTES})}, Sq and Skv >= {_route_text()}, "
+             f"{sorted({d for d, _ in _HOPPER_ROUTES})} and {_route_text()}, "
              f"and no mask tensor, window or dropout; "
              f"impl='auto' runs triton first for those calls when nothing needs a "
-             f"gradient, where it was faster than cuDNN: Sq and Skv >= "
-             f"{_min_seq_text(_LEADS_MIN_SEQ)}")
+             f"gradient, where it was faster than cuDNN: {_reach_text(_LEADS_REACH)}")
     text = f"Gluon forward for Hopper: {state}"
-    for kernel, switch, min_seq in (("dQ", _HOPPER_DQ, _HOPPER_DQ_MIN_SEQ),
-                                    ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_MIN_SEQ)):
+    for kernel, switch, reach in (("dQ", _HOPPER_DQ, _HOPPER_DQ_REACH),
+                                  ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_REACH)):
         why = unavailable or (None if switch else off)
         state = (f"off: {why}" if why else
-                 f"on for calls of the same kinds with Sq and Skv >= {_min_seq_text(min_seq)}")
+                 f"on for calls of the same kinds with {_reach_text(reach)}")
         text += f". Gluon {kernel} kernel for Hopper: {state}"
     return text
 
 
 def _route_text() -> str:
-    """The shortest length _HOPPER_ROUTES takes per head dim and causality, as
-    _min_seq_text says it, and _HOPPER_ALL_SEEN_ROUTES' after it."""
-    def shortest(routes: tuple[tuple[int, tuple[int, ...]], ...]) -> int:
-        return min(seq for seq, _ in routes)
-
-    all_seen = "".join(f"; {shortest(routes)} at D={d} where every row sees every key (no "
-                       f"causal mask or key lengths, Skv a multiple of {routes[0][1][0]})"
+    """The reach of _HOPPER_ROUTES' last (shortest) route per head dim and causality, as
+    _reach_text says it, and _HOPPER_ALL_SEEN_ROUTES' after it."""
+    all_seen = "".join(f"; {_lengths_text(routes[-1][0])} at D={d} where every row sees "
+                       f"every key (no causal mask or key lengths, Skv a multiple of "
+                       f"{routes[-1][1][0]})"
                        for d, routes in _HOPPER_ALL_SEEN_ROUTES.items())
-    return _min_seq_text({key: shortest(routes)
-                          for key, routes in _HOPPER_ROUTES.items()}) + all_seen
+    return _reach_text({key: routes[-1][0] for key, routes in _HOPPER_ROUTES.items()}) + all_seen
 
 
-def _min_seq_text(min_seq: dict[tuple[int, bool], int]) -> str:
-    """{(head dim, causal): shortest Sq and Skv} in words, widest head dim first, e.g.
-    "1024 at D=128, 2048 at D=64 (4096 causal)"."""
+def _lengths_text(reach: Reach) -> str:
+    sq, skv = reach
+    return f"Sq and Skv >= {sq}" if sq == skv else f"Sq >= {sq} and Skv >= {skv}"
+
+
+def _reach_text(reach: dict[tuple[int, bool], Reach]) -> str:
+    """{(head dim, causal): (shortest Sq, shortest Skv)} in words, widest head dim first,
+    e.g. "Sq >= 256 and Skv >= 512 at D=128, Sq and Skv >= 2048 at D=64 (Sq and Skv >=
+    8192 causal)"."""
     parts = []
-    for d in sorted({d for d, _ in min_seq}, reverse=True):
-        full, causal = min_seq.get((d, False)), min_seq.get((d, True))
+    for d in sorted({d for d, _ in reach}, reverse=True):
+        full, causal = reach.get((d, False)), reach.get((d, True))
         if causal is None:
-            parts.append(f"{full} at D={d} without causal")
+            parts.append(f"{_lengths_text(full)} at D={d} without causal")
         elif full is None:
-            parts.append(f"{causal} at D={d} causal")
+            parts.append(f"{_lengths_text(causal)} at D={d} causal")
         elif full == causal:
-            parts.append(f"{full} at D={d}")
+            parts.append(f"{_lengths_text(full)} at D={d}")
         else:
-            parts.append(f"{full} at D={d} ({causal} causal)")
+            parts.append(f"{_lengths_text(full)} at D={d} ({_lengths_text(causal)} causal)")
     return ", ".join(parts)
 
 
@@ -1396,20 +1417,21 @@ def _uses_hopper_forward(call: AttentionCall) -> bool:
 # at 2k-4k in two runs (runs 27-28, after the all-seen build), 0.97x at 1k, 1.04-1.16x
 # from 8k; causal 0.94-0.99x at 4k (runs 17, 28), 0.99-1.07x at 8k, 1.01-1.04x at 16k
 # (run 17); D=128 without causal 0.93-1.03x, a coin toss. So it leads from these lengths
-# (the shorter of Sq and Skv) per (head dim, causal), and nowhere else. With gradients to
-# compute, cuDNN's backward is faster than this file's (0.68-0.93x forward+backward), so
-# SDPA keeps those calls.
-_LEADS_MIN_SEQ: dict[tuple[int, bool], int] = {(64, False): 2048, (64, True): 8192,
-                                               (128, True): 8192}
+# (Sq and Skv both; measured where they are equal) per (head dim, causal), and nowhere
+# else. With gradients to compute, cuDNN's backward is faster than this file's
+# (0.68-0.93x forward+backward), so SDPA keeps those calls.
+_LEADS_REACH: dict[tuple[int, bool], Reach] = {(64, False): (2048, 2048),
+                                               (64, True): (8192, 8192),
+                                               (128, True): (8192, 8192)}
 
 
 def _leads(call: AttentionCall) -> bool:
     """Whether impl="auto" should try this backend before SDPA: a call with nothing to
-    differentiate that the Gluon forward runs, at least _LEADS_MIN_SEQ's length for its
+    differentiate that the Gluon forward runs, with _LEADS_REACH's Sq and Skv for its
     head dim and causality."""
     # The size check first: auto asks this of every call, short ones (decoding) above all.
-    return (_reaches(call, _LEADS_MIN_SEQ) and not call.needs_grad
-            and _uses_hopper_forward(call))
+    return (_reaches(call, _LEADS_REACH.get((call.head_dim, call.causal)))
+            and not call.needs_grad and _uses_hopper_forward(call))
 
 
 # Key splits for calls with few query rows (decoding against a cache): the forward's grid

@@ -11,6 +11,13 @@ runs as it does before a real launch. Prints the best of several timed runs, per
 for a forward under no_grad and a forward+backward (b1 h2 s64 d64, float16), then the
 parts of it timed alone in alternation: the launch cache's key (`_specialization`) on
 the forward's own arguments, and `_meta` worked out against remembered.
+
+Then the same two calls on Hopper's path, as if on an sm_90 GPU (b1 h2 s1024 d128,
+bfloat16, causal: the Gluon forward and both Gluon backward kernels), the launches
+stubbed where fused_triton hands them to the compiled kernel (`_launch_jitted`: its
+cache key is worked out and looked up, nothing runs), beside the same calls with the
+Gluon kernels switched off. What this cannot time is the launcher's own work, e.g. the
+encoding of the Gluon kernels' TMA descriptors, which needs the GPU's driver.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 from attnkit.backends import fused_triton as ft
+from attnkit.backends import hopper_forward
 from attnkit.call import make_call
 
 
@@ -91,6 +99,52 @@ def main() -> None:
                          ("remembered", lambda: ft._meta(call, 0))):
             times[name].append(per_call_us(fn, calls=2000, trials=1))
     print("_meta: " + ", ".join(f"{name} {min(t):.1f} us" for name, t in times.items()))
+    ft._launch_jitted = launch
+    hopper_path()
+
+
+def stub_gluon_launches() -> None:
+    """fused_triton as on an sm_90 GPU, its Gluon launches stopped at the compiled kernel."""
+    ft._on_hopper = lambda call: True
+    hopper_forward.multiprocessors = lambda device: 132
+
+    def launch(jitted, grid, args, constexprs, options):
+        ft._COMPILED.get(ft._launch_key(jitted, args, constexprs, options))
+
+    ft._launch_jitted = launch
+
+
+def hopper_path() -> None:
+    """Host time per call where the Gluon kernels run, and with them switched off."""
+    if hopper_forward.gluon is None:
+        print("Hopper's path: this Triton has no Gluon")
+        return
+    stub_gluon_launches()
+    q, k, v = (torch.randn(1, 2, 1024, 128, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    call = make_call(q, k, v, causal=True)
+    assert ft._uses_hopper_forward(call) and ft._uses_hopper_dkdv(call, grad)
+
+    def forward():
+        with torch.no_grad():
+            ft.run(make_call(q, k, v, causal=True))
+
+    def forward_backward():
+        out, _ = ft.run(make_call(q, k, v, causal=True))
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    switches = ("_HOPPER_FORWARD", "_HOPPER_DKDV", "_HOPPER_DQ")
+    times: dict[str, list[float]] = {}
+    for _ in range(3):  # alternating, so that the machine's drifts hit both alike
+        for gluon in (True, False):
+            for switch in switches:
+                setattr(ft, switch, gluon)
+            for what, fn in (("forward", forward), ("forward+backward", forward_backward)):
+                times.setdefault(f"{what}, {'Gluon' if gluon else 'Triton'}", []).append(
+                    per_call_us(fn, calls=1000, trials=3))
+    print("Hopper's path (b1 h2 s1024 d128 bf16 causal), launches stubbed: " +
+          ", ".join(f"{name} {min(t):.1f} us" for name, t in times.items()))
 
 
 if __name__ == "__main__":

@@ -1038,6 +1038,13 @@ def _constexpr_tail(jitted, n_args: int, constexprs: dict) -> tuple | None:
     return tuple(tail)
 
 
+def _launch_key(jitted, args: tuple, constexprs: dict, options: dict) -> tuple:
+    """What _COMPILED keeps a compiled kernel under: the kernel, its constexprs and
+    options, the device and _specialization of the arguments."""
+    return (jitted, frozenset(constexprs.items()), frozenset(options.items()),
+            torch.cuda.current_device(), _specialization(args))
+
+
 def _launch_jitted(jitted, grid, args: tuple, constexprs: dict, options: dict) -> None:
     """jitted[grid](*args, **constexprs, **options) (grid: a tuple of block counts, or a
     function of the constexprs to one; options: num_warps, num_stages, maxnreg), straight
@@ -1046,8 +1053,7 @@ def _launch_jitted(jitted, grid, args: tuple, constexprs: dict, options: dict) -
     if not _FAST_LAUNCH:
         jitted[grid](*args, **constexprs, **options)
         return
-    key = (jitted, frozenset(constexprs.items()), frozenset(options.items()),
-           torch.cuda.current_device(), _specialization(args))
+    key = _launch_key(jitted, args, constexprs, options)
     entry = _COMPILED.get(key)
     if entry is not None:
         compiled, tail = entry
@@ -1063,9 +1069,12 @@ def _launch_jitted(jitted, grid, args: tuple, constexprs: dict, options: dict) -
 def _tma_layout(t: Tensor) -> bool:
     """Whether TMA can load tiles of the (B, H, S, D) tensor t: unit stride along D, and
     16-byte aligned (batch, head) bases and rows."""
+    # unrolled: a generator over the strides costs ~1 us a tensor, and a Gluon training
+    # step checks eleven (host_stub.py)
+    stride_b, stride_h, stride_s, stride_d = t.stride()
     size = t.element_size()
-    return (t.stride(3) == 1 and t.data_ptr() % 16 == 0
-            and all(s * size % 16 == 0 for s in t.stride()[:3]))
+    return (stride_d == 1 and t.data_ptr() % 16 == 0 and stride_b * size % 16 == 0
+            and stride_h * size % 16 == 0 and stride_s * size % 16 == 0)
 
 
 @functools.cache

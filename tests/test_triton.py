@@ -925,7 +925,7 @@ def test_hopper_forward_config_by_head_dim_causality_and_length(d, causal, seq, 
 
 
 @pytest.mark.parametrize("d, causal, sq, skv, config", [
-    (128, True, 1024, 16384, (128, 2, 2, 1)),  # long tiles: 128-key blocks, whatever Sq
+    (128, True, 1024, 16384, (128, 2, 2, 1)),  # long tiles: 128-key blocks, by Skv
     (128, True, 256, 2048, (128, 2, 2, 1)),
     (128, True, 4096, 1024, (64, 4, 2, 1)),
     (128, True, 512, 512, (64, 4, 2, 1)),

@@ -65,22 +65,28 @@ def per_call_us(fn, calls: int = 3000, trials: int = 5) -> float:
     return best * 1e6
 
 
+def calls(q, k, v, **options):
+    """(forward under no_grad, forward+backward) of one `triton` call on q, k, v."""
+    grad = torch.randn_like(q)
+
+    def forward():
+        with torch.no_grad():
+            ft.run(make_call(q, k, v, **options))
+
+    def forward_backward():
+        out, _ = ft.run(make_call(q, k, v, **options))
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return forward, forward_backward
+
+
 def main() -> None:
     if ft._INTERPRET:
         raise SystemExit("run without TRITON_INTERPRET: this times the compiled-kernel path")
     stub_launches()
     q, k, v = (torch.randn(1, 2, 64, 64, dtype=torch.float16, requires_grad=True)
                for _ in range(3))
-    grad = torch.randn_like(q)
-
-    def forward():
-        with torch.no_grad():
-            ft.run(make_call(q, k, v))
-
-    def forward_backward():
-        out, _ = ft.run(make_call(q, k, v))
-        torch.autograd.grad(out, (q, k, v), grad)
-
+    forward, forward_backward = calls(q, k, v)
     print(f"host time per call, launches stubbed: forward {per_call_us(forward):.1f} us, "
           f"forward+backward {per_call_us(forward_backward):.1f} us")
 
@@ -122,17 +128,9 @@ def hopper_path() -> None:
     stub_gluon_launches()
     q, k, v = (torch.randn(1, 2, 1024, 128, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
-    grad = torch.randn_like(q)
     call = make_call(q, k, v, causal=True)
-    assert ft._uses_hopper_forward(call) and ft._uses_hopper_dkdv(call, grad)
-
-    def forward():
-        with torch.no_grad():
-            ft.run(make_call(q, k, v, causal=True))
-
-    def forward_backward():
-        out, _ = ft.run(make_call(q, k, v, causal=True))
-        torch.autograd.grad(out, (q, k, v), grad)
+    assert ft._uses_hopper_forward(call) and ft._uses_hopper_dkdv(call, q)
+    forward, forward_backward = calls(q, k, v, causal=True)
 
     switches = ("_HOPPER_FORWARD", "_HOPPER_DKDV", "_HOPPER_DQ")
     times: dict[str, list[float]] = {}

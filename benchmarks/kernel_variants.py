@@ -101,7 +101,6 @@ def run_shape(shape, variants, rounds: int, backward: bool, key_lengths: bool,
                                  generator=gen) for seq in (sq, skv, skv, sq))
     lengths = padded_lengths(b, skv, gen) if key_lengths else None
     call = make_call(q, k, v, causal=causal, key_lengths=lengths)
-    out, lse = ft._forward(call, 0)  # the backward's input, under the switches as found
 
     if fwd_bwd:
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -110,6 +109,8 @@ def run_shape(shape, variants, rounds: int, backward: bool, key_lengths: bool,
             out = attention(*inputs, causal=causal, key_lengths=lengths, impl="triton")
             return torch.autograd.grad(out, inputs, dout)
     elif backward:
+        out, lse = ft._forward(call, 0)  # the backward's input, under the switches as found
+
         def step():
             return ft._backward(call, 0, out, lse, dout)
     else:

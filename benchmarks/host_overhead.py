@@ -21,6 +21,19 @@ much of triton's host time any Python backward pays on this device.
 --profile IMPL also runs IMPL's forward+backward under cProfile and writes where the host
 time goes to DIR/host_profile_IMPL.txt (the functions with the most time of their own,
 and the most time in all).
+
+--parts takes triton's causal forward+backward apart, each part's host time measured with
+the GPU held by a sleep while 40 calls are enqueued (module_time.host_and_gpu_ms), the
+parts in turns over --rounds: the whole step, the forward with autograd on, the backend's
+_forward and _backward alone (the Python around the kernels and their launches), and the
+autograd engine alone (x * 1 forward+backward on a small tensor). What the step costs
+beyond _forward + _backward is attention()'s dispatch, autograd's node and engine.
+
+--timeline IMPL records 50 causal forward+backward steps under torch.profiler (CPU
+activity: aten ops, CUDA runtime and driver calls, by thread) and prints one step from
+the middle as a time line (offset, duration, thread, op): the gaps between ops are
+Python. Writes the table of ops to DIR/host_ops_IMPL.txt and the trace to
+DIR/host_trace_IMPL.json (chrome://tracing, Perfetto).
 """
 
 import argparse
@@ -34,8 +47,10 @@ import time
 
 import torch
 import triton
+from module_time import host_and_gpu_ms
 
 from attnkit import attention
+from attnkit.call import make_call
 
 IMPLS = ("sdpa", "triton", "flex")
 
@@ -122,17 +137,91 @@ def engine_rows(x, grad) -> list[dict]:
     return rows
 
 
+def host_us(fn, calls: int = 40, trials: int = 5) -> float:
+    """Median host time per call of fn, in us, while the GPU is held (host_and_gpu_ms)."""
+    for _ in range(5):  # compile, autotune, allocator warm-up
+        fn()
+    return statistics.median(host_and_gpu_ms(fn, calls)[0] * 1e3 for _ in range(trials))
+
+
+def parts_rows(q, k, v, grad, rounds: int) -> list[dict]:
+    """triton's causal forward+backward and its parts (--parts), host us, in turns."""
+    from attnkit.backends import fused_triton
+
+    call = make_call(q.detach(), k.detach(), v.detach(), causal=True)
+    with torch.no_grad():
+        out, lse = fused_triton._forward(call, 0)
+    x = torch.randn(1024, device="cuda", requires_grad=True)
+    x_grad = torch.randn_like(x)
+    forward, forward_backward = calls(q, k, v, grad, "triton", causal=True)
+    parts = {
+        "forward+backward": forward_backward,
+        "forward, autograd on": lambda: attention(q, k, v, causal=True, impl="triton"),
+        "forward, no autograd": forward,
+        "_forward alone": lambda: fused_triton._forward(call, 0),
+        "_backward alone": lambda: fused_triton._backward(call, 0, out, lse, grad),
+        "engine: x * 1 forward+backward": lambda: torch.autograd.grad(x * 1, x, x_grad),
+    }
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(rounds):
+        for name, fn in parts.items():
+            times[name].append(host_us(fn))
+    rows = []
+    for name, samples in times.items():
+        rows.append({"impl": "triton", "part": name, "causal": True, "rounds": rounds,
+                     "host_us": statistics.median(samples), "host_us_rounds": samples})
+        print(f"{name:32s} host {rows[-1]['host_us']:6.1f} us (rounds: "
+              f"{' '.join(f'{t:.0f}' for t in samples)})", flush=True)
+    return rows
+
+
+def timeline(fn, impl: str, out_dir: str, steps: int = 50) -> None:
+    """--timeline: one step's CPU ops from the middle of `steps`, and the files."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with torch.profiler.record_function("step"):
+                fn()
+        torch.cuda.synchronize()
+    trace = os.path.join(out_dir, f"host_trace_{impl}.json")
+    prof.export_chrome_trace(trace)
+    with open(os.path.join(out_dir, f"host_ops_{impl}.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    with open(trace) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    marks = sorted(e["ts"] for e in events if e["name"] == "step")
+    start, end = marks[steps // 2], marks[steps // 2 + 1]
+    print(f"{impl}: one forward+backward under torch.profiler, {end - start:.0f} us "
+          f"(ops of 2 us or more; the gaps are Python)")
+    for e in sorted(events, key=lambda e: e["ts"]):
+        if start <= e["ts"] < end and e["dur"] >= 2 and e["name"] != "step":
+            print(f"  {e['ts'] - start:7.1f} {e['dur']:7.1f} us  thread {e['tid']}  "
+                  f"{e['name'][:80]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), metavar="IMPL",
-                        help=f"implementations to time (default: {' '.join(IMPLS)})")
+    parser.add_argument("--impls", nargs="*", default=list(IMPLS), metavar="IMPL",
+                        help=f"implementations to time (default: {' '.join(IMPLS)}; none: "
+                             "only the other options' measurements)")
     parser.add_argument("--ab-fast-launch", action="store_true",
                         help="triton with and without its direct launch, trials alternating")
     parser.add_argument("--engine", action="store_true",
                         help="also time the autograd engine alone: a C++ against a Python node")
     parser.add_argument("--profile", action="append", default=[], metavar="IMPL",
                         help="profile IMPL's forward+backward (repeatable)")
+    parser.add_argument("--parts", action="store_true",
+                        help="triton's causal forward+backward taken apart (host time)")
+    parser.add_argument("--timeline", action="append", default=[], metavar="IMPL",
+                        help="one causal forward+backward of IMPL under torch.profiler "
+                             "(repeatable)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of --parts, taken in turns (default 3)")
     parser.add_argument("--shape", default="1,2,64,64", metavar="B,H,S,D",
                         help="the input's shape (default 1,2,64,64)")
     args = parser.parse_args()
@@ -154,6 +243,10 @@ def main() -> None:
         rows += fast_launch_ab(q, k, v, grad)
     if args.engine:
         rows += engine_rows(q, grad)
+    if args.parts:
+        rows += parts_rows(q, k, v, grad, args.rounds)
+    for impl in args.timeline:
+        timeline(calls(q, k, v, grad, impl, causal=True)[1], impl, args.out)
     for impl in args.profile:
         _, forward_backward = calls(q, k, v, grad, impl, causal=False)
         per_call_us(forward_backward, calls=10, trials=1)

@@ -27,7 +27,10 @@ the GPU held by a sleep while 40 calls are enqueued (module_time.host_and_gpu_ms
 parts in turns over --rounds: the whole step, the forward with autograd on, the backend's
 _forward and _backward alone (the Python around the kernels and their launches), and the
 autograd engine alone (x * 1 forward+backward on a small tensor). What the step costs
-beyond _forward + _backward is attention()'s dispatch, autograd's node and engine.
+beyond _forward + _backward is attention()'s dispatch, autograd's node and engine, and
+the backward's Python running on the engine's GPU worker thread rather than the caller's
+(the step once more with torch.autograd.set_multithreading_enabled(False), which runs it
+on the caller's).
 
 --timeline IMPL records 50 causal forward+backward steps under torch.profiler (CPU
 activity: aten ops, CUDA runtime and driver calls, by thread) and prints one step from
@@ -154,8 +157,14 @@ def parts_rows(q, k, v, grad, rounds: int) -> list[dict]:
     x = torch.randn(1024, device="cuda", requires_grad=True)
     x_grad = torch.randn_like(x)
     forward, forward_backward = calls(q, k, v, grad, "triton", causal=True)
+    def on_this_thread():
+        # the engine runs the backward on the calling thread, not its GPU worker's
+        with torch.autograd.set_multithreading_enabled(False):
+            forward_backward()
+
     parts = {
         "forward+backward": forward_backward,
+        "forward+backward, one thread": on_this_thread,
         "forward, autograd on": lambda: attention(q, k, v, causal=True, impl="triton"),
         "forward, no autograd": forward,
         "_forward alone": lambda: fused_triton._forward(call, 0),

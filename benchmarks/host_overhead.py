@@ -157,6 +157,7 @@ def parts_rows(q, k, v, grad, rounds: int) -> list[dict]:
     x = torch.randn(1024, device="cuda", requires_grad=True)
     x_grad = torch.randn_like(x)
     forward, forward_backward = calls(q, k, v, grad, "triton", causal=True)
+
     def on_this_thread():
         # the engine runs the backward on the calling thread, not its GPU worker's
         with torch.autograd.set_multithreading_enabled(False):

@@ -1326,6 +1326,55 @@ def test_hopper_forward_configs_on_gpu(head_dim, dtype):
             assert rel_err(lse[seen], want_lse[seen]) < 1e-3, where
 
 
+@pytest.mark.gpu
+def test_hopper_forward_tile_counter_is_zero_after_each_launch_on_gpu():
+    """The Gluon forward leaves its tile counter at zero for the next launch on the
+    stream (tile_counter): launches one after another, on two streams in turns without a
+    synchronize, and replays of a CUDA graph (its own counter) all match the oracle."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_forward as hf
+    from attnkit.call import make_call
+
+    _skip_without_hopper_forward()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(3, 8, 1000, 128, device="cuda", dtype=torch.bfloat16,
+                           generator=gen) for _ in range(3))
+    call = make_call(q, k, v, causal=True)
+    want = attention(q.double(), k.double(), v.double(), causal=True, impl="reference")
+    config = ft._HOPPER_ROUTES[(128, True)][-1][1]
+
+    def forward():
+        out, lse = ft._empty_outputs(q, v)
+        hf.launch(q, k, v, out, lse, None, True, call.scale, config)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for _ in range(3):
+        outs.append(forward())
+        with torch.cuda.stream(side):
+            outs.append(forward())
+    torch.cuda.synchronize()
+    for stream in (torch.cuda.current_stream(), side):
+        counter = hf._COUNTERS[(q.device.index, stream.cuda_stream)]
+        assert counter.tolist() == [0, 0]
+    assert len({id(c) for c in hf._COUNTERS.values()}) == len(hf._COUNTERS) >= 2
+    graph, before = torch.cuda.CUDAGraph(), set(hf._COUNTERS)
+    with torch.cuda.stream(side):
+        forward()  # warm-up on the capture's stream, as torch.cuda.graph asks
+        with torch.cuda.graph(graph, stream=side):
+            captured = forward()
+    assert set(hf._COUNTERS) == before  # the graph took a counter of its own
+    for _ in range(2):
+        captured.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(captured.clone())
+    for i, out in enumerate(outs):
+        assert rel_err(out, want) < 1e-2, i
+
+
 def _watch_gluon_launches(monkeypatch) -> list[tuple[str, object]]:
     """The Gluon launch functions, each wrapped to note (its name, the launcher it was
     given) in the returned list before it runs (memcheck.py's watch, undone after the

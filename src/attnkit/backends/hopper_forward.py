@@ -464,6 +464,12 @@ if gluon is not None:
             done += 1
             base += total
             tile = gl.atomic_add(COUNTER, 1)
+        # The last program to take its empty tile sets COUNTER back to zero for the next
+        # launch (tile_counter). Each program's last take comes before its count on
+        # COUNTER + 1 (both acq_rel), and the last count comes after every other.
+        if gl.atomic_add(COUNTER + 1, 1) == gl.num_programs(0) - 1:
+            gl.atomic_xchg(COUNTER, 0)
+            gl.atomic_xchg(COUNTER + 1, 0)
         q_slot = post_tile(tiles, tile_smem, q_free, done, Q_BUFFERS)
         mbarrier.arrive(q_bars.index(q_slot), count=1)
 
@@ -549,7 +555,8 @@ if gluon is not None:
         Hkv, Skv, D; boxes of BLOCK_N rows); out is stored through Out and its strides,
         or where O_TMA through o_desc (like q's). A tile is 64 * WARPGROUPS query rows of one
         (batch, query head). The grid is persistent, a program per multiprocessor, and
-        each takes tile after tile from COUNTER (an int32, zero at launch), so that its
+        each takes tile after tile from COUNTER (two int32, zero at launch, zero again
+        when the kernel ends: tile_counter), so that its
         loading warp runs ahead into the next tile while the last one's blocks run.
         WARPGROUPS (2 or 3) warpgroups of 64 rows run apart, each in its own partition,
         and one more warp loads, so no CTA-wide barrier ties them together."""
@@ -692,6 +699,27 @@ def every_key_seen(causal: bool, key_lengths: torch.Tensor | None, seq_kv: int,
     return not causal and key_lengths is None and seq_kv > 0 and seq_kv % block_n == 0
 
 
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def tile_counter(device: torch.device) -> torch.Tensor:
+    """forward_kernel's COUNTER: two int32, zero. The kernel sets them back to zero as it
+    ends, so one pair per (GPU, stream) serves every launch on that stream (they run one
+    after another) with no fill kernel before each: torch.zeros cost ~9 us of host time
+    alone and 54 us inside a forward+backward under torch.profiler on the H200's host
+    (NOTES, run 30). A fresh pair where the stream is being captured into a CUDA graph,
+    whose replays may run on another stream beside this one's launches, and off the GPU
+    (benchmarks/gluon_sass.py builds the launch on CPU tensors)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(2, dtype=torch.int32, device=device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    key = index, torch._C._cuda_getCurrentRawStream(index)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return counter
+
+
 def run_kernel(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict,
                options: dict) -> None:
     """kernel[grid](*args, **constexprs, **options): Triton's own launch path, the
@@ -712,7 +740,7 @@ def launch(q, k, v, out, lse, key_lengths, causal: bool, scale: float,
     lengths = key_lengths if key_lengths is not None else lse
     tiles = -(-Sq // (64 * warpgroups)) * B * Hq
     q_buffers = q_buffer_count(config, D, q.element_size())
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    counter = tile_counter(q.device)
     q_desc = describe(q, 64)
     # out's descriptor is read only where O_TMA; q's (the same box type) stands in
     # otherwise, so that the routed configs do not build one more per call.

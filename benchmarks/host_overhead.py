@@ -32,6 +32,12 @@ the backward's Python running on the engine's GPU worker thread rather than the 
 (the step once more with torch.autograd.set_multithreading_enabled(False), which runs it
 on the caller's).
 
+--threads times each --threads-impls implementation's causal forward+backward (and the
+engine alone, through a C++ and a Python node) by host time as --parts does, once with
+the backward on autograd's GPU worker thread, PyTorch's default, and once on the caller's
+thread: what the hand-over between the two threads costs a step, and whether a Python
+backward pays more of it than a C++ one.
+
 --timeline IMPL records 50 causal forward+backward steps under torch.profiler (CPU
 activity: aten ops, CUDA runtime and driver calls, by thread) and prints one step from
 the middle as a time line (offset, duration, thread, op): the gaps between ops are
@@ -147,6 +153,40 @@ def host_us(fn, calls: int = 40, trials: int = 5) -> float:
     return statistics.median(host_and_gpu_ms(fn, calls)[0] * 1e3 for _ in range(trials))
 
 
+def on_caller_thread(fn):
+    """fn with autograd's backward run on the calling thread, not the engine's GPU worker."""
+    def wrapped():
+        with torch.autograd.set_multithreading_enabled(False):
+            fn()
+    return wrapped
+
+
+def threads_rows(q, k, v, grad, impls, rounds: int) -> list[dict]:
+    """--threads: each impl's causal forward+backward, and the engine alone through a C++
+    and a Python node, with the backward on the engine's GPU worker thread (PyTorch's
+    default) and on the caller's; host us, in turns over `rounds`."""
+    x = torch.randn(1024, device="cuda", requires_grad=True)
+    x_grad = torch.randn_like(x)
+    steps = {impl: calls(q, k, v, grad, impl, causal=True)[1] for impl in impls}
+    for name, op in (("engine: C++ node", lambda t: t * 1),
+                     ("engine: Python node", _PythonScale.apply)):
+        steps[name] = lambda op=op: torch.autograd.grad(op(x), x, x_grad)
+    times = {(name, one): [] for name in steps for one in (False, True)}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name, False].append(host_us(step))
+            times[name, True].append(host_us(on_caller_thread(step)))
+    rows = []
+    for name in steps:
+        worker, caller = (statistics.median(times[name, one]) for one in (False, True))
+        rows.append({"impl": name, "causal": True, "rounds": rounds,
+                     "host_us_worker_thread": worker, "host_us_caller_thread": caller,
+                     "rounds_worker": times[name, False], "rounds_caller": times[name, True]})
+        print(f"{name:22s} forward+backward host {worker:6.1f} us on autograd's worker "
+              f"thread, {caller:6.1f} us on the caller's", flush=True)
+    return rows
+
+
 def parts_rows(q, k, v, grad, rounds: int) -> list[dict]:
     """triton's causal forward+backward and its parts (--parts), host us, in turns."""
     from attnkit.backends import fused_triton
@@ -158,14 +198,9 @@ def parts_rows(q, k, v, grad, rounds: int) -> list[dict]:
     x_grad = torch.randn_like(x)
     forward, forward_backward = calls(q, k, v, grad, "triton", causal=True)
 
-    def on_this_thread():
-        # the engine runs the backward on the calling thread, not its GPU worker's
-        with torch.autograd.set_multithreading_enabled(False):
-            forward_backward()
-
     parts = {
         "forward+backward": forward_backward,
-        "forward+backward, one thread": on_this_thread,
+        "forward+backward, one thread": on_caller_thread(forward_backward),
         "forward, autograd on": lambda: attention(q, k, v, causal=True, impl="triton"),
         "forward, no autograd": forward,
         "_forward alone": lambda: fused_triton._forward(call, 0),
@@ -185,6 +220,17 @@ def parts_rows(q, k, v, grad, rounds: int) -> list[dict]:
     return rows
 
 
+def middle_step_ops(prof, steps: int) -> tuple[float, list[tuple[float, float, int, str]]]:
+    """The length of the middle one of `steps` "step" ranges recorded by prof, in us, and
+    the ops that start in it: (offset, duration, thread, name), in order of start."""
+    events = prof.events()
+    marks = sorted(e.time_range.start for e in events if e.name == "step")
+    start, end = marks[steps // 2], marks[steps // 2 + 1]
+    ops = sorted((e.time_range.start - start, e.time_range.elapsed_us(), e.thread, e.name)
+                 for e in events if start <= e.time_range.start < end and e.name != "step")
+    return end - start, ops
+
+
 def timeline(fn, impl: str, out_dir: str, steps: int = 50) -> None:
     """--timeline: one step's CPU ops from the middle of `steps`, and the files."""
     from torch.profiler import ProfilerActivity, profile
@@ -197,20 +243,15 @@ def timeline(fn, impl: str, out_dir: str, steps: int = 50) -> None:
             with torch.profiler.record_function("step"):
                 fn()
         torch.cuda.synchronize()
-    trace = os.path.join(out_dir, f"host_trace_{impl}.json")
-    prof.export_chrome_trace(trace)
+    prof.export_chrome_trace(os.path.join(out_dir, f"host_trace_{impl}.json"))
     with open(os.path.join(out_dir, f"host_ops_{impl}.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-    with open(trace) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    marks = sorted(e["ts"] for e in events if e["name"] == "step")
-    start, end = marks[steps // 2], marks[steps // 2 + 1]
-    print(f"{impl}: one forward+backward under torch.profiler, {end - start:.0f} us "
+    length, ops = middle_step_ops(prof, steps)
+    print(f"{impl}: one forward+backward under torch.profiler, {length:.0f} us "
           f"(ops of 2 us or more; the gaps are Python)")
-    for e in sorted(events, key=lambda e: e["ts"]):
-        if start <= e["ts"] < end and e["dur"] >= 2 and e["name"] != "step":
-            print(f"  {e['ts'] - start:7.1f} {e['dur']:7.1f} us  thread {e['tid']}  "
-                  f"{e['name'][:80]}")
+    for offset, duration, thread, name in ops:
+        if duration >= 2:
+            print(f"  {offset:7.1f} {duration:7.1f} us  thread {thread}  {name[:80]}")
 
 
 def main() -> None:
@@ -227,11 +268,17 @@ def main() -> None:
                         help="profile IMPL's forward+backward (repeatable)")
     parser.add_argument("--parts", action="store_true",
                         help="triton's causal forward+backward taken apart (host time)")
+    parser.add_argument("--threads", action="store_true",
+                        help="each --threads-impls step with autograd's backward on its "
+                             "worker thread and on the caller's (host time)")
+    parser.add_argument("--threads-impls", nargs="+", default=["sdpa", "triton"],
+                        metavar="IMPL", help="implementations for --threads "
+                                             "(default: sdpa triton)")
     parser.add_argument("--timeline", action="append", default=[], metavar="IMPL",
                         help="one causal forward+backward of IMPL under torch.profiler "
                              "(repeatable)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of --parts, taken in turns (default 3)")
+                        help="rounds of --parts and --threads, taken in turns (default 3)")
     parser.add_argument("--shape", default="1,2,64,64", metavar="B,H,S,D",
                         help="the input's shape (default 1,2,64,64)")
     args = parser.parse_args()
@@ -255,6 +302,8 @@ def main() -> None:
         rows += engine_rows(q, grad)
     if args.parts:
         rows += parts_rows(q, k, v, grad, args.rounds)
+    if args.threads:
+        rows += threads_rows(q, k, v, grad, args.threads_impls, args.rounds)
     for impl in args.timeline:
         timeline(calls(q, k, v, grad, impl, causal=True)[1], impl, args.out)
     for impl in args.profile:

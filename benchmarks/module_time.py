@@ -17,7 +17,11 @@ of weights):
 - bench: do_bench's median, as `attnkit bench` takes it.
 
 Each is the median of `--rounds` rounds taken in turns over the implementations.
-Prints a table and writes DIR/module_time_PRESET.json.
+Prints a table and writes DIR/module_time_PRESET.json. `--backward-thread caller` runs
+autograd's backward on the calling thread (torch.autograd.set_multithreading_enabled
+(False)) instead of the engine's GPU worker thread; `both` times each call both ways, in
+turns: the hand-over between the two threads cost ~50-250 us a step on the H200's host
+(NOTES, run 31).
 """
 
 from __future__ import annotations
@@ -83,7 +87,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--backward-thread", choices=("worker", "caller", "both"),
+                        default="worker", help="where autograd runs the backward "
+                                               "(default: its GPU worker thread, PyTorch's)")
     args = parser.parse_args()
+    threads = ("worker", "caller") if args.backward_thread == "both" else (args.backward_thread,)
     device = torch.device("cuda")
     config: Config = preset_configs(args.preset)[0]
     labels = args.impl or list(LABELS)
@@ -102,25 +110,30 @@ def main() -> None:
         for part, ops in syncs[label].items():
             for op in ops:
                 print(f"{label} {part} waits for the GPU: {op}")
-    samples = {(label, part): {"host": [], "gpu": [], "bench": []}
-               for label, work in works.items() for part, _ in parts(work)}
+    samples = {(label, part, thread): {"host": [], "gpu": [], "bench": []}
+               for label, work in works.items() for part, _ in parts(work)
+               for thread in threads}
     for _ in range(args.rounds):
         for label, work in works.items():
             for part, fn in parts(work):
-                host, gpu = host_and_gpu_ms(fn, args.calls)
-                got = samples[(label, part)]
-                got["host"].append(host)
-                got["gpu"].append(gpu)
-                got["bench"].append(do_bench(fn, warmup=10, rep=100 // args.rounds + 1))
+                for thread in threads:
+                    with torch.autograd.set_multithreading_enabled(thread == "worker"):
+                        host, gpu = host_and_gpu_ms(fn, args.calls)
+                        bench = do_bench(fn, warmup=10, rep=100 // args.rounds + 1)
+                    got = samples[(label, part, thread)]
+                    got["host"].append(host)
+                    got["gpu"].append(gpu)
+                    got["bench"].append(bench)
     rows = []
     print(f"{args.preset}: {config}, bf16, medians of {args.rounds} rounds (ms per call)")
-    print(f"{'implementation':22} {'part':8} {'host':>7} {'gpu':>7} {'bench':>7}")
-    for (label, part), got in samples.items():
+    print(f"{'implementation':22} {'part':8} {'backward':8} {'host':>7} {'gpu':>7} {'bench':>7}")
+    for (label, part, thread), got in samples.items():
         med = {name: statistics.median(values) if None not in values else None
                for name, values in got.items()}
-        rows.append({"impl": label, "part": part, **{f"{k}_ms": v for k, v in med.items()},
+        rows.append({"impl": label, "part": part, "backward_thread": thread,
+                     **{f"{k}_ms": v for k, v in med.items()},
                      "syncs": syncs[label][part], "samples": got})
-        print(f"{label:22} {part:8} " + " ".join(
+        print(f"{label:22} {part:8} {thread:8} " + " ".join(
             "   wait" if v is None else f"{v:7.3f}" for v in med.values()))
     path = os.path.join(args.out, f"module_time_{args.preset}.json")
     with open(path, "w") as f:

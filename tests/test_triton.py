@@ -1490,3 +1490,55 @@ def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     assert ft._uses_hopper_dq(call, grad, grad) == (head_dim == 128)  # grad's layout as out's
     _assert_matches_reference(q, k, v, grad, causal=causal, key_lengths=lengths,
                               return_lse=True)
+
+
+def test_forward_and_backward_make_the_calls_gpu_current(monkeypatch):
+    """Triton launches on the current device's stream, so _forward and _backward make the
+    call's GPU current: a call on cuda:1 made under cuda:0 enters torch.cuda.device
+    (cuda:1) around the work; one on the current GPU or on the CPU enters nothing."""
+    import types
+
+    from attnkit.backends import fused_triton as ft
+
+    entered = []
+
+    class Guard:  # stands in for torch.cuda.device, which needs a GPU
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("left")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    work = ft._on_call_device(lambda call, x, *, y: (entered.append("work"), x + y)[1])
+    for device, expected in ((torch.device("cuda", 1), [torch.device("cuda", 1), "work", "left"]),
+                             (torch.device("cuda", 0), ["work"]),
+                             (torch.device("cpu"), ["work"])):
+        entered.clear()
+        assert work(types.SimpleNamespace(device=device), 2, y=3) == 5
+        assert entered == expected, device
+    for entry in (ft._forward, ft._backward):
+        assert inspect.unwrap(entry) is not entry  # both guarded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq, head_dim", [(200, 80), (1024, 128)])
+def test_a_call_on_a_gpu_other_than_the_current_one_on_gpu(seq, head_dim):
+    """q, k, v on the last GPU while the first is current, forward and backward, against the
+    oracle: on a short odd call (the Triton kernels) and, on Hopper, a long one (the Gluon
+    kernels and their tile counter, which is kept per GPU and stream)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(2, 4, seq, head_dim, device=device, dtype=torch.bfloat16,
+                           generator=gen).requires_grad_() for _ in range(3))
+    grad = torch.randn_like(q)
+    with torch.cuda.device(0):
+        for _ in range(2):  # the second time from the launch cache
+            _assert_matches_reference(q, k, v, grad, causal=True, return_lse=True)
+    torch.cuda.synchronize(device)

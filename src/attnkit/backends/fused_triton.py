@@ -1108,6 +1108,22 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
+def _on_call_device(fn: Callable) -> Callable:
+    """fn(call, ...) run with the call's GPU as the current device. Triton launches on the
+    current device's stream, whatever device the arguments are on (and the launch cache's
+    key and hopper_forward.tile_counter go by it too), so a call on cuda:1 made while
+    cuda:0 is current would run its kernels on the wrong GPU without this guard."""
+    @functools.wraps(fn)
+    def on_call_device(call: AttentionCall, *args, **kwargs):
+        device = call.device
+        if device.type != "cuda" or device.index == torch.cuda.current_device():
+            return fn(call, *args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(call, *args, **kwargs)
+    return on_call_device
+
+
+@_on_call_device
 def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
              tma: bool | None = None, splits: int | None = None,
              packed: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -1506,6 +1522,7 @@ def _kv_splits(call: AttentionCall, packed: bool) -> int:
     return max(1, min(ranges, _MAX_SPLITS))
 
 
+@_on_call_device
 def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
               configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
     """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""

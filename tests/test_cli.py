@@ -464,3 +464,27 @@ def test_bench_checkpoints_after_each_config_and_prints_reasons_verbatim(capsys,
 
     print_results(run)
     assert "attnkit[extra]" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_bench_times_on_the_gpu_it_was_given_on_gpu(monkeypatch):
+    """`bench --device cuda:1` under cuda:0: every timing runs with that GPU current, since
+    do_bench's events and synchronizes (and Triton's launches) go to the current device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from attnkit import bench
+
+    current_while_timed = []
+    median = bench.Clock.median
+
+    def watched(self, fn, *args, **kwargs):
+        current_while_timed.append(torch.cuda.current_device())
+        return median(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(bench.Clock, "median", watched)
+    last = torch.cuda.device_count() - 1
+    with torch.cuda.device(0):
+        run = bench.run_bench("core", device=f"cuda:{last}", quick=True,
+                              impls=["sdpa", "triton"], rounds=1, progress=False)
+    assert current_while_timed and set(current_while_timed) == {last}
+    assert all(m.status == "ok" and m.fwd_ms > 0 for m in run.results), run.results

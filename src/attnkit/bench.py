@@ -27,6 +27,7 @@ presets' own sizes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -688,7 +689,10 @@ def run_bench(
                 notes.append(note)
             return None
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # The GPU made current: do_bench's events and synchronizes, and Triton's launches, go
+    # to the current device, whatever device the tensors are on (--device cuda:1).
+    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with current, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         peaks = [peak()]
         def build(config: Config) -> Problem:
             builder = _module_problem if config.is_module else _core_problem

@@ -20,7 +20,7 @@ Each is the median of `--rounds` rounds taken in turns over the implementations.
 Prints a table and writes DIR/module_time_PRESET.json. `--backward-thread caller` runs
 autograd's backward on the calling thread (torch.autograd.set_multithreading_enabled
 (False)) instead of the engine's GPU worker thread; `both` times each call both ways, in
-turns: the hand-over between the two threads cost ~50-250 us a step on the H200's host
+turns: the hand-over between the two threads cost ~45-460 us a step on the H200's host
 (NOTES, run 31).
 """
 

@@ -19,9 +19,9 @@ of weights):
 Each is the median of `--rounds` rounds taken in turns over the implementations.
 Prints a table and writes DIR/module_time_PRESET.json. `--backward-thread caller` runs
 autograd's backward on the calling thread (torch.autograd.set_multithreading_enabled
-(False)) instead of the engine's GPU worker thread; `both` times each call both ways, in
-turns: the hand-over between the two threads cost ~45-460 us a step on the H200's host
-(NOTES, run 31).
+(False)) instead of the engine's GPU worker thread; `both` times each forward+backward
+both ways, in turns: the hand-over between the two threads cost ~45-460 us a step on the
+H200's host (NOTES, run 31).
 """
 
 from __future__ import annotations
@@ -110,13 +110,16 @@ def main() -> None:
         for part, ops in syncs[label].items():
             for op in ops:
                 print(f"{label} {part} waits for the GPU: {op}")
+    def part_threads(part: str) -> tuple[str, ...]:
+        return threads if part == "fwd_bwd" else threads[:1]  # a forward has no backward
+
     samples = {(label, part, thread): {"host": [], "gpu": [], "bench": []}
                for label, work in works.items() for part, _ in parts(work)
-               for thread in threads}
+               for thread in part_threads(part)}
     for _ in range(args.rounds):
         for label, work in works.items():
             for part, fn in parts(work):
-                for thread in threads:
+                for thread in part_threads(part):
                     with torch.autograd.set_multithreading_enabled(thread == "worker"):
                         host, gpu = host_and_gpu_ms(fn, args.calls)
                         bench = do_bench(fn, warmup=10, rep=100 // args.rounds + 1)

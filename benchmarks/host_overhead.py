@@ -132,11 +132,14 @@ class _PythonScale(torch.autograd.Function):
         return grad
 
 
+# x * 1 through a C++ node and through a Python node, by the names the rows carry
+ENGINE_NODES = (("engine: C++ node", lambda t: t * 1), ("engine: Python node", _PythonScale.apply))
+
+
 def engine_rows(x, grad) -> list[dict]:
     """fwd+bwd host time of x * 1 through a C++ node and through a Python node."""
     rows = []
-    for name, op in (("engine: C++ node", lambda t: t * 1),
-                     ("engine: Python node", _PythonScale.apply)):
+    for name, op in ENGINE_NODES:
         def forward_backward(op=op):
             torch.autograd.grad(op(x), x, grad)
 
@@ -168,8 +171,7 @@ def threads_rows(q, k, v, grad, impls, rounds: int) -> list[dict]:
     x = torch.randn(1024, device="cuda", requires_grad=True)
     x_grad = torch.randn_like(x)
     steps = {impl: calls(q, k, v, grad, impl, causal=True)[1] for impl in impls}
-    for name, op in (("engine: C++ node", lambda t: t * 1),
-                     ("engine: Python node", _PythonScale.apply)):
+    for name, op in ENGINE_NODES:
         steps[name] = lambda op=op: torch.autograd.grad(op(x), x, x_grad)
     times = {(name, one): [] for name in steps for one in (False, True)}
     for _ in range(rounds):

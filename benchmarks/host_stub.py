@@ -129,7 +129,8 @@ def hopper_path() -> None:
     q, k, v = (torch.randn(1, 2, 1024, 128, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     call = make_call(q, k, v, causal=True)
-    assert ft._uses_hopper_forward(call) and ft._uses_hopper_dkdv(call, q)
+    assert ft._uses_hopper_forward(call) and ft._uses_hopper_backward(call, q, q) == (
+        True, True)
     forward, forward_backward = calls(q, k, v, causal=True)
 
     switches = ("_HOPPER_FORWARD", "_HOPPER_DKDV", "_HOPPER_DQ")

@@ -832,8 +832,7 @@ def test_hopper_backward_kernels_cover_long_plain_calls_only(kwargs, dkdv, dq):
 
     call = _long_call(**kwargs)
     out, dout = torch.randn_like(call.q), torch.randn_like(call.q)
-    assert ft._hopper_dkdv_fits(call, dout) == dkdv
-    assert ft._hopper_dq_fits(call, out, dout) == dq
+    assert ft._hopper_backward_fits(call, out, dout) == (dkdv, dq)
 
 
 def test_hopper_backward_kernels_need_tensors_tma_can_read():
@@ -843,7 +842,7 @@ def test_hopper_backward_kernels_need_tensors_tma_can_read():
     out = torch.randn_like(call.q)
 
     def fits(dout):
-        return ft._hopper_dkdv_fits(call, dout), ft._hopper_dq_fits(call, out, dout)
+        return ft._hopper_backward_fits(call, out, dout)
 
     assert fits(torch.randn_like(call.q)) == (True, True)
     columns = torch.randn_like(call.q).transpose(2, 3).contiguous().transpose(2, 3)
@@ -854,7 +853,7 @@ def test_hopper_backward_kernels_need_tensors_tma_can_read():
     one_batch = call.q.as_strided(call.q.shape, (0, *call.q.stride()[1:]))
     assert fits(one_batch) == (True, True)
     # the dQ kernel reads out by rows of unit stride
-    assert not ft._hopper_dq_fits(call, columns, torch.randn_like(call.q))
+    assert ft._hopper_backward_fits(call, columns, torch.randn_like(call.q)) == (True, False)
 
 
 @pytest.mark.parametrize("kwargs, grad, leads", [
@@ -980,7 +979,7 @@ def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
         call = make_call(q, k, v, **kwargs)
         dout = torch.randn_like(q)
         assert ft._hopper_forward_fits(call), case  # (the key-split rule is GPU-only)
-        assert ft._hopper_dkdv_fits(call, dout) and ft._hopper_dq_fits(call, dout, dout), case
+        assert ft._hopper_backward_fits(call, dout, dout) == (True, True), case
 
 
 def test_module_time_imports_what_bench_still_has(monkeypatch):
@@ -1228,8 +1227,7 @@ def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, caus
     monkeypatch.setattr(ft, "_HOPPER_DKDV", True)
     monkeypatch.setattr(ft, "_HOPPER_DQ", True)
     monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: True)
-    monkeypatch.setattr(ft, "_uses_hopper_dkdv", lambda call, dout: True)
-    monkeypatch.setattr(ft, "_uses_hopper_dq", lambda call, out, dout: True)
+    monkeypatch.setattr(ft, "_uses_hopper_backward", lambda call, out, dout: (True, True))
     monkeypatch.setattr(ft, "_warn_gluon_off", lambda kernel, exc: None)
     monkeypatch.setitem(ft._HOPPER_ROUTES, (16, causal), (((1, 1), (128, 2, 2, 0)),))
     monkeypatch.setattr(hf, "launch", fails)
@@ -1255,10 +1253,8 @@ def test_hopper_backward_kernel_that_does_not_compile_falls_back_once(monkeypatc
     launches, fails = _failing_launch()
     monkeypatch.setattr(ft, switch, True)
     # as if on a Hopper GPU with a call the Gluon kernel covers (the other one off)
-    uses = {"_HOPPER_DKDV": ("_uses_hopper_dkdv", lambda call, dout: ft._HOPPER_DKDV),
-            "_HOPPER_DQ": ("_uses_hopper_dq", lambda call, out, dout: ft._HOPPER_DQ)}
-    for kernel_switch, (name, rule) in uses.items():
-        monkeypatch.setattr(ft, name, rule if kernel_switch == switch else lambda *a: False)
+    monkeypatch.setattr(ft, "_uses_hopper_backward", lambda call, out, dout: (
+        switch == "_HOPPER_DKDV" and ft._HOPPER_DKDV, switch == "_HOPPER_DQ" and ft._HOPPER_DQ))
     monkeypatch.setattr(hb, launch, fails)
     q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE).requires_grad_() for _ in range(3))
     grad = torch.randn_like(q)
@@ -1395,8 +1391,7 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
     _skip_without_hopper_forward()
     # every call routed to both (the dQ kernel at D=64 too): these shapes are shorter
     # than the routes take
-    monkeypatch.setattr(ft, "_hopper_dkdv_fits", lambda call, dout: True)
-    monkeypatch.setattr(ft, "_hopper_dq_fits", lambda call, out, dout: True)
+    monkeypatch.setattr(ft, "_hopper_backward_fits", lambda call, out, dout: (True, True))
     launched = _watch_gluon_launches(monkeypatch)
     _order_heads_in_groups_of(3, monkeypatch)  # several groups, the last one short
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
@@ -1486,8 +1481,8 @@ def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     call = make_call(q, k, v, causal=causal, key_lengths=lengths)
     assert ft._uses_hopper_forward(call)
     grad = torch.randn_like(q)
-    assert ft._uses_hopper_dkdv(call, grad)
-    assert ft._uses_hopper_dq(call, grad, grad) == (head_dim == 128)  # grad's layout as out's
+    # grad's layout as out's
+    assert ft._uses_hopper_backward(call, grad, grad) == (True, head_dim == 128)
     _assert_matches_reference(q, k, v, grad, causal=causal, key_lengths=lengths,
                               return_lse=True)
 

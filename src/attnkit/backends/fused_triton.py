@@ -15,7 +15,7 @@ through TMA descriptors, where their layout allows and the autotuner finds it fa
 (long sequences). On Hopper, long calls with 64- or 128-wide heads take a forward written
 in Gluon instead (`hopper_forward`: the softmax overlaps the matmuls; `_uses_hopper_forward`
 says which calls), and backward kernels written in Gluon (`hopper_backward`, the same
-layout: `_uses_hopper_dq`, `_uses_hopper_dkdv`).
+layout: `_uses_hopper_backward`).
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
 i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off
@@ -1301,31 +1301,27 @@ _HOPPER_DQ_REACH: dict[tuple[int, bool], Reach] = {(128, False): (256, 512),
                                                    (128, True): (256, 1024)}
 
 
-def _hopper_backward_fits(call: AttentionCall, dout: Tensor,
-                          reach: dict[tuple[int, bool], Reach]) -> bool:
-    """Whether a Gluon backward kernel covers the call (with its gradient dout) and was
-    measured faster on it: the call has reach's (Sq, Skv) for its head dim and causality,
-    and _gluon_covers. Says nothing about the device."""
-    return (_reaches(call, reach.get((call.head_dim, call.causal)))
-            and _gluon_covers(call, (call.q, call.k, call.v, dout)))
+def _hopper_backward_fits(call: AttentionCall, out: Tensor, dout: Tensor) -> tuple[bool, bool]:
+    """(dK/dV kernel, dQ kernel): whether each Gluon backward kernel covers the call (with
+    its output out and gradient dout) and was measured faster on it: the call has the
+    kernel's reach (Sq, Skv) for its head dim and causality, and _gluon_covers, worked out
+    once for both; the dQ kernel also reads out along rows of unit stride (the forward's
+    own out always is). Says nothing about the device."""
+    key = (call.head_dim, call.causal)
+    dkdv = _reaches(call, _HOPPER_DKDV_REACH.get(key))
+    dq = _reaches(call, _HOPPER_DQ_REACH.get(key)) and out.stride(3) == 1
+    if (dkdv or dq) and _gluon_covers(call, (call.q, call.k, call.v, dout)):
+        return dkdv, dq
+    return False, False
 
 
-def _hopper_dkdv_fits(call: AttentionCall, dout: Tensor) -> bool:
-    return _hopper_backward_fits(call, dout, _HOPPER_DKDV_REACH)
-
-
-def _hopper_dq_fits(call: AttentionCall, out: Tensor, dout: Tensor) -> bool:
-    """_hopper_backward_fits for the dQ kernel, which also reads out along rows of unit
-    stride (the forward's own out always is)."""
-    return out.stride(3) == 1 and _hopper_backward_fits(call, dout, _HOPPER_DQ_REACH)
-
-
-def _uses_hopper_dkdv(call: AttentionCall, dout: Tensor) -> bool:
-    return _HOPPER_DKDV and _on_hopper(call) and _hopper_dkdv_fits(call, dout)
-
-
-def _uses_hopper_dq(call: AttentionCall, out: Tensor, dout: Tensor) -> bool:
-    return _HOPPER_DQ and _on_hopper(call) and _hopper_dq_fits(call, out, dout)
+def _uses_hopper_backward(call: AttentionCall, out: Tensor, dout: Tensor) -> tuple[bool, bool]:
+    """(dK/dV kernel, dQ kernel): whether each Gluon backward kernel runs the call: its
+    switch is on, the call is on a Hopper GPU, and _hopper_backward_fits."""
+    if not ((_HOPPER_DKDV or _HOPPER_DQ) and _on_hopper(call)):
+        return False, False
+    dkdv, dq = _hopper_backward_fits(call, out, dout)
+    return _HOPPER_DKDV and dkdv, _HOPPER_DQ and dq
 
 
 def _ran_on_gluon(switch: str, kernel: str, launch: Callable[[], None]) -> bool:
@@ -1526,19 +1522,26 @@ def _kv_splits(call: AttentionCall, packed: bool) -> int:
 def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
               configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
     """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
-    shared = _backward_shared(call, seed, lse, dout)
     delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     dq, dk, dv = _empty_grads(call.q, call.k, call.v)
-    q, k, v, head_group = call.q, call.k, call.v, shared[1]["HEAD_GROUP"]
-    if not (configs[1] is None and _uses_hopper_dq(call, out, dout)
+    q, k, v = call.q, call.k, call.v
+    dkdv_gluon, dq_gluon = _uses_hopper_backward(call, out, dout)
+    # The Triton kernels' shared arguments are worked out only where one of them runs:
+    # this Python runs on autograd's worker thread, where it costs 2-3x its time alone
+    # (NOTES, run 31).
+    shared = None
+    head_group = _meta(call, seed)[1]["HEAD_GROUP"] if dkdv_gluon or dq_gluon else 1
+    if not (configs[1] is None and dq_gluon
             and _ran_on_gluon("_HOPPER_DQ", "dQ kernel", lambda: hopper_backward.launch_dq(
                 q, k, v, out, dout, lse, delta, dq, call.key_lengths, call.causal,
                 call.scale, head_group=head_group, launcher=_launch_jitted))):
+        shared = _backward_shared(call, seed, lse, dout)
         _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
-    if not (configs[0] is None and _uses_hopper_dkdv(call, dout)
+    if not (configs[0] is None and dkdv_gluon
             and _ran_on_gluon("_HOPPER_DKDV", "dK/dV kernel", lambda: hopper_backward.launch_dkdv(
                 q, k, v, dout, lse, delta, dk, dv, call.key_lengths, call.causal,
                 call.scale, head_group=head_group, launcher=_launch_jitted))):
+        shared = shared or _backward_shared(call, seed, lse, dout)
         _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
     return dq, dk, dv
 
@@ -1685,7 +1688,11 @@ class _EagerAttention(torch.autograd.Function):
         if dout is None:  # nothing downstream of out needed a gradient
             return None, None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
-        call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
+        call = ctx.call
+        # The same tensors as the call's unless saved-tensor hooks gave back new ones; the
+        # test first, since a replace costs ~3 us of the backward's host time.
+        if not (q is call.q and k is call.k and v is call.v):
+            call = dataclasses.replace(call, q=q, k=k, v=v)
         return (*_backward(call, ctx.seed, out, lse, dout), None, None)
 
 

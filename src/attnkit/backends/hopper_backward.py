@@ -40,9 +40,9 @@ Under a causal mask both kernels' programs start a group of heads at a time, eac
 head's heaviest block first (HEAD_GROUP). They cover what `hopper_forward` covers: an
 sm_90 GPU, fp16 or bf16, D = Dv in (64, 128), a positive scale, causal or not,
 key_lengths, grouped heads; no window, mask tensor or dropout; tensors that TMA can
-read. `fused_triton` routes each where it was faster (`_hopper_dq_fits`,
-`_hopper_dkdv_fits`). Gluon does not run under TRITON_INTERPRET, so this file is tested
-on a GPU only (tests/test_triton.py).
+read. `fused_triton` routes each where it was faster (`_hopper_backward_fits`). Gluon
+does not run under TRITON_INTERPRET, so this file is tested on a GPU only
+(tests/test_triton.py).
 """
 
 from __future__ import annotations
@@ -503,7 +503,7 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     """Write dk, dv (shaped like k, v (B, Hkv, Skv, D)) for q (B, Hq, Sq, D), dout (like
     q), lse and delta (B, Hq, Sq) float32 (delta = rowsum(out * dout), from the dQ
     kernel). The caller has checked that the call is one this kernel covers
-    (fused_triton._hopper_dkdv_fits). head_group: how many (batch, kv head) pairs'
+    (fused_triton._hopper_backward_fits). head_group: how many (batch, kv head) pairs'
     programs start together, each one's first key block first. launcher: called as
     hopper_forward.run_kernel is."""
     block_m, stages = config
@@ -527,7 +527,7 @@ def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, sca
     """Write dq (like q (B, Hq, Sq, D)) and delta (B, Hq, Sq) float32 = rowsum(out * dout)
     for the dK/dV kernel, from k, v (B, Hkv, Skv, D), out and dout (like q) and lse (B, Hq,
     Sq) float32. out, dq: unit stride along D. The caller has checked that the call is one
-    this kernel covers (fused_triton._hopper_dq_fits). head_group: how many (batch, query
+    this kernel covers (fused_triton._hopper_backward_fits). head_group: how many (batch, query
     head) pairs' programs start together, causal ones' last query block first. launcher:
     called as hopper_forward.run_kernel is."""
     block_n, stages = config

@@ -38,6 +38,10 @@ the backward on autograd's GPU worker thread, PyTorch's default, and once on the
 thread: what the hand-over between the two threads costs a step, and whether a Python
 backward pays more of it than a C++ one.
 
+--backward-pieces times, both ways as --threads does, a Python autograd node whose backward
+runs nothing, a pure Python loop, triton's causal _backward, or that backward twice: how
+the worker thread's extra time grows with the work its backward runs (NOTES, run 32).
+
 --timeline IMPL records 50 causal forward+backward steps under torch.profiler (CPU
 activity: aten ops, CUDA runtime and driver calls, by thread) and prints one step from
 the middle as a time line (offset, duration, thread, op): the gaps between ops are
@@ -164,15 +168,10 @@ def on_caller_thread(fn):
     return wrapped
 
 
-def threads_rows(q, k, v, grad, impls, rounds: int) -> list[dict]:
-    """--threads: each impl's causal forward+backward, and the engine alone through a C++
-    and a Python node, with the backward on the engine's GPU worker thread (PyTorch's
-    default) and on the caller's; host us, in turns over `rounds`."""
-    x = torch.randn(1024, device="cuda", requires_grad=True)
-    x_grad = torch.randn_like(x)
-    steps = {impl: calls(q, k, v, grad, impl, causal=True)[1] for impl in impls}
-    for name, op in ENGINE_NODES:
-        steps[name] = lambda op=op: torch.autograd.grad(op(x), x, x_grad)
+def worker_and_caller_rows(steps: dict, rounds: int, causal: bool | None = True
+                           ) -> list[dict]:
+    """Each step's host us with its backward on the engine's GPU worker thread (PyTorch's
+    default) and on the caller's, in turns over `rounds`; a row per step, printed."""
     times = {(name, one): [] for name in steps for one in (False, True)}
     for _ in range(rounds):
         for name, step in steps.items():
@@ -181,12 +180,68 @@ def threads_rows(q, k, v, grad, impls, rounds: int) -> list[dict]:
     rows = []
     for name in steps:
         worker, caller = (statistics.median(times[name, one]) for one in (False, True))
-        rows.append({"impl": name, "causal": True, "rounds": rounds,
+        rows.append({"impl": name, "causal": causal, "rounds": rounds,
                      "host_us_worker_thread": worker, "host_us_caller_thread": caller,
                      "rounds_worker": times[name, False], "rounds_caller": times[name, True]})
-        print(f"{name:22s} forward+backward host {worker:6.1f} us on autograd's worker "
+        print(f"{name:30s} forward+backward host {worker:6.1f} us on autograd's worker "
               f"thread, {caller:6.1f} us on the caller's", flush=True)
     return rows
+
+
+def threads_rows(q, k, v, grad, impls, rounds: int) -> list[dict]:
+    """--threads: each impl's causal forward+backward, and the engine alone through a C++
+    and a Python node, both ways (worker_and_caller_rows)."""
+    x = torch.randn(1024, device="cuda", requires_grad=True)
+    x_grad = torch.randn_like(x)
+    steps = {impl: calls(q, k, v, grad, impl, causal=True)[1] for impl in impls}
+    for name, op in ENGINE_NODES:
+        steps[name] = lambda op=op: torch.autograd.grad(op(x), x, x_grad)
+    return worker_and_caller_rows(steps, rounds)
+
+
+class _RunInBackward(torch.autograd.Function):
+    """x * 1 whose backward runs work() first: a Python node with a backward of our choice."""
+
+    @staticmethod
+    def forward(ctx, x, work):
+        ctx.work = work
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.work()
+        return grad, None
+
+
+def _python_loop(n: int = 4000) -> int:
+    """Pure Python, no GPU: ~110-200 us at n = 4000 on the H200's host (run 32)."""
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def backward_pieces_rows(q, k, v, grad, rounds: int) -> list[dict]:
+    """--backward-pieces: a Python node's backward running nothing, a pure Python loop,
+    triton's causal _backward once, and twice, both ways (worker_and_caller_rows)."""
+    from attnkit.backends import fused_triton
+
+    call = make_call(q.detach(), k.detach(), v.detach(), causal=True)
+    with torch.no_grad():
+        out, lse = fused_triton._forward(call, 0)
+
+    def backward():
+        fused_triton._backward(call, 0, out, lse, grad)
+
+    x = torch.randn(1024, device="cuda", requires_grad=True)
+    x_grad = torch.randn_like(x)
+    pieces = {"node: nothing": lambda: None, "node: Python loop (4000)": _python_loop,
+              "node: triton _backward": backward,
+              "node: triton _backward twice": lambda: (backward(), backward())}
+    steps = {name: lambda work=work: torch.autograd.grad(_RunInBackward.apply(x, work), x,
+                                                         x_grad)
+             for name, work in pieces.items()}
+    return worker_and_caller_rows(steps, rounds)
 
 
 def parts_rows(q, k, v, grad, rounds: int) -> list[dict]:
@@ -273,6 +328,9 @@ def main() -> None:
     parser.add_argument("--threads", action="store_true",
                         help="each --threads-impls step with autograd's backward on its "
                              "worker thread and on the caller's (host time)")
+    parser.add_argument("--backward-pieces", action="store_true",
+                        help="a Python node whose backward runs nothing, a Python loop, "
+                             "triton's _backward once and twice, on either thread (host time)")
     parser.add_argument("--threads-impls", nargs="+", default=["sdpa", "triton"],
                         metavar="IMPL", help="implementations for --threads "
                                              "(default: sdpa triton)")
@@ -306,6 +364,8 @@ def main() -> None:
         rows += parts_rows(q, k, v, grad, args.rounds)
     if args.threads:
         rows += threads_rows(q, k, v, grad, args.threads_impls, args.rounds)
+    if args.backward_pieces:
+        rows += backward_pieces_rows(q, k, v, grad, args.rounds)
     for impl in args.timeline:
         timeline(calls(q, k, v, grad, impl, causal=True)[1], impl, args.out)
     for impl in args.profile:

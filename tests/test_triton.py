@@ -1243,6 +1243,33 @@ def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, caus
     assert [launch[-1] for launch in launches] == ([5, 6, 6] if causal else [1, 1, 1])
 
 
+def test_triton_dkdv_kernel_after_a_gluon_dq_kernel(monkeypatch, device):
+    """Where only the dQ kernel is Gluon's, the Triton dK/dV kernel still gets its shared
+    arguments (worked out only where a Triton kernel runs) and the delta the dQ kernel
+    wrote: dk, dv against the oracle, dq the stand-in's own."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_backward as hb
+    from attnkit.call import make_call
+
+    def gluon_dq(q, k, v, out, dout, lse, delta, dq, *rest, head_group, launcher):
+        delta.copy_((out.float() * dout.float()).sum(-1))
+        dq.fill_(7.0)
+
+    monkeypatch.setattr(ft, "_uses_hopper_backward", lambda call, out, dout: (False, True))
+    monkeypatch.setattr(hb, "launch_dq", gluon_dq)
+    q = torch.randn(2, 4, 17, 16).to(device, DTYPE).requires_grad_()
+    k, v = (torch.randn(2, 2, 33, 16).to(device, DTYPE).requires_grad_() for _ in range(2))
+    lengths = torch.tensor([33, 9], device=device)
+    dout = torch.randn_like(q)
+    call = make_call(q.detach(), k.detach(), v.detach(), causal=True, key_lengths=lengths)
+    out, lse = ft._forward(call, 0)
+    dq, dk, dv = ft._backward(call, 0, out, lse, dout)
+    ref = attention(q, k, v, causal=True, key_lengths=lengths, impl="reference")
+    _, dk_ref, dv_ref = torch.autograd.grad(ref, (q, k, v), dout)
+    assert rel_err(dk, dk_ref) < 1e-2 and rel_err(dv, dv_ref) < 1e-2
+    assert bool((dq == 7.0).all())
+
+
 @pytest.mark.parametrize("kernel, switch, launch", [
     ("dK/dV", "_HOPPER_DKDV", "launch_dkdv"), ("dQ", "_HOPPER_DQ", "launch_dq")])
 def test_hopper_backward_kernel_that_does_not_compile_falls_back_once(monkeypatch, device,

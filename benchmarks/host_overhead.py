@@ -168,8 +168,7 @@ def on_caller_thread(fn):
     return wrapped
 
 
-def worker_and_caller_rows(steps: dict, rounds: int, causal: bool | None = True
-                           ) -> list[dict]:
+def worker_and_caller_rows(steps: dict, rounds: int) -> list[dict]:
     """Each step's host us with its backward on the engine's GPU worker thread (PyTorch's
     default) and on the caller's, in turns over `rounds`; a row per step, printed."""
     times = {(name, one): [] for name in steps for one in (False, True)}
@@ -180,7 +179,7 @@ def worker_and_caller_rows(steps: dict, rounds: int, causal: bool | None = True
     rows = []
     for name in steps:
         worker, caller = (statistics.median(times[name, one]) for one in (False, True))
-        rows.append({"impl": name, "causal": causal, "rounds": rounds,
+        rows.append({"impl": name, "causal": True, "rounds": rounds,
                      "host_us_worker_thread": worker, "host_us_caller_thread": caller,
                      "rounds_worker": times[name, False], "rounds_caller": times[name, True]})
         print(f"{name:30s} forward+backward host {worker:6.1f} us on autograd's worker "

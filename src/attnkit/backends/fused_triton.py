@@ -1527,8 +1527,8 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     q, k, v = call.q, call.k, call.v
     dkdv_gluon, dq_gluon = _uses_hopper_backward(call, out, dout)
     # The Triton kernels' shared arguments are worked out only where one of them runs:
-    # this Python runs on autograd's worker thread, where it costs 2-3x its time alone
-    # (NOTES, run 31).
+    # this Python runs on autograd's worker thread, where it cost ~1.3-2.2x its time on
+    # the calling thread on the H200's host (NOTES, runs 31-32).
     shared = None
     head_group = _meta(call, seed)[1]["HEAD_GROUP"] if dkdv_gluon or dq_gluon else 1
     if not (configs[1] is None and dq_gluon

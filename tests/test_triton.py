@@ -1243,6 +1243,40 @@ def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, caus
     assert [launch[-1] for launch in launches] == ([5, 6, 6] if causal else [1, 1, 1])
 
 
+def test_dropout_is_refused_while_a_cuda_graph_is_captured(monkeypatch, device):
+    """A captured graph would replay the one seed drawn on the host: triton refuses such a
+    call, auto runs another backend, and calls without dropout are unaffected."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    monkeypatch.setattr(ft, "_capturing", lambda device: True)
+    q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE) for _ in range(3))
+    assert "CUDA graph" in ft.supports(make_call(q, k, v, dropout_p=0.1))
+    assert ft.supports(make_call(q, k, v)) is None
+    with pytest.raises(UnsupportedError, match="every replay would drop the same weights"):
+        attention(q, k, v, dropout_p=0.1, impl="triton")
+    assert attention(q, k, v, dropout_p=0.1).shape == q.shape
+
+
+@pytest.mark.gpu
+def test_dropout_is_refused_in_a_captured_cuda_graph_on_gpu():
+    """The capture seen for real: triton refuses dropout inside it and runs it outside;
+    auto's pick inside it replays."""
+    q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    attention(q, k, v, dropout_p=0.1, impl="triton")  # outside a capture: runs
+    attention(q, k, v, dropout_p=0.1)  # auto's pick warmed up before the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        with pytest.raises(UnsupportedError, match="CUDA graph"):
+            attention(q, k, v, dropout_p=0.1, impl="triton")
+        out = attention(q, k, v, dropout_p=0.1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert bool(torch.isfinite(out).all())
+
+
 def test_triton_dkdv_kernel_after_a_gluon_dq_kernel(monkeypatch, device):
     """Where only the dQ kernel is Gluon's, the Triton dK/dV kernel still gets its shared
     arguments (worked out only where a Triton kernel runs) and the delta the dQ kernel

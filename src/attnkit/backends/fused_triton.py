@@ -1722,7 +1722,17 @@ def supports(call: AttentionCall) -> str | None:
             return f"{name} must lie in [16, 256], got {d}"
     if call.attn_mask is not None and call.attn_mask.requires_grad:
         return "computes no gradient for attn_mask, which requires grad"
+    if call.dropout_p and _capturing(call.device):
+        # run draws the Philox seed on the host and the kernels take it by value, so a
+        # graph would hold one seed and every replay would drop the same weights.
+        return ("dropout while a CUDA graph is captured: its seed is drawn on the host, so "
+                "every replay would drop the same weights (sdpa's dropout is graph-safe)")
     return None
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of a GPU call."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def run(call: AttentionCall) -> Result:

@@ -1732,8 +1732,8 @@ def supports(call: AttentionCall) -> str | None:
 
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on the current stream of an eager GPU call.
-    Under torch.compile the question is not asked (False): the custom ops take the seed
-    as a tensor drawn in the graph, and a traced capture query could break the graph."""
+    Under torch.compile it is not asked (False): there the custom ops take the seed as a
+    tensor drawn inside the graph, and dynamo is left no capture query to trace."""
     return (device.type == "cuda" and not torch.compiler.is_compiling()
             and torch.cuda.is_current_stream_capturing())
 

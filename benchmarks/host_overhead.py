@@ -36,7 +36,8 @@ on the caller's).
 engine alone, through a C++ and a Python node) by host time as --parts does, once with
 the backward on autograd's GPU worker thread, PyTorch's default, and once on the caller's
 thread: what the hand-over between the two threads costs a step, and whether a Python
-backward pays more of it than a C++ one.
+backward pays more of it than a C++ one; beside them each step's GPU time, to tell how near
+its host time comes to it (a step timed at host speed: NOTES, run 32).
 
 --backward-pieces times, both ways as --threads does, a Python autograd node whose backward
 runs nothing, a pure Python loop, triton's causal _backward, or that backward twice: how
@@ -153,11 +154,20 @@ def engine_rows(x, grad) -> list[dict]:
     return rows
 
 
-def host_us(fn, calls: int = 40, trials: int = 5) -> float:
-    """Median host time per call of fn, in us, while the GPU is held (host_and_gpu_ms)."""
+def host_and_gpu_us(fn, calls: int = 40, trials: int = 5) -> tuple[float, float | None]:
+    """Median host time per call of fn, in us, while the GPU is held (host_and_gpu_ms), and
+    the median GPU time per call of the trials in which no call waited for the GPU."""
     for _ in range(5):  # compile, autotune, allocator warm-up
         fn()
-    return statistics.median(host_and_gpu_ms(fn, calls)[0] * 1e3 for _ in range(trials))
+    samples = [host_and_gpu_ms(fn, calls) for _ in range(trials)]
+    gpu = [g * 1e3 for _, g in samples if g is not None]
+    return (statistics.median(h * 1e3 for h, _ in samples),
+            statistics.median(gpu) if gpu else None)
+
+
+def host_us(fn, calls: int = 40, trials: int = 5) -> float:
+    """host_and_gpu_us's host time alone."""
+    return host_and_gpu_us(fn, calls, trials)[0]
 
 
 def on_caller_thread(fn):
@@ -170,20 +180,28 @@ def on_caller_thread(fn):
 
 def worker_and_caller_rows(steps: dict, rounds: int) -> list[dict]:
     """Each step's host us with its backward on the engine's GPU worker thread (PyTorch's
-    default) and on the caller's, in turns over `rounds`; a row per step, printed."""
+    default) and on the caller's, in turns over `rounds`, and its GPU us (the worker-thread
+    runs'; None where the host waited for the GPU); a row per step, printed. A step whose
+    host time nears its GPU time is timed at host speed by do_bench on a slower host."""
     times = {(name, one): [] for name in steps for one in (False, True)}
+    gpu_times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            times[name, False].append(host_us(step))
+            host, gpu = host_and_gpu_us(step)
+            times[name, False].append(host)
+            gpu_times[name] += [gpu] if gpu is not None else []
             times[name, True].append(host_us(on_caller_thread(step)))
     rows = []
     for name in steps:
         worker, caller = (statistics.median(times[name, one]) for one in (False, True))
+        gpu = statistics.median(gpu_times[name]) if gpu_times[name] else None
         rows.append({"impl": name, "causal": True, "rounds": rounds,
                      "host_us_worker_thread": worker, "host_us_caller_thread": caller,
+                     "gpu_us": gpu,
                      "rounds_worker": times[name, False], "rounds_caller": times[name, True]})
         print(f"{name:30s} forward+backward host {worker:6.1f} us on autograd's worker "
-              f"thread, {caller:6.1f} us on the caller's", flush=True)
+              f"thread, {caller:6.1f} us on the caller's; GPU "
+              f"{'-' if gpu is None else f'{gpu:.1f} us'}", flush=True)
     return rows
 
 

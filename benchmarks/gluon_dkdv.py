@@ -46,7 +46,8 @@ def gluon_dkdv(call, lse, dout, delta, config=hopper_backward.DKDV_CONFIG):
 def triton_dkdv(call, lse, dout, delta):
     """fused_triton's dK/dV kernel alone, launched as _backward launches it: dk, dv."""
     _, dk, dv = ft._empty_grads(call.q, call.k, call.v)
-    ft._launch_dkdv(call, ft._backward_shared(call, 0, lse, dout), lse, dout, delta, dk, dv)
+    shared = ft._backward_shared(call, ft._meta(call, 0), lse, dout)
+    ft._launch_dkdv(call, shared, lse, dout, delta, dk, dv)
     return dk, dv
 
 

@@ -46,7 +46,8 @@ def triton_dq(call, out, lse, dout):
     """fused_triton's dQ kernel alone, launched as _backward launches it: dq, delta."""
     delta = torch.empty_like(lse)
     dq, _, _ = ft._empty_grads(call.q, call.k, call.v)
-    ft._launch_dq(call, ft._backward_shared(call, 0, lse, dout), out, lse, dout, delta, dq)
+    shared = ft._backward_shared(call, ft._meta(call, 0), lse, dout)
+    ft._launch_dq(call, shared, out, lse, dout, delta, dq)
     return dq, delta
 
 

@@ -1529,28 +1529,29 @@ def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Te
     # The Triton kernels' shared arguments are worked out only where one of them runs:
     # this Python runs on autograd's worker thread, where it cost ~1.3-2.2x its time on
     # the calling thread on the H200's host (NOTES, runs 31-32).
-    shared = None
-    head_group = _meta(call, seed)[1]["HEAD_GROUP"] if dkdv_gluon or dq_gluon else 1
+    meta, shared = _meta(call, seed), None
+    head_group = meta[1]["HEAD_GROUP"]
     if not (configs[1] is None and dq_gluon
             and _ran_on_gluon("_HOPPER_DQ", "dQ kernel", lambda: hopper_backward.launch_dq(
                 q, k, v, out, dout, lse, delta, dq, call.key_lengths, call.causal,
                 call.scale, head_group=head_group, launcher=_launch_jitted))):
-        shared = _backward_shared(call, seed, lse, dout)
+        shared = _backward_shared(call, meta, lse, dout)
         _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
     if not (configs[0] is None and dkdv_gluon
             and _ran_on_gluon("_HOPPER_DKDV", "dK/dV kernel", lambda: hopper_backward.launch_dkdv(
                 q, k, v, dout, lse, delta, dk, dv, call.key_lengths, call.causal,
                 call.scale, head_group=head_group, launcher=_launch_jitted))):
-        shared = shared or _backward_shared(call, seed, lse, dout)
+        shared = shared or _backward_shared(call, meta, lse, dout)
         _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
     return dq, dk, dv
 
 
-def _backward_shared(call: AttentionCall, seed: int, lse: Tensor, dout: Tensor) -> tuple:
+def _backward_shared(call: AttentionCall, meta: tuple[tuple, dict], lse: Tensor,
+                     dout: Tensor) -> tuple:
     """What the two backward kernels' launches share, worked out once per backward: the
     scalar arguments after the sizes, the flags, the mask and its strides, the key
     lengths (or a stand-in the kernels do not read) and the tuning key."""
-    (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
+    (left, right, qk_scale, seed, drop_p, *buckets), flags = meta
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
     scalars = (left, right, qk_scale, call.scale, seed, drop_p, *buckets)

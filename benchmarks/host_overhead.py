@@ -178,6 +178,22 @@ def on_caller_thread(fn):
     return wrapped
 
 
+def _engine_leaf() -> tuple[torch.Tensor, torch.Tensor]:
+    """A small leaf that requires grad and a gradient for it: the engine-alone steps."""
+    x = torch.randn(1024, device="cuda", requires_grad=True)
+    return x, torch.randn_like(x)
+
+
+def _triton_causal_forward(q, k, v):
+    """(call, out, lse) of triton's causal forward on q, k, v, for timing _backward alone."""
+    from attnkit.backends import fused_triton
+
+    call = make_call(q.detach(), k.detach(), v.detach(), causal=True)
+    with torch.no_grad():
+        out, lse = fused_triton._forward(call, 0)
+    return call, out, lse
+
+
 def worker_and_caller_rows(steps: dict, rounds: int) -> list[dict]:
     """Each step's host us with its backward on the engine's GPU worker thread (PyTorch's
     default) and on the caller's, in turns over `rounds`, and its GPU us (the worker-thread
@@ -208,8 +224,7 @@ def worker_and_caller_rows(steps: dict, rounds: int) -> list[dict]:
 def threads_rows(q, k, v, grad, impls, rounds: int) -> list[dict]:
     """--threads: each impl's causal forward+backward, and the engine alone through a C++
     and a Python node, both ways (worker_and_caller_rows)."""
-    x = torch.randn(1024, device="cuda", requires_grad=True)
-    x_grad = torch.randn_like(x)
+    x, x_grad = _engine_leaf()
     steps = {impl: calls(q, k, v, grad, impl, causal=True)[1] for impl in impls}
     for name, op in ENGINE_NODES:
         steps[name] = lambda op=op: torch.autograd.grad(op(x), x, x_grad)
@@ -243,15 +258,12 @@ def backward_pieces_rows(q, k, v, grad, rounds: int) -> list[dict]:
     triton's causal _backward once, and twice, both ways (worker_and_caller_rows)."""
     from attnkit.backends import fused_triton
 
-    call = make_call(q.detach(), k.detach(), v.detach(), causal=True)
-    with torch.no_grad():
-        out, lse = fused_triton._forward(call, 0)
+    call, out, lse = _triton_causal_forward(q, k, v)
 
     def backward():
         fused_triton._backward(call, 0, out, lse, grad)
 
-    x = torch.randn(1024, device="cuda", requires_grad=True)
-    x_grad = torch.randn_like(x)
+    x, x_grad = _engine_leaf()
     pieces = {"node: nothing": lambda: None, "node: Python loop (4000)": _python_loop,
               "node: triton _backward": backward,
               "node: triton _backward twice": lambda: (backward(), backward())}
@@ -265,11 +277,8 @@ def parts_rows(q, k, v, grad, rounds: int) -> list[dict]:
     """triton's causal forward+backward and its parts (--parts), host us, in turns."""
     from attnkit.backends import fused_triton
 
-    call = make_call(q.detach(), k.detach(), v.detach(), causal=True)
-    with torch.no_grad():
-        out, lse = fused_triton._forward(call, 0)
-    x = torch.randn(1024, device="cuda", requires_grad=True)
-    x_grad = torch.randn_like(x)
+    call, out, lse = _triton_causal_forward(q, k, v)
+    x, x_grad = _engine_leaf()
     forward, forward_backward = calls(q, k, v, grad, "triton", causal=True)
 
     parts = {

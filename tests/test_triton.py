@@ -1243,38 +1243,64 @@ def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, caus
     assert [launch[-1] for launch in launches] == ([5, 6, 6] if causal else [1, 1, 1])
 
 
-def test_dropout_is_refused_while_a_cuda_graph_is_captured(monkeypatch, device):
-    """A captured graph would replay the one seed drawn on the host: triton refuses such a
-    call, auto runs another backend, and calls without dropout are unaffected."""
+def test_dropout_seed_is_read_from_the_calls_device(device, monkeypatch):
+    """Eager calls draw the seed as a tensor on the call's device, which the kernels read
+    (so a CUDA graph's replays draw anew); an int seed of the same value drops the same
+    weights, forward and backward."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
-    monkeypatch.setattr(ft, "_capturing", lambda device: True)
-    q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE) for _ in range(3))
-    assert "CUDA graph" in ft.supports(make_call(q, k, v, dropout_p=0.1))
-    assert ft.supports(make_call(q, k, v)) is None
-    with pytest.raises(UnsupportedError, match="every replay would drop the same weights"):
-        attention(q, k, v, dropout_p=0.1, impl="triton")
-    assert attention(q, k, v, dropout_p=0.1).shape == q.shape
+    seeds = []
+    forward = ft._forward
+    monkeypatch.setattr(ft, "_forward", lambda call, seed, **kw: (seeds.append(seed),
+                                                                   forward(call, seed, **kw))[1])
+    q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE).requires_grad_() for _ in range(3))
+    attention(q, k, v, dropout_p=0.3, impl="triton")
+    (seed,) = seeds
+    assert isinstance(seed, torch.Tensor) and seed.device == q.device
+    call = make_call(*(t.detach() for t in (q, k, v)), dropout_p=0.3)
+    (out, lse), (by_value, _) = forward(call, seed), forward(call, int(seed))
+    assert torch.equal(out, by_value)
+    assert not torch.equal(out, forward(call, int(seed) + 1)[0])
+    dout = torch.randn_like(out)
+    for a, b in zip(ft._backward(call, seed, out, lse, dout),
+                    ft._backward(call, int(seed), out, lse, dout), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_ops_take_a_seed_held_elsewhere_by_value():
+    from attnkit.backends import fused_triton as ft
+
+    seed = torch.tensor(1234)
+    assert ft._kernel_seed(None, torch.device("cpu")) == 0
+    assert ft._kernel_seed(seed, torch.device("cpu")) is seed
+    assert ft._kernel_seed(seed, torch.device("cuda", 0)) == 1234
 
 
 @pytest.mark.gpu
-def test_dropout_is_refused_in_a_captured_cuda_graph_on_gpu():
-    """The capture seen for real: triton refuses dropout inside it and runs it outside;
-    auto's pick inside it replays."""
-    q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float16) for _ in range(3))
-    attention(q, k, v, dropout_p=0.1, impl="triton")  # outside a capture: runs
-    attention(q, k, v, dropout_p=0.1)  # auto's pick warmed up before the capture
+def test_dropout_draws_anew_in_each_replay_of_a_cuda_graph_on_gpu():
+    """A captured call with dropout: each replay drops other weights, each the right
+    fraction, each the dropped and rescaled probabilities (v = identity shows them)."""
+    p_drop, skv = 0.3, 128
+    q = torch.randn(1, 2, 64, 16, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 2, skv, 16, device="cuda", dtype=torch.float16)
+    eye = torch.eye(skv, device="cuda", dtype=torch.float16).expand(1, 2, skv, skv)
+    attention(q, k, eye, dropout_p=p_drop, impl="triton")  # compile and tune first
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
-        with pytest.raises(UnsupportedError, match="CUDA graph"):
-            attention(q, k, v, dropout_p=0.1, impl="triton")
-        out = attention(q, k, v, dropout_p=0.1)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert bool(torch.isfinite(out).all())
+        dropped = attention(q, k, eye, dropout_p=p_drop, impl="triton")
+    probs = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 4, dim=-1)
+    masks = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        keep = dropped > 0
+        assert 0.2 < 1 - keep.float().mean().item() < 0.4
+        assert rel_err(dropped, torch.where(keep, probs / (1 - p_drop), 0)) < 1e-2
+        masks.append(keep.clone())
+    assert not torch.equal(*masks)
 
 
 def test_triton_dkdv_kernel_after_a_gluon_dq_kernel(monkeypatch, device):

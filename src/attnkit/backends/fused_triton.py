@@ -349,6 +349,9 @@ def _row_lse(lse_ptrs, row_ok):
 def _dropout_keep(seed, bh, qi, kj, Sq, Skv, drop_p):
     # One Philox counter per (batch*head, query, key): the backward regenerates the same
     # mask from the seed instead of storing it. Wrapping int32 arithmetic is fine here.
+    # seed: an int, or a pointer to one that a CUDA graph's replays draw anew (run).
+    if seed.dtype.is_ptr():
+        seed = tl.load(seed)
     offset = ((bh.to(tl.int64) * Sq + qi) * Skv + kj).to(tl.int32)
     return tl.rand(seed, offset) >= drop_p
 
@@ -844,7 +847,7 @@ _META_MAX = 1024
 _HEAD_GROUP = 8
 
 
-def _meta(call: AttentionCall, seed: int) -> tuple[tuple, dict]:
+def _meta(call: AttentionCall, seed: int | Tensor) -> tuple[tuple, dict]:
     """Scalar arguments and constexpr flags shared by the three main kernels; the flags
     are the caller's own copy to add to."""
     mask = call.attn_mask
@@ -925,7 +928,7 @@ def arg_types(fn, mask_kind: int) -> dict[str, str]:
     (tests/test_triton_compile.py, benchmarks/triton_registers.py)."""
     tensors = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64", "OUT_P": "*fp32",
-                "LSE_P": "*fp32",
+                "LSE_P": "*fp32", "seed": "*i64",  # run's seed: a 0-d tensor the kernels read
                 "MASK": "*u8" if mask_kind == 2 else "*bf16"}
     sig = {}
     for name, param in zip(fn.arg_names, fn.params, strict=True):
@@ -1124,14 +1127,15 @@ def _on_call_device(fn: Callable) -> Callable:
 
 
 @_on_call_device
-def _forward(call: AttentionCall, seed: int, config: TileConfig | None = None,
+def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None = None,
              tma: bool | None = None, splits: int | None = None,
              packed: bool | None = None) -> tuple[Tensor, Tensor]:
     """out, lse. The autotuner decides whether K and V tiles load through TMA (where
     _tma_ready); with a tile config given, tma decides (None: wherever _tma_ready).
     splits: how many key ranges the forward runs apart and then merges (None: _kv_splits;
     the count is rounded so that each range is a multiple of _SPLIT_ALIGN keys).
-    packed: whether a kv group's query heads share a tile (None: _packs_group)."""
+    packed: whether a kv group's query heads share a tile (None: _packs_group). seed:
+    dropout's, an int or an int64 tensor on the call's device that the kernels read."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     Skv, Dv = call.seq_kv, call.head_dim_v
@@ -1519,7 +1523,7 @@ def _kv_splits(call: AttentionCall, packed: bool) -> int:
 
 
 @_on_call_device
-def _backward(call: AttentionCall, seed: int, out: Tensor, lse: Tensor, dout: Tensor,
+def _backward(call: AttentionCall, seed: int | Tensor, out: Tensor, lse: Tensor, dout: Tensor,
               configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
     """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
     delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
@@ -1591,11 +1595,21 @@ def _launch_dkdv(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,
 # The kernels as torch.library custom ops, so that torch.compile(fullgraph=True) keeps
 # them in its graph: the fake kernels give compile the output shapes and strides without
 # running Triton. Options travel as flat arguments (a window side of -1 is unbounded);
-# the dropout seed is a 0-d int64 CPU tensor drawn by the caller, so each op is a pure
-# function of its inputs and the draw itself stays traceable (an int would need .item()).
+# the dropout seed is a 0-d int64 tensor drawn by the caller (run: on the call's device),
+# so each op is a pure function of its inputs and the draw itself stays traceable (an int
+# would need .item()).
 # ---------------------------------------------------------------------------------------
 _OPTIONS = ("Tensor? key_lengths, Tensor? attn_mask, bool causal, int window_left, "
             "int window_right, float scale, float dropout_p, Tensor? seed")
+
+
+def _kernel_seed(seed: Tensor | None, device: torch.device) -> int | Tensor:
+    """The dropout seed as the kernels take it: 0 without dropout; the tensor itself on
+    the call's device, where the kernels read it; a seed held elsewhere (a CPU seed with a
+    GPU call) by value, read on the host without waiting on a GPU."""
+    if seed is None:
+        return 0
+    return seed if seed.device == device else int(seed)
 
 
 def _op_call(q, k, v, key_lengths, attn_mask, causal, window_left, window_right, scale,
@@ -1619,7 +1633,7 @@ def _attention_fwd(q, k, v, key_lengths, attn_mask, causal, window_left, window_
     """-> out (B, Hq, Sq, Dv), a view of a (B, Sq, Hq, Dv) buffer; lse (B, Hq, Sq) float32."""
     call = _op_call(q, k, v, key_lengths, attn_mask, causal, window_left, window_right,
                     scale, dropout_p)
-    return _forward(call, 0 if seed is None else int(seed))
+    return _forward(call, _kernel_seed(seed, q.device))
 
 
 @_attention_fwd.register_fake
@@ -1637,7 +1651,7 @@ def _attention_bwd(dout, q, k, v, out, lse, key_lengths, attn_mask, causal, wind
     """-> dq, dk, dv, contiguous, shaped like q, k, v."""
     call = _op_call(q, k, v, key_lengths, attn_mask, causal, window_left, window_right,
                     scale, dropout_p)
-    return _backward(call, 0 if seed is None else int(seed), out, lse, dout)
+    return _backward(call, _kernel_seed(seed, q.device), out, lse, dout)
 
 
 @_attention_bwd.register_fake
@@ -1674,7 +1688,7 @@ class _EagerAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, call: AttentionCall, seed: int):
+    def forward(ctx, q, k, v, call: AttentionCall, seed: int | Tensor):
         out, lse = _forward(call, seed)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.seed = call, seed
@@ -1723,20 +1737,7 @@ def supports(call: AttentionCall) -> str | None:
             return f"{name} must lie in [16, 256], got {d}"
     if call.attn_mask is not None and call.attn_mask.requires_grad:
         return "computes no gradient for attn_mask, which requires grad"
-    if call.dropout_p and _capturing(call.device):
-        # run draws the Philox seed on the host and the kernels take it by value, so a
-        # graph would hold one seed and every replay would drop the same weights.
-        return ("dropout while a CUDA graph is captured: its seed is drawn on the host, so "
-                "every replay would drop the same weights (sdpa's dropout is graph-safe)")
     return None
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of an eager GPU call.
-    Under torch.compile it is not asked (False): there the custom ops take the seed as a
-    tensor drawn inside the graph, and dynamo is left no capture query to trace."""
-    return (device.type == "cuda" and not torch.compiler.is_compiling()
-            and torch.cuda.is_current_stream_capturing())
 
 
 def run(call: AttentionCall) -> Result:
@@ -1747,10 +1748,12 @@ def run(call: AttentionCall) -> Result:
         # Keeps the graph connected so that backward gives zero gradients.
         out = out + 0 * (call.q.sum() + call.k.sum() + call.v.sum())
         return out, lse
-    # Dropout's Philox seed comes from torch's generator, so torch.manual_seed repeats it.
-    seed = torch.randint(0, 2**31 - 1, ()) if call.dropout_p else None
+    # Dropout's Philox seed comes from torch's generator on the call's device, so
+    # torch.manual_seed repeats it; the kernels read it from memory, so each replay of a
+    # captured CUDA graph draws a new one (a seed passed by value would be captured once).
+    seed = torch.randint(0, 2**31 - 1, (), device=call.device) if call.dropout_p else None
     if not torch.compiler.is_compiling():
-        seed = 0 if seed is None else int(seed)
+        seed = 0 if seed is None else seed
         if not (torch.is_grad_enabled()
                 and (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad)):
             # Nothing to differentiate (inference, decoding): an autograd.Function would

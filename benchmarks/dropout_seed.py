@@ -1,0 +1,105 @@
+"""What dropout, and reading its seed from GPU memory, cost the Triton kernels, on a GPU.
+
+    PYTHONPATH=src python benchmarks/dropout_seed.py [--out DIR] [--rounds 5]
+        [--dropout 0.1] [--shape B,H,S,D,C ...]
+
+What dropout costs the Triton kernels. Since run 33 `run` draws the Philox seed as a 0-d
+int64 tensor on the call's device and the kernels load it (so that each replay of a
+captured CUDA graph drops anew); before, they took it by value. The kernels still take
+either, so for each shape the forward and the backward kernels (fused_triton._forward,
+_backward; no autograd, no host work of `run`) run without dropout (`none`), with it and
+the seed as an int (`int`), and with the same seed in a device tensor (`tensor`); the
+forward also beside SDPA's default backend without and with the same dropout
+(`sdpa_none`, `sdpa_int`). All are timed in turns with triton.testing.do_bench (median,
+after warm-up, random bf16 data), `--rounds` times over. `int` and `tensor` must give
+bit-identical outputs (checked first). Prints one line per shape and pass; writes
+DIR/dropout_seed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from attnkit.backends import fused_triton as ft
+from attnkit.bench import attention_flops, environment
+from attnkit.call import make_call
+
+SHAPES = ["4,16,4096,128,0", "4,16,4096,128,1", "16,16,1024,128,1", "4,32,4096,64,1"]
+SEED = 1234
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int, bool]:
+    b, h, s, d, c = map(int, text.split(","))
+    return b, h, s, d, bool(c)
+
+
+def run_shape(shape, dropout_p: float, rounds: int) -> list[dict]:
+    b, h, s, d, causal = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
+                                 generator=gen) for _ in range(4))
+    calls = {"none": make_call(q, k, v, causal=causal),
+             "int": make_call(q, k, v, causal=causal, dropout_p=dropout_p)}
+    calls["tensor"] = calls["int"]
+    seeds = {"none": 0, "int": SEED, "tensor": torch.tensor(SEED, device="cuda")}
+    forwards = {kind: ft._forward(call, seeds[kind]) for kind, call in calls.items()}
+    passes = {"forward": lambda kind: ft._forward(calls[kind], seeds[kind]),
+              "backward": lambda kind: ft._backward(calls[kind], seeds[kind],
+                                                    *forwards[kind], dout)}
+    sdpa = {"none": 0.0, "int": dropout_p}  # SDPA's own dropout beside it, forward only
+    rows = []
+    for name, step in passes.items():
+        for got, want in zip(step("tensor"), step("int"), strict=True):
+            if not torch.equal(got, want):
+                raise SystemExit(f"{name} {shape}: the tensor seed dropped other weights")
+        samples: dict[str, list[float]] = {kind: [] for kind in seeds}
+        if name == "forward":
+            samples.update({f"sdpa_{kind}": [] for kind in sdpa})
+        for _ in range(rounds):
+            for kind in seeds:
+                samples[kind].append(float(do_bench(lambda kind=kind, f=step: f(kind),
+                                                    warmup=25, rep=150,
+                                                    return_mode="median")))
+            for kind, p in sdpa.items():
+                if name == "forward":
+                    samples[f"sdpa_{kind}"].append(float(do_bench(
+                        lambda p=p: F.scaled_dot_product_attention(q, k, v, dropout_p=p,
+                                                                   is_causal=causal),
+                        warmup=25, rep=150, return_mode="median")))
+        ms = {kind: statistics.median(times) for kind, times in samples.items()}
+        flops = attention_flops(b, h, s, s, d, causal) * (2.5 if name == "backward" else 1)
+        rows.append({"shape": {"batch": b, "heads": h, "seq": s, "head_dim": d,
+                               "causal": causal}, "pass": name, "ms": ms,
+                     "tflops": {kind: flops / t / 1e9 for kind, t in ms.items()},
+                     "samples": samples})
+        print(f"{name:8s} b{b} h{h} s{s} d{d} {'causal' if causal else 'full  '}  "
+              + "  ".join(f"{kind} {t:.3f} ms" for kind, t in ms.items()), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--shape", action="append", default=[], metavar="B,H,S,D,C")
+    args = parser.parse_args()
+    report = {"meta": {**environment(torch.device("cuda")), "kind": "dropout-seed",
+                       "triton": triton.__version__, "dropout_p": args.dropout,
+                       "rounds": args.rounds}, "rows": []}
+    for text in args.shape or SHAPES:
+        report["rows"] += run_shape(parse_shape(text), args.dropout, args.rounds)
+        with open(os.path.join(args.out, "dropout_seed.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -348,12 +348,13 @@ def _row_lse(lse_ptrs, row_ok):
 @_jit
 def _dropout_keep(seed, bh, qi, kj, Sq, Skv, drop_p):
     # One Philox counter per (batch*head, query, key): the backward regenerates the same
-    # mask from the seed instead of storing it. Wrapping int32 arithmetic is fine here.
+    # mask from the seed instead of storing it. The counter stays int64 (Philox takes its
+    # high word too): cut to 32 bits it wrapped every 2**32 scores, and heads that far
+    # apart dropped alike (b4 h16 at 8k, run 33).
     # seed: an int, or a pointer to one that a CUDA graph's replays draw anew (run).
     if seed.dtype.is_ptr():
         seed = tl.load(seed)
-    offset = ((bh.to(tl.int64) * Sq + qi) * Skv + kj).to(tl.int32)
-    return tl.rand(seed, offset) >= drop_p
+    return tl.rand(seed, (bh.to(tl.int64) * Sq + qi) * Skv + kj) >= drop_p
 
 
 @_jit

@@ -240,8 +240,8 @@ def _record_program_tiles(out, HEAVIEST_LAST: tl.constexpr, HEAD_GROUP: tl.const
     (5, 7, 3, True), (4, 16, 8, False), (3, 2, 8, True), (6, 5, 1, True), (1, 9, 4, False),
 ])
 def test_programs_go_a_group_of_heads_at_a_time_heaviest_tile_first(n_tiles, n_heads, group,
-                                                                      heaviest_last):
-    out = torch.full((n_tiles * n_heads, 2), -1, dtype=torch.int32)
+                                                                      heaviest_last, device):
+    out = torch.full((n_tiles * n_heads, 2), -1, dtype=torch.int32, device=device)
     _record_program_tiles[(n_tiles, n_heads)](out, HEAVIEST_LAST=heaviest_last, HEAD_GROUP=group)
     heaviest_first = list(range(n_tiles))[::-1 if heaviest_last else 1]
     expected = [(tile, head) for first in range(0, n_heads, group) for tile in heaviest_first
@@ -256,13 +256,13 @@ def _record_dropout_keep(out, seed, bh, Sq, Skv, N: tl.constexpr):
     tl.store(out + tl.arange(0, N), keep.to(tl.int8))
 
 
-def test_dropout_draws_do_not_repeat_past_two_to_the_32_scores():
+def test_dropout_draws_do_not_repeat_past_two_to_the_32_scores(device):
     """Dropout's counter runs over (head, query, key): a 32-bit one wrapped every 2**32
     scores (b4 h16 at 8k), and the heads that far apart dropped the same keys."""
     skv, n = 2**16, 64
     keeps = []
     for bh in (0, 2**16, 2**19, 2**20):  # 2**32, 2**35 and 2**36 scores after head 0
-        out = torch.empty(n, dtype=torch.int8)
+        out = torch.empty(n, dtype=torch.int8, device=device)
         _record_dropout_keep[(1,)](out, 5, bh, 1, skv, N=n)
         keeps.append(out)
     assert all(not torch.equal(keeps[0], other) for other in keeps[1:])

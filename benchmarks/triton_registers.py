@@ -7,14 +7,19 @@ machine (no GPU needed: Triton's frontend and the ptxas it bundles run on the CP
         [--out DIR]
 
 Compiles the forward, dK/dV and dQ kernels under every config of their autotune lists
-(or only the --config ones), specialised as a launch on contiguous (B, H, S, D) tensors
-would be: head-dim strides equal to 1, pointers and the other strides divisible by 16.
+(with --tma, the forward's TMA list; or only the --config ones), specialised as a launch
+on contiguous (B, H, S, D) tensors would be: head-dim strides equal to 1, pointers and the
+other strides divisible by 16.
 Prints registers per thread, stack bytes per thread (spills: local-memory traffic inside
 the loops) and shared memory per program, from `cuobjdump -res-usage`. The numbers are
-the installed Triton's, which need not be the GPU machine's version.
+the installed Triton's, which need not be the GPU machine's version. A tile that ptxas
+rejects or crashes on is reported as such and the rest go on: under the device's Triton
+(3.6) this is how to see, with no GPU, which tiles a kernel change leaves unbuildable.
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -23,6 +28,7 @@ import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.runtime.errors import PTXASError
 
 import attnkit.backends.fused_triton as ft
 
@@ -82,11 +88,21 @@ def main() -> None:
     for name, (kernel, configs) in KERNELS.items():
         if args.kernel and name not in args.kernel:
             continue
+        if name == "fwd" and args.tma:
+            configs = ft._FWD_TMA_CONFIGS  # the tiles the autotuner tries with TMA loads
         for m, n, warps, stages in chosen or configs:
-            compiled = triton.compile(
-                source(kernel.fn, {**flags, "BLOCK_M": m, "BLOCK_N": n}),
-                target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": warps, "num_stages": stages})
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # ptxas' failures print PTX
+                    compiled = triton.compile(
+                        source(kernel.fn, {**flags, "BLOCK_M": m, "BLOCK_N": n}),
+                        target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": warps, "num_stages": stages})
+            except PTXASError as error:  # a tile ptxas rejects, or crashes on: the rest go on
+                rows.append({"kernel": name, "config": [m, n, warps, stages],
+                             "ptxas_error": str(error).splitlines()[0]})
+                print(f"{name:5s} {str((m, n, warps, stages)):18s} "
+                      f"{rows[-1]['ptxas_error']}", flush=True)
+                continue
             row = {"kernel": name, "config": [m, n, warps, stages],
                    "shared": compiled.metadata.shared, **resources(compiled.asm["cubin"])}
             rows.append(row)

@@ -350,11 +350,19 @@ def _dropout_keep(seed, bh, qi, kj, Sq, Skv, drop_p):
     # One Philox counter per (batch*head, query, key): the backward regenerates the same
     # mask from the seed instead of storing it. The counter stays int64 (Philox takes its
     # high word too): cut to 32 bits it wrapped every 2**32 scores, and heads that far
-    # apart dropped alike (b4 h16 at 8k, run 33).
-    # seed: an int, or a pointer to one that a CUDA graph's replays draw anew (run).
-    if seed.dtype.is_ptr():
-        seed = tl.load(seed)
+    # apart dropped alike (b4 h16 at 8k, run 33). seed: an int (_seed_value).
     return tl.rand(seed, (bh.to(tl.int64) * Sq + qi) * Skv + kj) >= drop_p
+
+
+@_jit
+def _seed_value(seed, DROPOUT: tl.constexpr):
+    """A kernel's dropout seed: an int, or a pointer to one that a CUDA graph's replays
+    draw anew (run), read here once per program. Read inside each key block's
+    _dropout_keep instead, it made ptxas 12.8 (Triton 3.6) crash on every D=64 forward tile
+    with TMA loads (benchmarks/triton_registers.py --head-dim 64 --tma --dropout, run 33)."""
+    if DROPOUT and seed.dtype.is_ptr():
+        seed = tl.load(seed)
+    return seed
 
 
 @_jit
@@ -467,6 +475,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     a tile's rows run over the group's query heads and their Sq queries, head-major, so
     that K/V tiles are loaded once for the whole group (calls with few query rows)."""
     tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
+    seed = _seed_value(seed, DROPOUT)
     # later query blocks see more keys under a causal mask: _program_tile starts them first
     pid_m, bh = _program_tile(HAS_RIGHT, HEAD_GROUP)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the program's rows of (b, h), or (b, kvh)
@@ -658,6 +667,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      HEAD_GROUP: tl.constexpr, GROUPED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, bkv = _program_tile(False, HEAD_GROUP)  # earlier key blocks see more queries
+    seed = _seed_value(seed, DROPOUT)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
     off = Skv - Sq
@@ -754,6 +764,7 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
     h = (bh % Hq).to(tl.int64)
     kvh = h // group
     off = Skv - Sq
+    seed = _seed_value(seed, DROPOUT)
     kv_len = Skv
     if HAS_LENGTHS:
         kv_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), Skv)

@@ -358,7 +358,7 @@ def _dropout_keep(seed, bh, qi, kj, Sq, Skv, drop_p):
 def _seed_value(seed, DROPOUT: tl.constexpr):
     """A kernel's dropout seed: an int, or a pointer to one that a CUDA graph's replays
     draw anew (run), read here once per program. Read inside each key block's
-    _dropout_keep instead, it made ptxas 12.8 (Triton 3.6) crash on every D=64 forward tile
+    _dropout_keep instead, it made ptxas 12.8 (Triton 3.6) crash on D=64 forward tiles
     with TMA loads (benchmarks/triton_registers.py --head-dim 64 --tma --dropout, run 33)."""
     if DROPOUT and seed.dtype.is_ptr():
         seed = tl.load(seed)

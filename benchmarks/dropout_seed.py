@@ -26,6 +26,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
+from kernel_variants import parse_shape  # beside this script
 from triton.testing import do_bench
 
 from attnkit.backends import fused_triton as ft
@@ -34,11 +35,6 @@ from attnkit.call import make_call
 
 SHAPES = ["4,16,4096,128,0", "4,16,4096,128,1", "16,16,1024,128,1", "4,32,4096,64,1"]
 SEED = 1234
-
-
-def parse_shape(text: str) -> tuple[int, int, int, int, bool]:
-    b, h, s, d, c = map(int, text.split(","))
-    return b, h, s, d, bool(c)
 
 
 def run_shape(shape, dropout_p: float, rounds: int) -> list[dict]:
@@ -96,7 +92,10 @@ def main() -> None:
                        "triton": triton.__version__, "dropout_p": args.dropout,
                        "rounds": args.rounds}, "rows": []}
     for text in args.shape or SHAPES:
-        report["rows"] += run_shape(parse_shape(text), args.dropout, args.rounds)
+        b, h, sq, skv, d, causal = parse_shape(text)
+        if sq != skv:  # SDPA's is_causal aligns to the top left, attnkit's to the bottom right
+            raise SystemExit(f"--shape {text}: one length for queries and keys here")
+        report["rows"] += run_shape((b, h, sq, d, causal), args.dropout, args.rounds)
         with open(os.path.join(args.out, "dropout_seed.json"), "w") as f:
             json.dump(report, f, indent=1)
 

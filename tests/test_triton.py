@@ -252,13 +252,13 @@ def test_programs_go_a_group_of_heads_at_a_time_heaviest_tile_first(n_tiles, n_h
 @triton.jit
 def _record_dropout_keep(out, seed, bh, Sq, Skv, N: tl.constexpr):
     """out[j] = whether dropout (p = 1/2) keeps head bh's score (query 0, key j)."""
-    keep = fused_triton._dropout_keep(seed, bh, 0, tl.arange(0, N), Sq, Skv, 0.5)
-    tl.store(out + tl.arange(0, N), keep.to(tl.int8))
+    keep = fused_triton._dropout_keep(seed, bh, tl.arange(0, 1), 0, Sq, Skv, 0.5, N)
+    tl.store(out + tl.arange(0, N)[None, :], keep.to(tl.int8))
 
 
 def test_dropout_draws_do_not_repeat_past_two_to_the_32_scores(device):
-    """Dropout's counter runs over (head, query, key): a 32-bit one wrapped every 2**32
-    scores (b4 h16 at 8k), and the heads that far apart dropped the same keys."""
+    """Dropout's counter runs over (head, query, 8 keys): a 32-bit one wrapped every 2**32
+    counts, and the heads that far apart dropped the same keys."""
     skv, n = 2**16, 64
     keeps = []
     for bh in (0, 2**16, 2**19, 2**20):  # 2**32, 2**35 and 2**36 scores after head 0

@@ -62,8 +62,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ---------------------------------------------------------------------------------------
 # Autotune configs: (BLOCK_M, BLOCK_N, num_warps, num_stages), re-tuned per head dim,
-# causal-or-not, power-of-two sequence bucket and amount of work (ROWS_BUCKET: without it
-# a choice made on a small shape, kept in Triton's on-disk cache, served large ones too).
+# causal-or-not, dropout-or-not, power-of-two sequence bucket and amount of work
+# (ROWS_BUCKET: without it a choice made on a small shape, kept in Triton's on-disk cache,
+# served large ones too). Dropout's Philox work changes which tile wins, and a tile picked
+# without it need not even build with it: ptxas 12.8 (Triton 3.6) crashes on the D=64
+# forward's (64, 128, 4, 3) TMA tile with dropout (run 33), which the autotuner skips.
 # Each list holds the configs that won somewhere in the H100 sweep
 # (benchmarks/triton_configs.py, results in benchmarks/NOTES.md). BLOCK_M tiles queries
 # and BLOCK_N keys in every kernel; dK/dV keeps a key tile and streams query tiles, dQ
@@ -79,7 +82,7 @@ _FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 _FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
-_TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "SEQ_BUCKET", "ROWS_BUCKET"]
+_TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "DROPOUT", "SEQ_BUCKET", "ROWS_BUCKET"]
 _KEYS_BITS = 15  # SEQ_BUCKET = (query bucket << _KEYS_BITS) + key bucket (_work_out_meta)
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 
@@ -346,12 +349,26 @@ def _row_lse(lse_ptrs, row_ok):
 
 
 @_jit
-def _dropout_keep(seed, bh, qi, kj, Sq, Skv, drop_p):
-    # One Philox counter per (batch*head, query, key): the backward regenerates the same
-    # mask from the seed instead of storing it. The counter stays int64 (Philox takes its
-    # high word too): cut to 32 bits it wrapped every 2**32 scores, and heads that far
-    # apart dropped alike (b4 h16 at 8k, run 33). seed: an int (_seed_value).
-    return tl.rand(seed, (bh.to(tl.int64) * Sq + qi) * Skv + kj) >= drop_p
+def _dropout_keep(seed, bh, rows, start_n, Sq, Skv, drop_p, BLOCK_N: tl.constexpr):
+    """(len(rows), BLOCK_N): whether dropout keeps the score of each query row in rows
+    (1-D) against keys start_n .. start_n + BLOCK_N - 1; start_n a multiple of 8. bh: the
+    rows' batch * query heads + head, a scalar or (len(rows), 1). seed: an int
+    (_seed_value)."""
+    # The backward regenerates the mask from the seed instead of storing it. One Philox
+    # call gives four 32-bit words, which serve 8 keys with 16 bits each (p resolved to
+    # 2**-16): Philox dominated the kernels at one call per score (run 33, ~5x the
+    # forward's time). Its counter is (batch*head, query, key // 8) in an int64, so no
+    # two groups of a call share one.
+    row_base = (bh.to(tl.int64) * Sq + rows[:, None]) * ((Skv + 7) // 8)
+    r0, r1, r2, r3 = tl.randint4x(seed, row_base + (start_n // 8
+                                                    + tl.arange(0, BLOCK_N // 8))[None, :])
+    # Interleaved so that key start_n + 8 g + l takes word l // 2's half l % 2 of group g.
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)),
+                       (rows.shape[0], BLOCK_N // 2))
+    bar = tl.math.ceil(drop_p * 65536.0).to(tl.uint32)
+    lo = ((words & 0xFFFF) >= bar).to(tl.int8)
+    hi = ((words >> 16) >= bar).to(tl.int8)
+    return tl.reshape(tl.join(lo, hi), (rows.shape[0], BLOCK_N)) != 0
 
 
 @_jit
@@ -445,7 +462,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, qi[:, None], offs_n[None, :], Sq, Skv, drop_p)
+            keep = _dropout_keep(seed, bh, qi, start_n, Sq, Skv, drop_p, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
@@ -588,7 +605,7 @@ def _merge_kernel(OUT_P, LSE_P, Out, LSE, splits, Hq, Sq,
 # ---------------------------------------------------------------------------------------
 @_jit
 def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_first,
-                 offs_n, offs_d, offs_dv, start, end, heads, bh_first,
+                 n0, offs_n, offs_d, offs_dv, start, end, heads, bh_first,
                  stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
                  stride_mh, stride_mm, stride_mn,
                  Sq, Skv, kv_len, off, left, right, qk_scale, seed, drop_p,
@@ -636,7 +653,8 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
         pt = tl.exp2(st - lse[None, :])
         dpt = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Sq, Skv, drop_p)
+            keep = tl.trans(_dropout_keep(seed, bh, offs_m, n0, Sq, Skv, drop_p,
+                                          offs_n.shape[0]))
             inv = 1.0 / (1.0 - drop_p)
             dv = tl.dot(tl.where(keep, pt * inv, 0.0).to(do.dtype), do, dv)
             dpt = tl.where(keep, dpt * inv, 0.0)
@@ -698,7 +716,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob
             + h * stride_doh, LSE + bh * Sq, DELTA + bh * Sq, MASK + b * stride_mb
-            + h * stride_mh, offs_n, offs_d, offs_dv, start, end, group, bh,
+            + h * stride_mh, n0, offs_n, offs_d, offs_dv, start, end, group, bh,
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
             stride_mh, stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
             seed, drop_p, BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
@@ -734,7 +752,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, o
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Sq, Skv, drop_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, Sq, Skv, drop_p, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - drop_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -921,7 +939,7 @@ def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
 
 def _tune_key(flags: dict, buckets: list[int], *tensors: Tensor) -> tuple:
     """What the autotuner's key is made of (_TUNE_KEY and the dtypes of the tensors)."""
-    return (flags["HEAD_D"], flags["HEAD_DV"], flags["WINDOWED"], *buckets,
+    return (flags["HEAD_D"], flags["HEAD_DV"], flags["WINDOWED"], flags["DROPOUT"], *buckets,
             *(t.dtype for t in tensors))
 
 

@@ -1318,6 +1318,21 @@ def test_ops_take_a_seed_held_elsewhere_by_value():
     assert ft._kernel_seed(seed, torch.device("cuda", 0)) == 1234
 
 
+def test_tile_picks_are_kept_apart_by_dropout_and_by_how_the_seed_comes():
+    """A pick tuned without dropout, or with the seed by value, would otherwise be
+    launched (past the autotuner, which skips tiles that do not build) for a kernel with
+    dropout, or one that loads its seed: other builds, and ptxas crashed on one (run 33)."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    q = torch.randn(1, 2, 8, 16)
+    keys = set()
+    for dropout_p, seed in ((0.0, 0), (0.1, 7), (0.1, torch.tensor(7))):
+        _, flags = ft._meta(make_call(q, q, q, dropout_p=dropout_p), seed)
+        keys.add(ft._tune_key(flags, [1, 2], seed, q))
+    assert len(keys) == 3
+
+
 @pytest.mark.gpu
 def test_dropout_draws_anew_in_each_replay_of_a_cuda_graph_on_gpu():
     """A captured call with dropout: each replay drops other weights, each the right

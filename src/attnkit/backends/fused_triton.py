@@ -937,10 +937,12 @@ def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
     return scalars, flags
 
 
-def _tune_key(flags: dict, buckets: list[int], *tensors: Tensor) -> tuple:
-    """What the autotuner's key is made of (_TUNE_KEY and the dtypes of the tensors)."""
+def _tune_key(flags: dict, buckets: list[int], seed: int | Tensor, *tensors: Tensor) -> tuple:
+    """What the autotuner's key is made of (_TUNE_KEY and the dtypes of the tensors, the
+    seed's among them where it is one): a pick made with the seed by value must not
+    serve a kernel that loads it, which is another build (and may not build at all)."""
     return (flags["HEAD_D"], flags["HEAD_DV"], flags["WINDOWED"], flags["DROPOUT"], *buckets,
-            *(t.dtype for t in tensors))
+            isinstance(seed, Tensor), *(t.dtype for t in tensors))
 
 
 def _mask_args(call: AttentionCall) -> tuple[Tensor, tuple[int, ...]]:
@@ -1204,7 +1206,7 @@ def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None 
         *q.stride(), *k.stride(), *v.stride(), *written.stride(), *mask_strides,
         Hq, call.group, Sq, Skv, left, right, qk_scale, seed, drop_p,
         kv_split, split_stride, *buckets,
-    ), flags, (*_tune_key(flags, buckets, q, mask, lengths), flags["TMA_OK"],
+    ), flags, (*_tune_key(flags, buckets, seed, q, mask, lengths), flags["TMA_OK"],
                flags["SPLIT"], packed), config)
     if splits > 1:
         _launch_jitted(_merge_kernel, lambda meta: (B * Hq * Sq,), (
@@ -1590,7 +1592,7 @@ def _backward_shared(call: AttentionCall, meta: tuple[tuple, dict], lse: Tensor,
     lengths = call.key_lengths if call.key_lengths is not None else lse
     scalars = (left, right, qk_scale, call.scale, seed, drop_p, *buckets)
     return (scalars, flags, mask, mask_strides, lengths,
-            _tune_key(flags, buckets, call.q, dout, mask, lengths))
+            _tune_key(flags, buckets, seed, call.q, dout, mask, lengths))
 
 
 def _launch_dq(call: AttentionCall, shared: tuple, out: Tensor, lse: Tensor, dout: Tensor,

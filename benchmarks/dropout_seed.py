@@ -11,9 +11,11 @@ _backward; no autograd, no host work of `run`) run without dropout (`none`), wit
 the seed as an int (`int`), and with the same seed in a device tensor (`tensor`); the
 forward also beside SDPA's default backend without and with the same dropout
 (`sdpa_none`, `sdpa_int`). All are timed in turns with triton.testing.do_bench (median,
-after warm-up, random bf16 data), `--rounds` times over. `int` and `tensor` must give
-bit-identical outputs (checked first). Prints one line per shape and pass; writes
-DIR/dropout_seed.json.
+after warm-up, random bf16 data), `--rounds` times over. `int` and `tensor`
+drop the same scores, which tests/test_triton.py checks on the GPU under every tile
+(test_dropout_drops_the_same_scores_under_every_tile_on_gpu); here the autotuner picks
+for each seed kind apart, so their outputs may differ by rounding. Prints one line per
+shape and pass; writes DIR/dropout_seed.json.
 """
 
 from __future__ import annotations
@@ -53,9 +55,6 @@ def run_shape(shape, dropout_p: float, rounds: int) -> list[dict]:
     sdpa = {"none": 0.0, "int": dropout_p}  # SDPA's own dropout beside it, forward only
     rows = []
     for name, step in passes.items():
-        for got, want in zip(step("tensor"), step("int"), strict=True):
-            if not torch.equal(got, want):
-                raise SystemExit(f"{name} {shape}: the tensor seed dropped other weights")
         samples: dict[str, list[float]] = {kind: [] for kind in seeds}
         if name == "forward":
             samples.update({f"sdpa_{kind}": [] for kind in sdpa})

@@ -1333,6 +1333,77 @@ def test_tile_picks_are_kept_apart_by_dropout_and_by_how_the_seed_comes():
     assert len(keys) == 3
 
 
+def _worst_block_err(got: torch.Tensor, want: torch.Tensor, block: int = 64) -> float:
+    """The largest rel_err over blocks of `block` positions along dim 2 (all batches and
+    heads together): a mask wrong in one block of keys or rows is not averaged away."""
+    return max(rel_err(g, w) for g, w in zip(got.split(block, 2), want.split(block, 2),
+                                             strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dropout_drops_the_same_scores_under_every_tile_on_gpu(head_dim):
+    """Dropout's mask is a function of (seed, head, query, key) alone. The forward under
+    each of its tiles (K/V through TMA and not), with the seed by value or loaded, drops
+    the same scores, read exactly: with q = 0 a seen key weighs 1/n, and a one-hot v
+    shows head_dim keys a call, one per output column. The backward kernels under each of
+    their tiles give the float64 gradients of that mask, block by block."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    b, hq, hkv, s, p_drop = 2, 4, 2, 1000, 0.5
+    gen = torch.Generator(device="cuda").manual_seed(head_dim)
+
+    def randn(heads):
+        return torch.randn(b, heads, s, head_dim, device="cuda", dtype=torch.bfloat16,
+                           generator=gen)
+
+    q, k, v, dout = randn(hq), randn(hkv), randn(hkv), randn(hq)
+    seen = torch.ones(s, s, dtype=torch.bool, device="cuda").tril()
+    seeds = (1234, torch.tensor(1234, device="cuda"))
+
+    def kept(seed, **tile):
+        keep = torch.zeros(b, hq, s, s, dtype=torch.bool, device="cuda")
+        for first in range(0, s, head_dim):
+            keys = torch.arange(first, min(first + head_dim, s), device="cuda")
+            one_hot = torch.zeros_like(v)
+            one_hot[:, :, keys, keys - first] = 1
+            call = make_call(torch.zeros_like(q), k, one_hot, causal=True, dropout_p=p_drop)
+            keep[..., keys] = ft._forward(call, seed, **tile)[0][..., :len(keys)] > 0
+        return keep
+
+    want = kept(seeds[1])
+    assert not want[..., ~seen].any()
+    assert abs(want[..., seen].float().mean().item() - (1 - p_drop)) < 0.01
+    tiles = [{}, *({"config": c, "tma": False} for c in ft._FWD_CONFIGS)]
+    if ft._tma_ready(k, v):
+        tiles += [{"config": c, "tma": True} for c in ft._FWD_TMA_CONFIGS]
+    ran = 0
+    for seed, tile in itertools.product(seeds, tiles):
+        try:
+            assert torch.equal(kept(seed, **tile), want), (type(seed), tile)
+            ran += 1
+        except triton.runtime.errors.OutOfResources:  # (64, 128, 4, 3) at D=128, say;
+            pass  # the autotuner passes over such a tile too
+    assert ran >= 8
+
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    k64r, v64r = (t.repeat_interleave(hq // hkv, 1) for t in (k64, v64))
+    scores = (q64 @ k64r.transpose(-2, -1) * head_dim**-0.5).masked_fill(~seen, -torch.inf)
+    ref = torch.where(want, torch.softmax(scores, -1) / (1 - p_drop), 0) @ v64r
+    grads_ref = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    call = make_call(q, k, v, causal=True, dropout_p=p_drop)
+    backward_tiles = [(None, None), *((c, None) for c in ft._DKDV_CONFIGS),
+                      *((None, c) for c in ft._DQ_CONFIGS)]
+    for seed in seeds:
+        out, lse = ft._forward(call, seed)
+        assert _worst_block_err(out, ref) < 2e-2
+        for configs in backward_tiles:
+            grads = ft._backward(call, seed, out, lse, dout, configs)
+            for name, got, grad_ref in zip("qkv", grads, grads_ref, strict=True):
+                assert _worst_block_err(got, grad_ref) < 2e-2, (type(seed), configs, name)
+
+
 @pytest.mark.gpu
 def test_dropout_draws_anew_in_each_replay_of_a_cuda_graph_on_gpu():
     """A captured call with dropout: each replay drops other weights, each the right

@@ -15,7 +15,7 @@ after warm-up, random bf16 data), `--rounds` times over. `int` and `tensor`
 drop the same scores, which tests/test_triton.py checks on the GPU under every tile
 (test_dropout_drops_the_same_scores_under_every_tile_on_gpu); here the autotuner picks
 for each seed kind apart, so their outputs may differ by rounding. Prints one line per
-shape and pass; writes DIR/dropout_seed.json.
+shape and pass; writes DIR/dropout_seed.json, with the autotuner's picks.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def main() -> None:
         if sq != skv:  # SDPA's is_causal aligns to the top left, attnkit's to the bottom right
             raise SystemExit(f"--shape {text}: one length for queries and keys here")
         report["rows"] += run_shape((b, h, sq, d, causal), args.dropout, args.rounds)
+        report["picks"] = ft.autotuned_configs()  # the seed kinds are tuned apart
         with open(os.path.join(args.out, "dropout_seed.json"), "w") as f:
             json.dump(report, f, indent=1)
 

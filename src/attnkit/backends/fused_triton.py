@@ -65,8 +65,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # causal-or-not, dropout-or-not, power-of-two sequence bucket and amount of work
 # (ROWS_BUCKET: without it a choice made on a small shape, kept in Triton's on-disk cache,
 # served large ones too). Dropout's Philox work changes which tile wins, and a tile picked
-# without it need not even build with it: ptxas 12.8 (Triton 3.6) crashes on the D=64
-# forward's (64, 128, 4, 3) TMA tile with dropout (run 33), which the autotuner skips.
+# without it need not even build with it (ptxas 12.8, Triton 3.6, crashed on D=64 TMA
+# forward tiles with dropout until _seed_value read the seed once per program, run 33;
+# the autotuner would skip such a tile, a pick launched directly would raise).
 # Each list holds the configs that won somewhere in the H100 sweep
 # (benchmarks/triton_configs.py, results in benchmarks/NOTES.md). BLOCK_M tiles queries
 # and BLOCK_N keys in every kernel; dK/dV keeps a key tile and streams query tiles, dQ

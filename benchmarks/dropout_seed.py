@@ -8,11 +8,12 @@ int64 tensor on the call's device and the kernels load it (so that each replay o
 captured CUDA graph drops anew); before, they took it by value. The kernels still take
 either, so for each shape the forward and the backward kernels (fused_triton._forward,
 _backward; no autograd, no host work of `run`) run without dropout (`none`), with it and
-the seed as an int (`int`), and with the same seed in a device tensor (`tensor`); the
-forward also beside SDPA's default backend without and with the same dropout
-(`sdpa_none`, `sdpa_int`). All are timed in turns with triton.testing.do_bench (median,
-after warm-up, random bf16 data), `--rounds` times over. `int` and `tensor`
-drop the same scores, which tests/test_triton.py checks on the GPU under every tile
+the seed as an int (`int`), and with the same seed in a device tensor (`tensor`); beside
+them SDPA's default backend without and with the same dropout (`sdpa_none`, `sdpa_int`),
+its backward through autograd (at these sizes the GPU time hides the host's). All are
+timed in turns with triton.testing.do_bench (median, after warm-up, random bf16 data),
+`--rounds` times over. `int` and `tensor` drop the same scores, which
+tests/test_triton.py checks on the GPU under every tile
 (test_dropout_drops_the_same_scores_under_every_tile_on_gpu); here the autotuner picks
 for each seed kind apart, so their outputs may differ by rounding. Prints one line per
 shape and pass; writes DIR/dropout_seed.json, with the autotuner's picks.
@@ -21,6 +22,7 @@ shape and pass; writes DIR/dropout_seed.json, with the autotuner's picks.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -52,23 +54,25 @@ def run_shape(shape, dropout_p: float, rounds: int) -> list[dict]:
     passes = {"forward": lambda kind: ft._forward(calls[kind], seeds[kind]),
               "backward": lambda kind: ft._backward(calls[kind], seeds[kind],
                                                     *forwards[kind], dout)}
-    sdpa = {"none": 0.0, "int": dropout_p}  # SDPA's own dropout beside it, forward only
+    # SDPA's default backend without and with the same dropout beside them; its backward
+    # through autograd (the graph kept, so each pass runs only the backward again)
+    sdpa = {"none": 0.0, "int": dropout_p}
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    sdpa_outs = {kind: F.scaled_dot_product_attention(qg, kg, vg, dropout_p=p, is_causal=causal)
+                 for kind, p in sdpa.items()}
+    sdpa_steps = {"forward": lambda kind: F.scaled_dot_product_attention(
+                      q, k, v, dropout_p=sdpa[kind], is_causal=causal),
+                  "backward": lambda kind: torch.autograd.grad(
+                      sdpa_outs[kind], (qg, kg, vg), dout, retain_graph=True)}
     rows = []
     for name, step in passes.items():
-        samples: dict[str, list[float]] = {kind: [] for kind in seeds}
-        if name == "forward":
-            samples.update({f"sdpa_{kind}": [] for kind in sdpa})
+        timed = {kind: functools.partial(step, kind) for kind in seeds}
+        timed |= {f"sdpa_{kind}": functools.partial(sdpa_steps[name], kind) for kind in sdpa}
+        samples: dict[str, list[float]] = {kind: [] for kind in timed}
         for _ in range(rounds):
-            for kind in seeds:
-                samples[kind].append(float(do_bench(lambda kind=kind, f=step: f(kind),
-                                                    warmup=25, rep=150,
+            for kind, fn in timed.items():
+                samples[kind].append(float(do_bench(fn, warmup=25, rep=150,
                                                     return_mode="median")))
-            for kind, p in sdpa.items():
-                if name == "forward":
-                    samples[f"sdpa_{kind}"].append(float(do_bench(
-                        lambda p=p: F.scaled_dot_product_attention(q, k, v, dropout_p=p,
-                                                                   is_causal=causal),
-                        warmup=25, rep=150, return_mode="median")))
         ms = {kind: statistics.median(times) for kind, times in samples.items()}
         flops = attention_flops(b, h, s, s, d, causal) * (2.5 if name == "backward" else 1)
         rows.append({"shape": {"batch": b, "heads": h, "seq": s, "head_dim": d,

@@ -632,6 +632,50 @@ def test_dropout_matches_its_own_mask(device, ranges, monkeypatch):
     assert max(rel_err(g, r) for g, r in zip(grads, grads_ref, strict=True)) < 1e-2
 
 
+@pytest.mark.parametrize("options", [
+    {"causal": True},
+    {"key_lengths": [40, 0]},  # batch 1 sees no key: zeros, and no gradient
+    {"window": (5, 3)},
+    {"attn_mask": "bool"},
+    {"causal": True, "heads": (4, 2)},  # kv groups, whose query heads may share a tile
+], ids=["causal", "key_lengths", "window", "bool_mask", "grouped"])
+def test_dropout_under_each_mask_matches_its_own_mask(device, options):
+    """Dropout with each way of hiding keys, forward and backward: with v = identity the
+    output is the dropped, rescaled probabilities of the float64 oracle under the same
+    mask (hidden keys never kept), and out and its gradients follow from that mask."""
+    options = dict(options)
+    hq, hkv = options.pop("heads", (2, 1))
+    p_drop, b, sq, skv, d = 0.3, 2, 17, 64, 16
+    gen = torch.Generator().manual_seed(len(str(options)))
+    q = torch.randn(b, hq, sq, d, generator=gen).to(device, DTYPE).requires_grad_()
+    k, v = (torch.randn(b, hkv, skv, d, generator=gen).to(device, DTYPE).requires_grad_()
+            for _ in range(2))
+    if "key_lengths" in options:
+        options["key_lengths"] = torch.tensor(options["key_lengths"], device=device)
+    if options.get("attn_mask") == "bool":
+        options["attn_mask"] = (torch.rand(b, 1, 1, skv, generator=gen) < 0.7).to(device)
+    eye = torch.eye(skv).to(device, DTYPE).expand(b, hkv, skv, skv)
+    torch.manual_seed(11)
+    out = attention(q, k, v, dropout_p=p_drop, impl="triton", **options)
+    torch.manual_seed(11)
+    dropped = attention(q, k, eye, dropout_p=p_drop, impl="triton", **options).detach()
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    probs = attention(q64, k64, eye.double(), impl="reference", **options)  # (B, Hq, Sq, Skv)
+    seen, keep = probs.detach() > 0, dropped > 0
+    assert not keep[~seen].any()
+    assert 0.2 < 1 - keep[seen].float().mean().item() < 0.4
+    kept_probs = torch.where(keep, probs / (1 - p_drop), 0)
+    assert rel_err(dropped, kept_probs) < 1e-2
+    ref = kept_probs @ v64.repeat_interleave(hq // hkv, 1)
+    assert rel_err(out, ref) < 1e-2
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=gen).to(device)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(DTYPE))
+    grads_ref = torch.autograd.grad(ref, (q64, k64, v64), grad_out)
+    for name, got, want in zip("qkv", grads, grads_ref, strict=True):
+        assert rel_err(got, want) < 1e-2, name
+
+
 def test_dropout_draws_apart_for_each_key_row_and_head(device):
     """Each of 8 neighbouring key lanes (which may share one Philox call) drops its
     share, and neighbouring keys, rows and heads are not correlated (v = identity shows

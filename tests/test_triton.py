@@ -637,14 +637,14 @@ def test_dropout_matches_its_own_mask(device, ranges, monkeypatch):
     {"key_lengths": [40, 0]},  # batch 1 sees no key: zeros, and no gradient
     {"window": (5, 3)},
     {"attn_mask": "bool"},
-    {"causal": True, "heads": (4, 2)},  # kv groups, whose query heads may share a tile
+    {"causal": True, "heads": (4, 2)},  # kv groups: 17 queries, so a group shares a tile
 ], ids=["causal", "key_lengths", "window", "bool_mask", "grouped"])
 def test_dropout_under_each_mask_matches_its_own_mask(device, options):
     """Dropout with each way of hiding keys, forward and backward: with v = identity the
     output is the dropped, rescaled probabilities of the float64 oracle under the same
     mask (hidden keys never kept), and out and its gradients follow from that mask."""
     options = dict(options)
-    hq, hkv = options.pop("heads", (2, 1))
+    hq, hkv = options.pop("heads", (2, 2))  # one query head a kv head: a tile each
     p_drop, b, sq, skv, d = 0.3, 2, 17, 64, 16
     gen = torch.Generator().manual_seed(len(str(options)))
     q = torch.randn(b, hq, sq, d, generator=gen).to(device, DTYPE).requires_grad_()

@@ -1805,7 +1805,8 @@ def run(call: AttentionCall) -> Result:
 BACKEND = Backend(
     name="triton",
     summary="fused Triton kernels (FlashAttention-2 style forward and backward; on "
-            "Hopper, a Gluon forward for long sequences with 64- or 128-wide heads)",
+            "Hopper, Gluon kernels for long sequences with 64- or 128-wide heads: the "
+            "forward, dK/dV, and dQ at 128)",
     available=available,
     supports=supports,
     run=run,

@@ -604,6 +604,14 @@ def test_eager_backward_gets_no_zero_filled_lse_gradient(monkeypatch, device):
     assert torch.equal(dq, torch.ones_like(q))
 
 
+def _oracle_probs(q: torch.Tensor, k: torch.Tensor, **options) -> torch.Tensor:
+    """(B, Hq, Sq, Skv): the float64 oracle's attention probabilities of q against k under
+    options (masks, window, scale), which it returns as its output for v = identity."""
+    b, hkv, skv, _ = k.shape
+    eye = torch.eye(skv, dtype=torch.float64, device=k.device).expand(b, hkv, skv, skv)
+    return attention(q.double(), k.double(), eye, impl="reference", **options)
+
+
 @pytest.mark.parametrize("ranges", [1, 2])
 def test_dropout_matches_its_own_mask(device, ranges, monkeypatch):
     """With v = identity the output is the dropped, rescaled probability matrix itself;
@@ -622,7 +630,7 @@ def test_dropout_matches_its_own_mask(device, ranges, monkeypatch):
     assert 0.2 < 1 - keep.float().mean().item() < 0.4
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    probs = torch.softmax(q64 @ k64.transpose(-2, -1) / d**0.5, dim=-1)
+    probs = _oracle_probs(q64, k64)
     assert rel_err(dropped, torch.where(keep, probs / (1 - p_drop), 0)) < 1e-2
     ref = torch.where(keep, probs / (1 - p_drop), 0) @ v64
     assert rel_err(out, ref) < 1e-2
@@ -661,7 +669,7 @@ def test_dropout_under_each_mask_matches_its_own_mask(device, options):
     dropped = attention(q, k, eye, dropout_p=p_drop, impl="triton", **options).detach()
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    probs = attention(q64, k64, eye.double(), impl="reference", **options)  # (B, Hq, Sq, Skv)
+    probs = _oracle_probs(q64, k64, **options)
     seen, keep = probs.detach() > 0, dropped > 0
     assert not keep[~seen].any()
     assert 0.2 < 1 - keep[seen].float().mean().item() < 0.4
@@ -1432,9 +1440,8 @@ def test_dropout_drops_the_same_scores_under_every_tile_on_gpu(head_dim):
     assert ran >= 8
 
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    k64r, v64r = (t.repeat_interleave(hq // hkv, 1) for t in (k64, v64))
-    scores = (q64 @ k64r.transpose(-2, -1) * head_dim**-0.5).masked_fill(~seen, -torch.inf)
-    ref = torch.where(want, torch.softmax(scores, -1) / (1 - p_drop), 0) @ v64r
+    probs = _oracle_probs(q64, k64, causal=True)
+    ref = torch.where(want, probs / (1 - p_drop), 0) @ v64.repeat_interleave(hq // hkv, 1)
     grads_ref = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     call = make_call(q, k, v, causal=True, dropout_p=p_drop)
     backward_tiles = [(None, None), *((c, None) for c in ft._DKDV_CONFIGS),
@@ -1462,7 +1469,7 @@ def test_dropout_draws_anew_in_each_replay_of_a_cuda_graph_on_gpu():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
         dropped = attention(q, k, eye, dropout_p=p_drop, impl="triton")
-    probs = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 4, dim=-1)
+    probs = _oracle_probs(q, k)
     masks = []
     for _ in range(2):
         graph.replay()

@@ -78,14 +78,15 @@ def test_forward_over_key_ranges_matches_oracle(case, device, monkeypatch):
     assert ft._merge_kernel in launched  # the forward did run over several ranges
 
 
-def _force_key_ranges(monkeypatch, ranges: int) -> None:
+def _force_key_ranges(monkeypatch, ranges: int, dropout: bool = False) -> None:
     """Every forward over `ranges` key ranges; on the CPU, ranges as short as the
-    interpreter's key block, so that the small shapes here split too."""
+    interpreter's key block (with dropout or without), so that small shapes split too."""
     from attnkit.backends import fused_triton as ft
 
     monkeypatch.setattr(ft, "_kv_splits", lambda call, packed: ranges)
     if not CUDA:
-        monkeypatch.setattr(ft, "_SPLIT_ALIGN", ft._INTERPRET_META["BLOCK_N"])
+        meta = ft._INTERPRET_DROPOUT_META if dropout else ft._INTERPRET_META
+        monkeypatch.setattr(ft, "_SPLIT_ALIGN", meta["BLOCK_N"])
 
 
 def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
@@ -616,8 +617,8 @@ def _oracle_probs(q: torch.Tensor, k: torch.Tensor, **options) -> torch.Tensor:
 def test_dropout_matches_its_own_mask(device, ranges, monkeypatch):
     """With v = identity the output is the dropped, rescaled probability matrix itself;
     also with the forward run over two key ranges (each keeps its keys' dropout draws)."""
-    _force_key_ranges(monkeypatch, ranges)
-    p_drop, b, hq, hkv, sq, skv, d = 0.3, 1, 2, 1, 17, 32 if not CUDA else 256, 16
+    _force_key_ranges(monkeypatch, ranges, dropout=True)
+    p_drop, b, hq, hkv, sq, skv, d = 0.3, 1, 2, 1, 17, 64 if not CUDA else 256, 16
     q = torch.randn(b, hq, sq, d).to(device, DTYPE).requires_grad_()
     k = torch.randn(b, hkv, skv, d).to(device, DTYPE).requires_grad_()
     v = torch.randn(b, hkv, skv, d).to(device, DTYPE).requires_grad_()
@@ -685,9 +686,10 @@ def test_dropout_under_each_mask_matches_its_own_mask(device, options):
 
 
 def test_dropout_draws_apart_for_each_key_row_and_head(device):
-    """Each of 8 neighbouring key lanes (which may share one Philox call) drops its
-    share, and neighbouring keys, rows and heads are not correlated (v = identity shows
-    the mask). 8192 draws: a correlation estimate's spread is ~0.011."""
+    """Each of 8 neighbouring key lanes drops its share, and keys that may share one
+    Philox call (1, 8, 16 and 24 apart), keys of the next calls, rows and heads are not
+    correlated (v = identity shows the mask). 8192 draws: a correlation estimate's
+    spread is ~0.011."""
     p_drop, skv = 0.5, 128
     q = torch.randn(1, 2, 32, 16).to(device, DTYPE)
     k = torch.randn(1, 2, skv, 16).to(device, DTYPE)
@@ -700,7 +702,7 @@ def test_dropout_draws_apart_for_each_key_row_and_head(device):
     def correlation(a, b):
         return (a * b).mean().item()
 
-    for shift in (1, 2, 4, 8):  # keys: one draw's lanes, and the next draw
+    for shift in (1, 2, 4, 8, 16, 24, 32):  # keys: one call's, and the next calls'
         assert abs(correlation(centred[..., shift:], centred[..., :-shift])) < 0.06, shift
     assert abs(correlation(centred[:, 1:], centred[:, :-1])) < 0.06  # rows
     assert abs(correlation(centred[0], centred[1])) < 0.06  # heads

@@ -86,6 +86,7 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "DROPOUT", "SEQ_BUCKET", "ROWS_BUCKET"]
 _KEYS_BITS = 15  # SEQ_BUCKET = (query bucket << _KEYS_BITS) + key bucket (_work_out_meta)
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
+_INTERPRET_DROPOUT_META = {"BLOCK_M": 16, "BLOCK_N": 32}  # _dropout_keep: 32 keys at a time
 
 # Configs taken out by head dim where the H100 sweep (benchmarks/triton_configs.py, NOTES
 # run 10) found them losing and the autotuner still picked them now and then: its timings
@@ -352,24 +353,28 @@ def _row_lse(lse_ptrs, row_ok):
 @_jit
 def _dropout_keep(seed, bh, rows, start_n, Sq, Skv, drop_p, BLOCK_N: tl.constexpr):
     """(len(rows), BLOCK_N): whether dropout keeps the score of each query row in rows
-    (1-D) against keys start_n .. start_n + BLOCK_N - 1; start_n a multiple of 8. bh: the
-    rows' batch * query heads + head, a scalar or (len(rows), 1). seed: an int
-    (_seed_value)."""
+    (1-D) against keys start_n .. start_n + BLOCK_N - 1; start_n and BLOCK_N multiples of
+    32. bh: the rows' batch * query heads + head, a scalar or (len(rows), 1). seed: an
+    int (_seed_value)."""
     # The backward regenerates the mask from the seed instead of storing it. One Philox
     # call gives four 32-bit words, which serve 8 keys with 16 bits each (p resolved to
     # 2**-16): Philox dominated the kernels at one call per score (run 33, ~5x the
-    # forward's time). Its counter is (batch*head, query, key // 8) in an int64, so no
-    # two groups of a call share one.
-    row_base = (bh.to(tl.int64) * Sq + rows[:, None]) * ((Skv + 7) // 8)
+    # forward's time). The 8 keys are those one thread holds of a row in a tensor core's
+    # accumulator (keys 8 j + 2 c + {0, 1} for its lane's c = lane % 4): key 32 J + 8 w +
+    # 2 c + h takes word w's half h of the call (row, J, c), so that each thread can draw
+    # its own keys where the mask is applied, without moving them between threads (run
+    # 34). The counter, (batch*head, query, J, c), is an int64: no two calls share one.
+    rows_n: tl.constexpr = rows.shape[0]
+    row_base = (bh.to(tl.int64) * Sq + rows[:, None]) * ((Skv + 31) // 32 * 4)
     r0, r1, r2, r3 = tl.randint4x(seed, row_base + (start_n // 8
                                                     + tl.arange(0, BLOCK_N // 8))[None, :])
-    # Interleaved so that key start_n + 8 g + l takes word l // 2's half l % 2 of group g.
-    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)),
-                       (rows.shape[0], BLOCK_N // 2))
+    # (rows, J, c, w // 2, w % 2), each half compared, (rows, J, c, w // 2, w % 2, h), and
+    # in key order (rows, J, w // 2, w % 2, c, h)
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)),
+                       (rows_n, BLOCK_N // 32, 4, 2, 2))
     bar = tl.math.ceil(drop_p * 65536.0).to(tl.uint32)
-    lo = ((words & 0xFFFF) >= bar).to(tl.int8)
-    hi = ((words >> 16) >= bar).to(tl.int8)
-    return tl.reshape(tl.join(lo, hi), (rows.shape[0], BLOCK_N)) != 0
+    both = tl.join(((words & 0xFFFF) >= bar).to(tl.int8), ((words >> 16) >= bar).to(tl.int8))
+    return tl.reshape(tl.permute(both, (0, 1, 3, 4, 2, 5)), (rows_n, BLOCK_N)) != 0
 
 
 @_jit
@@ -923,7 +928,7 @@ def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
         mask_rows=mask is not None and mask.shape[2] != 1, dropout=call.dropout_p > 0.0,
         neg_scale=call.scale < 0)
     if _INTERPRET:
-        flags.update(_INTERPRET_META)
+        flags.update(_INTERPRET_DROPOUT_META if flags["DROPOUT"] else _INTERPRET_META)
     # Tuning is redone per power-of-two (query, key) length bucket, capped at 16k so the
     # longest inputs share one (a cap at 4k let 4k's pick serve 16k, where larger tiles
     # and TMA win: NOTES, run 7), and per power of two of query rows in all (B * Hq *

@@ -366,8 +366,11 @@ def _dropout_keep(seed, bh, rows, start_n, Sq, Skv, drop_p, BLOCK_N: tl.constexp
     # 34). The counter, (batch*head, query, J, c), is an int64: no two calls share one.
     rows_n: tl.constexpr = rows.shape[0]
     row_base = (bh.to(tl.int64) * Sq + rows[:, None]) * ((Skv + 31) // 32 * 4)
+    # Philox-4x32 with 7 rounds, as FlashAttention's dropout draws: Philox's authors
+    # (Random123) found 7 rounds pass BigCrush, and chose 10, Triton's default, as a
+    # safety margin.
     r0, r1, r2, r3 = tl.randint4x(seed, row_base + (start_n // 8
-                                                    + tl.arange(0, BLOCK_N // 8))[None, :])
+                                                    + tl.arange(0, BLOCK_N // 8))[None, :], 7)
     # (rows, J, c, w // 2, w % 2), each half compared, (rows, J, c, w // 2, w % 2, h), and
     # in key order (rows, J, w // 2, w % 2, c, h)
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)),

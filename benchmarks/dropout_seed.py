@@ -1,7 +1,7 @@
 """What dropout, and reading its seed from GPU memory, cost the Triton kernels, on a GPU.
 
     PYTHONPATH=src python benchmarks/dropout_seed.py [--out DIR] [--rounds 5]
-        [--dropout 0.1] [--shape B,H,S,D,C ...]
+        [--dropout 0.1] [--shape B,H,S,D,C ...] [--pieces]
 
 What dropout costs the Triton kernels. Since run 33 `run` draws the Philox seed as a 0-d
 int64 tensor on the call's device and the kernels load it (so that each replay of a
@@ -17,6 +17,11 @@ tests/test_triton.py checks on the GPU under every tile
 (test_dropout_drops_the_same_scores_under_every_tile_on_gpu); here the autotuner picks
 for each seed kind apart, so their outputs may differ by rounding. Prints one line per
 shape and pass; writes DIR/dropout_seed.json, with the autotuner's picks.
+
+--pieces also times the backward's two Triton kernels alone (`dq`: the dQ kernel, which
+writes delta; `dkdv`: the dK/dV kernel), each autotuned, for the three kinds: where
+`backward` runs the Gluon kernels without dropout (on Hopper, where they cover the call),
+these say what dropout costs each Triton kernel against that kernel without it.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ SHAPES = ["4,16,4096,128,0", "4,16,4096,128,1", "16,16,1024,128,1", "4,32,4096,6
 SEED = 1234
 
 
-def run_shape(shape, dropout_p: float, rounds: int) -> list[dict]:
+def run_shape(shape, dropout_p: float, rounds: int, pieces: bool) -> list[dict]:
     b, h, s, d, causal = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
@@ -54,6 +59,8 @@ def run_shape(shape, dropout_p: float, rounds: int) -> list[dict]:
     passes = {"forward": lambda kind: ft._forward(calls[kind], seeds[kind]),
               "backward": lambda kind: ft._backward(calls[kind], seeds[kind],
                                                     *forwards[kind], dout)}
+    if pieces:
+        passes |= backward_pieces(calls, seeds, forwards, dout)
     # SDPA's default backend without and with the same dropout beside them; its backward
     # through autograd (the graph kept, so each pass runs only the backward again)
     sdpa = {"none": 0.0, "int": dropout_p}
@@ -67,14 +74,18 @@ def run_shape(shape, dropout_p: float, rounds: int) -> list[dict]:
     rows = []
     for name, step in passes.items():
         timed = {kind: functools.partial(step, kind) for kind in seeds}
-        timed |= {f"sdpa_{kind}": functools.partial(sdpa_steps[name], kind) for kind in sdpa}
+        if name in sdpa_steps:
+            timed |= {f"sdpa_{kind}": functools.partial(sdpa_steps[name], kind)
+                      for kind in sdpa}
         samples: dict[str, list[float]] = {kind: [] for kind in timed}
         for _ in range(rounds):
             for kind, fn in timed.items():
                 samples[kind].append(float(do_bench(fn, warmup=25, rep=150,
                                                     return_mode="median")))
         ms = {kind: statistics.median(times) for kind, times in samples.items()}
-        flops = attention_flops(b, h, s, s, d, causal) * (2.5 if name == "backward" else 1)
+        # the dQ kernel does 2 of the backward's 5 matmuls, the dK/dV kernel 4 (it
+        # recomputes the scores and dP)
+        flops = attention_flops(b, h, s, s, d, causal) * BACKWARD_SHARE.get(name, 1)
         rows.append({"shape": {"batch": b, "heads": h, "seq": s, "head_dim": d,
                                "causal": causal}, "pass": name, "ms": ms,
                      "tflops": {kind: flops / t / 1e9 for kind, t in ms.items()},
@@ -84,12 +95,38 @@ def run_shape(shape, dropout_p: float, rounds: int) -> list[dict]:
     return rows
 
 
+BACKWARD_SHARE = {"backward": 2.5, "dq": 1.0, "dkdv": 2.0}
+
+
+def backward_pieces(calls: dict, seeds: dict, forwards: dict, dout) -> dict:
+    """--pieces: the passes `dq` and `dkdv`, the Triton backward kernels alone per kind."""
+    delta = {}
+
+    def dq(kind: str):
+        call, (out, lse) = calls[kind], forwards[kind]
+        shared = ft._backward_shared(call, ft._meta(call, seeds[kind]), lse, dout)
+        delta[kind] = torch.empty_like(lse)
+        ft._launch_dq(call, shared, out, lse, dout, delta[kind], torch.empty_like(call.q))
+
+    def dkdv(kind: str):
+        call, (_, lse) = calls[kind], forwards[kind]
+        shared = ft._backward_shared(call, ft._meta(call, seeds[kind]), lse, dout)
+        ft._launch_dkdv(call, shared, lse, dout, delta[kind], torch.empty_like(call.k),
+                        torch.empty_like(call.v))
+
+    for kind in calls:  # the dK/dV kernel reads the delta that the dQ kernel wrote
+        dq(kind)
+    return {"dq": dq, "dkdv": dkdv}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--shape", action="append", default=[], metavar="B,H,S,D,C")
+    parser.add_argument("--pieces", action="store_true",
+                        help="also time the backward's two Triton kernels alone")
     args = parser.parse_args()
     report = {"meta": {**environment(torch.device("cuda")), "kind": "dropout-seed",
                        "triton": triton.__version__, "dropout_p": args.dropout,
@@ -98,7 +135,8 @@ def main() -> None:
         b, h, sq, skv, d, causal = parse_shape(text)
         if sq != skv:  # SDPA's is_causal aligns to the top left, attnkit's to the bottom right
             raise SystemExit(f"--shape {text}: one length for queries and keys here")
-        report["rows"] += run_shape((b, h, sq, d, causal), args.dropout, args.rounds)
+        report["rows"] += run_shape((b, h, sq, d, causal), args.dropout, args.rounds,
+                                  args.pieces)
         report["picks"] = ft.autotuned_configs()  # the seed kinds are tuned apart
         with open(os.path.join(args.out, "dropout_seed.json"), "w") as f:
             json.dump(report, f, indent=1)

@@ -1,7 +1,7 @@
 """What dropout, and reading its seed from GPU memory, cost the Triton kernels, on a GPU.
 
     PYTHONPATH=src python benchmarks/dropout_seed.py [--out DIR] [--rounds 5]
-        [--dropout 0.1] [--shape B,H,S,D,C ...] [--pieces]
+        [--dropout 0.1] [--shape B,H,S,D,C ...] [--pieces] [--kinds none,tensor,...]
 
 What dropout costs the Triton kernels. Since run 33 `run` draws the Philox seed as a 0-d
 int64 tensor on the call's device and the kernels load it (so that each replay of a
@@ -22,6 +22,10 @@ shape and pass; writes DIR/dropout_seed.json, with the autotuner's picks.
 writes delta; `dkdv`: the dK/dV kernel), each autotuned, for the three kinds: where
 `backward` runs the Gluon kernels without dropout (on Hopper, where they cover the call),
 these say what dropout costs each Triton kernel against that kernel without it.
+
+--kinds times only those of none, int, tensor, sdpa_none, sdpa_int (all by default): on
+a cold process most of the time is the autotuner's, which tunes each seed kind apart and
+with dropout keeps every tile, so `--kinds none,tensor,sdpa_int` takes about half.
 """
 
 from __future__ import annotations
@@ -44,9 +48,11 @@ from attnkit.call import make_call
 
 SHAPES = ["4,16,4096,128,0", "4,16,4096,128,1", "16,16,1024,128,1", "4,32,4096,64,1"]
 SEED = 1234
+KINDS = ("none", "int", "tensor", "sdpa_none", "sdpa_int")
 
 
-def run_shape(shape, dropout_p: float, rounds: int, pieces: bool) -> list[dict]:
+def run_shape(shape, dropout_p: float, rounds: int, pieces: bool,
+              kinds: tuple[str, ...] = KINDS) -> list[dict]:
     b, h, s, d, causal = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16,
@@ -54,6 +60,7 @@ def run_shape(shape, dropout_p: float, rounds: int, pieces: bool) -> list[dict]:
     calls = {"none": make_call(q, k, v, causal=causal),
              "int": make_call(q, k, v, causal=causal, dropout_p=dropout_p)}
     calls["tensor"] = calls["int"]
+    calls = {kind: call for kind, call in calls.items() if kind in kinds}
     seeds = {"none": 0, "int": SEED, "tensor": torch.tensor(SEED, device="cuda")}
     forwards = {kind: ft._forward(call, seeds[kind]) for kind, call in calls.items()}
     passes = {"forward": lambda kind: ft._forward(calls[kind], seeds[kind]),
@@ -63,7 +70,8 @@ def run_shape(shape, dropout_p: float, rounds: int, pieces: bool) -> list[dict]:
         passes |= backward_pieces(calls, seeds, forwards, dout)
     # SDPA's default backend without and with the same dropout beside them; its backward
     # through autograd (the graph kept, so each pass runs only the backward again)
-    sdpa = {"none": 0.0, "int": dropout_p}
+    sdpa = {kind: p for kind, p in (("none", 0.0), ("int", dropout_p))
+            if f"sdpa_{kind}" in kinds}
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     sdpa_outs = {kind: F.scaled_dot_product_attention(qg, kg, vg, dropout_p=p, is_causal=causal)
                  for kind, p in sdpa.items()}
@@ -73,7 +81,7 @@ def run_shape(shape, dropout_p: float, rounds: int, pieces: bool) -> list[dict]:
                       sdpa_outs[kind], (qg, kg, vg), dout, retain_graph=True)}
     rows = []
     for name, step in passes.items():
-        timed = {kind: functools.partial(step, kind) for kind in seeds}
+        timed = {kind: functools.partial(step, kind) for kind in calls}
         if name in sdpa_steps:
             timed |= {f"sdpa_{kind}": functools.partial(sdpa_steps[name], kind)
                       for kind in sdpa}
@@ -127,7 +135,12 @@ def main() -> None:
     parser.add_argument("--shape", action="append", default=[], metavar="B,H,S,D,C")
     parser.add_argument("--pieces", action="store_true",
                         help="also time the backward's two Triton kernels alone")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="comma-separated, of: " + ", ".join(KINDS))
     args = parser.parse_args()
+    kinds = tuple(args.kinds.split(","))
+    if unknown := set(kinds) - set(KINDS):
+        parser.error(f"--kinds: unknown {sorted(unknown)}; choose from {', '.join(KINDS)}")
     report = {"meta": {**environment(torch.device("cuda")), "kind": "dropout-seed",
                        "triton": triton.__version__, "dropout_p": args.dropout,
                        "rounds": args.rounds}, "rows": []}
@@ -136,7 +149,7 @@ def main() -> None:
         if sq != skv:  # SDPA's is_causal aligns to the top left, attnkit's to the bottom right
             raise SystemExit(f"--shape {text}: one length for queries and keys here")
         report["rows"] += run_shape((b, h, sq, d, causal), args.dropout, args.rounds,
-                                  args.pieces)
+                                  args.pieces, kinds)
         report["picks"] = ft.autotuned_configs()  # the seed kinds are tuned apart
         with open(os.path.join(args.out, "dropout_seed.json"), "w") as f:
             json.dump(report, f, indent=1)

@@ -49,6 +49,9 @@ from attnkit.call import make_call
 SHAPES = ["4,16,4096,128,0", "4,16,4096,128,1", "16,16,1024,128,1", "4,32,4096,64,1"]
 SEED = 1234
 KINDS = ("none", "int", "tensor", "sdpa_none", "sdpa_int")
+# each pass's share of the forward's matmul FLOPs: the backward does 5 matmuls to the
+# forward's 2, the dQ kernel 2 of them, the dK/dV kernel 4 (it recomputes S and dP)
+BACKWARD_SHARE = {"backward": 2.5, "dq": 1.0, "dkdv": 2.0}
 
 
 def run_shape(shape, dropout_p: float, rounds: int, pieces: bool,
@@ -91,8 +94,6 @@ def run_shape(shape, dropout_p: float, rounds: int, pieces: bool,
                 samples[kind].append(float(do_bench(fn, warmup=25, rep=150,
                                                     return_mode="median")))
         ms = {kind: statistics.median(times) for kind, times in samples.items()}
-        # the dQ kernel does 2 of the backward's 5 matmuls, the dK/dV kernel 4 (it
-        # recomputes the scores and dP)
         flops = attention_flops(b, h, s, s, d, causal) * BACKWARD_SHARE.get(name, 1)
         rows.append({"shape": {"batch": b, "heads": h, "seq": s, "head_dim": d,
                                "causal": causal}, "pass": name, "ms": ms,
@@ -103,24 +104,22 @@ def run_shape(shape, dropout_p: float, rounds: int, pieces: bool,
     return rows
 
 
-BACKWARD_SHARE = {"backward": 2.5, "dq": 1.0, "dkdv": 2.0}
-
-
 def backward_pieces(calls: dict, seeds: dict, forwards: dict, dout) -> dict:
-    """--pieces: the passes `dq` and `dkdv`, the Triton backward kernels alone per kind."""
-    delta = {}
+    """--pieces: the passes `dq` and `dkdv`, the Triton backward kernels alone per kind.
+    Their shared arguments, delta and gradient buffers are made once per kind, outside
+    the timed passes."""
+    shared = {kind: ft._backward_shared(call, ft._meta(call, seeds[kind]), forwards[kind][1],
+                                        dout) for kind, call in calls.items()}
+    delta = {kind: torch.empty_like(lse) for kind, (_, lse) in forwards.items()}
+    grads = {kind: ft._empty_grads(call.q, call.k, call.v) for kind, call in calls.items()}
 
     def dq(kind: str):
-        call, (out, lse) = calls[kind], forwards[kind]
-        shared = ft._backward_shared(call, ft._meta(call, seeds[kind]), lse, dout)
-        delta[kind] = torch.empty_like(lse)
-        ft._launch_dq(call, shared, out, lse, dout, delta[kind], torch.empty_like(call.q))
+        out, lse = forwards[kind]
+        ft._launch_dq(calls[kind], shared[kind], out, lse, dout, delta[kind], grads[kind][0])
 
     def dkdv(kind: str):
-        call, (_, lse) = calls[kind], forwards[kind]
-        shared = ft._backward_shared(call, ft._meta(call, seeds[kind]), lse, dout)
-        ft._launch_dkdv(call, shared, lse, dout, delta[kind], torch.empty_like(call.k),
-                        torch.empty_like(call.v))
+        ft._launch_dkdv(calls[kind], shared[kind], forwards[kind][1], dout, delta[kind],
+                        *grads[kind][1:])
 
     for kind in calls:  # the dK/dV kernel reads the delta that the dQ kernel wrote
         dq(kind)

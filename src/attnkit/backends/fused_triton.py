@@ -947,9 +947,9 @@ def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
 
 
 def _tune_key(flags: dict, buckets: list[int], seed: int | Tensor, *tensors: Tensor) -> tuple:
-    """What the autotuner's key is made of (_TUNE_KEY and the dtypes of the tensors, the
-    seed's among them where it is one): a pick made with the seed by value must not
-    serve a kernel that loads it, which is another build (and may not build at all)."""
+    """What the autotuner's key is made of (_TUNE_KEY, whether the seed comes in a tensor,
+    and the dtypes of the tensors): a pick made with the seed by value must not serve a
+    kernel that loads it, which is another build (and may not build at all)."""
     return (flags["HEAD_D"], flags["HEAD_DV"], flags["WINDOWED"], flags["DROPOUT"], *buckets,
             isinstance(seed, Tensor), *(t.dtype for t in tensors))
 

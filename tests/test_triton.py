@@ -78,15 +78,14 @@ def test_forward_over_key_ranges_matches_oracle(case, device, monkeypatch):
     assert ft._merge_kernel in launched  # the forward did run over several ranges
 
 
-def _force_key_ranges(monkeypatch, ranges: int, dropout: bool = False) -> None:
+def _force_key_ranges(monkeypatch, ranges: int) -> None:
     """Every forward over `ranges` key ranges; on the CPU, ranges as short as the
-    interpreter's key block (with dropout or without), so that small shapes split too."""
+    interpreter's key block, so that small shapes split too."""
     from attnkit.backends import fused_triton as ft
 
     monkeypatch.setattr(ft, "_kv_splits", lambda call, packed: ranges)
     if not CUDA:
-        meta = ft._INTERPRET_DROPOUT_META if dropout else ft._INTERPRET_META
-        monkeypatch.setattr(ft, "_SPLIT_ALIGN", meta["BLOCK_N"])
+        monkeypatch.setattr(ft, "_SPLIT_ALIGN", ft._INTERPRET_META["BLOCK_N"])
 
 
 def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
@@ -253,20 +252,51 @@ def test_programs_go_a_group_of_heads_at_a_time_heaviest_tile_first(n_tiles, n_h
 @triton.jit
 def _record_dropout_keep(out, seed, bh, Sq, Skv, N: tl.constexpr):
     """out[j] = whether dropout (p = 1/2) keeps head bh's score (query 0, key j)."""
-    keep = fused_triton._dropout_keep(seed, bh, tl.arange(0, 1), 0, Sq, Skv, 0.5, N)
+    keep = fused_triton._dropout_keep_rows(seed, bh, tl.arange(0, 1), 0, Sq, Skv, 0.5, N)
     tl.store(out + tl.arange(0, N)[None, :], keep.to(tl.int8))
 
 
 def test_dropout_draws_do_not_repeat_past_two_to_the_32_scores(device):
-    """Dropout's counter runs over (head, query, 8 keys): a 32-bit one wrapped every 2**32
-    counts, and the heads that far apart dropped the same keys."""
+    """Dropout's counter runs over (head, row pair, key group): a 32-bit one wrapped every
+    2**32 counts, and the heads that far apart dropped the same keys."""
     skv, n = 2**16, 64
     keeps = []
-    for bh in (0, 2**16, 2**19, 2**20):  # 2**32, 2**35 and 2**36 scores after head 0
+    # a head spans 8 row pairs (one query) by 2**14 key groups: these heads' calls start
+    # 2**32, 2**35 and 2**36 counts after head 0's
+    for bh in (0, 2**15, 2**18, 2**19):
         out = torch.empty(n, dtype=torch.int8, device=device)
         _record_dropout_keep[(1,)](out, 5, bh, 1, skv, N=n)
         keeps.append(out)
     assert all(not torch.equal(keeps[0], other) for other in keeps[1:])
+
+
+@triton.jit
+def _record_dropout_masks(out, seed, bh, start_m, start_n, Sq, Skv, ROWS: tl.constexpr,
+                          N: tl.constexpr):
+    """out[i] (ROWS, N) = the mask (p = 1/2) of rows start_m.. against keys start_n.. as
+    drawn by each of dropout's three mask functions, the keys-first one transposed back."""
+    rows = tl.arange(0, ROWS)[:, None]
+    keys = tl.arange(0, N)[None, :]
+    paired = fused_triton._dropout_keep(seed, bh, start_m, ROWS, start_n, Sq, Skv, 0.5, N)
+    tl.store(out + rows * N + keys, paired.to(tl.int8))
+    keys_first = fused_triton._dropout_keep_keys_first(seed, bh, start_m, ROWS, start_n, Sq,
+                                                        Skv, 0.5, N)
+    tl.store(out + ROWS * N + tl.arange(0, N)[:, None] + tl.arange(0, ROWS)[None, :] * N,
+             keys_first.to(tl.int8))
+    per_row = fused_triton._dropout_keep_rows(seed, bh, start_m + tl.arange(0, ROWS), start_n,
+                                              Sq, Skv, 0.5, N)
+    tl.store(out + 2 * ROWS * N + rows * N + keys, per_row.to(tl.int8))
+
+
+@pytest.mark.parametrize("start_m, start_n", [(0, 0), (32, 48), (64, 16)])
+def test_dropout_mask_functions_draw_the_same_mask(start_m, start_n, device):
+    """The forward and dQ kernels draw dropout's mask with queries on the rows, the dK/dV
+    kernel keys first, the packed forward per row: the same scores kept by all three."""
+    rows, keys = 32, 64
+    out = torch.zeros(3, rows, keys, dtype=torch.int8, device=device)
+    _record_dropout_masks[(1,)](out, 7, 3, start_m, start_n, 100, 130, ROWS=rows, N=keys)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+    assert 0.4 < out[0].float().mean().item() < 0.6
 
 
 def _order_heads_in_groups_of(heads: int, monkeypatch) -> None:
@@ -617,7 +647,7 @@ def _oracle_probs(q: torch.Tensor, k: torch.Tensor, **options) -> torch.Tensor:
 def test_dropout_matches_its_own_mask(device, ranges, monkeypatch):
     """With v = identity the output is the dropped, rescaled probability matrix itself;
     also with the forward run over two key ranges (each keeps its keys' dropout draws)."""
-    _force_key_ranges(monkeypatch, ranges, dropout=True)
+    _force_key_ranges(monkeypatch, ranges)
     p_drop, b, hq, hkv, sq, skv, d = 0.3, 1, 2, 1, 17, 64 if not CUDA else 256, 16
     q = torch.randn(b, hq, sq, d).to(device, DTYPE).requires_grad_()
     k = torch.randn(b, hkv, skv, d).to(device, DTYPE).requires_grad_()
@@ -686,10 +716,10 @@ def test_dropout_under_each_mask_matches_its_own_mask(device, options):
 
 
 def test_dropout_draws_apart_for_each_key_row_and_head(device):
-    """Each of 8 neighbouring key lanes drops its share, and keys that may share one
-    Philox call (1, 8, 16 and 24 apart), keys of the next calls, rows and heads are not
-    correlated (v = identity shows the mask). 8192 draws: a correlation estimate's
-    spread is ~0.011."""
+    """Each of 8 neighbouring key lanes drops its share, and scores that share one Philox
+    call (keys 1 and 8 apart, rows 8 apart), keys and rows of the next calls, and heads
+    are not correlated (v = identity shows the mask). 8192 draws: a correlation
+    estimate's spread is ~0.011."""
     p_drop, skv = 0.5, 128
     q = torch.randn(1, 2, 32, 16).to(device, DTYPE)
     k = torch.randn(1, 2, skv, 16).to(device, DTYPE)
@@ -704,7 +734,8 @@ def test_dropout_draws_apart_for_each_key_row_and_head(device):
 
     for shift in (1, 2, 4, 8, 16, 24, 32):  # keys: one call's, and the next calls'
         assert abs(correlation(centred[..., shift:], centred[..., :-shift])) < 0.06, shift
-    assert abs(correlation(centred[:, 1:], centred[:, :-1])) < 0.06  # rows
+    for shift in (1, 8, 16):  # rows: the next pair's, the pair's other row, the next 16
+        assert abs(correlation(centred[:, shift:], centred[:, :-shift])) < 0.06, shift
     assert abs(correlation(centred[0], centred[1])) < 0.06  # heads
 
 

@@ -86,7 +86,6 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "DROPOUT", "SEQ_BUCKET", "ROWS_BUCKET"]
 _KEYS_BITS = 15  # SEQ_BUCKET = (query bucket << _KEYS_BITS) + key bucket (_work_out_meta)
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
-_INTERPRET_DROPOUT_META = {"BLOCK_M": 16, "BLOCK_N": 32}  # _dropout_keep: 32 keys at a time
 
 # Configs taken out by head dim where the H100 sweep (benchmarks/triton_configs.py, NOTES
 # run 10) found them losing and the autotuner still picked them now and then: its timings
@@ -122,9 +121,10 @@ def _prune(configs, named_args, kernel: str | None = None, **kwargs):
         configs = [c for c in configs if not c.kwargs.get("TMA", False)]
     head = max(args["HEAD_D"], args["HEAD_DV"])
     if head <= 128:
-        # The sweep ran without dropout, whose random bits push dK/dV (64, 64, 4, 2) to
-        # 456 bytes of spills where (32, 64, 4, 2) spills 56 (benchmarks/
-        # triton_registers.py --dropout): with dropout the autotuner keeps every tile.
+        # The sweep ran without dropout, whose random bits push dK/dV (64, 64, 4, 2) at
+        # D=128 to 136 bytes of spills where (32, 64, 4, 2) spills 16 (benchmarks/
+        # triton_registers.py --dropout, run 35): with dropout the autotuner keeps every
+        # tile.
         if kernel is None or args.get("DROPOUT", False):
             return configs
         keys = args["SEQ_BUCKET"] & ((1 << _KEYS_BITS) - 1)
@@ -350,34 +350,84 @@ def _row_lse(lse_ptrs, row_ok):
     return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
 
 
+# The backward regenerates dropout's mask from the seed instead of storing it. One Philox
+# call (4x32, 7 rounds) gives four 32-bit words, which serve 8 scores with 16 bits each
+# (p resolved to 2**-16): Philox dominated the kernels at one call per score (run 33, ~5x
+# the forward's time). The 8 scores are 2 query rows and 4 keys that one thread holds in
+# a tensor core's accumulator: a thread holds rows g and g + 8 of each 16 (g = lane // 4)
+# against keys 8 j + 2 c + {0, 1} (c = lane % 4). Score (16 R + 8 rq + g, 16 T + 8 rk +
+# 2 c + h) takes half h of word 2 rq + rk of the call (row pair 8 R + g, key group 4 T +
+# c), so that the forward and dQ kernels draw each call in the thread that applies it,
+# and the dK/dV kernel, whose accumulator holds scores transposed (keys on its rows),
+# draws each call in the two threads that hold its halves: no scores move between
+# threads (run 35; run 34's calls of 1 row and 8 keys cost dK/dV a layout conversion a
+# key block and doubled its time). The counter, (batch*head, row pair, key group), is an
+# int64: no two calls share one.
 @_jit
-def _dropout_keep(seed, bh, rows, start_n, Sq, Skv, drop_p, BLOCK_N: tl.constexpr):
-    """(len(rows), BLOCK_N): whether dropout keeps the score of each query row in rows
-    (1-D) against keys start_n .. start_n + BLOCK_N - 1; start_n and BLOCK_N multiples of
-    32. bh: the rows' batch * query heads + head, a scalar or (len(rows), 1). seed: an
-    int (_seed_value)."""
-    # The backward regenerates the mask from the seed instead of storing it. One Philox
-    # call gives four 32-bit words, which serve 8 keys with 16 bits each (p resolved to
-    # 2**-16): Philox dominated the kernels at one call per score (run 33, ~5x the
-    # forward's time). The 8 keys are those one thread holds of a row in a tensor core's
-    # accumulator (keys 8 j + 2 c + {0, 1} for its lane's c = lane % 4): key 32 J + 8 w +
-    # 2 c + h takes word w's half h of the call (row, J, c), so that each thread can draw
-    # its own keys where the mask is applied, without moving them between threads (run
-    # 34). The counter, (batch*head, query, J, c), is an int64: no two calls share one.
+def _dropout_words(seed, bh, pairs, key_groups, Sq, Skv):
+    """Philox's four words for calls (bh, pairs, key_groups), broadcast together."""
+    counter = ((bh.to(tl.int64) * ((Sq + 15) // 16 * 8) + pairs) * ((Skv + 15) // 16 * 4)
+               + key_groups)
+    # 7 rounds, as FlashAttention's dropout draws: Philox's authors (Random123) found 7
+    # pass BigCrush, and chose 10, Triton's default, as a safety margin.
+    return tl.randint4x(seed, counter, 7)
+
+
+@_jit
+def _kept(bits, drop_p):
+    """Whether dropout keeps the score that the low 16 bits of `bits` draw, as an int8."""
+    return ((bits & 0xFFFF) >= tl.math.ceil(drop_p * 65536.0).to(tl.uint32)).to(tl.int8)
+
+
+@_jit
+def _dropout_keep(seed, bh, start_m, ROWS: tl.constexpr, start_n, Sq, Skv, drop_p,
+                  BLOCK_N: tl.constexpr):
+    """(ROWS, BLOCK_N): whether dropout keeps the scores of query rows start_m .. start_m +
+    ROWS - 1 of (batch*head) bh, a scalar, against keys start_n .. start_n + BLOCK_N - 1;
+    all multiples of 16. seed: an int (_seed_value)."""
+    pairs = start_m // 2 + tl.arange(0, ROWS // 2)
+    r0, r1, r2, r3 = _dropout_words(seed, bh, pairs[:, None],
+                                    start_n // 4 + tl.arange(0, BLOCK_N // 4)[None, :], Sq, Skv)
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (pairs, key groups, rk, rq)
+    both = tl.join(_kept(words, drop_p), _kept(words >> 16, drop_p))
+    # (R, g, T, c, rk, rq, h) in score order (R, rq, g, T, rk, c, h)
+    both = tl.reshape(both, (ROWS // 16, 8, BLOCK_N // 16, 4, 2, 2, 2))
+    return tl.reshape(tl.permute(both, (0, 5, 1, 2, 4, 3, 6)), (ROWS, BLOCK_N)) != 0
+
+
+@_jit
+def _dropout_keep_keys_first(seed, bh, start_m, ROWS: tl.constexpr, start_n, Sq, Skv,
+                             drop_p, BLOCK_N: tl.constexpr):
+    """_dropout_keep's mask transposed, (BLOCK_N, ROWS), drawn in that layout: each
+    call twice, by the two threads that hold its keys g' and g' + 8 for h = 0 and 1."""
+    key_pairs = tl.arange(0, BLOCK_N // 2)  # (T, g'): keys 16 T + g' and 16 T + g' + 8
+    key_groups = start_n // 4 + key_pairs // 8 * 4 + key_pairs % 8 // 2
+    shift = (key_pairs % 2 * 16).to(tl.uint32)[:, None]
+    pairs = start_m // 2 + tl.arange(0, ROWS // 2)
+    r0, r1, r2, r3 = _dropout_words(seed, bh, pairs[None, :], key_groups[:, None], Sq, Skv)
+    # (key pairs, pairs, rq, rk): (T, g', R, g, rq, rk) in score order (T, rk, g', R, rq, g)
+    keep = tl.join(tl.join(_kept(r0 >> shift, drop_p), _kept(r2 >> shift, drop_p)),
+                   tl.join(_kept(r1 >> shift, drop_p), _kept(r3 >> shift, drop_p)))
+    keep = tl.reshape(keep, (BLOCK_N // 16, 8, ROWS // 16, 8, 2, 2))
+    return tl.reshape(tl.permute(keep, (0, 5, 1, 2, 4, 3)), (BLOCK_N, ROWS)) != 0
+
+
+@_jit
+def _dropout_keep_rows(seed, bh, rows, start_n, Sq, Skv, drop_p, BLOCK_N: tl.constexpr):
+    """_dropout_keep for any query rows (1-D) and bh (a scalar or one per row, (len(rows),
+    1)): the forward's where a tile's rows run over several heads (PACKED), which need not
+    start at a multiple of 16. Each row draws its own call, the pair's other row the same
+    one again: twice the Philox work, on calls with few query rows."""
     rows_n: tl.constexpr = rows.shape[0]
-    row_base = (bh.to(tl.int64) * Sq + rows[:, None]) * ((Skv + 31) // 32 * 4)
-    # Philox-4x32 with 7 rounds, as FlashAttention's dropout draws: Philox's authors
-    # (Random123) found 7 rounds pass BigCrush, and chose 10, Triton's default, as a
-    # safety margin.
-    r0, r1, r2, r3 = tl.randint4x(seed, row_base + (start_n // 8
-                                                    + tl.arange(0, BLOCK_N // 8))[None, :], 7)
-    # (rows, J, c, w // 2, w % 2), each half compared, (rows, J, c, w // 2, w % 2, h), and
-    # in key order (rows, J, w // 2, w % 2, c, h)
-    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)),
-                       (rows_n, BLOCK_N // 32, 4, 2, 2))
-    bar = tl.math.ceil(drop_p * 65536.0).to(tl.uint32)
-    both = tl.join(((words & 0xFFFF) >= bar).to(tl.int8), ((words >> 16) >= bar).to(tl.int8))
-    return tl.reshape(tl.permute(both, (0, 1, 3, 4, 2, 5)), (rows_n, BLOCK_N)) != 0
+    pairs = rows // 16 * 8 + rows % 8
+    upper = (rows // 8 % 2 == 1)[:, None]
+    r0, r1, r2, r3 = _dropout_words(seed, bh, pairs[:, None],
+                                    start_n // 4 + tl.arange(0, BLOCK_N // 4)[None, :], Sq, Skv)
+    words = tl.join(tl.where(upper, r2, r0), tl.where(upper, r3, r1))  # (rows, groups, rk)
+    both = tl.join(_kept(words, drop_p), _kept(words >> 16, drop_p))
+    # (rows, T, c, rk, h) in key order (rows, T, rk, c, h)
+    both = tl.reshape(both, (rows_n, BLOCK_N // 16, 4, 2, 2))
+    return tl.reshape(tl.permute(both, (0, 1, 3, 2, 4)), (rows_n, BLOCK_N)) != 0
 
 
 @_jit
@@ -431,7 +481,7 @@ def _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_
 # Forward
 # ---------------------------------------------------------------------------------------
 @_jit
-def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
+def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, m0, qi, offs_d, offs_dv,
                 start, end, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale,
                 seed, bh, drop_p,
@@ -439,10 +489,11 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                NEG_SCALE: tl.constexpr, TMA: tl.constexpr):
+                NEG_SCALE: tl.constexpr, TMA: tl.constexpr, PACKED: tl.constexpr):
     """Fold key blocks [start, end) into the running (acc, m_i, l_i); MASKED = index checks.
-    k_src, v_src: from _kv_sources; qi: each row's query index; mask_base and bh: scalars,
-    or (BLOCK_M, 1) when the rows belong to several heads (PACKED)."""
+    k_src, v_src: from _kv_sources; qi: each row's query index, m0 the first's (the rows
+    run on from it unless PACKED); mask_base and bh: scalars, or (BLOCK_M, 1) when the rows
+    belong to several heads (PACKED)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _kv_tiles(k_src, v_src, start_n, offs_n, offs_d, offs_dv, stride_kn,
@@ -471,7 +522,11 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, qi, start_n, Sq, Skv, drop_p, BLOCK_N)
+            if PACKED:
+                keep = _dropout_keep_rows(seed, bh, qi, start_n, Sq, Skv, drop_p, BLOCK_N)
+            else:
+                keep = _dropout_keep(seed, bh, m0, qi.shape[0], start_n, Sq, Skv, drop_p,
+                                     BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
@@ -561,11 +616,11 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     for part in tl.static_range(3):
         start, end = _segment(part, lo, full_lo, full_hi, hi)
         acc, m_i, l_i = _fwd_blocks(
-            acc, m_i, l_i, q, k_src, v_src, mask_base, qi, offs_d, offs_dv,
+            acc, m_i, l_i, q, k_src, v_src, mask_base, m0, qi, offs_d, offs_dv,
             start, end, stride_kn, stride_kd, stride_vn, stride_vd,
             stride_mm, stride_mn, Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh_q,
             drop_p, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
-            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA)
+            HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_ROWS, DROPOUT, NEG_SCALE, TMA, PACKED)
 
     # A row that saw no key: l = 0, out = 0, lse = -inf.
     dead = l_i == 0.0
@@ -662,8 +717,8 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
         pt = tl.exp2(st - lse[None, :])
         dpt = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            keep = tl.trans(_dropout_keep(seed, bh, offs_m, n0, Sq, Skv, drop_p,
-                                          offs_n.shape[0]))
+            keep = _dropout_keep_keys_first(seed, bh, start_m, BLOCK_M, n0, Sq, Skv, drop_p,
+                                            offs_n.shape[0])
             inv = 1.0 / (1.0 - drop_p)
             dv = tl.dot(tl.where(keep, pt * inv, 0.0).to(do.dtype), do, dv)
             dpt = tl.where(keep, dpt * inv, 0.0)
@@ -741,7 +796,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
 
 
 @_jit
-def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
+def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, m0, offs_m, offs_d, offs_dv,
                start, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
@@ -761,7 +816,8 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, o
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, Sq, Skv, drop_p, BLOCK_N)
+            keep = _dropout_keep(seed, bh, m0, offs_m.shape[0], start_n, Sq, Skv, drop_p,
+                                 BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - drop_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -827,7 +883,7 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
     for part in tl.static_range(3):  # as in the forward: checks on the edges only
         start, end = _segment(part, lo, full_lo, full_hi, hi)
         dq = _dq_blocks(
-            dq, q, do, lse, delta, k_src, v_src, mask_base, offs_m, offs_d, offs_dv,
+            dq, q, do, lse, delta, k_src, v_src, mask_base, m0, offs_m, offs_d, offs_dv,
             start, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             Sq, Skv, kv_len, off, left, right, qk_scale, seed, bh, drop_p,
             BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part != 1,
@@ -931,7 +987,7 @@ def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
         mask_rows=mask is not None and mask.shape[2] != 1, dropout=call.dropout_p > 0.0,
         neg_scale=call.scale < 0)
     if _INTERPRET:
-        flags.update(_INTERPRET_DROPOUT_META if flags["DROPOUT"] else _INTERPRET_META)
+        flags.update(_INTERPRET_META)
     # Tuning is redone per power-of-two (query, key) length bucket, capped at 16k so the
     # longest inputs share one (a cap at 4k let 4k's pick serve 16k, where larger tiles
     # and TMA win: NOTES, run 7), and per power of two of query rows in all (B * Hq *

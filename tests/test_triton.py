@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from attnkit import MultiHeadAttention, UnsupportedError, attention
-from attnkit.backends import fused_triton
+from attnkit.backends import dropout_mask, fused_triton
 from attnkit.verify import Case, check, default_cases, rel_err
 
 triton = pytest.importorskip("triton")
@@ -252,7 +252,7 @@ def test_programs_go_a_group_of_heads_at_a_time_heaviest_tile_first(n_tiles, n_h
 @triton.jit
 def _record_dropout_keep(out, seed, bh, Sq, Skv, N: tl.constexpr):
     """out[j] = whether dropout (p = 1/2) keeps head bh's score (query 0, key j)."""
-    keep = fused_triton._dropout_keep_rows(seed, bh, tl.arange(0, 1), 0, Sq, Skv, 0.5, N)
+    keep = dropout_mask.keep_rows(seed, bh, tl.arange(0, 1), 0, Sq, Skv, 0.5, N)
     tl.store(out + tl.arange(0, N)[None, :], keep.to(tl.int8))
 
 
@@ -277,13 +277,13 @@ def _record_dropout_masks(out, seed, bh, start_m, start_n, Sq, Skv, ROWS: tl.con
     drawn by each of dropout's three mask functions, the keys-first one transposed back."""
     rows = tl.arange(0, ROWS)[:, None]
     keys = tl.arange(0, N)[None, :]
-    paired = fused_triton._dropout_keep(seed, bh, start_m, ROWS, start_n, Sq, Skv, 0.5, N)
+    paired = dropout_mask.keep(seed, bh, start_m, ROWS, start_n, Sq, Skv, 0.5, N)
     tl.store(out + rows * N + keys, paired.to(tl.int8))
-    keys_first = fused_triton._dropout_keep_keys_first(seed, bh, start_m, ROWS, start_n, Sq,
+    keys_first = dropout_mask.keep_keys_first(seed, bh, start_m, ROWS, start_n, Sq,
                                                         Skv, 0.5, N)
     tl.store(out + ROWS * N + tl.arange(0, N)[:, None] + tl.arange(0, ROWS)[None, :] * N,
              keys_first.to(tl.int8))
-    per_row = fused_triton._dropout_keep_rows(seed, bh, start_m + tl.arange(0, ROWS), start_n,
+    per_row = dropout_mask.keep_rows(seed, bh, start_m + tl.arange(0, ROWS), start_n,
                                               Sq, Skv, 0.5, N)
     tl.store(out + 2 * ROWS * N + rows * N + keys, per_row.to(tl.int8))
 

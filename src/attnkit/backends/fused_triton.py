@@ -47,7 +47,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from attnkit.backends import hopper_backward, hopper_forward
+from attnkit.backends import dropout_mask, hopper_backward, hopper_forward
 from attnkit.backends.base import Backend, Result
 from attnkit.call import AttentionCall
 
@@ -66,8 +66,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (ROWS_BUCKET: without it a choice made on a small shape, kept in Triton's on-disk cache,
 # served large ones too). Dropout's Philox work changes which tile wins, and a tile picked
 # without it need not even build with it (ptxas 12.8, Triton 3.6, crashed on D=64 TMA
-# forward tiles with dropout until _seed_value read the seed once per program, run 33;
-# the autotuner would skip such a tile, a pick launched directly would raise).
+# forward tiles with dropout until dropout_mask.seed_value read the seed once per
+# program, run 33; the autotuner would skip such a tile, a pick launched directly would
+# raise).
 # Each list holds the configs that won somewhere in the H100 sweep
 # (benchmarks/triton_configs.py, results in benchmarks/NOTES.md). BLOCK_M tiles queries
 # and BLOCK_N keys in every kernel; dK/dV keeps a key tile and streams query tiles, dQ
@@ -350,97 +351,6 @@ def _row_lse(lse_ptrs, row_ok):
     return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
 
 
-# The backward regenerates dropout's mask from the seed instead of storing it. One Philox
-# call (4x32, 7 rounds) gives four 32-bit words, which serve 8 scores with 16 bits each
-# (p resolved to 2**-16): Philox dominated the kernels at one call per score (run 33, ~5x
-# the forward's time). The 8 scores are 2 query rows and 4 keys that one thread holds in
-# a tensor core's accumulator: a thread holds rows g and g + 8 of each 16 (g = lane // 4)
-# against keys 8 j + 2 c + {0, 1} (c = lane % 4). Score (16 R + 8 rq + g, 16 T + 8 rk +
-# 2 c + h) takes half h of word 2 rq + rk of the call (row pair 8 R + g, key group 4 T +
-# c), so that the forward and dQ kernels draw each call in the thread that applies it,
-# and the dK/dV kernel, whose accumulator holds scores transposed (keys on its rows),
-# draws each call in the two threads that hold its halves: no scores move between
-# threads (run 35; run 34's calls of 1 row and 8 keys cost dK/dV a layout conversion a
-# key block and doubled its time). The counter, (batch*head, row pair, key group), is an
-# int64: no two calls share one.
-@_jit
-def _dropout_words(seed, bh, pairs, key_groups, Sq, Skv):
-    """Philox's four words for calls (bh, pairs, key_groups), broadcast together."""
-    counter = ((bh.to(tl.int64) * ((Sq + 15) // 16 * 8) + pairs) * ((Skv + 15) // 16 * 4)
-               + key_groups)
-    # 7 rounds, as FlashAttention's dropout draws: Philox's authors (Random123) found 7
-    # pass BigCrush, and chose 10, Triton's default, as a safety margin.
-    return tl.randint4x(seed, counter, 7)
-
-
-@_jit
-def _kept(bits, drop_p):
-    """Whether dropout keeps the score that the low 16 bits of `bits` draw, as an int8."""
-    return ((bits & 0xFFFF) >= tl.math.ceil(drop_p * 65536.0).to(tl.uint32)).to(tl.int8)
-
-
-@_jit
-def _dropout_keep(seed, bh, start_m, ROWS: tl.constexpr, start_n, Sq, Skv, drop_p,
-                  BLOCK_N: tl.constexpr):
-    """(ROWS, BLOCK_N): whether dropout keeps the scores of query rows start_m .. start_m +
-    ROWS - 1 of (batch*head) bh, a scalar, against keys start_n .. start_n + BLOCK_N - 1;
-    all multiples of 16. seed: an int (_seed_value)."""
-    pairs = start_m // 2 + tl.arange(0, ROWS // 2)
-    r0, r1, r2, r3 = _dropout_words(seed, bh, pairs[:, None],
-                                    start_n // 4 + tl.arange(0, BLOCK_N // 4)[None, :], Sq, Skv)
-    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (pairs, key groups, rk, rq)
-    both = tl.join(_kept(words, drop_p), _kept(words >> 16, drop_p))
-    # (R, g, T, c, rk, rq, h) in score order (R, rq, g, T, rk, c, h)
-    both = tl.reshape(both, (ROWS // 16, 8, BLOCK_N // 16, 4, 2, 2, 2))
-    return tl.reshape(tl.permute(both, (0, 5, 1, 2, 4, 3, 6)), (ROWS, BLOCK_N)) != 0
-
-
-@_jit
-def _dropout_keep_keys_first(seed, bh, start_m, ROWS: tl.constexpr, start_n, Sq, Skv,
-                             drop_p, BLOCK_N: tl.constexpr):
-    """_dropout_keep's mask transposed, (BLOCK_N, ROWS), drawn in that layout: each
-    call twice, by the two threads that hold its keys g' and g' + 8 for h = 0 and 1."""
-    key_pairs = tl.arange(0, BLOCK_N // 2)  # (T, g'): keys 16 T + g' and 16 T + g' + 8
-    key_groups = start_n // 4 + key_pairs // 8 * 4 + key_pairs % 8 // 2
-    shift = (key_pairs % 2 * 16).to(tl.uint32)[:, None]
-    pairs = start_m // 2 + tl.arange(0, ROWS // 2)
-    r0, r1, r2, r3 = _dropout_words(seed, bh, pairs[None, :], key_groups[:, None], Sq, Skv)
-    # (key pairs, pairs, rq, rk): (T, g', R, g, rq, rk) in score order (T, rk, g', R, rq, g)
-    keep = tl.join(tl.join(_kept(r0 >> shift, drop_p), _kept(r2 >> shift, drop_p)),
-                   tl.join(_kept(r1 >> shift, drop_p), _kept(r3 >> shift, drop_p)))
-    keep = tl.reshape(keep, (BLOCK_N // 16, 8, ROWS // 16, 8, 2, 2))
-    return tl.reshape(tl.permute(keep, (0, 5, 1, 2, 4, 3)), (BLOCK_N, ROWS)) != 0
-
-
-@_jit
-def _dropout_keep_rows(seed, bh, rows, start_n, Sq, Skv, drop_p, BLOCK_N: tl.constexpr):
-    """_dropout_keep for any query rows (1-D) and bh (a scalar or one per row, (len(rows),
-    1)): the forward's where a tile's rows run over several heads (PACKED), which need not
-    start at a multiple of 16. Each row draws its own call, the pair's other row the same
-    one again: twice the Philox work, on calls with few query rows."""
-    rows_n: tl.constexpr = rows.shape[0]
-    pairs = rows // 16 * 8 + rows % 8
-    upper = (rows // 8 % 2 == 1)[:, None]
-    r0, r1, r2, r3 = _dropout_words(seed, bh, pairs[:, None],
-                                    start_n // 4 + tl.arange(0, BLOCK_N // 4)[None, :], Sq, Skv)
-    words = tl.join(tl.where(upper, r2, r0), tl.where(upper, r3, r1))  # (rows, groups, rk)
-    both = tl.join(_kept(words, drop_p), _kept(words >> 16, drop_p))
-    # (rows, T, c, rk, h) in key order (rows, T, rk, c, h)
-    both = tl.reshape(both, (rows_n, BLOCK_N // 16, 4, 2, 2))
-    return tl.reshape(tl.permute(both, (0, 1, 3, 2, 4)), (rows_n, BLOCK_N)) != 0
-
-
-@_jit
-def _seed_value(seed, DROPOUT: tl.constexpr):
-    """A kernel's dropout seed: an int, or a pointer to one that a CUDA graph's replays
-    draw anew (run), read here once per program. Read inside each key block's
-    _dropout_keep instead, it made ptxas 12.8 (Triton 3.6) crash on D=64 forward tiles
-    with TMA loads (benchmarks/triton_registers.py --head-dim 64 --tma --dropout, run 33)."""
-    if DROPOUT and seed.dtype.is_ptr():
-        seed = tl.load(seed)
-    return seed
-
-
 @_jit
 def _kv_sources(K, V, b, kvh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                 Skv, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -523,10 +433,10 @@ def _fwd_blocks(acc, m_i, l_i, q, k_src, v_src, mask_base, m0, qi, offs_d, offs_
         acc = acc * alpha[:, None]
         if DROPOUT:
             if PACKED:
-                keep = _dropout_keep_rows(seed, bh, qi, start_n, Sq, Skv, drop_p, BLOCK_N)
+                keep = dropout_mask.keep_rows(seed, bh, qi, start_n, Sq, Skv, drop_p, BLOCK_N)
             else:
-                keep = _dropout_keep(seed, bh, m0, qi.shape[0], start_n, Sq, Skv, drop_p,
-                                     BLOCK_N)
+                keep = dropout_mask.keep(seed, bh, m0, qi.shape[0], start_n, Sq, Skv,
+                                         drop_p, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
@@ -556,7 +466,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     a tile's rows run over the group's query heads and their Sq queries, head-major, so
     that K/V tiles are loaded once for the whole group (calls with few query rows)."""
     tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
-    seed = _seed_value(seed, DROPOUT)
+    seed = dropout_mask.seed_value(seed, DROPOUT)
     # later query blocks see more keys under a causal mask: _program_tile starts them first
     pid_m, bh = _program_tile(HAS_RIGHT, HEAD_GROUP)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the program's rows of (b, h), or (b, kvh)
@@ -717,8 +627,8 @@ def _dkdv_blocks(dk, dv, k, v, q_first, do_first, lse_first, delta_first, mask_f
         pt = tl.exp2(st - lse[None, :])
         dpt = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            keep = _dropout_keep_keys_first(seed, bh, start_m, BLOCK_M, n0, Sq, Skv, drop_p,
-                                            offs_n.shape[0])
+            keep = dropout_mask.keep_keys_first(seed, bh, start_m, BLOCK_M, n0, Sq, Skv,
+                                                drop_p, offs_n.shape[0])
             inv = 1.0 / (1.0 - drop_p)
             dv = tl.dot(tl.where(keep, pt * inv, 0.0).to(do.dtype), do, dv)
             dpt = tl.where(keep, dpt * inv, 0.0)
@@ -749,7 +659,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, LENGTHS,
                      HEAD_GROUP: tl.constexpr, GROUPED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, bkv = _program_tile(False, HEAD_GROUP)  # earlier key blocks see more queries
-    seed = _seed_value(seed, DROPOUT)
+    seed = dropout_mask.seed_value(seed, DROPOUT)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
     off = Skv - Sq
@@ -816,8 +726,8 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, mask_base, m0, offs_m, offs_
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, m0, offs_m.shape[0], start_n, Sq, Skv, drop_p,
-                                 BLOCK_N)
+            keep = dropout_mask.keep(seed, bh, m0, offs_m.shape[0], start_n, Sq, Skv,
+                                     drop_p, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - drop_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -847,7 +757,7 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, MASK, LENGTHS,
     h = (bh % Hq).to(tl.int64)
     kvh = h // group
     off = Skv - Sq
-    seed = _seed_value(seed, DROPOUT)
+    seed = dropout_mask.seed_value(seed, DROPOUT)
     kv_len = Skv
     if HAS_LENGTHS:
         kv_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), Skv)

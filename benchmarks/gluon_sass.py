@@ -2,7 +2,7 @@
 machine code before and after a change.
 
     PYTHONPATH=src python benchmarks/gluon_sass.py [--kernel forward|dkdv|dq] [--head-dim 128]
-        [--causal] [--lengths] [--config 128,2,2,1] [--head-group 1] [--sass FILE]
+        [--causal] [--lengths] [--dropout] [--config 128,2,2,1] [--head-group 1] [--sass FILE]
 
 Needs a Triton the kernels were checked under (hopper_forward.CHECKED_RELEASES: 3.6;
 `pip install triton==3.6.0` in a side environment). The kernel is specialised as a
@@ -12,9 +12,11 @@ hopper_backward.launch_dq and launch_dkdv pass, taken from them on small CPU ten
 Prints the instruction count, the local-memory instructions (LDL/STL: spills) and the
 shared memory per program; --sass writes the SASS without its addresses, so that two
 builds (git stash, or a worktree of another commit on PYTHONPATH) diff line by line.
+--dropout builds the backward kernels with dropout (p = 0.1, the seed in a tensor, as
+fused_triton.run passes it).
 Without --config: the forward's routed config for the head dim and causality
-(fused_triton._HOPPER_ROUTES, its longest), hopper_backward.DKDV_CONFIG and DQ_CONFIG
-for the backward kernels.
+(fused_triton._HOPPER_ROUTES, its longest), the dK/dV kernel's launch_dkdv default
+(hopper_backward.DKDV_CONFIG, or DKDV_DROPOUT_CONFIG's with dropout) and DQ_CONFIG.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from triton.backends.compiler import GPUTarget
 
 from attnkit.backends import fused_triton, hopper_backward, hopper_forward
 
-TYPES = {"qk_scale": "fp32", "scale": "fp32", "LSE": "*fp32", "DELTA": "*fp32",
+TYPES = {"qk_scale": "fp32", "scale": "fp32", "drop_p": "fp32", "seed": "*i64",
+         "LSE": "*fp32", "DELTA": "*fp32",
          "LENGTHS": "*i64", "COUNTER": "*i32",
          **dict.fromkeys(("DQ", "DK", "DV", "Out"), "*bf16")}  # else i32
 
@@ -91,24 +94,29 @@ def forward(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] 
                     scale=0.1, config=config, head_group=head_group)
 
 
+def dropout_args(dropout: bool) -> dict:
+    """launch_dkdv's and launch_dq's dropout arguments: a tensor seed and p = 0.1, or none."""
+    return {"seed": torch.tensor(5), "dropout_p": 0.1} if dropout else {}
+
+
 def dkdv(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | None,
-         head_group: int):
+         head_group: int, dropout: bool = False):
     """(source, options) of hopper_backward.dkdv_kernel, as launch_dkdv launches it."""
     q, k, v, _, dout, lse, delta, key_lengths = call_tensors(head_dim, lengths)
     return captured(hopper_backward.launch_dkdv, (q, k, v, dout, lse, delta, k.clone(),
                                                   v.clone(), key_lengths),
-                    causal=causal, scale=0.1, config=config or hopper_backward.DKDV_CONFIG,
-                    head_group=head_group)
+                    causal=causal, scale=0.1, config=config,
+                    head_group=head_group, **dropout_args(dropout))
 
 
 def dq(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | None,
-       head_group: int):
+       head_group: int, dropout: bool = False):
     """(source, options) of hopper_backward.dq_kernel, as launch_dq launches it."""
     q, k, v, out, dout, lse, delta, key_lengths = call_tensors(head_dim, lengths)
     return captured(hopper_backward.launch_dq, (q, k, v, out, dout, lse, delta, q.clone(),
                                                 key_lengths),
                     causal=causal, scale=0.1, config=config or hopper_backward.DQ_CONFIG,
-                    head_group=head_group)
+                    head_group=head_group, **dropout_args(dropout))
 
 
 def main() -> None:
@@ -117,6 +125,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--lengths", action="store_true", help="with key_lengths")
+    parser.add_argument("--dropout", action="store_true",
+                        help="the backward kernels with dropout (p = 0.1, a tensor seed)")
     parser.add_argument("--config", default=None,
                         help="forward: BLOCK_N,STAGES,WARPGROUPS[,O_TMA[,OWN_RANGES]]; "
                              "dkdv: BLOCK_M,STAGES; dq: BLOCK_N,STAGES")
@@ -127,8 +137,12 @@ def main() -> None:
         raise SystemExit(f"Triton {triton.__version__}: the Gluon kernels are offered under "
                          f"{hopper_forward.CHECKED_RELEASES} only")
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
+    if args.dropout and args.kernel == "forward":
+        parser.error("--dropout: the Gluon forward does not drop (fused_triton's does)")
     build = {"forward": forward, "dkdv": dkdv, "dq": dq}[args.kernel]
-    src, options = build(args.head_dim, args.causal, args.lengths, config, args.head_group)
+    extra = {"dropout": True} if args.dropout else {}
+    src, options = build(args.head_dim, args.causal, args.lengths, config, args.head_group,
+                         **extra)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                              "cuobjdump")

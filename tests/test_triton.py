@@ -904,7 +904,6 @@ _NOT_GLUON = [
     ({"dtype": torch.float32}, False),
     ({"attn_mask": torch.zeros(1, 1, 1, 4096, dtype=torch.bfloat16)}, False),
     ({"window": (256, 0)}, False),
-    ({"dropout_p": 0.1}, False),
     ({"scale": -1.0}, False),
 ]
 
@@ -923,6 +922,7 @@ _NOT_GLUON = [
     ({"skv": 511}, False),
     ({"d": 64, "sq": 512, "skv": 512}, True),  # every key seen: 1.17x at 512
     ({"d": 64, "sq": 511, "skv": 4096}, False),  # 0.88x at Sq = 256 (192-row tiles)
+    ({"dropout_p": 0.1}, False),  # the Gluon forward does not drop
 ] + _NOT_GLUON)
 def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     from attnkit.backends import fused_triton as ft
@@ -952,6 +952,8 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     ({"d": 64, "causal": True, "skv": 1024}, True, False),  # dK/dV: 1.02x at 1k
     ({"d": 64, "sq": 2048}, True, False),  # dK/dV: 1.05x at 2k
     ({"d": 64, "sq": 1000}, False, False),
+    ({"dropout_p": 0.1}, True, True),  # the Gluon backward kernels drop
+    ({"dropout_p": 0.1, "d": 64, "causal": True}, True, False),
 ] + [(kwargs, False, False) for kwargs, _ in _NOT_GLUON])
 def test_hopper_backward_kernels_cover_long_plain_calls_only(kwargs, dkdv, dq):
     from attnkit.backends import fused_triton as ft
@@ -1213,11 +1215,11 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "runs triton first for those calls when nothing needs a gradient, where it was " \
         "faster than cuDNN: Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \
         "(Sq and Skv >= 8192 causal)" in ft.BACKEND.details(cuda)
-    assert "dK/dV kernel for Hopper: on for calls of the same kinds with Sq >= 256 and Skv >= " \
-        "512 at D=128 (Sq >= 256 and Skv >= 1024 causal), Sq and Skv >= 1024 at D=64" \
-        in ft.BACKEND.details(cuda)
-    assert "dQ kernel for Hopper: on for calls of the same kinds with Sq >= 256 and Skv >= " \
-        "512 at D=128 (Sq >= 256 and Skv >= 1024 causal)." in ft.BACKEND.details(cuda)
+    assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too, with " \
+        "Sq >= 256 and Skv >= 512 at D=128 (Sq >= 256 and Skv >= 1024 causal), Sq and " \
+        "Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)
+    assert "dQ kernel for Hopper: on for calls of the same kinds, dropout too, with Sq >= 256 " \
+        "and Skv >= 512 at D=128 (Sq >= 256 and Skv >= 1024 causal)." in ft.BACKEND.details(cuda)
     monkeypatch.setattr(ft, "_HOPPER_DKDV", False)
     assert "dK/dV kernel for Hopper: off: switched off" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on" in ft.BACKEND.details(cuda)
@@ -1722,6 +1724,48 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
         for name, got, expected in zip("qkv", grads[0], want, strict=True):
             assert rel_err(got, expected) < 1e-2, (name, b, hq, hkv, sq, skv, causal, lengths)
         assert all(torch.equal(x, y) for x, y in zip(*grads, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_backward_with_dropout_on_gpu(monkeypatch, head_dim):
+    """The Gluon dQ and dK/dV kernels with dropout, the seed loaded and by value, draw the
+    mask of the Triton kernels (whose every tile test_dropout_drops_the_same_scores_under_
+    every_tile_on_gpu checks against the forward's): the same gradients up to rounding,
+    far from those without dropout, and the same bits twice."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    _skip_without_hopper_forward()
+    launched = _watch_gluon_launches(monkeypatch)
+    triton_tiles = (ft._DKDV_CONFIGS[0], ft._DQ_CONFIGS[1])  # small: they fit at D=128
+    gen = torch.Generator(device="cuda").manual_seed(head_dim)
+    for b, hq, hkv, sq, skv, causal, lengths in [
+        (2, 4, 2, 1000, 1000, True, None),
+        (1, 2, 2, 700, 1024, False, None),
+        (2, 4, 1, 700, 700, True, [700, 333]),
+    ]:
+        q, dout = (torch.randn(b, hq, sq, head_dim, device="cuda", dtype=torch.bfloat16,
+                               generator=gen) for _ in range(2))
+        k, v = (torch.randn(b, hkv, skv, head_dim, device="cuda", dtype=torch.bfloat16,
+                            generator=gen) for _ in range(2))
+        key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
+        call = make_call(q, k, v, causal=causal, key_lengths=key_lengths, dropout_p=0.3)
+        plain = make_call(q, k, v, causal=causal, key_lengths=key_lengths)
+        for seed in (torch.tensor(77, device="cuda"), 77):
+            out, lse = ft._forward(call, seed)
+            monkeypatch.setattr(ft, "_hopper_backward_fits", lambda *args: (True, True))
+            launched.clear()
+            grads = [ft._backward(call, seed, out, lse, dout) for _ in range(2)]
+            assert sorted(name for name, _ in launched) == ["launch_dkdv", "launch_dkdv",
+                                                            "launch_dq", "launch_dq"]
+            assert all(torch.equal(x, y) for x, y in zip(*grads, strict=True))
+            want = ft._backward(call, seed, out, lse, dout, triton_tiles)
+            without = ft._backward(plain, 0, *ft._forward(plain, 0), dout)
+            for name, got, expected, other in zip("qkv", grads[0], want, without, strict=True):
+                shape = (name, type(seed), b, hq, hkv, sq, skv, causal, lengths)
+                assert rel_err(got, expected) < 1e-2, shape
+                assert rel_err(other, expected) > 0.1, shape
 
 
 @pytest.mark.gpu

@@ -1270,18 +1270,19 @@ def _hopper_config(call: AttentionCall) -> tuple[int, ...] | None:
 
 def _hopper_forward_fits(call: AttentionCall) -> bool:
     """Whether the call is one the Gluon forward covers and was measured faster on: a
-    config in _HOPPER_ROUTES for its length, and _gluon_covers. Says nothing about the
-    device."""
-    return _hopper_config(call) is not None and _gluon_covers(call, (call.q, call.k, call.v))
+    config in _HOPPER_ROUTES for its length, no dropout (the Gluon forward does not drop;
+    the backward kernels do), and _gluon_covers. Says nothing about the device."""
+    return (call.dropout_p == 0.0 and _hopper_config(call) is not None
+            and _gluon_covers(call, (call.q, call.k, call.v)))
 
 
 def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
-    """What both Gluon kernels need: bfloat16 or float16 (timed in bfloat16; the two take
-    the same tensor-core path), D = Dv, a positive scale, no mask tensor, window or
-    dropout, and `tensors` (B, H, S, D) that TMA can read, none broadcast."""
+    """What the Gluon kernels need: bfloat16 or float16 (timed in bfloat16; the two take
+    the same tensor-core path), D = Dv, a positive scale, no mask tensor or window, and
+    `tensors` (B, H, S, D) that TMA can read, none broadcast."""
     return (call.dtype in (torch.bfloat16, torch.float16)
             and call.head_dim_v == call.head_dim and call.scale > 0
-            and call.attn_mask is None and call.window is None and call.dropout_p == 0.0
+            and call.attn_mask is None and call.window is None
             and all(_tma_layout(t) and hopper_forward.describable(t) for t in tensors))
 
 
@@ -1402,7 +1403,7 @@ def _details(device: torch.device) -> str | None:
                                   ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_REACH)):
         why = unavailable or (None if switch else off)
         state = (f"off: {why}" if why else
-                 f"on for calls of the same kinds with {_reach_text(reach)}")
+                 f"on for calls of the same kinds, dropout too, with {_reach_text(reach)}")
         text += f". Gluon {kernel} kernel for Hopper: {state}"
     return text
 
@@ -1545,13 +1546,15 @@ def _backward(call: AttentionCall, seed: int | Tensor, out: Tensor, lse: Tensor,
     if not (configs[1] is None and dq_gluon
             and _ran_on_gluon("_HOPPER_DQ", "dQ kernel", lambda: hopper_backward.launch_dq(
                 q, k, v, out, dout, lse, delta, dq, call.key_lengths, call.causal,
-                call.scale, head_group=head_group, launcher=_launch_jitted))):
+                call.scale, seed, call.dropout_p, head_group=head_group,
+                launcher=_launch_jitted))):
         shared = _backward_shared(call, meta, lse, dout)
         _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
     if not (configs[0] is None and dkdv_gluon
             and _ran_on_gluon("_HOPPER_DKDV", "dK/dV kernel", lambda: hopper_backward.launch_dkdv(
                 q, k, v, dout, lse, delta, dk, dv, call.key_lengths, call.causal,
-                call.scale, head_group=head_group, launcher=_launch_jitted))):
+                call.scale, seed, call.dropout_p, head_group=head_group,
+                launcher=_launch_jitted))):
         shared = shared or _backward_shared(call, meta, lse, dout)
         _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
     return dq, dk, dv

@@ -39,7 +39,8 @@ NOTES run 20); the whole backward with it, 1.05-1.13x from 1k-4k (run 21), and i
 Under a causal mask both kernels' programs start a group of heads at a time, each
 head's heaviest block first (HEAD_GROUP). They cover what `hopper_forward` covers: an
 sm_90 GPU, fp16 or bf16, D = Dv in (64, 128), a positive scale, causal or not,
-key_lengths, grouped heads; no window, mask tensor or dropout; tensors that TMA can
+key_lengths, grouped heads, dropout (`dropout_mask`'s mask, drawn in each kernel's
+accumulator layout: `pairs_layout`); no window or mask tensor; tensors that TMA can
 read. `fused_triton` routes each where it was faster (`_hopper_backward_fits`). Gluon
 does not run under TRITON_INTERPRET, so this file is tested on a GPU only
 (tests/test_triton.py).
@@ -47,7 +48,7 @@ does not run under TRITON_INTERPRET, so this file is tested on a GPU only
 
 from __future__ import annotations
 
-from attnkit.backends import hopper_forward
+from attnkit.backends import dropout_mask, hopper_forward
 
 if hopper_forward.gluon is not None:
     from triton.experimental import gluon
@@ -77,14 +78,36 @@ if hopper_forward.gluon is not None:
         so that their p is exactly 0."""
         return gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
 
+    @gluon.constexpr_function
+    def pairs_layout(columns, keys_first):
+        """Where dropout's Philox calls are drawn for a warpgroup's (64, columns) matmul
+        result (score_layout): keys_first (S^T, keys on its rows), a (32, columns // 2)
+        grid of (key pair, query pair) for dropout_mask.keys_first; otherwise (S, queries
+        on its rows), a (32, columns // 4) grid of (query pair, key group) for
+        dropout_mask.rows_first. Each call sits in a thread that holds its scores: the
+        result's layout without the register bits the masks add back (row bit 3, and
+        column bit 3 or columns bits 0 and 3), so that the mask reaches score_layout with
+        no data moved (convert_layout's assert_trivial checks it when compiled)."""
+        lanes_rows = [[1, 0], [2, 0], [4, 0]]  # lane // 4 picks the row of 8
+        if keys_first:
+            return gl.DistributedLinearLayout(
+                reg_bases=[[0, 1]] + [[0, 8 << i] for i in range((columns // 16).bit_length() - 1)],
+                lane_bases=[[0, 2], [0, 4]] + lanes_rows, warp_bases=[[8, 0], [16, 0]],
+                block_bases=[], shape=[32, columns // 2])
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 4 << i] for i in range((columns // 16).bit_length() - 1)],
+            lane_bases=[[0, 1], [0, 2]] + lanes_rows, warp_bases=[[8, 0], [16, 0]],
+            block_bases=[], shape=[32, columns // 4])
+
     @gluon.jit
-    def _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem, q_ring, do_ring,
-                   ready, free, pt_buf, dst_buf, rows_ring, MASKED: gl.constexpr,
-                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
-                   s_layout: gl.constexpr):
-        """Step t of the walk: query rows [m0, m0 + BLOCK_M) of one query head. S^T and
-        dP^T issued; P^T's exponentials under dP^T; dV's product, dS^T under it, dK's;
-        all waited for before the slot goes back to the loading warp."""
+    def _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
+                   k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
+                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
+                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+        """Step t of the walk: query rows [m0, m0 + BLOCK_M) of query head bh (batch *
+        heads + head) against keys [n0, n0 + 64). S^T and dP^T issued (and dropout's mask
+        drawn under them); P^T's exponentials under dP^T; dV's product, dS^T under it,
+        dK's; all waited for before the slot goes back to the loading warp."""
         slot = t % STAGES
         qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
@@ -97,6 +120,14 @@ if hopper_forward.gluon is not None:
         dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)),
                                gl.zeros([64, BLOCK_M], gl.float32, s_layout),
                                use_acc=False, is_async=True)
+        if DROPOUT:
+            pairs: gl.constexpr = pairs_layout(BLOCK_M, True)
+            keep = dropout_mask.keys_first(
+                seed, bh, gl.arange(0, 32, layout=gl.SliceLayout(1, pairs)),
+                gl.arange(0, BLOCK_M // 2, layout=gl.SliceLayout(0, pairs)), m0, n0, Sq, Skv,
+                drop_p, BLOCK_M, 64)
+            keep = gl.convert_layout(keep, s_layout, assert_trivial=True)
+            inv = 1.0 / (1.0 - drop_p)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         if MASKED:
             seen = gl.expand_dims(kj, 1) < kv_len
@@ -113,11 +144,16 @@ if hopper_forward.gluon is not None:
         # dV's product needs P^T only: issued before dP^T is waited for, it pins that wait
         # below every exponential (ptxas would move a free-standing wait up into the first
         # stall, NOTES run 14), and dS^T then runs under it.
-        pt_buf.store(p.to(q.dtype))
+        if DROPOUT:  # dV from the kept P^T, scaled; dS^T from P^T and the kept dP^T
+            pt_buf.store(gl.where(keep, p * inv, 0.0).to(q.dtype))
+        else:
+            pt_buf.store(p.to(q.dtype))
         fence_async_shared()
         gl.thread_barrier()
         dv_tok = warpgroup_mma(pt_buf, do, dv, is_async=True)
         dp = warpgroup_mma_wait(1, deps=[dp_tok])
+        if DROPOUT:
+            dp = gl.where(keep, dp * inv, 0.0)
         delta = rows_ring.index(STAGES + slot).load(gl.SliceLayout(0, s_layout))
         dst_buf.store((p * (dp - gl.expand_dims(delta, 0))).to(q.dtype))
         fence_async_shared()
@@ -128,14 +164,16 @@ if hopper_forward.gluon is not None:
         return dk, dv
 
     @gluon.jit
-    def _dkdv_consume(DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group, first_block,
-                      n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                      stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring, ready, free, pt_buf,
-                      dst_buf, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
-                      STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    def _dkdv_consume(DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group, Hq,
+                      first_block, n_blocks, seed, drop_p, stride_dkb, stride_dkh, stride_dkn,
+                      stride_dvb, stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring,
+                      ready, free, pt_buf, dst_buf, rows_ring, HEAD_D: gl.constexpr,
+                      BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                      DROPOUT: gl.constexpr):
         """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
         first_block.. of every query head of the group, stored (dK scaled). pt_buf,
         dst_buf: the warpgroup's own (64, BLOCK_M) buffers for P^T and dS^T."""
+        seed = dropout_mask.seed_value(seed, DROPOUT)
         s_layout: gl.constexpr = score_layout(BLOCK_M)
         d_layout: gl.constexpr = score_layout(HEAD_D)
         kj = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
@@ -144,19 +182,22 @@ if hopper_forward.gluon is not None:
         mbarrier.wait(kv_bar, 0)
         for t in range(group * n_blocks):
             m0 = (first_block + t % n_blocks) * BLOCK_M
+            bh = b * Hq + kvh * group + t // n_blocks
             # Every key of the warpgroup below kv_len and (causal) seen by the block's
             # first query: no index checks.
             whole = n0 + 64 <= kv_len
             if CAUSAL:
                 whole = whole & (n0 + 63 <= m0 + off)
             if whole:
-                dk, dv = _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
-                                    q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring, False,
-                                    CAUSAL, STAGES, BLOCK_M, s_layout)
+                dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
+                                    bh, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free,
+                                    pt_buf, dst_buf, rows_ring, False, CAUSAL, DROPOUT, STAGES,
+                                    BLOCK_M, s_layout)
             else:
-                dk, dv = _dkdv_step(t, m0, dk, dv, kj, kv_len, off, qk_scale, Sq, k_smem, v_smem,
-                                    q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring, True,
-                                    CAUSAL, STAGES, BLOCK_M, s_layout)
+                dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
+                                    bh, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free,
+                                    pt_buf, dst_buf, rows_ring, True, CAUSAL, DROPOUT, STAGES,
+                                    BLOCK_M, s_layout)
         rows = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, d_layout))
         cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
         ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0)
@@ -199,19 +240,19 @@ if hopper_forward.gluon is not None:
 
     @gluon.jit
     def _dkdv_worker(ROLE: gl.constexpr, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
-                     qk_scale, scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
-                     stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
-                     do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem, dst_smem,
-                     rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                     CAUSAL: gl.constexpr):
+                     qk_scale, scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
+                     stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc,
+                     q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
+                     dst_smem, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
         """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
         if ROLE == 0:
             _dkdv_consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
-                          first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                          stride_dvh, stride_dvn, box(k_box, 0).slice(64, 64),
-                          box(v_box, 0).slice(64, 64), kv_bar, q_ring, do_ring, ready, free,
-                          pt_smem.index(1), dst_smem.index(1), rows_ring, HEAD_D, BLOCK_M, STAGES,
-                          CAUSAL)
+                          Hq, first_block, n_blocks, seed, drop_p, stride_dkb, stride_dkh,
+                          stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                          box(k_box, 0).slice(64, 64), box(v_box, 0).slice(64, 64), kv_bar,
+                          q_ring, do_ring, ready, free, pt_smem.index(1), dst_smem.index(1),
+                          rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)
         else:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                           v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar, q_ring,
@@ -220,15 +261,19 @@ if hopper_forward.gluon is not None:
     # With group == 1 specialised as a constant (Triton's default for an int that is 1),
     # key blocks that take the index-checked step came out wrong or faulted (H200, Triton
     # 3.6; NOTES run 15); unspecialised, the same cases pass.
-    @gluon.jit(do_not_specialize=["group"])
+    # The dropout seed is drawn anew for every call: not specialised either (fused_triton's
+    # _kernel says why).
+    @gluon.jit(do_not_specialize=["group", "seed"])
     def dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, LENGTHS,
                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                    Hq, Hkv, group, Sq, Skv, qk_scale, scale,
+                    Hq, Hkv, group, Sq, Skv, qk_scale, scale, seed, drop_p,
                     HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
+                    DROPOUT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                    HEAD_GROUP: gl.constexpr):
         """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS). The four
         descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (K, V) and (1, 1,
-        BLOCK_M, D) (Q, dO)."""
+        BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), seed an int or a pointer
+        to one."""
         BLOCK_N: gl.constexpr = 128
         dtype: gl.constexpr = q_desc.dtype
         # The programs start HEAD_GROUP heads at a time, each one's first key block (under
@@ -282,36 +327,48 @@ if hopper_forward.gluon is not None:
         # 64K; at BLOCK_M 64 and D=128 they need them all.
         gl.warp_specialize([
             (_dkdv_consume, (DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
-                             first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                             stride_dvh, stride_dvn, box(k_box, 0).slice(0, 64),
-                             box(v_box, 0).slice(0, 64), kv_bar, q_ring, do_ring, ready, free,
-                             pt_smem.index(0), dst_smem.index(0), rows_ring, HEAD_D, BLOCK_M,
-                             STAGES, CAUSAL)),
+                             Hq, first_block, n_blocks, seed, drop_p, stride_dkb, stride_dkh,
+                             stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                             box(k_box, 0).slice(0, 64), box(v_box, 0).slice(0, 64), kv_bar,
+                             q_ring, do_ring, ready, free, pt_smem.index(0), dst_smem.index(0),
+                             rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)),
             (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
-                            scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
-                            stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
-                            do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
-                            dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+                            scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
+                            stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
+                            v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
+                            free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
+                            DROPOUT)),
             (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
-                            scale, group, Hq, first_block, n_blocks, stride_dkb, stride_dkh,
-                            stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc,
-                            do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
-                            dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL)),
+                            scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
+                            stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
+                            v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
+                            free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
+                            DROPOUT)),
         ], [4, 1], [240, 24])
 
     @gluon.jit
-    def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem, do_smem,
+    def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout, q_smem, do_smem,
                  k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                  MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_NEXT: gl.constexpr,
-                 STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                 ds_layout: gl.constexpr):
-        """Key block j, whose S and dP are in registers: block j+1's S and dP are issued
-        (HAS_NEXT), block j's exponentials and dS run while they are on the tensor cores,
-        then block j's dQ product; everything is waited for before the next step, since a
-        product still in flight across the loop's back edge makes ptxas serialize them all
-        (C7514). Returns block j+1's S and dP, and dq."""
+                 DROPOUT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                 s_layout: gl.constexpr, ds_layout: gl.constexpr):
+        """Key block j, whose S and dP are in registers: dropout's mask applied to dP
+        (DROPOUT), block j+1's S and dP issued (HAS_NEXT), block j's exponentials and dS
+        run while they are on the tensor cores, then block j's dQ product; everything is
+        waited for before the next step, since a product still in flight across the
+        loop's back edge makes ptxas serialize them all (C7514). dropout: (seed, bh, row0,
+        Sq, drop_p), the rows' 64 start at row0. Returns block j+1's S and dP, and dq."""
         slot = j % STAGES
         mbarrier.arrive(v_free.index(slot), count=1)  # dP, the one reader of V's slot, is done
+        if DROPOUT:  # before the next S and dP take their registers
+            seed, bh, row0, Sq, drop_p = dropout
+            pairs: gl.constexpr = pairs_layout(BLOCK_N, False)
+            keep = dropout_mask.rows_first(
+                seed, bh, gl.arange(0, 32, layout=gl.SliceLayout(1, pairs)),
+                gl.arange(0, BLOCK_N // 4, layout=gl.SliceLayout(0, pairs)), row0, j * BLOCK_N,
+                Sq, Sq + off, drop_p, 64, BLOCK_N)
+            keep = gl.convert_layout(keep, s_layout, assert_trivial=True)
+            dp = gl.where(keep, dp * (1.0 / (1.0 - drop_p)), 0.0)
         if HAS_NEXT:
             nxt = (j + 1) % STAGES
             phase = ((j + 1) // STAGES) & 1
@@ -341,24 +398,27 @@ if hopper_forward.gluon is not None:
         return s, dp, dq
 
     @gluon.jit
-    def _dq_blocks(first, last, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem,
-                   do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
-                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                   BLOCK_N: gl.constexpr, s_layout: gl.constexpr, ds_layout: gl.constexpr):
+    def _dq_blocks(first, last, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout,
+                   q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
+                   STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                   ds_layout: gl.constexpr):
         for j in range(first, last):
-            s, dp, dq = _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, q_smem,
-                                 do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free, MASKED,
-                                 CAUSAL, True, STAGES, BLOCK_N, s_layout, ds_layout)
+            s, dp, dq = _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout,
+                                 q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                                 MASKED, CAUSAL, True, DROPOUT, STAGES, BLOCK_N, s_layout,
+                                 ds_layout)
         return s, dp, dq
 
     @gluon.jit
     def _dq_consume(Out, LSE, DELTA, DQ, b, h, bh, row0, Sq, kv_len, off, qk_scale, scale, total,
-                    full_blocks, stride_ob, stride_oh, stride_om, stride_dqb, stride_dqh,
-                    stride_dqm, q_smem, do_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_free,
-                    v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    CAUSAL: gl.constexpr):
+                    full_blocks, seed, drop_p, stride_ob, stride_oh, stride_om, stride_dqb,
+                    stride_dqh, stride_dqm, q_smem, do_smem, k_smem, v_smem, q_bar, k_bars,
+                    v_bars, k_free, v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
         """One warpgroup's 64 query rows [row0, row0 + 64): delta, then dq over every key
         block, stored scaled."""
+        dropout = (dropout_mask.seed_value(seed, DROPOUT), bh, row0, Sq, drop_p)
         ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = score_layout(BLOCK_N)
         d_layout: gl.constexpr = score_layout(HEAD_D)
@@ -395,14 +455,17 @@ if hopper_forward.gluon is not None:
         # apart, as it issues no next S and dP.
         split = gl.minimum(full_blocks, total - 1)
         s, dp, dq = _dq_blocks(0, split, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
-                               q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
-                               False, CAUSAL, STAGES, BLOCK_N, s_layout, ds_layout)
+                               dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
+                               v_free, False, CAUSAL, DROPOUT, STAGES, BLOCK_N, s_layout,
+                               ds_layout)
         s, dp, dq = _dq_blocks(split, total - 1, s, dp, dq, lse, delta, qi, kv_len, off,
-                               qk_scale, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
-                               v_free, True, CAUSAL, STAGES, BLOCK_N, s_layout, ds_layout)
+                               qk_scale, dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars,
+                               k_free, v_free, True, CAUSAL, DROPOUT, STAGES, BLOCK_N, s_layout,
+                               ds_layout)
         s, dp, dq = _dq_step(total - 1, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
-                             q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
-                             True, CAUSAL, False, STAGES, BLOCK_N, s_layout, ds_layout)
+                             dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
+                             v_free, True, CAUSAL, False, DROPOUT, STAGES, BLOCK_N, s_layout,
+                             ds_layout)
 
         d_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, d_layout))
         d_cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
@@ -412,19 +475,19 @@ if hopper_forward.gluon is not None:
 
     @gluon.jit
     def _dq_worker(ROLE: gl.constexpr, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off,
-                   qk_scale, scale, total, full_blocks, stride_ob, stride_oh, stride_om,
-                   stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc, q_box,
-                   do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
+                   qk_scale, scale, total, full_blocks, seed, drop_p, stride_ob, stride_oh,
+                   stride_om, stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc,
+                   q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
                    HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr):
+                   CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
         """ROLE 0: the second warpgroup's rows; ROLE 1: the loading warp (Q and dO on one
         barrier, then the K/V ring)."""
         if ROLE == 0:
             _dq_consume(Out, LSE, DELTA, DQ, b, h, bh, m0 + 64, Sq, kv_len, off, qk_scale, scale,
-                        total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
-                        stride_dqh, stride_dqm, box(q_box, 0).slice(64, 64),
+                        total, full_blocks, seed, drop_p, stride_ob, stride_oh, stride_om,
+                        stride_dqb, stride_dqh, stride_dqm, box(q_box, 0).slice(64, 64),
                         box(do_box, 0).slice(64, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
-                        k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL)
+                        k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)
         else:
             b32 = b.to(gl.int32)  # TMA coordinates are 32-bit
             h32 = h.to(gl.int32)
@@ -448,15 +511,17 @@ if hopper_forward.gluon is not None:
         h = (bh % Hq).to(gl.int64)
         return pid_m, bh, b, h, h // group
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["seed"])
     def dq_kernel(q_desc, k_desc, v_desc, Out, do_desc, LSE, DELTA, DQ, LENGTHS,
                   stride_ob, stride_oh, stride_om, stride_dqb, stride_dqh, stride_dqm,
-                  Hq, group, Sq, Skv, qk_scale, scale,
+                  Hq, group, Sq, Skv, qk_scale, scale, seed, drop_p,
                   HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_GROUP: gl.constexpr):
+                  DROPOUT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  HEAD_GROUP: gl.constexpr):
         """One program per (128 query rows, batch * query head); 4 warps + 4 + 1 (WS). The
         four descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (Q, dO) and (1, 1,
-        BLOCK_N, D) (K, V: the forward's ring, kv_ring and load_kv_ring)."""
+        BLOCK_N, D) (K, V: the forward's ring, kv_ring and load_kv_ring). seed, drop_p:
+        as dkdv_kernel's."""
         BLOCK_M: gl.constexpr = 128
         pid_m, bh, b, h, kvh = _dq_program(Hq, group, CAUSAL, HEAD_GROUP)
         m0 = pid_m * BLOCK_M
@@ -471,20 +536,20 @@ if hopper_forward.gluon is not None:
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = kv_ring(k_desc, STAGES, 2)
         gl.warp_specialize([
             (_dq_consume, (Out, LSE, DELTA, DQ, b, h, bh, m0, Sq, kv_len, off, qk_scale, scale,
-                           total, full_blocks, stride_ob, stride_oh, stride_om, stride_dqb,
-                           stride_dqh, stride_dqm, box(q_box, 0).slice(0, 64),
+                           total, full_blocks, seed, drop_p, stride_ob, stride_oh, stride_om,
+                           stride_dqb, stride_dqh, stride_dqm, box(q_box, 0).slice(0, 64),
                            box(do_box, 0).slice(0, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
-                           k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL)),
+                           k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)),
             (_dq_worker, (0, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off, qk_scale,
-                          scale, total, full_blocks, stride_ob, stride_oh, stride_om,
-                          stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc,
-                          q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
-                          HEAD_D, BLOCK_N, STAGES, CAUSAL)),
+                          scale, total, full_blocks, seed, drop_p, stride_ob, stride_oh,
+                          stride_om, stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc,
+                          v_desc, q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free,
+                          v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)),
             (_dq_worker, (1, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off, qk_scale,
-                          scale, total, full_blocks, stride_ob, stride_oh, stride_om,
-                          stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc,
-                          q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
-                          HEAD_D, BLOCK_N, STAGES, CAUSAL)),
+                          scale, total, full_blocks, seed, drop_p, stride_ob, stride_oh,
+                          stride_om, stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc,
+                          v_desc, q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free,
+                          v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)),
         ], [4, 1], [232, 24])
 
 
@@ -492,22 +557,30 @@ if hopper_forward.gluon is not None:
 # (32, 3) was 0.83-0.96x it; (32, 4) and (64, 3) gave wrong dK/dV before the mask was
 # made per element and were not checked after.
 DKDV_CONFIG = (64, 2)
+# With dropout, by head dim: at D=128 (64, 2) spills (~300 local-memory instructions: the
+# Philox words on top of S^T, dP^T, dK and dV in registers) and (32, 2) does not
+# (benchmarks/gluon_sass.py --dropout, run 35); D=64 keeps DKDV_CONFIG, spill-free.
+DKDV_DROPOUT_CONFIG = {128: (32, 2)}
 # (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
 # blocks spill and serialize the matmuls (NOTES runs 14, 22).
 DQ_CONFIG = (64, 3)
 
 
 def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, scale: float,
-                config: tuple[int, int] = DKDV_CONFIG, head_group: int = 1,
-                launcher=hopper_forward.run_kernel) -> None:
+                seed=0, dropout_p: float = 0.0, config: tuple[int, int] | None = None,
+                head_group: int = 1, launcher=hopper_forward.run_kernel) -> None:
     """Write dk, dv (shaped like k, v (B, Hkv, Skv, D)) for q (B, Hq, Sq, D), dout (like
     q), lse and delta (B, Hq, Sq) float32 (delta = rowsum(out * dout), from the dQ
     kernel). The caller has checked that the call is one this kernel covers
-    (fused_triton._hopper_backward_fits). head_group: how many (batch, kv head) pairs'
-    programs start together, each one's first key block first. launcher: called as
-    hopper_forward.run_kernel is."""
-    block_m, stages = config
+    (fused_triton._hopper_backward_fits). seed: dropout's, as the forward took it (an
+    int, or an int64 tensor on the call's device); dropout_p > 0 drops. config: (BLOCK_M,
+    STAGES), None for DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). head_group: how
+    many (batch, kv head) pairs' programs start together, each one's first key block
+    first. launcher: called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
+    if config is None:
+        config = DKDV_DROPOUT_CONFIG.get(D, DKDV_CONFIG) if dropout_p > 0.0 else DKDV_CONFIG
+    block_m, stages = config
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
@@ -515,21 +588,21 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
         descriptor(q, block_m), descriptor(k, 128), descriptor(v, 128),
         descriptor(dout, block_m), lse, delta, dk, dv, lengths,
         *dk.stride()[:3], *dv.stride()[:3],
-        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale,
+        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale, seed, dropout_p,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-            BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
+            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
         {"num_warps": 4, "maxnreg": 168})
 
 
 def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, scale: float,
-              config: tuple[int, int] = DQ_CONFIG, head_group: int = 1,
-              launcher=hopper_forward.run_kernel) -> None:
+              seed=0, dropout_p: float = 0.0, config: tuple[int, int] = DQ_CONFIG,
+              head_group: int = 1, launcher=hopper_forward.run_kernel) -> None:
     """Write dq (like q (B, Hq, Sq, D)) and delta (B, Hq, Sq) float32 = rowsum(out * dout)
     for the dK/dV kernel, from k, v (B, Hkv, Skv, D), out and dout (like q) and lse (B, Hq,
     Sq) float32. out, dq: unit stride along D. The caller has checked that the call is one
-    this kernel covers (fused_triton._hopper_backward_fits). head_group: how many (batch, query
-    head) pairs' programs start together, causal ones' last query block first. launcher:
-    called as hopper_forward.run_kernel is."""
+    this kernel covers (fused_triton._hopper_backward_fits). seed, dropout_p: as
+    launch_dkdv's. head_group: how many (batch, query head) pairs' programs start together,
+    causal ones' last query block first. launcher: called as hopper_forward.run_kernel is."""
     block_n, stages = config
     B, Hq, Sq, D = q.shape
     lengths = key_lengths if key_lengths is not None else lse
@@ -537,7 +610,8 @@ def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, sca
     launcher(dq_kernel, (-(-Sq // 128), B * Hq), (
         descriptor(q, 128), descriptor(k, block_n), descriptor(v, block_n), out,
         descriptor(dout, 128), lse, delta, dq, lengths, *out.stride()[:3], *dq.stride()[:3],
-        Hq, Hq // k.shape[1], Sq, k.shape[2], scale * hopper_forward.LOG2E, scale,
+        Hq, Hq // k.shape[1], Sq, k.shape[2], scale * hopper_forward.LOG2E, scale, seed,
+        dropout_p,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-            BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group),
+            DROPOUT=dropout_p > 0.0, BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group),
         {"num_warps": 4, "maxnreg": 168})

@@ -143,6 +143,7 @@ def main() -> None:
     report = {"meta": {**environment(torch.device("cuda")), "kind": "dropout-seed",
                        "triton": triton.__version__, "dropout_p": args.dropout,
                        "rounds": args.rounds}, "rows": []}
+    os.makedirs(args.out, exist_ok=True)
     for text in args.shape or SHAPES:
         b, h, sq, skv, d, causal = parse_shape(text)
         if sq != skv:  # SDPA's is_causal aligns to the top left, attnkit's to the bottom right

@@ -19,9 +19,10 @@ for each seed kind apart, so their outputs may differ by rounding. Prints one li
 shape and pass; writes DIR/dropout_seed.json, with the autotuner's picks.
 
 --pieces also times the backward's two Triton kernels alone (`dq`: the dQ kernel, which
-writes delta; `dkdv`: the dK/dV kernel), each autotuned, for the three kinds: where
-`backward` runs the Gluon kernels without dropout (on Hopper, where they cover the call),
-these say what dropout costs each Triton kernel against that kernel without it.
+writes delta; `dkdv`: the dK/dV kernel), each autotuned, for the chosen kinds: these say
+what dropout costs each Triton kernel against that kernel without it. On Hopper, where
+the Gluon backward kernels cover the call, it times them alone too (`gluon_dq`,
+`gluon_dkdv`; `backward` runs them, with dropout too since run 36).
 
 --kinds times only those of none, int, tensor, sdpa_none, sdpa_int (all by default): on
 a cold process most of the time is the autotuner's, which tunes each seed kind apart and
@@ -43,6 +44,7 @@ from kernel_variants import parse_shape  # beside this script
 from triton.testing import do_bench
 
 from attnkit.backends import fused_triton as ft
+from attnkit.backends import hopper_backward
 from attnkit.bench import attention_flops, environment
 from attnkit.call import make_call
 
@@ -94,7 +96,8 @@ def run_shape(shape, dropout_p: float, rounds: int, pieces: bool,
                 samples[kind].append(float(do_bench(fn, warmup=25, rep=150,
                                                     return_mode="median")))
         ms = {kind: statistics.median(times) for kind, times in samples.items()}
-        flops = attention_flops(b, h, s, s, d, causal) * BACKWARD_SHARE.get(name, 1)
+        flops = (attention_flops(b, h, s, s, d, causal)
+                 * BACKWARD_SHARE.get(name.removeprefix("gluon_"), 1))
         rows.append({"shape": {"batch": b, "heads": h, "seq": s, "head_dim": d,
                                "causal": causal}, "pass": name, "ms": ms,
                      "tflops": {kind: flops / t / 1e9 for kind, t in ms.items()},
@@ -123,7 +126,39 @@ def backward_pieces(calls: dict, seeds: dict, forwards: dict, dout) -> dict:
 
     for kind in calls:  # the dK/dV kernel reads the delta that the dQ kernel wrote
         dq(kind)
-    return {"dq": dq, "dkdv": dkdv}
+    return {"dq": dq, "dkdv": dkdv} | gluon_pieces(calls, seeds, forwards, dout, delta, grads)
+
+
+def gluon_pieces(calls: dict, seeds: dict, forwards: dict, dout, delta: dict,
+                 grads: dict) -> dict:
+    """--pieces: the passes `gluon_dq` and `gluon_dkdv`, the Gluon backward kernels alone
+    per kind, each where it covers the call of every kind timed (Hopper; fused_triton's
+    _uses_hopper_backward), as _backward launches them."""
+    fits = [ft._uses_hopper_backward(call, forwards[kind][0], dout)
+            for kind, call in calls.items()]
+    head_group = {kind: ft._meta(call, seeds[kind])[1]["HEAD_GROUP"]
+                  for kind, call in calls.items()}
+
+    def gluon_dq(kind: str):
+        call, (out, lse) = calls[kind], forwards[kind]
+        hopper_backward.launch_dq(call.q, call.k, call.v, out, dout, lse, delta[kind],
+                                  grads[kind][0], call.key_lengths, call.causal, call.scale,
+                                  seeds[kind], call.dropout_p, head_group=head_group[kind],
+                                  launcher=ft._launch_jitted)
+
+    def gluon_dkdv(kind: str):
+        call, lse = calls[kind], forwards[kind][1]
+        hopper_backward.launch_dkdv(call.q, call.k, call.v, dout, lse, delta[kind],
+                                    *grads[kind][1:], call.key_lengths, call.causal,
+                                    call.scale, seeds[kind], call.dropout_p,
+                                    head_group=head_group[kind], launcher=ft._launch_jitted)
+
+    pieces = {}
+    if all(dkdv for dkdv, _ in fits):
+        pieces["gluon_dkdv"] = gluon_dkdv
+    if all(dq for _, dq in fits):
+        pieces["gluon_dq"] = gluon_dq
+    return pieces
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ machine (no GPU needed: Triton's frontend and the ptxas it bundles run on the CP
 
     TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=src python benchmarks/triton_registers.py \
         [--head-dim 128] [--causal] [--grouped] [--dropout] [--lengths] [--kernel dkdv] \
-        [--config M,N,WARPS,STAGES ...] \
+        [--config M,N,WARPS,STAGES ...] [--counts] \
         [--out DIR]
 
 Compiles the forward, dK/dV and dQ kernels under every config of their autotune lists
@@ -15,6 +15,8 @@ the loops) and shared memory per program, from `cuobjdump -res-usage`. The numbe
 the installed Triton's, which need not be the GPU machine's version. A tile that ptxas
 rejects or crashes on is reported as such and the rest go on: under the device's Triton
 (3.6) this is how to see, with no GPU, which tiles a kernel change leaves unbuildable.
+--counts also prints what a kernel change moved in a build without spilling: layout
+conversions (TTGIR), barriers, Philox's multiplies (PTX mul.hi) and PTX lines.
 """
 
 import argparse
@@ -61,6 +63,15 @@ def resources(cubin: bytes) -> dict[str, int]:
     return {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK):(\d+)", text)}
 
 
+def instruction_counts(asm: dict) -> dict[str, int]:
+    """--counts: a build's layout conversions (each one a trip through shared memory or
+    shuffles), barriers, high multiplies (Philox's rounds) and PTX lines."""
+    ptx = asm["ptx"]
+    return {"convert_layout": asm["ttgir"].count("ttg.convert_layout"),
+            "bar": len(re.findall(r"\b(?:bar|barrier)\.sync", ptx)),
+            "mul_hi": len(re.findall(r"\bmul\.hi\.", ptx)), "ptx_lines": ptx.count("\n")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=128)
@@ -74,6 +85,8 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES")
     parser.add_argument("--kernel", action="append", choices=list(KERNELS), default=[],
                         help="only these kernels (repeatable; default: all three)")
+    parser.add_argument("--counts", action="store_true",
+                        help="also count layout conversions, barriers, mul.hi, PTX lines")
     parser.add_argument("--out", default=None, help="also write DIR/triton_registers.json")
     args = parser.parse_args()
     d = args.head_dim
@@ -105,9 +118,11 @@ def main() -> None:
                 continue
             row = {"kernel": name, "config": [m, n, warps, stages],
                    "shared": compiled.metadata.shared, **resources(compiled.asm["cubin"])}
-            rows.append(row)
+            counts = instruction_counts(compiled.asm) if args.counts else {}
+            rows.append(row | counts)
             print(f"{name:5s} {str((m, n, warps, stages)):18s} registers {row['reg']:3d}  "
-                  f"stack {row['stack']:5d} B  shared {row['shared']:6d} B", flush=True)
+                  f"stack {row['stack']:5d} B  shared {row['shared']:6d} B"
+                  + "".join(f"  {key} {value}" for key, value in counts.items()), flush=True)
     if args.out:
         with open(os.path.join(args.out, "triton_registers.json"), "w") as f:
             json.dump({"triton": triton.__version__, "head_dim": d, "causal": args.causal,

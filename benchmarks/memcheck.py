@@ -37,11 +37,17 @@ CASES = [
 ]
 
 
-def with_dropout(device: str) -> None:
-    """Dropout has no oracle to check against; run it forward and backward for memcheck."""
-    q, k, v = (torch.randn(2, 3, 70, 48, device=device, dtype=DTYPE,
-                           requires_grad=True) for _ in range(3))
-    out = attention(q, k, v, causal=True, dropout_p=0.2, impl="triton")
+def with_dropout(device: str, heads: tuple[int, int] = (3, 3), seq: tuple[int, int] = (70, 70),
+                 head_dim: int = 48, causal: bool = True, key_lengths=None) -> None:
+    """Dropout has no oracle to check against; run it forward and backward for memcheck,
+    on B=2 and heads (query, key/value) heads, seq (Sq, Skv)."""
+    q = torch.randn(2, heads[0], seq[0], head_dim, device=device, dtype=DTYPE,
+                    requires_grad=True)
+    k, v = (torch.randn(2, heads[1], seq[1], head_dim, device=device, dtype=DTYPE,
+                        requires_grad=True) for _ in range(2))
+    lengths = None if key_lengths is None else torch.tensor(key_lengths, device=device)
+    out = attention(q, k, v, causal=causal, key_lengths=lengths, dropout_p=0.2,
+                    impl="triton")
     torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
 
 
@@ -132,6 +138,13 @@ def main(gluon_only: bool = False) -> int:
         counts = {name: names.count(name) for name in ("launch", "launch_dq", "launch_dkdv")}
         print(f"Gluon launches: {counts}", flush=True)
         failed += any(count != 3 * len(GLUON_CASES) for count in counts.values())
+        # with dropout: grouped heads, a batch that sees no key, lengths mid-block
+        launched.clear()
+        with_dropout(device, (4, 2), (300, 700), 128, True, [700, 0])
+        with_dropout(device, (4, 4), (1000, 1000), 64, False)
+        names = {name for name, _ in launched}
+        print(f"Gluon kernels with dropout: {sorted(names)}", flush=True)
+        failed += not {"launch_dq", "launch_dkdv"} <= names
     return 1 if failed else 0
 
 

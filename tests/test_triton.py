@@ -1110,6 +1110,63 @@ def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
         assert ft._hopper_backward_fits(call, dout, dout) == (True, True), case
 
 
+def test_dropout_seed_pieces_launch_the_kernels_as_backward_does(monkeypatch):
+    """benchmarks/dropout_seed.py --pieces times the backward's kernels one at a time
+    through fused_triton's private launch functions: each piece (the Triton dQ and dK/dV
+    kernels, and the Gluon ones as on Hopper) gets the arguments _backward gives that
+    kernel, buffers it allocates itself aside, so that a change there cannot leave the
+    script timing something else unnoticed until a GPU run."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_backward as hb
+    from attnkit.call import make_call
+
+    script = _benchmark_script("dropout_seed", monkeypatch)
+    seen = []
+    for module, name in ((ft, "_launch_dq"), (ft, "_launch_dkdv"), (hb, "launch_dq"),
+                         (hb, "launch_dkdv")):
+        monkeypatch.setattr(module, name, lambda *args, _name=name, **kwargs:
+                            seen.append((_name, args, kwargs)))
+    monkeypatch.setattr(ft, "_ran_on_gluon", lambda name, kernel, launch: launch() or True)
+    q, k, v, dout = (torch.randn(1, 2, 17, 16, dtype=DTYPE) for _ in range(4))
+    call = make_call(q, k, v, causal=True, dropout_p=0.2)
+    seed = torch.tensor(5)
+    out, lse = torch.randn_like(q), torch.randn(1, 2, 17)
+
+    given = {id(t): name for name, t in (("q", call.q), ("k", call.k), ("v", call.v),
+                                          ("out", out), ("lse", lse), ("dout", dout),
+                                          ("seed", seed))}
+
+    def form(arg):
+        """An argument as compared: the call and the tensors given by name, other tensors
+        (buffers, which the pieces allocate for themselves) by their layout, tuples and
+        dicts by their items."""
+        if arg is call:
+            return "call"
+        if isinstance(arg, torch.Tensor):
+            return given.get(id(arg), ("tensor", arg.shape, arg.dtype, arg.stride()))
+        if isinstance(arg, (tuple, list)):
+            return tuple(map(form, arg))
+        return {key: form(value) for key, value in arg.items()} if isinstance(arg, dict) else arg
+
+    def launches(gluon: bool, run) -> dict:
+        """{launch function: (its arguments' form, keywords' form)} of what run launches
+        with the Gluon kernels on or off (the Triton launches' last argument, the tile
+        config, is None from _backward and left out by the script)."""
+        monkeypatch.setattr(ft, "_uses_hopper_backward", lambda *args: (gluon, gluon))
+        seen.clear()
+        run()
+        return {name: (form(args[:7] if name.startswith("_") else args), form(kwargs))
+                for name, args, kwargs in seen}
+
+    for gluon in (False, True):
+        want = launches(gluon, lambda: ft._backward(call, seed, out, lse, dout))
+        pieces = script.backward_pieces({"tensor": call}, {"tensor": seed},
+                                        {"tensor": (out, lse)}, dout)
+        assert set(pieces) == {"dq", "dkdv"} | ({"gluon_dq", "gluon_dkdv"} if gluon else set())
+        got = launches(gluon, lambda pieces=pieces: [run("tensor") for run in pieces.values()])
+        assert {name: got[name] for name in want} == want, gluon
+
+
 def test_module_time_imports_what_bench_still_has(monkeypatch):
     """benchmarks/module_time.py builds its workloads with attnkit.bench's own private
     helpers; one renamed there would break it only on a GPU."""

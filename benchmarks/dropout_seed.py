@@ -44,7 +44,6 @@ from kernel_variants import parse_shape  # beside this script
 from triton.testing import do_bench
 
 from attnkit.backends import fused_triton as ft
-from attnkit.backends import hopper_backward
 from attnkit.bench import attention_flops, environment
 from attnkit.call import make_call
 
@@ -108,11 +107,14 @@ def run_shape(shape, dropout_p: float, rounds: int, pieces: bool,
 
 
 def backward_pieces(calls: dict, seeds: dict, forwards: dict, dout) -> dict:
-    """--pieces: the passes `dq` and `dkdv`, the Triton backward kernels alone per kind.
-    Their shared arguments, delta and gradient buffers are made once per kind, outside
-    the timed passes."""
-    shared = {kind: ft._backward_shared(call, ft._meta(call, seeds[kind]), forwards[kind][1],
-                                        dout) for kind, call in calls.items()}
+    """--pieces: the passes `dq` and `dkdv`, the Triton backward kernels alone per kind,
+    and `gluon_dq` and `gluon_dkdv`, the Gluon ones, each where it covers the call of
+    every kind timed (Hopper; fused_triton's _uses_hopper_backward). All are launched
+    through the functions _backward launches them with; their shared arguments, delta
+    and gradient buffers are made once per kind, outside the timed passes."""
+    metas = {kind: ft._meta(call, seeds[kind]) for kind, call in calls.items()}
+    shared = {kind: ft._backward_shared(call, metas[kind], forwards[kind][1], dout)
+              for kind, call in calls.items()}
     delta = {kind: torch.empty_like(lse) for kind, (_, lse) in forwards.items()}
     grads = {kind: ft._empty_grads(call.q, call.k, call.v) for kind, call in calls.items()}
 
@@ -124,39 +126,23 @@ def backward_pieces(calls: dict, seeds: dict, forwards: dict, dout) -> dict:
         ft._launch_dkdv(calls[kind], shared[kind], forwards[kind][1], dout, delta[kind],
                         *grads[kind][1:])
 
-    for kind in calls:  # the dK/dV kernel reads the delta that the dQ kernel wrote
-        dq(kind)
-    return {"dq": dq, "dkdv": dkdv} | gluon_pieces(calls, seeds, forwards, dout, delta, grads)
-
-
-def gluon_pieces(calls: dict, seeds: dict, forwards: dict, dout, delta: dict,
-                 grads: dict) -> dict:
-    """--pieces: the passes `gluon_dq` and `gluon_dkdv`, the Gluon backward kernels alone
-    per kind, each where it covers the call of every kind timed (Hopper; fused_triton's
-    _uses_hopper_backward), as _backward launches them."""
-    fits = [ft._uses_hopper_backward(call, forwards[kind][0], dout)
-            for kind, call in calls.items()]
-    head_group = {kind: ft._meta(call, seeds[kind])[1]["HEAD_GROUP"]
-                  for kind, call in calls.items()}
-
     def gluon_dq(kind: str):
-        call, (out, lse) = calls[kind], forwards[kind]
-        hopper_backward.launch_dq(call.q, call.k, call.v, out, dout, lse, delta[kind],
-                                  grads[kind][0], call.key_lengths, call.causal, call.scale,
-                                  seeds[kind], call.dropout_p, head_group=head_group[kind],
-                                  launcher=ft._launch_jitted)
+        out, lse = forwards[kind]
+        ft._launch_gluon_dq(calls[kind], seeds[kind], metas[kind][1]["HEAD_GROUP"], out, lse,
+                            dout, delta[kind], grads[kind][0])
 
     def gluon_dkdv(kind: str):
-        call, lse = calls[kind], forwards[kind][1]
-        hopper_backward.launch_dkdv(call.q, call.k, call.v, dout, lse, delta[kind],
-                                    *grads[kind][1:], call.key_lengths, call.causal,
-                                    call.scale, seeds[kind], call.dropout_p,
-                                    head_group=head_group[kind], launcher=ft._launch_jitted)
+        ft._launch_gluon_dkdv(calls[kind], seeds[kind], metas[kind][1]["HEAD_GROUP"],
+                              forwards[kind][1], dout, delta[kind], *grads[kind][1:])
 
-    pieces = {}
-    if all(dkdv for dkdv, _ in fits):
+    for kind in calls:  # the dK/dV kernels read the delta that the dQ kernel wrote
+        dq(kind)
+    pieces = {"dq": dq, "dkdv": dkdv}
+    fits = [ft._uses_hopper_backward(call, forwards[kind][0], dout)
+            for kind, call in calls.items()]
+    if all(dkdv_fits for dkdv_fits, _ in fits):
         pieces["gluon_dkdv"] = gluon_dkdv
-    if all(dq for _, dq in fits):
+    if all(dq_fits for _, dq_fits in fits):
         pieces["gluon_dq"] = gluon_dq
     return pieces
 

@@ -279,12 +279,12 @@ def _record_dropout_masks(out, seed, bh, start_m, start_n, Sq, Skv, ROWS: tl.con
     keys = tl.arange(0, N)[None, :]
     paired = dropout_mask.keep(seed, bh, start_m, ROWS, start_n, Sq, Skv, 0.5, N)
     tl.store(out + rows * N + keys, paired.to(tl.int8))
-    keys_first = dropout_mask.keep_keys_first(seed, bh, start_m, ROWS, start_n, Sq,
-                                                        Skv, 0.5, N)
+    keys_first = dropout_mask.keep_keys_first(seed, bh, start_m, ROWS, start_n, Sq, Skv,
+                                              0.5, N)
     tl.store(out + ROWS * N + tl.arange(0, N)[:, None] + tl.arange(0, ROWS)[None, :] * N,
              keys_first.to(tl.int8))
-    per_row = dropout_mask.keep_rows(seed, bh, start_m + tl.arange(0, ROWS), start_n,
-                                              Sq, Skv, 0.5, N)
+    per_row = dropout_mask.keep_rows(seed, bh, start_m + tl.arange(0, ROWS), start_n, Sq,
+                                     Skv, 0.5, N)
     tl.store(out + 2 * ROWS * N + rows * N + keys, per_row.to(tl.int8))
 
 

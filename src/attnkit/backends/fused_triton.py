@@ -1536,7 +1536,6 @@ def _backward(call: AttentionCall, seed: int | Tensor, out: Tensor, lse: Tensor,
     """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
     delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     dq, dk, dv = _empty_grads(call.q, call.k, call.v)
-    q, k, v = call.q, call.k, call.v
     dkdv_gluon, dq_gluon = _uses_hopper_backward(call, out, dout)
     # The Triton kernels' shared arguments are worked out only where one of them runs:
     # this Python runs on autograd's worker thread, where it cost ~1.3-2.2x its time on
@@ -1544,17 +1543,13 @@ def _backward(call: AttentionCall, seed: int | Tensor, out: Tensor, lse: Tensor,
     meta, shared = _meta(call, seed), None
     head_group = meta[1]["HEAD_GROUP"]
     if not (configs[1] is None and dq_gluon
-            and _ran_on_gluon("_HOPPER_DQ", "dQ kernel", lambda: hopper_backward.launch_dq(
-                q, k, v, out, dout, lse, delta, dq, call.key_lengths, call.causal,
-                call.scale, seed, call.dropout_p, head_group=head_group,
-                launcher=_launch_jitted))):
+            and _ran_on_gluon("_HOPPER_DQ", "dQ kernel", lambda: _launch_gluon_dq(
+                call, seed, head_group, out, lse, dout, delta, dq))):
         shared = _backward_shared(call, meta, lse, dout)
         _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
     if not (configs[0] is None and dkdv_gluon
-            and _ran_on_gluon("_HOPPER_DKDV", "dK/dV kernel", lambda: hopper_backward.launch_dkdv(
-                q, k, v, dout, lse, delta, dk, dv, call.key_lengths, call.causal,
-                call.scale, seed, call.dropout_p, head_group=head_group,
-                launcher=_launch_jitted))):
+            and _ran_on_gluon("_HOPPER_DKDV", "dK/dV kernel", lambda: _launch_gluon_dkdv(
+                call, seed, head_group, lse, dout, delta, dk, dv))):
         shared = shared or _backward_shared(call, meta, lse, dout)
         _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
     return dq, dk, dv
@@ -1584,6 +1579,24 @@ def _launch_dq(call: AttentionCall, shared: tuple, out: Tensor, lse: Tensor, dou
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
         *mask_strides, Hq, call.group, Sq, call.seq_kv, *scalars,
     ), flags, tune_key, config)
+
+
+def _launch_gluon_dq(call: AttentionCall, seed: int | Tensor, head_group: int, out: Tensor,
+                     lse: Tensor, dout: Tensor, delta: Tensor, dq: Tensor) -> None:
+    """The Gluon dQ kernel (hopper_backward.launch_dq): dq, and delta for the dK/dV
+    kernel, as _launch_dq writes them."""
+    hopper_backward.launch_dq(call.q, call.k, call.v, out, dout, lse, delta, dq,
+                              call.key_lengths, call.causal, call.scale, seed, call.dropout_p,
+                              head_group=head_group, launcher=_launch_jitted)
+
+
+def _launch_gluon_dkdv(call: AttentionCall, seed: int | Tensor, head_group: int, lse: Tensor,
+                       dout: Tensor, delta: Tensor, dk: Tensor, dv: Tensor) -> None:
+    """The Gluon dK/dV kernel (hopper_backward.launch_dkdv), reading the delta that the
+    dQ kernel wrote."""
+    hopper_backward.launch_dkdv(call.q, call.k, call.v, dout, lse, delta, dk, dv,
+                                call.key_lengths, call.causal, call.scale, seed,
+                                call.dropout_p, head_group=head_group, launcher=_launch_jitted)
 
 
 def _launch_dkdv(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,

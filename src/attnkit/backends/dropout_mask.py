@@ -9,17 +9,20 @@ bits each (p resolved to 2**-16): Philox dominated the kernels at one call per s
 holds in a tensor core's accumulator: a thread holds rows g and g + 8 of each 16 (g =
 lane // 4) against columns 8 j + 2 c + {0, 1} (c = lane % 4). Score (16 R + 8 rq + g, 16
 T + 8 rk + 2 c + h) takes half h of word 2 rq + rk of the call (row pair 8 R + g, key
-group 4 T + c). So the kernels with queries on the accumulator's rows (the forwards, dQ)
-draw each call in the thread that applies it (`keep`, `rows_first`), and those with keys
-on its rows (dK/dV) draw each call in the two threads that hold its halves
-(`keep_keys_first`, `keys_first`): no score moves between threads (run 35; run 34's
-calls of 1 row by 8 keys cost dK/dV a layout conversion a key block and doubled its
-time). The counter, (batch*head, row pair, key group), is an int64: no two calls share
-one.
+group 4 T + c). The counter, (batch*head, row pair, key group), is an int64: no two
+calls share one.
 
-The functions are Triton-language; a Gluon kernel calls them on index vectors in the
-layout it needs (`rows_first`, `keys_first`), and Triton's layout inference carries that
-layout through the joins and permutes to the accumulator's.
+So the kernels with queries on the accumulator's rows (the forwards, dQ) draw each call
+in the thread that applies it (`keep`, `rows_first`). With keys on its rows (dK/dV) a
+call's scores lie in two threads, half in each: the Triton dK/dV kernel draws it in both
+(`keep_keys_first`), so that no score moves between threads (run 35; run 34's calls of
+1 row by 8 keys cost it a layout conversion a key block and doubled its time); the Gluon
+one draws it once and swaps the halves with one shuffle (run 36;
+hopper_backward.pairs_layout).
+
+The functions are Triton-language; a Gluon kernel calls `rows_first` on index vectors in
+the layout it needs, and Triton's layout inference carries that layout through the joins
+and permutes to the mask's.
 """
 
 from __future__ import annotations
@@ -82,23 +85,6 @@ def rows_first(seed, bh, pair_offsets, group_offsets, start_m, start_n, Sq, Skv,
 
 
 @_jit
-def keys_first(seed, bh, key_pair_offsets, pair_offsets, start_m, start_n, Sq, Skv, drop_p,
-               ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """rows_first's mask transposed, (BLOCK_N, ROWS), drawn in that layout: each call
-    twice, by the two threads that hold its keys g' and g' + 8 for h = 0 and 1.
-    key_pair_offsets = arange(BLOCK_N // 2): (T, g'), keys 16 T + g' and 16 T + g' + 8."""
-    key_groups = start_n // 4 + key_pair_offsets // 8 * 4 + key_pair_offsets % 8 // 2
-    shift = (key_pair_offsets % 2 * 16).to(tl.uint32)[:, None]
-    r0, r1, r2, r3 = words(seed, bh, (start_m // 2 + pair_offsets)[None, :],
-                           key_groups[:, None], Sq, Skv)
-    # (key pairs, pairs, rq, rk): (T, g', R, g, rq, rk) in score order (T, rk, g', R, rq, g)
-    both = tl.join(tl.join(kept(r0 >> shift, drop_p), kept(r2 >> shift, drop_p)),
-                   tl.join(kept(r1 >> shift, drop_p), kept(r3 >> shift, drop_p)))
-    both = tl.reshape(both, (BLOCK_N // 16, 8, ROWS // 16, 8, 2, 2))
-    return tl.reshape(tl.permute(both, (0, 5, 1, 2, 4, 3)), (BLOCK_N, ROWS)) != 0
-
-
-@_jit
 def keep(seed, bh, start_m, ROWS: tl.constexpr, start_n, Sq, Skv, drop_p,
          BLOCK_N: tl.constexpr):
     """rows_first in the layout Triton picks (the Triton kernels' queries-first blocks)."""
@@ -109,9 +95,19 @@ def keep(seed, bh, start_m, ROWS: tl.constexpr, start_n, Sq, Skv, drop_p,
 @_jit
 def keep_keys_first(seed, bh, start_m, ROWS: tl.constexpr, start_n, Sq, Skv, drop_p,
                     BLOCK_N: tl.constexpr):
-    """keys_first in the layout Triton picks (the Triton dK/dV kernel)."""
-    return keys_first(seed, bh, tl.arange(0, BLOCK_N // 2), tl.arange(0, ROWS // 2), start_m,
-                      start_n, Sq, Skv, drop_p, ROWS, BLOCK_N)
+    """keep's mask transposed, (BLOCK_N, ROWS), for the Triton dK/dV kernel: drawn in that
+    layout, each call twice, by the two threads that hold its keys g' and g' + 8 for h =
+    0 and 1. Key pairs (T, g'): keys 16 T + g' and 16 T + g' + 8."""
+    key_pairs = tl.arange(0, BLOCK_N // 2)
+    key_groups = start_n // 4 + key_pairs // 8 * 4 + key_pairs % 8 // 2
+    shift = (key_pairs % 2 * 16).to(tl.uint32)[:, None]
+    r0, r1, r2, r3 = words(seed, bh, (start_m // 2 + tl.arange(0, ROWS // 2))[None, :],
+                           key_groups[:, None], Sq, Skv)
+    # (key pairs, pairs, rq, rk): (T, g', R, g, rq, rk) in score order (T, rk, g', R, rq, g)
+    both = tl.join(tl.join(kept(r0 >> shift, drop_p), kept(r2 >> shift, drop_p)),
+                   tl.join(kept(r1 >> shift, drop_p), kept(r3 >> shift, drop_p)))
+    both = tl.reshape(both, (BLOCK_N // 16, 8, ROWS // 16, 8, 2, 2))
+    return tl.reshape(tl.permute(both, (0, 5, 1, 2, 4, 3)), (BLOCK_N, ROWS)) != 0
 
 
 @_jit

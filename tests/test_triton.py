@@ -6,6 +6,7 @@ TRITON_INTERPRET=1), which is slow: shapes stay tiny, and the interpreter's bloc
 bfloat16 dots (triton-lang/triton#11584), so CPU cases use float16.
 """
 
+import functools
 import importlib
 import inspect
 import itertools
@@ -1680,10 +1681,11 @@ def test_hopper_forward_configs_on_gpu(head_dim, dtype):
 
 
 @pytest.mark.gpu
-def test_hopper_forward_tile_counter_is_zero_after_each_launch_on_gpu():
+def test_hopper_forward_tile_counter_is_zero_after_each_launch_on_gpu(monkeypatch):
     """The Gluon forward leaves its tile counter at zero for the next launch on the
     stream (tile_counter): launches one after another, on two streams in turns without a
-    synchronize, and replays of a CUDA graph (its own counter) all match the oracle."""
+    synchronize, replays of a CUDA graph (its own counter), and launches on more streams
+    at once than stream_counter keeps pairs for all match the oracle."""
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_forward as hf
     from attnkit.call import make_call
@@ -1709,21 +1711,36 @@ def test_hopper_forward_tile_counter_is_zero_after_each_launch_on_gpu():
         with torch.cuda.stream(side):
             outs.append(forward())
     torch.cuda.synchronize()
-    for stream in (torch.cuda.current_stream(), side):
-        counter = hf._COUNTERS[(q.device.index, stream.cuda_stream)]
-        assert counter.tolist() == [0, 0]
-    assert len({id(c) for c in hf._COUNTERS.values()}) == len(hf._COUNTERS) >= 2
-    graph, before = torch.cuda.CUDAGraph(), set(hf._COUNTERS)
+    pairs = [hf.stream_counter(q.device.index, stream.cuda_stream)
+             for stream in (torch.cuda.current_stream(), side)]
+    assert all(pair.tolist() == [0, 0] for pair in pairs)
+    assert pairs[0].data_ptr() != pairs[1].data_ptr()
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         forward()  # warm-up on the capture's stream, as torch.cuda.graph asks
+        before = hf.stream_counter.cache_info()
         with torch.cuda.graph(graph, stream=side):
             captured = forward()
-    assert set(hf._COUNTERS) == before  # the graph took a counter of its own
+    assert hf.stream_counter.cache_info() == before  # the graph took a pair of its own
     for _ in range(2):
         captured.zero_()
         graph.replay()
         torch.cuda.synchronize()
         outs.append(captured.clone())
+    # Pairs dropped from the cache while launches that use them are still running (a
+    # cache of two here, over four streams at once) are not handed to another stream's.
+    small = functools.lru_cache(maxsize=2)(hf.stream_counter.__wrapped__)
+    monkeypatch.setattr(hf, "stream_counter", small)
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    for _ in range(2):
+        for stream in streams:
+            with torch.cuda.stream(stream):
+                outs.append(forward())
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    assert small.cache_info().misses == 2 * len(streams)
     for i, out in enumerate(outs):
         assert rel_err(out, want) < 1e-2, i
 

@@ -699,9 +699,6 @@ def every_key_seen(causal: bool, key_lengths: torch.Tensor | None, seq_kv: int,
     return not causal and key_lengths is None and seq_kv > 0 and seq_kv % block_n == 0
 
 
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
-
-
 def tile_counter(device: torch.device) -> torch.Tensor:
     """forward_kernel's COUNTER: two int32, zero. The kernel sets them back to zero as it
     ends, so one pair per (GPU, stream) serves every launch on that stream (they run one
@@ -713,11 +710,17 @@ def tile_counter(device: torch.device) -> torch.Tensor:
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return torch.zeros(2, dtype=torch.int32, device=device)
     index = torch.cuda.current_device() if device.index is None else device.index
-    key = index, torch._C._cuda_getCurrentRawStream(index)
-    counter = _COUNTERS.get(key)
-    if counter is None:
-        counter = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return counter
+    return stream_counter(index, torch._C._cuda_getCurrentRawStream(index))
+
+
+# Bounded, so that a program that makes stream after stream does not keep a pair for each.
+# Dropping a pair that launches still in flight use is safe: it was made on its stream,
+# and the caching allocator gives its memory again only to work queued later on that
+# stream.
+@functools.lru_cache(maxsize=64)
+def stream_counter(index: int, stream: int) -> torch.Tensor:
+    """tile_counter's pair for GPU index and the raw CUDA stream (cudaStream_t as int)."""
+    return torch.zeros(2, dtype=torch.int32, device=torch.device("cuda", index))
 
 
 def run_kernel(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict,

@@ -82,17 +82,18 @@ if hopper_forward.gluon is not None:
     def pairs_layout(columns, keys_first):
         """Where dropout's Philox calls are drawn for a warpgroup's (64, columns) matmul
         result (score_layout): a grid of (query pair, key group) for
-        dropout_mask.rows_first, each call in one thread. Not keys_first (S, queries on the
-        result's rows): a (32, columns // 4) grid, each call in the thread that holds its 8
-        scores: the result's layout without the register bits the mask adds back (row bit
-        3, columns bits 0 and 3), so that the mask reaches score_layout with no data moved
-        (convert_layout's assert_trivial checks it when compiled). keys_first (S^T, keys on
-        its rows): a (columns // 2, 16) grid. A call's 8 scores lie in two threads there,
-        lanes 4 apart, each with half of them; the call is drawn by the one whose lane bit
-        2 equals the query pair's bit 0, so that of a pair of such threads each draws one of
-        the two calls they share, and convert_layout swaps the halves (one shuffle of lane
-        ^ 4 per 4 scores) instead of each thread drawing both (7-13% fewer instructions;
-        the dK/dV kernel with dropout 1.11-1.17x as fast, causal 4k on an H200, run 37)."""
+        dropout_mask.rows_first, each call in one thread. keys_first false (S, queries on
+        the result's rows): a (32, columns // 4) grid, each call in the thread that holds
+        its 8 scores: the result's layout without the register bits the mask adds back
+        (row bit 3, columns bits 0 and 3), so that the mask reaches score_layout with no
+        data moved (convert_layout's assert_trivial checks it when compiled). keys_first
+        (S^T, keys on its rows): a (columns // 2, 16) grid. A call's 8 scores lie in two
+        threads there, lanes 4 apart, each with half of them; the call is drawn by the one
+        whose lane bit 2 equals the query pair's bit 0, so that of a pair of such threads
+        each draws one of the two calls they share, and convert_layout swaps the halves
+        (one shuffle of lane ^ 4 per 4 scores) instead of each thread drawing both (7-13%
+        fewer instructions; the dK/dV kernel with dropout 1.11-1.17x as fast, causal 4k on
+        an H200, run 37)."""
         if keys_first:
             return gl.DistributedLinearLayout(
                 reg_bases=[[8 << i, 0] for i in range((columns // 16).bit_length() - 1)],

@@ -154,7 +154,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--shape", action="append", default=[], metavar="B,H,S,D,C")
     parser.add_argument("--pieces", action="store_true",
-                        help="also time the backward's two Triton kernels alone")
+                        help="also time the backward's kernels alone (the Triton ones, "
+                             "and on Hopper the Gluon ones)")
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help="comma-separated, of: " + ", ".join(KINDS))
     args = parser.parse_args()

@@ -562,9 +562,10 @@ if hopper_forward.gluon is not None:
 # (32, 3) was 0.83-0.96x it; (32, 4) and (64, 3) gave wrong dK/dV before the mask was
 # made per element and were not checked after.
 DKDV_CONFIG = (64, 2)
-# With dropout, by head dim: at D=128 (64, 2) spills (~300 local-memory instructions: the
-# Philox words on top of S^T, dP^T, dK and dV in registers) and (32, 2) does not
-# (benchmarks/gluon_sass.py --dropout, run 35); D=64 keeps DKDV_CONFIG, spill-free.
+# With dropout, by head dim: at D=128 (64, 2) spills (236 local-memory instructions since
+# each call is drawn once, run 36; ~300 before: the mask on top of S^T, dP^T, dK and dV in
+# registers) and (32, 2) does not (benchmarks/gluon_sass.py --dropout); D=64 keeps
+# DKDV_CONFIG, spill-free.
 DKDV_DROPOUT_CONFIG = {128: (32, 2)}
 # (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
 # blocks spill and serialize the matmuls (NOTES runs 14, 22).

@@ -1,7 +1,8 @@
 """Checks and times hopper_backward's dK/dV kernel (the Gluon one) against fused_triton's.
 
     PYTHONPATH=src python benchmarks/gluon_dkdv.py [--out DIR] [--rounds 3]
-        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_M,STAGES ...] [--check-only]
+        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_M,STAGES[,AHEAD] ...] [--check-only]
+        [--head-dim 64|128]
 
 Checked against fused_triton's dk, dv (and the oracle's) on awkward shapes first; then
 fused_triton's dK/dV kernel (autotuned) and each config are timed alone in turns. The
@@ -38,8 +39,8 @@ def gluon_dkdv(call, lse, dout, delta, config=hopper_backward.DKDV_CONFIG):
     dk = torch.empty_like(call.k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(call.v, memory_format=torch.contiguous_format)
     hopper_backward.launch_dkdv(call.q, call.k, call.v, dout, lse, delta, dk, dv,
-                                call.key_lengths, call.causal, call.scale, config,
-                                ft._meta(call, 0)[1]["HEAD_GROUP"])  # as _backward does
+                                call.key_lengths, call.causal, call.scale, config=config,
+                                head_group=ft._meta(call, 0)[1]["HEAD_GROUP"])  # as _backward
     return dk, dv
 
 
@@ -58,6 +59,8 @@ CASES = [
     (1, 2, 2, 17, 1000, 128, True, None),  # 17 queries against 1000 keys
     (2, 2, 2, 700, 300, 128, False, [0, 255]),  # batch 0: every key hidden
     (2, 4, 1, 700, 700, 64, True, [700, 333]),
+    (1, 2, 2, 17, 1000, 64, True, None),
+    (2, 2, 2, 700, 300, 64, False, [0, 255]),
 ]
 SHAPES = [(4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (1, 16, 16384, 128, False),
           (1, 16, 16384, 128, True), (4, 32, 4096, 64, False)]
@@ -71,10 +74,12 @@ def _inputs(*case):
     return call, lse, dout, delta
 
 
-def check(configs) -> list[dict]:
+def check(configs, head_dim: int | None = None) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
     for case in CASES:
+        if head_dim is not None and case[5] != head_dim:
+            continue
         call, lse, dout, delta = _inputs(*case, gen)
         want_dk, want_dv = triton_dkdv(call, lse, dout, delta)
         k64, v64 = (t.double().requires_grad_() for t in (call.k, call.v))
@@ -97,9 +102,14 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 
 def main() -> None:
-    args = experiment_parser(__doc__, 3, "BLOCK_M,STAGES").parse_args()
+    parser = experiment_parser(__doc__, 3, "BLOCK_M,STAGES[,AHEAD]")
+    parser.add_argument("--head-dim", type=int, choices=(64, 128), default=None,
+                        help="check and time that head dim's cases and shapes only")
+    args = parser.parse_args()
     configs = args.config or [hopper_backward.DKDV_CONFIG]
-    run_experiment(args, "gluon_dkdv", configs, check, time_shape, SHAPES)
+    shapes = [s for s in SHAPES if args.head_dim in (None, s[3])]
+    run_experiment(args, "gluon_dkdv", configs, lambda c: check(c, args.head_dim), time_shape,
+                   shapes)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ def gluon_dq(call, out, lse, dout, config=hopper_backward.DQ_CONFIG):
     dq = torch.empty_like(call.q, memory_format=torch.contiguous_format)
     delta = torch.empty_like(lse)
     hopper_backward.launch_dq(call.q, call.k, call.v, out, dout, lse, delta, dq,
-                              call.key_lengths, call.causal, call.scale, config,
-                              ft._meta(call, 0)[1]["HEAD_GROUP"])  # as _backward does
+                              call.key_lengths, call.causal, call.scale, config=config,
+                              head_group=ft._meta(call, 0)[1]["HEAD_GROUP"])  # as _backward
     return dq, delta
 
 

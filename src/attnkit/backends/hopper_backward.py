@@ -105,45 +105,26 @@ if hopper_forward.gluon is not None:
             block_bases=[], shape=[32, columns // 4])
 
     @gluon.jit
-    def _dkdv_scores(q, do, k_smem, v_smem, BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
-        """A step's S^T = K Q^T and dP^T = V dO^T issued: their tokens."""
+    def _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
+                   k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
+                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
+                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+        """Step t of the walk: query rows [m0, m0 + BLOCK_M) of query head bh (batch *
+        heads + head) against keys [n0, n0 + 64). S^T and dP^T issued (and dropout's mask
+        drawn under them); P^T's exponentials under dP^T; dV's product, dS^T under it,
+        dK's; all waited for before the slot goes back to the loading warp."""
+        slot = t % STAGES
+        qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        lse = rows_ring.index(slot).load(gl.SliceLayout(0, s_layout))
+        q = box(q_ring, slot)
+        do = box(do_ring, slot)
         s_tok = warpgroup_mma(k_smem, q.permute((1, 0)),
                               gl.zeros([64, BLOCK_M], gl.float32, s_layout),
                               use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)),
                                gl.zeros([64, BLOCK_M], gl.float32, s_layout),
                                use_acc=False, is_async=True)
-        return s_tok, dp_tok
-
-    @gluon.jit
-    def _dkdv_step(t, m0, n0, dk, dv, s, dp, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh,
-                   drop_p, k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf,
-                   rows_ring, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
-                   DROPOUT: gl.constexpr, AHEAD: gl.constexpr, HAS_NEXT: gl.constexpr,
-                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
-        """Step t of the walk: query rows [m0, m0 + BLOCK_M) of query head bh (batch *
-        heads + head) against keys [n0, n0 + 64). Without AHEAD, S^T and dP^T are issued
-        here (s and dp are placeholders) and dropout's mask is drawn under them; P^T's
-        exponentials run under dP^T; then dV's product, dS^T under it, and dK's. With
-        AHEAD, s and dp are this step's, already in registers, and step t + 1's are
-        issued first (HAS_NEXT), so that they run under this step's exponentials and dS^T:
-        returned as the next s and dp. Everything is waited for before the slot goes back
-        to the loading warp, since a product in flight across the loop's back edge makes
-        ptxas serialize them all (the dQ kernel's C7514)."""
-        slot = t % STAGES
-        qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        if AHEAD and HAS_NEXT:
-            nxt = (t + 1) % STAGES
-            mbarrier.wait(ready.index(nxt), ((t + 1) // STAGES) & 1)
-            s_tok, dp_tok = _dkdv_scores(box(q_ring, nxt), box(do_ring, nxt), k_smem, v_smem,
-                                         BLOCK_M, s_layout)
-        if not AHEAD:
-            mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        lse = rows_ring.index(slot).load(gl.SliceLayout(0, s_layout))
-        q = box(q_ring, slot)
-        do = box(do_ring, slot)
-        if not AHEAD:
-            s_tok, dp_tok = _dkdv_scores(q, do, k_smem, v_smem, BLOCK_M, s_layout)
         if DROPOUT:
             pairs: gl.constexpr = pairs_layout(BLOCK_M, True)
             keep = dropout_mask.rows_first(
@@ -152,8 +133,7 @@ if hopper_forward.gluon is not None:
                 BLOCK_M, 64)
             keep = gl.convert_layout(gl.permute(keep, (1, 0)), s_layout)
             inv = 1.0 / (1.0 - drop_p)
-        if not AHEAD:
-            s = warpgroup_mma_wait(1, deps=[s_tok])
+        s = warpgroup_mma_wait(1, deps=[s_tok])
         if MASKED:
             seen = gl.expand_dims(kj, 1) < kv_len
             if CAUSAL:
@@ -176,8 +156,7 @@ if hopper_forward.gluon is not None:
         fence_async_shared()
         gl.thread_barrier()
         dv_tok = warpgroup_mma(pt_buf, do, dv, is_async=True)
-        if not AHEAD:
-            dp = warpgroup_mma_wait(1, deps=[dp_tok])
+        dp = warpgroup_mma_wait(1, deps=[dp_tok])
         if DROPOUT:
             dp = gl.where(keep, dp * inv, 0.0)
         delta = rows_ring.index(STAGES + slot).load(gl.SliceLayout(0, s_layout))
@@ -185,48 +164,9 @@ if hopper_forward.gluon is not None:
         fence_async_shared()
         gl.thread_barrier()
         dk_tok = warpgroup_mma(dst_buf, q, dk, is_async=True)
-        if AHEAD and HAS_NEXT:
-            dv, dk, s, dp = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, s_tok, dp_tok])
-        else:
-            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+        dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
         mbarrier.arrive(free.index(slot), count=1)
-        return dk, dv, s, dp
-
-    @gluon.jit
-    def _dkdv_visit(t, dk, dv, s, dp, walk, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
-                    AHEAD: gl.constexpr, HAS_NEXT: gl.constexpr, STAGES: gl.constexpr,
-                    BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
-        """Step t of a warpgroup's walk (walk: _dkdv_consume's arguments the steps share),
-        without index checks where every key of the warpgroup is below kv_len and (causal)
-        seen by the block's first query."""
-        (n0, kj, first_block, n_blocks, b, Hq, kvh, group, kv_len, off, qk_scale, Sq, Skv,
-         seed, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf,
-         rows_ring) = walk
-        m0 = (first_block + t % n_blocks) * BLOCK_M
-        bh = b * Hq + kvh * group + t // n_blocks
-        whole = n0 + 64 <= kv_len
-        if CAUSAL:
-            whole = whole & (n0 + 63 <= m0 + off)
-        # Without AHEAD each branch keeps s and dp to itself (names of its own), so that
-        # the branch does not carry them out: it did, as results of the if, and the
-        # D=128 causal build spilled 20 local-memory instructions instead of 6.
-        if whole:
-            dk, dv, s_whole, dp_whole = _dkdv_step(
-                t, m0, n0, dk, dv, s, dp, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
-                k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring, False,
-                CAUSAL, DROPOUT, AHEAD, HAS_NEXT, STAGES, BLOCK_M, s_layout)
-            if AHEAD:
-                s_next, dp_next = s_whole, dp_whole
-        else:
-            dk, dv, s_masked, dp_masked = _dkdv_step(
-                t, m0, n0, dk, dv, s, dp, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
-                k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring, True,
-                CAUSAL, DROPOUT, AHEAD, HAS_NEXT, STAGES, BLOCK_M, s_layout)
-            if AHEAD:
-                s_next, dp_next = s_masked, dp_masked
-        if not AHEAD:
-            s_next, dp_next = 0, 0
-        return dk, dv, s_next, dp_next
+        return dk, dv
 
     @gluon.jit
     def _dkdv_consume(DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group, Hq,
@@ -234,7 +174,7 @@ if hopper_forward.gluon is not None:
                       stride_dvb, stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring,
                       ready, free, pt_buf, dst_buf, rows_ring, HEAD_D: gl.constexpr,
                       BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                      DROPOUT: gl.constexpr, AHEAD: gl.constexpr):
+                      DROPOUT: gl.constexpr):
         """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
         first_block.. of every query head of the group, stored (dK scaled). pt_buf,
         dst_buf: the warpgroup's own (64, BLOCK_M) buffers for P^T and dS^T."""
@@ -245,25 +185,24 @@ if hopper_forward.gluon is not None:
         dk = gl.zeros([64, HEAD_D], gl.float32, d_layout)
         dv = gl.zeros([64, HEAD_D], gl.float32, d_layout)
         mbarrier.wait(kv_bar, 0)
-        walk = (n0, kj, first_block, n_blocks, b, Hq, kvh, group, kv_len, off, qk_scale, Sq,
-                Skv, seed, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf,
-                rows_ring)
-        total = group * n_blocks
-        if AHEAD:
-            if total > 0:
-                mbarrier.wait(ready.index(0), 0)
-                s_tok, dp_tok = _dkdv_scores(box(q_ring, 0), box(do_ring, 0), k_smem, v_smem,
-                                             BLOCK_M, s_layout)
-                s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])
-                for t in range(total - 1):
-                    dk, dv, s, dp = _dkdv_visit(t, dk, dv, s, dp, walk, CAUSAL, DROPOUT, True,
-                                                True, STAGES, BLOCK_M, s_layout)
-                dk, dv, _s, _dp = _dkdv_visit(total - 1, dk, dv, s, dp, walk, CAUSAL, DROPOUT,
-                                              True, False, STAGES, BLOCK_M, s_layout)
-        else:
-            for t in range(total):
-                dk, dv, _s, _dp = _dkdv_visit(t, dk, dv, 0, 0, walk, CAUSAL, DROPOUT, False,
-                                              False, STAGES, BLOCK_M, s_layout)
+        for t in range(group * n_blocks):
+            m0 = (first_block + t % n_blocks) * BLOCK_M
+            bh = b * Hq + kvh * group + t // n_blocks
+            # Every key of the warpgroup below kv_len and (causal) seen by the block's
+            # first query: no index checks.
+            whole = n0 + 64 <= kv_len
+            if CAUSAL:
+                whole = whole & (n0 + 63 <= m0 + off)
+            if whole:
+                dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
+                                    bh, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free,
+                                    pt_buf, dst_buf, rows_ring, False, CAUSAL, DROPOUT, STAGES,
+                                    BLOCK_M, s_layout)
+            else:
+                dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
+                                    bh, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free,
+                                    pt_buf, dst_buf, rows_ring, True, CAUSAL, DROPOUT, STAGES,
+                                    BLOCK_M, s_layout)
         rows = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, d_layout))
         cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
         ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0)
@@ -310,8 +249,7 @@ if hopper_forward.gluon is not None:
                      stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc,
                      q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
                      dst_smem, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
-                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
-                     AHEAD: gl.constexpr):
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
         """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
         if ROLE == 0:
             _dkdv_consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
@@ -319,7 +257,7 @@ if hopper_forward.gluon is not None:
                           stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                           box(k_box, 0).slice(64, 64), box(v_box, 0).slice(64, 64), kv_bar,
                           q_ring, do_ring, ready, free, pt_smem.index(1), dst_smem.index(1),
-                          rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT, AHEAD)
+                          rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)
         else:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                           v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar, q_ring,
@@ -336,7 +274,7 @@ if hopper_forward.gluon is not None:
                     Hq, Hkv, group, Sq, Skv, qk_scale, scale, seed, drop_p,
                     HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                     DROPOUT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                    HEAD_GROUP: gl.constexpr, AHEAD: gl.constexpr = False):
+                    HEAD_GROUP: gl.constexpr):
         """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS). The four
         descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (K, V) and (1, 1,
         BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), seed an int or a pointer
@@ -398,19 +336,19 @@ if hopper_forward.gluon is not None:
                              stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                              box(k_box, 0).slice(0, 64), box(v_box, 0).slice(0, 64), kv_bar,
                              q_ring, do_ring, ready, free, pt_smem.index(0), dst_smem.index(0),
-                             rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT, AHEAD)),
+                             rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)),
             (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                             scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
                             stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
                             v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
                             free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
-                            DROPOUT, AHEAD)),
+                            DROPOUT)),
             (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                             scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
                             stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
                             v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
                             free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
-                            DROPOUT, AHEAD)),
+                            DROPOUT)),
         ], [4, 1], [240, 24])
 
     @gluon.jit
@@ -648,7 +586,7 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     B, Hq, Sq, D = q.shape
     if config is None:
         config = DKDV_DROPOUT_CONFIG.get(D, DKDV_CONFIG) if dropout_p > 0.0 else DKDV_CONFIG
-    block_m, stages, *ahead = config
+    block_m, stages = config
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
@@ -658,8 +596,7 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
         *dk.stride()[:3], *dv.stride()[:3],
         Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale, seed, dropout_p,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group,
-            AHEAD=bool(ahead and ahead[0])),
+            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
         {"num_warps": 4, "maxnreg": 168})
 
 

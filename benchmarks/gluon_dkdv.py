@@ -4,7 +4,8 @@
         [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_M,STAGES ...] [--check-only]
         [--head-dim 64|128]
 
-Checked against fused_triton's dk, dv (and the oracle's) on awkward shapes first; then
+Checked against fused_triton's dk, dv (and the oracle's) on awkward shapes first, and
+against a second launch bit for bit; then
 fused_triton's dK/dV kernel (autotuned) and each config are timed alone in turns. The
 delta both read comes from fused_triton's dQ kernel. Writes DIR/gluon_dkdv.json.
 
@@ -88,10 +89,13 @@ def check(configs, head_dim: int | None = None) -> list[dict]:
         oracle_dk, oracle_dv = torch.autograd.grad(ref, (k64, v64), dout.double())
         for config in configs:
             dk, dv = gluon_dkdv(call, lse, dout, delta, config)
+            again = gluon_dkdv(call, lse, dout, delta, config)
             torch.cuda.synchronize()
             errs = {"dk_vs_triton": rel_err(dk, want_dk), "dv_vs_triton": rel_err(dv, want_dv),
-                    "dk_vs_oracle": rel_err(dk, oracle_dk), "dv_vs_oracle": rel_err(dv, oracle_dv)}
-            ok = errs["dk_vs_oracle"] < 1e-2 and errs["dv_vs_oracle"] < 1e-2
+                    "dk_vs_oracle": rel_err(dk, oracle_dk), "dv_vs_oracle": rel_err(dv, oracle_dv),
+                    "same_bits_twice": torch.equal(dk, again[0]) and torch.equal(dv, again[1])}
+            ok = (errs["dk_vs_oracle"] < 1e-2 and errs["dv_vs_oracle"] < 1e-2
+                  and errs["same_bits_twice"])
             record(rows, case, config, errs, ok)
     return rows
 

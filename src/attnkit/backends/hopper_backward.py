@@ -108,7 +108,8 @@ if hopper_forward.gluon is not None:
     def _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
                    k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
-                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr,
+                   P_REGS: gl.constexpr, d_layout: gl.constexpr):
         """Step t of the walk: query rows [m0, m0 + BLOCK_M) of query head bh (batch *
         heads + head) against keys [n0, n0 + 64). S^T and dP^T issued (and dropout's mask
         drawn under them); P^T's exponentials under dP^T; dV's product, dS^T under it,
@@ -150,21 +151,36 @@ if hopper_forward.gluon is not None:
         # below every exponential (ptxas would move a free-standing wait up into the first
         # stall, NOTES run 14), and dS^T then runs under it.
         if DROPOUT:  # dV from the kept P^T, scaled; dS^T from P^T and the kept dP^T
-            pt_buf.store(gl.where(keep, p * inv, 0.0).to(q.dtype))
+            pt = gl.where(keep, p * inv, 0.0).to(q.dtype)
         else:
-            pt_buf.store(p.to(q.dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        dv_tok = warpgroup_mma(pt_buf, do, dv, is_async=True)
+            pt = p.to(q.dtype)
+        if P_REGS:
+            op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout,
+                                                          k_width=2)
+            pt_op = gl.convert_layout(pt, op_layout)
+            dv_tok = warpgroup_mma(pt_op, do, dv, is_async=True)
+        else:
+            pt_buf.store(pt)
+            fence_async_shared()
+            gl.thread_barrier()
+            dv_tok = warpgroup_mma(pt_buf, do, dv, is_async=True)
         dp = warpgroup_mma_wait(1, deps=[dp_tok])
         if DROPOUT:
             dp = gl.where(keep, dp * inv, 0.0)
         delta = rows_ring.index(STAGES + slot).load(gl.SliceLayout(0, s_layout))
-        dst_buf.store((p * (dp - gl.expand_dims(delta, 0))).to(q.dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        dk_tok = warpgroup_mma(dst_buf, q, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+        dst = (p * (dp - gl.expand_dims(delta, 0))).to(q.dtype)
+        if P_REGS:
+            dst_op = gl.convert_layout(dst, op_layout)
+            dk_tok = warpgroup_mma(dst_op, q, dk, is_async=True)
+            dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, pt_op, dst_op])
+            hold(pt_op)
+            hold(dst_op)
+        else:
+            dst_buf.store(dst)
+            fence_async_shared()
+            gl.thread_barrier()
+            dk_tok = warpgroup_mma(dst_buf, q, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
         mbarrier.arrive(free.index(slot), count=1)
         return dk, dv
 
@@ -174,7 +190,7 @@ if hopper_forward.gluon is not None:
                       stride_dvb, stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring,
                       ready, free, pt_buf, dst_buf, rows_ring, HEAD_D: gl.constexpr,
                       BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                      DROPOUT: gl.constexpr):
+                      DROPOUT: gl.constexpr, P_REGS: gl.constexpr):
         """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
         first_block.. of every query head of the group, stored (dK scaled). pt_buf,
         dst_buf: the warpgroup's own (64, BLOCK_M) buffers for P^T and dS^T."""
@@ -197,12 +213,12 @@ if hopper_forward.gluon is not None:
                 dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
                                     bh, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free,
                                     pt_buf, dst_buf, rows_ring, False, CAUSAL, DROPOUT, STAGES,
-                                    BLOCK_M, s_layout)
+                                    BLOCK_M, s_layout, P_REGS, d_layout)
             else:
                 dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
                                     bh, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free,
                                     pt_buf, dst_buf, rows_ring, True, CAUSAL, DROPOUT, STAGES,
-                                    BLOCK_M, s_layout)
+                                    BLOCK_M, s_layout, P_REGS, d_layout)
         rows = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, d_layout))
         cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
         ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0)
@@ -249,7 +265,8 @@ if hopper_forward.gluon is not None:
                      stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc,
                      q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
                      dst_smem, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
-                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
+                     P_REGS: gl.constexpr):
         """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
         if ROLE == 0:
             _dkdv_consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
@@ -257,7 +274,7 @@ if hopper_forward.gluon is not None:
                           stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                           box(k_box, 0).slice(64, 64), box(v_box, 0).slice(64, 64), kv_bar,
                           q_ring, do_ring, ready, free, pt_smem.index(1), dst_smem.index(1),
-                          rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)
+                          rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT, P_REGS)
         else:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                           v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar, q_ring,
@@ -274,7 +291,7 @@ if hopper_forward.gluon is not None:
                     Hq, Hkv, group, Sq, Skv, qk_scale, scale, seed, drop_p,
                     HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                     DROPOUT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                    HEAD_GROUP: gl.constexpr):
+                    HEAD_GROUP: gl.constexpr, P_REGS: gl.constexpr = False):
         """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS). The four
         descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (K, V) and (1, 1,
         BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), seed an int or a pointer
@@ -336,19 +353,19 @@ if hopper_forward.gluon is not None:
                              stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                              box(k_box, 0).slice(0, 64), box(v_box, 0).slice(0, 64), kv_bar,
                              q_ring, do_ring, ready, free, pt_smem.index(0), dst_smem.index(0),
-                             rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)),
+                             rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT, P_REGS)),
             (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                             scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
                             stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
                             v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
                             free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
-                            DROPOUT)),
+                            DROPOUT, P_REGS)),
             (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                             scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
                             stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
                             v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
                             free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
-                            DROPOUT)),
+                            DROPOUT, P_REGS)),
         ], [4, 1], [240, 24])
 
     @gluon.jit
@@ -586,7 +603,7 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     B, Hq, Sq, D = q.shape
     if config is None:
         config = DKDV_DROPOUT_CONFIG.get(D, DKDV_CONFIG) if dropout_p > 0.0 else DKDV_CONFIG
-    block_m, stages = config
+    block_m, stages, *p_regs = config
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
@@ -596,7 +613,8 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
         *dk.stride()[:3], *dv.stride()[:3],
         Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale, seed, dropout_p,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
+            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group,
+            P_REGS=bool(p_regs and p_regs[0])),
         {"num_warps": 4, "maxnreg": 168})
 
 

@@ -575,15 +575,16 @@ if hopper_forward.gluon is not None:
         ], [4, 1], [232, 24])
 
 
-# (BLOCK_M, STAGES): the dK/dV kernel's config, checked and timed on an H200 (NOTES run 20).
-# (32, 3) was 0.83-0.96x it; (32, 4) and (64, 3) gave wrong dK/dV before the mask was
-# made per element and were not checked after.
-DKDV_CONFIG = (64, 2)
-# With dropout, by head dim: at D=128 (64, 2) spills (236 local-memory instructions since
-# each call is drawn once, run 36; ~300 before: the mask on top of S^T, dP^T, dK and dV in
-# registers) and (32, 2) does not (benchmarks/gluon_sass.py --dropout); D=64 keeps
-# DKDV_CONFIG, spill-free.
-DKDV_DROPOUT_CONFIG = {128: (32, 2)}
+# (BLOCK_M, STAGES, P_REGS): the dK/dV kernel's config, checked and timed on an H200
+# (NOTES runs 20, 38). P_REGS: P^T and dS^T as register operands of dV's and dK's
+# products, 1.06-1.12x the shared-memory round trip at D=128 (run 38). (32, 3) was
+# 0.83-0.96x (64, 2); (32, 4) and (64, 3) gave wrong dK/dV before the mask was made per
+# element, and (64, 3) at D=64 still does (run 38).
+DKDV_CONFIG = (64, 2, 1)
+# With dropout, by head dim: at D=128 (64, 2, 1) spills (265 local-memory instructions:
+# the mask on top of S^T, dP^T, dK and dV in registers) and (32, 2, 1) does not
+# (benchmarks/gluon_sass.py --dropout); D=64 keeps DKDV_CONFIG, spill-free.
+DKDV_DROPOUT_CONFIG = {128: (32, 2, 1)}
 # (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
 # blocks spill and serialize the matmuls (NOTES runs 14, 22).
 DQ_CONFIG = (64, 3)
@@ -597,7 +598,7 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     kernel). The caller has checked that the call is one this kernel covers
     (fused_triton._hopper_backward_fits). seed: dropout's, as the forward took it (an
     int, or an int64 tensor on the call's device); dropout_p > 0 drops. config: (BLOCK_M,
-    STAGES), None for DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). head_group: how
+    STAGES[, P_REGS]), None for DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). head_group: how
     many (batch, kv head) pairs' programs start together, each one's first key block
     first. launcher: called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape

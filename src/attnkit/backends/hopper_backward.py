@@ -28,13 +28,13 @@ of every query head of the kv group, in order, so dK and dV need no atomics:
     dV += P^T dO,  dS^T = P^T (dP^T - delta),  dK += dS^T Q
 
 Its loading warp brings K and V once, then Q, dO, lse and delta of each step. In a
-warpgroup, P^T's exponentials run while dP^T is on the tensor cores; P^T and dS^T reach
-dV's and dK's products through shared memory, so that neither stays in registers while
-its product runs (this is what lets 64 query rows a step fit in registers at D=128;
-NOTES runs 15, 19, 20). On an H200 it ran 1.15-1.19x the Triton dK/dV kernel at D=128
-(4k causal or not, 16k without), 1.11x at D=64 causal and 1.02x at D=64 without (4k;
-NOTES run 20); the whole backward with it, 1.05-1.13x from 1k-4k (run 21), and in run
-26 1.09x at D=128 causal 1k and 1.02-1.05x at D=64 1k-2k.
+warpgroup, P^T's exponentials run while dP^T is on the tensor cores, and dS^T while dV's
+product is. P^T and dS^T are the register operands of dV's and dK's products, as S^T's
+result layout hands them over with no data moved. Until run 38 they went through shared
+memory, and the shared-memory pipe was the busiest unit (ncu: 81% at D=128 causal 4k,
+most of it the matmuls' operand reads); in registers the kernel ran 1.06-1.12x as fast at
+D=128 and 1.12-1.15x at D=64 (H200). On an H200 it now runs 1.26-1.28x the Triton dK/dV
+kernel at D=128 (1k-16k, causal or not) and 1.19-1.30x at D=64 (NOTES run 38).
 
 Under a causal mask both kernels' programs start a group of heads at a time, each
 head's heaviest block first (HEAD_GROUP). They cover what `hopper_forward` covers: an
@@ -54,7 +54,6 @@ if hopper_forward.gluon is not None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -106,10 +105,10 @@ if hopper_forward.gluon is not None:
 
     @gluon.jit
     def _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
-                   k_smem, v_smem, q_ring, do_ring, ready, free, pt_buf, dst_buf, rows_ring,
+                   k_smem, v_smem, q_ring, do_ring, ready, free, rows_ring,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
                    STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr,
-                   P_REGS: gl.constexpr, d_layout: gl.constexpr):
+                   d_layout: gl.constexpr):
         """Step t of the walk: query rows [m0, m0 + BLOCK_M) of query head bh (batch *
         heads + head) against keys [n0, n0 + 64). S^T and dP^T issued (and dropout's mask
         drawn under them); P^T's exponentials under dP^T; dV's product, dS^T under it,
@@ -154,33 +153,19 @@ if hopper_forward.gluon is not None:
             pt = gl.where(keep, p * inv, 0.0).to(q.dtype)
         else:
             pt = p.to(q.dtype)
-        if P_REGS:
-            op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout,
-                                                          k_width=2)
-            pt_op = gl.convert_layout(pt, op_layout)
-            dv_tok = warpgroup_mma(pt_op, do, dv, is_async=True)
-        else:
-            pt_buf.store(pt)
-            fence_async_shared()
-            gl.thread_barrier()
-            dv_tok = warpgroup_mma(pt_buf, do, dv, is_async=True)
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout,
+                                                      k_width=2)
+        pt = gl.convert_layout(pt, op_layout)
+        dv_tok = warpgroup_mma(pt, do, dv, is_async=True)
         dp = warpgroup_mma_wait(1, deps=[dp_tok])
         if DROPOUT:
             dp = gl.where(keep, dp * inv, 0.0)
         delta = rows_ring.index(STAGES + slot).load(gl.SliceLayout(0, s_layout))
-        dst = (p * (dp - gl.expand_dims(delta, 0))).to(q.dtype)
-        if P_REGS:
-            dst_op = gl.convert_layout(dst, op_layout)
-            dk_tok = warpgroup_mma(dst_op, q, dk, is_async=True)
-            dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, pt_op, dst_op])
-            hold(pt_op)
-            hold(dst_op)
-        else:
-            dst_buf.store(dst)
-            fence_async_shared()
-            gl.thread_barrier()
-            dk_tok = warpgroup_mma(dst_buf, q, dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+        dst = gl.convert_layout((p * (dp - gl.expand_dims(delta, 0))).to(q.dtype), op_layout)
+        dk_tok = warpgroup_mma(dst, q, dk, is_async=True)
+        dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, pt, dst])
+        hold(pt)
+        hold(dst)
         mbarrier.arrive(free.index(slot), count=1)
         return dk, dv
 
@@ -188,9 +173,9 @@ if hopper_forward.gluon is not None:
     def _dkdv_consume(DK, DV, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group, Hq,
                       first_block, n_blocks, seed, drop_p, stride_dkb, stride_dkh, stride_dkn,
                       stride_dvb, stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring,
-                      ready, free, pt_buf, dst_buf, rows_ring, HEAD_D: gl.constexpr,
+                      ready, free, rows_ring, HEAD_D: gl.constexpr,
                       BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                      DROPOUT: gl.constexpr, P_REGS: gl.constexpr):
+                      DROPOUT: gl.constexpr):
         """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
         first_block.. of every query head of the group, stored (dK scaled). pt_buf,
         dst_buf: the warpgroup's own (64, BLOCK_M) buffers for P^T and dS^T."""
@@ -212,13 +197,13 @@ if hopper_forward.gluon is not None:
             if whole:
                 dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
                                     bh, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free,
-                                    pt_buf, dst_buf, rows_ring, False, CAUSAL, DROPOUT, STAGES,
-                                    BLOCK_M, s_layout, P_REGS, d_layout)
+                                    rows_ring, False, CAUSAL, DROPOUT, STAGES, BLOCK_M, s_layout,
+                                    d_layout)
             else:
                 dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
                                     bh, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free,
-                                    pt_buf, dst_buf, rows_ring, True, CAUSAL, DROPOUT, STAGES,
-                                    BLOCK_M, s_layout, P_REGS, d_layout)
+                                    rows_ring, True, CAUSAL, DROPOUT, STAGES, BLOCK_M, s_layout,
+                                    d_layout)
         rows = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, d_layout))
         cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
         ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0)
@@ -263,18 +248,17 @@ if hopper_forward.gluon is not None:
     def _dkdv_worker(ROLE: gl.constexpr, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off,
                      qk_scale, scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
                      stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc,
-                     q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free, pt_smem,
-                     dst_smem, rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
-                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
-                     P_REGS: gl.constexpr):
+                     q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free,
+                     rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
         """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
         if ROLE == 0:
             _dkdv_consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
                           Hq, first_block, n_blocks, seed, drop_p, stride_dkb, stride_dkh,
                           stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                           box(k_box, 0).slice(64, 64), box(v_box, 0).slice(64, 64), kv_bar,
-                          q_ring, do_ring, ready, free, pt_smem.index(1), dst_smem.index(1),
-                          rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT, P_REGS)
+                          q_ring, do_ring, ready, free, rows_ring, HEAD_D, BLOCK_M, STAGES,
+                          CAUSAL, DROPOUT)
         else:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                           v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar, q_ring,
@@ -291,7 +275,7 @@ if hopper_forward.gluon is not None:
                     Hq, Hkv, group, Sq, Skv, qk_scale, scale, seed, drop_p,
                     HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                     DROPOUT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                    HEAD_GROUP: gl.constexpr, P_REGS: gl.constexpr = False):
+                    HEAD_GROUP: gl.constexpr):
         """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS). The four
         descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (K, V) and (1, 1,
         BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), seed an int or a pointer
@@ -334,10 +318,6 @@ if hopper_forward.gluon is not None:
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        # P^T and dS^T of each computing warpgroup
-        pt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
-        pt_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M], pt_layout)
-        dst_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M], pt_layout)
         # lse of ring slot i at row i, delta at row STAGES + i
         rows_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M],
                                               gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -352,20 +332,18 @@ if hopper_forward.gluon is not None:
                              Hq, first_block, n_blocks, seed, drop_p, stride_dkb, stride_dkh,
                              stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                              box(k_box, 0).slice(0, 64), box(v_box, 0).slice(0, 64), kv_bar,
-                             q_ring, do_ring, ready, free, pt_smem.index(0), dst_smem.index(0),
-                             rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT, P_REGS)),
+                             q_ring, do_ring, ready, free, rows_ring, HEAD_D, BLOCK_M, STAGES,
+                             CAUSAL, DROPOUT)),
             (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                             scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
                             stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
                             v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
-                            free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
-                            DROPOUT, P_REGS)),
+                            free, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)),
             (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                             scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
                             stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
                             v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
-                            free, pt_smem, dst_smem, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL,
-                            DROPOUT, P_REGS)),
+                            free, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)),
         ], [4, 1], [240, 24])
 
     @gluon.jit
@@ -575,16 +553,15 @@ if hopper_forward.gluon is not None:
         ], [4, 1], [232, 24])
 
 
-# (BLOCK_M, STAGES, P_REGS): the dK/dV kernel's config, checked and timed on an H200
-# (NOTES runs 20, 38). P_REGS: P^T and dS^T as register operands of dV's and dK's
-# products, 1.06-1.12x the shared-memory round trip at D=128 (run 38). (32, 3) was
-# 0.83-0.96x (64, 2); (32, 4) and (64, 3) gave wrong dK/dV before the mask was made per
-# element, and (64, 3) at D=64 still does (run 38).
-DKDV_CONFIG = (64, 2, 1)
-# With dropout, by head dim: at D=128 (64, 2, 1) spills (265 local-memory instructions:
-# the mask on top of S^T, dP^T, dK and dV in registers) and (32, 2, 1) does not
+# (BLOCK_M, STAGES): the dK/dV kernel's config, checked and timed on an H200 (NOTES runs 20,
+# 38). (32, 3) was 0.83-0.96x it (run 20, P^T and dS^T through shared memory then); (32,
+# 4) and (64, 3) gave wrong dK/dV before the mask was made per element, and (64, 3) at
+# D=64 still does, without dropout (run 38).
+DKDV_CONFIG = (64, 2)
+# With dropout, by head dim: at D=128 (64, 2) spills (265 local-memory instructions: the
+# mask on top of S^T, dP^T, dK and dV in registers) and (32, 2) does not
 # (benchmarks/gluon_sass.py --dropout); D=64 keeps DKDV_CONFIG, spill-free.
-DKDV_DROPOUT_CONFIG = {128: (32, 2, 1)}
+DKDV_DROPOUT_CONFIG = {128: (32, 2)}
 # (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
 # blocks spill and serialize the matmuls (NOTES runs 14, 22).
 DQ_CONFIG = (64, 3)
@@ -598,13 +575,13 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     kernel). The caller has checked that the call is one this kernel covers
     (fused_triton._hopper_backward_fits). seed: dropout's, as the forward took it (an
     int, or an int64 tensor on the call's device); dropout_p > 0 drops. config: (BLOCK_M,
-    STAGES[, P_REGS]), None for DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). head_group: how
+    STAGES), None for DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). head_group: how
     many (batch, kv head) pairs' programs start together, each one's first key block
     first. launcher: called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
     if config is None:
         config = DKDV_DROPOUT_CONFIG.get(D, DKDV_CONFIG) if dropout_p > 0.0 else DKDV_CONFIG
-    block_m, stages, *p_regs = config
+    block_m, stages = config
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
@@ -614,8 +591,7 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
         *dk.stride()[:3], *dv.stride()[:3],
         Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale, seed, dropout_p,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group,
-            P_REGS=bool(p_regs and p_regs[0])),
+            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
         {"num_warps": 4, "maxnreg": 168})
 
 

@@ -34,7 +34,7 @@ result layout hands them over with no data moved. Until run 38 they went through
 memory, and the shared-memory pipe was the busiest unit (ncu: 81% at D=128 causal 4k,
 most of it the matmuls' operand reads); in registers the kernel ran 1.06-1.12x as fast at
 D=128 and 1.12-1.15x at D=64 (H200). On an H200 it now runs 1.26-1.28x the Triton dK/dV
-kernel at D=128 (1k-16k, causal or not) and 1.19-1.30x at D=64 (NOTES run 38).
+kernel at D=128 (1k-16k, causal or not) and 1.16-1.30x at D=64 (NOTES run 38).
 
 Under a causal mask both kernels' programs start a group of heads at a time, each
 head's heaviest block first (HEAD_GROUP). They cover what `hopper_forward` covers: an

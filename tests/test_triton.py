@@ -8,6 +8,7 @@ bfloat16 dots (triton-lang/triton#11584), so CPU cases use float16.
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import itertools
 import sys
@@ -1084,6 +1085,69 @@ def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, scr
     for name in ("gluon_forward", "gluon_dq", "gluon_dkdv"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     _benchmark_script(script, monkeypatch)
+
+
+@pytest.mark.parametrize("script, launch, kernel_args", [
+    ("gluon_dq", "launch_dq", lambda call, lse: (call, lse, lse, call.q, (32, 4))),
+    ("gluon_dkdv", "launch_dkdv", lambda call, lse: (call, lse, call.q, lse, (32, 4))),
+])
+def test_gluon_experiments_launch_the_config_they_were_given(monkeypatch, script, launch,
+                                                              kernel_args):
+    """gluon_dq.py and gluon_dkdv.py hand their --config to hopper_backward's launch
+    functions, whose positional arguments after the scale are now the dropout seed and
+    p: passed there, a config ran the default tile with dropout (run 38)."""
+    from attnkit.backends import hopper_backward as hb
+    from attnkit.backends import hopper_forward as hf
+    from attnkit.call import make_call
+
+    if hf.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper operations to import")
+    for name in ("gluon_forward", "gluon_dq", "gluon_dkdv"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    module = _benchmark_script(script, monkeypatch)
+    seen = {}
+    monkeypatch.setattr(hb, launch, lambda *args, **kwargs: seen.update(args=args, **kwargs))
+    q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
+    call = make_call(q, q, q, causal=True)
+    getattr(module, script)(*kernel_args(call, torch.zeros(1, 2, 64)))
+    assert seen["config"] == (32, 4)
+    assert seen.get("seed", 0) == 0 and seen.get("dropout_p", 0.0) == 0.0
+    assert len(seen["args"]) == 11  # through the scale
+
+
+def test_ncu_step_summarizes_a_source_page(tmp_path, capsys):
+    """benchmarks/ncu_step.py --summarize on a source-page CSV of ncu's form: wavefronts
+    by opcode (predicates dropped), stalls by reason, the lines with most samples."""
+    import csv
+
+    ncu_step = _benchmark_script_plain("ncu_step")
+    path = tmp_path / "page.csv"
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["Kernel Name", "dkdv_kernel"])
+        out.writerow(["Address", "Source", "Warp Stall Sampling (All Samples)",
+                      "L1 Wavefronts Shared", "stall_barrier", "stall_wait",
+                      "stall_wait (Not Issued)"])
+        out.writerow(["0x0", "  HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ", "10", "3,000",
+                      "0", "10", "9"])
+        out.writerow(["0x10", "@!P0 LDS.64 R2, [R3]", "30", "1,000", "30", "0", "0"])
+    ncu_step.summarize(str(path), top=1)
+    text = capsys.readouterr().out
+    assert "HGMMA 75.0%, LDS 25.0%" in text
+    assert "barrier 75.0%, wait 25.0%" in text
+    assert text.rstrip().endswith("75.00% barrier        @!P0 LDS.64 R2, [R3]")
+
+
+def _benchmark_script_plain(name: str):
+    """benchmarks/NAME.py loaded from its path, without touching sys.path or sys.modules
+    (for scripts that import nothing beside them)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _benchmark_script(name: str, monkeypatch):

@@ -177,8 +177,7 @@ if hopper_forward.gluon is not None:
                       BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                       DROPOUT: gl.constexpr):
         """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
-        first_block.. of every query head of the group, stored (dK scaled). pt_buf,
-        dst_buf: the warpgroup's own (64, BLOCK_M) buffers for P^T and dS^T."""
+        first_block.. of every query head of the group, stored (dK scaled)."""
         seed = dropout_mask.seed_value(seed, DROPOUT)
         s_layout: gl.constexpr = score_layout(BLOCK_M)
         d_layout: gl.constexpr = score_layout(HEAD_D)

@@ -1,12 +1,13 @@
 """Checks and times hopper_backward's dQ kernel (the Gluon one) against fused_triton's.
 
     PYTHONPATH=src python benchmarks/gluon_dq.py [--out DIR] [--rounds 3]
-        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_N,STAGES ...] [--check-only]
+        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_N,STAGES[,QDO_REGS] ...] [--check-only]
 
 First every config is checked against fused_triton's dq and delta and the float64 oracle's
-dq on awkward shapes (any failure stops the run); then on each shape fused_triton's dQ
-kernel (autotuned) and each Gluon config are timed alone with do_bench in turns, `--rounds`
-times, on random bf16 data. Writes DIR/gluon_dq.json.
+dq on awkward shapes, and against a second launch bit for bit (any failure stops the
+run); then on each shape fused_triton's dQ kernel (autotuned) and each Gluon config are
+timed alone with do_bench in turns, `--rounds` times, on random bf16 data. Writes
+DIR/gluon_dq.json.
 
 History: run 14 wrote it (H100: 1.03-1.06x the Triton dQ kernel), runs 15-21 kept it in
 step with hopper_forward's helpers, run 22 (H200: 1.02-1.07x at D=128, 0.77x at D=64)
@@ -85,10 +86,13 @@ def check(configs) -> list[dict]:
         (oracle_dq,) = torch.autograd.grad(ref, q64, dout.double())
         for config in configs:
             dq, delta = gluon_dq(call, out, lse, dout, config)
+            again, _ = gluon_dq(call, out, lse, dout, config)
             torch.cuda.synchronize()
             errs = {"dq_vs_triton": rel_err(dq, want_dq), "dq_vs_oracle": rel_err(dq, oracle_dq),
-                    "delta_vs_triton": rel_err(delta, want_delta)}
-            ok = errs["dq_vs_oracle"] < 1e-2 and errs["delta_vs_triton"] < 1e-4
+                    "delta_vs_triton": rel_err(delta, want_delta),
+                    "same_bits_twice": torch.equal(dq, again)}
+            ok = (errs["dq_vs_oracle"] < 1e-2 and errs["delta_vs_triton"] < 1e-4
+                  and errs["same_bits_twice"])
             record(rows, case, config, errs, ok)
     return rows
 
@@ -99,7 +103,7 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 
 def main() -> None:
-    args = experiment_parser(__doc__, 3, "BLOCK_N,STAGES").parse_args()
+    args = experiment_parser(__doc__, 3, "BLOCK_N,STAGES[,QDO_REGS]").parse_args()
     configs = args.config or [hopper_backward.DQ_CONFIG]
     run_experiment(args, "gluon_dq", configs, check, time_shape, SHAPES)
 

@@ -414,9 +414,13 @@ if hopper_forward.gluon is not None:
                     full_blocks, seed, drop_p, stride_ob, stride_oh, stride_om, stride_dqb,
                     stride_dqh, stride_dqm, q_smem, do_smem, k_smem, v_smem, q_bar, k_bars,
                     v_bars, k_free, v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
+                    QDO_REGS: gl.constexpr):
         """One warpgroup's 64 query rows [row0, row0 + 64): delta, then dq over every key
-        block, stored scaled."""
+        block, stored scaled. QDO_REGS: S's and dP's A operands from registers instead of
+        shared memory, loaded once: 1 Q, 2 Q and dO (run 38's profile: the shared-memory
+        pipe was this kernel's busiest unit, 71% at D=128 causal 4k; the operands take 32
+        registers a thread each at D=128, 16 at D=64)."""
         dropout = (dropout_mask.seed_value(seed, DROPOUT), bh, row0, Sq, drop_p)
         ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = score_layout(BLOCK_N)
@@ -440,6 +444,12 @@ if hopper_forward.gluon is not None:
         gl.store(DELTA + bh.to(gl.int64) * Sq + o_rows, delta, mask=o_rows < Sq)
         delta = gl.convert_layout(delta, rows_layout)
 
+        if QDO_REGS > 0:
+            op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout,
+                                                          k_width=2)
+            q_smem = q_smem.load(op_layout)  # the name kept: the steps take either
+            if QDO_REGS > 1:
+                do_smem = do_smem.load(op_layout)
         dq = gl.zeros([ROWS, HEAD_D], gl.float32, d_layout)
         mbarrier.wait(k_bars.index(0), 0)
         s_tok = warpgroup_mma(q_smem, box(k_smem, 0).permute((1, 0)),
@@ -478,7 +488,7 @@ if hopper_forward.gluon is not None:
                    stride_om, stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc,
                    q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
                    HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
+                   CAUSAL: gl.constexpr, DROPOUT: gl.constexpr, QDO_REGS: gl.constexpr):
         """ROLE 0: the second warpgroup's rows; ROLE 1: the loading warp (Q and dO on one
         barrier, then the K/V ring)."""
         if ROLE == 0:
@@ -486,7 +496,7 @@ if hopper_forward.gluon is not None:
                         total, full_blocks, seed, drop_p, stride_ob, stride_oh, stride_om,
                         stride_dqb, stride_dqh, stride_dqm, box(q_box, 0).slice(64, 64),
                         box(do_box, 0).slice(64, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
-                        k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)
+                        k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT, QDO_REGS)
         else:
             b32 = b.to(gl.int32)  # TMA coordinates are 32-bit
             h32 = h.to(gl.int32)
@@ -516,7 +526,7 @@ if hopper_forward.gluon is not None:
                   Hq, group, Sq, Skv, qk_scale, scale, seed, drop_p,
                   HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                   DROPOUT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  HEAD_GROUP: gl.constexpr):
+                  HEAD_GROUP: gl.constexpr, QDO_REGS: gl.constexpr):
         """One program per (128 query rows, batch * query head); 4 warps + 4 + 1 (WS). The
         four descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (Q, dO) and (1, 1,
         BLOCK_N, D) (K, V: the forward's ring, kv_ring and load_kv_ring). seed, drop_p:
@@ -538,17 +548,18 @@ if hopper_forward.gluon is not None:
                            total, full_blocks, seed, drop_p, stride_ob, stride_oh, stride_om,
                            stride_dqb, stride_dqh, stride_dqm, box(q_box, 0).slice(0, 64),
                            box(do_box, 0).slice(0, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
-                           k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)),
+                           k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT,
+                           QDO_REGS)),
             (_dq_worker, (0, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off, qk_scale,
                           scale, total, full_blocks, seed, drop_p, stride_ob, stride_oh,
                           stride_om, stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc,
                           v_desc, q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free,
-                          v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)),
+                          v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT, QDO_REGS)),
             (_dq_worker, (1, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off, qk_scale,
                           scale, total, full_blocks, seed, drop_p, stride_ob, stride_oh,
                           stride_om, stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc,
                           v_desc, q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free,
-                          v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)),
+                          v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT, QDO_REGS)),
         ], [4, 1], [232, 24])
 
 
@@ -595,15 +606,17 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
 
 
 def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, scale: float,
-              seed=0, dropout_p: float = 0.0, config: tuple[int, int] = DQ_CONFIG,
+              seed=0, dropout_p: float = 0.0, config: tuple[int, ...] = DQ_CONFIG,
               head_group: int = 1, launcher=hopper_forward.run_kernel) -> None:
     """Write dq (like q (B, Hq, Sq, D)) and delta (B, Hq, Sq) float32 = rowsum(out * dout)
     for the dK/dV kernel, from k, v (B, Hkv, Skv, D), out and dout (like q) and lse (B, Hq,
     Sq) float32. out, dq: unit stride along D. The caller has checked that the call is one
     this kernel covers (fused_triton._hopper_backward_fits). seed, dropout_p: as
-    launch_dkdv's. head_group: how many (batch, query head) pairs' programs start together,
-    causal ones' last query block first. launcher: called as hopper_forward.run_kernel is."""
-    block_n, stages = config
+    launch_dkdv's. config: (BLOCK_N, STAGES[, QDO_REGS]); QDO_REGS (0 by default) as
+    _dq_consume takes it. head_group: how many (batch, query head) pairs' programs start
+    together, causal ones' last query block first. launcher: called as
+    hopper_forward.run_kernel is."""
+    block_n, stages, *qdo_regs = config
     B, Hq, Sq, D = q.shape
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
@@ -613,5 +626,6 @@ def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, sca
         Hq, Hq // k.shape[1], Sq, k.shape[2], scale * hopper_forward.LOG2E, scale, seed,
         dropout_p,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-            DROPOUT=dropout_p > 0.0, BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group),
+            DROPOUT=dropout_p > 0.0, BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group,
+            QDO_REGS=qdo_regs[0] if qdo_regs else 0),
         {"num_warps": 4, "maxnreg": 168})

@@ -1,7 +1,7 @@
 """Checks and times hopper_backward's dK/dV kernel (the Gluon one) against fused_triton's.
 
     PYTHONPATH=src python benchmarks/gluon_dkdv.py [--out DIR] [--rounds 3]
-        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_M,STAGES ...] [--check-only]
+        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_M,STAGES[,KV_REGS] ...] [--check-only]
         [--head-dim 64|128]
 
 Checked against fused_triton's dk, dv (and the oracle's) on awkward shapes first, and
@@ -108,7 +108,7 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 
 def main() -> None:
-    parser = experiment_parser(__doc__, 3, "BLOCK_M,STAGES")
+    parser = experiment_parser(__doc__, 3, "BLOCK_M,STAGES[,KV_REGS]")
     parser.add_argument("--head-dim", type=int, choices=(64, 128), default=None,
                         help="check and time that head dim's cases and shapes only")
     args = parser.parse_args()

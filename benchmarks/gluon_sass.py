@@ -129,7 +129,7 @@ def main() -> None:
                         help="the backward kernels with dropout (p = 0.1, a tensor seed)")
     parser.add_argument("--config", default=None,
                         help="forward: BLOCK_N,STAGES,WARPGROUPS[,O_TMA[,OWN_RANGES]]; "
-                             "dkdv: BLOCK_M,STAGES; dq: BLOCK_N,STAGES[,QDO_REGS]")
+                             "dkdv: BLOCK_M,STAGES[,KV_REGS]; dq: BLOCK_N,STAGES[,QDO_REGS]")
     parser.add_argument("--head-group", type=int, default=1)
     parser.add_argument("--sass", default=None, help="write the SASS here")
     args = parser.parse_args()

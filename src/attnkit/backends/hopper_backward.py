@@ -175,9 +175,11 @@ if hopper_forward.gluon is not None:
                       stride_dvb, stride_dvh, stride_dvn, k_smem, v_smem, kv_bar, q_ring, do_ring,
                       ready, free, rows_ring, HEAD_D: gl.constexpr,
                       BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                      DROPOUT: gl.constexpr):
+                      DROPOUT: gl.constexpr, KV_REGS: gl.constexpr):
         """One warpgroup's 64 keys [n0, n0 + 64): dK and dV over the query blocks
-        first_block.. of every query head of the group, stored (dK scaled)."""
+        first_block.. of every query head of the group, stored (dK scaled). KV_REGS: K and
+        V as S^T's and dP^T's register operands, loaded once, instead of read from shared
+        memory on every step (16 registers a thread each at D=64; at D=128 they spill)."""
         seed = dropout_mask.seed_value(seed, DROPOUT)
         s_layout: gl.constexpr = score_layout(BLOCK_M)
         d_layout: gl.constexpr = score_layout(HEAD_D)
@@ -185,6 +187,11 @@ if hopper_forward.gluon is not None:
         dk = gl.zeros([64, HEAD_D], gl.float32, d_layout)
         dv = gl.zeros([64, HEAD_D], gl.float32, d_layout)
         mbarrier.wait(kv_bar, 0)
+        if KV_REGS:
+            kv_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout,
+                                                          k_width=2)
+            k_smem = k_smem.load(kv_layout)  # the names kept: the steps take either
+            v_smem = v_smem.load(kv_layout)
         for t in range(group * n_blocks):
             m0 = (first_block + t % n_blocks) * BLOCK_M
             bh = b * Hq + kvh * group + t // n_blocks
@@ -249,7 +256,8 @@ if hopper_forward.gluon is not None:
                      stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc,
                      q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready, free,
                      rows_ring, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
-                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
+                     KV_REGS: gl.constexpr):
         """ROLE 0: the second warpgroup's keys; ROLE 1: the loading warp."""
         if ROLE == 0:
             _dkdv_consume(DK, DV, b, kvh, n0 + 64, Sq, Skv, kv_len, off, qk_scale, scale, group,
@@ -257,7 +265,7 @@ if hopper_forward.gluon is not None:
                           stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                           box(k_box, 0).slice(64, 64), box(v_box, 0).slice(64, 64), kv_bar,
                           q_ring, do_ring, ready, free, rows_ring, HEAD_D, BLOCK_M, STAGES,
-                          CAUSAL, DROPOUT)
+                          CAUSAL, DROPOUT, KV_REGS)
         else:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                           v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar, q_ring,
@@ -274,7 +282,7 @@ if hopper_forward.gluon is not None:
                     Hq, Hkv, group, Sq, Skv, qk_scale, scale, seed, drop_p,
                     HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                     DROPOUT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                    HEAD_GROUP: gl.constexpr):
+                    HEAD_GROUP: gl.constexpr, KV_REGS: gl.constexpr):
         """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS). The four
         descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (K, V) and (1, 1,
         BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), seed an int or a pointer
@@ -332,17 +340,19 @@ if hopper_forward.gluon is not None:
                              stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                              box(k_box, 0).slice(0, 64), box(v_box, 0).slice(0, 64), kv_bar,
                              q_ring, do_ring, ready, free, rows_ring, HEAD_D, BLOCK_M, STAGES,
-                             CAUSAL, DROPOUT)),
+                             CAUSAL, DROPOUT, KV_REGS)),
             (_dkdv_worker, (0, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                             scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
                             stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
                             v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
-                            free, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)),
+                            free, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT,
+                            KV_REGS)),
             (_dkdv_worker, (1, DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale,
                             scale, group, Hq, first_block, n_blocks, seed, drop_p, stride_dkb,
                             stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, k_desc,
                             v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring, ready,
-                            free, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)),
+                            free, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT,
+                            KV_REGS)),
         ], [4, 1], [240, 24])
 
     @gluon.jit
@@ -578,20 +588,21 @@ DQ_CONFIG = (64, 3)
 
 
 def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, scale: float,
-                seed=0, dropout_p: float = 0.0, config: tuple[int, int] | None = None,
+                seed=0, dropout_p: float = 0.0, config: tuple[int, ...] | None = None,
                 head_group: int = 1, launcher=hopper_forward.run_kernel) -> None:
     """Write dk, dv (shaped like k, v (B, Hkv, Skv, D)) for q (B, Hq, Sq, D), dout (like
     q), lse and delta (B, Hq, Sq) float32 (delta = rowsum(out * dout), from the dQ
     kernel). The caller has checked that the call is one this kernel covers
     (fused_triton._hopper_backward_fits). seed: dropout's, as the forward took it (an
     int, or an int64 tensor on the call's device); dropout_p > 0 drops. config: (BLOCK_M,
-    STAGES), None for DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). head_group: how
-    many (batch, kv head) pairs' programs start together, each one's first key block
-    first. launcher: called as hopper_forward.run_kernel is."""
+    STAGES[, KV_REGS]), None for DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout);
+    KV_REGS (0 by default) as _dkdv_consume takes it. head_group: how many (batch, kv
+    head) pairs' programs start together, each one's first key block first. launcher:
+    called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
     if config is None:
         config = DKDV_DROPOUT_CONFIG.get(D, DKDV_CONFIG) if dropout_p > 0.0 else DKDV_CONFIG
-    block_m, stages = config
+    block_m, stages, *kv_regs = config
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
@@ -601,7 +612,8 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
         *dk.stride()[:3], *dv.stride()[:3],
         Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale, seed, dropout_p,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
+            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group,
+            KV_REGS=bool(kv_regs and kv_regs[0])),
         {"num_warps": 4, "maxnreg": 168})
 
 

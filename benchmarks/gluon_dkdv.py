@@ -108,14 +108,9 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 
 def main() -> None:
-    parser = experiment_parser(__doc__, 3, "BLOCK_M,STAGES[,KV_REGS]")
-    parser.add_argument("--head-dim", type=int, choices=(64, 128), default=None,
-                        help="check and time that head dim's cases and shapes only")
-    args = parser.parse_args()
+    args = experiment_parser(__doc__, 3, "BLOCK_M,STAGES[,KV_REGS]", head_dim=True).parse_args()
     configs = args.config or [hopper_backward.DKDV_CONFIG]
-    shapes = [s for s in SHAPES if args.head_dim in (None, s[3])]
-    run_experiment(args, "gluon_dkdv", configs, lambda c: check(c, args.head_dim), time_shape,
-                   shapes)
+    run_experiment(args, "gluon_dkdv", configs, check, time_shape, SHAPES)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/gluon_dq.py [--out DIR] [--rounds 3]
         [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_N,STAGES[,QDO_REGS] ...] [--check-only]
+        [--head-dim 64|128]
 
 First every config is checked against fused_triton's dq and delta and the float64 oracle's
 dq on awkward shapes, and against a second launch bit for bit (any failure stops the
@@ -74,10 +75,12 @@ def inputs(b, hq, hkv, sq, skv, d, causal, lengths, gen):
     return call, out, lse, torch.randn_like(out)
 
 
-def check(configs) -> list[dict]:
+def check(configs, head_dim: int | None = None) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
     for case in CASES:
+        if head_dim is not None and case[5] != head_dim:
+            continue
         call, out, lse, dout = inputs(*case, gen)
         want_dq, want_delta = triton_dq(call, out, lse, dout)
         q64 = call.q.double().requires_grad_()
@@ -103,7 +106,7 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 
 def main() -> None:
-    args = experiment_parser(__doc__, 3, "BLOCK_N,STAGES[,QDO_REGS]").parse_args()
+    args = experiment_parser(__doc__, 3, "BLOCK_N,STAGES[,QDO_REGS]", head_dim=True).parse_args()
     configs = args.config or [hopper_backward.DQ_CONFIG]
     run_experiment(args, "gluon_dq", configs, check, time_shape, SHAPES)
 

@@ -14,6 +14,7 @@ bf16 data; medians of the rounds are reported in TFLOP/s. Writes DIR/gluon_forwa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -171,23 +172,34 @@ def int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
-def experiment_parser(doc: str, rounds: int, config_help: str) -> argparse.ArgumentParser:
-    """The options of this script and of gluon_dq.py and gluon_dkdv.py."""
+def experiment_parser(doc: str, rounds: int, config_help: str,
+                      head_dim: bool = False) -> argparse.ArgumentParser:
+    """The options of this script and of gluon_dq.py and gluon_dkdv.py; head_dim: also
+    --head-dim, for a check_fn that takes it (run_experiment)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--shape", action="append", help="B,H,S,D,CAUSAL")
     parser.add_argument("--config", action="append", type=int_tuple, help=config_help)
     parser.add_argument("--check-only", action="store_true")
+    if head_dim:
+        parser.add_argument("--head-dim", type=int, choices=(64, 128), default=None,
+                            help="check and time that head dim's cases and shapes only")
     return parser
 
 
 def run_experiment(args, name: str, configs, check_fn, time_fn, shapes) -> None:
-    """check_fn(configs); then, where every check passed, time_fn(shape, configs, rounds)
-    over --shape (or `shapes`); everything into OUT/<name>.json."""
+    """check_fn(configs) (check_fn(configs, head_dim) where the parser has --head-dim);
+    then, where every check passed, time_fn(shape, configs, rounds) over --shape (or
+    `shapes`, of --head-dim's head dim); everything into OUT/<name>.json."""
+    head_dim = getattr(args, "head_dim", None)
     if args.shape:
         shapes = [tuple(int(x) for x in s.split(",")[:4]) + (s.split(",")[4] == "1",)
                   for s in args.shape]
+    elif head_dim is not None:
+        shapes = [shape for shape in shapes if shape[3] == head_dim]
+    if hasattr(args, "head_dim"):
+        check_fn = functools.partial(check_fn, head_dim=head_dim)
     result = {"environment": environment(torch.device("cuda")),
               "configs": {str(d): c for d, c in configs.items()} if isinstance(configs, dict)
               else configs}

@@ -105,7 +105,7 @@ if hopper_forward.gluon is not None:
 
     @gluon.jit
     def _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
-                   k_smem, v_smem, q_ring, do_ring, ready, free, rows_ring,
+                   k_op, v_op, q_ring, do_ring, ready, free, rows_ring,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
                    STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr,
                    d_layout: gl.constexpr):
@@ -119,10 +119,10 @@ if hopper_forward.gluon is not None:
         lse = rows_ring.index(slot).load(gl.SliceLayout(0, s_layout))
         q = box(q_ring, slot)
         do = box(do_ring, slot)
-        s_tok = warpgroup_mma(k_smem, q.permute((1, 0)),
+        s_tok = warpgroup_mma(k_op, q.permute((1, 0)),
                               gl.zeros([64, BLOCK_M], gl.float32, s_layout),
                               use_acc=False, is_async=True)
-        dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)),
+        dp_tok = warpgroup_mma(v_op, do.permute((1, 0)),
                                gl.zeros([64, BLOCK_M], gl.float32, s_layout),
                                use_acc=False, is_async=True)
         if DROPOUT:
@@ -187,11 +187,12 @@ if hopper_forward.gluon is not None:
         dk = gl.zeros([64, HEAD_D], gl.float32, d_layout)
         dv = gl.zeros([64, HEAD_D], gl.float32, d_layout)
         mbarrier.wait(kv_bar, 0)
+        k_op, v_op = k_smem, v_smem  # S^T's and dP^T's A operands
         if KV_REGS:
             kv_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout,
                                                           k_width=2)
-            k_smem = k_smem.load(kv_layout)  # the names kept: the steps take either
-            v_smem = v_smem.load(kv_layout)
+            k_op = k_smem.load(kv_layout)
+            v_op = v_smem.load(kv_layout)
         for t in range(group * n_blocks):
             m0 = (first_block + t % n_blocks) * BLOCK_M
             bh = b * Hq + kvh * group + t // n_blocks
@@ -202,12 +203,12 @@ if hopper_forward.gluon is not None:
                 whole = whole & (n0 + 63 <= m0 + off)
             if whole:
                 dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
-                                    bh, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free,
+                                    bh, drop_p, k_op, v_op, q_ring, do_ring, ready, free,
                                     rows_ring, False, CAUSAL, DROPOUT, STAGES, BLOCK_M, s_layout,
                                     d_layout)
             else:
                 dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
-                                    bh, drop_p, k_smem, v_smem, q_ring, do_ring, ready, free,
+                                    bh, drop_p, k_op, v_op, q_ring, do_ring, ready, free,
                                     rows_ring, True, CAUSAL, DROPOUT, STAGES, BLOCK_M, s_layout,
                                     d_layout)
         rows = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, d_layout))
@@ -356,7 +357,7 @@ if hopper_forward.gluon is not None:
         ], [4, 1], [240, 24])
 
     @gluon.jit
-    def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout, q_smem, do_smem,
+    def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout, q_op, do_op,
                  k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                  MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_NEXT: gl.constexpr,
                  DROPOUT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -384,11 +385,11 @@ if hopper_forward.gluon is not None:
             # Each product gets zeros of its own: one set of registers read as two
             # accumulators also serializes them.
             mbarrier.wait(k_bars.index(nxt), phase)
-            s_tok = warpgroup_mma(q_smem, box(k_smem, nxt).permute((1, 0)),
+            s_tok = warpgroup_mma(q_op, box(k_smem, nxt).permute((1, 0)),
                                   gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                                   is_async=True)
             mbarrier.wait(v_bars.index(nxt), phase)
-            dp_tok = warpgroup_mma(do_smem, box(v_smem, nxt).permute((1, 0)),
+            dp_tok = warpgroup_mma(do_op, box(v_smem, nxt).permute((1, 0)),
                                    gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                                    is_async=True)
         if MASKED:
@@ -396,7 +397,7 @@ if hopper_forward.gluon is not None:
             kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s, float("-inf"))
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
-        ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(q_smem.dtype), ds_layout)
+        ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(q_op.dtype), ds_layout)
         dq_tok = warpgroup_mma(ds, box(k_smem, slot), dq, is_async=True)
         if HAS_NEXT:
             dq, s, dp, _ = warpgroup_mma_wait(0, deps=[dq_tok, s_tok, dp_tok, ds])
@@ -408,13 +409,13 @@ if hopper_forward.gluon is not None:
 
     @gluon.jit
     def _dq_blocks(first, last, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout,
-                   q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                   q_op, do_op, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
                    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                    ds_layout: gl.constexpr):
         for j in range(first, last):
             s, dp, dq = _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout,
-                                 q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                                 q_op, do_op, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                                  MASKED, CAUSAL, True, DROPOUT, STAGES, BLOCK_N, s_layout,
                                  ds_layout)
         return s, dp, dq
@@ -454,19 +455,20 @@ if hopper_forward.gluon is not None:
         gl.store(DELTA + bh.to(gl.int64) * Sq + o_rows, delta, mask=o_rows < Sq)
         delta = gl.convert_layout(delta, rows_layout)
 
+        q_op, do_op = q_smem, do_smem  # S's and dP's A operands
         if QDO_REGS > 0:
             op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout,
                                                           k_width=2)
-            q_smem = q_smem.load(op_layout)  # the name kept: the steps take either
+            q_op = q_smem.load(op_layout)
             if QDO_REGS > 1:
-                do_smem = do_smem.load(op_layout)
+                do_op = do_smem.load(op_layout)
         dq = gl.zeros([ROWS, HEAD_D], gl.float32, d_layout)
         mbarrier.wait(k_bars.index(0), 0)
-        s_tok = warpgroup_mma(q_smem, box(k_smem, 0).permute((1, 0)),
+        s_tok = warpgroup_mma(q_op, box(k_smem, 0).permute((1, 0)),
                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                               is_async=True)
         mbarrier.wait(v_bars.index(0), 0)
-        dp_tok = warpgroup_mma(do_smem, box(v_smem, 0).permute((1, 0)),
+        dp_tok = warpgroup_mma(do_op, box(v_smem, 0).permute((1, 0)),
                                gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                                is_async=True)
         s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])
@@ -474,22 +476,22 @@ if hopper_forward.gluon is not None:
         # apart, as it issues no next S and dP.
         split = gl.minimum(full_blocks, total - 1)
         s, dp, dq = _dq_blocks(0, split, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
-                               dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
+                               dropout, q_op, do_op, k_smem, v_smem, k_bars, v_bars, k_free,
                                v_free, False, CAUSAL, DROPOUT, STAGES, BLOCK_N, s_layout,
                                ds_layout)
         s, dp, dq = _dq_blocks(split, total - 1, s, dp, dq, lse, delta, qi, kv_len, off,
-                               qk_scale, dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars,
+                               qk_scale, dropout, q_op, do_op, k_smem, v_smem, k_bars, v_bars,
                                k_free, v_free, True, CAUSAL, DROPOUT, STAGES, BLOCK_N, s_layout,
                                ds_layout)
         s, dp, dq = _dq_step(total - 1, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
-                             dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
+                             dropout, q_op, do_op, k_smem, v_smem, k_bars, v_bars, k_free,
                              v_free, True, CAUSAL, False, DROPOUT, STAGES, BLOCK_N, s_layout,
                              ds_layout)
 
         d_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, d_layout))
         d_cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
         gl.store(DQ + b * stride_dqb + h * stride_dqh + gl.expand_dims(d_rows, 1) * stride_dqm
-                 + gl.expand_dims(d_cols, 0), (dq * scale).to(q_smem.dtype),
+                 + gl.expand_dims(d_cols, 0), (dq * scale).to(q_op.dtype),
                  mask=gl.expand_dims(d_rows < Sq, 1) & gl.expand_dims(d_cols < HEAD_D, 0))
 
     @gluon.jit

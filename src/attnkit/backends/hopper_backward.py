@@ -67,6 +67,7 @@ if hopper_forward.gluon is not None:
         key_blocks,
         kv_ring,
         load_kv_ring,
+        operand_layout,
         score_layout,
         visible,
     )
@@ -153,8 +154,7 @@ if hopper_forward.gluon is not None:
             pt = gl.where(keep, p * inv, 0.0).to(q.dtype)
         else:
             pt = p.to(q.dtype)
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout,
-                                                      k_width=2)
+        op_layout: gl.constexpr = operand_layout(d_layout)
         pt = gl.convert_layout(pt, op_layout)
         dv_tok = warpgroup_mma(pt, do, dv, is_async=True)
         dp = warpgroup_mma_wait(1, deps=[dp_tok])
@@ -189,8 +189,7 @@ if hopper_forward.gluon is not None:
         mbarrier.wait(kv_bar, 0)
         k_op, v_op = k_smem, v_smem  # S^T's and dP^T's A operands
         if KV_REGS:
-            kv_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout,
-                                                          k_width=2)
+            kv_layout: gl.constexpr = operand_layout(s_layout)
             k_op = k_smem.load(kv_layout)
             v_op = v_smem.load(kv_layout)
         for t in range(group * n_blocks):
@@ -436,8 +435,7 @@ if hopper_forward.gluon is not None:
         ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = score_layout(BLOCK_N)
         d_layout: gl.constexpr = score_layout(HEAD_D)
-        ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout,
-                                                      k_width=2)
+        ds_layout: gl.constexpr = operand_layout(d_layout)
         rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         qi = row0 + gl.arange(0, ROWS, layout=rows_layout)
         row_ok = qi < Sq
@@ -457,8 +455,7 @@ if hopper_forward.gluon is not None:
 
         q_op, do_op = q_smem, do_smem  # S's and dP's A operands
         if QDO_REGS > 0:
-            op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout,
-                                                          k_width=2)
+            op_layout: gl.constexpr = operand_layout(s_layout)
             q_op = q_smem.load(op_layout)
             if QDO_REGS > 1:
                 do_op = do_smem.load(op_layout)

@@ -136,6 +136,13 @@ if gluon is not None:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                          instr_shape=[16, columns, 16])
 
+    @gluon.constexpr_function
+    def operand_layout(result_layout):
+        """The register layout of a 16-bit A operand of a warpgroup matmul whose result
+        is in result_layout (a score_layout). An operand that is another warpgroup matmul's
+        result, as P is S's, takes that result's registers with no data moved."""
+        return gl.DotOperandLayout(operand_index=0, parent=result_layout, k_width=2)
+
     @gluon.jit
     def box(ring, i):
         """Entry i of a ring of TMA boxes (N, 1, 1, rows, D), as the (rows, D) matmul
@@ -527,8 +534,7 @@ if gluon is not None:
         # A warpgroup's scores, its accumulator and its P operand, in registers.
         s_layout: gl.constexpr = score_layout(BLOCK_N)
         o_layout: gl.constexpr = score_layout(HEAD_D)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
-                                                     k_width=2)
+        p_layout: gl.constexpr = operand_layout(o_layout)
         if ROLE < WARPGROUPS:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,

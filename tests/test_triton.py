@@ -8,7 +8,6 @@ bfloat16 dots (triton-lang/triton#11584), so CPU cases use float16.
 
 import functools
 import importlib
-import importlib.util
 import inspect
 import itertools
 import sys
@@ -1115,12 +1114,12 @@ def test_gluon_experiments_launch_the_config_they_were_given(monkeypatch, script
     assert len(seen["args"]) == 11  # through the scale
 
 
-def test_ncu_step_summarizes_a_source_page(tmp_path, capsys):
+def test_ncu_step_summarizes_a_source_page(tmp_path, capsys, monkeypatch):
     """benchmarks/ncu_step.py --summarize on a source-page CSV of ncu's form: wavefronts
     by opcode (predicates dropped), stalls by reason, the lines with most samples."""
     import csv
 
-    ncu_step = _benchmark_script_plain("ncu_step")
+    ncu_step = _benchmark_script("ncu_step", monkeypatch)
     path = tmp_path / "page.csv"
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
@@ -1136,18 +1135,6 @@ def test_ncu_step_summarizes_a_source_page(tmp_path, capsys):
     assert "HGMMA 75.0%, LDS 25.0%" in text
     assert "barrier 75.0%, wait 25.0%" in text
     assert text.rstrip().endswith("75.00% barrier        @!P0 LDS.64 R2, [R3]")
-
-
-def _benchmark_script_plain(name: str):
-    """benchmarks/NAME.py loaded from its path, without touching sys.path or sys.modules
-    (for scripts that import nothing beside them)."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _benchmark_script(name: str, monkeypatch):

@@ -36,9 +36,9 @@ from attnkit.backends import hopper_backward
 from attnkit.verify import rel_err
 
 
-def gluon_dkdv(call, lse, dout, delta, config=hopper_backward.DKDV_CONFIG):
+def gluon_dkdv(call, lse, dout, delta, config=None):
     """dk, dv for `call` through hopper_backward's kernel (delta: rowsum(O dO), from a dQ
-    kernel). config: (BLOCK_M, STAGES)."""
+    kernel). config: (BLOCK_M, STAGES[, KV_REGS]), None for the routed one."""
     dk = torch.empty_like(call.k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(call.v, memory_format=torch.contiguous_format)
     hopper_backward.launch_dkdv(call.q, call.k, call.v, dout, lse, delta, dk, dv,
@@ -109,7 +109,7 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 def main() -> None:
     args = experiment_parser(__doc__, 3, "BLOCK_M,STAGES[,KV_REGS]", head_dim=True).parse_args()
-    configs = args.config or [hopper_backward.DKDV_CONFIG]
+    configs = args.config or [None]  # the routed config of each head dim
     run_experiment(args, "gluon_dkdv", configs, check, time_shape, SHAPES)
 
 

@@ -1,7 +1,7 @@
 """Checks and times hopper_backward's dQ kernel (the Gluon one) against fused_triton's.
 
     PYTHONPATH=src python benchmarks/gluon_dq.py [--out DIR] [--rounds 3]
-        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_N,STAGES[,QDO_REGS] ...] [--check-only]
+        [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_N,STAGES ...] [--check-only]
         [--head-dim 64|128]
 
 First every config is checked against fused_triton's dq and delta and the float64 oracle's
@@ -106,7 +106,7 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 
 def main() -> None:
-    args = experiment_parser(__doc__, 3, "BLOCK_N,STAGES[,QDO_REGS]", head_dim=True).parse_args()
+    args = experiment_parser(__doc__, 3, "BLOCK_N,STAGES", head_dim=True).parse_args()
     configs = args.config or [hopper_backward.DQ_CONFIG]
     run_experiment(args, "gluon_dq", configs, check, time_shape, SHAPES)
 

@@ -144,7 +144,7 @@ def time_against_triton(shape, configs, rounds: int, prepare, triton_fn, gluon_f
     triton_fn(*args)
     runs = {"triton": lambda: triton_fn(*args)}
     for config in configs:
-        runs[f"gluon {config}"] = (lambda c=config: gluon_fn(*args, c))
+        runs[f"gluon {config or 'routed'}"] = (lambda c=config: gluon_fn(*args, c))
     flops = attention_flops(b, h, s, s, d, causal) * matmuls / 2
     return time_in_turns(shape, runs, rounds, flops, what)
 

@@ -16,7 +16,8 @@ builds (git stash, or a worktree of another commit on PYTHONPATH) diff line by l
 fused_triton.run passes it).
 Without --config: the forward's routed config for the head dim and causality
 (fused_triton._HOPPER_ROUTES, its longest), the dK/dV kernel's launch_dkdv default
-(hopper_backward.DKDV_CONFIG, or DKDV_DROPOUT_CONFIG's with dropout) and DQ_CONFIG.
+(the head dim's hopper_backward.DKDV_CONFIG, or DKDV_DROPOUT_CONFIG with dropout) and
+DQ_CONFIG.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def main() -> None:
                         help="the backward kernels with dropout (p = 0.1, a tensor seed)")
     parser.add_argument("--config", default=None,
                         help="forward: BLOCK_N,STAGES,WARPGROUPS[,O_TMA[,OWN_RANGES]]; "
-                             "dkdv: BLOCK_M,STAGES[,KV_REGS]; dq: BLOCK_N,STAGES[,QDO_REGS]")
+                             "dkdv: BLOCK_M,STAGES[,KV_REGS]; dq: BLOCK_N,STAGES")
     parser.add_argument("--head-group", type=int, default=1)
     parser.add_argument("--sass", default=None, help="write the SASS here")
     args = parser.parse_args()

@@ -356,7 +356,7 @@ if hopper_forward.gluon is not None:
         ], [4, 1], [240, 24])
 
     @gluon.jit
-    def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout, q_op, do_op,
+    def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout, q_smem, do_smem,
                  k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                  MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_NEXT: gl.constexpr,
                  DROPOUT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -384,11 +384,11 @@ if hopper_forward.gluon is not None:
             # Each product gets zeros of its own: one set of registers read as two
             # accumulators also serializes them.
             mbarrier.wait(k_bars.index(nxt), phase)
-            s_tok = warpgroup_mma(q_op, box(k_smem, nxt).permute((1, 0)),
+            s_tok = warpgroup_mma(q_smem, box(k_smem, nxt).permute((1, 0)),
                                   gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                                   is_async=True)
             mbarrier.wait(v_bars.index(nxt), phase)
-            dp_tok = warpgroup_mma(do_op, box(v_smem, nxt).permute((1, 0)),
+            dp_tok = warpgroup_mma(do_smem, box(v_smem, nxt).permute((1, 0)),
                                    gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
                                    is_async=True)
         if MASKED:
@@ -396,7 +396,7 @@ if hopper_forward.gluon is not None:
             kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s, float("-inf"))
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
-        ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(q_op.dtype), ds_layout)
+        ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(q_smem.dtype), ds_layout)
         dq_tok = warpgroup_mma(ds, box(k_smem, slot), dq, is_async=True)
         if HAS_NEXT:
             dq, s, dp, _ = warpgroup_mma_wait(0, deps=[dq_tok, s_tok, dp_tok, ds])
@@ -408,13 +408,13 @@ if hopper_forward.gluon is not None:
 
     @gluon.jit
     def _dq_blocks(first, last, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout,
-                   q_op, do_op, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                   q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
                    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                    ds_layout: gl.constexpr):
         for j in range(first, last):
             s, dp, dq = _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout,
-                                 q_op, do_op, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
+                                 q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                                  MASKED, CAUSAL, True, DROPOUT, STAGES, BLOCK_N, s_layout,
                                  ds_layout)
         return s, dp, dq
@@ -424,13 +424,9 @@ if hopper_forward.gluon is not None:
                     full_blocks, seed, drop_p, stride_ob, stride_oh, stride_om, stride_dqb,
                     stride_dqh, stride_dqm, q_smem, do_smem, k_smem, v_smem, q_bar, k_bars,
                     v_bars, k_free, v_free, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
-                    QDO_REGS: gl.constexpr):
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
         """One warpgroup's 64 query rows [row0, row0 + 64): delta, then dq over every key
-        block, stored scaled. QDO_REGS: S's and dP's A operands from registers instead of
-        shared memory, loaded once: 1 Q, 2 Q and dO (run 38's profile: the shared-memory
-        pipe was this kernel's busiest unit, 71% at D=128 causal 4k; the operands take 32
-        registers a thread each at D=128, 16 at D=64)."""
+        block, stored scaled."""
         dropout = (dropout_mask.seed_value(seed, DROPOUT), bh, row0, Sq, drop_p)
         ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = score_layout(BLOCK_N)
@@ -453,19 +449,13 @@ if hopper_forward.gluon is not None:
         gl.store(DELTA + bh.to(gl.int64) * Sq + o_rows, delta, mask=o_rows < Sq)
         delta = gl.convert_layout(delta, rows_layout)
 
-        q_op, do_op = q_smem, do_smem  # S's and dP's A operands
-        if QDO_REGS > 0:
-            op_layout: gl.constexpr = operand_layout(s_layout)
-            q_op = q_smem.load(op_layout)
-            if QDO_REGS > 1:
-                do_op = do_smem.load(op_layout)
         dq = gl.zeros([ROWS, HEAD_D], gl.float32, d_layout)
         mbarrier.wait(k_bars.index(0), 0)
-        s_tok = warpgroup_mma(q_op, box(k_smem, 0).permute((1, 0)),
+        s_tok = warpgroup_mma(q_smem, box(k_smem, 0).permute((1, 0)),
                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                               is_async=True)
         mbarrier.wait(v_bars.index(0), 0)
-        dp_tok = warpgroup_mma(do_op, box(v_smem, 0).permute((1, 0)),
+        dp_tok = warpgroup_mma(do_smem, box(v_smem, 0).permute((1, 0)),
                                gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                                is_async=True)
         s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])
@@ -473,22 +463,22 @@ if hopper_forward.gluon is not None:
         # apart, as it issues no next S and dP.
         split = gl.minimum(full_blocks, total - 1)
         s, dp, dq = _dq_blocks(0, split, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
-                               dropout, q_op, do_op, k_smem, v_smem, k_bars, v_bars, k_free,
+                               dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
                                v_free, False, CAUSAL, DROPOUT, STAGES, BLOCK_N, s_layout,
                                ds_layout)
         s, dp, dq = _dq_blocks(split, total - 1, s, dp, dq, lse, delta, qi, kv_len, off,
-                               qk_scale, dropout, q_op, do_op, k_smem, v_smem, k_bars, v_bars,
+                               qk_scale, dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars,
                                k_free, v_free, True, CAUSAL, DROPOUT, STAGES, BLOCK_N, s_layout,
                                ds_layout)
         s, dp, dq = _dq_step(total - 1, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
-                             dropout, q_op, do_op, k_smem, v_smem, k_bars, v_bars, k_free,
+                             dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
                              v_free, True, CAUSAL, False, DROPOUT, STAGES, BLOCK_N, s_layout,
                              ds_layout)
 
         d_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, d_layout))
         d_cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
         gl.store(DQ + b * stride_dqb + h * stride_dqh + gl.expand_dims(d_rows, 1) * stride_dqm
-                 + gl.expand_dims(d_cols, 0), (dq * scale).to(q_op.dtype),
+                 + gl.expand_dims(d_cols, 0), (dq * scale).to(q_smem.dtype),
                  mask=gl.expand_dims(d_rows < Sq, 1) & gl.expand_dims(d_cols < HEAD_D, 0))
 
     @gluon.jit
@@ -497,7 +487,7 @@ if hopper_forward.gluon is not None:
                    stride_om, stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc, v_desc,
                    q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free, v_free,
                    HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr, DROPOUT: gl.constexpr, QDO_REGS: gl.constexpr):
+                   CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
         """ROLE 0: the second warpgroup's rows; ROLE 1: the loading warp (Q and dO on one
         barrier, then the K/V ring)."""
         if ROLE == 0:
@@ -505,7 +495,7 @@ if hopper_forward.gluon is not None:
                         total, full_blocks, seed, drop_p, stride_ob, stride_oh, stride_om,
                         stride_dqb, stride_dqh, stride_dqm, box(q_box, 0).slice(64, 64),
                         box(do_box, 0).slice(64, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
-                        k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT, QDO_REGS)
+                        k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)
         else:
             b32 = b.to(gl.int32)  # TMA coordinates are 32-bit
             h32 = h.to(gl.int32)
@@ -535,7 +525,7 @@ if hopper_forward.gluon is not None:
                   Hq, group, Sq, Skv, qk_scale, scale, seed, drop_p,
                   HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                   DROPOUT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  HEAD_GROUP: gl.constexpr, QDO_REGS: gl.constexpr):
+                  HEAD_GROUP: gl.constexpr):
         """One program per (128 query rows, batch * query head); 4 warps + 4 + 1 (WS). The
         four descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (Q, dO) and (1, 1,
         BLOCK_N, D) (K, V: the forward's ring, kv_ring and load_kv_ring). seed, drop_p:
@@ -557,30 +547,30 @@ if hopper_forward.gluon is not None:
                            total, full_blocks, seed, drop_p, stride_ob, stride_oh, stride_om,
                            stride_dqb, stride_dqh, stride_dqm, box(q_box, 0).slice(0, 64),
                            box(do_box, 0).slice(0, 64), k_smem, v_smem, q_bar, k_bars, v_bars,
-                           k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT,
-                           QDO_REGS)),
+                           k_free, v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)),
             (_dq_worker, (0, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off, qk_scale,
                           scale, total, full_blocks, seed, drop_p, stride_ob, stride_oh,
                           stride_om, stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc,
                           v_desc, q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free,
-                          v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT, QDO_REGS)),
+                          v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)),
             (_dq_worker, (1, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off, qk_scale,
                           scale, total, full_blocks, seed, drop_p, stride_ob, stride_oh,
                           stride_om, stride_dqb, stride_dqh, stride_dqm, q_desc, do_desc, k_desc,
                           v_desc, q_box, do_box, k_smem, v_smem, q_bar, k_bars, v_bars, k_free,
-                          v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT, QDO_REGS)),
+                          v_free, HEAD_D, BLOCK_N, STAGES, CAUSAL, DROPOUT)),
         ], [4, 1], [232, 24])
 
 
-# (BLOCK_M, STAGES): the dK/dV kernel's config, checked and timed on an H200 (NOTES runs 20,
-# 38). (32, 3) was 0.83-0.96x it (run 20, P^T and dS^T through shared memory then); (32,
-# 4) and (64, 3) gave wrong dK/dV before the mask was made per element, and (64, 3) at
-# D=64 still does, without dropout (run 38).
-DKDV_CONFIG = (64, 2)
-# With dropout, by head dim: at D=128 (64, 2) spills (265 local-memory instructions: the
-# mask on top of S^T, dP^T, dK and dV in registers) and (32, 2) does not
-# (benchmarks/gluon_sass.py --dropout); D=64 keeps DKDV_CONFIG, spill-free.
-DKDV_DROPOUT_CONFIG = {128: (32, 2)}
+# (BLOCK_M, STAGES, KV_REGS): the dK/dV kernel's config by head dim, checked and timed on
+# an H200 (NOTES runs 20, 38, 39). (32, 3) was 0.83-0.96x (64, 2) (run 20, P^T and dS^T
+# through shared memory then); (32, 4) and (64, 3) gave wrong dK/dV before the mask was
+# made per element, and (64, 3) at D=64 still does, without dropout (run 38). KV_REGS at
+# D=64 was 1.01-1.07x without it (run 39); at D=128 K and V do not fit in registers.
+DKDV_CONFIG = {64: (64, 2, 1), 128: (64, 2, 0)}
+# With dropout, where it differs: at D=128 (64, 2) spills (265 local-memory instructions:
+# the mask on top of S^T, dP^T, dK and dV in registers) and (32, 2) does not
+# (benchmarks/gluon_sass.py --dropout); D=64 is spill-free with DKDV_CONFIG's.
+DKDV_DROPOUT_CONFIG = {128: (32, 2, 0)}
 # (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
 # blocks spill and serialize the matmuls (NOTES runs 14, 22).
 DQ_CONFIG = (64, 3)
@@ -594,13 +584,13 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     kernel). The caller has checked that the call is one this kernel covers
     (fused_triton._hopper_backward_fits). seed: dropout's, as the forward took it (an
     int, or an int64 tensor on the call's device); dropout_p > 0 drops. config: (BLOCK_M,
-    STAGES[, KV_REGS]), None for DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout);
-    KV_REGS (0 by default) as _dkdv_consume takes it. head_group: how many (batch, kv
-    head) pairs' programs start together, each one's first key block first. launcher:
-    called as hopper_forward.run_kernel is."""
+    STAGES[, KV_REGS]) (KV_REGS as _dkdv_consume takes it, 0 if left out), None for the
+    head dim's DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout, where it has one).
+    head_group: how many (batch, kv head) pairs' programs start together, each one's first
+    key block first. launcher: called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
     if config is None:
-        config = DKDV_DROPOUT_CONFIG.get(D, DKDV_CONFIG) if dropout_p > 0.0 else DKDV_CONFIG
+        config = (dropout_p > 0.0 and DKDV_DROPOUT_CONFIG.get(D)) or DKDV_CONFIG[D]
     block_m, stages, *kv_regs = config
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
@@ -617,17 +607,15 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
 
 
 def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, scale: float,
-              seed=0, dropout_p: float = 0.0, config: tuple[int, ...] = DQ_CONFIG,
+              seed=0, dropout_p: float = 0.0, config: tuple[int, int] = DQ_CONFIG,
               head_group: int = 1, launcher=hopper_forward.run_kernel) -> None:
     """Write dq (like q (B, Hq, Sq, D)) and delta (B, Hq, Sq) float32 = rowsum(out * dout)
     for the dK/dV kernel, from k, v (B, Hkv, Skv, D), out and dout (like q) and lse (B, Hq,
     Sq) float32. out, dq: unit stride along D. The caller has checked that the call is one
     this kernel covers (fused_triton._hopper_backward_fits). seed, dropout_p: as
-    launch_dkdv's. config: (BLOCK_N, STAGES[, QDO_REGS]); QDO_REGS (0 by default) as
-    _dq_consume takes it. head_group: how many (batch, query head) pairs' programs start
-    together, causal ones' last query block first. launcher: called as
-    hopper_forward.run_kernel is."""
-    block_n, stages, *qdo_regs = config
+    launch_dkdv's. head_group: how many (batch, query head) pairs' programs start together,
+    causal ones' last query block first. launcher: called as hopper_forward.run_kernel is."""
+    block_n, stages = config
     B, Hq, Sq, D = q.shape
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
@@ -637,6 +625,5 @@ def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, sca
         Hq, Hq // k.shape[1], Sq, k.shape[2], scale * hopper_forward.LOG2E, scale, seed,
         dropout_p,
     ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-            DROPOUT=dropout_p > 0.0, BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group,
-            QDO_REGS=qdo_regs[0] if qdo_regs else 0),
+            DROPOUT=dropout_p > 0.0, BLOCK_N=block_n, STAGES=stages, HEAD_GROUP=head_group),
         {"num_warps": 4, "maxnreg": 168})

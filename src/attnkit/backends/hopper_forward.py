@@ -77,45 +77,7 @@ def available() -> bool:
     return found is not None and (int(found[1]), int(found[2])) in CHECKED_RELEASES
 
 
-def _exp2_asm(pack: int) -> str:
-    """PTX for exp2 of `pack` float32 scores ($pack.. in, $0.. out): all but the last on
-    the MUFU unit, the last by a degree-3 polynomial on the FMA pipe (2^x = 2^j * 2^f, j
-    the nearest integer, |f| <= 1/2; relative error 2.2e-4, below bf16's rounding of P),
-    so that the two pipes share the exponentials. Scores below -127 (and -inf) give
-    exactly 0, as the MUFU's do, which a row that sees no key relies on."""
-    lines = [f"ex2.approx.ftz.f32 ${i}, ${pack + i};" for i in range(pack - 1)]
-    out, x = pack - 1, 2 * pack - 1
-    lines.append(
-        "{ .reg .f32 x, t, j, f, p; .reg .b32 e; "
-        f"max.ftz.f32 x, ${x}, 0fC2FE0000; "  # -127
-        "add.rn.ftz.f32 t, x, 0f4B400000; "  # 1.5 * 2^23: rounds x to an integer
-        "sub.rn.ftz.f32 j, t, 0f4B400000; "
-        "sub.rn.ftz.f32 f, x, j; "
-        "fma.rn.ftz.f32 p, f, 0f3D588B66, 0f3E77F6BB; "
-        "fma.rn.ftz.f32 p, p, f, 0f3F318EE8; "
-        "fma.rn.ftz.f32 p, p, f, 0f3F7FFD8F; "
-        "mov.b32 e, t; shl.b32 e, e, 23; add.s32 e, e, 0x3F800000; "  # 2^j's bits
-        f"mul.rn.ftz.f32 ${out}, p, e; }}")
-    return "\n".join(lines)
-
-
 if gluon is not None:
-    # 0: every exponential of the forward's P on the MUFU unit; n > 1: one in n by
-    # polynomial (_exp2_asm). Run 39's experiment; a module global so a script can set it
-    # before the first compile.
-    EXP_POLY = gl.constexpr(0)
-    _EXP2_ASM_2 = gl.constexpr(_exp2_asm(2))
-    _EXP2_ASM_4 = gl.constexpr(_exp2_asm(4))
-
-    @gluon.jit
-    def exp2_shared(x, POLY: gl.constexpr):
-        """exp2(x), one element in POLY by polynomial (_exp2_asm)."""
-        if POLY == 2:
-            return gl.inline_asm_elementwise(_EXP2_ASM_2, "=r,=r,r,r", [x], dtype=gl.float32,
-                                             is_pure=True, pack=2)
-        else:
-            return gl.inline_asm_elementwise(_EXP2_ASM_4, "=r,=r,=r,=r,r,r,r,r", [x],
-                                             dtype=gl.float32, is_pure=True, pack=4)
 
     @gluon.jit
     def issue(desc, coords, bar, dest):
@@ -164,10 +126,7 @@ if gluon is not None:
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_safe = m_new
-        if EXP_POLY == 0:
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_safe, 1))
-        else:
-            p = exp2_shared(s * qk_scale - gl.expand_dims(m_safe, 1), EXP_POLY)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_safe, 1))
         return p, gl.exp2(m_i - m_safe)
 
     @gluon.constexpr_function

@@ -567,10 +567,11 @@ if hopper_forward.gluon is not None:
 # made per element, and (64, 3) at D=64 still does, without dropout (run 38). KV_REGS at
 # D=64 was 1.01-1.07x without it (run 39); at D=128 K and V do not fit in registers.
 DKDV_CONFIG = {64: (64, 2, 1), 128: (64, 2, 0)}
-# With dropout, where it differs: at D=128 (64, 2) spills (265 local-memory instructions:
-# the mask on top of S^T, dP^T, dK and dV in registers) and (32, 2) does not
-# (benchmarks/gluon_sass.py --dropout); D=64 is spill-free with DKDV_CONFIG's.
-DKDV_DROPOUT_CONFIG = {128: (32, 2, 0)}
+# With dropout: at D=128 (64, 2) spills (265 local-memory instructions: the mask on top of
+# S^T, dP^T, dK and dV in registers) and (32, 2) does not (benchmarks/gluon_sass.py
+# --dropout); at D=64 KV_REGS is spill-free with dropout too, but 0.985x without it
+# (dropout_seed.py --pieces, run 39).
+DKDV_DROPOUT_CONFIG = {64: (64, 2, 0), 128: (32, 2, 0)}
 # (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
 # blocks spill and serialize the matmuls (NOTES runs 14, 22).
 DQ_CONFIG = (64, 3)
@@ -585,12 +586,12 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     (fused_triton._hopper_backward_fits). seed: dropout's, as the forward took it (an
     int, or an int64 tensor on the call's device); dropout_p > 0 drops. config: (BLOCK_M,
     STAGES[, KV_REGS]) (KV_REGS as _dkdv_consume takes it, 0 if left out), None for the
-    head dim's DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout, where it has one).
-    head_group: how many (batch, kv head) pairs' programs start together, each one's first
-    key block first. launcher: called as hopper_forward.run_kernel is."""
+    head dim's DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). head_group: how many
+    (batch, kv head) pairs' programs start together, each one's first key block first.
+    launcher: called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
     if config is None:
-        config = (dropout_p > 0.0 and DKDV_DROPOUT_CONFIG.get(D)) or DKDV_CONFIG[D]
+        config = (DKDV_DROPOUT_CONFIG if dropout_p > 0.0 else DKDV_CONFIG)[D]
     block_m, stages, *kv_regs = config
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse

@@ -33,8 +33,10 @@ product is. P^T and dS^T are the register operands of dV's and dK's products, as
 result layout hands them over with no data moved. Until run 38 they went through shared
 memory, and the shared-memory pipe was the busiest unit (ncu: 81% at D=128 causal 4k,
 most of it the matmuls' operand reads); in registers the kernel ran 1.06-1.12x as fast at
-D=128 and 1.12-1.15x at D=64 (H200). On an H200 it now runs 1.26-1.28x the Triton dK/dV
-kernel at D=128 (1k-16k, causal or not) and 1.16-1.30x at D=64 (NOTES run 38).
+D=128 and 1.12-1.15x at D=64 (H200). At D=64 K and V are register operands too, loaded
+once (KV_REGS: 1.01-1.07x more; at D=128 they do not fit, and with dropout at D=64 they
+cost 1.5%: NOTES run 39). On an H200 it now runs 1.26-1.28x the Triton dK/dV kernel at
+D=128 (1k-16k, causal or not) and 1.17-1.33x at D=64 (NOTES runs 38, 39).
 
 Under a causal mask both kernels' programs start a group of heads at a time, each
 head's heaviest block first (HEAD_GROUP). They cover what `hopper_forward` covers: an

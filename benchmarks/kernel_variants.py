@@ -176,6 +176,7 @@ def main() -> None:
                        "triton": triton.__version__,
                        "variants": args.variant, "rounds": args.rounds},
               "results": []}
+    os.makedirs(args.out, exist_ok=True)
     for shape in shapes:
         mode = "forward+backward" if args.fwd_bwd else "backward" if args.backward else "forward"
         print(f"{mode} {shape}"

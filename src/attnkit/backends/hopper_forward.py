@@ -104,14 +104,14 @@ if gluon is not None:
         return seen
 
     @gluon.jit
-    def _row_max(s, m_i, qi, kj, kv_len, off, qk_scale,
-                 MASKED: gl.constexpr, CAUSAL: gl.constexpr):
-        """Block scores s (raw Q K^T) -> the scores to exponentiate (raw, hidden ones -inf
-        where MASKED) and the new running max (log2 units). The scale is applied after
-        the max (it is positive, so the max commutes with it) and inside _exp's
+    def _row_max(s, m_i, kj, limit, qk_scale, MASKED: gl.constexpr):
+        """Block scores s (raw Q K^T) of keys kj -> the scores to exponentiate (raw,
+        hidden ones -inf where MASKED) and the new running max (log2 units). limit: per
+        row, the first key it does not see (one compare per score). The scale is applied
+        after the max (it is positive, so the max commutes with it) and inside _exp's
         multiply-add, not as a multiply of its own per score."""
         if MASKED:
-            s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s, float("-inf"))
+            s = gl.where(gl.expand_dims(kj, 0) < gl.expand_dims(limit, 1), s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         return s, m_new
 
@@ -167,7 +167,10 @@ if gluon is not None:
         which has to follow the exponentials that read the score registers it reuses."""
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
         kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s, m_new = _row_max(s, m_i, qi, kj, kv_len, off, qk_scale, MASKED, CAUSAL)
+        limit = kv_len + gl.zeros_like(qi)
+        if CAUSAL:
+            limit = gl.minimum(limit, qi + off + 1)
+        s, m_new = _row_max(s, m_i, kj, limit, qk_scale, MASKED)
         if HAS_PREV:
             v_at = base + j - 1
             v_slot = v_at % STAGES

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/kernel_variants.py [--out DIR] [--rounds 5]
         [--variant NAME:ATTR=VALUE,ATTR=VALUE ...] [--shape B,H,S,D,C ...] [--backward]
-        [--key-lengths] [--fwd-bwd]
+        [--key-lengths] [--fwd-bwd] [--dropout P]
 
 A variant is a set of fused_triton module switches that an experiment adds (run 13's,
 taken out again: `_LAZY_RESCALE`, `_EXP_POLY`, `_DKDV_TMA`; NOTES), which the launch
@@ -19,9 +19,11 @@ variant in turns, `--rounds` times over; the medians of the rounds are reported.
 in turns matters here: the differences sought are a few %, and the same kernel moves
 that much between calls (NOTES, run 10). Each variant's outputs are compared with the
 first variant's. --key-lengths gives each batch element a key length drawn in [S/2, S],
-as `attnkit bench --key-lengths` does (padded batches). A shape's S may be SQ:SKV, for
-queries and keys of different lengths (a causal mask aligned to the bottom right, as
-attnkit's contract has it; TFLOP/s then count every pair, as attention_flops does).
+as `attnkit bench --key-lengths` does (padded batches). --dropout P drops with
+probability P under one fixed seed, the same for every variant (forward or --backward
+only). A shape's S may be SQ:SKV, for queries and keys of different lengths (a causal
+mask aligned to the bottom right, as attnkit's contract has it; TFLOP/s then count every
+pair, as attention_flops does).
 
 Prints one table per shape and writes every sample to DIR/kernel_variants.json.
 """
@@ -94,13 +96,14 @@ def switch_to(switches: dict[str, object], found: dict[str, object]) -> None:
 
 
 def run_shape(shape, variants, rounds: int, backward: bool, key_lengths: bool,
-              fwd_bwd: bool = False) -> dict:
+              fwd_bwd: bool = False, dropout_p: float = 0.0) -> dict:
     b, h, sq, skv, d, causal = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn((b, h, seq, d), device="cuda", dtype=torch.bfloat16,
                                  generator=gen) for seq in (sq, skv, skv, sq))
     lengths = padded_lengths(b, skv, gen) if key_lengths else None
-    call = make_call(q, k, v, causal=causal, key_lengths=lengths)
+    call = make_call(q, k, v, causal=causal, key_lengths=lengths, dropout_p=dropout_p)
+    seed = 1234  # one seed for every variant, so that their outputs compare
 
     if fwd_bwd:
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -109,13 +112,13 @@ def run_shape(shape, variants, rounds: int, backward: bool, key_lengths: bool,
             out = attention(*inputs, causal=causal, key_lengths=lengths, impl="triton")
             return torch.autograd.grad(out, inputs, dout)
     elif backward:
-        out, lse = ft._forward(call, 0)  # the backward's input, under the switches as found
+        out, lse = ft._forward(call, seed)  # the backward's input, under the switches as found
 
         def step():
-            return ft._backward(call, 0, out, lse, dout)
+            return ft._backward(call, seed, out, lse, dout)
     else:
         def step():
-            return ft._forward(call, 0)
+            return ft._forward(call, seed)
 
     samples: dict[str, list[float]] = {name: [] for name, _ in variants}
     results = {}
@@ -150,6 +153,7 @@ def run_shape(shape, variants, rounds: int, backward: bool, key_lengths: bool,
     return {"shape": {"batch": b, "heads": h, "seq": sq, "seq_kv": skv, "head_dim": d,
                       "causal": causal},
             "key_lengths": None if lengths is None else lengths.tolist(),
+            "dropout_p": dropout_p,
             "backward": backward, "fwd_bwd": fwd_bwd, "rows": rows, "autotuned": picked}
 
 
@@ -166,7 +170,12 @@ def main() -> None:
                         help="time forward+backward through attention() and autograd")
     parser.add_argument("--key-lengths", action="store_true",
                         help="key lengths drawn in [S/2, S] per batch element")
+    parser.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                        help="dropout probability (forward or --backward only)")
     args = parser.parse_args()
+    if args.dropout and args.fwd_bwd:
+        parser.error("--dropout with --fwd-bwd: attention() draws a new seed per call, so "
+                     "the variants' outputs would not compare")
     if not args.variant:
         raise SystemExit("give the variants to compare: --variant NAME:ATTR=VALUE,... (twice "
                          "or more); fused_triton keeps no switches between experiments")
@@ -179,10 +188,10 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     for shape in shapes:
         mode = "forward+backward" if args.fwd_bwd else "backward" if args.backward else "forward"
-        print(f"{mode} {shape}"
-              f"{' key lengths' if args.key_lengths else ''}", flush=True)
+        print(f"{mode} {shape}{' key lengths' if args.key_lengths else ''}"
+              f"{f' dropout {args.dropout}' if args.dropout else ''}", flush=True)
         report["results"].append(run_shape(shape, variants, args.rounds, args.backward,
-                                           args.key_lengths, args.fwd_bwd))
+                                           args.key_lengths, args.fwd_bwd, args.dropout))
         with open(os.path.join(args.out, "kernel_variants.json"), "w") as f:
             json.dump(report, f, indent=1)
 

@@ -106,24 +106,6 @@ if hopper_forward.gluon is not None:
             lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]], warp_bases=[[8, 0], [16, 0]],
             block_bases=[], shape=[32, columns // 4])
 
-    @gluon.constexpr_function
-    def power_of_two(n):
-        """The least power of two at least n."""
-        return 1 << (n - 1).bit_length()
-
-    @gluon.constexpr_function
-    def rows_ring_layout(rows, columns):
-        """The shared-memory layout of the dK/dV kernel's (rows, columns) float32 ring of
-        lse and delta (rows a power of two), for a score_layout(columns) warpgroup to read
-        along its columns (SliceLayout(0, ...)). A thread there holds columns 8i + 2c + e
-        (c its lane mod 4, e and i its registers): in plain row order it reads them as
-        pairs, one 8-byte load per i. Here the columns of i and i + 1 (i even) lie side
-        by side in the thread's order (offset bits e, i0, c, then i's other bits), so
-        that a thread reads four at once and a warp's read is 64 contiguous bytes: half
-        the shared-memory instructions and wavefronts."""
-        column_bits = [0, 3, 1, 2] + list(range(4, (columns - 1).bit_length()))
-        return gl.SharedLinearLayout(offset_bases=[[1 << bit] for bit in column_bits])
-
     @gluon.jit
     def _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
                    k_op, v_op, q_ring, do_ring, ready, free, rows_ring,
@@ -345,11 +327,9 @@ if hopper_forward.gluon is not None:
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        # lse of ring slot i at row i, delta at row STAGES + i (rows to a power of two,
-        # as a linear layout's shape must be)
-        RING_ROWS: gl.constexpr = power_of_two(2 * STAGES)
-        rows_ring = gl.allocate_shared_memory(gl.float32, [RING_ROWS, BLOCK_M],
-                                              rows_ring_layout(RING_ROWS, BLOCK_M))
+        # lse of ring slot i at row i, delta at row STAGES + i
+        rows_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M],
+                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
         mbarrier.init(kv_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)

@@ -603,11 +603,11 @@ if gluon is not None:
             ], [4, 1], [232, 24])
         else:
             gl.warp_specialize([
-                (_partition, (3, shared) + args),
                 (_partition, (0, shared) + args),
                 (_partition, (1, shared) + args),
                 (_partition, (2, shared) + args),
-            ], [4, 4, 4], [160, 160, 160])
+                (_partition, (3, shared) + args),
+            ], [4, 4, 1], [160, 160, 24])
 
 
 # Config tuples per head dim: the tile configs the GPU test checks and

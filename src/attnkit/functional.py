@@ -15,8 +15,11 @@ __all__ = ["AUTO_ORDER", "AUTO_ORDER_PADDED", "attention", "auto_order", "availa
 # as measured (benchmarks/results/h100-core-*): on an H100, plain SDPA (which itself runs
 # cuDNN there, and leaves cuDNN out for masked calls that need gradients) was within 2% of
 # the fastest backend on 39 of the 40 `core` configs, forward and forward+backward, and 4%
-# on the last; pinning SDPA to cuDNN fell to 0.52x on one. attnkit's Triton kernel comes
-# next: it takes the calls SDPA refuses (return_lse), then FlexAttention.
+# on the last; pinning SDPA to cuDNN fell to 0.52x on one. On an H200 with PyTorch 2.11
+# plain SDPA still ran cuDNN's kernels for training at D=64 and D=128 and `auto` was
+# 0.98x or more of the fastest backend on every `core` row (benchmarks/sdpa_kernels.py;
+# NOTES run 40). attnkit's Triton kernel comes next: it takes the calls SDPA refuses
+# (return_lse), then FlexAttention.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("sdpa", "triton", "flex", "chunked", "naive"),
     "cpu": ("sdpa", "naive", "chunked", "einsum"),

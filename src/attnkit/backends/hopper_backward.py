@@ -64,14 +64,15 @@ if hopper_forward.gluon is not None:
 
     from attnkit.backends.hopper_forward import (
         box,
+        hide_unseen,
         hold,
         in_head_groups,
         key_blocks,
         kv_ring,
         load_kv_ring,
         operand_layout,
+        row_limit,
         score_layout,
-        visible,
     )
 
     @gluon.jit
@@ -396,7 +397,7 @@ if hopper_forward.gluon is not None:
         if MASKED:
             # hidden scores -inf before the one multiply-add (the scale is positive)
             kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where(visible(qi, kj, kv_len, off, CAUSAL), s, float("-inf"))
+            s = hide_unseen(s, kj, row_limit(qi, kv_len, off, CAUSAL))
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
         ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(q_smem.dtype), ds_layout)
         dq_tok = warpgroup_mma(ds, box(k_smem, slot), dq, is_async=True)

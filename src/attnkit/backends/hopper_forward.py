@@ -95,23 +95,30 @@ if gluon is not None:
                                   pack=2)
 
     @gluon.jit
-    def visible(qi, kj, kv_len, off, CAUSAL: gl.constexpr):
-        """(rows, keys) bool: query qi sees key kj (key_lengths, and causal aligned to the
-        bottom right, off = Skv - Sq)."""
-        seen = gl.expand_dims(kj, 0) < kv_len
+    def row_limit(qi, kv_len, off, CAUSAL: gl.constexpr):
+        """Per query row qi, the first key it does not see: kv_len (key_lengths), or with
+        causal aligned to the bottom right (off = Skv - Sq) qi + off + 1 where that is
+        less."""
+        limit = kv_len + gl.zeros_like(qi)
         if CAUSAL:
-            seen = seen & (gl.expand_dims(kj, 0) <= gl.expand_dims(qi, 1) + off)
-        return seen
+            limit = gl.minimum(limit, qi + off + 1)
+        return limit
+
+    @gluon.jit
+    def hide_unseen(s, kj, limit):
+        """(rows, keys) scores s with those of keys kj at or past their row's limit
+        (row_limit) set to -inf: one compare per score, where the two conditions apart
+        took two and an and (NOTES run 39)."""
+        return gl.where(gl.expand_dims(kj, 0) < gl.expand_dims(limit, 1), s, float("-inf"))
 
     @gluon.jit
     def _row_max(s, m_i, kj, limit, qk_scale, MASKED: gl.constexpr):
         """Block scores s (raw Q K^T) of keys kj -> the scores to exponentiate (raw,
-        hidden ones -inf where MASKED) and the new running max (log2 units). limit: per
-        row, the first key it does not see (one compare per score). The scale is applied
-        after the max (it is positive, so the max commutes with it) and inside _exp's
-        multiply-add, not as a multiply of its own per score."""
+        hidden ones -inf where MASKED; limit: row_limit's) and the new running max (log2
+        units). The scale is applied after the max (it is positive, so the max commutes
+        with it) and inside _exp's multiply-add, not as a multiply of its own per score."""
         if MASKED:
-            s = gl.where(gl.expand_dims(kj, 0) < gl.expand_dims(limit, 1), s, float("-inf"))
+            s = hide_unseen(s, kj, limit)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         return s, m_new
 
@@ -167,10 +174,8 @@ if gluon is not None:
         which has to follow the exponentials that read the score registers it reuses."""
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
         kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        limit = kv_len + gl.zeros_like(qi)
-        if CAUSAL:
-            limit = gl.minimum(limit, qi + off + 1)
-        s, m_new = _row_max(s, m_i, kj, limit, qk_scale, MASKED)
+        s, m_new = _row_max(s, m_i, kj, row_limit(qi, kv_len, off, CAUSAL), qk_scale,
+                            MASKED)
         if HAS_PREV:
             v_at = base + j - 1
             v_slot = v_at % STAGES

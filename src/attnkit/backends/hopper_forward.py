@@ -157,16 +157,16 @@ if gluon is not None:
         return ring.index(i).reshape([ring.shape[3], ring.shape[4]])
 
     @gluon.jit
-    def _step(j, nxt, base, s, o, p_op, m_i, l_i, q_smem, ring, qi, kv_len, off, qk_scale,
-              MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_PREV: gl.constexpr,
-              HAS_NEXT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-              LEAN: gl.constexpr):
+    def _step(j, nxt, base, s, o, p_op, m_i, l_i, q_smem, ring, limit, qk_scale,
+              MASKED: gl.constexpr, HAS_PREV: gl.constexpr, HAS_NEXT: gl.constexpr,
+              STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+              o_layout: gl.constexpr, p_layout: gl.constexpr, LEAN: gl.constexpr):
         """Key block j, whose raw scores s are in registers: its softmax runs while block
         j-1's P V (HAS_PREV) is on the tensor cores; then block nxt's Q K^T is issued
         (HAS_NEXT) and its scores are what this returns, with o, block j's p as the P V
         operand, and the running max and sum. base: the ring position of the tile's
-        block 0 (the key blocks of the program's earlier tiles came before it).
+        block 0 (the key blocks of the program's earlier tiles came before it). limit:
+        per row, the first key it does not see (read where MASKED).
 
         The order is what keeps the overlap: ptxas fills a stall with a matmul wait
         wherever one is free to move, so P V is issued after the row max (whose
@@ -174,8 +174,7 @@ if gluon is not None:
         which has to follow the exponentials that read the score registers it reuses."""
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
         kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s, m_new = _row_max(s, m_i, kj, row_limit(qi, kv_len, off, CAUSAL), qk_scale,
-                            MASKED)
+        s, m_new = _row_max(s, m_i, kj, limit, qk_scale, MASKED)
         if HAS_PREV:
             v_at = base + j - 1
             v_slot = v_at % STAGES
@@ -216,16 +215,15 @@ if gluon is not None:
         return s, o, p_next, m_new, l_i
 
     @gluon.jit
-    def _blocks(first, last, base, s, o, p_op, m_i, l_i, q_smem, ring, qi, kv_len, off,
-                qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                p_layout: gl.constexpr, LEAN: gl.constexpr):
+    def _blocks(first, last, base, s, o, p_op, m_i, l_i, q_smem, ring, limit, qk_scale,
+                MASKED: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                LEAN: gl.constexpr):
         """_step over key blocks [first, last), each followed by another."""
         for j in range(first, last):
             s, o, p_op, m_i, l_i = _step(j, j + 1, base, s, o, p_op, m_i, l_i, q_smem, ring,
-                                         qi, kv_len, off, qk_scale, MASKED, CAUSAL, True,
-                                         True, STAGES, BLOCK_N, s_layout, o_layout, p_layout,
-                                         LEAN)
+                                         limit, qk_scale, MASKED, True, True, STAGES, BLOCK_N,
+                                         s_layout, o_layout, p_layout, LEAN)
         return s, o, p_op, m_i, l_i
 
     @gluon.jit
@@ -296,7 +294,9 @@ if gluon is not None:
             if OWN_RANGES:
                 kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, row0, Sq, Skv, ROWS,
                                                              BLOCK_N, CAUSAL, HAS_LENGTHS)
-            qi = row0 + gl.arange(0, ROWS, layout=row_layout)
+            # What a masked step compares each key with (hide_unseen)
+            limit = row_limit(row0 + gl.arange(0, ROWS, layout=row_layout), kv_len, off,
+                              CAUSAL)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
             l_i = gl.zeros([ROWS], gl.float32, row_layout)
             o = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
@@ -314,25 +314,23 @@ if gluon is not None:
             # on the slot still held: only that one lets the slot go.
             mbarrier.arrive(k_free.index(first), count=1, pred=total > 1)
             s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), base, s, o, p_op, m_i,
-                                         l_i, q, ring, qi, kv_len, off, qk_scale, MASKED,
-                                         CAUSAL, False, True, STAGES, BLOCK_N, s_layout,
-                                         o_layout, p_layout, LEAN)
+                                         l_i, q, ring, limit, qk_scale, MASKED, False, True,
+                                         STAGES, BLOCK_N, s_layout, o_layout, p_layout, LEAN)
             # Blocks 1 .. total-2, those every row sees first; the last block apart, as it
             # issues no next Q K^T.
             split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
-            s, o, p_op, m_i, l_i = _blocks(1, split, base, s, o, p_op, m_i, l_i, q, ring, qi,
-                                           kv_len, off, qk_scale, False, CAUSAL, STAGES,
-                                           BLOCK_N, s_layout, o_layout, p_layout, LEAN)
+            s, o, p_op, m_i, l_i = _blocks(1, split, base, s, o, p_op, m_i, l_i, q, ring,
+                                           limit, qk_scale, False, STAGES, BLOCK_N, s_layout,
+                                           o_layout, p_layout, LEAN)
             if MASKED:  # else split is total - 1
                 s, o, p_op, m_i, l_i = _blocks(split, total - 1, base, s, o, p_op, m_i, l_i,
-                                               q, ring, qi, kv_len, off, qk_scale, True,
-                                               CAUSAL, STAGES, BLOCK_N, s_layout, o_layout,
-                                               p_layout, LEAN)
+                                               q, ring, limit, qk_scale, True, STAGES,
+                                               BLOCK_N, s_layout, o_layout, p_layout, LEAN)
             if total > 1:
                 s, o, p_op, m_i, l_i = _step(total - 1, total - 1, base, s, o, p_op, m_i,
-                                             l_i, q, ring, qi, kv_len, off, qk_scale, MASKED,
-                                             CAUSAL, True, False, STAGES, BLOCK_N, s_layout,
-                                             o_layout, p_layout, LEAN)
+                                             l_i, q, ring, limit, qk_scale, MASKED, True,
+                                             False, STAGES, BLOCK_N, s_layout, o_layout,
+                                             p_layout, LEAN)
             # Every Q K^T of the tile is done: the loading warp may refill Q's buffer
             # while the last P V and the stores run.
             mbarrier.arrive(q_free.index(q_slot), count=1)

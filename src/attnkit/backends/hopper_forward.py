@@ -290,61 +290,76 @@ if gluon is not None:
                 tile, tiles, q_blocks, Hq, group, LENGTHS, Sq, Skv, BLOCK_M, BLOCK_N, CAUSAL,
                 HAS_LENGTHS, HEAD_GROUP)
             row0 = m0 + ROWS * ROLE
-            total = tile_total
-            if OWN_RANGES:
-                kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, row0, Sq, Skv, ROWS,
-                                                             BLOCK_N, CAUSAL, HAS_LENGTHS)
-            # What a masked step compares each key with (hide_unseen)
-            limit = row_limit(row0 + gl.arange(0, ROWS, layout=row_layout), kv_len, off,
-                              CAUSAL)
-            m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
-            l_i = gl.zeros([ROWS], gl.float32, row_layout)
-            o = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
-            p_op = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
-            q_slot = done % Q_BUFFERS
-            q = box(q_smem, q_slot * WARPGROUPS + ROLE)
+            # A warpgroup whose rows all lie past Sq (the last tile of a head, part full)
+            # walks nothing. Only built for three warpgroups: their 192-row tiles leave one
+            # or two of them empty at Sq = 4k, 8k, 16k; two-warpgroup builds took spilled
+            # registers from the branch, and 128-row tiles are full at such lengths.
+            if WARPGROUPS == 3:
+                live = row0 < Sq
+            else:
+                live: gl.constexpr = True
+            if live:
+                total = tile_total
+                if OWN_RANGES:
+                    kv_len, off, total, full_blocks = key_blocks(LENGTHS, b, row0, Sq, Skv, ROWS,
+                                                                 BLOCK_N, CAUSAL, HAS_LENGTHS)
+                # What a masked step compares each key with (hide_unseen)
+                limit = row_limit(row0 + gl.arange(0, ROWS, layout=row_layout), kv_len, off,
+                                  CAUSAL)
+                m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
+                l_i = gl.zeros([ROWS], gl.float32, row_layout)
+                o = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
+                p_op = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+                q_slot = done % Q_BUFFERS
+                q = box(q_smem, q_slot * WARPGROUPS + ROLE)
 
-            # Block 0's Q K^T alone, then block 0 (index checks unless ALL_SEEN: it may be
-            # partly hidden, or wholly), which issues block 1's.
-            first = base % STAGES
-            mbarrier.wait(k_bars.index(first), (base // STAGES) & 1)
-            s = warpgroup_mma(q, box(k_smem, first).permute((1, 0)),
-                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
-            # A single block's Q K^T is issued again by _step (which always issues one),
-            # on the slot still held: only that one lets the slot go.
-            mbarrier.arrive(k_free.index(first), count=1, pred=total > 1)
-            s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), base, s, o, p_op, m_i,
-                                         l_i, q, ring, limit, qk_scale, MASKED, False, True,
-                                         STAGES, BLOCK_N, s_layout, o_layout, p_layout, LEAN)
-            # Blocks 1 .. total-2, those every row sees first; the last block apart, as it
-            # issues no next Q K^T.
-            split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
-            s, o, p_op, m_i, l_i = _blocks(1, split, base, s, o, p_op, m_i, l_i, q, ring,
-                                           limit, qk_scale, False, STAGES, BLOCK_N, s_layout,
-                                           o_layout, p_layout, LEAN)
-            if MASKED:  # else split is total - 1
-                s, o, p_op, m_i, l_i = _blocks(split, total - 1, base, s, o, p_op, m_i, l_i,
-                                               q, ring, limit, qk_scale, True, STAGES,
-                                               BLOCK_N, s_layout, o_layout, p_layout, LEAN)
-            if total > 1:
-                s, o, p_op, m_i, l_i = _step(total - 1, total - 1, base, s, o, p_op, m_i,
-                                             l_i, q, ring, limit, qk_scale, MASKED, True,
-                                             False, STAGES, BLOCK_N, s_layout, o_layout,
-                                             p_layout, LEAN)
-            # Every Q K^T of the tile is done: the loading warp may refill Q's buffer
-            # while the last P V and the stores run.
-            mbarrier.arrive(q_free.index(q_slot), count=1)
-            last = base + total - 1
-            mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-            o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o)
-            mbarrier.arrive(v_free.index(last % STAGES), count=1)
+                # Block 0's Q K^T alone, then block 0 (index checks unless ALL_SEEN: it may be
+                # partly hidden, or wholly), which issues block 1's.
+                first = base % STAGES
+                mbarrier.wait(k_bars.index(first), (base // STAGES) & 1)
+                s = warpgroup_mma(q, box(k_smem, first).permute((1, 0)),
+                                  gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
+                # A single block's Q K^T is issued again by _step (which always issues one),
+                # on the slot still held: only that one lets the slot go.
+                mbarrier.arrive(k_free.index(first), count=1, pred=total > 1)
+                s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), base, s, o, p_op, m_i,
+                                             l_i, q, ring, limit, qk_scale, MASKED, False, True,
+                                             STAGES, BLOCK_N, s_layout, o_layout, p_layout, LEAN)
+                # Blocks 1 .. total-2, those every row sees first; the last block apart, as it
+                # issues no next Q K^T.
+                split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
+                s, o, p_op, m_i, l_i = _blocks(1, split, base, s, o, p_op, m_i, l_i, q, ring,
+                                               limit, qk_scale, False, STAGES, BLOCK_N, s_layout,
+                                               o_layout, p_layout, LEAN)
+                if MASKED:  # else split is total - 1
+                    s, o, p_op, m_i, l_i = _blocks(split, total - 1, base, s, o, p_op, m_i, l_i,
+                                                   q, ring, limit, qk_scale, True, STAGES,
+                                                   BLOCK_N, s_layout, o_layout, p_layout, LEAN)
+                if total > 1:
+                    s, o, p_op, m_i, l_i = _step(total - 1, total - 1, base, s, o, p_op, m_i,
+                                                 l_i, q, ring, limit, qk_scale, MASKED, True,
+                                                 False, STAGES, BLOCK_N, s_layout, o_layout,
+                                                 p_layout, LEAN)
+                # Every Q K^T of the tile is done: the loading warp may refill Q's buffer
+                # while the last P V and the stores run.
+                mbarrier.arrive(q_free.index(q_slot), count=1)
+                last = base + total - 1
+                mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+                o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o)
+                mbarrier.arrive(v_free.index(last % STAGES), count=1)
 
-            _finish(o, (m_i, l_i, b, h, bh, row0),
-                    (Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem), ROLE,
-                    O_TMA, s_layout, o_layout)
-            if OWN_RANGES:
-                # After the stores: the blocks it lets go may still be loading.
-                release(ring, base, total, tile_total, STAGES)
+                _finish(o, (m_i, l_i, b, h, bh, row0),
+                        (Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem), ROLE,
+                        O_TMA, s_layout, o_layout)
+                if OWN_RANGES:
+                    # After the stores: the blocks it lets go may still be loading.
+                    release(ring, base, total, tile_total, STAGES)
+            else:
+                # Nothing to compute or store: the tile's Q and key blocks go unread, rather
+                # than a whole walk taking the tensor cores from the warpgroups whose rows
+                # are real.
+                mbarrier.arrive(q_free.index(done % Q_BUFFERS), count=1)
+                release(ring, base, 0, tile_total, STAGES)
             done += 1
             base += tile_total
             tile = next_tile(tile_smem, q_bars, done, Q_BUFFERS)

@@ -108,6 +108,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__,
               "shapes": [measure((b, h, s, d, bool(c))) for b, h, s, d, c in shapes]}
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "fwd_bwd_gap.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

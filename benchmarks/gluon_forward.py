@@ -200,6 +200,7 @@ def run_experiment(args, name: str, configs, check_fn, time_fn, shapes) -> None:
         shapes = [shape for shape in shapes if shape[3] == head_dim]
     if hasattr(args, "head_dim"):
         check_fn = functools.partial(check_fn, head_dim=head_dim)
+    os.makedirs(args.out, exist_ok=True)  # before the checks, which take minutes
     result = {"environment": environment(torch.device("cuda")),
               "configs": {str(d): c for d, c in configs.items()} if isinstance(configs, dict)
               else configs}

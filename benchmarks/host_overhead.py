@@ -368,6 +368,7 @@ def main() -> None:
     parser.add_argument("--shape", default="1,2,64,64", metavar="B,H,S,D",
                         help="the input's shape (default 1,2,64,64)")
     args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     b, h, s, d = map(int, args.shape.split(","))
     shape = f"b{b} h{h} s{s} d{d} bfloat16"
     q, k, v, grad = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)

@@ -138,6 +138,7 @@ def main() -> None:
                      "syncs": syncs[label][part], "samples": got})
         print(f"{label:22} {part:8} {thread:8} " + " ".join(
             "   wait" if v is None else f"{v:7.3f}" for v in med.values()))
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"module_time_{args.preset}.json")
     with open(path, "w") as f:
         json.dump({"environment": environment(device), "preset": args.preset,

@@ -187,6 +187,7 @@ def main() -> None:
         candidates = [tuple(int(x) for x in c.split(",")) for c in args.config]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "shapes": []}
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "triton_configs.json")
     for shape in shapes:
         if time.time() - START > args.budget:

@@ -124,6 +124,7 @@ def main() -> None:
                   f"stack {row['stack']:5d} B  shared {row['shared']:6d} B"
                   + "".join(f"  {key} {value}" for key, value in counts.items()), flush=True)
     if args.out:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "triton_registers.json"), "w") as f:
             json.dump({"triton": triton.__version__, "head_dim": d, "causal": args.causal,
                        "grouped": args.grouped, "tma": args.tma, "rows": rows}, f, indent=1)

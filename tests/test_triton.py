@@ -1042,7 +1042,10 @@ def test_hopper_forward_runs_a_config_the_gpu_test_checks():
     (64, True, 4096, None, (64, 3, 3, 1, 1)),  # 192-row tiles end mid-block: own key ranges
     (64, True, 16384, None, (64, 3, 3, 1, 1)),
     (64, True, 2048, None, (64, 3, 3, 1, 1)),
-    (64, True, 2047, None, None),
+    (64, True, 1280, [1000], (64, 3, 3, 1, 1)),  # 1.03-1.06x from 1280 (run 42)
+    (64, True, 1279, None, None),  # 1.00x at 1152, 0.97x at 1k
+    (64, False, 1536, [1536], (128, 2, 3, 1)),  # checks built: 1.06-1.07x at 1536
+    (64, False, 1535, [1535], None),  # 0.93x at 1280
     (128, False, 1024, None, (128, 2, 2, 1)),
     (128, True, 2048, None, (128, 2, 2, 1)),
     (128, True, 2047, None, (64, 4, 2, 1)),  # short causal tiles: 64-key blocks
@@ -1070,8 +1073,9 @@ def test_hopper_forward_config_by_head_dim_causality_and_length(d, causal, seq, 
     (128, False, 16384, 511, None),
     (64, False, 512, 512, (128, 3, 3, 1)),
     (64, False, 511, 16384, None),
-    (64, False, 4096, 1000, None),  # the last block partly hidden: below (128, 2, 3, 1)'s 2k
+    (64, False, 4096, 1000, None),  # the last block partly hidden: below (128, 2, 3, 1)'s 1536
     (64, True, 1024, 16384, None),  # 0.93x at Sq = 1k against 8k keys
+    (64, True, 1280, 4096, (64, 3, 3, 1, 1)),  # 1.13x (run 42)
 ])
 def test_hopper_forward_config_by_query_and_key_lengths(d, causal, sq, skv, config):
     from attnkit.backends import fused_triton as ft
@@ -1326,8 +1330,9 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     monkeypatch.setattr(hf, "available", lambda: True)
     assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
     assert "with D = Dv in [64, 128] and Sq >= 256 and Skv >= 512 at D=128, Sq and Skv >= " \
-        "2048 at D=64; Sq and Skv >= 512 at D=64 where every row sees every key (no causal " \
-        "mask or key lengths, Skv a multiple of 128), and no mask" \
+        "1536 at D=64 (Sq and Skv >= 1280 causal); Sq and Skv >= 512 at D=64 where every " \
+        "row sees every key (no causal mask or key lengths, Skv a multiple of 128), and no " \
+        "mask" \
         in ft.BACKEND.details(cuda)
     assert "runs triton first for those calls when nothing needs a gradient, where it was " \
         "faster than cuDNN: Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \

@@ -1201,7 +1201,8 @@ def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None 
 # 27); causal at D=64, with each warpgroup walking its own rows' key blocks, 1.03-1.04x at
 # 2k-4k and 1.11x at 8k (0.84x at 1k) (NOTES, runs 16-18); at 16k, with the causal tiles
 # in groups of heads, 1.01x, where the 128-key blocks routed there since run 18 ran 0.99x
-# (run 23). _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
+# (run 23); at D=64 from 1280-1536 queries and keys since run 42 (_HOPPER_ROUTES).
+# _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
 _HOPPER_FORWARD = True
 # The Gluon forward's causal tiles go out in groups of heads, heaviest first, as this
 # file's kernels' do: on an H200 1.03x at D=128 4k, 1.02x at 8k, 1.00x at D=64, 1.18x
@@ -1229,13 +1230,17 @@ Reach = tuple[int, int]
 # than 2k keys takes 64-key blocks (four K/V slots, two Q buffers): on an H200 1.05x the
 # 128-key blocks at 1k, 1.09x with key lengths, 0.99-1.00x at 2k and 0.96-0.97x at 4k
 # (run 28); at Sq = 1k against 16k keys the 128-key blocks ran 1.04x the 64-key ones
-# (run 29), so the choice goes by Skv. D=64 causal needs Sq of 2k: against 4k-8k keys
-# the Gluon forward ran 0.93-0.95x the Triton forward at Sq = 512-1k (run 29).
+# (run 29), so the choice goes by Skv. At D=64, since a part-full last tile's empty
+# warpgroups walk no keys (run 42), the Gluon forward ran, against the Triton forward,
+# causal 1.03-1.13x from Sq = 1280 (Sq = Skv 1280-2000, key lengths or not, and Sq = 1280
+# against 4k and 8k keys) but 0.97x at 1k and 1.00x at 1152; without causal, where
+# index checks are built (key lengths, Skv not a multiple of 128), 1.00-1.07x from 1536
+# but 0.93x at 1280 and 0.85x at 1k (key lengths).
 _HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[Reach, tuple[int, ...]], ...]] = {
     (128, False): (((256, 512), (128, 2, 2, 1)),),
     (128, True): (((256, 2048), (128, 2, 2, 1)), ((256, 512), (64, 4, 2, 1))),
-    (64, False): (((2048, 2048), (128, 2, 3, 1)),),
-    (64, True): (((2048, 2048), (64, 3, 3, 1, 1)),),
+    (64, False): (((1536, 1536), (128, 2, 3, 1)),),
+    (64, True): (((1280, 1280), (64, 3, 3, 1, 1)),),
 }
 
 

@@ -29,7 +29,8 @@
 #   the Gluon dQ experiment: oracle checks, then the A/B against the Triton dQ kernel),
 #   gluon-dkdv (benchmarks/gluon_dkdv.py, the same for the dK/dV kernel), module-time
 #   (benchmarks/module_time.py: the notebook and bert presets' host and GPU time per call
-#   apart, ~2.5 minutes cold)
+#   apart, ~2.5 minutes cold), consan (benchmarks/memcheck.py --gluon-only under Triton's
+#   concurrency sanitizer for Gluon kernels, through benchmarks/consan.py; not yet timed)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, CORE_ARGS
 # adds arguments to them (e.g. "--rounds 7": more, shorter timing rounds, against the GPU's
@@ -108,6 +109,10 @@ for step in "${steps[@]}"; do
     bert-fp32) bench "$step" "${BERT_S:-90}" --preset bert --dtype float32 ;;
     core-fp32) bench "$step" "${CORE_S:-300}" --preset core --dtype float32 "${core_args[@]}" ;;
     memcheck) memcheck ;;
+    consan)  # memcheck.py's Gluon cases under Triton's concurrency sanitizer (consan.py)
+        PYTHONPATH=$PWD/src:$PWD/benchmarks timeout "${CONSAN_S:-300}" python3 \
+            benchmarks/consan.py benchmarks/memcheck.py --gluon-only > "$results/consan.log" 2>&1
+        echo "consan: exit $?"; tail -n 20 "$results/consan.log" ;;
     triton-configs)  # benchmarks/triton_configs.py: every kernel under every tile config
         timeout "${CONFIGS_S:-540}" python3 benchmarks/triton_configs.py --out "$results" \
             --budget "$(( ${CONFIGS_S:-540} - 90 ))" > "$results/triton-configs.log" 2>&1

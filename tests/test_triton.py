@@ -1157,6 +1157,42 @@ def _benchmark_script(name: str, monkeypatch):
     return importlib.import_module(name)
 
 
+def test_consan_wrapper_runs_the_script_instrumented(tmp_path):
+    """benchmarks/consan.py runs SCRIPT ARGS with ConSan's mode set before Triton reads
+    it, a compile cache of its own, the backward on the calling thread and fused_triton's
+    direct launcher off. In a process of its own: it sets the environment and Triton's
+    allocator for good."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, os, sys\n"
+        "import torch\n"
+        "from triton import knobs\n"
+        "from attnkit.backends import fused_triton\n"
+        "print(json.dumps({'mode': knobs.compilation.instrumentation_mode,\n"
+        "                  'cache': os.environ['TRITON_CACHE_DIR'], 'argv': sys.argv,\n"
+        "                  'threads': torch._C._is_multithreading_enabled(),\n"
+        "                  'fast': fused_triton._FAST_LAUNCH}))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(root / "src"), str(root / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INSTRUMENTATION_MODE", None)
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "consan.py"), str(probe),
+                           "--flag", "x"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["mode"] == "consan"
+    assert seen["argv"] == [str(probe), "--flag", "x"]
+    assert os.path.basename(seen["cache"]).startswith("attnkit-consan-")
+    assert seen["cache"] != os.environ.get("TRITON_CACHE_DIR")
+    assert seen["threads"] is False and seen["fast"] is False
+
+
 def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
     """benchmarks/memcheck.py reroutes fused_triton by its module names so that its short
     cases reach the three Gluon kernels; a rule renamed or added there would leave them

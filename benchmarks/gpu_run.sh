@@ -110,8 +110,8 @@ for step in "${steps[@]}"; do
     core-fp32) bench "$step" "${CORE_S:-300}" --preset core --dtype float32 "${core_args[@]}" ;;
     memcheck) memcheck ;;
     consan)  # memcheck.py's Gluon cases under Triton's concurrency sanitizer (consan.py)
-        PYTHONPATH=$PWD/src:$PWD/benchmarks timeout "${CONSAN_S:-300}" python3 \
-            benchmarks/consan.py benchmarks/memcheck.py --gluon-only > "$results/consan.log" 2>&1
+        timeout "${CONSAN_S:-300}" python3 benchmarks/consan.py benchmarks/memcheck.py \
+            --gluon-only > "$results/consan.log" 2>&1
         echo "consan: exit $?"; tail -n 20 "$results/consan.log" ;;
     triton-configs)  # benchmarks/triton_configs.py: every kernel under every tile config
         timeout "${CONFIGS_S:-540}" python3 benchmarks/triton_configs.py --out "$results" \

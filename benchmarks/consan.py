@@ -3,8 +3,17 @@
     PYTHONPATH=src:benchmarks python benchmarks/consan.py SCRIPT [ARGS ...]
 
 e.g. `benchmarks/memcheck.py --gluon-only` (the Gluon kernels forced onto short, awkward
-shapes) or `benchmarks/gluon_dkdv.py --check-only --head-dim 64 --config 64,3` (the dK/dV
-config that computes wrong gradients, NOTES runs 38 and 42).
+shapes) or `benchmarks/dkdv_case.py run PATH 64,3` (the dK/dV config that computes wrong
+gradients, NOTES runs 38, 42 and 43, on inputs `dkdv_case.py save PATH` made outside).
+
+ConSan instruments Triton-language kernels as well, and on fused_triton's forward (a TMA
+config; Triton 3.6, H200) it asserted "Deadlock detected: all active threads are waiting
+on mbarriers", where the same kernel runs and checks right without it (run 43). So a
+script under it should launch Gluon kernels only: gluon_dkdv.py's checks, which build
+their inputs with the Triton kernels, cannot run here, hence dkdv_case.py. Each kernel
+build takes about a minute under it (the dK/dV kernel: 67-71 s a config, run 43), and
+memcheck.py's four Gluon cases build about a dozen (three kernels, D=64 and 128, causal
+or not, key lengths or not): more than one 10-minute call may be needed.
 
 ConSan (Triton 3.6 and later, `TRITON_INSTRUMENTATION_MODE=consan`) compiles every kernel
 with checks of its shared-memory buffers, mbarriers and async copies, and stops it with

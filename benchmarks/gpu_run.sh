@@ -30,7 +30,8 @@
 #   gluon-dkdv (benchmarks/gluon_dkdv.py, the same for the dK/dV kernel), module-time
 #   (benchmarks/module_time.py: the notebook and bert presets' host and GPU time per call
 #   apart, ~2.5 minutes cold), consan (benchmarks/memcheck.py --gluon-only under Triton's
-#   concurrency sanitizer for Gluon kernels, through benchmarks/consan.py; not yet timed)
+#   concurrency sanitizer for Gluon kernels, through benchmarks/consan.py; each kernel build
+#   takes about a minute under it, so CONSAN_S defaults to 570 s; run 43 cut it at 170 s)
 #
 # CORE_IMPLS="triton sdpa flex" limits the core steps to those implementations, CORE_ARGS
 # adds arguments to them (e.g. "--rounds 7": more, shorter timing rounds, against the GPU's
@@ -110,7 +111,7 @@ for step in "${steps[@]}"; do
     core-fp32) bench "$step" "${CORE_S:-300}" --preset core --dtype float32 "${core_args[@]}" ;;
     memcheck) memcheck ;;
     consan)  # memcheck.py's Gluon cases under Triton's concurrency sanitizer (consan.py)
-        timeout "${CONSAN_S:-300}" python3 benchmarks/consan.py benchmarks/memcheck.py \
+        timeout "${CONSAN_S:-570}" python3 benchmarks/consan.py benchmarks/memcheck.py \
             --gluon-only > "$results/consan.log" 2>&1
         echo "consan: exit $?"; tail -n 20 "$results/consan.log" ;;
     triton-configs)  # benchmarks/triton_configs.py: every kernel under every tile config

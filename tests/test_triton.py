@@ -1083,17 +1083,18 @@ def test_hopper_forward_config_by_query_and_key_lengths(d, causal, sq, skv, conf
     assert ft._hopper_config(_long_call(d=d, causal=causal, sq=sq, skv=skv)) == config
 
 
-@pytest.mark.parametrize("script", ["gluon_forward", "gluon_dq", "gluon_dkdv"])
+@pytest.mark.parametrize("script", ["gluon_forward", "gluon_dq", "gluon_dkdv", "dkdv_case"])
 def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, script):
-    """benchmarks/gluon_*.py borrow hopper_forward's helpers by name; one renamed or
-    dropped there (run 16 dropped `program`) would otherwise break them only on a GPU.
+    """benchmarks/gluon_*.py borrow hopper_forward's helpers by name, and dkdv_case.py
+    gluon_dkdv's; one renamed or dropped there (run 16 dropped `program`) would otherwise
+    break them only on a GPU.
     Names only: Gluon code compiles for sm_90 under the Triton release it was written
     for, not the one tests run under."""
     from attnkit.backends import hopper_forward as hf
 
     if hf.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper operations to import")
-    for name in ("gluon_forward", "gluon_dq", "gluon_dkdv"):
+    for name in ("gluon_forward", "gluon_dq", "gluon_dkdv", "dkdv_case"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     _benchmark_script(script, monkeypatch)
 
@@ -1113,7 +1114,7 @@ def test_gluon_experiments_launch_the_config_they_were_given(monkeypatch, script
 
     if hf.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper operations to import")
-    for name in ("gluon_forward", "gluon_dq", "gluon_dkdv"):
+    for name in ("gluon_forward", "gluon_dq", "gluon_dkdv", "dkdv_case"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     module = _benchmark_script(script, monkeypatch)
     seen = {}

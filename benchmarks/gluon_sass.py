@@ -9,9 +9,11 @@ Needs a Triton the kernels were checked under (hopper_forward.CHECKED_RELEASES: 
 launch on contiguous bfloat16 (B, H, S, D) tensors would be, with Sq and Skv multiples of
 16; its constexprs and launch options are the ones hopper_forward.launch,
 hopper_backward.launch_dq and launch_dkdv pass, taken from them on small CPU tensors.
-Prints the instruction count, the local-memory instructions (LDL/STL: spills) and the
-shared memory per program; --sass writes the SASS without its addresses, so that two
-builds (git stash, or a worktree of another commit on PYTHONPATH) diff line by line.
+Prints the instruction count, the local-memory instructions (LDL/STL: spills), the
+shared memory per program and how many instructions write a register of a wgmma still
+in flight (inflight_writes; right is none); --sass writes the SASS without its
+addresses, so that two builds (git stash, or a worktree of another commit on PYTHONPATH)
+diff line by line.
 --dropout builds the backward kernels with dropout (p = 0.1, the seed in a tensor, as
 fused_triton.run passes it).
 Without --config: the forward's routed config for the head dim and causality
@@ -120,6 +122,55 @@ def dq(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | Non
                     head_group=head_group, **dropout_args(dropout))
 
 
+def _written(instruction: str) -> set[int]:
+    """The general registers an instruction writes: its first operand when that is one
+    (a store's or a reduction's first operand is an address in brackets); one register,
+    two for .64 and .WIDE results, four for .128."""
+    op, _, operands = re.sub(r"^@!?P\w+\s+", "", instruction).partition(" ")
+    first = re.match(r"\s*R(\d+)\b", operands)
+    if first is None:
+        return set()
+    width = 4 if ".128" in op else 2 if (".64" in op or ".WIDE" in op) else 1
+    return set(range(int(first.group(1)), int(first.group(1)) + width))
+
+
+def inflight_writes(instructions: list[str]) -> list[str]:
+    """Instructions that write a register of an asynchronous wgmma still in flight: its
+    accumulator or its A operand in registers, between the HGMMA and the
+    WARPGROUP.DEPBAR that retires its group. ptxas should never emit one; a build that
+    computes wrong results with no bad access would show it here. Read in program order
+    (branches not followed), so a heuristic: it found none in any dK/dV build of run 43,
+    (64, 3) included."""
+    groups: list[set[int]] = []  # committed, oldest first; then the one being issued
+    issuing: set[int] | None = None
+    found = []
+    for instruction in instructions:
+        if instruction.startswith("HGMMA"):
+            shape, _, rest = instruction.partition(" ")
+            operands = [o.strip() for o in rest.split(",")]
+            # HGMMA.64xNx16: a 64 x N float32 accumulator over 128 threads, N / 2 each
+            columns = int(re.match(r"HGMMA\.64x(\d+)x", shape).group(1))
+            accumulator = int(operands[0][1:])
+            regs = set(range(accumulator, accumulator + columns // 2))
+            if operands[1].startswith("R"):
+                a_operand = int(operands[1][1:])
+                regs |= set(range(a_operand, a_operand + 4))
+            issuing = (issuing or set()) | regs
+            if "gsb0" in instruction:
+                groups.append(issuing)
+                issuing = None
+            continue
+        waited = re.match(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([0-9a-f]+)", instruction)
+        if waited:
+            keep = int(waited.group(1), 16)
+            groups = groups[len(groups) - keep:] if keep else []
+            continue
+        busy = set().union(*groups, issuing or set())
+        if _written(instruction) & busy:
+            found.append(instruction)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=("forward", "dkdv", "dq"), default="forward")
@@ -158,7 +209,8 @@ def main() -> None:
     print(f"{args.kernel} D={args.head_dim}{' causal' if args.causal else ''}"
           f"{' lengths' if args.lengths else ''} config {config or 'default'} head group "
           f"{args.head_group}: {len(instructions)} instructions, {spills} local-memory, "
-          f"{compiled.metadata.shared} bytes shared")
+          f"{compiled.metadata.shared} bytes shared, "
+          f"{len(inflight_writes(instructions))} writes into an in-flight wgmma's registers")
     if args.sass:
         with open(args.sass, "w") as f:
             f.write("\n".join(instructions) + "\n")

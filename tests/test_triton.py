@@ -1329,6 +1329,31 @@ def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, h
     assert kinds == {param.name: param.is_constexpr for param in source.fn.params}
 
 
+def test_gluon_sass_finds_writes_into_an_inflight_wgmmas_registers(monkeypatch):
+    """gluon_sass.inflight_writes flags an instruction that writes the accumulator (N / 2
+    registers for HGMMA.64xN) or the register A operand (4) of a wgmma group between its
+    issue and the WARPGROUP.DEPBAR that retires it, and nothing else: not reads, not
+    stores, not writes after the wait (run 43 scanned every Gluon build with it)."""
+    inflight_writes = _benchmark_script("gluon_sass", monkeypatch).inflight_writes
+    dv = "HGMMA.64x64x16.F32.BF16 R88, R56, gdesc[UR8].tnspB, R88, gsb0"  # R88-R119, R56-R59
+    dk = "HGMMA.64x128x16.F32.BF16 R120, R24, gdesc[UR4].tnspB, R120, gsb0"  # R120-R183
+    code = ["WARPGROUP.ARRIVE", dv,
+            "FMUL R59, R1, R2",  # dV's A operand, in flight
+            "FMUL R60, R1, R2",  # past it
+            "STS [R1], R90",  # a store of dV's accumulator: a read
+            "IMAD.WIDE.U32 R86, R1, R2, R4",  # R86-R87
+            "IMAD.WIDE.U32 R118, R1, R2, R4",  # R118-R119: dV's accumulator
+            "WARPGROUP.ARRIVE", dk,
+            "WARPGROUP.DEPBAR.LE gsb0, 0x1",  # dV retired, dK still in flight
+            "MOV R100, RZ",
+            "@P0 FADD R183, R1, R2",
+            "LDS.128 R180, [R1]",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+            "FADD R150, R1, R2"]
+    assert inflight_writes(code) == ["FMUL R59, R1, R2", "IMAD.WIDE.U32 R118, R1, R2, R4",
+                                     "@P0 FADD R183, R1, R2", "LDS.128 R180, [R1]"]
+
+
 def test_hopper_forward_refuses_a_config_that_does_not_fit():
     from attnkit.backends import hopper_forward as hf
 

@@ -139,8 +139,8 @@ def inflight_writes(instructions: list[str]) -> list[str]:
     accumulator or its A operand in registers, between the HGMMA and the
     WARPGROUP.DEPBAR that retires its group. ptxas should never emit one; a build that
     computes wrong results with no bad access would show it here. Read in program order
-    (branches not followed), so a heuristic: it found none in any dK/dV build of run 43,
-    (64, 3) included."""
+    (branches not followed; an LDSM's four results count as one), so a heuristic: run 43
+    found none in any build of the three kernels it read, dK/dV (64, 3) included."""
     groups: list[set[int]] = []  # committed, oldest first; then the one being issued
     issuing: set[int] | None = None
     found = []

@@ -1,9 +1,10 @@
-"""Registers and spills of each Triton kernel per tile config, compiled for sm_90 on any
-machine (no GPU needed: Triton's frontend and the ptxas it bundles run on the CPU).
+"""Registers and spills of each Triton kernel per tile config, compiled for sm_90 (or
+--arch) on any machine (no GPU needed: Triton's frontend and the ptxas it bundles run on
+the CPU).
 
     TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=src python benchmarks/triton_registers.py \
         [--head-dim 128] [--causal] [--grouped] [--dropout] [--lengths] [--kernel dkdv] \
-        [--config M,N,WARPS,STAGES ...] [--counts] \
+        [--config M,N,WARPS,STAGES ...] [--counts] [--arch 86] \
         [--out DIR]
 
 Compiles the forward, dK/dV and dQ kernels under every config of their autotune lists
@@ -87,6 +88,9 @@ def main() -> None:
                         help="only these kernels (repeatable; default: all three)")
     parser.add_argument("--counts", action="store_true",
                         help="also count layout conversions, barriers, mul.hi, PTX lines")
+    parser.add_argument("--arch", type=int, default=90,
+                        help="compute capability to build for, e.g. 86: whether a tile's "
+                             "shared memory fits a GPU with 99 KB a block (run 43)")
     parser.add_argument("--out", default=None, help="also write DIR/triton_registers.json")
     args = parser.parse_args()
     d = args.head_dim
@@ -95,7 +99,7 @@ def main() -> None:
     flags.update(GROUPED=args.grouped, TMA_OK=args.tma, TMA=args.tma)
     chosen = [tuple(int(x) for x in c.split(",")) for c in args.config]
     rows = []
-    print(f"sm_90, Triton {triton.__version__}, head dim {d}, "
+    print(f"sm_{args.arch}, Triton {triton.__version__}, head dim {d}, "
           f"{'causal' if args.causal else 'full'}{', TMA' if args.tma else ''}"
           f"{', dropout' if args.dropout else ''}{', key lengths' if args.lengths else ''}")
     for name, (kernel, configs) in KERNELS.items():
@@ -108,7 +112,7 @@ def main() -> None:
                 with contextlib.redirect_stdout(io.StringIO()):  # ptxas' failures print PTX
                     compiled = triton.compile(
                         source(kernel.fn, {**flags, "BLOCK_M": m, "BLOCK_N": n}),
-                        target=GPUTarget("cuda", 90, 32),
+                        target=GPUTarget("cuda", args.arch, 32),
                         options={"num_warps": warps, "num_stages": stages})
             except PTXASError as error:  # a tile ptxas rejects, or crashes on: the rest go on
                 rows.append({"kernel": name, "config": [m, n, warps, stages],
@@ -126,7 +130,8 @@ def main() -> None:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "triton_registers.json"), "w") as f:
-            json.dump({"triton": triton.__version__, "head_dim": d, "causal": args.causal,
+            json.dump({"triton": triton.__version__, "arch": args.arch, "head_dim": d,
+                       "causal": args.causal,
                        "grouped": args.grouped, "tma": args.tma, "rows": rows}, f, indent=1)
 
 

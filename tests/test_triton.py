@@ -405,16 +405,21 @@ def test_prune_offers_tma_configs_only_where_allowed():
     assert [(c.kwargs["BLOCK_N"], c.kwargs["TMA"]) for c in wide] == [(32, False), (32, False)]
 
 
-def test_prune_keeps_the_swept_winners_for_128_wide_heads():
+def test_prune_keeps_the_swept_winners_for_128_wide_heads(monkeypatch):
     # The H100 sweep's winners replace the autotuner's choice where it mis-ranked them
-    # (NOTES run 10); every other head dim keeps the whole list.
+    # (NOTES run 10), on the kind of GPU it ran on; every other head dim keeps the whole
+    # list, and so does every other GPU (where a loser may be the one tile that fits).
     from attnkit.backends import fused_triton as ft
+
+    swept = {"cpu": True}  # Q below is a CPU tensor, standing for one on a GPU
+    monkeypatch.setattr(ft, "_swept_here", lambda device: swept[device.type])
 
     def offered(kernel, configs, head, windowed, keys=4096, dropout=False, **extra):
         made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w,
                               num_stages=s) for m, n, w, s in configs]
         args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": windowed, "TMA_OK": True,
-                "SEQ_BUCKET": (keys << ft._KEYS_BITS) + keys, "DROPOUT": dropout}
+                "SEQ_BUCKET": (keys << ft._KEYS_BITS) + keys, "DROPOUT": dropout,
+                "Q": torch.empty(0)}
         return [ft._tiles(c) for c in ft._prune(made, args, kernel=kernel)]
 
     assert offered("dq", ft._DQ_CONFIGS, 128, False) == [(128, 64, 8, 3)]
@@ -428,6 +433,25 @@ def test_prune_keeps_the_swept_winners_for_128_wide_heads():
     assert offered("fwd", tma, 128, True, TMA=True) == [(64, 64, 4, 3), (128, 128, 8, 3)]
     short = offered("fwd", tma, 64, False, keys=1024, TMA=True)
     assert short == [(64, 64, 4, 3), (128, 128, 8, 3)]
+    swept["cpu"] = False
+    assert offered("dkdv", ft._DKDV_CONFIGS, 128, True) == ft._DKDV_CONFIGS
+    assert offered("dq", ft._DQ_CONFIGS, 128, False) == ft._DQ_CONFIGS
+    assert offered("fwd", tma, 128, True, TMA=True) == tma
+
+
+@pytest.mark.parametrize("device, capability, swept", [
+    ("cuda:0", (9, 0), True), ("cuda:1", (8, 9), False), ("cuda:0", (10, 0), False),
+    ("cpu", None, False)])
+def test_swept_winners_apply_on_the_gpu_kind_of_the_sweep(monkeypatch, device, capability,
+                                                           swept):
+    from attnkit.backends import fused_triton as ft
+
+    def get_capability(device):
+        assert capability is not None, "asked a CPU's compute capability"
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_capability)
+    assert ft._swept_here(torch.device(device)) is swept
 
 
 def test_launch_remembers_the_autotuners_pick(monkeypatch, device):

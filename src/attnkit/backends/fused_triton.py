@@ -28,7 +28,7 @@ after a specialization's first launch its compiled kernel is launched directly
 (`_launch_jitted`), so repeated calls skip Triton's per-launch argument handling; the
 scalars and flags of a call signature are worked out once (`_meta`). The autotuner's
 candidates are narrowed per head dim where an H100 sweep found some of them losing
-(`_SWEPT`).
+(`_SWEPT`, on sm_90 GPUs only).
 
 Triton is optional: without it `import attnkit` still works and this backend reports
 itself unavailable.
@@ -108,6 +108,19 @@ _SWEPT = {
 }
 
 
+# The sweep behind _SWEPT ran on an H100; other GPUs autotune over every tile, and the
+# autotuner passes over those that do not fit. On sm_86 and sm_89 (99 KB of shared memory
+# a block) the one tile _SWEPT leaves D=97..128 dQ, (128, 64, 8, 3), needs 128 KB, and
+# the one it leaves windowed dK/dV, (64, 128, 8, 3), 129 KB (`benchmarks/
+# triton_registers.py --arch 86 --head-dim 128`, Triton 3.6): their backward would fail.
+_SWEPT_ON = (9, 0)
+
+
+def _swept_here(device: torch.device) -> bool:
+    """Whether `device` is a GPU of the kind _SWEPT was measured on."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == _SWEPT_ON
+
+
 def _tiles(config) -> tuple[int, int, int, int]:
     return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
             config.num_stages)
@@ -116,7 +129,8 @@ def _tiles(config) -> tuple[int, int, int, int]:
 def _prune(configs, named_args, kernel: str | None = None, **kwargs):
     """The candidates for these arguments: TMA ones only where TMA_OK, the measured
     winners of _SWEPT for `kernel` (the losers, by head dim, taken out; not with
-    dropout), and small tiles alone for heads wider than 128."""
+    dropout, and only on the kind of GPU the sweep ran on: Q's device), and small tiles
+    alone for heads wider than 128."""
     args = {**named_args, **kwargs}
     if not args.get("TMA_OK", False):
         configs = [c for c in configs if not c.kwargs.get("TMA", False)]
@@ -126,7 +140,9 @@ def _prune(configs, named_args, kernel: str | None = None, **kwargs):
         # D=128 to 136 bytes of spills where (32, 64, 4, 2) spills 16 (benchmarks/
         # triton_registers.py --dropout, run 35): with dropout the autotuner keeps every
         # tile.
-        if kernel is None or args.get("DROPOUT", False):
+        q = args.get("Q")
+        if (kernel is None or args.get("DROPOUT", False) or not isinstance(q, Tensor)
+                or not _swept_here(q.device)):
             return configs
         keys = args["SEQ_BUCKET"] & ((1 << _KEYS_BITS) - 1)
         losers = _SWEPT[kernel](head, bool(args["WINDOWED"]), keys)

@@ -33,17 +33,16 @@ def save(path: str, index: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)
     call, lse, dout, delta = _inputs(*case, gen)
     dk, dv = triton_dkdv(call, lse, dout, delta)
-    torch.save({"case": case, "q": call.q, "k": call.k, "v": call.v, "lse": lse, "dout": dout,
-                "delta": delta, "dk": dk, "dv": dv}, path)
+    torch.save({"case": case, "q": call.q, "k": call.k, "v": call.v, "causal": call.causal,
+                "key_lengths": call.key_lengths, "lse": lse, "dout": dout, "delta": delta,
+                "dk": dk, "dv": dv}, path)
     print("saved", case, "to", path)
 
 
 def run(path: str, configs: list[tuple[int, ...]]) -> None:
     saved = torch.load(path)
-    *_, causal, lengths = saved["case"]
-    key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
-    call = make_call(saved["q"], saved["k"], saved["v"], causal=causal,
-                     key_lengths=key_lengths)
+    call = make_call(saved["q"], saved["k"], saved["v"], causal=saved["causal"],
+                     key_lengths=saved["key_lengths"])
     for config in configs:
         dk, dv = gluon_dkdv(call, saved["lse"], saved["dout"], saved["delta"], config)
         torch.cuda.synchronize()

@@ -1107,7 +1107,12 @@ def test_hopper_forward_config_by_query_and_key_lengths(d, causal, sq, skv, conf
     assert ft._hopper_config(_long_call(d=d, causal=causal, sq=sq, skv=skv)) == config
 
 
-@pytest.mark.parametrize("script", ["gluon_forward", "gluon_dq", "gluon_dkdv", "dkdv_case"])
+# The experiment scripts that import one another (dropped from sys.modules before a test
+# imports one, so that each test sees them fresh).
+_GLUON_EXPERIMENTS = ("gluon_forward", "gluon_dq", "gluon_dkdv", "dkdv_case")
+
+
+@pytest.mark.parametrize("script", _GLUON_EXPERIMENTS)
 def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, script):
     """benchmarks/gluon_*.py borrow hopper_forward's helpers by name, and dkdv_case.py
     gluon_dkdv's; one renamed or dropped there (run 16 dropped `program`) would otherwise
@@ -1118,7 +1123,7 @@ def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, scr
 
     if hf.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper operations to import")
-    for name in ("gluon_forward", "gluon_dq", "gluon_dkdv", "dkdv_case"):
+    for name in _GLUON_EXPERIMENTS:
         monkeypatch.delitem(sys.modules, name, raising=False)
     _benchmark_script(script, monkeypatch)
 
@@ -1138,7 +1143,7 @@ def test_gluon_experiments_launch_the_config_they_were_given(monkeypatch, script
 
     if hf.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper operations to import")
-    for name in ("gluon_forward", "gluon_dq", "gluon_dkdv", "dkdv_case"):
+    for name in _GLUON_EXPERIMENTS:
         monkeypatch.delitem(sys.modules, name, raising=False)
     module = _benchmark_script(script, monkeypatch)
     seen = {}

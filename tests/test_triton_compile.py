@@ -35,6 +35,28 @@ def test_kernels_compile_for_sm90():
     assert f"compiled {3 * len(FLAG_SETS) + 1} kernels" in done.stdout
 
 
+@pytest.mark.parametrize("mask_kind", [1, 2])
+def test_mask_pointer_type_is_the_launched_one(mask_kind):
+    """arg_types builds each mask path with the pointer type a launch passes: a bool
+    mask goes in as _mask_args' uint8 view of it."""
+    import inspect
+
+    import torch
+    from triton.runtime.jit import JITFunction, mangle_type
+
+    import attnkit.backends.fused_triton as ft
+    from attnkit.call import make_call
+
+    q = torch.randn(1, 2, 5, 16, dtype=torch.bfloat16)
+    mask = torch.rand(1, 1, 1, 5) > 0.5
+    call = make_call(q, q, q, attn_mask=mask if mask_kind == 1 else mask.to(q.dtype))
+    launched, _ = ft._mask_args(call)
+    source = ft._fwd_kernel  # an autotuner, jitted or interpreted function: its Python
+    while not inspect.isfunction(source):
+        source = source.fn
+    assert ft.arg_types(JITFunction(source), mask_kind)["MASK"] == mangle_type(launched)
+
+
 def _compile_all() -> int:
     import triton
     from triton.backends.compiler import GPUTarget

@@ -952,7 +952,7 @@ def arg_types(fn, mask_kind: int) -> dict[str, str]:
     tensors = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64", "OUT_P": "*fp32",
                 "LSE_P": "*fp32", "seed": "*i64",  # run's seed: a 0-d tensor the kernels read
-                "MASK": "*i1" if mask_kind == 1 else "*bf16"}  # bool as torch.bool launches
+                "MASK": "*u8" if mask_kind == 1 else "*bf16"}  # bool: as _mask_args views it
     sig = {}
     for name, param in zip(fn.arg_names, fn.params, strict=True):
         if param.is_constexpr:

@@ -394,15 +394,50 @@ def test_tma_layout_check():
 def test_prune_offers_tma_configs_only_where_allowed():
     # TMA configs are autotuned beside pointer ones only where the host found the layout
     # fit (TMA_OK); wide heads get the small pointer tiles, still naming TMA for the forward.
-    from attnkit.backends.fused_triton import _prune
+    from attnkit.backends import fused_triton as ft
 
     configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TMA": tma}, num_warps=4,
                              num_stages=3) for tma in (False, True)]
-    heads = {"HEAD_D": 128, "HEAD_DV": 128}
-    assert _prune(configs, heads, TMA_OK=True) == configs
-    assert [c.kwargs["TMA"] for c in _prune(configs, heads, TMA_OK=False)] == [False]
-    wide = _prune(configs, {"HEAD_D": 256, "HEAD_DV": 256}, TMA_OK=True)
+    long = {"SEQ_BUCKET": (4096 << ft._KEYS_BITS) + 4096}
+    heads = {"HEAD_D": 128, "HEAD_DV": 128, **long}
+    assert ft._prune(configs, heads, TMA_OK=True) == configs
+    assert [c.kwargs["TMA"] for c in ft._prune(configs, heads, TMA_OK=False)] == [False]
+    wide = ft._prune(configs, {"HEAD_D": 256, "HEAD_DV": 256, **long}, TMA_OK=True)
     assert [(c.kwargs["BLOCK_N"], c.kwargs["TMA"]) for c in wide] == [(32, False), (32, False)]
+
+
+@pytest.mark.parametrize("kernel, queries, keys, head, kept", [
+    ("fwd", 32, 32, 64, [(64, 64, 4, 3, False)]),  # 17 x 17: the smallest, without TMA
+    ("fwd", 64, 32, 128, [(64, 64, 4, 3, False)]),
+    ("fwd", 128, 128, 64, [(64, 64, 4, 3, False), (128, 64, 8, 3, False),  # split it
+                           (128, 128, 8, 3, False),  # holds it, as TMA's (128, 128) does
+                           (64, 64, 4, 3, True), (128, 64, 4, 3, True), (64, 128, 4, 3, True)]),
+    ("fwd", 1, 16384, 64, "all"),  # one query against a cache: no tile holds the keys
+    ("dkdv", 32, 32, 80, [(32, 64, 4, 2, None)]),
+    ("dkdv", 64, 64, 80, [(32, 64, 4, 2, None), (64, 64, 4, 2, None)]),
+    ("dq", 32, 32, 64, [(64, 64, 4, 2, None)]),  # (128, 32, 4, 4): same area, more stages
+    ("dq", 64, 64, 64, [(64, 64, 4, 2, None), (128, 32, 4, 4, None)]),
+    ("dq", 32, 32, 256, [(32, 32, 4, 1, None)]),  # wide heads' small pair
+    ("dq", 64, 64, 256, [(64, 32, 4, 2, None), (32, 32, 4, 1, None)]),  # each splits it
+])
+def test_prune_keeps_the_smallest_of_the_tiles_that_hold_the_problem(kernel, queries, keys,
+                                                                       head, kept):
+    # Every tile that holds the whole problem runs one program per head and one loop
+    # step, so tuning among them only costs compiles: the smallest is kept, and the tiles
+    # that split the problem stay candidates beside it.
+    from attnkit.backends import fused_triton as ft
+
+    variants = {"fwd": [(ft._FWD_CONFIGS, {"TMA": False}), (ft._FWD_TMA_CONFIGS, {"TMA": True})],
+                "dkdv": [(ft._DKDV_CONFIGS, {})], "dq": [(ft._DQ_CONFIGS, {})]}[kernel]
+    made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
+            for configs, meta in variants for m, n, w, s in configs]
+    args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": False, "TMA_OK": True,
+            "SEQ_BUCKET": (queries << ft._KEYS_BITS) + keys, "DROPOUT": False}
+    every = ft._prune(made, {**args, "SEQ_BUCKET": (16384 << ft._KEYS_BITS) + 16384})
+    want = [(*ft._tiles(c), c.kwargs.get("TMA")) for c in every] if kept == "all" else kept
+    for order in (1, -1):  # ties go by size, not by place in the list
+        offered = ft._prune(made[::order], args, kernel=kernel)  # no Q: _SWEPT stays out
+        assert sorted((*ft._tiles(c), c.kwargs.get("TMA")) for c in offered) == sorted(want)
 
 
 def test_prune_keeps_the_swept_winners_for_128_wide_heads(monkeypatch):

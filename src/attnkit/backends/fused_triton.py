@@ -28,7 +28,8 @@ after a specialization's first launch its compiled kernel is launched directly
 (`_launch_jitted`), so repeated calls skip Triton's per-launch argument handling; the
 scalars and flags of a call signature are worked out once (`_meta`). The autotuner's
 candidates are narrowed per head dim where an H100 sweep found some of them losing
-(`_SWEPT`, on sm_90 GPUs only).
+(`_SWEPT`, on sm_90 GPUs only); of the tiles that each hold a whole problem, only the
+smallest is kept (`_one_tile`), so that tiny shapes compile one config, not every one.
 
 Triton is optional: without it `import attnkit` still works and this backend reports
 itself unavailable.
@@ -129,9 +130,14 @@ def _tiles(config) -> tuple[int, int, int, int]:
 def _prune(configs, named_args, kernel: str | None = None, **kwargs):
     """The candidates for these arguments: TMA ones only where TMA_OK, the measured
     winners of _SWEPT for `kernel` (the losers, by head dim, taken out; not with
-    dropout, and only on the kind of GPU the sweep ran on: Q's device), and small tiles
-    alone for heads wider than 128."""
+    dropout, and only on the kind of GPU the sweep ran on: Q's device), small tiles
+    alone for heads wider than 128, and of the tiles that hold the whole problem, the
+    smallest alone (_one_tile)."""
     args = {**named_args, **kwargs}
+    return _one_tile(_by_head(configs, args, kernel), args["SEQ_BUCKET"])
+
+
+def _by_head(configs, args: dict, kernel: str | None):
     if not args.get("TMA_OK", False):
         configs = [c for c in configs if not c.kwargs.get("TMA", False)]
     head = max(args["HEAD_D"], args["HEAD_DV"])
@@ -154,6 +160,25 @@ def _prune(configs, named_args, kernel: str | None = None, **kwargs):
                           num_stages=2),
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, **pointers}, num_warps=4,
                           num_stages=1)]
+
+
+def _one_tile(configs, seq_bucket: int):
+    """configs less those of the tiles that hold the whole (query bucket x key bucket)
+    problem, but the smallest of them. Each of those runs one program per (batch, head)
+    and one step of its loop, so the smallest does the least of the same work (fewest
+    warps, stages and no TMA as ties go); the rest would each cost the autotuner a
+    compile, about a second, on shapes (17 x 17) that run in microseconds. Tiles that
+    split the problem stay: more programs may finish sooner."""
+    queries, keys = seq_bucket >> _KEYS_BITS, seq_bucket & ((1 << _KEYS_BITS) - 1)
+    whole = [c for c in configs
+             if c.kwargs["BLOCK_M"] >= queries and c.kwargs["BLOCK_N"] >= keys]
+    if len(whole) < 2:
+        return configs
+    smallest = min(whole, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
+                                         c.kwargs.get("TMA", False), c.num_warps,
+                                         c.num_stages))
+    dropped = {id(c) for c in whole if c is not smallest}
+    return [c for c in configs if id(c) not in dropped]
 
 
 def _tuned(kernel: str, configs, key=_TUNE_KEY, tma_configs=None):

@@ -1,0 +1,134 @@
+"""Seconds that `triton`'s first forward+backward on a new shape takes in a new process
+with an empty Triton cache: compiling, autotuning and all, the cold start that `attnkit
+verify` pays on every case.
+
+    python benchmarks/cold_start.py [--out DIR] [--rounds N] [--variant NAME=SRC ...]
+
+Each variant (default: this checkout's src) runs in its own child process, PYTHONPATH=SRC
+and TRITON_CACHE_DIR a fresh empty folder, in turns over --rounds so that a host slowing
+down reaches every variant alike. The child first builds a trivial Triton kernel, so that
+loading the compiler's backend is not charged to the first case, then runs each case
+(small shapes of the kinds `attnkit verify` checks, and a control, 100 x 100, where
+fused_triton._one_tile takes out one forward tile at most) forward and backward twice, synchronizing
+after each: the first call's seconds and the second's. Writes DIR/cold_start.json and
+prints the median over rounds. Needs a CUDA GPU.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# name: (batch, heads, seq_q, seq_kv, head_dim, causal, feature)
+CASES = {
+    "17x17 d64 causal": (2, 4, 17, 17, 64, True, None),
+    "17x17 d80 additive": (2, 4, 17, 17, 80, False, "additive"),
+    "1x17 d64 causal": (2, 4, 1, 17, 64, True, None),
+    "40x40 d128 lengths": (2, 4, 40, 40, 128, False, "lengths"),
+    "17x17 d256": (2, 4, 17, 17, 256, False, None),
+    "100x100 d64 (control)": (2, 4, 100, 100, 64, False, None),
+}
+
+
+def _child() -> None:
+    import torch
+    import triton
+    import triton.language as tl
+
+    import attnkit
+
+    @triton.jit
+    def _touch(x):
+        tl.store(x, tl.load(x) + 1)
+
+    device = torch.device("cuda")
+    _touch[(1,)](torch.zeros(1, device=device))
+    torch.cuda.synchronize()
+    gen = torch.Generator(device=device).manual_seed(0)
+    result = {}
+    for name, (b, h, sq, skv, d, causal, feature) in CASES.items():
+        def rand(*shape):
+            return torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=gen)
+
+        q, k, v = (rand(b, h, s, d).requires_grad_() for s in (sq, skv, skv))
+        extra = {}
+        if feature == "additive":
+            extra["attn_mask"] = rand(b, 1, 1, skv)
+        elif feature == "lengths":
+            extra["key_lengths"] = torch.randint(1, skv + 1, (b,), device=device, generator=gen)
+        grad = rand(b, h, sq, d)
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            out = attnkit.attention(q, k, v, causal=causal, impl="triton", **extra)
+            out.backward(grad)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        result[name] = times
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=SRC: a source tree holding attnkit (repeatable)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child()
+        return
+    variants = dict(v.split("=", 1) for v in args.variant) or {"here": str(HERE.parent / "src")}
+    runs = {name: [] for name in variants}
+    for round_ in range(args.rounds):
+        for name, src in variants.items():
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()),
+                       "TRITON_CACHE_DIR": cache}
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, __file__, "--child"], env=env,
+                                      capture_output=True, text=True, check=False)
+                wall = time.perf_counter() - start
+            if done.returncode != 0:
+                sys.exit(f"{name}, round {round_ + 1}, failed:\n{done.stderr[-4000:]}")
+            cases = json.loads(done.stdout.splitlines()[-1])
+            runs[name].append({"process_s": wall, "cases": cases})
+            firsts = ", ".join(f"{case} {times[0]:.1f}" for case, times in cases.items())
+            print(f"round {round_ + 1} {name}: {wall:.1f} s ({firsts})", flush=True)
+            if args.out:  # after every run, so that a run cut short keeps what it finished
+                _write(args.out, variants, args.rounds, runs)
+    print(f"\nmedian over {args.rounds} rounds, seconds: first call / second call")
+    print("case".ljust(26) + "".join(name.rjust(22) for name in variants))
+    for case in CASES:
+        cells = []
+        for name in variants:
+            first = statistics.median(r["cases"][case][0] for r in runs[name])
+            second = statistics.median(r["cases"][case][1] for r in runs[name])
+            cells.append(f"{first:8.2f} / {second:.4f}".rjust(22))
+        print(case.ljust(26) + "".join(cells))
+    print("process".ljust(26) + "".join(
+        f"{statistics.median(r['process_s'] for r in runs[name]):8.1f}".rjust(22)
+        for name in variants))
+
+
+def _write(out: Path, variants: dict, rounds: int, runs: dict) -> None:
+    import torch
+    import triton
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cold_start.json").write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": triton.__version__, "cases": CASES, "rounds": rounds,
+        "variants": variants, "runs": runs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

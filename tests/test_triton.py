@@ -1589,7 +1589,7 @@ def test_hopper_forward_that_does_not_compile_falls_back_once(monkeypatch, devic
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, causal):
+def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, device, causal):
     """Causal calls hand the Gluon forward _HOPPER_FORWARD_HEAD_GROUP and the Gluon dQ and
     dK/dV kernels _HEAD_GROUP; the rest go head by head."""
     from attnkit.backends import fused_triton as ft
@@ -1612,7 +1612,8 @@ def test_hopper_launches_get_the_head_group_their_switches_say(monkeypatch, caus
                             lambda *args, head_group, launcher: fails(*args, head_group))
     monkeypatch.setattr(ft, "_HOPPER_FORWARD_HEAD_GROUP", 5)
     _order_heads_in_groups_of(6, monkeypatch)
-    q, k, v = (torch.randn(1, 2, 17, 16, dtype=DTYPE) for _ in range(3))
+    # the launches fail over to the Triton kernels, which need the tensors on the GPU
+    q, k, v = (torch.randn(1, 2, 17, 16).to(device, DTYPE) for _ in range(3))
     call = make_call(q, k, v, causal=causal)
     out, lse = ft._forward(call, 0)
     ft._backward(call, 0, out, lse, torch.randn_like(out))

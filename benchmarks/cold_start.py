@@ -72,7 +72,8 @@ def _child() -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         result[name] = times
-    print(json.dumps(result))
+    print(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                      "triton": triton.__version__, "cases": result}))
 
 
 def main() -> None:
@@ -99,12 +100,16 @@ def main() -> None:
                 wall = time.perf_counter() - start
             if done.returncode != 0:
                 sys.exit(f"{name}, round {round_ + 1}, failed:\n{done.stderr[-4000:]}")
-            cases = json.loads(done.stdout.splitlines()[-1])
-            runs[name].append({"process_s": wall, "cases": cases})
-            firsts = ", ".join(f"{case} {times[0]:.1f}" for case, times in cases.items())
+            child = json.loads(done.stdout.splitlines()[-1])
+            runs[name].append({"process_s": wall, "cases": child.pop("cases")})
+            firsts = ", ".join(f"{case} {times[0]:.1f}"
+                               for case, times in runs[name][-1]["cases"].items())
             print(f"round {round_ + 1} {name}: {wall:.1f} s ({firsts})", flush=True)
             if args.out:  # after every run, so that a run cut short keeps what it finished
-                _write(args.out, variants, args.rounds, runs)
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "cold_start.json").write_text(json.dumps({
+                    **child, "cases": CASES, "rounds": args.rounds, "variants": variants,
+                    "runs": runs}, indent=1))
     print(f"\nmedian over {args.rounds} rounds, seconds: first call / second call")
     print("case".ljust(26) + "".join(name.rjust(22) for name in variants))
     for case in CASES:
@@ -117,17 +122,6 @@ def main() -> None:
     print("process".ljust(26) + "".join(
         f"{statistics.median(r['process_s'] for r in runs[name]):8.1f}".rjust(22)
         for name in variants))
-
-
-def _write(out: Path, variants: dict, rounds: int, runs: dict) -> None:
-    import torch
-    import triton
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cold_start.json").write_text(json.dumps({
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "cases": CASES, "rounds": rounds,
-        "variants": variants, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

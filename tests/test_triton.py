@@ -1338,6 +1338,44 @@ def test_module_time_imports_what_bench_still_has(monkeypatch):
     _benchmark_script("module_time", monkeypatch)
 
 
+def test_cold_start_runs_each_variant_in_turns_from_an_empty_cache(monkeypatch, tmp_path,
+                                                                    capsys):
+    """benchmarks/cold_start.py: every child process gets its variant's source and a Triton
+    cache folder of its own that starts empty, the variants take turns round by round,
+    and the JSON written after each run keeps every run's numbers under its variant."""
+    import json
+    import os
+    import types
+    from pathlib import Path
+
+    cold = _benchmark_script("cold_start", monkeypatch)
+    children = []
+
+    def fake_run(argv, env, **kwargs):
+        cache = env["TRITON_CACHE_DIR"]
+        children.append((env["PYTHONPATH"], cache, os.listdir(cache)))
+        (Path(cache) / "compiled").write_text("")  # what a child leaves behind
+        n = len(children)
+        cases = {case: [float(n), n / 1000] for case in cold.CASES}
+        out = {"device": "GPU", "torch": "t", "triton": "tr", "cases": cases}
+        return types.SimpleNamespace(returncode=0, stdout=json.dumps(out) + "\n", stderr="")
+
+    monkeypatch.setattr(cold.subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["cold_start.py", "--rounds", "2", "--out", str(tmp_path),
+                                      "--variant", "a=src_a", "--variant", "b=src_b"])
+    cold.main()
+    sources = [Path(src).name for src, _, _ in children]
+    assert sources == ["src_a", "src_b", "src_a", "src_b"]
+    assert len({cache for _, cache, _ in children}) == 4
+    assert all(listed == [] for _, _, listed in children)
+    written = json.loads((tmp_path / "cold_start.json").read_text())
+    first = next(iter(cold.CASES))
+    assert [run["cases"][first][0] for run in written["runs"]["b"]] == [2.0, 4.0]
+    assert written["device"] == "GPU" and written["rounds"] == 2
+    medians = "".join(f"{f:8.2f} / {f / 1000:.4f}".rjust(22) for f in (2.0, 3.0))  # a, b
+    assert first.ljust(26) + medians in capsys.readouterr().out.splitlines()
+
+
 def test_kernel_variants_runs_each_variant_as_written(monkeypatch):
     """benchmarks/kernel_variants.py: a switch set by one variant and not by the next goes
     back to its value as found; a module can stand in for one of fused_triton's."""

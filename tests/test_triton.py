@@ -406,22 +406,27 @@ def test_prune_offers_tma_configs_only_where_allowed():
     assert [(c.kwargs["BLOCK_N"], c.kwargs["TMA"]) for c in wide] == [(32, False), (32, False)]
 
 
-@pytest.mark.parametrize("kernel, queries, keys, head, kept", [
-    ("fwd", 32, 32, 64, [(64, 64, 4, 3, False)]),  # 17 x 17: the smallest, without TMA
-    ("fwd", 64, 32, 128, [(64, 64, 4, 3, False)]),
-    ("fwd", 128, 128, 64, [(64, 64, 4, 3, False), (128, 64, 8, 3, False),  # split it
-                           (128, 128, 8, 3, False),  # holds it, as TMA's (128, 128) does
-                           (64, 64, 4, 3, True), (128, 64, 4, 3, True), (64, 128, 4, 3, True)]),
-    ("fwd", 1, 16384, 64, "all"),  # one query against a cache: no tile holds the keys
-    ("dkdv", 32, 32, 80, [(32, 64, 4, 2, None)]),
-    ("dkdv", 64, 64, 80, [(32, 64, 4, 2, None), (64, 64, 4, 2, None)]),
-    ("dq", 32, 32, 64, [(64, 64, 4, 2, None)]),  # (128, 32, 4, 4): same area, more stages
-    ("dq", 64, 64, 64, [(64, 64, 4, 2, None), (128, 32, 4, 4, None)]),
-    ("dq", 32, 32, 256, [(32, 32, 4, 1, None)]),  # wide heads' small pair
-    ("dq", 64, 64, 256, [(64, 32, 4, 2, None), (32, 32, 4, 1, None)]),  # each splits it
+@pytest.mark.parametrize("kernel, queries, keys, head, group, kept", [
+    ("fwd", 32, 32, 64, 1, [(64, 64, 4, 3, False)]),  # 17 x 17: the smallest, without TMA
+    ("fwd", 64, 32, 128, 1, [(64, 64, 4, 3, False)]),
+    ("fwd", 128, 128, 64, 1, [(64, 64, 4, 3, False), (128, 64, 8, 3, False),  # split it
+                              (128, 128, 8, 3, False),  # holds it, as TMA's (128, 128) does
+                              (64, 64, 4, 3, True), (128, 64, 4, 3, True),
+                              (64, 128, 4, 3, True)]),
+    ("fwd", 1, 16384, 64, 1, "all"),  # one query against a cache: no tile holds the keys
+    ("fwd", 32, 32, 64, 2, [(64, 64, 4, 3, False)]),  # a packed group of 2: 2 x 17 rows
+    ("fwd", 32, 32, 64, 4, [(64, 64, 4, 3, False), (128, 64, 8, 3, False),  # 4 x 17 rows:
+                            (64, 64, 4, 3, True), (64, 128, 4, 3, True)]),  # 64 split them
+    ("dkdv", 32, 32, 80, 1, [(32, 64, 4, 2, None)]),
+    ("dkdv", 64, 64, 80, 1, [(32, 64, 4, 2, None), (64, 64, 4, 2, None)]),
+    ("dkdv", 32, 32, 80, 4, [(32, 64, 4, 2, None)]),  # a group's heads loop, unpacked
+    ("dq", 32, 32, 64, 1, [(64, 64, 4, 2, None)]),  # (128, 32, 4, 4): same area, more stages
+    ("dq", 64, 64, 64, 1, [(64, 64, 4, 2, None), (128, 32, 4, 4, None)]),
+    ("dq", 32, 32, 256, 1, [(32, 32, 4, 1, None)]),  # wide heads' small pair
+    ("dq", 64, 64, 256, 1, [(64, 32, 4, 2, None), (32, 32, 4, 1, None)]),  # each splits it
 ])
 def test_prune_keeps_the_smallest_of_the_tiles_that_hold_the_problem(kernel, queries, keys,
-                                                                       head, kept):
+                                                                       head, group, kept):
     # Every tile that holds the whole problem runs one program per head and one loop
     # step, so tuning among them only costs compiles: the smallest is kept, and the tiles
     # that split the problem stay candidates beside it.
@@ -432,7 +437,8 @@ def test_prune_keeps_the_smallest_of_the_tiles_that_hold_the_problem(kernel, que
     made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
             for configs, meta in variants for m, n, w, s in configs]
     args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": False, "TMA_OK": True,
-            "SEQ_BUCKET": (queries << ft._KEYS_BITS) + keys, "DROPOUT": False}
+            "SEQ_BUCKET": (queries << ft._KEYS_BITS) + keys, "DROPOUT": False,
+            "group": group, **({"PACKED": group > 1} if kernel == "fwd" else {})}
     every = ft._prune(made, {**args, "SEQ_BUCKET": (16384 << ft._KEYS_BITS) + 16384})
     want = [(*ft._tiles(c), c.kwargs.get("TMA")) for c in every] if kept == "all" else kept
     for order in (1, -1):  # ties go by size, not by place in the list

@@ -134,7 +134,7 @@ def _prune(configs, named_args, kernel: str | None = None, **kwargs):
     alone for heads wider than 128, and of the tiles that hold the whole problem, the
     smallest alone (_one_tile)."""
     args = {**named_args, **kwargs}
-    return _one_tile(_by_head(configs, args, kernel), args["SEQ_BUCKET"])
+    return _one_tile(_by_head(configs, args, kernel), args)
 
 
 def _by_head(configs, args: dict, kernel: str | None):
@@ -162,14 +162,17 @@ def _by_head(configs, args: dict, kernel: str | None):
                           num_stages=1)]
 
 
-def _one_tile(configs, seq_bucket: int):
+def _one_tile(configs, args: dict):
     """configs less those of the tiles that hold the whole (query bucket x key bucket)
     problem, but the smallest of them. Each of those runs one program per (batch, head)
     and one step of its loop, so the smallest does the least of the same work (fewest
     warps, stages and no TMA as ties go); the rest would each cost the autotuner a
     compile, about a second, on shapes (17 x 17) that run in microseconds. Tiles that
     split the problem stay: more programs may finish sooner."""
+    seq_bucket = args["SEQ_BUCKET"]
     queries, keys = seq_bucket >> _KEYS_BITS, seq_bucket & ((1 << _KEYS_BITS) - 1)
+    if args.get("PACKED", False):  # the forward's rows run over a kv group's query heads
+        queries *= args["group"]
     whole = [c for c in configs
              if c.kwargs["BLOCK_M"] >= queries and c.kwargs["BLOCK_N"] >= keys]
     if len(whole) < 2:

@@ -9,9 +9,11 @@ and TRITON_CACHE_DIR a fresh empty folder, in turns over --rounds so that a host
 down reaches every variant alike. The child first builds a trivial Triton kernel, so that
 loading the compiler's backend is not charged to the first case, then runs each case
 (small shapes of the kinds `attnkit verify` checks, and a control, 100 x 100, where
-fused_triton._one_tile takes out one forward tile at most) forward and backward twice, synchronizing
-after each: the first call's seconds and the second's. Writes DIR/cold_start.json and
-prints the median over rounds. Needs a CUDA GPU.
+fused_triton._one_tile takes out one forward tile at most) forward and backward three
+times, synchronizing after each: the seconds of each call. Run 44 made two calls and
+timed the second at 10-28 ms, long for a tiny warm call; the third tells whether the
+second still paid one-time work. Writes DIR/cold_start.json and prints the median over
+rounds of the first call and the last. Needs a CUDA GPU.
 """
 
 import argparse
@@ -65,7 +67,7 @@ def _child() -> None:
             extra["key_lengths"] = torch.randint(1, skv + 1, (b,), device=device, generator=gen)
         grad = rand(b, h, sq, d)
         times = []
-        for _ in range(2):
+        for _ in range(3):
             start = time.perf_counter()
             out = attnkit.attention(q, k, v, causal=causal, impl="triton", **extra)
             out.backward(grad)
@@ -110,14 +112,14 @@ def main() -> None:
                 (args.out / "cold_start.json").write_text(json.dumps({
                     **child, "cases": CASES, "rounds": args.rounds, "variants": variants,
                     "runs": runs}, indent=1))
-    print(f"\nmedian over {args.rounds} rounds, seconds: first call / second call")
+    print(f"\nmedian over {args.rounds} rounds, seconds: first call / last call")
     print("case".ljust(26) + "".join(name.rjust(22) for name in variants))
     for case in CASES:
         cells = []
         for name in variants:
             first = statistics.median(r["cases"][case][0] for r in runs[name])
-            second = statistics.median(r["cases"][case][1] for r in runs[name])
-            cells.append(f"{first:8.2f} / {second:.4f}".rjust(22))
+            last = statistics.median(r["cases"][case][-1] for r in runs[name])
+            cells.append(f"{first:8.2f} / {last:.4f}".rjust(22))
         print(case.ljust(26) + "".join(cells))
     print("process".ljust(26) + "".join(
         f"{statistics.median(r['process_s'] for r in runs[name]):8.1f}".rjust(22)

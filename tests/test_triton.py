@@ -1362,7 +1362,7 @@ def test_cold_start_runs_each_variant_in_turns_from_an_empty_cache(monkeypatch, 
         children.append((env["PYTHONPATH"], cache, os.listdir(cache)))
         (Path(cache) / "compiled").write_text("")  # what a child leaves behind
         n = len(children)
-        cases = {case: [float(n), n / 1000] for case in cold.CASES}
+        cases = {case: [float(n), 1.0, n / 1000] for case in cold.CASES}
         out = {"device": "GPU", "torch": "t", "triton": "tr", "cases": cases}
         return types.SimpleNamespace(returncode=0, stdout=json.dumps(out) + "\n", stderr="")
 

@@ -12,13 +12,16 @@ loading the compiler's backend is not charged to the first case, then runs each 
 fused_triton._one_tile takes out one forward tile at most) forward and backward three
 times, synchronizing after each: the seconds of each call. Run 44 made two calls and
 timed the second at 10-28 ms, long for a tiny warm call; the third tells whether the
-second still paid one-time work. Writes DIR/cold_start.json and prints the median over
+second still paid one-time work. The child runs with TRITON_PRINT_AUTOTUNING=1, and
+each autotuning round it reports (kernel, seconds: building and timing its candidates)
+is kept beside the run's times. Writes DIR/cold_start.json and prints the median over
 rounds of the first call and the last. Needs a CUDA GPU.
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -27,6 +30,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# what Triton's autotuner prints after a round when TRITON_PRINT_AUTOTUNING=1
+_ROUND = re.compile(r"Triton autotuning for function (\w+),.*?finished after ([0-9.]+)s", re.S)
 
 # name: (batch, heads, seq_q, seq_kv, head_dim, causal, feature)
 CASES = {
@@ -95,7 +100,7 @@ def main() -> None:
         for name, src in variants.items():
             with tempfile.TemporaryDirectory() as cache:
                 env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()),
-                       "TRITON_CACHE_DIR": cache}
+                       "TRITON_CACHE_DIR": cache, "TRITON_PRINT_AUTOTUNING": "1"}
                 start = time.perf_counter()
                 done = subprocess.run([sys.executable, __file__, "--child"], env=env,
                                       capture_output=True, text=True, check=False)
@@ -103,10 +108,14 @@ def main() -> None:
             if done.returncode != 0:
                 sys.exit(f"{name}, round {round_ + 1}, failed:\n{done.stderr[-4000:]}")
             child = json.loads(done.stdout.splitlines()[-1])
-            runs[name].append({"process_s": wall, "cases": child.pop("cases")})
+            rounds = [[kernel, float(s)] for kernel, s in _ROUND.findall(done.stdout)]
+            runs[name].append({"process_s": wall, "cases": child.pop("cases"),
+                               "autotuning": rounds})
             firsts = ", ".join(f"{case} {times[0]:.1f}"
                                for case, times in runs[name][-1]["cases"].items())
-            print(f"round {round_ + 1} {name}: {wall:.1f} s ({firsts})", flush=True)
+            tuning = sum(s for _, s in rounds)
+            print(f"round {round_ + 1} {name}: {wall:.1f} s, {len(rounds)} autotuning rounds "
+                  f"{tuning:.1f} s ({firsts})", flush=True)
             if args.out:  # after every run, so that a run cut short keeps what it finished
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "cold_start.json").write_text(json.dumps({

@@ -1360,11 +1360,18 @@ def test_cold_start_runs_each_variant_in_turns_from_an_empty_cache(monkeypatch, 
     def fake_run(argv, env, **kwargs):
         cache = env["TRITON_CACHE_DIR"]
         children.append((env["PYTHONPATH"], cache, os.listdir(cache)))
+        assert env["TRITON_PRINT_AUTOTUNING"] == "1"
         (Path(cache) / "compiled").write_text("")  # what a child leaves behind
         n = len(children)
         cases = {case: [float(n), 1.0, n / 1000] for case in cold.CASES}
         out = {"device": "GPU", "torch": "t", "triton": "tr", "cases": cases}
-        return types.SimpleNamespace(returncode=0, stdout=json.dumps(out) + "\n", stderr="")
+        tuning = (f"Autotuning kernel _fwd_kernel with config BLOCK_M: 64\n"
+                  f"Triton autotuning for function _fwd_kernel,\nwith key as (64, 'a, b'),\n"
+                  f"finished after {n}.50s,\nbest config selected: BLOCK_M: 64;\n"
+                  f"Triton autotuning for function _bwd_dq_kernel,\nwith key as (1,),\n"
+                  f"finished after 0.25s,\nbest config selected: BLOCK_M: 32;\n")
+        return types.SimpleNamespace(returncode=0, stdout=tuning + json.dumps(out) + "\n",
+                                     stderr="")
 
     monkeypatch.setattr(cold.subprocess, "run", fake_run)
     monkeypatch.setattr(sys, "argv", ["cold_start.py", "--rounds", "2", "--out", str(tmp_path),
@@ -1378,6 +1385,8 @@ def test_cold_start_runs_each_variant_in_turns_from_an_empty_cache(monkeypatch, 
     first = next(iter(cold.CASES))
     assert [run["cases"][first][0] for run in written["runs"]["b"]] == [2.0, 4.0]
     assert written["device"] == "GPU" and written["rounds"] == 2
+    assert written["runs"]["a"][1]["autotuning"] == [["_fwd_kernel", 3.5],
+                                                     ["_bwd_dq_kernel", 0.25]]
     medians = "".join(f"{f:8.2f} / {f / 1000:.4f}".rjust(22) for f in (2.0, 3.0))  # a, b
     assert first.ljust(26) + medians in capsys.readouterr().out.splitlines()
 

@@ -89,6 +89,12 @@ _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "DROPOUT", "SEQ_BUCKET", "ROWS_BUC
 _KEYS_BITS = 15  # SEQ_BUCKET = (query bucket << _KEYS_BITS) + key bucket (_work_out_meta)
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 
+
+def _split_bucket(seq_bucket: int) -> tuple[int, int]:
+    """SEQ_BUCKET -> (query bucket, key bucket)."""
+    return seq_bucket >> _KEYS_BITS, seq_bucket & ((1 << _KEYS_BITS) - 1)
+
+
 # Configs taken out by head dim where the H100 sweep (benchmarks/triton_configs.py, NOTES
 # run 10) found them losing and the autotuner still picked them now and then: its timings
 # of candidates a few % apart move with the GPU's clock. Heads of 97..128: the whole
@@ -150,7 +156,7 @@ def _by_head(configs, args: dict, kernel: str | None):
         if (kernel is None or args.get("DROPOUT", False) or not isinstance(q, Tensor)
                 or not _swept_here(q.device)):
             return configs
-        keys = args["SEQ_BUCKET"] & ((1 << _KEYS_BITS) - 1)
+        _, keys = _split_bucket(args["SEQ_BUCKET"])
         losers = _SWEPT[kernel](head, bool(args["WINDOWED"]), keys)
         kept = [c for c in configs if _tiles(c) not in losers]
         return kept or configs
@@ -169,8 +175,7 @@ def _one_tile(configs, args: dict):
     warps, stages and no TMA as ties go); the rest would each cost the autotuner a
     compile, about a second, on shapes (17 x 17) that run in microseconds. Tiles that
     split the problem stay: more programs may finish sooner."""
-    seq_bucket = args["SEQ_BUCKET"]
-    queries, keys = seq_bucket >> _KEYS_BITS, seq_bucket & ((1 << _KEYS_BITS) - 1)
+    queries, keys = _split_bucket(args["SEQ_BUCKET"])
     if args.get("PACKED", False):  # the forward's rows run over a kv group's query heads
         queries *= args["group"]
     whole = [c for c in configs

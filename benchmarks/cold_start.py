@@ -8,8 +8,9 @@ Each variant (default: this checkout's src) runs in its own child process, PYTHO
 and TRITON_CACHE_DIR a fresh empty folder, in turns over --rounds so that a host slowing
 down reaches every variant alike. The child first builds a trivial Triton kernel, so that
 loading the compiler's backend is not charged to the first case, then runs each case
-(small shapes of the kinds `attnkit verify` checks, and a control, 100 x 100, where
-fused_triton._one_tile takes out one forward tile at most) forward and backward three
+(small shapes of the kinds `attnkit verify` checks; a control, 100 x 100, where
+fused_triton._one_tile takes out one forward tile at most; and one of verify's 1000-long
+cases, where every candidate tile is built and timed) forward and backward three
 times, synchronizing after each: the seconds of each call. Run 44 made two calls and
 timed the second at 10-28 ms, long for a tiny warm call; the third tells whether the
 second still paid one-time work. The child runs with TRITON_PRINT_AUTOTUNING=1, and
@@ -41,6 +42,7 @@ CASES = {
     "40x40 d128 lengths": (2, 4, 40, 40, 128, False, "lengths"),
     "17x17 d256": (2, 4, 17, 17, 256, False, None),
     "100x100 d64 (control)": (2, 4, 100, 100, 64, False, None),
+    "1000x1000 d128 causal": (1, 4, 1000, 1000, 128, True, None),
 }
 
 

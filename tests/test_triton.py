@@ -516,16 +516,30 @@ def test_launch_remembers_the_autotuners_pick(monkeypatch, device):
 
     monkeypatch.setattr(ft, "_CHOSEN", {})
     src = torch.randn(50, device=device)
-    runs = []
+    runs, kernel_runs = [], []
     monkeypatch.setattr(double, "run", lambda *a, _run=double.run, **kw: runs.append(1)
                         or _run(*a, **kw))
+    # The kernel's own launches, each with the options it was given (the keywords that
+    # are not parameters), in order: Triton's in-memory cache keys a kernel by their text.
+    params = set(double.arg_names)
+    monkeypatch.setattr(double.fn, "run", lambda *a, _run=double.fn.run, **kw: kernel_runs.append(
+        [(k, v) for k, v in kw.items() if k not in params | {"grid", "warmup"}])
+        or _run(*a, **kw))
+    tuning_runs = None
     for _ in range(3):
         dst = torch.zeros(50, device=device)
         ft._launch(double, lambda meta: (ft._cdiv(50, meta["BLOCK_M"]),), (src, dst, 50), {},
                    tune_key=("n", 50))
         torch.testing.assert_close(dst, 2 * src)
+        tuning_runs = tuning_runs or list(kernel_runs)
     assert len(runs) == 1  # tuned once, then launched directly
-    assert list(ft._CHOSEN.values()) == [({"BLOCK_M": 16, "BLOCK_N": 16, "FACTOR": 2}, 1, 1)]
+    meta, options = ft._CHOSEN[(double, ("n", 50))]
+    assert meta == {"BLOCK_M": 16, "BLOCK_N": 16, "FACTOR": 2}
+    assert options["num_warps"] == 1 and options["num_stages"] == 1
+    # The direct launches give the winner's options exactly as the autotuner's own
+    # launches did, so that they find the kernel it built in memory.
+    assert kernel_runs[len(tuning_runs):] and all(
+        launch == tuning_runs[-1] for launch in kernel_runs[len(tuning_runs):])
 
 
 @pytest.mark.parametrize("version, expected", [

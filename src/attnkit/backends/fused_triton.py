@@ -1014,10 +1014,20 @@ TileConfig = tuple[int, int, int, int]
 
 
 # The autotuner's pick per (kernel, tuning key): its meta-parameters (tiles, and for the
-# forward TMA), num_warps, num_stages. Triton's Autotuner rebuilds its key from all ~60
+# forward TMA) and its launch options. Triton's Autotuner rebuilds its key from all ~60
 # arguments on every launch; after the first launch of a key this looks the config up
-# from a tuple and launches the kernel itself.
-_CHOSEN: dict[tuple, tuple[dict, int, int]] = {}
+# from a tuple and launches the kernel itself. The options are kept as the autotuner
+# passed them (num_warps, num_ctas, num_stages, ...; _tuned_options): Triton's in-memory
+# kernel cache keys a launch by the text of its options, so one left out or reordered
+# misses the kernel the autotuner built, and the launch loads it again from the disk
+# cache (10-40 ms a kernel on the H200, run 45).
+_CHOSEN: dict[tuple, tuple[dict, dict]] = {}
+
+
+def _tuned_options(config) -> dict:
+    """A triton.Config's launch options (all but its meta-parameters), in the order and
+    with the values that the autotuner launches it with."""
+    return {k: v for k, v in config.all_kwargs().items() if k not in config.kwargs}
 
 
 def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
@@ -1028,18 +1038,18 @@ def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
     tuner = isinstance(kernel, triton.runtime.Autotuner)  # not under the interpreter
     if config is not None:
         block_m, block_n, warps, stages = config
-        chosen = {"BLOCK_M": block_m, "BLOCK_N": block_n}, warps, stages
+        chosen = {"BLOCK_M": block_m, "BLOCK_N": block_n}, {"num_warps": warps,
+                                                            "num_stages": stages}
     else:
         chosen = _CHOSEN.get((kernel, tune_key)) if tuner else None
     if chosen is None:
         kernel[grid](*args, **flags)
         if tuner:
             best = kernel.best_config
-            _CHOSEN[(kernel, tune_key)] = (best.kwargs, best.num_warps, best.num_stages)
+            _CHOSEN[(kernel, tune_key)] = (best.kwargs, _tuned_options(best))
         return
-    meta, warps, stages = chosen
-    _launch_jitted(kernel.fn if tuner else kernel, grid, args, {**flags, **meta},
-                   {"num_warps": warps, "num_stages": stages})
+    meta, options = chosen
+    _launch_jitted(kernel.fn if tuner else kernel, grid, args, {**flags, **meta}, options)
 
 
 # Triton's own launch path (JITFunction.run) binds and specializes every argument, about

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import itertools
 import sys
+import types
 from dataclasses import replace
 
 import pytest
@@ -444,6 +445,74 @@ def test_prune_keeps_the_smallest_of_the_tiles_that_hold_the_problem(kernel, que
     for order in (1, -1):  # ties go by size, not by place in the list
         offered = ft._prune(made[::order], args, kernel=kernel)  # no Q: _SWEPT stays out
         assert sorted((*ft._tiles(c), c.kwargs.get("TMA")) for c in offered) == sorted(want)
+
+
+def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypatch):
+    """_prune leaves the round's candidates with the launch's arguments; the first timing
+    of the round builds them (once), on threads, with the launch's own arguments and
+    flags and each config's; a round whose result came from disk times nothing and
+    builds nothing, and the next round replaces what it left."""
+    from attnkit.backends import fused_triton as ft
+
+    built, timed = [], []
+
+    def build(jitted, named_args, kwargs, configs):
+        built.append((jitted, list(named_args), sorted(kwargs), [ft._tiles(c) for c in configs]))
+
+    def benchmarker(call, quantiles):
+        timed.append(call())
+        return [1.0] * len(quantiles)
+
+    monkeypatch.setattr(ft, "_build_ahead", build)
+    monkeypatch.setattr(ft.triton.runtime, "driver", types.SimpleNamespace(
+        active=types.SimpleNamespace(get_benchmarker=lambda: benchmarker)))
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+               for m in (32, 64)]
+    args = {"HEAD_D": 64, "HEAD_DV": 64, "SEQ_BUCKET": (4096 << ft._KEYS_BITS) + 4096}
+    ft._prune(configs, {"Q": "q", "K": "k"}, jitted="on disk", **args)  # no timing follows
+    kept = ft._prune(configs, {"Q": "q", "K": "k"}, jitted="kernel", grid=(1,), **args)
+    assert [ft._tiles(c) for c in kept] == [(32, 64, 4, 2), (64, 64, 4, 2)]
+    assert ft._timed(lambda: "first", (0.5, 0.2)) == [1.0, 1.0]
+    assert ft._timed(lambda: "second", (0.5,)) == [1.0]
+    assert built == [("kernel", ["Q", "K"], sorted(["grid", *args]),
+                      [(32, 64, 4, 2), (64, 64, 4, 2)])]
+    assert timed == ["first", "second"]
+
+
+def test_build_ahead_warms_each_config_up_on_threads(monkeypatch):
+    """_build_ahead hands each config to the kernel's warmup, with the launch's positional
+    arguments and flags (not the autotuner's grid/warmup keywords), inside one
+    AsyncCompileMode; one config, or a warmup that raises, builds nothing ahead (the
+    latter with a warning) and leaves the autotuner to build them."""
+    from triton.runtime import _async_compile
+
+    from attnkit.backends import fused_triton as ft
+
+    class Kernel:
+        def __init__(self, fails=False):
+            self.calls, self.fails = [], fails
+
+        def warmup(self, *args, grid, **kwargs):
+            if self.fails:
+                raise RuntimeError("cannot bind")
+            self.calls.append((args, grid, kwargs, _async_compile.active_mode.get() is not None))
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 32}, num_warps=w, num_stages=1)
+               for m, w in ((32, 4), (64, 8))]
+    kernel = Kernel()
+    ft._build_ahead(kernel, {"Q": 1, "n": 2}, {"grid": "g", "warmup": False, "FLAG": 3},
+                    configs)
+    assert [(args, grid, {k: v for k, v in kw.items() if k in ("FLAG", "BLOCK_M", "num_warps")},
+             in_mode) for args, grid, kw, in_mode in kernel.calls] == [
+        ((1, 2), "g", {"FLAG": 3, "BLOCK_M": 32, "num_warps": 4}, True),
+        ((1, 2), "g", {"FLAG": 3, "BLOCK_M": 64, "num_warps": 8}, True)]
+    assert all("warmup" not in kw for _, _, kw, _ in kernel.calls)
+    alone = Kernel()
+    ft._build_ahead(alone, {"Q": 1}, {"grid": "g"}, configs[:1])
+    assert alone.calls == []
+    with pytest.warns(RuntimeWarning, match="one by one"):
+        ft._build_ahead(Kernel(fails=True), {"Q": 1}, {"grid": "g"}, configs)
+    assert _async_compile.active_mode.get() is None
 
 
 def test_prune_keeps_the_swept_winners_for_128_wide_heads(monkeypatch):

@@ -29,18 +29,22 @@ after a specialization's first launch its compiled kernel is launched directly
 scalars and flags of a call signature are worked out once (`_meta`). The autotuner's
 candidates are narrowed per head dim where an H100 sweep found some of them losing
 (`_SWEPT`, on sm_90 GPUs only); of the tiles that each hold a whole problem, only the
-smallest is kept (`_one_tile`), so that tiny shapes compile one config, not every one.
+smallest is kept (`_one_tile`), so that tiny shapes compile one config, not every one;
+and a round of candidates is built at once, on threads, before the autotuner times them
+one by one (`_timed`).
 
 Triton is optional: without it `import attnkit` still works and this backend reports
 itself unavailable.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import inspect
 import math
 import os
 import re
+import threading
 import types
 import warnings
 from collections.abc import Callable
@@ -133,14 +137,17 @@ def _tiles(config) -> tuple[int, int, int, int]:
             config.num_stages)
 
 
-def _prune(configs, named_args, kernel: str | None = None, **kwargs):
+def _prune(configs, named_args, kernel: str | None = None, jitted=None, **kwargs):
     """The candidates for these arguments: TMA ones only where TMA_OK, the measured
     winners of _SWEPT for `kernel` (the losers, by head dim, taken out; not with
     dropout, and only on the kind of GPU the sweep ran on: Q's device), small tiles
     alone for heads wider than 128, and of the tiles that hold the whole problem, the
-    smallest alone (_one_tile)."""
+    smallest alone (_one_tile). With `jitted` (the kernel), they are left for _timed to
+    build at once if the autotuner goes on to time them."""
     args = {**named_args, **kwargs}
-    return _one_tile(_by_head(configs, args, kernel), args)
+    kept = _one_tile(_by_head(configs, args, kernel), args)
+    _AHEAD.pending = None if jitted is None else (jitted, named_args, kwargs, kept)
+    return kept
 
 
 def _by_head(configs, args: dict, kernel: str | None):
@@ -189,6 +196,46 @@ def _one_tile(configs, args: dict):
     return [c for c in configs if id(c) not in dropped]
 
 
+# The autotuner builds its candidates one at a time, as it times each, and a build takes
+# about a second, most of it outside the GIL (ptxas and LLVM: 9 builds took 9.7 s in one
+# thread and 5.7 s in two on a 2-core machine, Triton 3.6). So when it starts timing a
+# round of candidates, _timed first builds them all at once, on threads, through Triton's
+# AsyncCompileMode. _prune, which the autotuner calls just before a round (and also when
+# the round's result is on disk, when no timing follows), leaves the round's candidates
+# here, per thread.
+_AHEAD = threading.local()
+_AHEAD_THREADS = 8
+
+
+def _timed(kernel_call, quantiles):
+    """The autotuner's timing of one candidate (Triton's benchmarker); the first timing
+    of a round builds the round's candidates at once first (_build_ahead)."""
+    pending, _AHEAD.pending = getattr(_AHEAD, "pending", None), None
+    if pending is not None:
+        _build_ahead(*pending)
+    return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+def _build_ahead(jitted, named_args: dict, kwargs: dict, configs) -> None:
+    """Builds `jitted` for these launch arguments with each of `configs`, on threads,
+    into the kernel's own cache, where the autotuner's launches then find them. A config
+    that fails to build is left out here: the autotuner builds it again, meets the error
+    itself and passes over the config as it always did."""
+    threads = min(len(configs), os.cpu_count() or 1, _AHEAD_THREADS)
+    if threads < 2 or not hasattr(triton, "AsyncCompileMode"):
+        return
+    grid = kwargs.get("grid", (1,))
+    flags = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    try:
+        with (concurrent.futures.ThreadPoolExecutor(threads) as pool,
+              triton.AsyncCompileMode(pool, ignore_errors=True)):
+            for config in configs:
+                jitted.warmup(*named_args.values(), grid=grid, **flags, **config.all_kwargs())
+    except Exception as exc:  # noqa: BLE001 - the autotuner builds them one by one instead
+        warnings.warn(f"attnkit: building the autotuner's candidates at once failed ({exc}); "
+                      "they are built one by one", RuntimeWarning, stacklevel=2)
+
+
 def _tuned(kernel: str, configs, key=_TUNE_KEY, tma_configs=None):
     """Autotune over configs; with tma_configs (the forward), those with TMA = True and
     configs with TMA = False. kernel names the kernel in _SWEPT."""
@@ -199,13 +246,20 @@ def _tuned(kernel: str, configs, key=_TUNE_KEY, tma_configs=None):
     # Triton >= 3.2 can keep each key's tuning result in its on-disk cache, so a second
     # process skips the benchmarking and starts with the chosen config.
     on_disk = {"cache_results": True} if _accepts(triton.autotune, "cache_results") else {}
-    return triton.autotune(
-        [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
-         for tiles, meta in variants for m, n, w, s in tiles],
-        key=key,
-        prune_configs_by={"early_config_prune": functools.partial(_prune, kernel=kernel)},
-        **on_disk,
-    )
+    ahead = _accepts(triton.autotune, "do_bench")
+
+    def tune(jitted):
+        return triton.autotune(
+            [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
+             for tiles, meta in variants for m, n, w, s in tiles],
+            key=key,
+            prune_configs_by={"early_config_prune": functools.partial(
+                _prune, kernel=kernel, jitted=jitted if ahead else None)},
+            **({"do_bench": _timed} if ahead else {}),
+            **on_disk,
+        )(jitted)
+
+    return tune
 
 
 def _accepts(fn, name: str) -> bool:

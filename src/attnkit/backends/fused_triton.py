@@ -1097,7 +1097,10 @@ def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
     else:
         chosen = _CHOSEN.get((kernel, tune_key)) if tuner else None
     if chosen is None:
-        kernel[grid](*args, **flags)
+        try:
+            kernel[grid](*args, **flags)
+        finally:  # a round served from disk leaves its candidates, with the call's tensors
+            _AHEAD.pending = None
         if tuner:
             best = kernel.best_config
             _CHOSEN[(kernel, tune_key)] = (best.kwargs, _tuned_options(best))

@@ -451,7 +451,8 @@ def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypat
     """_prune leaves the round's candidates with the launch's arguments; the first timing
     of the round builds them (once), on threads, with the launch's own arguments and
     flags and each config's; a round whose result came from disk times nothing and
-    builds nothing, and the next round replaces what it left."""
+    builds nothing, and the next round replaces what it left; a round of one candidate
+    is not timed."""
     from attnkit.backends import fused_triton as ft
 
     built, timed = [], []
@@ -477,6 +478,11 @@ def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypat
     assert built == [("kernel", ["Q", "K"], sorted(["grid", *args]),
                       [(32, 64, 4, 2), (64, 64, 4, 2)])]
     assert timed == ["first", "second"]
+    # A round left one candidate (_one_tile, at a shape both tiles hold) times nothing.
+    small = {**args, "SEQ_BUCKET": (32 << ft._KEYS_BITS) + 32}
+    assert len(ft._prune(configs, {"Q": "q", "K": "k"}, jitted="kernel", **small)) == 1
+    assert ft._timed(lambda: "alone", (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    assert timed == ["first", "second"] and len(built) == 1
 
 
 def test_build_ahead_warms_each_config_up_on_threads(monkeypatch):

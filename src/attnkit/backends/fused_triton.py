@@ -209,9 +209,13 @@ _AHEAD_THREADS = 8
 
 def _timed(kernel_call, quantiles):
     """The autotuner's timing of one candidate (Triton's benchmarker); the first timing
-    of a round builds the round's candidates at once first (_build_ahead)."""
+    of a round builds the round's candidates at once first (_build_ahead). A round of one
+    candidate is not timed: there is nothing to choose, and the autotuner's launch that
+    follows builds it."""
     pending, _AHEAD.pending = getattr(_AHEAD, "pending", None), None
     if pending is not None:
+        if len(pending[-1]) == 1:  # Triton times even a lone candidate, ~125 ms of reps
+            return [0.0] * len(quantiles)
         _build_ahead(*pending)
     return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 

@@ -457,8 +457,10 @@ def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypat
 
     built, timed = [], []
 
-    def build(jitted, named_args, kwargs, configs):
-        built.append((jitted, list(named_args), sorted(kwargs), [ft._tiles(c) for c in configs]))
+    def build(builds):
+        (jitted, named_args, kwargs, _), *_ = builds
+        assert all(b[:3] == (jitted, named_args, kwargs) for b in builds)
+        built.append((jitted, list(named_args), sorted(kwargs), [ft._tiles(b[3]) for b in builds]))
 
     def benchmarker(call, quantiles):
         timed.append(call())
@@ -506,19 +508,55 @@ def test_build_ahead_warms_each_config_up_on_threads(monkeypatch):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 32}, num_warps=w, num_stages=1)
                for m, w in ((32, 4), (64, 8))]
     kernel = Kernel()
-    ft._build_ahead(kernel, {"Q": 1, "n": 2}, {"grid": "g", "warmup": False, "FLAG": 3},
-                    configs)
+    ft._build_ahead([(kernel, {"Q": 1, "n": 2}, {"grid": "g", "warmup": False, "FLAG": 3}, c)
+                     for c in configs])
     assert [(args, grid, {k: v for k, v in kw.items() if k in ("FLAG", "BLOCK_M", "num_warps")},
              in_mode) for args, grid, kw, in_mode in kernel.calls] == [
         ((1, 2), "g", {"FLAG": 3, "BLOCK_M": 32, "num_warps": 4}, True),
         ((1, 2), "g", {"FLAG": 3, "BLOCK_M": 64, "num_warps": 8}, True)]
     assert all("warmup" not in kw for _, _, kw, _ in kernel.calls)
     alone = Kernel()
-    ft._build_ahead(alone, {"Q": 1}, {"grid": "g"}, configs[:1])
+    ft._build_ahead([(alone, {"Q": 1}, {"grid": "g"}, configs[0])])
     assert alone.calls == []
     with pytest.warns(RuntimeWarning, match="one by one"):
-        ft._build_ahead(Kernel(fails=True), {"Q": 1}, {"grid": "g"}, configs)
+        ft._build_ahead([(Kernel(fails=True), {"Q": 1}, {"grid": "g"}, c) for c in configs])
     assert _async_compile.active_mode.get() is None
+
+
+def test_a_backwards_lone_candidates_are_built_together(monkeypatch):
+    """_build_lone_rounds builds, in one _build_ahead, the kernels of the launches that
+    are not tuned yet and have one candidate left; a launch with several candidates (left
+    to its round) or already tuned (_CHOSEN) is not built, and nothing stays stashed."""
+    from attnkit.backends import fused_triton as ft
+
+    def tuned(left):
+        def prune(configs, named, **kwargs):  # as _prune does, it stashes the round
+            ft._AHEAD.pending = ("a round of", configs[:left])
+            return configs[:left]
+
+        @triton.autotune([triton.Config({"BLOCK_M": m}, num_warps=1, num_stages=1)
+                          for m in (16, 32)], key=["n"],
+                         prune_configs_by={"early_config_prune": prune})
+        @triton.jit
+        def copy(src, dst, n, FLAG: tl.constexpr, BLOCK_M: tl.constexpr):
+            tl.store(dst + tl.arange(0, BLOCK_M), tl.load(src + tl.arange(0, BLOCK_M)))
+        return copy
+
+    built = []
+    monkeypatch.setattr(ft, "_build_ahead", built.append)
+    monkeypatch.setattr(ft, "_CHOSEN", {})
+    lone, other_lone, several, chosen = tuned(1), tuned(1), tuned(2), tuned(1)
+    ft._CHOSEN[(chosen, "key")] = ({"BLOCK_M": 16}, {"num_warps": 1})
+    launches = [(kernel, "grid", ("src", "dst", 7), {"FLAG": i}, "key")
+                for i, kernel in enumerate((lone, several, chosen, other_lone))]
+    ft._build_lone_rounds(*launches)
+    assert [[(jitted, named, kwargs, config.kwargs) for jitted, named, kwargs, config in builds]
+            for builds in built] == [[
+                (lone.fn, {"src": "src", "dst": "dst", "n": 7}, {"grid": "grid", "FLAG": 0},
+                 {"BLOCK_M": 16}),
+                (other_lone.fn, {"src": "src", "dst": "dst", "n": 7}, {"grid": "grid", "FLAG": 3},
+                 {"BLOCK_M": 16})]]
+    assert ft._AHEAD.pending is None
 
 
 def test_prune_keeps_the_swept_winners_for_128_wide_heads(monkeypatch):

@@ -214,30 +214,49 @@ def _timed(kernel_call, quantiles):
     follows builds it."""
     pending, _AHEAD.pending = getattr(_AHEAD, "pending", None), None
     if pending is not None:
-        if len(pending[-1]) == 1:  # Triton times even a lone candidate, ~125 ms of reps
+        jitted, named_args, kwargs, configs = pending
+        if len(configs) == 1:  # Triton times even a lone candidate, ~125 ms of reps
             return [0.0] * len(quantiles)
-        _build_ahead(*pending)
+        _build_ahead([(jitted, named_args, kwargs, config) for config in configs])
     return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
-def _build_ahead(jitted, named_args: dict, kwargs: dict, configs) -> None:
-    """Builds `jitted` for these launch arguments with each of `configs`, on threads,
-    into the kernel's own cache, where the autotuner's launches then find them. A config
-    that fails to build is left out here: the autotuner builds it again, meets the error
-    itself and passes over the config as it always did."""
-    threads = min(len(configs), os.cpu_count() or 1, _AHEAD_THREADS)
+def _build_ahead(builds: list[tuple]) -> None:
+    """Builds each (kernel, a launch's named arguments, its keywords, a config) on
+    threads, into the kernel's own cache, where the autotuner's launches then find them.
+    A config that fails to build is left out here: the autotuner builds it again, meets
+    the error itself and passes over the config as it always did."""
+    threads = min(len(builds), os.cpu_count() or 1, _AHEAD_THREADS)
     if threads < 2 or not hasattr(triton, "AsyncCompileMode"):
         return
-    grid = kwargs.get("grid", (1,))
-    flags = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     try:
         with (concurrent.futures.ThreadPoolExecutor(threads) as pool,
               triton.AsyncCompileMode(pool, ignore_errors=True)):
-            for config in configs:
-                jitted.warmup(*named_args.values(), grid=grid, **flags, **config.all_kwargs())
+            for jitted, named_args, kwargs, config in builds:
+                flags = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+                jitted.warmup(*named_args.values(), grid=kwargs.get("grid", (1,)), **flags,
+                              **config.all_kwargs())
     except Exception as exc:  # noqa: BLE001 - the autotuner builds them one by one instead
         warnings.warn(f"attnkit: building the autotuner's candidates at once failed ({exc}); "
                       "they are built one by one", RuntimeWarning, stacklevel=2)
+
+
+def _build_lone_rounds(*launches: tuple) -> None:
+    """For autotuned launches (kernel, grid, args, flags, tune_key) about to run one after
+    the other: those not tuned yet that have one candidate left (_prune; tiny shapes) are
+    built at once (_build_ahead), where each of their rounds would build its one in turn.
+    Rounds of several candidates are left to build theirs at once themselves (_timed)."""
+    builds = []
+    for kernel, grid, args, flags, tune_key in launches:
+        if not isinstance(kernel, triton.runtime.Autotuner) or (kernel, tune_key) in _CHOSEN:
+            continue
+        named = dict(zip(kernel.arg_names, args, strict=False))  # arg_names has constexprs too
+        kept = kernel.early_config_prune(kernel.configs, named, grid=grid, warmup=False,
+                                         **flags)
+        if len(kept) == 1:
+            builds.append((kernel.fn, named, {"grid": grid, **flags}, kept[0]))
+    _AHEAD.pending = None  # what _prune left is for no round
+    _build_ahead(builds)
 
 
 def _tuned(kernel: str, configs, key=_TUNE_KEY, tma_configs=None):
@@ -1667,10 +1686,15 @@ def _backward(call: AttentionCall, seed: int | Tensor, out: Tensor, lse: Tensor,
     # the calling thread on the H200's host (NOTES, runs 31-32).
     meta, shared = _meta(call, seed), None
     head_group = meta[1]["HEAD_GROUP"]
+    if not (dq_gluon or dkdv_gluon) and configs == (None, None):
+        shared = _backward_shared(call, meta, lse, dout)
+        if (_bwd_dkdv_kernel, shared[-1]) not in _CHOSEN:  # a first backward: build both
+            _build_lone_rounds(_dq_launch(call, shared, out, lse, dout, delta, dq),
+                               _dkdv_launch(call, shared, lse, dout, delta, dk, dv))
     if not (configs[1] is None and dq_gluon
             and _ran_on_gluon("_HOPPER_DQ", "dQ kernel", lambda: _launch_gluon_dq(
                 call, seed, head_group, out, lse, dout, delta, dq))):
-        shared = _backward_shared(call, meta, lse, dout)
+        shared = shared or _backward_shared(call, meta, lse, dout)
         _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
     if not (configs[0] is None and dkdv_gluon
             and _ran_on_gluon("_HOPPER_DKDV", "dK/dV kernel", lambda: _launch_gluon_dkdv(
@@ -1696,14 +1720,20 @@ def _backward_shared(call: AttentionCall, meta: tuple[tuple, dict], lse: Tensor,
 def _launch_dq(call: AttentionCall, shared: tuple, out: Tensor, lse: Tensor, dout: Tensor,
                delta: Tensor, dq: Tensor, config: TileConfig | None = None) -> None:
     """The dQ kernel: dq, and delta = rowsum(out * dout) for the dK/dV kernel."""
+    _launch(*_dq_launch(call, shared, out, lse, dout, delta, dq), config)
+
+
+def _dq_launch(call: AttentionCall, shared: tuple, out: Tensor, lse: Tensor, dout: Tensor,
+               delta: Tensor, dq: Tensor) -> tuple:
+    """The dQ kernel's launch as _launch takes it: kernel, grid, args, flags, tune key."""
     scalars, flags, mask, mask_strides, lengths, tune_key = shared
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
-    _launch(_bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
+    return _bwd_dq_kernel, lambda meta: (_cdiv(Sq, meta["BLOCK_M"]), B * Hq), (
         q, k, v, out, dout, lse, delta, dq, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
         *mask_strides, Hq, call.group, Sq, call.seq_kv, *scalars,
-    ), flags, tune_key, config)
+    ), flags, tune_key
 
 
 def _launch_gluon_dq(call: AttentionCall, seed: int | Tensor, head_group: int, out: Tensor,
@@ -1728,15 +1758,21 @@ def _launch_dkdv(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,
                  delta: Tensor, dk: Tensor, dv: Tensor, config: TileConfig | None = None
                  ) -> None:
     """The dK/dV kernel, reading the delta that _launch_dq wrote."""
+    _launch(*_dkdv_launch(call, shared, lse, dout, delta, dk, dv), config)
+
+
+def _dkdv_launch(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,
+                 delta: Tensor, dk: Tensor, dv: Tensor) -> tuple:
+    """The dK/dV kernel's launch as _launch takes it: kernel, grid, args, flags, tune key."""
     scalars, flags, mask, mask_strides, lengths, tune_key = shared
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
-    _launch(_bwd_dkdv_kernel, lambda meta: (_cdiv(call.seq_kv, meta["BLOCK_N"]),
-                                            B * call.heads_kv), (
+    return _bwd_dkdv_kernel, lambda meta: (_cdiv(call.seq_kv, meta["BLOCK_N"]),
+                                           B * call.heads_kv), (
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *mask_strides, Hq, call.heads_kv, call.group, Sq, call.seq_kv, *scalars,
-    ), {**flags, "GROUPED": call.group > 1}, tune_key, config)
+    ), {**flags, "GROUPED": call.group > 1}, tune_key
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,9 +29,10 @@ after a specialization's first launch its compiled kernel is launched directly
 scalars and flags of a call signature are worked out once (`_meta`). The autotuner's
 candidates are narrowed per head dim where an H100 sweep found some of them losing
 (`_SWEPT`, on sm_90 GPUs only); of the tiles that each hold a whole problem, only the
-smallest is kept (`_one_tile`), so that tiny shapes compile one config, not every one;
-and a round of candidates is built at once, on threads, before the autotuner times them
-one by one (`_timed`).
+smallest is kept (`_one_tile`), so that tiny shapes compile one config, not every one.
+A round of candidates is built at once, on threads, before the autotuner times them one
+by one, and a round of one candidate is not timed (`_timed`); a first backward whose two
+kernels each have one candidate builds both at once (`_build_lone_rounds`).
 
 Triton is optional: without it `import attnkit` still works and this backend reports
 itself unavailable.

@@ -57,10 +57,7 @@ def main() -> None:
 
     from attnkit.backends import fused_triton
 
-    def scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.int8, device="cuda")
-
-    triton.set_allocator(scratch)
+    triton.set_allocator(fused_triton._scratch)
     torch.autograd.set_multithreading_enabled(False)
     fused_triton._FAST_LAUNCH = False
     print(f"ConSan on; compile cache {os.environ['TRITON_CACHE_DIR']}", flush=True)

@@ -399,7 +399,7 @@ def test_prune_offers_tma_configs_only_where_allowed():
 
     configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TMA": tma}, num_warps=4,
                              num_stages=3) for tma in (False, True)]
-    long = {"SEQ_BUCKET": (4096 << ft._KEYS_BITS) + 4096}
+    long = {"SEQ_BUCKET": ft._seq_bucket(4096, 4096)}
     heads = {"HEAD_D": 128, "HEAD_DV": 128, **long}
     assert ft._prune(configs, heads, TMA_OK=True) == configs
     assert [c.kwargs["TMA"] for c in ft._prune(configs, heads, TMA_OK=False)] == [False]
@@ -438,9 +438,9 @@ def test_prune_keeps_the_smallest_of_the_tiles_that_hold_the_problem(kernel, que
     made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
             for configs, meta in variants for m, n, w, s in configs]
     args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": False, "TMA_OK": True,
-            "SEQ_BUCKET": (queries << ft._KEYS_BITS) + keys, "DROPOUT": False,
+            "SEQ_BUCKET": ft._seq_bucket(queries, keys), "DROPOUT": False,
             "group": group, **({"PACKED": group > 1} if kernel == "fwd" else {})}
-    every = ft._prune(made, {**args, "SEQ_BUCKET": (16384 << ft._KEYS_BITS) + 16384})
+    every = ft._prune(made, {**args, "SEQ_BUCKET": ft._seq_bucket(16384, 16384)})
     want = [(*ft._tiles(c), c.kwargs.get("TMA")) for c in every] if kept == "all" else kept
     for order in (1, -1):  # ties go by size, not by place in the list
         offered = ft._prune(made[::order], args, kernel=kernel)  # no Q: _SWEPT stays out
@@ -471,7 +471,7 @@ def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypat
         active=types.SimpleNamespace(get_benchmarker=lambda: benchmarker)))
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=4, num_stages=2)
                for m in (32, 64)]
-    args = {"HEAD_D": 64, "HEAD_DV": 64, "SEQ_BUCKET": (4096 << ft._KEYS_BITS) + 4096}
+    args = {"HEAD_D": 64, "HEAD_DV": 64, "SEQ_BUCKET": ft._seq_bucket(4096, 4096)}
     ft._prune(configs, {"Q": "q", "K": "k"}, jitted="on disk", **args)  # no timing follows
     kept = ft._prune(configs, {"Q": "q", "K": "k"}, jitted="kernel", grid=(1,), **args)
     assert [ft._tiles(c) for c in kept] == [(32, 64, 4, 2), (64, 64, 4, 2)]
@@ -481,7 +481,7 @@ def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypat
                       [(32, 64, 4, 2), (64, 64, 4, 2)])]
     assert timed == ["first", "second"]
     # A round left one candidate (_one_tile, at a shape both tiles hold) times nothing.
-    small = {**args, "SEQ_BUCKET": (32 << ft._KEYS_BITS) + 32}
+    small = {**args, "SEQ_BUCKET": ft._seq_bucket(32, 32)}
     assert len(ft._prune(configs, {"Q": "q", "K": "k"}, jitted="kernel", **small)) == 1
     assert ft._timed(lambda: "alone", (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
     assert timed == ["first", "second"] and len(built) == 1
@@ -572,7 +572,7 @@ def test_prune_keeps_the_swept_winners_for_128_wide_heads(monkeypatch):
         made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w,
                               num_stages=s) for m, n, w, s in configs]
         args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": windowed, "TMA_OK": True,
-                "SEQ_BUCKET": (keys << ft._KEYS_BITS) + keys, "DROPOUT": dropout,
+                "SEQ_BUCKET": ft._seq_bucket(keys, keys), "DROPOUT": dropout,
                 "Q": torch.empty(0)}
         return [ft._tiles(c) for c in ft._prune(made, args, kernel=kernel)]
 

@@ -91,8 +91,13 @@ _FWD_TMA_CONFIGS = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128,
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 4)]
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "WINDOWED", "DROPOUT", "SEQ_BUCKET", "ROWS_BUCKET"]
-_KEYS_BITS = 15  # SEQ_BUCKET = (query bucket << _KEYS_BITS) + key bucket (_work_out_meta)
+_KEYS_BITS = 15  # SEQ_BUCKET = (query bucket << _KEYS_BITS) + key bucket (_seq_bucket)
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def _seq_bucket(queries: int, keys: int) -> int:
+    """(query bucket, key bucket) -> SEQ_BUCKET, one of the autotuner's key arguments."""
+    return (queries << _KEYS_BITS) + keys
 
 
 def _split_bucket(seq_bucket: int) -> tuple[int, int]:
@@ -1030,8 +1035,7 @@ def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
     # and TMA win: NOTES, run 7), and per power of two of query rows in all (B * Hq *
     # Sq, 16k to 512k), which is how many programs there are to keep the GPU's
     # multiprocessors busy.
-    seq_bucket = ((min(_pow2(call.seq_q), 2**14) << _KEYS_BITS)
-                  + min(_pow2(call.seq_kv), 2**14))
+    seq_bucket = _seq_bucket(min(_pow2(call.seq_q), 2**14), min(_pow2(call.seq_kv), 2**14))
     rows = call.q.shape[0] * call.heads_q * call.seq_q
     rows_bucket = min(max(_pow2(rows), 2**14), 2**19)
     scalars = (left or 0, right or 0, call.scale * hopper_forward.LOG2E, call.dropout_p,

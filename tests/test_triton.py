@@ -1480,7 +1480,6 @@ def test_cold_start_runs_each_variant_in_turns_from_an_empty_cache(monkeypatch, 
     and the JSON written after each run keeps every run's numbers under its variant."""
     import json
     import os
-    import types
     from pathlib import Path
 
     cold = _benchmark_script("cold_start", monkeypatch)
@@ -2283,8 +2282,6 @@ def test_forward_and_backward_make_the_calls_gpu_current(monkeypatch):
     """Triton launches on the current device's stream, so _forward and _backward make the
     call's GPU current: a call on cuda:1 made under cuda:0 enters torch.cuda.device
     (cuda:1) around the work; one on the current GPU or on the CPU enters nothing."""
-    import types
-
     from attnkit.backends import fused_triton as ft
 
     entered = []

@@ -52,6 +52,7 @@ def _child() -> None:
     import triton.language as tl
 
     import attnkit
+    from attnkit.bench import environment
 
     @triton.jit
     def _touch(x):
@@ -81,8 +82,7 @@ def _child() -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         result[name] = times
-    print(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                      "triton": triton.__version__, "cases": result}))
+    print(json.dumps({**environment(device), "cases": result}))
 
 
 def main() -> None:

@@ -559,6 +559,112 @@ def test_a_backwards_lone_candidates_are_built_together(monkeypatch):
     assert ft._AHEAD.pending is None
 
 
+def test_riders_are_built_with_the_rounds_candidates(monkeypatch):
+    """What rides with a round (_launch's riders) is built in the round's first timing,
+    in one _build_ahead with the round's candidates, and once; with a lone candidate too,
+    which is then not timed. A round without riders builds as before."""
+    from attnkit.backends import fused_triton as ft
+
+    built, timed = [], []
+    monkeypatch.setattr(ft, "_build_ahead", lambda builds: built.append(
+        [b if isinstance(b, str) else ft._tiles(b[3]) for b in builds]))
+    monkeypatch.setattr(ft.triton.runtime, "driver", types.SimpleNamespace(
+        active=types.SimpleNamespace(get_benchmarker=lambda: lambda call, quantiles: (
+            timed.append(call()), [1.0] * len(quantiles))[1])))
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+               for m in (32, 64)]
+    args = {"HEAD_D": 64, "HEAD_DV": 64, "SEQ_BUCKET": ft._seq_bucket(4096, 4096)}
+    for shape, riders, want_built, want_timed in (
+            (4096, ["dq", "dkdv"], [[(32, 64, 4, 2), (64, 64, 4, 2), "dq", "dkdv"]], 2),
+            (32, ["dq"], [[(32, 64, 4, 2), "dq"]], 0),  # lone: built with its riders
+            (32, None, [], 0),  # lone and alone: the autotuner's launch builds it
+            (4096, None, [[(32, 64, 4, 2), (64, 64, 4, 2)]], 2)):
+        built.clear(), timed.clear()
+        ft._AHEAD.riders = riders
+        kept = ft._prune(configs, {"Q": "q"}, jitted="kernel",
+                         **{**args, "SEQ_BUCKET": ft._seq_bucket(shape, shape)})
+        for _ in kept:  # the autotuner times each candidate in turn
+            ft._timed(lambda: "a candidate", (0.5,))
+        assert built == want_built and len(timed) == want_timed
+        assert ft._AHEAD.riders is None
+
+
+def test_launch_hands_riders_to_a_round_it_tunes_only(monkeypatch):
+    """_launch works its riders out only when the autotuner is to run (not for a key
+    tuned already), leaves them for the round while it runs, and not after, even when the
+    launch fails."""
+    from attnkit.backends import fused_triton as ft
+
+    @triton.autotune([triton.Config({"BLOCK_M": m}, num_warps=1, num_stages=1)
+                      for m in (16, 32)], key=["n"])
+    @triton.jit
+    def copy(src, dst, n, BLOCK_M: tl.constexpr):
+        tl.store(dst + tl.arange(0, BLOCK_M), tl.load(src + tl.arange(0, BLOCK_M)))
+
+    seen, asked, direct = [], [], []
+
+    def run(*args, fails=False, **kwargs):
+        seen.append(ft._AHEAD.riders)
+        if fails:
+            raise RuntimeError("no build")
+        copy.best_config = copy.configs[0]
+
+    monkeypatch.setattr(copy, "run", run)
+    monkeypatch.setattr(ft, "_CHOSEN", {})
+    monkeypatch.setattr(ft, "_launch_jitted", lambda *args: direct.append(args[0]))
+    riders = functools.partial(lambda: asked.append(1) or ["a build"])
+    with pytest.raises(RuntimeError, match="no build"):
+        ft._launch(copy, (1,), ("src", "dst", 7), {"fails": True}, "key", riders=riders)
+    assert seen == [["a build"]] and ft._AHEAD.riders is None
+    ft._launch(copy, (1,), ("src", "dst", 7), {}, "key", riders=riders)
+    ft._launch(copy, (1,), ("src", "dst", 7), {}, "key", riders=riders)  # tuned: direct
+    ft._launch(copy, (1,), ("src", "dst", 7), {}, "other key")
+    assert seen == [["a build"], ["a build"], None] and len(asked) == 2
+    assert direct == [copy.fn] and ft._AHEAD.riders is None
+
+
+@pytest.mark.parametrize("options", [
+    {"causal": True}, {"key_lengths": True}, {"window": (5, 2)}, {"mask": "padding"},
+    {"dropout_p": 0.25}, {"grouped": True, "head_dim": 80}, {"head_dim": 24}])
+def test_a_forward_foresees_its_backwards_launches(options, device, monkeypatch):
+    """The backward's launches as the forward foresees them (_stand_in_backward) are the
+    backward's own in kernel, flags, tuning key and everything a build specializes on,
+    for the gradients a backward usually gets (randn_like(out), a contiguous one); a
+    gradient that is not laid out so (sum()'s, broadcast; a contiguous one where the
+    head dim is not a multiple of 16) differs, and builds its own."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    options = dict(options)
+    d = options.pop("head_dim", 64)
+    heads_kv = 1 if options.pop("grouped", False) else 2
+    b, h, s = 2, 2, 33
+    q = torch.randn(b, h, s, d).to(device, DTYPE)
+    k, v = (torch.randn(b, heads_kv, s + 4, d).to(device, DTYPE) for _ in range(2))
+    if options.pop("key_lengths", False):
+        options["key_lengths"] = torch.tensor([37, 20], device=device)
+    if options.pop("mask", None):
+        options["attn_mask"] = torch.randn(b, 1, 1, s + 4).to(device, DTYPE)
+    call = make_call(q, k, v, **options)
+    out, lse = ft._forward(call, 0)
+
+    def specialized(launches):
+        return [(kernel, ft._specialization(args), flags, tune_key)
+                for kernel, grid, args, flags, tune_key, *config in launches]
+
+    foreseen = specialized(ft._stand_in_backward(call, 0, out, lse))
+    assert [launch[0] for launch in foreseen] == [ft._bwd_dq_kernel, ft._bwd_dkdv_kernel]
+    launched = []
+    monkeypatch.setattr(ft, "_launch", lambda *launch: launched.append(launch))
+    for dout, same in ((torch.randn_like(out), True),
+                       (torch.randn(out.shape).to(out), d % 16 == 0),
+                       (torch.ones((), device=device, dtype=out.dtype).expand(out.shape),
+                        False)):
+        launched.clear()
+        ft._backward(call, 0, out, lse, dout)
+        assert (specialized(launched) == foreseen) is same
+
+
 def test_prune_keeps_the_swept_winners_for_128_wide_heads(monkeypatch):
     # The H100 sweep's winners replace the autotuner's choice where it mis-ranked them
     # (NOTES run 10), on the kind of GPU it ran on; every other head dim keeps the whole
@@ -1001,6 +1107,25 @@ def test_calls_with_nothing_to_differentiate_skip_autograd(no_grad, device, monk
         got = attention(q, k, v, impl="triton", return_lse=True, **kwargs)
     assert got[0].grad_fn is None
     assert torch.equal(got[0], want[0].detach()) and torch.equal(got[1], want[1])
+
+
+def test_only_a_forward_with_a_backward_to_come_builds_the_backwards_kernels(device,
+                                                                          monkeypatch):
+    """An eager call that needs gradients hands the forward's launch the backward's
+    builds to make with its round (riders); one with nothing to differentiate does not."""
+    from attnkit.backends import fused_triton as ft
+
+    seen, launch = [], ft._launch
+    monkeypatch.setattr(ft, "_launch", lambda *args, riders=None: (
+        seen.append(riders), launch(*args, riders=riders))[1])
+    q, k, v, kwargs = replace(SMALL, causal=True).make_inputs(device)
+    attention(q, k, v, impl="triton", **kwargs).sum().backward()
+    forward_riders, *backward = seen
+    assert forward_riders.func is ft._backward_builds and backward == [None, None]
+    seen.clear()
+    with torch.no_grad():
+        attention(q, k, v, impl="triton", **kwargs)
+    assert seen == [None]
 
 
 def _grads(out, inputs):

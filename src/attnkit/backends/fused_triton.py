@@ -215,15 +215,19 @@ _AHEAD_THREADS = 8
 
 def _timed(kernel_call, quantiles):
     """The autotuner's timing of one candidate (Triton's benchmarker); the first timing
-    of a round builds the round's candidates at once first (_build_ahead). A round of one
-    candidate is not timed: there is nothing to choose, and the autotuner's launch that
-    follows builds it."""
+    of a round builds the round's candidates at once first (_build_ahead), with the
+    builds that ride along with it (_launch's riders). A round of one candidate is not
+    timed: there is nothing to choose, and the autotuner's launch that follows builds it
+    (here too, where riders come with it, so that they build at the same time)."""
     pending, _AHEAD.pending = getattr(_AHEAD, "pending", None), None
+    riders, _AHEAD.riders = getattr(_AHEAD, "riders", None) or [], None
     if pending is not None:
         jitted, named_args, kwargs, configs = pending
+        if len(configs) > 1 or riders:
+            _build_ahead([(jitted, named_args, kwargs, config) for config in configs]
+                         + riders)
         if len(configs) == 1:  # Triton times even a lone candidate, ~125 ms of reps
             return [0.0] * len(quantiles)
-        _build_ahead([(jitted, named_args, kwargs, config) for config in configs])
     return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
@@ -247,11 +251,10 @@ def _build_ahead(builds: list[tuple]) -> None:
                       "they are built one by one", RuntimeWarning, stacklevel=2)
 
 
-def _build_lone_rounds(*launches: tuple) -> None:
-    """For autotuned launches (kernel, grid, args, flags, tune_key) about to run one after
-    the other: those not tuned yet that have one candidate left (_prune; tiny shapes) are
-    built at once (_build_ahead), where each of their rounds would build its one in turn.
-    Rounds of several candidates are left to build theirs at once themselves (_timed)."""
+def _untuned_builds(*launches: tuple, lone_only: bool) -> list[tuple]:
+    """The builds (as _build_ahead takes them) of the candidates that _prune leaves each
+    autotuned launch (kernel, grid, args, flags, tune_key) not tuned yet; lone_only: of
+    those launches left one candidate only."""
     builds = []
     for kernel, grid, args, flags, tune_key in launches:
         if not isinstance(kernel, triton.runtime.Autotuner) or (kernel, tune_key) in _CHOSEN:
@@ -259,10 +262,18 @@ def _build_lone_rounds(*launches: tuple) -> None:
         named = dict(zip(kernel.arg_names, args, strict=False))  # arg_names has constexprs too
         kept = kernel.early_config_prune(kernel.configs, named, grid=grid, warmup=False,
                                          **flags)
-        if len(kept) == 1:
-            builds.append((kernel.fn, named, {"grid": grid, **flags}, kept[0]))
+        if len(kept) == 1 or not lone_only:
+            builds += [(kernel.fn, named, {"grid": grid, **flags}, config) for config in kept]
     _AHEAD.pending = None  # what _prune left is for no round
-    _build_ahead(builds)
+    return builds
+
+
+def _build_lone_rounds(*launches: tuple) -> None:
+    """For autotuned launches (kernel, grid, args, flags, tune_key) about to run one after
+    the other: those not tuned yet that have one candidate left (_prune; tiny shapes) are
+    built at once (_build_ahead), where each of their rounds would build its one in turn.
+    Rounds of several candidates are left to build theirs at once themselves (_timed)."""
+    _build_ahead(_untuned_builds(*launches, lone_only=True))
 
 
 def _tuned(kernel: str, configs, key=_TUNE_KEY, tma_configs=None):
@@ -1113,10 +1124,12 @@ def _tuned_options(config) -> dict:
 
 
 def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
-            config: TileConfig | None = None) -> None:
+            config: TileConfig | None = None,
+            riders: Callable[[], list[tuple]] | None = None) -> None:
     """kernel[grid](*args, **flags) with `config`, or else with the autotuner's pick for
     `tune_key` (which must determine the autotuner's own key: its key arguments and the
-    dtypes of the tensors)."""
+    dtypes of the tensors). riders: where the autotuner has a round to build for this
+    launch, the builds (as _build_ahead takes them) to make at the same time (_timed)."""
     tuner = isinstance(kernel, triton.runtime.Autotuner)  # not under the interpreter
     if config is not None:
         block_m, block_n, warps, stages = config
@@ -1125,10 +1138,11 @@ def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
     else:
         chosen = _CHOSEN.get((kernel, tune_key)) if tuner else None
     if chosen is None:
+        _AHEAD.riders = riders() if tuner and riders is not None else None
         try:
             kernel[grid](*args, **flags)
         finally:  # a round served from disk leaves its candidates, with the call's tensors
-            _AHEAD.pending = None
+            _AHEAD.pending = _AHEAD.riders = None
         if tuner:
             best = kernel.best_config
             _CHOSEN[(kernel, tune_key)] = (best.kwargs, _tuned_options(best))
@@ -1280,13 +1294,16 @@ def _on_call_device(fn: Callable) -> Callable:
 @_on_call_device
 def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None = None,
              tma: bool | None = None, splits: int | None = None,
-             packed: bool | None = None) -> tuple[Tensor, Tensor]:
+             packed: bool | None = None, grads_follow: bool = False
+             ) -> tuple[Tensor, Tensor]:
     """out, lse. The autotuner decides whether K and V tiles load through TMA (where
     _tma_ready); with a tile config given, tma decides (None: wherever _tma_ready).
     splits: how many key ranges the forward runs apart and then merges (None: _kv_splits;
     the count is rounded so that each range is a multiple of _SPLIT_ALIGN keys).
     packed: whether a kv group's query heads share a tile (None: _packs_group). seed:
-    dropout's, an int or an int64 tensor on the call's device that the kernels read."""
+    dropout's, an int or an int64 tensor on the call's device that the kernels read.
+    grads_follow: a backward of this call is to come, so a first forward builds the
+    backward's kernels alongside its own (_backward_builds)."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     Skv, Dv = call.seq_kv, call.head_dim_v
@@ -1326,7 +1343,8 @@ def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None 
         Hq, call.group, Sq, Skv, left, right, qk_scale, seed, drop_p,
         kv_split, split_stride, *buckets,
     ), flags, (*_tune_key(flags, buckets, seed, q, mask, lengths), flags["TMA_OK"],
-               flags["SPLIT"], packed), config)
+               flags["SPLIT"], packed), config,
+        riders=functools.partial(_backward_builds, call, seed, out, lse) if grads_follow else None)
     if splits > 1:
         _launch_jitted(_merge_kernel, lambda meta: (B * Hq * Sq,), (
             parts, written_lse, out, lse, splits, Hq, Sq, *out.stride(),
@@ -1709,6 +1727,31 @@ def _backward(call: AttentionCall, seed: int | Tensor, out: Tensor, lse: Tensor,
     return dq, dk, dv
 
 
+def _backward_builds(call: AttentionCall, seed: int | Tensor, out: Tensor,
+                     lse: Tensor) -> list[tuple]:
+    """The builds (as _build_ahead takes them) of the candidates of the backward's Triton
+    kernels that are not tuned yet, for the forward's first round to build alongside its
+    own: a first forward+backward then waits for one round of builds, not two."""
+    return _untuned_builds(*_stand_in_backward(call, seed, out, lse), lone_only=False)
+
+
+def _stand_in_backward(call: AttentionCall, seed: int | Tensor, out: Tensor,
+                       lse: Tensor) -> list[tuple]:
+    """The backward's Triton launches (as _launch takes them) as a forward can foresee
+    them, with stand-ins for the tensors that do not exist yet: out for the gradient (the
+    layout a gradient usually has, or one that specializes the same: randn_like's, the
+    output projection's, a contiguous one with a head dim that is a multiple of 16; a
+    gradient that differs builds its own in the backward), lse for delta, and tensors on
+    the meta device for dq, dk, dv, of which a build reads the dtype, strides and
+    address (0: aligned) only."""
+    dkdv_gluon, dq_gluon = _uses_hopper_backward(call, out, out)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device="meta")
+                  for t in (call.q, call.k, call.v))
+    shared = _backward_shared(call, _meta(call, seed), lse, out)
+    return ([] if dq_gluon else [_dq_launch(call, shared, out, lse, out, lse, dq)]) + (
+        [] if dkdv_gluon else [_dkdv_launch(call, shared, lse, out, lse, dk, dv)])
+
+
 def _backward_shared(call: AttentionCall, meta: tuple[tuple, dict], lse: Tensor,
                      dout: Tensor) -> tuple:
     """What the two backward kernels' launches share, worked out once per backward: the
@@ -1878,7 +1921,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, call: AttentionCall, seed: int | Tensor):
-        out, lse = _forward(call, seed)
+        out, lse = _forward(call, seed, grads_follow=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.seed = call, seed
         ctx.mark_non_differentiable(lse)

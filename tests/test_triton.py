@@ -504,7 +504,10 @@ def test_build_ahead_warms_each_config_up_on_threads(monkeypatch):
             if self.fails:
                 raise RuntimeError("cannot bind")
             self.calls.append((args, grid, kwargs, _async_compile.active_mode.get() is not None))
+            return f"built {kwargs['BLOCK_M']}"
 
+    launchers = []
+    monkeypatch.setattr(ft, "_build_launchers", lambda built, threads: launchers.append(built))
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 32}, num_warps=w, num_stages=1)
                for m, w in ((32, 4), (64, 8))]
     kernel = Kernel()
@@ -515,12 +518,52 @@ def test_build_ahead_warms_each_config_up_on_threads(monkeypatch):
         ((1, 2), "g", {"FLAG": 3, "BLOCK_M": 32, "num_warps": 4}, True),
         ((1, 2), "g", {"FLAG": 3, "BLOCK_M": 64, "num_warps": 8}, True)]
     assert all("warmup" not in kw for _, _, kw, _ in kernel.calls)
+    assert launchers == [["built 32", "built 64"]]  # then their launchers, from what it built
     alone = Kernel()
     ft._build_ahead([(alone, {"Q": 1}, {"grid": "g"}, configs[0])])
     assert alone.calls == []
     with pytest.warns(RuntimeWarning, match="one by one"):
         ft._build_ahead([(Kernel(fails=True), {"Q": 1}, {"grid": "g"}, c) for c in configs])
     assert _async_compile.active_mode.get() is None
+    assert len(launchers) == 1
+
+
+def test_launchers_are_built_once_per_kernel_and_argument_types(monkeypatch):
+    """_build_launchers builds a launcher for each (kernel, argument types) among the
+    built kernels (compiled ones, or futures of them), on threads; a failed build
+    (warmup's None, a future that failed) has none, and a launcher that fails to build
+    is left to the kernel's first launch."""
+    import threading
+
+    from attnkit.backends import fused_triton as ft
+
+    def compiled(fn, signature):
+        return types.SimpleNamespace(src=types.SimpleNamespace(fn=fn, signature=signature),
+                                     metadata=f"{fn} metadata")
+
+    made, caller = [], threading.get_ident()
+
+    def launcher_cls(src, metadata):
+        made.append((src.fn, src.signature, metadata, threading.get_ident() != caller))
+        if src.fn == "fails":
+            raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(ft.triton.runtime, "driver", types.SimpleNamespace(
+        active=types.SimpleNamespace(launcher_cls=launcher_cls)))
+    built = [compiled("dq", {"Q": "*bf16", "n": "i32"}),
+             types.SimpleNamespace(kernel=compiled("dq", {"Q": "*bf16", "n": "i32"})),
+             compiled("dq", {"Q": "*bf16", "n": "constexpr"}),  # n == 1: other types
+             types.SimpleNamespace(kernel=None), None, compiled("fails", {"Q": "*fp16"}),
+             compiled("dkdv", {"Q": "*bf16", "n": "i32"})]
+    ft._build_launchers(built, threads=4)
+    assert sorted(made, key=str) == sorted([
+        ("dq", {"Q": "*bf16", "n": "i32"}, "dq metadata", True),
+        ("dq", {"Q": "*bf16", "n": "constexpr"}, "dq metadata", True),
+        ("fails", {"Q": "*fp16"}, "fails metadata", True),
+        ("dkdv", {"Q": "*bf16", "n": "i32"}, "dkdv metadata", True)], key=str)
+    made.clear()
+    ft._build_launchers([None, types.SimpleNamespace(kernel=None)], threads=4)
+    assert made == []
 
 
 def test_a_backwards_lone_candidates_are_built_together(monkeypatch):

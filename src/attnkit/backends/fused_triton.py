@@ -242,13 +242,46 @@ def _build_ahead(builds: list[tuple]) -> None:
     try:
         with (concurrent.futures.ThreadPoolExecutor(threads) as pool,
               triton.AsyncCompileMode(pool, ignore_errors=True)):
+            built = []
             for jitted, named_args, kwargs, config in builds:
                 flags = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-                jitted.warmup(*named_args.values(), grid=kwargs.get("grid", (1,)), **flags,
-                              **config.all_kwargs())
+                built.append(jitted.warmup(*named_args.values(),
+                                           grid=kwargs.get("grid", (1,)), **flags,
+                                           **config.all_kwargs()))
     except Exception as exc:  # noqa: BLE001 - the autotuner builds them one by one instead
         warnings.warn(f"attnkit: building the autotuner's candidates at once failed ({exc}); "
                       "they are built one by one", RuntimeWarning, stacklevel=2)
+        return
+    _build_launchers(built, threads)
+
+
+def _build_launchers(built: list, threads: int) -> None:
+    """Builds on threads the launchers of the kernels that _build_ahead built (what
+    warmup returned: compiled kernels, or AsyncCompileMode's futures of them, built), one
+    per kernel and argument types. Triton 3.6 writes each launcher in C for its kernel's
+    argument types and compiles it with the system's C compiler at the kernel's first
+    launch, in the launching thread: one after the other, about a second each, on the
+    H200's host (NOTES, run 46). Built here, they go into Triton's cache, from which the
+    launches load them. A launcher that fails to build here is left to the launch;
+    Triton 3.9's launchers compile nothing, and building one here costs next to nothing."""
+    kernels = {}
+    for kernel in built:
+        kernel = getattr(kernel, "kernel", kernel)  # an AsyncCompileMode future's, if built
+        signature = getattr(getattr(kernel, "src", None), "signature", None)
+        if signature is not None and hasattr(kernel, "metadata"):
+            kernels.setdefault((kernel.src.fn, repr(signature)), kernel)
+    make = kernels and getattr(triton.runtime.driver.active, "launcher_cls", None)
+    if not make:
+        return
+
+    def build(kernel) -> None:
+        try:
+            make(kernel.src, kernel.metadata)
+        except Exception:  # noqa: BLE001, S110 - the kernel's first launch builds it again
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(min(threads, len(kernels))) as pool:
+        list(pool.map(build, kernels.values()))
 
 
 def _untuned_builds(*launches: tuple, lone_only: bool) -> list[tuple]:

@@ -6,17 +6,18 @@ verify` pays on every case.
 
 Each variant (default: this checkout's src) runs in its own child process, PYTHONPATH=SRC
 and TRITON_CACHE_DIR a fresh empty folder, in turns over --rounds so that a host slowing
-down reaches every variant alike. The child first builds a trivial Triton kernel, so that
-loading the compiler's backend is not charged to the first case, then runs each case
-(small shapes of the kinds `attnkit verify` checks; a control, 100 x 100, where
-fused_triton._one_tile takes out one forward tile at most; and one of verify's 1000-long
-cases, where every candidate tile is built and timed) forward and backward three
-times, synchronizing after each: the seconds of each call. Run 44 made two calls and
-timed the second at 10-28 ms, long for a tiny warm call; the third tells whether the
-second still paid one-time work. The child runs with TRITON_PRINT_AUTOTUNING=1, and
-each autotuning round it reports (kernel, seconds: building and timing its candidates)
-is kept beside the run's times. Writes DIR/cold_start.json and prints the median over
-rounds of the first call and the last. Needs a CUDA GPU.
+down reaches every variant alike. The child first builds a trivial Triton kernel and runs
+a trivial backward, so that loading the compiler's backend and torch's imports on a first
+backward are not charged to the first case (run 46 on), then runs each case (small shapes
+of the kinds `attnkit verify` checks; a control, 100 x 100, where fused_triton._one_tile
+takes out one forward tile at most; and one of verify's 1000-long cases, where every
+candidate tile is built and timed) forward and backward three times, synchronizing after
+each: the seconds of each call. Run 44 made two calls and timed the second at 10-28 ms,
+long for a tiny warm call; the third tells whether the second still paid one-time work.
+The child runs with TRITON_PRINT_AUTOTUNING=1, and each autotuning round it reports
+(kernel, seconds: building and timing its candidates) is kept beside the run's times.
+Writes DIR/cold_start.json and prints the median over rounds of the first call and the
+last. Needs a CUDA GPU.
 """
 
 import argparse
@@ -60,6 +61,11 @@ def _child() -> None:
 
     device = torch.device("cuda")
     _touch[(1,)](torch.zeros(1, device=device))
+    # torch's own one-time work on a process's first backward with a given gradient:
+    # importing sympy (3.5 s on the H200 machine, whose Python compiles it from source
+    # each time: NOTES, run 46), which is not attnkit's to charge to the first case
+    ones = torch.ones(2, device=device, requires_grad=True)
+    (ones * 2).backward(torch.ones_like(ones))
     torch.cuda.synchronize()
     gen = torch.Generator(device=device).manual_seed(0)
     result = {}

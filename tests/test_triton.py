@@ -6,6 +6,7 @@ TRITON_INTERPRET=1), which is slow: shapes stay tiny, and the interpreter's bloc
 bfloat16 dots (triton-lang/triton#11584), so CPU cases use float16.
 """
 
+import collections
 import functools
 import importlib
 import inspect
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from attnkit import MultiHeadAttention, UnsupportedError, attention
-from attnkit.backends import dropout_mask, fused_triton
+from attnkit.backends import dropout_mask, fused_triton, hopper_backward
 from attnkit.verify import Case, check, default_cases, rel_err
 
 triton = pytest.importorskip("triton")
@@ -447,6 +448,18 @@ def test_prune_keeps_the_smallest_of_the_tiles_that_hold_the_problem(kernel, que
         assert sorted((*ft._tiles(c), c.kwargs.get("TMA")) for c in offered) == sorted(want)
 
 
+# What a triton.Config adds to a launch's keywords, after its flags (all_kwargs).
+_CONFIG_KEYWORDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_ctas", "num_stages", "maxnreg")
+
+
+def _build_tiles(build: tuple) -> tuple[int, int, int, int]:
+    """The tile config of a build as _build_ahead takes it: (kernel, args, keywords)."""
+    keywords = build[2]
+    assert list(keywords)[0] == "grid"
+    return (keywords["BLOCK_M"], keywords["BLOCK_N"], keywords["num_warps"],
+            keywords["num_stages"])
+
+
 def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypatch):
     """_prune leaves the round's candidates with the launch's arguments; the first timing
     of the round builds them (once), on threads, with the launch's own arguments and
@@ -458,9 +471,10 @@ def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypat
     built, timed = [], []
 
     def build(builds):
-        (jitted, named_args, kwargs, _), *_ = builds
-        assert all(b[:3] == (jitted, named_args, kwargs) for b in builds)
-        built.append((jitted, list(named_args), sorted(kwargs), [ft._tiles(b[3]) for b in builds]))
+        (jitted, args, _), *_ = builds
+        assert all(b[:2] == (jitted, args) for b in builds)
+        built.append((jitted, args, sorted(set(builds[0][2]) - set(_CONFIG_KEYWORDS)),
+                      [_build_tiles(b) for b in builds]))
 
     def benchmarker(call, quantiles):
         timed.append(call())
@@ -477,7 +491,7 @@ def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypat
     assert [ft._tiles(c) for c in kept] == [(32, 64, 4, 2), (64, 64, 4, 2)]
     assert ft._timed(lambda: "first", (0.5, 0.2)) == [1.0, 1.0]
     assert ft._timed(lambda: "second", (0.5,)) == [1.0]
-    assert built == [("kernel", ["Q", "K"], sorted(["grid", *args]),
+    assert built == [("kernel", ("q", "k"), sorted(["grid", *args]),
                       [(32, 64, 4, 2), (64, 64, 4, 2)])]
     assert timed == ["first", "second"]
     # A round left one candidate (_one_tile, at a shape both tiles hold) times nothing.
@@ -488,10 +502,11 @@ def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypat
 
 
 def test_build_ahead_warms_each_config_up_on_threads(monkeypatch):
-    """_build_ahead hands each config to the kernel's warmup, with the launch's positional
-    arguments and flags (not the autotuner's grid/warmup keywords), inside one
-    AsyncCompileMode; one config, or a warmup that raises, builds nothing ahead (the
-    latter with a warning) and leaves the autotuner to build them."""
+    """_build_ahead hands each build to its kernel's warmup, with the launch's arguments
+    and keywords in their order (_candidate_builds: the grid, the flags but the
+    autotuner's warmup keyword, the config's), inside one AsyncCompileMode; one build, or
+    a warmup that raises, builds nothing ahead (the latter with a warning) and leaves the
+    launches to build them."""
     from triton.runtime import _async_compile
 
     from attnkit.backends import fused_triton as ft
@@ -503,7 +518,8 @@ def test_build_ahead_warms_each_config_up_on_threads(monkeypatch):
         def warmup(self, *args, grid, **kwargs):
             if self.fails:
                 raise RuntimeError("cannot bind")
-            self.calls.append((args, grid, kwargs, _async_compile.active_mode.get() is not None))
+            self.calls.append((args, grid, list(kwargs.items()),
+                               _async_compile.active_mode.get() is not None))
             return f"built {kwargs['BLOCK_M']}"
 
     launchers = []
@@ -511,19 +527,21 @@ def test_build_ahead_warms_each_config_up_on_threads(monkeypatch):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 32}, num_warps=w, num_stages=1)
                for m, w in ((32, 4), (64, 8))]
     kernel = Kernel()
-    ft._build_ahead([(kernel, {"Q": 1, "n": 2}, {"grid": "g", "warmup": False, "FLAG": 3}, c)
-                     for c in configs])
-    assert [(args, grid, {k: v for k, v in kw.items() if k in ("FLAG", "BLOCK_M", "num_warps")},
-             in_mode) for args, grid, kw, in_mode in kernel.calls] == [
-        ((1, 2), "g", {"FLAG": 3, "BLOCK_M": 32, "num_warps": 4}, True),
-        ((1, 2), "g", {"FLAG": 3, "BLOCK_M": 64, "num_warps": 8}, True)]
-    assert all("warmup" not in kw for _, _, kw, _ in kernel.calls)
+    ft._build_ahead(ft._candidate_builds(kernel, {"Q": 1, "n": 2},
+                                         {"grid": "g", "warmup": False, "FLAG": 3}, configs))
+    assert [(args, grid, kw[:3], in_mode) for args, grid, kw, in_mode in kernel.calls] == [
+        ((1, 2), "g", [("FLAG", 3), ("BLOCK_M", 32), ("BLOCK_N", 32)], True),
+        ((1, 2), "g", [("FLAG", 3), ("BLOCK_M", 64), ("BLOCK_N", 32)], True)]
+    # the config's options as the autotuner launches it: all_kwargs, in its order
+    assert [kw[1:] for _, _, kw, _ in kernel.calls] == [
+        list(c.all_kwargs().items()) for c in configs]
     assert launchers == [["built 32", "built 64"]]  # then their launchers, from what it built
     alone = Kernel()
-    ft._build_ahead([(alone, {"Q": 1}, {"grid": "g"}, configs[0])])
+    ft._build_ahead(ft._candidate_builds(alone, {"Q": 1}, {"grid": "g"}, configs[:1]))
     assert alone.calls == []
     with pytest.warns(RuntimeWarning, match="one by one"):
-        ft._build_ahead([(Kernel(fails=True), {"Q": 1}, {"grid": "g"}, c) for c in configs])
+        ft._build_ahead(ft._candidate_builds(Kernel(fails=True), {"Q": 1}, {"grid": "g"},
+                                             configs))
     assert _async_compile.active_mode.get() is None
     assert len(launchers) == 1
 
@@ -593,12 +611,9 @@ def test_a_backwards_lone_candidates_are_built_together(monkeypatch):
     launches = [(kernel, "grid", ("src", "dst", 7), {"FLAG": i}, "key")
                 for i, kernel in enumerate((lone, several, chosen, other_lone))]
     ft._build_lone_rounds(*launches)
-    assert [[(jitted, named, kwargs, config.kwargs) for jitted, named, kwargs, config in builds]
-            for builds in built] == [[
-                (lone.fn, {"src": "src", "dst": "dst", "n": 7}, {"grid": "grid", "FLAG": 0},
-                 {"BLOCK_M": 16}),
-                (other_lone.fn, {"src": "src", "dst": "dst", "n": 7}, {"grid": "grid", "FLAG": 3},
-                 {"BLOCK_M": 16})]]
+    config = lone.configs[0].all_kwargs()
+    assert built == [[(lone.fn, ("src", "dst", 7), {"grid": "grid", "FLAG": 0, **config}),
+                      (other_lone.fn, ("src", "dst", 7), {"grid": "grid", "FLAG": 3, **config})]]
     assert ft._AHEAD.pending is None
 
 
@@ -610,7 +625,7 @@ def test_riders_are_built_with_the_rounds_candidates(monkeypatch):
 
     built, timed = [], []
     monkeypatch.setattr(ft, "_build_ahead", lambda builds: built.append(
-        [b if isinstance(b, str) else ft._tiles(b[3]) for b in builds]))
+        [b if isinstance(b, str) else _build_tiles(b) for b in builds]))
     monkeypatch.setattr(ft.triton.runtime, "driver", types.SimpleNamespace(
         active=types.SimpleNamespace(get_benchmarker=lambda: lambda call, quantiles: (
             timed.append(call()), [1.0] * len(quantiles))[1])))
@@ -666,20 +681,24 @@ def test_launch_hands_riders_to_a_round_it_tunes_only(monkeypatch):
     assert direct == [copy.fn] and ft._AHEAD.riders is None
 
 
+@pytest.mark.parametrize("gluon", [False, True], ids=["triton", "gluon"])
 @pytest.mark.parametrize("options", [
-    {"causal": True}, {"key_lengths": True}, {"window": (5, 2)}, {"mask": "padding"},
-    {"dropout_p": 0.25}, {"grouped": True, "head_dim": 80}, {"head_dim": 24}])
-def test_a_forward_foresees_its_backwards_launches(options, device, monkeypatch):
-    """The backward's launches as the forward foresees them (_stand_in_backward) are the
-    backward's own in kernel, flags, tuning key and everything a build specializes on,
-    for the gradients a backward usually gets (randn_like(out), a contiguous one); a
-    gradient that is not laid out so (sum()'s, broadcast; a contiguous one where the
-    head dim is not a multiple of 16) differs, and builds its own."""
+    {"causal": True}, {"key_lengths": True}, {"dropout_p": 0.25}, {"window": (5, 2)},
+    {"mask": "padding"}, {"grouped": True, "head_dim": 80}, {"head_dim": 24}])
+def test_a_forward_foresees_its_backwards_launches(options, gluon, device, monkeypatch):
+    """The backward's launches as the forward foresees them (_stand_in_backward), its
+    Triton kernels' and its Gluon kernels', are the backward's own in kernel, flags (and
+    tuning key), options and everything a build specializes on, for the gradients a
+    backward usually gets (randn_like(out), a contiguous one); for Triton's, a gradient
+    that is not laid out so (sum()'s, broadcast; a contiguous one where the head dim is
+    not a multiple of 16) differs, and builds its own."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
     options = dict(options)
     d = options.pop("head_dim", 64)
+    if gluon and (d != 64 or "window" in options or "mask" in options):
+        pytest.skip("the Gluon backward kernels take none of these calls")
     heads_kv = 1 if options.pop("grouped", False) else 2
     b, h, s = 2, 2, 33
     q = torch.randn(b, h, s, d).to(device, DTYPE)
@@ -690,19 +709,27 @@ def test_a_forward_foresees_its_backwards_launches(options, device, monkeypatch)
         options["attn_mask"] = torch.randn(b, 1, 1, s + 4).to(device, DTYPE)
     call = make_call(q, k, v, **options)
     out, lse = ft._forward(call, 0)
-
-    def specialized(launches):
-        return [(kernel, ft._specialization(args), flags, tune_key)
-                for kernel, grid, args, flags, tune_key, *config in launches]
-
-    foreseen = specialized(ft._stand_in_backward(call, 0, out, lse))
-    assert [launch[0] for launch in foreseen] == [ft._bwd_dq_kernel, ft._bwd_dkdv_kernel]
+    # Where the Gluon kernels take the backward, their launches are only collected.
+    monkeypatch.setattr(ft, "_uses_hopper_backward", lambda call, out, dout: (gluon, gluon))
     launched = []
     monkeypatch.setattr(ft, "_launch", lambda *launch: launched.append(launch))
+    monkeypatch.setattr(ft, "_launch_jitted", lambda *launch: launched.append(launch))
+
+    def specialized(launches):  # the flags and tuning key (Triton), constexprs and options
+        return [(kernel, ft._specialization(args), *rest[:2]) for kernel, grid, args, *rest
+                in launches]
+
+    triton_launches, gluon_launches = ft._stand_in_backward(call, 0, out, lse)
+    foreseen = specialized(triton_launches + gluon_launches)
+    assert [launch[0] for launch in foreseen] == (
+        [hopper_backward.dq_kernel, hopper_backward.dkdv_kernel] if gluon
+        else [ft._bwd_dq_kernel, ft._bwd_dkdv_kernel])
+    # (a Gluon kernel reads the gradient through a TMA descriptor, whose strides are
+    # values, not specialized on; a broadcast gradient is not TMA's and goes to Triton's)
     for dout, same in ((torch.randn_like(out), True),
                        (torch.randn(out.shape).to(out), d % 16 == 0),
                        (torch.ones((), device=device, dtype=out.dtype).expand(out.shape),
-                        False)):
+                        gluon)):
         launched.clear()
         ft._backward(call, 0, out, lse, dout)
         assert (specialized(launched) == foreseen) is same
@@ -877,6 +904,68 @@ def test_fast_launch_reuses_a_compiled_kernel_only_for_its_specialization(monkey
     monkeypatch.setattr(ft, "_FAST_LAUNCH", False)  # off: Triton's path every time
     launch(x, 17)
     assert len(kernel.compiled) == 10
+
+
+def test_a_first_jitted_launch_builds_its_riders_with_itself(monkeypatch):
+    """_launch_jitted's riders are built with the launch's own kernel, in one _build_ahead
+    (its own build first, with its keywords in the launch's order), on a specialization's
+    first launch only, and never once _COMPILED is full (every launch would come here);
+    _unlaunched_builds leaves out the launches _COMPILED has."""
+    from attnkit.backends import fused_triton as ft
+
+    class Jitted:  # compiles on each launch through its own path
+        params = [types.SimpleNamespace(name="x", is_constexpr=False),
+                  types.SimpleNamespace(name="BLOCK", is_constexpr=True)]
+
+        def __getitem__(self, grid):  # -> a compiled kernel, indexed by grid in turn
+            return lambda *args, **kwargs: collections.defaultdict(lambda: lambda *args: None)
+
+    built, asked = [], []
+    monkeypatch.setattr(ft, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(ft, "_COMPILED", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(ft, "_build_ahead", built.append)
+    kernel, x = Jitted(), torch.zeros(64)
+
+    def riders():
+        asked.append(1)
+        return ["the backward's"]
+
+    options = {"num_warps": 4, "maxnreg": 168}
+    for block in (16, 16, 32):
+        ft._launch_jitted(kernel, (1,), (x,), {"BLOCK": block}, options, riders=riders)
+    assert built == [[(kernel, (x,), {"grid": (1,), "BLOCK": block, **options}),
+                      "the backward's"] for block in (16, 32)]
+    assert list(built[0][0][2]) == ["grid", "BLOCK", "num_warps", "maxnreg"]
+    launches = [(kernel, (1,), (x,), {"BLOCK": block}, options) for block in (16, 64)]
+    assert ft._unlaunched_builds(launches) == [(kernel, (x,), {"grid": (1,), "BLOCK": 64,
+                                                               **options})]
+    monkeypatch.setattr(ft, "_COMPILED_MAX", len(ft._COMPILED))
+    ft._launch_jitted(kernel, (1,), (x,), {"BLOCK": 64}, options, riders=riders)
+    assert len(built) == 2 and len(asked) == 2
+
+
+def test_a_gluon_forward_with_a_backward_to_come_builds_the_backwards_kernels(device,
+                                                                            monkeypatch):
+    """The Gluon forward's launch gets riders (the backward's builds) where the call needs
+    gradients, and the plain launcher where it does not."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_forward as hf
+
+    launchers = []
+    monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: True)
+    monkeypatch.setattr(ft, "_hopper_config", lambda call: None)
+    monkeypatch.setattr(hf, "launch", lambda *args, launcher: launchers.append(launcher))
+    monkeypatch.setattr(ft, "_backward", lambda call, seed, out, lse, dout: (
+        torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v)))
+    q, k, v, kwargs = replace(SMALL, causal=True).make_inputs(device)
+    attention(q, k, v, impl="triton", **kwargs).sum().backward()
+    with torch.no_grad():
+        attention(q, k, v, impl="triton", **kwargs)
+    with_grads, without = launchers
+    assert with_grads.func is ft._launch_jitted
+    assert with_grads.keywords["riders"].func is ft._backward_builds
+    assert without is ft._launch_jitted
 
 
 def test_fast_launch_keys_a_tma_descriptor_by_its_box():

@@ -224,18 +224,19 @@ def _timed(kernel_call, quantiles):
     if pending is not None:
         jitted, named_args, kwargs, configs = pending
         if len(configs) > 1 or riders:
-            _build_ahead([(jitted, named_args, kwargs, config) for config in configs]
-                         + riders)
+            _build_ahead(_candidate_builds(jitted, named_args, kwargs, configs) + riders)
         if len(configs) == 1:  # Triton times even a lone candidate, ~125 ms of reps
             return [0.0] * len(quantiles)
     return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
 def _build_ahead(builds: list[tuple]) -> None:
-    """Builds each (kernel, a launch's named arguments, its keywords, a config) on
-    threads, into the kernel's own cache, where the autotuner's launches then find them.
-    A config that fails to build is left out here: the autotuner builds it again, meets
-    the error itself and passes over the config as it always did."""
+    """Builds each (kernel, a launch's arguments, its keywords: the grid, then the
+    constexprs and options in the order the launch gives them) on threads, into the
+    kernel's own cache, where the launches then find them (Triton's in-memory cache keys a
+    kernel by the text of its options, order and all). A build that fails is left out
+    here: the launch builds it again and meets the error itself (the autotuner passes over
+    the config, a Gluon kernel falls back to Triton's) as it always did."""
     threads = min(len(builds), os.cpu_count() or 1, _AHEAD_THREADS)
     if threads < 2 or not hasattr(triton, "AsyncCompileMode"):
         return
@@ -243,11 +244,8 @@ def _build_ahead(builds: list[tuple]) -> None:
         with (concurrent.futures.ThreadPoolExecutor(threads) as pool,
               triton.AsyncCompileMode(pool, ignore_errors=True)):
             built = []
-            for jitted, named_args, kwargs, config in builds:
-                flags = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-                built.append(jitted.warmup(*named_args.values(),
-                                           grid=kwargs.get("grid", (1,)), **flags,
-                                           **config.all_kwargs()))
+            for jitted, args, keywords in builds:
+                built.append(jitted.warmup(*args, **keywords))
     except Exception as exc:  # noqa: BLE001 - the autotuner builds them one by one instead
         warnings.warn(f"attnkit: building the autotuner's candidates at once failed ({exc}); "
                       "they are built one by one", RuntimeWarning, stacklevel=2)
@@ -284,6 +282,16 @@ def _build_launchers(built: list, threads: int) -> None:
         list(pool.map(build, kernels.values()))
 
 
+def _candidate_builds(jitted, named_args: dict, kwargs: dict, configs) -> list[tuple]:
+    """The builds (as _build_ahead takes them) of an autotuned kernel's candidates
+    `configs`, for a launch with these arguments and keywords (the autotuner's, with
+    its grid), with the keywords in the order the autotuner's launches give them."""
+    flags = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    return [(jitted, tuple(named_args.values()),
+             {"grid": kwargs.get("grid", (1,)), **flags, **config.all_kwargs()})
+            for config in configs]
+
+
 def _untuned_builds(*launches: tuple, lone_only: bool) -> list[tuple]:
     """The builds (as _build_ahead takes them) of the candidates that _prune leaves each
     autotuned launch (kernel, grid, args, flags, tune_key) not tuned yet; lone_only: of
@@ -296,7 +304,7 @@ def _untuned_builds(*launches: tuple, lone_only: bool) -> list[tuple]:
         kept = kernel.early_config_prune(kernel.configs, named, grid=grid, warmup=False,
                                          **flags)
         if len(kept) == 1 or not lone_only:
-            builds += [(kernel.fn, named, {"grid": grid, **flags}, config) for config in kept]
+            builds += _candidate_builds(kernel.fn, named, {"grid": grid, **flags}, kept)
     _AHEAD.pending = None  # what _prune left is for no round
     return builds
 
@@ -1246,11 +1254,13 @@ def _launch_key(jitted, args: tuple, constexprs: dict, options: dict) -> tuple:
             torch.cuda.current_device(), _specialization(args))
 
 
-def _launch_jitted(jitted, grid, args: tuple, constexprs: dict, options: dict) -> None:
+def _launch_jitted(jitted, grid, args: tuple, constexprs: dict, options: dict,
+                   riders: Callable[[], list[tuple]] | None = None) -> None:
     """jitted[grid](*args, **constexprs, **options) (grid: a tuple of block counts, or a
     function of the constexprs to one; options: num_warps, num_stages, maxnreg), straight
     to the compiled kernel where this specialization was launched before (_FAST_LAUNCH).
-    Triton and Gluon kernels alike."""
+    Triton and Gluon kernels alike. riders: where this is the specialization's first
+    launch, the builds (as _build_ahead takes them) to make at the same time as its own."""
     if not _FAST_LAUNCH:
         jitted[grid](*args, **constexprs, **options)
         return
@@ -1261,10 +1271,24 @@ def _launch_jitted(jitted, grid, args: tuple, constexprs: dict, options: dict) -
         blocks = grid(constexprs) if callable(grid) else grid
         compiled[(*blocks, 1, 1)[:3]](*args, *tail)  # it takes three grid dimensions
         return
+    if riders is not None and len(_COMPILED) < _COMPILED_MAX:  # else every launch lands here
+        _build_ahead([_jitted_build(jitted, grid, args, constexprs, options), *riders()])
     compiled = jitted[grid](*args, **constexprs, **options)
     tail = _constexpr_tail(jitted, len(args), constexprs)
     if compiled is not None and tail is not None and len(_COMPILED) < _COMPILED_MAX:
         _COMPILED[key] = compiled, tail
+
+
+def _jitted_build(jitted, grid, args: tuple, constexprs: dict, options: dict) -> tuple:
+    """_launch_jitted's launch as _build_ahead builds it."""
+    return jitted, args, {"grid": grid, **constexprs, **options}
+
+
+def _unlaunched_builds(launches: list[tuple]) -> list[tuple]:
+    """The builds (as _build_ahead takes them) of those _launch_jitted launches (jitted,
+    grid, args, constexprs, options) whose specialization it has not launched yet."""
+    return [_jitted_build(*launch) for launch in launches
+            if _launch_key(launch[0], *launch[2:]) not in _COMPILED]
 
 
 def _tma_layout(t: Tensor) -> bool:
@@ -1336,17 +1360,21 @@ def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None 
     packed: whether a kv group's query heads share a tile (None: _packs_group). seed:
     dropout's, an int or an int64 tensor on the call's device that the kernels read.
     grads_follow: a backward of this call is to come, so a first forward builds the
-    backward's kernels alongside its own (_backward_builds)."""
+    backward's kernels alongside its own (_backward_builds: _launch's riders for the Triton
+    forward, _launch_jitted's for the Gluon one)."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Sq, _ = q.shape
     Skv, Dv = call.seq_kv, call.head_dim_v
     out, lse = _empty_outputs(q, v)
+    riders = functools.partial(_backward_builds, call, seed, out, lse) if grads_follow else None
     packed = _packs_group(call) if packed is None else packed
     splits, kv_split = _key_ranges(Skv, splits or _kv_splits(call, packed), config)
     if (config is None and tma is None and splits == 1 and _uses_hopper_forward(call)
             and _ran_on_gluon("_HOPPER_FORWARD", "forward", lambda: hopper_forward.launch(
                 q, k, v, out, lse, call.key_lengths, call.causal, call.scale,
-                _hopper_config(call), _hopper_head_group(call), launcher=_launch_jitted))):
+                _hopper_config(call), _hopper_head_group(call),
+                launcher=_launch_jitted if riders is None else functools.partial(
+                    _launch_jitted, riders=riders)))):
         return out, lse
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
     mask, mask_strides = _mask_args(call)
@@ -1376,8 +1404,7 @@ def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None 
         Hq, call.group, Sq, Skv, left, right, qk_scale, seed, drop_p,
         kv_split, split_stride, *buckets,
     ), flags, (*_tune_key(flags, buckets, seed, q, mask, lengths), flags["TMA_OK"],
-               flags["SPLIT"], packed), config,
-        riders=functools.partial(_backward_builds, call, seed, out, lse) if grads_follow else None)
+               flags["SPLIT"], packed), config, riders=riders)
     if splits > 1:
         _launch_jitted(_merge_kernel, lambda meta: (B * Hq * Sq,), (
             parts, written_lse, out, lse, splits, Hq, Sq, *out.stride(),
@@ -1762,27 +1789,44 @@ def _backward(call: AttentionCall, seed: int | Tensor, out: Tensor, lse: Tensor,
 
 def _backward_builds(call: AttentionCall, seed: int | Tensor, out: Tensor,
                      lse: Tensor) -> list[tuple]:
-    """The builds (as _build_ahead takes them) of the candidates of the backward's Triton
-    kernels that are not tuned yet, for the forward's first round to build alongside its
-    own: a first forward+backward then waits for one round of builds, not two."""
-    return _untuned_builds(*_stand_in_backward(call, seed, out, lse), lone_only=False)
+    """The builds (as _build_ahead takes them) of the backward's kernels that are not
+    built yet: the candidates of its Triton kernels not tuned yet, and its Gluon kernels
+    not launched yet, for a forward's first launch to build alongside its own: a first
+    forward+backward then waits for one round of builds, not two."""
+    triton_launches, gluon_launches = _stand_in_backward(call, seed, out, lse)
+    return (_untuned_builds(*triton_launches, lone_only=False)
+            + _unlaunched_builds(gluon_launches))
 
 
 def _stand_in_backward(call: AttentionCall, seed: int | Tensor, out: Tensor,
-                       lse: Tensor) -> list[tuple]:
-    """The backward's Triton launches (as _launch takes them) as a forward can foresee
-    them, with stand-ins for the tensors that do not exist yet: out for the gradient (the
-    layout a gradient usually has, or one that specializes the same: randn_like's, the
-    output projection's, a contiguous one with a head dim that is a multiple of 16; a
-    gradient that differs builds its own in the backward), lse for delta, and tensors on
-    the meta device for dq, dk, dv, of which a build reads the dtype, strides and
-    address (0: aligned) only."""
+                       lse: Tensor) -> tuple[list[tuple], list[tuple]]:
+    """The backward's launches as a forward can foresee them: its Triton ones (as _launch
+    takes them) and its Gluon ones (as _launch_jitted takes them), with stand-ins for the
+    tensors that do not exist yet: out for the gradient (the layout a gradient usually
+    has, or one that specializes the same: randn_like's, the output projection's, a
+    contiguous one with a head dim that is a multiple of 16; a gradient that differs
+    builds its own in the backward), lse for delta, and tensors on the meta device for
+    dq, dk, dv, of which a build reads the dtype, strides and address (0: aligned) only."""
     dkdv_gluon, dq_gluon = _uses_hopper_backward(call, out, out)
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device="meta")
                   for t in (call.q, call.k, call.v))
-    shared = _backward_shared(call, _meta(call, seed), lse, out)
+    meta = _meta(call, seed)
+    shared = _backward_shared(call, meta, lse, out)
+    gluon, head_group = [], meta[1]["HEAD_GROUP"]
+
+    def collect(*launch) -> None:  # a launcher that launches nothing
+        gluon.append(launch)
+
+    if dq_gluon:
+        hopper_backward.launch_dq(call.q, call.k, call.v, out, out, lse, lse, dq,
+                                  call.key_lengths, call.causal, call.scale, seed,
+                                  call.dropout_p, head_group=head_group, launcher=collect)
+    if dkdv_gluon:
+        hopper_backward.launch_dkdv(call.q, call.k, call.v, out, lse, lse, dk, dv,
+                                    call.key_lengths, call.causal, call.scale, seed,
+                                    call.dropout_p, head_group=head_group, launcher=collect)
     return ([] if dq_gluon else [_dq_launch(call, shared, out, lse, out, lse, dq)]) + (
-        [] if dkdv_gluon else [_dkdv_launch(call, shared, lse, out, lse, dk, dv)])
+        [] if dkdv_gluon else [_dkdv_launch(call, shared, lse, out, lse, dk, dv)]), gluon
 
 
 def _backward_shared(call: AttentionCall, meta: tuple[tuple, dict], lse: Tensor,

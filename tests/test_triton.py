@@ -735,6 +735,16 @@ def test_a_forward_foresees_its_backwards_launches(options, gluon, device, monke
         assert (specialized(launched) == foreseen) is same
 
 
+def test_a_backward_that_cannot_be_foreseen_builds_nothing_ahead(monkeypatch):
+    from attnkit.backends import fused_triton as ft
+
+    def cannot(*args):
+        raise AttributeError("a Gluon this host code does not know")
+
+    monkeypatch.setattr(ft, "_stand_in_backward", cannot)
+    assert ft._backward_builds("call", 0, "out", "lse") == []
+
+
 def test_prune_keeps_the_swept_winners_for_128_wide_heads(monkeypatch):
     # The H100 sweep's winners replace the autotuner's choice where it mis-ranked them
     # (NOTES run 10), on the kind of GPU it ran on; every other head dim keeps the whole
@@ -1997,9 +2007,13 @@ def test_hopper_forward_offered_on_checked_triton_releases_only(monkeypatch, ver
 def _failing_launch():
     """(launches, fails): a stand-in for a Gluon launch that records its arguments in
     launches and raises the CompilationError of a Gluon the kernel does not compile under."""
+    from attnkit.backends import fused_triton as ft
+
     launches = []
 
     def fails(*args, **kwargs):
+        if isinstance(kwargs.get("launcher"), ft._Collector):
+            return  # a forward foreseeing the backward's launches: nothing compiles there
         launches.append(args)
         raise triton.CompilationError(None, None, "no such Gluon op here")
 
@@ -2238,6 +2252,7 @@ def test_hopper_backward_kernel_that_does_not_compile_falls_back_once(monkeypatc
     from attnkit.backends import hopper_backward as hb
 
     launches, fails = _failing_launch()
+    monkeypatch.setattr(ft, "_CHOSEN", {})  # a first call, whose forward foresees the backward
     monkeypatch.setattr(ft, switch, True)
     # as if on a Hopper GPU with a call the Gluon kernel covers (the other one off)
     monkeypatch.setattr(ft, "_uses_hopper_backward", lambda call, out, dout: (

@@ -1792,10 +1792,23 @@ def _backward_builds(call: AttentionCall, seed: int | Tensor, out: Tensor,
     """The builds (as _build_ahead takes them) of the backward's kernels that are not
     built yet: the candidates of its Triton kernels not tuned yet, and its Gluon kernels
     not launched yet, for a forward's first launch to build alongside its own: a first
-    forward+backward then waits for one round of builds, not two."""
-    triton_launches, gluon_launches = _stand_in_backward(call, seed, out, lse)
-    return (_untuned_builds(*triton_launches, lone_only=False)
-            + _unlaunched_builds(gluon_launches))
+    forward+backward then waits for one round of builds, not two. None where the backward
+    cannot be foreseen: it builds its kernels when it runs, and meets any error there, as
+    it would have without this."""
+    try:
+        triton_launches, gluon_launches = _stand_in_backward(call, seed, out, lse)
+        return (_untuned_builds(*triton_launches, lone_only=False)
+                + _unlaunched_builds(gluon_launches))
+    except Exception:  # noqa: BLE001 - an optimization only; the backward decides
+        return []
+
+
+class _Collector(list):
+    """A launcher (called as _launch_jitted is) that launches nothing: it keeps each
+    launch (jitted, grid, args, constexprs, options)."""
+
+    def __call__(self, *launch) -> None:
+        self.append(launch)
 
 
 def _stand_in_backward(call: AttentionCall, seed: int | Tensor, out: Tensor,
@@ -1812,21 +1825,17 @@ def _stand_in_backward(call: AttentionCall, seed: int | Tensor, out: Tensor,
                   for t in (call.q, call.k, call.v))
     meta = _meta(call, seed)
     shared = _backward_shared(call, meta, lse, out)
-    gluon, head_group = [], meta[1]["HEAD_GROUP"]
-
-    def collect(*launch) -> None:  # a launcher that launches nothing
-        gluon.append(launch)
-
+    gluon, head_group = _Collector(), meta[1]["HEAD_GROUP"]
     if dq_gluon:
         hopper_backward.launch_dq(call.q, call.k, call.v, out, out, lse, lse, dq,
                                   call.key_lengths, call.causal, call.scale, seed,
-                                  call.dropout_p, head_group=head_group, launcher=collect)
+                                  call.dropout_p, head_group=head_group, launcher=gluon)
     if dkdv_gluon:
         hopper_backward.launch_dkdv(call.q, call.k, call.v, out, lse, lse, dk, dv,
                                     call.key_lengths, call.causal, call.scale, seed,
-                                    call.dropout_p, head_group=head_group, launcher=collect)
+                                    call.dropout_p, head_group=head_group, launcher=gluon)
     return ([] if dq_gluon else [_dq_launch(call, shared, out, lse, out, lse, dq)]) + (
-        [] if dkdv_gluon else [_dkdv_launch(call, shared, lse, out, lse, dk, dv)]), gluon
+        [] if dkdv_gluon else [_dkdv_launch(call, shared, lse, out, lse, dk, dv)]), list(gluon)
 
 
 def _backward_shared(call: AttentionCall, meta: tuple[tuple, dict], lse: Tensor,

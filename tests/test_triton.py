@@ -1624,6 +1624,20 @@ def _benchmark_script(name: str, monkeypatch):
     return importlib.import_module(name)
 
 
+def test_first_calls_counts_each_kernels_builds_on_the_device(monkeypatch):
+    """benchmarks/first_calls.py counts the builds each kernel (an Autotuner's through its
+    JITFunction) holds for the device it is asked about, without adding one."""
+    first_calls = _benchmark_script("first_calls", monkeypatch)
+    jitted = types.SimpleNamespace(device_caches={0: ({"a": 1, "b": 2}, "binder"),
+                                                  1: ({"c": 3},)})
+    monkeypatch.setattr(first_calls, "KERNELS", {
+        "tuned": types.SimpleNamespace(fn=jitted), "plain": jitted, "none": None,
+        "other": types.SimpleNamespace(device_caches={1: ({},)})})
+    assert first_calls.compiled(torch.device("cuda", 0)) == {"tuned": 2, "plain": 2,
+                                                             "none": 0, "other": 0}
+    assert 0 not in first_calls.KERNELS["other"].device_caches
+
+
 def test_consan_wrapper_runs_the_script_instrumented(tmp_path):
     """benchmarks/consan.py runs SCRIPT ARGS with ConSan's mode set before Triton reads
     it, a compile cache of its own, the backward on the calling thread and fused_triton's

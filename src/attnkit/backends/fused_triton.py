@@ -246,9 +246,9 @@ def _build_ahead(builds: list[tuple]) -> None:
             built = []
             for jitted, args, keywords in builds:
                 built.append(jitted.warmup(*args, **keywords))
-    except Exception as exc:  # noqa: BLE001 - the autotuner builds them one by one instead
-        warnings.warn(f"attnkit: building the autotuner's candidates at once failed ({exc}); "
-                      "they are built one by one", RuntimeWarning, stacklevel=2)
+    except Exception as exc:  # noqa: BLE001 - the launches build them one by one instead
+        warnings.warn(f"attnkit: building kernels at once failed ({exc}); they are built "
+                      "one by one as they launch", RuntimeWarning, stacklevel=2)
         return
     _build_launchers(built, threads)
 
@@ -1792,9 +1792,9 @@ def _backward_builds(call: AttentionCall, seed: int | Tensor, out: Tensor,
     """The builds (as _build_ahead takes them) of the backward's kernels that are not
     built yet: the candidates of its Triton kernels not tuned yet, and its Gluon kernels
     not launched yet, for a forward's first launch to build alongside its own: a first
-    forward+backward then waits for one round of builds, not two. None where the backward
-    cannot be foreseen: it builds its kernels when it runs, and meets any error there, as
-    it would have without this."""
+    forward+backward then waits for one round of builds, not two. None at all where the
+    backward cannot be foreseen: it builds its kernels when it runs, and meets any error
+    there, as it would have without this."""
     try:
         triton_launches, gluon_launches = _stand_in_backward(call, seed, out, lse)
         return (_untuned_builds(*triton_launches, lone_only=False)

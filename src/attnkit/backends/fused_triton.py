@@ -31,8 +31,12 @@ candidates are narrowed per head dim where an H100 sweep found some of them losi
 (`_SWEPT`, on sm_90 GPUs only); of the tiles that each hold a whole problem, only the
 smallest is kept (`_one_tile`), so that tiny shapes compile one config, not every one.
 A round of candidates is built at once, on threads, before the autotuner times them one
-by one, and a round of one candidate is not timed (`_timed`); a first backward whose two
-kernels each have one candidate builds both at once (`_build_lone_rounds`).
+by one, and a round of one candidate is not timed (`_timed`); so are the builds' C
+launchers, which Triton 3.6 compiles at a kernel's first launch (`_build_launchers`). A
+first forward that a backward will follow builds the backward's kernels with its own
+(`_backward_builds`, from launches foreseen with stand-in tensors: `_stand_in_backward`),
+and a first backward whose two kernels each have one candidate builds both at once
+(`_build_lone_rounds`).
 
 Triton is optional: without it `import attnkit` still works and this backend reports
 itself unavailable.

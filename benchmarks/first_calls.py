@@ -17,8 +17,10 @@ runs a trivial backward, as cold_start.py's child does, so that one-time work of
 and of torch is not charged to the first case. Writes DIR/first_calls.json. Needs a CUDA
 GPU.
 
-Run 46 ran the two drafts this was made from (`triton` cases: _riders_check_; `gluon`:
-_gluon_cold_; their JSON has the same numbers under the names in NOTES).
+Run 46 ran the two drafts this was made from, one for the `triton` cases and one for the
+`gluon` cases, with the same cases and measurements; their JSON
+(`results/first_calls_h200_run46*.json`) names the fields otherwise (NOTES, run 46). This
+form has not run on a GPU yet.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ and of torch is not charged to the first case. Writes DIR/first_calls.json. Need
 GPU.
 
 Run 46 ran the two drafts this was made from, one for the `triton` cases and one for the
-`gluon` cases, with the same cases and measurements; their JSON
+`gluon` cases, with the same cases (the first draft made one call a case and no trivial
+backward first, so its first case carries torch's one-time import); their JSON
 (`results/first_calls_h200_run46*.json`) names the fields otherwise (NOTES, run 46). This
 form has not run on a GPU yet.
 """

@@ -1831,13 +1831,9 @@ def _stand_in_backward(call: AttentionCall, seed: int | Tensor, out: Tensor,
     shared = _backward_shared(call, meta, lse, out)
     gluon, head_group = _Collector(), meta[1]["HEAD_GROUP"]
     if dq_gluon:
-        hopper_backward.launch_dq(call.q, call.k, call.v, out, out, lse, lse, dq,
-                                  call.key_lengths, call.causal, call.scale, seed,
-                                  call.dropout_p, head_group=head_group, launcher=gluon)
+        _launch_gluon_dq(call, seed, head_group, out, lse, out, lse, dq, launcher=gluon)
     if dkdv_gluon:
-        hopper_backward.launch_dkdv(call.q, call.k, call.v, out, lse, lse, dk, dv,
-                                    call.key_lengths, call.causal, call.scale, seed,
-                                    call.dropout_p, head_group=head_group, launcher=gluon)
+        _launch_gluon_dkdv(call, seed, head_group, lse, out, lse, dk, dv, launcher=gluon)
     return ([] if dq_gluon else [_dq_launch(call, shared, out, lse, out, lse, dq)]) + (
         [] if dkdv_gluon else [_dkdv_launch(call, shared, lse, out, lse, dk, dv)]), list(gluon)
 
@@ -1875,21 +1871,25 @@ def _dq_launch(call: AttentionCall, shared: tuple, out: Tensor, lse: Tensor, dou
 
 
 def _launch_gluon_dq(call: AttentionCall, seed: int | Tensor, head_group: int, out: Tensor,
-                     lse: Tensor, dout: Tensor, delta: Tensor, dq: Tensor) -> None:
+                     lse: Tensor, dout: Tensor, delta: Tensor, dq: Tensor,
+                     launcher: Callable | None = None) -> None:
     """The Gluon dQ kernel (hopper_backward.launch_dq): dq, and delta for the dK/dV
-    kernel, as _launch_dq writes them."""
+    kernel, as _launch_dq writes them. launcher: _launch_jitted's stand-in (None: it)."""
     hopper_backward.launch_dq(call.q, call.k, call.v, out, dout, lse, delta, dq,
                               call.key_lengths, call.causal, call.scale, seed, call.dropout_p,
-                              head_group=head_group, launcher=_launch_jitted)
+                              head_group=head_group,
+                              launcher=_launch_jitted if launcher is None else launcher)
 
 
 def _launch_gluon_dkdv(call: AttentionCall, seed: int | Tensor, head_group: int, lse: Tensor,
-                       dout: Tensor, delta: Tensor, dk: Tensor, dv: Tensor) -> None:
+                       dout: Tensor, delta: Tensor, dk: Tensor, dv: Tensor,
+                       launcher: Callable | None = None) -> None:
     """The Gluon dK/dV kernel (hopper_backward.launch_dkdv), reading the delta that the
-    dQ kernel wrote."""
+    dQ kernel wrote. launcher: _launch_jitted's stand-in (None: it)."""
     hopper_backward.launch_dkdv(call.q, call.k, call.v, dout, lse, delta, dk, dv,
                                 call.key_lengths, call.causal, call.scale, seed,
-                                call.dropout_p, head_group=head_group, launcher=_launch_jitted)
+                                call.dropout_p, head_group=head_group,
+                                launcher=_launch_jitted if launcher is None else launcher)
 
 
 def _launch_dkdv(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,

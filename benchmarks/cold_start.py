@@ -47,26 +47,34 @@ CASES = {
 }
 
 
-def _child() -> None:
+def warm_up(device) -> None:
+    """A process's one-time work that is not attnkit's, done before any case so that the
+    first is not charged with it: loading Triton's compiler backend (a trivial kernel),
+    and torch's work on a first backward given a gradient (importing sympy: 3.5 s on the
+    H200 machine, whose Python compiles it from source each time: NOTES, run 46).
+    first_calls.py does the same."""
     import torch
     import triton
     import triton.language as tl
-
-    import attnkit
-    from attnkit.bench import environment
 
     @triton.jit
     def _touch(x):
         tl.store(x, tl.load(x) + 1)
 
-    device = torch.device("cuda")
     _touch[(1,)](torch.zeros(1, device=device))
-    # torch's own one-time work on a process's first backward with a given gradient:
-    # importing sympy (3.5 s on the H200 machine, whose Python compiles it from source
-    # each time: NOTES, run 46), which is not attnkit's to charge to the first case
     ones = torch.ones(2, device=device, requires_grad=True)
     (ones * 2).backward(torch.ones_like(ones))
     torch.cuda.synchronize()
+
+
+def _child() -> None:
+    import torch
+
+    import attnkit
+    from attnkit.bench import environment
+
+    device = torch.device("cuda")
+    warm_up(device)
     gen = torch.Generator(device=device).manual_seed(0)
     result = {}
     for name, (b, h, sq, skv, d, causal, feature) in CASES.items():

@@ -12,9 +12,9 @@ kinds `attnkit verify` checks, whose kernels are the Triton ones, each with the 
 gradient given (randn_like(out); a contiguous one; sum()'s, through a float32 cast);
 `gluon` cases: shapes the Gluon kernels take on Hopper. The cases run in one process, in
 order, each forward+backward twice (the second call: warm). Start it with an empty
-TRITON_CACHE_DIR for cold numbers. The process first builds a trivial Triton kernel and
-runs a trivial backward, as cold_start.py's child does, so that one-time work of Triton
-and of torch is not charged to the first case. Writes DIR/first_calls.json. Needs a CUDA
+TRITON_CACHE_DIR for cold numbers. The process first does cold_start.warm_up, as
+cold_start.py's child does, so that one-time work of Triton and of torch is not charged
+to the first case. Writes DIR/first_calls.json. Needs a CUDA
 GPU.
 
 Run 46 ran the two drafts this was made from, one for the `triton` cases and one for the
@@ -33,8 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
+from cold_start import warm_up  # beside this script
 
 import attnkit
 from attnkit.backends import fused_triton, hopper_backward, hopper_forward
@@ -62,11 +61,6 @@ KERNELS = {
     "gluon dq": getattr(hopper_backward, "dq_kernel", None),
     "gluon dkdv": getattr(hopper_backward, "dkdv_kernel", None),
 }
-
-
-@triton.jit
-def _touch(x):
-    tl.store(x, tl.load(x) + 1)
 
 
 def compiled(device: torch.device) -> dict[str, int]:
@@ -119,9 +113,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     device = torch.device("cuda")
-    _touch[(1,)](torch.zeros(1, device=device))
-    ones = torch.ones(2, device=device, requires_grad=True)
-    (ones * 2).backward(torch.ones_like(ones))
+    warm_up(device)
     cases = {**(TRITON_CASES if args.cases != "gluon" else {}),
              **(GLUON_CASES if args.cases != "triton" else {})}
     gen = torch.Generator(device=device).manual_seed(0)

@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import triton
 from cold_start import warm_up  # beside this script
 
 import attnkit
@@ -68,7 +69,8 @@ def compiled(device: torch.device) -> dict[str, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     counts = {}
     for name, kernel in KERNELS.items():
-        jitted = getattr(kernel, "fn", kernel)  # an Autotuner's JITFunction
+        # an Autotuner's JITFunction (a JITFunction's own .fn is its Python function)
+        jitted = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
         caches = getattr(jitted, "device_caches", {})  # a defaultdict: look, do not index
         counts[name] = len(caches[index][0]) if index in caches else 0
     return counts
@@ -99,7 +101,10 @@ def run_case(device: torch.device, case: tuple, gen: torch.Generator) -> dict:
     dout = out.detach()
     return {
         "case": case, "first_s": calls[0], "second_s": calls[1],
-        "gluon": {"forward": fused_triton._uses_hopper_forward(call),
+        # as _forward decides: a forward whose keys are split takes the Triton kernel
+        "gluon": {"forward": fused_triton._uses_hopper_forward(call) and fused_triton._key_ranges(
+                      call.seq_kv, fused_triton._kv_splits(call, fused_triton._packs_group(call)),
+                      None)[0] == 1,
                   "backward (dK/dV, dQ)": fused_triton._uses_hopper_backward(call, dout, dout)},
         "compiled": dict(zip(("before", "after forward", "after backward"), counts[:3],
                              strict=True)),

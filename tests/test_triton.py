@@ -1629,11 +1629,16 @@ def _benchmark_script(name: str, monkeypatch):
 def test_first_calls_counts_each_kernels_builds_on_the_device(monkeypatch):
     """benchmarks/first_calls.py counts the builds each kernel (an Autotuner's through its
     JITFunction) holds for the device it is asked about, without adding one."""
+    import triton
+
     first_calls = _benchmark_script("first_calls", monkeypatch)
+    # a JITFunction's own .fn is its Python function (a Gluon kernel's too)
     jitted = types.SimpleNamespace(device_caches={0: ({"a": 1, "b": 2}, "binder"),
-                                                  1: ({"c": 3},)})
+                                                  1: ({"c": 3},)}, fn=lambda: None)
+    tuned = object.__new__(triton.runtime.Autotuner)
+    tuned.fn = jitted
     monkeypatch.setattr(first_calls, "KERNELS", {
-        "tuned": types.SimpleNamespace(fn=jitted), "plain": jitted, "none": None,
+        "tuned": tuned, "plain": jitted, "none": None,
         "other": types.SimpleNamespace(device_caches={1: ({},)})})
     assert first_calls.compiled(torch.device("cuda", 0)) == {"tuned": 2, "plain": 2,
                                                              "none": 0, "other": 0}

@@ -476,10 +476,13 @@ def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypat
         built.append((jitted, args, sorted(set(builds[0][2]) - set(_CONFIG_KEYWORDS)),
                       [_build_tiles(b) for b in builds]))
 
-    def benchmarker(call, quantiles):
+    def benchmarker(call, quantiles, warmup, rep):
         timed.append(call())
+        timings.append((warmup, rep))
         return [1.0] * len(quantiles)
 
+    timings = []
+    monkeypatch.setattr(ft, "_run_ms", lambda call: 0.5)  # one run of a candidate
     monkeypatch.setattr(ft, "_build_ahead", build)
     monkeypatch.setattr(ft.triton.runtime, "driver", types.SimpleNamespace(
         active=types.SimpleNamespace(get_benchmarker=lambda: benchmarker)))
@@ -494,11 +497,24 @@ def test_autotuner_rounds_build_their_candidates_at_once_before_timing(monkeypat
     assert built == [("kernel", ("q", "k"), sorted(["grid", *args]),
                       [(32, 64, 4, 2), (64, 64, 4, 2)])]
     assert timed == ["first", "second"]
+    assert timings == [(2.5, 10.0)] * 2  # _TIMED_RUNS runs of 0.5 ms, a quarter to warm up
     # A round left one candidate (_one_tile, at a shape both tiles hold) times nothing.
     small = {**args, "SEQ_BUCKET": ft._seq_bucket(32, 32)}
     assert len(ft._prune(configs, {"Q": "q", "K": "k"}, jitted="kernel", **small)) == 1
     assert ft._timed(lambda: "alone", (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
     assert timed == ["first", "second"] and len(built) == 1
+
+
+@pytest.mark.parametrize("run_ms, timing_ms", [
+    (0.01, 5.0),  # a small call's candidate: 5 ms, where Triton's own took 125
+    (1.0, 20.0),
+    (5.0, 100.0),  # from 5 ms a run, Triton's 100 ms, as before
+    (40.0, 100.0),
+])
+def test_candidates_are_timed_for_about_twenty_runs(run_ms, timing_ms):
+    from attnkit.backends import fused_triton as ft
+
+    assert ft._timing_ms(run_ms) == timing_ms
 
 
 def test_build_ahead_warms_each_config_up_on_threads(monkeypatch):
@@ -627,8 +643,9 @@ def test_riders_are_built_with_the_rounds_candidates(monkeypatch):
     monkeypatch.setattr(ft, "_build_ahead", lambda builds: built.append(
         [b if isinstance(b, str) else _build_tiles(b) for b in builds]))
     monkeypatch.setattr(ft.triton.runtime, "driver", types.SimpleNamespace(
-        active=types.SimpleNamespace(get_benchmarker=lambda: lambda call, quantiles: (
+        active=types.SimpleNamespace(get_benchmarker=lambda: lambda call, quantiles, **_: (
             timed.append(call()), [1.0] * len(quantiles))[1])))
+    monkeypatch.setattr(ft, "_run_ms", lambda call: 1.0)
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=4, num_stages=2)
                for m in (32, 64)]
     args = {"HEAD_D": 64, "HEAD_DV": 64, "SEQ_BUCKET": ft._seq_bucket(4096, 4096)}

@@ -231,7 +231,35 @@ def _timed(kernel_call, quantiles):
             _build_ahead(_candidate_builds(jitted, named_args, kwargs, configs) + riders)
         if len(configs) == 1:  # Triton times even a lone candidate, ~125 ms of reps
             return [0.0] * len(quantiles)
-    return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+    rep = _timing_ms(_run_ms(kernel_call))
+    return triton.runtime.driver.active.get_benchmarker()(
+        kernel_call, quantiles=quantiles, warmup=rep / 4, rep=rep)
+
+
+# Triton's benchmarker warms up for 25 ms and then times for 100 ms, whatever one run
+# costs: ~125 ms a candidate, thousands of runs where a small call's candidate runs in
+# microseconds (its launches then take longer than its kernel: host-bound), so a round of
+# eight spent a second (first_calls.py, run 47). A candidate is timed for about
+# _TIMED_RUNS runs instead, within [_TIMING_MS_MIN, 100] ms, which leaves a run of 5 ms
+# or more its 100 ms, as before.
+_TIMED_RUNS = 20
+_TIMING_MS_MIN = 5.0
+
+
+def _timing_ms(run_ms: float) -> float:
+    """How long to time a candidate one run of which took run_ms (warm-up: a quarter)."""
+    return min(100.0, max(_TIMING_MS_MIN, _TIMED_RUNS * run_ms))
+
+
+def _run_ms(kernel_call) -> float:
+    """One warm run of kernel_call, milliseconds by CUDA events (after one untimed run)."""
+    kernel_call()
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    start.record()
+    kernel_call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def _build_ahead(builds: list[tuple]) -> None:

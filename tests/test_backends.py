@@ -336,3 +336,51 @@ def test_lse_err_counts_finite_rows_and_needs_the_same_dead_rows() -> None:
     assert verify.lse_err(close.double(), ref) == math.inf  # not float32
     dead = torch.full((1, 3), float("-inf"))
     assert verify.lse_err(dead, dead) == 0.0
+
+
+def _random_calls(monkeypatch):
+    """benchmarks/random_calls.py as a module (the folder on sys.path for the test only)."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("random_calls")
+
+
+def test_random_calls_check_drawn_calls_and_write_each(monkeypatch, tmp_path):
+    import json
+
+    random_calls = _random_calls(monkeypatch)
+    assert random_calls.main(["--impl", "einsum", "--device", "cpu", "--cases", "6",
+                              "--seed", "1", "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "random_calls.json").read_text())
+    assert written["impl"] == "einsum" and len(written["calls"]) == 6
+    assert all(not call["failed"] and call["errors"]["out"] < 1e-2
+               for call in written["calls"])
+    # the same seed draws the same calls
+    rng = random_calls.random.Random(1)
+    assert [random_calls.draw(rng, "cpu") for _ in range(6)] == [
+        call["case"] for call in written["calls"]]
+
+
+def test_random_calls_catch_one_wrong_row_that_the_whole_tensors_norm_does_not(monkeypatch):
+    """One output row wrong by its own norm among 20000 is 0.7% of the whole tensor's, under
+    the 1e-2 tolerance; the row check fails it."""
+    random_calls = _random_calls(monkeypatch)
+    real = random_calls.attention
+
+    def one_row_off(q, k, v, impl, **kwargs):
+        out = real(q, k, v, impl=impl, **kwargs)
+        if impl == "einsum":  # row 7 moved by its own norm
+            bump = torch.zeros_like(out)
+            bump[0, 0, 7] = out[0, 0, 7].detach().norm() / out.shape[-1] ** 0.5
+            out = out + bump
+        return out
+
+    monkeypatch.setattr(random_calls, "attention", one_row_off)
+    case = {"batch": 1, "heads_q": 1, "heads_kv": 1, "seq_q": 20000, "seq_kv": 2,
+            "head_dim": 16, "head_dim_v": 16, "causal": False, "dtype": "float16",
+            "layout": "bhsd", "grad_layout": "bhsd", "return_lse": False}
+    result = random_calls.run_case("einsum", case, "cpu", seed=0)
+    assert result["errors"]["out"] < 1e-2
+    assert result["failed"] == ["out rows"]

@@ -1,0 +1,227 @@
+"""Random calls of one implementation against the float64 reference, forward and backward.
+
+    PYTHONPATH=src python benchmarks/random_calls.py [--impl triton] [--seed N]
+        [--seconds S] [--cases N] [--device cuda|cpu] [--out DIR]
+
+The test suite checks chosen shapes; this draws them, so that combinations nobody wrote
+down get checked too: lengths around the routes' thresholds (255-257, 511-512, 1280,
+1536-1537, 2048-2049, 4096), head dims 32-256 with a v head dim that differs now and
+then, grouped heads, key lengths (0, 1, all, random), padding masks (bool and additive),
+general masks, windows, explicit and negative scales, q, k, v as (B, H, S, D) tensors,
+transposed (B, S, H, D) ones or views into one fused QKV projection, and gradients laid
+out either way. On the CPU (`--device cpu`; `triton` then needs TRITON_INTERPRET=1) the
+lengths are small and the dtype float16.
+
+Each call is checked as `attnkit verify` checks (the output and every gradient within
+DESIGN.md's tolerance of the reference, relative to the whole tensor; lse within 1e-3
+where return_lse, and -inf exactly where the reference's is), and two ways more: a row
+that sees no key is exact zeros, and no row is far off on its own (`row_err` under
+ROW_BOUND), which a whole-tensor norm over thousands of rows would not notice. Rows whose
+exact gradient is near zero (a softmax peaked on one key) carry the rounding of the
+inputs and of O, as every backend's do: run 47 found the same dq rows 5-21% off in
+`triton`, `sdpa_flash`, `sdpa_cudnn`, `sdpa_efficient` and `flex` alike, to 2-3 digits,
+hence a bound of 0.5 of a floored row norm rather than the tolerance. A call the
+implementation refuses (UnsupportedError) is counted as skipped. Writes
+DIR/random_calls.json (each call's case, errors and verdict); exits 1 if any call failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from attnkit import UnsupportedError, attention
+from attnkit.bench import environment
+from attnkit.verify import rel_err, tolerance
+
+ROW_BOUND = 0.5
+LSE_TOLERANCE = 1e-3
+GPU_LENGTHS = [1, 17, 100, 255, 256, 257, 511, 512, 700, 1000, 1024, 1280, 1536, 1537,
+               2048, 2049, 3000, 4096]
+CPU_LENGTHS = [1, 2, 17, 33, 64, 65]
+# Largest B * Hq * Sq * Skv drawn: the reference holds that many float64 scores and
+# their gradients.
+MAX_SCORES = 1.5e8
+
+
+def draw(rng: random.Random, device: str) -> dict:
+    """One call's description (JSON-able), drawn for `device`."""
+    gpu = device == "cuda"
+    lengths = GPU_LENGTHS if gpu else CPU_LENGTHS
+    d = rng.choice([64, 64, 128, 128, 128, 32, 80, 96, 256] if gpu else [16, 24, 80])
+    dv = d if rng.random() < 0.9 else rng.choice([64, 128] if gpu else [16, 32])
+    hkv, group, b = rng.choice([1, 2, 4]), rng.choice([1, 2, 4]), rng.choice([1, 2, 3])
+    sq = rng.choice(lengths)
+    skv = sq if rng.random() < 0.5 else rng.choice(lengths)
+    while b * hkv * group * sq * skv > MAX_SCORES:
+        b, group, sq = max(1, b - 1), max(1, group // 2), (sq if b > 1 else max(1, sq // 2))
+    case = {"batch": b, "heads_q": hkv * group, "heads_kv": hkv, "seq_q": sq, "seq_kv": skv,
+            "head_dim": d, "head_dim_v": dv, "causal": rng.random() < 0.5,
+            "dtype": rng.choice(["bfloat16", "float16"]) if gpu else "float16",
+            "layout": rng.choice(["bhsd", "bshd", "fused"]) if dv == d and sq == skv
+            else rng.choice(["bhsd", "bshd"]),
+            "grad_layout": rng.choice(["bhsd", "bshd"]), "return_lse": rng.random() < 0.3}
+    masks = rng.random()
+    if masks < 0.35:
+        case["key_lengths"] = [rng.choice([0, 1, skv, rng.randint(1, skv), rng.randint(1, skv)])
+                               for _ in range(b)]
+    elif masks < 0.45:
+        case["padding"] = rng.choice(["bool", "additive"])
+        case["padded_lengths"] = [rng.randint(0, skv) for _ in range(b)]
+    elif masks < 0.5 and sq * skv <= 4e6:
+        case["general_mask"] = rng.choice(["bool", "additive"])
+    if rng.random() < 0.1:
+        case["window"] = [rng.choice([None, 0, 5, 300]), rng.choice([None, 0, 7, 200])]
+    if rng.random() < 0.1:
+        case["scale"] = rng.choice([0.5, -0.3, 0.02])
+    return case
+
+
+def make_inputs(case: dict, device: str, gen: torch.Generator):
+    """(q, k, v, the leaves to differentiate, attention's keyword arguments, gradient of
+    out), q/k/v as (B, H, S, D) views laid out as case["layout"] says."""
+    dtype = getattr(torch, case["dtype"])
+    b, hq, hkv = case["batch"], case["heads_q"], case["heads_kv"]
+    sq, skv, d, dv = case["seq_q"], case["seq_kv"], case["head_dim"], case["head_dim_v"]
+
+    def leaf(*shape):
+        return torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
+
+    if case["layout"] == "fused":  # one (B, S, (Hq + 2 Hkv) * D) projection output
+        qkv = leaf(b, sq, (hq + 2 * hkv) * d)
+        q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2)
+                   for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+        leaves = [qkv]
+    elif case["layout"] == "bshd":
+        leaves = [leaf(b, sq, hq, d), leaf(b, skv, hkv, d), leaf(b, skv, hkv, dv)]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+    else:
+        leaves = [leaf(b, hq, sq, d), leaf(b, hkv, skv, d), leaf(b, hkv, skv, dv)]
+        q, k, v = leaves
+    kwargs = {"causal": case["causal"], "return_lse": case["return_lse"]}
+    if "key_lengths" in case:
+        kwargs["key_lengths"] = torch.tensor(case["key_lengths"], device=device)
+    if "padding" in case:
+        keep = (torch.arange(skv, device=device)
+                < torch.tensor(case["padded_lengths"], device=device)[:, None])[:, None, None]
+        kwargs["attn_mask"] = keep if case["padding"] == "bool" else torch.where(
+            keep, torch.randn(keep.shape, device=device, generator=gen).to(dtype),
+            torch.tensor(-math.inf, device=device, dtype=dtype))
+    if "general_mask" in case:
+        scores = torch.randn((b, 1, sq, skv), device=device, generator=gen)
+        kwargs["attn_mask"] = scores > -0.5 if case["general_mask"] == "bool" else scores.to(dtype)
+    if "window" in case:
+        kwargs["window"] = tuple(case["window"])
+    if "scale" in case:
+        kwargs["scale"] = case["scale"]
+    grad = torch.randn(b, sq, hq, dv, device=device, dtype=dtype, generator=gen).transpose(1, 2)
+    if case["grad_layout"] == "bhsd":
+        grad = grad.contiguous()
+    return q, k, v, leaves, kwargs, grad
+
+
+def row_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """The worst row's error (rows along the last dim) over the larger of its norm and a
+    tenth of the rows' root mean square (1 where every row is zero)."""
+    x64, ref64 = x.detach().double(), ref.detach().double()
+    if not torch.isfinite(x64).all():
+        return math.inf
+    rows = ref64.norm(dim=-1)
+    rms = rows.square().mean().sqrt().item()
+    floor = 0.1 * rms if rms > 0 else 1.0
+    return ((x64 - ref64).norm(dim=-1) / rows.clamp_min(floor)).max().item()
+
+
+def run_case(impl: str, case: dict, device: str, seed: int) -> dict:
+    """Errors of one call of impl against the reference's, and what went over its bound."""
+    answers = []
+    for name in (impl, "reference"):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        q, k, v, leaves, kwargs, grad = make_inputs(case, device, gen)
+        if name == "reference":
+            q, k, v = (t.double() for t in (q, k, v))
+            mask = kwargs.get("attn_mask")
+            if mask is not None and mask.is_floating_point():
+                kwargs["attn_mask"] = mask.double()
+        outputs = attention(q, k, v, impl=name, **kwargs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        grads = torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
+        answers.append((outputs, grads))
+    (outputs, grads), (ref_outputs, ref_grads) = answers
+    bound = tolerance(outputs[0].dtype, torch.device(device), impl)
+    errors = {"out": (rel_err(outputs[0], ref_outputs[0]), bound),
+              "out rows": (row_err(outputs[0], ref_outputs[0]), ROW_BOUND)}
+    for i, (got, want) in enumerate(zip(grads, ref_grads, strict=True)):
+        errors[f"grad {i}"] = (rel_err(got, want), bound)
+        errors[f"grad {i} rows"] = (row_err(got, want), ROW_BOUND)
+    if case["return_lse"]:
+        seen = torch.isfinite(ref_outputs[1])
+        same = torch.equal(torch.isfinite(outputs[1]), seen)
+        errors["lse -inf where the reference's"] = (0.0 if same else math.inf, 0.0)
+        errors["lse"] = (rel_err(outputs[1][seen], ref_outputs[1][seen]) if seen.any() else 0.0,
+                         LSE_TOLERANCE)
+    unseen = ref_outputs[0].abs().amax(-1) == 0
+    errors["rows that see no key are zeros"] = (
+        0.0 if bool((outputs[0][unseen] == 0).all()) else math.inf, 0.0)
+    return {"errors": {name: value for name, (value, _) in errors.items()},
+            "failed": [name for name, (value, limit) in errors.items() if not value <= limit]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impl", default="triton")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=300.0, help="stop drawing after")
+    parser.add_argument("--cases", type=int, default=None, help="stop after this many")
+    parser.add_argument("--device", choices=("cuda", "cpu"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    results = []
+    start = time.perf_counter()
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"{args.impl}: random calls", total=args.cases)
+        while (time.perf_counter() - start < args.seconds
+               and (args.cases is None or len(results) < args.cases)):
+            case = draw(rng, args.device)
+            seed = args.seed * 1_000_000 + len(results)
+            began = time.perf_counter()
+            try:
+                result = run_case(args.impl, case, args.device, seed)
+            except UnsupportedError as exc:
+                result = {"skipped": str(exc)[:300], "failed": []}
+            except Exception as exc:  # noqa: BLE001 - recorded as that call's failure
+                result = {"error": f"{type(exc).__name__}: {exc}"[:500],
+                          "trace": traceback.format_exc()[-2000:], "failed": ["raised"]}
+            results.append({"case": case, "seed": seed,
+                            "seconds": round(time.perf_counter() - began, 3), **result})
+            if result["failed"]:
+                progress.console.print(f"FAILED {result['failed']}: {json.dumps(case)} "
+                               f"{result.get('error', result.get('errors'))}")
+            progress.advance(task)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    failed = sum(bool(r["failed"]) for r in results)
+    skipped = sum("skipped" in r for r in results)
+    print(f"{args.impl}: {len(results)} random calls, {failed} failed, {skipped} skipped, "
+          f"{time.perf_counter() - start:.0f} s")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "random_calls.json").write_text(json.dumps(
+            {"environment": environment(torch.device(args.device)), "impl": args.impl,
+             "seed": args.seed, "calls": results}, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

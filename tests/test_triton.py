@@ -1643,6 +1643,15 @@ def _benchmark_script(name: str, monkeypatch):
     return importlib.import_module(name)
 
 
+def test_random_calls_match_the_oracle(monkeypatch, device, tmp_path):
+    """benchmarks/random_calls.py's drawn calls of `triton` (on the CPU small, float16 and
+    under the interpreter) pass its checks, the row check too: feature combinations that
+    no test here names, a new draw for each seed."""
+    random_calls = _benchmark_script("random_calls", monkeypatch)
+    assert random_calls.main(["--impl", "triton", "--device", device.type, "--cases", "12",
+                              "--seed", "47", "--out", str(tmp_path)]) == 0
+
+
 def test_first_calls_counts_each_kernels_builds_on_the_device(monkeypatch):
     """benchmarks/first_calls.py counts the builds each kernel (an Autotuner's through its
     JITFunction) holds for the device it is asked about, without adding one."""

@@ -384,3 +384,26 @@ def test_random_calls_catch_one_wrong_row_that_the_whole_tensors_norm_does_not(m
     result = random_calls.run_case("einsum", case, "cpu", seed=0)
     assert result["errors"]["out"] < 1e-2
     assert result["failed"] == ["out rows"]
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("name", [n for n in NAMES if not (n == "flex" and DEVICE.type == "cpu")])
+def test_causal_alone_with_a_scale_of_zero_or_below(name: str, scale: float) -> None:
+    """Causal with nothing else and Sq == Skv, where SDPA takes is_causal=True: PyTorch's
+    CPU flash kernel multiplies the scale into its -inf masked scores (NaN for scale <= 0),
+    so the sdpa backends mask explicitly there."""
+    skip_if_unavailable(name)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 17, 16, generator=gen).to(DEVICE).requires_grad_()
+               for _ in range(3))
+    call = make_call(q, k, v, causal=True, scale=scale)
+    reason = attnkit.functional.refusal(backends.get(name), call)
+    if reason is not None:
+        pytest.skip(reason)
+    grad = torch.randn(q.shape, generator=gen).to(DEVICE)
+    answers = []
+    for impl in (name, "reference"):
+        out = attnkit.attention(q, k, v, causal=True, scale=scale, impl=impl)
+        answers.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for got, want in zip(*answers, strict=True):
+        assert verify.rel_err(got, want) < verify.tolerance(torch.float32, DEVICE, name)

@@ -4,8 +4,10 @@ kernels pinned with torch.nn.attention.sdpa_kernel.
 This module defines a family, so it exports `BACKENDS` (a list) rather than one `BACKEND`.
 
 Mapping the contract onto SDPA:
-- causal alone with Sq == Skv -> is_causal=True. SDPA's is_causal is aligned to the top
-  left, so causal with Sq != Skv (or with any other masking) becomes an explicit mask.
+- causal alone with Sq == Skv and a positive scale -> is_causal=True. SDPA's is_causal is
+  aligned to the top left, so causal with Sq != Skv (or with any other masking) becomes an
+  explicit mask; so does causal with a scale <= 0, which PyTorch's CPU flash kernel
+  multiplies into its -inf masked scores (torch 2.13: NaN in every row with a hidden key).
 - masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
   the additive masks.score_bias in the input dtype.
 - Hq != Hkv -> enable_gqa=True; a pinned kernel that rejects it gets k/v repeated instead.
@@ -58,8 +60,9 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     """The SDPA arguments for `call`; k/v are repeated to Hq heads unless native_gqa."""
     k, v = (call.k, call.v) if native_gqa else expand_kv(call)
     gqa = native_gqa and call.group > 1
-    only_causal = call.causal and call.window is None and call.key_lengths is None
-    if not call.has_mask or (only_causal and call.attn_mask is None and call.seq_q == call.seq_kv):
+    only_causal = (call.causal and call.window is None and call.key_lengths is None
+                   and call.attn_mask is None and call.seq_q == call.seq_kv)
+    if not call.has_mask or (only_causal and call.scale > 0):
         return Arguments(k, v, None, call.causal, gqa, None)
     # Dead rows as one tensor, used twice (here and on the output): each small op is a
     # kernel launch, and at module sizes launches are what the GPU waits on.
@@ -105,7 +108,7 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
 _RULES: dict[SDPBackend, tuple[tuple[torch.dtype, ...], str | None]] = {
     SDPBackend.FLASH_ATTENTION: (
         (torch.float16, torch.bfloat16),
-        "takes no attn_mask: only no masking, or causal alone with Sq == Skv",
+        "takes no attn_mask: only no masking, or causal alone with Sq == Skv and a scale above 0",
     ),
     SDPBackend.EFFICIENT_ATTENTION: ((torch.float16, torch.bfloat16, torch.float32), None),
     SDPBackend.CUDNN_ATTENTION: ((torch.float16, torch.bfloat16), None),

@@ -7,10 +7,11 @@ The test suite checks chosen shapes; this draws them, so that combinations nobod
 down get checked too: lengths around the routes' thresholds (255-257, 511-512, 1280,
 1536-1537, 2048-2049, 4096), head dims 32-256 with a v head dim that differs now and
 then, grouped heads, key lengths (0, 1, all, random), padding masks (bool and additive),
-general masks, windows, explicit and negative scales, q, k, v as (B, H, S, D) tensors,
-transposed (B, S, H, D) ones or views into one fused QKV projection, and gradients laid
-out either way. On the CPU (`--device cpu`; `triton` then needs TRITON_INTERPRET=1) the
-lengths are small and the dtype float16 unless --dtypes says otherwise.
+general masks broadcast over the batch, the heads, both or neither, windows, explicit and
+negative scales, q, k, v as (B, H, S, D) tensors, transposed (B, S, H, D) ones or views
+into one fused QKV projection, and gradients laid out either way. On the CPU (`--device
+cpu`; `triton` then needs TRITON_INTERPRET=1) the lengths are small and the dtype float16
+unless --dtypes says otherwise.
 
 Each call is checked as `attnkit verify` checks (the output and every gradient within
 DESIGN.md's tolerance of the reference, relative to the whole tensor, or element by
@@ -82,6 +83,8 @@ def draw(rng: random.Random, device: str, dtypes: list[str] | None = None) -> di
         case["padded_lengths"] = [rng.randint(0, skv) for _ in range(b)]
     elif masks < 0.5 and sq * skv <= 4e6:
         case["general_mask"] = rng.choice(["bool", "additive"])
+        # broadcast over the batch, the heads, both or neither
+        case["mask_shape"] = [rng.choice([1, b]), rng.choice([1, hkv * group]), sq, skv]
     if rng.random() < 0.1:
         case["window"] = [rng.choice([None, 0, 5, 300]), rng.choice([None, 0, 7, 200])]
     if rng.random() < 0.1:
@@ -120,7 +123,7 @@ def make_inputs(case: dict, device: str, gen: torch.Generator):
             keep, torch.randn(keep.shape, device=device, generator=gen).to(dtype),
             torch.tensor(-math.inf, device=device, dtype=dtype))
     if "general_mask" in case:
-        scores = torch.randn((b, 1, sq, skv), device=device, generator=gen)
+        scores = torch.randn(case["mask_shape"], device=device, generator=gen)
         kwargs["attn_mask"] = scores > -0.5 if case["general_mask"] == "bool" else scores.to(dtype)
     if "window" in case:
         kwargs["window"] = tuple(case["window"])

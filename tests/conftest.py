@@ -27,6 +27,15 @@ def assert_dropout_only_in_training(m: torch.nn.Module, plain: torch.nn.Module,
     assert rel_err(first, plain(x)) > 1e-3
 
 
+def benchmark_script(name: str, monkeypatch):
+    """benchmarks/NAME.py as a module (the folder on sys.path for the test only)."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module(name)
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE

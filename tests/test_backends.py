@@ -14,7 +14,7 @@ from attnkit.backends import flex
 from attnkit.call import make_call
 from attnkit.functional import select
 from attnkit.masks import visibility
-from conftest import DEVICE
+from conftest import DEVICE, benchmark_script
 
 # tests/test_triton.py covers the Triton kernel; under the interpreter it is too slow here.
 NAMES = [name for name in backends.BACKENDS if name not in ("reference", "triton")]
@@ -338,19 +338,10 @@ def test_lse_err_counts_finite_rows_and_needs_the_same_dead_rows() -> None:
     assert verify.lse_err(dead, dead) == 0.0
 
 
-def _random_calls(monkeypatch):
-    """benchmarks/random_calls.py as a module (the folder on sys.path for the test only)."""
-    import importlib
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    return importlib.import_module("random_calls")
-
-
 def test_random_calls_check_drawn_calls_and_write_each(monkeypatch, tmp_path):
     import json
 
-    random_calls = _random_calls(monkeypatch)
+    random_calls = benchmark_script("random_calls", monkeypatch)
     assert random_calls.main(["--impl", "einsum", "--device", "cpu", "--cases", "6",
                               "--seed", "1", "--out", str(tmp_path)]) == 0
     written = json.loads((tmp_path / "random_calls.json").read_text())
@@ -366,7 +357,7 @@ def test_random_calls_check_drawn_calls_and_write_each(monkeypatch, tmp_path):
 def test_random_calls_catch_one_wrong_row_that_the_whole_tensors_norm_does_not(monkeypatch):
     """One output row wrong by its own norm among 20000 is 0.7% of the whole tensor's, under
     the 1e-2 tolerance; the row check fails it."""
-    random_calls = _random_calls(monkeypatch)
+    random_calls = benchmark_script("random_calls", monkeypatch)
     real = random_calls.attention
 
     def one_row_off(q, k, v, impl, **kwargs):

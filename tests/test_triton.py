@@ -21,6 +21,7 @@ import torch
 from attnkit import MultiHeadAttention, UnsupportedError, attention
 from attnkit.backends import dropout_mask, fused_triton, hopper_backward
 from attnkit.verify import Case, check, default_cases, rel_err
+from conftest import benchmark_script
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -1581,7 +1582,7 @@ def test_gluon_experiments_import_what_hopper_forward_still_has(monkeypatch, scr
         pytest.skip("this Triton has no Gluon Hopper operations to import")
     for name in _GLUON_EXPERIMENTS:
         monkeypatch.delitem(sys.modules, name, raising=False)
-    _benchmark_script(script, monkeypatch)
+    benchmark_script(script, monkeypatch)
 
 
 @pytest.mark.parametrize("script, launch, kernel_args", [
@@ -1601,7 +1602,7 @@ def test_gluon_experiments_launch_the_config_they_were_given(monkeypatch, script
         pytest.skip("this Triton has no Gluon Hopper operations to import")
     for name in _GLUON_EXPERIMENTS:
         monkeypatch.delitem(sys.modules, name, raising=False)
-    module = _benchmark_script(script, monkeypatch)
+    module = benchmark_script(script, monkeypatch)
     seen = {}
     monkeypatch.setattr(hb, launch, lambda *args, **kwargs: seen.update(args=args, **kwargs))
     q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
@@ -1617,7 +1618,7 @@ def test_ncu_step_summarizes_a_source_page(tmp_path, capsys, monkeypatch):
     by opcode (predicates dropped), stalls by reason, the lines with most samples."""
     import csv
 
-    ncu_step = _benchmark_script("ncu_step", monkeypatch)
+    ncu_step = benchmark_script("ncu_step", monkeypatch)
     path = tmp_path / "page.csv"
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
@@ -1635,19 +1636,11 @@ def test_ncu_step_summarizes_a_source_page(tmp_path, capsys, monkeypatch):
     assert text.rstrip().endswith("75.00% barrier        @!P0 LDS.64 R2, [R3]")
 
 
-def _benchmark_script(name: str, monkeypatch):
-    """benchmarks/NAME.py as a module (the folder on sys.path for the test only)."""
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    return importlib.import_module(name)
-
-
 def test_random_calls_match_the_oracle(monkeypatch, device, tmp_path):
     """benchmarks/random_calls.py's drawn calls of `triton` (on the CPU small, float16 and
     under the interpreter) pass its checks, the row check too: feature combinations that
     no test here names (the same twelve each run: seed 47)."""
-    random_calls = _benchmark_script("random_calls", monkeypatch)
+    random_calls = benchmark_script("random_calls", monkeypatch)
     assert random_calls.main(["--impl", "triton", "--device", device.type, "--cases", "12",
                               "--seed", "47", "--out", str(tmp_path)]) == 0
 
@@ -1657,7 +1650,7 @@ def test_first_calls_counts_each_kernels_builds_on_the_device(monkeypatch):
     JITFunction) holds for the device it is asked about, without adding one."""
     import triton
 
-    first_calls = _benchmark_script("first_calls", monkeypatch)
+    first_calls = benchmark_script("first_calls", monkeypatch)
     # a JITFunction's own .fn is its Python function (a Gluon kernel's too)
     jitted = types.SimpleNamespace(device_caches={0: ({"a": 1, "b": 2}, "binder"),
                                                   1: ({"c": 3},)}, fn=lambda: None)
@@ -1714,7 +1707,7 @@ def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
-    memcheck = _benchmark_script("memcheck", monkeypatch)
+    memcheck = benchmark_script("memcheck", monkeypatch)
     memcheck.force_gluon_kernels(monkeypatch.setattr)  # undone after the test
     for case in memcheck.GLUON_CASES:
         q, k, v, kwargs = case.make_inputs("cpu", torch.Generator().manual_seed(0))
@@ -1734,7 +1727,7 @@ def test_dropout_seed_pieces_launch_the_kernels_as_backward_does(monkeypatch):
     from attnkit.backends import hopper_backward as hb
     from attnkit.call import make_call
 
-    script = _benchmark_script("dropout_seed", monkeypatch)
+    script = benchmark_script("dropout_seed", monkeypatch)
     seen = []
     for module, name in ((ft, "_launch_dq"), (ft, "_launch_dkdv"), (hb, "launch_dq"),
                          (hb, "launch_dkdv")):
@@ -1784,7 +1777,7 @@ def test_dropout_seed_pieces_launch_the_kernels_as_backward_does(monkeypatch):
 def test_module_time_imports_what_bench_still_has(monkeypatch):
     """benchmarks/module_time.py builds its workloads with attnkit.bench's own private
     helpers; one renamed there would break it only on a GPU."""
-    _benchmark_script("module_time", monkeypatch)
+    benchmark_script("module_time", monkeypatch)
 
 
 def test_cold_start_runs_each_variant_in_turns_from_an_empty_cache(monkeypatch, tmp_path,
@@ -1796,7 +1789,7 @@ def test_cold_start_runs_each_variant_in_turns_from_an_empty_cache(monkeypatch, 
     import os
     from pathlib import Path
 
-    cold = _benchmark_script("cold_start", monkeypatch)
+    cold = benchmark_script("cold_start", monkeypatch)
     children = []
 
     def fake_run(argv, env, **kwargs):
@@ -1839,7 +1832,7 @@ def test_kernel_variants_runs_each_variant_as_written(monkeypatch):
     from attnkit.backends import fused_triton as ft
     from attnkit.backends import hopper_backward
 
-    kv = _benchmark_script("kernel_variants", monkeypatch)
+    kv = benchmark_script("kernel_variants", monkeypatch)
     for attr in ("_HOPPER_DQ", "_HOPPER_DKDV", "hopper_backward"):
         monkeypatch.setattr(ft, attr, getattr(ft, attr))  # undone after the test
     variants = [kv.parse_variant("a:_HOPPER_DQ=0"),
@@ -1859,7 +1852,7 @@ def test_kernel_variants_runs_each_variant_as_written(monkeypatch):
 def test_kernel_variants_reads_values_and_uneven_shapes(monkeypatch):
     """benchmarks/kernel_variants.py: `@MODULE.ATTR` sets a switch to a value a module
     holds (a route table to try), `@MODULE` to the module; S may be SQ:SKV."""
-    kv = _benchmark_script("kernel_variants", monkeypatch)
+    kv = benchmark_script("kernel_variants", monkeypatch)
     _, switches = kv.parse_variant("x:_HOPPER_ROUTES=@json.decoder.JSONArray,hopper_forward=@json")
     assert switches["_HOPPER_ROUTES"] is importlib.import_module("json.decoder").JSONArray
     assert switches["hopper_forward"] is importlib.import_module("json")
@@ -1882,7 +1875,7 @@ def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, h
 
     if hf.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper operations")
-    gluon_sass = _benchmark_script("gluon_sass", monkeypatch)
+    gluon_sass = benchmark_script("gluon_sass", monkeypatch)
     source, _ = getattr(gluon_sass, kernel)(head_dim, causal, False, None, 3)
     kinds = {name: kind == "constexpr" for name, kind in source.signature.items()}
     assert kinds == {param.name: param.is_constexpr for param in source.fn.params}
@@ -1893,7 +1886,7 @@ def test_gluon_sass_finds_writes_into_an_inflight_wgmmas_registers(monkeypatch):
     registers for HGMMA.64xN) or the register A operand (4) of a wgmma group between its
     issue and the WARPGROUP.DEPBAR that retires it, and nothing else: not reads, not
     stores, not writes after the wait (run 43 scanned every Gluon build with it)."""
-    inflight_writes = _benchmark_script("gluon_sass", monkeypatch).inflight_writes
+    inflight_writes = benchmark_script("gluon_sass", monkeypatch).inflight_writes
     dv = "HGMMA.64x64x16.F32.BF16 R88, R56, gdesc[UR8].tnspB, R88, gsb0"  # R88-R119, R56-R59
     dk = "HGMMA.64x128x16.F32.BF16 R120, R24, gdesc[UR4].tnspB, R120, gsb0"  # R120-R183
     code = ["WARPGROUP.ARRIVE", dv,
@@ -2440,7 +2433,7 @@ def _watch_gluon_launches(monkeypatch) -> list[tuple[str, object]]:
     """The Gluon launch functions, each wrapped to note (its name, the launcher it was
     given) in the returned list before it runs (memcheck.py's watch, undone after the
     test)."""
-    return _benchmark_script("memcheck", monkeypatch).watch_gluon_launches(monkeypatch.setattr)
+    return benchmark_script("memcheck", monkeypatch).watch_gluon_launches(monkeypatch.setattr)
 
 
 @pytest.mark.gpu

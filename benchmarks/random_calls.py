@@ -1,6 +1,6 @@
-"""Random calls of one implementation against the float64 reference, forward and backward.
+"""Random calls of implementations against the float64 reference, forward and backward.
 
-    PYTHONPATH=src python benchmarks/random_calls.py [--impl triton] [--seed N]
+    PYTHONPATH=src python benchmarks/random_calls.py [--impl NAME ...] [--seed N]
         [--seconds S] [--cases N] [--device cuda|cpu] [--dtypes DTYPE ...] [--out DIR]
 
 The test suite checks chosen shapes; this draws them, so that combinations nobody wrote
@@ -22,9 +22,11 @@ whole-tensor norm over thousands of rows would not notice. Rows whose
 exact gradient is near zero (a softmax peaked on one key) carry the rounding of the
 inputs and of O, as every backend's do: run 47 found the same dq rows 5-21% off in
 `triton`, `sdpa_flash`, `sdpa_cudnn`, `sdpa_efficient` and `flex` alike, to 2-3 digits,
-hence a bound of 0.5 of a floored row norm rather than the tolerance. A call the
-implementation refuses (UnsupportedError) is counted as skipped. Writes
-DIR/random_calls.json (each call's case, errors and verdict); exits 1 if any call failed.
+hence a bound of 0.5 of a floored row norm rather than the tolerance. Each drawn call goes
+to every implementation given (`--impl triton flex sdpa_cudnn ...`), against one
+reference answer; a call an implementation refuses (UnsupportedError) is counted as
+skipped for it. Writes DIR/random_calls.json (each call's case and, per implementation,
+its errors and verdict); exits 1 if any implementation failed any call.
 """
 
 from __future__ import annotations
@@ -157,29 +159,32 @@ def row_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x64 - ref64).norm(dim=-1) / rows.clamp_min(floor)).max().item()
 
 
-def run_case(impl: str, case: dict, device: str, seed: int) -> dict:
-    """Errors of one call of impl against the reference's, and what went over its bound."""
-    answers = []
-    for name in (impl, "reference"):
-        gen = torch.Generator(device=device).manual_seed(seed)
-        q, k, v, leaves, kwargs, grad = make_inputs(case, device, gen)
-        if name == "reference":
-            q, k, v = (t.double() for t in (q, k, v))
-            mask = kwargs.get("attn_mask")
-            if mask is not None and mask.is_floating_point():
-                kwargs["attn_mask"] = mask.double()
-        outputs = attention(q, k, v, impl=name, **kwargs)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        grads = torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
-        answers.append((outputs, grads))
-    (outputs, grads), (ref_outputs, ref_grads) = answers
+def answers(impl: str, case: dict, device: str, seed: int) -> tuple[tuple, tuple]:
+    """(outputs, gradients of the leaves) of impl on the case's inputs for seed; the
+    reference's in float64."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, leaves, kwargs, grad = make_inputs(case, device, gen)
+    if impl == "reference":
+        q, k, v = (t.double() for t in (q, k, v))
+        mask = kwargs.get("attn_mask")
+        if mask is not None and mask.is_floating_point():
+            kwargs["attn_mask"] = mask.double()
+    outputs = attention(q, k, v, impl=impl, **kwargs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return outputs, torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
+
+
+def compare(impl: str, got: tuple[tuple, tuple], want: tuple[tuple, tuple],
+            device: str) -> dict:
+    """Errors of impl's answers against the reference's, and what went over its bound."""
+    (outputs, grads), (ref_outputs, ref_grads) = got, want
     bound = tolerance(outputs[0].dtype, torch.device(device), impl)
     errors = {"out": (whole_err(outputs[0], ref_outputs[0]), bound),
               "out rows": (row_err(outputs[0], ref_outputs[0]), ROW_BOUND)}
-    for i, (got, want) in enumerate(zip(grads, ref_grads, strict=True)):
-        errors[f"grad {i}"] = (whole_err(got, want), bound)
-        errors[f"grad {i} rows"] = (row_err(got, want), ROW_BOUND)
-    if case["return_lse"]:
+    for i, (grad, ref_grad) in enumerate(zip(grads, ref_grads, strict=True)):
+        errors[f"grad {i}"] = (whole_err(grad, ref_grad), bound)
+        errors[f"grad {i} rows"] = (row_err(grad, ref_grad), ROW_BOUND)
+    if len(outputs) > 1:  # return_lse
         errors["lse"] = (lse_err(outputs[1], ref_outputs[1]), lse_tolerance(bound))
     unseen = ref_outputs[0].abs().amax(-1) == 0
     errors["rows that see no key are zeros"] = (
@@ -188,9 +193,26 @@ def run_case(impl: str, case: dict, device: str, seed: int) -> dict:
             "failed": [name for name, (value, limit) in errors.items() if not value <= limit]}
 
 
+def run_case(impls: list[str], case: dict, device: str, seed: int) -> dict[str, dict]:
+    """Each of impls on one drawn call against the reference (computed once): its errors
+    and failed checks, or why it refused the call, or what it raised."""
+    want = answers("reference", case, device, seed)
+    results = {}
+    for impl in impls:
+        try:
+            results[impl] = compare(impl, answers(impl, case, device, seed), want, device)
+        except UnsupportedError as exc:
+            results[impl] = {"skipped": str(exc)[:300], "failed": []}
+        except Exception as exc:  # noqa: BLE001 - recorded as that call's failure
+            results[impl] = {"error": f"{type(exc).__name__}: {exc}"[:500],
+                             "trace": traceback.format_exc()[-2000:], "failed": ["raised"]}
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impl", default="triton")
+    parser.add_argument("--impl", nargs="+", default=["triton"],
+                        help="one or more implementations, each given every drawn call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=300.0, help="stop drawing after")
     parser.add_argument("--cases", type=int, default=None, help="stop after this many")
@@ -202,41 +224,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
-    results = []
+    calls = []
     start = time.perf_counter()
     with Progress(transient=True) as progress:
-        task = progress.add_task(f"{args.impl}: random calls", total=args.cases)
+        task = progress.add_task(f"{' '.join(args.impl)}: random calls", total=args.cases)
         while (time.perf_counter() - start < args.seconds
-               and (args.cases is None or len(results) < args.cases)):
+               and (args.cases is None or len(calls) < args.cases)):
             case = draw(rng, args.device, args.dtypes)
-            seed = args.seed * 1_000_000 + len(results)
+            seed = args.seed * 1_000_000 + len(calls)
             began = time.perf_counter()
-            try:
-                result = run_case(args.impl, case, args.device, seed)
-            except UnsupportedError as exc:
-                result = {"skipped": str(exc)[:300], "failed": []}
-            except Exception as exc:  # noqa: BLE001 - recorded as that call's failure
-                result = {"error": f"{type(exc).__name__}: {exc}"[:500],
-                          "trace": traceback.format_exc()[-2000:], "failed": ["raised"]}
-            results.append({"case": case, "seed": seed,
-                            "seconds": round(time.perf_counter() - began, 3), **result})
-            if result["failed"]:
-                progress.console.print(f"FAILED {result['failed']}: {json.dumps(case)} "
-                               f"{result.get('error', result.get('errors'))}")
+            results = run_case(args.impl, case, args.device, seed)
+            calls.append({"case": case, "seed": seed,
+                          "seconds": round(time.perf_counter() - began, 3), "results": results})
+            for impl, result in results.items():
+                if result["failed"]:
+                    progress.console.print(f"FAILED {impl} {result['failed']}: {json.dumps(case)} "
+                                           f"{result.get('error', result.get('errors'))}")
             progress.advance(task)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    failed = sum(bool(r["failed"]) for r in results)
-    skipped = sum("skipped" in r for r in results)
-    print(f"{args.impl}: {len(results)} random calls, {failed} failed, {skipped} skipped, "
-          f"{time.perf_counter() - start:.0f} s")
+    any_failed = False
+    for impl in args.impl:
+        results = [call["results"][impl] for call in calls]
+        failed = sum(bool(r["failed"]) for r in results)
+        skipped = sum("skipped" in r for r in results)
+        any_failed |= failed > 0
+        print(f"{impl}: {len(results)} random calls, {failed} failed, {skipped} skipped")
+    print(f"{len(calls)} calls drawn in {time.perf_counter() - start:.0f} s")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "random_calls.json").write_text(json.dumps(
-            {"environment": environment(torch.device(args.device)), "impl": args.impl,
-             "seed": args.seed, "calls": results}, indent=1))
-    return 1 if failed else 0
-
+            {"environment": environment(torch.device(args.device)), "impls": args.impl,
+             "seed": args.seed, "calls": calls}, indent=1))
+    return 1 if any_failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -342,12 +342,13 @@ def test_random_calls_check_drawn_calls_and_write_each(monkeypatch, tmp_path):
     import json
 
     random_calls = benchmark_script("random_calls", monkeypatch)
-    assert random_calls.main(["--impl", "einsum", "--device", "cpu", "--cases", "6",
+    assert random_calls.main(["--impl", "einsum", "naive", "--device", "cpu", "--cases", "6",
                               "--seed", "1", "--out", str(tmp_path)]) == 0
     written = json.loads((tmp_path / "random_calls.json").read_text())
-    assert written["impl"] == "einsum" and len(written["calls"]) == 6
-    assert all(not call["failed"] and call["errors"]["out"] < 1e-2
-               for call in written["calls"])
+    assert written["impls"] == ["einsum", "naive"] and len(written["calls"]) == 6
+    assert all(not result["failed"] and result["errors"]["out"] < 1e-2
+               for call in written["calls"] for result in call["results"].values())
+    assert all(set(call["results"]) == {"einsum", "naive"} for call in written["calls"])
     # the same seed draws the same calls
     rng = random_calls.random.Random(1)
     assert [random_calls.draw(rng, "cpu") for _ in range(6)] == [
@@ -372,9 +373,10 @@ def test_random_calls_catch_one_wrong_row_that_the_whole_tensors_norm_does_not(m
     case = {"batch": 1, "heads_q": 1, "heads_kv": 1, "seq_q": 20000, "seq_kv": 2,
             "head_dim": 16, "head_dim_v": 16, "causal": False, "dtype": "float16",
             "layout": "bhsd", "grad_layout": "bhsd", "return_lse": False}
-    result = random_calls.run_case("einsum", case, "cpu", seed=0)
-    assert result["errors"]["out"] < 1e-2
-    assert result["failed"] == ["out rows"]
+    results = random_calls.run_case(["einsum", "naive"], case, "cpu", seed=0)
+    assert results["einsum"]["errors"]["out"] < 1e-2
+    assert results["einsum"]["failed"] == ["out rows"]
+    assert results["naive"]["failed"] == []  # the same call, right
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.5])

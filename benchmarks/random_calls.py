@@ -159,16 +159,15 @@ def row_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x64 - ref64).norm(dim=-1) / rows.clamp_min(floor)).max().item()
 
 
-def answers(impl: str, case: dict, device: str, seed: int) -> tuple[tuple, tuple]:
-    """(outputs, gradients of the leaves) of impl on the case's inputs for seed; the
-    reference's in float64."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    q, k, v, leaves, kwargs, grad = make_inputs(case, device, gen)
+def answers(impl: str, inputs: tuple) -> tuple[tuple, tuple]:
+    """(outputs, gradients of the leaves) of impl on make_inputs' inputs; the reference's
+    in float64."""
+    q, k, v, leaves, kwargs, grad = inputs
     if impl == "reference":
         q, k, v = (t.double() for t in (q, k, v))
         mask = kwargs.get("attn_mask")
         if mask is not None and mask.is_floating_point():
-            kwargs["attn_mask"] = mask.double()
+            kwargs = {**kwargs, "attn_mask": mask.double()}
     outputs = attention(q, k, v, impl=impl, **kwargs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     return outputs, torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
@@ -194,13 +193,15 @@ def compare(impl: str, got: tuple[tuple, tuple], want: tuple[tuple, tuple],
 
 
 def run_case(impls: list[str], case: dict, device: str, seed: int) -> dict[str, dict]:
-    """Each of impls on one drawn call against the reference (computed once): its errors
-    and failed checks, or why it refused the call, or what it raised."""
-    want = answers("reference", case, device, seed)
+    """Each of impls on one drawn call against the reference (inputs drawn and reference
+    computed once): its errors and failed checks, or why it refused the call, or what it
+    raised."""
+    inputs = make_inputs(case, device, torch.Generator(device=device).manual_seed(seed))
+    want = answers("reference", inputs)
     results = {}
     for impl in impls:
         try:
-            results[impl] = compare(impl, answers(impl, case, device, seed), want, device)
+            results[impl] = compare(impl, answers(impl, inputs), want, device)
         except UnsupportedError as exc:
             results[impl] = {"skipped": str(exc)[:300], "failed": []}
         except Exception as exc:  # noqa: BLE001 - recorded as that call's failure

@@ -20,14 +20,16 @@ from conftest import DEVICE, benchmark_script
 NAMES = [name for name in backends.BACKENDS if name not in ("reference", "triton")]
 
 # Compiling FlexAttention on a CPU takes 5-15 s per new shape or mask structure (the first
-# one 20-50 s), so there it runs four cases: a causal block mask with grouped heads, rows
-# that causality leaves empty, key_lengths with dead rows, and the score_mod. The rest of
-# its mask_mod is checked without compiling, in test_flex_block_mask_...
+# one 20-50 s), so there it runs five cases: a causal block mask with grouped heads, rows
+# that causality leaves empty, key_lengths with dead rows, the score_mod, and a block of
+# queries against a cache with the main kernel forced (flex.kernel_options). The rest of its
+# mask_mod is checked without compiling, in test_flex_block_mask_...
 FLEX_CPU_CASES = {
     "b2 h4/2 s17x17 d64 causal",
     "b2 h4/2 s17x5 d64 causal",
     "b2 h4/2 s17x17 d64 causal lens dead-rows",
     "b2 h4/2 s17x17 d64 additive-mask",
+    "b2 h8/2 s40x300 d64 causal",
 }
 
 
@@ -274,6 +276,23 @@ def test_flex_block_mask_matches_visibility_and_is_cached(monkeypatch: pytest.Mo
     changed = make_call(q, k, k, **options)
     assert flex.block_mask(changed) is not first
     assert torch.equal(dense(changed), visibility(changed).expand(2, 4, 7, 11))
+
+
+def test_flex_forces_its_main_kernel_where_decoding_has_no_config() -> None:
+    """Inductor's decoding kernel (under 128 queries) needs Sq * group rows to fit one query
+    block of the BlockMask; past that it has nothing to compile (on a GPU; verify's
+    "b2 h8/2 s40x300 d64 causal" case runs it there)."""
+
+    def options(heads_q: int, seq_q: int, causal: bool = True) -> dict | None:
+        q, k = torch.randn(1, heads_q, seq_q, 16), torch.randn(1, 2, 300, 16)
+        call = make_call(q, k, k, causal=causal)
+        return flex.kernel_options(call, flex.block_mask(call))
+
+    assert options(8, 40) == {"FORCE_USE_FLEX_ATTENTION": True}  # 160 rows
+    assert options(4, 65) == {"FORCE_USE_FLEX_ATTENTION": True}  # 130
+    assert options(4, 64) is None  # 128: one block
+    assert options(2, 127) is None  # no groups
+    assert options(8, 40, causal=False) is None  # no BlockMask
 
 
 def test_chunked_backward_with_dropout_matches_finite_differences() -> None:

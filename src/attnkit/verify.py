@@ -276,6 +276,9 @@ def default_cases(dtype: torch.dtype = torch.float32, *, large: bool = True,
         replace(base, mask="additive"),
         replace(base, mask="padding"),
         replace(base, mask="padding", dead_rows=True),
+        # A block of new queries against a cache, grouped: FlexAttention's decoding kernel
+        # packs Sq * group = 160 rows, more than one block of its block mask.
+        replace(base, heads_q=8, heads_kv=2, seq_q=40, seq_kv=300, causal=True),
     ]
     if large:
         cases += [

@@ -156,13 +156,28 @@ def score_mod(call: AttentionCall) -> Callable[..., Tensor] | None:
     return add_bias
 
 
+def kernel_options(call: AttentionCall, mask: BlockMask | None) -> dict[str, bool] | None:
+    """FlexAttention's kernel options for `call` under `mask`: None (its own choice), or
+    its main kernel forced where its decoding kernel would have no config to compile."""
+    # Under 128 queries inductor lowers grouped heads to its decoding kernel, which puts a
+    # kv head's Sq * group query rows in one block of next_pow2(Sq * group) rows and drops
+    # every config whose block does not divide the BlockMask's query block: past it,
+    # compiling raises NoValidChoicesError (seen with PyTorch 2.11 on an H200, 100 queries,
+    # group 2, causal). The main kernel takes any such call.
+    if mask is None or call.seq_q * call.group <= mask.BLOCK_SIZE[0]:
+        return None
+    return {"FORCE_USE_FLEX_ATTENTION": True}
+
+
 def run(call: AttentionCall) -> Result:
     flex = compiled_flex()
+    mask = block_mask(call)
     kwargs = dict(
         score_mod=score_mod(call),
-        block_mask=block_mask(call),
+        block_mask=mask,
         scale=call.scale,
         enable_gqa=call.group > 1,
+        kernel_options=kernel_options(call, mask),
     )
     if not call.return_lse:
         return flex(call.q, call.k, call.v, **kwargs), None

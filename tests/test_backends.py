@@ -402,8 +402,8 @@ def test_random_calls_catch_one_wrong_row_that_the_whole_tensors_norm_does_not(m
 @pytest.mark.parametrize("name", [n for n in NAMES if not (n == "flex" and DEVICE.type == "cpu")])
 def test_causal_alone_with_a_scale_of_zero_or_below(name: str, scale: float) -> None:
     """Causal with nothing else and Sq == Skv, where SDPA takes is_causal=True: PyTorch's
-    CPU flash kernel multiplies the scale into its -inf masked scores (NaN for scale <= 0),
-    so the sdpa backends mask explicitly there."""
+    flash kernels (CPU and CUDA) and cuDNN multiply the scale into their -inf masked scores
+    (NaN for scale <= 0), so the sdpa backends mask explicitly there."""
     skip_if_unavailable(name)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 2, 17, 16, generator=gen).to(DEVICE).requires_grad_()

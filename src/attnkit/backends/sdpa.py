@@ -7,7 +7,8 @@ Mapping the contract onto SDPA:
 - causal alone with Sq == Skv and a positive scale -> is_causal=True. SDPA's is_causal is
   aligned to the top left, so causal with Sq != Skv (or with any other masking) becomes an
   explicit mask; so does causal with a scale <= 0, which PyTorch's CPU flash kernel
-  multiplies into its -inf masked scores (torch 2.13: NaN in every row with a hidden key).
+  multiplies into its -inf masked scores (torch 2.13: NaN in every row with a hidden key),
+  as do its CUDA flash and cuDNN kernels (torch 2.11, H200: NaN in every row).
 - masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
   the additive masks.score_bias in the input dtype.
 - Hq != Hkv -> enable_gqa=True; a pinned kernel that rejects it gets k/v repeated instead.

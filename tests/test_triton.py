@@ -635,12 +635,12 @@ def test_a_backwards_lone_candidates_are_built_together(monkeypatch):
 
 
 def test_riders_are_built_with_the_rounds_candidates(monkeypatch):
-    """What rides with a round (_launch's riders) is built in the round's first timing,
-    in one _build_ahead with the round's candidates, and once; with a lone candidate too,
-    which is then not timed. A round without riders builds as before."""
+    """What rides with a round (_launch's riders) is worked out and built in the round's
+    first timing, in one _build_ahead with the round's candidates, and once; with a lone
+    candidate too, which is then not timed. A round without riders builds as before."""
     from attnkit.backends import fused_triton as ft
 
-    built, timed = [], []
+    built, timed, asked = [], [], []
     monkeypatch.setattr(ft, "_build_ahead", lambda builds: built.append(
         [b if isinstance(b, str) else _build_tiles(b) for b in builds]))
     monkeypatch.setattr(ft.triton.runtime, "driver", types.SimpleNamespace(
@@ -655,20 +655,21 @@ def test_riders_are_built_with_the_rounds_candidates(monkeypatch):
             (32, ["dq"], [[(32, 64, 4, 2), "dq"]], 0),  # lone: built with its riders
             (32, None, [], 0),  # lone and alone: the autotuner's launch builds it
             (4096, None, [[(32, 64, 4, 2), (64, 64, 4, 2)]], 2)):
-        built.clear(), timed.clear()
-        ft._AHEAD.riders = riders
+        built.clear(), timed.clear(), asked.clear()
+        ft._AHEAD.riders = None if riders is None else functools.partial(
+            lambda r: asked.append(1) or r, riders)
         kept = ft._prune(configs, {"Q": "q"}, jitted="kernel",
                          **{**args, "SEQ_BUCKET": ft._seq_bucket(shape, shape)})
         for _ in kept:  # the autotuner times each candidate in turn
             ft._timed(lambda: "a candidate", (0.5,))
         assert built == want_built and len(timed) == want_timed
-        assert ft._AHEAD.riders is None
+        assert len(asked) == (riders is not None) and ft._AHEAD.riders is None
 
 
 def test_launch_hands_riders_to_a_round_it_tunes_only(monkeypatch):
-    """_launch works its riders out only when the autotuner is to run (not for a key
-    tuned already), leaves them for the round while it runs, and not after, even when the
-    launch fails."""
+    """_launch leaves its riders for the autotuner's round only when the autotuner is to
+    run (not for a key tuned already), and not after, even when the launch fails; it does
+    not work them out itself (a round served from disk is not timed, and needs none)."""
     from attnkit.backends import fused_triton as ft
 
     @triton.autotune([triton.Config({"BLOCK_M": m}, num_warps=1, num_stages=1)
@@ -691,11 +692,11 @@ def test_launch_hands_riders_to_a_round_it_tunes_only(monkeypatch):
     riders = functools.partial(lambda: asked.append(1) or ["a build"])
     with pytest.raises(RuntimeError, match="no build"):
         ft._launch(copy, (1,), ("src", "dst", 7), {"fails": True}, "key", riders=riders)
-    assert seen == [["a build"]] and ft._AHEAD.riders is None
+    assert seen == [riders] and ft._AHEAD.riders is None
     ft._launch(copy, (1,), ("src", "dst", 7), {}, "key", riders=riders)
     ft._launch(copy, (1,), ("src", "dst", 7), {}, "key", riders=riders)  # tuned: direct
     ft._launch(copy, (1,), ("src", "dst", 7), {}, "other key")
-    assert seen == [["a build"], ["a build"], None] and len(asked) == 2
+    assert seen == [riders, riders, None] and not asked
     assert direct == [copy.fn] and ft._AHEAD.riders is None
 
 

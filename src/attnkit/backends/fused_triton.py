@@ -220,13 +220,15 @@ _AHEAD_THREADS = 8
 def _timed(kernel_call, quantiles):
     """The autotuner's timing of one candidate (Triton's benchmarker); the first timing
     of a round builds the round's candidates at once first (_build_ahead), with the
-    builds that ride along with it (_launch's riders). A round of one candidate is not
-    timed: there is nothing to choose, and the autotuner's launch that follows builds it
-    (here too, where riders come with it, so that they build at the same time)."""
+    builds that ride along with it (_launch's riders, worked out here: a round served
+    from disk is not timed and needs none). A round of one candidate is not timed: there
+    is nothing to choose, and the autotuner's launch that follows builds it (here too,
+    where riders come with it, so that they build at the same time)."""
     pending, _AHEAD.pending = getattr(_AHEAD, "pending", None), None
-    riders, _AHEAD.riders = getattr(_AHEAD, "riders", None) or [], None
+    riders, _AHEAD.riders = getattr(_AHEAD, "riders", None), None
     if pending is not None:
         jitted, named_args, kwargs, configs = pending
+        riders = riders() if riders is not None else []
         if len(configs) > 1 or riders:
             _build_ahead(_candidate_builds(jitted, named_args, kwargs, configs) + riders)
         if len(configs) == 1:  # Triton times even a lone candidate, ~125 ms of reps
@@ -1202,8 +1204,9 @@ def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
             riders: Callable[[], list[tuple]] | None = None) -> None:
     """kernel[grid](*args, **flags) with `config`, or else with the autotuner's pick for
     `tune_key` (which must determine the autotuner's own key: its key arguments and the
-    dtypes of the tensors). riders: where the autotuner has a round to build for this
-    launch, the builds (as _build_ahead takes them) to make at the same time (_timed)."""
+    dtypes of the tensors). riders: where the autotuner has a round to time for this
+    launch, what returns the builds (as _build_ahead takes them) to make at the same
+    time; called by that round's first timing (_timed), if there is one."""
     tuner = isinstance(kernel, triton.runtime.Autotuner)  # not under the interpreter
     if config is not None:
         block_m, block_n, warps, stages = config
@@ -1212,7 +1215,7 @@ def _launch(kernel, grid, args: tuple, flags: dict, tune_key: tuple,
     else:
         chosen = _CHOSEN.get((kernel, tune_key)) if tuner else None
     if chosen is None:
-        _AHEAD.riders = riders() if tuner and riders is not None else None
+        _AHEAD.riders = riders if tuner else None
         try:
             kernel[grid](*args, **flags)
         finally:  # a round served from disk leaves its candidates, with the call's tensors

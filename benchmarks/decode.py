@@ -73,7 +73,7 @@ def sweep_splits(shape: tuple[int, ...], counts: list[int]) -> dict:
     q, k, v = inputs(shape)
     call = make_call(q, k, v, causal=True)
     packed = ft._packs_group(call)
-    default = ft._key_ranges(call.seq_kv, ft._kv_splits(call, packed), None)[0]
+    default = ft._default_key_ranges(call)
     want = ft._forward(call, 0)[0]
     graph_us: dict[int, float] = {}
     for count in sorted({ft._key_ranges(call.seq_kv, n, None)[0] for n in counts} | {default}):

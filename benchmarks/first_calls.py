@@ -102,9 +102,8 @@ def run_case(device: torch.device, case: tuple, gen: torch.Generator) -> dict:
     return {
         "case": case, "first_s": calls[0], "second_s": calls[1],
         # as _forward decides: a forward whose keys are split takes the Triton kernel
-        "gluon": {"forward": fused_triton._uses_hopper_forward(call) and fused_triton._key_ranges(
-                      call.seq_kv, fused_triton._kv_splits(call, fused_triton._packs_group(call)),
-                      None)[0] == 1,
+        "gluon": {"forward": fused_triton._uses_hopper_forward(call)
+                  and fused_triton._default_key_ranges(call) == 1,
                   "backward (dK/dV, dQ)": fused_triton._uses_hopper_backward(call, dout, dout)},
         "compiled": dict(zip(("before", "after forward", "after backward"), counts[:3],
                              strict=True)),

@@ -99,11 +99,14 @@ def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
 
     monkeypatch.setattr(ft, "_multiprocessors", lambda device: 132)
 
-    def splits(batch, heads, seq_q, seq_kv, heads_kv=None, device="cuda"):
+    def decoding(batch, heads, seq_q, seq_kv, heads_kv=None, device="cuda"):
         heads_kv = heads_kv or heads
-        call = SimpleNamespace(device=torch.device(device), batch=batch, heads_q=heads,
+        return SimpleNamespace(device=torch.device(device), batch=batch, heads_q=heads,
                                heads_kv=heads_kv, group=heads // heads_kv, seq_q=seq_q,
                                seq_kv=seq_kv)
+
+    def splits(*shape, **kwargs):
+        call = decoding(*shape, **kwargs)
         return ft._kv_splits(call, ft._packs_group(call))
 
     assert splits(1, 32, 1, 16384) == 9  # 32 programs: 9 ranges make 288, two per SM
@@ -123,6 +126,10 @@ def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
     assert splits(1, 32, 1, 1024, heads_kv=8) == 4
     assert splits(8, 32, 1, 16384, heads_kv=8) == 5  # 64 programs
     assert splits(1, 32, 64, 16384, heads_kv=8) == 9  # 64 query rows: a tile per head
+    # What _forward runs by default: ranges rounded to multiples of _SPLIT_ALIGN keys.
+    assert ft._default_key_ranges(decoding(1, 32, 1, 16384)) == 9  # 1920 keys each
+    assert ft._default_key_ranges(decoding(1, 32, 1, 1500)) == 4  # 5 wanted: 384 each
+    assert ft._default_key_ranges(decoding(1, 32, 1, 300)) == 1
 
 
 def test_default_matrix(device):

@@ -1757,6 +1757,12 @@ def _key_ranges(seq_kv: int, wanted: int, config: TileConfig | None) -> tuple[in
     return ranges, size
 
 
+def _default_key_ranges(call: AttentionCall) -> int:
+    """How many key ranges _forward runs `call` in when given no splits, packing or tile
+    (1: all keys at once, which the Gluon forward takes where it runs)."""
+    return _key_ranges(call.seq_kv, _kv_splits(call, _packs_group(call)), None)[0]
+
+
 def _packs_group(call: AttentionCall) -> bool:
     """Whether the forward packs a kv group's query heads into the rows of one tile: with
     fewer query rows than the smallest tile (decoding), a tile per query head would

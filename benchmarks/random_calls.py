@@ -1,7 +1,8 @@
 """Random calls of implementations against the float64 reference, forward and backward.
 
     PYTHONPATH=src python benchmarks/random_calls.py [--impl NAME ...] [--seed N]
-        [--seconds S] [--cases N] [--device cuda|cpu] [--dtypes DTYPE ...] [--out DIR]
+        [--seconds S] [--cases N] [--device cuda|cpu] [--dtypes DTYPE ...] [--modules]
+        [--out DIR]
 
 The test suite checks chosen shapes; this draws them, so that combinations nobody wrote
 down get checked too: lengths around the routes' thresholds (255-257, 511-512, 1280,
@@ -27,23 +28,32 @@ to every implementation given (`--impl triton flex sdpa_cudnn ...`), against one
 reference answer; a call an implementation refuses (UnsupportedError) is counted as
 skipped for it. Writes DIR/random_calls.json (each call's case and, per implementation,
 its errors and verdict); exits 1 if any implementation failed any call.
+
+--modules draws MultiHeadAttention configurations instead (`draw_module`: grouped heads,
+biases, key lengths or a padding mask, causal or not) and checks each implementation's
+module against the same module in float64 on the reference backend, one set of weights:
+the output, and the gradients of the input and of every parameter. A causal module is
+also run in pieces through a KVCache, a prefill and then blocks of 1-300 new tokens, under
+no_grad, and the pieces are checked against the reference's whole forward.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from rich.progress import Progress
 
-from attnkit import UnsupportedError, attention
+from attnkit import MultiHeadAttention, UnsupportedError, attention
 from attnkit.bench import environment
 from attnkit.verify import lse_err, lse_tolerance, rel_err, tolerance
 
@@ -192,22 +202,129 @@ def compare(impl: str, got: tuple[tuple, tuple], want: tuple[tuple, tuple],
             "failed": [name for name, (value, limit) in errors.items() if not value <= limit]}
 
 
-def run_case(impls: list[str], case: dict, device: str, seed: int) -> dict[str, dict]:
-    """Each of impls on one drawn call against the reference (inputs drawn and reference
-    computed once): its errors and failed checks, or why it refused the call, or what it
-    raised."""
-    inputs = make_inputs(case, device, torch.Generator(device=device).manual_seed(seed))
-    want = answers("reference", inputs)
+def each_impl(impls: list[str], check: Callable[[str], dict]) -> dict[str, dict]:
+    """check(impl) of each of impls (compare's errors and failed checks), or why the impl
+    refused the call, or what it raised."""
     results = {}
     for impl in impls:
         try:
-            results[impl] = compare(impl, answers(impl, inputs), want, device)
+            results[impl] = check(impl)
         except UnsupportedError as exc:
             results[impl] = {"skipped": str(exc)[:300], "failed": []}
         except Exception as exc:  # noqa: BLE001 - recorded as that call's failure
             results[impl] = {"error": f"{type(exc).__name__}: {exc}"[:500],
                              "trace": traceback.format_exc()[-2000:], "failed": ["raised"]}
     return results
+
+
+def run_case(impls: list[str], case: dict, device: str, seed: int) -> dict[str, dict]:
+    """Each of impls on one drawn call against the reference (inputs drawn and reference
+    computed once): each_impl's results."""
+    inputs = make_inputs(case, device, torch.Generator(device=device).manual_seed(seed))
+    want = answers("reference", inputs)
+    return each_impl(impls, lambda impl: compare(impl, answers(impl, inputs), want, device))
+
+
+def draw_module(rng: random.Random, device: str, dtypes: list[str] | None = None) -> dict:
+    """One MultiHeadAttention configuration and its input (JSON-able), drawn for `device`;
+    "pieces", for a causal module without masks: the token counts it is run in through a
+    KVCache (a prefill, or none, and then up to 8 blocks)."""
+    gpu = device == "cuda"
+    dtypes = dtypes or (["bfloat16", "float16"] if gpu else ["float16"])
+    lengths = GPU_LENGTHS if gpu else CPU_LENGTHS
+    d = rng.choice([64, 64, 128, 32, 80, 96] if gpu else [16, 24, 32])
+    hkv, group, b = rng.choice([1, 2, 4]), rng.choice([1, 2, 4]), rng.choice([1, 2, 3])
+    seq = rng.choice(lengths)
+    while b * hkv * group * seq * seq > MAX_SCORES:
+        b, seq = max(1, b - 1), (seq if b > 1 else max(1, seq // 2))
+    case = {"batch": b, "seq": seq, "d_in": rng.choice([hkv * group * d, 48, 200]),
+            "heads_q": hkv * group, "heads_kv": hkv, "head_dim": d,
+            "causal": rng.random() < 0.6, "qkv_bias": rng.random() < 0.5,
+            "out_bias": rng.random() < 0.7, "dtype": rng.choice(dtypes)}
+    masks = rng.random()
+    if masks < 0.25:
+        case["key_lengths"] = [rng.choice([0, 1, seq, rng.randint(1, seq)]) for _ in range(b)]
+    elif masks < 0.45:
+        case["padding"] = rng.choice(["bool", "additive"])
+        case["padded_lengths"] = [rng.randint(0, seq) for _ in range(b)]
+    elif case["causal"]:
+        blocks = [rng.choice([1, 1, 2, 7, 40, 128, 300]) for _ in range(rng.randint(1, 8))]
+        while sum(blocks) > seq:
+            blocks.pop()
+        prefill = seq - sum(blocks)
+        case["pieces"] = ([prefill] if prefill else []) + blocks
+    return case
+
+
+def module_inputs(case: dict, device: str, gen: torch.Generator):
+    """(module on impl "reference" with random weights, x (B, S, d_in) to differentiate,
+    the forward's keyword arguments, gradient of the output)."""
+    dtype = getattr(torch, case["dtype"])
+    b, seq, hq = case["batch"], case["seq"], case["heads_q"]
+    module = MultiHeadAttention(
+        case["d_in"], hq * case["head_dim"], hq, num_kv_heads=case["heads_kv"],
+        causal=case["causal"], qkv_bias=case["qkv_bias"], out_bias=case["out_bias"],
+        impl="reference", device=device, dtype=dtype)
+    with torch.no_grad():  # biases too: nn.Linear starts them small, which would hide them
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, device=device, generator=gen)
+                        / math.sqrt(param.shape[-1]))
+    x = torch.randn(b, seq, case["d_in"], device=device, dtype=dtype,
+                    generator=gen).requires_grad_()
+    kwargs = {}
+    if "key_lengths" in case:
+        kwargs["key_lengths"] = torch.tensor(case["key_lengths"], device=device)
+    if "padding" in case:
+        keep = (torch.arange(seq, device=device)
+                < torch.tensor(case["padded_lengths"], device=device)[:, None])[:, None, None]
+        kwargs["attn_mask"] = keep if case["padding"] == "bool" else torch.where(
+            keep, torch.randn(keep.shape, device=device, generator=gen).to(dtype),
+            torch.tensor(-math.inf, device=device, dtype=dtype))
+    grad = torch.randn(b, seq, module.d_out, device=device, dtype=dtype, generator=gen)
+    return module, x, kwargs, grad
+
+
+def module_answers(impl: str, case: dict, inputs: tuple) -> tuple[tuple, tuple]:
+    """((output, the output run in KVCache pieces where the case has them), gradients of
+    x and of every parameter) of the module on impl; the reference's in float64."""
+    module, x, kwargs, grad = inputs
+    module = copy.deepcopy(module)
+    module.impl = impl
+    if impl == "reference":
+        module.double()
+        kwargs = {name: t.double() if t.is_floating_point() else t
+                  for name, t in kwargs.items()}
+    out = module(x.to(module.qkv.weight.dtype), **kwargs)
+    grads = torch.autograd.grad(out, [x, *module.parameters()], grad.to(out.dtype))
+    outputs = (out,)
+    if "pieces" in case and impl != "reference":
+        cache = module.make_kv_cache(case["batch"], case["seq"])
+        with torch.no_grad():
+            pieces, start = [], 0
+            for size in case["pieces"]:
+                pieces.append(module(x[:, start:start + size], kv_cache=cache))
+                start += size
+        outputs += (torch.cat(pieces, dim=1),)
+    return outputs, grads
+
+
+def run_module_case(impls: list[str], case: dict, device: str, seed: int) -> dict[str, dict]:
+    """run_case for a drawn module (draw_module): each of impls against the reference
+    module, its run in KVCache pieces against the reference's whole output."""
+    inputs = module_inputs(case, device, torch.Generator(device=device).manual_seed(seed))
+    (want, *_), want_grads = module_answers("reference", case, inputs)
+
+    def check(impl: str) -> dict:
+        (out, *pieces), grads = module_answers(impl, case, inputs)
+        result = compare(impl, ((out,), grads), ((want,), want_grads), device)
+        for got in pieces:
+            in_pieces = compare(impl, ((got,), ()), ((want,), ()), device)
+            result["errors"].update({f"in pieces: {name}": value
+                                     for name, value in in_pieces["errors"].items()})
+            result["failed"] += [f"in pieces: {name}" for name in in_pieces["failed"]]
+        return result
+
+    return each_impl(impls, check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,8 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=None,
                         choices=("bfloat16", "float16", "float32"),
                         help="drawn from (default: bfloat16 float16 on a GPU, float16 on the CPU)")
+    parser.add_argument("--modules", action="store_true",
+                        help="draw MultiHeadAttention configurations, not attention calls")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    draw_one, run_one = (draw_module, run_module_case) if args.modules else (draw, run_case)
     rng = random.Random(args.seed)
     calls = []
     start = time.perf_counter()
@@ -231,10 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task(f"{' '.join(args.impl)}: random calls", total=args.cases)
         while (time.perf_counter() - start < args.seconds
                and (args.cases is None or len(calls) < args.cases)):
-            case = draw(rng, args.device, args.dtypes)
+            case = draw_one(rng, args.device, args.dtypes)
             seed = args.seed * 1_000_000 + len(calls)
             began = time.perf_counter()
-            results = run_case(args.impl, case, args.device, seed)
+            results = run_one(args.impl, case, args.device, seed)
             calls.append({"case": case, "seed": seed,
                           "seconds": round(time.perf_counter() - began, 3), "results": results})
             for impl, result in results.items():

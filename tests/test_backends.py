@@ -374,6 +374,42 @@ def test_random_calls_check_drawn_calls_and_write_each(monkeypatch, tmp_path):
         call["case"] for call in written["calls"]]
 
 
+def test_random_modules_check_every_gradient_and_the_cache(monkeypatch, tmp_path):
+    """--modules: each drawn module against the reference module, its input's and its
+    parameters' gradients too, and a causal one run in KVCache pieces; a cache that
+    writes every block at the start (its length never advanced) fails the pieces only."""
+    import json
+
+    from attnkit.module import KVCache
+
+    random_calls = benchmark_script("random_calls", monkeypatch)
+    args = ["--modules", "--impl", "einsum", "--device", "cpu", "--cases", "6", "--seed", "1",
+            "--out", str(tmp_path)]
+    assert random_calls.main(args) == 0
+    calls = json.loads((tmp_path / "random_calls.json").read_text())["calls"]
+    rng = random_calls.random.Random(1)
+    assert [random_calls.draw_module(rng, "cpu") for _ in range(6)] == [c["case"] for c in calls]
+    pieces = [c for c in calls if len(c["case"].get("pieces", [])) > 1]
+    assert pieces and all("in pieces: out" in c["results"]["einsum"]["errors"] for c in pieces)
+    # x, qkv.weight, out_proj.weight and each bias the module has
+    assert all(sum(name.startswith("grad ") and "rows" not in name
+                   for name in c["results"]["einsum"]["errors"])
+               == 3 + c["case"]["qkv_bias"] + c["case"]["out_bias"] for c in calls)
+
+    real = KVCache.append
+
+    def stuck(self, k, v):
+        views = real(self, k, v)
+        self.length = 0
+        return views
+
+    monkeypatch.setattr(KVCache, "append", stuck)
+    assert random_calls.main(args) == 1
+    calls = json.loads((tmp_path / "random_calls.json").read_text())["calls"]
+    failed = {name for c in calls for name in c["results"]["einsum"]["failed"]}
+    assert failed and all(name.startswith("in pieces: ") for name in failed)
+
+
 def test_random_calls_catch_one_wrong_row_that_the_whole_tensors_norm_does_not(monkeypatch):
     """One output row wrong by its own norm among 20000 is 0.7% of the whole tensor's, under
     the 1e-2 tolerance; the row check fails it."""

@@ -32,9 +32,10 @@ its errors and verdict); exits 1 if any implementation failed any call.
 --modules draws MultiHeadAttention configurations instead (`draw_module`: grouped heads,
 biases, key lengths or a padding mask, causal or not) and checks each implementation's
 module against the same module in float64 on the reference backend, one set of weights:
-the output, and the gradients of the input and of every parameter. A causal module is
-also run in pieces through a KVCache, a prefill and then blocks of 1-300 new tokens, under
-no_grad, and the pieces are checked against the reference's whole forward.
+the output, and the gradients of the input and of every parameter (a gradient that the
+module's own Linear layers put over its bound is excused: BASELINE_FACTOR). A causal
+module is also run in pieces through a KVCache, a prefill and then blocks of 1-300 new
+tokens, under no_grad, and the pieces are checked against the reference's whole forward.
 """
 
 from __future__ import annotations
@@ -284,13 +285,15 @@ def module_inputs(case: dict, device: str, gen: torch.Generator):
     return module, x, kwargs, grad
 
 
-def module_answers(impl: str, case: dict, inputs: tuple) -> tuple[tuple, tuple]:
-    """((output, the output run in KVCache pieces where the case has them), gradients of
-    x and of every parameter) of the module on impl; the reference's in float64."""
+def module_answers(impl: str, case: dict, inputs: tuple,
+                   in_float64: bool = False) -> tuple[tuple, tuple]:
+    """((output, the output run in KVCache pieces where the case has them, but not on the
+    reference), gradients of x and of every parameter) of the module on impl, in the
+    case's dtype or in float64."""
     module, x, kwargs, grad = inputs
     module = copy.deepcopy(module)
     module.impl = impl
-    if impl == "reference":
+    if in_float64:
         module.double()
         kwargs = {name: t.double() if t.is_floating_point() else t
                   for name, t in kwargs.items()}
@@ -308,15 +311,33 @@ def module_answers(impl: str, case: dict, inputs: tuple) -> tuple[tuple, tuple]:
     return outputs, grads
 
 
+# A parameter's gradient sums over every token, and where those terms nearly cancel, the
+# module's Linear layers (PyTorch's, the same whatever the attention) round it past the
+# tolerance: run 48 saw out_proj.weight's 2.2e-2 off with `triton`, `flex`, `sdpa` and
+# `auto` alike, to three digits, on an H200 in bfloat16 (every row seeing the same one key,
+# 2049 tokens; 2.4e-3 on the CPU). So a gradient over its bound fails only if it is also
+# over BASELINE_FACTOR times the error of the same module in the same dtype with exact
+# attention (the reference backend, rounded to the dtype).
+BASELINE_FACTOR = 2.0
+
+
 def run_module_case(impls: list[str], case: dict, device: str, seed: int) -> dict[str, dict]:
     """run_case for a drawn module (draw_module): each of impls against the reference
-    module, its run in KVCache pieces against the reference's whole output."""
+    module in float64, its run in KVCache pieces against the reference's whole output;
+    a gradient whose error the module's own layers account for is excused (BASELINE_FACTOR,
+    listed under "excused" with the baseline's error)."""
     inputs = module_inputs(case, device, torch.Generator(device=device).manual_seed(seed))
-    (want, *_), want_grads = module_answers("reference", case, inputs)
+    (want, *_), want_grads = module_answers("reference", case, inputs, in_float64=True)
+    baseline = compare("reference", module_answers("reference", case, inputs),
+                       ((want,), want_grads), device)["errors"]
 
     def check(impl: str) -> dict:
         (out, *pieces), grads = module_answers(impl, case, inputs)
         result = compare(impl, ((out,), grads), ((want,), want_grads), device)
+        result["excused"] = {name: baseline[name] for name in result["failed"]
+                             if name.startswith("grad ")
+                             and result["errors"][name] <= BASELINE_FACTOR * baseline[name]}
+        result["failed"] = [name for name in result["failed"] if name not in result["excused"]]
         for got in pieces:
             in_pieces = compare(impl, ((got,), ()), ((want,), ()), device)
             result["errors"].update({f"in pieces: {name}": value

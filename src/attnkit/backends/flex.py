@@ -3,6 +3,8 @@
 The masking becomes a BlockMask built from one mask_mod (causal bottom-right aligned,
 window, key_lengths, bool mask), so that key blocks nobody sees are skipped; a floating
 mask becomes a score_mod. Block masks are cached, so a repeated call builds nothing.
+Where inductor's decoding kernel (under 128 queries) could not hold a group's query rows,
+the main kernel is forced (`kernel_options`).
 
 On a CPU, inductor compiles FlexAttention to C++ (a C++ compiler must be present; about
 5-15 s per new shape or mask structure on two cores) and only for inference: no backward,

@@ -25,9 +25,11 @@ inputs and of O, as every backend's do: run 47 found the same dq rows 5-21% off 
 `triton`, `sdpa_flash`, `sdpa_cudnn`, `sdpa_efficient` and `flex` alike, to 2-3 digits,
 hence a bound of 0.5 of a floored row norm rather than the tolerance. Each drawn call goes
 to every implementation given (`--impl triton flex sdpa_cudnn ...`), against one
-reference answer; a call an implementation refuses (UnsupportedError) is counted as
-skipped for it. Writes DIR/random_calls.json (each call's case and, per implementation,
-its errors and verdict); exits 1 if any implementation failed any call.
+reference answer; a call an implementation refuses (UnsupportedError) is checked
+forward only where it refuses only the gradients (as verify does: flex on a CPU, cuDNN
+with a mask), and otherwise counted as skipped for it. Writes DIR/random_calls.json
+(each call's case and, per implementation, its errors and verdict); exits 1 if any
+implementation failed any call.
 
 --modules draws MultiHeadAttention configurations instead (`draw_module`: grouped heads,
 biases, key lengths or a padding mask, causal or not) and checks each implementation's
@@ -170,17 +172,20 @@ def row_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x64 - ref64).norm(dim=-1) / rows.clamp_min(floor)).max().item()
 
 
-def answers(impl: str, inputs: tuple) -> tuple[tuple, tuple]:
-    """(outputs, gradients of the leaves) of impl on make_inputs' inputs; the reference's
-    in float64."""
+def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]:
+    """(outputs, gradients of the leaves, or none without grads) of impl on make_inputs'
+    inputs; the reference's in float64."""
     q, k, v, leaves, kwargs, grad = inputs
     if impl == "reference":
         q, k, v = (t.double() for t in (q, k, v))
         mask = kwargs.get("attn_mask")
         if mask is not None and mask.is_floating_point():
             kwargs = {**kwargs, "attn_mask": mask.double()}
-    outputs = attention(q, k, v, impl=impl, **kwargs)
+    with torch.set_grad_enabled(grads):
+        outputs = attention(q, k, v, impl=impl, **kwargs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    if not grads:
+        return outputs, ()
     return outputs, torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
 
 
@@ -203,13 +208,18 @@ def compare(impl: str, got: tuple[tuple, tuple], want: tuple[tuple, tuple],
             "failed": [name for name, (value, limit) in errors.items() if not value <= limit]}
 
 
-def each_impl(impls: list[str], check: Callable[[str], dict]) -> dict[str, dict]:
-    """check(impl) of each of impls (compare's errors and failed checks), or why the impl
-    refused the call, or what it raised."""
+def each_impl(impls: list[str], check: Callable[[str, bool], dict]) -> dict[str, dict]:
+    """check(impl, grads=True) of each of impls (compare's errors and failed checks); where
+    the impl refuses to differentiate the call (flex on a CPU, cuDNN with a mask), its
+    forward alone, check(impl, False), marked "forward only" with the reason, as verify
+    does; or why it refused the call, or what it raised."""
     results = {}
     for impl in impls:
         try:
-            results[impl] = check(impl)
+            try:
+                results[impl] = check(impl, True)
+            except UnsupportedError as exc:
+                results[impl] = {**check(impl, False), "forward only": str(exc)[:300]}
         except UnsupportedError as exc:
             results[impl] = {"skipped": str(exc)[:300], "failed": []}
         except Exception as exc:  # noqa: BLE001 - recorded as that call's failure
@@ -223,7 +233,11 @@ def run_case(impls: list[str], case: dict, device: str, seed: int) -> dict[str, 
     computed once): each_impl's results."""
     inputs = make_inputs(case, device, torch.Generator(device=device).manual_seed(seed))
     want = answers("reference", inputs)
-    return each_impl(impls, lambda impl: compare(impl, answers(impl, inputs), want, device))
+    def check(impl: str, grads: bool) -> dict:
+        outputs, got_grads = answers(impl, inputs, grads)
+        return compare(impl, (outputs, got_grads), (want[0], want[1] if grads else ()), device)
+
+    return each_impl(impls, check)
 
 
 def draw_module(rng: random.Random, device: str, dtypes: list[str] | None = None) -> dict:
@@ -285,11 +299,11 @@ def module_inputs(case: dict, device: str, gen: torch.Generator):
     return module, x, kwargs, grad
 
 
-def module_answers(impl: str, case: dict, inputs: tuple,
-                   in_float64: bool = False) -> tuple[tuple, tuple]:
+def module_answers(impl: str, case: dict, inputs: tuple, in_float64: bool = False,
+                   grads: bool = True) -> tuple[tuple, tuple]:
     """((output, the output run in KVCache pieces where the case has them, but not on the
-    reference), gradients of x and of every parameter) of the module on impl, in the
-    case's dtype or in float64."""
+    reference), gradients of x and of every parameter, or none without grads) of the
+    module on impl, in the case's dtype or in float64."""
     module, x, kwargs, grad = inputs
     module = copy.deepcopy(module)
     module.impl = impl
@@ -297,9 +311,11 @@ def module_answers(impl: str, case: dict, inputs: tuple,
         module.double()
         kwargs = {name: t.double() if t.is_floating_point() else t
                   for name, t in kwargs.items()}
-    out = module(x.to(module.qkv.weight.dtype), **kwargs)
-    grads = torch.autograd.grad(out, [x, *module.parameters()], grad.to(out.dtype))
+    with torch.set_grad_enabled(grads):
+        out = module(x.to(module.qkv.weight.dtype), **kwargs)
     outputs = (out,)
+    grads = torch.autograd.grad(out, [x, *module.parameters()],
+                                grad.to(out.dtype)) if grads else ()
     if "pieces" in case and impl != "reference":
         cache = module.make_kv_cache(case["batch"], case["seq"])
         with torch.no_grad():
@@ -331,9 +347,10 @@ def run_module_case(impls: list[str], case: dict, device: str, seed: int) -> dic
     baseline = compare("reference", module_answers("reference", case, inputs),
                        ((want,), want_grads), device)["errors"]
 
-    def check(impl: str) -> dict:
-        (out, *pieces), grads = module_answers(impl, case, inputs)
-        result = compare(impl, ((out,), grads), ((want,), want_grads), device)
+    def check(impl: str, grads: bool) -> dict:
+        (out, *pieces), got_grads = module_answers(impl, case, inputs, grads=grads)
+        result = compare(impl, ((out,), got_grads), ((want,), want_grads if grads else ()),
+                         device)
         result["excused"] = {name: baseline[name] for name in result["failed"]
                              if name.startswith("grad ")
                              and result["errors"][name] <= BASELINE_FACTOR * baseline[name]}
@@ -390,8 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         results = [call["results"][impl] for call in calls]
         failed = sum(bool(r["failed"]) for r in results)
         skipped = sum("skipped" in r for r in results)
+        forward_only = sum("forward only" in r for r in results)
         any_failed |= failed > 0
-        print(f"{impl}: {len(results)} random calls, {failed} failed, {skipped} skipped")
+        print(f"{impl}: {len(results)} random calls, {failed} failed, {skipped} skipped"
+              + (f", {forward_only} checked forward only" if forward_only else ""))
     print(f"{len(calls)} calls drawn in {time.perf_counter() - start:.0f} s")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

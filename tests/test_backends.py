@@ -418,8 +418,8 @@ def test_random_modules_excuse_a_gradient_only_the_modules_own_layers_put_off(no
     random_calls = benchmark_script("random_calls", monkeypatch)
     real = random_calls.module_answers
 
-    def off(impl, case, inputs, in_float64=False):
-        outputs, grads = real(impl, case, inputs, in_float64)
+    def off(impl, case, inputs, in_float64=False, grads=True):
+        outputs, grads = real(impl, case, inputs, in_float64, grads)
         if in_float64 or impl not in noisy:
             return outputs, grads
         weight = grads[3]  # x, qkv.weight, qkv.bias, out_proj.weight, out_proj.bias
@@ -436,6 +436,34 @@ def test_random_modules_excuse_a_gradient_only_the_modules_own_layers_put_off(no
         assert not result["failed"] and set(result["excused"]) == {"grad 3"}
     else:
         assert result["failed"] == ["grad 3"] and not result["excused"]
+
+
+@pytest.mark.parametrize("modules", [False, True])
+def test_random_calls_check_the_forward_of_an_impl_that_refuses_gradients(modules,
+                                                                         monkeypatch):
+    """As verify does for flex on a CPU: an impl that refuses to differentiate a call is
+    checked forward only, and a wrong forward still fails."""
+    random_calls = benchmark_script("random_calls", monkeypatch)
+    real = attnkit.module.attention if modules else random_calls.attention
+    wrong = []
+
+    def no_backward(q, k, v, impl, **kwargs):
+        if impl == "einsum" and torch.is_grad_enabled():
+            raise attnkit.UnsupportedError("einsum: no backward here")
+        out = real(q, k, v, impl=impl, **kwargs)
+        return out * 1.1 if impl == "einsum" and wrong else out
+
+    monkeypatch.setattr(attnkit.module if modules else random_calls, "attention", no_backward)
+    run = random_calls.run_module_case if modules else random_calls.run_case
+    draw = random_calls.draw_module if modules else random_calls.draw
+    case = draw(random_calls.random.Random(4), "cpu")
+    result = run(["einsum", "naive"], case, "cpu", seed=1)
+    assert result["einsum"]["forward only"] == "einsum: no backward here"
+    assert not result["einsum"]["failed"] and "forward only" not in result["naive"]
+    assert not any(name.startswith("grad") for name in result["einsum"]["errors"])
+    assert any(name.startswith("grad") for name in result["naive"]["errors"])
+    wrong.append(1)
+    assert "out" in run(["einsum"], case, "cpu", seed=1)["einsum"]["failed"]
 
 
 def test_random_calls_catch_one_wrong_row_that_the_whole_tensors_norm_does_not(monkeypatch):

@@ -137,6 +137,22 @@ def dropout_backends() -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_no_grad_call_of_inputs_that_require_grad(name: str) -> None:
+    """Evaluating under no_grad with leaves that require grad (a model's parameters'
+    descendants are not, but a user's leaves can be): the forward must run as for plain
+    tensors. Compiled FlexAttention on a CPU raised that it has no backward (run 48)."""
+    skip_if_unavailable(name)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, h, 17, 64, generator=gen).to(DEVICE).requires_grad_()
+               for h in (4, 2, 2))  # verify's "b2 h4/2 s17x17 d64 causal": compiled once
+    with torch.no_grad():
+        out = attnkit.attention(q, k, v, causal=True, impl=name)
+        want = attnkit.attention(q, k, v, causal=True, impl="reference")
+    assert not out.requires_grad
+    assert verify.rel_err(out, want) < verify.tolerance(torch.float32, DEVICE, name)
+
+
 @pytest.mark.parametrize("name", dropout_backends())
 def test_dropout(name: str) -> None:
     """With v = identity the output is the dropped-out probability matrix itself."""

@@ -173,6 +173,11 @@ def kernel_options(call: AttentionCall, mask: BlockMask | None) -> dict[str, boo
 
 def run(call: AttentionCall) -> Result:
     flex = compiled_flex()
+    q, k, v = call.q, call.k, call.v
+    if not call.needs_grad:
+        # Under no_grad, inputs that require grad (a model's leaves, evaluated) would still
+        # make compiled FlexAttention on a CPU raise that it has no backward.
+        q, k, v = q.detach(), k.detach(), v.detach()
     mask = block_mask(call)
     kwargs = dict(
         score_mod=score_mod(call),
@@ -182,10 +187,10 @@ def run(call: AttentionCall) -> Result:
         kernel_options=kernel_options(call, mask),
     )
     if not call.return_lse:
-        return flex(call.q, call.k, call.v, **kwargs), None
+        return flex(q, k, v, **kwargs), None
     # flex_attention returns the log-sum-exp in natural log (it converts its base-2 stats),
     # -inf on rows that see no key: the contract's convention.
-    out, aux = flex(call.q, call.k, call.v, return_aux=AuxRequest(lse=True), **kwargs)
+    out, aux = flex(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
     return out, aux.lse.to(torch.float32)
 
 

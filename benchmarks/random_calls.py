@@ -107,6 +107,22 @@ def draw(rng: random.Random, device: str, dtypes: list[str] | None = None) -> di
     return case
 
 
+def padding_kwargs(case: dict, seq_kv: int, device: str, gen: torch.Generator) -> dict:
+    """key_lengths, or a (B, 1, 1, Skv) padding attn_mask (bool, or additive: random over
+    the kept keys, -inf past them), as the case has them."""
+    kwargs = {}
+    if "key_lengths" in case:
+        kwargs["key_lengths"] = torch.tensor(case["key_lengths"], device=device)
+    if "padding" in case:
+        dtype = getattr(torch, case["dtype"])
+        keep = (torch.arange(seq_kv, device=device)
+                < torch.tensor(case["padded_lengths"], device=device)[:, None])[:, None, None]
+        kwargs["attn_mask"] = keep if case["padding"] == "bool" else torch.where(
+            keep, torch.randn(keep.shape, device=device, generator=gen).to(dtype),
+            torch.tensor(-math.inf, device=device, dtype=dtype))
+    return kwargs
+
+
 def make_inputs(case: dict, device: str, gen: torch.Generator):
     """(q, k, v, the leaves to differentiate, attention's keyword arguments, gradient of
     out), q/k/v as (B, H, S, D) views laid out as case["layout"] says."""
@@ -128,15 +144,8 @@ def make_inputs(case: dict, device: str, gen: torch.Generator):
     else:
         leaves = [leaf(b, hq, sq, d), leaf(b, hkv, skv, d), leaf(b, hkv, skv, dv)]
         q, k, v = leaves
-    kwargs = {"causal": case["causal"], "return_lse": case["return_lse"]}
-    if "key_lengths" in case:
-        kwargs["key_lengths"] = torch.tensor(case["key_lengths"], device=device)
-    if "padding" in case:
-        keep = (torch.arange(skv, device=device)
-                < torch.tensor(case["padded_lengths"], device=device)[:, None])[:, None, None]
-        kwargs["attn_mask"] = keep if case["padding"] == "bool" else torch.where(
-            keep, torch.randn(keep.shape, device=device, generator=gen).to(dtype),
-            torch.tensor(-math.inf, device=device, dtype=dtype))
+    kwargs = {"causal": case["causal"], "return_lse": case["return_lse"],
+              **padding_kwargs(case, skv, device, gen)}
     if "general_mask" in case:
         scores = torch.randn(case["mask_shape"], device=device, generator=gen)
         kwargs["attn_mask"] = scores > -0.5 if case["general_mask"] == "bool" else scores.to(dtype)
@@ -286,15 +295,7 @@ def module_inputs(case: dict, device: str, gen: torch.Generator):
                         / math.sqrt(param.shape[-1]))
     x = torch.randn(b, seq, case["d_in"], device=device, dtype=dtype,
                     generator=gen).requires_grad_()
-    kwargs = {}
-    if "key_lengths" in case:
-        kwargs["key_lengths"] = torch.tensor(case["key_lengths"], device=device)
-    if "padding" in case:
-        keep = (torch.arange(seq, device=device)
-                < torch.tensor(case["padded_lengths"], device=device)[:, None])[:, None, None]
-        kwargs["attn_mask"] = keep if case["padding"] == "bool" else torch.where(
-            keep, torch.randn(keep.shape, device=device, generator=gen).to(dtype),
-            torch.tensor(-math.inf, device=device, dtype=dtype))
+    kwargs = padding_kwargs(case, seq, device, gen)
     grad = torch.randn(b, seq, module.d_out, device=device, dtype=dtype, generator=gen)
     return module, x, kwargs, grad
 

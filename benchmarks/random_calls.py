@@ -245,6 +245,7 @@ def run_case(impls: list[str], case: dict, device: str, seed: int) -> dict[str, 
     computed once): each_impl's results."""
     inputs = make_inputs(case, device, torch.Generator(device=device).manual_seed(seed))
     want = answers("reference", inputs)
+
     def check(impl: str, grads: bool) -> dict:
         outputs, got_grads = answers(impl, inputs, grads)
         return compare(impl, (outputs, got_grads), (want[0], want[1] if grads else ()), device)
@@ -253,9 +254,10 @@ def run_case(impls: list[str], case: dict, device: str, seed: int) -> dict[str, 
 
 
 def draw_module(rng: random.Random, device: str, dtypes: list[str] | None = None) -> dict:
-    """One MultiHeadAttention configuration and its input (JSON-able), drawn for `device`;
-    "pieces", for a causal module without masks: the token counts it is run in through a
-    KVCache (a prefill, or none, and then up to 8 blocks)."""
+    """One MultiHeadAttention configuration (JSON-able; its weights and input come from the
+    call's seed, module_inputs), drawn for `device`; "pieces", for a causal module without
+    masks: the token counts it is run in through a KVCache (a prefill, or none, and then
+    up to 8 blocks)."""
     gpu = device == "cuda"
     dtypes = dtypes or (["bfloat16", "float16"] if gpu else ["float16"])
     lengths = GPU_LENGTHS if gpu else CPU_LENGTHS
@@ -318,8 +320,8 @@ def module_answers(impl: str, case: dict, inputs: tuple, in_float64: bool = Fals
     with torch.set_grad_enabled(grads):
         out = module(x.to(module.qkv.weight.dtype), **kwargs)
     outputs = (out,)
-    grads = torch.autograd.grad(out, [x, *module.parameters()],
-                                grad.to(out.dtype)) if grads else ()
+    gradients = torch.autograd.grad(out, [x, *module.parameters()],
+                                    grad.to(out.dtype)) if grads else ()
     if "pieces" in case and impl != "reference":
         cache = module.make_kv_cache(case["batch"], case["seq"])
         with torch.no_grad():
@@ -328,7 +330,7 @@ def module_answers(impl: str, case: dict, inputs: tuple, in_float64: bool = Fals
                 pieces.append(module(x[:, start:start + size], kv_cache=cache))
                 start += size
         outputs += (torch.cat(pieces, dim=1),)
-    return outputs, grads
+    return outputs, gradients
 
 
 # A parameter's gradient sums over every token, and where those terms nearly cancel, the

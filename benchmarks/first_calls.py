@@ -21,7 +21,7 @@ Run 46 ran the two drafts this was made from, one for the `triton` cases and one
 `gluon` cases, with the same cases (the first draft made one call a case and no trivial
 backward first, so its first case carries torch's one-time import); their JSON
 (`results/first_calls_h200_run46*.json`) names the fields otherwise (NOTES, run 46). This
-form has not run on a GPU yet.
+form ran on the H200 in runs 47 and 48 (`results/first_calls_h200_run4{7,8}_*.json`).
 """
 
 from __future__ import annotations

@@ -90,6 +90,19 @@ def test_mask_that_does_not_fit(mask: torch.Tensor, patterns: list[str]) -> None
     raises(error, *patterns, attn_mask=mask)
 
 
+def test_static_mask_beside_dynamic_lengths_under_compile() -> None:
+    """A padding mask whose key dim torch.compile holds static, beside q and k whose lengths
+    it traces as dynamic (a server marks them so; dynamo does it after a length changes):
+    the shape check must compare the sizes, which dynamo gets wrong for `17 in (1, s)`."""
+    q, k, v = qkv(sq=17, skv=17)
+    mask = torch.rand(2, 1, 1, 17) > 0.3
+    for t in (q, k, v):
+        torch._dynamo.maybe_mark_dynamic(t, 2)
+    compiled = torch.compile(attnkit.attention, backend="eager", fullgraph=True)
+    out = compiled(q, k, v, attn_mask=mask, impl="naive")
+    torch.testing.assert_close(out, attnkit.attention(q, k, v, attn_mask=mask, impl="naive"))
+
+
 def test_mask_on_another_device() -> None:
     raises(ValueError, "attn_mask", "meta", attn_mask=torch.ones(2, 1, 5, 7, device="meta"))
 

@@ -264,7 +264,9 @@ def checked_mask(attn_mask: Tensor, full: tuple[int, ...], dims: str) -> Tensor:
             f"got shape {_shape(attn_mask)}"
         )
     padded = (1,) * (4 - attn_mask.dim()) + _shape(attn_mask)
-    if any(m not in (1, f) for m, f in zip(padded, full, strict=True)):
+    # Two compares, not `m not in (1, f)`: under torch.compile, dynamo (torch 2.13) takes
+    # `17 in (1, s)` for False where s is a dynamic size equal to 17.
+    if any(m != 1 and m != f for m, f in zip(padded, full, strict=True)):
         raise ValueError(
             f"attn_mask of shape {_shape(attn_mask)} does not broadcast to {dims} = {full}"
         )

@@ -143,14 +143,16 @@ def test_no_grad_call_of_inputs_that_require_grad(name: str) -> None:
     descendants are not, but a user's leaves can be): the forward must run as for plain
     tensors. Compiled FlexAttention on a CPU raised that it has no backward (run 48)."""
     skip_if_unavailable(name)
+    # Half on a GPU, which sdpa_flash and sdpa_cudnn need; float32 on a CPU, as flex there
+    dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(2, h, 17, 64, generator=gen).to(DEVICE).requires_grad_()
+    q, k, v = (torch.randn(2, h, 17, 64, generator=gen).to(DEVICE, dtype).requires_grad_()
                for h in (4, 2, 2))  # verify's "b2 h4/2 s17x17 d64 causal": compiled once
     with torch.no_grad():
         out = attnkit.attention(q, k, v, causal=True, impl=name)
         want = attnkit.attention(q, k, v, causal=True, impl="reference")
     assert not out.requires_grad
-    assert verify.rel_err(out, want) < verify.tolerance(torch.float32, DEVICE, name)
+    assert verify.rel_err(out, want) < verify.tolerance(dtype, DEVICE, name)
 
 
 @pytest.mark.parametrize("name", dropout_backends())

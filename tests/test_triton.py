@@ -2437,6 +2437,32 @@ def test_hopper_forward_tile_counter_is_zero_after_each_launch_on_gpu(monkeypatc
         assert rel_err(out, want) < 1e-2, i
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("grads", [True, False], ids=["train", "no_grad"])
+def test_module_under_compiled_cuda_graphs_on_gpu(grads):
+    """torch.compile(mode="reduce-overhead") records the module's steps into CUDA graphs:
+    whatever the kernels keep from one call to the next (the Gluon forward's tile counter,
+    at this causal D=128 length on Hopper) must not be made in the graphs' memory pool
+    during their warm-up. Three steps on fresh inputs against the eager module."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(1024, 1024, 8, num_kv_heads=2, causal=True, impl="triton",
+                             device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(mha, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        x = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=grads)
+        with torch.set_grad_enabled(grads):
+            out = compiled(x).clone()
+            want = mha(x)
+        assert rel_err(out, want) < 1e-2
+        if grads:
+            g = torch.randn_like(out)
+            got = torch.autograd.grad(out, (x, mha.qkv.weight), g)
+            for a, b in zip(got, torch.autograd.grad(want, (x, mha.qkv.weight), g),
+                            strict=True):
+                assert rel_err(a, b) < 1e-2
+
+
 def _watch_gluon_launches(monkeypatch) -> list[tuple[str, object]]:
     """The Gluon launch functions, each wrapped to note (its name, the launcher it was
     given) in the returned list before it runs (memcheck.py's watch, undone after the

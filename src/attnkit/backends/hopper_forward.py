@@ -37,6 +37,7 @@ TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import re
 from typing import NamedTuple
@@ -741,13 +742,35 @@ def tile_counter(device: torch.device) -> torch.Tensor:
 
 
 # Bounded, so that a program that makes stream after stream does not keep a pair for each.
-# Dropping a pair that launches still in flight use is safe: it was made on its stream,
-# and the caching allocator gives its memory again only to work queued later on that
-# stream.
+# Dropping a pair that launches still in flight use is safe: record_stream keeps the
+# caching allocator from handing its memory out again before the work queued on the
+# stream so far is done.
 @functools.lru_cache(maxsize=64)
 def stream_counter(index: int, stream: int) -> torch.Tensor:
-    """tile_counter's pair for GPU index and the raw CUDA stream (cudaStream_t as int)."""
-    return torch.zeros(2, dtype=torch.int32, device=torch.device("cuda", index))
+    """tile_counter's pair for GPU index and the raw CUDA stream (cudaStream_t as int).
+
+    Made on a thread of its own: torch.compile's CUDA graphs (mode="reduce-overhead") send
+    what the calling thread allocates during their warm-up run to the graphs' memory pool,
+    where a pair kept here would be a live allocation that no output accounts for
+    (RuntimeError "Detected 1 tensor(s) in the cudagraph pool not tracked as outputs").
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as maker:
+        pair, made = maker.submit(_zeroed_pair, index).result()
+    user = torch.cuda.ExternalStream(stream, device=pair.device)
+    user.wait_event(made)
+    pair.record_stream(user)
+    return pair
+
+
+def _zeroed_pair(index: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Two int32 zeros on GPU index, filled on a stream of their own, and the event after
+    the fill."""
+    device = torch.device("cuda", index)
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        pair = torch.zeros(2, dtype=torch.int32, device=device)
+        made = torch.cuda.Event()
+        made.record()
+    return pair, made
 
 
 def run_kernel(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict,

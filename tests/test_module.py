@@ -87,6 +87,27 @@ def test_kv_cache_incremental_decode_equals_full_forward(prefill, heads):
     assert rel(torch.cat(parts, dim=1), full) < 1e-5
 
 
+def test_compiled_decoding_with_the_cache_length_unspecialized():
+    """What KVCache's docstring tells a user compiling a decoding loop: with
+    allow_unspec_int_on_nn_module, the cache's length is traced as a dynamic size, so
+    dynamo compiles twice (the prefill's length, then any length), not once per token."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    m = MultiHeadAttention(24, 32, 4, num_kv_heads=2, causal=True, impl="reference")
+    x = torch.randn(2, 11, 24)
+    cache = m.make_kv_cache(2, 16)
+    frames = CompileCounter()
+    compiled = torch.compile(m, backend=frames, fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        full = m(x)
+        parts = [compiled(x[:, :3], kv_cache=cache)]
+        parts += [compiled(x[:, t:t + 1], kv_cache=cache) for t in range(3, 11)]
+    assert frames.frame_count <= 2
+    assert rel(torch.cat(parts, dim=1), full) < 1e-5
+
+
 def test_kv_cache_errors_and_state():
     m = MultiHeadAttention(24, 24, 4, num_kv_heads=2, impl="reference")
     cache = m.make_kv_cache(2, 4)

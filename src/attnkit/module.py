@@ -26,6 +26,12 @@ class KVCache(nn.Module):
     The buffers are written in place, so the cache is meant for inference (`torch.no_grad()`
     or `torch.inference_mode()`); backpropagating through two appends fails in autograd's
     in-place check.
+
+    Under `torch.compile`, `length` is an int attribute of a module, which dynamo holds
+    static: a compiled decoding loop compiles again for each new length, and runs eagerly
+    once `torch._dynamo.config.recompile_limit` is reached. With
+    `torch._dynamo.config.allow_unspec_int_on_nn_module = True` it traces the length as a
+    dynamic size and compiles twice in all.
     """
 
     def __init__(

@@ -1303,6 +1303,59 @@ def _grads(out, inputs):
     return torch.autograd.grad(out, inputs, grad_out.to(out))
 
 
+@pytest.mark.parametrize("extra", ["key_lengths", "mask per batch", "mask broadcast"])
+def test_calls_past_the_grids_rows_run_in_batch_pieces(extra, device, monkeypatch):
+    """More (batch, query head) rows than a grid's second dimension takes (65535 on CUDA,
+    5 here): the call runs in pieces of its batch, each with its own part of the key
+    lengths or mask (a mask broadcast over the batch whole), forward and backward against
+    the oracle, rows that see no key included; out keeps a whole call's layout."""
+    from attnkit.backends import fused_triton as ft
+
+    monkeypatch.setattr(ft, "_MAX_GRID_ROWS", 5)
+    pieces, run = [], ft.run
+    monkeypatch.setattr(ft, "run", lambda call: (pieces.append(call.batch), run(call))[1])
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(3, h, s, 16, generator=gen).to(device, DTYPE).requires_grad_()
+               for h, s in ((2, 17), (1, 20), (1, 20)))
+    kwargs = {"causal": True}
+    if extra == "key_lengths":
+        kwargs["key_lengths"] = torch.tensor([20, 0, 7], device=device)
+    else:
+        shape = (3, 1, 1, 20) if extra == "mask per batch" else (1, 1, 17, 20)
+        mask = torch.rand(shape, generator=gen) > 0.3
+        mask[-1, ..., 0, :] = False  # a row, or a batch element's every row, that sees no key
+        kwargs["attn_mask"] = mask.to(device)
+    out, lse = attention(q, k, v, impl="triton", return_lse=True, **kwargs)
+    want, lse_want = attention(*(t.double() for t in (q, k, v)), impl="reference",
+                               return_lse=True, **kwargs)
+    assert pieces == [2, 1]
+    assert out.transpose(1, 2).is_contiguous()
+    assert rel_err(out, want) < 1e-2
+    torch.testing.assert_close(lse, lse_want.float(), atol=1e-3, rtol=1e-3)
+    for got, exact in zip(_grads(out, (q, k, v)), _grads(want, (q, k, v)), strict=True):
+        assert rel_err(got, exact) < 1e-2
+
+
+@pytest.mark.gpu
+def test_more_rows_than_a_grid_takes_on_gpu():
+    """4097 x 16 = 65552 (batch, query head) rows, past CUDA's 65535 along a grid's second
+    dimension (a launch raised "invalid argument" before the calls went in pieces): the
+    first and the last batch element against the oracle, forward and backward."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(4097, h, 17, 64, device="cuda", dtype=torch.bfloat16,
+                           generator=gen).requires_grad_() for h in (16, 4, 4))
+    out = attention(q, k, v, causal=True, impl="triton")
+    grad_out = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for i in (0, 4096):
+        inputs = [t[i:i + 1].detach().double().requires_grad_() for t in (q, k, v)]
+        want = attention(*inputs, causal=True, impl="reference")
+        assert rel_err(out[i:i + 1], want) < 1e-2
+        exact = torch.autograd.grad(want, inputs, grad_out[i:i + 1].double())
+        for got, ref in zip(grads, exact, strict=True):
+            assert rel_err(got[i:i + 1], ref) < 1e-2
+
+
 @pytest.mark.parametrize("case", [
     replace(SMALL, key_lengths=True, causal=True),  # CPU key lengths: no value check traced
     replace(SMALL, mask="bool", window=(7, 3)),

@@ -7,7 +7,8 @@
 The test suite checks chosen shapes; this draws them, so that combinations nobody wrote
 down get checked too: lengths around the routes' thresholds (255-257, 511-512, 1280,
 1536-1537, 2048-2049, 4096), head dims 32-256 with a v head dim that differs now and
-then, grouped heads, key lengths (0, 1, all, random), padding masks (bool and additive),
+then, grouped heads, now and then on a GPU a batch whose (batch, head) rows pass a
+CUDA grid's 65535, key lengths (0, 1, all, random), padding masks (bool and additive),
 general masks broadcast over the batch, the heads, both or neither, windows, explicit and
 negative scales, q, k, v as (B, H, S, D) tensors, transposed (B, S, H, D) ones or views
 into one fused QKV projection, and gradients laid out either way. On the CPU (`--device
@@ -68,6 +69,9 @@ CPU_LENGTHS = [1, 2, 17, 33, 64, 65]
 # Query heads per kv head, by whether on a GPU: 8 as in Llama-3 70B's 64/8, where a
 # decoding kernel packs 8 * Sq rows (run 48's flex defect was at 2 * 100).
 GROUPS = {True: [1, 2, 4, 8], False: [1, 2, 4]}
+# On a GPU, the share of calls drawn with more than GRID_ROWS (batch, query head) rows
+BIG_BATCH_SHARE = 0.03
+GRID_ROWS = 65535
 # Largest B * Hq * Sq * Skv drawn: the reference holds that many float64 scores and
 # their gradients.
 MAX_SCORES = 1.5e8
@@ -83,8 +87,14 @@ def draw(rng: random.Random, device: str, dtypes: list[str] | None = None) -> di
     d = rng.choice([64, 64, 128, 128, 128, 32, 80, 96, 256] if gpu else [16, 24, 80])
     dv = d if rng.random() < 0.9 else rng.choice([64, 128] if gpu else [16, 32])
     hkv, group, b = rng.choice([1, 2, 4]), rng.choice(GROUPS[gpu]), rng.choice([1, 2, 3])
-    sq = rng.choice(lengths)
-    skv = sq if rng.random() < 0.5 else rng.choice(lengths)
+    if gpu and rng.random() < BIG_BATCH_SHARE:
+        # More (batch, query head) rows than a CUDA grid's second dimension takes (65535):
+        # run 49 found such calls refused in `triton` and `flex` (batch 65538) alike
+        b = GRID_ROWS // (hkv * group) + rng.randint(1, 3)
+        sq, skv = rng.choice([1, 17]), rng.choice([1, 17, 100])
+    else:
+        sq = rng.choice(lengths)
+        skv = sq if rng.random() < 0.5 else rng.choice(lengths)
     while b * hkv * group * sq * skv > MAX_SCORES:
         b, group, sq = max(1, b - 1), max(1, group // 2), (sq if b > 1 else max(1, sq // 2))
     case = {"batch": b, "heads_q": hkv * group, "heads_kv": hkv, "seq_q": sq, "seq_kv": skv,

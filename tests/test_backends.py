@@ -155,6 +155,27 @@ def test_no_grad_call_of_inputs_that_require_grad(name: str) -> None:
     assert verify.rel_err(out, want) < verify.tolerance(dtype, DEVICE, name)
 
 
+def test_flex_runs_calls_past_a_grids_rows_in_batch_pieces(monkeypatch) -> None:
+    """More (batch, kv head) rows than a CUDA grid's second dimension takes (GRID_ROWS;
+    2 here, so that it runs on a CPU too): flex cuts the call into pieces of its batch,
+    each with its own key lengths, and the answer is the oracle's, dead rows included."""
+    skip_if_unavailable("flex")
+    from attnkit.backends import flex
+
+    monkeypatch.setattr(flex, "GRID_ROWS", 2)
+    pieces, run = [], flex.run
+    monkeypatch.setattr(flex, "run", lambda call: (pieces.append(call.batch), run(call))[1])
+    dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(4, h, 17, 32, generator=gen).to(DEVICE, dtype) for h in (2, 1, 1))
+    lengths = torch.tensor([17, 0, 5, 9], device=DEVICE)
+    out = attnkit.attention(q, k, v, key_lengths=lengths, impl="flex")
+    want = attnkit.attention(q, k, v, key_lengths=lengths, impl="reference")
+    assert pieces == [2, 2]
+    assert verify.rel_err(out, want) < verify.tolerance(dtype, DEVICE, "flex")
+    assert not out[1].any()
+
+
 @pytest.mark.parametrize("name", dropout_backends())
 def test_dropout(name: str) -> None:
     """With v = identity the output is the dropped-out probability matrix itself."""

@@ -1311,7 +1311,7 @@ def test_calls_past_the_grids_rows_run_in_batch_pieces(extra, device, monkeypatc
     the oracle, rows that see no key included; out keeps a whole call's layout."""
     from attnkit.backends import fused_triton as ft
 
-    monkeypatch.setattr(ft, "_MAX_GRID_ROWS", 5)
+    monkeypatch.setattr(ft, "GRID_ROWS", 5)
     pieces, run = [], ft.run
     monkeypatch.setattr(ft, "run", lambda call: (pieces.append(call.batch), run(call))[1])
     gen = torch.Generator().manual_seed(11)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from attnkit.call import AttentionCall
 
-__all__ = ["Backend", "Result", "always_available", "cuda_only"]
+__all__ = ["GRID_ROWS", "Backend", "Result", "always_available", "cuda_only",
+           "in_batch_pieces"]
 
 # (output (B, Hq, Sq, Dv) in the input dtype, log-sum-exp (B, Hq, Sq) float32 or None)
 Result = tuple[Tensor, Tensor | None]
@@ -45,3 +47,28 @@ def always_available(device: torch.device) -> str | None:
 
 def cuda_only(device: torch.device) -> str | None:
     return None if device.type == "cuda" else f"needs a CUDA device, got {device.type}"
+
+
+# CUDA launches at most this many blocks along a grid's second and third dimensions, where
+# Triton kernels (ours, and inductor's for FlexAttention) lay batch or (batch, head) rows.
+GRID_ROWS = 65535
+
+
+def in_batch_pieces(call: AttentionCall, per_piece: int,
+                    run: Callable[[AttentionCall], Result]) -> Result:
+    """run over pieces of per_piece batch elements (views of the call's tensors; its key
+    lengths, and a mask that is not broadcast over the batch, cut along with them),
+    joined along the batch: out (B, Hq, Sq, Dv) as a view of a (B, Sq, Hq, Dv) tensor,
+    lse (B, Hq, Sq) or None."""
+    def pieces(t: Tensor | None):
+        return t.split(per_piece) if t is not None and t.shape[0] > 1 else itertools.repeat(t)
+
+    outs, lses = [], []
+    for q, k, v, lengths, mask in zip(call.q.split(per_piece), pieces(call.k), pieces(call.v),
+                                      pieces(call.key_lengths), pieces(call.attn_mask),
+                                      strict=False):  # q's pieces end it; repeats do not
+        out, lse = run(replace(call, q=q, k=k, v=v, key_lengths=lengths, attn_mask=mask))
+        outs.append(out.transpose(1, 2))
+        lses.append(lse)
+    lse = None if any(piece is None for piece in lses) else torch.cat(lses)
+    return torch.cat(outs).transpose(1, 2), lse

@@ -27,7 +27,7 @@ from torch.nn.attention.flex_attention import (
     flex_attention,
 )
 
-from attnkit.backends.base import Backend, Result
+from attnkit.backends.base import GRID_ROWS, Backend, Result, in_batch_pieces
 from attnkit.call import AttentionCall
 
 # Each new (shape, dtype, mask structure) is a recompile; past dynamo's default limit of 8
@@ -68,6 +68,8 @@ def supports(call: AttentionCall) -> str | None:
         return "FlexAttention has no dropout"
     if call.dtype == torch.float64:
         return "compiled FlexAttention does not take float64"
+    if call.heads_q > GRID_ROWS:
+        return f"takes at most {GRID_ROWS} query heads, got {call.heads_q}"
     if call.device.type == "cpu":
         if call.head_dim < CPU_MIN_HEAD_DIM or call.head_dim_v < CPU_MIN_HEAD_DIM:
             # Seen with torch 2.13: D=16 and D=8 at S=40 gave NaN or errors of 0.3.
@@ -172,6 +174,11 @@ def kernel_options(call: AttentionCall, mask: BlockMask | None) -> dict[str, boo
 
 
 def run(call: AttentionCall) -> Result:
+    if call.batch * call.heads_kv > GRID_ROWS:
+        # Inductor's kernels lay the batch along a grid's second dimension, and its
+        # decoding kernel (batch, kv head) rows: past GRID_ROWS, CUDA refused the launch
+        # ("CUDA driver error: invalid argument", PyTorch 2.11, batch 65538, one head).
+        return in_batch_pieces(call, GRID_ROWS // call.heads_kv, run)
     flex = compiled_flex()
     q, k, v = call.q, call.k, call.v
     if not call.needs_grad:

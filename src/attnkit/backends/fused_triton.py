@@ -46,7 +46,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import inspect
-import itertools
 import math
 import os
 import re
@@ -59,7 +58,7 @@ import torch
 from torch import Tensor
 
 from attnkit.backends import dropout_mask, hopper_backward, hopper_forward
-from attnkit.backends.base import Backend, Result
+from attnkit.backends.base import GRID_ROWS, Backend, Result, in_batch_pieces
 from attnkit.call import AttentionCall
 
 try:
@@ -2096,17 +2095,11 @@ def supports(call: AttentionCall) -> str | None:
     for name, d in (("head_dim", call.head_dim), ("head_dim of v", call.head_dim_v)):
         if not 16 <= d <= 256:
             return f"{name} must lie in [16, 256], got {d}"
-    if call.heads_q > _MAX_GRID_ROWS:
-        return f"takes at most {_MAX_GRID_ROWS} query heads, got {call.heads_q}"
+    if call.heads_q > GRID_ROWS:
+        return f"takes at most {GRID_ROWS} query heads, got {call.heads_q}"
     if call.attn_mask is not None and call.attn_mask.requires_grad:
         return "computes no gradient for attn_mask, which requires grad"
     return None
-
-
-# CUDA launches at most 65535 blocks along a grid's second and third dimensions, and
-# every kernel here but the Gluon forward lays the (batch, query head) rows along the
-# second: a call with more rows runs in pieces of its batch (_run_in_pieces).
-_MAX_GRID_ROWS = 65535
 
 
 def run(call: AttentionCall) -> Result:
@@ -2117,8 +2110,11 @@ def run(call: AttentionCall) -> Result:
         # Keeps the graph connected so that backward gives zero gradients.
         out = out + 0 * (call.q.sum() + call.k.sum() + call.v.sum())
         return out, lse
-    if B * Hq > _MAX_GRID_ROWS:
-        return _run_in_pieces(call, _MAX_GRID_ROWS // Hq)
+    if B * Hq > GRID_ROWS:
+        # Every kernel here but the Gluon forward lays (batch, query head) rows along a
+        # grid's second dimension: past GRID_ROWS, launches raised "invalid argument"
+        # (an H200, run 49), 65536 rows included.
+        return in_batch_pieces(call, GRID_ROWS // Hq, run)
     # Dropout's Philox seed comes from torch's generator on the call's device, so
     # torch.manual_seed repeats it; the kernels read it from memory, so each replay of a
     # captured CUDA graph draws a new one (a seed passed by value would be captured once).
@@ -2138,24 +2134,6 @@ def run(call: AttentionCall) -> Result:
         -1 if left is None else left, -1 if right is None else right, call.scale,
         call.dropout_p, seed,
     )
-
-
-def _run_in_pieces(call: AttentionCall, per_piece: int) -> Result:
-    """run over pieces of per_piece batch elements (views of the call's tensors; a mask
-    or key lengths along with them), joined along the batch: out (B, Hq, Sq, Dv) in the
-    (B, Sq, Hq, Dv) layout of a whole call's, lse (B, Hq, Sq)."""
-    def pieces(t: Tensor | None):
-        return t.split(per_piece) if t is not None and t.shape[0] > 1 else itertools.repeat(t)
-
-    outs, lses = [], []
-    for q, k, v, lengths, mask in zip(call.q.split(per_piece), pieces(call.k), pieces(call.v),
-                                      pieces(call.key_lengths), pieces(call.attn_mask),
-                                      strict=False):  # q's pieces end it; repeats do not
-        out, lse = run(dataclasses.replace(call, q=q, k=k, v=v, key_lengths=lengths,
-                                           attn_mask=mask))
-        outs.append(out.transpose(1, 2))
-        lses.append(lse)
-    return torch.cat(outs).transpose(1, 2), torch.cat(lses)
 
 
 BACKEND = Backend(

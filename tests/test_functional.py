@@ -98,9 +98,25 @@ def test_static_mask_beside_dynamic_lengths_under_compile() -> None:
     mask = torch.rand(2, 1, 1, 17) > 0.3
     for t in (q, k, v):
         torch._dynamo.maybe_mark_dynamic(t, 2)
+    torch._dynamo.reset()
     compiled = torch.compile(attnkit.attention, backend="eager", fullgraph=True)
     out = compiled(q, k, v, attn_mask=mask, impl="naive")
     torch.testing.assert_close(out, attnkit.attention(q, k, v, attn_mask=mask, impl="naive"))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "naive"])
+def test_dynamic_head_counts_and_scale_under_compile(impl: str) -> None:
+    """Head counts that torch.compile traces as dynamic sizes, and a scale that changed
+    between compiled calls (which dynamo then holds dynamic): SDPA's enable_gqa needs a
+    Python bool, not a SymBool, and math.isfinite cannot be traced on a dynamic float."""
+    q, k, v = qkv(hq=4, hkv=2)
+    for t in (q, k, v):
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+    torch._dynamo.reset()  # this test's compiles alone against dynamo's recompile limit
+    compiled = torch.compile(attnkit.attention, backend="eager", fullgraph=True)
+    for scale in (0.5, 0.25):
+        out = compiled(q, k, v, scale=scale, impl=impl)
+        torch.testing.assert_close(out, attnkit.attention(q, k, v, scale=scale, impl=impl))
 
 
 def test_mask_on_another_device() -> None:

@@ -61,6 +61,16 @@ class AttentionCall:
         return self.heads_q // self.heads_kv
 
     @property
+    def grouped(self) -> bool:
+        """Whether query heads share key/value heads (Hq > Hkv): a Python bool even where
+        torch.compile traces the head counts as dynamic sizes, as arguments such as SDPA's
+        enable_gqa need (a SymBool raised there; dynamo keeps bool() of one a SymBool,
+        and settles a branch on it)."""
+        if self.heads_q != self.heads_kv:
+            return True
+        return False
+
+    @property
     def seq_q(self) -> int:
         return self.q.shape[2]
 
@@ -223,7 +233,8 @@ def make_call(
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    elif not math.isfinite(scale):
+    elif not -math.inf < scale < math.inf:  # not math.isfinite: dynamo cannot trace that
+        # on a scale it holds dynamic (a float that changed between compiled calls)
         raise ValueError(f"scale must be finite, got {scale}")
 
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):

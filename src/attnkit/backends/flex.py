@@ -190,7 +190,7 @@ def run(call: AttentionCall) -> Result:
         score_mod=score_mod(call),
         block_mask=mask,
         scale=call.scale,
-        enable_gqa=call.group > 1,
+        enable_gqa=call.grouped,
         kernel_options=kernel_options(call, mask),
     )
     if not call.return_lse:

@@ -1767,7 +1767,7 @@ def _packs_group(call: AttentionCall) -> bool:
     """Whether the forward packs a kv group's query heads into the rows of one tile: with
     fewer query rows than the smallest tile (decoding), a tile per query head would
     leave most of its rows empty and load the group's K/V once per query head."""
-    return call.group > 1 and call.seq_q < _MIN_BLOCK_M
+    return call.grouped and call.seq_q < _MIN_BLOCK_M
 
 
 def _query_rows(call: AttentionCall, packed: bool) -> tuple[int, int]:
@@ -1948,7 +1948,7 @@ def _dkdv_launch(call: AttentionCall, shared: tuple, lse: Tensor, dout: Tensor,
         q, k, v, dout, lse, delta, dk, dv, mask, lengths,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *mask_strides, Hq, call.heads_kv, call.group, Sq, call.seq_kv, *scalars,
-    ), {**flags, "GROUPED": call.group > 1}, tune_key
+    ), {**flags, "GROUPED": call.grouped}, tune_key
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class Arguments:
 def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     """The SDPA arguments for `call`; k/v are repeated to Hq heads unless native_gqa."""
     k, v = (call.k, call.v) if native_gqa else expand_kv(call)
-    gqa = native_gqa and call.group > 1
+    gqa = native_gqa and call.grouped
     only_causal = (call.causal and call.window is None and call.key_lengths is None
                    and call.attn_mask is None and call.seq_q == call.seq_kv)
     if not call.has_mask or (only_causal and call.scale > 0):
@@ -97,7 +97,7 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
     if kernel == SDPBackend.CUDNN_ATTENTION and args.attn_mask is not None and call.needs_grad:
         return None, CUDNN_MASKED_GRAD
     reason = kernel_refusal(kernel, call, args)
-    if reason is not None and call.group > 1:
+    if reason is not None and call.grouped:
         # Some kernels reject enable_gqa but take k/v repeated to Hq heads.
         repeated = Arguments(args.k, args.v, args.attn_mask, args.is_causal, False, args.dead)
         if kernel_refusal(kernel, call, repeated) is None:

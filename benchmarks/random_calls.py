@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/random_calls.py [--impl NAME ...] [--seed N]
         [--seconds S] [--cases N] [--device cuda|cpu] [--dtypes DTYPE ...] [--modules]
-        [--out DIR]
+        [--compile eager|aot_eager|inductor] [--out DIR]
 
 The test suite checks chosen shapes; this draws them, so that combinations nobody wrote
 down get checked too: lengths around the routes' thresholds (255-257, 511-512, 1280,
@@ -32,6 +32,11 @@ with a mask), and otherwise counted as skipped for it. Writes DIR/random_calls.j
 (each call's case and, per implementation, its errors and verdict); exits 1 if any
 implementation failed any call.
 
+--compile BACKEND runs each implementation (not the reference) through one
+torch.compile(fullgraph=True) of `attention` for every call, so that dynamo traces the
+sizes and scales that change from call to call as dynamic: a graph break raises, and the
+answers are checked as above.
+
 --modules draws MultiHeadAttention configurations instead (`draw_module`: grouped heads,
 biases, key lengths or a padding mask, causal or not) and checks each implementation's
 module against the same module in float64 on the reference backend, one set of weights:
@@ -60,6 +65,8 @@ from rich.progress import Progress
 
 from attnkit import MultiHeadAttention, UnsupportedError, attention
 from attnkit.bench import environment
+from attnkit.call import make_call
+from attnkit.functional import select
 from attnkit.verify import lse_err, lse_tolerance, rel_err, tolerance
 
 ROW_BOUND = 0.5
@@ -195,6 +202,23 @@ def row_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x64 - ref64).norm(dim=-1) / rows.clamp_min(floor)).max().item()
 
 
+# --compile: attention as torch.compile(fullgraph=True) traces it, one compiled function
+# for every call drawn, so that dynamo sees lengths, heads and scales change from call to
+# call and traces them as dynamic (run 49's three defects were there). The reference
+# stays eager.
+COMPILED: Callable | None = None
+
+
+def compiled_attention(backend: str) -> Callable:
+    """attention(q, k, v, impl=impl, **kwargs) as f(q, k, v, impl, kwargs), compiled with
+    no graph breaks allowed; dynamo's recompile limits raised for one compile a shape."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 100_000)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 100_000)
+    return torch.compile(lambda q, k, v, impl, kwargs: attention(q, k, v, impl=impl, **kwargs),
+                         backend=backend, fullgraph=True)
+
+
 def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]:
     """(outputs, gradients of the leaves, or none without grads) of impl on make_inputs'
     inputs; the reference's in float64."""
@@ -205,7 +229,11 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
         if mask is not None and mask.is_floating_point():
             kwargs = {**kwargs, "attn_mask": mask.double()}
     with torch.set_grad_enabled(grads):
-        outputs = attention(q, k, v, impl=impl, **kwargs)
+        if COMPILED is not None and impl != "reference":
+            select(make_call(q, k, v, **kwargs), impl)  # a refusal raised here, eagerly
+            outputs = COMPILED(q, k, v, impl, kwargs)
+        else:
+            outputs = attention(q, k, v, impl=impl, **kwargs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     if not grads:
         return outputs, ()
@@ -399,8 +427,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="drawn from (default: bfloat16 float16 on a GPU, float16 on the CPU)")
     parser.add_argument("--modules", action="store_true",
                         help="draw MultiHeadAttention configurations, not attention calls")
+    parser.add_argument("--compile", choices=("eager", "aot_eager", "inductor"), default=None,
+                        help="run the implementations through torch.compile with this backend")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.compile and args.modules:
+        parser.error("--compile checks attention calls, not --modules")
+    global COMPILED
+    COMPILED = None if args.compile is None else compiled_attention(args.compile)
     draw_one, run_one = (draw_module, run_module_case) if args.modules else (draw, run_case)
     rng = random.Random(args.seed)
     calls = []
@@ -436,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "random_calls.json").write_text(json.dumps(
             {"environment": environment(torch.device(args.device)), "impls": args.impl,
-             "seed": args.seed, "calls": calls}, indent=1))
+             "seed": args.seed, "compile": args.compile, "calls": calls}, indent=1))
     return 1 if any_failed else 0
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -396,8 +397,21 @@ def test_lse_err_counts_finite_rows_and_needs_the_same_dead_rows() -> None:
     assert verify.lse_err(dead, dead) == 0.0
 
 
+def test_random_calls_through_torch_compile(monkeypatch, tmp_path):
+    """random_calls.py --compile: the drawn calls through one compiled attention, whose
+    sizes and scale dynamo comes to trace as dynamic (seed 5's six: grouped heads, two
+    explicit scales), checked against the eager reference; a graph break would raise."""
+    random_calls = benchmark_script("random_calls", monkeypatch)
+    torch._dynamo.reset()
+    assert random_calls.main(["--impl", "naive", "sdpa", "--device", "cpu", "--cases", "6",
+                              "--seed", "5", "--dtypes", "float32", "--compile", "eager",
+                              "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "random_calls.json").read_text())
+    assert written["compile"] == "eager"
+    assert all("skipped" not in call["results"]["naive"] for call in written["calls"])
+
+
 def test_random_calls_check_drawn_calls_and_write_each(monkeypatch, tmp_path):
-    import json
 
     random_calls = benchmark_script("random_calls", monkeypatch)
     assert random_calls.main(["--impl", "einsum", "naive", "--device", "cpu", "--cases", "6",
@@ -417,7 +431,6 @@ def test_random_modules_check_every_gradient_and_the_cache(monkeypatch, tmp_path
     """--modules: each drawn module against the reference module, its input's and its
     parameters' gradients too, and a causal one run in KVCache pieces; a cache that
     writes every block at the start (its length never advanced) fails the pieces only."""
-    import json
 
     from attnkit.module import KVCache
 

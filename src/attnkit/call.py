@@ -233,8 +233,9 @@ def make_call(
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    elif not -math.inf < scale < math.inf:  # not math.isfinite: dynamo cannot trace that
-        # on a scale it holds dynamic (a float that changed between compiled calls)
+    # Compared, not math.isfinite: dynamo cannot trace that on a float it holds dynamic
+    # (a scale that changed between compiled calls).
+    elif not -math.inf < scale < math.inf:
         raise ValueError(f"scale must be finite, got {scale}")
 
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):

@@ -177,6 +177,33 @@ def test_flex_runs_calls_past_a_grids_rows_in_batch_pieces(monkeypatch) -> None:
     assert not out[1].any()
 
 
+@pytest.mark.parametrize("name", [*NAMES, "reference"])
+def test_compiled_gradients_beside_an_lse_of_dead_rows(name: str) -> None:
+    """With return_lse, torch.compile's autograd hands the lse output a zero gradient where
+    eager autograd hands none: a backend whose lse is log(0) on rows that see no key must
+    not turn that zero into NaN in dq and dk (masks.masked_softmax did, run 49)."""
+    skip_if_unavailable(name)
+    dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, s, 32, generator=gen).to(DEVICE, dtype).requires_grad_()
+               for s in (9, 2, 2))  # causal, bottom right: 7 of 9 rows see no key
+
+    def fn(q, k, v):
+        return attnkit.attention(q, k, v, causal=True, return_lse=True, impl=name)
+
+    try:
+        want = fn(q, k, v)[0]
+    except attnkit.UnsupportedError as exc:
+        pytest.skip(str(exc))
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v)[0]
+    grad = torch.randn(want.shape, generator=gen).to(DEVICE, dtype)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad),
+                    torch.autograd.grad(want, (q, k, v), grad), strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("name", dropout_backends())
 def test_dropout(name: str) -> None:
     """With v = identity the output is the dropped-out probability matrix itself."""

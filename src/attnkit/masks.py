@@ -12,6 +12,8 @@ and a floating mask is added to the scaled scores.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -96,9 +98,13 @@ def masked_softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     weights = torch.exp(work - row_max)
     total = weights.sum(dim=-1, keepdim=True)
-    # Dividing an empty row by 1 (not by a tiny number) keeps its gradient finite too.
-    probs = weights / torch.where(total > 0, total, torch.ones_like(total))
-    lse = (row_max + torch.log(total)).squeeze(-1)
+    # Dividing an empty row by 1 (not by a tiny number) keeps its gradient finite too, and
+    # so does its log: a zero gradient of lse times log's 1/0 would be NaN in every score
+    # (torch.compile's autograd passes lse a zero gradient where eager passes none).
+    seen = total > 0
+    safe_total = torch.where(seen, total, torch.ones_like(total))
+    probs = weights / safe_total
+    lse = torch.where(seen, row_max + torch.log(safe_total), -math.inf).squeeze(-1)
     return probs.to(scores.dtype), lse.float()
 
 

@@ -177,6 +177,45 @@ def test_flex_runs_calls_past_a_grids_rows_in_batch_pieces(monkeypatch) -> None:
     assert not out[1].any()
 
 
+LSE_WITHOUT_GRADIENT = {"triton"}  # README's contract names it
+
+
+@pytest.mark.parametrize("name", [*NAMES, "reference", "triton"])
+def test_gradient_through_the_lse(name: str) -> None:
+    """A loss through lse as well as out (merging partial results, as ring attention
+    does): the gradients are the float64 oracle's, rows that see no key included, or the
+    backend's lse does not require grad at all (LSE_WITHOUT_GRADIENT), never a gradient
+    that silently leaves lse's part out (chunked's did, run 49)."""
+    skip_if_unavailable(name)
+    # Half where a backend needs it (a GPU's SDPA kernels, triton's interpreter)
+    dtype = torch.float16 if DEVICE.type == "cuda" or name == "triton" else torch.float32
+    gen = torch.Generator().manual_seed(10)
+    leaves = [torch.randn(2, h, s, 32, generator=gen).to(DEVICE, dtype).requires_grad_()
+              for h, s in ((4, 9), (2, 12), (2, 12))]
+    lengths = torch.tensor([12, 0], device=DEVICE)  # batch 1's rows see no key
+    try:
+        out, lse = attnkit.attention(*leaves, causal=True, key_lengths=lengths,
+                                     return_lse=True, impl=name)
+    except attnkit.UnsupportedError as exc:
+        pytest.skip(str(exc))
+    if name in LSE_WITHOUT_GRADIENT:
+        assert not lse.requires_grad
+        return
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    want_out, want_lse = attnkit.attention(*exact, causal=True, key_lengths=lengths,
+                                           return_lse=True, impl="reference")
+    weights = torch.randn(lse.shape, generator=gen).to(DEVICE)
+    seen = torch.isfinite(want_lse)
+
+    def loss(out, lse):
+        return out.sum() + (weights * lse.float())[seen].sum()
+
+    tol = verify.tolerance(dtype, DEVICE, name)
+    for got, ref in zip(torch.autograd.grad(loss(out, lse), leaves),
+                        torch.autograd.grad(loss(want_out, want_lse), exact), strict=True):
+        assert verify.rel_err(got, ref) < tol
+
+
 @pytest.mark.parametrize("name", [*NAMES, "reference"])
 def test_compiled_gradients_beside_an_lse_of_dead_rows(name: str) -> None:
     """With return_lse, torch.compile's autograd hands the lse output a zero gradient where

@@ -96,11 +96,20 @@ def _forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     return out, shift + torch.log(total)  # log(0) = -inf for those rows
 
 
-def _backward(call: AttentionCall, out: Tensor, lse: Tensor, dout: Tensor):
-    """dq, dk, dv in the work dtype, shaped like the call's q, k, v."""
+def _backward(call: AttentionCall, out: Tensor, lse: Tensor, dout: Tensor | None,
+              dlse: Tensor | None):
+    """dq, dk, dv in the work dtype, shaped like the call's q, k, v, from the gradients of
+    out (B, Hq, Sq, Dv) and of lse (B, Hq, Sq), either of them None for none."""
     q, k, v = _work(call)
-    dout = grouped(dout, call.heads_kv).to(q.dtype)  # (B, Hkv, G, Sq, Dv)
-    delta = (dout * out).sum(dim=-1, keepdim=True)  # (B, Hkv, G, Sq, 1)
+    if dout is None:
+        dout = torch.zeros_like(out)
+        delta = torch.zeros_like(lse)
+    else:
+        dout = grouped(dout, call.heads_kv).to(q.dtype)  # (B, Hkv, G, Sq, Dv)
+        delta = (dout * out).sum(dim=-1, keepdim=True)  # (B, Hkv, G, Sq, 1)
+    if dlse is not None:
+        # d lse / d s = p, so lse's gradient joins dS = P * (dP - delta) as delta - dlse
+        delta = delta - grouped(dlse.unsqueeze(-1), call.heads_kv).to(q.dtype)
     # A row that sees no key has lse = -inf and no probabilities: exp(s - inf) = 0.
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v.squeeze(2))
@@ -128,18 +137,20 @@ class _ChunkedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
         b, hq, sq = call.batch, call.heads_q, call.seq_q
-        lse32 = lse.reshape(b, hq, sq).float()
-        ctx.mark_non_differentiable(lse32)
-        return out.reshape(b, hq, sq, call.head_dim_v).to(call.dtype), lse32
+        ctx.set_materialize_grads(False)  # a gradient nobody sent stays None
+        return (out.reshape(b, hq, sq, call.head_dim_v).to(call.dtype),
+                lse.reshape(b, hq, sq).float())
 
     @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor):
+    def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
+        if dout is None and dlse is None:
+            return None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
         # The saved tensors, not the ones the call was built with, are what autograd
         # checks for in-place changes; the call only carries the options.
         call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
         with _replayed_rng(call.device, ctx.rng):
-            dq, dk, dv = _backward(call, out, lse, dout)
+            dq, dk, dv = _backward(call, out, lse, dout, dlse)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

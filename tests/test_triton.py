@@ -102,8 +102,8 @@ def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
     def decoding(batch, heads, seq_q, seq_kv, heads_kv=None, device="cuda"):
         heads_kv = heads_kv or heads
         return SimpleNamespace(device=torch.device(device), batch=batch, heads_q=heads,
-                               heads_kv=heads_kv, group=heads // heads_kv, seq_q=seq_q,
-                               seq_kv=seq_kv)
+                               heads_kv=heads_kv, group=heads // heads_kv,
+                               grouped=heads != heads_kv, seq_q=seq_q, seq_kv=seq_kv)
 
     def splits(*shape, **kwargs):
         call = decoding(*shape, **kwargs)

@@ -177,15 +177,12 @@ def test_flex_runs_calls_past_a_grids_rows_in_batch_pieces(monkeypatch) -> None:
     assert not out[1].any()
 
 
-LSE_WITHOUT_GRADIENT = {"triton"}  # README's contract names it
-
-
 @pytest.mark.parametrize("name", [*NAMES, "reference", "triton"])
 def test_gradient_through_the_lse(name: str) -> None:
     """A loss through lse as well as out (merging partial results, as ring attention
-    does): the gradients are the float64 oracle's, rows that see no key included, or the
-    backend's lse does not require grad at all (LSE_WITHOUT_GRADIENT), never a gradient
-    that silently leaves lse's part out (chunked's did, run 49)."""
+    does), or through lse alone: the gradients are the float64 oracle's, rows that see no
+    key included, never a gradient that silently leaves lse's part out (chunked's and
+    triton's did, run 49)."""
     skip_if_unavailable(name)
     # Half where a backend needs it (a GPU's SDPA kernels, triton's interpreter)
     dtype = torch.float16 if DEVICE.type == "cuda" or name == "triton" else torch.float32
@@ -198,22 +195,27 @@ def test_gradient_through_the_lse(name: str) -> None:
                                      return_lse=True, impl=name)
     except attnkit.UnsupportedError as exc:
         pytest.skip(str(exc))
-    if name in LSE_WITHOUT_GRADIENT:
-        assert not lse.requires_grad
-        return
     exact = [t.detach().double().requires_grad_() for t in leaves]
     want_out, want_lse = attnkit.attention(*exact, causal=True, key_lengths=lengths,
                                            return_lse=True, impl="reference")
     weights = torch.randn(lse.shape, generator=gen).to(DEVICE)
     seen = torch.isfinite(want_lse)
 
-    def loss(out, lse):
-        return out.sum() + (weights * lse.float())[seen].sum()
+    def loss(out, lse, with_out):
+        through_lse = (weights * lse.float())[seen].sum()
+        return out.sum() + through_lse if with_out else through_lse
 
     tol = verify.tolerance(dtype, DEVICE, name)
-    for got, ref in zip(torch.autograd.grad(loss(out, lse), leaves),
-                        torch.autograd.grad(loss(want_out, want_lse), exact), strict=True):
-        assert verify.rel_err(got, ref) < tol
+    for with_out in (True, False):
+        got = torch.autograd.grad(loss(out, lse, with_out), leaves, retain_graph=True,
+                                  allow_unused=True)
+        want = torch.autograd.grad(loss(want_out, want_lse, with_out), exact,
+                                   retain_graph=True, allow_unused=True)
+        for g, w in zip(got, want, strict=True):
+            if w is None:  # lse alone does not reach v
+                assert g is None or not g.any()
+            else:
+                assert verify.rel_err(g, w) < tol
 
 
 @pytest.mark.parametrize("name", [*NAMES, "reference"])

@@ -994,7 +994,7 @@ def test_a_gluon_forward_with_a_backward_to_come_builds_the_backwards_kernels(de
     monkeypatch.setattr(ft, "_uses_hopper_forward", lambda call: True)
     monkeypatch.setattr(ft, "_hopper_config", lambda call: None)
     monkeypatch.setattr(hf, "launch", lambda *args, launcher: launchers.append(launcher))
-    monkeypatch.setattr(ft, "_backward", lambda call, seed, out, lse, dout: (
+    monkeypatch.setattr(ft, "_backward", lambda call, seed, out, lse, dout, **kwargs: (
         torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v)))
     q, k, v, kwargs = replace(SMALL, causal=True).make_inputs(device)
     attention(q, k, v, impl="triton", **kwargs).sum().backward()
@@ -1082,8 +1082,9 @@ def test_repeated_calls_are_bit_identical(mask, device):
 
 
 def test_eager_backward_gets_no_zero_filled_lse_gradient(monkeypatch, device):
-    # lse is not differentiable; autograd would otherwise hand the backward a zero-filled
-    # tensor for it on every call (an allocation and a fill kernel for nothing).
+    # An lse that no loss reaches gets no gradient: autograd would otherwise hand the
+    # backward a zero-filled tensor for it on every call (an allocation, a fill kernel and
+    # the forward that dQ's share of an lse gradient costs, for nothing).
     from attnkit.backends import fused_triton as ft
 
     seen, backward = [], ft._EagerAttention.backward

@@ -1801,8 +1801,15 @@ def _kv_splits(call: AttentionCall, packed: bool) -> int:
 
 @_on_call_device
 def _backward(call: AttentionCall, seed: int | Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-              configs: tuple[TileConfig | None, TileConfig | None] = (None, None)):
-    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned."""
+              configs: tuple[TileConfig | None, TileConfig | None] = (None, None),
+              dlse: Tensor | None = None):
+    """dq, dk, dv; configs: the (dK/dV kernel, dQ kernel) tile configs, None = autotuned;
+    dlse: the gradient of lse (B, Hq, Sq), or None for none.
+
+    d lse / d s = P, so dlse joins dS = P * (dP - delta) as delta - dlse. The kernels are
+    left as they are: the dK/dV kernel reads delta from memory after the dQ kernel wrote
+    it, so delta is lowered in between; dQ's share, scale * dlse * (P K), is a forward
+    with k for the values, added after."""
     delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     dq, dk, dv = _empty_grads(call.q, call.k, call.v)
     dkdv_gluon, dq_gluon = _uses_hopper_backward(call, out, dout)
@@ -1821,11 +1828,16 @@ def _backward(call: AttentionCall, seed: int | Tensor, out: Tensor, lse: Tensor,
                 call, seed, head_group, out, lse, dout, delta, dq))):
         shared = shared or _backward_shared(call, meta, lse, dout)
         _launch_dq(call, shared, out, lse, dout, delta, dq, configs[1])
+    if dlse is not None:
+        delta.sub_(dlse)
     if not (configs[0] is None and dkdv_gluon
             and _ran_on_gluon("_HOPPER_DKDV", "dK/dV kernel", lambda: _launch_gluon_dkdv(
                 call, seed, head_group, lse, dout, delta, dk, dv))):
         shared = shared or _backward_shared(call, meta, lse, dout)
         _launch_dkdv(call, shared, lse, dout, delta, dk, dv, configs[0])
+    if dlse is not None:
+        pk, _ = _forward(dataclasses.replace(call, v=call.k, dropout_p=0.0), 0)  # P K
+        dq.add_((pk.float() * (dlse.unsqueeze(-1) * call.scale)).to(dq.dtype))
     return dq, dk, dv
 
 
@@ -2024,6 +2036,8 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_lengths, attn_mask, seed)
     ctx.options = options  # causal, window_left, window_right, scale, dropout_p
+    # Under torch.compile lse carries no gradient: its autograd would hand every backward
+    # a zero dlse, and with it the forward that dQ's share of one costs (_backward).
     ctx.mark_non_differentiable(lse)
 
 
@@ -2052,23 +2066,24 @@ class _EagerAttention(torch.autograd.Function):
         out, lse = _forward(call, seed, grads_follow=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.seed = call, seed
-        ctx.mark_non_differentiable(lse)
-        # lse gets no gradient; materialized, it would cost every backward a zero-filled
-        # (B, Hq, Sq) tensor (an allocation and a fill kernel) that nothing reads.
+        # A gradient nobody sent stays None: lse's, most of the time, which materialized
+        # would cost every backward a zero-filled (B, Hq, Sq) tensor and a forward more.
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        if dout is None:  # nothing downstream of out needed a gradient
+        if dout is None and dlse is None:
             return None, None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:  # a loss through lse alone
+            dout = torch.zeros_like(out)
         call = ctx.call
         # The same tensors as the call's unless saved-tensor hooks gave back new ones; the
         # test first, since a replace costs ~3 us of the backward's host time.
         if not (q is call.q and k is call.k and v is call.v):
             call = dataclasses.replace(call, q=q, k=k, v=v)
-        return (*_backward(call, ctx.seed, out, lse, dout), None, None)
+        return (*_backward(call, ctx.seed, out, lse, dout, dlse=dlse), None, None)
 
 
 # ---------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def row_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 # --compile: attention as torch.compile(fullgraph=True) traces it, one compiled function
 # for every call drawn, so that dynamo sees lengths, heads and scales change from call to
-# call and traces them as dynamic (run 49's three defects were there). The reference
+# call and traces them as dynamic (where run 49 found its compile defects). The reference
 # stays eager.
 COMPILED: Callable | None = None
 

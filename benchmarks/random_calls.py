@@ -18,7 +18,8 @@ unless --dtypes says otherwise.
 Each call is checked as `attnkit verify` checks (the output and every gradient within
 DESIGN.md's tolerance of the reference, relative to the whole tensor, or element by
 element where the reference's is exactly zero: `whole_err`; lse as verify bounds it, and
--inf exactly where the reference's is), and two ways more: a row that sees no key is
+-inf exactly where the reference's is; with return_lse the gradients are of out and
+lse both, as a merge of partial results sends them), and two ways more: a row that sees no key is
 exact zeros, and no row is far off on its own (`row_err` under ROW_BOUND), which a
 whole-tensor norm over thousands of rows would not notice. Rows whose
 exact gradient is near zero (a softmax peaked on one key) carry the rounding of the
@@ -237,6 +238,14 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     if not grads:
         return outputs, ()
+    if len(outputs) > 1 and COMPILED is None:
+        # A gradient through lse as well (as ring attention's merge sends one), drawn from
+        # grad so that every implementation gets the same; none on rows that see no key.
+        # Not under --compile, where triton's lse carries none (README's contract).
+        lse = outputs[1]
+        lse_grad = torch.where(torch.isfinite(lse), grad[..., 0].to(lse.dtype), 0.0)
+        return outputs, torch.autograd.grad(outputs, leaves,
+                                            (grad.to(outputs[0].dtype), lse_grad))
     return outputs, torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
 
 

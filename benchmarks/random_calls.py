@@ -65,6 +65,7 @@ import torch
 from rich.progress import Progress
 
 from attnkit import MultiHeadAttention, UnsupportedError, attention
+from attnkit.backends.base import GRID_ROWS
 from attnkit.bench import environment
 from attnkit.call import make_call
 from attnkit.functional import select
@@ -79,7 +80,6 @@ CPU_LENGTHS = [1, 2, 17, 33, 64, 65]
 GROUPS = {True: [1, 2, 4, 8], False: [1, 2, 4]}
 # On a GPU, the share of calls drawn with more than GRID_ROWS (batch, query head) rows
 BIG_BATCH_SHARE = 0.03
-GRID_ROWS = 65535
 # Largest B * Hq * Sq * Skv drawn: the reference holds that many float64 scores and
 # their gradients.
 MAX_SCORES = 1.5e8

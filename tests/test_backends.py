@@ -161,8 +161,6 @@ def test_flex_runs_calls_past_a_grids_rows_in_batch_pieces(monkeypatch) -> None:
     2 here, so that it runs on a CPU too): flex cuts the call into pieces of its batch,
     each with its own key lengths, and the answer is the oracle's, dead rows included."""
     skip_if_unavailable("flex")
-    from attnkit.backends import flex
-
     monkeypatch.setattr(flex, "GRID_ROWS", 2)
     pieces, run = [], flex.run
     monkeypatch.setattr(flex, "run", lambda call: (pieces.append(call.batch), run(call))[1])
@@ -480,7 +478,6 @@ def test_random_calls_through_torch_compile(monkeypatch, tmp_path):
 
 
 def test_random_calls_check_drawn_calls_and_write_each(monkeypatch, tmp_path):
-
     random_calls = benchmark_script("random_calls", monkeypatch)
     assert random_calls.main(["--impl", "einsum", "naive", "--device", "cpu", "--cases", "6",
                               "--seed", "1", "--out", str(tmp_path)]) == 0

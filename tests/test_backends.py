@@ -156,6 +156,41 @@ def test_no_grad_call_of_inputs_that_require_grad(name: str) -> None:
     assert verify.rel_err(out, want) < verify.tolerance(dtype, DEVICE, name)
 
 
+def test_flex_inside_a_compiled_function() -> None:
+    """attention(impl="flex") inside a user's torch.compile(fullgraph=True), over lengths
+    dynamo turns dynamic: its block-mask cache keyed on data_ptr raised there with key
+    lengths or a bool mask, and inductor on a GPU raised on a causal offset closed over as
+    a symbolic int (run 50). Inductor on the GPU; on the CPU aot_eager, since inductor's
+    CPU FlexAttention takes no mask_mod over dynamic lengths (torch 2.13)."""
+    skip_if_unavailable("flex")
+    cuda = DEVICE.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    gen = torch.Generator().manual_seed(11)
+
+    def fn(q, k, v, lengths, mask):
+        return attnkit.attention(q, k, v, causal=True, window=(40, None), key_lengths=lengths,
+                                 attn_mask=mask, impl="flex")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor" if cuda else "aot_eager")
+    for sq, skv in ((40, 24), (33, 47), (50, 70)):
+        q, k, v = (torch.randn(2, h, s, 32, generator=gen).to(DEVICE, dtype).requires_grad_(cuda)
+                   for h, s in ((4, sq), (2, skv), (2, skv)))
+        lengths = torch.tensor([skv, skv // 2], device=DEVICE)
+        mask = torch.rand(2, 1, 1, skv, generator=gen).to(DEVICE) > 0.3
+        got = compiled(q, k, v, lengths, mask)
+        exact = [t.detach().double().requires_grad_(cuda) for t in (q, k, v)]
+        want = attnkit.attention(*exact, causal=True, window=(40, None), key_lengths=lengths,
+                                 attn_mask=mask, impl="reference")
+        tol = verify.tolerance(dtype, DEVICE, "flex")
+        assert verify.rel_err(got, want) < tol
+        if cuda:
+            grad = torch.randn(got.shape, generator=gen).to(DEVICE)
+            for g, w in zip(torch.autograd.grad(got, (q, k, v), grad.to(dtype)),
+                            torch.autograd.grad(want, exact, grad.double()), strict=True):
+                assert verify.rel_err(g, w) < tol
+
+
 def test_flex_runs_calls_past_a_grids_rows_in_batch_pieces(monkeypatch) -> None:
     """More (batch, kv head) rows than a CUDA grid's second dimension takes (GRID_ROWS;
     2 here, so that it runs on a CPU too): flex cuts the call into pieces of its batch,
@@ -231,16 +266,20 @@ def test_compiled_gradients_beside_an_lse_of_dead_rows(name: str) -> None:
         return attnkit.attention(q, k, v, causal=True, return_lse=True, impl=name)
 
     try:
-        want = fn(q, k, v)[0]
+        fn(q, k, v)  # a refusal skips here, before compiling
     except attnkit.UnsupportedError as exc:
         pytest.skip(str(exc))
     torch._dynamo.reset()
     got = torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v)[0]
-    grad = torch.randn(want.shape, generator=gen).to(DEVICE, dtype)
-    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad),
-                    torch.autograd.grad(want, (q, k, v), grad), strict=True):
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = attnkit.attention(*exact, causal=True, impl="reference")
+    grad = torch.randn(want.shape, generator=gen).to(DEVICE)
+    # Against the oracle, not the eager call: on a GPU, flex traced by aot_eager runs other
+    # kernels than its eager compiled ones (dq 0.1617 against 0.1622 at most, run 50).
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad.to(dtype)),
+                    torch.autograd.grad(want, exact, grad.double()), strict=True):
         assert torch.isfinite(g).all()
-        torch.testing.assert_close(g, w)
+        assert verify.rel_err(g, w) < verify.tolerance(dtype, DEVICE, name)
 
 
 @pytest.mark.parametrize("name", dropout_backends())

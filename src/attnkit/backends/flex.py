@@ -47,17 +47,16 @@ def compiled_flex() -> Callable[..., Tensor | tuple[Tensor, object]]:
     return torch.compile(flex_attention, dynamic=False)
 
 
-@cache
-def _has_cxx() -> bool:
-    # Looked up once: searching PATH on every call would cost more than the dispatch.
-    return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+# Looked up once, at import: searching PATH on every call would cost more than the
+# dispatch, and dynamo cannot trace the search (os.stat) inside a compiled model.
+HAS_CXX = any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
 
 
 def available(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if not _has_cxx():
+        if not HAS_CXX:
             return "compiling FlexAttention on a CPU needs a C++ compiler; none found"
         return None
     return f"compiled FlexAttention runs on cuda and cpu, got {device.type}"
@@ -109,19 +108,22 @@ def block_mask(call: AttentionCall) -> BlockMask | None:
     per_head = bool_mask is not None and bool_mask.shape[1] > 1
     b = call.batch if per_batch else None
     h = call.heads_q if per_head else None
-    key = (
+    # Inside a graph torch.compile traces, the block mask is built in the graph: the cache
+    # key's data_ptr has no value there (dynamo raised on it).
+    traced = torch.compiler.is_compiling()
+    key = None if traced else (
         call.device, b, h, call.seq_q, call.seq_kv, call.causal, call.window,
         _tensor_key(call.key_lengths), _tensor_key(bool_mask),
     )
-    hit = _BLOCK_MASKS.get(key)
+    hit = None if traced else _BLOCK_MASKS.get(key)
     if hit is not None:
         _BLOCK_MASKS.move_to_end(key)
         return hit[0]
 
-    off = call.diagonal_offset
     left, right = call.window or (None, None)
     if call.causal:
         right = 0 if right is None else min(right, 0)
+    off, left, right = (_closable(n, call) for n in (call.diagonal_offset, left, right))
     lengths = call.key_lengths
     full = None if bool_mask is None else bool_mask.expand(call.batch, call.heads_q, -1, -1)
     rows_1 = bool_mask is not None and bool_mask.shape[2] == 1
@@ -141,11 +143,23 @@ def block_mask(call: AttentionCall) -> BlockMask | None:
         return visible
 
     result = create_block_mask(mask_mod, b, h, call.seq_q, call.seq_kv, device=call.device)
-    held = tuple(t for t in (lengths, bool_mask) if t is not None)
-    _BLOCK_MASKS[key] = (result, held)
-    if len(_BLOCK_MASKS) > CACHED_BLOCK_MASKS:
-        _BLOCK_MASKS.popitem(last=False)
+    if not traced:
+        _BLOCK_MASKS[key] = (result, tuple(t for t in (lengths, bool_mask) if t is not None))
+        if len(_BLOCK_MASKS) > CACHED_BLOCK_MASKS:
+            _BLOCK_MASKS.popitem(last=False)
     return result
+
+
+def _closable(n: int | None, call: AttentionCall) -> int | Tensor | None:
+    """n as a mask_mod may close over it. Inside a graph torch.compile traces on a GPU, a
+    0-d tensor: n may be a symbolic int there (a length dynamo made dynamic), which
+    inductor's FlexAttention lowering cannot take (PyTorch 2.11 on an H200:
+    "'ShapeAsConstantBuffer' object has no attribute 'dtype'"), and dynamo gives no way
+    to tell (isinstance(n, torch.SymInt) is False while tracing). Its CPU lowering takes
+    neither a symbolic int nor such a tensor (torch 2.13), so n stays an int there."""
+    if n is None or call.device.type != "cuda" or not torch.compiler.is_compiling():
+        return n
+    return torch.full((), n, dtype=torch.int64, device=call.device)
 
 
 def score_mod(call: AttentionCall) -> Callable[..., Tensor] | None:

@@ -238,10 +238,9 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     if not grads:
         return outputs, ()
-    if len(outputs) > 1 and COMPILED is None:
+    if len(outputs) > 1:
         # A gradient through lse as well (as ring attention's merge sends one), drawn from
         # grad so that every implementation gets the same; none on rows that see no key.
-        # Not under --compile, where triton's lse carries none (README's contract).
         lse = outputs[1]
         lse_grad = torch.where(torch.isfinite(lse), grad[..., 0].to(lse.dtype), 0.0)
         return outputs, torch.autograd.grad(outputs, leaves,

@@ -1380,6 +1380,36 @@ def test_compiled_attention_matches_eager(case, device):
         torch.testing.assert_close(g, g_ref)
 
 
+def test_compiled_gradient_through_the_lse(monkeypatch, device):
+    """Under torch.compile the custom ops carry lse's gradient as eager calls do (they
+    dropped it silently until run 50), and a graph whose loss does not reach lse hands the
+    backward no zero-filled one, which would cost it a forward more."""
+    from attnkit.backends import fused_triton as ft
+
+    seen, backward = [], ft._backward
+    monkeypatch.setattr(ft, "_backward", lambda *args, dlse=None, **kwargs: (
+        seen.append(dlse is None) or backward(*args, dlse=dlse, **kwargs)))
+    q, k, v = (torch.randn(1, h, 17, 16).to(device, DTYPE).requires_grad_() for h in (2, 1, 1))
+    lengths = torch.tensor([11], device=device)
+    weights = torch.randn(1, 2, 17).to(device)
+
+    def loss(impl, q, k, v, through_lse):
+        out, lse = attention(q, k, v, causal=True, key_lengths=lengths, return_lse=True,
+                             impl=impl)
+        return (out * out).sum() + ((weights * lse).sum() if through_lse else 0)
+
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    for through_lse in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        seen.clear()
+        grads = torch.autograd.grad(compiled("triton", q, k, v, through_lse), (q, k, v))
+        assert seen == [not through_lse]
+        want = torch.autograd.grad(loss("reference", *exact, through_lse), exact)
+        for got, ref in zip(grads, want, strict=True):
+            assert rel_err(got, ref) < 1e-2
+
+
 def test_compiled_module_matches_eager(device):
     torch.manual_seed(7)
     mha = MultiHeadAttention(32, 32, 2, num_kv_heads=1, causal=True, impl="triton",

@@ -2015,19 +2015,19 @@ def _(q, k, v, *options):
 
 @torch.library.custom_op(
     "attnkit::triton_attention_bwd", mutates_args=(),
-    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_OPTIONS})"
-           " -> (Tensor, Tensor, Tensor)",
+    schema=f"(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+           f"{_OPTIONS}) -> (Tensor, Tensor, Tensor)",
 )
-def _attention_bwd(dout, q, k, v, out, lse, key_lengths, attn_mask, causal, window_left,
+def _attention_bwd(dout, dlse, q, k, v, out, lse, key_lengths, attn_mask, causal, window_left,
                    window_right, scale, dropout_p, seed):
-    """-> dq, dk, dv, contiguous, shaped like q, k, v."""
+    """-> dq, dk, dv, contiguous, shaped like q, k, v; dlse: lse's gradient, or None."""
     call = _op_call(q, k, v, key_lengths, attn_mask, causal, window_left, window_right,
                     scale, dropout_p)
-    return _backward(call, _kernel_seed(seed, q.device), out, lse, dout)
+    return _backward(call, _kernel_seed(seed, q.device), out, lse, dout, dlse=dlse)
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, *rest):
+def _(dout, dlse, q, k, v, *rest):
     return _empty_grads(q, k, v)
 
 
@@ -2036,14 +2036,15 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_lengths, attn_mask, seed)
     ctx.options = options  # causal, window_left, window_right, scale, dropout_p
-    # Under torch.compile lse carries no gradient: its autograd would hand every backward
-    # a zero dlse, and with it the forward that dQ's share of one costs (_backward).
-    ctx.mark_non_differentiable(lse)
+    # lse's gradient stays None where no loss reaches lse (traced graphs too), which spares
+    # the backward the forward that dQ's share of one costs (_backward). An lse returned
+    # from a compiled region gets a zero tensor instead, and pays that forward.
+    ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, dout, dlse):
     q, k, v, out, lse, key_lengths, attn_mask, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, key_lengths, attn_mask,
+    dq, dk, dv = _attention_bwd(dout, dlse, q, k, v, out, lse, key_lengths, attn_mask,
                                 *ctx.options, seed)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 

@@ -1236,9 +1236,10 @@ def test_ops_pass_opcheck(device):
     out, lse = fused_triton._attention_fwd(q, k, v, *options)
     assert out.transpose(1, 2).is_contiguous() and lse.is_contiguous()
     grad_out = torch.randn_like(out)
-    torch.library.opcheck(fused_triton._attention_bwd,
-                          (grad_out, q, k, v, out.detach(), lse, *options),
-                          test_utils=("test_schema", "test_faketensor"))
+    for grad_lse in (None, torch.randn_like(lse)):
+        torch.library.opcheck(fused_triton._attention_bwd,
+                              (grad_out, grad_lse, q, k, v, out.detach(), lse, *options),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_eager_calls_skip_the_op_dispatcher(device, monkeypatch):

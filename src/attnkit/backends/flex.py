@@ -10,8 +10,9 @@ On a CPU, inductor compiles FlexAttention to C++ (a C++ compiler must be present
 5-15 s per new shape or mask structure on two cores) and only for inference: no backward,
 no log-sum-exp. Those calls are refused there. Inside a model that torch.compile's inductor
 compiles on a CPU, inductor's CPU FlexAttention fails on masks that run eagerly (torch 2.13):
-key lengths give C++ that does not compile, and once dynamo makes a length dynamic every
-mask raises in lowering. Causal and bool masks at static lengths (dynamic=False) compile.
+key lengths give C++ that does not compile, and once dynamo makes a length dynamic a causal
+or window mask (its offset, Skv - Sq) raises in lowering. Causal and bool masks at static
+lengths (dynamic=False) compile.
 """
 
 from __future__ import annotations

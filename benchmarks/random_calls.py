@@ -65,7 +65,7 @@ import torch
 from rich.progress import Progress
 
 from attnkit import MultiHeadAttention, UnsupportedError, attention
-from attnkit.backends.base import GRID_ROWS
+from attnkit.backends.base import GRID_ROWS, raise_recompile_limits
 from attnkit.bench import environment
 from attnkit.call import make_call
 from attnkit.functional import select
@@ -213,9 +213,7 @@ COMPILED: Callable | None = None
 def compiled_attention(backend: str) -> Callable:
     """attention(q, k, v, impl=impl, **kwargs) as f(q, k, v, impl, kwargs), compiled with
     no graph breaks allowed; dynamo's recompile limits raised for one compile a shape."""
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 100_000)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 100_000)
+    raise_recompile_limits(100_000, 100_000)
     return torch.compile(lambda q, k, v, impl, kwargs: attention(q, k, v, impl=impl, **kwargs),
                          backend=backend, fullgraph=True)
 

@@ -15,7 +15,7 @@ from attnkit.backends import flex
 from attnkit.call import make_call
 from attnkit.functional import select
 from attnkit.masks import visibility
-from conftest import DEVICE, benchmark_script
+from conftest import DEVICE, benchmark_script, compile_checked
 
 # tests/test_triton.py covers the Triton kernel; under the interpreter it is too slow here.
 NAMES = [name for name in backends.BACKENDS if name not in ("reference", "triton")]
@@ -156,6 +156,7 @@ def test_no_grad_call_of_inputs_that_require_grad(name: str) -> None:
     assert verify.rel_err(out, want) < verify.tolerance(dtype, DEVICE, name)
 
 
+@compile_checked
 def test_flex_inside_a_compiled_function() -> None:
     """attention(impl="flex") inside a user's torch.compile(fullgraph=True), over lengths
     dynamo turns dynamic: its block-mask cache keyed on data_ptr raised there with key
@@ -251,6 +252,7 @@ def test_gradient_through_the_lse(name: str) -> None:
                 assert verify.rel_err(g, w) < tol
 
 
+@compile_checked
 @pytest.mark.parametrize("name", [*NAMES, "reference"])
 def test_compiled_gradients_beside_an_lse_of_dead_rows(name: str) -> None:
     """With return_lse, torch.compile's autograd hands the lse output a zero gradient where
@@ -393,6 +395,7 @@ def test_unavailable_backend_raises_its_reason() -> None:
 
 
 def test_flex_block_mask_matches_visibility_and_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    skip_if_unavailable("flex")
     built = []
     real = flex.create_block_mask
     monkeypatch.setattr(
@@ -502,6 +505,7 @@ def test_lse_err_counts_finite_rows_and_needs_the_same_dead_rows() -> None:
     assert verify.lse_err(dead, dead) == 0.0
 
 
+@compile_checked
 def test_random_calls_through_torch_compile(monkeypatch, tmp_path):
     """random_calls.py --compile: the drawn calls through one compiled attention, whose
     sizes and scale dynamo comes to trace as dynamic (seed 5's six: grouped heads, two

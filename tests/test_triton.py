@@ -25,6 +25,10 @@ from conftest import benchmark_script
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
+_OLDEST = fused_triton.OLDEST_TRITON["cuda" if torch.cuda.is_available() else "cpu"]
+if fused_triton._triton_version() < _OLDEST:
+    pytest.skip(fused_triton.available(torch.device("cuda" if torch.cuda.is_available()
+                                                    else "cpu")), allow_module_level=True)
 
 CUDA = torch.cuda.is_available()
 DTYPE = torch.bfloat16 if CUDA else torch.float16

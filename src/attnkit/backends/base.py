@@ -12,7 +12,7 @@ from torch import Tensor
 from attnkit.call import AttentionCall
 
 __all__ = ["GRID_ROWS", "Backend", "Result", "always_available", "cuda_only",
-           "in_batch_pieces"]
+           "in_batch_pieces", "raise_recompile_limits"]
 
 # (output (B, Hq, Sq, Dv) in the input dtype, log-sum-exp (B, Hq, Sq) float32 or None)
 Result = tuple[Tensor, Tensor | None]
@@ -72,3 +72,14 @@ def in_batch_pieces(call: AttentionCall, per_piece: int,
         lses.append(lse)
     lse = None if any(piece is None for piece in lses) else torch.cat(lses)
     return torch.cat(outs).transpose(1, 2), lse
+
+
+def raise_recompile_limits(per_function: int, accumulated: int) -> None:
+    """Raises dynamo's recompile limits to at least these (never lowers them). Older torch
+    (2.5) calls them cache_size_limit and accumulated_cache_size_limit."""
+    config = torch._dynamo.config
+    renamed = not hasattr(config, "recompile_limit")
+    for name, limit in (("recompile_limit", per_function),
+                        ("accumulated_recompile_limit", accumulated)):
+        name = name.replace("recompile", "cache_size") if renamed else name
+        setattr(config, name, max(getattr(config, name), limit))

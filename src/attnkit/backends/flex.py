@@ -24,14 +24,20 @@ from functools import cache
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import (
-    AuxRequest,
-    BlockMask,
-    create_block_mask,
-    flex_attention,
-)
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from attnkit.backends.base import GRID_ROWS, Backend, Result, in_batch_pieces
+try:
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # torch before 2.9: available() says so, and nothing below runs
+    AuxRequest = None
+
+from attnkit.backends.base import (
+    GRID_ROWS,
+    Backend,
+    Result,
+    in_batch_pieces,
+    raise_recompile_limits,
+)
 from attnkit.call import AttentionCall
 
 # Each new (shape, dtype, mask structure) is a recompile; past dynamo's default limit of 8
@@ -43,11 +49,7 @@ CPU_MIN_HEAD_DIM = 32
 
 @cache
 def compiled_flex() -> Callable[..., Tensor | tuple[Tensor, object]]:
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-    config.accumulated_recompile_limit = max(
-        config.accumulated_recompile_limit, 16 * RECOMPILE_LIMIT
-    )
+    raise_recompile_limits(RECOMPILE_LIMIT, 16 * RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -57,6 +59,11 @@ HAS_CXX = any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
 
 
 def available(device: torch.device) -> str | None:
+    if AuxRequest is None:
+        # Older FlexAttention differs in more than its API: torch 2.5's create_block_mask
+        # calls a mask_mod at indices past the lengths, and its CPU path does not compile.
+        return (f"needs torch >= 2.9 (FlexAttention's API from then on, which this wrapper "
+                f"was built and checked against), found {torch.__version__}")
     if device.type == "cuda":
         return None
     if device.type == "cpu":

@@ -2090,9 +2090,25 @@ class _EagerAttention(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 # The backend
 # ---------------------------------------------------------------------------------------
+# The oldest Triton each path was seen to work with (run 50, on the CPU machine): the
+# kernels compile for sm_90 from 3.4 on (3.3 has no tl.make_tensor_descriptor; GPUs have
+# run them with 3.6), and the CPU interpreter runs them from 3.6 on (up to 3.5 it fails to
+# take a loop bound it holds as a one-element array).
+OLDEST_TRITON = {"cuda": (3, 4), "cpu": (3, 6)}
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", triton.__version__).groups()
+    return int(major), int(minor)
+
+
 def available(device: torch.device) -> str | None:
     if triton is None:
         return "needs the optional dependency triton (pip install attnkit[triton])"
+    if device.type in OLDEST_TRITON and _triton_version() < OLDEST_TRITON[device.type]:
+        oldest = ".".join(map(str, OLDEST_TRITON[device.type]))
+        where = "on a GPU" if device.type == "cuda" else "under its CPU interpreter"
+        return f"needs Triton >= {oldest} {where}, found {triton.__version__}"
     if device.type == "cuda":
         return None
     if device.type == "cpu" and _INTERPRET:

@@ -3,7 +3,8 @@
 Causality is a block mask (built once per length and device, and cached: building one is
 slow); a user `attn_mask` enters through `score_mod`. Limits of FlexAttention itself, raised
 as attnkit.UnsupportedError at forward: no dropout, no backward on the CPU (run under
-torch.no_grad() there), head dims of at least 32 on the CPU, and only CPU and CUDA devices.
+torch.no_grad() there), head dims of at least 32 on the CPU, and what the `flex` backend
+needs (CPU or CUDA, torch >= 2.9, a C++ compiler on the CPU).
 The first call per shape compiles (~10-30 s on CPU).
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from attnkit.backends import flex as flex_backend
 from attnkit.backends.flex import CPU_MIN_HEAD_DIM
 from attnkit.call import UnsupportedError
 from attnkit.variants._common import check_heads, check_input, check_mask
@@ -61,8 +63,10 @@ class FlexAttention(nn.Module):
         return self._block_masks[key]
 
     def _check_runnable(self, x: Tensor) -> None:
-        if x.device.type not in ("cpu", "cuda"):
-            raise UnsupportedError(f"FlexAttention runs on CPU or CUDA, got {x.device.type}")
+        # The flex backend's word on the device and on this torch (version, C++ compiler)
+        missing = flex_backend.available(x.device)
+        if missing:
+            raise UnsupportedError(missing)
         if self.training and self.dropout:
             raise UnsupportedError(
                 f"FlexAttention has no dropout; got dropout={self.dropout} in training mode"

@@ -7,7 +7,7 @@ fields of `AttentionCall` and never re-validates.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -28,7 +28,9 @@ class AttentionCall:
     to (B, Hq, Sq, Skv), or None. window: (left, right), each None for unbounded.
     memo: what a backend worked out about this call in `supports` and reuses in `run`
     (SDPA's plan and mask), so that it lives exactly as long as the call; never copied
-    by dataclasses.replace, whose new call starts with an empty one.
+    by dataclasses.replace, whose new call starts with an empty one. An attribute, not a
+    field: dynamo before torch 2.11 rebuilds a dataclass from all its fields, init=False
+    ones too, and raised on it ("takes 11 positional arguments but 12 were given").
     """
 
     q: Tensor
@@ -41,7 +43,10 @@ class AttentionCall:
     scale: float
     dropout_p: float
     return_lse: bool
-    memo: dict[object, object] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        memo: dict[object, object] = {}
+        object.__setattr__(self, "memo", memo)
 
     @property
     def batch(self) -> int:

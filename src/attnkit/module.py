@@ -30,9 +30,8 @@ class KVCache(nn.Module):
     Under `torch.compile`, `length` is an int attribute of a module, which dynamo holds
     static: a compiled decoding loop compiles again for each new length, and runs eagerly
     once `torch._dynamo.config.recompile_limit` is reached. With
-    `torch._dynamo.config.allow_unspec_int_on_nn_module = True` (torch 2.7 on; 2.5 has no such
-    setting) it traces the length as a
-    dynamic size and compiles twice in all.
+    `torch._dynamo.config.allow_unspec_int_on_nn_module = True` (torch 2.7 on; 2.5 has no
+    such setting) it traces the length as a dynamic size and compiles twice in all.
     """
 
     def __init__(

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.backends import flex as flex_backend
-from attnkit.backends.flex import CPU_MIN_HEAD_DIM
 from attnkit.call import UnsupportedError
 from attnkit.variants._common import check_heads, check_input, check_mask
 
@@ -79,10 +78,10 @@ class FlexAttention(nn.Module):
                 "torch.no_grad() / torch.inference_mode(), or on CUDA"
             )
 
-        if x.device.type == "cpu" and self.head_dim < CPU_MIN_HEAD_DIM:
+        if x.device.type == "cpu" and self.head_dim < flex_backend.CPU_MIN_HEAD_DIM:
             raise UnsupportedError(
                 f"compiled FlexAttention on a CPU computes wrong results for head dims below "
-                f"{CPU_MIN_HEAD_DIM}, got {self.head_dim}"
+                f"{flex_backend.CPU_MIN_HEAD_DIM}, got {self.head_dim}"
             )
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:

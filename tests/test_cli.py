@@ -328,6 +328,37 @@ def test_bench_refuses_bad_sizes(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["bench", "verify"])
+@pytest.mark.parametrize("argv, message", [
+    (["--impl", "sdpa_flashh"], "argument --impl: 'sdpa_flashh' names no implementation"),
+    (["--exclude", "module:nope"], "argument --exclude: 'module:nope' names no"),
+    (["--device", "tpu"], "argument --device: 'tpu' is not a device torch knows"),
+])
+def test_bench_and_verify_refuse_what_names_nothing(command, argv, message, capsys):
+    """A misspelt --impl used to leave the run empty: verify then checked nothing and
+    passed (exit 0). A device torch does not know raised a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_filters_know_every_label_form():
+    from attnkit.verify import unknown_filters
+
+    assert unknown_filters(["sdpa", "auto", "reference", "module:triton", "variant:einsum",
+                            "einsum", "torch_mha"]) == []
+    assert unknown_filters(["module:auto_", "variant:", "triton "]) == [
+        "module:auto_", "variant:", "triton "]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_device_without_cuda_is_refused_before_running(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "'cuda': CUDA is not available here" in capsys.readouterr().err
+
+
 def test_bench_reports_a_head_dim_wider_than_core_as_an_error(capsys):
     assert main(["bench", "--preset", "core", "--head-dim", "4096", "--device", "cpu",
                  "--no-progress"]) == 2

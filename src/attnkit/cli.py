@@ -121,8 +121,41 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--head-dim", args.head_dim), ("--key-lengths", args.key_lengths)):
             if value:
                 parser.error(f"{flag} applies to --preset core only, not {args.preset}")
+    if args.command in ("bench", "verify"):
+        from attnkit.backends import BACKENDS
+        from attnkit.verify import unknown_filters
+
+        for flag, names in (("--impl", args.impl), ("--exclude", args.exclude)):
+            # A misspelt name used to leave the run empty, and an empty verify passed.
+            if unknown := unknown_filters(names):
+                parser.error(f"argument {flag}: {unknown[0]!r} names no implementation "
+                             f"(backends: auto, {', '.join(BACKENDS)}; module:NAME and "
+                             f"variant:NAME are listed by attnkit info)")
+    if args.device is not None:
+        problem = _device_problem(args.device)
+        if problem:
+            parser.error(f"argument --device: {problem}")
     commands = {"bench": _bench, "verify": _verify, "info": _info}
     return commands[args.command](args, argv)
+
+
+def _device_problem(name: str) -> str | None:
+    """Why torch cannot run on the device called `name` here, or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"{name!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{name!r}: CUDA is not available here"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"{name!r}: this machine has {torch.cuda.device_count()} GPU(s)"
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            return f"{name!r}: {str(exc).splitlines()[0]}"
+    return None
 
 
 def _device(name: str | None) -> torch.device:

@@ -45,6 +45,7 @@ __all__ = [
     "module_oracle",
     "print_report",
     "rel_err",
+    "unknown_filters",
     "run_verify",
     "tolerance",
     "write_json",
@@ -464,6 +465,22 @@ def selected(
     if not impls:
         return "reference" not in names
     return bool(names & set(impls))
+
+
+def unknown_filters(names: Iterable[str] | None) -> list[str]:
+    """The --impl / --exclude entries that `selected` would match to no label: every backend
+    and "auto" (the functional rows), "module:BACKEND", "variant:NAME", and the part of each
+    after its colon."""
+    from attnkit.backends import BACKENDS
+
+    try:
+        from attnkit.variants import REGISTRY
+    except ImportError:
+        REGISTRY = {}
+    labels = {*BACKENDS, "auto", *(f"module:{name}" for name in BACKENDS),
+              *(f"variant:{name}" for name in REGISTRY)}
+    known = labels | {label.split(":", 1)[-1] for label in labels}
+    return [name for name in names or () if name not in known]
 
 
 def module_candidates(

@@ -26,12 +26,11 @@ from conftest import benchmark_script
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-_OLDEST = fused_triton.OLDEST_TRITON["cuda" if torch.cuda.is_available() else "cpu"]
-if fused_triton._triton_version() < _OLDEST:
-    pytest.skip(fused_triton.available(torch.device("cuda" if torch.cuda.is_available()
-                                                    else "cpu")), allow_module_level=True)
 
 CUDA = torch.cuda.is_available()
+if fused_triton._triton_version() < fused_triton.OLDEST_TRITON["cuda" if CUDA else "cpu"]:
+    pytest.skip(fused_triton.available(torch.device("cuda" if CUDA else "cpu")),
+                allow_module_level=True)
 DTYPE = torch.bfloat16 if CUDA else torch.float16
 BASE = Case(batch=2, heads_q=2, heads_kv=1, seq_q=17, seq_kv=17, head_dim=16, dtype=DTYPE)
 
@@ -1390,10 +1389,8 @@ def test_compiled_gradient_through_the_lse(monkeypatch, device):
     """Under torch.compile the custom ops carry lse's gradient as eager calls do (they
     dropped it silently until run 50), and a graph whose loss does not reach lse hands the
     backward no zero-filled one, which would cost it a forward more."""
-    from attnkit.backends import fused_triton as ft
-
-    seen, backward = [], ft._backward
-    monkeypatch.setattr(ft, "_backward", lambda *args, dlse=None, **kwargs: (
+    seen, backward = [], fused_triton._backward
+    monkeypatch.setattr(fused_triton, "_backward", lambda *args, dlse=None, **kwargs: (
         seen.append(dlse is None) or backward(*args, dlse=dlse, **kwargs)))
     q, k, v = (torch.randn(1, h, 17, 16).to(device, DTYPE).requires_grad_() for h in (2, 1, 1))
     lengths = torch.tensor([11], device=device)

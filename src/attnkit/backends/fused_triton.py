@@ -2092,9 +2092,9 @@ class _EagerAttention(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 # The oldest Triton each path was seen to work with (run 50, on the CPU machine): the
 # kernels compile for sm_90 from 3.4 on (3.3 has no tl.make_tensor_descriptor; GPUs have
-# run them with 3.6), and the CPU interpreter runs them from 3.6 on (up to 3.5 it fails to
+# run them with 3.6), and the CPU interpreter runs them from 3.7 on (up to 3.6 it fails to
 # take a loop bound it holds as a one-element array).
-OLDEST_TRITON = {"cuda": (3, 4), "cpu": (3, 6)}
+OLDEST_TRITON = {"cuda": (3, 4), "cpu": (3, 7)}
 
 
 def _triton_version() -> tuple[int, int]:

@@ -28,9 +28,8 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 CUDA = torch.cuda.is_available()
-if fused_triton._triton_version() < fused_triton.OLDEST_TRITON["cuda" if CUDA else "cpu"]:
-    pytest.skip(fused_triton.available(torch.device("cuda" if CUDA else "cpu")),
-                allow_module_level=True)
+if old_triton := fused_triton.too_old_triton("cuda" if CUDA else "cpu"):
+    pytest.skip(old_triton, allow_module_level=True)
 DTYPE = torch.bfloat16 if CUDA else torch.float16
 BASE = Case(batch=2, heads_q=2, heads_kv=1, seq_q=17, seq_kv=17, head_dim=16, dtype=DTYPE)
 

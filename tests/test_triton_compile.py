@@ -18,10 +18,8 @@ import pytest
 pytest.importorskip("triton")
 from attnkit.backends import fused_triton  # noqa: E402  (after the skip without triton)
 
-if fused_triton._triton_version() < fused_triton.OLDEST_TRITON["cuda"]:
-    pytest.skip(f"the kernels compile from Triton "
-                f"{'.'.join(map(str, fused_triton.OLDEST_TRITON['cuda']))} on",
-                allow_module_level=True)
+if old_triton := fused_triton.too_old_triton("cuda"):
+    pytest.skip(old_triton, allow_module_level=True)
 
 # (head dim, (left bounded, right bounded), key lengths, mask kind: 0 none/1 bool/2 add, dropout)
 FLAG_SETS = [

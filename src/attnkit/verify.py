@@ -45,9 +45,9 @@ __all__ = [
     "module_oracle",
     "print_report",
     "rel_err",
-    "unknown_filters",
     "run_verify",
     "tolerance",
+    "unknown_filters",
     "write_json",
 ]
 
@@ -468,19 +468,18 @@ def selected(
 
 
 def unknown_filters(names: Iterable[str] | None) -> list[str]:
-    """The --impl / --exclude entries that `selected` would match to no label: every backend
-    and "auto" (the functional rows), "module:BACKEND", "variant:NAME", and the part of each
-    after its colon."""
+    """The --impl / --exclude entries that `selected` matches to no label: every backend and
+    "auto" (the functional rows), "module:BACKEND" and "variant:NAME"."""
     from attnkit.backends import BACKENDS
 
     try:
         from attnkit.variants import REGISTRY
     except ImportError:
         REGISTRY = {}
-    labels = {*BACKENDS, "auto", *(f"module:{name}" for name in BACKENDS),
-              *(f"variant:{name}" for name in REGISTRY)}
-    known = labels | {label.split(":", 1)[-1] for label in labels}
-    return [name for name in names or () if name not in known]
+    labels = [*BACKENDS, "auto", *(f"module:{name}" for name in BACKENDS),
+              *(f"variant:{name}" for name in REGISTRY)]
+    return [name for name in names or ()
+            if not any(selected(label, [name]) for label in labels)]
 
 
 def module_candidates(

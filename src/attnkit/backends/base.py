@@ -78,8 +78,9 @@ def raise_recompile_limits(per_function: int, accumulated: int) -> None:
     """Raises dynamo's recompile limits to at least these (never lowers them). Older torch
     (2.5) calls them cache_size_limit and accumulated_cache_size_limit."""
     config = torch._dynamo.config
-    renamed = not hasattr(config, "recompile_limit")
-    for name, limit in (("recompile_limit", per_function),
-                        ("accumulated_recompile_limit", accumulated)):
-        name = name.replace("recompile", "cache_size") if renamed else name
+    for name, old_name, limit in (
+        ("recompile_limit", "cache_size_limit", per_function),
+        ("accumulated_recompile_limit", "accumulated_cache_size_limit", accumulated),
+    ):
+        name = name if hasattr(config, name) else old_name
         setattr(config, name, max(getattr(config, name), limit))

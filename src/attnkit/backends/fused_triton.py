@@ -2097,18 +2097,20 @@ class _EagerAttention(torch.autograd.Function):
 OLDEST_TRITON = {"cuda": (3, 4), "cpu": (3, 7)}
 
 
-def _triton_version() -> tuple[int, int]:
-    major, minor = re.match(r"(\d+)\.(\d+)", triton.__version__).groups()
-    return int(major), int(minor)
+def too_old_triton(device_type: str) -> str | None:
+    """Why the installed Triton is older than OLDEST_TRITON's for device_type, or None."""
+    oldest = OLDEST_TRITON.get(device_type)
+    if oldest is None or _triton_at_least(*oldest):
+        return None
+    where = "on a GPU" if device_type == "cuda" else "under its CPU interpreter"
+    return f"needs Triton >= {oldest[0]}.{oldest[1]} {where}, found {triton.__version__}"
 
 
 def available(device: torch.device) -> str | None:
     if triton is None:
         return "needs the optional dependency triton (pip install attnkit[triton])"
-    if device.type in OLDEST_TRITON and _triton_version() < OLDEST_TRITON[device.type]:
-        oldest = ".".join(map(str, OLDEST_TRITON[device.type]))
-        where = "on a GPU" if device.type == "cuda" else "under its CPU interpreter"
-        return f"needs Triton >= {oldest} {where}, found {triton.__version__}"
+    if old := too_old_triton(device.type):
+        return old
     if device.type == "cuda":
         return None
     if device.type == "cpu" and _INTERPRET:

@@ -21,6 +21,15 @@ compile_checked = pytest.mark.skipif(
                              f"{torch.__version__}")
 
 
+def skip_if_unavailable(name: str, device: torch.device = DEVICE) -> None:
+    """Skips the test where backend `name` cannot run on `device` at all, saying why."""
+    from attnkit import backends
+
+    reason = backends.get(name).available(device)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+
+
 def assert_dropout_only_in_training(m: torch.nn.Module, plain: torch.nn.Module,
                                     x: torch.Tensor) -> None:
     """m (dropout on) equals `plain` (same weights, no dropout) in eval; in training it

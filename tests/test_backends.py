@@ -15,7 +15,7 @@ from attnkit.backends import flex
 from attnkit.call import make_call
 from attnkit.functional import select
 from attnkit.masks import visibility
-from conftest import DEVICE, benchmark_script, compile_checked
+from conftest import DEVICE, benchmark_script, compile_checked, skip_if_unavailable
 
 # tests/test_triton.py covers the Triton kernel; under the interpreter it is too slow here.
 NAMES = [name for name in backends.BACKENDS if name not in ("reference", "triton")]
@@ -55,12 +55,6 @@ MATRIX = [
     for name in NAMES
     for case in cases_for(name)
 ]
-
-
-def skip_if_unavailable(name: str) -> None:
-    reason = backends.get(name).available(DEVICE)
-    if reason is not None:
-        pytest.skip(f"{name}: {reason}")
 
 
 def describe(result: verify.CaseResult) -> str:

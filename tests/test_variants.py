@@ -7,10 +7,9 @@ import torch
 
 import attnkit
 from attnkit import variants
-from attnkit.backends import flex as flex_backend
 from attnkit.verify import rel_err as rel
 from attnkit.weights import CanonicalWeights, convert, to_canonical
-from conftest import assert_dropout_only_in_training
+from conftest import assert_dropout_only_in_training, skip_if_unavailable
 
 EAGER = [name for name in variants.REGISTRY if name != "flex"]
 NO_BIAS_OUT = ("torch_mha", "torch_mha_noweights")  # torch's class: bias=False drops bo too
@@ -193,19 +192,13 @@ def test_notebook_state_dict_loads_strictly(name, qkv_bias):
     check_forward_backward(m, torch.randn(2, 9, 12), True, None)  # 9 > context_length
 
 
-def skip_without_flex() -> None:
-    missing = flex_backend.available(torch.device("cpu"))
-    if missing:
-        pytest.skip(f"flex: {missing}")
-
-
 @pytest.mark.slow
 def test_flex_matches_oracle_forward():
     """Compiled flex on the CPU: forward only (no backward there), a few compiles ~10 s.
 
     Head dim 32: below that compiled flex on a CPU is wrong, and the variant refuses.
     """
-    skip_without_flex()
+    skip_if_unavailable("flex", torch.device("cpu"))
     x = torch.randn(2, 17, 60)
     for causal, mask_kind in ((True, "none"), (False, "additive"), (True, "bool")):
         m = build("flex", 60, 128, 4, 8, qkv_bias=True, causal=causal)
@@ -217,7 +210,7 @@ def test_flex_matches_oracle_forward():
 
 
 def test_flex_refuses_what_flex_cannot_do():
-    skip_without_flex()
+    skip_if_unavailable("flex", torch.device("cpu"))
     m = variants.FlexAttention(24, 24, 8, 0.5, 3)
     x = torch.randn(1, 5, 24)
     with pytest.raises(RuntimeError, match="no dropout"):

@@ -246,6 +246,76 @@ def test_gradient_through_the_lse(name: str) -> None:
                 assert verify.rel_err(g, w) < tol
 
 
+@pytest.mark.parametrize("name", [*NAMES, "reference", "triton"])
+def test_autocast_runs_a_backend_in_its_dtype(name: str) -> None:
+    """Under torch.autocast an implementation computes what it computes for inputs in
+    autocast's dtype, gradients included: from float32 q, k, v, and from a q already in
+    that dtype beside float32 keys and values (a float32 KV cache). Before run 51 reference
+    and chunked returned float32 there, naive and sdpa autocast's dtype, triton refused
+    float32, and the mixed call raised that q, k, v must share one dtype."""
+    skip_if_unavailable(name)
+    if name == "flex" and DEVICE.type == "cpu":
+        pytest.skip("flex compiles slowly on a CPU and has no backward there")
+    # Half where a backend needs it (a GPU's SDPA kernels, triton's interpreter)
+    low = torch.float16 if DEVICE.type == "cuda" or name == "triton" else torch.bfloat16
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, h, s, 32, generator=gen).to(DEVICE)
+               for h, s in ((4, 9), (2, 12), (2, 12)))
+    lengths = torch.tensor([12, 5], device=DEVICE)
+    dout = torch.randn(2, 4, 9, 32, generator=gen).to(DEVICE, low)
+    for given in ((q, k, v), (q.to(low), k, v)):
+        lowered = [t.detach().to(low).requires_grad_() for t in given]
+        try:
+            want = attnkit.attention(*lowered, causal=True, key_lengths=lengths, impl=name)
+        except attnkit.UnsupportedError as exc:
+            pytest.skip(str(exc))
+        leaves = [t.clone().requires_grad_() for t in given]
+        with torch.autocast(DEVICE.type, dtype=low):
+            out = attnkit.attention(*leaves, causal=True, key_lengths=lengths, impl=name)
+        assert out.dtype == low
+        got_grads = torch.autograd.grad(out, leaves, dout)
+        want_grads = torch.autograd.grad(want, lowered, dout)
+        # The same kernels on the same values: the same bits on a CPU; on a GPU, where a
+        # backward may add in any order (atomics), within a few units of the last place
+        for got, expected, leaf in zip((out, *got_grads), (want, *want_grads),
+                                       (out, *leaves), strict=True):
+            assert got.dtype == leaf.dtype
+            expected = expected.to(got.dtype)
+            if DEVICE.type == "cpu":
+                assert torch.equal(got, expected)
+            else:
+                assert verify.rel_err(got, expected) < 2e-3
+
+
+@compile_checked
+@pytest.mark.parametrize("name", ["chunked", "triton"])
+def test_autocast_inside_a_compiled_function(name: str) -> None:
+    """autocast's casts and the backend's run with autocast off, traced into one graph
+    (fullgraph): the eager call's dtype and numbers, gradients included. Inductor on a
+    GPU, aot_eager on the CPU."""
+    skip_if_unavailable(name)
+    low = torch.float16 if DEVICE.type == "cuda" or name == "triton" else torch.bfloat16
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, h, s, 32, generator=gen).to(DEVICE).requires_grad_()
+               for h, s in ((4, 9), (2, 12), (2, 12)))
+
+    def fn(q, k, v):
+        with torch.autocast(DEVICE.type, dtype=low):
+            return attnkit.attention(q, k, v, causal=True, impl=name)
+
+    torch._dynamo.reset()
+    compiler = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    got = torch.compile(fn, backend=compiler, fullgraph=True)(q, k, v)
+    want = fn(q, k, v)
+    assert got.dtype == want.dtype == low
+    assert verify.rel_err(got, want) < 2e-3
+    dout = torch.randn(want.shape, generator=gen).to(DEVICE, low)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), dout),
+                    torch.autograd.grad(want, (q, k, v), dout), strict=True):
+        assert g.dtype == torch.float32
+        assert verify.rel_err(g, w) < 2e-3
+
+
 @compile_checked
 @pytest.mark.parametrize("name", [*NAMES, "reference"])
 def test_compiled_gradients_beside_an_lse_of_dead_rows(name: str) -> None:

@@ -87,6 +87,27 @@ def test_kv_cache_incremental_decode_equals_full_forward(prefill, heads):
     assert rel(torch.cat(parts, dim=1), full) < 1e-5
 
 
+def test_kv_cache_decoding_under_autocast():
+    """Decoding under torch.autocast with the module's float32 cache: each step's bfloat16
+    queries meet the float32 cached keys, which attention() refused before run 51 (q, k, v
+    must share one dtype). The steps give what a bfloat16 cache gives, and the full
+    forward's rows within bfloat16's tolerance."""
+    m = MultiHeadAttention(24, 32, 4, num_kv_heads=2, qkv_bias=True)
+    x = torch.randn(2, 7, 24)
+    steps = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = m(x)
+        for dtype in (None, torch.bfloat16):
+            cache = m.make_kv_cache(2, 8, dtype=dtype)
+            parts = [m(x[:, :3], kv_cache=cache)]
+            parts += [m(x[:, t:t + 1], kv_cache=cache) for t in range(3, 7)]
+            steps[cache.k.dtype] = torch.cat(parts, dim=1)
+    assert steps.keys() == {torch.float32, torch.bfloat16}
+    assert steps[torch.float32].dtype == torch.bfloat16
+    assert torch.equal(steps[torch.float32], steps[torch.bfloat16])
+    assert rel(steps[torch.float32], full) < 1e-2
+
+
 def test_compiled_decoding_with_the_cache_length_unspecialized():
     """What KVCache's docstring tells a user compiling a decoding loop: with
     allow_unspec_int_on_nn_module, the cache's length is traced as a dynamic size, so

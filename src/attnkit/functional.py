@@ -96,21 +96,50 @@ def attention(
         (B, Hq, Sq, Dv) in the dtype of q, or (out, lse) when return_lse. A query that sees
         no key gets zeros.
 
+    Under `torch.autocast` on q's device, every implementation computes in autocast's dtype,
+    as SDPA does: q, k and v (floating, float64 excepted) are cast to it, and the output is
+    in it. attn_mask is added as given.
+
     Raises:
         ValueError / TypeError for malformed input; UnsupportedError when `impl` cannot run
         this call (the message says why).
     """
+    autocast_device = _autocasting(q)
+    if autocast_device is not None:
+        q, k, v = (_autocast_input(t, autocast_device) for t in (q, k, v))
     call = make_call(
         q, k, v, causal=causal, key_lengths=key_lengths, attn_mask=attn_mask, window=window,
         scale=scale, dropout_p=dropout_p, return_lse=return_lse,
     )
     backend = select(call, impl)
-    out, lse = backend.run(call)
+    if autocast_device is None:
+        out, lse = backend.run(call)
+    else:
+        # Off inside, so that the backend computes what it computes for inputs of this dtype
+        # (the calls verify checks), not its own float32 steps cast down again by autocast.
+        with torch.autocast(autocast_device, enabled=False):
+            out, lse = backend.run(call)
     if return_lse:
         if lse is None:
             raise AssertionError(f"backend {backend.name} returned no lse for return_lse=True")
         return out, lse
     return out
+
+
+def _autocasting(q: object) -> str | None:
+    """q's device type when torch.autocast is on for it, else None."""
+    if not isinstance(q, Tensor) or not torch.amp.is_autocast_available(q.device.type):
+        return None
+    return q.device.type if torch.is_autocast_enabled(q.device.type) else None
+
+
+def _autocast_input(t: object, device_type: str) -> object:
+    """t in autocast's dtype where autocast would cast it for one of its lower-precision
+    ops (a floating tensor on device_type, float64 excepted); anything else as given."""
+    if (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == device_type):
+        return t.to(torch.get_autocast_dtype(device_type))
+    return t
 
 
 def refusal(backend: backends.Backend, call: AttentionCall) -> str | None:

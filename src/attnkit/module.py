@@ -147,11 +147,14 @@ class MultiHeadAttention(nn.Module):
             f"impl={self.impl!r}"
         )
 
-    def make_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KVCache sized for this module, on its device and in its dtype."""
+    def make_kv_cache(self, batch_size: int, max_len: int,
+                      dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KVCache sized for this module, on its device, in `dtype` (default: the
+        module's). Decoding under torch.autocast, give autocast's dtype: a cache in the
+        module's float32 works too, but each step then casts all of it."""
         w = self.qkv.weight
         return KVCache(batch_size, self.num_kv_heads, max_len, self.head_dim,
-                       device=w.device, dtype=w.dtype)
+                       device=w.device, dtype=dtype or w.dtype)
 
     def forward(
         self,

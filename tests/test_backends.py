@@ -317,6 +317,31 @@ def test_autocast_inside_a_compiled_function(name: str) -> None:
 
 
 @compile_checked
+@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn"])
+def test_pinned_sdpa_inside_a_compiled_function(name: str) -> None:
+    """A pinned SDPA kernel inside torch.compile(fullgraph=True), grouped heads included:
+    the kernel's own check (a pybind SDPAParams) cannot be traced, and without fullgraph
+    its guard raised InternalTorchDynamoError (run 51, H200, torch 2.11)."""
+    skip_if_unavailable(name)
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(2, h, 64, 64, generator=gen).to(DEVICE, torch.float16)
+               .requires_grad_() for h in (4, 2, 2))
+
+    def fn(q, k, v):
+        return attnkit.attention(q, k, v, causal=True, impl=name)
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True)(q, k, v)
+    want = attnkit.attention(q, k, v, causal=True, impl="reference")
+    tol = verify.tolerance(torch.float16, DEVICE, name)
+    assert verify.rel_err(got, want) < tol
+    dout = torch.randn(want.shape, generator=gen).to(DEVICE, torch.float16)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), dout),
+                    torch.autograd.grad(want, (q, k, v), dout), strict=True):
+        assert verify.rel_err(g, w) < tol
+
+
+@compile_checked
 @pytest.mark.parametrize("name", [*NAMES, "reference"])
 def test_compiled_gradients_beside_an_lse_of_dead_rows(name: str) -> None:
     """With return_lse, torch.compile's autograd hands the lse output a zero gradient where

@@ -126,9 +126,17 @@ def attention(
     return out
 
 
+# The device types torch.autocast covers in this build, found once: dynamo cannot trace
+# torch.amp.is_autocast_available before torch 2.13 (a graph break in every compiled call,
+# run 51), and torch.is_autocast_enabled raises for a type autocast does not cover.
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "ipu")
+    if torch.amp.is_autocast_available(t))
+
+
 def _autocasting(q: object) -> str | None:
     """q's device type when torch.autocast is on for it, else None."""
-    if not isinstance(q, Tensor) or not torch.amp.is_autocast_available(q.device.type):
+    if not isinstance(q, Tensor) or q.device.type not in _AUTOCAST_DEVICE_TYPES:
         return None
     return q.device.type if torch.is_autocast_enabled(q.device.type) else None
 

@@ -96,6 +96,12 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
         return None, f"{kernel.name} {mask_rule}"
     if kernel == SDPBackend.CUDNN_ATTENTION and args.attn_mask is not None and call.needs_grad:
         return None, CUDNN_MASKED_GRAD
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace the kernel's own check (SDPAParams is a pybind object; without
+        # fullgraph, its guard on _CHECKS raised InternalTorchDynamoError: torch 2.11 and
+        # 2.13, run 51). In a traced graph the rules above decide, k/v go repeated to Hq
+        # heads, which every kernel takes, and SDPA itself raises if the kernel cannot run.
+        return (arguments(call, native_gqa=False) if call.grouped else args), None
     reason = kernel_refusal(kernel, call, args)
     if reason is not None and call.grouped:
         # Some kernels reject enable_gqa but take k/v repeated to Hq heads.

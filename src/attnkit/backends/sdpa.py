@@ -88,7 +88,7 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
         return args, None
     if call.device.type != "cuda":
         return None, f"{kernel.name} needs a CUDA device, got {call.device.type}"
-    dtypes, mask_rule = _RULES[kernel]
+    dtypes, mask_rule = _RULES[kernel.name]
     if call.dtype not in dtypes:
         names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
         return None, f"{kernel.name} needs {names}, got {str(call.dtype).removeprefix('torch.')}"
@@ -97,10 +97,10 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
     if kernel == SDPBackend.CUDNN_ATTENTION and args.attn_mask is not None and call.needs_grad:
         return None, CUDNN_MASKED_GRAD
     if torch.compiler.is_compiling():
-        # dynamo cannot trace the kernel's own check (SDPAParams is a pybind object; without
-        # fullgraph, its guard on _CHECKS raised InternalTorchDynamoError: torch 2.11 and
-        # 2.13, run 51). In a traced graph the rules above decide, k/v go repeated to Hq
-        # heads, which every kernel takes, and SDPA itself raises if the kernel cannot run.
+        # dynamo cannot trace the kernel's own check (SDPAParams is a pybind object: a graph
+        # break, or an error under fullgraph; run 51). In a traced graph the rules above
+        # decide, k/v go repeated to Hq heads, which every kernel takes, and SDPA itself
+        # raises if the kernel cannot run the call.
         return (arguments(call, native_gqa=False) if call.grouped else args), None
     reason = kernel_refusal(kernel, call, args)
     if reason is not None and call.grouped:
@@ -112,20 +112,22 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
 
 
 # Rules that hold on every GPU, checked first so that the common refusals read plainly.
-_RULES: dict[SDPBackend, tuple[tuple[torch.dtype, ...], str | None]] = {
-    SDPBackend.FLASH_ATTENTION: (
+# Keyed by the kernel's name: dynamo's guard on a dict entry keyed by an SDPBackend raised
+# InternalTorchDynamoError (its source text holds the enum's repr; torch 2.11 and 2.13).
+_RULES: dict[str, tuple[tuple[torch.dtype, ...], str | None]] = {
+    SDPBackend.FLASH_ATTENTION.name: (
         (torch.float16, torch.bfloat16),
         "takes no attn_mask: only no masking, or causal alone with Sq == Skv and a scale above 0",
     ),
-    SDPBackend.EFFICIENT_ATTENTION: ((torch.float16, torch.bfloat16, torch.float32), None),
-    SDPBackend.CUDNN_ATTENTION: ((torch.float16, torch.bfloat16), None),
+    SDPBackend.EFFICIENT_ATTENTION.name: ((torch.float16, torch.bfloat16, torch.float32), None),
+    SDPBackend.CUDNN_ATTENTION.name: ((torch.float16, torch.bfloat16), None),
 }
 
 # The kernels' own checks in this torch build; with debug=True they warn their reasons.
 _CHECKS = {
-    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.can_use_flash_attention,
-    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.can_use_efficient_attention,
-    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.can_use_cudnn_attention,
+    SDPBackend.FLASH_ATTENTION.name: torch.backends.cuda.can_use_flash_attention,
+    SDPBackend.EFFICIENT_ATTENTION.name: torch.backends.cuda.can_use_efficient_attention,
+    SDPBackend.CUDNN_ATTENTION.name: torch.backends.cuda.can_use_cudnn_attention,
 }
 
 
@@ -141,11 +143,11 @@ def kernel_refusal(kernel: SDPBackend, call: AttentionCall, args: Arguments) -> 
     params = torch.backends.cuda.SDPAParams(
         call.q, k, v, args.attn_mask, call.dropout_p, args.is_causal, args.enable_gqa
     )
-    if _CHECKS[kernel](params, debug=False):
+    if _CHECKS[kernel.name](params, debug=False):
         return None  # the common answer, without the cost of recording warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ok = _CHECKS[kernel](params, debug=True)
+        ok = _CHECKS[kernel.name](params, debug=True)
     if ok:
         return None
     reasons = "; ".join(dict.fromkeys(str(w.message).strip() for w in caught))
@@ -212,7 +214,7 @@ def backend(name: str, kernel: SDPBackend | None, summary: str) -> Backend:
     return Backend(
         name=name,
         summary=summary,
-        available=cuda_only if kernel in _RULES else always_available,
+        available=always_available if kernel in (None, SDPBackend.MATH) else cuda_only,
         supports=partial(refusal, kernel),
         run=partial(run_plan, kernel),
     )

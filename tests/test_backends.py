@@ -287,6 +287,44 @@ def test_autocast_runs_a_backend_in_its_dtype(name: str) -> None:
                 assert verify.rel_err(got, expected) < 2e-3
 
 
+@pytest.mark.parametrize("name", [*NAMES, "reference", "triton"])
+def test_second_derivative_is_the_oracles_or_raises(name: str) -> None:
+    """A gradient penalty (the first gradients taken with create_graph=True, then
+    differentiated again) beside a term that reaches q another way: the float64 oracle's
+    second derivative, or an error, never a silent part of it. chunked's and triton's
+    backwards run code that autograd does not record, and before run 51 chunked's second
+    derivative was 1-3x off and triton's held the other term's share alone."""
+    skip_if_unavailable(name)
+    if name == "flex" and DEVICE.type == "cpu":
+        pytest.skip("flex has no backward on a CPU")
+    dtype = torch.float16 if name in ("triton", "sdpa_flash", "sdpa_cudnn") else torch.float32
+    gen = torch.Generator().manual_seed(15)
+    leaves = [torch.randn(2, h, s, 32, generator=gen).to(DEVICE, dtype).requires_grad_()
+              for h, s in ((4, 9), (2, 12), (2, 12))]
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    lengths = torch.tensor([12, 5], device=DEVICE)
+
+    def penalty(impl, inputs):
+        out = attnkit.attention(*inputs, causal=True, key_lengths=lengths, impl=impl)
+        grads = torch.autograd.grad(out.float().square().sum(), inputs, create_graph=True)
+        return sum(g.float().square().sum() for g in grads) + inputs[0].float().square().sum()
+
+    want = torch.autograd.grad(penalty("reference", exact), exact)
+    try:
+        got = torch.autograd.grad(penalty(name, leaves), leaves, allow_unused=True)
+    except attnkit.UnsupportedError as exc:
+        if "cannot run" in str(exc):
+            pytest.skip(str(exc))
+        assert name not in backends.base.TWICE_DIFFERENTIABLE, exc
+        return
+    except RuntimeError as exc:  # PyTorch's own, for its fused kernels' backwards
+        assert "not implemented" in str(exc) and name not in backends.base.TWICE_DIFFERENTIABLE
+        return
+    assert name in backends.base.TWICE_DIFFERENTIABLE, "gave a second derivative: list it"
+    for g, w in zip(got, want, strict=True):
+        assert g is not None and verify.rel_err(g, w) < verify.tolerance(dtype, DEVICE, name)
+
+
 @compile_checked
 @pytest.mark.parametrize("name", ["chunked", "triton"])
 def test_autocast_inside_a_compiled_function(name: str) -> None:

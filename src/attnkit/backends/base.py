@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from attnkit.call import AttentionCall
+from attnkit.call import AttentionCall, UnsupportedError
 
 __all__ = ["GRID_ROWS", "Backend", "Result", "always_available", "cuda_only",
            "in_batch_pieces", "raise_recompile_limits"]
@@ -52,6 +52,22 @@ def cuda_only(device: torch.device) -> str | None:
 # CUDA launches at most this many blocks along a grid's second and third dimensions, where
 # Triton kernels (ours, and inductor's for FlexAttention) lay batch or (batch, head) rows.
 GRID_ROWS = 65535
+
+
+# The implementations whose backward autograd can differentiate again (plain torch ops).
+TWICE_DIFFERENTIABLE = ("reference", "naive", "einsum", "sdpa_math")
+
+
+def forbid_second_derivative(name: str) -> None:
+    """Raises inside backend `name`'s backward when autograd records it for a second
+    derivative (create_graph=True turns grad mode on there). Its kernels cannot be
+    differentiated, and a second derivative would silently leave their part out: None,
+    or only the other terms' share where a loss also reaches the inputs another way."""
+    if torch.is_grad_enabled():
+        raise UnsupportedError(
+            f"{name}'s backward cannot be differentiated again (create_graph=True, e.g. a "
+            f"gradient penalty or a Hessian product); these can: "
+            f"{', '.join(TWICE_DIFFERENTIABLE)}")
 
 
 def in_batch_pieces(call: AttentionCall, per_piece: int,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.backends.base import Backend, Result, always_available
+from attnkit.backends.base import Backend, Result, always_available, forbid_second_derivative
 from attnkit.backends.einsum import grouped
 from attnkit.call import AttentionCall
 from attnkit.masks import score_bias
@@ -143,6 +143,7 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
+        forbid_second_derivative("chunked")  # out and lse were saved as constants
         if dout is None and dlse is None:
             return None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors

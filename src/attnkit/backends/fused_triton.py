@@ -58,7 +58,13 @@ import torch
 from torch import Tensor
 
 from attnkit.backends import dropout_mask, hopper_backward, hopper_forward
-from attnkit.backends.base import GRID_ROWS, Backend, Result, in_batch_pieces
+from attnkit.backends.base import (
+    GRID_ROWS,
+    Backend,
+    Result,
+    forbid_second_derivative,
+    in_batch_pieces,
+)
 from attnkit.call import AttentionCall
 
 try:
@@ -2043,6 +2049,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _attention_backward(ctx, dout, dlse):
+    forbid_second_derivative("triton")
     q, k, v, out, lse, key_lengths, attn_mask, seed = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(dout, dlse, q, k, v, out, lse, key_lengths, attn_mask,
                                 *ctx.options, seed)
@@ -2074,6 +2081,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        forbid_second_derivative("triton")
         if dout is None and dlse is None:
             return None, None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors

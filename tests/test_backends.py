@@ -122,6 +122,29 @@ def test_rows_that_see_no_key_give_zeros(name: str) -> None:
         assert (grads[0][0] == 0).all(), "a row that sees nothing has no gradient"
 
 
+@pytest.mark.parametrize("name", [*NAMES, "reference", "triton"])
+def test_no_keys_at_all(name: str) -> None:
+    """Skv = 0 (an empty context): every row sees no key, so zeros and an lse of -inf, and
+    zero gradients. reference, naive and einsum raised IndexError from amax before run 51."""
+    skip_if_unavailable(name)
+    if name == "flex" and DEVICE.type == "cpu":
+        pytest.skip("flex compiles slowly on a CPU; its dead rows are checked in the matrix")
+    dtype = torch.float16 if DEVICE.type == "cuda" or name == "triton" else torch.float32
+    q = torch.randn(2, 4, 5, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, 0, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+            for _ in range(2))
+    try:
+        out, lse = attnkit.attention(q, k, v, return_lse=True, impl=name)
+    except attnkit.UnsupportedError as exc:
+        if "log-sum-exp" not in str(exc):
+            pytest.skip(str(exc))
+        out, lse = attnkit.attention(q, k, v, impl=name), None
+    assert out.shape == (2, 4, 5, 32) and (out == 0).all()
+    assert lse is None or torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v), allow_unused=True)
+    assert grads[0] is None or (grads[0] == 0).all()
+
+
 def dropout_backends() -> list[str]:
     """The backends that accept dropout on this device."""
     q = torch.zeros(1, 1, 2, 8, device=DEVICE)

@@ -93,7 +93,10 @@ def masked_softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
     a bfloat16 sum of a thousand exps keeps barely two digits.
     """
     work = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
-    row_max = work.amax(dim=-1, keepdim=True)
+    if work.shape[-1] == 0:  # no keys at all (Skv = 0): amax has nothing to reduce
+        row_max = work.new_full((*work.shape[:-1], 1), -math.inf)
+    else:
+        row_max = work.amax(dim=-1, keepdim=True)
     # An empty row has max -inf; shifting by 0 instead keeps exp() at 0 rather than NaN.
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     weights = torch.exp(work - row_max)

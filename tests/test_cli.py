@@ -342,6 +342,21 @@ def test_bench_and_verify_refuse_what_names_nothing(command, argv, message, caps
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["bench", "verify"])
+def test_an_out_folder_that_cannot_be_made_is_refused_before_running(command, tmp_path,
+                                                                     capsys, monkeypatch):
+    """--out under a file: bench used to run the whole benchmark and then raise from
+    mkdir (run 51)."""
+    import attnkit.bench
+
+    monkeypatch.setattr(attnkit.bench, "run_bench", lambda *a, **k: pytest.fail("ran"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--device", "cpu", "--out", str(tmp_path / "a_file" / "results")])
+    assert exit_info.value.code == 2
+    assert "argument --out: cannot make" in capsys.readouterr().err
+
+
 def test_filters_know_every_label_form():
     from attnkit.verify import unknown_filters
 

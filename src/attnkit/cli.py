@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 from rich.markup import escape
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         problem = _device_problem(args.device)
         if problem:
             parser.error(f"argument --device: {problem}")
+    if getattr(args, "out", None) and (problem := _out_problem(args.out)):
+        # Said before the run: it used to end in a traceback after the whole benchmark.
+        parser.error(f"argument --out: {problem}")
     commands = {"bench": _bench, "verify": _verify, "info": _info}
     return commands[args.command](args, argv)
 
@@ -155,6 +159,19 @@ def _device_problem(name: str) -> str | None:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as exc:
             return f"{name!r}: {str(exc).splitlines()[0]}"
+    return None
+
+
+def _out_problem(name: str) -> str | None:
+    """Why the results cannot be written into the folder `name` (made here if missing),
+    or None."""
+    folder = Path(name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot make {name!r}: {exc.strerror or exc}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write into {name!r}"
     return None
 
 
@@ -192,8 +209,6 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _verify(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from pathlib import Path
-
     from attnkit.bench import command_line, environment
     from attnkit.verify import print_report, run_verify, write_json
 

@@ -106,6 +106,8 @@ def test_kv_cache_decoding_under_autocast():
     assert steps[torch.float32].dtype == torch.bfloat16
     assert torch.equal(steps[torch.float32], steps[torch.bfloat16])
     assert rel(steps[torch.float32], full) < 1e-2
+    with torch.no_grad(), pytest.raises(TypeError, match="KVCache holds torch.bfloat16"):
+        m(x, kv_cache=m.make_kv_cache(2, 8, dtype=torch.bfloat16))  # no autocast
 
 
 def test_compiled_decoding_with_the_cache_length_unspecialized():

@@ -104,7 +104,7 @@ def attention(
         ValueError / TypeError for malformed input; UnsupportedError when `impl` cannot run
         this call (the message says why).
     """
-    autocast_device = _autocasting(q)
+    autocast_device = autocasting(q)
     if autocast_device is not None:
         q, k, v = (_autocast_input(t, autocast_device) for t in (q, k, v))
     call = make_call(
@@ -134,11 +134,12 @@ _AUTOCAST_DEVICE_TYPES = frozenset(
     if torch.amp.is_autocast_available(t))
 
 
-def _autocasting(q: object) -> str | None:
-    """q's device type when torch.autocast is on for it, else None."""
-    if not isinstance(q, Tensor) or q.device.type not in _AUTOCAST_DEVICE_TYPES:
+def autocasting(t: object) -> str | None:
+    """t's device type when t is a tensor and torch.autocast is on for its device, else
+    None."""
+    if not isinstance(t, Tensor) or t.device.type not in _AUTOCAST_DEVICE_TYPES:
         return None
-    return q.device.type if torch.is_autocast_enabled(q.device.type) else None
+    return t.device.type if torch.is_autocast_enabled(t.device.type) else None
 
 
 def _autocast_input(t: object, device_type: str) -> object:

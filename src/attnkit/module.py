@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnkit.functional import attention
+from attnkit.functional import attention, autocasting
 
 __all__ = ["KVCache", "MultiHeadAttention"]
 
@@ -26,6 +26,10 @@ class KVCache(nn.Module):
     The buffers are written in place, so the cache is meant for inference (`torch.no_grad()`
     or `torch.inference_mode()`); backpropagating through two appends fails in autograd's
     in-place check.
+
+    Keys and values must come in the cache's dtype, except under `torch.autocast`, where
+    `attention` casts the cached ones to autocast's dtype each step (a cache made in that
+    dtype spares the cast).
 
     Under `torch.compile`, `length` is an int attribute of a module, which dynamo holds
     static: a compiled decoding loop compiles again for each new length, and runs eagerly
@@ -78,6 +82,13 @@ class KVCache(nn.Module):
                     f"({b}, {hkv}, S_new, {d}) to match the cache {tuple(self.k.shape)}, "
                     f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
                 )
+        if k.dtype != self.k.dtype and autocasting(k) is None:
+            # Written in, the keys would be rounded to the cache's dtype and then meet
+            # queries of another: under autocast both are cast to one dtype, else not.
+            raise TypeError(
+                f"KVCache holds {self.k.dtype}, got k {k.dtype}: make the cache in the dtype "
+                f"the keys come in (MultiHeadAttention.make_kv_cache without dtype), or "
+                f"decode under torch.autocast")
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from attnkit.call import AttentionCall, UnsupportedError
 
-__all__ = ["GRID_ROWS", "Backend", "Result", "always_available", "cuda_only",
-           "in_batch_pieces", "raise_recompile_limits"]
+__all__ = ["GRID_ROWS", "TWICE_DIFFERENTIABLE", "Backend", "Result", "always_available",
+           "cuda_only", "forbid_second_derivative", "in_batch_pieces", "raise_recompile_limits"]
 
 # (output (B, Hq, Sq, Dv) in the input dtype, log-sum-exp (B, Hq, Sq) float32 or None)
 Result = tuple[Tensor, Tensor | None]

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 
 import attnkit
 from attnkit import backends, verify
@@ -338,14 +339,46 @@ def test_second_derivative_is_the_oracles_or_raises(name: str) -> None:
     except attnkit.UnsupportedError as exc:
         if "cannot run" in str(exc):
             pytest.skip(str(exc))
-        assert name not in backends.base.TWICE_DIFFERENTIABLE, exc
+        assert name not in backends.base.FULLY_DIFFERENTIABLE, exc
         return
     except RuntimeError as exc:  # PyTorch's own, for its fused kernels' backwards
-        assert "not implemented" in str(exc) and name not in backends.base.TWICE_DIFFERENTIABLE
+        assert "not implemented" in str(exc) and name not in backends.base.FULLY_DIFFERENTIABLE
         return
     # Plain sdpa gets here where PyTorch picks its math path (torch 2.5 on a CPU)
     for g, w in zip(got, want, strict=True):
         assert g is not None and verify.rel_err(g, w) < verify.tolerance(dtype, DEVICE, name)
+
+
+@pytest.mark.parametrize("name", [*NAMES, "reference", "triton", "auto"])
+def test_forward_mode_derivative_is_the_oracles_or_refused(name: str) -> None:
+    """Tangents on q, k and v (torch.autograd.forward_ad, as torch.func.jvp makes them):
+    the float64 oracle's output tangent, or UnsupportedError before anything runs. triton's
+    path with nothing to differentiate and compiled flex returned no tangent before run 51,
+    silently; plain sdpa now takes its math kernel for such calls."""
+    skip_if_unavailable(name if name != "auto" else "reference")
+    dtype = torch.float16 if name in ("triton", "sdpa_flash", "sdpa_cudnn") else torch.float32
+    gen = torch.Generator().manual_seed(16)
+    primals = [torch.randn(2, h, s, 32, generator=gen).to(DEVICE)
+               for h, s in ((4, 9), (2, 12), (2, 12))]
+    tangents = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in primals]
+    lengths = torch.tensor([12, 5], device=DEVICE)
+
+    def output_tangent(impl, dtype):
+        with forward_ad.dual_level():
+            duals = [forward_ad.make_dual(p.to(dtype), t.to(dtype))
+                     for p, t in zip(primals, tangents, strict=True)]
+            out = attnkit.attention(*duals, causal=True, key_lengths=lengths, impl=impl)
+            return forward_ad.unpack_dual(out).tangent
+
+    want = output_tangent("reference", torch.float64)
+    try:
+        got = output_tangent(name, dtype)
+    except attnkit.UnsupportedError as exc:
+        assert "forward-mode derivative" in str(exc) or "cannot run" in str(exc), exc
+        assert name not in backends.base.FULLY_DIFFERENTIABLE
+        return
+    assert got is not None, "the tangent was dropped"
+    assert verify.rel_err(got, want) < verify.tolerance(dtype, DEVICE, name)
 
 
 @compile_checked

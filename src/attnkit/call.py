@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 __all__ = ["AttentionCall", "UnsupportedError", "checked_mask", "make_call"]
 
@@ -107,6 +108,14 @@ class AttentionCall:
     @property
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+    @property
+    def carries_tangents(self) -> bool:
+        """Whether q, k or v carry forward-mode AD tangents (torch.func.jvp, forward_ad)."""
+        # -1 outside every dual_level: the common case costs one compare, not three unpacks
+        if getattr(forward_ad, "_current_level", 0) < 0:
+            return False
+        return any(forward_ad.unpack_dual(t).tangent is not None for t in (self.q, self.k, self.v))
 
     @property
     def has_mask(self) -> bool:

@@ -11,8 +11,9 @@ from torch import Tensor
 
 from attnkit.call import AttentionCall, UnsupportedError
 
-__all__ = ["GRID_ROWS", "TWICE_DIFFERENTIABLE", "Backend", "Result", "always_available",
-           "cuda_only", "forbid_second_derivative", "in_batch_pieces", "raise_recompile_limits"]
+__all__ = ["FULLY_DIFFERENTIABLE", "GRID_ROWS", "NO_FORWARD_AD", "Backend", "Result",
+           "always_available", "cuda_only", "forbid_second_derivative", "in_batch_pieces",
+           "raise_recompile_limits"]
 
 # (output (B, Hq, Sq, Dv) in the input dtype, log-sum-exp (B, Hq, Sq) float32 or None)
 Result = tuple[Tensor, Tensor | None]
@@ -54,8 +55,11 @@ def cuda_only(device: torch.device) -> str | None:
 GRID_ROWS = 65535
 
 
-# The implementations whose backward autograd can differentiate again (plain torch ops).
-TWICE_DIFFERENTIABLE = ("reference", "naive", "einsum", "sdpa_math")
+# The implementations written in plain torch ops, which autograd differentiates every way:
+# a second time (create_graph=True), and in forward mode (jvp).
+FULLY_DIFFERENTIABLE = ("reference", "naive", "einsum", "sdpa_math")
+NO_FORWARD_AD = (f"computes no forward-mode derivative (torch.func.jvp, forward_ad tangents on "
+                 f"q, k or v); these do: {', '.join(FULLY_DIFFERENTIABLE)}")
 
 
 def forbid_second_derivative(name: str) -> None:
@@ -67,7 +71,7 @@ def forbid_second_derivative(name: str) -> None:
         raise UnsupportedError(
             f"{name}'s backward cannot be differentiated again (create_graph=True, e.g. a "
             f"gradient penalty or a Hessian product); these can: "
-            f"{', '.join(TWICE_DIFFERENTIABLE)}")
+            f"{', '.join(FULLY_DIFFERENTIABLE)}")
 
 
 def in_batch_pieces(call: AttentionCall, per_piece: int,

@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.backends.base import Backend, Result, always_available, forbid_second_derivative
+from attnkit.backends.base import (
+    NO_FORWARD_AD,
+    Backend,
+    Result,
+    always_available,
+    forbid_second_derivative,
+)
 from attnkit.backends.einsum import grouped
 from attnkit.call import AttentionCall
 from attnkit.masks import score_bias
@@ -33,6 +39,8 @@ BLOCK = 256  # keys per step: large enough to keep the matmuls efficient on a CP
 def supports(call: AttentionCall) -> str | None:
     if call.attn_mask is not None and call.attn_mask.requires_grad:
         return "gives no gradient for attn_mask (its backward recomputes the scores)"
+    if call.carries_tangents:  # an autograd.Function with no jvp
+        return NO_FORWARD_AD
     return None
 
 

@@ -33,6 +33,7 @@ except ImportError:  # torch before 2.9: available() says so, and nothing below 
 
 from attnkit.backends.base import (
     GRID_ROWS,
+    NO_FORWARD_AD,
     Backend,
     Result,
     in_batch_pieces,
@@ -80,6 +81,8 @@ def supports(call: AttentionCall) -> str | None:
         return "compiled FlexAttention does not take float64"
     if call.heads_q > GRID_ROWS:
         return f"takes at most {GRID_ROWS} query heads, got {call.heads_q}"
+    if call.carries_tangents:  # compiled FlexAttention dropped them silently (CPU, torch 2.13)
+        return NO_FORWARD_AD
     if call.device.type == "cpu":
         if call.head_dim < CPU_MIN_HEAD_DIM or call.head_dim_v < CPU_MIN_HEAD_DIM:
             # Seen with torch 2.13: D=16 and D=8 at S=40 gave NaN or errors of 0.3.

@@ -60,6 +60,7 @@ from torch import Tensor
 from attnkit.backends import dropout_mask, hopper_backward, hopper_forward
 from attnkit.backends.base import (
     GRID_ROWS,
+    NO_FORWARD_AD,
     Backend,
     Result,
     forbid_second_derivative,
@@ -2141,6 +2142,8 @@ def supports(call: AttentionCall) -> str | None:
         return f"takes at most {GRID_ROWS} query heads, got {call.heads_q}"
     if call.attn_mask is not None and call.attn_mask.requires_grad:
         return "computes no gradient for attn_mask, which requires grad"
+    if call.carries_tangents:  # the kernels would drop them silently
+        return NO_FORWARD_AD
     return None
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnkit.backends.base import Backend, Result, always_available, cuda_only
+from attnkit.backends.base import NO_FORWARD_AD, Backend, Result, always_available, cuda_only
 from attnkit.call import AttentionCall
 from attnkit.masks import expand_kv, score_bias, visibility
 
@@ -179,7 +179,10 @@ def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
         scale=call.scale,
         enable_gqa=args.enable_gqa,
     )
-    if kernel is None and args.attn_mask is not None and call.needs_grad:
+    if kernel is None and call.carries_tangents:
+        with sdpa_kernel(SDPBackend.MATH):  # the one kernel with a forward-mode derivative
+            out = sdpa()
+    elif kernel is None and args.attn_mask is not None and call.needs_grad:
         with sdpa_kernel(_NOT_CUDNN):
             out = sdpa()
     elif kernel is None:
@@ -195,6 +198,8 @@ def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
 def refusal(kernel: SDPBackend | None, call: AttentionCall) -> str | None:
     if kernel is None or kernel == SDPBackend.MATH:
         return NO_LSE if call.return_lse else None
+    if call.carries_tangents:  # PyTorch's fused kernels raise NotImplementedError there
+        return NO_FORWARD_AD
     # A fused kernel's check needs the real arguments, mask included: `planned` keeps
     # them for run() on the same call.
     return planned(kernel, call)[1]

@@ -357,6 +357,20 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_running(command, tm
     assert "argument --out: cannot make" in capsys.readouterr().err
 
 
+def test_verify_fails_when_every_check_was_skipped(capsys, monkeypatch):
+    """verify --impl of an implementation this machine cannot run checked nothing and
+    exited 0 (run 51): a CI step would pass on it."""
+    from dataclasses import replace
+
+    from attnkit import backends
+
+    off = replace(backends.BACKENDS["naive"], available=lambda device: "switched off here")
+    monkeypatch.setitem(backends.BACKENDS, "naive", off)
+    assert main(["verify", "--quick", "--device", "cpu", "--no-progress",
+                 "--impl", "naive"]) == 1
+    assert "nothing was checked" in capsys.readouterr().out
+
+
 def test_filters_know_every_label_form():
     from attnkit.verify import unknown_filters
 

@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser(
         "verify", help="check every implementation against the float64 oracle",
         description="Check every available backend, textbook variant and MultiHeadAttention "
-        "against the float64 oracle; exit status 1 on any failure.",
+        "against the float64 oracle; exit status 1 on any failure, or when every check was "
+        "skipped.",
     )
     verify.add_argument("--device", help="cuda, cpu (default: CUDA when present)")
     verify.add_argument("--dtype", choices=_DTYPES, default="float32")
@@ -242,6 +243,11 @@ def _verify(args: argparse.Namespace, argv: list[str] | None) -> int:
     if path is not None:
         save(results, len(results))
         console.print(f"wrote {path}", highlight=False)
+    if all(r.skipped is not None for r in results):
+        # A verify of an implementation this machine cannot run passed with nothing checked.
+        console.print("[bold red]nothing was checked[/]: every check was skipped (the "
+                      "reasons are above)", highlight=False)
+        return 1
     return 0 if ok else 1
 
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/random_calls.py [--impl NAME ...] [--seed N]
         [--seconds S] [--cases N] [--device cuda|cpu] [--dtypes DTYPE ...] [--modules]
-        [--compile eager|aot_eager|inductor] [--out DIR]
+        [--compile eager|aot_eager|inductor] [--autocast] [--out DIR]
 
 The test suite checks chosen shapes; this draws them, so that combinations nobody wrote
 down get checked too: lengths around the routes' thresholds (255-257, 511-512, 1280,
@@ -38,6 +38,10 @@ torch.compile(fullgraph=True) of `attention` for every call, so that dynamo trac
 sizes and scales that change from call to call as dynamic: a graph break raises, and the
 answers are checked as above.
 
+--autocast gives each implementation (not the reference) float32 q, k, v under
+torch.autocast to the drawn dtype, which `attention` casts them back to: the answers must
+hold as above (the gradients reach the drawn leaves through the casts).
+
 --modules draws MultiHeadAttention configurations instead (`draw_module`: grouped heads,
 biases, key lengths or a padding mask, causal or not) and checks each implementation's
 module against the same module in float64 on the reference backend, one set of weights:
@@ -50,6 +54,7 @@ tokens, under no_grad, and the pieces are checked against the reference's whole 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -208,6 +213,9 @@ def row_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 # call and traces them as dynamic (where run 49 found its compile defects). The reference
 # stays eager.
 COMPILED: Callable | None = None
+# --autocast: each implementation (not the reference) gets float32 q, k, v under
+# torch.autocast to the drawn dtype.
+AUTOCAST = False
 
 
 def compiled_attention(backend: str) -> Callable:
@@ -222,14 +230,20 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
     """(outputs, gradients of the leaves, or none without grads) of impl on make_inputs'
     inputs; the reference's in float64."""
     q, k, v, leaves, kwargs, grad = inputs
+    drawn = q, k, v
+    autocast = contextlib.nullcontext()
     if impl == "reference":
         q, k, v = (t.double() for t in (q, k, v))
         mask = kwargs.get("attn_mask")
         if mask is not None and mask.is_floating_point():
             kwargs = {**kwargs, "attn_mask": mask.double()}
-    with torch.set_grad_enabled(grads):
+    elif AUTOCAST and q.dtype != torch.float32:
+        # float32 q, k, v under autocast to the drawn dtype, which attention() casts back
+        autocast = torch.autocast(q.device.type, dtype=q.dtype)
+        q, k, v = (t.float() for t in (q, k, v))
+    with torch.set_grad_enabled(grads), autocast:
         if COMPILED is not None and impl != "reference":
-            select(make_call(q, k, v, **kwargs), impl)  # a refusal raised here, eagerly
+            select(make_call(*drawn, **kwargs), impl)  # a refusal raised here, eagerly
             outputs = COMPILED(q, k, v, impl, kwargs)
         else:
             outputs = attention(q, k, v, impl=impl, **kwargs)
@@ -435,12 +449,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="draw MultiHeadAttention configurations, not attention calls")
     parser.add_argument("--compile", choices=("eager", "aot_eager", "inductor"), default=None,
                         help="run the implementations through torch.compile with this backend")
+    parser.add_argument("--autocast", action="store_true",
+                        help="give the implementations float32 q, k, v under torch.autocast "
+                             "to the drawn dtype")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.compile and args.modules:
-        parser.error("--compile checks attention calls, not --modules")
-    global COMPILED
+    for flag in ("compile", "autocast"):
+        if getattr(args, flag) and args.modules:
+            parser.error(f"--{flag} checks attention calls, not --modules")
+    global COMPILED, AUTOCAST
     COMPILED = None if args.compile is None else compiled_attention(args.compile)
+    AUTOCAST = args.autocast
     draw_one, run_one = (draw_module, run_module_case) if args.modules else (draw, run_case)
     rng = random.Random(args.seed)
     calls = []
@@ -476,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "random_calls.json").write_text(json.dumps(
             {"environment": environment(torch.device(args.device)), "impls": args.impl,
-             "seed": args.seed, "compile": args.compile, "calls": calls}, indent=1))
+             "seed": args.seed, "compile": args.compile, "autocast": args.autocast,
+             "calls": calls}, indent=1))
     return 1 if any_failed else 0
 
 if __name__ == "__main__":

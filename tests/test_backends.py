@@ -706,6 +706,20 @@ def test_random_calls_through_torch_compile(monkeypatch, tmp_path):
     assert all("skipped" not in call["results"]["naive"] for call in written["calls"])
 
 
+def test_random_calls_under_autocast(monkeypatch, tmp_path):
+    """random_calls.py --autocast: float32 q, k, v under autocast to the drawn dtype, the
+    answers checked as without. Before run 51 chunked failed every call this way (its
+    output came back float32, with float16 rounding in it)."""
+    random_calls = benchmark_script("random_calls", monkeypatch)
+    monkeypatch.setattr(random_calls, "AUTOCAST", False)  # main() sets it; put back after
+    assert random_calls.main(["--impl", "naive", "chunked", "--device", "cpu", "--cases", "4",
+                              "--seed", "51", "--autocast", "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "random_calls.json").read_text())
+    assert written["autocast"] is True
+    assert all(not call["results"][impl]["failed"] and "skipped" not in call["results"][impl]
+               for call in written["calls"] for impl in ("naive", "chunked"))
+
+
 def test_random_calls_check_drawn_calls_and_write_each(monkeypatch, tmp_path):
     random_calls = benchmark_script("random_calls", monkeypatch)
     assert random_calls.main(["--impl", "einsum", "naive", "--device", "cpu", "--cases", "6",

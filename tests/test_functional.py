@@ -59,6 +59,17 @@ def test_not_a_tensor() -> None:
     raises(TypeError, "k must be a torch.Tensor", k=[[1.0]])
 
 
+def test_sparse_and_nested_tensors_are_refused() -> None:
+    """A sparse q failed deep inside a backend ("expand is unsupported for Sparse
+    tensors"), a nested one inside SDPA (run 51)."""
+    q, k, v = qkv()
+    raises(TypeError, "q must be a dense", "sparse_coo", q=q.to_sparse())
+    raises(TypeError, "k must be a dense", "nested", "key_lengths",
+           k=torch.nested.nested_tensor([k[0], k[1]], layout=torch.jagged))
+    raises(TypeError, "attn_mask must be a dense", attn_mask=torch.ones(2, 1, 5, 7).to_sparse())
+    raises(TypeError, "key_lengths must be a dense", key_lengths=torch.tensor([7, 3]).to_sparse())
+
+
 def test_mixed_dtypes() -> None:
     q, k, v = qkv()
     raises(TypeError, "one dtype", "float64", k=k.double())

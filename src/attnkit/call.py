@@ -157,6 +157,16 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _check_dense(name: str, t: Tensor) -> None:
+    """TypeError for a sparse or nested tensor: every implementation indexes dense ones,
+    and a sparse q failed deep inside a backend (`expand is unsupported`)."""
+    if t.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got a nested one: pad the batch "
+                        f"and pass key_lengths for the padded keys")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
 def make_call(
     q: Tensor,
     k: Tensor,
@@ -174,6 +184,7 @@ def make_call(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_dense(name, t)
         if t.dim() != 4:
             raise ValueError(
                 f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {_shape(t)}"
@@ -214,6 +225,7 @@ def make_call(
     if key_lengths is not None:
         if not isinstance(key_lengths, Tensor):
             raise TypeError(f"key_lengths must be a tensor, got {type(key_lengths).__name__}")
+        _check_dense("key_lengths", key_lengths)
         if key_lengths.dtype.is_floating_point or key_lengths.dtype in (torch.bool,):
             raise TypeError(f"key_lengths must be an integer tensor, got {key_lengths.dtype}")
         if _shape(key_lengths) != (b,):
@@ -279,6 +291,7 @@ def checked_mask(attn_mask: Tensor, full: tuple[int, ...], dims: str) -> Tensor:
     """
     if not isinstance(attn_mask, Tensor):
         raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+    _check_dense("attn_mask", attn_mask)
     if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
         raise TypeError(
             f"attn_mask must be bool (True = may attend) or floating (added to scores), "

@@ -149,6 +149,9 @@ def test_kv_cache_errors_and_state():
     assert cache.length == 0
     with pytest.raises(ValueError, match="max_len"):
         KVCache(1, 1, 0, 4)
+    elsewhere = KVCache(2, 2, 4, 6, device="meta")  # a cache on another device than x
+    with torch.no_grad(), pytest.raises(ValueError, match="KVCache is on meta, got k on cpu"):
+        m(torch.randn(2, 1, 24), kv_cache=elsewhere)
 
 
 def test_dropout_only_in_training():

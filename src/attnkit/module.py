@@ -82,6 +82,9 @@ class KVCache(nn.Module):
                     f"({b}, {hkv}, S_new, {d}) to match the cache {tuple(self.k.shape)}, "
                     f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
                 )
+        if k.device != self.k.device:
+            raise ValueError(f"KVCache is on {self.k.device}, got k on {k.device}: make it on "
+                             f"the module's device (MultiHeadAttention.make_kv_cache)")
         if k.dtype != self.k.dtype and autocasting(k) is None:
             # Written in, the keys would be rounded to the cache's dtype and then meet
             # queries of another: under autocast both are cast to one dtype, else not.

@@ -102,7 +102,9 @@ def attention(
 
     Raises:
         ValueError / TypeError for malformed input; UnsupportedError when `impl` cannot run
-        this call (the message says why).
+        this call (the message says why), forward-mode tangents on q, k, v included, and
+        from the backward of an implementation that has no second derivative when autograd
+        is asked for one (create_graph=True); `backends.base.FULLY_DIFFERENTIABLE` has both.
     """
     autocast_device = autocasting(q)
     if autocast_device is not None:

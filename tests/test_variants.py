@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 
 import attnkit
 from attnkit import variants
@@ -221,3 +222,10 @@ def test_flex_refuses_what_flex_cannot_do():
             m(x)
         with torch.no_grad(), pytest.raises(attnkit.UnsupportedError, match="head dims below"):
             m(x)
+    # Forward-mode tangents, which compiled FlexAttention dropped silently (run 51): refused
+    # before anything compiles
+    wide = variants.FlexAttention(64, 64, 8, 0.0, 2).eval()
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad(), forward_ad.dual_level(), pytest.raises(
+            attnkit.UnsupportedError, match="forward-mode derivative"):
+        wide(forward_ad.make_dual(x, torch.randn_like(x)))

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-__all__ = ["AttentionCall", "UnsupportedError", "checked_mask", "make_call"]
+__all__ = ["AttentionCall", "UnsupportedError", "carries_tangents", "checked_mask",
+           "make_call"]
 
 
 class UnsupportedError(RuntimeError):
@@ -112,10 +113,7 @@ class AttentionCall:
     @property
     def carries_tangents(self) -> bool:
         """Whether q, k or v carry forward-mode AD tangents (torch.func.jvp, forward_ad)."""
-        # -1 outside every dual_level: the common case costs one compare, not three unpacks
-        if getattr(forward_ad, "_current_level", 0) < 0:
-            return False
-        return any(forward_ad.unpack_dual(t).tangent is not None for t in (self.q, self.k, self.v))
+        return carries_tangents(self.q, self.k, self.v)
 
     @property
     def has_mask(self) -> bool:
@@ -151,6 +149,15 @@ class AttentionCall:
 
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def carries_tangents(*tensors: Tensor) -> bool:
+    """Whether any of `tensors` carries a forward-mode AD tangent (torch.func.jvp,
+    forward_ad), which kernels that autograd does not see would drop silently."""
+    # -1 outside every dual_level: the common case costs one compare, not an unpack each
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:

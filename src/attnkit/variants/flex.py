@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.backends import flex as flex_backend
-from attnkit.call import UnsupportedError
+from attnkit.backends.base import NO_FORWARD_AD
+from attnkit.call import UnsupportedError, carries_tangents
 from attnkit.variants._common import check_heads, check_input, check_mask
 
 __all__ = ["FlexAttention"]
@@ -93,6 +94,8 @@ class FlexAttention(nn.Module):
         self._check_runnable(x)
         qkv = self.qkv(x).view(b, s, 3, h, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D)
+        if carries_tangents(q, k, v):  # from x or the weights; compiled FlexAttention drops them
+            raise UnsupportedError(f"FlexAttention {NO_FORWARD_AD}")
         score_mod = None
         if mask is not None:
             # A stride-0 expand: score_mod indexes it with (b, h, q, kv), no copy is made.

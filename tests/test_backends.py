@@ -229,6 +229,15 @@ def test_flex_runs_calls_past_a_grids_rows_in_batch_pieces(monkeypatch) -> None:
     assert not out[1].any()
 
 
+def grouped_inputs(gen: torch.Generator, dtype: torch.dtype = torch.float32,
+                   grad: bool = False) -> list[torch.Tensor]:
+    """q (2, 4, 9, 32), k and v (2, 2, 12, 32) drawn from gen onto DEVICE: grouped heads,
+    and more keys than queries (a causal mask aligned to the bottom right); leaves that
+    require grad when grad."""
+    return [torch.randn(2, h, s, 32, generator=gen).to(DEVICE, dtype).requires_grad_(grad)
+            for h, s in ((4, 9), (2, 12), (2, 12))]
+
+
 @pytest.mark.parametrize("name", [*NAMES, "reference", "triton"])
 def test_gradient_through_the_lse(name: str) -> None:
     """A loss through lse as well as out (merging partial results, as ring attention
@@ -239,8 +248,7 @@ def test_gradient_through_the_lse(name: str) -> None:
     # Half where a backend needs it (a GPU's SDPA kernels, triton's interpreter)
     dtype = torch.float16 if DEVICE.type == "cuda" or name == "triton" else torch.float32
     gen = torch.Generator().manual_seed(10)
-    leaves = [torch.randn(2, h, s, 32, generator=gen).to(DEVICE, dtype).requires_grad_()
-              for h, s in ((4, 9), (2, 12), (2, 12))]
+    leaves = grouped_inputs(gen, dtype, grad=True)
     lengths = torch.tensor([12, 0], device=DEVICE)  # batch 1's rows see no key
     try:
         out, lse = attnkit.attention(*leaves, causal=True, key_lengths=lengths,
@@ -283,8 +291,7 @@ def test_autocast_runs_a_backend_in_its_dtype(name: str) -> None:
     # Half where a backend needs it (a GPU's SDPA kernels, triton's interpreter)
     low = torch.float16 if DEVICE.type == "cuda" or name == "triton" else torch.bfloat16
     gen = torch.Generator().manual_seed(12)
-    q, k, v = (torch.randn(2, h, s, 32, generator=gen).to(DEVICE)
-               for h, s in ((4, 9), (2, 12), (2, 12)))
+    q, k, v = grouped_inputs(gen)
     lengths = torch.tensor([12, 5], device=DEVICE)
     dout = torch.randn(2, 4, 9, 32, generator=gen).to(DEVICE, low)
     for given in ((q, k, v), (q.to(low), k, v)):
@@ -323,8 +330,7 @@ def test_second_derivative_is_the_oracles_or_raises(name: str) -> None:
         pytest.skip("flex has no backward on a CPU")
     dtype = torch.float16 if name in ("triton", "sdpa_flash", "sdpa_cudnn") else torch.float32
     gen = torch.Generator().manual_seed(15)
-    leaves = [torch.randn(2, h, s, 32, generator=gen).to(DEVICE, dtype).requires_grad_()
-              for h, s in ((4, 9), (2, 12), (2, 12))]
+    leaves = grouped_inputs(gen, dtype, grad=True)
     exact = [t.detach().double().requires_grad_() for t in leaves]
     lengths = torch.tensor([12, 5], device=DEVICE)
 
@@ -358,8 +364,7 @@ def test_forward_mode_derivative_is_the_oracles_or_refused(name: str) -> None:
     skip_if_unavailable(name if name != "auto" else "reference")
     dtype = torch.float16 if name in ("triton", "sdpa_flash", "sdpa_cudnn") else torch.float32
     gen = torch.Generator().manual_seed(16)
-    primals = [torch.randn(2, h, s, 32, generator=gen).to(DEVICE)
-               for h, s in ((4, 9), (2, 12), (2, 12))]
+    primals = grouped_inputs(gen)
     tangents = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in primals]
     lengths = torch.tensor([12, 5], device=DEVICE)
 
@@ -390,8 +395,7 @@ def test_autocast_inside_a_compiled_function(name: str) -> None:
     skip_if_unavailable(name)
     low = torch.float16 if DEVICE.type == "cuda" or name == "triton" else torch.bfloat16
     gen = torch.Generator().manual_seed(13)
-    q, k, v = (torch.randn(2, h, s, 32, generator=gen).to(DEVICE).requires_grad_()
-               for h, s in ((4, 9), (2, 12), (2, 12)))
+    q, k, v = grouped_inputs(gen, grad=True)
 
     def fn(q, k, v):
         with torch.autocast(DEVICE.type, dtype=low):

@@ -5,8 +5,8 @@
 The module presets' bars (issue 3: `MultiHeadAttention(impl="triton")` at least 1.15x the
 fastest other module) are a race of host time in eager mode (NOTES, runs 11-49). This
 times the same step with CUDA graphs taking the host out: `MultiHeadAttention` at the
-notebook's b8 s1024 d768 h12 causal and the tutorial's b8 s384 d1024 h16 with biases and
-an additive padding mask, bfloat16, one set of weights; each step marks a new CUDA graph
+sizes of `attnkit bench`'s notebook and bert presets (bert's with its additive padding
+mask), bfloat16, one set of weights; each step marks a new CUDA graph
 step, sets the gradients to None (as `zero_grad` does, so that no step reads a gradient
 an earlier replay wrote), runs the forward and the backward. Each (impl, mode) is warmed
 up 4 steps, then timed with CUDA events over 30 steps, 5 rounds taken in turns; prints
@@ -24,32 +24,30 @@ import time
 import torch
 
 import attnkit
+from attnkit.bench import preset_configs
 from attnkit.verify import padding_mask
 
-PRESETS = {
-    "notebook": dict(d=768, heads=12, b=8, s=1024, causal=True, bias=False, mask=False,
-                     impls=["triton", "sdpa", "sdpa_flash"]),
-    "bert": dict(d=1024, heads=16, b=8, s=384, causal=False, bias=True, mask=True,
-                 impls=["triton", "sdpa", "sdpa_efficient"]),
-}
+# The implementations timed on each preset (its sizes are attnkit bench's): triton, plain
+# SDPA, and the pinned SDPA kernel that takes the preset's mask
+IMPLS = {"notebook": ["triton", "sdpa", "sdpa_flash"], "bert": ["triton", "sdpa", "sdpa_efficient"]}
 STEPS, ROUNDS = 30, 5
 
 
 def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     results = []
-    for preset in sys.argv[1:] or PRESETS:
-        p = PRESETS[preset]
+    for preset in sys.argv[1:] or IMPLS:
+        c = preset_configs(preset)[0]
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(p["b"], p["s"], p["d"], generator=gen).to(dev, dt).requires_grad_()
-        g = torch.randn(p["b"], p["s"], p["d"], generator=gen).to(dev, dt)
-        mask = padding_mask(p["b"], p["s"], dt, dev, gen) if p["mask"] else None
-        sizes = dict(causal=p["causal"], qkv_bias=p["bias"], device=dev, dtype=dt)
-        base = attnkit.MultiHeadAttention(p["d"], p["d"], p["heads"], **sizes)
+        x = torch.randn(c.batch, c.seq, c.d_model, generator=gen).to(dev, dt).requires_grad_()
+        g = torch.randn(c.batch, c.seq, c.d_model, generator=gen).to(dev, dt)
+        mask = padding_mask(c.batch, c.seq, dt, dev, gen) if c.mask == "padding" else None
+        sizes = dict(causal=c.causal, qkv_bias=c.qkv_bias, device=dev, dtype=dt)
+        base = attnkit.MultiHeadAttention(c.d_model, c.d_model, c.heads, **sizes)
         steps = {}
-        for impl in p["impls"]:
+        for impl in IMPLS[preset]:
             for mode in ("eager", "reduce-overhead"):
-                m = attnkit.MultiHeadAttention(p["d"], p["d"], p["heads"], impl=impl, **sizes)
+                m = attnkit.MultiHeadAttention(c.d_model, c.d_model, c.heads, impl=impl, **sizes)
                 m.load_state_dict(base.state_dict())
                 fn = m if mode == "eager" else torch.compile(m, mode=mode)
                 params = [x, *m.parameters()]

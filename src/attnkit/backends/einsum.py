@@ -1,6 +1,6 @@
 """Attention written with torch.einsum over grouped heads: q is viewed as
 (B, Hkv, G, Sq, D) so that each key/value head serves its G query heads without being
-repeated in memory."""
+repeated in memory. The scores are float32 for half-precision inputs (masks.score_dtype)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import Tensor
 
 from attnkit.backends.base import Backend, Result, always_available
 from attnkit.call import AttentionCall
-from attnkit.masks import masked_softmax, score_bias
+from attnkit.masks import masked_softmax, score_bias, score_dtype
 
 
 def supports(call: AttentionCall) -> str | None:
@@ -25,12 +25,14 @@ def grouped(t: Tensor, heads_kv: int) -> Tensor:
 
 def run(call: AttentionCall) -> Result:
     b, hq, sq, _ = call.q.shape
-    q = grouped(call.q, call.heads_kv)  # (B, Hkv, G, Sq, D)
-    scores = torch.einsum("bhgqd,bhkd->bhgqk", q, call.k) * call.scale  # (B, Hkv, G, Sq, Skv)
-    bias = score_bias(call, scores.dtype)  # (B|1, Hq|1, Sq, Skv)
+    work = score_dtype(call.q.dtype)
+    q = grouped(call.q.to(work), call.heads_kv)  # (B, Hkv, G, Sq, D)
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", q, call.k.to(work)) * call.scale
+    bias = score_bias(call, work)  # (B|1, Hq|1, Sq, Skv)
     if bias is not None:
         scores = scores + grouped(bias, call.heads_kv)
-    probs, lse = masked_softmax(scores)  # zeros, not NaN, on rows that see no key
+    probs, lse = masked_softmax(scores)  # (B, Hkv, G, Sq, Skv); zeros on rows that see no key
+    probs = probs.to(call.v.dtype)
     if call.dropout_p:
         probs = torch.nn.functional.dropout(probs, call.dropout_p)
     out = torch.einsum("bhgqk,bhkd->bhgqd", probs, call.v)  # (B, Hkv, G, Sq, Dv)

@@ -1,6 +1,7 @@
-"""The ttnn tutorial's primitive ops in the input dtype: q @ k^T, scale, add the mask
-bias, softmax (exponentials summed in float32), (dropout), @ v. Materializes the
-(B, Hq, Sq, Skv) scores; k/v are repeated to Hq heads."""
+"""The ttnn tutorial's primitive ops: q @ k^T, scale, add the mask bias, softmax, (dropout),
+@ v. Materializes the (B, Hq, Sq, Skv) scores, float32 for half-precision inputs
+(masks.score_dtype), and takes the probabilities back to the input dtype for @ v; k/v are
+repeated to Hq heads."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def run(call: AttentionCall) -> Result:
 
 BACKEND = Backend(
     name="naive",
-    summary="primitive ops in the input dtype (matmul, scale, mask, softmax, matmul)",
+    summary="primitive ops (matmul, scale, mask, softmax, matmul), scores in float32",
     available=always_available,
     supports=supports,
     run=run,

@@ -229,3 +229,6 @@ def test_flex_refuses_what_flex_cannot_do():
     with torch.no_grad(), forward_ad.dual_level(), pytest.raises(
             attnkit.UnsupportedError, match="forward-mode derivative"):
         wide(forward_ad.make_dual(x, torch.randn_like(x)))
+    # An empty sequence killed the CPU process with SIGFPE inside compiled FlexAttention (run 52)
+    with torch.no_grad(), pytest.raises(attnkit.UnsupportedError, match="empty call"):
+        wide(torch.randn(1, 0, 64))

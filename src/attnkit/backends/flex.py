@@ -74,6 +74,15 @@ def available(device: torch.device) -> str | None:
     return f"compiled FlexAttention runs on cuda and cpu, got {device.type}"
 
 
+def empty_refusal(seq_q: int, seq_kv: int) -> str | None:
+    """Why compiled FlexAttention cannot run Sq or Skv of 0, or None: with no keys inductor
+    found no kernel (NoValidChoicesError, H200, torch 2.11), and with no queries the CPU
+    process died of SIGFPE (torch 2.13; run 52)."""
+    if seq_q == 0 or seq_kv == 0:
+        return f"compiled FlexAttention cannot run Sq = {seq_q}, Skv = {seq_kv} (an empty call)"
+    return None
+
+
 def supports(call: AttentionCall) -> str | None:
     if call.dropout_p:
         return "FlexAttention has no dropout"
@@ -83,6 +92,9 @@ def supports(call: AttentionCall) -> str | None:
         return f"takes at most {GRID_ROWS} query heads, got {call.heads_q}"
     if call.carries_tangents:  # compiled FlexAttention dropped them silently (CPU, torch 2.13)
         return NO_FORWARD_AD
+    empty = empty_refusal(call.seq_q, call.seq_kv)
+    if empty:
+        return empty
     if call.device.type == "cpu":
         if call.head_dim < CPU_MIN_HEAD_DIM or call.head_dim_v < CPU_MIN_HEAD_DIM:
             # Seen with torch 2.13: D=16 and D=8 at S=40 gave NaN or errors of 0.3.

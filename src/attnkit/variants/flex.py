@@ -79,6 +79,9 @@ class FlexAttention(nn.Module):
                 "torch.no_grad() / torch.inference_mode(), or on CUDA"
             )
 
+        empty = flex_backend.empty_refusal(x.shape[1], x.shape[1])
+        if empty:
+            raise UnsupportedError(empty)
         if x.device.type == "cpu" and self.head_dim < flex_backend.CPU_MIN_HEAD_DIM:
             raise UnsupportedError(
                 f"compiled FlexAttention on a CPU computes wrong results for head dims below "

@@ -146,7 +146,7 @@ def bench_section(s: dict, link_base: str, heading: str = "####") -> list[str]:
     meta, rows = s["meta"], s["results"]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     title = (f"{heading} bench `{meta.get('preset')}` · {meta.get('dtype')} · "
-             f"{meta.get('device_name')}")
+             f"{meta.get('device_name')}{' · CUDA graphs' if meta.get('cuda_graphs') else ''}")
     out = [title, "", _provenance(meta), ""]
     if meta.get("complete") is False:
         planned = meta.get("sizes") or []

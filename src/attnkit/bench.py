@@ -486,25 +486,65 @@ def _reason(exc: BaseException) -> str:
     return text[:240]
 
 
+def _refused(exc: BaseException, prefix: str = "") -> tuple[str, str]:
+    """(status, reason) of an implementation that did not run."""
+    from attnkit.call import UnsupportedError
+
+    return ("unsupported" if isinstance(exc, UnsupportedError) else "error",
+            prefix + _reason(exc))
+
+
 ROUNDS = 3
 
 
 @dataclass
 class _Timed:
-    """One implementation of a config between its first call and its last round."""
+    """One implementation of a config between its first call and its last round: what
+    the rounds time (the workload's calls, or replays of their CUDA graphs). work is held
+    for as long as the graphs are: they read its module's weights by address."""
 
     measurement: Measurement
     work: Workload
-    backward: bool  # forward+backward ran in _prepare; it is timed too
+    forward: Callable[[], object]
+    forward_backward: Callable[[], object] | None  # None: forward+backward failed
     fwd: list[float] = field(default_factory=list)
     fwd_bwd: list[float] = field(default_factory=list)
 
 
+def capture(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[], object], object]:
+    """fn recorded once as a CUDA graph: (replay, what fn returned, which each replay
+    overwrites in place). fn has run eagerly before (compiles, autotuning); it runs three
+    more times on a side stream first, as torch.cuda.make_graphed_callables does, so that
+    lazily made state (cuBLAS workspaces, allocator blocks) is not made during the capture.
+
+    The first of those runs raises RuntimeError if fn waits for the GPU (.item(), a copy
+    to the host): such a call cannot be captured, and a capture that fails part-way
+    leaves PyTorch before 2.12 allocating into the dead graph's memory pool."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph.replay, result
+
+
 def _prepare(label: str, make: Callable[[], Workload], problem: Problem,
-             clock: Clock) -> tuple[Measurement, _Timed | None]:
+             clock: Clock, cuda_graphs: bool = False) -> tuple[Measurement, _Timed | None]:
     """The first call, the oracle's verdict and peak memory of one implementation; the
-    warm times come from _time_rounds. None for the timing where the forward fails."""
-    from attnkit.call import UnsupportedError
+    warm times come from _time_rounds. None for the timing where the forward fails.
+    cuda_graphs: the forward and the forward+backward are captured as CUDA graphs after
+    their eager first calls, the rounds time their replays, and the oracle judges the
+    replayed forward's output."""
 
     m = Measurement(label, problem.config)
     m.flops_fwd, m.flops_fwd_bwd = config_flops(problem.config)
@@ -516,19 +556,30 @@ def _prepare(label: str, make: Callable[[], Workload], problem: Problem,
         m.peak_fwd_mib = clock.peak_mib(work.run_forward)
         m.rel_err, m.rel_err_note = problem.oracle(out[0])
     except Exception as exc:  # one broken implementation must not end the run
-        m.status = "unsupported" if isinstance(exc, UnsupportedError) else "error"
-        m.reason = _reason(exc)
+        m.status, m.reason = _refused(exc)
         return m, None
     finally:
         if clock.device.type == "cuda":
             torch.cuda.empty_cache()
+    forward: Callable[[], object] = work.run_forward
+    if cuda_graphs:
+        try:
+            forward, graphed_out = capture(work.run_forward, clock.device)
+            forward()
+            m.rel_err, m.rel_err_note = problem.oracle(graphed_out)
+        except Exception as exc:
+            m.status, m.reason = _refused(exc, "CUDA graph capture: ")
+            return m, None
     try:
         clock.once(work.run_forward_backward)  # its compiles and autotuning, untimed
         m.peak_fwd_bwd_mib = clock.peak_mib(work.run_forward_backward)
+        forward_backward: Callable[[], object] = work.run_forward_backward
+        if cuda_graphs:
+            forward_backward = capture(work.run_forward_backward, clock.device)[0]
     except Exception as exc:
         m.reason = f"fwd+bwd: {_reason(exc)}"
-        return m, _Timed(m, work, backward=False)
-    return m, _Timed(m, work, backward=True)
+        return m, _Timed(m, work, forward, None)
+    return m, _Timed(m, work, forward, forward_backward)
 
 
 def _time_rounds(timed: list[_Timed], clock: Clock, rounds: int = ROUNDS) -> None:
@@ -540,17 +591,16 @@ def _time_rounds(timed: list[_Timed], clock: Clock, rounds: int = ROUNDS) -> Non
             if m.status != "ok":
                 continue
             try:
-                t.fwd.append(clock.median(t.work.run_forward, share=1 / rounds,
-                                          warmed=True))
+                t.fwd.append(clock.median(t.forward, share=1 / rounds, warmed=True))
             except Exception as exc:  # out of memory beside the others, say
                 m.status, m.reason = "error", _reason(exc)
                 continue
-            if t.backward:
+            if t.forward_backward is not None:
                 try:
-                    t.fwd_bwd.append(clock.median(t.work.run_forward_backward,
-                                                  share=1 / rounds, warmed=True))
+                    t.fwd_bwd.append(clock.median(t.forward_backward, share=1 / rounds,
+                                                  warmed=True))
                 except Exception as exc:
-                    t.backward, m.reason = False, f"fwd+bwd: {_reason(exc)}"
+                    t.forward_backward, m.reason = None, f"fwd+bwd: {_reason(exc)}"
                     t.fwd_bwd.clear()
     for t in timed:
         m = t.measurement
@@ -612,6 +662,7 @@ def run_bench(
     head_dim: int | None = None,
     key_lengths: bool = False,
     rounds: int | None = None,
+    cuda_graphs: bool = False,
     progress: bool = True,
     console: Console | None = None,
     command: str = "",
@@ -624,7 +675,10 @@ def run_bench(
     own sizes on a GPU. impls / exclude filter as `attnkit.verify.selected` does.
     batch, seq, head_dim and key_lengths change the preset's configs as `preset_configs`
     says. rounds: how many times the warm timings go round a config's implementations
-    (default ROUNDS); more rounds split the same time finer.
+    (default ROUNDS); more rounds split the same time finer. cuda_graphs (CUDA only):
+    time replays of each implementation's forward and forward+backward captured as CUDA
+    graphs, which leaves out the host's work (Python, dispatch, launches); the first call
+    and peak memory stay eager.
     checkpoint(run) is called after each config with the results so far (meta["complete"]
     False until the end), so that a long sweep that is cut off still leaves its results.
     """
@@ -641,6 +695,8 @@ def run_bench(
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         dtype = _DTYPES[dtype]
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
     rounds = ROUNDS if rounds is None else rounds
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
@@ -663,16 +719,21 @@ def run_bench(
                      "key, also the hidden ones")
     if device.type == "cpu":
         notes.append("peak memory: n/a on the CPU (no per-tensor allocator statistics)")
+    if cuda_graphs:
+        notes.append("CUDA graphs: the warm times are replays of each implementation's "
+                     "captured forward and forward+backward (no host work); the first call "
+                     "and peak memory are eager")
 
     dtype_name = str(dtype).removeprefix("torch.")
     meta = environment(device)
     meta.update(preset=preset, dtype=dtype_name, quick=quick, command=command,
                 sizes=[c.label for c in configs], impl_filter=impls, exclude=exclude,
-                notes=notes, timing_rounds=rounds)
+                notes=notes, timing_rounds=rounds, cuda_graphs=cuda_graphs)
     sizes = configs[0].label if len(configs) == 1 else (
         f"{len(configs)} configs, S {configs[0].seq}..{max(c.seq for c in configs)}")
     console.print(f"[bold]attnkit bench[/] · preset [cyan]{preset}[/] · {meta['device_name']} "
-                  f"({device}) · {dtype_name} · sizes [cyan]{sizes}[/]", highlight=False)
+                  f"({device}) · {dtype_name} · sizes [cyan]{sizes}[/]"
+                  f"{' · CUDA graphs' if cuda_graphs else ''}", highlight=False)
     for note in notes:
         console.print(f"  [dim]{note}[/]", highlight=False)
 
@@ -715,7 +776,7 @@ def run_bench(
                     if isinstance(make, str):
                         measured.append(Measurement(label, problem.config, "unsupported", make))
                     else:
-                        m, t = _prepare(label, make, problem, clock)
+                        m, t = _prepare(label, make, problem, clock, cuda_graphs)
                         measured.append(m)
                         timed += [t] if t is not None else []
                     bar.advance(task)
@@ -814,7 +875,8 @@ def print_results(run: BenchRun, console: Console | None = None) -> None:
         rows = [m for m in run.results if m.config == config]
         ok = sorted((m for m in rows if m.fwd_ms is not None), key=lambda m: m.fwd_ms)
         table = Table(title=f"{config.preset}: {config.label} · {run.meta['dtype']} · "
-                      f"{run.meta['device_name']}", title_justify="left", header_style="bold")
+                      f"{run.meta['device_name']}{_graphs(run.meta)}", title_justify="left",
+                      header_style="bold")
         headers = ["implementation", "first call ms", "fwd ms", "fwd+bwd ms", "TFLOP/s fwd",
                    "TFLOP/s f+b", "% matmul peak", "× slowest", "× sdpa", "rel err"]
         if gpu:
@@ -851,12 +913,18 @@ def print_results(run: BenchRun, console: Console | None = None) -> None:
                   f"SDPA; rel err: forward output against the float64 oracle[/]")
 
 
+def _graphs(meta: dict) -> str:
+    """A title's mark for a run timed as CUDA graph replays."""
+    return " · CUDA graphs" if meta.get("cuda_graphs") else ""
+
+
 def _print_pivot(run: BenchRun, console: Console) -> None:
     from rich.table import Table
 
     impls = list(dict.fromkeys(m.impl for m in run.results))
     table = Table(title=f"{run.meta['preset']} · {run.meta['dtype']} · {run.meta['device_name']}"
-                  f": forward / forward+backward ms", title_justify="left", header_style="bold")
+                  f"{_graphs(run.meta)}: forward / forward+backward ms", title_justify="left",
+                  header_style="bold")
     table.add_column("config", no_wrap=True)
     for impl in impls:
         table.add_column(impl, justify="right")

@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=_positive_int, default=None,
                        help="timing rounds per config, taken in turns over the "
                        "implementations, each a share of the same time (default: 3)")
+    bench.add_argument("--cuda-graphs", action="store_true",
+                       help="CUDA only: time replays of each implementation's forward and "
+                       "forward+backward captured as CUDA graphs (the host's work left out)")
     bench.add_argument("--out", metavar="DIR",
                        help="write results.json, results.csv and chart.png to DIR")
     bench.add_argument("--no-progress", dest="progress", action="store_false",
@@ -137,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         problem = _device_problem(args.device)
         if problem:
             parser.error(f"argument --device: {problem}")
+    if getattr(args, "cuda_graphs", False) and _device(args.device).type != "cuda":
+        parser.error(f"argument --cuda-graphs: CUDA graphs need a CUDA device, got "
+                     f"{_device(args.device)}")
     if getattr(args, "out", None) and (problem := _out_problem(args.out)):
         # Said before the run: it used to end in a traceback after the whole benchmark.
         parser.error(f"argument --out: {problem}")
@@ -191,7 +197,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
             args.preset, device=args.device, dtype=args.dtype, impls=args.impl,
             exclude=args.exclude, quick=args.quick,
             batch=args.batch, seq=args.seq, head_dim=args.head_dim,
-            key_lengths=args.key_lengths, rounds=args.rounds, progress=args.progress,
+            key_lengths=args.key_lengths, rounds=args.rounds,
+            cuda_graphs=args.cuda_graphs, progress=args.progress,
             console=console,
             command=command_line(argv),
             checkpoint=(lambda partial: write_outputs(partial, args.out)) if args.out else None,

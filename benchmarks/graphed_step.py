@@ -1,27 +1,37 @@
-"""A module's training step, eager and under torch.compile(mode="reduce-overhead"), per impl.
+"""A module's training step per impl: eager, under torch.compile(mode="reduce-overhead"),
+and as CUDA graphs made by torch.cuda.make_graphed_callables (no dynamo).
 
-    PYTHONPATH=src python benchmarks/graphed_step.py [notebook] [bert]    (CUDA only)
+    PYTHONPATH=src python benchmarks/graphed_step.py [--preset notebook bert]
+        [--modes eager reduce-overhead graphed] [--profile] [--json PATH]    (CUDA only)
 
 The module presets' bars (issue 3: `MultiHeadAttention(impl="triton")` at least 1.15x the
 fastest other module) are a race of host time in eager mode (NOTES, runs 11-49). This
 times the same step with CUDA graphs taking the host out: `MultiHeadAttention` at the
 sizes of `attnkit bench`'s notebook and bert presets (bert's with its additive padding
-mask), bfloat16, one set of weights; each step marks a new CUDA graph
-step, sets the gradients to None (as `zero_grad` does, so that no step reads a gradient
-an earlier replay wrote), runs the forward and the backward. Each (impl, mode) is warmed
-up 4 steps, then timed with CUDA events over 30 steps, 5 rounds taken in turns; prints
-the medians and writes $OUT (or .)/graphed_step_h200_run51.json.
+mask), bfloat16, one set of weights. A step sets the gradients to None (as `zero_grad`
+does, so that no step reads a gradient an earlier replay wrote), runs the forward and the
+backward; under reduce-overhead it first marks a new CUDA graph step. `graphed` captures
+the module's forward and backward once (`make_graphed_callables`, the mask a constant of
+the capture), so its step is two graph replays and autograd's bookkeeping around them.
+
+Each (impl, mode) is warmed up 4 steps, then timed with CUDA events over 30 steps, 5
+rounds taken in turns; prints the medians and writes them to --json (default
+$OUT/graphed_step.json, or ./graphed_step.json). With --profile, 10 more steps of each
+run under torch.profiler: the host's wall time a step, the GPU's kernel time a step, and
+the operators that take the most host time are printed and saved beside the JSON.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
-import sys
 import time
+from pathlib import Path
 
 import torch
+from torch import nn
 
 import attnkit
 from attnkit.bench import preset_configs
@@ -30,13 +40,76 @@ from attnkit.verify import padding_mask
 # The implementations timed on each preset (its sizes are attnkit bench's): triton, plain
 # SDPA, and the pinned SDPA kernel that takes the preset's mask
 IMPLS = {"notebook": ["triton", "sdpa", "sdpa_flash"], "bert": ["triton", "sdpa", "sdpa_efficient"]}
-STEPS, ROUNDS = 30, 5
+MODES = ("eager", "reduce-overhead", "graphed")
+STEPS, ROUNDS, PROFILED_STEPS = 30, 5, 10
 
 
-def main() -> None:
+class _WithMask(nn.Module):
+    """The module called with one fixed attn_mask: make_graphed_callables takes the
+    tensors a capture varies over as positional arguments, and the mask does not vary."""
+
+    def __init__(self, module: nn.Module, mask: torch.Tensor | None) -> None:
+        super().__init__()
+        self.module, self.mask = module, mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x) if self.mask is None else self.module(x, attn_mask=self.mask)
+
+
+def _step_function(module: nn.Module, mode: str, x: torch.Tensor, g: torch.Tensor):
+    if mode == "reduce-overhead":
+        fn = torch.compile(module, mode=mode)
+    elif mode == "graphed":
+        fn = torch.cuda.make_graphed_callables(module, (x,))
+    else:
+        fn = module
+    params = [x, *module.parameters()]
+
+    def step() -> None:
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        for t in params:
+            t.grad = None
+        fn(x).backward(g)
+
+    return step
+
+
+def _profile(step, label: str) -> tuple[dict, str]:
+    """Host wall time and GPU kernel time a step over PROFILED_STEPS steps, and the
+    profiler's table of the operators by their own host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        for _ in range(PROFILED_STEPS):
+            step()
+        host_s = time.perf_counter() - started
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    # Kernels, copies and memsets alike: every event the profiler saw run on the device
+    device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+                    for e in events)
+    summary = dict(host_us_per_step=host_s * 1e6 / PROFILED_STEPS,
+                   device_us_per_step=device_us / PROFILED_STEPS)
+    table = events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+    return summary, f"## {label}\n{summary}\n{table}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", nargs="+", choices=tuple(IMPLS), default=list(IMPLS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--profile", action="store_true", help="profile 10 steps of each")
+    parser.add_argument("--json", type=Path,
+                        default=Path(os.environ.get("OUT", ".")) / "graphed_step.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
     dev, dt = torch.device("cuda"), torch.bfloat16
-    results = []
-    for preset in sys.argv[1:] or IMPLS:
+    results, profiles = [], []
+    for preset in args.preset:
         c = preset_configs(preset)[0]
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(c.batch, c.seq, c.d_model, generator=gen).to(dev, dt).requires_grad_()
@@ -46,22 +119,12 @@ def main() -> None:
         base = attnkit.MultiHeadAttention(c.d_model, c.d_model, c.heads, **sizes)
         steps = {}
         for impl in IMPLS[preset]:
-            for mode in ("eager", "reduce-overhead"):
+            for mode in args.modes:
                 m = attnkit.MultiHeadAttention(c.d_model, c.d_model, c.heads, impl=impl, **sizes)
                 m.load_state_dict(base.state_dict())
-                fn = m if mode == "eager" else torch.compile(m, mode=mode)
-                params = [x, *m.parameters()]
-
-                def step(fn=fn, params=params, mode=mode, x=x, g=g, mask=mask):
-                    if mode != "eager":
-                        torch.compiler.cudagraph_mark_step_begin()
-                    for t in params:
-                        t.grad = None
-                    y = fn(x) if mask is None else fn(x, attn_mask=mask)
-                    y.backward(g)
-
                 started = time.perf_counter()
                 try:
+                    step = _step_function(_WithMask(m, mask), mode, x, g)
                     for _ in range(4):
                         step()
                     torch.cuda.synchronize()
@@ -85,13 +148,21 @@ def main() -> None:
         for (impl, mode), ts in times.items():
             row = dict(preset=preset, impl=impl, mode=mode, us_per_step=statistics.median(ts),
                        rounds=[round(t, 1) for t in ts])
+            if args.profile:
+                summary, text = _profile(steps[(impl, mode)], f"{preset} {impl} {mode}")
+                row.update(summary)
+                profiles.append(text)
             results.append(row)
+            extra = "".join(f"  {k} {row[k]:.1f}" for k in ("host_us_per_step",
+                                                             "device_us_per_step") if k in row)
             print(f"{preset:9s} {impl:15s} {mode:16s} {row['us_per_step']:8.1f} us  "
-                  f"{row['rounds']}")
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, "graphed_step_h200_run51.json"), "w") as f:
-        json.dump(dict(torch=torch.__version__, device=torch.cuda.get_device_name(),
-                       steps=STEPS, rounds=ROUNDS, results=results), f, indent=1)
+                  f"{row['rounds']}{extra}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(dict(torch=torch.__version__,
+                                         device=torch.cuda.get_device_name(), steps=STEPS,
+                                         rounds=ROUNDS, results=results), indent=1))
+    if profiles:
+        args.json.with_suffix(".profile.txt").write_text("\n".join(profiles))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ FLEX_CPU_CASES = {
 def cases_for(name: str) -> list[verify.Case]:
     cases = verify.default_cases(torch.float32)
     small_bf16 = verify.default_cases(torch.bfloat16, large=False)
-    cases += [small_bf16[i] for i in (0, 1, 2, 4, 9, 13, 15)]
+    cases += [small_bf16[i] for i in (0, 1, 2, 4, 9, 13, 15, 18)]
     if name == "flex" and DEVICE.type == "cpu":
         cases = [c for c in cases if c.dtype == torch.float32 and c.name in FLEX_CPU_CASES]
     return cases

@@ -150,6 +150,20 @@ def test_bad_key_lengths(lengths, error: type[Exception], patterns: list[str]) -
     raises(error, *patterns, key_lengths=lengths)
 
 
+@pytest.mark.parametrize("impl", ["auto", "naive", "chunked", "sdpa"])
+def test_key_lengths_under_fake_tensors(impl: str) -> None:
+    """Under FakeTensorMode (torch.export's tracing, shape inference) the lengths have no
+    values to check: the call gives the output's shape instead of the
+    DataDependentOutputException it raised before run 52."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k = torch.randn(2, 4, 5, 32), torch.randn(2, 2, 7, 32)
+        out = attnkit.attention(q, k, k, key_lengths=torch.tensor([3, 7]), causal=True,
+                                impl=impl)
+    assert out.shape == (2, 4, 5, 32)
+
+
 @pytest.mark.parametrize(
     ("window", "error"),
     [(-1, ValueError), ((2, -3), ValueError), ((1, 2, 3), TypeError), ("4", TypeError),

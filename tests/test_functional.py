@@ -152,7 +152,7 @@ def test_bad_key_lengths(lengths, error: type[Exception], patterns: list[str]) -
 
 @pytest.mark.parametrize("impl", ["auto", "naive", "chunked", "sdpa"])
 def test_key_lengths_under_fake_tensors(impl: str) -> None:
-    """Under FakeTensorMode (torch.export's tracing, shape inference) the lengths have no
+    """Under FakeTensorMode (shape inference with fake tensors) the lengths have no
     values to check: the call gives the output's shape instead of the
     DataDependentOutputException it raised before run 52."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -246,7 +246,7 @@ def make_call(
         # Checked on the CPU only: on a GPU reading the values back would stall the
         # stream. Skipped while torch.compile traces: the values are data the graph does
         # not know yet, and branching on them would break the graph. Read from plain
-        # tensors only: a FakeTensor (torch.export, FakeTensorMode) has no values.
+        # tensors only: a FakeTensor (under FakeTensorMode) has no values.
         if (key_lengths.device.type == "cpu" and type(key_lengths) is Tensor
                 and not torch.compiler.is_compiling() and b) and (
             int(key_lengths.min()) < 0 or int(key_lengths.max()) > skv

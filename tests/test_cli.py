@@ -572,3 +572,40 @@ def test_bench_under_cuda_graphs_on_gpu(preset):
         assert m.fwd_bwd_ms is not None and m.rel_err < 1e-2, m
     for m in run.results:
         assert m.fwd_ms is not None or m.reason, m
+
+
+def test_prepare_under_cuda_graphs_times_the_replays(monkeypatch):
+    """How _prepare wires --cuda-graphs (the capture itself is the GPU test's): the rounds
+    get the replays, the oracle the replayed output, the workload stays held (its weights
+    are what the graphs read), and a call that cannot be captured says so."""
+    from attnkit import bench
+
+    cpu = torch.device("cpu")
+    config = bench.preset_configs("core", quick=True)[0]
+    problem = bench._core_problem(config, cpu, torch.float32, ["naive"], None)
+    captured = []
+
+    def capture(fn, device):
+        captured.append(fn.__name__)
+        if fn.__name__ == "run_forward_backward":
+            raise RuntimeError("called a synchronizing CUDA operation")
+        return (lambda: None), fn()
+
+    monkeypatch.setattr(bench, "capture", capture)
+    m, t = bench._prepare("naive", problem.entries["naive"], problem, bench.Clock(cpu),
+                          cuda_graphs=True)
+    assert captured == ["run_forward", "run_forward_backward"]
+    assert m.status == "ok" and m.rel_err < 1e-5 and t.forward() is None
+    assert isinstance(t.work, bench.Workload) and t.forward_backward is None
+    assert m.reason == ("fwd+bwd: CUDA graph capture: RuntimeError: called a synchronizing "
+                        "CUDA operation")
+
+    def refuse(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bench, "capture", refuse)
+    m, t = bench._prepare("naive", problem.entries["naive"], problem, bench.Clock(cpu),
+                          cuda_graphs=True)
+    assert t is None and m.status == "error"
+    assert m.reason == ("CUDA graph capture: RuntimeError: operation not permitted when "
+                        "stream is capturing")

@@ -570,14 +570,16 @@ def _prepare(label: str, make: Callable[[], Workload], problem: Problem,
         except Exception as exc:
             m.status, m.reason = _refused(exc, "CUDA graph capture: ")
             return m, None
+    step = "fwd+bwd: "
     try:
         clock.once(work.run_forward_backward)  # its compiles and autotuning, untimed
         m.peak_fwd_bwd_mib = clock.peak_mib(work.run_forward_backward)
         forward_backward: Callable[[], object] = work.run_forward_backward
         if cuda_graphs:
+            step += "CUDA graph capture: "
             forward_backward = capture(work.run_forward_backward, clock.device)[0]
     except Exception as exc:
-        m.reason = f"fwd+bwd: {_reason(exc)}"
+        m.reason = step + _reason(exc)
         return m, _Timed(m, work, forward, None)
     return m, _Timed(m, work, forward, forward_backward)
 

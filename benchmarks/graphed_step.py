@@ -78,6 +78,7 @@ def _step_function(module: nn.Module, mode: str, x: torch.Tensor, g: torch.Tenso
 def _profile(step, label: str) -> tuple[dict, str]:
     """Host wall time and GPU kernel time a step over PROFILED_STEPS steps, and the
     profiler's table of the operators by their own host time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -88,9 +89,11 @@ def _profile(step, label: str) -> tuple[dict, str]:
         host_s = time.perf_counter() - started
         torch.cuda.synchronize()
     events = prof.key_averages()
-    # Kernels, copies and memsets alike: every event the profiler saw run on the device
-    device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-                    for e in events)
+    # The device's own events (kernels, copies, memsets): an operator's self device time
+    # counts its kernels a second time (run 52's JSON had that double sum), so CPU-side
+    # events are left out, as the profiler's table total does.
+    device_us = sum(e.self_device_time_total for e in events
+                    if e.device_type != DeviceType.CPU)
     summary = dict(host_us_per_step=host_s * 1e6 / PROFILED_STEPS,
                    device_us_per_step=device_us / PROFILED_STEPS)
     table = events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/random_calls.py [--impl NAME ...] [--seed N]
         [--seconds S] [--cases N] [--device cuda|cpu] [--dtypes DTYPE ...] [--modules]
-        [--compile eager|aot_eager|inductor] [--autocast] [--out DIR]
+        [--compile eager|aot_eager|inductor] [--autocast] [--cuda-graphs] [--out DIR]
 
 The test suite checks chosen shapes; this draws them, so that combinations nobody wrote
 down get checked too: lengths around the routes' thresholds (255-257, 511-512, 1280,
@@ -42,6 +42,11 @@ answers are checked as above.
 torch.autocast to the drawn dtype, which `attention` casts them back to: the answers must
 hold as above (the gradients reach the drawn leaves through the casts).
 
+--cuda-graphs (CUDA) captures each implementation's call, its backward included, as a CUDA
+graph (`attnkit.bench.capture`, as `attnkit bench --cuda-graphs` does) and checks what a
+replay writes: state a call keeps across calls (a cache, a counter, a buffer) must hold
+inside a graph too, and a call that waits for the GPU cannot be captured (it raises).
+
 --modules draws MultiHeadAttention configurations instead (`draw_module`: grouped heads,
 biases, key lengths or a padding mask, causal or not) and checks each implementation's
 module against the same module in float64 on the reference backend, one set of weights:
@@ -71,7 +76,7 @@ from rich.progress import Progress
 
 from attnkit import MultiHeadAttention, UnsupportedError, attention
 from attnkit.backends.base import GRID_ROWS, raise_recompile_limits
-from attnkit.bench import environment
+from attnkit.bench import capture, environment
 from attnkit.call import make_call
 from attnkit.functional import select
 from attnkit.verify import lse_err, lse_tolerance, rel_err, tolerance
@@ -216,6 +221,8 @@ COMPILED: Callable | None = None
 # --autocast: each implementation (not the reference) gets float32 q, k, v under
 # torch.autocast to the drawn dtype.
 AUTOCAST = False
+# --cuda-graphs: each implementation's call (and backward) replayed from a CUDA graph.
+GRAPHS = False
 
 
 def compiled_attention(backend: str) -> Callable:
@@ -241,23 +248,35 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
         # float32 q, k, v under autocast to the drawn dtype, which attention() casts back
         autocast = torch.autocast(q.device.type, dtype=q.dtype)
         q, k, v = (t.float() for t in (q, k, v))
-    with torch.set_grad_enabled(grads), autocast:
-        if COMPILED is not None and impl != "reference":
+    if impl != "reference" and (COMPILED is not None or GRAPHS):
+        with torch.set_grad_enabled(grads):  # whether the call needs gradients decides
             select(make_call(*drawn, **kwargs), impl)  # a refusal raised here, eagerly
-            outputs = COMPILED(q, k, v, impl, kwargs)
-        else:
-            outputs = attention(q, k, v, impl=impl, **kwargs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    if not grads:
-        return outputs, ()
-    if len(outputs) > 1:
-        # A gradient through lse as well (as ring attention's merge sends one), drawn from
-        # grad so that every implementation gets the same; none on rows that see no key.
-        lse = outputs[1]
-        lse_grad = torch.where(torch.isfinite(lse), grad[..., 0].to(lse.dtype), 0.0)
-        return outputs, torch.autograd.grad(outputs, leaves,
-                                            (grad.to(outputs[0].dtype), lse_grad))
-    return outputs, torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
+
+    def run() -> tuple[tuple, tuple]:
+        with torch.set_grad_enabled(grads), autocast:
+            if COMPILED is not None and impl != "reference":
+                outputs = COMPILED(q, k, v, impl, kwargs)
+            else:
+                outputs = attention(q, k, v, impl=impl, **kwargs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        if not grads:
+            return outputs, ()
+        if len(outputs) > 1:
+            # A gradient through lse as well (as ring attention's merge sends one), drawn
+            # from grad so that every implementation gets the same; none on rows that see
+            # no key.
+            lse = outputs[1]
+            lse_grad = torch.where(torch.isfinite(lse), grad[..., 0].to(lse.dtype), 0.0)
+            return outputs, torch.autograd.grad(outputs, leaves,
+                                                (grad.to(outputs[0].dtype), lse_grad))
+        return outputs, torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
+
+    if not GRAPHS or impl == "reference":
+        return run()
+    run()  # compiles and autotuning outside the capture, as attnkit bench does
+    replay, captured = capture(run, q.device)
+    replay()
+    return captured
 
 
 def compare(impl: str, got: tuple[tuple, tuple], want: tuple[tuple, tuple],
@@ -452,14 +471,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autocast", action="store_true",
                         help="give the implementations float32 q, k, v under torch.autocast "
                              "to the drawn dtype")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="check each implementation's call replayed from a CUDA graph")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    for flag in ("compile", "autocast"):
+    for flag in ("compile", "autocast", "cuda_graphs"):
         if getattr(args, flag) and args.modules:
-            parser.error(f"--{flag} checks attention calls, not --modules")
-    global COMPILED, AUTOCAST
+            parser.error(f"--{flag.replace('_', '-')} checks attention calls, not --modules")
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
+    global COMPILED, AUTOCAST, GRAPHS
     COMPILED = None if args.compile is None else compiled_attention(args.compile)
-    AUTOCAST = args.autocast
+    AUTOCAST, GRAPHS = args.autocast, args.cuda_graphs
     draw_one, run_one = (draw_module, run_module_case) if args.modules else (draw, run_case)
     rng = random.Random(args.seed)
     calls = []
@@ -496,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "random_calls.json").write_text(json.dumps(
             {"environment": environment(torch.device(args.device)), "impls": args.impl,
              "seed": args.seed, "compile": args.compile, "autocast": args.autocast,
+             "cuda_graphs": args.cuda_graphs,
              "calls": calls}, indent=1))
     return 1 if any_failed else 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import replace
 
 import pytest
@@ -747,6 +748,38 @@ def test_random_calls_under_autocast(monkeypatch, tmp_path):
     assert written["autocast"] is True
     assert all(not call["results"][impl]["failed"] and "skipped" not in call["results"][impl]
                for call in written["calls"] for impl in ("naive", "chunked"))
+
+
+def test_random_calls_under_cuda_graphs_check_what_a_replay_wrote(monkeypatch):
+    """random_calls.py --cuda-graphs: the answer checked is the captured call's, which the
+    replay wrote (capture faked here; the GPU test runs the real one), after one eager run
+    outside the capture; the reference is not captured; a CPU device is refused."""
+    random_calls = benchmark_script("random_calls", monkeypatch)
+    monkeypatch.setattr(random_calls, "GRAPHS", True)
+    events = []
+
+    def capture(fn, device):
+        events.append(("capture", device.type))
+        return (lambda: events.append("replay")), fn()
+
+    monkeypatch.setattr(random_calls, "capture", capture)
+    case = random_calls.draw(random.Random(3), "cpu")
+    results = random_calls.run_case(["naive"], case, "cpu", 3)
+    assert not results["naive"]["failed"], results
+    assert events == [("capture", "cpu"), "replay"]
+    with pytest.raises(SystemExit):
+        random_calls.main(["--impl", "naive", "--device", "cpu", "--cuda-graphs"])
+
+
+@pytest.mark.gpu
+def test_random_calls_under_cuda_graphs_on_gpu(monkeypatch, tmp_path):
+    """Calls replayed from CUDA graphs give the eager answers: the state triton keeps
+    across calls (its tile counters, autotuned configs), flex's cached block masks and
+    SDPA's kernels hold inside a graph."""
+    random_calls = benchmark_script("random_calls", monkeypatch)
+    monkeypatch.setattr(random_calls, "GRAPHS", False)  # main() sets it; put back after
+    assert random_calls.main(["--impl", "triton", "sdpa", "flex", "chunked", "--cases", "8",
+                              "--seed", "52", "--cuda-graphs", "--out", str(tmp_path)]) == 0
 
 
 def test_random_calls_check_drawn_calls_and_write_each(monkeypatch, tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -637,6 +639,40 @@ def test_flex_block_mask_matches_visibility_and_is_cached(monkeypatch: pytest.Mo
     changed = make_call(q, k, k, **options)
     assert flex.block_mask(changed) is not first
     assert torch.equal(dense(changed), visibility(changed).expand(2, 4, 7, 11))
+
+
+def test_flex_block_masks_a_cuda_graph_captured_outlive_the_cache(monkeypatch) -> None:
+    """A graph captured over a flex call reads its BlockMask's tensors by address on every
+    replay: dropped from the LRU cache (after CACHED_BLOCK_MASKS other masks), they must
+    stay held. Capture faked here (flex._capturing); before run 52 they were freed."""
+    skip_if_unavailable("flex")
+    monkeypatch.setattr(flex, "_BLOCK_MASKS", type(flex._BLOCK_MASKS)())
+    monkeypatch.setattr(flex, "_CAPTURED_BLOCK_MASKS", {})
+    monkeypatch.setattr(flex, "CACHED_BLOCK_MASKS", 2)
+    capturing = [False]
+    monkeypatch.setattr(flex, "_capturing", lambda device: capturing[0])
+
+    def call(seq: int) -> attnkit.call.AttentionCall:
+        q = torch.randn(1, 2, seq, 16)
+        return make_call(q, q, q, causal=True)
+
+    flex.block_mask(call(8))  # made eagerly (a warm-up), then used during a capture
+    capturing[0] = True
+    captured = flex.block_mask(call(8))
+    capturing[0] = False
+    held = weakref.ref(captured.kv_num_blocks)
+    for seq in (9, 10, 11):  # the cache drops the captured one
+        flex.block_mask(call(seq))
+    gc.collect()
+    assert held() is not None, "the captured graph's block mask was freed"
+    assert flex.block_mask(call(8)) is captured
+    capturing[0] = True  # one made during a capture is held too
+    made = weakref.ref(flex.block_mask(call(12)).kv_num_blocks)
+    capturing[0] = False
+    for seq in (13, 14, 15):
+        flex.block_mask(call(seq))
+    gc.collect()
+    assert made() is not None
 
 
 def test_flex_forces_its_main_kernel_where_decoding_has_no_config() -> None:

@@ -114,6 +114,15 @@ def supports(call: AttentionCall) -> str | None:
 # so (data_ptr, shape, stride, _version) identifies their content; in-place writes bump
 # _version and miss.
 _BLOCK_MASKS: OrderedDict[tuple, tuple[BlockMask, tuple[Tensor, ...]]] = OrderedDict()
+# The entries a CUDA graph capture used, for the life of the process: a graph reads their
+# tensors by address on every replay, so the LRU above must not free them when it drops
+# them (after CACHED_BLOCK_MASKS other masks the replays would read freed memory).
+_CAPTURED_BLOCK_MASKS: dict[tuple, tuple[BlockMask, tuple[Tensor, ...]]] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether work on device is being captured into a CUDA graph now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _tensor_key(t: Tensor | None) -> tuple | None:
@@ -141,9 +150,12 @@ def block_mask(call: AttentionCall) -> BlockMask | None:
         call.device, b, h, call.seq_q, call.seq_kv, call.causal, call.window,
         _tensor_key(call.key_lengths), _tensor_key(bool_mask),
     )
-    hit = None if traced else _BLOCK_MASKS.get(key)
+    hit = None if traced else _BLOCK_MASKS.get(key) or _CAPTURED_BLOCK_MASKS.get(key)
     if hit is not None:
-        _BLOCK_MASKS.move_to_end(key)
+        if key in _BLOCK_MASKS:
+            _BLOCK_MASKS.move_to_end(key)
+        if _capturing(call.device):
+            _CAPTURED_BLOCK_MASKS[key] = hit
         return hit[0]
 
     left, right = call.window or (None, None)
@@ -170,7 +182,10 @@ def block_mask(call: AttentionCall) -> BlockMask | None:
 
     result = create_block_mask(mask_mod, b, h, call.seq_q, call.seq_kv, device=call.device)
     if not traced:
-        _BLOCK_MASKS[key] = (result, tuple(t for t in (lengths, bool_mask) if t is not None))
+        entry = (result, tuple(t for t in (lengths, bool_mask) if t is not None))
+        _BLOCK_MASKS[key] = entry
+        if _capturing(call.device):
+            _CAPTURED_BLOCK_MASKS[key] = entry
         if len(_BLOCK_MASKS) > CACHED_BLOCK_MASKS:
             _BLOCK_MASKS.popitem(last=False)
     return result

@@ -35,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -522,7 +523,9 @@ def capture(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[]
     leaves PyTorch before 2.12 allocating into the dead graph's memory pool."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), warnings.catch_warnings():
+        # Its "prototype feature" warning, once per bench run, says nothing about the run
+        warnings.filterwarnings("ignore", message="Synchronization debug mode")
         previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:

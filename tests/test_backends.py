@@ -154,7 +154,7 @@ def test_no_keys_at_all(name: str) -> None:
 
 @pytest.mark.parametrize("name", [*NAMES, "reference", "triton"])
 def test_no_queries_at_all(name: str) -> None:
-    """Sq = 0: an empty output and lse, and zero gradients for k and v, or a refusal.
+    """Sq = 0: an empty (B, Hq, 0, Dv) output and zero gradients for k and v, or a refusal.
     Compiled FlexAttention killed the CPU process with SIGFPE here before run 52."""
     skip_if_unavailable(name)
     dtype = torch.float16 if DEVICE.type == "cuda" or name == "triton" else torch.float32

@@ -273,7 +273,9 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
 
     if not GRAPHS or impl == "reference":
         return run()
-    run()  # compiles and autotuning outside the capture, as attnkit bench does
+    # Compiles and autotuning first, outside the capture (as attnkit bench does): the
+    # autotuner synchronizes, which capture's checked first warm-up would refuse
+    run()
     replay, captured = capture(run, q.device)
     replay()
     return captured

@@ -140,9 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = _device_problem(args.device)
         if problem:
             parser.error(f"argument --device: {problem}")
-    if getattr(args, "cuda_graphs", False) and _device(args.device).type != "cuda":
-        parser.error(f"argument --cuda-graphs: CUDA graphs need a CUDA device, got "
-                     f"{_device(args.device)}")
+    if getattr(args, "cuda_graphs", False) and (device := _device(args.device)).type != "cuda":
+        parser.error(f"argument --cuda-graphs: CUDA graphs need a CUDA device, got {device}")
     if getattr(args, "out", None) and (problem := _out_problem(args.out)):
         # Said before the run: it used to end in a traceback after the whole benchmark.
         parser.error(f"argument --out: {problem}")

@@ -744,6 +744,58 @@ def test_pinned_sdpa_plans_once_per_call(monkeypatch):
     assert len(planned_for) == 3 and out.shape == q.shape
 
 
+@pytest.mark.parametrize("mask", ["additive", "bool", "lengths"])
+def test_sdpa_with_a_mask_keeps_the_kernels_output_layout(mask: str) -> None:
+    """Zeroing the rows that see no key keeps SDPA's own output layout: a module feeds q, k,
+    v as views of its (B, S, 3, H, D) projection and reshapes the (B, H, S, D) output back
+    to (B, S, H*D), a view only while the output is laid out (B, S, H, D). masked_fill made
+    it contiguous (B, H, S, D), and the reshape then copied it again. The zeroing still
+    holds: batch element 1 sees no key."""
+    import torch.nn.functional as F
+
+    b, s, h, d = 2, 40, 3, 8
+    q, k, v = torch.randn(b, s, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, D)
+    lengths = torch.tensor([31, 0])
+    hidden = torch.arange(s)[None, :] >= lengths[:, None]  # (B, S)
+    kwargs = {"key_lengths": lengths} if mask == "lengths" else {"attn_mask": (
+        ~hidden[:, None, None, :] if mask == "bool"
+        else torch.zeros(b, 1, 1, s).masked_fill(hidden[:, None, None, :], float("-inf")))}
+    out = attnkit.attention(q, k, v, impl="sdpa", **kwargs)
+    kernels_own = F.scaled_dot_product_attention(q, k, v)
+    assert out.stride() == kernels_own.stride() != out.contiguous().stride()
+    assert (out[1] == 0).all() and out[0].abs().sum() > 0
+    want = attnkit.attention(q, k, v, impl="reference", **kwargs)
+    assert verify.rel_err(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("seq_kv, kept_off", [(64, True), (192, True), (1088, True),
+                                              (128, False), (384, False), (17, False),
+                                              (1000, False)])
+def test_plain_sdpa_keeps_cudnn_off_masked_backwards_only_where_they_fail(
+        monkeypatch, seq_kv: int, kept_off: bool) -> None:
+    """pytorch/pytorch#196678 (measured on an H200, run 53): cuDNN's backward with a mask
+    gives NaN dq only at Skv % 128 == 64. There plain sdpa runs with cuDNN left out of
+    PyTorch's choice and the pinned sdpa_cudnn refuses; elsewhere, and without gradients
+    or a mask, PyTorch chooses freely."""
+    from attnkit.backends import sdpa
+
+    chosen = []
+    real_kernel = sdpa.sdpa_kernel
+    monkeypatch.setattr(sdpa, "sdpa_kernel", lambda kernels: (
+        chosen.append(kernels), real_kernel(kernels))[1])
+    q = torch.randn(1, 2, 5, 16, requires_grad=True)
+    k, v = torch.randn(2, 1, 2, seq_kv, 16).unbind(0)
+    lengths = torch.tensor([seq_kv - 3])
+    attnkit.attention(q, k, v, key_lengths=lengths, impl="sdpa").sum().backward()
+    assert chosen == ([sdpa._NOT_CUDNN] if kept_off else [])
+    call = make_call(q, k, v, key_lengths=lengths)
+    assert sdpa.cudnn_masked_grad(call, sdpa.arguments(call)) == kept_off
+    with torch.no_grad():
+        assert not sdpa.cudnn_masked_grad(call, sdpa.arguments(call))
+    unmasked = make_call(q, k, v)
+    assert not sdpa.cudnn_masked_grad(unmasked, sdpa.arguments(unmasked))
+
+
 def test_lse_err_counts_finite_rows_and_needs_the_same_dead_rows() -> None:
     ref = torch.tensor([[1.0, float("-inf"), 2.0]], dtype=torch.float64)
     close = torch.tensor([[1.001, float("-inf"), 2.0]])

@@ -14,7 +14,10 @@ Mapping the contract onto SDPA:
 - Hq != Hkv -> enable_gqa=True; a pinned kernel that rejects it gets k/v repeated instead.
 - A row that sees no key: the mask is opened on that row (so no kernel ever sees a fully
   masked row, whose handling differs between kernels and versions) and its output is
-  zeroed afterwards, which also zeroes the gradient flowing into it.
+  zeroed afterwards, which also zeroes the gradient flowing into it. torch.where, not
+  masked_fill, does both: masked_fill copies its input to a contiguous (B, H, S, D) tensor
+  first, so the kernel's (B, S, H, D) output then took a second copy for a module's
+  output projection (bert preset on an H200: 4 extra passes of 7 us a forward, run 53).
 - return_lse is refused: SDPA does not return the log-sum-exp.
 """
 
@@ -34,12 +37,17 @@ from attnkit.call import AttentionCall
 from attnkit.masks import expand_kv, score_bias, visibility
 
 NO_LSE = "scaled_dot_product_attention does not return the log-sum-exp (return_lse=True)"
-# Seen on an H100 with torch 2.11 (attnkit verify, bf16, padding mask): cuDNN's backward
-# with an explicit attn_mask gave dL/dx errors of 1.4 while its forward was right; PyTorch
-# tracks such a case as pytorch/pytorch#196678. Until a fixed release, cuDNN gets no masked
-# call that needs gradients, and plain "sdpa" leaves cuDNN out of its choice for them.
+# pytorch/pytorch#196678: with an explicit attn_mask, cuDNN's backward scores the padded
+# half of a last 128-key tile 0, and where a row's log-sum-exp is below -88.7 (a row whose
+# keys a -10000 padding mask hides all, or large negative logits) exp() of that overflows
+# and dq is NaN. Measured on an H200 (torch 2.11, cuDNN 9.19, run 53: 378 calls, head dims
+# 64/128, Skv 17..1088, bool and additive masks): NaN at every Skv % 128 == 64 with such
+# rows, and at no other Skv. Which rows those are depends on the values, so every masked
+# call with gradients and Skv % 128 == 64 keeps off cuDNN; plain "sdpa" leaves it out of
+# its choice there. (Run 1 saw cuDNN's masked backward wrong on an H100 at a shape it did
+# not record, with fully hidden rows then passed to the kernel: they are opened now.)
 CUDNN_MASKED_GRAD = (
-    "cuDNN's backward with an explicit attn_mask gives wrong gradients on sm90 "
+    "cuDNN's backward with an explicit attn_mask gives NaN dq when Skv % 128 == 64 "
     "(pytorch/pytorch#196678); run it without gradients or pick another kernel"
 )
 _NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -70,12 +78,18 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:
         mask = score_bias(call, call.dtype)
         dead = (mask == float("-inf")).all(dim=-1, keepdim=True)
-        mask = mask.masked_fill(dead, 0.0)
+        mask = torch.where(dead, 0.0, mask)
     else:
         mask = visibility(call)
         dead = mask.any(dim=-1, keepdim=True).logical_not_()
         mask = mask | dead
     return Arguments(k, v, mask, False, gqa, dead)
+
+
+def cudnn_masked_grad(call: AttentionCall, args: Arguments) -> bool:
+    """Whether cuDNN would run the backward of a masked call at a key length where it can
+    give NaN (CUDNN_MASKED_GRAD)."""
+    return args.attn_mask is not None and call.needs_grad and call.seq_kv % 128 == 64
 
 
 def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | None, str | None]:
@@ -94,7 +108,7 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
         return None, f"{kernel.name} needs {names}, got {str(call.dtype).removeprefix('torch.')}"
     if mask_rule and args.attn_mask is not None:
         return None, f"{kernel.name} {mask_rule}"
-    if kernel == SDPBackend.CUDNN_ATTENTION and args.attn_mask is not None and call.needs_grad:
+    if kernel == SDPBackend.CUDNN_ATTENTION and cudnn_masked_grad(call, args):
         return None, CUDNN_MASKED_GRAD
     if torch.compiler.is_compiling():
         # dynamo cannot trace the kernel's own check (SDPAParams is a pybind object: a graph
@@ -182,7 +196,7 @@ def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
     if kernel is None and call.carries_tangents:
         with sdpa_kernel(SDPBackend.MATH):  # the one kernel with a forward-mode derivative
             out = sdpa()
-    elif kernel is None and args.attn_mask is not None and call.needs_grad:
+    elif kernel is None and cudnn_masked_grad(call, args):
         with sdpa_kernel(_NOT_CUDNN):
             out = sdpa()
     elif kernel is None:
@@ -191,7 +205,7 @@ def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
         with sdpa_kernel(kernel):
             out = sdpa()
     if args.dead is not None:
-        out = out.masked_fill(args.dead, 0.0)
+        out = torch.where(args.dead, 0.0, out)  # keeps the kernel's layout (module docstring)
     return out, None
 
 

@@ -267,9 +267,14 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
             # no key.
             lse = outputs[1]
             lse_grad = torch.where(torch.isfinite(lse), grad[..., 0].to(lse.dtype), 0.0)
-            return outputs, torch.autograd.grad(outputs, leaves,
-                                                (grad.to(outputs[0].dtype), lse_grad))
-        return outputs, torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
+            got = torch.autograd.grad(outputs, leaves, (grad.to(outputs[0].dtype), lse_grad))
+        else:
+            got = torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
+        # Detached, so that no autograd graph into the leaves outlives this call: under
+        # --cuda-graphs the reference's, kept for the comparisons and made on the default
+        # stream, failed the process's first capture with cudaErrorStreamCaptureImplicit
+        # in every implementation (H200, torch 2.11, run 53).
+        return tuple(out.detach() for out in outputs), got
 
     if not GRAPHS or impl == "reference":
         return run()

@@ -157,7 +157,8 @@ def padding_kwargs(case: dict, seq_kv: int, device: str, gen: torch.Generator) -
 
 def make_inputs(case: dict, device: str, gen: torch.Generator):
     """(q, k, v, the leaves to differentiate, attention's keyword arguments, gradient of
-    out), q/k/v as (B, H, S, D) views laid out as case["layout"] says."""
+    out, views), q/k/v as (B, H, S, D) views laid out as case["layout"] says, which
+    views(*leaves) makes again."""
     dtype = getattr(torch, case["dtype"])
     b, hq, hkv = case["batch"], case["heads_q"], case["heads_kv"]
     sq, skv, d, dv = case["seq_q"], case["seq_kv"], case["head_dim"], case["head_dim_v"]
@@ -166,16 +167,22 @@ def make_inputs(case: dict, device: str, gen: torch.Generator):
         return torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
 
     if case["layout"] == "fused":  # one (B, S, (Hq + 2 Hkv) * D) projection output
-        qkv = leaf(b, sq, (hq + 2 * hkv) * d)
-        q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2)
-                   for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
-        leaves = [qkv]
+        leaves = [leaf(b, sq, (hq + 2 * hkv) * d)]
+
+        def views(qkv: torch.Tensor) -> tuple:
+            return tuple(t.unflatten(-1, (-1, d)).transpose(1, 2)
+                         for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
     elif case["layout"] == "bshd":
         leaves = [leaf(b, sq, hq, d), leaf(b, skv, hkv, d), leaf(b, skv, hkv, dv)]
-        q, k, v = (t.transpose(1, 2) for t in leaves)
+
+        def views(*bshd: torch.Tensor) -> tuple:
+            return tuple(t.transpose(1, 2) for t in bshd)
     else:
         leaves = [leaf(b, hq, sq, d), leaf(b, hkv, skv, d), leaf(b, hkv, skv, dv)]
-        q, k, v = leaves
+
+        def views(*bhsd: torch.Tensor) -> tuple:
+            return bhsd
+    q, k, v = views(*leaves)
     kwargs = {"causal": case["causal"], "return_lse": case["return_lse"],
               **padding_kwargs(case, skv, device, gen)}
     if "general_mask" in case:
@@ -188,7 +195,7 @@ def make_inputs(case: dict, device: str, gen: torch.Generator):
     grad = torch.randn(b, sq, hq, dv, device=device, dtype=dtype, generator=gen).transpose(1, 2)
     if case["grad_layout"] == "bhsd":
         grad = grad.contiguous()
-    return q, k, v, leaves, kwargs, grad
+    return q, k, v, leaves, kwargs, grad, views
 
 
 def whole_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -236,24 +243,28 @@ def compiled_attention(backend: str) -> Callable:
 def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]:
     """(outputs, gradients of the leaves, or none without grads) of impl on make_inputs'
     inputs; the reference's in float64."""
-    q, k, v, leaves, kwargs, grad = inputs
-    drawn = q, k, v
+    drawn, leaves, kwargs, grad, views = inputs[:3], *inputs[3:]
     autocast = contextlib.nullcontext()
+    cast: Callable[[torch.Tensor], torch.Tensor] | None = None
     if impl == "reference":
-        q, k, v = (t.double() for t in (q, k, v))
+        cast = torch.Tensor.double
         mask = kwargs.get("attn_mask")
         if mask is not None and mask.is_floating_point():
             kwargs = {**kwargs, "attn_mask": mask.double()}
-    elif AUTOCAST and q.dtype != torch.float32:
+    elif AUTOCAST and drawn[0].dtype != torch.float32:
         # float32 q, k, v under autocast to the drawn dtype, which attention() casts back
-        autocast = torch.autocast(q.device.type, dtype=q.dtype)
-        q, k, v = (t.float() for t in (q, k, v))
+        autocast = torch.autocast(drawn[0].device.type, dtype=drawn[0].dtype)
+        cast = torch.Tensor.float
     if impl != "reference" and (COMPILED is not None or GRAPHS):
         with torch.set_grad_enabled(grads):  # whether the call needs gradients decides
             select(make_call(*drawn, **kwargs), impl)  # a refusal raised here, eagerly
 
     def run() -> tuple[tuple, tuple]:
         with torch.set_grad_enabled(grads), autocast:
+            # q, k, v made from the leaves here, not once for every implementation: under
+            # --cuda-graphs the views' backward nodes, made on the default stream outside
+            # the capture, failed it with cudaErrorStreamCaptureImplicit (run 53)
+            q, k, v = (t if cast is None else cast(t) for t in views(*leaves))
             if COMPILED is not None and impl != "reference":
                 outputs = COMPILED(q, k, v, impl, kwargs)
             else:
@@ -281,7 +292,7 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
     # Compiles and autotuning first, outside the capture (as attnkit bench does): the
     # autotuner synchronizes, which capture's checked first warm-up would refuse
     run()
-    replay, captured = capture(run, q.device)
+    replay, captured = capture(run, drawn[0].device)
     replay()
     return captured
 

@@ -156,9 +156,11 @@ def padding_kwargs(case: dict, seq_kv: int, device: str, gen: torch.Generator) -
 
 
 def make_inputs(case: dict, device: str, gen: torch.Generator):
-    """(q, k, v, the leaves to differentiate, attention's keyword arguments, gradient of
-    out, views), q/k/v as (B, H, S, D) views laid out as case["layout"] says, which
-    views(*leaves) makes again."""
+    """(the leaves to differentiate, attention's keyword arguments, gradient of out, views):
+    views(*leaves) makes q, k, v, (B, H, S, D) views laid out as case["layout"] says. Each
+    implementation makes its own, as it runs: under --cuda-graphs, views made once on the
+    default stream and kept failed the process's first capture with
+    cudaErrorStreamCaptureImplicit (H200, torch 2.11, run 53)."""
     dtype = getattr(torch, case["dtype"])
     b, hq, hkv = case["batch"], case["heads_q"], case["heads_kv"]
     sq, skv, d, dv = case["seq_q"], case["seq_kv"], case["head_dim"], case["head_dim_v"]
@@ -182,7 +184,6 @@ def make_inputs(case: dict, device: str, gen: torch.Generator):
 
         def views(*bhsd: torch.Tensor) -> tuple:
             return bhsd
-    q, k, v = views(*leaves)
     kwargs = {"causal": case["causal"], "return_lse": case["return_lse"],
               **padding_kwargs(case, skv, device, gen)}
     if "general_mask" in case:
@@ -195,7 +196,7 @@ def make_inputs(case: dict, device: str, gen: torch.Generator):
     grad = torch.randn(b, sq, hq, dv, device=device, dtype=dtype, generator=gen).transpose(1, 2)
     if case["grad_layout"] == "bhsd":
         grad = grad.contiguous()
-    return q, k, v, leaves, kwargs, grad, views
+    return leaves, kwargs, grad, views
 
 
 def whole_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -243,7 +244,8 @@ def compiled_attention(backend: str) -> Callable:
 def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]:
     """(outputs, gradients of the leaves, or none without grads) of impl on make_inputs'
     inputs; the reference's in float64."""
-    drawn, leaves, kwargs, grad, views = inputs[:3], *inputs[3:]
+    leaves, kwargs, grad, views = inputs
+    dtype, device = leaves[0].dtype, leaves[0].device
     autocast = contextlib.nullcontext()
     cast: Callable[[torch.Tensor], torch.Tensor] | None = None
     if impl == "reference":
@@ -251,19 +253,16 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
         mask = kwargs.get("attn_mask")
         if mask is not None and mask.is_floating_point():
             kwargs = {**kwargs, "attn_mask": mask.double()}
-    elif AUTOCAST and drawn[0].dtype != torch.float32:
+    elif AUTOCAST and dtype != torch.float32:
         # float32 q, k, v under autocast to the drawn dtype, which attention() casts back
-        autocast = torch.autocast(drawn[0].device.type, dtype=drawn[0].dtype)
+        autocast = torch.autocast(device.type, dtype=dtype)
         cast = torch.Tensor.float
     if impl != "reference" and (COMPILED is not None or GRAPHS):
         with torch.set_grad_enabled(grads):  # whether the call needs gradients decides
-            select(make_call(*drawn, **kwargs), impl)  # a refusal raised here, eagerly
+            select(make_call(*views(*leaves), **kwargs), impl)  # a refusal raised here, eagerly
 
     def run() -> tuple[tuple, tuple]:
         with torch.set_grad_enabled(grads), autocast:
-            # q, k, v made from the leaves here, not once for every implementation: under
-            # --cuda-graphs the views' backward nodes, made on the default stream outside
-            # the capture, failed it with cudaErrorStreamCaptureImplicit (run 53)
             q, k, v = (t if cast is None else cast(t) for t in views(*leaves))
             if COMPILED is not None and impl != "reference":
                 outputs = COMPILED(q, k, v, impl, kwargs)
@@ -292,7 +291,7 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
     # Compiles and autotuning first, outside the capture (as attnkit bench does): the
     # autotuner synchronizes, which capture's checked first warm-up would refuse
     run()
-    replay, captured = capture(run, drawn[0].device)
+    replay, captured = capture(run, device)
     replay()
     return captured
 

@@ -13,7 +13,8 @@ __all__ = ["AUTO_ORDER", "AUTO_ORDER_PADDED", "attention", "auto_order", "availa
 
 # impl="auto" takes the first backend in this list that supports the call, fastest first
 # as measured (benchmarks/results/h100-core-*): on an H100, plain SDPA (which itself runs
-# cuDNN there, and leaves cuDNN out for masked calls that need gradients) was within 2% of
+# cuDNN there; attnkit's sdpa leaves cuDNN out for masked calls that need gradients at
+# Skv % 128 == 64, backends/sdpa.py, and then left it out of every one) was within 2% of
 # the fastest backend on 39 of the 40 `core` configs, forward and forward+backward, and 4%
 # on the last; pinning SDPA to cuDNN fell to 0.52x on one. On an H200 with PyTorch 2.11
 # plain SDPA still ran cuDNN's kernels for training at D=64 and D=128 and `auto` was
@@ -26,10 +27,12 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 _AUTO_FALLBACK = ("sdpa", "naive", "chunked", "reference")
 # Calls that hide padded keys (key_lengths, or a (B|1, 1, 1, Skv) key-padding mask) take
-# this order where the device has one: SDPA runs them on its mem-efficient kernel, which
+# this order where the device has one: SDPA ran them on its mem-efficient kernel, which
 # on the H100 was 2-8x slower than the Triton kernel forward and 4-8x forward+backward,
 # where the Triton kernel skips the padded key blocks (run 10,
-# benchmarks/results/h100-core-bf16-key-lengths).
+# benchmarks/results/h100-core-bf16-key-lengths). With cuDNN's masked backward back in
+# SDPA's choice (run 53) the Triton kernel still led at bert's padding mask on an H200
+# under CUDA graphs: 0.276 against 0.341 ms forward+backward (h200-bert-bf16-graphs-run53).
 AUTO_ORDER_PADDED: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "sdpa", "flex", "chunked", "naive"),
 }

@@ -796,6 +796,42 @@ def test_plain_sdpa_keeps_cudnn_off_masked_backwards_only_where_they_fail(
     assert not sdpa.cudnn_masked_grad(unmasked, sdpa.arguments(unmasked))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_kv", [17, 128, 192, 384, 1000])
+def test_cudnn_masked_backward_is_right_where_it_runs(seq_kv: int) -> None:
+    """What the Skv % 128 == 64 rule rests on (pytorch/pytorch#196678; run 53's sweep on an
+    H200): with a -10000 padding mask that hides every key of batch element 1, so that
+    its rows' log-sum-exp is near -10000, cuDNN's masked backward gives the oracle's
+    gradients at the key lengths attnkit lets it run, and at the others sdpa_cudnn refuses
+    and plain sdpa still gives them. A PyTorch or cuDNN release that moves the fault
+    fails this on the GPU."""
+    gen = torch.Generator(device="cuda").manual_seed(seq_kv)
+    q, k, v = (torch.randn(2, 4, n, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+               for n in (seq_kv, seq_kv, seq_kv))
+    hidden = torch.arange(seq_kv, device="cuda")[None, :] >= torch.tensor(
+        [seq_kv - 5, 0], device="cuda")[:, None]
+    mask = torch.zeros(2, 1, 1, seq_kv, device="cuda", dtype=torch.bfloat16).masked_fill(
+        hidden[:, None, None, :], -10000.0)
+    grad = torch.randn(2, 4, seq_kv, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+
+    def gradients(impl: str, dtype: torch.dtype) -> tuple:
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attnkit.attention(*leaves, attn_mask=mask.to(dtype), impl=impl)
+        return torch.autograd.grad(out, leaves, grad.to(dtype))
+
+    want = gradients("reference", torch.float64)
+    impls = ["sdpa"]
+    if seq_kv % 128 == 64:
+        with pytest.raises(attnkit.UnsupportedError, match="196678"):
+            gradients("sdpa_cudnn", torch.bfloat16)
+    else:
+        impls.append("sdpa_cudnn")
+    for impl in impls:
+        for got, ref in zip(gradients(impl, torch.bfloat16), want, strict=True):
+            assert torch.isfinite(got).all(), impl
+            assert verify.rel_err(got, ref) < verify.tolerance(torch.bfloat16, DEVICE, impl), impl
+
+
 def test_lse_err_counts_finite_rows_and_needs_the_same_dead_rows() -> None:
     ref = torch.tensor([[1.0, float("-inf"), 2.0]], dtype=torch.float64)
     close = torch.tensor([[1.001, float("-inf"), 2.0]])

@@ -806,8 +806,8 @@ def test_cudnn_masked_backward_is_right_where_it_runs(seq_kv: int) -> None:
     and plain sdpa still gives them. A PyTorch or cuDNN release that moves the fault
     fails this on the GPU."""
     gen = torch.Generator(device="cuda").manual_seed(seq_kv)
-    q, k, v = (torch.randn(2, 4, n, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
-               for n in (seq_kv, seq_kv, seq_kv))
+    q, k, v = (torch.randn(2, 4, seq_kv, 64, device="cuda", generator=gen,
+                           dtype=torch.bfloat16) for _ in range(3))
     hidden = torch.arange(seq_kv, device="cuda")[None, :] >= torch.tensor(
         [seq_kv - 5, 0], device="cuda")[:, None]
     mask = torch.zeros(2, 1, 1, seq_kv, device="cuda", dtype=torch.bfloat16).masked_fill(
@@ -815,7 +815,7 @@ def test_cudnn_masked_backward_is_right_where_it_runs(seq_kv: int) -> None:
     grad = torch.randn(2, 4, seq_kv, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
 
     def gradients(impl: str, dtype: torch.dtype) -> tuple:
-        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         out = attnkit.attention(*leaves, attn_mask=mask.to(dtype), impl=impl)
         return torch.autograd.grad(out, leaves, grad.to(dtype))
 

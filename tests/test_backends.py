@@ -775,8 +775,8 @@ def test_plain_sdpa_keeps_cudnn_off_masked_backwards_only_where_they_fail(
         monkeypatch, seq_kv: int, kept_off: bool) -> None:
     """pytorch/pytorch#196678 (measured on an H200, run 53): cuDNN's backward with a mask
     gives NaN dq only at Skv % 128 == 64. There plain sdpa runs with cuDNN left out of
-    PyTorch's choice and the pinned sdpa_cudnn refuses; elsewhere, and without gradients
-    or a mask, PyTorch chooses freely."""
+    PyTorch's choice (and the pinned sdpa_cudnn refuses: the GPU test below); elsewhere,
+    and without gradients or a mask, PyTorch chooses freely."""
     from attnkit.backends import sdpa
 
     chosen = []

@@ -29,9 +29,9 @@ hence a bound of 0.5 of a floored row norm rather than the tolerance. Each drawn
 to every implementation given (`--impl triton flex sdpa_cudnn ...`), against one
 reference answer; a call an implementation refuses (UnsupportedError) is checked
 forward only where it refuses only the gradients (as verify does: flex on a CPU, cuDNN
-with a mask), and otherwise counted as skipped for it. Writes DIR/random_calls.json
-(each call's case and, per implementation, its errors and verdict); exits 1 if any
-implementation failed any call.
+with a mask at Skv % 128 == 64), and otherwise counted as skipped for it. Writes
+DIR/random_calls.json (each call's case and, per implementation, its errors and
+verdict); exits 1 if any implementation failed any call.
 
 --compile BACKEND runs each implementation (not the reference) through one
 torch.compile(fullgraph=True) of `attention` for every call, so that dynamo traces the
@@ -82,7 +82,8 @@ from attnkit.functional import select
 from attnkit.verify import lse_err, lse_tolerance, rel_err, tolerance
 
 ROW_BOUND = 0.5
-GPU_LENGTHS = [1, 17, 100, 255, 256, 257, 511, 512, 700, 1000, 1024, 1280, 1536, 1537,
+# 192: Skv % 128 == 64, where sdpa keeps cuDNN off masked backwards (pytorch/pytorch#196678)
+GPU_LENGTHS = [1, 17, 100, 192, 255, 256, 257, 511, 512, 700, 1000, 1024, 1280, 1536, 1537,
                2048, 2049, 3000, 4096]
 CPU_LENGTHS = [1, 2, 17, 33, 64, 65]
 # Query heads per kv head, by whether on a GPU: 8 as in Llama-3 70B's 64/8, where a
@@ -317,7 +318,8 @@ def compare(impl: str, got: tuple[tuple, tuple], want: tuple[tuple, tuple],
 
 def each_impl(impls: list[str], check: Callable[[str, bool], dict]) -> dict[str, dict]:
     """check(impl, grads=True) of each of impls (compare's errors and failed checks); where
-    the impl refuses to differentiate the call (flex on a CPU, cuDNN with a mask), its
+    the impl refuses to differentiate the call (flex on a CPU, cuDNN with a mask at
+    Skv % 128 == 64), its
     forward alone, check(impl, False), marked "forward only" with the reason, as verify
     does; or why it refused the call, or what it raised."""
     results = {}

@@ -5,9 +5,13 @@ accumulator acc of exp(s - m) @ v, rescaling the old sum and acc by exp(m_old - 
 output is acc / sum and the log-sum-exp is m + log(sum).
 
 Backward (FlashAttention-2's, written in torch ops): with delta = rowsum(dO * O), each key
-block recomputes its probabilities P = exp(s - lse) from the saved log-sum-exp and adds
-its share to dq, dk, dv. Autograd saves only q, k, v, out and lse, so scores live for one
-block at a time, (B, Hq, Sq, BLOCK) instead of (B, Hq, Sq, Skv), in training too.
+block recomputes its probabilities P = exp((s - m) - log(sum)) from the saved row max and
+sum and adds its share to dq, dk, dv. Autograd saves only q, k, v, out, m and log(sum), so
+scores live for one block at a time, (B, Hq, Sq, BLOCK) instead of (B, Hq, Sq, Skv), in
+training too. m and log(sum) are kept apart, not as their sum lse: where an additive mask
+at the dtype's lowest value hides a row's every key, m is that value, and m + log(sum)
+rounds to m, so exp(s - lse) gave each key 1 instead of 1/n (gradients n times too
+large, while the forward was right; run 53).
 
 Grouped heads are handled by viewing q as (B, Hkv, G, Sq, D), so k/v are never repeated.
 Arithmetic runs in float32 (float64 for float64 inputs).
@@ -79,8 +83,10 @@ def _work(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
     return q, call.k.to(dtype), call.v.to(dtype).unsqueeze(2)
 
 
-def _forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
-    """out (B, Hkv, G, Sq, Dv) and lse (B, Hkv, G, Sq, 1), both in the work dtype."""
+def _forward(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
+    """out (B, Hkv, G, Sq, Dv), the row max m and log(sum of exp(s - m)) (B, Hkv, G, Sq, 1),
+    all in the work dtype; a row that sees no key has m = 0 and log(sum) = -inf, so that
+    lse = m + log(sum) is -inf."""
     q, k, v = _work(call)
     m = q.new_full((*q.shape[:-1], 1), float("-inf"))  # running max (B, Hkv, G, Sq, 1)
     total = q.new_zeros(m.shape)  # running sum of exp(s - m)
@@ -101,28 +107,30 @@ def _forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     # Rows that saw no key have total = 0 and acc = 0: divide by 1 to return zeros.
     out = acc / torch.where(total > 0, total, torch.ones_like(total))
     shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return out, shift + torch.log(total)  # log(0) = -inf for those rows
+    return out, shift, torch.log(total)  # log(0) = -inf for those rows
 
 
-def _backward(call: AttentionCall, out: Tensor, lse: Tensor, dout: Tensor | None,
-              dlse: Tensor | None):
+def _backward(call: AttentionCall, out: Tensor, shift: Tensor, log_total: Tensor,
+              dout: Tensor | None, dlse: Tensor | None):
     """dq, dk, dv in the work dtype, shaped like the call's q, k, v, from the gradients of
-    out (B, Hq, Sq, Dv) and of lse (B, Hq, Sq), either of them None for none."""
+    out (B, Hq, Sq, Dv) and of lse (B, Hq, Sq), either of them None for none; shift and
+    log_total as _forward returns them."""
     q, k, v = _work(call)
     if dout is None:
         dout = torch.zeros_like(out)
-        delta = torch.zeros_like(lse)
+        delta = torch.zeros_like(shift)
     else:
         dout = grouped(dout, call.heads_kv).to(q.dtype)  # (B, Hkv, G, Sq, Dv)
         delta = (dout * out).sum(dim=-1, keepdim=True)  # (B, Hkv, G, Sq, 1)
     if dlse is not None:
         # d lse / d s = p, so lse's gradient joins dS = P * (dP - delta) as delta - dlse
         delta = delta - grouped(dlse.unsqueeze(-1), call.heads_kv).to(q.dtype)
-    # A row that sees no key has lse = -inf and no probabilities: exp(s - inf) = 0.
-    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+    # A row that sees no key has log(sum) = -inf and no probabilities: exp(s - inf) = 0.
+    log_total = torch.where(torch.isfinite(log_total), log_total,
+                            torch.full_like(log_total, float("inf")))
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v.squeeze(2))
     for k0, k1, s in _blocks(call, q, k):
-        p = torch.exp(s - lse)  # (B, Hkv, G, Sq, bk), normalized probabilities
+        p = torch.exp((s - shift) - log_total)  # (B, Hkv, G, Sq, bk), normalized
         dp = dout @ v[:, :, :, k0:k1].transpose(-2, -1)  # dL/d(dropped probabilities)
         if call.dropout_p:
             keep = F.dropout(torch.ones_like(p), call.dropout_p)  # 0 or 1/(1-p), as forward
@@ -141,25 +149,25 @@ class _ChunkedAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):
         # Dropout's masks are replayed in backward from the generator state they came from.
         ctx.rng = _rng_state(call.device) if call.dropout_p else None
-        out, lse = _forward(call)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, shift, log_total = _forward(call)
+        ctx.save_for_backward(q, k, v, out, shift, log_total)
         ctx.call = call
         b, hq, sq = call.batch, call.heads_q, call.seq_q
         ctx.set_materialize_grads(False)  # a gradient nobody sent stays None
         return (out.reshape(b, hq, sq, call.head_dim_v).to(call.dtype),
-                lse.reshape(b, hq, sq).float())
+                (shift + log_total).reshape(b, hq, sq).float())
 
     @staticmethod
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-        forbid_second_derivative("chunked")  # out and lse were saved as constants
+        forbid_second_derivative("chunked")  # out and the softmax stats were saved as constants
         if dout is None and dlse is None:
             return None, None, None, None
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, shift, log_total = ctx.saved_tensors
         # The saved tensors, not the ones the call was built with, are what autograd
         # checks for in-place changes; the call only carries the options.
         call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
         with _replayed_rng(call.device, ctx.rng):
-            dq, dk, dv = _backward(call, out, lse, dout, dlse)
+            dq, dk, dv = _backward(call, out, shift, log_total, dout, dlse)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

@@ -866,6 +866,32 @@ def test_cudnn_masked_backward_is_right_where_it_runs(seq_kv: int) -> None:
             assert verify.rel_err(got, ref) < verify.tolerance(torch.bfloat16, DEVICE, impl), impl
 
 
+def test_cudnn_masked_backward_script_judges_and_refuses_without_a_gpu(monkeypatch):
+    """benchmarks/cudnn_masked_backward.py (run 53's sweep as a script): a call is wrong
+    for cuDNN when its gradients are not finite, or off by more than 0.02 and 3 times the
+    efficient kernel's error (the ill-conditioned "logits" rows are off for every kernel);
+    it sweeps every kind of row at each length; without CUDA it stops with an argument
+    error instead of sweeping nothing."""
+    script = benchmark_script("cudnn_masked_backward", monkeypatch)
+
+    def result(worst: float, efficient: float) -> dict:
+        return {"dq": worst, "dk": 0.001, "dv": 0.001, "efficient": efficient}
+
+    assert script.wrong(result(math.inf, 0.001))
+    assert script.wrong(result(0.05, 0.004))
+    assert not script.wrong(result(0.006, 0.005))
+    assert not script.wrong(result(1.4, 1.9))  # ill-conditioned: the efficient kernel too
+    assert script.wrong(result(6.0, 1.9))
+    assert not script.wrong({"refused": "No available kernel"})
+    drawn = script.cases([192], [64])
+    assert {(c["kind"], c["rows"]) for c in drawn} == {
+        (kind, rows) for kind in ("additive", "bool", "bool-full") for rows in script.ROWS}
+    assert {c["seq_q"] for c in drawn} == {192, 64}
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            script.main(["--seqs", "192"])
+
+
 def test_lse_err_counts_finite_rows_and_needs_the_same_dead_rows() -> None:
     ref = torch.tensor([[1.0, float("-inf"), 2.0]], dtype=torch.float64)
     close = torch.tensor([[1.001, float("-inf"), 2.0]])

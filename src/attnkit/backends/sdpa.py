@@ -91,10 +91,17 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     return Arguments(k, v, mask, False, gqa, dead)
 
 
+def cudnn_masked_grad_fails_at(seq_kv: int) -> bool:
+    """Whether cuDNN's masked backward can give NaN at this key length (CUDNN_MASKED_GRAD;
+    benchmarks/cudnn_masked_backward.py checks it on a GPU)."""
+    return seq_kv % 128 == 64
+
+
 def cudnn_masked_grad(call: AttentionCall, args: Arguments) -> bool:
     """Whether cuDNN would run the backward of a masked call at a key length where it can
     give NaN (CUDNN_MASKED_GRAD)."""
-    return args.attn_mask is not None and call.needs_grad and call.seq_kv % 128 == 64
+    return (args.attn_mask is not None and call.needs_grad
+            and cudnn_masked_grad_fails_at(call.seq_kv))
 
 
 def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | None, str | None]:

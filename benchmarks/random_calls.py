@@ -160,8 +160,8 @@ def make_inputs(case: dict, device: str, gen: torch.Generator):
     """(the leaves to differentiate, attention's keyword arguments, gradient of out, views):
     views(*leaves) makes q, k, v, (B, H, S, D) views laid out as case["layout"] says. Each
     implementation makes its own, as it runs: under --cuda-graphs, views made once on the
-    default stream and kept failed the process's first capture with
-    cudaErrorStreamCaptureImplicit (H200, torch 2.11, run 53)."""
+    default stream and kept failed the capture with cudaErrorStreamCaptureImplicit (H200,
+    torch 2.11, run 53; once one such capture had failed, later ones passed)."""
     dtype = getattr(torch, case["dtype"])
     b, hq, hkv = case["batch"], case["heads_q"], case["heads_kv"]
     sq, skv, d, dv = case["seq_q"], case["seq_kv"], case["head_dim"], case["head_dim_v"]
@@ -283,8 +283,8 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
             got = torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
         # Detached, so that no autograd graph into the leaves outlives this call: under
         # --cuda-graphs the reference's, kept for the comparisons and made on the default
-        # stream, failed the process's first capture with cudaErrorStreamCaptureImplicit
-        # in every implementation (H200, torch 2.11, run 53).
+        # stream, failed the capture with cudaErrorStreamCaptureImplicit in every
+        # implementation (H200, torch 2.11, run 53).
         return tuple(out.detach() for out in outputs), got
 
     if not GRAPHS or impl == "reference":

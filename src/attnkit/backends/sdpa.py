@@ -4,6 +4,7 @@ kernels pinned with torch.nn.attention.sdpa_kernel.
 This module defines a family, so it exports `BACKENDS` (a list) rather than one `BACKEND`.
 
 Mapping the contract onto SDPA:
+- causal alone with one query row -> no mask: aligned to the bottom right, it sees every key.
 - causal alone with Sq == Skv and a positive scale -> is_causal=True. SDPA's is_causal is
   aligned to the top left, so causal with Sq != Skv (or with any other masking) becomes an
   explicit mask; so does causal with a scale <= 0, which PyTorch's CPU flash kernel
@@ -75,9 +76,14 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     k, v = (call.k, call.v) if native_gqa else expand_kv(call)
     gqa = native_gqa and call.grouped
     only_causal = (call.causal and call.window is None and call.key_lengths is None
-                   and call.attn_mask is None and call.seq_q == call.seq_kv)
-    if not call.has_mask or (only_causal and call.scale > 0):
+                   and call.attn_mask is None)
+    if not call.has_mask or (only_causal and call.seq_q == call.seq_kv and call.scale > 0):
         return Arguments(k, v, None, call.causal, gqa, None)
+    if only_causal and call.seq_q <= 1:
+        # One query, aligned to the bottom right, sees every key (a decoding step against a
+        # cache): an all-True mask would keep SDPA off its flash kernel and cost the
+        # dead-row check and a pass over the output.
+        return Arguments(k, v, None, False, gqa, None)
     # Dead rows as one tensor, used twice (here and on the output): each small op is a
     # kernel launch, and at module sizes launches are what the GPU waits on.
     if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:
@@ -143,7 +149,8 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
 _RULES: dict[str, tuple[tuple[torch.dtype, ...], str | None]] = {
     SDPBackend.FLASH_ATTENTION.name: (
         (torch.float16, torch.bfloat16),
-        "takes no attn_mask: only no masking, or causal alone with Sq == Skv and a scale above 0",
+        "takes no attn_mask: only no masking, causal alone with one query row, or causal "
+        "alone with Sq == Skv and a scale above 0",
     ),
     SDPBackend.EFFICIENT_ATTENTION.name: ((torch.float16, torch.bfloat16, torch.float32), None),
     SDPBackend.CUDNN_ATTENTION.name: ((torch.float16, torch.bfloat16), None),

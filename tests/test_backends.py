@@ -800,17 +800,21 @@ def test_sdpa_with_a_mask_keeps_the_kernels_output_layout(mask: str) -> None:
 def test_sdpa_decoding_step_needs_no_mask() -> None:
     """Causal alone with one query row (a decoding step against a cache) sees every key,
     aligned to the bottom right: sdpa passes no mask, so PyTorch may take its flash kernel
-    and no dead-row check or pass over the output runs; with two query rows the first
-    still hides the last key. Both as the oracle has them."""
+    and no dead-row check or pass over the output runs. With more query rows than one and
+    no more than the keys, the first hides the last key but every row sees its own: a
+    mask and no dead rows. With more queries than keys the first rows see nothing. All as
+    the oracle has them."""
     from attnkit.backends import sdpa
 
     gen = torch.Generator().manual_seed(54)
     k, v = (torch.randn(2, 2, 17, 16, generator=gen) for _ in range(2))
-    for seq_q, masked in ((1, False), (2, True)):
+    for seq_q, masked, dead in ((1, False, False), (2, True, False), (17, False, False),
+                                (20, True, True)):
         q = torch.randn(2, 4, seq_q, 16, generator=gen)
         args = sdpa.arguments(make_call(q, k, v, causal=True))
-        assert (args.attn_mask is not None) == masked and not args.is_causal
-        assert (args.dead is not None) == masked
+        assert (args.attn_mask is not None) == masked
+        assert args.is_causal == (seq_q == 17)  # Sq == Skv: SDPA's own causal mask
+        assert (args.dead is not None) == dead
         want = attnkit.attention(q, k, v, causal=True, impl="reference")
         got = attnkit.attention(q, k, v, causal=True, impl="sdpa")
         assert verify.rel_err(got, want) < 1e-5

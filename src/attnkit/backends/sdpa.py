@@ -5,6 +5,8 @@ This module defines a family, so it exports `BACKENDS` (a list) rather than one 
 
 Mapping the contract onto SDPA:
 - causal alone with one query row -> no mask: aligned to the bottom right, it sees every key.
+  Causal alone with Sq <= Skv otherwise -> its band as a bool mask, and no dead-row
+  handling (below): every row sees at least its own key.
 - causal alone with Sq == Skv and a positive scale -> is_causal=True. SDPA's is_causal is
   aligned to the top left, so causal with Sq != Skv (or with any other masking) becomes an
   explicit mask; so does causal with a scale <= 0, which PyTorch's CPU flash kernel
@@ -84,6 +86,10 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
         # cache): an all-True mask would keep SDPA off its flash kernel and cost the
         # dead-row check and a pass over the output.
         return Arguments(k, v, None, False, gqa, None)
+    if only_causal and call.seq_q <= call.seq_kv:
+        # Aligned to the bottom right, every query sees at least its own key: no row is
+        # dead, so there is nothing to open or zero.
+        return Arguments(k, v, visibility(call), False, gqa, None)
     # Dead rows as one tensor, used twice (here and on the output): each small op is a
     # kernel launch, and at module sizes launches are what the GPU waits on.
     if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:

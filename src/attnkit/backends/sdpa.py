@@ -4,14 +4,14 @@ kernels pinned with torch.nn.attention.sdpa_kernel.
 This module defines a family, so it exports `BACKENDS` (a list) rather than one `BACKEND`.
 
 Mapping the contract onto SDPA:
-- causal alone with one query row -> no mask: aligned to the bottom right, it sees every key.
-  Causal alone with Sq <= Skv otherwise -> its band as a bool mask, and no dead-row
-  handling (below): every row sees at least its own key.
 - causal alone with Sq == Skv and a positive scale -> is_causal=True. SDPA's is_causal is
   aligned to the top left, so causal with Sq != Skv (or with any other masking) becomes an
   explicit mask; so does causal with a scale <= 0, which PyTorch's CPU flash kernel
   multiplies into its -inf masked scores (torch 2.13: NaN in every row with a hidden key),
   as do its CUDA flash and cuDNN kernels (torch 2.11, H200: NaN in every row).
+- causal alone with one query row -> no mask: aligned to the bottom right, it sees every key.
+  Causal alone with 1 < Sq <= Skv -> its band as a bool mask, and no dead-row
+  handling (below): every row sees at least its own key.
 - masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
   the additive masks.score_bias in the input dtype.
 - Hq != Hkv -> enable_gqa=True; a pinned kernel that rejects it gets k/v repeated instead.

@@ -117,9 +117,11 @@ class AttentionCall:
 
     @property
     def has_mask(self) -> bool:
-        """True when any key is hidden from any query (beyond plain full attention)."""
+        """True when any key is hidden from any query (beyond plain full attention). Causal
+        alone hides none from one query row: aligned to the bottom right, it sees every key
+        (a decoding step against a cache)."""
         return (
-            self.causal
+            (self.causal and self.seq_q > 1)
             or self.window is not None
             or self.key_lengths is not None
             or self.attn_mask is not None

@@ -9,9 +9,9 @@ Mapping the contract onto SDPA:
   explicit mask; so does causal with a scale <= 0, which PyTorch's CPU flash kernel
   multiplies into its -inf masked scores (torch 2.13: NaN in every row with a hidden key),
   as do its CUDA flash and cuDNN kernels (torch 2.11, H200: NaN in every row).
-- causal alone with one query row -> no mask: aligned to the bottom right, it sees every key.
-  Causal alone with 1 < Sq <= Skv -> its band as a bool mask, and no dead-row
-  handling (below): every row sees at least its own key.
+- causal alone with one query row -> no mask: aligned to the bottom right, it sees every key
+  (AttentionCall.has_mask is False). Causal alone with 1 < Sq <= Skv -> its band as a bool
+  mask, and no dead-row handling (below): every row sees at least its own key.
 - masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
   the additive masks.score_bias in the input dtype.
 - Hq != Hkv -> enable_gqa=True; a pinned kernel that rejects it gets k/v repeated instead.
@@ -79,13 +79,12 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     gqa = native_gqa and call.grouped
     only_causal = (call.causal and call.window is None and call.key_lengths is None
                    and call.attn_mask is None)
-    if not call.has_mask or (only_causal and call.seq_q == call.seq_kv and call.scale > 0):
-        return Arguments(k, v, None, call.causal, gqa, None)
-    if only_causal and call.seq_q <= 1:
-        # One query, aligned to the bottom right, sees every key (a decoding step against a
-        # cache): an all-True mask would keep SDPA off its flash kernel and cost the
-        # dead-row check and a pass over the output.
+    if not call.has_mask:
+        # A decoding step (causal, one query row) is here too: an all-True mask would keep
+        # SDPA off its flash kernel and cost the dead-row check and a pass over the output.
         return Arguments(k, v, None, False, gqa, None)
+    if only_causal and call.seq_q == call.seq_kv and call.scale > 0:
+        return Arguments(k, v, None, True, gqa, None)
     if only_causal and call.seq_q <= call.seq_kv:
         # Aligned to the bottom right, every query sees at least its own key: no row is
         # dead, so there is nothing to open or zero.

@@ -705,6 +705,26 @@ def test_chunked_backward_with_dropout_matches_finite_differences() -> None:
     assert torch.autograd.gradcheck(dropped, (q, k, v))
 
 
+def whole_element_hidden(seq_kv: int, head_dim: int, hide: float, dtype: torch.dtype,
+                         seed: int) -> tuple:
+    """q, k, v (2, 4, Skv, D), an additive (2, 1, 1, Skv) padding mask in dtype that hides
+    the last 5 keys of batch element 0 and every key of element 1 at the value `hide`, and
+    the output's gradient; on DEVICE."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, grad = (torch.randn(2, 4, seq_kv, head_dim, generator=gen).to(DEVICE, dtype)
+                     for _ in range(4))
+    hidden = torch.arange(seq_kv)[None, :] >= torch.tensor([seq_kv - 5, 0])[:, None]
+    mask = torch.zeros(2, 1, 1, seq_kv).masked_fill(hidden[:, None, None, :], hide)
+    return q, k, v, mask.to(DEVICE, dtype), grad
+
+
+def masked_answers(impl: str, dtype: torch.dtype, q, k, v, mask, grad) -> tuple:
+    """(out, dq, dk, dv) of impl in dtype on whole_element_hidden's call."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = attnkit.attention(*leaves, attn_mask=mask.to(dtype), impl=impl)
+    return out, *torch.autograd.grad(out, leaves, grad.to(dtype))
+
+
 @pytest.mark.parametrize("name", ["naive", "einsum", "chunked", "sdpa_math"])
 def test_rows_a_mask_hides_whole_at_the_lowest_float(name: str) -> None:
     """An additive mask at float32's lowest value (as Hugging Face's padding masks are) on
@@ -714,22 +734,10 @@ def test_rows_a_mask_hides_whole_at_the_lowest_float(name: str) -> None:
     its gradients were 8-10x the oracle's (run 53); it now keeps m and log(sum) apart.
     SDPA's CPU flash kernel has the fault still (NOTES run 53), so plain sdpa is not here."""
     skip_if_unavailable(name)
-    gen = torch.Generator().manual_seed(53)
-    s = 17
-    q, k, v = (torch.randn(2, 4, s, 16, generator=gen).to(DEVICE) for _ in range(3))
-    hidden = torch.arange(s)[None, :] >= torch.tensor([s - 5, 0])[:, None]
-    mask = torch.zeros(2, 1, 1, s).masked_fill(hidden[:, None, None, :],
-                                               torch.finfo(torch.float32).min).to(DEVICE)
-    grad = torch.randn(2, 4, s, 16, generator=gen).to(DEVICE)
-
-    def answers(impl: str, dtype: torch.dtype) -> tuple:
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out = attnkit.attention(*leaves, attn_mask=mask.to(dtype), impl=impl)
-        return out, *torch.autograd.grad(out, leaves, grad.to(dtype))
-
+    call = whole_element_hidden(17, 16, torch.finfo(torch.float32).min, torch.float32, seed=53)
     tol = verify.tolerance(torch.float32, DEVICE, name)
-    for got, want in zip(answers(name, torch.float32), answers("reference", torch.float64),
-                         strict=True):
+    for got, want in zip(masked_answers(name, torch.float32, *call),
+                         masked_answers("reference", torch.float64, *call), strict=True):
         assert verify.rel_err(got, want) < tol
 
 
@@ -860,19 +868,10 @@ def test_cudnn_masked_backward_is_right_where_it_runs(seq_kv: int) -> None:
     fails this on the GPU. (Not the dtype's lowest value, as Hugging Face's masks use:
     there the lse absorbs the scores and a backward that rebuilds P from it is off for
     every kernel of that kind, NOTES run 53.)"""
-    gen = torch.Generator(device="cuda").manual_seed(seq_kv)
-    q, k, v = (torch.randn(2, 4, seq_kv, 64, device="cuda", generator=gen,
-                           dtype=torch.bfloat16) for _ in range(3))
-    hidden = torch.arange(seq_kv, device="cuda")[None, :] >= torch.tensor(
-        [seq_kv - 5, 0], device="cuda")[:, None]
-    mask = torch.zeros(2, 1, 1, seq_kv, device="cuda", dtype=torch.bfloat16).masked_fill(
-        hidden[:, None, None, :], -10000.0)
-    grad = torch.randn(2, 4, seq_kv, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    call = whole_element_hidden(seq_kv, 64, -10000.0, torch.bfloat16, seed=seq_kv)
 
     def gradients(impl: str, dtype: torch.dtype) -> tuple:
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out = attnkit.attention(*leaves, attn_mask=mask.to(dtype), impl=impl)
-        return torch.autograd.grad(out, leaves, grad.to(dtype))
+        return masked_answers(impl, dtype, *call)[1:]
 
     want = gradients("reference", torch.float64)
     answers = {"sdpa": gradients("sdpa", torch.bfloat16)}

@@ -8,7 +8,8 @@ The test suite checks chosen shapes; this draws them, so that combinations nobod
 down get checked too: lengths around the routes' thresholds (255-257, 511-512, 1280,
 1536-1537, 2048-2049, 4096), head dims 32-256 with a v head dim that differs now and
 then, grouped heads, now and then on a GPU a batch whose (batch, head) rows pass a
-CUDA grid's 65535, key lengths (0, 1, all, random), padding masks (bool and additive),
+CUDA grid's 65535, key lengths (0, 1, all, random), padding masks (bool, additive, and at
+the dtype's lowest value as Hugging Face makes them),
 general masks broadcast over the batch, the heads, both or neither, windows, explicit and
 negative scales, q, k, v as (B, H, S, D) tensors, transposed (B, S, H, D) ones or views
 into one fused QKV projection, and gradients laid out either way. On the CPU (`--device
@@ -127,7 +128,7 @@ def draw(rng: random.Random, device: str, dtypes: list[str] | None = None) -> di
         case["key_lengths"] = [rng.choice([0, 1, skv, rng.randint(1, skv), rng.randint(1, skv)])
                                for _ in range(b)]
     elif masks < 0.45:
-        case["padding"] = rng.choice(["bool", "additive"])
+        case["padding"] = rng.choice(["bool", "additive", "lowest"])
         case["padded_lengths"] = [rng.randint(0, skv) for _ in range(b)]
     elif masks < 0.5 and sq * skv <= 4e6:
         case["general_mask"] = rng.choice(["bool", "additive"])
@@ -141,8 +142,9 @@ def draw(rng: random.Random, device: str, dtypes: list[str] | None = None) -> di
 
 
 def padding_kwargs(case: dict, seq_kv: int, device: str, gen: torch.Generator) -> dict:
-    """key_lengths, or a (B, 1, 1, Skv) padding attn_mask (bool, or additive: random over
-    the kept keys, -inf past them), as the case has them."""
+    """key_lengths, or a (B, 1, 1, Skv) padding attn_mask (bool; additive: random over the
+    kept keys, -inf past them; or lowest: Hugging Face's, 0 over the kept keys and its
+    dtype's lowest value past them, in float32 for float16 calls), as the case has them."""
     kwargs = {}
     if "key_lengths" in case:
         kwargs["key_lengths"] = torch.tensor(case["key_lengths"], device=device)
@@ -150,9 +152,16 @@ def padding_kwargs(case: dict, seq_kv: int, device: str, gen: torch.Generator) -
         dtype = getattr(torch, case["dtype"])
         keep = (torch.arange(seq_kv, device=device)
                 < torch.tensor(case["padded_lengths"], device=device)[:, None])[:, None, None]
-        kwargs["attn_mask"] = keep if case["padding"] == "bool" else torch.where(
-            keep, torch.randn(keep.shape, device=device, generator=gen).to(dtype),
-            torch.tensor(-math.inf, device=device, dtype=dtype))
+        if case["padding"] == "bool":
+            kwargs["attn_mask"] = keep
+        elif case["padding"] == "additive":
+            kwargs["attn_mask"] = torch.where(
+                keep, torch.randn(keep.shape, device=device, generator=gen).to(dtype),
+                torch.tensor(-math.inf, device=device, dtype=dtype))
+        else:
+            dtype = torch.float32 if dtype == torch.float16 else dtype
+            kwargs["attn_mask"] = torch.zeros(keep.shape, device=device, dtype=dtype).masked_fill(
+                ~keep, torch.finfo(dtype).min)
     return kwargs
 
 
@@ -371,7 +380,7 @@ def draw_module(rng: random.Random, device: str, dtypes: list[str] | None = None
     if masks < 0.25:
         case["key_lengths"] = [rng.choice([0, 1, seq, rng.randint(1, seq)]) for _ in range(b)]
     elif masks < 0.45:
-        case["padding"] = rng.choice(["bool", "additive"])
+        case["padding"] = rng.choice(["bool", "additive", "lowest"])
         case["padded_lengths"] = [rng.randint(0, seq) for _ in range(b)]
     elif case["causal"]:
         blocks = [rng.choice([1, 1, 2, 7, 40, 128, 300]) for _ in range(rng.randint(1, 8))]

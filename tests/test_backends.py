@@ -25,8 +25,9 @@ from conftest import DEVICE, benchmark_script, compile_checked, skip_if_unavaila
 NAMES = [name for name in backends.BACKENDS if name not in ("reference", "triton")]
 
 # Compiling FlexAttention on a CPU takes 5-15 s per new shape or mask structure (the first
-# one 20-50 s), so there it runs five cases: a causal block mask with grouped heads, rows
-# that causality leaves empty, key_lengths with dead rows, the score_mod, and a block of
+# one 20-50 s), so there it runs six cases: a causal block mask with grouped heads, rows
+# that causality leaves empty, key_lengths with dead rows, the score_mod (twice: a random
+# mask, and one at the lowest value that hides a batch element whole), and a block of
 # queries against a cache with the main kernel forced (flex.kernel_options). The rest of its
 # mask_mod is checked without compiling, in test_flex_block_mask_...
 FLEX_CPU_CASES = {
@@ -35,13 +36,14 @@ FLEX_CPU_CASES = {
     "b2 h4/2 s17x17 d64 causal lens dead-rows",
     "b2 h4/2 s17x17 d64 additive-mask",
     "b2 h8/2 s40x300 d64 causal",
+    "b2 h4/2 s17x17 d64 lowest-mask dead-rows",
 }
 
 
 def cases_for(name: str) -> list[verify.Case]:
     cases = verify.default_cases(torch.float32)
     small_bf16 = verify.default_cases(torch.bfloat16, large=False)
-    cases += [small_bf16[i] for i in (0, 1, 2, 4, 9, 13, 15, 18)]
+    cases += [small_bf16[i] for i in (0, 1, 2, 4, 9, 13, 15, 18, 19)]
     if name == "flex" and DEVICE.type == "cpu":
         cases = [c for c in cases if c.dtype == torch.float32 and c.name in FLEX_CPU_CASES]
     return cases
@@ -726,18 +728,21 @@ def masked_answers(impl: str, dtype: torch.dtype, q, k, v, mask, grad) -> tuple:
 
 
 @pytest.mark.parametrize("name", ["naive", "einsum", "chunked", "sdpa_math"])
-def test_rows_a_mask_hides_whole_at_the_lowest_float(name: str) -> None:
-    """An additive mask at float32's lowest value (as Hugging Face's padding masks are) on
-    every key of batch element 1: s + lowest rounds to lowest, so the forward is uniform
-    over those keys, and the gradients must be of that forward. chunked rebuilt P as
-    exp(s - lse) with lse = lowest + log(n) rounded to lowest, i.e. 1 for every key, and
-    its gradients were 8-10x the oracle's (run 53); it now keeps m and log(sum) apart.
-    SDPA's CPU flash kernel has the fault still (NOTES run 53), so plain sdpa is not here."""
+def test_rows_a_huge_finite_mask_hides_whole(name: str) -> None:
+    """An additive mask of -1e38 on every key of batch element 1: not low enough to hide
+    them (masks.HIDDEN_AT_OR_BELOW), but s - 1e38 rounds to -1e38, so the forward is
+    uniform over those keys, and the gradients must be of that forward. chunked rebuilt P
+    as exp(s - lse) with lse = -1e38 + log(n) rounded to -1e38, i.e. 1 for every key, and
+    its gradients were 8-10x the oracle's (run 53, at float32's lowest value, which hides
+    its keys since run 54); it now keeps m and log(sum) apart. SDPA's CPU flash kernel
+    has the fault still (NOTES run 53), so plain sdpa is not here."""
     skip_if_unavailable(name)
-    call = whole_element_hidden(17, 16, torch.finfo(torch.float32).min, torch.float32, seed=53)
+    call = whole_element_hidden(17, 16, -1e38, torch.float32, seed=53)
     tol = verify.tolerance(torch.float32, DEVICE, name)
-    for got, want in zip(masked_answers(name, torch.float32, *call),
-                         masked_answers("reference", torch.float64, *call), strict=True):
+    answers = masked_answers(name, torch.float32, *call)
+    assert answers[0][1].abs().amin() > 0  # uniform, not a row that sees no key
+    for got, want in zip(answers, masked_answers("reference", torch.float64, *call),
+                         strict=True):
         assert verify.rel_err(got, want) < tol
 
 

@@ -7,7 +7,8 @@ re-states it in index arithmetic): query i sees key j when
     window:       i + off - left <= j <= i + off + right      (off = Skv - Sq)
     key_lengths:  j < key_lengths[b]
     bool mask:    attn_mask[b, h, i, j] is True
-and a floating mask is added to the scaled scores.
+and a floating mask is added to the scaled scores, except that an entry at or below
+HIDDEN_AT_OR_BELOW hides its key as -inf does.
 """
 
 from __future__ import annotations
@@ -20,8 +21,25 @@ from torch import Tensor
 from attnkit.call import AttentionCall
 
 __all__ = [
-    "dense_attention", "expand_kv", "masked_softmax", "score_bias", "score_dtype", "visibility",
+    "HIDDEN_AT_OR_BELOW", "dense_attention", "expand_kv", "hidden_as_inf", "masked_softmax",
+    "score_bias", "score_dtype", "visibility",
 ]
+
+# A floating mask entry at or below bfloat16's lowest finite value (-3.39e38; float32's
+# lowest is below it too) hides its key, as -inf does. Hugging Face fills padding with its
+# dtype's lowest value to mean -inf. Added to the scores it absorbs them, so a row that
+# such entries hide whole had no one answer (NOTES runs 53-54): the float64 oracle and the
+# kernels that materialize the scores gave the uniform row, the fused GPU kernels zeros
+# (their scale by log2(e) overflows to -inf there), and the backwards that rebuild the
+# probabilities from the log-sum-exp n times the gradient of the uniform row.
+HIDDEN_AT_OR_BELOW = torch.finfo(torch.bfloat16).min
+
+
+def hidden_as_inf(mask: Tensor) -> Tensor:
+    """A floating mask with its entries at or below HIDDEN_AT_OR_BELOW set to -inf."""
+    if torch.finfo(mask.dtype).min > HIDDEN_AT_OR_BELOW:
+        return mask  # float16 cannot hold such an entry (its lowest is -65504)
+    return mask.masked_fill(mask <= HIDDEN_AT_OR_BELOW, float("-inf"))
 
 
 def visibility(
@@ -69,16 +87,24 @@ def score_bias(
     dtype: torch.dtype,
     q_range: tuple[int, int] | None = None,
     k_range: tuple[int, int] | None = None,
+    *,
+    lowest_as_inf: bool = True,
 ) -> Tensor | None:
-    """Additive (B|1, Hq|1, sq, sk) bias in `dtype`: the floating mask, -inf where hidden.
+    """Additive (B|1, Hq|1, sq, sk) bias in `dtype`: the floating mask (hidden_as_inf), -inf
+    where hidden.
 
-    None when every key is visible and there is no floating mask.
+    None when every key is visible and there is no floating mask. lowest_as_inf=False
+    leaves the mask's entries at or below HIDDEN_AT_OR_BELOW as they are, one pass fewer,
+    for a caller that finds the rows they hide whole itself: on a row with a key to see,
+    exp() of such an entry is 0 as it is of -inf.
     """
     q0, q1 = q_range or (0, call.seq_q)
     k0, k1 = k_range or (0, call.seq_kv)
     bias: Tensor | None = None
     if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:
-        bias = _block(call.attn_mask, q0, q1, k0, k1).to(dtype)
+        # Before the cast, so that what hides a key is the caller's value, not its rounding.
+        bias = _block(call.attn_mask, q0, q1, k0, k1)
+        bias = (hidden_as_inf(bias) if lowest_as_inf else bias).to(dtype)
     visible = visibility(call, (q0, q1), (k0, k1))
     if visible is not None:
         mask_bias = torch.zeros(visible.shape, dtype=dtype, device=call.device)

@@ -85,8 +85,12 @@ class Case:
     """One attention problem to verify; inputs are drawn fresh by `make_inputs`.
 
     mask: None, "bool" (random (B, 1, Sq, Skv) pattern), "additive" (random floats,
-    (B, Hq, Sq, Skv)) or "padding" (the BERT-style additive (B, 1, 1, Skv) mask).
-    dead_rows: make some queries see no key at all (a zero key length, an all-False mask row).
+    (B, Hq, Sq, Skv)), "padding" (the BERT-style additive (B, 1, 1, Skv) mask) or "lowest"
+    (Hugging Face's: 0 on a random prefix of keys, the lowest value of the mask's dtype
+    after it, which hides those keys as -inf does; the mask is in the case's dtype, or in
+    float32 where that is float16, whose lowest value, -65504, is a number like any other).
+    dead_rows: make some queries see no key at all (a zero key length, an all-False mask
+    row, a mask that hides every key of batch element 0).
     scale: the softmax scale (None: 1 / sqrt(head_dim)); a large one makes large logits.
     """
 
@@ -165,9 +169,18 @@ class Case:
             if self.dead_rows:
                 bias[0] = -math.inf
             kwargs["attn_mask"] = bias.to(device=device, dtype=self.dtype)
+        elif self.mask == "lowest":
+            mask_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+            lengths = torch.randint(1, skv + 1, (b,), generator=generator)
+            if self.dead_rows:
+                lengths[0] = 0
+            padded = torch.arange(skv)[None, :] >= lengths[:, None]
+            bias = torch.zeros(b, 1, 1, skv, dtype=mask_dtype)
+            bias[padded[:, None, None, :]] = torch.finfo(mask_dtype).min
+            kwargs["attn_mask"] = bias.to(device)
         elif self.mask is not None:
             raise ValueError(
-                f"mask must be None, 'bool', 'additive' or 'padding', got {self.mask!r}"
+                f"mask must be None, 'bool', 'additive', 'padding' or 'lowest', got {self.mask!r}"
             )
         return q, k, v, kwargs
 
@@ -289,6 +302,9 @@ def default_cases(dtype: torch.dtype = torch.float32, *, large: bool = True,
         # Logits of a few tens: scores rounded to half precision before the softmax put
         # naive and einsum 2.7% off in bfloat16 (fixed in run 52).
         replace(base, seq_q=32, seq_kv=300, causal=True, scale=4.0),
+        # Hugging Face's padding mask, hiding batch element 0 whole (masks.HIDDEN_AT_OR_BELOW):
+        # the oracle gave the uniform row there and the fused GPU kernels zeros (run 53).
+        replace(base, mask="lowest", dead_rows=True),
     ]
     if large:
         cases += [

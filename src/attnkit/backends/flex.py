@@ -40,6 +40,7 @@ from attnkit.backends.base import (
     raise_recompile_limits,
 )
 from attnkit.call import AttentionCall
+from attnkit.masks import hidden_as_inf
 
 # Each new (shape, dtype, mask structure) is a recompile; past dynamo's default limit of 8
 # per function it would silently run FlexAttention eagerly, which is a dense math path.
@@ -204,10 +205,11 @@ def _closable(n: int | None, call: AttentionCall) -> int | Tensor | None:
 
 
 def score_mod(call: AttentionCall) -> Callable[..., Tensor] | None:
-    """Adds the floating attn_mask to each scaled score; None without one."""
+    """Adds the floating attn_mask (masks.hidden_as_inf) to each scaled score; None without
+    one."""
     if call.attn_mask is None or call.attn_mask.dtype == torch.bool:
         return None
-    bias = call.attn_mask.expand(call.batch, call.heads_q, call.seq_q, call.seq_kv)
+    bias = hidden_as_inf(call.attn_mask).expand(call.batch, call.heads_q, call.seq_q, call.seq_kv)
 
     def add_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return score + bias[b, h, q_idx, kv_idx]

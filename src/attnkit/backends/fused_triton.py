@@ -550,6 +550,8 @@ def _apply_mask(s, mask_base, qi, kj, stride_mm, stride_mn, Sq, Skv,
         s = tl.where(allowed != 0, s, float("-inf"))
     else:
         bias = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
+        # An entry at or below masks.HIDDEN_AT_OR_BELOW (-3.39e38) overflows to -inf here,
+        # so it hides its key as the contract says, with no pass over the mask beforehand.
         s = s + bias * 1.4426950408889634
     return s
 

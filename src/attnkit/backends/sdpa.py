@@ -13,7 +13,8 @@ Mapping the contract onto SDPA:
   (AttentionCall.has_mask is False). Causal alone with 1 < Sq <= Skv -> its band as a bool
   mask, and no dead-row handling (below): every row sees at least its own key.
 - masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
-  the additive masks.score_bias in the input dtype.
+  the additive masks.score_bias in the input dtype, whose entries at or below
+  masks.HIDDEN_AT_OR_BELOW count as hidden keys in the dead-row check below.
 - Hq != Hkv -> enable_gqa=True; a pinned kernel that rejects it gets k/v repeated instead.
 - A row that sees no key: the mask is opened on that row (so no kernel ever sees a fully
   masked row, whose handling differs between kernels and versions) and its output is
@@ -41,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit.backends.base import NO_FORWARD_AD, Backend, Result, always_available, cuda_only
 from attnkit.call import AttentionCall
-from attnkit.masks import expand_kv, score_bias, visibility
+from attnkit.masks import HIDDEN_AT_OR_BELOW, expand_kv, score_bias, visibility
 
 NO_LSE = "scaled_dot_product_attention does not return the log-sum-exp (return_lse=True)"
 # pytorch/pytorch#196678: with an explicit attn_mask, cuDNN's backward scores the padded
@@ -92,8 +93,10 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     # Dead rows as one tensor, used twice (here and on the output): each small op is a
     # kernel launch, and at module sizes launches are what the GPU waits on.
     if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:
-        mask = score_bias(call, call.dtype)
-        dead = (mask == float("-inf")).all(dim=-1, keepdim=True)
+        # Entries at or below HIDDEN_AT_OR_BELOW stay as they are (no pass to make them
+        # -inf): the rows they hide whole are dead here, and elsewhere they weigh 0.
+        mask = score_bias(call, call.dtype, lowest_as_inf=False)
+        dead = (mask <= HIDDEN_AT_OR_BELOW).all(dim=-1, keepdim=True)
         mask = torch.where(dead, 0.0, mask)
     else:
         mask = visibility(call)

@@ -10,7 +10,8 @@ once when the query rows alone leave the GPU's multiprocessors idle (`_kv_splits
 the split buys, and `triton kernels` the default choices, all three launched without
 attention()'s host work. With grouped heads, one program's tile holds the query rows of a kv
 group's heads (`_packs_group`), so K and V are loaded once per group; `triton, heads
-apart` forces a program per query head, which loads them once per query head. Each
+apart` forces a program per query head, which loads them once per query head. `auto`
+is attention()'s own choice (the row's "auto_picks" names it). Each
 output is checked against `sdpa` on the same inputs first. Each is timed twice: by
 do_bench, which includes host time (a decoding step of a few microseconds of GPU work is
 host-bound), and replayed from a CUDA graph, which is GPU time alone.
@@ -38,11 +39,15 @@ from attnkit import attention
 from attnkit.backends import fused_triton as ft
 from attnkit.bench import environment
 from attnkit.call import make_call
+from attnkit.functional import select
 from attnkit.verify import rel_err
 
 # (batch, query heads, kv heads, query rows, cached keys, head dim)
+# The last three are blocks of new queries (a speculative step, a chunk of a prefill),
+# which `auto` sends to `triton` first (fused_triton._leads_a_block).
 SHAPES = [(1, 32, 8, 1, 4096, 128), (1, 32, 8, 1, 16384, 128), (1, 32, 8, 1, 65536, 128),
-          (8, 32, 8, 1, 16384, 128), (1, 32, 32, 1, 16384, 128), (4, 32, 8, 4, 16384, 128)]
+          (8, 32, 8, 1, 16384, 128), (1, 32, 32, 1, 16384, 128), (4, 32, 8, 4, 16384, 128),
+          (1, 32, 8, 16, 16384, 128), (1, 32, 8, 256, 16384, 128), (1, 32, 8, 4, 4096, 64)]
 
 
 SPLIT_SHAPES = [(1, 32, 8, 1, 1024, 128), (1, 32, 8, 1, 2048, 128), (1, 32, 8, 1, 4096, 128),
@@ -101,12 +106,13 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
         "triton, heads apart": lambda: ft._forward(call, 0, packed=False)[0],
         "sdpa": lambda: attention(q, k, v, causal=True, impl="sdpa"),
         "flex": lambda: attention(q, k, v, causal=True, impl="flex"),
+        "auto": lambda: attention(q, k, v, causal=True),
     }
     want = runs["sdpa"]()
     kv_bytes = 2 * k.numel() * k.element_size()
     packed = ft._packs_group(call)
     row = {"shape": list(shape), "kv_bytes": kv_bytes, "packed": packed,
-           "splits": ft._kv_splits(call, packed),
+           "splits": ft._kv_splits(call, packed), "auto_picks": select(call).name,
            "ms": {}, "graph_ms": {}, "rel_err_vs_sdpa": {}}
     for name, fn in runs.items():
         try:
@@ -131,7 +137,8 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
              f"(err {row['rel_err_vs_sdpa'][name]:.1e})"
              for name, ms in row["ms"].items() if ms is not None]
     print(f"b{b} h{hq}/{hkv} q{sq} kv{skv} d{d}, {row['splits']} ranges"
-          f"{', packed' if packed else ''}:\n  " + "\n  ".join(cells), flush=True)
+          f"{', packed' if packed else ''}, auto picks {row['auto_picks']}:\n  "
+          + "\n  ".join(cells), flush=True)
     return row
 
 

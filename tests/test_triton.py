@@ -1579,9 +1579,15 @@ def test_hopper_backward_kernels_need_tensors_tma_can_read():
     ({"d": 64, "sq": 2047, "skv": 4096}, False, False),  # 0.97x at 1k
     ({"sq": 16384, "skv": 16384}, False, False),  # D=128 full: 0.93-1.03x
     ({"d": 80, "sq": 8192, "skv": 8192}, False, False),  # no Gluon forward
+    # A block of queries against a cache: SDPA gets the band as a mask (2-14x slower).
+    ({"causal": True, "sq": 4, "skv": 16384}, False, True),
+    ({"d": 80, "causal": True, "sq": 256, "skv": 4096}, False, True),
+    ({"causal": True, "sq": 4, "skv": 16384}, True, False),
+    ({"causal": True, "sq": 1, "skv": 16384}, False, False),  # no mask: SDPA's flash led
+    ({"causal": True, "sq": 20, "skv": 17}, False, False),  # rows that see no key
+    ({"sq": 4, "skv": 16384}, False, False),  # no mask at all
 ])
-def test_auto_tries_triton_first_where_the_hopper_forward_beat_cudnn(monkeypatch, kwargs,
-                                                                     grad, leads):
+def test_auto_tries_triton_first_where_it_led(monkeypatch, kwargs, grad, leads):
     from attnkit import functional
     from attnkit.backends import fused_triton as ft
 
@@ -2029,7 +2035,9 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(ft.torch.cuda, "get_device_capability", lambda device: (8, 0))
-    assert ft.BACKEND.details(cuda) is None  # not a Hopper GPU
+    # not a Hopper GPU: only what auto runs first on every GPU
+    assert ft.BACKEND.details(cuda) == ft._BLOCK_LEAD
+    assert "causal calls of 1 < Sq < Skv (a block of new queries" in ft._BLOCK_LEAD
     assert ft.BACKEND.details(torch.device("cpu")) is None
     monkeypatch.setattr(ft.torch.cuda, "get_device_capability", lambda device: (9, 0))
     monkeypatch.setattr(ft, "_INTERPRET", False)
@@ -2050,6 +2058,7 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
         "Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on for calls of the same kinds, dropout too, with Sq >= 256 " \
         "and Skv >= 512 at D=128 (Sq >= 256 and Skv >= 1024 causal)." in ft.BACKEND.details(cuda)
+    assert ft.BACKEND.details(cuda).endswith(f". {ft._BLOCK_LEAD}")
     monkeypatch.setattr(ft, "_HOPPER_DKDV", False)
     assert "dK/dV kernel for Hopper: off: switched off" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on" in ft.BACKEND.details(cuda)

@@ -1656,12 +1656,19 @@ def _on_hopper(call: AttentionCall) -> bool:
     return call.device.type == "cuda" and _is_hopper(call.device)
 
 
+_BLOCK_LEAD = ("impl='auto' runs triton first for causal calls of 1 < Sq < Skv (a block of "
+               "new queries against a cache) with no mask tensor or key lengths when nothing "
+               "needs a gradient: SDPA would take the band as a mask")
+
+
 def _details(device: torch.device) -> str | None:
-    """On a Hopper GPU, whether the Gluon forward and backward kernels run there, and if
-    not why."""
+    """On a GPU, the calls `auto` runs here first (_leads); on a Hopper GPU also whether
+    the Gluon forward and backward kernels run there, and if not why."""
+    if device.type != "cuda":
+        return None
     unavailable = _hopper_forward_unavailable(device)
     if unavailable == _NOT_HOPPER:
-        return None
+        return _BLOCK_LEAD
     off = "switched off in this process (it did not compile here, or by hand)"
     why = unavailable or (None if _HOPPER_FORWARD else off)
     state = (f"off: {why}" if why else
@@ -1677,7 +1684,7 @@ def _details(device: torch.device) -> str | None:
         state = (f"off: {why}" if why else
                  f"on for calls of the same kinds, dropout too, with {_reach_text(reach)}")
         text += f". Gluon {kernel} kernel for Hopper: {state}"
-    return text
+    return f"{text}. {_BLOCK_LEAD}"
 
 
 def _route_text() -> str:
@@ -1732,11 +1739,26 @@ _LEADS_REACH: dict[tuple[int, bool], Reach] = {(64, False): (2048, 2048),
 
 def _leads(call: AttentionCall) -> bool:
     """Whether impl="auto" should try this backend before SDPA: a call with nothing to
-    differentiate that the Gluon forward runs, with _LEADS_REACH's Sq and Skv for its
-    head dim and causality."""
+    differentiate that is a block of queries against a cache (_leads_a_block), or that the
+    Gluon forward runs, with _LEADS_REACH's Sq and Skv for its head dim and causality."""
+    if call.needs_grad:
+        return False
     # The size check first: auto asks this of every call, short ones (decoding) above all.
-    return (_reaches(call, _LEADS_REACH.get((call.head_dim, call.causal)))
-            and not call.needs_grad and _uses_hopper_forward(call))
+    return _leads_a_block(call) or (_reaches(call, _LEADS_REACH.get((call.head_dim, call.causal)))
+                                    and _uses_hopper_forward(call))
+
+
+def _leads_a_block(call: AttentionCall) -> bool:
+    """Causal with 1 < Sq < Skv and no mask tensor or key lengths: a few new queries (a
+    speculative decoding step, a chunk of a prefill) against a cache. SDPA's is_causal is
+    aligned to the top left, so attnkit's sdpa hands it the band as an explicit mask, and
+    the mem-efficient kernel that takes it took 1.6-16x this file's forward's GPU time
+    (H200, bf16, GQA 32/8, D=64 and 128, Skv 4k-16k, Sq 2-1024, CUDA graphs), 0.94-3.9x
+    with host time (do_bench): run 54, benchmarks/results/h200-logs/prefill-probe-run54.log
+    and decode_h200_run54.json; the H100 decode set of run 13 at Sq 4: 3.5x. One query row
+    needs no mask there, and SDPA's flash kernel took 0.78-0.98x this file's GPU time."""
+    return (call.causal and 1 < call.seq_q < call.seq_kv and call.attn_mask is None
+            and call.key_lengths is None)
 
 
 # Key splits for calls with few query rows (decoding against a cache): the forward's grid

@@ -871,8 +871,8 @@ def test_cudnn_masked_backward_is_right_where_it_runs(seq_kv: int) -> None:
     gradients at the key lengths attnkit lets it run, and at the others sdpa_cudnn refuses
     and plain sdpa still gives them. A PyTorch or cuDNN release that moves the fault
     fails this on the GPU. (Not the dtype's lowest value, as Hugging Face's masks use:
-    there the lse absorbs the scores and a backward that rebuilds P from it is off for
-    every kernel of that kind, NOTES run 53.)"""
+    that hides its keys, masks.HIDDEN_AT_OR_BELOW, so such rows are dead and no kernel
+    sees them.)"""
     call = whole_element_hidden(seq_kv, 64, -10000.0, torch.bfloat16, seed=seq_kv)
 
     def gradients(impl: str, dtype: torch.dtype) -> tuple:

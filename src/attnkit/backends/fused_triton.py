@@ -1756,7 +1756,7 @@ def _leads_a_block(call: AttentionCall) -> bool:
     (H200, bf16, GQA 32/8, D=64 and 128, Skv 4k-16k, Sq 2-1024, CUDA graphs), 0.94-3.9x
     with host time (do_bench): run 54, benchmarks/results/h200-logs/prefill-probe-run54.log
     and decode_h200_run54.json; the H100 decode set of run 13 at Sq 4: 3.5x. One query row
-    needs no mask there, and SDPA's flash kernel took 0.78-0.98x this file's GPU time."""
+    needs no mask there, and SDPA's flash kernel took 0.74-0.98x this file's GPU time."""
     return (call.causal and 1 < call.seq_q < call.seq_kv and call.attn_mask is None
             and call.key_lengths is None)
 

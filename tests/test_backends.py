@@ -19,7 +19,13 @@ from attnkit.backends import flex
 from attnkit.call import make_call
 from attnkit.functional import select
 from attnkit.masks import visibility
-from conftest import DEVICE, benchmark_script, compile_checked, skip_if_unavailable
+from conftest import (
+    DEVICE,
+    benchmark_script,
+    compile_checked,
+    masks_past_the_threshold,
+    skip_if_unavailable,
+)
 
 # tests/test_triton.py covers the Triton kernel; under the interpreter it is too slow here.
 NAMES = [name for name in backends.BACKENDS if name not in ("reference", "triton")]
@@ -728,7 +734,7 @@ def masked_answers(impl: str, dtype: torch.dtype, q, k, v, mask, grad) -> tuple:
 
 
 @pytest.mark.parametrize("name", ["naive", "einsum", "chunked", "sdpa_math"])
-def test_rows_a_huge_finite_mask_hides_whole(name: str) -> None:
+def test_rows_a_huge_finite_mask_absorbs_whole(name: str) -> None:
     """An additive mask of -1e38 on every key of batch element 1: not low enough to hide
     them (masks.HIDDEN_AT_OR_BELOW), but s - 1e38 rounds to -1e38, so the forward is
     uniform over those keys, and the gradients must be of that forward. chunked rebuilt P
@@ -744,6 +750,44 @@ def test_rows_a_huge_finite_mask_hides_whole(name: str) -> None:
     for got, want in zip(answers, masked_answers("reference", torch.float64, *call),
                          strict=True):
         assert verify.rel_err(got, want) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", NAMES)
+def test_mask_entries_past_the_threshold_hide_their_keys(name: str, dtype: torch.dtype):
+    """A general float32 mask whose entries at or below masks.HIDDEN_AT_OR_BELOW hide their
+    keys (masks_past_the_threshold): the rows they hide whole come out exact zeros, and
+    out and every gradient match the oracle. -2e38 is the case a fused kernel does not
+    overflow on by itself; float16 inputs take the float32 mask as it is."""
+    skip_if_unavailable(name)
+    if name == "flex" and DEVICE.type == "cpu":
+        pytest.skip("flex compiles slowly on a CPU and has no backward there")
+    q, k, v, mask, grad = masks_past_the_threshold(seed=54)
+    answers = {}
+    for impl, work in ((name, dtype), ("reference", torch.float64)):
+        leaves = [t.to(work).requires_grad_() for t in (q, k, v)]
+        try:
+            out = attnkit.attention(*leaves, attn_mask=mask, impl=impl)
+        except attnkit.UnsupportedError as exc:
+            pytest.skip(str(exc))
+        answers[impl] = (out, *torch.autograd.grad(out, leaves, grad.to(work)))
+    assert (answers[name][0][:, :, :3] == 0).all()
+    tol = verify.tolerance(dtype, DEVICE, name)
+    for got, want in zip(answers[name], answers["reference"], strict=True):
+        assert verify.rel_err(got, want) < tol
+
+
+def test_sdpa_decides_what_a_mask_hides_before_casting_it() -> None:
+    """float16 inputs with a float32 mask of -1e9 on every key of batch element 1: -1e9 is
+    a number, so the oracle gives those rows softmax of their scores, but cast to float16
+    it is -inf, and sdpa zeroed them as rows that see no key. It now finds dead rows on the
+    caller's values and clamps the mask to float16's range before the cast."""
+    q, k, v, mask, grad = whole_element_hidden(17, 16, -1e9, torch.float32, seed=54)
+    got = attnkit.attention(q.half(), k.half(), v.half(), attn_mask=mask, impl="sdpa")
+    want = attnkit.attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                             impl="reference")
+    assert got[1].abs().amin() > 0
+    assert verify.rel_err(got, want) < verify.tolerance(torch.float16, DEVICE, "sdpa")
 
 
 def test_chunked_saves_no_scores_for_backward() -> None:

@@ -22,7 +22,7 @@ import torch
 from attnkit import MultiHeadAttention, UnsupportedError, attention
 from attnkit.backends import dropout_mask, fused_triton, hopper_backward
 from attnkit.verify import Case, check, default_cases, rel_err
-from conftest import benchmark_script
+from conftest import benchmark_script, masks_past_the_threshold
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -139,6 +139,14 @@ def test_default_matrix(device):
     for case in default_cases(DTYPE, large=CUDA):
         result = check("triton", case, device)
         assert result.skipped is None and result.passed, (case.name, result)
+
+
+def test_mask_entries_past_the_threshold_hide_their_keys(device):
+    # -2e38 times log2(e) is finite: the kernel hides it by the threshold, not by overflow.
+    q, k, v, mask, grad = masks_past_the_threshold(seed=54)
+    q, k, v = (t.to(DTYPE).requires_grad_() for t in (q, k, v))
+    assert (attention(q, k, v, attn_mask=mask, impl="triton")[:, :, :3] == 0).all()
+    _assert_matches_reference(q, k, v, grad.to(DTYPE), attn_mask=mask)
 
 
 @pytest.mark.parametrize("scale", [-40.0, 0.0, 2.5])
@@ -1579,13 +1587,15 @@ def test_hopper_backward_kernels_need_tensors_tma_can_read():
     ({"d": 64, "sq": 2047, "skv": 4096}, False, False),  # 0.97x at 1k
     ({"sq": 16384, "skv": 16384}, False, False),  # D=128 full: 0.93-1.03x
     ({"d": 80, "sq": 8192, "skv": 8192}, False, False),  # no Gluon forward
-    # A block of queries against a cache: SDPA gets the band as a mask (2-14x slower).
+    # A block of queries against a cache: SDPA gets the band as a mask (1.6-16x the time).
     ({"causal": True, "sq": 4, "skv": 16384}, False, True),
     ({"d": 80, "causal": True, "sq": 256, "skv": 4096}, False, True),
     ({"causal": True, "sq": 4, "skv": 16384}, True, False),
     ({"causal": True, "sq": 1, "skv": 16384}, False, False),  # no mask: SDPA's flash led
     ({"causal": True, "sq": 20, "skv": 17}, False, False),  # rows that see no key
     ({"sq": 4, "skv": 16384}, False, False),  # no mask at all
+    ({"causal": True, "sq": 4, "skv": 16384, "window": (64, 0)}, False, False),  # unmeasured
+    ({"causal": True, "sq": 4, "skv": 16384, "dropout_p": 0.1}, False, False),  # unmeasured
 ])
 def test_auto_tries_triton_first_where_it_led(monkeypatch, kwargs, grad, leads):
     from attnkit import functional
@@ -1595,11 +1605,26 @@ def test_auto_tries_triton_first_where_it_led(monkeypatch, kwargs, grad, leads):
     call.q.requires_grad_(grad)
     # the CPU call stands in for one on a Hopper GPU
     monkeypatch.setattr(ft, "_uses_hopper_forward", ft._hopper_forward_fits)
+    monkeypatch.setattr(ft, "_on_hopper", lambda call: True)
     monkeypatch.setitem(functional.AUTO_ORDER, "cpu", functional.AUTO_ORDER["cuda"])
     assert ft._leads(call) == leads
     assert functional.auto_order(call)[0] == ("triton" if leads else "sdpa")
     with torch.no_grad():  # nothing to differentiate, whatever requires_grad says
         assert ft._leads(call) == (leads or grad)
+
+
+def test_auto_falls_back_where_triton_leads_a_block_it_cannot_run(monkeypatch):
+    """A block of queries against a cache that triton leads but refuses (D=512) still runs:
+    auto moves on to sdpa, as it does past any refusal."""
+    from attnkit import functional
+    from attnkit.backends import fused_triton as ft
+
+    monkeypatch.setattr(ft, "_on_hopper", lambda call: True)
+    monkeypatch.setitem(functional.AUTO_ORDER, "cpu", functional.AUTO_ORDER["cuda"])
+    call = _long_call(torch.float16, d=512, causal=True, sq=4, skv=64)
+    assert "head_dim must lie in [16, 256]" in ft.BACKEND.supports(call)
+    assert ft._leads(call) and functional.auto_order(call)[0] == "triton"
+    assert functional.select(call).name == "sdpa"
 
 
 def test_hopper_forward_runs_a_config_the_gpu_test_checks():
@@ -2035,9 +2060,7 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(ft.torch.cuda, "get_device_capability", lambda device: (8, 0))
-    # not a Hopper GPU: only what auto runs first on every GPU
-    assert ft.BACKEND.details(cuda) == ft._BLOCK_LEAD
-    assert "causal calls of 1 < Sq < Skv (a block of new queries" in ft._BLOCK_LEAD
+    assert ft.BACKEND.details(cuda) is None  # not a Hopper GPU
     assert ft.BACKEND.details(torch.device("cpu")) is None
     monkeypatch.setattr(ft.torch.cuda, "get_device_capability", lambda device: (9, 0))
     monkeypatch.setattr(ft, "_INTERPRET", False)

@@ -25,14 +25,15 @@ __all__ = [
     "score_bias", "score_dtype", "visibility",
 ]
 
-# A floating mask entry at or below bfloat16's lowest finite value (-3.39e38; float32's
-# lowest is below it too) hides its key, as -inf does. Hugging Face fills padding with its
-# dtype's lowest value to mean -inf. Added to the scores it absorbs them, so a row that
-# such entries hide whole had no one answer (NOTES runs 53-54): the float64 oracle and the
-# kernels that materialize the scores gave the uniform row, the fused GPU kernels zeros
-# (their scale by log2(e) overflows to -inf there), and the backwards that rebuild the
-# probabilities from the log-sum-exp n times the gradient of the uniform row.
-HIDDEN_AT_OR_BELOW = torch.finfo(torch.bfloat16).min
+# A floating mask entry at or below -2**127 (-1.7e38) hides its key, as -inf does: the
+# lowest values of bfloat16 and float32 (-3.39e38, -3.40e38), with which Hugging Face
+# fills padding to mean -inf, and every value at which a fused kernel's scale of the bias
+# by log2(e) overflows to -inf (below -2.36e38). Added to the scores such a value absorbs
+# them, so a row that such entries hide whole had no one answer (NOTES runs 53-54): the
+# float64 oracle and the kernels that materialize the scores gave the uniform row, the
+# fused GPU kernels zeros, and the backwards that rebuild the probabilities from the
+# log-sum-exp n times the gradient of the uniform row.
+HIDDEN_AT_OR_BELOW = -(2.0**127)
 
 
 def hidden_as_inf(mask: Tensor) -> Tensor:

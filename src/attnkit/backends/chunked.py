@@ -8,10 +8,11 @@ Backward (FlashAttention-2's, written in torch ops): with delta = rowsum(dO * O)
 block recomputes its probabilities P = exp((s - m) - log(sum)) from the saved row max and
 sum and adds its share to dq, dk, dv. Autograd saves only q, k, v, out, m and log(sum), so
 scores live for one block at a time, (B, Hq, Sq, BLOCK) instead of (B, Hq, Sq, Skv), in
-training too. m and log(sum) are kept apart, not as their sum lse: where an additive mask
-at the dtype's lowest value hides a row's every key, m is that value, and m + log(sum)
-rounds to m, so exp(s - lse) gave each key 1 instead of 1/n (gradients n times too
-large, while the forward was right; run 53).
+training too. m and log(sum) are kept apart, not as their sum lse: where a huge finite
+additive mask (-1e38, say: one above masks.HIDDEN_AT_OR_BELOW, which would hide) covers a
+row's every key, m is about that value, and m + log(sum) rounds to m, so exp(s - lse)
+gave each key 1 instead of 1/n (gradients n times too large, while the forward was right;
+run 53, at float32's lowest value, which hides its keys since run 54).
 
 Grouped heads are handled by viewing q as (B, Hkv, G, Sq, D), so k/v are never repeated.
 Arithmetic runs in float32 (float64 for float64 inputs).

@@ -550,8 +550,10 @@ def _apply_mask(s, mask_base, qi, kj, stride_mm, stride_mn, Sq, Skv,
         s = tl.where(allowed != 0, s, float("-inf"))
     else:
         bias = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
-        # An entry at or below masks.HIDDEN_AT_OR_BELOW (-3.39e38) overflows to -inf here,
-        # so it hides its key as the contract says, with no pass over the mask beforehand.
+        # An entry at or below masks.HIDDEN_AT_OR_BELOW (-2**127) hides its key: here, not
+        # in a pass over the mask beforehand. (Below -2.36e38 the scale overflows to -inf
+        # by itself; above the threshold an entry is a number like any other.)
+        bias = tl.where(bias <= -1.7014118346046923e38, float("-inf"), bias)
         s = s + bias * 1.4426950408889634
     return s
 
@@ -1657,18 +1659,16 @@ def _on_hopper(call: AttentionCall) -> bool:
 
 
 _BLOCK_LEAD = ("impl='auto' runs triton first for causal calls of 1 < Sq < Skv (a block of "
-               "new queries against a cache) with no mask tensor or key lengths when nothing "
-               "needs a gradient: SDPA would take the band as a mask")
+               "new queries against a cache) with no mask tensor, key lengths, window or "
+               "dropout when nothing needs a gradient: SDPA would take the band as a mask")
 
 
 def _details(device: torch.device) -> str | None:
-    """On a GPU, the calls `auto` runs here first (_leads); on a Hopper GPU also whether
-    the Gluon forward and backward kernels run there, and if not why."""
-    if device.type != "cuda":
-        return None
+    """On a Hopper GPU, whether the Gluon forward and backward kernels run there, and if
+    not why, and the calls `auto` runs here first (_leads)."""
     unavailable = _hopper_forward_unavailable(device)
     if unavailable == _NOT_HOPPER:
-        return _BLOCK_LEAD
+        return None
     off = "switched off in this process (it did not compile here, or by hand)"
     why = unavailable or (None if _HOPPER_FORWARD else off)
     state = (f"off: {why}" if why else
@@ -1743,14 +1743,15 @@ def _leads(call: AttentionCall) -> bool:
     Gluon forward runs, with _LEADS_REACH's Sq and Skv for its head dim and causality."""
     if call.needs_grad:
         return False
-    # The size check first: auto asks this of every call, short ones (decoding) above all.
+    # The cheap checks first: auto asks this of every call, short ones (decoding) above all.
     return _leads_a_block(call) or (_reaches(call, _LEADS_REACH.get((call.head_dim, call.causal)))
                                     and _uses_hopper_forward(call))
 
 
 def _leads_a_block(call: AttentionCall) -> bool:
-    """Causal with 1 < Sq < Skv and no mask tensor or key lengths: a few new queries (a
-    speculative decoding step, a chunk of a prefill) against a cache. SDPA's is_causal is
+    """Causal with 1 < Sq < Skv, on a Hopper GPU, with no mask tensor, key lengths, window
+    or dropout (none measured): a few new queries (a speculative decoding step, a chunk of
+    a prefill) against a cache. SDPA's is_causal is
     aligned to the top left, so attnkit's sdpa hands it the band as an explicit mask, and
     the mem-efficient kernel that takes it took 1.6-16x this file's forward's GPU time
     (H200, bf16, GQA 32/8, D=64 and 128, Skv 4k-16k, Sq 2-1024, CUDA graphs), 0.94-3.9x
@@ -1758,7 +1759,8 @@ def _leads_a_block(call: AttentionCall) -> bool:
     and decode_h200_run54.json; the H100 decode set of run 13 at Sq 4: 3.5x. One query row
     needs no mask there, and SDPA's flash kernel took 0.74-0.98x this file's GPU time."""
     return (call.causal and 1 < call.seq_q < call.seq_kv and call.attn_mask is None
-            and call.key_lengths is None)
+            and call.key_lengths is None and call.window is None and call.dropout_p == 0.0
+            and _on_hopper(call))
 
 
 # Key splits for calls with few query rows (decoding against a cache): the forward's grid

@@ -13,8 +13,9 @@ Mapping the contract onto SDPA:
   (AttentionCall.has_mask is False). Causal alone with 1 < Sq <= Skv -> its band as a bool
   mask, and no dead-row handling (below): every row sees at least its own key.
 - masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
-  the additive masks.score_bias in the input dtype, whose entries at or below
-  masks.HIDDEN_AT_OR_BELOW count as hidden keys in the dead-row check below.
+  the additive masks.score_bias, whose entries at or below masks.HIDDEN_AT_OR_BELOW count
+  as hidden keys in the dead-row check below, cast to the input dtype after that check
+  (clamped to float16's range for float16 inputs).
 - Hq != Hkv -> enable_gqa=True; a pinned kernel that rejects it gets k/v repeated instead.
 - A row that sees no key: the mask is opened on that row (so no kernel ever sees a fully
   masked row, whose handling differs between kernels and versions) and its output is
@@ -94,10 +95,19 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     # kernel launch, and at module sizes launches are what the GPU waits on.
     if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:
         # Entries at or below HIDDEN_AT_OR_BELOW stay as they are (no pass to make them
-        # -inf): the rows they hide whole are dead here, and elsewhere they weigh 0.
-        mask = score_bias(call, call.dtype, lowest_as_inf=False)
+        # -inf): the rows they hide whole are dead here, and elsewhere they weigh 0. Both
+        # are decided on the caller's values, before the cast to q's dtype, in which a
+        # float32 -1e9 would be float16's -inf.
+        mask = score_bias(call, call.attn_mask.dtype, lowest_as_inf=False)
         dead = (mask <= HIDDEN_AT_OR_BELOW).all(dim=-1, keepdim=True)
         mask = torch.where(dead, 0.0, mask)
+        if mask.dtype != call.dtype:
+            if torch.finfo(call.dtype).min > HIDDEN_AT_OR_BELOW:
+                # float16: an entry it cannot hold goes in as its lowest value, which
+                # against any key the row sees weighs 0 all the same, and a row such
+                # entries hide whole keeps its scores, as the oracle does.
+                mask = mask.clamp_min(torch.finfo(call.dtype).min)
+            mask = mask.to(call.dtype)
     else:
         mask = visibility(call)
         dead = mask.any(dim=-1, keepdim=True).logical_not_()

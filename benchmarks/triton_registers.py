@@ -3,7 +3,8 @@
 the CPU).
 
     TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=src python benchmarks/triton_registers.py \
-        [--head-dim 128] [--causal] [--grouped] [--dropout] [--lengths] [--kernel dkdv] \
+        [--head-dim 128] [--causal] [--grouped] [--dropout] [--lengths] \
+        [--mask bool|additive|additive-rows] [--kernel dkdv] \
         [--config M,N,WARPS,STAGES ...] [--counts] [--arch 86] \
         [--out DIR]
 
@@ -38,11 +39,14 @@ import attnkit.backends.fused_triton as ft
 KERNELS = {"fwd": (ft._fwd_kernel, ft._FWD_CONFIGS),
            "dkdv": (ft._bwd_dkdv_kernel, ft._DKDV_CONFIGS),
            "dq": (ft._bwd_dq_kernel, ft._DQ_CONFIGS)}
+# --mask: (kernel_flags' mask_kind, mask_rows)
+MASKS = {"bool": (1, False), "additive": (2, False), "additive-rows": (2, True)}
 
 
 def source(fn, flags: dict) -> triton.compiler.ASTSource:
     """fn specialised like a launch on contiguous tensors with 16-aligned sizes."""
-    signature, constexprs, attrs = ft.arg_types(fn, mask_kind=0), dict(flags), {}
+    signature, constexprs = ft.arg_types(fn, mask_kind=flags["MASK_KIND"]), dict(flags)
+    attrs = {}
     for i, name in enumerate(fn.arg_names):
         if name.startswith("stride_") and name.endswith("d"):
             signature[name], constexprs[name] = "constexpr", 1
@@ -83,6 +87,9 @@ def main() -> None:
                         help="the forward loading K and V through TMA descriptors")
     parser.add_argument("--dropout", action="store_true", help="the kernels with dropout")
     parser.add_argument("--lengths", action="store_true", help="the kernels with key_lengths")
+    parser.add_argument("--mask", choices=list(MASKS), default=None,
+                        help="the kernels with an attn_mask: bool or additive, a (B, 1, 1, "
+                             "Skv) padding mask, or additive-rows, one of (B, H, Sq, Skv)")
     parser.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES")
     parser.add_argument("--kernel", action="append", choices=list(KERNELS), default=[],
                         help="only these kernels (repeatable; default: all three)")
@@ -94,14 +101,17 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write DIR/triton_registers.json")
     args = parser.parse_args()
     d = args.head_dim
+    mask_kind, mask_rows = MASKS[args.mask] if args.mask else (0, False)
     flags = ft.kernel_flags(d, d, has_left=False, has_right=args.causal,
-                            has_lengths=args.lengths, dropout=args.dropout)
+                            has_lengths=args.lengths, mask_kind=mask_kind, mask_rows=mask_rows,
+                            dropout=args.dropout)
     flags.update(GROUPED=args.grouped, TMA_OK=args.tma, TMA=args.tma)
     chosen = [tuple(int(x) for x in c.split(",")) for c in args.config]
     rows = []
     print(f"sm_{args.arch}, Triton {triton.__version__}, head dim {d}, "
           f"{'causal' if args.causal else 'full'}{', TMA' if args.tma else ''}"
-          f"{', dropout' if args.dropout else ''}{', key lengths' if args.lengths else ''}")
+          f"{', dropout' if args.dropout else ''}{', key lengths' if args.lengths else ''}"
+          f"{f', {args.mask} mask' if args.mask else ''}")
     for name, (kernel, configs) in KERNELS.items():
         if args.kernel and name not in args.kernel:
             continue
@@ -131,7 +141,7 @@ def main() -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "triton_registers.json"), "w") as f:
             json.dump({"triton": triton.__version__, "arch": args.arch, "head_dim": d,
-                       "causal": args.causal,
+                       "causal": args.causal, "mask": args.mask,
                        "grouped": args.grouped, "tma": args.tma, "rows": rows}, f, indent=1)
 
 

@@ -23,14 +23,14 @@ compile_checked = pytest.mark.skipif(
 
 def masks_past_the_threshold(seed: int) -> tuple[torch.Tensor, ...]:
     """q, k, v (2, 2, 9, 16) and a general float32 (2, 2, 9, 12) mask, on DEVICE, whose
-    entries at or below masks.HIDDEN_AT_OR_BELOW hide: row 0 of every (batch, head) wholly
-    at -2e38 (hidden, yet finite after a fused kernel's scale by log2(e)), row 1 at float32's
+    entries below masks.HIDDEN_BELOW hide: row 0 of every (batch, head) wholly at -2.4e38
+    (above bfloat16's lowest value, below the bound), row 1 at float32's
     lowest, row 2 at -inf; elsewhere random scores with a third of the keys at one of the
     three. Returns q, k, v, the mask and an output gradient."""
     gen = torch.Generator().manual_seed(seed)
     q, grad = (torch.randn(2, 2, 9, 16, generator=gen) for _ in range(2))
     k, v = (torch.randn(2, 2, 12, 16, generator=gen) for _ in range(2))
-    hides = torch.tensor([-2e38, torch.finfo(torch.float32).min, -torch.inf])
+    hides = torch.tensor([-2.4e38, torch.finfo(torch.float32).min, -torch.inf])
     mask = torch.randn(2, 2, 9, 12, generator=gen)
     some = torch.rand(2, 2, 9, 12, generator=gen) < 1 / 3
     mask[some] = hides[torch.randint(0, 3, (int(some.sum()),), generator=gen)]

@@ -736,7 +736,7 @@ def masked_answers(impl: str, dtype: torch.dtype, q, k, v, mask, grad) -> tuple:
 @pytest.mark.parametrize("name", ["naive", "einsum", "chunked", "sdpa_math"])
 def test_rows_a_huge_finite_mask_absorbs_whole(name: str) -> None:
     """An additive mask of -1e38 on every key of batch element 1: not low enough to hide
-    them (masks.HIDDEN_AT_OR_BELOW), but s - 1e38 rounds to -1e38, so the forward is
+    them (masks.HIDDEN_BELOW), but s - 1e38 rounds to -1e38, so the forward is
     uniform over those keys, and the gradients must be of that forward. chunked rebuilt P
     as exp(s - lse) with lse = -1e38 + log(n) rounded to -1e38, i.e. 1 for every key, and
     its gradients were 8-10x the oracle's (run 53, at float32's lowest value, which hides
@@ -755,10 +755,11 @@ def test_rows_a_huge_finite_mask_absorbs_whole(name: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("name", NAMES)
 def test_mask_entries_past_the_threshold_hide_their_keys(name: str, dtype: torch.dtype):
-    """A general float32 mask whose entries at or below masks.HIDDEN_AT_OR_BELOW hide their
-    keys (masks_past_the_threshold): the rows they hide whole come out exact zeros, and
-    out and every gradient match the oracle. -2e38 is the case a fused kernel does not
-    overflow on by itself; float16 inputs take the float32 mask as it is."""
+    """A general float32 mask whose entries below masks.HIDDEN_BELOW hide their keys
+    (masks_past_the_threshold): the rows they hide whole come out exact zeros, and out and
+    every gradient match the oracle. -2.4e38 is above bfloat16's lowest value, the rule's
+    first threshold (d55723b), and below the bound; float16 inputs take the float32 mask
+    as it is."""
     skip_if_unavailable(name)
     if name == "flex" and DEVICE.type == "cpu":
         pytest.skip("flex compiles slowly on a CPU and has no backward there")
@@ -915,7 +916,7 @@ def test_cudnn_masked_backward_is_right_where_it_runs(seq_kv: int) -> None:
     gradients at the key lengths attnkit lets it run, and at the others sdpa_cudnn refuses
     and plain sdpa still gives them. A PyTorch or cuDNN release that moves the fault
     fails this on the GPU. (Not the dtype's lowest value, as Hugging Face's masks use:
-    that hides its keys, masks.HIDDEN_AT_OR_BELOW, so such rows are dead and no kernel
+    that hides its keys, masks.HIDDEN_BELOW, so such rows are dead and no kernel
     sees them.)"""
     call = whole_element_hidden(seq_kv, 64, -10000.0, torch.bfloat16, seed=seq_kv)
 

@@ -1,5 +1,5 @@
 """The oracle itself, checked against a per-element loop written straight from DESIGN.md
-(and the one rule attnkit adds to it: masks.HIDDEN_AT_OR_BELOW)."""
+(and the one rule attnkit adds to it: masks.HIDDEN_BELOW)."""
 
 import math
 
@@ -37,7 +37,7 @@ def attention_by_loops(q, k, v, *, causal, key_lengths, attn_mask, window, scale
                         if attn_mask.dtype == torch.bool:
                             if not m:
                                 continue
-                        elif float(m) <= -(2.0**127):
+                        elif float(m) < -torch.finfo(torch.float32).max / math.log2(math.e):
                             continue  # Hugging Face's "-inf": the dtype's lowest value
                         else:
                             s += float(m)
@@ -68,6 +68,8 @@ def attention_by_loops(q, k, v, *, causal, key_lengths, attn_mask, window, scale
         (5, 6, True, None, [3, 6], "additive"),
         (5, 6, False, None, None, "bfloat16-lowest"),
         (5, 6, False, None, None, "float32-lowest"),
+        (5, 6, False, None, None, "float32-below-bound"),  # -2.37e38: hides
+        (5, 6, False, None, None, "float32-above-bound"),  # -2.35e38: added (uniform rows)
     ],
 )
 def test_reference_matches_loops(sq, skv, causal, window, lengths, mask):
@@ -82,11 +84,14 @@ def test_reference_matches_loops(sq, skv, causal, window, lengths, mask):
     elif mask == "additive":
         attn_mask = torch.randn(1, 4, sq, skv, generator=gen).double()
         attn_mask[0, 0, 0, :] = -math.inf
-    elif mask is not None and mask.endswith("-lowest"):
-        # Batch element 0 hidden whole, element 1 from key 2 on, at the lowest value.
-        dtype = getattr(torch, mask.removesuffix("-lowest"))
+    elif mask is not None:
+        # Batch element 0 covered whole, element 1 from key 2 on, at the named value.
+        dtype_name, value = mask.split("-", 1)
+        dtype = getattr(torch, dtype_name)
         attn_mask = torch.zeros(2, 1, 1, skv, dtype=dtype)
-        attn_mask[0, ..., :] = attn_mask[1, ..., 2:] = torch.finfo(dtype).min
+        attn_mask[0, ..., :] = attn_mask[1, ..., 2:] = {
+            "lowest": torch.finfo(dtype).min, "below-bound": -2.37e38,
+            "above-bound": -2.35e38}[value]
     kwargs = dict(causal=causal, key_lengths=key_lengths, attn_mask=attn_mask, window=window)
     out, lse = attnkit.attention(
         q.double(), k.double(), v.double(), impl="reference", return_lse=True, **kwargs

@@ -142,7 +142,7 @@ def test_default_matrix(device):
 
 
 def test_mask_entries_past_the_threshold_hide_their_keys(device):
-    # -2e38 times log2(e) is finite: the kernel hides it by the threshold, not by overflow.
+    # The kernel hides entries below the bound by its scale's overflow to -inf alone.
     q, k, v, mask, grad = masks_past_the_threshold(seed=54)
     q, k, v = (t.to(DTYPE).requires_grad_() for t in (q, k, v))
     assert (attention(q, k, v, attn_mask=mask, impl="triton")[:, :, :3] == 0).all()

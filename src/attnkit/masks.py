@@ -7,8 +7,8 @@ re-states it in index arithmetic): query i sees key j when
     window:       i + off - left <= j <= i + off + right      (off = Skv - Sq)
     key_lengths:  j < key_lengths[b]
     bool mask:    attn_mask[b, h, i, j] is True
-and a floating mask is added to the scaled scores, except that an entry at or below
-HIDDEN_AT_OR_BELOW hides its key as -inf does.
+and a floating mask is added to the scaled scores, except that an entry below HIDDEN_BELOW
+hides its key as -inf does.
 """
 
 from __future__ import annotations
@@ -21,26 +21,27 @@ from torch import Tensor
 from attnkit.call import AttentionCall
 
 __all__ = [
-    "HIDDEN_AT_OR_BELOW", "dense_attention", "expand_kv", "hidden_as_inf", "masked_softmax",
+    "HIDDEN_BELOW", "dense_attention", "expand_kv", "hidden_as_inf", "masked_softmax",
     "score_bias", "score_dtype", "visibility",
 ]
 
-# A floating mask entry at or below -2**127 (-1.7e38) hides its key, as -inf does: the
-# lowest values of bfloat16 and float32 (-3.39e38, -3.40e38), with which Hugging Face
-# fills padding to mean -inf, and every value at which a fused kernel's scale of the bias
-# by log2(e) overflows to -inf (below -2.36e38). Added to the scores such a value absorbs
-# them, so a row that such entries hide whole had no one answer (NOTES runs 53-54): the
-# float64 oracle and the kernels that materialize the scores gave the uniform row, the
-# fused GPU kernels zeros, and the backwards that rebuild the probabilities from the
-# log-sum-exp n times the gradient of the uniform row.
-HIDDEN_AT_OR_BELOW = -(2.0**127)
+# A floating mask entry below -3.4e38 / log2(e) (-2.36e38) hides its key, as -inf does:
+# the lowest values of bfloat16 and float32 (-3.39e38, -3.40e38), with which Hugging Face
+# fills padding to mean -inf, are below it. It is where a fused kernel's scale of the bias
+# by log2(e) overflows to -inf in float32, so the Triton kernel needs no pass over the mask
+# for it (within a unit in the last place of the bound, kernels that round otherwise may
+# differ). Added to the scores, such a value absorbs them, so a row that such entries hid
+# whole had no one answer (NOTES runs 53-54): the float64 oracle and the kernels that
+# materialize the scores gave the uniform row, the fused GPU kernels zeros, and backwards
+# that rebuild the probabilities from the log-sum-exp n times the uniform row's gradient.
+HIDDEN_BELOW = -torch.finfo(torch.float32).max / math.log2(math.e)
 
 
 def hidden_as_inf(mask: Tensor) -> Tensor:
-    """A floating mask with its entries at or below HIDDEN_AT_OR_BELOW set to -inf."""
-    if torch.finfo(mask.dtype).min > HIDDEN_AT_OR_BELOW:
+    """A floating mask with its entries below HIDDEN_BELOW set to -inf."""
+    if torch.finfo(mask.dtype).min >= HIDDEN_BELOW:
         return mask  # float16 cannot hold such an entry (its lowest is -65504)
-    return mask.masked_fill(mask <= HIDDEN_AT_OR_BELOW, float("-inf"))
+    return mask.masked_fill(mask < HIDDEN_BELOW, float("-inf"))
 
 
 def visibility(
@@ -95,7 +96,7 @@ def score_bias(
     where hidden.
 
     None when every key is visible and there is no floating mask. lowest_as_inf=False
-    leaves the mask's entries at or below HIDDEN_AT_OR_BELOW as they are, one pass fewer,
+    leaves the mask's entries below HIDDEN_BELOW as they are, one pass fewer,
     for a caller that finds the rows they hide whole itself: on a row with a key to see,
     exp() of such an entry is 0 as it is of -inf.
     """

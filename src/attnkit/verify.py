@@ -302,7 +302,7 @@ def default_cases(dtype: torch.dtype = torch.float32, *, large: bool = True,
         # Logits of a few tens: scores rounded to half precision before the softmax put
         # naive and einsum 2.7% off in bfloat16 (fixed in run 52).
         replace(base, seq_q=32, seq_kv=300, causal=True, scale=4.0),
-        # Hugging Face's padding mask, hiding batch element 0 whole (masks.HIDDEN_AT_OR_BELOW):
+        # Hugging Face's padding mask, hiding batch element 0 whole (masks.HIDDEN_BELOW):
         # the oracle gave the uniform row there and the fused GPU kernels zeros (run 54).
         replace(base, mask="lowest", dead_rows=True),
     ]

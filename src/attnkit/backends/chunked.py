@@ -9,7 +9,7 @@ block recomputes its probabilities P = exp((s - m) - log(sum)) from the saved ro
 sum and adds its share to dq, dk, dv. Autograd saves only q, k, v, out, m and log(sum), so
 scores live for one block at a time, (B, Hq, Sq, BLOCK) instead of (B, Hq, Sq, Skv), in
 training too. m and log(sum) are kept apart, not as their sum lse: where a huge finite
-additive mask (-1e38, say: one above masks.HIDDEN_AT_OR_BELOW, which would hide) covers a
+additive mask (-1e38, say: one above masks.HIDDEN_BELOW, below which it would hide) covers a
 row's every key, m is about that value, and m + log(sum) rounds to m, so exp(s - lse)
 gave each key 1 instead of 1/n (gradients n times too large, while the forward was right;
 run 53, at float32's lowest value, which hides its keys since run 54).

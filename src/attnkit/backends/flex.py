@@ -40,7 +40,7 @@ from attnkit.backends.base import (
     raise_recompile_limits,
 )
 from attnkit.call import AttentionCall
-from attnkit.masks import HIDDEN_AT_OR_BELOW
+from attnkit.masks import HIDDEN_BELOW
 
 # Each new (shape, dtype, mask structure) is a recompile; past dynamo's default limit of 8
 # per function it would silently run FlexAttention eagerly, which is a dense math path.
@@ -205,8 +205,8 @@ def _closable(n: int | None, call: AttentionCall) -> int | Tensor | None:
 
 
 def score_mod(call: AttentionCall) -> Callable[..., Tensor] | None:
-    """Adds the floating attn_mask to each scaled score, an entry at or below
-    masks.HIDDEN_AT_OR_BELOW as -inf; None without one."""
+    """Adds the floating attn_mask to each scaled score, an entry below
+    masks.HIDDEN_BELOW as -inf; None without one."""
     if call.attn_mask is None or call.attn_mask.dtype == torch.bool:
         return None
     # The threshold is applied in the kernel, entry by entry: a pass over the mask first
@@ -215,7 +215,7 @@ def score_mod(call: AttentionCall) -> Callable[..., Tensor] | None:
 
     def add_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         entry = bias[b, h, q_idx, kv_idx]
-        return torch.where(entry <= HIDDEN_AT_OR_BELOW, float("-inf"), score + entry)
+        return torch.where(entry < HIDDEN_BELOW, float("-inf"), score + entry)
 
     return add_bias
 

@@ -550,10 +550,8 @@ def _apply_mask(s, mask_base, qi, kj, stride_mm, stride_mn, Sq, Skv,
         s = tl.where(allowed != 0, s, float("-inf"))
     else:
         bias = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
-        # An entry at or below masks.HIDDEN_AT_OR_BELOW (-2**127) hides its key: here, not
-        # in a pass over the mask beforehand. (Below -2.36e38 the scale overflows to -inf
-        # by itself; above the threshold an entry is a number like any other.)
-        bias = tl.where(bias <= -1.7014118346046923e38, float("-inf"), bias)
+        # An entry below masks.HIDDEN_BELOW (-3.4e38 / log2 e) overflows to -inf here, which
+        # is how the contract's threshold was chosen: no pass over the mask is needed.
         s = s + bias * 1.4426950408889634
     return s
 

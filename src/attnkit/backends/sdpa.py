@@ -13,7 +13,7 @@ Mapping the contract onto SDPA:
   (AttentionCall.has_mask is False). Causal alone with 1 < Sq <= Skv -> its band as a bool
   mask, and no dead-row handling (below): every row sees at least its own key.
 - masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
-  the additive masks.score_bias, whose entries at or below masks.HIDDEN_AT_OR_BELOW count
+  the additive masks.score_bias, whose entries below masks.HIDDEN_BELOW count
   as hidden keys in the dead-row check below, cast to the input dtype after that check
   (clamped to float16's range for float16 inputs).
 - Hq != Hkv -> enable_gqa=True; a pinned kernel that rejects it gets k/v repeated instead.
@@ -43,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit.backends.base import NO_FORWARD_AD, Backend, Result, always_available, cuda_only
 from attnkit.call import AttentionCall
-from attnkit.masks import HIDDEN_AT_OR_BELOW, expand_kv, score_bias, visibility
+from attnkit.masks import HIDDEN_BELOW, expand_kv, score_bias, visibility
 
 NO_LSE = "scaled_dot_product_attention does not return the log-sum-exp (return_lse=True)"
 # pytorch/pytorch#196678: with an explicit attn_mask, cuDNN's backward scores the padded
@@ -94,15 +94,15 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     # Dead rows as one tensor, used twice (here and on the output): each small op is a
     # kernel launch, and at module sizes launches are what the GPU waits on.
     if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:
-        # Entries at or below HIDDEN_AT_OR_BELOW stay as they are (no pass to make them
+        # Entries below HIDDEN_BELOW stay as they are (no pass to make them
         # -inf): the rows they hide whole are dead here, and elsewhere they weigh 0. Both
         # are decided on the caller's values, before the cast to q's dtype, in which a
         # float32 -1e9 would be float16's -inf.
         mask = score_bias(call, call.attn_mask.dtype, lowest_as_inf=False)
-        dead = (mask <= HIDDEN_AT_OR_BELOW).all(dim=-1, keepdim=True)
+        dead = (mask < HIDDEN_BELOW).all(dim=-1, keepdim=True)
         mask = torch.where(dead, 0.0, mask)
         if mask.dtype != call.dtype:
-            if torch.finfo(call.dtype).min > HIDDEN_AT_OR_BELOW:
+            if torch.finfo(call.dtype).min >= HIDDEN_BELOW:
                 # float16: an entry it cannot hold goes in as its lowest value, which
                 # against any key the row sees weighs 0 all the same, and a row such
                 # entries hide whole keeps its scores, as the oracle does.

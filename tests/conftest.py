@@ -24,9 +24,9 @@ compile_checked = pytest.mark.skipif(
 def masks_past_the_threshold(seed: int) -> tuple[torch.Tensor, ...]:
     """q, k, v (2, 2, 9, 16) and a general float32 (2, 2, 9, 12) mask, on DEVICE, whose
     entries below masks.HIDDEN_BELOW hide: row 0 of every (batch, head) wholly at -2.4e38
-    (above bfloat16's lowest value, below the bound), row 1 at float32's
-    lowest, row 2 at -inf; elsewhere random scores with a third of the keys at one of the
-    three. Returns q, k, v, the mask and an output gradient."""
+    (above bfloat16's lowest value, below the bound), row 1 at float32's lowest, row 2 at
+    -inf; elsewhere random scores with a third of the keys at one of the three. Returns
+    q, k, v, the mask and an output gradient."""
     gen = torch.Generator().manual_seed(seed)
     q, grad = (torch.randn(2, 2, 9, 16, generator=gen) for _ in range(2))
     k, v = (torch.randn(2, 2, 12, 16, generator=gen) for _ in range(2))

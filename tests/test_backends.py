@@ -736,8 +736,8 @@ def masked_answers(impl: str, dtype: torch.dtype, q, k, v, mask, grad) -> tuple:
 @pytest.mark.parametrize("name", ["naive", "einsum", "chunked", "sdpa_math"])
 def test_rows_a_huge_finite_mask_absorbs_whole(name: str) -> None:
     """An additive mask of -1e38 on every key of batch element 1: not low enough to hide
-    them (masks.HIDDEN_BELOW), but s - 1e38 rounds to -1e38, so the forward is
-    uniform over those keys, and the gradients must be of that forward. chunked rebuilt P
+    them (masks.HIDDEN_BELOW), but s - 1e38 rounds to -1e38, so the forward is uniform
+    over those keys, and the gradients must be of that forward. chunked rebuilt P
     as exp(s - lse) with lse = -1e38 + log(n) rounded to -1e38, i.e. 1 for every key, and
     its gradients were 8-10x the oracle's (run 53, at float32's lowest value, which hides
     its keys since run 54); it now keeps m and log(sum) apart. SDPA's CPU flash kernel

@@ -96,9 +96,9 @@ def score_bias(
     where hidden.
 
     None when every key is visible and there is no floating mask. lowest_as_inf=False
-    leaves the mask's entries below HIDDEN_BELOW as they are, one pass fewer,
-    for a caller that finds the rows they hide whole itself: on a row with a key to see,
-    exp() of such an entry is 0 as it is of -inf.
+    leaves the mask's entries below HIDDEN_BELOW as they are, one pass fewer, for a caller
+    that finds the rows they hide whole itself: on a row with a key to see, exp() of such
+    an entry is 0 as it is of -inf.
     """
     q0, q1 = q_range or (0, call.seq_q)
     k0, k1 = k_range or (0, call.seq_kv)

@@ -13,9 +13,9 @@ Mapping the contract onto SDPA:
   (AttentionCall.has_mask is False). Causal alone with 1 < Sq <= Skv -> its band as a bool
   mask, and no dead-row handling (below): every row sees at least its own key.
 - masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
-  the additive masks.score_bias, whose entries below masks.HIDDEN_BELOW count
-  as hidden keys in the dead-row check below, cast to the input dtype after that check
-  (clamped to float16's range for float16 inputs).
+  the additive masks.score_bias, whose entries below masks.HIDDEN_BELOW count as hidden
+  keys in the dead-row check below, cast to the input dtype after that check (clamped to
+  float16's range for float16 inputs).
 - Hq != Hkv -> enable_gqa=True; a pinned kernel that rejects it gets k/v repeated instead.
 - A row that sees no key: the mask is opened on that row (so no kernel ever sees a fully
   masked row, whose handling differs between kernels and versions) and its output is
@@ -94,10 +94,10 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     # Dead rows as one tensor, used twice (here and on the output): each small op is a
     # kernel launch, and at module sizes launches are what the GPU waits on.
     if call.attn_mask is not None and call.attn_mask.dtype != torch.bool:
-        # Entries below HIDDEN_BELOW stay as they are (no pass to make them
-        # -inf): the rows they hide whole are dead here, and elsewhere they weigh 0. Both
-        # are decided on the caller's values, before the cast to q's dtype, in which a
-        # float32 -1e9 would be float16's -inf.
+        # Entries below HIDDEN_BELOW stay as they are (no pass to make them -inf): the
+        # rows they hide whole are dead here, and elsewhere they weigh 0. Both are decided
+        # on the caller's values, before the cast to q's dtype, in which a float32 -1e9
+        # would be float16's -inf.
         mask = score_bias(call, call.attn_mask.dtype, lowest_as_inf=False)
         dead = (mask < HIDDEN_BELOW).all(dim=-1, keepdim=True)
         mask = torch.where(dead, 0.0, mask)

@@ -9,10 +9,10 @@ down get checked too: lengths around the routes' thresholds (255-257, 511-512, 1
 1536-1537, 2048-2049, 4096), head dims 32-256 with a v head dim that differs now and
 then, grouped heads, now and then on a GPU a batch whose (batch, head) rows pass a
 CUDA grid's 65535, key lengths (0, 1, all, random), padding masks (bool, additive, and at
-the dtype's lowest value as Hugging Face makes them),
-general masks broadcast over the batch, the heads, both or neither, windows, explicit and
-negative scales, q, k, v as (B, H, S, D) tensors, transposed (B, S, H, D) ones or views
-into one fused QKV projection, and gradients laid out either way. On the CPU (`--device
+the dtype's lowest value as Hugging Face makes them), general masks broadcast over the
+batch, the heads, both or neither, windows, explicit and negative scales, q, k, v as
+(B, H, S, D) tensors, transposed (B, S, H, D) ones or views into one fused QKV
+projection, and gradients laid out either way. On the CPU (`--device
 cpu`; `triton` then needs TRITON_INTERPRET=1) the lengths are small and the dtype float16
 unless --dtypes says otherwise.
 
@@ -328,9 +328,8 @@ def compare(impl: str, got: tuple[tuple, tuple], want: tuple[tuple, tuple],
 def each_impl(impls: list[str], check: Callable[[str, bool], dict]) -> dict[str, dict]:
     """check(impl, grads=True) of each of impls (compare's errors and failed checks); where
     the impl refuses to differentiate the call (flex on a CPU, cuDNN with a mask at
-    Skv % 128 == 64), its
-    forward alone, check(impl, False), marked "forward only" with the reason, as verify
-    does; or why it refused the call, or what it raised."""
+    Skv % 128 == 64), its forward alone, check(impl, False), marked "forward only" with the
+    reason, as verify does; or why it refused the call, or what it raised."""
     results = {}
     for impl in impls:
         try:

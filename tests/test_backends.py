@@ -727,9 +727,10 @@ def whole_element_hidden(seq_kv: int, head_dim: int, hide: float, dtype: torch.d
 
 
 def masked_answers(impl: str, dtype: torch.dtype, q, k, v, mask, grad) -> tuple:
-    """(out, dq, dk, dv) of impl in dtype on whole_element_hidden's call."""
+    """(out, dq, dk, dv) of impl with q, k, v and grad in dtype and the mask as given (a
+    call of whole_element_hidden or masks_past_the_threshold)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = attnkit.attention(*leaves, attn_mask=mask.to(dtype), impl=impl)
+    out = attnkit.attention(*leaves, attn_mask=mask, impl=impl)
     return out, *torch.autograd.grad(out, leaves, grad.to(dtype))
 
 
@@ -763,18 +764,15 @@ def test_mask_entries_past_the_threshold_hide_their_keys(name: str, dtype: torch
     skip_if_unavailable(name)
     if name == "flex" and DEVICE.type == "cpu":
         pytest.skip("flex compiles slowly on a CPU and has no backward there")
-    q, k, v, mask, grad = masks_past_the_threshold(seed=54)
-    answers = {}
-    for impl, work in ((name, dtype), ("reference", torch.float64)):
-        leaves = [t.to(work).requires_grad_() for t in (q, k, v)]
-        try:
-            out = attnkit.attention(*leaves, attn_mask=mask, impl=impl)
-        except attnkit.UnsupportedError as exc:
-            pytest.skip(str(exc))
-        answers[impl] = (out, *torch.autograd.grad(out, leaves, grad.to(work)))
-    assert (answers[name][0][:, :, :3] == 0).all()
+    call = masks_past_the_threshold(seed=54)
+    try:
+        answers = masked_answers(name, dtype, *call)
+    except attnkit.UnsupportedError as exc:
+        pytest.skip(str(exc))
+    assert (answers[0][:, :, :3] == 0).all()
     tol = verify.tolerance(dtype, DEVICE, name)
-    for got, want in zip(answers[name], answers["reference"], strict=True):
+    for got, want in zip(answers, masked_answers("reference", torch.float64, *call),
+                         strict=True):
         assert verify.rel_err(got, want) < tol
 
 

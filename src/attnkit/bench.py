@@ -737,8 +737,8 @@ def run_bench(
     sizes = configs[0].label if len(configs) == 1 else (
         f"{len(configs)} configs, S {configs[0].seq}..{max(c.seq for c in configs)}")
     console.print(f"[bold]attnkit bench[/] · preset [cyan]{preset}[/] · {meta['device_name']} "
-                  f"({device}) · {dtype_name} · sizes [cyan]{sizes}[/]"
-                  f"{' · CUDA graphs' if cuda_graphs else ''}", highlight=False)
+                  f"({device}) · {dtype_name} · sizes [cyan]{sizes}[/]{_graphs(meta)}",
+                  highlight=False)
     for note in notes:
         console.print(f"  [dim]{note}[/]", highlight=False)
 

@@ -85,9 +85,9 @@ def attention(
         causal: query i sees key j when j <= i + (Skv - Sq) (bottom-right aligned).
         key_lengths: int (B,); key j of batch b is hidden when j >= key_lengths[b].
         attn_mask: bool (True = may attend) or floating (added to the scaled scores),
-            broadcastable to (B, Hq, Sq, Skv). A floating entry at or below
-            masks.HIDDEN_BELOW (-3.4e38 / log2(e), -2.36e38: the lowest values of bfloat16
-            and float32 are below it) hides its key as -inf does.
+            broadcastable to (B, Hq, Sq, Skv). A floating entry below masks.HIDDEN_BELOW
+            (-3.4e38 / log2(e), -2.36e38: the lowest values of bfloat16 and float32 are
+            below it) hides its key as -inf does.
         window: (left, right): query i sees keys in [i+off-left, i+off+right], off = Skv-Sq;
             None on a side is unbounded; an int w means (w, 0).
         scale: multiplies q @ k^T; defaults to 1/sqrt(D).

@@ -149,11 +149,15 @@ class Case:
         kwargs: dict = {"causal": self.causal, "window": self.window}
         if self.scale is not None:
             kwargs["scale"] = self.scale
-        if self.key_lengths or (self.dead_rows and self.mask is None):
+        def drawn_lengths() -> Tensor:
+            """Keys kept per batch element, in [1, Skv]; none for element 0 with dead_rows."""
             lengths = torch.randint(1, skv + 1, (b,), generator=generator)
             if self.dead_rows:
                 lengths[0] = 0
-            kwargs["key_lengths"] = lengths.to(device)
+            return lengths
+
+        if self.key_lengths or (self.dead_rows and self.mask is None):
+            kwargs["key_lengths"] = drawn_lengths().to(device)
         if self.mask == "bool":
             allowed = torch.rand(b, 1, sq, skv, generator=generator) > 0.3
             if self.dead_rows:
@@ -171,10 +175,7 @@ class Case:
             kwargs["attn_mask"] = bias.to(device=device, dtype=self.dtype)
         elif self.mask == "lowest":
             mask_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
-            lengths = torch.randint(1, skv + 1, (b,), generator=generator)
-            if self.dead_rows:
-                lengths[0] = 0
-            padded = torch.arange(skv)[None, :] >= lengths[:, None]
+            padded = torch.arange(skv)[None, :] >= drawn_lengths()[:, None]
             bias = torch.zeros(b, 1, 1, skv, dtype=mask_dtype)
             bias[padded[:, None, None, :]] = torch.finfo(mask_dtype).min
             kwargs["attn_mask"] = bias.to(device)

@@ -6,9 +6,9 @@ as in `attnkit.attention` (bool True = may attend, or additive; broadcastable to
 (B, H, S, S)). All compute the same function as `attnkit.MultiHeadAttention` on the same
 weights (`attnkit.weights.convert` moves them); the notebook's bugs are not copied. One
 exception, kept so that they are measured as their seeds wrote them: a floating mask is
-added as given, so an entry below masks.HIDDEN_BELOW does not hide its key
-by the rule alone (on a row with a key to see it weighs 0 all the same; a row it covers
-whole gets whatever the variant's kernel gives).
+added as given, so an entry below masks.HIDDEN_BELOW does not hide its key by the rule
+alone (on a row with a key to see it weighs 0 all the same; a row it covers whole gets
+whatever the variant's kernel gives).
 Sequences longer than context_length work everywhere (see `_common`).
 """
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend
 
 import attnkit
 from attnkit import backends, verify
@@ -876,6 +877,73 @@ def test_sdpa_decoding_step_needs_no_mask() -> None:
         assert verify.rel_err(got, want) < 1e-5
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seq_q, seq_kv, head_dim, heads_kv, flash", [
+    (4, 300, 64, 2, True), (17, 1000, 80, 4, True), (100, 101, 128, 1, True),
+    (2, 3, 256, 2, True), (33, 128, 72, 2, True),
+    (5, 40, 20, 2, False),  # a head dim the op would need padded: the band as a mask
+])
+def test_sdpa_runs_a_block_against_a_cache_on_the_flash_kernels_own_causal(
+        seq_q: int, seq_kv: int, head_dim: int, heads_kv: int, flash: bool,
+        dtype: torch.dtype) -> None:
+    """Causal alone with 1 < Sq < Skv (new queries against a cache) is aligned to the bottom
+    right, as the flash op's own is_causal is: plain sdpa and the pinned sdpa_flash run it
+    there with no mask tensor, grouped k/v as they are, forward and backward (the band as
+    a mask took 1.2-4.9x its GPU time forward, up to 9x forward+backward, run 55). Where
+    the op cannot run it, sdpa takes the band as a mask and sdpa_flash refuses."""
+    from attnkit.backends import sdpa
+
+    gen = torch.Generator().manual_seed(seq_q)
+    q = torch.randn(2, 4, seq_q, head_dim, generator=gen)
+    k, v = (torch.randn(2, heads_kv, seq_kv, head_dim, generator=gen) for _ in range(2))
+    grad = torch.randn(q.shape, generator=gen)
+    leaves = [t.to(DEVICE, dtype) for t in (q, k, v)]
+    for kernel, grads in ((None, False), (None, True), (SDPBackend.FLASH_ATTENTION, True)):
+        call = make_call(*(t.requires_grad_(grads) for t in leaves), causal=True)
+        args = sdpa.plan(kernel, call)[0]
+        assert args is None if kernel is not None and not flash else args.bottom_right == flash
+    exact = [t.to(DEVICE, torch.float64).requires_grad_() for t in (q, k, v)]
+    want = attnkit.attention(*exact, causal=True, impl="reference")
+    want_grads = torch.autograd.grad(want, exact, grad.to(DEVICE, torch.float64))
+    for name in ("sdpa", "sdpa_flash"):
+        if name == "sdpa_flash" and not flash:
+            with pytest.raises(attnkit.UnsupportedError, match="multiple of 8"):
+                attnkit.attention(*leaves, causal=True, impl=name)
+            continue
+        got = attnkit.attention(*leaves, causal=True, impl=name)
+        tol = verify.tolerance(dtype, DEVICE, name)
+        assert verify.rel_err(got, want) < tol
+        for g, w in zip(torch.autograd.grad(got, leaves, grad.to(DEVICE, dtype)), want_grads,
+                        strict=True):
+            assert verify.rel_err(g, w) < tol
+    with torch.no_grad():
+        got = attnkit.attention(*leaves, causal=True, impl="sdpa")
+    assert verify.rel_err(got, want) < verify.tolerance(dtype, DEVICE, "sdpa")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [False, True])
+def test_sdpa_past_the_batch_a_cuda_grid_holds(lengths: bool) -> None:
+    """The flash and cuDNN kernels put the batch in a grid dimension of at most 65535
+    blocks: at batch 65537 cuDNN raised and the flash kernel failed to launch (H200, run
+    55). Plain sdpa keeps to the efficient kernel there; the pinned two refuse."""
+    gen = torch.Generator().manual_seed(65537)
+    q, k, v, grad = (torch.randn(65537, 1, s, 16, generator=gen) for s in (1, 100, 100, 1))
+    key_lengths = torch.randint(0, 101, (65537,), generator=gen) if lengths else None
+    answers = []
+    for impl, to in (("sdpa", torch.float16), ("reference", torch.float64)):
+        leaves = [t.to(DEVICE, to).requires_grad_() for t in (q, k, v)]
+        kwargs = {} if key_lengths is None else {"key_lengths": key_lengths.to(DEVICE)}
+        out = attnkit.attention(*leaves, impl=impl, **kwargs)
+        answers.append((out, *torch.autograd.grad(out, leaves, grad.to(DEVICE, to))))
+    for got, want in zip(*answers, strict=True):
+        assert verify.rel_err(got, want) < verify.tolerance(torch.float16, DEVICE, "sdpa")
+    for name in ("sdpa_flash", "sdpa_cudnn"):
+        with pytest.raises(attnkit.UnsupportedError, match="65535"):
+            attnkit.attention(*(t.to(DEVICE, torch.float16) for t in (q, k, v)), impl=name)
+
+
 @pytest.mark.parametrize("seq_kv, kept_off", [(64, True), (192, True), (1088, True),
                                               (128, False), (384, False), (17, False),
                                               (1000, False)])
@@ -1167,26 +1235,34 @@ def test_random_calls_catch_one_wrong_row_that_the_whole_tensors_norm_does_not(m
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("causal, seq_q, seq_kv", [(True, 17, 17), (False, 256, 100),
+                                                   (True, 4, 300)])
 @pytest.mark.parametrize("name", [n for n in NAMES if not (n == "flex" and DEVICE.type == "cpu")])
-def test_causal_alone_with_a_scale_of_zero_or_below(name: str, scale: float) -> None:
-    """Causal with nothing else and Sq == Skv, where SDPA takes is_causal=True: PyTorch's
-    flash kernels (CPU and CUDA) and cuDNN multiply the scale into their -inf masked scores
-    (NaN for scale <= 0), so the sdpa backends mask explicitly there."""
+def test_a_scale_of_zero_or_below(name: str, causal: bool, seq_q: int, seq_kv: int,
+                                  scale: float) -> None:
+    """PyTorch's flash kernels (CPU and CUDA) and cuDNN multiply the scale into their -inf
+    scores: causal with Sq == Skv (SDPA's is_causal) gave NaN for scale <= 0, on the CPU
+    and the GPU, and the CUDA flash kernel inf without any mask at Skv 100 (a key block
+    it pads; H200, run 55), so the sdpa backends hand them -q and a scale above 0.
+    Half precision on a GPU, which the flash kernel needs."""
     skip_if_unavailable(name)
+    dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, 2, 17, 16, generator=gen).to(DEVICE).requires_grad_()
-               for _ in range(3))
-    call = make_call(q, k, v, causal=True, scale=scale)
-    reason = attnkit.functional.refusal(backends.get(name), call)
-    if reason is not None:
-        pytest.skip(reason)
-    grad = torch.randn(q.shape, generator=gen).to(DEVICE)
+    q = torch.randn(2, 2, seq_q, 32, generator=gen)
+    k, v = (torch.randn(2, 2, seq_kv, 32, generator=gen) for _ in range(2))
+    grad = torch.randn(q.shape, generator=gen)
     answers = []
-    for impl in (name, "reference"):
-        out = attnkit.attention(q, k, v, causal=True, scale=scale, impl=impl)
-        answers.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for impl, to in ((name, dtype), ("reference", torch.float64)):
+        leaves = [t.to(DEVICE, to).requires_grad_() for t in (q, k, v)]
+        if impl == name:
+            reason = attnkit.functional.refusal(
+                backends.get(name), make_call(*leaves, causal=causal, scale=scale))
+            if reason is not None:
+                pytest.skip(reason)
+        out = attnkit.attention(*leaves, causal=causal, scale=scale, impl=impl)
+        answers.append((out, *torch.autograd.grad(out, leaves, grad.to(DEVICE, to))))
     for got, want in zip(*answers, strict=True):
-        assert verify.rel_err(got, want) < verify.tolerance(torch.float32, DEVICE, name)
+        assert verify.rel_err(got, want) < verify.tolerance(dtype, DEVICE, name)
 
 
 @pytest.mark.parametrize("name", [*NAMES, "triton"])

@@ -1658,7 +1658,8 @@ def _on_hopper(call: AttentionCall) -> bool:
 
 _BLOCK_LEAD = ("impl='auto' runs triton first for causal calls of 1 < Sq < Skv (a block of "
                "new queries against a cache) with no mask tensor, key lengths, window or "
-               "dropout when nothing needs a gradient: SDPA would take the band as a mask")
+               "dropout when nothing needs a gradient: SDPA's flash kernel, on its own "
+               "bottom-right causal mask there, took 1.06-2.9x its GPU time")
 
 
 def _details(device: torch.device) -> str | None:
@@ -1749,13 +1750,15 @@ def _leads(call: AttentionCall) -> bool:
 def _leads_a_block(call: AttentionCall) -> bool:
     """Causal with 1 < Sq < Skv, on a Hopper GPU, with no mask tensor, key lengths, window
     or dropout (none measured): a few new queries (a speculative decoding step, a chunk of
-    a prefill) against a cache. SDPA's is_causal is aligned to the top left, so attnkit's
-    sdpa hands it the band as an explicit mask, and the mem-efficient kernel that takes it
-    took 1.6-16x this file's forward's GPU time (H200, bf16, GQA 32/8, D=64 and 128, Skv
-    4k-16k, Sq 2-1024, CUDA graphs), 0.94-3.9x with host time (do_bench): run 54,
-    benchmarks/results/h200-logs/prefill-probe-run54.log and decode_h200_run54.json; the
-    H100 decode set of run 13 at Sq 4: 3.5x. One query row needs no mask there, and SDPA's
-    flash kernel took 0.74-0.98x this file's GPU time."""
+    a prefill) against a cache. attnkit's sdpa runs them on the flash kernel's own causal
+    mask, aligned to the bottom right (since run 55; before, the band as a mask on the
+    mem-efficient kernel, 1.6-16x this file's GPU time, run 54). That took 1.06-2.9x this
+    file's forward's GPU time (H200, bf16, D=64 and 128, Skv 4k-16k, Sq 4-1024, CUDA
+    graphs; 2.7-2.9x at Sq 4-16 with 128-wide heads, 1.23x at 256, 1.06x at Sq 64 of 32
+    heads against 32): run 55, benchmarks/results/h200-logs/lower-right-times-run55.log.
+    With host time (do_bench) SDPA's is the shorter call at most of those shapes: a
+    decoding loop that cares is one for CUDA graphs. One query row needs no mask, and
+    SDPA's flash kernel took 0.74-0.98x this file's GPU time there (run 54)."""
     return (call.causal and 1 < call.seq_q < call.seq_kv and call.attn_mask is None
             and call.key_lengths is None and call.window is None and call.dropout_p == 0.0
             and _on_hopper(call))

@@ -4,14 +4,24 @@ kernels pinned with torch.nn.attention.sdpa_kernel.
 This module defines a family, so it exports `BACKENDS` (a list) rather than one `BACKEND`.
 
 Mapping the contract onto SDPA:
-- causal alone with Sq == Skv and a positive scale -> is_causal=True. SDPA's is_causal is
-  aligned to the top left, so causal with Sq != Skv (or with any other masking) becomes an
-  explicit mask; so does causal with a scale <= 0, which PyTorch's CPU flash kernel
-  multiplies into its -inf masked scores (torch 2.13: NaN in every row with a hidden key),
-  as do its CUDA flash and cuDNN kernels (torch 2.11, H200: NaN in every row).
+- A scale <= 0 goes in as -q and -scale (exact), or as q * 0 and 1: PyTorch's flash
+  kernels multiply the scale into their -inf scores, masked or padding a key block, and
+  a scale below 0 turns them into +inf: the CPU kernel gave NaN in every row with a
+  hidden key (torch 2.13), the CUDA flash and cuDNN kernels NaN in every causal row
+  (torch 2.11, H200), and the CUDA flash kernel inf without any mask where Skv was not
+  a multiple of its key block (Skv 100 and 192, H200, run 55).
+- causal alone with Sq == Skv -> is_causal=True. SDPA's is_causal is aligned to the top
+  left, so causal with Sq != Skv (or with any other masking) takes another way (below).
 - causal alone with one query row -> no mask: aligned to the bottom right, it sees every key
-  (AttentionCall.has_mask is False). Causal alone with 1 < Sq <= Skv -> its band as a bool
-  mask, and no dead-row handling (below): every row sees at least its own key.
+  (AttentionCall.has_mask is False). Causal alone with 1 < Sq < Skv -> the flash kernel's
+  own causal, which is aligned to the bottom right, through the aten op
+  under SDPA (torch.ops.aten._scaled_dot_product_flash_attention; PyTorch's
+  torch.nn.attention.bias.causal_lower_right does the same): no mask tensor, backward and
+  native grouped heads included. SDPA itself keeps flash off causal calls with Sq != Skv
+  because its is_causal means the top left there. Where the flash kernel cannot run the call
+  (float32, a head dim not a multiple of 8 or above 256, another kernel pinned), or inside
+  torch.compile (whose trace cannot ask the kernel's check), the band goes as a bool mask
+  instead, with no dead-row handling (below): every row sees at least its own key.
 - masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
   the additive masks.score_bias, whose entries below masks.HIDDEN_BELOW count as hidden
   keys in the dead-row check below, cast to the input dtype after that check (clamped to
@@ -28,6 +38,7 @@ Mapping the contract onto SDPA:
   Skv) masks); where they do (a per-head mask), their layout leads and the output comes
   back contiguous, as masked_fill's did.
 - return_lse is refused: SDPA does not return the log-sum-exp.
+- A batch past 65535 keeps off the flash and cuDNN kernels, which fail there (MAX_BATCH).
 """
 
 from __future__ import annotations
@@ -61,6 +72,15 @@ CUDNN_MASKED_GRAD = (
     "(pytorch/pytorch#196678); run it without gradients or pick another kernel"
 )
 _NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# A CUDA grid's y and z dimensions hold at most 65535 blocks, and the flash and cuDNN
+# kernels put the batch there: from batch 65536 cuDNN's graph failed to execute and from
+# 65537 (the first tried without a mask) the flash kernel failed to launch ("invalid
+# argument"), forward and backward, where the efficient kernel ran (H200, torch 2.11,
+# run 55: benchmarks/results/h200-logs/cudnn-batch-run55.log; a random call of batch
+# 65537 found it). batch * heads of 131072 ran on cuDNN.
+MAX_BATCH = 65535
+_BATCH_ANY = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_BATCH_BOUND = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,8 @@ class Arguments:
     is_causal: bool
     enable_gqa: bool
     dead: Tensor | None  # bool (B|1, Hq|1, Sq, 1): rows that see no key
+    # Causal aligned to the bottom right with no mask tensor: only the flash op runs it.
+    bottom_right: bool = False
 
 
 def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
@@ -85,7 +107,7 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
         # A decoding step (causal, one query row) is here too: an all-True mask would keep
         # SDPA off its flash kernel and cost the dead-row check and a pass over the output.
         return Arguments(k, v, None, False, gqa, None)
-    if only_causal and call.seq_q == call.seq_kv and call.scale > 0:
+    if only_causal and call.seq_q == call.seq_kv:
         return Arguments(k, v, None, True, gqa, None)
     if only_causal and call.seq_q <= call.seq_kv:
         # Aligned to the bottom right, every query sees at least its own key: no row is
@@ -115,6 +137,33 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     return Arguments(k, v, mask, False, gqa, dead)
 
 
+def positive_scale(call: AttentionCall) -> tuple[Tensor, float]:
+    """q and a scale above 0 that give `call`'s scores (module docstring): -q and -scale
+    for a scale below 0, which is exact, and q * 0 and 1 for a scale of 0."""
+    if call.scale > 0:
+        return call.q, call.scale
+    if call.scale < 0:
+        return -call.q, -call.scale
+    return call.q * 0.0, 1.0
+
+
+def bottom_right(call: AttentionCall) -> Arguments | None:
+    """Arguments for the flash op's own causal, aligned to the bottom right, where `call` is
+    causal alone with 1 < Sq < Skv and the flash kernel can run it; else None."""
+    if not (call.causal and 1 < call.seq_q < call.seq_kv and call.window is None
+            and call.key_lengths is None and call.attn_mask is None):
+        return None
+    # CUDA's flash kernel only: ROCm's is another, and CPU's flash op aligns to the top left.
+    # The op does not pad head dims as SDPA does, and its kernel's check cannot be traced.
+    if (call.device.type != "cuda" or torch.version.hip is not None or call.carries_tangents
+            or call.head_dim % 8 or call.head_dim_v != call.head_dim
+            or call.dtype not in _RULES[SDPBackend.FLASH_ATTENTION.name][0]
+            or torch.compiler.is_compiling()):
+        return None
+    args = Arguments(call.k, call.v, None, False, call.grouped, None, bottom_right=True)
+    return args if kernel_refusal(SDPBackend.FLASH_ATTENTION, call, args) is None else None
+
+
 def cudnn_masked_grad_fails_at(seq_kv: int) -> bool:
     """Whether cuDNN's masked backward can give NaN at this key length (CUDNN_MASKED_GRAD;
     benchmarks/cudnn_masked_backward.py checks it on a GPU)."""
@@ -133,6 +182,10 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
     (None, why not)."""
     if call.return_lse:
         return None, NO_LSE
+    if kernel in (None, SDPBackend.FLASH_ATTENTION) and call.batch <= MAX_BATCH:
+        flash = bottom_right(call)
+        if flash is not None:
+            return flash, None
     args = arguments(call, native_gqa=True)
     if kernel is None or kernel == SDPBackend.MATH:
         return args, None
@@ -146,6 +199,9 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
         return None, f"{kernel.name} {mask_rule}"
     if kernel == SDPBackend.CUDNN_ATTENTION and cudnn_masked_grad(call, args):
         return None, CUDNN_MASKED_GRAD
+    if kernel in _BATCH_BOUND and call.batch > MAX_BATCH:
+        return None, (f"{kernel.name} puts the batch in a CUDA grid dimension of at most "
+                      f"{MAX_BATCH} blocks; got batch {call.batch}")
     if torch.compiler.is_compiling():
         # dynamo cannot trace the kernel's own check (SDPAParams is a pybind object: a graph
         # break, or an error under fullgraph; run 51). In a traced graph the rules above
@@ -167,8 +223,8 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
 _RULES: dict[str, tuple[tuple[torch.dtype, ...], str | None]] = {
     SDPBackend.FLASH_ATTENTION.name: (
         (torch.float16, torch.bfloat16),
-        "takes no attn_mask: only no masking, causal alone with one query row, or causal "
-        "alone with Sq == Skv and a scale above 0",
+        "takes no attn_mask: only no masking, or causal alone with Sq <= Skv (with a head "
+        "dim that is a multiple of 8 where 1 < Sq < Skv; not inside torch.compile there)",
     ),
     SDPBackend.EFFICIENT_ATTENTION.name: ((torch.float16, torch.bfloat16, torch.float32), None),
     SDPBackend.CUDNN_ATTENTION.name: ((torch.float16, torch.bfloat16), None),
@@ -219,19 +275,30 @@ def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
     args, reason = planned(kernel, call)
     if args is None:
         raise AssertionError(f"sdpa run on a call it refuses: {reason}")
+    q, scale = positive_scale(call)
+    if args.bottom_right:
+        # The op's is_causal is aligned to the bottom right, and it takes grouped k/v as
+        # they are. Its output is (B, Hq, Sq, Dv) over SDPA's (B, Sq, Hq, Dv) layout.
+        out = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, args.k, args.v, call.dropout_p, is_causal=True, scale=scale
+        )[0]
+        return out, None
     sdpa = partial(
         F.scaled_dot_product_attention,
-        call.q,
+        q,
         args.k,
         args.v,
         attn_mask=args.attn_mask,
         dropout_p=call.dropout_p,
         is_causal=args.is_causal,
-        scale=call.scale,
+        scale=scale,
         enable_gqa=args.enable_gqa,
     )
     if kernel is None and call.carries_tangents:
         with sdpa_kernel(SDPBackend.MATH):  # the one kernel with a forward-mode derivative
+            out = sdpa()
+    elif kernel is None and call.batch > MAX_BATCH and call.device.type == "cuda":
+        with sdpa_kernel(_BATCH_ANY):
             out = sdpa()
     elif kernel is None and cudnn_masked_grad(call, args):
         with sdpa_kernel(_NOT_CUDNN):

@@ -38,7 +38,8 @@ Mapping the contract onto SDPA:
   Skv) masks); where they do (a per-head mask), their layout leads and the output comes
   back contiguous, as masked_fill's did.
 - return_lse is refused: SDPA does not return the log-sum-exp.
-- A batch past 65535 keeps off the flash and cuDNN kernels, which fail there (MAX_BATCH).
+- A batch past 65535 (GRID_ROWS) runs in pieces of at most that many on CUDA, where the
+  flash and cuDNN kernels failed (run_plan).
 """
 
 from __future__ import annotations
@@ -52,7 +53,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnkit.backends.base import NO_FORWARD_AD, Backend, Result, always_available, cuda_only
+from attnkit.backends.base import (
+    GRID_ROWS,
+    NO_FORWARD_AD,
+    Backend,
+    Result,
+    always_available,
+    cuda_only,
+    in_batch_pieces,
+)
 from attnkit.call import AttentionCall
 from attnkit.masks import HIDDEN_BELOW, expand_kv, score_bias, visibility
 
@@ -72,15 +81,6 @@ CUDNN_MASKED_GRAD = (
     "(pytorch/pytorch#196678); run it without gradients or pick another kernel"
 )
 _NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# A CUDA grid's y and z dimensions hold at most 65535 blocks, and the flash and cuDNN
-# kernels put the batch there: from batch 65536 cuDNN's graph failed to execute and from
-# 65537 (the first tried without a mask) the flash kernel failed to launch ("invalid
-# argument"), forward and backward, where the efficient kernel ran (H200, torch 2.11,
-# run 55: benchmarks/results/h200-logs/cudnn-batch-run55.log; a random call of batch
-# 65537 found it). batch * heads of 131072 ran on cuDNN.
-MAX_BATCH = 65535
-_BATCH_ANY = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_BATCH_BOUND = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
     (None, why not)."""
     if call.return_lse:
         return None, NO_LSE
-    if kernel in (None, SDPBackend.FLASH_ATTENTION) and call.batch <= MAX_BATCH:
+    if kernel in (None, SDPBackend.FLASH_ATTENTION):
         flash = bottom_right(call)
         if flash is not None:
             return flash, None
@@ -199,9 +199,6 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
         return None, f"{kernel.name} {mask_rule}"
     if kernel == SDPBackend.CUDNN_ATTENTION and cudnn_masked_grad(call, args):
         return None, CUDNN_MASKED_GRAD
-    if kernel in _BATCH_BOUND and call.batch > MAX_BATCH:
-        return None, (f"{kernel.name} puts the batch in a CUDA grid dimension of at most "
-                      f"{MAX_BATCH} blocks; got batch {call.batch}")
     if torch.compiler.is_compiling():
         # dynamo cannot trace the kernel's own check (SDPAParams is a pybind object: a graph
         # break, or an error under fullgraph; run 51). In a traced graph the rules above
@@ -272,6 +269,13 @@ def planned(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments |
 
 
 def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
+    if call.batch > GRID_ROWS and call.device.type == "cuda":
+        # The flash and cuDNN kernels lay the batch along a grid dimension: past GRID_ROWS,
+        # cuDNN's graph failed to execute (from batch 65536) and the flash kernel to launch
+        # ("invalid argument", batch 65537), forward and backward (H200, torch 2.11, run
+        # 55: benchmarks/results/h200-logs/cudnn-batch-run55.log). Batch * heads of
+        # 131072 ran. The efficient kernel ran any batch, but the pieces keep each kernel.
+        return in_batch_pieces(call, GRID_ROWS, partial(run_plan, kernel))
     args, reason = planned(kernel, call)
     if args is None:
         raise AssertionError(f"sdpa run on a call it refuses: {reason}")
@@ -296,9 +300,6 @@ def run_plan(kernel: SDPBackend | None, call: AttentionCall) -> Result:
     )
     if kernel is None and call.carries_tangents:
         with sdpa_kernel(SDPBackend.MATH):  # the one kernel with a forward-mode derivative
-            out = sdpa()
-    elif kernel is None and call.batch > MAX_BATCH and call.device.type == "cuda":
-        with sdpa_kernel(_BATCH_ANY):
             out = sdpa()
     elif kernel is None and cudnn_masked_grad(call, args):
         with sdpa_kernel(_NOT_CUDNN):

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 from torch.autograd import forward_ad
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnkit
 from attnkit import backends, verify
@@ -903,6 +903,8 @@ def test_sdpa_runs_a_block_against_a_cache_on_the_flash_kernels_own_causal(
         call = make_call(*(t.requires_grad_(grads) for t in leaves), causal=True)
         args = sdpa.plan(kernel, call)[0]
         assert args is None if kernel is not None and not flash else args.bottom_right == flash
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # the caller's own choice
+        assert not sdpa.plan(None, make_call(*leaves, causal=True))[0].bottom_right
     exact = [t.to(DEVICE, torch.float64).requires_grad_() for t in (q, k, v)]
     want = attnkit.attention(*exact, causal=True, impl="reference")
     want_grads = torch.autograd.grad(want, exact, grad.to(DEVICE, torch.float64))

@@ -19,7 +19,8 @@ Mapping the contract onto SDPA:
   torch.nn.attention.bias.causal_lower_right does the same): no mask tensor, backward and
   native grouped heads included. SDPA itself keeps flash off causal calls with Sq != Skv
   because its is_causal means the top left there. Where the flash kernel cannot run the call
-  (float32, a head dim not a multiple of 8 or above 256, another kernel pinned), or inside
+  (float32, a head dim not a multiple of 8 or above 256, another kernel pinned, flash
+  turned off in torch.backends.cuda for plain sdpa), or inside
   torch.compile (whose trace cannot ask the kernel's check), the band goes as a bool mask
   instead, with no dead-row handling (below): every row sees at least its own key.
 - masking without a floating mask -> a bool attn_mask from masks.visibility; with one ->
@@ -147,9 +148,10 @@ def positive_scale(call: AttentionCall) -> tuple[Tensor, float]:
     return call.q * 0.0, 1.0
 
 
-def bottom_right(call: AttentionCall) -> Arguments | None:
+def bottom_right(call: AttentionCall, pinned: bool) -> Arguments | None:
     """Arguments for the flash op's own causal, aligned to the bottom right, where `call` is
-    causal alone with 1 < Sq < Skv and the flash kernel can run it; else None."""
+    causal alone with 1 < Sq < Skv and the flash kernel can run it; else None. Unless
+    pinned, a flash kernel the caller turned off in torch.backends.cuda stays off."""
     if not (call.causal and 1 < call.seq_q < call.seq_kv and call.window is None
             and call.key_lengths is None and call.attn_mask is None):
         return None
@@ -158,7 +160,8 @@ def bottom_right(call: AttentionCall) -> Arguments | None:
     if (call.device.type != "cuda" or torch.version.hip is not None or call.carries_tangents
             or call.head_dim % 8 or call.head_dim_v != call.head_dim
             or call.dtype not in _RULES[SDPBackend.FLASH_ATTENTION.name][0]
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling()
+            or not (pinned or torch.backends.cuda.flash_sdp_enabled())):
         return None
     args = Arguments(call.k, call.v, None, False, call.grouped, None, bottom_right=True)
     return args if kernel_refusal(SDPBackend.FLASH_ATTENTION, call, args) is None else None
@@ -183,7 +186,7 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
     if call.return_lse:
         return None, NO_LSE
     if kernel in (None, SDPBackend.FLASH_ATTENTION):
-        flash = bottom_right(call)
+        flash = bottom_right(call, pinned=kernel is not None)
         if flash is not None:
             return flash, None
     args = arguments(call, native_gqa=True)

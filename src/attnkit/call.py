@@ -116,6 +116,13 @@ class AttentionCall:
         return carries_tangents(self.q, self.k, self.v)
 
     @property
+    def causal_alone(self) -> bool:
+        """Causal with no window, key lengths or mask tensor: the bottom-right-aligned
+        diagonal is all that hides a key."""
+        return (self.causal and self.window is None and self.key_lengths is None
+                and self.attn_mask is None)
+
+    @property
     def has_mask(self) -> bool:
         """True when any key is hidden from any query (beyond plain full attention). Causal
         alone hides none from one query row: aligned to the bottom right, it sees every key

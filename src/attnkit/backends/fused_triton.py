@@ -1759,8 +1759,7 @@ def _leads_a_block(call: AttentionCall) -> bool:
     With host time (do_bench) SDPA's is the shorter call at most of those shapes: a
     decoding loop that cares is one for CUDA graphs. One query row needs no mask, and
     SDPA's flash kernel took 0.74-0.98x this file's GPU time there (run 54)."""
-    return (call.causal and 1 < call.seq_q < call.seq_kv and call.attn_mask is None
-            and call.key_lengths is None and call.window is None and call.dropout_p == 0.0
+    return (call.causal_alone and 1 < call.seq_q < call.seq_kv and call.dropout_p == 0.0
             and _on_hopper(call))
 
 

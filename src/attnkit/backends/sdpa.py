@@ -102,15 +102,13 @@ def arguments(call: AttentionCall, native_gqa: bool = True) -> Arguments:
     """The SDPA arguments for `call`; k/v are repeated to Hq heads unless native_gqa."""
     k, v = (call.k, call.v) if native_gqa else expand_kv(call)
     gqa = native_gqa and call.grouped
-    only_causal = (call.causal and call.window is None and call.key_lengths is None
-                   and call.attn_mask is None)
     if not call.has_mask:
         # A decoding step (causal, one query row) is here too: an all-True mask would keep
         # SDPA off its flash kernel and cost the dead-row check and a pass over the output.
         return Arguments(k, v, None, False, gqa, None)
-    if only_causal and call.seq_q == call.seq_kv:
+    if call.causal_alone and call.seq_q == call.seq_kv:
         return Arguments(k, v, None, True, gqa, None)
-    if only_causal and call.seq_q <= call.seq_kv:
+    if call.causal_alone and call.seq_q <= call.seq_kv:
         # Aligned to the bottom right, every query sees at least its own key: no row is
         # dead, so there is nothing to open or zero.
         return Arguments(k, v, visibility(call), False, gqa, None)
@@ -152,8 +150,7 @@ def bottom_right(call: AttentionCall, pinned: bool) -> Arguments | None:
     """Arguments for the flash op's own causal, aligned to the bottom right, where `call` is
     causal alone with 1 < Sq < Skv and the flash kernel can run it; else None. Unless
     pinned, a flash kernel the caller turned off in torch.backends.cuda stays off."""
-    if not (call.causal and 1 < call.seq_q < call.seq_kv and call.window is None
-            and call.key_lengths is None and call.attn_mask is None):
+    if not (call.causal_alone and 1 < call.seq_q < call.seq_kv):
         return None
     # CUDA's flash kernel only: ROCm's is another, and CPU's flash op aligns to the top left.
     # The op does not pad head dims as SDPA does, and its kernel's check cannot be traced.

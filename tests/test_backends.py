@@ -727,12 +727,18 @@ def whole_element_hidden(seq_kv: int, head_dim: int, hide: float, dtype: torch.d
     return q, k, v, mask.to(DEVICE, dtype), grad
 
 
+def attention_and_grads(impl: str, dtype: torch.dtype, q, k, v, grad, **kwargs) -> tuple:
+    """(out, dq, dk, dv) of attention(q, k, v, impl=impl, **kwargs), with q, k, v and the
+    output's gradient grad on DEVICE in dtype."""
+    leaves = [t.detach().to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+    out = attnkit.attention(*leaves, impl=impl, **kwargs)
+    return out, *torch.autograd.grad(out, leaves, grad.to(DEVICE, dtype))
+
+
 def masked_answers(impl: str, dtype: torch.dtype, q, k, v, mask, grad) -> tuple:
-    """(out, dq, dk, dv) of impl with q, k, v and grad in dtype and the mask as given (a
-    call of whole_element_hidden or masks_past_the_threshold)."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = attnkit.attention(*leaves, attn_mask=mask, impl=impl)
-    return out, *torch.autograd.grad(out, leaves, grad.to(dtype))
+    """attention_and_grads() with the mask as given (a call of whole_element_hidden or
+    masks_past_the_threshold)."""
+    return attention_and_grads(impl, dtype, q, k, v, grad, attn_mask=mask)
 
 
 @pytest.mark.parametrize("name", ["naive", "einsum", "chunked", "sdpa_math"])
@@ -905,23 +911,19 @@ def test_sdpa_runs_a_block_against_a_cache_on_the_flash_kernels_own_causal(
         assert args is None if kernel is not None and not flash else args.bottom_right == flash
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # the caller's own choice
         assert not sdpa.plan(None, make_call(*leaves, causal=True))[0].bottom_right
-    exact = [t.to(DEVICE, torch.float64).requires_grad_() for t in (q, k, v)]
-    want = attnkit.attention(*exact, causal=True, impl="reference")
-    want_grads = torch.autograd.grad(want, exact, grad.to(DEVICE, torch.float64))
+    want = attention_and_grads("reference", torch.float64, q, k, v, grad, causal=True)
     for name in ("sdpa", "sdpa_flash"):
         if name == "sdpa_flash" and not flash:
             with pytest.raises(attnkit.UnsupportedError, match="multiple of 8"):
                 attnkit.attention(*leaves, causal=True, impl=name)
             continue
-        got = attnkit.attention(*leaves, causal=True, impl=name)
         tol = verify.tolerance(dtype, DEVICE, name)
-        assert verify.rel_err(got, want) < tol
-        for g, w in zip(torch.autograd.grad(got, leaves, grad.to(DEVICE, dtype)), want_grads,
-                        strict=True):
+        got = attention_and_grads(name, dtype, q, k, v, grad, causal=True)
+        for g, w in zip(got, want, strict=True):
             assert verify.rel_err(g, w) < tol
     with torch.no_grad():
         got = attnkit.attention(*leaves, causal=True, impl="sdpa")
-    assert verify.rel_err(got, want) < verify.tolerance(dtype, DEVICE, "sdpa")
+    assert verify.rel_err(got, want[0]) < verify.tolerance(dtype, DEVICE, "sdpa")
 
 
 @pytest.mark.gpu
@@ -935,16 +937,13 @@ def test_sdpa_past_the_batch_a_cuda_grid_holds(name: str, lengths: bool) -> None
     q, k, v, grad = (torch.randn(65537, 1, s, 16, generator=gen) for s in (1, 100, 100, 1))
     kwargs = {"key_lengths": torch.randint(0, 101, (65537,), generator=gen).to(DEVICE)
               } if lengths else {}
-    answers = []
-    for impl, to in ((name, torch.float16), ("reference", torch.float64)):
-        leaves = [t.to(DEVICE, to).requires_grad_() for t in (q, k, v)]
-        try:
-            out = attnkit.attention(*leaves, impl=impl, **kwargs)
-        except attnkit.UnsupportedError as exc:  # the flash kernel takes no key lengths
-            pytest.skip(str(exc))
-        answers.append((out, *torch.autograd.grad(out, leaves, grad.to(DEVICE, to))))
-    for got, want in zip(*answers, strict=True):
-        assert verify.rel_err(got, want) < verify.tolerance(torch.float16, DEVICE, name)
+    try:
+        got = attention_and_grads(name, torch.float16, q, k, v, grad, **kwargs)
+    except attnkit.UnsupportedError as exc:  # the flash kernel takes no key lengths
+        pytest.skip(str(exc))
+    want = attention_and_grads("reference", torch.float64, q, k, v, grad, **kwargs)
+    for g, w in zip(got, want, strict=True):
+        assert verify.rel_err(g, w) < verify.tolerance(torch.float16, DEVICE, name)
 
 
 @pytest.mark.parametrize("seq_kv, kept_off", [(64, True), (192, True), (1088, True),
@@ -1254,18 +1253,14 @@ def test_a_scale_of_zero_or_below(name: str, causal: bool, seq_q: int, seq_kv: i
     q = torch.randn(2, 2, seq_q, 32, generator=gen)
     k, v = (torch.randn(2, 2, seq_kv, 32, generator=gen) for _ in range(2))
     grad = torch.randn(q.shape, generator=gen)
-    answers = []
-    for impl, to in ((name, dtype), ("reference", torch.float64)):
-        leaves = [t.to(DEVICE, to).requires_grad_() for t in (q, k, v)]
-        if impl == name:
-            reason = attnkit.functional.refusal(
-                backends.get(name), make_call(*leaves, causal=causal, scale=scale))
-            if reason is not None:
-                pytest.skip(reason)
-        out = attnkit.attention(*leaves, causal=causal, scale=scale, impl=impl)
-        answers.append((out, *torch.autograd.grad(out, leaves, grad.to(DEVICE, to))))
-    for got, want in zip(*answers, strict=True):
-        assert verify.rel_err(got, want) < verify.tolerance(dtype, DEVICE, name)
+    try:
+        got = attention_and_grads(name, dtype, q, k, v, grad, causal=causal, scale=scale)
+    except attnkit.UnsupportedError as exc:
+        pytest.skip(str(exc))
+    want = attention_and_grads("reference", torch.float64, q, k, v, grad, causal=causal,
+                               scale=scale)
+    for g, w in zip(got, want, strict=True):
+        assert verify.rel_err(g, w) < verify.tolerance(dtype, DEVICE, name)
 
 
 @pytest.mark.parametrize("name", [*NAMES, "triton"])

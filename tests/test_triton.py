@@ -85,6 +85,33 @@ def test_forward_over_key_ranges_matches_oracle(case, device, monkeypatch):
     assert ft._merge_kernel in launched  # the forward did run over several ranges
 
 
+def test_key_ranges_of_unequal_length_merge_under_a_huge_finite_mask(device, monkeypatch):
+    """A row wholly at -1e31 is a uniform average of v in the oracle (float64 loses the
+    scores against the mask). Merged over key ranges of unequal length by each range's
+    float32 lse, the ranges got equal weights instead, whatever their key counts (run 55:
+    2.2-2.5% off at 1000 keys in ranges of 512 and 488); by their maxima and sums apart,
+    the weights are the key counts."""
+    from attnkit.backends import fused_triton as ft
+
+    _force_key_ranges(monkeypatch, 3)
+    seq_kv = 1000 if CUDA else 40  # ranges 384, 384, 232 on a GPU; 16, 16, 8 on the CPU
+    gen = torch.Generator().manual_seed(55)
+    q = torch.randn(1, 2, 2, 16, generator=gen)
+    k, v = (torch.randn(1, 2, seq_kv, 16, generator=gen) for _ in range(2))
+    mask = torch.randn(1, 1, 2, seq_kv, generator=gen)
+    mask[..., 0, :] = -1e31  # the first query row wholly; the second as scores go
+    want = attention(*(t.double() for t in (q, k, v)), attn_mask=mask.double(),
+                     impl="reference")
+    launched, launch = [], ft._launch_jitted
+    monkeypatch.setattr(ft, "_launch_jitted", lambda jitted, *args: launched.append(jitted)
+                        or launch(jitted, *args))
+    got = attention(*(t.to(device, DTYPE) for t in (q, k, v)), attn_mask=mask.to(device),
+                    impl="triton")
+    assert ft._merge_kernel in launched
+    assert torch.allclose(want[..., 0, :], v.double().mean(2), atol=1e-12)
+    assert rel_err(got.double().cpu(), want) < 1e-2, rel_err(got.double().cpu(), want)
+
+
 def _force_key_ranges(monkeypatch, ranges: int) -> None:
     """Every forward over `ranges` key ranges; on the CPU, ranges as short as the
     interpreter's key block, so that small shapes split too."""

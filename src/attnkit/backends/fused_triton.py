@@ -3,7 +3,8 @@
 Forward: one program per (query block, batch * query head) walks the key blocks it can
 see with an online softmax, so nothing of size Sq x Skv is ever stored. A call with too
 few query rows to occupy the GPU (decoding against a cache) splits the keys into ranges,
-each with its own programs, and merges their partial out and lse (`_kv_splits`). With
+each with its own programs, and merges their partial outs by their score maxima and sums
+of exponentials (`_kv_splits`). With
 fewer query rows than a tile holds and grouped heads, one program takes the rows of
 every query head of a kv group instead, so that each K/V tile is loaded once for the
 group (`_packs_group`).
@@ -689,10 +690,11 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
                 TMA_OK: tl.constexpr, SPLIT: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """SPLIT: program_id(2) takes keys [pid * kv_split, (pid + 1) * kv_split) alone and
-    writes its partial out (float32) and lse at Out + pid * stride_os and LSE + pid * B *
-    Hq * Sq, for _merge_kernel to combine. PACKED: program_id(1) is (batch, kv head), and
-    a tile's rows run over the group's query heads and their Sq queries, head-major, so
-    that K/V tiles are loaded once for the whole group (calls with few query rows)."""
+    writes its partial out (float32) at Out + pid * stride_os, and its rows' score max and
+    sum of exponentials into LSE as _merge_kernel's MAX_SUM_P lays them out. PACKED:
+    program_id(1) is (batch, kv head), and a tile's rows run over the group's query heads
+    and their Sq queries, head-major, so that K/V tiles are loaded once for the whole group
+    (calls with few query rows)."""
     tl.static_assert(TMA_OK or not TMA, "TMA loads where the host did not allow them")
     seed = dropout_mask.seed_value(seed, DROPOUT)
     # later query blocks see more keys under a causal mask: _program_tile starts them first
@@ -765,32 +767,44 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
     if DROPOUT:
         out = out / (1.0 - drop_p)
-    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i)))
-                   * 0.6931471805599453)
     o_ptrs = Out + b * stride_ob + h * stride_oh + qi[:, None] * stride_om \
         + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
-    tl.store(lse_base + rows, lse, mask=row_ok)
+    if SPLIT:
+        # The max and the sum go to the merge apart: at a score max near -1e31 (a huge
+        # finite mask) their float32 lse would no longer tell 512 keys from 488 (run 55).
+        tl.store(lse_base + rows, tl.where(dead, float("-inf"), m_i * 0.6931471805599453),
+                 mask=row_ok)
+        sums_base = lse_base + tl.num_programs(2).to(tl.int64) * tl.num_programs(1) * row_span
+        tl.store(sums_base + rows, l_i, mask=row_ok)
+    else:
+        lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i)))
+                       * 0.6931471805599453)
+        tl.store(lse_base + rows, lse, mask=row_ok)
 
 
 @_jit
-def _merge_kernel(OUT_P, LSE_P, Out, LSE, splits, Hq, Sq,
+def _merge_kernel(OUT_P, MAX_SUM_P, Out, LSE, splits, Hq, Sq,
                   stride_ob, stride_oh, stride_om, stride_od,
                   HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One query row's results of the key splits (OUT_P: contiguous (splits, B, Hq, Sq, Dv)
-    float32, LSE_P: (splits, B * Hq * Sq)) merged into its out and lse: lse = logsumexp
-    of the splits' lse, out = sum of exp(lse_s - lse) * out_s. A row that no split saw
-    keeps out 0, lse -inf."""
+    """One query row's results of the key splits merged into its out and lse. OUT_P:
+    contiguous (splits, B, Hq, Sq, Dv) float32, each split's normalized out_s; MAX_SUM_P:
+    contiguous (2, splits, B * Hq * Sq) float32, each split's score max m_s (natural log
+    units, -inf where it saw no key) and then its sum of exp(s - m_s), l_s. With w_s =
+    exp(m_s - max m) * l_s: out = sum w_s * out_s / sum w_s, lse = max m + log(sum w_s).
+    A row that no split saw keeps out 0, lse -inf."""
     row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + m
     rows = tl.num_programs(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     split_ok = offs_s < splits
-    lse_s = tl.load(LSE_P + offs_s * rows + row, mask=split_ok, other=float("-inf"))
-    top = tl.max(lse_s, 0)
+    max_s = tl.load(MAX_SUM_P + offs_s * rows + row, mask=split_ok, other=float("-inf"))
+    sum_s = tl.load(MAX_SUM_P + (splits + offs_s) * rows + row, mask=split_ok, other=0.0)
+    top = tl.max(max_s, 0)
     seen = top != float("-inf")
-    weights = tl.exp(lse_s - tl.where(seen, top, 0.0))  # 0 for a split that saw no key
+    # 0 for a split that saw no key
+    weights = tl.exp(max_s - tl.where(seen, top, 0.0)) * sum_s
     total = tl.where(seen, tl.sum(weights, 0), 1.0)
     parts = tl.load(OUT_P + (offs_s[:, None] * rows + row) * HEAD_DV + offs_dv[None, :],
                     mask=split_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
@@ -1162,7 +1176,7 @@ def arg_types(fn, mask_kind: int) -> dict[str, str]:
     (tests/test_triton_compile.py, benchmarks/triton_registers.py)."""
     tensors = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64", "OUT_P": "*fp32",
-                "LSE_P": "*fp32", "seed": "*i64",  # run's seed: a 0-d tensor the kernels read
+                "MAX_SUM_P": "*fp32", "seed": "*i64",  # run's seed: a 0-d tensor the kernels read
                 "MASK": "*u8" if mask_kind == 1 else "*bf16"}  # bool: as _mask_args views it
     sig = {}
     for name, param in zip(fn.arg_names, fn.params, strict=True):
@@ -1438,7 +1452,7 @@ def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None 
     if splits > 1:  # partial results per key range, float32, merged below
         parts = q.new_empty((splits, B, Hq, Sq, Dv), dtype=torch.float32)
         written, split_stride = parts[0], parts.stride(0)
-        written_lse = q.new_empty((splits, B * Hq * Sq), dtype=torch.float32)
+        written_lse = q.new_empty((2, splits, B * Hq * Sq), dtype=torch.float32)
 
     def grid(meta):
         return (_cdiv(rows, meta["BLOCK_M"]), row_groups, splits)

@@ -747,7 +747,6 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
         lo, full_lo, full_hi, hi = _split_range(lo, full_lo, full_hi, hi, split * kv_split,
                                                 (split + 1) * kv_split)
         Out += split.to(tl.int64) * stride_os
-        lse_base += split.to(tl.int64) * tl.num_programs(1) * row_span
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -774,10 +773,12 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
     if SPLIT:
         # The max and the sum go to the merge apart: at a score max near -1e31 (a huge
         # finite mask) their float32 lse would no longer tell 512 keys from 488 (run 55).
-        tl.store(lse_base + rows, tl.where(dead, float("-inf"), m_i * 0.6931471805599453),
-                 mask=row_ok)
-        sums_base = lse_base + tl.num_programs(2).to(tl.int64) * tl.num_programs(1) * row_span
-        tl.store(sums_base + rows, l_i, mask=row_ok)
+        # Side by side, one store here and one load there: in two arrays the decoding
+        # steps took 0.6 us longer (5%) on an H200 (run 56).
+        pair = tl.join(tl.where(dead, float("-inf"), m_i * 0.6931471805599453), l_i)
+        first = (tl.program_id(2).to(tl.int64) * tl.num_programs(1) + bh) * row_span
+        tl.store(LSE + (first + rows[:, None]) * 2 + tl.arange(0, 2)[None, :], pair,
+                 mask=row_ok[:, None])
     else:
         lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i)))
                        * 0.6931471805599453)
@@ -790,8 +791,8 @@ def _merge_kernel(OUT_P, MAX_SUM_P, Out, LSE, splits, Hq, Sq,
                   HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
     """One query row's results of the key splits merged into its out and lse. OUT_P:
     contiguous (splits, B, Hq, Sq, Dv) float32, each split's normalized out_s; MAX_SUM_P:
-    contiguous (2, splits, B * Hq * Sq) float32, each split's score max m_s (natural log
-    units, -inf where it saw no key) and then its sum of exp(s - m_s), l_s. With w_s =
+    contiguous (splits, B * Hq * Sq, 2) float32, each split's score max m_s (natural log
+    units, -inf where it saw no key) beside its sum of exp(s - m_s), l_s. With w_s =
     exp(m_s - max m) * l_s: out = sum w_s * out_s / sum w_s, lse = max m + log(sum w_s).
     A row that no split saw keeps out 0, lse -inf."""
     row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + m
@@ -799,8 +800,10 @@ def _merge_kernel(OUT_P, MAX_SUM_P, Out, LSE, splits, Hq, Sq,
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     split_ok = offs_s < splits
-    max_s = tl.load(MAX_SUM_P + offs_s * rows + row, mask=split_ok, other=float("-inf"))
-    sum_s = tl.load(MAX_SUM_P + (splits + offs_s) * rows + row, mask=split_ok, other=0.0)
+    pair = tl.load(MAX_SUM_P + (offs_s[:, None] * rows + row) * 2 + tl.arange(0, 2)[None, :],
+                   mask=split_ok[:, None], other=0.0)
+    max_s, sum_s = tl.split(pair)
+    max_s = tl.where(split_ok, max_s, float("-inf"))
     top = tl.max(max_s, 0)
     seen = top != float("-inf")
     # 0 for a split that saw no key
@@ -1452,7 +1455,7 @@ def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None 
     if splits > 1:  # partial results per key range, float32, merged below
         parts = q.new_empty((splits, B, Hq, Sq, Dv), dtype=torch.float32)
         written, split_stride = parts[0], parts.stride(0)
-        written_lse = q.new_empty((2, splits, B * Hq * Sq), dtype=torch.float32)
+        written_lse = q.new_empty((splits, B * Hq * Sq, 2), dtype=torch.float32)
 
     def grid(meta):
         return (_cdiv(rows, meta["BLOCK_M"]), row_groups, splits)

@@ -461,7 +461,15 @@ def test_prune_offers_tma_configs_only_where_allowed():
                               (128, 128, 8, 3, False),  # holds it, as TMA's (128, 128) does
                               (64, 64, 4, 3, True), (128, 64, 4, 3, True),
                               (64, 128, 4, 3, True)]),
-    ("fwd", 1, 16384, 64, 1, "all"),  # one query against a cache: no tile holds the keys
+    # one query against a cache: no tile holds the keys; 64 rows hold the query
+    ("fwd", 1, 16384, 64, 1, [(64, 64, 4, 3, False), (64, 64, 4, 3, True),
+                              (64, 128, 4, 3, True)]),
+    ("fwd", 1, 16384, 128, 4, [(64, 64, 4, 3, False), (64, 64, 4, 3, True),  # 4 packed
+                               (64, 128, 4, 3, True)]),
+    ("fwd", 16, 16384, 128, 4, [(64, 64, 4, 3, False), (64, 64, 4, 3, True),  # 64 packed
+                                (64, 128, 4, 3, True)]),
+    ("fwd", 32, 16384, 128, 4, "all"),  # 128 packed rows: every tile splits the keys
+    ("fwd", 1, 16384, 256, 4, "all"),  # wide heads keep their pair
     ("fwd", 32, 32, 64, 2, [(64, 64, 4, 3, False)]),  # a packed group of 2: 2 x 17 rows
     ("fwd", 32, 32, 64, 4, [(64, 64, 4, 3, False), (128, 64, 8, 3, False),  # 4 x 17 rows:
                             (64, 64, 4, 3, True), (64, 128, 4, 3, True)]),  # 64 split them
@@ -477,7 +485,8 @@ def test_prune_keeps_the_smallest_of_the_tiles_that_hold_the_problem(kernel, que
                                                                        head, group, kept):
     # Every tile that holds the whole problem runs one program per head and one loop
     # step, so tuning among them only costs compiles: the smallest is kept, and the tiles
-    # that split the problem stay candidates beside it.
+    # that split the problem stay candidates beside it. In the forward, tiles taller than
+    # the shortest that holds a program's rows go too.
     from attnkit.backends import fused_triton as ft
 
     variants = {"fwd": [(ft._FWD_CONFIGS, {"TMA": False}), (ft._FWD_TMA_CONFIGS, {"TMA": True})],

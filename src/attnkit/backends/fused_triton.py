@@ -164,6 +164,8 @@ def _prune(configs, named_args, kernel: str | None = None, jitted=None, **kwargs
     build at once if the autotuner goes on to time them."""
     args = {**named_args, **kwargs}
     kept = _one_tile(_by_head(configs, args, kernel), args)
+    if kernel == "fwd":
+        kept = _shortest_tiles(kept, args)
     _AHEAD.pending = None if jitted is None else (jitted, named_args, kwargs, kept)
     return kept
 
@@ -200,9 +202,7 @@ def _one_tile(configs, args: dict):
     warps, stages and no TMA as ties go); the rest would each cost the autotuner a
     compile, about a second, on shapes (17 x 17) that run in microseconds. Tiles that
     split the problem stay: more programs may finish sooner."""
-    queries, keys = _split_bucket(args["SEQ_BUCKET"])
-    if args.get("PACKED", False):  # the forward's rows run over a kv group's query heads
-        queries *= args["group"]
+    queries, keys = _program_rows(args), _split_bucket(args["SEQ_BUCKET"])[1]
     whole = [c for c in configs
              if c.kwargs["BLOCK_M"] >= queries and c.kwargs["BLOCK_N"] >= keys]
     if len(whole) < 2:
@@ -212,6 +212,29 @@ def _one_tile(configs, args: dict):
                                          c.num_stages))
     dropped = {id(c) for c in whole if c is not smallest}
     return [c for c in configs if id(c) not in dropped]
+
+
+def _program_rows(args: dict) -> int:
+    """The query rows one forward program's tile runs over, as the tuning key buckets them:
+    the query bucket, times the group where PACKED."""
+    queries, _ = _split_bucket(args["SEQ_BUCKET"])
+    return queries * args["group"] if args.get("PACKED", False) else queries
+
+
+def _shortest_tiles(configs, args: dict):
+    """The forward's candidates less those whose BLOCK_M is taller than the shortest that
+    holds a program's rows (_program_rows): a taller tile runs the same rows and leaves
+    the rest idle. On an H200, decoding steps (4 to 64 packed rows against 4k-16k keys)
+    ran (64, 64, 4, 3) in 0.77-0.88x the time of (128, 128, 8, 3) at the same key ranges,
+    and the autotuner, timing candidates ~10 us long, picked the taller tile in some
+    processes and not in others (run 56). Heads wider than 128 keep their pair (_by_head),
+    whose shorter tile has one pipeline stage: not measured there."""
+    rows = _program_rows(args)
+    holding = [c.kwargs["BLOCK_M"] for c in configs if c.kwargs["BLOCK_M"] >= rows]
+    if not holding or max(args["HEAD_D"], args["HEAD_DV"]) > 128:
+        return configs
+    shortest = min(holding)
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= shortest]
 
 
 # The autotuner builds its candidates one at a time, as it times each, and a build takes

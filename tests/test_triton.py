@@ -468,7 +468,7 @@ def test_prune_offers_tma_configs_only_where_allowed():
                                (64, 128, 4, 3, True)]),
     ("fwd", 16, 16384, 128, 4, [(64, 64, 4, 3, False), (64, 64, 4, 3, True),  # 64 packed
                                 (64, 128, 4, 3, True)]),
-    ("fwd", 32, 16384, 128, 4, "all"),  # 128 packed rows: every tile splits the keys
+    ("fwd", 32, 16384, 128, 4, "all"),  # 128 packed rows: only the tallest tiles hold them
     ("fwd", 1, 16384, 256, 4, "all"),  # wide heads keep their pair
     ("fwd", 32, 32, 64, 2, [(64, 64, 4, 3, False)]),  # a packed group of 2: 2 x 17 rows
     ("fwd", 32, 32, 64, 4, [(64, 64, 4, 3, False), (128, 64, 8, 3, False),  # 4 x 17 rows:

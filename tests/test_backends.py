@@ -946,6 +946,44 @@ def test_sdpa_past_the_batch_a_cuda_grid_holds(name: str, lengths: bool) -> None
         assert verify.rel_err(g, w) < verify.tolerance(torch.float16, DEVICE, name)
 
 
+def test_a_kernels_refusal_gives_the_reasons_its_check_printed(monkeypatch, capfd) -> None:
+    """PyTorch's kernel checks print their reasons as C++ warnings on stderr, not as Python
+    warnings (torch 2.11 on an H200, run 56): kernel_refusal reads them from there, leaves
+    stderr with the other lines only, and asks quietly first. The check here stands in for
+    one that refuses and prints, on the CPU, where the real ones print nothing."""
+    import os
+
+    from attnkit.backends import sdpa
+
+    asked = []
+
+    def check(params, debug: bool) -> bool:
+        asked.append(debug)
+        if debug:
+            os.write(2, b"[W1130 13:05:31.580909917 sdp_utils.cpp:555] Warning: cudnn SDPA "
+                        b"does not support key/value sequence length 1. (function operator())\n"
+                        b"a line of someone else's\n")
+        return False
+
+    monkeypatch.setitem(sdpa._CHECKS, SDPBackend.CUDNN_ATTENTION.name, check)
+    q = torch.randn(1, 2, 3, 16)
+    k, v = torch.randn(2, 1, 2, 1, 16).unbind(0)
+    call = make_call(q, k, v)
+    args = sdpa.arguments(call, native_gqa=True)
+    capfd.readouterr()
+    assert not sdpa.kernel_accepts(SDPBackend.CUDNN_ATTENTION, call, args)
+    assert asked == [False]
+    assert sdpa.kernel_refusal(SDPBackend.CUDNN_ATTENTION, call, args) == (
+        "cudnn SDPA does not support key/value sequence length 1.")
+    assert asked == [False, False, True]
+    err = capfd.readouterr().err
+    assert "a line of someone else's" in err and "Warning" not in err
+    monkeypatch.setitem(sdpa._CHECKS, SDPBackend.CUDNN_ATTENTION.name,
+                        lambda params, debug: not asked.append(debug))
+    assert sdpa.kernel_refusal(SDPBackend.CUDNN_ATTENTION, call, args) is None
+    assert asked[3:] == [False]  # accepted quietly: nothing captured
+
+
 @pytest.mark.parametrize("seq_kv, kept_off", [(64, True), (192, True), (1088, True),
                                               (128, False), (384, False), (17, False),
                                               (1000, False)])

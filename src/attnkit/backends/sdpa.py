@@ -45,7 +45,13 @@ Mapping the contract onto SDPA:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -161,7 +167,7 @@ def bottom_right(call: AttentionCall, pinned: bool) -> Arguments | None:
             or not (pinned or torch.backends.cuda.flash_sdp_enabled())):
         return None
     args = Arguments(call.k, call.v, None, False, call.grouped, None, bottom_right=True)
-    return args if kernel_refusal(SDPBackend.FLASH_ATTENTION, call, args) is None else None
+    return args if kernel_accepts(SDPBackend.FLASH_ATTENTION, call, args) else None
 
 
 def cudnn_masked_grad_fails_at(seq_kv: int) -> bool:
@@ -205,13 +211,14 @@ def plan(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | No
         # decide, k/v go repeated to Hq heads, which every kernel takes, and SDPA itself
         # raises if the kernel cannot run the call.
         return (arguments(call, native_gqa=False) if call.grouped else args), None
-    reason = kernel_refusal(kernel, call, args)
-    if reason is not None and call.grouped:
+    if kernel_accepts(kernel, call, args):
+        return args, None
+    if call.grouped:
         # Some kernels reject enable_gqa but take k/v repeated to Hq heads.
         repeated = Arguments(args.k, args.v, args.attn_mask, args.is_causal, False, args.dead)
-        if kernel_refusal(kernel, call, repeated) is None:
+        if kernel_accepts(kernel, call, repeated):
             return arguments(call, native_gqa=False), None
-    return (args, None) if reason is None else (None, reason)
+    return None, kernel_refusal(kernel, call, args)
 
 
 # Rules that hold on every GPU, checked first so that the common refusals read plainly.
@@ -235,8 +242,7 @@ _CHECKS = {
 }
 
 
-def kernel_refusal(kernel: SDPBackend, call: AttentionCall, args: Arguments) -> str | None:
-    """None when `kernel`'s own check accepts these arguments, else the reasons it gave."""
+def _check_params(call: AttentionCall, args: Arguments) -> torch.backends.cuda.SDPAParams:
     k, v = args.k, args.v
     if k.shape[1] != call.heads_q and not args.enable_gqa:
         # The check reads only shapes, dtypes and strides: stand in for k/v repeated to Hq
@@ -244,18 +250,67 @@ def kernel_refusal(kernel: SDPBackend, call: AttentionCall, args: Arguments) -> 
         rows = (call.batch, call.heads_q, call.seq_kv)
         k = k.as_strided((*rows, call.head_dim), (0, 0, 0, 1))
         v = v.as_strided((*rows, call.head_dim_v), (0, 0, 0, 1))
-    params = torch.backends.cuda.SDPAParams(
+    return torch.backends.cuda.SDPAParams(
         call.q, k, v, args.attn_mask, call.dropout_p, args.is_causal, args.enable_gqa
     )
+
+
+def kernel_accepts(kernel: SDPBackend, call: AttentionCall, args: Arguments) -> bool:
+    """Whether `kernel`'s own check accepts these arguments (quietly)."""
+    return bool(_CHECKS[kernel.name](_check_params(call, args), debug=False))
+
+
+def kernel_refusal(kernel: SDPBackend, call: AttentionCall, args: Arguments) -> str | None:
+    """None when `kernel`'s own check accepts these arguments, else the reasons it gave."""
+    params = _check_params(call, args)
     if _CHECKS[kernel.name](params, debug=False):
         return None  # the common answer, without the cost of recording warnings
-    with warnings.catch_warnings(record=True) as caught:
+    cpp: list[str] = []
+    with warnings.catch_warnings(record=True) as caught, _cpp_warnings(cpp):
         warnings.simplefilter("always")
         ok = _CHECKS[kernel.name](params, debug=True)
     if ok:
         return None
-    reasons = "; ".join(dict.fromkeys(str(w.message).strip() for w in caught))
+    reasons = "; ".join(dict.fromkeys([*(str(w.message).strip() for w in caught), *cpp]))
     return reasons or f"{kernel.name} rejects this call"
+
+
+# A C++ warning as c10 prints it: "[W1130 13:05:31.58 sdp_utils.cpp:555] Warning: cudnn SDPA
+# does not support key/value sequence length 1. (function operator())"
+_CPP_WARNING = re.compile(r"^\[W[^]]*\] Warning: (.*?)(?: \(function .*\))?$")
+_STDERR = threading.Lock()
+
+
+@contextlib.contextmanager
+def _cpp_warnings(into: list[str]) -> Iterator[None]:
+    """Collects into `into` the C++ warnings that the block writes to the process's stderr
+    (file descriptor 2), and writes the other lines back. The kernels' checks give their
+    reasons as such warnings, not as Python ones (torch 2.11 on an H200: run 56's random
+    calls logged them on stderr, and every refusal by a kernel's own check read only
+    "rejects this call"), and a check that warns once would stay silent the next time, so
+    warn-always is on inside the block."""
+    with _STDERR, tempfile.TemporaryFile() as sink:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr to capture: the reasons go unread
+            yield
+            return
+        always = torch.is_warn_always_enabled()
+        torch.set_warn_always(True)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            torch.set_warn_always(always)
+        sink.seek(0)
+        for line in sink.read().decode(errors="replace").splitlines():
+            found = _CPP_WARNING.match(line)
+            if found:
+                into.append(found.group(1).strip())
+            elif line:
+                os.write(2, (line + "\n").encode())
 
 
 def planned(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | None, str | None]:

@@ -984,6 +984,23 @@ def test_a_kernels_refusal_gives_the_reasons_its_check_printed(monkeypatch, capf
     assert asked[3:] == [False]  # accepted quietly: nothing captured
 
 
+@pytest.mark.gpu
+def test_a_kernels_refusal_on_the_gpu_says_why(capfd) -> None:
+    """The same with PyTorch's own check: cuDNN printed "does not support key/value
+    sequence length 1" on an H200 (torch 2.11, run 56's random calls) where sdpa_cudnn's
+    refusal read only "rejects this call"."""
+    q = torch.randn(1, 2, 4, 64, device=DEVICE, dtype=torch.float16)
+    k, v = torch.randn(2, 1, 2, 1, 64, device=DEVICE, dtype=torch.float16).unbind(0)
+    capfd.readouterr()
+    try:
+        attnkit.attention(q, k, v, impl="sdpa_cudnn")
+    except attnkit.UnsupportedError as exc:
+        assert "rejects this call" not in str(exc), exc
+        assert "Warning:" not in capfd.readouterr().err
+    else:
+        pytest.skip("cuDNN ran a key/value length of 1 in this build")
+
+
 @pytest.mark.parametrize("seq_kv, kept_off", [(64, True), (192, True), (1088, True),
                                               (128, False), (384, False), (17, False),
                                               (1000, False)])

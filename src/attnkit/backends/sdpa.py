@@ -300,17 +300,17 @@ def _cpp_warnings(into: list[str]) -> Iterator[None]:
         os.dup2(sink.fileno(), 2)
         try:
             yield
-        finally:
+        finally:  # even if the block raised: other threads' lines are written back
             os.dup2(saved, 2)
             os.close(saved)
             torch.set_warn_always(always)
-        sink.seek(0)
-        for line in sink.read().decode(errors="replace").splitlines():
-            found = _CPP_WARNING.match(line)
-            if found:
-                into.append(found.group(1).strip())
-            elif line:
-                os.write(2, (line + "\n").encode())
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                found = _CPP_WARNING.match(line)
+                if found:
+                    into.append(found.group(1).strip())
+                elif line:
+                    os.write(2, (line + "\n").encode())
 
 
 def planned(kernel: SDPBackend | None, call: AttentionCall) -> tuple[Arguments | None, str | None]:

@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from attnkit import MultiHeadAttention, UnsupportedError, attention
+from attnkit import MultiHeadAttention, UnsupportedError, attention, backends
 from attnkit.backends.base import GRID_ROWS, raise_recompile_limits
 from attnkit.bench import capture, environment
 from attnkit.call import make_call
@@ -507,6 +507,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} checks attention calls, not --modules")
     if args.cuda_graphs and args.device != "cuda":
         parser.error("--cuda-graphs needs --device cuda")
+    for impl in args.impl:  # one that cannot run here would skip every call it is given
+        try:
+            reason = None if impl == "auto" else backends.get(impl).available(
+                torch.device(args.device))
+        except ValueError as exc:
+            parser.error(str(exc))
+        if reason is not None:
+            parser.error(f"--impl {impl} cannot run on --device {args.device}: {reason}")
     global COMPILED, AUTOCAST, GRAPHS
     COMPILED = None if args.compile is None else compiled_attention(args.compile)
     AUTOCAST, GRAPHS = args.autocast, args.cuda_graphs

@@ -74,10 +74,7 @@ def test_forward_over_key_ranges_matches_oracle(case, device, monkeypatch):
     the merged out and lse, as in test_matches_oracle."""
     from attnkit.backends import fused_triton as ft
 
-    _force_key_ranges(monkeypatch, 3)
-    launched, launch = [], ft._launch_jitted
-    monkeypatch.setattr(ft, "_launch_jitted", lambda jitted, *args: launched.append(jitted)
-                        or launch(jitted, *args))
+    launched = _force_key_ranges(monkeypatch, 3)
     result = check("triton", case, device)
     assert result.skipped is None, result.skipped
     assert result.passed, (result.out_err, result.lse_err, result.grad_err, result.errors)
@@ -93,7 +90,7 @@ def test_key_ranges_of_unequal_length_merge_under_a_huge_finite_mask(device, mon
     the weights are the key counts."""
     from attnkit.backends import fused_triton as ft
 
-    _force_key_ranges(monkeypatch, 3)
+    launched = _force_key_ranges(monkeypatch, 3)
     seq_kv = 1000 if CUDA else 40  # ranges 384, 384, 232 on a GPU; 16, 16, 8 on the CPU
     gen = torch.Generator().manual_seed(55)
     q = torch.randn(1, 2, 2, 16, generator=gen)
@@ -102,9 +99,6 @@ def test_key_ranges_of_unequal_length_merge_under_a_huge_finite_mask(device, mon
     mask[..., 0, :] = -1e31  # the first query row wholly; the second as scores go
     want = attention(*(t.double() for t in (q, k, v)), attn_mask=mask.double(),
                      impl="reference")
-    launched, launch = [], ft._launch_jitted
-    monkeypatch.setattr(ft, "_launch_jitted", lambda jitted, *args: launched.append(jitted)
-                        or launch(jitted, *args))
     got = attention(*(t.to(device, DTYPE) for t in (q, k, v)), attn_mask=mask.to(device),
                     impl="triton")
     assert ft._merge_kernel in launched
@@ -112,14 +106,19 @@ def test_key_ranges_of_unequal_length_merge_under_a_huge_finite_mask(device, mon
     assert rel_err(got.double().cpu(), want) < 1e-2, rel_err(got.double().cpu(), want)
 
 
-def _force_key_ranges(monkeypatch, ranges: int) -> None:
+def _force_key_ranges(monkeypatch, ranges: int) -> list:
     """Every forward over `ranges` key ranges; on the CPU, ranges as short as the
-    interpreter's key block, so that small shapes split too."""
+    interpreter's key block, so that small shapes split too. Returns the list that each
+    kernel launched through _launch_jitted (the merge among them) is then appended to."""
     from attnkit.backends import fused_triton as ft
 
     monkeypatch.setattr(ft, "_kv_splits", lambda call, packed: ranges)
     if not CUDA:
         monkeypatch.setattr(ft, "_SPLIT_ALIGN", ft._INTERPRET_META["BLOCK_N"])
+    launched, launch = [], ft._launch_jitted
+    monkeypatch.setattr(ft, "_launch_jitted", lambda jitted, *args: launched.append(jitted)
+                        or launch(jitted, *args))
+    return launched
 
 
 def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):

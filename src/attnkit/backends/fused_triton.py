@@ -764,7 +764,6 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
 
     lo, full_lo, full_hi, hi = _key_range(m0, m_last, kv_len, off, left, right, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
-    lse_base = LSE + bh.to(tl.int64) * row_span
     if SPLIT:
         split = tl.program_id(2)
         lo, full_lo, full_hi, hi = _split_range(lo, full_lo, full_hi, hi, split * kv_split,
@@ -793,19 +792,20 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
         + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    first_row = bh.to(tl.int64) * row_span  # of this program's rows, among LSE's rows
     if SPLIT:
         # The max and the sum go to the merge apart: at a score max near -1e31 (a huge
         # finite mask) their float32 lse would no longer tell 512 keys from 488 (run 55).
         # Side by side, one store here and one load there: in two arrays the decoding
         # steps took 0.6 us longer (5%) on an H200 (run 56).
+        first_row += tl.program_id(2).to(tl.int64) * tl.num_programs(1) * row_span
         pair = tl.join(tl.where(dead, float("-inf"), m_i * 0.6931471805599453), l_i)
-        first = (tl.program_id(2).to(tl.int64) * tl.num_programs(1) + bh) * row_span
-        tl.store(LSE + (first + rows[:, None]) * 2 + tl.arange(0, 2)[None, :], pair,
+        tl.store(LSE + (first_row + rows[:, None]) * 2 + tl.arange(0, 2)[None, :], pair,
                  mask=row_ok[:, None])
     else:
         lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i)))
                        * 0.6931471805599453)
-        tl.store(lse_base + rows, lse, mask=row_ok)
+        tl.store(LSE + first_row + rows, lse, mask=row_ok)
 
 
 @_jit

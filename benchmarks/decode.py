@@ -14,7 +14,11 @@ apart` forces a program per query head, which loads them once per query head. `a
 is attention()'s own choice (the row's "auto_picks" names it). Each
 output is checked against `sdpa` on the same inputs first. Each is timed twice: by
 do_bench, which includes host time (a decoding step of a few microseconds of GPU work is
-host-bound), and replayed from a CUDA graph, which is GPU time alone.
+host-bound), and replayed from a CUDA graph, which is GPU time alone. The graph replays one
+step over the same cache, which at 4096 keys fits in L2; a model's step reads each layer's
+cache once, from memory. So each is also timed L2-cold: one graph steps through enough
+copies of the cache in turn (`cold_copies`, four L2s' worth) that each step's K and V come
+from memory, its time divided by the copies ("cold_graph_ms").
 Writes DIR/decode.json ({"meta": versions and device, "results": one row per step}),
 which benchmarks/make_tables.py turns into a table.
 
@@ -29,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
@@ -95,11 +101,10 @@ def sweep_splits(shape: tuple[int, ...], counts: list[int]) -> dict:
             "graph_us": {str(n): t for n, t in graph_us.items()}}
 
 
-def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
-    b, hq, hkv, sq, skv, d = shape
-    q, k, v = inputs(shape)
+def steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable]:
+    """One causal decoding step over this cache, by each implementation or forced path."""
     call = make_call(q, k, v, causal=True)
-    runs = {
+    return {
         "triton": lambda: attention(q, k, v, causal=True, impl="triton"),
         "triton kernels": lambda: ft._forward(call, 0)[0],
         "triton, one range": lambda: ft._forward(call, 0, splits=1)[0],
@@ -108,12 +113,29 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
         "flex": lambda: attention(q, k, v, causal=True, impl="flex"),
         "auto": lambda: attention(q, k, v, causal=True),
     }
-    want = runs["sdpa"]()
+
+
+def cold_copies(kv_bytes: int) -> int:
+    """Caches to step through in turn so that a step finds none of its K and V in L2: the
+    others read since its last turn fill four L2s."""
+    l2_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(1, math.ceil(4 * l2_bytes / kv_bytes))
+
+
+def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
+    b, hq, hkv, sq, skv, d = shape
+    q, k, v = inputs(shape)
+    call = make_call(q, k, v, causal=True)
+    runs = steps(q, k, v)
     kv_bytes = 2 * k.numel() * k.element_size()
+    copies = cold_copies(kv_bytes)
+    layers = [runs] + [steps(q, k.clone(), v.clone()) for _ in range(copies - 1)]
+    want = runs["sdpa"]()
     packed = ft._packs_group(call)
     row = {"shape": list(shape), "kv_bytes": kv_bytes, "packed": packed,
            "splits": ft._kv_splits(call, packed), "auto_picks": select(call).name,
-           "ms": {}, "graph_ms": {}, "rel_err_vs_sdpa": {}}
+           "cold_copies": copies, "ms": {}, "graph_ms": {}, "cold_graph_ms": {},
+           "rel_err_vs_sdpa": {}}
     for name, fn in runs.items():
         try:
             with torch.no_grad():
@@ -126,6 +148,9 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
         try:  # GPU time alone: a step this short can take less than its host time
             with torch.no_grad():
                 row["graph_ms"][name] = float(do_bench_cudagraph(fn, return_mode="median"))
+                row["cold_graph_ms"][name] = float(do_bench_cudagraph(
+                    lambda n=name: [layer[n]() for layer in layers],
+                    return_mode="median")) / copies
         except Exception as exc:
             print(f"  {name} in a CUDA graph: {type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:100]}")
@@ -134,6 +159,7 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
         return "-" if ms is None else f"{ms * 1e3:.0f} us {kv_bytes / (ms * 1e-3) / bandwidth:.0%}"
 
     cells = [f"{name} {rate(ms)} | graph {rate(row['graph_ms'].get(name))} "
+             f"| L2-cold {rate(row['cold_graph_ms'].get(name))} "
              f"(err {row['rel_err_vs_sdpa'][name]:.1e})"
              for name, ms in row["ms"].items() if ms is not None]
     print(f"b{b} h{hq}/{hkv} q{sq} kv{skv} d{d}, {row['splits']} ranges"

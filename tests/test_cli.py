@@ -122,7 +122,7 @@ def test_verify_cut_off_keeps_the_checks_it_finished(monkeypatch, capsys, tmp_pa
 def test_make_tables_renders_decode_sets(tmp_path):
     """benchmarks/decode.py's JSON: found among the sets (kernel_variants.py's is not), one
     row per step, GPU (graph) times where recorded and do_bench's otherwise, shares of
-    the copy bandwidth."""
+    the copy bandwidth; an L2-cold table after them where the set has cold times."""
     row = {"shape": [1, 32, 8, 1, 16384, 128], "kv_bytes": 2 * 8 * 16384 * 128 * 2,
            "packed": True, "splits": 16, "ms": {"triton": 0.133, "flex": 0.303},
            "graph_ms": {"triton": 0.029, "flex": 0.034}}
@@ -138,6 +138,11 @@ def test_make_tables_renders_decode_sets(tmp_path):
     text = tables.render([found], ".")
     assert "| b1 h32/8 q1 kv16384 d128 | 16, packed | 29 (77%) | 34 (66%) |" in text
     assert "GPU time alone" in text and "call the forward directly" not in text
+    assert "L2-cold" not in text
+    cold = {**row, "cold_graph_ms": {"triton": 0.041}}
+    text = tables.render([{**found, "results": [cold]}], ".")
+    warm_at, cold_at = (text.index("| 29 (77%) | 34 (66%) |"), text.index("| 41 (55%) | – |"))
+    assert text.index("L2-cold") < cold_at and warm_at < cold_at
     del row["graph_ms"]
     text = tables.render([{**found, "results": [row]}], ".")
     assert "| 133 (17%) | 303 (7%) |" in text and "host time included" in text

@@ -138,7 +138,8 @@ def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
         call = decoding(*shape, **kwargs)
         return ft._kv_splits(call, ft._packs_group(call))
 
-    assert splits(1, 32, 1, 16384) == 9  # 32 programs: 9 ranges make 288, two per SM
+    # 32 programs: 8 ranges make 256, two per SM; 9 would leave 24 to a second wave
+    assert splits(1, 32, 1, 16384) == 8
     assert splits(1, 32, 1, 4096) == 4  # at least _SPLIT_KEYS keys per range
     # 32 programs, fewer than half the SMs: ranges of _SHORT_SPLIT_KEYS keys or more
     assert splits(1, 32, 1, 1500) == 5
@@ -153,10 +154,11 @@ def test_key_splits_only_where_query_rows_leave_the_gpu_idle(monkeypatch):
     assert splits(1, 32, 1, 4096, heads_kv=8) == 16
     assert splits(1, 32, 1, 8192, heads_kv=8) == 17
     assert splits(1, 32, 1, 1024, heads_kv=8) == 4
-    assert splits(8, 32, 1, 16384, heads_kv=8) == 5  # 64 programs
-    assert splits(1, 32, 64, 16384, heads_kv=8) == 9  # 64 query rows: a tile per head
+    assert splits(8, 32, 1, 16384, heads_kv=8) == 4  # 64 programs
+    assert splits(16, 32, 1, 4096, heads_kv=8) == 2  # 128 programs
+    assert splits(1, 32, 64, 16384, heads_kv=8) == 8  # 64 query rows: a tile per head
     # What _forward runs by default: ranges rounded to multiples of _SPLIT_ALIGN keys.
-    assert ft._default_key_ranges(decoding(1, 32, 1, 16384)) == 9  # 1920 keys each
+    assert ft._default_key_ranges(decoding(1, 32, 1, 16384)) == 8  # 2048 keys each
     assert ft._default_key_ranges(decoding(1, 32, 1, 1500)) == 4  # 5 wanted: 384 each
     assert ft._default_key_ranges(decoding(1, 32, 1, 300)) == 1
 

@@ -1853,12 +1853,16 @@ def _query_rows(call: AttentionCall, packed: bool) -> tuple[int, int]:
 
 
 def _kv_splits(call: AttentionCall, packed: bool) -> int:
-    """How many key ranges to run apart: enough programs for two per multiprocessor when
-    the query rows alone give fewer than one each; 1 otherwise, and on the CPU. Ranges
-    keep _SPLIT_KEYS keys at least, unless that leaves fewer programs than half the
-    multiprocessors: then shorter ones, down to _SHORT_SPLIT_KEYS, for one program per
-    multiprocessor (on the H100, b1 h32/8 against 4k keys: 9.6 against 16.5 us with 4
-    ranges). packed: the rows are a kv group's (_packs_group)."""
+    """How many key ranges to run apart: as many programs as fit two per multiprocessor,
+    and no more, when the query rows alone give fewer than one each; 1 otherwise, and on
+    the CPU. Past two per multiprocessor the programs left over run as a second, mostly
+    idle wave: on the H200, 320 programs took 1.20x the time of 256 (b8 h32/8 against 16k
+    keys, 5 ranges against 4), 288 took 1.17x (h32, 9 against 8), where the split's fixed
+    costs alone move 1-3% (run 57). Ranges keep _SPLIT_KEYS keys at least, unless that
+    leaves fewer programs than half the multiprocessors: then shorter ones, down to
+    _SHORT_SPLIT_KEYS, for one program per multiprocessor (on the H100, b1 h32/8 against
+    4k keys: 9.6 against 16.5 us with 4 ranges). packed: the rows are a kv group's
+    (_packs_group)."""
     if call.device.type != "cuda":
         return 1
     row_groups, rows = _query_rows(call, packed)
@@ -1866,7 +1870,7 @@ def _kv_splits(call: AttentionCall, packed: bool) -> int:
     sms = _multiprocessors(call.device)
     if programs >= sms:
         return 1
-    ranges = min(_cdiv(2 * sms, programs), call.seq_kv // _SPLIT_KEYS)
+    ranges = min(2 * sms // programs, call.seq_kv // _SPLIT_KEYS)
     if ranges * programs < sms // 2:
         ranges = max(ranges, min(_cdiv(sms, programs), call.seq_kv // _SHORT_SPLIT_KEYS))
     return max(1, min(ranges, _MAX_SPLITS))

@@ -1699,7 +1699,7 @@ def _on_hopper(call: AttentionCall) -> bool:
 _BLOCK_LEAD = ("impl='auto' runs triton first for causal calls of 1 < Sq < Skv (a block of "
                "new queries against a cache) with no mask tensor, key lengths, window or "
                "dropout when nothing needs a gradient: SDPA's flash kernel, on its own "
-               "bottom-right causal mask there, took 1.06-2.9x its GPU time")
+               "bottom-right causal mask there, took 1.05-6.6x its GPU time")
 
 
 def _details(device: torch.device) -> str | None:
@@ -1792,13 +1792,16 @@ def _leads_a_block(call: AttentionCall) -> bool:
     or dropout (none measured): a few new queries (a speculative decoding step, a chunk of
     a prefill) against a cache. attnkit's sdpa runs them on the flash kernel's own causal
     mask, aligned to the bottom right (since run 55; before, the band as a mask on the
-    mem-efficient kernel, 1.6-16x this file's GPU time, run 54). That took 1.06-2.9x this
+    mem-efficient kernel, 1.6-16x this file's GPU time, run 54). That took 1.05-6.6x this
     file's forward's GPU time (H200, bf16, D=64 and 128, Skv 4k-16k, Sq 4-1024, CUDA
-    graphs; 2.7-2.9x at Sq 4-16 with 128-wide heads, 1.23x at 256, 1.06x at Sq 64 of 32
-    heads against 32): run 55, benchmarks/results/h200-logs/lower-right-times-run55.log.
+    graphs; 2.6-3.2x at Sq 4-16 with 128-wide heads, 2.2-6.6x at Sq 4 with 64-wide,
+    1.5-1.7x at Sq 128-1024, 1.05x at Sq 64 of 32 heads against 32): run 57,
+    benchmarks/results/h200-logs/lower-right-times-run57.log (run 55's, before _kv_splits
+    kept to one wave of programs, had 1.06-2.9x).
     With host time (do_bench) SDPA's is the shorter call at most of those shapes: a
     decoding loop that cares is one for CUDA graphs. One query row needs no mask, and
-    SDPA's flash kernel took 0.74-0.98x this file's GPU time there (run 54)."""
+    SDPA's flash kernel took 0.74-0.98x this file's GPU time there (run 54; 0.94-0.99x in
+    run 57, decode_h200_run57.json)."""
     return (call.causal_alone and 1 < call.seq_q < call.seq_kv and call.dropout_p == 0.0
             and _on_hopper(call))
 

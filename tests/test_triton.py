@@ -1628,6 +1628,9 @@ def test_hopper_backward_kernels_need_tensors_tma_can_read():
     ({"causal": True, "sq": 4, "skv": 16384}, False, True),
     ({"d": 80, "causal": True, "sq": 256, "skv": 4096}, False, True),
     ({"causal": True, "sq": 4, "skv": 16384}, True, False),
+    # with gradients, from B * Hq * Sq * Skv * D = 2^34 (2 heads here): host time below
+    ({"causal": True, "sq": 4096, "skv": 16384}, True, True),
+    ({"causal": True, "sq": 4000, "skv": 16384}, True, False),
     ({"causal": True, "sq": 1, "skv": 16384}, False, False),  # no mask: SDPA's flash led
     ({"causal": True, "sq": 20, "skv": 17}, False, False),  # rows that see no key
     ({"sq": 4, "skv": 16384}, False, False),  # no mask at all

@@ -1699,7 +1699,10 @@ def _on_hopper(call: AttentionCall) -> bool:
 _BLOCK_LEAD = ("impl='auto' runs triton first for causal calls of 1 < Sq < Skv (a block of "
                "new queries against a cache) with no mask tensor, key lengths, window or "
                "dropout when nothing needs a gradient: SDPA's flash kernel, on its own "
-               "bottom-right causal mask there, took 1.05-6.6x its GPU time")
+               "bottom-right causal mask there, took 1.05-6.6x its GPU time; and with "
+               "gradients from B*Hq*Sq*Skv*D = 2^34 up, where SDPA's forward+backward took "
+               "1.26-1.84x its time, host time included (below it, triton's longer host "
+               "time lost)")
 
 
 def _details(device: torch.device) -> str | None:
@@ -1776,12 +1779,23 @@ _LEADS_REACH: dict[tuple[int, bool], Reach] = {(64, False): (2048, 2048),
                                                (128, True): (8192, 8192)}
 
 
+# The size (B * Hq * Sq * Skv * D) from which a block of queries against a cache leads with
+# gradients to compute. Forward+backward through autograd, host time included (H200,
+# bf16, D=64/80/128, 17 shapes, run 57: h200-logs/fb-blocks-run57.log): from 2^34, SDPA's
+# flash kernel on its own causal took 1.26-1.84x this file's time (5 shapes); below,
+# 0.39-1.05x, where this file's ~0.6-0.9 ms of host time a step (SDPA's ~0.3) outweighs
+# its shorter kernels (0.48-0.82x SDPA's GPU time, run 57 call 5).
+_BLOCK_WITH_GRADS_SIZE = 2**34
+
+
 def _leads(call: AttentionCall) -> bool:
-    """Whether impl="auto" should try this backend before SDPA: a call with nothing to
-    differentiate that is a block of queries against a cache (_leads_a_block), or that the
-    Gluon forward runs, with _LEADS_REACH's Sq and Skv for its head dim and causality."""
+    """Whether impl="auto" should try this backend before SDPA: a block of queries against
+    a cache (_leads_a_block), with gradients to compute only from _BLOCK_WITH_GRADS_SIZE
+    up; or a call with nothing to differentiate that the Gluon forward runs, with
+    _LEADS_REACH's Sq and Skv for its head dim and causality."""
     if call.needs_grad:
-        return False
+        size = call.batch * call.heads_q * call.seq_q * call.seq_kv * call.head_dim
+        return size >= _BLOCK_WITH_GRADS_SIZE and _leads_a_block(call)
     # The cheap checks first: auto asks this of every call, short ones (decoding) above all.
     return _leads_a_block(call) or (_reaches(call, _LEADS_REACH.get((call.head_dim, call.causal)))
                                     and _uses_hopper_forward(call))

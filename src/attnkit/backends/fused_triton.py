@@ -1874,8 +1874,8 @@ def _kv_splits(call: AttentionCall, packed: bool) -> int:
     and no more, when the query rows alone give fewer than one each; 1 otherwise, and on
     the CPU. Past two per multiprocessor the programs left over run as a second, mostly
     idle wave: on the H200, 320 programs took 1.20x the time of 256 (b8 h32/8 against 16k
-    keys, 5 ranges against 4), 288 took 1.17x (h32, 9 against 8), where the split's fixed
-    costs alone move 1-3% (run 57). Ranges keep _SPLIT_KEYS keys at least, unless that
+    keys, 5 ranges against 4), 288 took 1.17x (h32, 9 against 8), where counts inside one
+    wave differed by 1-3% (run 57). Ranges keep _SPLIT_KEYS keys at least, unless that
     leaves fewer programs than half the multiprocessors: then shorter ones, down to
     _SHORT_SPLIT_KEYS, for one program per multiprocessor (on the H100, b1 h32/8 against
     4k keys: 9.6 against 16.5 us with 4 ranges). packed: the rows are a kv group's

@@ -798,7 +798,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, MASK, LENGTHS,
         # finite mask) their float32 lse would no longer tell 512 keys from 488 (run 55).
         # Side by side, one store here and one load there: in two arrays the decoding
         # steps took 0.6 us longer (5%) on an H200 (run 56).
-        first_row += tl.program_id(2).to(tl.int64) * tl.num_programs(1) * row_span
+        first_row += split.to(tl.int64) * tl.num_programs(1) * row_span
         pair = tl.join(tl.where(dead, float("-inf"), m_i * 0.6931471805599453), l_i)
         tl.store(LSE + (first_row + rows[:, None]) * 2 + tl.arange(0, 2)[None, :], pair,
                  mask=row_ok[:, None])

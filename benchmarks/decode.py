@@ -49,11 +49,13 @@ from attnkit.functional import select
 from attnkit.verify import rel_err
 
 # (batch, query heads, kv heads, query rows, cached keys, head dim)
-# The last three are blocks of new queries (a speculative step, a chunk of a prefill),
-# which `auto` sends to `triton` first (fused_triton._leads_a_block).
+# Rows 7-9 are blocks of new queries (a speculative step, a chunk of a prefill), which
+# `auto` sends to `triton` first (fused_triton._leads_a_block); the last two have 256-wide
+# heads (Gemma 2's 16/8 heads; fused_triton._WIDE_DECODE_ROWS).
 SHAPES = [(1, 32, 8, 1, 4096, 128), (1, 32, 8, 1, 16384, 128), (1, 32, 8, 1, 65536, 128),
           (8, 32, 8, 1, 16384, 128), (1, 32, 32, 1, 16384, 128), (4, 32, 8, 4, 16384, 128),
-          (1, 32, 8, 16, 16384, 128), (1, 32, 8, 256, 16384, 128), (1, 32, 8, 4, 4096, 64)]
+          (1, 32, 8, 16, 16384, 128), (1, 32, 8, 256, 16384, 128), (1, 32, 8, 4, 4096, 64),
+          (8, 16, 8, 1, 8192, 256), (1, 16, 8, 1, 32768, 256)]
 
 
 SPLIT_SHAPES = [(1, 32, 8, 1, 1024, 128), (1, 32, 8, 1, 2048, 128), (1, 32, 8, 1, 4096, 128),

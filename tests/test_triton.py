@@ -36,6 +36,8 @@ BASE = Case(batch=2, heads_q=2, heads_kv=1, seq_q=17, seq_kv=17, head_dim=16, dt
 CASES = [
     BASE,
     replace(BASE, seq_q=1, seq_kv=65, causal=True),  # one query against a cache
+    # wide heads against a cache: on a GPU the forward's tile for few rows (16, 32, 4, 3)
+    replace(BASE, seq_q=1, seq_kv=65, head_dim=256, key_lengths=True),
     replace(BASE, seq_q=65, seq_kv=17, causal=True),  # early rows see no key
     replace(BASE, seq_q=17, seq_kv=65, causal=True),
     replace(BASE, batch=1, heads_q=4, heads_kv=1, seq_q=65, seq_kv=65, causal=True),  # MQA
@@ -470,7 +472,11 @@ def test_prune_offers_tma_configs_only_where_allowed():
     ("fwd", 16, 16384, 128, 4, [(64, 64, 4, 3, False), (64, 64, 4, 3, True),  # 64 packed
                                 (64, 128, 4, 3, True)]),
     ("fwd", 32, 16384, 128, 4, "all"),  # 128 packed rows: only the tallest tiles hold them
-    ("fwd", 1, 16384, 256, 4, "all"),  # wide heads keep their pair
+    # wide heads: one short tile for few rows (_WIDE_DECODE_ROWS), else their pair
+    ("fwd", 1, 16384, 256, 4, [(16, 32, 4, 3, False)]),
+    ("fwd", 16, 16384, 256, 2, [(16, 32, 4, 3, False)]),  # 32 packed rows
+    ("fwd", 32, 16384, 256, 2, "all"),  # 64 packed rows
+    ("fwd", 64, 16384, 256, 1, "all"),
     ("fwd", 32, 32, 64, 2, [(64, 64, 4, 3, False)]),  # a packed group of 2: 2 x 17 rows
     ("fwd", 32, 32, 64, 4, [(64, 64, 4, 3, False), (128, 64, 8, 3, False),  # 4 x 17 rows:
                             (64, 64, 4, 3, True), (64, 128, 4, 3, True)]),  # 64 split them

@@ -159,9 +159,10 @@ def _prune(configs, named_args, kernel: str | None = None, jitted=None, **kwargs
     """The candidates for these arguments: TMA ones only where TMA_OK, the measured
     winners of _SWEPT for `kernel` (the losers, by head dim, taken out; not with
     dropout, and only on the kind of GPU the sweep ran on: Q's device), small tiles
-    alone for heads wider than 128, and of the tiles that hold the whole problem, the
-    smallest alone (_one_tile). With `jitted` (the kernel), they are left for _timed to
-    build at once if the autotuner goes on to time them."""
+    alone for heads wider than 128 (one for a forward of few rows: _WIDE_DECODE_ROWS),
+    and of the tiles that hold the whole problem, the smallest alone (_one_tile). With
+    `jitted` (the kernel), they are left for _timed to build at once if the autotuner
+    goes on to time them."""
     args = {**named_args, **kwargs}
     kept = _one_tile(_by_head(configs, args, kernel), args)
     if kernel == "fwd":
@@ -189,10 +190,24 @@ def _by_head(configs, args: dict, kernel: str | None):
         return kept or configs
     # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only.
     pointers = {"TMA": False} if "TMA" in configs[0].kwargs else {}
+    if kernel == "fwd" and _program_rows(args) <= _WIDE_DECODE_ROWS:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, **pointers}, num_warps=4,
+                              num_stages=3)]
     return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, **pointers}, num_warps=4,
                           num_stages=2),
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, **pointers}, num_warps=4,
                           num_stages=1)]
+
+
+# The forward's one tile for heads wider than 128 where a program has at most this many
+# query rows (decoding, packed or not): (16, 32, 4, 3), 168 registers and 73 KB of shared
+# memory on sm_90 (Triton 3.6), three programs a multiprocessor, where _by_head's pair
+# spends 220-255 registers (and spills) on rows that are mostly empty. On an H200 at
+# D=256 (16/8 and 32/16 heads, 4k-32k keys, one query or 16), at _kv_splits' count, it ran
+# in 0.50-0.95x the time of the autotuner's pick from the pair (b8 h16/8 against 8k keys
+# 216.6 -> 129.1 us, b1 51.1 -> 25.6) and within 2% of the fastest of seven tiles on
+# each of seven shapes (NOTES run 58, benchmarks/results/h200-logs/decode-tiles-run58.log).
+_WIDE_DECODE_ROWS = 32
 
 
 def _one_tile(configs, args: dict):
@@ -227,8 +242,9 @@ def _shortest_tiles(configs, args: dict):
     the rest idle. On an H200, decoding steps (4 to 64 packed rows against 4k-16k keys)
     ran (64, 64, 4, 3) in 0.77-0.88x the time of (128, 128, 8, 3) at the same key ranges,
     and the autotuner, timing candidates ~10 us long, picked the taller tile in some
-    processes and not in others (run 56). Heads wider than 128 keep their pair (_by_head),
-    whose shorter tile has one pipeline stage: not measured there."""
+    processes and not in others (run 56). Heads wider than 128 keep what _by_head offers:
+    one tile for few rows (_WIDE_DECODE_ROWS), and past that its pair, whose shorter tile
+    has one pipeline stage (not measured there)."""
     rows = _program_rows(args)
     holding = [c.kwargs["BLOCK_M"] for c in configs if c.kwargs["BLOCK_M"] >= rows]
     if not holding or max(args["HEAD_D"], args["HEAD_DV"]) > 128:

@@ -1813,8 +1813,9 @@ def _leads(call: AttentionCall) -> bool:
         size = call.batch * call.heads_q * call.seq_q * call.seq_kv * call.head_dim
         return size >= _BLOCK_WITH_GRADS_SIZE and _leads_a_block(call)
     # The cheap checks first: auto asks this of every call, short ones (decoding) above all.
-    return _leads_a_block(call) or (_reaches(call, _LEADS_REACH.get((call.head_dim, call.causal)))
-                                    and _uses_hopper_forward(call))
+    return (_leads_a_block(call) or _leads_a_wide_step(call)
+            or (_reaches(call, _LEADS_REACH.get((call.head_dim, call.causal)))
+                and _uses_hopper_forward(call)))
 
 
 def _leads_a_block(call: AttentionCall) -> bool:
@@ -1836,6 +1837,16 @@ def _leads_a_block(call: AttentionCall) -> bool:
             and _on_hopper(call))
 
 
+def _leads_a_wide_step(call: AttentionCall) -> bool:
+    """One query row with heads wider than 128, on a Hopper GPU, with no mask tensor, key
+    lengths, window or dropout: a decoding step of a model with wide heads, which this
+    file's forward runs on its tile for few rows (_WIDE_DECODE_ROWS). SDPA's flash kernel
+    took 1.29-1.30x its GPU time at D=256 (H200, b8 h16/8 against 8k keys, b1 against
+    32k; decode_h200_run58.json) and NOTES run 58 has the rest of the sweep."""
+    return (call.seq_q == 1 and max(call.head_dim, call.head_dim_v) > 128
+            and not call.has_mask and call.dropout_p == 0.0 and _on_hopper(call))
+
+
 # Key splits for calls with few query rows (decoding against a cache): the forward's grid
 # is (query blocks, B * Hq), which for one query row is B * Hq programs, a fraction of a
 # GPU's multiprocessors, each walking every key. Split, each range of keys gets its own
@@ -1843,7 +1854,7 @@ def _leads_a_block(call: AttentionCall) -> bool:
 # key block straddles two ranges) and at least _SPLIT_KEYS long, or _SHORT_SPLIT_KEYS
 # where longer ranges would leave most multiprocessors idle (short caches, NOTES run 13).
 _SPLIT_ALIGN = 128  # the widest BLOCK_N
-_MIN_BLOCK_M = 64  # the smallest BLOCK_M on a GPU
+_MIN_BLOCK_M = 64  # the smallest BLOCK_M on a GPU for heads up to 128 wide
 _SPLIT_KEYS = 1024
 _SHORT_SPLIT_KEYS = 256
 _MAX_SPLITS = 64

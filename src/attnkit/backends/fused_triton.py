@@ -1718,7 +1718,10 @@ _BLOCK_LEAD = ("impl='auto' runs triton first for causal calls of 1 < Sq < Skv (
                "bottom-right causal mask there, took 1.05-6.6x its GPU time; and with "
                "gradients from B*Hq*Sq*Skv*D = 2^34 up, where SDPA's forward+backward took "
                "1.26-1.84x its time, host time included (below it, triton's longer host "
-               "time lost)")
+               "time lost); and for one query row with heads wider than 128 against a "
+               "cache of B*Hkv*Skv*D >= 2^24, with nothing to differentiate and no mask "
+               "tensor, key lengths, window or dropout, where SDPA's flash kernel took "
+               "1.20-1.51x its GPU time")
 
 
 def _details(device: torch.device) -> str | None:
@@ -1838,13 +1841,22 @@ def _leads_a_block(call: AttentionCall) -> bool:
 
 
 def _leads_a_wide_step(call: AttentionCall) -> bool:
-    """One query row with heads wider than 128, on a Hopper GPU, with no mask tensor, key
-    lengths, window or dropout: a decoding step of a model with wide heads, which this
-    file's forward runs on its tile for few rows (_WIDE_DECODE_ROWS). SDPA's flash kernel
-    took 1.29-1.30x its GPU time at D=256 (H200, b8 h16/8 against 8k keys, b1 against
-    32k; decode_h200_run58.json) and NOTES run 58 has the rest of the sweep."""
+    """One query row with heads wider than 128 against a cache of B*Hkv*Skv*D >=
+    _WIDE_STEP_SIZE, on a Hopper GPU, with no mask tensor, key lengths, window or dropout,
+    nothing to differentiate: a decoding step of a model with wide heads, which this
+    file's forward runs on its tile for few rows (_WIDE_DECODE_ROWS). By GPU time (CUDA
+    graphs, H200, bf16, run 58: decode_h200_run58.json, h200-logs/decode-wide-run58.json),
+    SDPA's flash kernel took 1.20-1.51x this file's time on 9 such steps at D=256 and 192
+    (16/8, 32/16 and 16/16 heads, b1-b16, 4k-32k keys), and the same time (1.00x) on a
+    smaller cache (MQA, 8.4M elements), 0.73x on 2.1M (1k keys). With host time (do_bench)
+    SDPA's call is the shorter at most of them, as at _leads_a_block's."""
+    size = call.batch * call.heads_kv * call.seq_kv * max(call.head_dim, call.head_dim_v)
     return (call.seq_q == 1 and max(call.head_dim, call.head_dim_v) > 128
-            and not call.has_mask and call.dropout_p == 0.0 and _on_hopper(call))
+            and size >= _WIDE_STEP_SIZE and not call.has_mask and call.dropout_p == 0.0
+            and _on_hopper(call))
+
+
+_WIDE_STEP_SIZE = 2**24  # B*Hkv*Skv*D: b1, 8 kv heads of 256 against 8k keys (1.31x)
 
 
 # Key splits for calls with few query rows (decoding against a cache): the forward's grid

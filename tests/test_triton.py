@@ -486,7 +486,9 @@ def test_prune_offers_tma_configs_only_where_allowed():
     ("dq", 32, 32, 64, 1, [(64, 64, 4, 2, None)]),  # (128, 32, 4, 4): same area, more stages
     ("dq", 64, 64, 64, 1, [(64, 64, 4, 2, None), (128, 32, 4, 4, None)]),
     ("dq", 32, 32, 256, 1, [(32, 32, 4, 1, None)]),  # wide heads' small pair
-    ("dq", 64, 64, 256, 1, [(64, 32, 4, 2, None), (32, 32, 4, 1, None)]),  # each splits it
+    ("dq", 64, 64, 256, 1, [(64, 32, 4, 2, None), (32, 32, 4, 1, None),  # each splits it
+                            (128, 32, 8, 2, None)]),  # and dQ's own for wide heads
+    ("dkdv", 64, 64, 256, 1, [(64, 32, 4, 2, None), (32, 32, 4, 1, None)]),
 ])
 def test_prune_keeps_the_smallest_of_the_tiles_that_hold_the_problem(kernel, queries, keys,
                                                                        head, group, kept):

@@ -93,9 +93,10 @@ def _compile_all() -> int:
             fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
             assert [p.name for p in fn.params if p.do_not_specialize] == ["seed"], fn
             m, n, warps, stages = configs[-1]
-            if wide:  # the forward's tile for few rows (the set is PACKED), or the pair's
-                m, n, warps, stages = (16, 32, 4, 3) if kernel is ft._fwd_kernel else (
-                    32, 32, 4, 1)
+            if wide:  # the forward's tile for few rows (the set is PACKED), dQ's own
+                m, n, warps, stages = {ft._fwd_kernel: ft._WIDE_DECODE_TILE,
+                                       ft._bwd_dq_kernel: ft._WIDE_DQ_TILE}.get(
+                                           kernel, ft._WIDE_TILES[-1])
             compile_one(kernel, {**flags, "BLOCK_M": m, "BLOCK_N": n}, warps, stages, mask_kind)
             count += 1
     # the merge of the key ranges' partial results

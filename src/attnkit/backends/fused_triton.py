@@ -191,12 +191,14 @@ def _by_head(configs, args: dict, kernel: str | None):
     # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only.
     pointers = {"TMA": False} if "TMA" in configs[0].kwargs else {}
     if kernel == "fwd" and _program_rows(args) <= _WIDE_DECODE_ROWS:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, **pointers}, num_warps=4,
-                              num_stages=3)]
-    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, **pointers}, num_warps=4,
-                          num_stages=2),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, **pointers}, num_warps=4,
-                          num_stages=1)]
+        return _tile_configs([_WIDE_DECODE_TILE], pointers)
+    return _tile_configs(_WIDE_TILES + ([_WIDE_DQ_TILE] if kernel == "dq" else []), pointers)
+
+
+def _tile_configs(tiles: list[tuple[int, int, int, int]], meta: dict) -> list:
+    """triton.Configs of (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles, with meta."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
+            for m, n, w, s in tiles]
 
 
 # The forward's one tile for heads wider than 128 where a program has at most this many
@@ -208,6 +210,17 @@ def _by_head(configs, args: dict, kernel: str | None):
 # 216.6 -> 129.1 us, b1 51.1 -> 25.6) and within 2% of the fastest of seven tiles on
 # each of seven shapes (NOTES run 58, benchmarks/results/h200-logs/decode-tiles-run58.log).
 _WIDE_DECODE_ROWS = 32
+_WIDE_DECODE_TILE = (16, 32, 4, 3)
+# The tiles every kernel tries for heads wider than 128, but the forward of few rows.
+_WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 1)]
+
+# The dQ kernel for heads wider than 128 also tries (128, 32, 8, 2): two warpgroups of 64
+# rows, 220 registers and 192 KB of shared memory on sm_90, one program a multiprocessor.
+# On an H200 at D=256 (b2 h16 4k causal and full, b8 1k, b1 8k causal) the backward ran
+# in 0.88-0.93x the time it took with the pair's (64, 32, 4, 2), which spills 32 bytes
+# (NOTES run 58, h200-logs/wide-prefill-run58.log). Of the forward's and the dK/dV
+# kernel's 8-warp tiles none beat the pair there.
+_WIDE_DQ_TILE = (128, 32, 8, 2)
 
 
 def _one_tile(configs, args: dict):
@@ -413,8 +426,7 @@ def _tuned(kernel: str, configs, key=_TUNE_KEY, tma_configs=None):
 
     def tune(jitted):
         return triton.autotune(
-            [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
-             for tiles, meta in variants for m, n, w, s in tiles],
+            [config for tiles, meta in variants for config in _tile_configs(tiles, meta)],
             key=key,
             prune_configs_by={"early_config_prune": functools.partial(
                 _prune, kernel=kernel, jitted=jitted if ahead else None)},

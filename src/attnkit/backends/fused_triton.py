@@ -215,7 +215,9 @@ _WIDE_DECODE_TILE = (16, 32, 4, 3)
 _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 1)]
 
 # The dQ kernel for heads wider than 128 also tries (128, 32, 8, 2): two warpgroups of 64
-# rows, 220 registers and 192 KB of shared memory on sm_90, one program a multiprocessor.
+# rows, 220-255 registers (by the call's features; a few bytes of spills with key
+# lengths, a mask and dropout at once) and 192-196 KB of shared memory on sm_90, one
+# program a multiprocessor.
 # On an H200 at D=256 (b2 h16 4k causal and full, b8 1k, b1 8k causal) the backward ran
 # in 0.88-0.93x the time it took with the pair's (64, 32, 4, 2), which spills 32 bytes
 # (NOTES run 58, h200-logs/wide-prefill-run58.log). Of the forward's and the dK/dV

@@ -502,14 +502,41 @@ def test_prune_keeps_the_smallest_of_the_tiles_that_hold_the_problem(kernel, que
                 "dkdv": [(ft._DKDV_CONFIGS, {})], "dq": [(ft._DQ_CONFIGS, {})]}[kernel]
     made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
             for configs, meta in variants for m, n, w, s in configs]
+    packed = kernel == "fwd" and group > 1
     args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": False, "TMA_OK": True,
-            "SEQ_BUCKET": ft._seq_bucket(queries, keys), "DROPOUT": False,
-            "group": group, **({"PACKED": group > 1} if kernel == "fwd" else {})}
+            # _forward buckets a packed program's rows: the group's heads' queries
+            "SEQ_BUCKET": ft._seq_bucket(queries * group if packed else queries, keys),
+            "DROPOUT": False, **({"PACKED": packed} if kernel == "fwd" else {})}
     every = ft._prune(made, {**args, "SEQ_BUCKET": ft._seq_bucket(16384, 16384)})
     want = [(*ft._tiles(c), c.kwargs.get("TMA")) for c in every] if kept == "all" else kept
     for order in (1, -1):  # ties go by size, not by place in the list
         offered = ft._prune(made[::order], args, kernel=kernel)  # no Q: _SWEPT stays out
         assert sorted((*ft._tiles(c), c.kwargs.get("TMA")) for c in offered) == sorted(want)
+
+
+def test_a_packed_forward_is_tuned_by_its_programs_rows(monkeypatch):
+    """A forward that packs a kv group's query heads into one tile (_packs_group) runs
+    Sq x group rows a program, which _prune picks its tiles by: the tuning key's query
+    bucket is theirs, so calls that differ only in their group are tuned apart, and none
+    reuses a tile picked for another count of rows."""
+    import inspect
+
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    kernel = ft._fwd_kernel
+    while not inspect.isfunction(kernel):
+        kernel = kernel.fn
+    where = list(inspect.signature(kernel).parameters).index("SEQ_BUCKET")
+    launched = []
+    monkeypatch.setattr(ft, "_launch", lambda kernel, grid, args, *rest, **options:
+                        launched.append(args[where]))
+    q = torch.randn(1, 8, 16, 16, dtype=torch.float16)
+    for heads_kv in (4, 2, 8):  # groups of 2 and 4, packed; then 1, not packed
+        k, v = (torch.randn(1, heads_kv, 100, 16, dtype=torch.float16) for _ in range(2))
+        ft._forward(make_call(q, k, v), 0)
+    assert [ft._split_bucket(bucket) for bucket in launched] == [(32, 128), (64, 128),
+                                                                 (16, 128)]
 
 
 # What a triton.Config adds to a launch's keywords, after its flags (all_kwargs).

@@ -112,6 +112,12 @@ def _seq_bucket(queries: int, keys: int) -> int:
     return (queries << _KEYS_BITS) + keys
 
 
+def _length_bucket(queries: int, keys: int) -> int:
+    """SEQ_BUCKET of a launch over `queries` rows and `keys` keys: each a power of two,
+    capped at 16k (_work_out_meta says why)."""
+    return _seq_bucket(min(_pow2(queries), 2**14), min(_pow2(keys), 2**14))
+
+
 def _split_bucket(seq_bucket: int) -> tuple[int, int]:
     """SEQ_BUCKET -> (query bucket, key bucket)."""
     return seq_bucket >> _KEYS_BITS, seq_bucket & ((1 << _KEYS_BITS) - 1)
@@ -246,9 +252,9 @@ def _one_tile(configs, args: dict):
 
 def _program_rows(args: dict) -> int:
     """The query rows one forward program's tile runs over, as the tuning key buckets them:
-    the query bucket, times the group where PACKED."""
+    the query bucket, which _forward takes of Sq x group where it packs a group's heads."""
     queries, _ = _split_bucket(args["SEQ_BUCKET"])
-    return queries * args["group"] if args.get("PACKED", False) else queries
+    return queries
 
 
 def _shortest_tiles(configs, args: dict):
@@ -1201,7 +1207,7 @@ def _work_out_meta(call: AttentionCall) -> tuple[tuple, dict]:
     # and TMA win: NOTES, run 7), and per power of two of query rows in all (B * Hq *
     # Sq, 16k to 512k), which is how many programs there are to keep the GPU's
     # multiprocessors busy.
-    seq_bucket = _seq_bucket(min(_pow2(call.seq_q), 2**14), min(_pow2(call.seq_kv), 2**14))
+    seq_bucket = _length_bucket(call.seq_q, call.seq_kv)
     rows = call.q.shape[0] * call.heads_q * call.seq_q
     rows_bucket = min(max(_pow2(rows), 2**14), 2**19)
     scalars = (left or 0, right or 0, call.scale * hopper_forward.LOG2E, call.dropout_p,
@@ -1492,6 +1498,8 @@ def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None 
                     _launch_jitted, riders=riders)))):
         return out, lse
     (left, right, qk_scale, seed, drop_p, *buckets), flags = _meta(call, seed)
+    if packed:  # tuned by a program's rows, the group's heads' (_program_rows, _prune)
+        buckets[0] = _length_bucket(Sq * call.group, Skv)
     mask, mask_strides = _mask_args(call)
     lengths = call.key_lengths if call.key_lengths is not None else lse
     flags["TMA_OK"] = _tma_ready(k, v) if tma is None else tma

@@ -263,12 +263,12 @@ def _shortest_tiles(configs, args: dict):
     the rest idle. On an H200, decoding steps (4 to 64 packed rows against 4k-16k keys)
     ran (64, 64, 4, 3) in 0.77-0.88x the time of (128, 128, 8, 3) at the same key ranges,
     and the autotuner, timing candidates ~10 us long, picked the taller tile in some
-    processes and not in others (run 56). Heads wider than 128 keep what _by_head offers:
-    one tile for few rows (_WIDE_DECODE_ROWS), and past that its pair, whose shorter tile
-    has one pipeline stage (not measured there)."""
+    processes and not in others (run 56). Heads wider than 128 lose nothing here: _by_head
+    gives them one 16-row tile for up to _WIDE_DECODE_ROWS rows and its pair, no taller
+    than 64, past that."""
     rows = _program_rows(args)
     holding = [c.kwargs["BLOCK_M"] for c in configs if c.kwargs["BLOCK_M"] >= rows]
-    if not holding or max(args["HEAD_D"], args["HEAD_DV"]) > 128:
+    if not holding:
         return configs
     shortest = min(holding)
     return [c for c in configs if c.kwargs["BLOCK_M"] <= shortest]
@@ -1872,10 +1872,10 @@ def _leads_a_wide_step(call: AttentionCall) -> bool:
     (16/8, 32/16 and 16/16 heads, b1-b16, 4k-32k keys), and the same time (1.00x) on a
     smaller cache (MQA, 8.4M elements), 0.73x on 2.1M (1k keys). With host time (do_bench)
     SDPA's call is the shorter at most of them, as at _leads_a_block's."""
-    size = call.batch * call.heads_kv * call.seq_kv * max(call.head_dim, call.head_dim_v)
-    return (call.seq_q == 1 and max(call.head_dim, call.head_dim_v) > 128
-            and size >= _WIDE_STEP_SIZE and not call.has_mask and call.dropout_p == 0.0
-            and _on_hopper(call))
+    width = max(call.head_dim, call.head_dim_v)
+    return (call.seq_q == 1 and width > 128
+            and call.batch * call.heads_kv * call.seq_kv * width >= _WIDE_STEP_SIZE
+            and not call.has_mask and call.dropout_p == 0.0 and _on_hopper(call))
 
 
 _WIDE_STEP_SIZE = 2**24  # B*Hkv*Skv*D: b1, 8 kv heads of 256 against 8k keys (1.31x)

@@ -407,6 +407,37 @@ def test_explicit_tile_configs_match_oracle(device, fwd_config, bwd_configs):
         ft._forward(call, 0, (24, 16, 4, 1))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [192, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_wide_head_tiles_match_oracle_on_gpu(head_dim, causal):
+    """Heads wider than 128 under each of their own tiles, forced where the autotuner
+    might pass one over: the forward's 128-row tile through TMA and by pointers, the
+    pair's (64, 32, 4, 2), dQ's (128, 32, 8, 2), the decoding tile on 32 rows; with
+    grouped heads, key lengths and a row that sees no key."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    case = Case(batch=2, heads_q=4, heads_kv=2, seq_q=300, seq_kv=1000, head_dim=head_dim,
+                causal=causal, key_lengths=True, dead_rows=True, dtype=torch.bfloat16)
+    q, k, v, kwargs = case.make_inputs("cuda", torch.Generator().manual_seed(9))
+    call = make_call(q, k, v, **kwargs)
+    want = attention(q, k, v, impl="reference", **kwargs)
+    grad_out = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+    for tile, tma in ((ft._WIDE_FWD_TILE, True), (ft._WIDE_FWD_TILE, False),
+                      (ft._WIDE_TILES[0], False)):
+        out, lse = ft._forward(call, 0, tile, tma=tma)
+        assert rel_err(out, want) < 1e-2, tile
+    grads = ft._backward(call, 0, out, lse, grad_out.to(out.dtype),
+                         (ft._WIDE_TILES[0], ft._WIDE_DQ_TILE))
+    for got, ref in zip(grads, want_grads, strict=True):
+        assert rel_err(got, ref) < 1e-2
+    last = make_call(q[:, :, -16:], k, v, **kwargs)  # a group's 2 x 16 rows in one program
+    out = ft._forward(last, 0, ft._WIDE_DECODE_TILE, packed=True)[0]
+    assert rel_err(out, want[:, :, -16:]) < 1e-2  # causal runs to the bottom right
+
+
 @pytest.mark.parametrize("case", [
     replace(BASE, seq_q=65, seq_kv=17, causal=True),  # dead rows, a ragged last key block
     replace(BASE, head_dim=80, head_dim_v=16, heads_kv=2),  # D below the tile: zero fill
@@ -455,6 +486,12 @@ def test_prune_offers_tma_configs_only_where_allowed():
     assert [c.kwargs["TMA"] for c in ft._prune(configs, heads, TMA_OK=False)] == [False]
     wide = ft._prune(configs, {"HEAD_D": 256, "HEAD_DV": 256, **long}, TMA_OK=True)
     assert [(c.kwargs["BLOCK_N"], c.kwargs["TMA"]) for c in wide] == [(32, False), (32, False)]
+    # the forward of wide heads: beside the pair, one 128-row tile, through TMA if allowed
+    for tma_ok in (True, False):
+        forward = ft._prune(configs, {"HEAD_D": 192, "HEAD_DV": 192, **long}, kernel="fwd",
+                            TMA_OK=tma_ok)
+        assert [(*ft._tiles(c), c.kwargs["TMA"]) for c in forward] == [
+            (64, 32, 4, 2, False), (32, 32, 4, 1, False), (128, 64, 8, 2, tma_ok)]
 
 
 @pytest.mark.parametrize("kernel, queries, keys, head, group, kept", [
@@ -472,11 +509,14 @@ def test_prune_offers_tma_configs_only_where_allowed():
     ("fwd", 16, 16384, 128, 4, [(64, 64, 4, 3, False), (64, 64, 4, 3, True),  # 64 packed
                                 (64, 128, 4, 3, True)]),
     ("fwd", 32, 16384, 128, 4, "all"),  # 128 packed rows: only the tallest tiles hold them
-    # wide heads: one short tile for few rows (_WIDE_DECODE_ROWS), else their pair
+    # wide heads: one short tile for few rows (_WIDE_DECODE_ROWS), else their pair, and
+    # from 65 rows the forward's own 128-row tile (here through TMA)
     ("fwd", 1, 16384, 256, 4, [(16, 32, 4, 3, False)]),
     ("fwd", 16, 16384, 256, 2, [(16, 32, 4, 3, False)]),  # 32 packed rows
-    ("fwd", 32, 16384, 256, 2, "all"),  # 64 packed rows
-    ("fwd", 64, 16384, 256, 1, "all"),
+    ("fwd", 32, 16384, 256, 2, [(64, 32, 4, 2, False), (32, 32, 4, 1, False)]),  # 64 packed
+    ("fwd", 64, 16384, 256, 1, [(64, 32, 4, 2, False), (32, 32, 4, 1, False)]),
+    ("fwd", 128, 16384, 256, 1, [(64, 32, 4, 2, False), (32, 32, 4, 1, False),
+                                 (128, 64, 8, 2, True)]),
     ("fwd", 32, 32, 64, 2, [(64, 64, 4, 3, False)]),  # a packed group of 2: 2 x 17 rows
     ("fwd", 32, 32, 64, 4, [(64, 64, 4, 3, False), (128, 64, 8, 3, False),  # 4 x 17 rows:
                             (64, 64, 4, 3, True), (64, 128, 4, 3, True)]),  # 64 split them

@@ -165,10 +165,10 @@ def _prune(configs, named_args, kernel: str | None = None, jitted=None, **kwargs
     """The candidates for these arguments: TMA ones only where TMA_OK, the measured
     winners of _SWEPT for `kernel` (the losers, by head dim, taken out; not with
     dropout, and only on the kind of GPU the sweep ran on: Q's device), small tiles
-    alone for heads wider than 128 (one for a forward of few rows: _WIDE_DECODE_ROWS),
-    and of the tiles that hold the whole problem, the smallest alone (_one_tile). With
-    `jitted` (the kernel), they are left for _timed to build at once if the autotuner
-    goes on to time them."""
+    for heads wider than 128 (one alone for a forward of few rows: _WIDE_DECODE_ROWS;
+    else beside dQ's own tile and the forward's), and of the tiles that
+    hold the whole problem, the smallest alone (_one_tile). With `jitted` (the kernel),
+    they are left for _timed to build at once if the autotuner goes on to time them."""
     args = {**named_args, **kwargs}
     kept = _one_tile(_by_head(configs, args, kernel), args)
     if kernel == "fwd":
@@ -194,11 +194,14 @@ def _by_head(configs, args: dict, kernel: str | None):
         losers = _SWEPT[kernel](head, bool(args["WINDOWED"]), keys)
         kept = [c for c in configs if _tiles(c) not in losers]
         return kept or configs
-    # Heads wider than 128 leave shared memory for small tiles and shallow pipelines only.
+    # Heads wider than 128 leave shared memory for shallow pipelines only: small tiles, and
+    # one 8-warp tile each for dQ and the forward.
     pointers = {"TMA": False} if "TMA" in configs[0].kwargs else {}
     if kernel == "fwd" and _program_rows(args) <= _WIDE_DECODE_ROWS:
         return _tile_configs([_WIDE_DECODE_TILE], pointers)
-    return _tile_configs(_WIDE_TILES + ([_WIDE_DQ_TILE] if kernel == "dq" else []), pointers)
+    own = {"dq": [_WIDE_DQ_TILE], "fwd": [_WIDE_FWD_TILE]}.get(kernel, [])
+    tma = {"TMA": bool(args.get("TMA_OK"))} if pointers else {}  # the forward's own tile's
+    return _tile_configs(_WIDE_TILES, pointers) + _tile_configs(own, tma)
 
 
 def _tile_configs(tiles: list[tuple[int, int, int, int]], meta: dict) -> list:
@@ -226,9 +229,20 @@ _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 1)]
 # program a multiprocessor.
 # On an H200 at D=256 (b2 h16 4k causal and full, b8 1k, b1 8k causal) the backward ran
 # in 0.88-0.93x the time it took with the pair's (64, 32, 4, 2), which spills 32 bytes
-# (NOTES run 58, h200-logs/wide-prefill-run58.log). Of the forward's and the dK/dV
-# kernel's 8-warp tiles none beat the pair there.
+# (NOTES run 58, h200-logs/wide-prefill-run58.log). None of the dK/dV kernel's 8-warp
+# tiles beat the pair there (the forward's that run 58 tried neither; _WIDE_FWD_TILE did).
 _WIDE_DQ_TILE = (128, 32, 8, 2)
+
+# The forward for heads wider than 128 also tries (128, 64, 8, 2), two warpgroups of 64
+# rows, 197 KB of shared memory on sm_90 (Triton 3.6), one program a multiprocessor;
+# K and V through TMA where the tensors allow it (TMA_OK), which leaves it 227-232
+# registers and no spills without a mask tensor or dropout (16-208 bytes of spills with
+# them), against 255 registers by pointers.
+# On an H200 (D=256: b2 h16 4k causal and full, b2 h16/4 4k causal, b8 1k, b1 8k causal;
+# D=192: b2 4k) it ran at 1.14-1.31x the pair's (64, 32, 4, 2) rate, 482-515 TFLOP/s
+# against 386-414 from 4k at D=256, and by pointers at 0.97-1.01x its rate through TMA
+# (NOTES run 59, h200-logs/wide-tma-run59.log and wide-tma-after-run59.log).
+_WIDE_FWD_TILE = (128, 64, 8, 2)
 
 
 def _one_tile(configs, args: dict):
@@ -264,8 +278,9 @@ def _shortest_tiles(configs, args: dict):
     ran (64, 64, 4, 3) in 0.77-0.88x the time of (128, 128, 8, 3) at the same key ranges,
     and the autotuner, timing candidates ~10 us long, picked the taller tile in some
     processes and not in others (run 56). Heads wider than 128 lose nothing here: _by_head
-    gives them one 16-row tile for up to _WIDE_DECODE_ROWS rows and its pair, no taller
-    than 64, past that."""
+    gives them one 16-row tile for up to _WIDE_DECODE_ROWS rows, and past that its pair,
+    no taller than 64, beside the forward's own of 128 rows, which this leaves out up to
+    64 rows."""
     rows = _program_rows(args)
     holding = [c.kwargs["BLOCK_M"] for c in configs if c.kwargs["BLOCK_M"] >= rows]
     if not holding:

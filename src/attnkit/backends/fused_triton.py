@@ -181,7 +181,7 @@ def _by_head(configs, args: dict, kernel: str | None):
     if not args.get("TMA_OK", False):
         configs = [c for c in configs if not c.kwargs.get("TMA", False)]
     head = max(args["HEAD_D"], args["HEAD_DV"])
-    if head <= 128:
+    if head <= _WIDE_HEAD:
         # The sweep ran without dropout, whose random bits push dK/dV (64, 64, 4, 2) at
         # D=128 to 136 bytes of spills where (32, 64, 4, 2) spills 16 (benchmarks/
         # triton_registers.py --dropout, run 35): with dropout the autotuner keeps every
@@ -194,8 +194,8 @@ def _by_head(configs, args: dict, kernel: str | None):
         losers = _SWEPT[kernel](head, bool(args["WINDOWED"]), keys)
         kept = [c for c in configs if _tiles(c) not in losers]
         return kept or configs
-    # Heads wider than 128 leave shared memory for shallow pipelines only: small tiles, and
-    # one 8-warp tile each for dQ and the forward.
+    # Wider heads leave shared memory for shallow pipelines only: small tiles, and one
+    # 8-warp tile each for dQ and the forward.
     pointers = {"TMA": False} if "TMA" in configs[0].kwargs else {}
     if kernel == "fwd" and _program_rows(args) <= _WIDE_DECODE_ROWS:
         return _tile_configs([_WIDE_DECODE_TILE], pointers)
@@ -210,6 +210,10 @@ def _tile_configs(tiles: list[tuple[int, int, int, int]], meta: dict) -> list:
             for m, n, w, s in tiles]
 
 
+# Heads wider than this take tiles of their own (_by_head, below), and `auto`'s rule for
+# one-row steps (_leads_a_wide_step).
+_WIDE_HEAD = 128
+
 # The forward's one tile for heads wider than 128 where a program has at most this many
 # query rows (decoding, packed or not): (16, 32, 4, 3), 168 registers and 73 KB of shared
 # memory on sm_90 (Triton 3.6), three programs a multiprocessor, where _by_head's pair
@@ -221,6 +225,10 @@ def _tile_configs(tiles: list[tuple[int, int, int, int]], meta: dict) -> list:
 _WIDE_DECODE_ROWS = 32
 _WIDE_DECODE_TILE = (16, 32, 4, 3)
 # The tiles every kernel tries for heads wider than 128, but the forward of few rows.
+# In dK/dV, whose matmuls run over its key tile's rows, 32 keys build to mma.sync, not
+# wgmma (a warpgroup's needs 64 rows); its tiles of 64 keys, which do build to wgmma,
+# spill and ran at 0.43-0.94x the backward's rate on an H200 at D=256, (64, 64, 8, 2)
+# the nearest (NOTES run 59, h200-logs/wide-bwd2-run59.log).
 _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 1)]
 
 # The dQ kernel for heads wider than 128 also tries (128, 32, 8, 2): two warpgroups of 64
@@ -1888,7 +1896,7 @@ def _leads_a_wide_step(call: AttentionCall) -> bool:
     smaller cache (MQA, 8.4M elements), 0.73x on 2.1M (1k keys). With host time (do_bench)
     SDPA's call is the shorter at most of them, as at _leads_a_block's."""
     width = max(call.head_dim, call.head_dim_v)
-    return (call.seq_q == 1 and width > 128
+    return (call.seq_q == 1 and width > _WIDE_HEAD
             and call.batch * call.heads_kv * call.seq_kv * width >= _WIDE_STEP_SIZE
             and not call.has_mask and call.dropout_p == 0.0 and _on_hopper(call))
 
@@ -1903,7 +1911,7 @@ _WIDE_STEP_SIZE = 2**24  # B*Hkv*Skv*D: b1, 8 kv heads of 256 against 8k keys (1
 # key block straddles two ranges) and at least _SPLIT_KEYS long, or _SHORT_SPLIT_KEYS
 # where longer ranges would leave most multiprocessors idle (short caches, NOTES run 13).
 _SPLIT_ALIGN = 128  # the widest BLOCK_N
-_MIN_BLOCK_M = 64  # the smallest BLOCK_M on a GPU for heads up to 128 wide
+_MIN_BLOCK_M = 64  # the smallest BLOCK_M on a GPU for heads up to _WIDE_HEAD wide
 _SPLIT_KEYS = 1024
 _SHORT_SPLIT_KEYS = 256
 _MAX_SPLITS = 64

@@ -247,7 +247,7 @@ _WIDE_DQ_TILE = (128, 32, 8, 2)
 # registers and no spills without a mask tensor or dropout (16-208 bytes of spills with
 # them), against 255 registers by pointers.
 # On an H200 (D=256: b2 h16 4k causal and full, b2 h16/4 4k causal, b8 1k, b1 8k causal;
-# D=192: b2 4k) it ran at 1.14-1.31x the pair's (64, 32, 4, 2) rate, 482-515 TFLOP/s
+# D=192: b2 4k) it ran at 1.14-1.32x the pair's (64, 32, 4, 2) rate, 484-516 TFLOP/s
 # against 386-414 from 4k at D=256, and by pointers at 0.97-1.01x its rate through TMA
 # (NOTES run 59, h200-logs/wide-tma-run59.log and wide-tma-after-run59.log).
 _WIDE_FWD_TILE = (128, 64, 8, 2)

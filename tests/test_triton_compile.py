@@ -104,7 +104,7 @@ def _compile_all() -> int:
             assert flags["TMA"]
             m, n, warps, stages = ft._WIDE_FWD_TILE
             compile_one(ft._fwd_kernel, {**flags, "BLOCK_M": m, "BLOCK_N": n, "PACKED": False},
-                        warps, stages, 0)
+                        warps, stages, mask_kind)
             count += 1
     # the merge of the key ranges' partial results
     compile_one(ft._merge_kernel, {"HEAD_DV": 80, "BLOCK_DV": 128, "BLOCK_S": 8}, 4, 1, 0)

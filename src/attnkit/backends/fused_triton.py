@@ -166,9 +166,9 @@ def _prune(configs, named_args, kernel: str | None = None, jitted=None, **kwargs
     winners of _SWEPT for `kernel` (the losers, by head dim, taken out; not with
     dropout, and only on the kind of GPU the sweep ran on: Q's device), small tiles
     for heads wider than 128 (one alone for a forward of few rows: _WIDE_DECODE_ROWS;
-    else beside dQ's own tile and the forward's), and of the tiles that
-    hold the whole problem, the smallest alone (_one_tile). With `jitted` (the kernel),
-    they are left for _timed to build at once if the autotuner goes on to time them."""
+    else beside dQ's own tile and the forward's), and of the tiles that hold the whole
+    problem, the smallest alone (_one_tile). With `jitted` (the kernel), they are left
+    for _timed to build at once if the autotuner goes on to time them."""
     args = {**named_args, **kwargs}
     kept = _one_tile(_by_head(configs, args, kernel), args)
     if kernel == "fwd":
@@ -200,7 +200,8 @@ def _by_head(configs, args: dict, kernel: str | None):
     if kernel == "fwd" and _program_rows(args) <= _WIDE_DECODE_ROWS:
         return _tile_configs([_WIDE_DECODE_TILE], pointers)
     own = {"dq": [_WIDE_DQ_TILE], "fwd": [_WIDE_FWD_TILE]}.get(kernel, [])
-    tma = {"TMA": bool(args.get("TMA_OK"))} if pointers else {}  # the forward's own tile's
+    # The forward's configs name TMA: its own tile loads through TMA wherever allowed.
+    tma = {"TMA": bool(args.get("TMA_OK"))} if pointers else {}
     return _tile_configs(_WIDE_TILES, pointers) + _tile_configs(own, tma)
 
 
@@ -210,8 +211,8 @@ def _tile_configs(tiles: list[tuple[int, int, int, int]], meta: dict) -> list:
             for m, n, w, s in tiles]
 
 
-# Heads wider than this take tiles of their own (_by_head, below), and `auto`'s rule for
-# one-row steps (_leads_a_wide_step).
+# Heads wider than this take tiles of their own (_by_head), and `auto`'s rule for one-row
+# steps (_leads_a_wide_step).
 _WIDE_HEAD = 128
 
 # The forward's one tile for heads wider than 128 where a program has at most this many
@@ -238,7 +239,8 @@ _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 1)]
 # On an H200 at D=256 (b2 h16 4k causal and full, b8 1k, b1 8k causal) the backward ran
 # in 0.88-0.93x the time it took with the pair's (64, 32, 4, 2), which spills 32 bytes
 # (NOTES run 58, h200-logs/wide-prefill-run58.log). None of the dK/dV kernel's 8-warp
-# tiles beat the pair there (the forward's that run 58 tried neither; _WIDE_FWD_TILE did).
+# tiles beat the pair there, nor did the forward's that run 58 tried (_WIDE_FWD_TILE,
+# below, was not among them).
 _WIDE_DQ_TILE = (128, 32, 8, 2)
 
 # The forward for heads wider than 128 also tries (128, 64, 8, 2), two warpgroups of 64

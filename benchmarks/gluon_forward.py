@@ -224,7 +224,7 @@ def main() -> None:
     args = experiment_parser(__doc__, 5, fields).parse_args()
     configs = dict(hf.CONFIGS)
     if args.config:  # each head dim takes those of them that fit in shared memory
-        configs = {d: [c for c in args.config if fits(c, d)] for d in (64, 128)}
+        configs = {d: [c for c in args.config if fits(c, d)] for d in hf.CONFIGS}
     run_experiment(args, "gluon_forward", configs, check, time_shape, SHAPES)
 
 

@@ -13,10 +13,10 @@ stores its rows' delta = rowsum(dO * O); then one program per (key block, batch 
 head) accumulates dK, dV over the query blocks of every query head of its group
 (deterministic, no atomics). On Hopper and newer, the forward can load its K/V tiles
 through TMA descriptors, where their layout allows and the autotuner finds it faster
-(long sequences). On Hopper, long calls with 64- or 128-wide heads take a forward written
-in Gluon instead (`hopper_forward`: the softmax overlaps the matmuls; `_uses_hopper_forward`
-says which calls), and backward kernels written in Gluon (`hopper_backward`, the same
-layout: `_uses_hopper_backward`).
+(long sequences). On Hopper, long calls with 64-, 128- or 256-wide heads take a forward
+written in Gluon instead (`hopper_forward`: the softmax overlaps the matmuls;
+`_uses_hopper_forward` says which calls), and with 64- or 128-wide heads backward kernels
+written in Gluon (`hopper_backward`, the same layout: `_uses_hopper_backward`).
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
 i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off
@@ -1571,7 +1571,9 @@ def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None 
 # 27); causal at D=64, with each warpgroup walking its own rows' key blocks, 1.03-1.04x at
 # 2k-4k and 1.11x at 8k (0.84x at 1k) (NOTES, runs 16-18); at 16k, with the causal tiles
 # in groups of heads, 1.01x, where the 128-key blocks routed there since run 18 ran 0.99x
-# (run 23); at D=64 from 1280-1536 queries and keys since run 42 (_HOPPER_ROUTES).
+# (run 23); at D=64 from 1280-1536 queries and keys since run 42 (_HOPPER_ROUTES); at
+# D=256 1.11x without causal and 1.15x causal at 1k, 1.00-1.04x at 4k-16k, against this
+# file's forward on its own wide tile (_WIDE_FWD_TILE; run 59, not measured below 1k).
 # _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
 _HOPPER_FORWARD = True
 # The Gluon forward's causal tiles go out in groups of heads, heaviest first, as this
@@ -1611,6 +1613,8 @@ _HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[Reach, tuple[int, ...]], ...]
     (128, True): (((256, 2048), (128, 2, 2, 1)), ((256, 512), (64, 4, 2, 1))),
     (64, False): (((1536, 1536), (128, 2, 3, 1)),),
     (64, True): (((1280, 1280), (64, 3, 3, 1, 1)),),
+    (256, False): (((1024, 1024), (32, 3, 2, 0)),),
+    (256, True): (((1024, 1024), (32, 3, 2, 0)),),
 }
 
 
@@ -2357,8 +2361,8 @@ def run(call: AttentionCall) -> Result:
 BACKEND = Backend(
     name="triton",
     summary="fused Triton kernels (FlashAttention-2 style forward and backward; on "
-            "Hopper, Gluon kernels for long sequences with 64- or 128-wide heads: the "
-            "forward, dK/dV, and dQ at 128)",
+            "Hopper, Gluon kernels for long sequences: the forward with 64-, 128- or "
+            "256-wide heads, dK/dV at 64 and 128, dQ at 128)",
     available=available,
     supports=supports,
     run=run,

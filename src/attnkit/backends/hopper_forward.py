@@ -30,7 +30,7 @@ tiles, so that a tile's first Q K^T and last P V would overlap its neighbours' w
 history up to 8b4972a.)
 
 It covers the common case only, and `fused_triton` keeps the rest: an sm_90 GPU, fp16 or
-bf16, D = Dv in (64, 128), a positive scale, causal or not, key_lengths, grouped heads;
+bf16, D = Dv in (64, 128, 256), a positive scale, causal or not, key_lengths, grouped heads;
 no window, mask tensor or dropout; tensors that TMA can read. Gluon does not run under
 TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
 """
@@ -636,10 +636,14 @@ if gluon is not None:
 # (out stored through shared memory by TMA) was 1.01-1.13x the same tile without it on an
 # H200 (run 17); (128, 2, 2, 0) keeps the direct store tested. OWN_RANGES (each warpgroup
 # walks the key blocks its own rows see, for causal D=64, where 192-row tiles end
-# mid-block) was 1.01-1.05x (64, 3, 3, 1) at 4k-16k (run 18). Each config here is
-# compiled by the GPU test in two types: fewer keep that test inside one call.
+# mid-block) was 1.01-1.05x (64, 3, 3, 1) at 4k-16k (run 18). At D=256 32-key blocks in
+# three K/V slots leave two Q buffers room in shared memory (224 KB) and build without
+# spills at _MAXNREG's 168 registers; with two slots they ran 0.72-0.87x the Triton
+# forward, with out stored by TMA 0.73-0.94x (run 59). Each config here is compiled by
+# the GPU test in two types: fewer keep that test inside one call.
 CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 1, 1), (128, 2, 3, 1), (128, 3, 3, 1)],
-           128: [(128, 2, 2, 0), (128, 2, 2, 1), (64, 4, 2, 1)]}
+           128: [(128, 2, 2, 0), (128, 2, 2, 1), (64, 4, 2, 1)],
+           256: [(32, 3, 2, 0)]}
 # maxnreg at launch: 12 warps (2 computing warpgroups and the loading warp's, padded) at
 # 168 registers, or 16 at 128, fill the 64K-register file.
 _MAXNREG = {2: 168, 3: 128}

@@ -251,7 +251,8 @@ _WIDE_DQ_TILE = (128, 32, 8, 2)
 # On an H200 (D=256: b2 h16 4k causal and full, b2 h16/4 4k causal, b8 1k, b1 8k causal;
 # D=192: b2 4k) it ran at 1.14-1.32x the pair's (64, 32, 4, 2) rate, 484-516 TFLOP/s
 # against 386-414 from 4k at D=256, and by pointers at 0.97-1.01x its rate through TMA
-# (NOTES run 59, h200-logs/wide-tma-run59.log and wide-tma-after-run59.log).
+# (NOTES run 59, h200-logs/wide-tma-run59.log and wide-tma-after-run59.log). On Hopper,
+# D=256 calls from 1024 queries and keys take the Gluon forward instead (_HOPPER_ROUTES).
 _WIDE_FWD_TILE = (128, 64, 8, 2)
 
 

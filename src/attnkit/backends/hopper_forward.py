@@ -630,8 +630,8 @@ if gluon is not None:
 
 
 # Config tuples per head dim: the tile configs the GPU test checks and
-# benchmarks/gluon_forward.py times; fused_triton runs four of them (NOTES runs 14, 16-18,
-# 27).
+# benchmarks/gluon_forward.py times; fused_triton runs five of them (NOTES runs 14, 16-18,
+# 27, 59).
 # Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there. O_TMA
 # (out stored through shared memory by TMA) was 1.01-1.13x the same tile without it on an
 # H200 (run 17); (128, 2, 2, 0) keeps the direct store tested. OWN_RANGES (each warpgroup

@@ -630,7 +630,7 @@ if gluon is not None:
 
 
 # Config tuples per head dim: the tile configs the GPU test checks and
-# benchmarks/gluon_forward.py times; fused_triton runs five of them (NOTES runs 14, 16-18,
+# benchmarks/gluon_forward.py times; fused_triton runs six of them (NOTES runs 14, 16-18,
 # 27, 59).
 # Three warpgroups (192 query rows) at D=64 follow FlashAttention-3's tile there. O_TMA
 # (out stored through shared memory by TMA) was 1.01-1.13x the same tile without it on an

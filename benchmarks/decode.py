@@ -44,7 +44,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 from attnkit import attention
 from attnkit.backends import fused_triton as ft
 from attnkit.bench import environment
-from attnkit.call import make_call
+from attnkit.call import AttentionCall, make_call
 from attnkit.functional import select
 from attnkit.verify import rel_err
 
@@ -106,9 +106,10 @@ def sweep_splits(shape: tuple[int, ...], counts: list[int]) -> dict:
             "graph_us": {str(n): t for n, t in graph_us.items()}}
 
 
-def steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable]:
-    """One causal decoding step over this cache, by each implementation or forced path."""
-    call = make_call(q, k, v, causal=True)
+def steps(call: AttentionCall) -> dict[str, Callable]:
+    """The call's decoding step over its cache (causal), by each implementation or forced
+    path."""
+    q, k, v = call.q, call.k, call.v
     return {
         "triton": lambda: attention(q, k, v, causal=True, impl="triton"),
         "triton kernels": lambda: ft._forward(call, 0)[0],
@@ -131,10 +132,11 @@ def measure(shape: tuple[int, ...], bandwidth: float) -> dict:
     b, hq, hkv, sq, skv, d = shape
     q, k, v = inputs(shape)
     call = make_call(q, k, v, causal=True)
-    runs = steps(q, k, v)
+    runs = steps(call)
     kv_bytes = 2 * k.numel() * k.element_size()
     copies = cold_copies(kv_bytes)
-    layers = [runs] + [steps(q, k.clone(), v.clone()) for _ in range(copies - 1)]
+    layers = [runs] + [steps(make_call(q, k.clone(), v.clone(), causal=True))
+                       for _ in range(copies - 1)]
     want = runs["sdpa"]()
     packed = ft._packs_group(call)
     row = {"shape": list(shape), "kv_bytes": kv_bytes, "packed": packed,

@@ -540,8 +540,7 @@ def test_prune_keeps_the_smallest_of_the_tiles_that_hold_the_problem(kernel, que
 
     variants = {"fwd": [(ft._FWD_CONFIGS, {"TMA": False}), (ft._FWD_TMA_CONFIGS, {"TMA": True})],
                 "dkdv": [(ft._DKDV_CONFIGS, {})], "dq": [(ft._DQ_CONFIGS, {})]}[kernel]
-    made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **meta}, num_warps=w, num_stages=s)
-            for configs, meta in variants for m, n, w, s in configs]
+    made = [config for configs, meta in variants for config in ft._tile_configs(configs, meta)]
     packed = kernel == "fwd" and group > 1
     args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": False, "TMA_OK": True,
             # _forward buckets a packed program's rows: the group's heads' queries
@@ -906,8 +905,7 @@ def test_prune_keeps_the_swept_winners_for_128_wide_heads(monkeypatch):
     monkeypatch.setattr(ft, "_swept_here", lambda device: swept[device.type])
 
     def offered(kernel, configs, head, windowed, keys=4096, dropout=False, **extra):
-        made = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w,
-                              num_stages=s) for m, n, w, s in configs]
+        made = ft._tile_configs(configs, extra)
         args = {"HEAD_D": head, "HEAD_DV": head, "WINDOWED": windowed, "TMA_OK": True,
                 "SEQ_BUCKET": ft._seq_bucket(keys, keys), "DROPOUT": dropout,
                 "Q": torch.empty(0)}

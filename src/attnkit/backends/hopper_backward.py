@@ -108,6 +108,22 @@ if hopper_forward.gluon is not None:
             block_bases=[], shape=[32, columns // 4])
 
     @gluon.jit
+    def _hide_keys(st, kj, qi, kv_len, off, Sq, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr):
+        """S^T (keys kj, queries qi) with the scores no query sees (keys at or past kv_len;
+        causal: past the query's last key) set to -inf; the scale applied after is
+        positive."""
+        seen = gl.expand_dims(kj, 1) < kv_len
+        if CAUSAL:
+            seen = seen & (gl.expand_dims(kj, 1) <= gl.expand_dims(qi, 0) + off)
+        else:
+            # Always true, but it makes the mask per element, as causal's is. With the
+            # per-key mask alone, dK and dV came out wrong, and different from run to
+            # run, wherever a warpgroup took this step (H200, Triton 3.6); the PTX
+            # and SASS looked right. Cause not found (NOTES run 20).
+            seen = seen & (gl.expand_dims(qi, 0) < Sq + BLOCK_M)
+        return gl.where(seen, st, float("-inf"))
+
+    @gluon.jit
     def _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
                    k_op, v_op, q_ring, do_ring, ready, free, rows_ring,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
@@ -139,16 +155,7 @@ if hopper_forward.gluon is not None:
             inv = 1.0 / (1.0 - drop_p)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         if MASKED:
-            seen = gl.expand_dims(kj, 1) < kv_len
-            if CAUSAL:
-                seen = seen & (gl.expand_dims(kj, 1) <= gl.expand_dims(qi, 0) + off)
-            else:
-                # Always true, but it makes the mask per element, as causal's is. With the
-                # per-key mask alone, dK and dV came out wrong, and different from run to
-                # run, wherever a warpgroup took this step (H200, Triton 3.6); the PTX
-                # and SASS looked right. Cause not found (NOTES run 20).
-                seen = seen & (gl.expand_dims(qi, 0) < Sq + BLOCK_M)
-            s = gl.where(seen, s, float("-inf"))  # the scale below: it is positive
+            s = _hide_keys(s, kj, qi, kv_len, off, Sq, CAUSAL, BLOCK_M)
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0))
         # dV's product needs P^T only: issued before dP^T is waited for, it pins that wait
         # below every exponential (ptxas would move a free-standing wait up into the first
@@ -213,13 +220,19 @@ if hopper_forward.gluon is not None:
                                     bh, drop_p, k_op, v_op, q_ring, do_ring, ready, free,
                                     rows_ring, True, CAUSAL, DROPOUT, STAGES, BLOCK_M, s_layout,
                                     d_layout)
-        rows = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, d_layout))
-        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
-        ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0)
-        gl.store(DK + b * stride_dkb + kvh * stride_dkh + gl.expand_dims(rows, 1) * stride_dkn
-                 + gl.expand_dims(cols, 0), (dk * scale).to(k_smem.dtype), mask=ok)
-        gl.store(DV + b * stride_dvb + kvh * stride_dvh + gl.expand_dims(rows, 1) * stride_dvn
-                 + gl.expand_dims(cols, 0), dv.to(k_smem.dtype), mask=ok)
+        store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
+                   (dk * scale).to(k_smem.dtype), d_layout)
+        store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
+                   dv.to(k_smem.dtype), d_layout)
+
+    @gluon.jit
+    def store_keys(base, stride_n, n0, Skv, x, layout: gl.constexpr):
+        """x (64 keys from n0, D), a warpgroup's dK or dV in its matmul result's layout,
+        into base (a (batch, kv head)'s rows, unit stride along D), rows past Skv left."""
+        rows = n0 + gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, x.shape[1], layout=gl.SliceLayout(0, layout))
+        gl.store(base + gl.expand_dims(rows, 1) * stride_n + gl.expand_dims(cols, 0), x,
+                 mask=gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < x.shape[1], 0))
 
     @gluon.jit
     def _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc, v_desc,
@@ -274,24 +287,14 @@ if hopper_forward.gluon is not None:
                           v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar, q_ring,
                           do_ring, ready, free, rows_ring, BLOCK_M, STAGES)
 
-    # With group == 1 specialised as a constant (Triton's default for an int that is 1),
-    # key blocks that take the index-checked step came out wrong or faulted (H200, Triton
-    # 3.6; NOTES run 15); unspecialised, the same cases pass.
-    # The dropout seed is drawn anew for every call: not specialised either (fused_triton's
-    # _kernel says why).
-    @gluon.jit(do_not_specialize=["group", "seed"])
-    def dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, LENGTHS,
-                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                    Hq, Hkv, group, Sq, Skv, qk_scale, scale, seed, drop_p,
-                    HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                    DROPOUT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                    HEAD_GROUP: gl.constexpr, KV_REGS: gl.constexpr):
-        """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS). The four
-        descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (K, V) and (1, 1,
-        BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), seed an int or a pointer
-        to one."""
-        BLOCK_N: gl.constexpr = 128
-        dtype: gl.constexpr = q_desc.dtype
+    @gluon.jit
+    def _dkdv_program(LENGTHS, Hkv, Sq, Skv, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                      CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+                      HEAD_GROUP: gl.constexpr):
+        """This program's batch and kv head (int64) and first key n0 of a (key blocks of
+        BLOCK_N, B * Hkv) grid; off = Skv - Sq, the batch's kv_len, and the query blocks of
+        BLOCK_M that can see one of its keys: from first_block, n_blocks of them (0 where
+        n0 is past kv_len)."""
         # The programs start HEAD_GROUP heads at a time, each one's first key block (under
         # a causal mask the one with the most queries to see) first. Head by head, the
         # grid's own order, the program ids serve as they are, as in the build checked in
@@ -318,7 +321,27 @@ if hopper_forward.gluon is not None:
             first_block = gl.maximum(n0 - off, 0) // BLOCK_M
         n_blocks = gl.maximum(gl.cdiv(Sq, BLOCK_M) - first_block, 0)
         n_blocks = gl.where(n0 < kv_len, n_blocks, 0)
+        return b, kvh, n0, off, kv_len, first_block, n_blocks
 
+    # With group == 1 specialised as a constant (Triton's default for an int that is 1),
+    # key blocks that take the index-checked step came out wrong or faulted (H200, Triton
+    # 3.6; NOTES run 15); unspecialised, the same cases pass.
+    # The dropout seed is drawn anew for every call: not specialised either (fused_triton's
+    # _kernel says why).
+    @gluon.jit(do_not_specialize=["group", "seed"])
+    def dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, LENGTHS,
+                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                    Hq, Hkv, group, Sq, Skv, qk_scale, scale, seed, drop_p,
+                    HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+                    DROPOUT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                    HEAD_GROUP: gl.constexpr, KV_REGS: gl.constexpr):
+        """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS). The four
+        descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (K, V) and (1, 1,
+        BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), seed an int or a pointer
+        to one."""
+        dtype: gl.constexpr = q_desc.dtype
+        b, kvh, n0, off, kv_len, first_block, n_blocks = _dkdv_program(
+            LENGTHS, Hkv, Sq, Skv, 128, BLOCK_M, CAUSAL, HAS_LENGTHS, HEAD_GROUP)
         k_box = gl.allocate_shared_memory(dtype, [1] + k_desc.block_shape, k_desc.layout)
         v_box = gl.allocate_shared_memory(dtype, [1] + v_desc.block_shape, v_desc.layout)
         q_ring = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_shape, q_desc.layout)
@@ -357,6 +380,163 @@ if hopper_forward.gluon is not None:
                             free, rows_ring, HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT,
                             KV_REGS)),
         ], [4, 1], [240, 24])
+
+    @gluon.jit
+    def _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, k_op, q_ring, do_ring, ready,
+                      free, rows_ring, p_ring, p_ready, p_free, MASKED: gl.constexpr,
+                      CAUSAL: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                      s_layout: gl.constexpr, d_layout: gl.constexpr):
+        """wide_dkdv_kernel's step t in the dV warpgroup: S^T and P^T of query rows [m0, m0
+        + BLOCK_M) against its 64 keys, P^T handed to the dK warpgroup through p_ring,
+        then dV += P^T dO."""
+        slot = t % STAGES
+        qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        lse = rows_ring.index(slot).load(gl.SliceLayout(0, s_layout))
+        s_tok = warpgroup_mma(k_op, box(q_ring, slot).permute((1, 0)),
+                              gl.zeros([64, BLOCK_M], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s_tok])
+        if MASKED:
+            s = _hide_keys(s, kj, qi, kv_len, off, Sq, CAUSAL, BLOCK_M)
+        pt = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0)).to(k_op.dtype)
+        # P^T in the 16-bit type, as dV's product takes it: dS^T from it differs from
+        # dS^T from the float32 P^T by one rounding, below the one dS^T gets for its
+        # product.
+        held = t % 2
+        mbarrier.wait(p_free.index(held), ((t // 2) & 1) ^ 1)  # the first round: no wait
+        p_ring.index(held).store(pt)
+        gl.thread_barrier()  # every thread's part stored before the arrival
+        mbarrier.arrive(p_ready.index(held), count=1)
+        pt = gl.convert_layout(pt, operand_layout(d_layout))
+        dv_tok = warpgroup_mma(pt, box(do_ring, slot), dv, is_async=True)
+        dv, _ = warpgroup_mma_wait(0, deps=[dv_tok, pt])
+        hold(pt)
+        mbarrier.arrive(free.index(slot), count=1)
+        return dv
+
+    @gluon.jit
+    def _wide_dk_step(t, dk, v_op, q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
+                      p_free, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                      s_layout: gl.constexpr, d_layout: gl.constexpr):
+        """wide_dkdv_kernel's step t in the dK warpgroup: dP^T, then, with the dV
+        warpgroup's P^T of the step (hidden scores are 0 there: no index checks here),
+        dS^T = P^T (dP^T - delta) and dK += dS^T Q."""
+        slot = t % STAGES
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        delta = rows_ring.index(STAGES + slot).load(gl.SliceLayout(0, s_layout))
+        dp_tok = warpgroup_mma(v_op, box(do_ring, slot).permute((1, 0)),
+                               gl.zeros([64, BLOCK_M], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+        dp = warpgroup_mma_wait(0, deps=[dp_tok])
+        held = t % 2
+        mbarrier.wait(p_ready.index(held), (t // 2) & 1)
+        pt = p_ring.index(held).load(s_layout).to(gl.float32)
+        gl.thread_barrier()  # every thread's part read before the arrival
+        mbarrier.arrive(p_free.index(held), count=1)
+        dst = (pt * (dp - gl.expand_dims(delta, 0))).to(v_op.dtype)
+        dst = gl.convert_layout(dst, operand_layout(d_layout))
+        dk_tok = warpgroup_mma(dst, box(q_ring, slot), dk, is_async=True)
+        dk, _ = warpgroup_mma_wait(0, deps=[dk_tok, dst])
+        hold(dst)
+        mbarrier.arrive(free.index(slot), count=1)
+        return dk
+
+    @gluon.jit
+    def _wide_dkdv_partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr,
+                             BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                             CAUSAL: gl.constexpr):
+        """ROLE 0 (the default partition): the dV warpgroup; 1: the dK warpgroup; 2: the
+        loading warp (dkdv_kernel's). shared: what every partition takes."""
+        (DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group, Hq,
+         first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+         stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring,
+         ready, free, rows_ring, p_ring, p_ready, p_free) = shared
+        s_layout: gl.constexpr = score_layout(BLOCK_M)
+        d_layout: gl.constexpr = score_layout(HEAD_D)
+        if ROLE == 2:
+            _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
+                          v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar,
+                          q_ring, do_ring, ready, free, rows_ring, BLOCK_M, STAGES)
+        elif ROLE == 0:
+            kj = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+            dv = gl.zeros([64, HEAD_D], gl.float32, d_layout)
+            mbarrier.wait(kv_bar, 0)
+            for t in range(group * n_blocks):
+                m0 = (first_block + t % n_blocks) * BLOCK_M
+                # dkdv_kernel's test: every key below kv_len and seen by the first query
+                whole = n0 + 64 <= kv_len
+                if CAUSAL:
+                    whole = whole & (n0 + 63 <= m0 + off)
+                if whole:
+                    dv = _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, box(k_box, 0),
+                                       q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
+                                       p_free, False, CAUSAL, STAGES, BLOCK_M, s_layout,
+                                       d_layout)
+                else:
+                    dv = _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, box(k_box, 0),
+                                       q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
+                                       p_free, True, CAUSAL, STAGES, BLOCK_M, s_layout,
+                                       d_layout)
+            store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
+                       dv.to(q_desc.dtype), d_layout)
+        else:
+            dk = gl.zeros([64, HEAD_D], gl.float32, d_layout)
+            mbarrier.wait(kv_bar, 0)
+            for t in range(group * n_blocks):
+                dk = _wide_dk_step(t, dk, box(v_box, 0), q_ring, do_ring, ready, free,
+                                   rows_ring, p_ring, p_ready, p_free, STAGES, BLOCK_M,
+                                   s_layout, d_layout)
+            store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
+                       (dk * scale).to(q_desc.dtype), d_layout)
+
+    @gluon.jit(do_not_specialize=["group"])  # dkdv_kernel says why
+    def wide_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, LENGTHS,
+                         stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                         Hq, Hkv, group, Sq, Skv, qk_scale, scale,
+                         HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
+                         BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                         HEAD_GROUP: gl.constexpr):
+        """dkdv_kernel for heads wider than 128 (no dropout): one program per (64 keys,
+        batch * kv head); 4 warps + 4 + 1 (WS). A warpgroup cannot hold both dK and dV of
+        64 keys there (2 x 128 registers a thread at D=256), so one holds dV and computes
+        S^T and P^T, the other holds dK and computes dP^T and dS^T, reading P^T from the
+        first through shared memory (a ring of two). Each issues half of a step's four
+        products. The descriptors: (B, H, S, D) read in boxes of (1, 1, 64, D) (K, V)
+        and (1, 1, BLOCK_M, D) (Q, dO)."""
+        dtype: gl.constexpr = q_desc.dtype
+        b, kvh, n0, off, kv_len, first_block, n_blocks = _dkdv_program(
+            LENGTHS, Hkv, Sq, Skv, 64, BLOCK_M, CAUSAL, HAS_LENGTHS, HEAD_GROUP)
+        k_box = gl.allocate_shared_memory(dtype, [1] + k_desc.block_shape, k_desc.layout)
+        v_box = gl.allocate_shared_memory(dtype, [1] + v_desc.block_shape, v_desc.layout)
+        q_ring = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_shape, q_desc.layout)
+        do_ring = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_shape,
+                                            do_desc.layout)
+        p_ring = gl.allocate_shared_memory(
+            dtype, [2, 64, BLOCK_M], gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype))
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        p_free = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        rows_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M],
+                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=2)  # one arrival per computing warpgroup
+        for i in gl.static_range(2):
+            mbarrier.init(p_ready.index(i), count=1)
+            mbarrier.init(p_free.index(i), count=1)
+        shared = (DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
+                  Hq, first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                  stride_dvh, stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box, v_box, kv_bar,
+                  q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready, p_free)
+        args: gl.constexpr = (HEAD_D, BLOCK_M, STAGES, CAUSAL)
+        gl.warp_specialize([(_wide_dkdv_partition, (0, shared) + args),
+                            (_wide_dkdv_partition, (1, shared) + args),
+                            (_wide_dkdv_partition, (2, shared) + args)], [4, 1], [240, 24])
 
     @gluon.jit
     def _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout, q_smem, do_smem,
@@ -575,6 +755,8 @@ DKDV_CONFIG = {64: (64, 2, 1), 128: (64, 2, 0)}
 # --dropout); at D=64 KV_REGS is spill-free with dropout too, but 0.985x without it
 # (dropout_seed.py --pieces, run 39).
 DKDV_DROPOUT_CONFIG = {64: (64, 2, 0), 128: (32, 2, 0)}
+# (BLOCK_M, STAGES): wide_dkdv_kernel's config (heads wider than 128, no dropout).
+WIDE_DKDV_CONFIG = (64, 2)
 # (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
 # blocks spill and serialize the matmuls (NOTES runs 14, 22).
 DQ_CONFIG = (64, 3)
@@ -593,12 +775,23 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     (batch, kv head) pairs' programs start together, each one's first key block first.
     launcher: called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
-    if config is None:
-        config = (DKDV_DROPOUT_CONFIG if dropout_p > 0.0 else DKDV_CONFIG)[D]
-    block_m, stages, *kv_regs = config
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
+    if D > 128:
+        block_m, stages = WIDE_DKDV_CONFIG if config is None else config
+        launcher(wide_dkdv_kernel, (-(-Skv // 64), B * Hkv), (
+            descriptor(q, block_m), descriptor(k, 64), descriptor(v, 64),
+            descriptor(dout, block_m), lse, delta, dk, dv, lengths,
+            *dk.stride()[:3], *dv.stride()[:3],
+            Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale,
+        ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
+                BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
+            {"num_warps": 4, "maxnreg": 168})
+        return
+    if config is None:
+        config = (DKDV_DROPOUT_CONFIG if dropout_p > 0.0 else DKDV_CONFIG)[D]
+    block_m, stages, *kv_regs = config
     launcher(dkdv_kernel, (-(-Skv // 128), B * Hkv), (
         descriptor(q, block_m), descriptor(k, 128), descriptor(v, 128),
         descriptor(dout, block_m), lse, delta, dk, dv, lengths,

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/gluon_dkdv.py [--out DIR] [--rounds 3]
         [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_M,STAGES[,KV_REGS] ...] [--check-only]
-        [--head-dim 64|128]
+        [--head-dim 64|128|256]
 
 Checked against fused_triton's dk, dv (and the oracle's) on awkward shapes first, and
 against a second launch bit for bit; then
@@ -17,6 +17,7 @@ kernel, and wired it in (NOTES runs 15, 19, 20; the register-operand variant of 
 P_SMEM=0, failed there and is in git history up to 23a1596). Run 38 found the shared-
 memory pipe the busiest unit (ncu) and made P^T and dS^T register operands again, with
 the per-element mask: correct, the same bits twice, and 1.06-1.15x (NOTES run 38).
+Run 60 added D=256 (hopper_backward.wide_dkdv_kernel: the dV and dK warpgroups apart).
 """
 
 from __future__ import annotations
@@ -64,10 +65,13 @@ CASES = [
     (2, 4, 1, 700, 700, 64, True, [700, 333]),
     (1, 2, 2, 17, 1000, 64, True, None),
     (2, 2, 2, 700, 300, 64, False, [0, 255]),
+    (2, 4, 2, 1000, 1000, 256, True, None),
+    (2, 2, 2, 700, 300, 256, False, [0, 255]),
     (1, 2, 2, 300, 300, 64, True, None),  # the smallest case (64, 3) fails on (NOTES run 42)
 ]
 SHAPES = [(4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (1, 16, 16384, 128, False),
-          (1, 16, 16384, 128, True), (4, 32, 4096, 64, False)]
+          (1, 16, 16384, 128, True), (4, 32, 4096, 64, False), (2, 16, 4096, 256, True),
+          (2, 16, 4096, 256, False)]
 
 
 def _inputs(*case):

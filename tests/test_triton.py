@@ -1600,7 +1600,7 @@ def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, **kwargs):
     return make_call(q, k, v, **kwargs)
 
 
-# Calls neither Gluon kernel covers (_gluon_covers, and no head dim but 64 and 128).
+# Calls neither Gluon kernel covers (_gluon_covers, and no head dim but 64, 128 and 256).
 _NOT_GLUON = [
     ({"d": 80}, False),
     ({"dtype": torch.float32}, False),
@@ -1656,6 +1656,11 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     ({"d": 64, "sq": 1000}, False, False),
     ({"dropout_p": 0.1}, True, True),  # the Gluon backward kernels drop
     ({"dropout_p": 0.1, "d": 64, "causal": True}, True, False),
+    ({"d": 256}, True, False),  # wide_dkdv_kernel: 1.40-1.47x from 1k (run 60)
+    ({"d": 256, "causal": True, "hkv": 1, "key_lengths": torch.tensor([3000])}, True, False),
+    ({"d": 256, "sq": 1023}, False, False),
+    ({"d": 256, "dropout_p": 0.1}, False, False),  # wide_dkdv_kernel does not drop
+    ({"d": 192}, False, False),
 ] + [(kwargs, False, False) for kwargs, _ in _NOT_GLUON])
 def test_hopper_backward_kernels_cover_long_plain_calls_only(kwargs, dkdv, dq):
     from attnkit.backends import fused_triton as ft
@@ -1951,9 +1956,9 @@ def test_consan_wrapper_runs_the_script_instrumented(tmp_path):
 
 def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
     """benchmarks/memcheck.py reroutes fused_triton by its module names so that its short
-    cases reach the three Gluon kernels (the forward alone at D=256, which has no Gluon
-    backward); a rule renamed or added there would leave them on the Triton kernels, and
-    memcheck would say so only on a GPU."""
+    cases reach the three Gluon kernels (at D=256 the forward and the dK/dV kernel, with
+    no Gluon dQ kernel there); a rule renamed or added there would leave them on the
+    Triton kernels, and memcheck would say so only on a GPU."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
@@ -1964,8 +1969,7 @@ def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
         call = make_call(q, k, v, **kwargs)
         dout = torch.randn_like(q)
         assert ft._hopper_forward_fits(call), case  # (the key-split rule is GPU-only)
-        gluon_backward = case.head_dim <= 128
-        assert ft._hopper_backward_fits(call, dout, dout) == (gluon_backward,) * 2, case
+        assert ft._hopper_backward_fits(call, dout, dout) == (True, case.head_dim <= 128), case
 
 
 def test_dropout_seed_pieces_launch_the_kernels_as_backward_does(monkeypatch):
@@ -2115,8 +2119,37 @@ def test_kernel_variants_reads_values_and_uneven_shapes(monkeypatch):
     assert kv.parse_shape("4,32,4096,64,0") == (4, 32, 4096, 4096, 64, False)
 
 
-@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
-@pytest.mark.parametrize("head_dim, causal", [(64, False), (64, True), (128, True)])
+def test_wide_dkdv_launch_gives_each_program_64_keys():
+    """launch_dkdv at D=256 launches wide_dkdv_kernel, one program per 64 keys and (batch,
+    kv head), K and V in boxes of 64 rows, Q and dO in BLOCK_M's; it refuses dropout,
+    which that kernel does not draw, rather than leave it out."""
+    from attnkit.backends import hopper_backward as hb
+    from attnkit.backends import hopper_forward as hf
+
+    if hf.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper operations")
+    launches = []
+    q = torch.randn(2, 4, 300, 256, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 1000, 256, dtype=torch.bfloat16) for _ in range(2))
+    lse = torch.randn(2, 4, 300)
+    hb.launch_dkdv(q, k, v, q, lse, lse, k, v, None, True, 0.1,
+                   launcher=lambda *launch: launches.append(launch))
+    kernel, grid, args, constexprs, _ = launches[0]
+    assert kernel is hb.wide_dkdv_kernel and grid == (16, 4)
+    block_m, stages = hb.WIDE_DKDV_CONFIG
+    assert [desc.block_shape for desc in args[:4]] == [
+        [1, 1, block_m, 256], [1, 1, 64, 256], [1, 1, 64, 256], [1, 1, block_m, 256]]
+    assert (constexprs["BLOCK_M"], constexprs["STAGES"]) == (block_m, stages)
+    with pytest.raises(ValueError, match="does not drop"):
+        hb.launch_dkdv(q, k, v, q, lse, lse, k, v, None, True, 0.1, dropout_p=0.1,
+                       launcher=lambda *launch: launches.append(launch))
+    assert len(launches) == 1
+
+
+@pytest.mark.parametrize("kernel, head_dim, causal", [
+    *((kernel, d, causal) for kernel in ("forward", "dkdv", "dq")
+      for d, causal in ((64, False), (64, True), (128, True))),
+    ("forward", 256, True), ("dkdv", 256, True)])  # dkdv: wide_dkdv_kernel
 def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, head_dim,
                                                          causal):
     """benchmarks/gluon_sass.py builds the Gluon kernels' signatures from what the launch
@@ -2202,9 +2235,9 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "runs triton first for those calls when nothing needs a gradient, where it was " \
         "faster than cuDNN: Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \
         "(Sq and Skv >= 8192 causal)" in ft.BACKEND.details(cuda)
-    assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too, with " \
-        "Sq >= 256 and Skv >= 512 at D=128 (Sq >= 256 and Skv >= 1024 causal), Sq and " \
-        "Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)
+    assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too (not at " \
+        "D=256), with Sq and Skv >= 1024 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq " \
+        ">= 256 and Skv >= 1024 causal), Sq and Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on for calls of the same kinds, dropout too, with Sq >= 256 " \
         "and Skv >= 512 at D=128 (Sq >= 256 and Skv >= 1024 causal)." in ft.BACKEND.details(cuda)
     assert ft.BACKEND.details(cuda).endswith(f". {ft._BLOCK_LEAD}")
@@ -2721,18 +2754,20 @@ def _watch_gluon_launches(monkeypatch) -> list[tuple[str, object]]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
-    """The Gluon dQ and dK/dV kernels, through _backward, against the oracle on awkward
-    shapes (partial key and query blocks, rows and batches that see no key, grouped
-    heads), and the same bits twice."""
+    """The Gluon dQ and dK/dV kernels (D=256: wide_dkdv_kernel, and this file's dQ
+    kernel), through _backward, against the oracle on awkward shapes (partial key and
+    query blocks, rows and batches that see no key, grouped heads), and the same bits
+    twice."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
     _skip_without_hopper_forward()
-    # every call routed to both (the dQ kernel at D=64 too): these shapes are shorter
-    # than the routes take
-    monkeypatch.setattr(ft, "_hopper_backward_fits", lambda call, out, dout: (True, True))
+    # every call routed to both (the dQ kernel at D=64 too; it has no D=256 build): these
+    # shapes are shorter than the routes take
+    gluon_dq = head_dim <= 128
+    monkeypatch.setattr(ft, "_hopper_backward_fits", lambda call, out, dout: (True, gluon_dq))
     launched = _watch_gluon_launches(monkeypatch)
     _order_heads_in_groups_of(3, monkeypatch)  # several groups, the last one short
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
@@ -2757,8 +2792,8 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
         out, lse = ft._forward(call, 0)
         launched.clear()
         grads = [ft._backward(call, 0, out, lse, dout) for _ in range(2)]
-        assert sorted(name for name, _ in launched) == ["launch_dkdv", "launch_dkdv",
-                                                        "launch_dq", "launch_dq"]
+        assert sorted(name for name, _ in launched) == ["launch_dkdv"] * 2 + ["launch_dq"] * (
+            2 * gluon_dq)
         inputs64 = [t.double().requires_grad_() for t in (q, k, v)]
         ref = attention(*inputs64, causal=causal, key_lengths=key_lengths, impl="reference")
         want = torch.autograd.grad(ref, inputs64, dout.double())
@@ -2855,8 +2890,8 @@ def test_gluon_kernels_launched_directly_on_gpu(monkeypatch):
     (torch.bfloat16, 64, True), (torch.bfloat16, 256, True)])
 def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     """attention(impl="triton") forward and backward on a long call that takes the Gluon
-    forward and, up to D=128, the Gluon dK/dV kernel, and at D=128 the Gluon dQ kernel
-    (D=256: this file's backward kernels, from the Gluon forward's lse)."""
+    forward and dK/dV kernels, and at D=128 the Gluon dQ kernel (elsewhere this file's
+    dQ kernel, from the Gluon forward's lse)."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
@@ -2869,7 +2904,7 @@ def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     assert ft._uses_hopper_forward(call)
     grad = torch.randn_like(q)
     # grad's layout as out's
-    assert ft._uses_hopper_backward(call, grad, grad) == (head_dim <= 128, head_dim == 128)
+    assert ft._uses_hopper_backward(call, grad, grad) == (True, head_dim == 128)
     _assert_matches_reference(q, k, v, grad, causal=causal, key_lengths=lengths,
                               return_lse=True)
 

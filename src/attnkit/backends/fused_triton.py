@@ -1685,9 +1685,11 @@ def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
 #   (run 22), so not routed there.
 # bfloat16 and float16, both checked on a GPU.
 _HOPPER_DKDV = True
+# At D=256 (hopper_backward.wide_dkdv_kernel, no dropout) the backward ran 1.38-1.54x
+# the Triton one at 1k-16k, causal or not (run 60).
 _HOPPER_DKDV_REACH: dict[tuple[int, bool], Reach] = {
     (128, False): (256, 512), (128, True): (256, 1024), (64, False): (1024, 1024),
-    (64, True): (1024, 1024)}
+    (64, True): (1024, 1024), (256, False): (1024, 1024), (256, True): (1024, 1024)}
 _HOPPER_DQ = True
 _HOPPER_DQ_REACH: dict[tuple[int, bool], Reach] = {(128, False): (256, 512),
                                                    (128, True): (256, 1024)}
@@ -1698,9 +1700,11 @@ def _hopper_backward_fits(call: AttentionCall, out: Tensor, dout: Tensor) -> tup
     its output out and gradient dout) and was measured faster on it: the call has the
     kernel's reach (Sq, Skv) for its head dim and causality, and _gluon_covers, worked out
     once for both; the dQ kernel also reads out along rows of unit stride (the forward's
-    own out always is). Says nothing about the device."""
+    own out always is), and the dK/dV kernel drops only at the head dims it has a dropout
+    config for. Says nothing about the device."""
     key = (call.head_dim, call.causal)
-    dkdv = _reaches(call, _HOPPER_DKDV_REACH.get(key))
+    dkdv = _reaches(call, _HOPPER_DKDV_REACH.get(key)) and (
+        call.dropout_p == 0.0 or call.head_dim in hopper_backward.DKDV_DROPOUT_CONFIG)
     dq = _reaches(call, _HOPPER_DQ_REACH.get(key)) and out.stride(3) == 1
     if (dkdv or dq) and _gluon_covers(call, (call.q, call.k, call.v, dout)):
         return dkdv, dq
@@ -1795,9 +1799,19 @@ def _details(device: torch.device) -> str | None:
                                   ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_REACH)):
         why = unavailable or (None if switch else off)
         state = (f"off: {why}" if why else
-                 f"on for calls of the same kinds, dropout too, with {_reach_text(reach)}")
+                 f"on for calls of the same kinds, dropout too{_no_dropout_text(kernel)}, "
+                 f"with {_reach_text(reach)}")
         text += f". Gluon {kernel} kernel for Hopper: {state}"
     return f"{text}. {_BLOCK_LEAD}"
+
+
+def _no_dropout_text(kernel: str) -> str:
+    """Where the Gluon dK/dV kernel does not drop: the head dims of its reach that have
+    no dropout config (hopper_backward.DKDV_DROPOUT_CONFIG)."""
+    if kernel != "dK/dV":
+        return ""
+    dims = sorted({d for d, _ in _HOPPER_DKDV_REACH} - set(hopper_backward.DKDV_DROPOUT_CONFIG))
+    return f" (not at D={', '.join(map(str, dims))})" if dims else ""
 
 
 def _route_text() -> str:

@@ -771,7 +771,9 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     (fused_triton._hopper_backward_fits). seed: dropout's, as the forward took it (an
     int, or an int64 tensor on the call's device); dropout_p > 0 drops. config: (BLOCK_M,
     STAGES[, KV_REGS]) (KV_REGS as _dkdv_consume takes it, 0 if left out), None for the
-    head dim's DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). head_group: how many
+    head dim's DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). Heads wider than 128
+    take wide_dkdv_kernel, config (BLOCK_M, STAGES) (None: WIDE_DKDV_CONFIG), without
+    dropout. head_group: how many
     (batch, kv head) pairs' programs start together, each one's first key block first.
     launcher: called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
@@ -779,6 +781,8 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
     if D > 128:
+        if dropout_p > 0.0:
+            raise ValueError("wide_dkdv_kernel (heads wider than 128) does not drop")
         block_m, stages = WIDE_DKDV_CONFIG if config is None else config
         launcher(wide_dkdv_kernel, (-(-Skv // 64), B * Hkv), (
             descriptor(q, block_m), descriptor(k, 64), descriptor(v, 64),

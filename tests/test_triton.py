@@ -1658,7 +1658,9 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     ({"dropout_p": 0.1, "d": 64, "causal": True}, True, False),
     ({"d": 256}, True, False),  # wide_dkdv_kernel: 1.40-1.47x from 1k (run 60)
     ({"d": 256, "causal": True, "hkv": 1, "key_lengths": torch.tensor([3000])}, True, False),
-    ({"d": 256, "sq": 1023}, False, False),
+    ({"d": 256, "sq": 256, "skv": 256}, True, False),  # 1.17-1.18x
+    ({"d": 256, "sq": 255}, False, False),  # 1.06x at Sq = 128 against 8k keys
+    ({"d": 256, "skv": 255}, False, False),
     ({"d": 256, "dropout_p": 0.1}, False, False),  # wide_dkdv_kernel does not drop
     ({"d": 192}, False, False),
 ] + [(kwargs, False, False) for kwargs, _ in _NOT_GLUON])
@@ -1972,6 +1974,18 @@ def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
         assert ft._hopper_backward_fits(call, dout, dout) == (True, case.head_dim <= 128), case
 
 
+def test_memcheck_counts_launches_that_ran_only(monkeypatch):
+    """memcheck.py's launch counts leave out the launches that a call's first backward
+    only collects to count its builds (a _Collector launcher): with them, each case's
+    first run counted one backward more (run 60)."""
+    from attnkit.backends import fused_triton as ft
+
+    memcheck = benchmark_script("memcheck", monkeypatch)
+    launched = [("launch_dq", ft._Collector()), ("launch_dq", None),
+                ("launch_dkdv", ft._launch_jitted), ("launch_dkdv", ft._Collector())]
+    assert memcheck.made(launched) == ["launch_dq", "launch_dkdv"]
+
+
 def test_dropout_seed_pieces_launch_the_kernels_as_backward_does(monkeypatch):
     """benchmarks/dropout_seed.py --pieces times the backward's kernels one at a time
     through fused_triton's private launch functions: each piece (the Triton dQ and dK/dV
@@ -2236,7 +2250,7 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
         "faster than cuDNN: Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \
         "(Sq and Skv >= 8192 causal)" in ft.BACKEND.details(cuda)
     assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too (not at " \
-        "D=256), with Sq and Skv >= 1024 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq " \
+        "D=256), with Sq and Skv >= 256 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq " \
         ">= 256 and Skv >= 1024 causal), Sq and Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on for calls of the same kinds, dropout too, with Sq >= 256 " \
         "and Skv >= 512 at D=128 (Sq >= 256 and Skv >= 1024 causal)." in ft.BACKEND.details(cuda)

@@ -1685,11 +1685,12 @@ def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
 #   (run 22), so not routed there.
 # bfloat16 and float16, both checked on a GPU.
 _HOPPER_DKDV = True
-# At D=256 (hopper_backward.wide_dkdv_kernel, no dropout) the backward ran 1.38-1.54x
-# the Triton one at 1k-16k, causal or not (run 60).
+# At D=256 (hopper_backward.wide_dkdv_kernel, no dropout) the whole backward ran
+# 1.38-1.54x the Triton one at 1k-16k, causal or not, 1.28-1.29x at 512, 1.17-1.18x at 256
+# and 1.21-1.27x at Sq = 256 against 4k keys; 1.06x at Sq = 128 against 8k (run 60).
 _HOPPER_DKDV_REACH: dict[tuple[int, bool], Reach] = {
     (128, False): (256, 512), (128, True): (256, 1024), (64, False): (1024, 1024),
-    (64, True): (1024, 1024), (256, False): (1024, 1024), (256, True): (1024, 1024)}
+    (64, True): (1024, 1024), (256, False): (256, 256), (256, True): (256, 256)}
 _HOPPER_DQ = True
 _HOPPER_DQ_REACH: dict[tuple[int, bool], Reach] = {(128, False): (256, 512),
                                                    (128, True): (256, 1024)}

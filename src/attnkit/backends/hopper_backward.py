@@ -382,31 +382,21 @@ if hopper_forward.gluon is not None:
         ], [4, 1], [240, 24])
 
     @gluon.jit
-    def _wide_issue(t, a_op, ring, ready, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
-                    s_layout: gl.constexpr):
-        """wide_dkdv_kernel's S^T (a_op K, ring Q's) or dP^T (V, dO's) of step t, issued
-        once the step's slot is loaded: a_op (64 keys, D) times the slot's (BLOCK_M, D)
-        transposed."""
-        slot = t % STAGES
-        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        return warpgroup_mma(a_op, box(ring, slot).permute((1, 0)),
-                             gl.zeros([64, BLOCK_M], gl.float32, s_layout), use_acc=False,
-                             is_async=True)
-
-    @gluon.jit
-    def _wide_dv_step(t, s, m0, dv, kj, kv_len, off, qk_scale, Sq, k_op, q_ring, do_ring,
-                      ready, free, rows_ring, p_ring, p_ready, p_free, MASKED: gl.constexpr,
-                      HAS_NEXT: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                      BLOCK_M: gl.constexpr, s_layout: gl.constexpr, d_layout: gl.constexpr):
-        """wide_dkdv_kernel's step t in the dV warpgroup, whose S^T (query rows [m0, m0 +
-        BLOCK_M) against its 64 keys) is s: P^T, handed to the dK warpgroup through
-        p_ring, then dV += P^T dO, with step t+1's S^T on the tensor cores under the
-        exponentials (HAS_NEXT); returns dv and that S^T (s again without)."""
+    def _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, k_op, q_ring, do_ring, ready,
+                      free, rows_ring, p_ring, p_ready, p_free, MASKED: gl.constexpr,
+                      CAUSAL: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                      s_layout: gl.constexpr, d_layout: gl.constexpr):
+        """wide_dkdv_kernel's step t in the dV warpgroup: S^T and P^T of query rows [m0, m0
+        + BLOCK_M) against its 64 keys, P^T handed to the dK warpgroup through p_ring,
+        then dV += P^T dO."""
         slot = t % STAGES
         qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
         lse = rows_ring.index(slot).load(gl.SliceLayout(0, s_layout))
-        if HAS_NEXT:
-            s_tok = _wide_issue(t + 1, k_op, q_ring, ready, STAGES, BLOCK_M, s_layout)
+        s_tok = warpgroup_mma(k_op, box(q_ring, slot).permute((1, 0)),
+                              gl.zeros([64, BLOCK_M], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s_tok])
         if MASKED:
             s = _hide_keys(s, kj, qi, kv_len, off, Sq, CAUSAL, BLOCK_M)
         pt = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0)).to(k_op.dtype)
@@ -420,28 +410,25 @@ if hopper_forward.gluon is not None:
         mbarrier.arrive(p_ready.index(held), count=1)
         pt = gl.convert_layout(pt, operand_layout(d_layout))
         dv_tok = warpgroup_mma(pt, box(do_ring, slot), dv, is_async=True)
-        # everything waited for here: a product in flight across the loop's back edge
-        # makes ptxas serialize them all (_dq_step)
-        if HAS_NEXT:
-            dv, s, _ = warpgroup_mma_wait(0, deps=[dv_tok, s_tok, pt])
-        else:
-            dv, _ = warpgroup_mma_wait(0, deps=[dv_tok, pt])
+        dv, _ = warpgroup_mma_wait(0, deps=[dv_tok, pt])
         hold(pt)
         mbarrier.arrive(free.index(slot), count=1)
-        return dv, s
+        return dv
 
     @gluon.jit
-    def _wide_dk_step(t, dp, dk, v_op, q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
-                      p_free, HAS_NEXT: gl.constexpr, STAGES: gl.constexpr,
-                      BLOCK_M: gl.constexpr, s_layout: gl.constexpr, d_layout: gl.constexpr):
-        """wide_dkdv_kernel's step t in the dK warpgroup, whose dP^T is dp: with the dV
+    def _wide_dk_step(t, dk, v_op, q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
+                      p_free, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                      s_layout: gl.constexpr, d_layout: gl.constexpr):
+        """wide_dkdv_kernel's step t in the dK warpgroup: dP^T, then, with the dV
         warpgroup's P^T of the step (hidden scores are 0 there: no index checks here),
-        dS^T = P^T (dP^T - delta) and dK += dS^T Q, with step t+1's dP^T on the tensor
-        cores meanwhile (HAS_NEXT); returns dk and that dP^T (dp again without)."""
+        dS^T = P^T (dP^T - delta) and dK += dS^T Q."""
         slot = t % STAGES
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
         delta = rows_ring.index(STAGES + slot).load(gl.SliceLayout(0, s_layout))
-        if HAS_NEXT:
-            dp_tok = _wide_issue(t + 1, v_op, do_ring, ready, STAGES, BLOCK_M, s_layout)
+        dp_tok = warpgroup_mma(v_op, box(do_ring, slot).permute((1, 0)),
+                               gl.zeros([64, BLOCK_M], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+        dp = warpgroup_mma_wait(0, deps=[dp_tok])
         held = t % 2
         mbarrier.wait(p_ready.index(held), (t // 2) & 1)
         pt = p_ring.index(held).load(s_layout).to(gl.float32)
@@ -450,50 +437,23 @@ if hopper_forward.gluon is not None:
         dst = (pt * (dp - gl.expand_dims(delta, 0))).to(v_op.dtype)
         dst = gl.convert_layout(dst, operand_layout(d_layout))
         dk_tok = warpgroup_mma(dst, box(q_ring, slot), dk, is_async=True)
-        if HAS_NEXT:
-            dk, dp, _ = warpgroup_mma_wait(0, deps=[dk_tok, dp_tok, dst])
-        else:
-            dk, _ = warpgroup_mma_wait(0, deps=[dk_tok, dst])
+        dk, _ = warpgroup_mma_wait(0, deps=[dk_tok, dst])
         hold(dst)
         mbarrier.arrive(free.index(slot), count=1)
-        return dk, dp
-
-    @gluon.jit
-    def _wide_dv_turn(t, s, dv, first_block, n_blocks, n0, kj, kv_len, off, qk_scale, Sq,
-                      k_op, q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready, p_free,
-                      HAS_NEXT: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                      BLOCK_M: gl.constexpr, s_layout: gl.constexpr, d_layout: gl.constexpr):
-        """_wide_dv_step t, with index checks only where a key is hidden from a row."""
-        m0 = (first_block + t % n_blocks) * BLOCK_M
-        # dkdv_kernel's test: every key below kv_len and seen by the block's first query
-        whole = n0 + 64 <= kv_len
-        if CAUSAL:
-            whole = whole & (n0 + 63 <= m0 + off)
-        if whole:
-            dv, s = _wide_dv_step(t, s, m0, dv, kj, kv_len, off, qk_scale, Sq, k_op, q_ring,
-                                  do_ring, ready, free, rows_ring, p_ring, p_ready, p_free, False,
-                                  HAS_NEXT, CAUSAL, STAGES, BLOCK_M, s_layout, d_layout)
-        else:
-            dv, s = _wide_dv_step(t, s, m0, dv, kj, kv_len, off, qk_scale, Sq, k_op, q_ring,
-                                  do_ring, ready, free, rows_ring, p_ring, p_ready, p_free, True,
-                                  HAS_NEXT, CAUSAL, STAGES, BLOCK_M, s_layout, d_layout)
-        return dv, s
+        return dk
 
     @gluon.jit
     def _wide_dkdv_partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr,
                              BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                             CAUSAL: gl.constexpr, AHEAD: gl.constexpr):
+                             CAUSAL: gl.constexpr):
         """ROLE 0 (the default partition): the dV warpgroup; 1: the dK warpgroup; 2: the
-        loading warp (dkdv_kernel's). shared: what every partition takes. AHEAD: each
-        step issues the next one's S^T (1: in the dV warpgroup; 2: and dP^T in the dK
-        warpgroup); 0: each step issues and waits for its own first."""
+        loading warp (dkdv_kernel's). shared: what every partition takes."""
         (DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group, Hq,
          first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
          stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring,
          ready, free, rows_ring, p_ring, p_ready, p_free) = shared
         s_layout: gl.constexpr = score_layout(BLOCK_M)
         d_layout: gl.constexpr = score_layout(HEAD_D)
-        steps = group * n_blocks
         if ROLE == 2:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                           v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar,
@@ -501,53 +461,32 @@ if hopper_forward.gluon is not None:
         elif ROLE == 0:
             kj = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
             dv = gl.zeros([64, HEAD_D], gl.float32, d_layout)
-            k_op = box(k_box, 0)
             mbarrier.wait(kv_bar, 0)
-            if AHEAD >= 1:
-                if steps > 0:
-                    s = warpgroup_mma_wait(0, deps=[_wide_issue(0, k_op, q_ring, ready, STAGES,
-                                                                BLOCK_M, s_layout)])
-                    for t in range(steps - 1):
-                        dv, s = _wide_dv_turn(t, s, dv, first_block, n_blocks, n0, kj, kv_len,
-                                              off, qk_scale, Sq, k_op, q_ring, do_ring, ready,
-                                              free, rows_ring, p_ring, p_ready, p_free, True,
-                                              CAUSAL, STAGES, BLOCK_M, s_layout, d_layout)
-                    dv, s = _wide_dv_turn(steps - 1, s, dv, first_block, n_blocks, n0, kj,
-                                          kv_len, off, qk_scale, Sq, k_op, q_ring, do_ring, ready,
-                                          free, rows_ring, p_ring, p_ready, p_free, False, CAUSAL,
-                                          STAGES, BLOCK_M, s_layout, d_layout)
-            else:
-                for t in range(steps):
-                    s = warpgroup_mma_wait(0, deps=[_wide_issue(t, k_op, q_ring, ready, STAGES,
-                                                                BLOCK_M, s_layout)])
-                    dv, s = _wide_dv_turn(t, s, dv, first_block, n_blocks, n0, kj, kv_len, off,
-                                          qk_scale, Sq, k_op, q_ring, do_ring, ready, free,
-                                          rows_ring, p_ring, p_ready, p_free, False, CAUSAL,
-                                          STAGES, BLOCK_M, s_layout, d_layout)
+            for t in range(group * n_blocks):
+                m0 = (first_block + t % n_blocks) * BLOCK_M
+                # dkdv_kernel's test: every key below kv_len and seen by the first query
+                whole = n0 + 64 <= kv_len
+                if CAUSAL:
+                    whole = whole & (n0 + 63 <= m0 + off)
+                if whole:
+                    dv = _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, box(k_box, 0),
+                                       q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
+                                       p_free, False, CAUSAL, STAGES, BLOCK_M, s_layout,
+                                       d_layout)
+                else:
+                    dv = _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, box(k_box, 0),
+                                       q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
+                                       p_free, True, CAUSAL, STAGES, BLOCK_M, s_layout,
+                                       d_layout)
             store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
                        dv.to(q_desc.dtype), d_layout)
         else:
             dk = gl.zeros([64, HEAD_D], gl.float32, d_layout)
-            v_op = box(v_box, 0)
             mbarrier.wait(kv_bar, 0)
-            if AHEAD >= 2:
-                if steps > 0:
-                    dp = warpgroup_mma_wait(0, deps=[_wide_issue(0, v_op, do_ring, ready,
-                                                                 STAGES, BLOCK_M, s_layout)])
-                    for t in range(steps - 1):
-                        dk, dp = _wide_dk_step(t, dp, dk, v_op, q_ring, do_ring, ready, free,
-                                               rows_ring, p_ring, p_ready, p_free, True, STAGES,
-                                               BLOCK_M, s_layout, d_layout)
-                    dk, dp = _wide_dk_step(steps - 1, dp, dk, v_op, q_ring, do_ring, ready, free,
-                                           rows_ring, p_ring, p_ready, p_free, False, STAGES,
-                                           BLOCK_M, s_layout, d_layout)
-            else:
-                for t in range(steps):
-                    dp = warpgroup_mma_wait(0, deps=[_wide_issue(t, v_op, do_ring, ready,
-                                                                 STAGES, BLOCK_M, s_layout)])
-                    dk, dp = _wide_dk_step(t, dp, dk, v_op, q_ring, do_ring, ready, free,
-                                           rows_ring, p_ring, p_ready, p_free, False, STAGES,
-                                           BLOCK_M, s_layout, d_layout)
+            for t in range(group * n_blocks):
+                dk = _wide_dk_step(t, dk, box(v_box, 0), q_ring, do_ring, ready, free,
+                                   rows_ring, p_ring, p_ready, p_free, STAGES, BLOCK_M,
+                                   s_layout, d_layout)
             store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
                        (dk * scale).to(q_desc.dtype), d_layout)
 
@@ -557,7 +496,7 @@ if hopper_forward.gluon is not None:
                          Hq, Hkv, group, Sq, Skv, qk_scale, scale,
                          HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                          BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                         HEAD_GROUP: gl.constexpr, AHEAD: gl.constexpr):
+                         HEAD_GROUP: gl.constexpr):
         """dkdv_kernel for heads wider than 128 (no dropout): one program per (64 keys,
         batch * kv head); 4 warps + 4 + 1 (WS). A warpgroup cannot hold both dK and dV of
         64 keys there (2 x 128 registers a thread at D=256), so one holds dV and computes
@@ -594,7 +533,7 @@ if hopper_forward.gluon is not None:
                   Hq, first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
                   stride_dvh, stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box, v_box, kv_bar,
                   q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready, p_free)
-        args: gl.constexpr = (HEAD_D, BLOCK_M, STAGES, CAUSAL, AHEAD)
+        args: gl.constexpr = (HEAD_D, BLOCK_M, STAGES, CAUSAL)
         gl.warp_specialize([(_wide_dkdv_partition, (0, shared) + args),
                             (_wide_dkdv_partition, (1, shared) + args),
                             (_wide_dkdv_partition, (2, shared) + args)], [4, 1], [240, 24])
@@ -844,15 +783,14 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     if D > 128:
         if dropout_p > 0.0:
             raise ValueError("wide_dkdv_kernel (heads wider than 128) does not drop")
-        block_m, stages, *ahead = WIDE_DKDV_CONFIG if config is None else config
+        block_m, stages = WIDE_DKDV_CONFIG if config is None else config
         launcher(wide_dkdv_kernel, (-(-Skv // 64), B * Hkv), (
             descriptor(q, block_m), descriptor(k, 64), descriptor(v, 64),
             descriptor(dout, block_m), lse, delta, dk, dv, lengths,
             *dk.stride()[:3], *dv.stride()[:3],
             Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale,
         ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-                BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group,
-                AHEAD=ahead[0] if ahead else 0),
+                BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
             {"num_warps": 4, "maxnreg": 168})
         return
     if config is None:

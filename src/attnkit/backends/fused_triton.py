@@ -252,7 +252,7 @@ _WIDE_DQ_TILE = (128, 32, 8, 2)
 # D=192: b2 4k) it ran at 1.14-1.32x the pair's (64, 32, 4, 2) rate, 484-516 TFLOP/s
 # against 386-414 from 4k at D=256, and by pointers at 0.97-1.01x its rate through TMA
 # (NOTES run 59, h200-logs/wide-tma-run59.log and wide-tma-after-run59.log). On Hopper,
-# D=256 calls from 1024 queries and keys take the Gluon forward instead (_HOPPER_ROUTES).
+# D=256 calls from 256 queries and keys take the Gluon forward instead (_HOPPER_ROUTES).
 _WIDE_FWD_TILE = (128, 64, 8, 2)
 
 
@@ -1573,8 +1573,9 @@ def _forward(call: AttentionCall, seed: int | Tensor, config: TileConfig | None 
 # 2k-4k and 1.11x at 8k (0.84x at 1k) (NOTES, runs 16-18); at 16k, with the causal tiles
 # in groups of heads, 1.01x, where the 128-key blocks routed there since run 18 ran 0.99x
 # (run 23); at D=64 from 1280-1536 queries and keys since run 42 (_HOPPER_ROUTES); at
-# D=256 1.11x without causal and 1.15x causal at 1k, 1.00-1.04x at 4k-16k, against this
-# file's forward on its own wide tile (_WIDE_FWD_TILE; run 59, not measured below 1k).
+# D=256, on 64-key blocks (64, 2, 2, 0), 1.12-1.13x at 4k, 1.16x causal at 1k, 1.15-1.18x
+# at 256-512 but 1.02x at 256 causal, against this file's forward on its own wide tile
+# (_WIDE_FWD_TILE), where run 59's 32-key blocks (32, 3, 2, 0) ran 1.00-1.15x (run 60).
 # _HOPPER_FORWARD switches it off (A/B, kernel_variants.py).
 _HOPPER_FORWARD = True
 # The Gluon forward's causal tiles go out in groups of heads, heaviest first, as this
@@ -1614,8 +1615,8 @@ _HOPPER_ROUTES: dict[tuple[int, bool], tuple[tuple[Reach, tuple[int, ...]], ...]
     (128, True): (((256, 2048), (128, 2, 2, 1)), ((256, 512), (64, 4, 2, 1))),
     (64, False): (((1536, 1536), (128, 2, 3, 1)),),
     (64, True): (((1280, 1280), (64, 3, 3, 1, 1)),),
-    (256, False): (((1024, 1024), (32, 3, 2, 0)),),
-    (256, True): (((1024, 1024), (32, 3, 2, 0)),),
+    (256, False): (((256, 256), (64, 2, 2, 0)),),
+    (256, True): (((256, 256), (64, 2, 2, 0)),),
 }
 
 

@@ -38,12 +38,19 @@ once (KV_REGS: 1.01-1.07x more; at D=128 they do not fit, and with dropout at D=
 cost 1.5%: NOTES run 39). On an H200 it now runs 1.26-1.28x the Triton dK/dV kernel at
 D=128 (1k-16k, causal or not) and 1.17-1.33x at D=64 (NOTES runs 38, 39).
 
-Under a causal mask both kernels' programs start a group of heads at a time, each
-head's heaviest block first (HEAD_GROUP). They cover what `hopper_forward` covers: an
-sm_90 GPU, fp16 or bf16, D = Dv in (64, 128), a positive scale, causal or not,
-key_lengths, grouped heads, dropout (`dropout_mask`'s mask, each Philox call drawn
-once, where the kernel applies it: `pairs_layout`); no window or mask tensor; tensors
-that TMA can read. `fused_triton` routes each where it was faster
+Heads wider than 128 take wide_dkdv_kernel: one program per 64 keys, as a warpgroup
+cannot hold both dK and dV of 64 keys there (2 x 128 registers a thread at D=256). One
+warpgroup holds dV and computes S^T and P^T, the other holds dK and computes dP^T and
+dS^T from P^T, which it reads through shared memory; each issues half of a step's four
+products. The whole backward with it ran 1.38-1.54x the Triton one at D=256 from 1k,
+causal or not, and 1.17-1.29x at 256-512 (H200, NOTES run 60). It does not drop.
+
+Under a causal mask the programs start a group of heads at a time, each head's
+heaviest block first (HEAD_GROUP). The kernels cover what `hopper_forward` covers: an
+sm_90 GPU, fp16 or bf16, D = Dv in (64, 128) (wide_dkdv_kernel: 256), a positive scale,
+causal or not, key_lengths, grouped heads, dropout up to D=128 (`dropout_mask`'s mask,
+each Philox call drawn once, where the kernel applies it: `pairs_layout`); no window or
+mask tensor; tensors that TMA can read. `fused_triton` routes each where it was faster
 (`_hopper_backward_fits`). Gluon does not run under TRITON_INTERPRET, so this file is
 tested on a GPU only (tests/test_triton.py).
 """

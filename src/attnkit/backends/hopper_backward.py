@@ -330,6 +330,31 @@ if hopper_forward.gluon is not None:
         n_blocks = gl.where(n0 < kv_len, n_blocks, 0)
         return b, kvh, n0, off, kv_len, first_block, n_blocks
 
+    @gluon.jit
+    def _dkdv_shared(q_desc, k_desc, v_desc, do_desc, BLOCK_M: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """The dK/dV kernels' shared memory, mbarriers initialised: K's and V's boxes
+        (their descriptors' block) and kv_bar, rings of STAGES Q and dO boxes with ready
+        (TMA bytes) and free (one arrival per computing warpgroup) mbarriers, and
+        rows_ring, lse of ring slot i at row i and delta at row STAGES + i."""
+        dtype: gl.constexpr = q_desc.dtype
+        k_box = gl.allocate_shared_memory(dtype, [1] + k_desc.block_shape, k_desc.layout)
+        v_box = gl.allocate_shared_memory(dtype, [1] + v_desc.block_shape, v_desc.layout)
+        q_ring = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_shape, q_desc.layout)
+        do_ring = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_shape,
+                                            do_desc.layout)
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        rows_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M],
+                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=2)
+        return k_box, v_box, q_ring, do_ring, kv_bar, ready, free, rows_ring
+
     # With group == 1 specialised as a constant (Triton's default for an int that is 1),
     # key blocks that take the index-checked step came out wrong or faulted (H200, Triton
     # 3.6; NOTES run 15); unspecialised, the same cases pass.
@@ -346,25 +371,10 @@ if hopper_forward.gluon is not None:
         descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (K, V) and (1, 1,
         BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), seed an int or a pointer
         to one."""
-        dtype: gl.constexpr = q_desc.dtype
         b, kvh, n0, off, kv_len, first_block, n_blocks = _dkdv_program(
             LENGTHS, Hkv, Sq, Skv, 128, BLOCK_M, CAUSAL, HAS_LENGTHS, HEAD_GROUP)
-        k_box = gl.allocate_shared_memory(dtype, [1] + k_desc.block_shape, k_desc.layout)
-        v_box = gl.allocate_shared_memory(dtype, [1] + v_desc.block_shape, v_desc.layout)
-        q_ring = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_shape, q_desc.layout)
-        do_ring = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_shape,
-                                            do_desc.layout)
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        # lse of ring slot i at row i, delta at row STAGES + i
-        rows_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M],
-                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(free.index(i), count=2)  # one arrival per computing warpgroup
+        k_box, v_box, q_ring, do_ring, kv_bar, ready, free, rows_ring = _dkdv_shared(
+            q_desc, k_desc, v_desc, do_desc, BLOCK_M, STAGES)
         # 240 registers per computing thread leave the loading warp's warpgroup 24 of the
         # 64K; at BLOCK_M 64 and D=128 they need them all.
         gl.warp_specialize([
@@ -389,6 +399,31 @@ if hopper_forward.gluon is not None:
         ], [4, 1], [240, 24])
 
     @gluon.jit
+    def _wide_scores(t, rows, a_op, ring, ready, rows_ring, STAGES: gl.constexpr,
+                     BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+        """wide_dkdv_kernel's step t, once its slot is loaded: the slot, its row vector at
+        rows_ring row rows + slot (lse at 0, delta at STAGES), and a_op (64 keys, D) times
+        the slot's (BLOCK_M, D) box of ring transposed: S^T (K, Q) or dP^T (V, dO)."""
+        slot = t % STAGES
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        row = rows_ring.index(rows + slot).load(gl.SliceLayout(0, s_layout))
+        tok = warpgroup_mma(a_op, box(ring, slot).permute((1, 0)),
+                            gl.zeros([64, BLOCK_M], gl.float32, s_layout), use_acc=False,
+                            is_async=True)
+        return slot, row, warpgroup_mma_wait(0, deps=[tok])
+
+    @gluon.jit
+    def _wide_accumulate(x, b_op, acc, free, slot, d_layout: gl.constexpr):
+        """acc += x b_op, x (64, BLOCK_M) in the 16-bit type taken as a register operand,
+        waited for; then the step's ring slot goes back to the loading warp."""
+        x = gl.convert_layout(x, operand_layout(d_layout))
+        tok = warpgroup_mma(x, b_op, acc, is_async=True)
+        acc, _ = warpgroup_mma_wait(0, deps=[tok, x])
+        hold(x)
+        mbarrier.arrive(free.index(slot), count=1)
+        return acc
+
+    @gluon.jit
     def _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, k_op, q_ring, do_ring, ready,
                       free, rows_ring, p_ring, p_ready, p_free, MASKED: gl.constexpr,
                       CAUSAL: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -396,14 +431,9 @@ if hopper_forward.gluon is not None:
         """wide_dkdv_kernel's step t in the dV warpgroup: S^T and P^T of query rows [m0, m0
         + BLOCK_M) against its 64 keys, P^T handed to the dK warpgroup through p_ring,
         then dV += P^T dO."""
-        slot = t % STAGES
         qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        lse = rows_ring.index(slot).load(gl.SliceLayout(0, s_layout))
-        s_tok = warpgroup_mma(k_op, box(q_ring, slot).permute((1, 0)),
-                              gl.zeros([64, BLOCK_M], gl.float32, s_layout),
-                              use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=[s_tok])
+        slot, lse, s = _wide_scores(t, 0, k_op, q_ring, ready, rows_ring, STAGES, BLOCK_M,
+                                    s_layout)
         if MASKED:
             s = _hide_keys(s, kj, qi, kv_len, off, Sq, CAUSAL, BLOCK_M)
         pt = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0)).to(k_op.dtype)
@@ -415,12 +445,7 @@ if hopper_forward.gluon is not None:
         p_ring.index(held).store(pt)
         gl.thread_barrier()  # every thread's part stored before the arrival
         mbarrier.arrive(p_ready.index(held), count=1)
-        pt = gl.convert_layout(pt, operand_layout(d_layout))
-        dv_tok = warpgroup_mma(pt, box(do_ring, slot), dv, is_async=True)
-        dv, _ = warpgroup_mma_wait(0, deps=[dv_tok, pt])
-        hold(pt)
-        mbarrier.arrive(free.index(slot), count=1)
-        return dv
+        return _wide_accumulate(pt, box(do_ring, slot), dv, free, slot, d_layout)
 
     @gluon.jit
     def _wide_dk_step(t, dk, v_op, q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
@@ -429,25 +454,15 @@ if hopper_forward.gluon is not None:
         """wide_dkdv_kernel's step t in the dK warpgroup: dP^T, then, with the dV
         warpgroup's P^T of the step (hidden scores are 0 there: no index checks here),
         dS^T = P^T (dP^T - delta) and dK += dS^T Q."""
-        slot = t % STAGES
-        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        delta = rows_ring.index(STAGES + slot).load(gl.SliceLayout(0, s_layout))
-        dp_tok = warpgroup_mma(v_op, box(do_ring, slot).permute((1, 0)),
-                               gl.zeros([64, BLOCK_M], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
-        dp = warpgroup_mma_wait(0, deps=[dp_tok])
+        slot, delta, dp = _wide_scores(t, STAGES, v_op, do_ring, ready, rows_ring, STAGES,
+                                       BLOCK_M, s_layout)
         held = t % 2
         mbarrier.wait(p_ready.index(held), (t // 2) & 1)
         pt = p_ring.index(held).load(s_layout).to(gl.float32)
         gl.thread_barrier()  # every thread's part read before the arrival
         mbarrier.arrive(p_free.index(held), count=1)
         dst = (pt * (dp - gl.expand_dims(delta, 0))).to(v_op.dtype)
-        dst = gl.convert_layout(dst, operand_layout(d_layout))
-        dk_tok = warpgroup_mma(dst, box(q_ring, slot), dk, is_async=True)
-        dk, _ = warpgroup_mma_wait(0, deps=[dk_tok, dst])
-        hold(dst)
-        mbarrier.arrive(free.index(slot), count=1)
-        return dk
+        return _wide_accumulate(dst, box(q_ring, slot), dk, free, slot, d_layout)
 
     @gluon.jit
     def _wide_dkdv_partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr,
@@ -514,25 +529,13 @@ if hopper_forward.gluon is not None:
         dtype: gl.constexpr = q_desc.dtype
         b, kvh, n0, off, kv_len, first_block, n_blocks = _dkdv_program(
             LENGTHS, Hkv, Sq, Skv, 64, BLOCK_M, CAUSAL, HAS_LENGTHS, HEAD_GROUP)
-        k_box = gl.allocate_shared_memory(dtype, [1] + k_desc.block_shape, k_desc.layout)
-        v_box = gl.allocate_shared_memory(dtype, [1] + v_desc.block_shape, v_desc.layout)
-        q_ring = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_shape, q_desc.layout)
-        do_ring = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_shape,
-                                            do_desc.layout)
+        k_box, v_box, q_ring, do_ring, kv_bar, ready, free, rows_ring = _dkdv_shared(
+            q_desc, k_desc, v_desc, do_desc, BLOCK_M, STAGES)
         p_ring = gl.allocate_shared_memory(
             dtype, [2, 64, BLOCK_M], gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype))
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
         p_free = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-        rows_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M],
-                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(free.index(i), count=2)  # one arrival per computing warpgroup
         for i in gl.static_range(2):
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(p_free.index(i), count=1)

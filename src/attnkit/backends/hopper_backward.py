@@ -227,13 +227,13 @@ if hopper_forward.gluon is not None:
                                     bh, drop_p, k_op, v_op, q_ring, do_ring, ready, free,
                                     rows_ring, True, CAUSAL, DROPOUT, STAGES, BLOCK_M, s_layout,
                                     d_layout)
-        store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
-                   (dk * scale).to(k_smem.dtype), d_layout)
-        store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
-                   dv.to(k_smem.dtype), d_layout)
+        _store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
+                    (dk * scale).to(k_smem.dtype), d_layout)
+        _store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
+                    dv.to(k_smem.dtype), d_layout)
 
     @gluon.jit
-    def store_keys(base, stride_n, n0, Skv, x, layout: gl.constexpr):
+    def _store_keys(base, stride_n, n0, Skv, x, layout: gl.constexpr):
         """x (64 keys from n0, D), a warpgroup's dK or dV in its matmul result's layout,
         into base (a (batch, kv head)'s rows, unit stride along D), rows past Skv left."""
         rows = n0 + gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))
@@ -500,8 +500,8 @@ if hopper_forward.gluon is not None:
                                        q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
                                        p_free, True, CAUSAL, STAGES, BLOCK_M, s_layout,
                                        d_layout)
-            store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
-                       dv.to(q_desc.dtype), d_layout)
+            _store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
+                        dv.to(q_desc.dtype), d_layout)
         else:
             dk = gl.zeros([64, HEAD_D], gl.float32, d_layout)
             mbarrier.wait(kv_bar, 0)
@@ -509,8 +509,8 @@ if hopper_forward.gluon is not None:
                 dk = _wide_dk_step(t, dk, box(v_box, 0), q_ring, do_ring, ready, free,
                                    rows_ring, p_ring, p_ready, p_free, STAGES, BLOCK_M,
                                    s_layout, d_layout)
-            store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
-                       (dk * scale).to(q_desc.dtype), d_layout)
+            _store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
+                        (dk * scale).to(q_desc.dtype), d_layout)
 
     @gluon.jit(do_not_specialize=["group"])  # dkdv_kernel says why
     def wide_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, LENGTHS,
@@ -765,7 +765,10 @@ DKDV_CONFIG = {64: (64, 2, 1), 128: (64, 2, 0)}
 # --dropout); at D=64 KV_REGS is spill-free with dropout too, but 0.985x without it
 # (dropout_seed.py --pieces, run 39).
 DKDV_DROPOUT_CONFIG = {64: (64, 2, 0), 128: (32, 2, 0)}
-# (BLOCK_M, STAGES): wide_dkdv_kernel's config (heads wider than 128, no dropout).
+# (BLOCK_M, STAGES): wide_dkdv_kernel's config (heads wider than 128, no dropout), 214 KB
+# of shared memory. At D=256 on an H200 the backward with it ran 1.38-1.54x the Triton
+# one, with (32, 2) 1.19-1.34x; (32, 3) computed wrong dK and dV wherever a step took the
+# index checks, as dkdv_kernel's (64, 3) does at D=64 (NOTES runs 43, 60).
 WIDE_DKDV_CONFIG = (64, 2)
 # (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
 # blocks spill and serialize the matmuls (NOTES runs 14, 22).
@@ -783,9 +786,9 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     STAGES[, KV_REGS]) (KV_REGS as _dkdv_consume takes it, 0 if left out), None for the
     head dim's DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). Heads wider than 128
     take wide_dkdv_kernel, config (BLOCK_M, STAGES) (None: WIDE_DKDV_CONFIG), without
-    dropout. head_group: how many
-    (batch, kv head) pairs' programs start together, each one's first key block first.
-    launcher: called as hopper_forward.run_kernel is."""
+    dropout (ValueError). head_group: how many (batch, kv head) pairs' programs start
+    together, each one's first key block first. launcher: called as
+    hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse

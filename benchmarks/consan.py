@@ -13,7 +13,8 @@ script under it should launch Gluon kernels only: gluon_dkdv.py's checks, which 
 their inputs with the Triton kernels, cannot run here, hence dkdv_case.py. Each kernel
 build takes about a minute under it (the dK/dV kernel: 67-71 s a config, run 43), and
 memcheck.py's five Gluon cases build about a dozen (three kernels, D=64 and 128, causal
-or not, key lengths or not; the forward at D=256): more than one 10-minute call may be needed.
+or not, key lengths or not; at D=256 the forward and wide_dkdv_kernel): more than one
+10-minute call may be needed.
 
 ConSan (Triton 3.6 and later, `TRITON_INSTRUMENTATION_MODE=consan`) compiles every kernel
 with checks of its shared-memory buffers, mbarriers and async copies, and stops it with

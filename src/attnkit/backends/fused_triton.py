@@ -16,7 +16,8 @@ through TMA descriptors, where their layout allows and the autotuner finds it fa
 (long sequences). On Hopper, long calls with 64-, 128- or 256-wide heads take a forward
 written in Gluon instead (`hopper_forward`: the softmax overlaps the matmuls;
 `_uses_hopper_forward` says which calls), and with 64- or 128-wide heads backward kernels
-written in Gluon (`hopper_backward`, the same layout: `_uses_hopper_backward`).
+written in Gluon (`hopper_backward`, the same layout: `_uses_hopper_backward`), with
+256-wide heads its dK/dV kernel.
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
 i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off
@@ -229,7 +230,9 @@ _WIDE_DECODE_TILE = (16, 32, 4, 3)
 # In dK/dV, whose matmuls run over its key tile's rows, 32 keys build to mma.sync, not
 # wgmma (a warpgroup's needs 64 rows); its tiles of 64 keys, which do build to wgmma,
 # spill and ran at 0.43-0.94x the backward's rate on an H200 at D=256, (64, 64, 8, 2)
-# the nearest (NOTES run 59, h200-logs/wide-bwd2-run59.log).
+# the nearest (NOTES run 59, h200-logs/wide-bwd2-run59.log). On Hopper, D=256 runs dK/dV
+# on hopper_backward.wide_dkdv_kernel instead (_HOPPER_DKDV_REACH), whose two warpgroups
+# hold dK and dV apart.
 _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 1)]
 
 # The dQ kernel for heads wider than 128 also tries (128, 32, 8, 2): two warpgroups of 64

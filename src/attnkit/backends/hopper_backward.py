@@ -131,6 +131,15 @@ if hopper_forward.gluon is not None:
         return gl.where(seen, st, float("-inf"))
 
     @gluon.jit
+    def _sees_every_key(n0, m0, kv_len, off, CAUSAL: gl.constexpr):
+        """Whether a step needs no index checks: every key of a warpgroup's 64 from n0
+        below kv_len and (causal) seen by the step's first query row, m0."""
+        whole = n0 + 64 <= kv_len
+        if CAUSAL:
+            whole = whole & (n0 + 63 <= m0 + off)
+        return whole
+
+    @gluon.jit
     def _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
                    k_op, v_op, q_ring, do_ring, ready, free, rows_ring,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
@@ -212,12 +221,7 @@ if hopper_forward.gluon is not None:
         for t in range(group * n_blocks):
             m0 = (first_block + t % n_blocks) * BLOCK_M
             bh = b * Hq + kvh * group + t // n_blocks
-            # Every key of the warpgroup below kv_len and (causal) seen by the block's
-            # first query: no index checks.
-            whole = n0 + 64 <= kv_len
-            if CAUSAL:
-                whole = whole & (n0 + 63 <= m0 + off)
-            if whole:
+            if _sees_every_key(n0, m0, kv_len, off, CAUSAL):
                 dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
                                     bh, drop_p, k_op, v_op, q_ring, do_ring, ready, free,
                                     rows_ring, False, CAUSAL, DROPOUT, STAGES, BLOCK_M, s_layout,
@@ -486,11 +490,7 @@ if hopper_forward.gluon is not None:
             mbarrier.wait(kv_bar, 0)
             for t in range(group * n_blocks):
                 m0 = (first_block + t % n_blocks) * BLOCK_M
-                # dkdv_kernel's test: every key below kv_len and seen by the first query
-                whole = n0 + 64 <= kv_len
-                if CAUSAL:
-                    whole = whole & (n0 + 63 <= m0 + off)
-                if whole:
+                if _sees_every_key(n0, m0, kv_len, off, CAUSAL):
                     dv = _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, box(k_box, 0),
                                        q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
                                        p_free, False, CAUSAL, STAGES, BLOCK_M, s_layout,
@@ -793,30 +793,24 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
-    if D > 128:
+    if D > 128:  # 64 keys a program, no dropout arguments or switches
         if dropout_p > 0.0:
             raise ValueError("wide_dkdv_kernel (heads wider than 128) does not drop")
+        kernel, keys, dropout, switches = wide_dkdv_kernel, 64, (), {}
         block_m, stages = WIDE_DKDV_CONFIG if config is None else config
-        launcher(wide_dkdv_kernel, (-(-Skv // 64), B * Hkv), (
-            descriptor(q, block_m), descriptor(k, 64), descriptor(v, 64),
-            descriptor(dout, block_m), lse, delta, dk, dv, lengths,
-            *dk.stride()[:3], *dv.stride()[:3],
-            Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale,
-        ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-                BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group),
-            {"num_warps": 4, "maxnreg": 168})
-        return
-    if config is None:
-        config = (DKDV_DROPOUT_CONFIG if dropout_p > 0.0 else DKDV_CONFIG)[D]
-    block_m, stages, *kv_regs = config
-    launcher(dkdv_kernel, (-(-Skv // 128), B * Hkv), (
-        descriptor(q, block_m), descriptor(k, 128), descriptor(v, 128),
+    else:
+        if config is None:
+            config = (DKDV_DROPOUT_CONFIG if dropout_p > 0.0 else DKDV_CONFIG)[D]
+        block_m, stages, *kv_regs = config
+        kernel, keys, dropout = dkdv_kernel, 128, (seed, dropout_p)
+        switches = dict(DROPOUT=dropout_p > 0.0, KV_REGS=bool(kv_regs and kv_regs[0]))
+    launcher(kernel, (-(-Skv // keys), B * Hkv), (
+        descriptor(q, block_m), descriptor(k, keys), descriptor(v, keys),
         descriptor(dout, block_m), lse, delta, dk, dv, lengths,
         *dk.stride()[:3], *dv.stride()[:3],
-        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale, seed, dropout_p,
-    ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group,
-            KV_REGS=bool(kv_regs and kv_regs[0])),
+        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale, *dropout,
+    ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None, BLOCK_M=block_m,
+            STAGES=stages, HEAD_GROUP=head_group, **switches),
         {"num_warps": 4, "maxnreg": 168})
 
 

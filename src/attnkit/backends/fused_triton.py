@@ -1800,22 +1800,22 @@ def _details(device: torch.device) -> str | None:
              f"impl='auto' runs triton first for those calls when nothing needs a "
              f"gradient, where it was faster than cuDNN: {_reach_text(_LEADS_REACH)}")
     text = f"Gluon forward for Hopper: {state}"
-    for kernel, switch, reach in (("dQ", _HOPPER_DQ, _HOPPER_DQ_REACH),
-                                  ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_REACH)):
+    # each kernel's reach, and the head dims at which it drops
+    for kernel, switch, reach, drops in (
+            ("dQ", _HOPPER_DQ, _HOPPER_DQ_REACH, {d for d, _ in _HOPPER_DQ_REACH}),
+            ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_REACH, set(hopper_backward.DKDV_DROPOUT_CONFIG))):
         why = unavailable or (None if switch else off)
         state = (f"off: {why}" if why else
-                 f"on for calls of the same kinds, dropout too{_no_dropout_text(kernel)}, "
+                 f"on for calls of the same kinds, dropout too{_no_dropout_text(reach, drops)}, "
                  f"with {_reach_text(reach)}")
         text += f". Gluon {kernel} kernel for Hopper: {state}"
     return f"{text}. {_BLOCK_LEAD}"
 
 
-def _no_dropout_text(kernel: str) -> str:
-    """Where the Gluon dK/dV kernel does not drop: the head dims of its reach that have
-    no dropout config (hopper_backward.DKDV_DROPOUT_CONFIG)."""
-    if kernel != "dK/dV":
-        return ""
-    dims = sorted({d for d, _ in _HOPPER_DKDV_REACH} - set(hopper_backward.DKDV_DROPOUT_CONFIG))
+def _no_dropout_text(reach: dict[tuple[int, bool], Reach], drops: set[int]) -> str:
+    """Where a Gluon backward kernel does not drop, in words: the head dims of its reach
+    not among `drops` ("" where there are none)."""
+    dims = sorted({d for d, _ in reach} - drops)
     return f" (not at D={', '.join(map(str, dims))})" if dims else ""
 
 
@@ -2382,7 +2382,7 @@ BACKEND = Backend(
     name="triton",
     summary="fused Triton kernels (FlashAttention-2 style forward and backward; on "
             "Hopper, Gluon kernels for long sequences: the forward with 64-, 128- or "
-            "256-wide heads, dK/dV at 64 and 128, dQ at 128)",
+            "256-wide heads, dK/dV at 64, 128 and 256, dQ at 128)",
     available=available,
     supports=supports,
     run=run,

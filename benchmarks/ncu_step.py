@@ -58,9 +58,18 @@ def profile_steps(shapes: list[str], impl: str, forward_only: bool) -> None:
 
 
 def summarize(path: str, top: int) -> None:
-    """Print the summary of one kernel's `--page source --csv --print-source sass`."""
+    """Print the summary of each kernel launch in a `--page source --csv --print-source
+    sass` (one section per launch the profile holds, each under its "Kernel Name" row)."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
+    starts = [i for i, row in enumerate(rows) if row and row[0] == "Kernel Name"] or [0]
+    for start, end in zip(starts, starts[1:] + [len(rows)], strict=True):
+        name = rows[start][1] if rows[start] and rows[start][0] == "Kernel Name" else path
+        _summarize_launch(f"{path} ({name}, launch {starts.index(start) + 1})",
+                          rows[start:end], top)
+
+
+def _summarize_launch(title: str, rows: list[list[str]], top: int) -> None:
     header = next(r for r in rows if "Source" in r)
     data = rows[rows.index(header) + 1:]
     col = {name: i for i, name in enumerate(header)}
@@ -81,7 +90,7 @@ def summarize(path: str, top: int) -> None:
     for row in data:
         wavefronts[opcode(row)] += value(row, "L1 Wavefronts Shared")
     total_wavefronts = sum(wavefronts.values()) or 1.0
-    print(f"{path}: {len(data)} instructions, {total_wavefronts:.3g} shared-memory "
+    print(f"{title}: {len(data)} instructions, {total_wavefronts:.3g} shared-memory "
           f"wavefronts, {total_samples:.0f} stall samples")
     print("shared-memory wavefronts by opcode: " + ", ".join(
         f"{op} {n / total_wavefronts:.1%}" for op, n in wavefronts.most_common(5) if n))

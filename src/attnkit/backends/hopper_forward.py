@@ -489,7 +489,7 @@ if gluon is not None:
                 tma.async_copy_global_to_shared(q_desc, [b, h, m0 + 64 * i, 0],
                                                 q_bars.index(q_slot),
                                                 q_smem.index(q_slot * WARPGROUPS + i))
-            load_kv_ring(b, kvh, base, total, k_desc, v_desc, ring, BLOCK_N, STAGES)
+            load_kv_ring(b, kvh, base, total, k_desc, v_desc, ring, BLOCK_N, STAGES, True)
             done += 1
             base += total
             tile = gl.atomic_add(COUNTER, 1)
@@ -527,19 +527,38 @@ if gluon is not None:
 
     @gluon.jit
     def load_kv_ring(b, kvh, base, total, k_desc, v_desc, ring, BLOCK_N: gl.constexpr,
-                     STAGES: gl.constexpr):
+                     STAGES: gl.constexpr, V_BEHIND: gl.constexpr):
         """K and V of key blocks 0 .. total-1 of (batch b, kv head kvh), each into the
-        ring's next slot (from ring position base on) once every computing warpgroup has
-        let it go (k_free / v_free, one arrival each a phase)."""
+        ring's next slot (from ring position base on), in the order they are read:
+        V_BEHIND, each block's V after the next block's K (the forward reads block j's V
+        in the step that issues block j+1's Q K^T), else each block's K and V together
+        (the dQ kernel reads both in one step). A V that waits for its slot no longer
+        holds up the K behind it: at D=256 the forward ran 1.07-1.09x with it, at D=64
+        and 128 the same (H200, NOTES run 61)."""
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
-        for j in range(total):
-            slot = (base + j) % STAGES
-            # As with Q's buffers, the first round over the ring does not wait.
-            free_phase = (((base + j) // STAGES) & 1) ^ 1
-            mbarrier.wait(k_free.index(slot), free_phase)
-            issue(k_desc, [b, kvh, j * BLOCK_N, 0], k_bars.index(slot), k_smem.index(slot))
-            mbarrier.wait(v_free.index(slot), free_phase)
-            issue(v_desc, [b, kvh, j * BLOCK_N, 0], v_bars.index(slot), v_smem.index(slot))
+        if V_BEHIND:
+            for j in range(total + 1):
+                if j < total:
+                    refill(k_desc, k_smem, k_bars, k_free, base + j, [b, kvh, j * BLOCK_N, 0],
+                           STAGES)
+                if j > 0:
+                    refill(v_desc, v_smem, v_bars, v_free, base + j - 1,
+                           [b, kvh, (j - 1) * BLOCK_N, 0], STAGES)
+        else:
+            for j in range(total):
+                refill(k_desc, k_smem, k_bars, k_free, base + j, [b, kvh, j * BLOCK_N, 0],
+                       STAGES)
+                refill(v_desc, v_smem, v_bars, v_free, base + j, [b, kvh, j * BLOCK_N, 0],
+                       STAGES)
+
+    @gluon.jit
+    def refill(desc, smem, ready, free, at, coords, STAGES: gl.constexpr):
+        """desc's box at coords into the slot of ring position `at`, once every computing
+        warpgroup has let the slot go (free: one arrival each a phase)."""
+        slot = at % STAGES
+        # As with Q's buffers, the first round over the ring does not wait.
+        mbarrier.wait(free.index(slot), ((at // STAGES) & 1) ^ 1)
+        issue(desc, coords, ready.index(slot), smem.index(slot))
 
     @gluon.jit
     def _partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,

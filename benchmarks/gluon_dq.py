@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/gluon_dq.py [--out DIR] [--rounds 3]
         [--shape B,H,S,D,CAUSAL ...] [--config BLOCK_N,STAGES ...] [--check-only]
-        [--head-dim 64|128]
+        [--head-dim 64|128|256]
 
 First every config is checked against fused_triton's dq and delta and the float64 oracle's
 dq on awkward shapes, and against a second launch bit for bit (any failure stops the
@@ -12,7 +12,8 @@ DIR/gluon_dq.json.
 
 History: run 14 wrote it (H100: 1.03-1.06x the Triton dQ kernel), runs 15-21 kept it in
 step with hopper_forward's helpers, run 22 (H200: 1.02-1.07x at D=128, 0.77x at D=64)
-moved the kernel into hopper_backward and routed it at D=128 (NOTES).
+moved the kernel into hopper_backward and routed it at D=128 (NOTES); run 61 routed it at
+D=256 on 32-key blocks.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from attnkit.call import make_call
 from attnkit.verify import rel_err
 
 
-def gluon_dq(call, out, lse, dout, config=hopper_backward.DQ_CONFIG):
+def gluon_dq(call, out, lse, dout, config=None):
     """dq and delta (B, Hq, Sq float32) for `call` through hopper_backward's dQ kernel.
-    config: (BLOCK_N, STAGES)."""
+    config: (BLOCK_N, STAGES), None for the head dim's DQ_CONFIG."""
     dq = torch.empty_like(call.q, memory_format=torch.contiguous_format)
     delta = torch.empty_like(lse)
     hopper_backward.launch_dq(call.q, call.k, call.v, out, dout, lse, delta, dq,
@@ -60,9 +61,12 @@ CASES = [
     (1, 2, 2, 1000, 17, 128, True, None),  # rows before the first key see nothing
     (2, 2, 2, 300, 700, 128, False, [0, 555]),  # batch 0 sees no key
     (2, 2, 1, 700, 700, 64, True, [700, 333]),
+    (2, 4, 2, 1000, 1000, 256, True, None),
+    (2, 2, 2, 300, 700, 256, False, [0, 555]),
 ]
 SHAPES = [(4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (1, 16, 16384, 128, False),
-          (1, 16, 16384, 128, True), (4, 32, 4096, 64, False)]
+          (1, 16, 16384, 128, True), (4, 32, 4096, 64, False), (2, 16, 4096, 256, False),
+          (2, 16, 4096, 256, True)]
 
 
 def inputs(b, hq, hkv, sq, skv, d, causal, lengths, gen):
@@ -107,7 +111,7 @@ def time_shape(shape, configs, rounds: int) -> dict:
 
 def main() -> None:
     args = experiment_parser(__doc__, 3, "BLOCK_N,STAGES", head_dim=True).parse_args()
-    configs = args.config or [hopper_backward.DQ_CONFIG]
+    configs = args.config or [None]  # each head dim's DQ_CONFIG
     run_experiment(args, "gluon_dq", configs, check, time_shape, SHAPES)
 
 

@@ -19,7 +19,7 @@ fused_triton.run passes it).
 Without --config: the forward's routed config for the head dim and causality
 (fused_triton._HOPPER_ROUTES, its longest), the dK/dV kernel's launch_dkdv default
 (the head dim's hopper_backward.DKDV_CONFIG, or DKDV_DROPOUT_CONFIG with dropout) and
-DQ_CONFIG.
+the head dim's DQ_CONFIG.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def dq(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] | Non
     q, k, v, out, dout, lse, delta, key_lengths = call_tensors(head_dim, lengths)
     return captured(hopper_backward.launch_dq, (q, k, v, out, dout, lse, delta, q.clone(),
                                                 key_lengths),
-                    causal=causal, scale=0.1, config=config or hopper_backward.DQ_CONFIG,
+                    causal=causal, scale=0.1, config=config,
                     head_group=head_group, **dropout_args(dropout))
 
 

@@ -1656,12 +1656,14 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     ({"d": 64, "sq": 1000}, False, False),
     ({"dropout_p": 0.1}, True, True),  # the Gluon backward kernels drop
     ({"dropout_p": 0.1, "d": 64, "causal": True}, True, False),
-    ({"d": 256}, True, False),  # wide_dkdv_kernel: 1.40-1.47x from 1k (run 60)
-    ({"d": 256, "causal": True, "hkv": 1, "key_lengths": torch.tensor([3000])}, True, False),
-    ({"d": 256, "sq": 256, "skv": 256}, True, False),  # 1.17-1.18x
+    # wide_dkdv_kernel: 1.40-1.47x from 1k (run 60); the dQ kernel on top of it,
+    # 1.09-1.15x from 256 (run 61)
+    ({"d": 256}, True, True),
+    ({"d": 256, "causal": True, "hkv": 1, "key_lengths": torch.tensor([3000])}, True, True),
+    ({"d": 256, "sq": 256, "skv": 256}, True, True),  # 1.17-1.18x, then 1.09x
     ({"d": 256, "sq": 255}, False, False),  # 1.06x at Sq = 128 against 8k keys
     ({"d": 256, "skv": 255}, False, False),
-    ({"d": 256, "dropout_p": 0.1}, False, False),  # wide_dkdv_kernel does not drop
+    ({"d": 256, "dropout_p": 0.1}, False, True),  # wide_dkdv_kernel does not drop
     ({"d": 192}, False, False),
 ] + [(kwargs, False, False) for kwargs, _ in _NOT_GLUON])
 def test_hopper_backward_kernels_cover_long_plain_calls_only(kwargs, dkdv, dq):
@@ -1959,9 +1961,8 @@ def test_consan_wrapper_runs_the_script_instrumented(tmp_path):
 
 def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
     """benchmarks/memcheck.py reroutes fused_triton by its module names so that its short
-    cases reach the three Gluon kernels (at D=256 the forward and the dK/dV kernel, with
-    no Gluon dQ kernel there); a rule renamed or added there would leave them on the
-    Triton kernels, and memcheck would say so only on a GPU."""
+    cases reach the three Gluon kernels; a rule renamed or added there would leave them on
+    the Triton kernels, and memcheck would say so only on a GPU."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
@@ -1972,7 +1973,7 @@ def test_memcheck_forces_short_calls_onto_every_gluon_kernel(monkeypatch):
         call = make_call(q, k, v, **kwargs)
         dout = torch.randn_like(q)
         assert ft._hopper_forward_fits(call), case  # (the key-split rule is GPU-only)
-        assert ft._hopper_backward_fits(call, dout, dout) == (True, case.head_dim <= 128), case
+        assert ft._hopper_backward_fits(call, dout, dout) == (True, True), case
 
 
 def test_memcheck_counts_launches_that_ran_only(monkeypatch):
@@ -2253,8 +2254,9 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too (not at " \
         "D=256), with Sq and Skv >= 256 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq " \
         ">= 256 and Skv >= 1024 causal), Sq and Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)
-    assert "dQ kernel for Hopper: on for calls of the same kinds, dropout too, with Sq >= 256 " \
-        "and Skv >= 512 at D=128 (Sq >= 256 and Skv >= 1024 causal)." in ft.BACKEND.details(cuda)
+    assert "dQ kernel for Hopper: on for calls of the same kinds, dropout too, with Sq and " \
+        "Skv >= 256 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq >= 256 and Skv >= 1024 " \
+        "causal)." in ft.BACKEND.details(cuda)
     assert ft.BACKEND.details(cuda).endswith(f". {ft._BLOCK_LEAD}")
     monkeypatch.setattr(ft, "_HOPPER_DKDV", False)
     assert "dK/dV kernel for Hopper: off: switched off" in ft.BACKEND.details(cuda)
@@ -2771,18 +2773,16 @@ def _watch_gluon_launches(monkeypatch) -> list[tuple[str, object]]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
-    """The Gluon dQ and dK/dV kernels (D=256: wide_dkdv_kernel, and this file's dQ
-    kernel), through _backward, against the oracle on awkward shapes (partial key and
-    query blocks, rows and batches that see no key, grouped heads), and the same bits
-    twice."""
+    """The Gluon dQ and dK/dV kernels (D=256: wide_dkdv_kernel for dK/dV), through
+    _backward, against the oracle on awkward shapes (partial key and query blocks, rows
+    and batches that see no key, grouped heads), and the same bits twice."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
     _skip_without_hopper_forward()
-    # every call routed to both (the dQ kernel at D=64 too; it has no D=256 build): these
-    # shapes are shorter than the routes take
-    gluon_dq = head_dim <= 128
-    monkeypatch.setattr(ft, "_hopper_backward_fits", lambda call, out, dout: (True, gluon_dq))
+    # every call routed to both (the dQ kernel at D=64 too): these shapes are shorter
+    # than the routes take
+    monkeypatch.setattr(ft, "_hopper_backward_fits", lambda call, out, dout: (True, True))
     launched = _watch_gluon_launches(monkeypatch)
     _order_heads_in_groups_of(3, monkeypatch)  # several groups, the last one short
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
@@ -2807,8 +2807,7 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
         out, lse = ft._forward(call, 0)
         launched.clear()
         grads = [ft._backward(call, 0, out, lse, dout) for _ in range(2)]
-        assert sorted(name for name, _ in launched) == ["launch_dkdv"] * 2 + ["launch_dq"] * (
-            2 * gluon_dq)
+        assert sorted(name for name, _ in launched) == ["launch_dkdv"] * 2 + ["launch_dq"] * 2
         inputs64 = [t.double().requires_grad_() for t in (q, k, v)]
         ref = attention(*inputs64, causal=causal, key_lengths=key_lengths, impl="reference")
         want = torch.autograd.grad(ref, inputs64, dout.double())
@@ -2818,21 +2817,26 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_hopper_backward_with_dropout_on_gpu(monkeypatch, head_dim):
-    """The Gluon dQ and dK/dV kernels with dropout, the seed loaded and by value, draw the
-    mask of the Triton kernels (whose every tile test_dropout_drops_the_same_scores_under_
-    every_tile_on_gpu checks against the forward's): the same gradients up to rounding,
-    far from the oracle's without dropout, and the same bits twice."""
+    """The Gluon dQ and dK/dV kernels with dropout (at D=256 the dQ kernel alone:
+    wide_dkdv_kernel does not drop), the seed loaded and by value, draw the mask of the
+    Triton kernels (whose every tile test_dropout_drops_the_same_scores_under_every_tile_
+    on_gpu checks against the forward's): the same gradients up to rounding, far from the
+    oracle's without dropout, and the same bits twice."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
     _skip_without_hopper_forward()
     launched = _watch_gluon_launches(monkeypatch)
-    monkeypatch.setattr(ft, "_hopper_backward_fits", lambda *args: (True, True))
+    gluon_dkdv = head_dim <= 128
+    monkeypatch.setattr(ft, "_hopper_backward_fits", lambda *args: (gluon_dkdv, True))
     # fixed tiles, small enough for D=128: autotuning every shape and seed kind took this
-    # test past 200 s at D=128 on an H200 (run 36)
-    triton_tiles = (ft._DKDV_CONFIGS[0], ft._DQ_CONFIGS[1])
+    # test past 200 s at D=128 on an H200 (run 36); at D=256 the wide heads' small pair
+    forward_tile, *triton_tiles = ((ft._FWD_CONFIGS[0], ft._DKDV_CONFIGS[0], ft._DQ_CONFIGS[1])
+                                   if gluon_dkdv else (ft._WIDE_TILES[0],) * 3)
+    # the Gluon dQ kernel, and the Gluon dK/dV kernel where it drops
+    gluon_tiles = (None if gluon_dkdv else triton_tiles[0], None)
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
     for b, hq, hkv, sq, skv, causal, lengths in [
         (2, 4, 2, 1000, 1000, True, None),
@@ -2849,13 +2853,13 @@ def test_hopper_backward_with_dropout_on_gpu(monkeypatch, head_dim):
         ref = attention(*inputs64, causal=causal, key_lengths=key_lengths, impl="reference")
         without = torch.autograd.grad(ref, inputs64, dout.double())
         for seed in (torch.tensor(77, device="cuda"), 77):
-            out, lse = ft._forward(call, seed, ft._FWD_CONFIGS[0])
+            out, lse = ft._forward(call, seed, forward_tile)
             launched.clear()
-            grads = [ft._backward(call, seed, out, lse, dout) for _ in range(2)]
-            assert sorted(name for name, _ in launched) == ["launch_dkdv", "launch_dkdv",
-                                                            "launch_dq", "launch_dq"]
+            grads = [ft._backward(call, seed, out, lse, dout, gluon_tiles) for _ in range(2)]
+            assert sorted(name for name, _ in launched) == (
+                ["launch_dkdv"] * 2 * gluon_dkdv + ["launch_dq"] * 2)
             assert all(torch.equal(x, y) for x, y in zip(*grads, strict=True))
-            want = ft._backward(call, seed, out, lse, dout, triton_tiles)
+            want = ft._backward(call, seed, out, lse, dout, tuple(triton_tiles))
             for name, got, expected, other in zip("qkv", grads[0], want, without, strict=True):
                 shape = (name, type(seed), b, hq, hkv, sq, skv, causal, lengths)
                 assert rel_err(got, expected) < 1e-2, shape
@@ -2905,8 +2909,8 @@ def test_gluon_kernels_launched_directly_on_gpu(monkeypatch):
     (torch.bfloat16, 64, True), (torch.bfloat16, 256, True)])
 def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     """attention(impl="triton") forward and backward on a long call that takes the Gluon
-    forward and dK/dV kernels, and at D=128 the Gluon dQ kernel (elsewhere this file's
-    dQ kernel, from the Gluon forward's lse)."""
+    forward and dK/dV kernels, and at D=128 and 256 the Gluon dQ kernel (at D=64 this
+    file's dQ kernel, from the Gluon forward's lse)."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
@@ -2919,7 +2923,7 @@ def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     assert ft._uses_hopper_forward(call)
     grad = torch.randn_like(q)
     # grad's layout as out's
-    assert ft._uses_hopper_backward(call, grad, grad) == (True, head_dim == 128)
+    assert ft._uses_hopper_backward(call, grad, grad) == (True, head_dim != 64)
     _assert_matches_reference(q, k, v, grad, causal=causal, key_lengths=lengths,
                               return_lse=True)
 

@@ -1696,8 +1696,12 @@ _HOPPER_DKDV_REACH: dict[tuple[int, bool], Reach] = {
     (128, False): (256, 512), (128, True): (256, 1024), (64, False): (1024, 1024),
     (64, True): (1024, 1024), (256, False): (256, 256), (256, True): (256, 256)}
 _HOPPER_DQ = True
+# The dQ kernel at D=256 (32-key blocks), beside wide_dkdv_kernel: the backward 1.09-1.15x
+# its time with the Triton dQ kernel at 256-16k, causal or not (run 61).
 _HOPPER_DQ_REACH: dict[tuple[int, bool], Reach] = {(128, False): (256, 512),
-                                                   (128, True): (256, 1024)}
+                                                   (128, True): (256, 1024),
+                                                   (256, False): (256, 256),
+                                                   (256, True): (256, 256)}
 
 
 def _hopper_backward_fits(call: AttentionCall, out: Tensor, dout: Tensor) -> tuple[bool, bool]:

@@ -696,7 +696,8 @@ if hopper_forward.gluon is not None:
             tma.async_copy_global_to_shared(q_desc, [b32, h32, m0, 0], q_bar, q_box.index(0))
             tma.async_copy_global_to_shared(do_desc, [b32, h32, m0, 0], q_bar, do_box.index(0))
             load_kv_ring(b32, kvh.to(gl.int32), 0, total, k_desc, v_desc,
-                         (k_smem, v_smem, k_bars, v_bars, k_free, v_free), BLOCK_N, STAGES)
+                         (k_smem, v_smem, k_bars, v_bars, k_free, v_free), BLOCK_N, STAGES,
+                         False)
 
     @gluon.jit
     def _dq_program(Hq, group, CAUSAL: gl.constexpr, HEAD_GROUP: gl.constexpr):
@@ -770,9 +771,12 @@ DKDV_DROPOUT_CONFIG = {64: (64, 2, 0), 128: (32, 2, 0)}
 # one, with (32, 2) 1.19-1.34x; (32, 3) computed wrong dK and dV wherever a step took the
 # index checks, as dkdv_kernel's (64, 3) does at D=64 (NOTES runs 43, 60).
 WIDE_DKDV_CONFIG = (64, 2)
-# (BLOCK_N, STAGES): the dQ kernel's config. On an H200 (64, 2) was 0.78-0.82x it; 128-key
-# blocks spill and serialize the matmuls (NOTES runs 14, 22).
-DQ_CONFIG = (64, 3)
+# (BLOCK_N, STAGES): the dQ kernel's config by head dim. On an H200 at D=128 (64, 2) was
+# 0.78-0.82x (64, 3); 128-key blocks spill and serialize the matmuls (NOTES runs 14, 22).
+# At D=256 64-key blocks spill (379 local-memory instructions: dQ is 128 registers a
+# thread) and 32-key ones do not; the backward ran 1.09-1.15x the Triton dQ kernel's with
+# (32, 3) (230 KB of shared memory), 0.96-0.98x with (32, 2) (NOTES run 61).
+DQ_CONFIG = {64: (64, 3), 128: (64, 3), 256: (32, 3)}
 
 
 def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, scale: float,
@@ -815,16 +819,17 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
 
 
 def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, scale: float,
-              seed=0, dropout_p: float = 0.0, config: tuple[int, int] = DQ_CONFIG,
+              seed=0, dropout_p: float = 0.0, config: tuple[int, int] | None = None,
               head_group: int = 1, launcher=hopper_forward.run_kernel) -> None:
     """Write dq (like q (B, Hq, Sq, D)) and delta (B, Hq, Sq) float32 = rowsum(out * dout)
     for the dK/dV kernel, from k, v (B, Hkv, Skv, D), out and dout (like q) and lse (B, Hq,
     Sq) float32. out, dq: unit stride along D. The caller has checked that the call is one
     this kernel covers (fused_triton._hopper_backward_fits). seed, dropout_p: as
-    launch_dkdv's. head_group: how many (batch, query head) pairs' programs start together,
-    causal ones' last query block first. launcher: called as hopper_forward.run_kernel is."""
-    block_n, stages = config
+    launch_dkdv's. config: (BLOCK_N, STAGES), None for the head dim's DQ_CONFIG.
+    head_group: how many (batch, query head) pairs' programs start together, causal ones'
+    last query block first. launcher: called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
+    block_n, stages = DQ_CONFIG[D] if config is None else config
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
     launcher(dq_kernel, (-(-Sq // 128), B * Hq), (

@@ -1743,6 +1743,33 @@ def test_auto_tries_triton_first_where_it_led(monkeypatch, kwargs, grad, leads):
         assert ft._leads(call) == (leads or grad)
 
 
+@pytest.mark.parametrize("kwargs, leads", [
+    ({"d": 256, "sq": 1024, "skv": 1024}, True),  # 1.12x cuDNN's forward+backward
+    ({"d": 256, "sq": 1023, "skv": 4096}, False),
+    ({"d": 256, "causal": True}, True),  # 4k: 1.09x
+    ({"d": 256, "causal": True, "sq": 2048, "skv": 2048}, False),  # 1k: 0.92x, 2k unmeasured
+    ({"d": 256, "dropout_p": 0.1}, False),  # no Gluon forward
+    ({"d": 256, "window": (64, 0)}, False),
+    ({"sq": 16384, "skv": 16384}, False),  # D=128: cuDNN's backward is faster
+    ({"d": 64, "sq": 16384, "skv": 16384}, False),
+])
+def test_auto_tries_triton_first_with_gradients_at_wide_heads(monkeypatch, kwargs, leads):
+    """With gradients to compute, auto leads with triton at D=256 where the Gluon forward
+    and backward kernels run the call, from 1k (4k causal), and nowhere else."""
+    from attnkit import functional
+    from attnkit.backends import fused_triton as ft
+
+    call = _long_call(**kwargs)
+    call.q.requires_grad_()
+    monkeypatch.setattr(ft, "_uses_hopper_forward", ft._hopper_forward_fits)
+    monkeypatch.setattr(ft, "_on_hopper", lambda call: True)
+    monkeypatch.setitem(functional.AUTO_ORDER, "cpu", functional.AUTO_ORDER["cuda"])
+    assert ft._leads(call) == leads
+    assert functional.auto_order(call)[0] == ("triton" if leads else "sdpa")
+    with torch.no_grad():  # forward alone, cuDNN's is faster at D=256
+        assert not ft._leads(call) or call.head_dim != 256
+
+
 def test_auto_falls_back_where_triton_leads_a_block_it_cannot_run(monkeypatch):
     """A block of queries against a cache that triton leads but refuses (D=512) still runs:
     auto moves on to sdpa, as it does past any refusal."""
@@ -2248,9 +2275,10 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
         "Sq and Skv >= 512 at D=64 where every row sees every key (no causal mask or key " \
         "lengths, Skv a multiple of 128), and no mask" \
         in ft.BACKEND.details(cuda)
-    assert "runs triton first for those calls when nothing needs a gradient, where it was " \
-        "faster than cuDNN: Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \
-        "(Sq and Skv >= 8192 causal)" in ft.BACKEND.details(cuda)
+    assert "runs triton first for those calls where it was faster than cuDNN: when nothing " \
+        "needs a gradient, Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \
+        "(Sq and Skv >= 8192 causal); with gradients, Sq and Skv >= 1024 at D=256 (Sq and " \
+        "Skv >= 4096 causal)" in ft.BACKEND.details(cuda)
     assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too (not at " \
         "D=256), with Sq and Skv >= 256 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq " \
         ">= 256 and Skv >= 1024 causal), Sq and Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)

@@ -1801,8 +1801,9 @@ def _details(device: torch.device) -> str | None:
              f"on for bfloat16/float16 calls with D = Dv in "
              f"{sorted({d for d, _ in _HOPPER_ROUTES})} and {_route_text()}, "
              f"and no mask tensor, window or dropout; "
-             f"impl='auto' runs triton first for those calls when nothing needs a "
-             f"gradient, where it was faster than cuDNN: {_reach_text(_LEADS_REACH)}")
+             f"impl='auto' runs triton first for those calls where it was faster than "
+             f"cuDNN: when nothing needs a gradient, {_reach_text(_LEADS_REACH)}; with "
+             f"gradients, {_reach_text(_LEADS_WITH_GRADS_REACH)}")
     text = f"Gluon forward for Hopper: {state}"
     # each kernel's reach, and the head dims at which it drops
     for kernel, switch, reach, drops in (
@@ -1866,8 +1867,9 @@ def _uses_hopper_forward(call: AttentionCall) -> bool:
 # from 8k; causal 0.94-0.99x at 4k (runs 17, 28), 0.99-1.07x at 8k, 1.01-1.04x at 16k
 # (run 17); D=128 without causal 0.93-1.03x, a coin toss. So it leads from these lengths
 # (Sq and Skv both; measured where they are equal) per (head dim, causal), and nowhere
-# else. With gradients to compute, cuDNN's backward is faster than this file's
-# (0.68-0.93x forward+backward), so SDPA keeps those calls.
+# else. With gradients to compute, cuDNN's backward is faster than this file's at D=64
+# and 128 (0.68-0.93x forward+backward), so SDPA keeps those calls
+# (_LEADS_WITH_GRADS_REACH, below, has D=256's).
 _LEADS_REACH: dict[tuple[int, bool], Reach] = {(64, False): (2048, 2048),
                                                (64, True): (8192, 8192),
                                                (128, True): (8192, 8192)}
@@ -1881,19 +1883,32 @@ _LEADS_REACH: dict[tuple[int, bool], Reach] = {(64, False): (2048, 2048),
 # its shorter kernels (0.48-0.82x SDPA's GPU time, run 57 call 5).
 _BLOCK_WITH_GRADS_SIZE = 2**34
 
+# With gradients to compute, where the Gluon forward runs the call (and with it the Gluon
+# dQ and dK/dV kernels: their reach at D=256 is the forward's), from these lengths per
+# (head dim, causal). Forward+backward through autograd, host time included, against
+# sdpa_cudnn, which plain SDPA ran there (`attnkit bench --preset core`, H200, bf16, run
+# 61, B*S = 16k tokens; h200-core-bf16-d256-s*-run61b):
+# D=256 without causal 1.12x at 1k and 4k, 1.18x at 16k; causal 1.09x at 4k, 1.10x at
+# 16k, but 0.92x at 1k (2k not measured). At D=64 and 128 cuDNN's backward is faster.
+_LEADS_WITH_GRADS_REACH: dict[tuple[int, bool], Reach] = {(256, False): (1024, 1024),
+                                                          (256, True): (4096, 4096)}
+
 
 def _leads(call: AttentionCall) -> bool:
     """Whether impl="auto" should try this backend before SDPA: a block of queries against
     a cache (_leads_a_block), with gradients to compute only from _BLOCK_WITH_GRADS_SIZE
-    up; or a call with nothing to differentiate that the Gluon forward runs, with
-    _LEADS_REACH's Sq and Skv for its head dim and causality."""
+    up; or a call that the Gluon forward runs, with the Sq and Skv for its head dim and
+    causality of _LEADS_WITH_GRADS_REACH where it has gradients to compute, else of
+    _LEADS_REACH."""
+    key = (call.head_dim, call.causal)
     if call.needs_grad:
         size = call.batch * call.heads_q * call.seq_q * call.seq_kv * call.head_dim
-        return size >= _BLOCK_WITH_GRADS_SIZE and _leads_a_block(call)
+        return ((size >= _BLOCK_WITH_GRADS_SIZE and _leads_a_block(call))
+                or (_reaches(call, _LEADS_WITH_GRADS_REACH.get(key))
+                    and _uses_hopper_forward(call)))
     # The cheap checks first: auto asks this of every call, short ones (decoding) above all.
     return (_leads_a_block(call) or _leads_a_wide_step(call)
-            or (_reaches(call, _LEADS_REACH.get((call.head_dim, call.causal)))
-                and _uses_hopper_forward(call)))
+            or (_reaches(call, _LEADS_REACH.get(key)) and _uses_hopper_forward(call)))
 
 
 def _leads_a_block(call: AttentionCall) -> bool:

@@ -15,9 +15,8 @@ head) accumulates dK, dV over the query blocks of every query head of its group
 through TMA descriptors, where their layout allows and the autotuner finds it faster
 (long sequences). On Hopper, long calls with 64-, 128- or 256-wide heads take a forward
 written in Gluon instead (`hopper_forward`: the softmax overlaps the matmuls;
-`_uses_hopper_forward` says which calls), and with 64- or 128-wide heads backward kernels
-written in Gluon (`hopper_backward`, the same layout: `_uses_hopper_backward`), with
-256-wide heads its dK/dV kernel.
+`_uses_hopper_forward` says which calls), and backward kernels written in Gluon
+(`hopper_backward`, the same layout: `_uses_hopper_backward`).
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
 i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off
@@ -243,7 +242,8 @@ _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 1)]
 # in 0.88-0.93x the time it took with the pair's (64, 32, 4, 2), which spills 32 bytes
 # (NOTES run 58, h200-logs/wide-prefill-run58.log). None of the dK/dV kernel's 8-warp
 # tiles beat the pair there, nor did the forward's that run 58 tried (_WIDE_FWD_TILE,
-# below, was not among them).
+# below, was not among them). On Hopper, D=256 calls from 256 queries and keys take
+# hopper_backward's dQ kernel instead (_HOPPER_DQ_REACH).
 _WIDE_DQ_TILE = (128, 32, 8, 2)
 
 # The forward for heads wider than 128 also tries (128, 64, 8, 2), two warpgroups of 64

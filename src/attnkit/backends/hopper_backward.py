@@ -19,7 +19,9 @@ blocks the rows can see, its loading warp bringing K and V (the forward's ring):
 In a warpgroup, block j+1's S and dP are on the tensor cores while block j's
 exponentials and dS run. On an H200 it ran 1.02-1.07x the Triton dQ kernel at D=128
 (4k and 16k, causal or not) but 0.77x at D=64; the whole backward with it, 1.006-1.013x
-from 4k at D=128 (NOTES runs 14, 22) and 0.99-1.02x at 1k-2k (run 26).
+from 4k at D=128 (NOTES runs 14, 22) and 0.99-1.02x at 1k-2k (run 26). At D=256 it
+takes blocks of 32 keys (dQ alone is 128 registers a thread there): the backward ran
+1.09-1.15x the one with the Triton dQ kernel (run 61).
 
 The dK/dV kernel: one program per 128 keys and (batch, kv head) walks the query blocks
 of every query head of the kv group, in order, so dK and dV need no atomics:
@@ -47,10 +49,10 @@ causal or not, and 1.17-1.29x at 256-512 (H200, NOTES run 60). It does not drop.
 
 Under a causal mask the programs start a group of heads at a time, each head's
 heaviest block first (HEAD_GROUP). The kernels cover what `hopper_forward` covers: an
-sm_90 GPU, fp16 or bf16, D = Dv in (64, 128) (wide_dkdv_kernel: 256), a positive scale,
-causal or not, key_lengths, grouped heads, dropout up to D=128 (`dropout_mask`'s mask,
-each Philox call drawn once, where the kernel applies it: `pairs_layout`); no window or
-mask tensor; tensors that TMA can read. `fused_triton` routes each where it was faster
+sm_90 GPU, fp16 or bf16, D = Dv in (64, 128, 256), a positive scale, causal or not,
+key_lengths, grouped heads, dropout (`dropout_mask`'s mask, each Philox call drawn once,
+where the kernel applies it: `pairs_layout`) but in wide_dkdv_kernel; no window or mask
+tensor; tensors that TMA can read. `fused_triton` routes each where it was faster
 (`_hopper_backward_fits`). Gluon does not run under TRITON_INTERPRET, so this file is
 tested on a GPU only (tests/test_triton.py).
 """

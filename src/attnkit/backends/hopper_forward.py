@@ -6,7 +6,8 @@ it, so a warpgroup's softmax never runs while its own tensor-core work does (NOT
 block j's row max, issues block j-1's P V, runs block j's exponentials while P V is on
 the tensor cores, issues block j+1's Q K^T and only then waits (FlashAttention-3's
 intra-warpgroup overlap; NOTES, run 14, says why in that order). K and V tiles arrive
-through TMA into a ring of STAGES slots, from descriptors built on the host.
+through TMA into a ring of STAGES slots, from descriptors built on the host, each block's
+V after the next block's K, the order a warpgroup reads them (load_kv_ring).
 
 The kernel is warp-specialized: a tile's query rows are two warpgroups of 64 (three,
 192 rows, in two D=64 configs, after FlashAttention-3's tile there), each in its own

@@ -1768,6 +1768,11 @@ def test_auto_tries_triton_first_with_gradients_at_wide_heads(monkeypatch, kwarg
     assert functional.auto_order(call)[0] == ("triton" if leads else "sdpa")
     with torch.no_grad():  # forward alone, cuDNN's is faster at D=256
         assert not ft._leads(call) or call.head_dim != 256
+    # with either Gluon backward kernel off (it did not compile), the backward is Triton's
+    for switch in ("_HOPPER_DQ", "_HOPPER_DKDV"):
+        monkeypatch.setattr(ft, switch, False)
+        assert not ft._leads(call)
+        monkeypatch.setattr(ft, switch, True)
 
 
 def test_auto_falls_back_where_triton_leads_a_block_it_cannot_run(monkeypatch):

@@ -1883,8 +1883,8 @@ _LEADS_REACH: dict[tuple[int, bool], Reach] = {(64, False): (2048, 2048),
 # its shorter kernels (0.48-0.82x SDPA's GPU time, run 57 call 5).
 _BLOCK_WITH_GRADS_SIZE = 2**34
 
-# With gradients to compute, where the Gluon forward runs the call (and with it the Gluon
-# dQ and dK/dV kernels: their reach at D=256 is the forward's), from these lengths per
+# With gradients to compute, where the Gluon forward runs the call and the Gluon dQ and
+# dK/dV kernels are on (their reach at D=256 is the forward's), from these lengths per
 # (head dim, causal). Forward+backward through autograd, host time included, against
 # sdpa_cudnn, which plain SDPA ran there (`attnkit bench --preset core`, H200, bf16, run
 # 61, B*S = 16k tokens; h200-core-bf16-d256-s*-run61b):
@@ -1904,8 +1904,8 @@ def _leads(call: AttentionCall) -> bool:
     if call.needs_grad:
         size = call.batch * call.heads_q * call.seq_q * call.seq_kv * call.head_dim
         return ((size >= _BLOCK_WITH_GRADS_SIZE and _leads_a_block(call))
-                or (_reaches(call, _LEADS_WITH_GRADS_REACH.get(key))
-                    and _uses_hopper_forward(call)))
+                or (_reaches(call, _LEADS_WITH_GRADS_REACH.get(key)) and _HOPPER_DQ
+                    and _HOPPER_DKDV and _uses_hopper_forward(call)))
     # The cheap checks first: auto asks this of every call, short ones (decoding) above all.
     return (_leads_a_block(call) or _leads_a_wide_step(call)
             or (_reaches(call, _LEADS_REACH.get(key)) and _uses_hopper_forward(call)))

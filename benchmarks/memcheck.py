@@ -52,9 +52,9 @@ def with_dropout(device: str, heads: tuple[int, int] = (3, 3), seq: tuple[int, i
 
 
 # The Gluon kernels for Hopper (hopper_forward, hopper_backward), all three forced on for
-# every call that they cover (their routes start at 1k-4k keys): D=64 and 128, causal or
-# not, key lengths with a zero one, grouped heads, lengths that end mid-block; and D=256
-# (wide_dkdv_kernel for dK/dV).
+# every call that they cover (their routes start at 256-1536 queries or keys): D=64 and
+# 128, causal or not, key lengths with a zero one, grouped heads, lengths that end
+# mid-block; and D=256 (wide_dkdv_kernel for dK/dV).
 GLUON_CASES = [
     replace(BASE, seq_q=300, seq_kv=700, head_dim=128, key_lengths=True, dead_rows=True),
     replace(BASE, seq_q=1000, seq_kv=1000, head_dim=128, causal=True),

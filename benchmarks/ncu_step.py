@@ -63,13 +63,14 @@ def summarize(path: str, top: int) -> None:
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     starts = [i for i, row in enumerate(rows) if row and row[0] == "Kernel Name"] or [0]
-    for start, end in zip(starts, starts[1:] + [len(rows)], strict=True):
+    for launch, (start, end) in enumerate(zip(starts, starts[1:] + [len(rows)], strict=True)):
         name = rows[start][1] if rows[start] and rows[start][0] == "Kernel Name" else path
-        _summarize_launch(f"{path} ({name}, launch {starts.index(start) + 1})",
-                          rows[start:end], top)
+        _summarize_launch(f"{path} ({name}, launch {launch + 1})", rows[start:end], top)
 
 
 def _summarize_launch(title: str, rows: list[list[str]], top: int) -> None:
+    """summarize's print-out for one launch's rows (its header row, then one per SASS
+    line)."""
     header = next(r for r in rows if "Source" in r)
     data = rows[rows.index(header) + 1:]
     col = {name: i for i, name in enumerate(header)}

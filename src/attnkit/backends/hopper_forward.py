@@ -537,20 +537,14 @@ if gluon is not None:
         holds up the K behind it: at D=256 the forward ran 1.07-1.09x with it, at D=64
         and 128 the same (H200, NOTES run 61)."""
         k_smem, v_smem, k_bars, v_bars, k_free, v_free = ring
-        if V_BEHIND:
-            for j in range(total + 1):
-                if j < total:
-                    refill(k_desc, k_smem, k_bars, k_free, base + j, [b, kvh, j * BLOCK_N, 0],
-                           STAGES)
-                if j > 0:
-                    refill(v_desc, v_smem, v_bars, v_free, base + j - 1,
-                           [b, kvh, (j - 1) * BLOCK_N, 0], STAGES)
-        else:
-            for j in range(total):
+        LAG: gl.constexpr = 1 if V_BEHIND else 0
+        for j in range(total + LAG):
+            if j < total:
                 refill(k_desc, k_smem, k_bars, k_free, base + j, [b, kvh, j * BLOCK_N, 0],
                        STAGES)
-                refill(v_desc, v_smem, v_bars, v_free, base + j, [b, kvh, j * BLOCK_N, 0],
-                       STAGES)
+            if j >= LAG:
+                refill(v_desc, v_smem, v_bars, v_free, base + j - LAG,
+                       [b, kvh, (j - LAG) * BLOCK_N, 0], STAGES)
 
     @gluon.jit
     def refill(desc, smem, ready, free, at, coords, STAGES: gl.constexpr):

@@ -2401,7 +2401,7 @@ BACKEND = Backend(
     name="triton",
     summary="fused Triton kernels (FlashAttention-2 style forward and backward; on "
             "Hopper, Gluon kernels for long sequences: the forward with 64-, 128- or "
-            "256-wide heads, dK/dV at 64, 128 and 256, dQ at 128)",
+            "256-wide heads, dK/dV at 64, 128 and 256, dQ at 128 and 256)",
     available=available,
     supports=supports,
     run=run,

@@ -777,7 +777,7 @@ WIDE_DKDV_CONFIG = (64, 2)
 # 0.78-0.82x (64, 3); 128-key blocks spill and serialize the matmuls (NOTES runs 14, 22).
 # At D=256 64-key blocks spill (379 local-memory instructions: dQ is 128 registers a
 # thread) and 32-key ones do not; the backward ran 1.09-1.15x the Triton dQ kernel's with
-# (32, 3) (230 KB of shared memory), 0.96-0.98x with (32, 2) (NOTES run 61).
+# (32, 3) (230 KB of shared memory), 0.96-1.01x with (32, 2) (NOTES run 61).
 DQ_CONFIG = {64: (64, 3), 128: (64, 3), 256: (32, 3)}
 
 

@@ -651,10 +651,10 @@ if gluon is not None:
 # H200 (run 17); (128, 2, 2, 0) keeps the direct store tested. OWN_RANGES (each warpgroup
 # walks the key blocks its own rows see, for causal D=64, where 192-row tiles end
 # mid-block) was 1.01-1.05x (64, 3, 3, 1) at 4k-16k (run 18). At D=256 64-key blocks in
-# two K/V slots, routed, spill a little (16 local-memory instructions at _MAXNREG's 168
-# registers) and ran 1.07-1.10x the 32-key blocks in three slots at 4k, 1.00-1.05x at
-# 256-1k (run 60); those build without spills and leave two Q buffers room (224 KB);
-# with two slots they ran 0.72-0.87x the Triton forward (run 59). Each config here is
+# two K/V slots, routed, spill a little (16 local-memory instructions at the computing
+# warpgroups' 232 registers) and ran 1.07-1.10x the 32-key blocks in three slots at 4k,
+# 1.00-1.05x at 256-1k (run 60); those build without spills and leave two Q buffers room
+# (224 KB); with two slots they ran 0.72-0.87x the Triton forward (run 59). Each config is
 # compiled by the GPU test in two types: fewer keep that test inside one call.
 CONFIGS = {64: [(128, 2, 2, 0), (64, 3, 3, 1, 1), (128, 2, 3, 1), (128, 3, 3, 1)],
            128: [(128, 2, 2, 0), (128, 2, 2, 1), (64, 4, 2, 1)],

@@ -1695,6 +1695,17 @@ def test_hopper_backward_kernels_need_tensors_tma_can_read():
     assert ft._hopper_backward_fits(call, columns, torch.randn_like(call.q)) == (True, False)
 
 
+def _auto_as_on_hopper(monkeypatch) -> None:
+    """CPU calls stand in for calls on a Hopper GPU, as auto and triton's rules see them:
+    the Gluon forward runs what it fits, and auto takes the CUDA order."""
+    from attnkit import functional
+    from attnkit.backends import fused_triton as ft
+
+    monkeypatch.setattr(ft, "_uses_hopper_forward", ft._hopper_forward_fits)
+    monkeypatch.setattr(ft, "_on_hopper", lambda call: True)
+    monkeypatch.setitem(functional.AUTO_ORDER, "cpu", functional.AUTO_ORDER["cuda"])
+
+
 @pytest.mark.parametrize("kwargs, grad, leads", [
     ({"d": 64, "sq": 8192, "skv": 8192}, False, True),
     ({"d": 64, "sq": 8192, "skv": 8192}, True, False),  # cuDNN's backward is faster
@@ -1733,10 +1744,7 @@ def test_auto_tries_triton_first_where_it_led(monkeypatch, kwargs, grad, leads):
 
     call = _long_call(**kwargs)
     call.q.requires_grad_(grad)
-    # the CPU call stands in for one on a Hopper GPU
-    monkeypatch.setattr(ft, "_uses_hopper_forward", ft._hopper_forward_fits)
-    monkeypatch.setattr(ft, "_on_hopper", lambda call: True)
-    monkeypatch.setitem(functional.AUTO_ORDER, "cpu", functional.AUTO_ORDER["cuda"])
+    _auto_as_on_hopper(monkeypatch)
     assert ft._leads(call) == leads
     assert functional.auto_order(call)[0] == ("triton" if leads else "sdpa")
     with torch.no_grad():  # nothing to differentiate, whatever requires_grad says
@@ -1761,9 +1769,7 @@ def test_auto_tries_triton_first_with_gradients_at_wide_heads(monkeypatch, kwarg
 
     call = _long_call(**kwargs)
     call.q.requires_grad_()
-    monkeypatch.setattr(ft, "_uses_hopper_forward", ft._hopper_forward_fits)
-    monkeypatch.setattr(ft, "_on_hopper", lambda call: True)
-    monkeypatch.setitem(functional.AUTO_ORDER, "cpu", functional.AUTO_ORDER["cuda"])
+    _auto_as_on_hopper(monkeypatch)
     assert ft._leads(call) == leads
     assert functional.auto_order(call)[0] == ("triton" if leads else "sdpa")
     with torch.no_grad():  # forward alone, cuDNN's is faster at D=256

@@ -183,7 +183,7 @@ def experiment_parser(doc: str, rounds: int, config_help: str,
     parser.add_argument("--config", action="append", type=int_tuple, help=config_help)
     parser.add_argument("--check-only", action="store_true")
     if head_dim:
-        parser.add_argument("--head-dim", type=int, choices=(64, 128, 256), default=None,
+        parser.add_argument("--head-dim", type=int, choices=tuple(hf.CONFIGS), default=None,
                             help="check and time that head dim's cases and shapes only")
     return parser
 

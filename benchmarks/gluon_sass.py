@@ -174,7 +174,7 @@ def inflight_writes(instructions: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=("forward", "dkdv", "dq"), default="forward")
-    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
+    parser.add_argument("--head-dim", type=int, default=128, choices=tuple(hopper_forward.CONFIGS))
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--lengths", action="store_true", help="with key_lengths")
     parser.add_argument("--dropout", action="store_true",

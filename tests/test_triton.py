@@ -1755,7 +1755,8 @@ def test_auto_tries_triton_first_where_it_led(monkeypatch, kwargs, grad, leads):
     ({"d": 256, "sq": 1024, "skv": 1024}, True),  # 1.12x cuDNN's forward+backward
     ({"d": 256, "sq": 1023, "skv": 4096}, False),
     ({"d": 256, "causal": True}, True),  # 4k: 1.09x
-    ({"d": 256, "causal": True, "sq": 2048, "skv": 2048}, False),  # 1k: 0.92x, 2k unmeasured
+    ({"d": 256, "causal": True, "sq": 2048, "skv": 2048}, True),  # 2k: 1.09x
+    ({"d": 256, "causal": True, "sq": 1024, "skv": 1024}, False),  # 1k: 0.92x
     ({"d": 256, "dropout_p": 0.1}, False),  # no Gluon forward
     ({"d": 256, "window": (64, 0)}, False),
     ({"sq": 16384, "skv": 16384}, False),  # D=128: cuDNN's backward is faster
@@ -1763,7 +1764,7 @@ def test_auto_tries_triton_first_where_it_led(monkeypatch, kwargs, grad, leads):
 ])
 def test_auto_tries_triton_first_with_gradients_at_wide_heads(monkeypatch, kwargs, leads):
     """With gradients to compute, auto leads with triton at D=256 where the Gluon forward
-    and backward kernels run the call, from 1k (4k causal), and nowhere else."""
+    and backward kernels run the call, from 1k (2k causal), and nowhere else."""
     from attnkit import functional
     from attnkit.backends import fused_triton as ft
 
@@ -2289,7 +2290,7 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "runs triton first for those calls where it was faster than cuDNN: when nothing " \
         "needs a gradient, Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \
         "(Sq and Skv >= 8192 causal); with gradients, Sq and Skv >= 1024 at D=256 (Sq and " \
-        "Skv >= 4096 causal)" in ft.BACKEND.details(cuda)
+        "Skv >= 2048 causal)" in ft.BACKEND.details(cuda)
     assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too (not at " \
         "D=256), with Sq and Skv >= 256 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq " \
         ">= 256 and Skv >= 1024 causal), Sq and Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)

@@ -1889,9 +1889,10 @@ _BLOCK_WITH_GRADS_SIZE = 2**34
 # sdpa_cudnn, which plain SDPA ran there (`attnkit bench --preset core`, H200, bf16, run
 # 61, B*S = 16k tokens; h200-core-bf16-d256-s*-run61b):
 # D=256 without causal 1.12x at 1k and 4k, 1.18x at 16k; causal 1.09x at 4k, 1.10x at
-# 16k, but 0.92x at 1k (2k not measured). At D=64 and 128 cuDNN's backward is faster.
+# 16k, but 0.92x at 1k; at 2k 1.11x and causal 1.09x (run 62,
+# h200-core-bf16-d256-s2048-run62). At D=64 and 128 cuDNN's backward is faster.
 _LEADS_WITH_GRADS_REACH: dict[tuple[int, bool], Reach] = {(256, False): (1024, 1024),
-                                                          (256, True): (4096, 4096)}
+                                                          (256, True): (2048, 2048)}
 
 
 def _leads(call: AttentionCall) -> bool:

@@ -54,7 +54,7 @@ def with_dropout(device: str, heads: tuple[int, int] = (3, 3), seq: tuple[int, i
 # The Gluon kernels for Hopper (hopper_forward, hopper_backward), all three forced on for
 # every call that they cover (their routes start at 256-1536 queries or keys): D=64 and
 # 128, causal or not, key lengths with a zero one, grouped heads, lengths that end
-# mid-block; and D=256 (wide_dkdv_kernel for dK/dV).
+# mid-block; and D=256 (wide_dkdv_kernel for dK/dV). With dropout, main() runs its own calls.
 GLUON_CASES = [
     replace(BASE, seq_q=300, seq_kv=700, head_dim=128, key_lengths=True, dead_rows=True),
     replace(BASE, seq_q=1000, seq_kv=1000, head_dim=128, causal=True),
@@ -152,13 +152,19 @@ def main(gluon_only: bool = False) -> int:
         print(f"Gluon launches: {counts}", flush=True)
         # each of the three kernels three times a case
         failed += any(count != 3 * len(GLUON_CASES) for count in counts.values())
-        # with dropout: grouped heads, a batch that sees no key, lengths mid-block
+        # with dropout: grouped heads, a batch that sees no key, lengths mid-block; and
+        # D=256 (wide_dkdv_kernel)
         launched.clear()
-        with_dropout(device, (4, 2), (300, 700), 128, True, [700, 0])
-        with_dropout(device, (4, 4), (1000, 1000), 64, False)
-        names = set(made(launched))
-        print(f"Gluon kernels with dropout: {sorted(names)}", flush=True)
-        failed += not {"launch_dq", "launch_dkdv"} <= names
+        dropout_calls = [((4, 2), (300, 700), 128, True, [700, 0]),
+                         ((4, 4), (1000, 1000), 64, False),
+                         ((4, 2), (300, 700), 256, True, [700, 0])]
+        for call in dropout_calls:
+            with_dropout(device, *call)
+        names = made(launched)
+        counts = {name: names.count(name) for name in ("launch_dq", "launch_dkdv")}
+        print(f"Gluon launches with dropout: {counts}", flush=True)
+        # each backward kernel once a call
+        failed += any(count != len(dropout_calls) for count in counts.values())
     return 1 if failed else 0
 
 

@@ -1663,7 +1663,7 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     ({"d": 256, "sq": 256, "skv": 256}, True, True),  # 1.17-1.18x, then 1.09x
     ({"d": 256, "sq": 255}, False, False),  # 1.06x at Sq = 128 against 8k keys
     ({"d": 256, "skv": 255}, False, False),
-    ({"d": 256, "dropout_p": 0.1}, False, True),  # wide_dkdv_kernel does not drop
+    ({"d": 256, "dropout_p": 0.1}, True, True),  # wide_dkdv_kernel drops: 1.45-1.72x
     ({"d": 192}, False, False),
 ] + [(kwargs, False, False) for kwargs, _ in _NOT_GLUON])
 def test_hopper_backward_kernels_cover_long_plain_calls_only(kwargs, dkdv, dq):
@@ -2174,10 +2174,22 @@ def test_kernel_variants_reads_values_and_uneven_shapes(monkeypatch):
     assert kv.parse_shape("4,32,4096,64,0") == (4, 32, 4096, 4096, 64, False)
 
 
+def test_gluon_backward_kernels_have_a_config_for_every_head_dim_they_reach():
+    """Every head dim that _HOPPER_DKDV_REACH or _HOPPER_DQ_REACH routes to a Gluon
+    backward kernel has that kernel's config, with dropout too (the routing does not ask:
+    every routed head dim drops)."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.backends import hopper_backward as hb
+
+    dkdv_dims = {d for d, _ in ft._HOPPER_DKDV_REACH}
+    assert dkdv_dims <= set(hb.DKDV_CONFIG) and dkdv_dims <= set(hb.DKDV_DROPOUT_CONFIG)
+    assert {d for d, _ in ft._HOPPER_DQ_REACH} <= set(hb.DQ_CONFIG)
+
+
 def test_wide_dkdv_launch_gives_each_program_64_keys():
     """launch_dkdv at D=256 launches wide_dkdv_kernel, one program per 64 keys and (batch,
-    kv head), K and V in boxes of 64 rows, Q and dO in BLOCK_M's; it refuses dropout,
-    which that kernel does not draw, rather than leave it out."""
+    kv head), K and V in boxes of 64 rows, Q and dO in BLOCK_M's (DKDV_CONFIG's, or with
+    dropout DKDV_DROPOUT_CONFIG's), with dropout's seed and probability and its switch."""
     from attnkit.backends import hopper_backward as hb
     from attnkit.backends import hopper_forward as hf
 
@@ -2187,18 +2199,19 @@ def test_wide_dkdv_launch_gives_each_program_64_keys():
     q = torch.randn(2, 4, 300, 256, dtype=torch.bfloat16)
     k, v = (torch.randn(2, 2, 1000, 256, dtype=torch.bfloat16) for _ in range(2))
     lse = torch.randn(2, 4, 300)
-    hb.launch_dkdv(q, k, v, q, lse, lse, k, v, None, True, 0.1,
-                   launcher=lambda *launch: launches.append(launch))
-    kernel, grid, args, constexprs, _ = launches[0]
-    assert kernel is hb.wide_dkdv_kernel and grid == (16, 4)
-    block_m, stages = hb.WIDE_DKDV_CONFIG
-    assert [desc.block_shape for desc in args[:4]] == [
-        [1, 1, block_m, 256], [1, 1, 64, 256], [1, 1, 64, 256], [1, 1, block_m, 256]]
-    assert (constexprs["BLOCK_M"], constexprs["STAGES"]) == (block_m, stages)
-    with pytest.raises(ValueError, match="does not drop"):
-        hb.launch_dkdv(q, k, v, q, lse, lse, k, v, None, True, 0.1, dropout_p=0.1,
+    seed = torch.tensor(7)
+    for dropout_p, config in ((0.0, hb.DKDV_CONFIG[256]), (0.25, hb.DKDV_DROPOUT_CONFIG[256])):
+        hb.launch_dkdv(q, k, v, q, lse, lse, k, v, None, True, 0.1, seed, dropout_p,
                        launcher=lambda *launch: launches.append(launch))
-    assert len(launches) == 1
+        kernel, grid, args, constexprs, _ = launches[-1]
+        assert kernel is hb.wide_dkdv_kernel and grid == (16, 4)
+        block_m, stages = config
+        assert [desc.block_shape for desc in args[:4]] == [
+            [1, 1, block_m, 256], [1, 1, 64, 256], [1, 1, 64, 256], [1, 1, block_m, 256]]
+        assert (constexprs["BLOCK_M"], constexprs["STAGES"]) == (block_m, stages)
+        assert args[-2] is seed and args[-1] == dropout_p
+        assert constexprs["DROPOUT"] == (dropout_p > 0.0)
+    assert len(launches) == 2
 
 
 @pytest.mark.parametrize("kernel, head_dim, causal", [
@@ -2291,9 +2304,9 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
         "needs a gradient, Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \
         "(Sq and Skv >= 8192 causal); with gradients, Sq and Skv >= 1024 at D=256 (Sq and " \
         "Skv >= 2048 causal)" in ft.BACKEND.details(cuda)
-    assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too (not at " \
-        "D=256), with Sq and Skv >= 256 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq " \
-        ">= 256 and Skv >= 1024 causal), Sq and Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)
+    assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too, with Sq " \
+        "and Skv >= 256 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq >= 256 and Skv >= " \
+        "1024 causal), Sq and Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on for calls of the same kinds, dropout too, with Sq and " \
         "Skv >= 256 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq >= 256 and Skv >= 1024 " \
         "causal)." in ft.BACKEND.details(cuda)
@@ -2859,24 +2872,22 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_hopper_backward_with_dropout_on_gpu(monkeypatch, head_dim):
-    """The Gluon dQ and dK/dV kernels with dropout (at D=256 the dQ kernel alone:
-    wide_dkdv_kernel does not drop), the seed loaded and by value, draw the mask of the
-    Triton kernels (whose every tile test_dropout_drops_the_same_scores_under_every_tile_
-    on_gpu checks against the forward's): the same gradients up to rounding, far from the
-    oracle's without dropout, and the same bits twice."""
+    """The Gluon dQ and dK/dV kernels with dropout (at D=256 wide_dkdv_kernel, which
+    draws the mask in one warpgroup and hands it to the other in P^T's signs), the seed
+    loaded and by value, draw the mask of the Triton kernels (whose every tile
+    test_dropout_drops_the_same_scores_under_every_tile_on_gpu checks against the
+    forward's): the same gradients up to rounding, far from the oracle's without
+    dropout, and the same bits twice."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 
     _skip_without_hopper_forward()
     launched = _watch_gluon_launches(monkeypatch)
-    gluon_dkdv = head_dim <= 128
-    monkeypatch.setattr(ft, "_hopper_backward_fits", lambda *args: (gluon_dkdv, True))
+    monkeypatch.setattr(ft, "_hopper_backward_fits", lambda *args: (True, True))
     # fixed tiles, small enough for D=128: autotuning every shape and seed kind took this
     # test past 200 s at D=128 on an H200 (run 36); at D=256 the wide heads' small pair
     forward_tile, *triton_tiles = ((ft._FWD_CONFIGS[0], ft._DKDV_CONFIGS[0], ft._DQ_CONFIGS[1])
-                                   if gluon_dkdv else (ft._WIDE_TILES[0],) * 3)
-    # the Gluon dQ kernel, and the Gluon dK/dV kernel where it drops
-    gluon_tiles = (None if gluon_dkdv else triton_tiles[0], None)
+                                   if head_dim <= 128 else (ft._WIDE_TILES[0],) * 3)
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
     for b, hq, hkv, sq, skv, causal, lengths in [
         (2, 4, 2, 1000, 1000, True, None),
@@ -2895,9 +2906,8 @@ def test_hopper_backward_with_dropout_on_gpu(monkeypatch, head_dim):
         for seed in (torch.tensor(77, device="cuda"), 77):
             out, lse = ft._forward(call, seed, forward_tile)
             launched.clear()
-            grads = [ft._backward(call, seed, out, lse, dout, gluon_tiles) for _ in range(2)]
-            assert sorted(name for name, _ in launched) == (
-                ["launch_dkdv"] * 2 * gluon_dkdv + ["launch_dq"] * 2)
+            grads = [ft._backward(call, seed, out, lse, dout) for _ in range(2)]
+            assert sorted(name for name, _ in launched) == ["launch_dkdv"] * 2 + ["launch_dq"] * 2
             assert all(torch.equal(x, y) for x, y in zip(*grads, strict=True))
             want = ft._backward(call, seed, out, lse, dout, tuple(triton_tiles))
             for name, got, expected, other in zip("qkv", grads[0], want, without, strict=True):

@@ -1689,9 +1689,10 @@ def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
 #   (run 22), so not routed there.
 # bfloat16 and float16, both checked on a GPU.
 _HOPPER_DKDV = True
-# At D=256 (hopper_backward.wide_dkdv_kernel, no dropout) the whole backward ran
-# 1.38-1.54x the Triton one at 1k-16k, causal or not, 1.28-1.29x at 512, 1.17-1.18x at 256
-# and 1.21-1.27x at Sq = 256 against 4k keys; 1.06x at Sq = 128 against 8k (run 60).
+# At D=256 (hopper_backward.wide_dkdv_kernel) the whole backward ran 1.38-1.54x the
+# Triton one at 1k-16k, causal or not, 1.28-1.29x at 512, 1.17-1.18x at 256 and
+# 1.21-1.27x at Sq = 256 against 4k keys; 1.06x at Sq = 128 against 8k (run 60); with
+# dropout 0.1, 1.45-1.72x at 512-4k (run 62).
 _HOPPER_DKDV_REACH: dict[tuple[int, bool], Reach] = {
     (128, False): (256, 512), (128, True): (256, 1024), (64, False): (1024, 1024),
     (64, True): (1024, 1024), (256, False): (256, 256), (256, True): (256, 256)}
@@ -1709,11 +1710,9 @@ def _hopper_backward_fits(call: AttentionCall, out: Tensor, dout: Tensor) -> tup
     its output out and gradient dout) and was measured faster on it: the call has the
     kernel's reach (Sq, Skv) for its head dim and causality, and _gluon_covers, worked out
     once for both; the dQ kernel also reads out along rows of unit stride (the forward's
-    own out always is), and the dK/dV kernel drops only at the head dims it has a dropout
-    config for. Says nothing about the device."""
+    own out always is). Says nothing about the device."""
     key = (call.head_dim, call.causal)
-    dkdv = _reaches(call, _HOPPER_DKDV_REACH.get(key)) and (
-        call.dropout_p == 0.0 or call.head_dim in hopper_backward.DKDV_DROPOUT_CONFIG)
+    dkdv = _reaches(call, _HOPPER_DKDV_REACH.get(key))
     dq = _reaches(call, _HOPPER_DQ_REACH.get(key)) and out.stride(3) == 1
     if (dkdv or dq) and _gluon_covers(call, (call.q, call.k, call.v, dout)):
         return dkdv, dq
@@ -1805,23 +1804,13 @@ def _details(device: torch.device) -> str | None:
              f"cuDNN: when nothing needs a gradient, {_reach_text(_LEADS_REACH)}; with "
              f"gradients, {_reach_text(_LEADS_WITH_GRADS_REACH)}")
     text = f"Gluon forward for Hopper: {state}"
-    # each kernel's reach, and the head dims at which it drops
-    for kernel, switch, reach, drops in (
-            ("dQ", _HOPPER_DQ, _HOPPER_DQ_REACH, {d for d, _ in _HOPPER_DQ_REACH}),
-            ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_REACH, set(hopper_backward.DKDV_DROPOUT_CONFIG))):
+    for kernel, switch, reach in (("dQ", _HOPPER_DQ, _HOPPER_DQ_REACH),
+                                  ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_REACH)):
         why = unavailable or (None if switch else off)
         state = (f"off: {why}" if why else
-                 f"on for calls of the same kinds, dropout too{_no_dropout_text(reach, drops)}, "
-                 f"with {_reach_text(reach)}")
+                 f"on for calls of the same kinds, dropout too, with {_reach_text(reach)}")
         text += f". Gluon {kernel} kernel for Hopper: {state}"
     return f"{text}. {_BLOCK_LEAD}"
-
-
-def _no_dropout_text(reach: dict[tuple[int, bool], Reach], drops: set[int]) -> str:
-    """Where a Gluon backward kernel does not drop, in words: the head dims of its reach
-    not among `drops` ("" where there are none)."""
-    dims = sorted({d for d, _ in reach} - drops)
-    return f" (not at D={', '.join(map(str, dims))})" if dims else ""
 
 
 def _route_text() -> str:

@@ -45,13 +45,16 @@ cannot hold both dK and dV of 64 keys there (2 x 128 registers a thread at D=256
 warpgroup holds dV and computes S^T and P^T, the other holds dK and computes dP^T and
 dS^T from P^T, which it reads through shared memory; each issues half of a step's four
 products. The whole backward with it ran 1.38-1.54x the Triton one at D=256 from 1k,
-causal or not, and 1.17-1.29x at 256-512 (H200, NOTES run 60). It does not drop.
+causal or not, and 1.17-1.29x at 256-512 (H200, NOTES run 60). With dropout the dV
+warpgroup draws the mask and hands P^T over with the dropped scores negated, so that the
+dK warpgroup reads the mask from their sign: 1.45-1.72x with the Triton dK/dV kernel's
+backward at 512-4k (NOTES run 62).
 
 Under a causal mask the programs start a group of heads at a time, each head's
 heaviest block first (HEAD_GROUP). The kernels cover what `hopper_forward` covers: an
 sm_90 GPU, fp16 or bf16, D = Dv in (64, 128, 256), a positive scale, causal or not,
 key_lengths, grouped heads, dropout (`dropout_mask`'s mask, each Philox call drawn once,
-where the kernel applies it: `pairs_layout`) but in wide_dkdv_kernel; no window or mask
+where the kernel applies it: `pairs_layout`); no window or mask
 tensor; tensors that TMA can read. `fused_triton` routes each where it was faster
 (`_hopper_backward_fits`). Gluon does not run under TRITON_INTERPRET, so this file is
 tested on a GPU only (tests/test_triton.py).
@@ -142,6 +145,19 @@ if hopper_forward.gluon is not None:
         return whole
 
     @gluon.jit
+    def _keys_first_keep(seed, bh, m0, n0, Sq, Skv, drop_p, BLOCK_M: gl.constexpr,
+                         s_layout: gl.constexpr):
+        """Whether dropout keeps each score of S^T (64 keys from n0, query rows [m0, m0 +
+        BLOCK_M) of (batch * query head) bh), in s_layout (score_layout(BLOCK_M)): drawn on
+        pairs_layout's grid, then moved there."""
+        pairs: gl.constexpr = pairs_layout(BLOCK_M, True)
+        keep = dropout_mask.rows_first(
+            seed, bh, gl.arange(0, BLOCK_M // 2, layout=gl.SliceLayout(1, pairs)),
+            gl.arange(0, 16, layout=gl.SliceLayout(0, pairs)), m0, n0, Sq, Skv, drop_p,
+            BLOCK_M, 64)
+        return gl.convert_layout(gl.permute(keep, (1, 0)), s_layout)
+
+    @gluon.jit
     def _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed, bh, drop_p,
                    k_op, v_op, q_ring, do_ring, ready, free, rows_ring,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
@@ -164,12 +180,7 @@ if hopper_forward.gluon is not None:
                                gl.zeros([64, BLOCK_M], gl.float32, s_layout),
                                use_acc=False, is_async=True)
         if DROPOUT:
-            pairs: gl.constexpr = pairs_layout(BLOCK_M, True)
-            keep = dropout_mask.rows_first(
-                seed, bh, gl.arange(0, BLOCK_M // 2, layout=gl.SliceLayout(1, pairs)),
-                gl.arange(0, 16, layout=gl.SliceLayout(0, pairs)), m0, n0, Sq, Skv, drop_p,
-                BLOCK_M, 64)
-            keep = gl.convert_layout(gl.permute(keep, (1, 0)), s_layout)
+            keep = _keys_first_keep(seed, bh, m0, n0, Sq, Skv, drop_p, BLOCK_M, s_layout)
             inv = 1.0 / (1.0 - drop_p)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         if MASKED:
@@ -405,17 +416,26 @@ if hopper_forward.gluon is not None:
         ], [4, 1], [240, 24])
 
     @gluon.jit
-    def _wide_scores(t, rows, a_op, ring, ready, rows_ring, STAGES: gl.constexpr,
-                     BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+    def _wide_issue(t, rows, a_op, ring, ready, rows_ring, STAGES: gl.constexpr,
+                    BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
         """wide_dkdv_kernel's step t, once its slot is loaded: the slot, its row vector at
-        rows_ring row rows + slot (lse at 0, delta at STAGES), and a_op (64 keys, D) times
-        the slot's (BLOCK_M, D) box of ring transposed: S^T (K, Q) or dP^T (V, dO)."""
+        rows_ring row rows + slot (lse at 0, delta at STAGES), and the token of a_op (64
+        keys, D) times the slot's (BLOCK_M, D) box of ring transposed, issued: S^T (K, Q)
+        or dP^T (V, dO)."""
         slot = t % STAGES
         mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
         row = rows_ring.index(rows + slot).load(gl.SliceLayout(0, s_layout))
         tok = warpgroup_mma(a_op, box(ring, slot).permute((1, 0)),
                             gl.zeros([64, BLOCK_M], gl.float32, s_layout), use_acc=False,
                             is_async=True)
+        return slot, row, tok
+
+    @gluon.jit
+    def _wide_scores(t, rows, a_op, ring, ready, rows_ring, STAGES: gl.constexpr,
+                     BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+        """_wide_issue's product, waited for: the slot, its row vector and the product."""
+        slot, row, tok = _wide_issue(t, rows, a_op, ring, ready, rows_ring, STAGES, BLOCK_M,
+                                     s_layout)
         return slot, row, warpgroup_mma_wait(0, deps=[tok])
 
     @gluon.jit
@@ -430,36 +450,51 @@ if hopper_forward.gluon is not None:
         return acc
 
     @gluon.jit
-    def _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, k_op, q_ring, do_ring, ready,
-                      free, rows_ring, p_ring, p_ready, p_free, MASKED: gl.constexpr,
-                      CAUSAL: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
-                      s_layout: gl.constexpr, d_layout: gl.constexpr):
+    def _wide_dv_step(t, m0, n0, bh, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed, drop_p,
+                      k_op, q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready, p_free,
+                      MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
+                      STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr,
+                      d_layout: gl.constexpr):
         """wide_dkdv_kernel's step t in the dV warpgroup: S^T and P^T of query rows [m0, m0
-        + BLOCK_M) against its 64 keys, P^T handed to the dK warpgroup through p_ring,
-        then dV += P^T dO."""
+        + BLOCK_M) of (batch * query head) bh against its 64 keys from n0, P^T handed to the
+        dK warpgroup through p_ring, then dV += P^T dO. With dropout, its mask is drawn
+        under S^T; dV takes the kept P^T, scaled, and the dK warpgroup gets P^T with the
+        dropped scores negated, from which it tells the mask (P^T >= 0) without drawing
+        it again."""
         qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        slot, lse, s = _wide_scores(t, 0, k_op, q_ring, ready, rows_ring, STAGES, BLOCK_M,
-                                    s_layout)
+        slot, lse, s_tok = _wide_issue(t, 0, k_op, q_ring, ready, rows_ring, STAGES, BLOCK_M,
+                                       s_layout)
+        if DROPOUT:
+            keep = _keys_first_keep(seed, bh, m0, n0, Sq, Skv, drop_p, BLOCK_M, s_layout)
+        s = warpgroup_mma_wait(0, deps=[s_tok])
         if MASKED:
             s = _hide_keys(s, kj, qi, kv_len, off, Sq, CAUSAL, BLOCK_M)
-        pt = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0)).to(k_op.dtype)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0))
         # P^T in the 16-bit type, as dV's product takes it: dS^T from it differs from
         # dS^T from the float32 P^T by one rounding, below the one dS^T gets for its
         # product.
+        if DROPOUT:
+            handed = gl.where(keep, p, -p).to(k_op.dtype)
+            pt = gl.where(keep, p * (1.0 / (1.0 - drop_p)), 0.0).to(k_op.dtype)
+        else:
+            pt = p.to(k_op.dtype)
+            handed = pt
         held = t % 2
         mbarrier.wait(p_free.index(held), ((t // 2) & 1) ^ 1)  # the first round: no wait
-        p_ring.index(held).store(pt)
+        p_ring.index(held).store(handed)
         gl.thread_barrier()  # every thread's part stored before the arrival
         mbarrier.arrive(p_ready.index(held), count=1)
         return _wide_accumulate(pt, box(do_ring, slot), dv, free, slot, d_layout)
 
     @gluon.jit
-    def _wide_dk_step(t, dk, v_op, q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
-                      p_free, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
-                      s_layout: gl.constexpr, d_layout: gl.constexpr):
+    def _wide_dk_step(t, dk, drop_p, v_op, q_ring, do_ring, ready, free, rows_ring, p_ring,
+                      p_ready, p_free, DROPOUT: gl.constexpr, STAGES: gl.constexpr,
+                      BLOCK_M: gl.constexpr, s_layout: gl.constexpr, d_layout: gl.constexpr):
         """wide_dkdv_kernel's step t in the dK warpgroup: dP^T, then, with the dV
         warpgroup's P^T of the step (hidden scores are 0 there: no index checks here),
-        dS^T = P^T (dP^T - delta) and dK += dS^T Q."""
+        dS^T = P^T (dP^T - delta) and dK += dS^T Q. With dropout, P^T's dropped scores
+        come negated: dP^T is kept, and scaled, where P^T is not negative (a dropped 0
+        reads as kept, and adds 0 all the same)."""
         slot, delta, dp = _wide_scores(t, STAGES, v_op, do_ring, ready, rows_ring, STAGES,
                                        BLOCK_M, s_layout)
         held = t % 2
@@ -467,19 +502,22 @@ if hopper_forward.gluon is not None:
         pt = p_ring.index(held).load(s_layout).to(gl.float32)
         gl.thread_barrier()  # every thread's part read before the arrival
         mbarrier.arrive(p_free.index(held), count=1)
+        if DROPOUT:
+            dp = gl.where(pt >= 0.0, dp * (1.0 / (1.0 - drop_p)), 0.0)
+            pt = gl.abs(pt)
         dst = (pt * (dp - gl.expand_dims(delta, 0))).to(v_op.dtype)
         return _wide_accumulate(dst, box(q_ring, slot), dk, free, slot, d_layout)
 
     @gluon.jit
     def _wide_dkdv_partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr,
                              BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                             CAUSAL: gl.constexpr):
+                             CAUSAL: gl.constexpr, DROPOUT: gl.constexpr):
         """ROLE 0 (the default partition): the dV warpgroup; 1: the dK warpgroup; 2: the
         loading warp (dkdv_kernel's). shared: what every partition takes."""
         (DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group, Hq,
-         first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-         stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring, do_ring,
-         ready, free, rows_ring, p_ring, p_ready, p_free) = shared
+         first_block, n_blocks, seed, drop_p, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+         stride_dvh, stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring,
+         do_ring, ready, free, rows_ring, p_ring, p_ready, p_free) = shared
         s_layout: gl.constexpr = score_layout(BLOCK_M)
         d_layout: gl.constexpr = score_layout(HEAD_D)
         if ROLE == 2:
@@ -487,41 +525,43 @@ if hopper_forward.gluon is not None:
                           v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar,
                           q_ring, do_ring, ready, free, rows_ring, BLOCK_M, STAGES)
         elif ROLE == 0:
+            seed = dropout_mask.seed_value(seed, DROPOUT)
             kj = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
             dv = gl.zeros([64, HEAD_D], gl.float32, d_layout)
             mbarrier.wait(kv_bar, 0)
             for t in range(group * n_blocks):
                 m0 = (first_block + t % n_blocks) * BLOCK_M
+                bh = b * Hq + kvh * group + t // n_blocks
                 if _sees_every_key(n0, m0, kv_len, off, CAUSAL):
-                    dv = _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, box(k_box, 0),
-                                       q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
-                                       p_free, False, CAUSAL, STAGES, BLOCK_M, s_layout,
-                                       d_layout)
+                    dv = _wide_dv_step(t, m0, n0, bh, dv, kj, kv_len, off, qk_scale, Sq, Skv,
+                                       seed, drop_p, box(k_box, 0), q_ring, do_ring, ready,
+                                       free, rows_ring, p_ring, p_ready, p_free, False, CAUSAL,
+                                       DROPOUT, STAGES, BLOCK_M, s_layout, d_layout)
                 else:
-                    dv = _wide_dv_step(t, m0, dv, kj, kv_len, off, qk_scale, Sq, box(k_box, 0),
-                                       q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready,
-                                       p_free, True, CAUSAL, STAGES, BLOCK_M, s_layout,
-                                       d_layout)
+                    dv = _wide_dv_step(t, m0, n0, bh, dv, kj, kv_len, off, qk_scale, Sq, Skv,
+                                       seed, drop_p, box(k_box, 0), q_ring, do_ring, ready,
+                                       free, rows_ring, p_ring, p_ready, p_free, True, CAUSAL,
+                                       DROPOUT, STAGES, BLOCK_M, s_layout, d_layout)
             _store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
                         dv.to(q_desc.dtype), d_layout)
         else:
             dk = gl.zeros([64, HEAD_D], gl.float32, d_layout)
             mbarrier.wait(kv_bar, 0)
             for t in range(group * n_blocks):
-                dk = _wide_dk_step(t, dk, box(v_box, 0), q_ring, do_ring, ready, free,
-                                   rows_ring, p_ring, p_ready, p_free, STAGES, BLOCK_M,
-                                   s_layout, d_layout)
+                dk = _wide_dk_step(t, dk, drop_p, box(v_box, 0), q_ring, do_ring, ready, free,
+                                   rows_ring, p_ring, p_ready, p_free, DROPOUT, STAGES,
+                                   BLOCK_M, s_layout, d_layout)
             _store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
                         (dk * scale).to(q_desc.dtype), d_layout)
 
-    @gluon.jit(do_not_specialize=["group"])  # dkdv_kernel says why
+    @gluon.jit(do_not_specialize=["group", "seed"])  # dkdv_kernel says why
     def wide_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, LENGTHS,
                          stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                         Hq, Hkv, group, Sq, Skv, qk_scale, scale,
+                         Hq, Hkv, group, Sq, Skv, qk_scale, scale, seed, drop_p,
                          HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
-                         BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                         DROPOUT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                          HEAD_GROUP: gl.constexpr):
-        """dkdv_kernel for heads wider than 128 (no dropout): one program per (64 keys,
+        """dkdv_kernel for heads wider than 128: one program per (64 keys,
         batch * kv head); 4 warps + 4 + 1 (WS). A warpgroup cannot hold both dK and dV of
         64 keys there (2 x 128 registers a thread at D=256), so one holds dV and computes
         S^T and P^T, the other holds dK and computes dP^T and dS^T, reading P^T from the
@@ -542,10 +582,10 @@ if hopper_forward.gluon is not None:
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(p_free.index(i), count=1)
         shared = (DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
-                  Hq, first_block, n_blocks, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                  stride_dvh, stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box, v_box, kv_bar,
-                  q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready, p_free)
-        args: gl.constexpr = (HEAD_D, BLOCK_M, STAGES, CAUSAL)
+                  Hq, first_block, n_blocks, seed, drop_p, stride_dkb, stride_dkh, stride_dkn,
+                  stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box,
+                  v_box, kv_bar, q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready, p_free)
+        args: gl.constexpr = (HEAD_D, BLOCK_M, STAGES, CAUSAL, DROPOUT)
         gl.warp_specialize([(_wide_dkdv_partition, (0, shared) + args),
                             (_wide_dkdv_partition, (1, shared) + args),
                             (_wide_dkdv_partition, (2, shared) + args)], [4, 1], [240, 24])
@@ -757,22 +797,23 @@ if hopper_forward.gluon is not None:
         ], [4, 1], [232, 24])
 
 
-# (BLOCK_M, STAGES, KV_REGS): the dK/dV kernel's config by head dim, checked and timed on
-# an H200 (NOTES runs 20, 38, 39). (32, 3) was 0.83-0.96x (64, 2) (run 20, P^T and dS^T
-# through shared memory then); (32, 4) and (64, 3) gave wrong dK/dV before the mask was
-# made per element, and (64, 3) at D=64 still does, without dropout (run 38). KV_REGS at
-# D=64 was 1.01-1.07x without it (run 39); at D=128 K and V do not fit in registers.
-DKDV_CONFIG = {64: (64, 2, 1), 128: (64, 2, 0)}
+# The dK/dV kernels' config by head dim, checked and timed on an H200: (BLOCK_M, STAGES,
+# KV_REGS) for dkdv_kernel (NOTES runs 20, 38, 39), (BLOCK_M, STAGES) for
+# wide_dkdv_kernel (D=256). (32, 3) was 0.83-0.96x (64, 2) (run 20, P^T and dS^T through
+# shared memory then); (32, 4) and (64, 3) gave wrong dK/dV before the mask was made per
+# element, and (64, 3) at D=64 still does, without dropout (run 38). KV_REGS at D=64 was
+# 1.01-1.07x without it (run 39); at D=128 K and V do not fit in registers. At D=256
+# (64, 2) takes 214 KB of shared memory; the backward with it ran 1.38-1.54x the Triton
+# one, with (32, 2) 1.19-1.34x; (32, 3) computed wrong dK and dV wherever a step took the
+# index checks, as dkdv_kernel's (64, 3) does at D=64 (NOTES runs 43, 60).
+DKDV_CONFIG = {64: (64, 2, 1), 128: (64, 2, 0), 256: (64, 2)}
 # With dropout: at D=128 (64, 2) spills (265 local-memory instructions: the mask on top of
 # S^T, dP^T, dK and dV in registers) and (32, 2) does not (benchmarks/gluon_sass.py
 # --dropout); at D=64 KV_REGS is spill-free with dropout too, but 0.985x without it
-# (dropout_seed.py --pieces, run 39).
-DKDV_DROPOUT_CONFIG = {64: (64, 2, 0), 128: (32, 2, 0)}
-# (BLOCK_M, STAGES): wide_dkdv_kernel's config (heads wider than 128, no dropout), 214 KB
-# of shared memory. At D=256 on an H200 the backward with it ran 1.38-1.54x the Triton
-# one, with (32, 2) 1.19-1.34x; (32, 3) computed wrong dK and dV wherever a step took the
-# index checks, as dkdv_kernel's (64, 3) does at D=64 (NOTES runs 43, 60).
-WIDE_DKDV_CONFIG = (64, 2)
+# (dropout_seed.py --pieces, run 39). At D=256 (64, 2) builds 25-27 local-memory
+# instructions causal (none without) and ran 1.45-1.72x the Triton dK/dV kernel's backward
+# at 512-4k, dropout 0.1; (32, 2), spill-free, 1.34-1.62x (NOTES run 62).
+DKDV_DROPOUT_CONFIG = {64: (64, 2, 0), 128: (32, 2, 0), 256: (64, 2)}
 # (BLOCK_N, STAGES): the dQ kernel's config by head dim. On an H200 at D=128 (64, 2) was
 # 0.78-0.82x (64, 3); 128-key blocks spill and serialize the matmuls (NOTES runs 14, 22).
 # At D=256 64-key blocks spill (379 local-memory instructions: dQ is 128 registers a
@@ -791,32 +832,30 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     int, or an int64 tensor on the call's device); dropout_p > 0 drops. config: (BLOCK_M,
     STAGES[, KV_REGS]) (KV_REGS as _dkdv_consume takes it, 0 if left out), None for the
     head dim's DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). Heads wider than 128
-    take wide_dkdv_kernel, config (BLOCK_M, STAGES) (None: WIDE_DKDV_CONFIG), without
-    dropout (ValueError). head_group: how many (batch, kv head) pairs' programs start
-    together, each one's first key block first. launcher: called as
-    hopper_forward.run_kernel is."""
+    take wide_dkdv_kernel, config (BLOCK_M, STAGES). head_group: how many (batch, kv
+    head) pairs' programs start together, each one's first key block first. launcher:
+    called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
-    if D > 128:  # 64 keys a program, no dropout arguments or switches
-        if dropout_p > 0.0:
-            raise ValueError("wide_dkdv_kernel (heads wider than 128) does not drop")
-        kernel, keys, dropout, switches = wide_dkdv_kernel, 64, (), {}
-        block_m, stages = WIDE_DKDV_CONFIG if config is None else config
+    if config is None:
+        config = (DKDV_DROPOUT_CONFIG if dropout_p > 0.0 else DKDV_CONFIG)[D]
+    if D > 128:  # 64 keys a program
+        block_m, stages = config
+        kernel, keys, switches = wide_dkdv_kernel, 64, {}
     else:
-        if config is None:
-            config = (DKDV_DROPOUT_CONFIG if dropout_p > 0.0 else DKDV_CONFIG)[D]
         block_m, stages, *kv_regs = config
-        kernel, keys, dropout = dkdv_kernel, 128, (seed, dropout_p)
-        switches = dict(DROPOUT=dropout_p > 0.0, KV_REGS=bool(kv_regs and kv_regs[0]))
+        kernel, keys = dkdv_kernel, 128
+        switches = dict(KV_REGS=bool(kv_regs and kv_regs[0]))
     launcher(kernel, (-(-Skv // keys), B * Hkv), (
         descriptor(q, block_m), descriptor(k, keys), descriptor(v, keys),
         descriptor(dout, block_m), lse, delta, dk, dv, lengths,
         *dk.stride()[:3], *dv.stride()[:3],
-        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale, *dropout,
-    ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None, BLOCK_M=block_m,
-            STAGES=stages, HEAD_GROUP=head_group, **switches),
+        Hq, Hkv, Hq // Hkv, Sq, Skv, scale * hopper_forward.LOG2E, scale, seed, dropout_p,
+    ), dict(HEAD_D=D, CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
+            DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, STAGES=stages, HEAD_GROUP=head_group,
+            **switches),
         {"num_warps": 4, "maxnreg": 168})
 
 

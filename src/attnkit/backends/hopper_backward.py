@@ -567,7 +567,8 @@ if hopper_forward.gluon is not None:
         S^T and P^T, the other holds dK and computes dP^T and dS^T, reading P^T from the
         first through shared memory (a ring of two). Each issues half of a step's four
         products. The descriptors: (B, H, S, D) read in boxes of (1, 1, 64, D) (K, V)
-        and (1, 1, BLOCK_M, D) (Q, dO)."""
+        and (1, 1, BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), as
+        dkdv_kernel's."""
         dtype: gl.constexpr = q_desc.dtype
         b, kvh, n0, off, kv_len, first_block, n_blocks = _dkdv_program(
             LENGTHS, Hkv, Sq, Skv, 64, BLOCK_M, CAUSAL, HAS_LENGTHS, HEAD_GROUP)

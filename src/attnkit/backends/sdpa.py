@@ -261,10 +261,9 @@ def kernel_accepts(kernel: SDPBackend, call: AttentionCall, args: Arguments) -> 
 
 
 def kernel_refusal(kernel: SDPBackend, call: AttentionCall, args: Arguments) -> str | None:
-    """None when `kernel`'s own check accepts these arguments, else the reasons it gave."""
+    """The reasons `kernel`'s own check gives for refusing these arguments (asked after
+    kernel_accepts said no), or None where it accepts them after all."""
     params = _check_params(call, args)
-    if _CHECKS[kernel.name](params, debug=False):
-        return None  # the common answer, without the cost of recording warnings
     cpp: list[str] = []
     with warnings.catch_warnings(record=True) as caught, _cpp_warnings(cpp):
         warnings.simplefilter("always")

@@ -360,16 +360,11 @@ if hopper_forward.gluon is not None:
         q_ring = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_shape, q_desc.layout)
         do_ring = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_shape,
                                             do_desc.layout)
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        ready, free = hopper_forward.barrier_pairs(STAGES, 2)
         rows_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M],
                                               gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(free.index(i), count=2)
         return k_box, v_box, q_ring, do_ring, kv_bar, ready, free, rows_ring
 
     # With group == 1 specialised as a constant (Triton's default for an int that is 1),
@@ -576,12 +571,8 @@ if hopper_forward.gluon is not None:
             q_desc, k_desc, v_desc, do_desc, BLOCK_M, STAGES)
         p_ring = gl.allocate_shared_memory(
             dtype, [2, 64, BLOCK_M], gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype))
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-        p_free = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-        for i in gl.static_range(2):
-            mbarrier.init(p_ready.index(i), count=1)
-            mbarrier.init(p_free.index(i), count=1)
+        # one arrival each: the dV warpgroup's on p_ready, the dK warpgroup's on p_free
+        p_ready, p_free = hopper_forward.barrier_pairs(2, 1)
         shared = (DK, DV, LSE, DELTA, b, kvh, n0, Sq, Skv, kv_len, off, qk_scale, scale, group,
                   Hq, first_block, n_blocks, seed, drop_p, stride_dkb, stride_dkh, stride_dkn,
                   stride_dvb, stride_dvh, stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box,

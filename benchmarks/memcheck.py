@@ -120,6 +120,12 @@ def made(launched: list[tuple[str, object]]) -> list[str]:
     return [name for name, launcher in launched if not isinstance(launcher, ft._Collector)]
 
 
+def launch_counts(launched: list[tuple[str, object]], names: tuple[str, ...]) -> dict[str, int]:
+    """How many of watch_gluon_launches's launches of each of `names` ran a kernel (made)."""
+    ran = made(launched)
+    return {name: ran.count(name) for name in names}
+
+
 def run_cases(cases: list[Case], device: str) -> int:
     """Each case three times (from the third launch of a specialization on, a kernel is
     launched straight through its compiled form, fused_triton._FAST_LAUNCH); returns how
@@ -147,8 +153,7 @@ def main(gluon_only: bool = False) -> int:
     if device == "cuda" and torch.cuda.get_device_capability() == (9, 0) and hf.available():
         launched = force_gluon_kernels()
         failed += run_cases(GLUON_CASES, device)
-        names = made(launched)
-        counts = {name: names.count(name) for name in ("launch", "launch_dq", "launch_dkdv")}
+        counts = launch_counts(launched, ("launch", "launch_dq", "launch_dkdv"))
         print(f"Gluon launches: {counts}", flush=True)
         # each of the three kernels three times a case
         failed += any(count != 3 * len(GLUON_CASES) for count in counts.values())
@@ -160,8 +165,7 @@ def main(gluon_only: bool = False) -> int:
                          ((4, 2), (300, 700), 256, True, [700, 0])]
         for call in dropout_calls:
             with_dropout(device, *call)
-        names = made(launched)
-        counts = {name: names.count(name) for name in ("launch_dq", "launch_dkdv")}
+        counts = launch_counts(launched, ("launch_dq", "launch_dkdv"))
         print(f"Gluon launches with dropout: {counts}", flush=True)
         # each backward kernel once a call
         failed += any(count != len(dropout_calls) for count in counts.values())

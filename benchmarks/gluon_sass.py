@@ -92,7 +92,7 @@ def forward(head_dim: int, causal: bool, lengths: bool, config: tuple[int, ...] 
     """(source, options) of hopper_forward.forward_kernel, as launch launches it."""
     q, k, v, out, _, lse, _, key_lengths = call_tensors(head_dim, lengths)
     if config is None:
-        config = fused_triton._HOPPER_ROUTES[(head_dim, causal)][0][1]
+        config = fused_triton._HOPPER_ROUTES[(hopper_forward.head_block(head_dim), causal)][0][1]
     return captured(hopper_forward.launch, (q, k, v, out, lse, key_lengths), causal=causal,
                     scale=0.1, config=config, head_group=head_group)
 
@@ -174,7 +174,8 @@ def inflight_writes(instructions: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=("forward", "dkdv", "dq"), default="forward")
-    parser.add_argument("--head-dim", type=int, default=128, choices=tuple(hopper_forward.CONFIGS))
+    parser.add_argument("--head-dim", type=int, default=128,
+                        help="33 to 256; the tiles are the next of 64, 128, 256 wide")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--lengths", action="store_true", help="with key_lengths")
     parser.add_argument("--dropout", action="store_true",
@@ -188,6 +189,9 @@ def main() -> None:
     if not hopper_forward.available():
         raise SystemExit(f"Triton {triton.__version__}: the Gluon kernels are offered under "
                          f"{hopper_forward.CHECKED_RELEASES} only")
+    if hopper_forward.head_block(args.head_dim) not in hopper_forward.CONFIGS:
+        parser.error(f"--head-dim {args.head_dim}: the kernels' tiles are "
+                     f"{tuple(hopper_forward.CONFIGS)} wide")
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
     if args.dropout and args.kernel == "forward":
         parser.error("--dropout: the Gluon forward does not drop (fused_triton's does)")

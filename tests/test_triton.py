@@ -1600,9 +1600,10 @@ def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, **kwargs):
     return make_call(q, k, v, **kwargs)
 
 
-# Calls neither Gluon kernel covers (_gluon_covers, and no head dim but 64, 128 and 256).
+# Calls neither Gluon kernel covers (_gluon_covers, and tiles of 64, 128 or 256 columns only).
 _NOT_GLUON = [
-    ({"d": 80}, False),
+    ({"d": 32}, False),  # tiles of 32 columns: none measured
+    ({"d": 36}, False),  # rows of 72 bytes: not TMA's 16-byte multiple
     ({"dtype": torch.float32}, False),
     ({"attn_mask": torch.zeros(1, 1, 1, 4096, dtype=torch.bfloat16)}, False),
     ({"window": (256, 0)}, False),
@@ -1625,6 +1626,13 @@ _NOT_GLUON = [
     ({"d": 64, "sq": 512, "skv": 512}, True),  # every key seen: 1.17x at 512
     ({"d": 64, "sq": 511, "skv": 4096}, False),  # 0.88x at Sq = 256 (192-row tiles)
     ({"dropout_p": 0.1}, False),  # the Gluon forward does not drop
+    # head dims on the next power of two's tiles, and routes
+    ({"d": 80}, True),
+    ({"d": 96, "causal": True, "sq": 1024, "skv": 1024}, True),
+    ({"d": 96, "sq": 255}, False),
+    ({"d": 48, "causal": True}, True),
+    ({"d": 48, "causal": True, "sq": 1024, "skv": 8192}, False),
+    ({"d": 192, "causal": True, "key_lengths": torch.tensor([4000])}, True),
 ] + _NOT_GLUON)
 def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     from attnkit.backends import fused_triton as ft
@@ -1664,7 +1672,12 @@ def test_hopper_forward_covers_long_plain_calls_only(kwargs, fits):
     ({"d": 256, "sq": 255}, False, False),  # 1.06x at Sq = 128 against 8k keys
     ({"d": 256, "skv": 255}, False, False),
     ({"d": 256, "dropout_p": 0.1}, True, True),  # wide_dkdv_kernel drops: 1.45-1.72x
-    ({"d": 192}, False, False),
+    # head dims on the next power of two's tiles, and routes
+    ({"d": 192}, True, True),
+    ({"d": 160, "causal": True, "dropout_p": 0.1}, True, True),
+    ({"d": 96, "causal": True, "hkv": 1}, True, True),
+    ({"d": 80, "causal": True, "sq": 512, "skv": 512}, False, False),
+    ({"d": 48, "sq": 2048}, True, False),
 ] + [(kwargs, False, False) for kwargs, _ in _NOT_GLUON])
 def test_hopper_backward_kernels_cover_long_plain_calls_only(kwargs, dkdv, dq):
     from attnkit.backends import fused_triton as ft
@@ -2295,21 +2308,22 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "off: Triton" in ft.BACKEND.details(cuda) and "(3.6)" in ft.BACKEND.details(cuda)
     monkeypatch.setattr(hf, "available", lambda: True)
     assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
-    assert "with D = Dv in [64, 128, 256] and Sq and Skv >= 256 at D=256, Sq >= 256 and " \
-        "Skv >= 512 at D=128, Sq and Skv >= 1536 at D=64 (Sq and Skv >= 1280 causal); " \
-        "Sq and Skv >= 512 at D=64 where every row sees every key (no causal mask or key " \
-        "lengths, Skv a multiple of 128), and no mask" \
+    assert "with D = Dv from 33 to 256 (rows that TMA reads: 16-byte aligned), on tiles " \
+        "of 64, 128 or 256 columns (the narrowest that holds D), and Sq and Skv >= 256 at " \
+        "D=129-256, Sq >= 256 and Skv >= 512 at D=65-128, Sq and Skv >= 1536 at D=33-64 " \
+        "(Sq and Skv >= 1280 causal); Sq and Skv >= 512 at D=33-64 where every row sees " \
+        "every key (no causal mask or key lengths, Skv a multiple of 128), and no mask" \
         in ft.BACKEND.details(cuda)
     assert "runs triton first for those calls where it was faster than cuDNN: when nothing " \
         "needs a gradient, Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \
         "(Sq and Skv >= 8192 causal); with gradients, Sq and Skv >= 1024 at D=256 (Sq and " \
         "Skv >= 2048 causal)" in ft.BACKEND.details(cuda)
     assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too, with Sq " \
-        "and Skv >= 256 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq >= 256 and Skv >= " \
-        "1024 causal), Sq and Skv >= 1024 at D=64" in ft.BACKEND.details(cuda)
+        "and Skv >= 256 at D=129-256, Sq >= 256 and Skv >= 512 at D=65-128 (Sq >= 256 and " \
+        "Skv >= 1024 causal), Sq and Skv >= 1024 at D=33-64" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on for calls of the same kinds, dropout too, with Sq and " \
-        "Skv >= 256 at D=256, Sq >= 256 and Skv >= 512 at D=128 (Sq >= 256 and Skv >= 1024 " \
-        "causal)." in ft.BACKEND.details(cuda)
+        "Skv >= 256 at D=129-256, Sq >= 256 and Skv >= 512 at D=65-128 (Sq >= 256 and Skv " \
+        ">= 1024 causal)." in ft.BACKEND.details(cuda)
     assert ft.BACKEND.details(cuda).endswith(f". {ft._BLOCK_LEAD}")
     monkeypatch.setattr(ft, "_HOPPER_DKDV", False)
     assert "dK/dV kernel for Hopper: off: switched off" in ft.BACKEND.details(cuda)
@@ -2370,20 +2384,28 @@ def test_hopper_descriptor_is_the_one_triton_would_build():
     # describe() skips TensorDescriptor's checks for host time: the descriptor must still
     # be the one the checked constructor builds, field for field (a field a later Triton
     # adds without a default fails here), on the layouts the kernels get: a plain tensor,
-    # q as a view into a fused QKV projection, a batch of one with a free stride.
+    # q as a view into a fused QKV projection, a batch of one with a free stride, and
+    # head dims that are not powers of two, whose boxes are the next power of two wide.
     from attnkit.backends import hopper_forward as hf
 
     if hf.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper descriptors")
     qkv = torch.randn(2, 100, 3, 4, 64, dtype=torch.bfloat16)
+    qkv96 = torch.randn(2, 100, 3, 4, 96, dtype=torch.float16)
     one_batch = torch.randn(1, 4, 100, 128, dtype=torch.float16)
-    for t, rows in [(torch.randn(2, 4, 1000, 128, dtype=torch.bfloat16), 128),
-                    (qkv[:, :, 0].transpose(1, 2), 64),
-                    (one_batch.as_strided(one_batch.shape, (0, *one_batch.stride()[1:])), 64)]:
+    for t, rows, columns in [
+        (torch.randn(2, 4, 1000, 128, dtype=torch.bfloat16), 128, 128),
+        (qkv[:, :, 0].transpose(1, 2), 64, 64),
+        (one_batch.as_strided(one_batch.shape, (0, *one_batch.stride()[1:])), 64, 128),
+        (qkv96[:, :, 1].transpose(1, 2), 64, 128),
+        (torch.randn(2, 4, 300, 192, dtype=torch.bfloat16), 32, 256),
+    ]:
         strides = [st if size > 1 else t.shape[3] for size, st in
                    zip(t.shape, t.stride(), strict=True)]
-        checked = hf.TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, t.shape[3]],
-                                      hf._box_layout(rows, t.shape[3], t.dtype))
+        element = {torch.bfloat16: hf.gl.bfloat16, torch.float16: hf.gl.float16}[t.dtype]
+        box = [1, 1, rows, columns]
+        checked = hf.TensorDescriptor(t, list(t.shape), strides, box,
+                                      hf.gl.NVMMASharedLayout.get_default_for(box, element))
         described = hf.describe(t, rows)
         # Field by field, the tensor by identity: from Python 3.13 a dataclass's == compares
         # each field with ==, which a tensor answers elementwise.
@@ -2686,7 +2708,7 @@ def _skip_without_hopper_forward():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 96])
 def test_hopper_forward_configs_on_gpu(head_dim, dtype):
     """Each Gluon config against the oracle on awkward shapes, one of them with more tiles
     than the GPU has multiprocessors (persistent programs walk several), causal ones also
@@ -2715,7 +2737,8 @@ def test_hopper_forward_configs_on_gpu(head_dim, dtype):
         seen = torch.isfinite(want_lse)
         # causal tiles also 3 heads at a time (several groups, the last one short)
         groups = (1, 3) if causal and b * hq > 3 else (1,)
-        for config, head_group in itertools.product(hf.CONFIGS[head_dim], groups):
+        for config, head_group in itertools.product(hf.CONFIGS[hf.head_block(head_dim)],
+                                                    groups):
             out, lse = ft._empty_outputs(q, v)
             hf.launch(q, k, v, out, lse, key_lengths, causal, call.scale, config, head_group)
             where = (b, hq, sq, skv, config, head_group)
@@ -2824,7 +2847,7 @@ def _watch_gluon_launches(monkeypatch) -> list[tuple[str, object]]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 80])
 def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
     """The Gluon dQ and dK/dV kernels (D=256: wide_dkdv_kernel for dK/dV), through
     _backward, against the oracle on awkward shapes (partial key and query blocks, rows
@@ -2870,7 +2893,7 @@ def test_hopper_backward_on_gpu(monkeypatch, head_dim, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 192])
 def test_hopper_backward_with_dropout_on_gpu(monkeypatch, head_dim):
     """The Gluon dQ and dK/dV kernels with dropout (at D=256 wide_dkdv_kernel, which
     draws the mask in one warpgroup and hands it to the other in P^T's signs), the seed
@@ -2976,6 +2999,32 @@ def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
     assert ft._uses_hopper_backward(call, grad, grad) == (True, head_dim != 64)
     _assert_matches_reference(q, k, v, grad, causal=causal, key_lengths=lengths,
                               return_lse=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [48, 80, 96, 192])
+def test_head_dims_between_powers_of_two_on_gpu(monkeypatch, head_dim):
+    """A head dim that is not a power of two runs the Gluon forward, dQ and dK/dV kernels
+    on the next power of two's tiles, TMA reading the columns past D as zeros and the
+    stores leaving them: q, k, v as views into a fused QKV projection (each row's next
+    columns another head's), grouped heads, causal with key lengths, forward and backward
+    against the oracle. At D=48 the dQ kernel is routed by hand (D=64's is this file's)."""
+    from attnkit.backends import fused_triton as ft
+    from attnkit.call import make_call
+
+    _skip_without_hopper_forward()
+    launched = _watch_gluon_launches(monkeypatch)
+    if head_dim < 64:
+        monkeypatch.setattr(ft, "_hopper_backward_fits", lambda *args: (True, True))
+    qkv, (q, k, v) = _fused_qkv("cuda", b=2, s=2000, hq=4, hkv=2, d=head_dim)
+    lengths = torch.tensor([2000, 1234], device="cuda")
+    grad = torch.randn_like(q)
+    call = make_call(q, k, v, causal=True, key_lengths=lengths)
+    assert ft._uses_hopper_forward(call)
+    assert ft._uses_hopper_backward(call, grad, grad) == (True, True)
+    _assert_matches_reference(q, k, v, grad, causal=True, key_lengths=lengths,
+                              return_lse=True)
+    assert sorted({name for name, _ in launched}) == ["launch", "launch_dkdv", "launch_dq"]
 
 
 def test_forward_and_backward_make_the_calls_gpu_current(monkeypatch):

@@ -1641,14 +1641,25 @@ def _reaches(call: AttentionCall, reach: Reach | None) -> bool:
     return reach is not None and call.seq_q >= reach[0] and call.seq_kv >= reach[1]
 
 
+def _tile_head_dim(call: AttentionCall) -> int:
+    """The head dim of the Gluon kernels' tiles for the call, hopper_forward.head_block
+    (D=96 runs on 128 columns), by which their routes and configs go: this file's kernels
+    pad the same (BLOCK_D), so what was measured between the two at 128 holds at 96. On
+    an H200 the Gluon kernels against this file's: forward 1.11x at D=96 4k, 1.20x causal,
+    1.32x at D=80 1k causal, 1.23x at D=192 4k, 1.07x at D=48 4k causal; backward 1.23x,
+    1.19x, 1.28x, 1.86x (1.72x causal), 1.19x (NOTES run 63)."""
+    return hopper_forward.head_block(call.head_dim)
+
+
 def _hopper_config(call: AttentionCall) -> tuple[int, ...] | None:
-    """The Gluon forward's tile config for the call's head dim, causality, Sq and Skv
-    (_HOPPER_ALL_SEEN_ROUTES where every key is seen, then _HOPPER_ROUTES), or None where
-    it was not measured faster."""
-    all_seen = tuple(route for route in _HOPPER_ALL_SEEN_ROUTES.get(call.head_dim, ())
+    """The Gluon forward's tile config for the call's tile head dim (_tile_head_dim),
+    causality, Sq and Skv (_HOPPER_ALL_SEEN_ROUTES where every key is seen, then
+    _HOPPER_ROUTES), or None where it was not measured faster."""
+    head_dim = _tile_head_dim(call)
+    all_seen = tuple(route for route in _HOPPER_ALL_SEEN_ROUTES.get(head_dim, ())
                      if hopper_forward.every_key_seen(call.causal, call.key_lengths,
                                                       call.seq_kv, route[1][0]))
-    routes = all_seen + _HOPPER_ROUTES.get((call.head_dim, call.causal), ())
+    routes = all_seen + _HOPPER_ROUTES.get((head_dim, call.causal), ())
     return next((config for reach, config in routes if _reaches(call, reach)), None)
 
 
@@ -1708,10 +1719,10 @@ _HOPPER_DQ_REACH: dict[tuple[int, bool], Reach] = {(128, False): (256, 512),
 def _hopper_backward_fits(call: AttentionCall, out: Tensor, dout: Tensor) -> tuple[bool, bool]:
     """(dK/dV kernel, dQ kernel): whether each Gluon backward kernel covers the call (with
     its output out and gradient dout) and was measured faster on it: the call has the
-    kernel's reach (Sq, Skv) for its head dim and causality, and _gluon_covers, worked out
-    once for both; the dQ kernel also reads out along rows of unit stride (the forward's
-    own out always is). Says nothing about the device."""
-    key = (call.head_dim, call.causal)
+    kernel's reach (Sq, Skv) for its tile head dim (_tile_head_dim) and causality, and
+    _gluon_covers, worked out once for both; the dQ kernel also reads out along rows of
+    unit stride (the forward's own out always is). Says nothing about the device."""
+    key = (_tile_head_dim(call), call.causal)
     dkdv = _reaches(call, _HOPPER_DKDV_REACH.get(key))
     dq = _reaches(call, _HOPPER_DQ_REACH.get(key)) and out.stride(3) == 1
     if (dkdv or dq) and _gluon_covers(call, (call.q, call.k, call.v, dout)):
@@ -1797,8 +1808,10 @@ def _details(device: torch.device) -> str | None:
     off = "switched off in this process (it did not compile here, or by hand)"
     why = unavailable or (None if _HOPPER_FORWARD else off)
     state = (f"off: {why}" if why else
-             f"on for bfloat16/float16 calls with D = Dv in "
-             f"{sorted({d for d, _ in _HOPPER_ROUTES})} and {_route_text()}, "
+             f"on for bfloat16/float16 calls with D = Dv from 33 to 256 (rows that TMA "
+             f"reads: 16-byte aligned), on tiles of "
+             f"{_widths_text(sorted({d for d, _ in _HOPPER_ROUTES}))} columns (the narrowest "
+             f"that holds D), and {_route_text()}, "
              f"and no mask tensor, window or dropout; "
              f"impl='auto' runs triton first for those calls where it was faster than "
              f"cuDNN: when nothing needs a gradient, {_reach_text(_LEADS_REACH)}; with "
@@ -1808,7 +1821,8 @@ def _details(device: torch.device) -> str | None:
                                   ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_REACH)):
         why = unavailable or (None if switch else off)
         state = (f"off: {why}" if why else
-                 f"on for calls of the same kinds, dropout too, with {_reach_text(reach)}")
+                 f"on for calls of the same kinds, dropout too, with "
+                 f"{_reach_text(reach, tiles=True)}")
         text += f". Gluon {kernel} kernel for Hopper: {state}"
     return f"{text}. {_BLOCK_LEAD}"
 
@@ -1816,11 +1830,24 @@ def _details(device: torch.device) -> str | None:
 def _route_text() -> str:
     """The reach of _HOPPER_ROUTES' last (shortest) route per head dim and causality, as
     _reach_text says it, and _HOPPER_ALL_SEEN_ROUTES' after it."""
-    all_seen = "".join(f"; {_lengths_text(routes[-1][0])} at D={d} where every row sees "
-                       f"every key (no causal mask or key lengths, Skv a multiple of "
-                       f"{routes[-1][1][0]})"
+    all_seen = "".join(f"; {_lengths_text(routes[-1][0])} at {_dims_text(d, True)} where "
+                       f"every row sees every key (no causal mask or key lengths, Skv a "
+                       f"multiple of {routes[-1][1][0]})"
                        for d, routes in _HOPPER_ALL_SEEN_ROUTES.items())
-    return _reach_text({key: routes[-1][0] for key, routes in _HOPPER_ROUTES.items()}) + all_seen
+    shortest = {key: routes[-1][0] for key, routes in _HOPPER_ROUTES.items()}
+    return _reach_text(shortest, tiles=True) + all_seen
+
+
+def _widths_text(widths: list[int]) -> str:
+    """[64, 128, 256] -> "64, 128 or 256"."""
+    *rest, last = map(str, widths)
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+def _dims_text(head_dim: int, tiles: bool) -> str:
+    """A head dim in words; where tiles, a tile head dim, as the dims it runs: 128 ->
+    "D=65-128" (hopper_forward.head_block)."""
+    return f"D={head_dim // 2 + 1}-{head_dim}" if tiles else f"D={head_dim}"
 
 
 def _lengths_text(reach: Reach) -> str:
@@ -1828,21 +1855,22 @@ def _lengths_text(reach: Reach) -> str:
     return f"Sq and Skv >= {sq}" if sq == skv else f"Sq >= {sq} and Skv >= {skv}"
 
 
-def _reach_text(reach: dict[tuple[int, bool], Reach]) -> str:
+def _reach_text(reach: dict[tuple[int, bool], Reach], tiles: bool = False) -> str:
     """{(head dim, causal): (shortest Sq, shortest Skv)} in words, widest head dim first,
     e.g. "Sq >= 256 and Skv >= 512 at D=128, Sq and Skv >= 2048 at D=64 (Sq and Skv >=
-    8192 causal)"."""
+    8192 causal)"; tiles: the head dims are tile head dims (_dims_text)."""
     parts = []
     for d in sorted({d for d, _ in reach}, reverse=True):
         full, causal = reach.get((d, False)), reach.get((d, True))
+        dims = _dims_text(d, tiles)
         if causal is None:
-            parts.append(f"{_lengths_text(full)} at D={d} without causal")
+            parts.append(f"{_lengths_text(full)} at {dims} without causal")
         elif full is None:
-            parts.append(f"{_lengths_text(causal)} at D={d} causal")
+            parts.append(f"{_lengths_text(causal)} at {dims} causal")
         elif full == causal:
-            parts.append(f"{_lengths_text(full)} at D={d}")
+            parts.append(f"{_lengths_text(full)} at {dims}")
         else:
-            parts.append(f"{_lengths_text(full)} at D={d} ({_lengths_text(causal)} causal)")
+            parts.append(f"{_lengths_text(full)} at {dims} ({_lengths_text(causal)} causal)")
     return ", ".join(parts)
 
 

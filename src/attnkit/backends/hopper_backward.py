@@ -52,12 +52,12 @@ backward at 512-4k (NOTES run 62).
 
 Under a causal mask the programs start a group of heads at a time, each head's
 heaviest block first (HEAD_GROUP). The kernels cover what `hopper_forward` covers: an
-sm_90 GPU, fp16 or bf16, D = Dv in (64, 128, 256), a positive scale, causal or not,
-key_lengths, grouped heads, dropout (`dropout_mask`'s mask, each Philox call drawn once,
-where the kernel applies it: `pairs_layout`); no window or mask
-tensor; tensors that TMA can read. `fused_triton` routes each where it was faster
-(`_hopper_backward_fits`). Gluon does not run under TRITON_INTERPRET, so this file is
-tested on a GPU only (tests/test_triton.py).
+sm_90 GPU, fp16 or bf16, D = Dv from 33 to 256 (on tiles of 64, 128 or 256 columns:
+`hopper_forward.head_block`), a positive scale, causal or not, key_lengths, grouped
+heads, dropout (`dropout_mask`'s mask, each Philox call drawn once, where the kernel
+applies it: `pairs_layout`); no window or mask tensor; tensors that TMA can read.
+`fused_triton` routes each where it was faster (`_hopper_backward_fits`). Gluon does not
+run under TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ if hopper_forward.gluon is not None:
         operand_layout,
         row_limit,
         score_layout,
+        tile_columns,
     )
 
     @gluon.jit
@@ -221,10 +222,10 @@ if hopper_forward.gluon is not None:
         memory on every step (16 registers a thread each at D=64; at D=128 they spill)."""
         seed = dropout_mask.seed_value(seed, DROPOUT)
         s_layout: gl.constexpr = score_layout(BLOCK_M)
-        d_layout: gl.constexpr = score_layout(HEAD_D)
+        d_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
         kj = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
-        dk = gl.zeros([64, HEAD_D], gl.float32, d_layout)
-        dv = gl.zeros([64, HEAD_D], gl.float32, d_layout)
+        dk = gl.zeros([64, tile_columns(HEAD_D)], gl.float32, d_layout)
+        dv = gl.zeros([64, tile_columns(HEAD_D)], gl.float32, d_layout)
         mbarrier.wait(kv_bar, 0)
         k_op, v_op = k_smem, v_smem  # S^T's and dP^T's A operands
         if KV_REGS:
@@ -245,18 +246,19 @@ if hopper_forward.gluon is not None:
                                     rows_ring, True, CAUSAL, DROPOUT, STAGES, BLOCK_M, s_layout,
                                     d_layout)
         _store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
-                    (dk * scale).to(k_smem.dtype), d_layout)
+                    (dk * scale).to(k_smem.dtype), HEAD_D, d_layout)
         _store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
-                    dv.to(k_smem.dtype), d_layout)
+                    dv.to(k_smem.dtype), HEAD_D, d_layout)
 
     @gluon.jit
-    def _store_keys(base, stride_n, n0, Skv, x, layout: gl.constexpr):
-        """x (64 keys from n0, D), a warpgroup's dK or dV in its matmul result's layout,
-        into base (a (batch, kv head)'s rows, unit stride along D), rows past Skv left."""
+    def _store_keys(base, stride_n, n0, Skv, x, HEAD_D: gl.constexpr, layout: gl.constexpr):
+        """x (64 keys from n0, tile_columns(HEAD_D)), a warpgroup's dK or dV in its matmul
+        result's layout, into base (a (batch, kv head)'s rows, unit stride along D): its
+        first HEAD_D columns, rows past Skv left."""
         rows = n0 + gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))
         cols = gl.arange(0, x.shape[1], layout=gl.SliceLayout(0, layout))
         gl.store(base + gl.expand_dims(rows, 1) * stride_n + gl.expand_dims(cols, 0), x,
-                 mask=gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < x.shape[1], 0))
+                 mask=gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0))
 
     @gluon.jit
     def _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc, v_desc,
@@ -514,7 +516,7 @@ if hopper_forward.gluon is not None:
          stride_dvh, stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring,
          do_ring, ready, free, rows_ring, p_ring, p_ready, p_free) = shared
         s_layout: gl.constexpr = score_layout(BLOCK_M)
-        d_layout: gl.constexpr = score_layout(HEAD_D)
+        d_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
         if ROLE == 2:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                           v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar,
@@ -522,7 +524,7 @@ if hopper_forward.gluon is not None:
         elif ROLE == 0:
             seed = dropout_mask.seed_value(seed, DROPOUT)
             kj = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
-            dv = gl.zeros([64, HEAD_D], gl.float32, d_layout)
+            dv = gl.zeros([64, tile_columns(HEAD_D)], gl.float32, d_layout)
             mbarrier.wait(kv_bar, 0)
             for t in range(group * n_blocks):
                 m0 = (first_block + t % n_blocks) * BLOCK_M
@@ -538,16 +540,16 @@ if hopper_forward.gluon is not None:
                                        free, rows_ring, p_ring, p_ready, p_free, True, CAUSAL,
                                        DROPOUT, STAGES, BLOCK_M, s_layout, d_layout)
             _store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
-                        dv.to(q_desc.dtype), d_layout)
+                        dv.to(q_desc.dtype), HEAD_D, d_layout)
         else:
-            dk = gl.zeros([64, HEAD_D], gl.float32, d_layout)
+            dk = gl.zeros([64, tile_columns(HEAD_D)], gl.float32, d_layout)
             mbarrier.wait(kv_bar, 0)
             for t in range(group * n_blocks):
                 dk = _wide_dk_step(t, dk, drop_p, box(v_box, 0), q_ring, do_ring, ready, free,
                                    rows_ring, p_ring, p_ready, p_free, DROPOUT, STAGES,
                                    BLOCK_M, s_layout, d_layout)
             _store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
-                        (dk * scale).to(q_desc.dtype), d_layout)
+                        (dk * scale).to(q_desc.dtype), HEAD_D, d_layout)
 
     @gluon.jit(do_not_specialize=["group", "seed"])  # dkdv_kernel says why
     def wide_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, LENGTHS,
@@ -657,7 +659,7 @@ if hopper_forward.gluon is not None:
         dropout = (dropout_mask.seed_value(seed, DROPOUT), bh, row0, Sq, drop_p)
         ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = score_layout(BLOCK_N)
-        d_layout: gl.constexpr = score_layout(HEAD_D)
+        d_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
         ds_layout: gl.constexpr = operand_layout(d_layout)
         rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         qi = row0 + gl.arange(0, ROWS, layout=rows_layout)
@@ -668,15 +670,17 @@ if hopper_forward.gluon is not None:
         # delta = rowsum(O dO), in the layout the dO tile loads into, then stored for dK/dV.
         o_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         o_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
-        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+        cols = gl.arange(0, tile_columns(HEAD_D), layout=gl.SliceLayout(0, o_layout))
         o = gl.load(Out + b * stride_ob + h * stride_oh + gl.expand_dims(o_rows, 1) * stride_om
-                    + gl.expand_dims(cols, 0), mask=gl.expand_dims(o_rows < Sq, 1), other=0.0)
+                    + gl.expand_dims(cols, 0),
+                    mask=gl.expand_dims(o_rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0),
+                    other=0.0)
         do = do_smem.load(o_layout)
         delta = gl.sum(o.to(gl.float32) * do.to(gl.float32), 1)
         gl.store(DELTA + bh.to(gl.int64) * Sq + o_rows, delta, mask=o_rows < Sq)
         delta = gl.convert_layout(delta, rows_layout)
 
-        dq = gl.zeros([ROWS, HEAD_D], gl.float32, d_layout)
+        dq = gl.zeros([ROWS, tile_columns(HEAD_D)], gl.float32, d_layout)
         mbarrier.wait(k_bars.index(0), 0)
         s_tok = warpgroup_mma(q_smem, box(k_smem, 0).permute((1, 0)),
                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
@@ -703,7 +707,7 @@ if hopper_forward.gluon is not None:
                              ds_layout)
 
         d_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, d_layout))
-        d_cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, d_layout))
+        d_cols = gl.arange(0, tile_columns(HEAD_D), layout=gl.SliceLayout(0, d_layout))
         gl.store(DQ + b * stride_dqb + h * stride_dqh + gl.expand_dims(d_rows, 1) * stride_dqm
                  + gl.expand_dims(d_cols, 0), (dq * scale).to(q_smem.dtype),
                  mask=gl.expand_dims(d_rows < Sq, 1) & gl.expand_dims(d_cols < HEAD_D, 0))
@@ -789,15 +793,16 @@ if hopper_forward.gluon is not None:
         ], [4, 1], [232, 24])
 
 
-# The dK/dV kernels' config by head dim, checked and timed on an H200: (BLOCK_M, STAGES,
-# KV_REGS) for dkdv_kernel (NOTES runs 20, 38, 39), (BLOCK_M, STAGES) for
-# wide_dkdv_kernel (D=256). (32, 3) was 0.83-0.96x (64, 2) (run 20, P^T and dS^T through
-# shared memory then); (32, 4) and (64, 3) gave wrong dK/dV before the mask was made per
-# element, and (64, 3) at D=64 still does, without dropout (run 38). KV_REGS at D=64 was
-# 1.01-1.07x without it (run 39); at D=128 K and V do not fit in registers. At D=256
-# (64, 2) takes 214 KB of shared memory; the backward with it ran 1.38-1.54x the Triton
-# one, with (32, 2) 1.19-1.34x; (32, 3) computed wrong dK and dV wherever a step took the
-# index checks, as dkdv_kernel's (64, 3) does at D=64 (NOTES runs 43, 60).
+# The dK/dV kernels' config by tile head dim (hopper_forward.head_block), checked and
+# timed on an H200: (BLOCK_M, STAGES, KV_REGS) for dkdv_kernel (NOTES runs 20, 38, 39),
+# (BLOCK_M, STAGES) for wide_dkdv_kernel (D=256). (32, 3) was 0.83-0.96x (64, 2) (run 20,
+# P^T and dS^T through shared memory then); (32, 4) and (64, 3) gave wrong dK/dV before
+# the mask was made per element, and (64, 3) at D=64 still does, without dropout (run 38).
+# KV_REGS at D=64 was 1.01-1.07x without it (run 39); at D=128 K and V do not fit in
+# registers. At D=256 (64, 2) takes 214 KB of shared memory; the backward with it ran
+# 1.38-1.54x the Triton one, with (32, 2) 1.19-1.34x; (32, 3) computed wrong dK and dV
+# wherever a step took the index checks, as dkdv_kernel's (64, 3) does at D=64 (NOTES runs
+# 43, 60).
 DKDV_CONFIG = {64: (64, 2, 1), 128: (64, 2, 0), 256: (64, 2)}
 # With dropout: at D=128 (64, 2) spills (265 local-memory instructions: the mask on top of
 # S^T, dP^T, dK and dV in registers) and (32, 2) does not (benchmarks/gluon_sass.py
@@ -806,7 +811,7 @@ DKDV_CONFIG = {64: (64, 2, 1), 128: (64, 2, 0), 256: (64, 2)}
 # instructions causal (none without) and ran 1.45-1.72x the Triton dK/dV kernel's backward
 # at 512-4k, dropout 0.1; (32, 2), spill-free, 1.34-1.62x (NOTES run 62).
 DKDV_DROPOUT_CONFIG = {64: (64, 2, 0), 128: (32, 2, 0), 256: (64, 2)}
-# (BLOCK_N, STAGES): the dQ kernel's config by head dim. On an H200 at D=128 (64, 2) was
+# (BLOCK_N, STAGES): the dQ kernel's config by tile head dim. On an H200 at D=128 (64, 2) was
 # 0.78-0.82x (64, 3); 128-key blocks spill and serialize the matmuls (NOTES runs 14, 22).
 # At D=256 64-key blocks spill (379 local-memory instructions: dQ is 128 registers a
 # thread) and 32-key ones do not; the backward ran 1.09-1.15x the Triton dQ kernel's with
@@ -823,17 +828,18 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, key_lengths, causal: bool, sc
     (fused_triton._hopper_backward_fits). seed: dropout's, as the forward took it (an
     int, or an int64 tensor on the call's device); dropout_p > 0 drops. config: (BLOCK_M,
     STAGES[, KV_REGS]) (KV_REGS as _dkdv_consume takes it, 0 if left out), None for the
-    head dim's DKDV_CONFIG (DKDV_DROPOUT_CONFIG's with dropout). Heads wider than 128
-    take wide_dkdv_kernel, config (BLOCK_M, STAGES). head_group: how many (batch, kv
-    head) pairs' programs start together, each one's first key block first. launcher:
-    called as hopper_forward.run_kernel is."""
+    DKDV_CONFIG (DKDV_DROPOUT_CONFIG with dropout) at the tiles' head dim, head_block(D).
+    Tiles wider than 128 take wide_dkdv_kernel, config (BLOCK_M, STAGES). head_group: how
+    many (batch, kv head) pairs' programs start together, each one's first key block
+    first. launcher: called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
+    columns = hopper_forward.head_block(D)  # the configs are by the tiles' head dim
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
     if config is None:
-        config = (DKDV_DROPOUT_CONFIG if dropout_p > 0.0 else DKDV_CONFIG)[D]
-    if D > 128:  # 64 keys a program
+        config = (DKDV_DROPOUT_CONFIG if dropout_p > 0.0 else DKDV_CONFIG)[columns]
+    if columns > 128:  # 64 keys a program
         block_m, stages = config
         kernel, keys, switches = wide_dkdv_kernel, 64, {}
     else:
@@ -858,11 +864,11 @@ def launch_dq(q, k, v, out, dout, lse, delta, dq, key_lengths, causal: bool, sca
     for the dK/dV kernel, from k, v (B, Hkv, Skv, D), out and dout (like q) and lse (B, Hq,
     Sq) float32. out, dq: unit stride along D. The caller has checked that the call is one
     this kernel covers (fused_triton._hopper_backward_fits). seed, dropout_p: as
-    launch_dkdv's. config: (BLOCK_N, STAGES), None for the head dim's DQ_CONFIG.
+    launch_dkdv's. config: (BLOCK_N, STAGES), None for DQ_CONFIG at head_block(D).
     head_group: how many (batch, query head) pairs' programs start together, causal ones'
     last query block first. launcher: called as hopper_forward.run_kernel is."""
     B, Hq, Sq, D = q.shape
-    block_n, stages = DQ_CONFIG[D] if config is None else config
+    block_n, stages = DQ_CONFIG[hopper_forward.head_block(D)] if config is None else config
     lengths = key_lengths if key_lengths is not None else lse
     descriptor = hopper_forward.describe
     launcher(dq_kernel, (-(-Sq // 128), B * Hq), (

@@ -31,8 +31,9 @@ tiles, so that a tile's first Q K^T and last P V would overlap its neighbours' w
 history up to 8b4972a.)
 
 It covers the common case only, and `fused_triton` keeps the rest: an sm_90 GPU, fp16 or
-bf16, D = Dv in (64, 128, 256), a positive scale, causal or not, key_lengths, grouped heads;
-no window, mask tensor or dropout; tensors that TMA can read. Gluon does not run under
+bf16, D = Dv from 33 to 256 (on tiles of 64, 128 or 256 columns: head_block), a positive
+scale, causal or not, key_lengths, grouped heads; no window, mask tensor or dropout;
+tensors that TMA can read. Gluon does not run under
 TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
 """
 
@@ -70,6 +71,15 @@ CHECKED_RELEASES = ((3, 6),)
 LOG2E = 1.4426950408889634
 
 
+def head_block(head_dim: int) -> int:
+    """The columns of the kernels' tiles for a head dim: the power of two at or above it,
+    as their tensors' sizes must be. TMA reads the columns past head_dim as zeros, which
+    add nothing to a product, and the kernels store head_dim columns only; the tiles cost
+    what head_block's head dim costs (D=96 runs as D=128 does, and so does the Triton
+    kernel beside them, fused_triton's BLOCK_D)."""
+    return 1 << max(0, head_dim - 1).bit_length()
+
+
 def available() -> bool:
     """Whether this Triton is a release the kernels were checked under, with Gluon's
     Hopper operations."""
@@ -80,6 +90,8 @@ def available() -> bool:
 
 
 if gluon is not None:
+    # head_block, for the kernels to call at compile time.
+    tile_columns = gluon.constexpr_function(head_block)
 
     @gluon.jit
     def issue(desc, coords, bar, dest):
@@ -310,7 +322,7 @@ if gluon is not None:
                                   CAUSAL)
                 m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
                 l_i = gl.zeros([ROWS], gl.float32, row_layout)
-                o = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
+                o = gl.zeros([ROWS, tile_columns(HEAD_D)], gl.float32, o_layout)
                 p_op = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
                 q_slot = done % Q_BUFFERS
                 q = box(q_smem, q_slot * WARPGROUPS + ROLE)
@@ -352,7 +364,7 @@ if gluon is not None:
 
                 _finish(o, (m_i, l_i, b, h, bh, row0),
                         (Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem), ROLE,
-                        O_TMA, s_layout, o_layout)
+                        HEAD_D, O_TMA, s_layout, o_layout)
                 if OWN_RANGES:
                     # After the stores: the blocks it lets go may still be loading.
                     release(ring, base, total, tile_total, STAGES)
@@ -369,15 +381,15 @@ if gluon is not None:
             tma.store_wait(0)  # before the program ends and its shared memory goes
 
     @gluon.jit
-    def _finish(o, rows_of, dest, ROLE: gl.constexpr, O_TMA: gl.constexpr,
-                s_layout: gl.constexpr, o_layout: gl.constexpr):
-        """Out and lse of a warpgroup's 64 rows, from its accumulator o. rows_of: (running
-        max (log2 units), running sum, batch, query head, batch * query head, first row);
-        dest: (Out, LSE, Sq, Out's strides over batch, head and row, o_desc, o_smem)."""
+    def _finish(o, rows_of, dest, ROLE: gl.constexpr, HEAD_D: gl.constexpr,
+                O_TMA: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """Out and lse of a warpgroup's 64 rows, from its accumulator o (head_block(HEAD_D)
+        columns, HEAD_D of them stored). rows_of: (running max (log2 units), running sum,
+        batch, query head, batch * query head, first row); dest: (Out, LSE, Sq, Out's
+        strides over batch, head and row, o_desc, o_smem)."""
         m_i, l_i, b, h, bh, row0 = rows_of
         Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem = dest
         ROWS: gl.constexpr = o.shape[0]
-        HEAD_D: gl.constexpr = o.shape[1]
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
         qi = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
         # A row that saw no key: l = 0, out = 0, lse = -inf.
@@ -387,19 +399,19 @@ if gluon is not None:
         l_o = gl.convert_layout(gl.where(dead, 1.0, l_i), o_rows)
         out = o / gl.expand_dims(l_o, 1)
         if O_TMA:
-            # Through shared memory and one TMA store (rows past Sq clipped by the
-            # descriptor), so that the warpgroup goes on to its next tile while the
+            # Through shared memory and one TMA store (rows past Sq and columns past HEAD_D
+            # clipped by the descriptor), so that the warpgroup goes on to its next tile while the
             # store runs; the buffer's previous store has to have read it first.
             o_buf = o_smem.index(ROLE)
             tma.store_wait(0)
             gl.thread_barrier()
-            o_buf.reshape([ROWS, HEAD_D]).store(out.to(o_smem.dtype))
+            o_buf.reshape([ROWS, o.shape[1]]).store(out.to(o_smem.dtype))
             fence_async_shared()
             gl.thread_barrier()
             tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], o_buf)
         else:
             rows = row0 + gl.arange(0, ROWS, layout=o_rows)
-            cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+            cols = gl.arange(0, o.shape[1], layout=gl.SliceLayout(0, o_layout))
             o_ptrs = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
                       + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0))
             gl.store(o_ptrs, out.to(o_smem.dtype),
@@ -569,7 +581,7 @@ if gluon is not None:
          tile_smem, ring, o_desc, o_smem) = shared
         # A warpgroup's scores, its accumulator and its P operand, in registers.
         s_layout: gl.constexpr = score_layout(BLOCK_N)
-        o_layout: gl.constexpr = score_layout(HEAD_D)
+        o_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
         p_layout: gl.constexpr = operand_layout(o_layout)
         if ROLE < WARPGROUPS:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
@@ -666,10 +678,12 @@ _SHARED_BYTES = 227 * 1024  # an sm_90 program's most
 
 
 @functools.cache
-def _box_layout(rows: int, head_dim: int, dtype: torch.dtype):
-    """The shared-memory layout of a (1, 1, rows, head_dim) TMA box."""
+def _box(rows: int, head_dim: int, dtype: torch.dtype) -> tuple[tuple[int, ...], object]:
+    """The shape of the TMA box of rows rows of a head dim, (1, 1, rows,
+    head_block(head_dim)), and its shared-memory layout."""
     element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
-    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], element)
+    shape = (1, 1, rows, head_block(head_dim))
+    return shape, gl.NVMMASharedLayout.get_default_for(list(shape), element)
 
 
 def describable(t: torch.Tensor) -> bool:
@@ -682,9 +696,10 @@ def describable(t: torch.Tensor) -> bool:
 
 
 def describe(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A TMA descriptor of t (B, H, S, D) read in boxes of (1, 1, rows, D), rows a power
-    of two. A dimension of size 1 is only ever read at index 0, so its stride, which torch
-    leaves free (0, say), becomes one the encoder accepts.
+    """A TMA descriptor of t (B, H, S, D) read in boxes of (1, 1, rows, head_block(D)),
+    rows a power of two; a box's columns past D read as zeros. A dimension of size 1 is
+    only ever read at index 0, so its stride, which torch leaves free (0, say), becomes
+    one the encoder accepts.
 
     Built without TensorDescriptor's own checks, which cost ~4 us of host time each (on
     the CPU machine) and a launch takes four: what they check (16-byte base and strides,
@@ -702,8 +717,8 @@ def describe(t: torch.Tensor, rows: int) -> TensorDescriptor:
     desc.base = t
     desc.shape = shape
     desc.strides = strides
-    desc.block_shape = [1, 1, rows, D]
-    desc.layout = _box_layout(rows, D, t.dtype)
+    block_shape, desc.layout = _box(rows, D, t.dtype)
+    desc.block_shape = list(block_shape)
     desc.padding = "zero"
     return desc
 
@@ -730,8 +745,9 @@ def q_buffer_count(config: tuple[int, ...], head_dim: int, element_size: int) ->
     beside the K/V ring, so that the next tile's Q loads while this one's last blocks
     run, else one; ValueError where not even one fits."""
     block_n, stages, warpgroups, o_tma, _ = Config(*config)
-    q_bytes = warpgroups * 64 * head_dim * element_size  # as many for out's boxes (O_TMA)
-    fixed = 2 * stages * block_n * head_dim * element_size + (q_bytes if o_tma else 0)
+    columns = head_block(head_dim)  # a box's
+    q_bytes = warpgroups * 64 * columns * element_size  # as many for out's boxes (O_TMA)
+    fixed = 2 * stages * block_n * columns * element_size + (q_bytes if o_tma else 0)
     room = _SHARED_BYTES - 1024  # the barriers, tile numbers and atomic's scratch
     if fixed + q_bytes > room:
         raise ValueError(f"config {config} does not fit in shared memory at D={head_dim}")

@@ -54,7 +54,8 @@ def with_dropout(device: str, heads: tuple[int, int] = (3, 3), seq: tuple[int, i
 # The Gluon kernels for Hopper (hopper_forward, hopper_backward), all three forced on for
 # every call that they cover (their routes start at 256-1536 queries or keys): D=64 and
 # 128, causal or not, key lengths with a zero one, grouped heads, lengths that end
-# mid-block; and D=256 (wide_dkdv_kernel for dK/dV). With dropout, main() runs its own calls.
+# mid-block; D=256 (wide_dkdv_kernel for dK/dV); and head dims on a wider power of two's
+# tiles (48, 96, 192: TMA boxes wider than the rows). With dropout, main() runs its own calls.
 GLUON_CASES = [
     replace(BASE, seq_q=300, seq_kv=700, head_dim=128, key_lengths=True, dead_rows=True),
     replace(BASE, seq_q=1000, seq_kv=1000, head_dim=128, causal=True),
@@ -62,6 +63,9 @@ GLUON_CASES = [
     replace(BASE, seq_q=17, seq_kv=1000, head_dim=64, heads_kv=1),
     replace(BASE, seq_q=300, seq_kv=1000, head_dim=256, causal=True, key_lengths=True,
             dead_rows=True),
+    replace(BASE, seq_q=300, seq_kv=700, head_dim=96, key_lengths=True, dead_rows=True),
+    replace(BASE, seq_q=1000, seq_kv=300, head_dim=192, causal=True, heads_kv=1),
+    replace(BASE, seq_q=17, seq_kv=1000, head_dim=48),
 ]
 
 
@@ -157,12 +161,13 @@ def main(gluon_only: bool = False) -> int:
         print(f"Gluon launches: {counts}", flush=True)
         # each of the three kernels three times a case
         failed += any(count != 3 * len(GLUON_CASES) for count in counts.values())
-        # with dropout: grouped heads, a batch that sees no key, lengths mid-block; and
-        # D=256 (wide_dkdv_kernel)
+        # with dropout: grouped heads, a batch that sees no key, lengths mid-block; D=256
+        # (wide_dkdv_kernel); D=96 on 128 columns
         launched.clear()
         dropout_calls = [((4, 2), (300, 700), 128, True, [700, 0]),
                          ((4, 4), (1000, 1000), 64, False),
-                         ((4, 2), (300, 700), 256, True, [700, 0])]
+                         ((4, 2), (300, 700), 256, True, [700, 0]),
+                         ((4, 2), (300, 700), 96, False, [700, 3])]
         for call in dropout_calls:
             with_dropout(device, *call)
         counts = launch_counts(launched, ("launch_dq", "launch_dkdv"))

@@ -1770,14 +1770,20 @@ def test_auto_tries_triton_first_where_it_led(monkeypatch, kwargs, grad, leads):
     ({"d": 256, "causal": True}, True),  # 4k: 1.09x
     ({"d": 256, "causal": True, "sq": 2048, "skv": 2048}, True),  # 2k: 1.09x
     ({"d": 256, "causal": True, "sq": 1024, "skv": 1024}, False),  # 1k: 0.92x
-    ({"d": 256, "dropout_p": 0.1}, False),  # no Gluon forward
+    # with dropout the Triton forward, then the Gluon backward: 1.22-1.41x SDPA's from 1k
+    ({"d": 256, "dropout_p": 0.1}, True),
+    ({"d": 256, "dropout_p": 0.1, "causal": True, "sq": 1024, "skv": 1024}, True),
+    ({"d": 256, "dropout_p": 0.1, "sq": 1023, "skv": 4096}, False),
+    ({"d": 192, "dropout_p": 0.1, "causal": True}, False),  # 0.99x
+    ({"d": 128, "dropout_p": 0.1}, False),  # 0.86-0.91x
     ({"d": 256, "window": (64, 0)}, False),
     ({"sq": 16384, "skv": 16384}, False),  # D=128: cuDNN's backward is faster
     ({"d": 64, "sq": 16384, "skv": 16384}, False),
 ])
 def test_auto_tries_triton_first_with_gradients_at_wide_heads(monkeypatch, kwargs, leads):
     """With gradients to compute, auto leads with triton at D=256 where the Gluon forward
-    and backward kernels run the call, from 1k (2k causal), and nowhere else."""
+    and backward kernels run the call, from 1k (2k causal), with dropout where the Gluon
+    backward kernels do, from 1k, and nowhere else."""
     from attnkit import functional
     from attnkit.backends import fused_triton as ft
 
@@ -2317,7 +2323,8 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "runs triton first for those calls where it was faster than cuDNN: when nothing " \
         "needs a gradient, Sq and Skv >= 8192 at D=128 causal, Sq and Skv >= 2048 at D=64 " \
         "(Sq and Skv >= 8192 causal); with gradients, Sq and Skv >= 1024 at D=256 (Sq and " \
-        "Skv >= 2048 causal)" in ft.BACKEND.details(cuda)
+        "Skv >= 2048 causal); with gradients and dropout (this file's forward, the Gluon dQ " \
+        "and dK/dV kernels), Sq and Skv >= 1024 at D=256" in ft.BACKEND.details(cuda)
     assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too, with Sq " \
         "and Skv >= 256 at D=129-256, Sq >= 256 and Skv >= 512 at D=65-128 (Sq >= 256 and " \
         "Skv >= 1024 causal), Sq and Skv >= 1024 at D=33-64" in ft.BACKEND.details(cuda)

@@ -1815,7 +1815,9 @@ def _details(device: torch.device) -> str | None:
              f"and no mask tensor, window or dropout; "
              f"impl='auto' runs triton first for those calls where it was faster than "
              f"cuDNN: when nothing needs a gradient, {_reach_text(_LEADS_REACH)}; with "
-             f"gradients, {_reach_text(_LEADS_WITH_GRADS_REACH)}")
+             f"gradients, {_reach_text(_LEADS_WITH_GRADS_REACH)}; with gradients and "
+             f"dropout (this file's forward, the Gluon dQ and dK/dV kernels), "
+             f"{_reach_text(_LEADS_WITH_DROPOUT_REACH)}")
     text = f"Gluon forward for Hopper: {state}"
     for kernel, switch, reach in (("dQ", _HOPPER_DQ, _HOPPER_DQ_REACH),
                                   ("dK/dV", _HOPPER_DKDV, _HOPPER_DKDV_REACH)):
@@ -1911,19 +1913,33 @@ _BLOCK_WITH_GRADS_SIZE = 2**34
 _LEADS_WITH_GRADS_REACH: dict[tuple[int, bool], Reach] = {(256, False): (1024, 1024),
                                                           (256, True): (2048, 2048)}
 
+# With gradients and dropout, where the Gluon dQ and dK/dV kernels run the call (after
+# this file's forward: the Gluon forward does not drop), from these lengths per (head
+# dim, causal). Forward+backward through autograd, host time included, dropout 0.1,
+# against SDPA (cuDNN there), H200, bf16, two runs of benchmarks/dropout_step.py (run 63,
+# dropout_step_h200_run63.json): D=256 1.32-1.33x at 1k, 1.41x at 4k, causal 1.16-1.22x
+# at 1k, 1.29-1.30x at 2k, 1.34x at 4k; D=192 causal 4k 0.98-0.99x, D=128 0.86-0.91x.
+_LEADS_WITH_DROPOUT_REACH: dict[tuple[int, bool], Reach] = {(256, False): (1024, 1024),
+                                                            (256, True): (1024, 1024)}
+
 
 def _leads(call: AttentionCall) -> bool:
     """Whether impl="auto" should try this backend before SDPA: a block of queries against
     a cache (_leads_a_block), with gradients to compute only from _BLOCK_WITH_GRADS_SIZE
     up; or a call that the Gluon forward runs, with the Sq and Skv for its head dim and
     causality of _LEADS_WITH_GRADS_REACH where it has gradients to compute, else of
-    _LEADS_REACH."""
+    _LEADS_REACH; or with gradients and dropout, a call of _LEADS_WITH_DROPOUT_REACH's
+    lengths whose backward both Gluon kernels run (its dout taken to be laid out as q)."""
     key = (call.head_dim, call.causal)
     if call.needs_grad:
         size = call.batch * call.heads_q * call.seq_q * call.seq_kv * call.head_dim
-        return ((size >= _BLOCK_WITH_GRADS_SIZE and _leads_a_block(call))
-                or (_reaches(call, _LEADS_WITH_GRADS_REACH.get(key)) and _HOPPER_DQ
-                    and _HOPPER_DKDV and _uses_hopper_forward(call)))
+        if size >= _BLOCK_WITH_GRADS_SIZE and _leads_a_block(call):
+            return True
+        if call.dropout_p > 0.0:
+            return (_reaches(call, _LEADS_WITH_DROPOUT_REACH.get(key))
+                    and _uses_hopper_backward(call, call.q, call.q) == (True, True))
+        return (_reaches(call, _LEADS_WITH_GRADS_REACH.get(key)) and _HOPPER_DQ
+                and _HOPPER_DKDV and _uses_hopper_forward(call))
     # The cheap checks first: auto asks this of every call, short ones (decoding) above all.
     return (_leads_a_block(call) or _leads_a_wide_step(call)
             or (_reaches(call, _LEADS_REACH.get(key)) and _uses_hopper_forward(call)))

@@ -6,13 +6,13 @@
 
 The test suite checks chosen shapes; this draws them, so that combinations nobody wrote
 down get checked too: lengths around the routes' thresholds (255-257, 511-512, 1280,
-1536-1537, 2048-2049, 4096), head dims 32-256 with a v head dim that differs now and
-then, grouped heads, now and then on a GPU a batch whose (batch, head) rows pass a
-CUDA grid's 65535, key lengths (0, 1, all, random), padding masks (bool, additive, and at
-the dtype's lowest value as Hugging Face makes them), general masks broadcast over the
-batch, the heads, both or neither, windows, explicit and negative scales, q, k, v as
-(B, H, S, D) tensors, transposed (B, S, H, D) ones or views into one fused QKV
-projection, and gradients laid out either way. On the CPU (`--device
+1536-1537, 2048-2049, 4096), head dims 32-256 (powers of two and between) with a v head
+dim that differs now and then, grouped heads, now and then on a GPU a batch whose (batch,
+head) rows pass a CUDA grid's 65535, key lengths (0, 1, all, random), padding masks
+(bool, additive, and at the dtype's lowest value as Hugging Face makes them), general
+masks broadcast over the batch, the heads, both or neither, windows, explicit and
+negative scales, q, k, v as (B, H, S, D) tensors, transposed (B, S, H, D) ones or views
+into one fused QKV projection, and gradients laid out either way. On the CPU (`--device
 cpu`; `triton` then needs TRITON_INTERPRET=1) the lengths are small and the dtype float16
 unless --dtypes says otherwise.
 
@@ -104,7 +104,8 @@ def draw(rng: random.Random, device: str, dtypes: list[str] | None = None) -> di
     gpu = device == "cuda"
     dtypes = dtypes or (["bfloat16", "float16"] if gpu else ["float16"])
     lengths = GPU_LENGTHS if gpu else CPU_LENGTHS
-    d = rng.choice([64, 64, 128, 128, 128, 32, 80, 96, 256] if gpu else [16, 24, 80])
+    # 48, 80, 96 and 192 run the Gluon kernels on a wider power of two's tiles
+    d = rng.choice([64, 64, 128, 128, 128, 32, 48, 80, 96, 192, 256] if gpu else [16, 24, 80])
     dv = d if rng.random() < 0.9 else rng.choice([64, 128] if gpu else [16, 32])
     hkv, group, b = rng.choice([1, 2, 4]), rng.choice(GROUPS[gpu]), rng.choice([1, 2, 3])
     if gpu and rng.random() < BIG_BATCH_SHARE:
@@ -366,7 +367,7 @@ def draw_module(rng: random.Random, device: str, dtypes: list[str] | None = None
     gpu = device == "cuda"
     dtypes = dtypes or (["bfloat16", "float16"] if gpu else ["float16"])
     lengths = GPU_LENGTHS if gpu else CPU_LENGTHS
-    d = rng.choice([64, 64, 128, 32, 80, 96] if gpu else [16, 24, 32])
+    d = rng.choice([64, 64, 128, 32, 80, 96, 192] if gpu else [16, 24, 32])
     hkv, group, b = rng.choice([1, 2, 4]), rng.choice(GROUPS[gpu]), rng.choice([1, 2, 3])
     seq = rng.choice(lengths)
     while b * hkv * group * seq * seq > MAX_SCORES:

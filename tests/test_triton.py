@@ -2205,18 +2205,21 @@ def test_gluon_backward_kernels_have_a_config_for_every_head_dim_they_reach():
     assert {d for d, _ in ft._HOPPER_DQ_REACH} <= set(hb.DQ_CONFIG)
 
 
-def test_wide_dkdv_launch_gives_each_program_64_keys():
+@pytest.mark.parametrize("head_dim", [256, 192])
+def test_wide_dkdv_launch_gives_each_program_64_keys(head_dim):
     """launch_dkdv at D=256 launches wide_dkdv_kernel, one program per 64 keys and (batch,
     kv head), K and V in boxes of 64 rows, Q and dO in BLOCK_M's (DKDV_CONFIG's, or with
-    dropout DKDV_DROPOUT_CONFIG's), with dropout's seed and probability and its switch."""
+    dropout DKDV_DROPOUT_CONFIG's), with dropout's seed and probability and its switch;
+    and so does D=192, in boxes as wide (256 columns, head_block), its own D the kernel's
+    HEAD_D."""
     from attnkit.backends import hopper_backward as hb
     from attnkit.backends import hopper_forward as hf
 
     if hf.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper operations")
     launches = []
-    q = torch.randn(2, 4, 300, 256, dtype=torch.bfloat16)
-    k, v = (torch.randn(2, 2, 1000, 256, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(2, 4, 300, head_dim, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 1000, head_dim, dtype=torch.bfloat16) for _ in range(2))
     lse = torch.randn(2, 4, 300)
     seed = torch.tensor(7)
     for dropout_p, config in ((0.0, hb.DKDV_CONFIG[256]), (0.25, hb.DKDV_DROPOUT_CONFIG[256])):
@@ -2224,6 +2227,8 @@ def test_wide_dkdv_launch_gives_each_program_64_keys():
                        launcher=lambda *launch: launches.append(launch))
         kernel, grid, args, constexprs, _ = launches[-1]
         assert kernel is hb.wide_dkdv_kernel and grid == (16, 4)
+        assert constexprs["HEAD_D"] == head_dim
+        assert [desc.shape[3] for desc in args[:4]] == [head_dim] * 4
         block_m, stages = config
         assert [desc.block_shape for desc in args[:4]] == [
             [1, 1, block_m, 256], [1, 1, 64, 256], [1, 1, 64, 256], [1, 1, block_m, 256]]
@@ -2236,7 +2241,8 @@ def test_wide_dkdv_launch_gives_each_program_64_keys():
 @pytest.mark.parametrize("kernel, head_dim, causal", [
     *((kernel, d, causal) for kernel in ("forward", "dkdv", "dq")
       for d, causal in ((64, False), (64, True), (128, True))),
-    ("forward", 256, True), ("dkdv", 256, True)])  # dkdv: wide_dkdv_kernel
+    ("forward", 256, True), ("dkdv", 256, True),  # dkdv: wide_dkdv_kernel
+    ("forward", 96, True), ("dq", 80, False), ("dkdv", 192, True)])  # wider tiles
 def test_gluon_sass_gives_every_kernel_parameter_its_kind(monkeypatch, kernel, head_dim,
                                                          causal):
     """benchmarks/gluon_sass.py builds the Gluon kernels' signatures from what the launch

@@ -699,7 +699,7 @@ def describe(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """A TMA descriptor of t (B, H, S, D) read in boxes of (1, 1, rows, head_block(D)),
     rows a power of two; a box's columns past D read as zeros. A dimension of size 1 is
     only ever read at index 0, so its stride, which torch leaves free (0, say), becomes
-    one the encoder accepts (head_block(D)).
+    one the encoder accepts.
 
     Built without TensorDescriptor's own checks, which cost ~4 us of host time each (on
     the CPU machine) and a launch takes four: what they check (16-byte base and strides,
@@ -711,10 +711,7 @@ def describe(t: torch.Tensor, rows: int) -> TensorDescriptor:
     D = shape[3]
     strides = list(t.stride())
     if 1 in shape:  # the test first: the rewrite costs ~1.2 us, most calls need none
-        # head_block(D) elements are a multiple of 16 bytes, as every stride must be; D
-        # itself is not always (44)
-        free = head_block(D)
-        strides = [stride if size > 1 else free
+        strides = [stride if size > 1 else D
                    for size, stride in zip(shape, strides, strict=True)]
     desc = object.__new__(TensorDescriptor)
     desc.base = t

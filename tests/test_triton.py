@@ -1590,13 +1590,14 @@ def test_large_shapes_on_gpu(causal, head_dim):
         assert result.skipped is None and result.passed, (decode.name, result)
 
 
-def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, **kwargs):
+def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, rows=None, **kwargs):
     """A call of 2 query heads (sq rows) against skv keys on the CPU, for rules that look at
-    sizes and layouts only."""
+    sizes and layouts only; rows: q, k, v as the first d columns of rows this long."""
     from attnkit.call import make_call
 
-    q = torch.randn(1, 2, sq, d, dtype=dtype)
-    k, v = (torch.randn(1, hkv, skv, d, dtype=dtype) for _ in range(2))
+    width = rows or d
+    q = torch.randn(1, 2, sq, width, dtype=dtype)[..., :d]
+    k, v = (torch.randn(1, hkv, skv, width, dtype=dtype)[..., :d] for _ in range(2))
     return make_call(q, k, v, **kwargs)
 
 
@@ -1604,6 +1605,8 @@ def _long_call(dtype=torch.bfloat16, hkv=2, sq=4096, skv=4096, d=128, **kwargs):
 _NOT_GLUON = [
     ({"d": 32}, False),  # tiles of 32 columns: none measured
     ({"d": 36}, False),  # rows of 72 bytes: not TMA's 16-byte multiple
+    # q, k, v in rows of 48 that TMA reads, but out's heads (B, S, H, D) are 88 bytes
+    ({"d": 44, "rows": 48}, False),
     ({"dtype": torch.float32}, False),
     ({"attn_mask": torch.zeros(1, 1, 1, 4096, dtype=torch.bfloat16)}, False),
     ({"window": (256, 0)}, False),
@@ -2320,10 +2323,11 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "off: Triton" in ft.BACKEND.details(cuda) and "(3.6)" in ft.BACKEND.details(cuda)
     monkeypatch.setattr(hf, "available", lambda: True)
     assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
-    assert "with D = Dv from 33 to 256 (rows that TMA reads: 16-byte aligned), on tiles " \
-        "of 64, 128 or 256 columns (the narrowest that holds D), and Sq and Skv >= 256 at " \
-        "D=129-256, Sq >= 256 and Skv >= 512 at D=65-128, Sq and Skv >= 1536 at D=33-64 " \
-        "(Sq and Skv >= 1280 causal); Sq and Skv >= 512 at D=33-64 where every row sees " \
+    assert "with D = Dv a multiple of 8 from 40 to 256 (rows that TMA reads: 16-byte " \
+        "aligned), on tiles of 64, 128 or 256 columns (the narrowest that holds D), and " \
+        "Sq and Skv >= 256 at " \
+        "D=136-256, Sq >= 256 and Skv >= 512 at D=72-128, Sq and Skv >= 1536 at D=40-64 " \
+        "(Sq and Skv >= 1280 causal); Sq and Skv >= 512 at D=40-64 where every row sees " \
         "every key (no causal mask or key lengths, Skv a multiple of 128), and no mask" \
         in ft.BACKEND.details(cuda)
     assert "runs triton first for those calls where it was faster than cuDNN: when nothing " \
@@ -2332,10 +2336,10 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
         "Skv >= 2048 causal); with gradients and dropout (this file's forward, the Gluon dQ " \
         "and dK/dV kernels), Sq and Skv >= 1024 at D=256" in ft.BACKEND.details(cuda)
     assert "dK/dV kernel for Hopper: on for calls of the same kinds, dropout too, with Sq " \
-        "and Skv >= 256 at D=129-256, Sq >= 256 and Skv >= 512 at D=65-128 (Sq >= 256 and " \
-        "Skv >= 1024 causal), Sq and Skv >= 1024 at D=33-64" in ft.BACKEND.details(cuda)
+        "and Skv >= 256 at D=136-256, Sq >= 256 and Skv >= 512 at D=72-128 (Sq >= 256 and " \
+        "Skv >= 1024 causal), Sq and Skv >= 1024 at D=40-64" in ft.BACKEND.details(cuda)
     assert "dQ kernel for Hopper: on for calls of the same kinds, dropout too, with Sq and " \
-        "Skv >= 256 at D=129-256, Sq >= 256 and Skv >= 512 at D=65-128 (Sq >= 256 and Skv " \
+        "Skv >= 256 at D=136-256, Sq >= 256 and Skv >= 512 at D=72-128 (Sq >= 256 and Skv " \
         ">= 1024 causal)." in ft.BACKEND.details(cuda)
     assert ft.BACKEND.details(cuda).endswith(f". {ft._BLOCK_LEAD}")
     monkeypatch.setattr(ft, "_HOPPER_DKDV", False)
@@ -3015,7 +3019,7 @@ def test_attention_takes_the_hopper_forward_on_gpu(dtype, head_dim, causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [48, 80, 96, 192])
+@pytest.mark.parametrize("head_dim", [40, 48, 80, 96, 160, 192])
 def test_head_dims_between_powers_of_two_on_gpu(monkeypatch, head_dim):
     """A head dim that is not a power of two runs the Gluon forward, dQ and dK/dV kernels
     on the next power of two's tiles, TMA reading the columns past D as zeros and the

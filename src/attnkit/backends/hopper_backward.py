@@ -50,9 +50,9 @@ warpgroup draws the mask and hands P^T over with the dropped scores negated, so 
 dK warpgroup reads the mask from their sign: 1.45-1.72x with the Triton dK/dV kernel's
 backward at 512-4k (NOTES run 62).
 
-Under a causal mask the programs start a group of heads at a time, each head's
-heaviest block first (HEAD_GROUP). The kernels cover what `hopper_forward` covers: an
-sm_90 GPU, fp16 or bf16, D = Dv from 33 to 256 (on tiles of 64, 128 or 256 columns:
+Under a causal mask the programs start a group of heads at a time, each head's heaviest
+block first (HEAD_GROUP). The kernels cover what `hopper_forward` covers: an sm_90 GPU,
+fp16 or bf16, D = Dv a multiple of 8 from 40 to 256 (on tiles of 64, 128 or 256 columns:
 `hopper_forward.head_block`), a positive scale, causal or not, key_lengths, grouped
 heads, dropout (`dropout_mask`'s mask, each Philox call drawn once, where the kernel
 applies it: `pairs_layout`); no window or mask tensor; tensors that TMA can read.

@@ -31,10 +31,10 @@ tiles, so that a tile's first Q K^T and last P V would overlap its neighbours' w
 history up to 8b4972a.)
 
 It covers the common case only, and `fused_triton` keeps the rest: an sm_90 GPU, fp16 or
-bf16, D = Dv from 33 to 256 (on tiles of 64, 128 or 256 columns: head_block), a positive
-scale, causal or not, key_lengths, grouped heads; no window, mask tensor or dropout;
-tensors that TMA can read. Gluon does not run under
-TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
+bf16, D = Dv a multiple of 8 from 40 to 256 (on tiles of 64, 128 or 256 columns:
+head_block), a positive scale, causal or not, key_lengths, grouped heads; no window, mask
+tensor or dropout; tensors that TMA can read. Gluon does not run under TRITON_INTERPRET,
+so this file is tested on a GPU only (tests/test_triton.py).
 """
 
 from __future__ import annotations

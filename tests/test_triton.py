@@ -2325,8 +2325,8 @@ def test_info_says_whether_the_hopper_forward_runs(monkeypatch):
     assert "Gluon forward for Hopper: on for bfloat16/float16" in ft.BACKEND.details(cuda)
     assert "with D = Dv a multiple of 8 from 40 to 256 (rows that TMA reads: 16-byte " \
         "aligned), on tiles of 64, 128 or 256 columns (the narrowest that holds D), and " \
-        "Sq and Skv >= 256 at " \
-        "D=136-256, Sq >= 256 and Skv >= 512 at D=72-128, Sq and Skv >= 1536 at D=40-64 " \
+        "Sq and Skv >= 256 at D=136-256, Sq >= 256 and Skv >= 512 at D=72-128, Sq and " \
+        "Skv >= 1536 at D=40-64 " \
         "(Sq and Skv >= 1280 causal); Sq and Skv >= 512 at D=40-64 where every row sees " \
         "every key (no causal mask or key lengths, Skv a multiple of 128), and no mask" \
         in ft.BACKEND.details(cuda)
@@ -3025,7 +3025,7 @@ def test_head_dims_between_powers_of_two_on_gpu(monkeypatch, head_dim):
     on the next power of two's tiles, TMA reading the columns past D as zeros and the
     stores leaving them: q, k, v as views into a fused QKV projection (each row's next
     columns another head's), grouped heads, causal with key lengths, forward and backward
-    against the oracle. At D=48 the dQ kernel is routed by hand (D=64's is this file's)."""
+    against the oracle. Below 64 the dQ kernel is routed by hand (D=64's is this file's)."""
     from attnkit.backends import fused_triton as ft
     from attnkit.call import make_call
 

@@ -1116,6 +1116,46 @@ def test_random_calls_through_torch_compile(monkeypatch, tmp_path):
     assert all("skipped" not in call["results"]["naive"] for call in written["calls"])
 
 
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_random_calls_rounded_delta_gradients_are_the_fused_backwards(monkeypatch, return_lse):
+    """random_calls.rounded_delta_grads: the float64 gradients with delta = rowsum(dO * O)
+    from O rounded to the inputs' dtype, as dS = P (dP - delta) gives them by hand, rows
+    that see no key included (key lengths 0); not the exact ones; and the row check takes
+    the nearer reference (a key one query sees carries that rounding, run 63)."""
+    random_calls = benchmark_script("random_calls", monkeypatch)
+    case = {"batch": 2, "heads_q": 2, "heads_kv": 1, "seq_q": 3, "seq_kv": 9, "head_dim": 8,
+            "head_dim_v": 8, "causal": False, "dtype": "bfloat16", "layout": "bhsd",
+            "grad_layout": "bhsd", "return_lse": return_lse, "key_lengths": [0, 6]}
+    inputs = random_calls.make_inputs(case, "cpu", torch.Generator().manual_seed(3))
+    leaves, kwargs, grad, views = inputs
+    got = random_calls.rounded_delta_grads(inputs)
+
+    q, k, v = (t.detach().double() for t in views(*leaves))
+    k, v = (t.repeat_interleave(2, dim=1) for t in (k, v))  # the kv group's two heads
+    scale = 8 ** -0.5
+    s = (q @ k.transpose(-1, -2)) * scale
+    s[0] = float("-inf")  # batch 0 sees no key
+    s[1, :, :, 6:] = float("-inf")
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    out, dout = p @ v, grad.double()
+
+    def by_hand(o_for_delta):
+        delta = (dout * o_for_delta).sum(-1, keepdim=True)
+        if return_lse:  # the lse gradient (answers' draw) enters dS as -dlse per row
+            delta = delta - torch.where(p.sum(-1, keepdim=True) > 0, grad[..., :1].double(), 0.0)
+        ds = p * (dout @ v.transpose(-1, -2) - delta)
+        return (ds @ k * scale, (ds.transpose(-1, -2) @ q * scale).unflatten(1, (1, 2)).sum(2),
+                (p.transpose(-1, -2) @ dout).unflatten(1, (1, 2)).sum(2))
+
+    for name, g, w in zip("qkv", got, by_hand(out.bfloat16().double()), strict=True):
+        assert torch.allclose(g, w, atol=1e-12), name
+    assert not torch.allclose(got[1], by_hand(out)[1], atol=1e-9)  # not the exact dk
+    exact = random_calls.answers("reference", inputs)
+    # the row check: the nearer of the two references
+    errors = random_calls.compare("naive", (exact[0], got), exact, "cpu", got)["errors"]
+    assert all(errors[f"grad {i} rows"] == 0.0 for i in range(3))
+
+
 def test_random_calls_under_autocast(monkeypatch, tmp_path):
     """random_calls.py --autocast: float32 q, k, v under autocast to the drawn dtype, the
     answers checked as without. Before run 51 chunked failed every call this way (its

@@ -13,10 +13,11 @@ stores its rows' delta = rowsum(dO * O); then one program per (key block, batch 
 head) accumulates dK, dV over the query blocks of every query head of its group
 (deterministic, no atomics). On Hopper and newer, the forward can load its K/V tiles
 through TMA descriptors, where their layout allows and the autotuner finds it faster
-(long sequences). On Hopper, long calls with 64-, 128- or 256-wide heads take a forward
-written in Gluon instead (`hopper_forward`: the softmax overlaps the matmuls;
-`_uses_hopper_forward` says which calls), and backward kernels written in Gluon
-(`hopper_backward`, the same layout: `_uses_hopper_backward`).
+(long sequences). On Hopper, long calls with heads of 40 to 256 (multiples of 8, on tiles
+of 64, 128 or 256 columns: `_tile_head_dim`) take a forward written in Gluon instead
+(`hopper_forward`: the softmax overlaps the matmuls; `_uses_hopper_forward` says which
+calls), and backward kernels written in Gluon (`hopper_backward`, the same layout:
+`_uses_hopper_backward`).
 
 Visibility is `attnkit.masks` re-stated in index arithmetic: query i (position
 i + off, off = Skv - Sq) sees key j when j < kv_len, and i + off - left <= j <= i + off
@@ -2436,8 +2437,8 @@ def run(call: AttentionCall) -> Result:
 BACKEND = Backend(
     name="triton",
     summary="fused Triton kernels (FlashAttention-2 style forward and backward; on "
-            "Hopper, Gluon kernels for long sequences: the forward with 64-, 128- or "
-            "256-wide heads, dK/dV at 64, 128 and 256, dQ at 128 and 256)",
+            "Hopper, Gluon kernels for long sequences on tiles of 64, 128 or 256 columns "
+            "(head dims 40-256, multiples of 8): the forward, dK/dV, and dQ from 72)",
     available=available,
     supports=supports,
     run=run,

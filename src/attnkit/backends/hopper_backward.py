@@ -382,8 +382,8 @@ if hopper_forward.gluon is not None:
                     DROPOUT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                     HEAD_GROUP: gl.constexpr, KV_REGS: gl.constexpr):
         """One program per (128 keys, batch * kv head); 4 warps + 4 + 1 (WS). The four
-        descriptors: (B, H, S, D) read in boxes of (1, 1, 128, D) (K, V) and (1, 1,
-        BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), seed an int or a pointer
+        descriptors (hopper_forward.describe): K and V read in boxes of 128 rows, Q and dO
+        of BLOCK_M. seed, drop_p: dropout's (DROPOUT), seed an int or a pointer
         to one."""
         b, kvh, n0, off, kv_len, first_block, n_blocks = _dkdv_program(
             LENGTHS, Hkv, Sq, Skv, 128, BLOCK_M, CAUSAL, HAS_LENGTHS, HEAD_GROUP)
@@ -563,8 +563,8 @@ if hopper_forward.gluon is not None:
         64 keys there (2 x 128 registers a thread at D=256), so one holds dV and computes
         S^T and P^T, the other holds dK and computes dP^T and dS^T, reading P^T from the
         first through shared memory (a ring of two). Each issues half of a step's four
-        products. The descriptors: (B, H, S, D) read in boxes of (1, 1, 64, D) (K, V)
-        and (1, 1, BLOCK_M, D) (Q, dO). seed, drop_p: dropout's (DROPOUT), as
+        products. The descriptors (hopper_forward.describe): K and V read in boxes of 64
+        rows, Q and dO of BLOCK_M. seed, drop_p: dropout's (DROPOUT), as
         dkdv_kernel's."""
         dtype: gl.constexpr = q_desc.dtype
         b, kvh, n0, off, kv_len, first_block, n_blocks = _dkdv_program(

@@ -678,12 +678,10 @@ _SHARED_BYTES = 227 * 1024  # an sm_90 program's most
 
 
 @functools.cache
-def _box(rows: int, head_dim: int, dtype: torch.dtype) -> tuple[tuple[int, ...], object]:
-    """The shape of the TMA box of rows rows of a head dim, (1, 1, rows,
-    head_block(head_dim)), and its shared-memory layout."""
+def _box_layout(rows: int, columns: int, dtype: torch.dtype):
+    """The shared-memory layout of a (1, 1, rows, columns) TMA box."""
     element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
-    shape = (1, 1, rows, head_block(head_dim))
-    return shape, gl.NVMMASharedLayout.get_default_for(list(shape), element)
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, columns], element)
 
 
 def describable(t: torch.Tensor) -> bool:
@@ -717,8 +715,9 @@ def describe(t: torch.Tensor, rows: int) -> TensorDescriptor:
     desc.base = t
     desc.shape = shape
     desc.strides = strides
-    block_shape, desc.layout = _box(rows, D, t.dtype)
-    desc.block_shape = list(block_shape)
+    columns = head_block(D)
+    desc.block_shape = [1, 1, rows, columns]
+    desc.layout = _box_layout(rows, columns, t.dtype)
     desc.padding = "zero"
     return desc
 

@@ -1930,19 +1930,21 @@ def _leads(call: AttentionCall) -> bool:
     """Whether impl="auto" should try this backend before SDPA: a block of queries against
     a cache (_leads_a_block), with gradients to compute only from _BLOCK_WITH_GRADS_SIZE
     up; or a call that the Gluon forward runs, with the Sq and Skv for its head dim and
-    causality of _LEADS_WITH_GRADS_REACH where it has gradients to compute, else of
-    _LEADS_REACH; or with gradients and dropout, a call of _LEADS_WITH_DROPOUT_REACH's
-    lengths whose backward both Gluon kernels run (its dout taken to be laid out as q)."""
+    causality of _LEADS_REACH, and where it has gradients to compute, of
+    _LEADS_WITH_GRADS_REACH and with both Gluon backward kernels running it (its dout taken
+    to be laid out as q); or with gradients and dropout, a call of
+    _LEADS_WITH_DROPOUT_REACH's lengths whose backward both Gluon kernels run."""
     key = (call.head_dim, call.causal)
     if call.needs_grad:
         size = call.batch * call.heads_q * call.seq_q * call.seq_kv * call.head_dim
         if size >= _BLOCK_WITH_GRADS_SIZE and _leads_a_block(call):
             return True
-        if call.dropout_p > 0.0:
-            return (_reaches(call, _LEADS_WITH_DROPOUT_REACH.get(key))
-                    and _uses_hopper_backward(call, call.q, call.q) == (True, True))
-        return (_reaches(call, _LEADS_WITH_GRADS_REACH.get(key)) and _HOPPER_DQ
-                and _HOPPER_DKDV and _uses_hopper_forward(call))
+        # Both Gluon backward kernels, after the Gluon forward, or with dropout (which it
+        # does not draw) after this file's.
+        dropout = call.dropout_p > 0.0
+        reach = (_LEADS_WITH_DROPOUT_REACH if dropout else _LEADS_WITH_GRADS_REACH).get(key)
+        return (_reaches(call, reach) and (dropout or _uses_hopper_forward(call))
+                and _uses_hopper_backward(call, call.q, call.q) == (True, True))
     # The cheap checks first: auto asks this of every call, short ones (decoding) above all.
     return (_leads_a_block(call) or _leads_a_wide_step(call)
             or (_reaches(call, _LEADS_REACH.get(key)) and _uses_hopper_forward(call)))

@@ -285,12 +285,9 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
         if not grads:
             return outputs, ()
         if len(outputs) > 1:
-            # A gradient through lse as well (as ring attention's merge sends one), drawn
-            # from grad so that every implementation gets the same; none on rows that see
-            # no key.
-            lse = outputs[1]
-            lse_grad = torch.where(torch.isfinite(lse), grad[..., 0].to(lse.dtype), 0.0)
-            got = torch.autograd.grad(outputs, leaves, (grad.to(outputs[0].dtype), lse_grad))
+            # A gradient through lse as well, as ring attention's merge sends one
+            got = torch.autograd.grad(outputs, leaves, (grad.to(outputs[0].dtype),
+                                                        lse_gradient(grad, outputs[1])))
         else:
             got = torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
         # Detached, so that no autograd graph into the leaves outlives this call: under
@@ -307,6 +304,12 @@ def answers(impl: str, inputs: tuple, grads: bool = True) -> tuple[tuple, tuple]
     replay, captured = capture(run, device)
     replay()
     return captured
+
+
+def lse_gradient(grad: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The gradient a call with return_lse gets on lse: drawn from grad (its first column),
+    so that every implementation gets the same, none on rows that see no key."""
+    return torch.where(torch.isfinite(lse), grad[..., 0].to(lse.dtype), 0.0)
 
 
 def reference_kwargs(kwargs: dict) -> dict:
@@ -334,11 +337,10 @@ def rounded_delta_grads(inputs: tuple) -> tuple:
                          **{**reference_kwargs(kwargs), "return_lse": True})
     dout = grad.double()
     c = (dout * out).sum(-1) - (dout * out.to(dtype).double()).sum(-1)
-    seen = torch.isfinite(lse)
-    loss = (dout * out).sum() + (c.detach() * torch.where(seen, lse, 0.0)).sum()
+    weight = c.detach()
     if returns_lse:  # answers' lse gradient too
-        loss = loss + (torch.where(seen, grad[..., 0].double(), 0.0) * torch.where(
-            seen, lse, 0.0)).sum()
+        weight = weight + lse_gradient(grad, lse)
+    loss = (dout * out).sum() + (weight * torch.where(torch.isfinite(lse), lse, 0.0)).sum()
     return torch.autograd.grad(loss, leaves)
 
 

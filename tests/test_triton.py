@@ -2725,7 +2725,7 @@ def _skip_without_hopper_forward():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128, 256, 96])
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 96, 192])
 def test_hopper_forward_configs_on_gpu(head_dim, dtype):
     """Each Gluon config against the oracle on awkward shapes, one of them with more tiles
     than the GPU has multiprocessors (persistent programs walk several), causal ones also

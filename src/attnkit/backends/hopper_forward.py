@@ -80,6 +80,24 @@ def head_block(head_dim: int) -> int:
     return 1 << max(0, head_dim - 1).bit_length()
 
 
+def split_columns(head_dim: int, granule: int) -> int:
+    """Where a product over a tile's head_block(head_dim) columns splits in two, so as to
+    skip the columns past head_dim: 0 for no split, else the first part's columns, half
+    the tile; the second part is second_columns'. A split is made only where its parts
+    cover fewer columns than the tile (D=96: 64 + 32 at granule 16; D=192: 128 + 64).
+    (Self-contained, as the kernels call it at compile time: split_at.)"""
+    half = (1 << max(0, head_dim - 1).bit_length()) // 2
+    second = max(granule, 1 << max(0, head_dim - half - 1).bit_length())
+    return half if head_dim != 2 * half and granule <= half and second < half else 0
+
+
+def second_columns(head_dim: int, granule: int) -> int:
+    """The second part's columns where split_columns splits: a power of two, at least
+    granule, covering head_dim's columns past the first part."""
+    half = (1 << max(0, head_dim - 1).bit_length()) // 2
+    return max(granule, 1 << max(0, head_dim - half - 1).bit_length())
+
+
 def available() -> bool:
     """Whether this Triton is a release the kernels were checked under, with Gluon's
     Hopper operations."""
@@ -90,8 +108,11 @@ def available() -> bool:
 
 
 if gluon is not None:
-    # head_block, for the kernels to call at compile time.
+    # head_block, split_columns and second_columns, for the kernels to call at compile
+    # time.
     tile_columns = gluon.constexpr_function(head_block)
+    split_at = gluon.constexpr_function(split_columns)
+    second_part = gluon.constexpr_function(second_columns)
 
     @gluon.jit
     def issue(desc, coords, bar, dest):
@@ -170,11 +191,66 @@ if gluon is not None:
         operand."""
         return ring.index(i).reshape([ring.shape[3], ring.shape[4]])
 
+    # The columns of a part of P V where it splits: V's boxes are 128-byte swizzled rows of
+    # 64 columns, and a part is read whole rows of them.
+    V_GRANULE = gl.constexpr(32)
+
+    @gluon.jit
+    def _scores(q, k, acc, HEAD_D: gl.constexpr, IS_ASYNC: gl.constexpr):
+        """Q K^T of q (rows, tile) and k (keys, tile) boxes into acc's type, over the
+        columns that split_at(HEAD_D, 16) keeps: one product, or two chained (a
+        wgmma's K is 16), the second accumulating into the first's result."""
+        SPLIT: gl.constexpr = split_at(HEAD_D, 16)
+        if SPLIT == 0:
+            return warpgroup_mma(q, k.permute((1, 0)), acc, use_acc=False, is_async=IS_ASYNC)
+        else:
+            REST: gl.constexpr = second_part(HEAD_D, 16)
+            first = warpgroup_mma(q.slice(0, SPLIT, 1), k.slice(0, SPLIT, 1).permute((1, 0)),
+                                  acc, use_acc=False, is_async=True)
+            both = warpgroup_mma(q.slice(SPLIT, REST, 1),
+                                 k.slice(SPLIT, REST, 1).permute((1, 0)), first,
+                                 is_async=True)
+            if not IS_ASYNC:
+                both = warpgroup_mma_wait(0, deps=[both])
+            return both
+
+    @gluon.jit
+    def _values(p, v, o, HEAD_D: gl.constexpr, IS_ASYNC: gl.constexpr):
+        """o + P V, o an accumulator (accumulators) as accumulator() makes them."""
+        SPLIT: gl.constexpr = split_at(HEAD_D, V_GRANULE)
+        if SPLIT == 0:
+            return warpgroup_mma(p, v, o, is_async=IS_ASYNC)
+        else:
+            REST: gl.constexpr = second_part(HEAD_D, V_GRANULE)
+            first = warpgroup_mma(p, v.slice(0, SPLIT, 1), o[0], is_async=IS_ASYNC)
+            second = warpgroup_mma(gl.convert_layout(p, operand_layout(score_layout(REST))),
+                                   v.slice(SPLIT, REST, 1), o[1], is_async=IS_ASYNC)
+            return first, second
+
+    @gluon.jit
+    def accumulator(ROWS: gl.constexpr, HEAD_D: gl.constexpr):
+        """A warpgroup's zeroed out accumulator: (ROWS, tile) float32, or where P V splits
+        (split_columns) a pair, one per part."""
+        SPLIT: gl.constexpr = split_at(HEAD_D, V_GRANULE)
+        if SPLIT == 0:
+            return gl.zeros([ROWS, tile_columns(HEAD_D)], gl.float32,
+                            score_layout(tile_columns(HEAD_D)))
+        else:
+            REST: gl.constexpr = second_part(HEAD_D, V_GRANULE)
+            return (gl.zeros([ROWS, SPLIT], gl.float32, score_layout(SPLIT)),
+                    gl.zeros([ROWS, REST], gl.float32, score_layout(REST)))
+
+    @gluon.jit
+    def _rescale(o, alpha):
+        return o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(
+            1, score_layout(o.shape[1]))), 1)
+
     @gluon.jit
     def _step(j, nxt, base, s, o, p_op, m_i, l_i, q_smem, ring, limit, qk_scale,
               MASKED: gl.constexpr, HAS_PREV: gl.constexpr, HAS_NEXT: gl.constexpr,
               STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-              o_layout: gl.constexpr, p_layout: gl.constexpr, LEAN: gl.constexpr):
+              o_layout: gl.constexpr, p_layout: gl.constexpr, LEAN: gl.constexpr,
+              HEAD_D: gl.constexpr):
         """Key block j, whose raw scores s are in registers: its softmax runs while block
         j-1's P V (HAS_PREV) is on the tensor cores; then block nxt's Q K^T is issued
         (HAS_NEXT) and its scores are what this returns, with o, block j's p as the P V
@@ -193,11 +269,12 @@ if gluon is not None:
             v_at = base + j - 1
             v_slot = v_at % STAGES
             mbarrier.wait(v_bars.index(v_slot), (v_at // STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, box(v_smem, v_slot), o, is_async=True)
+            o_tok = _values(p_op, box(v_smem, v_slot), o, HEAD_D, True)
         p, alpha = _exp(s, m_i, m_new, qk_scale, MASKED)
         l_i = l_i * alpha + gl.sum(p, 1)
         p_next = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         if LEAN:
+            gl.static_assert(split_at(HEAD_D, V_GRANULE) == 0, "LEAN splits no P V")
             # Fewer registers live at once: P V(j-1) is waited for before Q K^T(j+1) is
             # issued, so that its scores can take p_op's registers. p_next among the
             # wait's operands keeps the wait below the exponentials.
@@ -208,17 +285,22 @@ if gluon is not None:
             k_at = base + nxt
             k_slot = k_at % STAGES
             mbarrier.wait(k_bars.index(k_slot), (k_at // STAGES) & 1)
-            s_tok = warpgroup_mma(q_smem, box(k_smem, k_slot).permute((1, 0)),
-                                  gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
-                                  is_async=True)
+            s_tok = _scores(q_smem, box(k_smem, k_slot),
+                            gl.zeros(s.shape, gl.float32, s_layout), HEAD_D, True)
         if not LEAN:
             if HAS_PREV:
-                if HAS_NEXT:
-                    o, _ = warpgroup_mma_wait(1, deps=[o_tok, p_op])
+                # Q K^T's products (one or two) may stay in flight.
+                IN_FLIGHT: gl.constexpr = (1 + (split_at(HEAD_D, 16) > 0)) * HAS_NEXT
+                if split_at(HEAD_D, V_GRANULE) == 0:
+                    o, _ = warpgroup_mma_wait(IN_FLIGHT, deps=[o_tok, p_op])
                 else:
-                    o, _ = warpgroup_mma_wait(0, deps=[o_tok, p_op])
+                    o0, o1, _ = warpgroup_mma_wait(IN_FLIGHT, deps=[o_tok[0], o_tok[1], p_op])
+                    o = (o0, o1)
                 hold(p_op)
-        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        if split_at(HEAD_D, V_GRANULE) == 0:
+            o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        else:
+            o = (_rescale(o[0], alpha), _rescale(o[1], alpha))
         if HAS_NEXT:
             s = warpgroup_mma_wait(0, deps=[s_tok])
         # The matmuls that read these slots are done: tell the loading warp.
@@ -232,12 +314,12 @@ if gluon is not None:
     def _blocks(first, last, base, s, o, p_op, m_i, l_i, q_smem, ring, limit, qk_scale,
                 MASKED: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                LEAN: gl.constexpr):
+                LEAN: gl.constexpr, HEAD_D: gl.constexpr):
         """_step over key blocks [first, last), each followed by another."""
         for j in range(first, last):
             s, o, p_op, m_i, l_i = _step(j, j + 1, base, s, o, p_op, m_i, l_i, q_smem, ring,
                                          limit, qk_scale, MASKED, True, True, STAGES, BLOCK_N,
-                                         s_layout, o_layout, p_layout, LEAN)
+                                         s_layout, o_layout, p_layout, LEAN, HEAD_D)
         return s, o, p_op, m_i, l_i
 
     @gluon.jit
@@ -322,7 +404,7 @@ if gluon is not None:
                                   CAUSAL)
                 m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
                 l_i = gl.zeros([ROWS], gl.float32, row_layout)
-                o = gl.zeros([ROWS, tile_columns(HEAD_D)], gl.float32, o_layout)
+                o = accumulator(ROWS, HEAD_D)
                 p_op = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
                 q_slot = done % Q_BUFFERS
                 q = box(q_smem, q_slot * WARPGROUPS + ROLE)
@@ -331,35 +413,37 @@ if gluon is not None:
                 # partly hidden, or wholly), which issues block 1's.
                 first = base % STAGES
                 mbarrier.wait(k_bars.index(first), (base // STAGES) & 1)
-                s = warpgroup_mma(q, box(k_smem, first).permute((1, 0)),
-                                  gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
+                s = _scores(q, box(k_smem, first), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
+                            HEAD_D, False)
                 # A single block's Q K^T is issued again by _step (which always issues one),
                 # on the slot still held: only that one lets the slot go.
                 mbarrier.arrive(k_free.index(first), count=1, pred=total > 1)
                 s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), base, s, o, p_op, m_i,
                                              l_i, q, ring, limit, qk_scale, MASKED, False, True,
-                                             STAGES, BLOCK_N, s_layout, o_layout, p_layout, LEAN)
+                                             STAGES, BLOCK_N, s_layout, o_layout, p_layout, LEAN,
+                                             HEAD_D)
                 # Blocks 1 .. total-2, those every row sees first; the last block apart, as it
                 # issues no next Q K^T.
                 split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
                 s, o, p_op, m_i, l_i = _blocks(1, split, base, s, o, p_op, m_i, l_i, q, ring,
                                                limit, qk_scale, False, STAGES, BLOCK_N, s_layout,
-                                               o_layout, p_layout, LEAN)
+                                               o_layout, p_layout, LEAN, HEAD_D)
                 if MASKED:  # else split is total - 1
                     s, o, p_op, m_i, l_i = _blocks(split, total - 1, base, s, o, p_op, m_i, l_i,
                                                    q, ring, limit, qk_scale, True, STAGES,
-                                                   BLOCK_N, s_layout, o_layout, p_layout, LEAN)
+                                                   BLOCK_N, s_layout, o_layout, p_layout, LEAN,
+                                                   HEAD_D)
                 if total > 1:
                     s, o, p_op, m_i, l_i = _step(total - 1, total - 1, base, s, o, p_op, m_i,
                                                  l_i, q, ring, limit, qk_scale, MASKED, True,
                                                  False, STAGES, BLOCK_N, s_layout, o_layout,
-                                                 p_layout, LEAN)
+                                                 p_layout, LEAN, HEAD_D)
                 # Every Q K^T of the tile is done: the loading warp may refill Q's buffer
                 # while the last P V and the stores run.
                 mbarrier.arrive(q_free.index(q_slot), count=1)
                 last = base + total - 1
                 mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-                o = warpgroup_mma(p_op, box(v_smem, last % STAGES), o)
+                o = _values(p_op, box(v_smem, last % STAGES), o, HEAD_D, False)
                 mbarrier.arrive(v_free.index(last % STAGES), count=1)
 
                 _finish(o, (m_i, l_i, b, h, bh, row0),
@@ -383,21 +467,21 @@ if gluon is not None:
     @gluon.jit
     def _finish(o, rows_of, dest, ROLE: gl.constexpr, HEAD_D: gl.constexpr,
                 O_TMA: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
-        """Out and lse of a warpgroup's 64 rows, from its accumulator o (head_block(HEAD_D)
-        columns, HEAD_D of them stored). rows_of: (running max (log2 units), running sum,
-        batch, query head, batch * query head, first row); dest: (Out, LSE, Sq, Out's
-        strides over batch, head and row, o_desc, o_smem)."""
+        """Out and lse of a warpgroup's 64 rows, from its accumulator o (accumulator()'s:
+        head_block(HEAD_D) columns, or two parts, HEAD_D of them stored). rows_of: (running
+        max (log2 units), running sum, batch, query head, batch * query head, first row);
+        dest: (Out, LSE, Sq, Out's strides over batch, head and row, o_desc, o_smem)."""
         m_i, l_i, b, h, bh, row0 = rows_of
         Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem = dest
-        ROWS: gl.constexpr = o.shape[0]
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        SPLIT: gl.constexpr = split_at(HEAD_D, V_GRANULE)
+        REST: gl.constexpr = second_part(HEAD_D, V_GRANULE)
+        ROWS: gl.constexpr = 64
         qi = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
         # A row that saw no key: l = 0, out = 0, lse = -inf.
         dead = l_i == 0.0
         lse = gl.where(dead, float("-inf"),
                        (m_i + gl.log2(gl.where(dead, 1.0, l_i))) * 0.6931471805599453)
-        l_o = gl.convert_layout(gl.where(dead, 1.0, l_i), o_rows)
-        out = o / gl.expand_dims(l_o, 1)
+        l_safe = gl.where(dead, 1.0, l_i)
         if O_TMA:
             # Through shared memory and one TMA store (rows past Sq and columns past HEAD_D
             # clipped by the descriptor), so that the warpgroup goes on to its next tile while the
@@ -405,18 +489,43 @@ if gluon is not None:
             o_buf = o_smem.index(ROLE)
             tma.store_wait(0)
             gl.thread_barrier()
-            o_buf.reshape([ROWS, o.shape[1]]).store(out.to(o_smem.dtype))
+            whole = o_buf.reshape([ROWS, tile_columns(HEAD_D)])
+            if SPLIT == 0:
+                whole.store(_normalized(o, l_safe).to(o_smem.dtype))
+            else:
+                whole.slice(0, SPLIT, 1).store(_normalized(o[0], l_safe).to(o_smem.dtype))
+                whole.slice(SPLIT, REST, 1).store(_normalized(o[1], l_safe).to(o_smem.dtype))
             fence_async_shared()
             gl.thread_barrier()
             tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], o_buf)
         else:
-            rows = row0 + gl.arange(0, ROWS, layout=o_rows)
-            cols = gl.arange(0, o.shape[1], layout=gl.SliceLayout(0, o_layout))
-            o_ptrs = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-                      + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0))
-            gl.store(o_ptrs, out.to(o_smem.dtype),
-                     mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
+            place = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh, row0, Sq,
+                     stride_om)
+            if SPLIT == 0:
+                _store_columns(_normalized(o, l_safe), 0, place, HEAD_D)
+            else:
+                _store_columns(_normalized(o[0], l_safe), 0, place, HEAD_D)
+                _store_columns(_normalized(o[1], l_safe), SPLIT, place, HEAD_D)
         gl.store(LSE + bh.to(gl.int64) * Sq + qi, lse, mask=qi < Sq)
+
+    @gluon.jit
+    def _normalized(o, l_safe):
+        """An accumulator (or part) over its rows' sums (1 for a dead row)."""
+        o_layout: gl.constexpr = score_layout(o.shape[1])
+        return o / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+
+    @gluon.jit
+    def _store_columns(out, col0, place, HEAD_D: gl.constexpr):
+        """out's rows (from row0) and columns (from col0) through pointers, those past Sq
+        and HEAD_D left out. place: (Out at the batch and head, row0, Sq, Out's row
+        stride)."""
+        Out, row0, Sq, stride_om = place
+        o_layout: gl.constexpr = score_layout(out.shape[1])
+        rows = row0 + gl.arange(0, out.shape[0], layout=gl.SliceLayout(1, o_layout))
+        cols = col0 + gl.arange(0, out.shape[1], layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = Out + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0)
+        gl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                 mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
 
     @gluon.jit
     def key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -582,7 +691,9 @@ if gluon is not None:
         # A warpgroup's scores, its accumulator and its P operand, in registers.
         s_layout: gl.constexpr = score_layout(BLOCK_N)
         o_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
-        p_layout: gl.constexpr = operand_layout(o_layout)
+        # P's layout is that of the A operand of a product with o's first part's result.
+        p_layout: gl.constexpr = operand_layout(score_layout(
+            split_at(HEAD_D, V_GRANULE) or tile_columns(HEAD_D)))
         if ROLE < WARPGROUPS:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,

@@ -2241,6 +2241,22 @@ def test_wide_dkdv_launch_gives_each_program_64_keys(head_dim):
     assert len(launches) == 2
 
 
+def test_split_columns_skip_the_columns_past_the_head_dim():
+    """A product over a tile's columns splits in two where the parts, powers of two of at
+    least a wgmma's K step (16), cover the head dim in fewer columns than the tile."""
+    from attnkit.backends import hopper_forward as hf
+
+    parts = {d: (hf.split_columns(d), hf.second_columns(d)) for d in range(40, 257, 8)}
+    split = {d: first_second for d, first_second in parts.items() if first_second[0]}
+    assert split == {40: (32, 16), 48: (32, 16), 72: (64, 16), 80: (64, 16), 88: (64, 32),
+                     96: (64, 32), 136: (128, 16), 144: (128, 16), 152: (128, 32),
+                     160: (128, 32), 168: (128, 64), 176: (128, 64), 184: (128, 64),
+                     192: (128, 64)}
+    for d, (first, second) in split.items():
+        assert first == hf.head_block(d) // 2 < d <= first + second < hf.head_block(d)
+    assert hf.split_columns(96, granule=32) == 64 and hf.split_columns(80, granule=64) == 0
+
+
 @pytest.mark.parametrize("kernel, head_dim, causal", [
     *((kernel, d, causal) for kernel in ("forward", "dkdv", "dq")
       for d, causal in ((64, False), (64, True), (128, True))),

@@ -32,9 +32,11 @@ history up to 8b4972a.)
 
 It covers the common case only, and `fused_triton` keeps the rest: an sm_90 GPU, fp16 or
 bf16, D = Dv a multiple of 8 from 40 to 256 (on tiles of 64, 128 or 256 columns:
-head_block), a positive scale, causal or not, key_lengths, grouped heads; no window, mask
-tensor or dropout; tensors that TMA can read. Gluon does not run under TRITON_INTERPRET,
-so this file is tested on a GPU only (tests/test_triton.py).
+head_block; where D is not a power of two, a product over the tile's columns is two
+products that skip most of the columns past D: split_columns), a positive scale, causal
+or not, key_lengths, grouped heads; no window, mask tensor or dropout; tensors that TMA
+can read. Gluon does not run under TRITON_INTERPRET, so this file is tested on a GPU only
+(tests/test_triton.py).
 """
 
 from __future__ import annotations
@@ -74,24 +76,27 @@ LOG2E = 1.4426950408889634
 def head_block(head_dim: int) -> int:
     """The columns of the kernels' tiles for a head dim: the power of two at or above it,
     as their tensors' sizes must be. TMA reads the columns past head_dim as zeros, which
-    add nothing to a product, and the kernels store head_dim columns only; the tiles cost
-    what head_block's head dim costs (D=96 runs as D=128 does, and so does the Triton
-    kernel beside them, fused_triton's BLOCK_D)."""
+    add nothing to a product, and the kernels store head_dim columns only. Their shared
+    memory is a tile's; their products skip the columns past head_dim that split_columns
+    leaves out (the Triton kernel beside them, fused_triton's BLOCK_D, computes them
+    all)."""
     return 1 << max(0, head_dim - 1).bit_length()
 
 
-def split_columns(head_dim: int, granule: int) -> int:
-    """Where a product over a tile's head_block(head_dim) columns splits in two, so as to
-    skip the columns past head_dim: 0 for no split, else the first part's columns, half
-    the tile; the second part is second_columns'. A split is made only where its parts
-    cover fewer columns than the tile (D=96: 64 + 32 at granule 16; D=192: 128 + 64).
-    (Self-contained, as the kernels call it at compile time: split_at.)"""
+def split_columns(head_dim: int, granule: int = 16) -> int:
+    """Where a product over a tile's head_block(head_dim) columns (the contraction of Q K^T,
+    or the columns of P V's accumulator) splits in two, so as to skip the columns past
+    head_dim: 0 for no split, else the first part's columns, half the tile; the second
+    part's are second_columns'. A split is made where the parts cover fewer columns than
+    the tile: D=96 is 64 + 32 columns, D=80 64 + 16, D=192 128 + 64; D=112 (64 + 64) is
+    not split. granule: the fewest columns a part has, a wgmma's K step (16 for 16-bit
+    operands). (Self-contained, as the kernels call it at compile time: split_at.)"""
     half = (1 << max(0, head_dim - 1).bit_length()) // 2
     second = max(granule, 1 << max(0, head_dim - half - 1).bit_length())
     return half if head_dim != 2 * half and granule <= half and second < half else 0
 
 
-def second_columns(head_dim: int, granule: int) -> int:
+def second_columns(head_dim: int, granule: int = 16) -> int:
     """The second part's columns where split_columns splits: a power of two, at least
     granule, covering head_dim's columns past the first part."""
     half = (1 << max(0, head_dim - 1).bit_length()) // 2
@@ -191,20 +196,16 @@ if gluon is not None:
         operand."""
         return ring.index(i).reshape([ring.shape[3], ring.shape[4]])
 
-    # The columns of a part of P V where it splits: V's boxes are 128-byte swizzled rows of
-    # 64 columns, and a part is read whole rows of them.
-    V_GRANULE = gl.constexpr(32)
-
     @gluon.jit
     def _scores(q, k, acc, HEAD_D: gl.constexpr, IS_ASYNC: gl.constexpr):
         """Q K^T of q (rows, tile) and k (keys, tile) boxes into acc's type, over the
-        columns that split_at(HEAD_D, 16) keeps: one product, or two chained (a
-        wgmma's K is 16), the second accumulating into the first's result."""
-        SPLIT: gl.constexpr = split_at(HEAD_D, 16)
+        columns that split_columns keeps: one product, or two chained, the second
+        accumulating into the first's result."""
+        SPLIT: gl.constexpr = split_at(HEAD_D)
         if SPLIT == 0:
             return warpgroup_mma(q, k.permute((1, 0)), acc, use_acc=False, is_async=IS_ASYNC)
         else:
-            REST: gl.constexpr = second_part(HEAD_D, 16)
+            REST: gl.constexpr = second_part(HEAD_D)
             first = warpgroup_mma(q.slice(0, SPLIT, 1), k.slice(0, SPLIT, 1).permute((1, 0)),
                                   acc, use_acc=False, is_async=True)
             both = warpgroup_mma(q.slice(SPLIT, REST, 1),
@@ -216,12 +217,15 @@ if gluon is not None:
 
     @gluon.jit
     def _values(p, v, o, HEAD_D: gl.constexpr, IS_ASYNC: gl.constexpr):
-        """o + P V, o an accumulator (accumulators) as accumulator() makes them."""
-        SPLIT: gl.constexpr = split_at(HEAD_D, V_GRANULE)
+        """o + P V, o an accumulator as accumulator() makes it, or its pair of parts. A
+        part's columns of V are a slice of its box, which may start inside a 128-byte
+        swizzled row (D=96: columns 64-95 of 128): the wgmma descriptor's start address
+        moves into the row, and the swizzle, a function of the address, still holds."""
+        SPLIT: gl.constexpr = split_at(HEAD_D)
         if SPLIT == 0:
             return warpgroup_mma(p, v, o, is_async=IS_ASYNC)
         else:
-            REST: gl.constexpr = second_part(HEAD_D, V_GRANULE)
+            REST: gl.constexpr = second_part(HEAD_D)
             first = warpgroup_mma(p, v.slice(0, SPLIT, 1), o[0], is_async=IS_ASYNC)
             second = warpgroup_mma(gl.convert_layout(p, operand_layout(score_layout(REST))),
                                    v.slice(SPLIT, REST, 1), o[1], is_async=IS_ASYNC)
@@ -231,17 +235,18 @@ if gluon is not None:
     def accumulator(ROWS: gl.constexpr, HEAD_D: gl.constexpr):
         """A warpgroup's zeroed out accumulator: (ROWS, tile) float32, or where P V splits
         (split_columns) a pair, one per part."""
-        SPLIT: gl.constexpr = split_at(HEAD_D, V_GRANULE)
+        SPLIT: gl.constexpr = split_at(HEAD_D)
         if SPLIT == 0:
             return gl.zeros([ROWS, tile_columns(HEAD_D)], gl.float32,
                             score_layout(tile_columns(HEAD_D)))
         else:
-            REST: gl.constexpr = second_part(HEAD_D, V_GRANULE)
+            REST: gl.constexpr = second_part(HEAD_D)
             return (gl.zeros([ROWS, SPLIT], gl.float32, score_layout(SPLIT)),
                     gl.zeros([ROWS, REST], gl.float32, score_layout(REST)))
 
     @gluon.jit
     def _rescale(o, alpha):
+        """An accumulator (or part) with each row scaled by its alpha."""
         return o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(
             1, score_layout(o.shape[1]))), 1)
 
@@ -274,12 +279,16 @@ if gluon is not None:
         l_i = l_i * alpha + gl.sum(p, 1)
         p_next = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         if LEAN:
-            gl.static_assert(split_at(HEAD_D, V_GRANULE) == 0, "LEAN splits no P V")
             # Fewer registers live at once: P V(j-1) is waited for before Q K^T(j+1) is
             # issued, so that its scores can take p_op's registers. p_next among the
             # wait's operands keeps the wait below the exponentials.
             if HAS_PREV:
-                o, _, p_next = warpgroup_mma_wait(0, deps=[o_tok, p_op, p_next])
+                if split_at(HEAD_D) == 0:
+                    o, _, p_next = warpgroup_mma_wait(0, deps=[o_tok, p_op, p_next])
+                else:
+                    o0, o1, _, p_next = warpgroup_mma_wait(0, deps=[o_tok[0], o_tok[1], p_op,
+                                                                    p_next])
+                    o = (o0, o1)
                 hold(p_op)
         if HAS_NEXT:
             k_at = base + nxt
@@ -290,15 +299,15 @@ if gluon is not None:
         if not LEAN:
             if HAS_PREV:
                 # Q K^T's products (one or two) may stay in flight.
-                IN_FLIGHT: gl.constexpr = (1 + (split_at(HEAD_D, 16) > 0)) * HAS_NEXT
-                if split_at(HEAD_D, V_GRANULE) == 0:
+                IN_FLIGHT: gl.constexpr = (1 + (split_at(HEAD_D) > 0)) * HAS_NEXT
+                if split_at(HEAD_D) == 0:
                     o, _ = warpgroup_mma_wait(IN_FLIGHT, deps=[o_tok, p_op])
                 else:
                     o0, o1, _ = warpgroup_mma_wait(IN_FLIGHT, deps=[o_tok[0], o_tok[1], p_op])
                     o = (o0, o1)
                 hold(p_op)
-        if split_at(HEAD_D, V_GRANULE) == 0:
-            o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        if split_at(HEAD_D) == 0:
+            o = _rescale(o, alpha)
         else:
             o = (_rescale(o[0], alpha), _rescale(o[1], alpha))
         if HAS_NEXT:
@@ -473,8 +482,8 @@ if gluon is not None:
         dest: (Out, LSE, Sq, Out's strides over batch, head and row, o_desc, o_smem)."""
         m_i, l_i, b, h, bh, row0 = rows_of
         Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem = dest
-        SPLIT: gl.constexpr = split_at(HEAD_D, V_GRANULE)
-        REST: gl.constexpr = second_part(HEAD_D, V_GRANULE)
+        SPLIT: gl.constexpr = split_at(HEAD_D)
+        REST: gl.constexpr = second_part(HEAD_D)
         ROWS: gl.constexpr = 64
         qi = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
         # A row that saw no key: l = 0, out = 0, lse = -inf.
@@ -693,7 +702,7 @@ if gluon is not None:
         o_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
         # P's layout is that of the A operand of a product with o's first part's result.
         p_layout: gl.constexpr = operand_layout(score_layout(
-            split_at(HEAD_D, V_GRANULE) or tile_columns(HEAD_D)))
+            split_at(HEAD_D) or tile_columns(HEAD_D)))
         if ROLE < WARPGROUPS:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,

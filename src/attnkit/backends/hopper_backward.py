@@ -51,13 +51,13 @@ dK warpgroup reads the mask from their sign: 1.45-1.72x with the Triton dK/dV ke
 backward at 512-4k (NOTES run 62).
 
 Under a causal mask the programs start a group of heads at a time, each head's heaviest
-block first (HEAD_GROUP). The kernels cover what `hopper_forward` covers: an sm_90 GPU,
-fp16 or bf16, D = Dv a multiple of 8 from 40 to 256 (on tiles of 64, 128 or 256 columns:
-`hopper_forward.head_block`), a positive scale, causal or not, key_lengths, grouped
-heads, dropout (`dropout_mask`'s mask, each Philox call drawn once, where the kernel
-applies it: `pairs_layout`); no window or mask tensor; tensors that TMA can read.
-`fused_triton` routes each where it was faster (`_hopper_backward_fits`). Gluon does not
-run under TRITON_INTERPRET, so this file is tested on a GPU only (tests/test_triton.py).
+block first (HEAD_GROUP). The kernels cover what `hopper_forward` covers: sm_90, fp16 or
+bf16, D = Dv a multiple of 8 from 40 to 256 (tiles of 64, 128 or 256 columns, products
+split where D is not a power of two: `hopper_forward.contract`, `accumulate`), a positive
+scale, causal or not, key_lengths, grouped heads, dropout (`dropout_mask`'s mask, each
+Philox call drawn once, where applied: `pairs_layout`); no window or mask tensor; tensors
+that TMA can read. `fused_triton` routes each where it was faster (`_hopper_backward_fits`).
+Gluon does not run under TRITON_INTERPRET: this file is tested on a GPU only (test_triton).
 """
 
 from __future__ import annotations
@@ -70,12 +70,15 @@ if hopper_forward.gluon is not None:
     from triton.experimental.gluon.language.nvidia.hopper import (
         mbarrier,
         tma,
-        warpgroup_mma,
         warpgroup_mma_wait,
     )
 
     from attnkit.backends.hopper_forward import (
+        accumulate,
+        accumulator,
         box,
+        contract,
+        first_layout,
         hide_unseen,
         hold,
         in_head_groups,
@@ -83,8 +86,11 @@ if hopper_forward.gluon is not None:
         kv_ring,
         load_kv_ring,
         operand_layout,
+        product_parts,
         row_limit,
         score_layout,
+        split_at,
+        store_accumulator,
         tile_columns,
     )
 
@@ -163,7 +169,7 @@ if hopper_forward.gluon is not None:
                    k_op, v_op, q_ring, do_ring, ready, free, rows_ring,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
                    STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr,
-                   d_layout: gl.constexpr):
+                   HEAD_D: gl.constexpr, KV_REGS: gl.constexpr):
         """Step t of the walk: query rows [m0, m0 + BLOCK_M) of query head bh (batch *
         heads + head) against keys [n0, n0 + 64). S^T and dP^T issued (and dropout's mask
         drawn under them); P^T's exponentials under dP^T; dV's product, dS^T under it,
@@ -174,16 +180,16 @@ if hopper_forward.gluon is not None:
         lse = rows_ring.index(slot).load(gl.SliceLayout(0, s_layout))
         q = box(q_ring, slot)
         do = box(do_ring, slot)
-        s_tok = warpgroup_mma(k_op, q.permute((1, 0)),
-                              gl.zeros([64, BLOCK_M], gl.float32, s_layout),
-                              use_acc=False, is_async=True)
-        dp_tok = warpgroup_mma(v_op, do.permute((1, 0)),
-                               gl.zeros([64, BLOCK_M], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
+        # K and V in registers (KV_REGS) are read whole: S^T and dP^T do not split.
+        CONTRACTED: gl.constexpr = tile_columns(HEAD_D) if KV_REGS else HEAD_D
+        s_tok = contract(k_op, q, gl.zeros([64, BLOCK_M], gl.float32, s_layout), CONTRACTED,
+                         True)
+        dp_tok = contract(v_op, do, gl.zeros([64, BLOCK_M], gl.float32, s_layout), CONTRACTED,
+                          True)
         if DROPOUT:
             keep = _keys_first_keep(seed, bh, m0, n0, Sq, Skv, drop_p, BLOCK_M, s_layout)
             inv = 1.0 / (1.0 - drop_p)
-        s = warpgroup_mma_wait(1, deps=[s_tok])
+        s = warpgroup_mma_wait(product_parts(CONTRACTED), deps=[s_tok])
         if MASKED:
             s = _hide_keys(s, kj, qi, kv_len, off, Sq, CAUSAL, BLOCK_M)
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 0))
@@ -194,16 +200,22 @@ if hopper_forward.gluon is not None:
             pt = gl.where(keep, p * inv, 0.0).to(q.dtype)
         else:
             pt = p.to(q.dtype)
-        op_layout: gl.constexpr = operand_layout(d_layout)
+        op_layout: gl.constexpr = operand_layout(first_layout(HEAD_D))
         pt = gl.convert_layout(pt, op_layout)
-        dv_tok = warpgroup_mma(pt, do, dv, is_async=True)
-        dp = warpgroup_mma_wait(1, deps=[dp_tok])
+        dv_tok = accumulate(pt, do, dv, HEAD_D, True)
+        dp = warpgroup_mma_wait(product_parts(HEAD_D), deps=[dp_tok])
         if DROPOUT:
             dp = gl.where(keep, dp * inv, 0.0)
         delta = rows_ring.index(STAGES + slot).load(gl.SliceLayout(0, s_layout))
         dst = gl.convert_layout((p * (dp - gl.expand_dims(delta, 0))).to(q.dtype), op_layout)
-        dk_tok = warpgroup_mma(dst, q, dk, is_async=True)
-        dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, pt, dst])
+        dk_tok = accumulate(dst, q, dk, HEAD_D, True)
+        if split_at(HEAD_D) == 0:
+            dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, pt, dst])
+        else:
+            dv0, dv1, dk0, dk1, _, _ = warpgroup_mma_wait(
+                0, deps=[dv_tok[0], dv_tok[1], dk_tok[0], dk_tok[1], pt, dst])
+            dv = (dv0, dv1)
+            dk = (dk0, dk1)
         hold(pt)
         hold(dst)
         mbarrier.arrive(free.index(slot), count=1)
@@ -222,10 +234,9 @@ if hopper_forward.gluon is not None:
         memory on every step (16 registers a thread each at D=64; at D=128 they spill)."""
         seed = dropout_mask.seed_value(seed, DROPOUT)
         s_layout: gl.constexpr = score_layout(BLOCK_M)
-        d_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
         kj = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
-        dk = gl.zeros([64, tile_columns(HEAD_D)], gl.float32, d_layout)
-        dv = gl.zeros([64, tile_columns(HEAD_D)], gl.float32, d_layout)
+        dk = accumulator(64, HEAD_D)
+        dv = accumulator(64, HEAD_D)
         mbarrier.wait(kv_bar, 0)
         k_op, v_op = k_smem, v_smem  # S^T's and dP^T's A operands
         if KV_REGS:
@@ -239,26 +250,16 @@ if hopper_forward.gluon is not None:
                 dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
                                     bh, drop_p, k_op, v_op, q_ring, do_ring, ready, free,
                                     rows_ring, False, CAUSAL, DROPOUT, STAGES, BLOCK_M, s_layout,
-                                    d_layout)
+                                    HEAD_D, KV_REGS)
             else:
                 dk, dv = _dkdv_step(t, m0, n0, dk, dv, kj, kv_len, off, qk_scale, Sq, Skv, seed,
                                     bh, drop_p, k_op, v_op, q_ring, do_ring, ready, free,
                                     rows_ring, True, CAUSAL, DROPOUT, STAGES, BLOCK_M, s_layout,
-                                    d_layout)
-        _store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
-                    (dk * scale).to(k_smem.dtype), HEAD_D, d_layout)
-        _store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
-                    dv.to(k_smem.dtype), HEAD_D, d_layout)
-
-    @gluon.jit
-    def _store_keys(base, stride_n, n0, Skv, x, HEAD_D: gl.constexpr, layout: gl.constexpr):
-        """x (64 keys from n0, tile_columns(HEAD_D)), a warpgroup's dK or dV in its matmul
-        result's layout, into base (a (batch, kv head)'s rows, unit stride along D): its
-        first HEAD_D columns, rows past Skv left."""
-        rows = n0 + gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, x.shape[1], layout=gl.SliceLayout(0, layout))
-        gl.store(base + gl.expand_dims(rows, 1) * stride_n + gl.expand_dims(cols, 0), x,
-                 mask=gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols < HEAD_D, 0))
+                                    HEAD_D, KV_REGS)
+        store_accumulator(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv, dk, scale,
+                          HEAD_D)
+        store_accumulator(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv, dv, 1.0,
+                          HEAD_D)
 
     @gluon.jit
     def _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc, v_desc,
@@ -414,7 +415,7 @@ if hopper_forward.gluon is not None:
 
     @gluon.jit
     def _wide_issue(t, rows, a_op, ring, ready, rows_ring, STAGES: gl.constexpr,
-                    BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+                    BLOCK_M: gl.constexpr, s_layout: gl.constexpr, HEAD_D: gl.constexpr):
         """wide_dkdv_kernel's step t, once its slot is loaded: the slot, its row vector at
         rows_ring row rows + slot (lse at 0, delta at STAGES), and the token of a_op (64
         keys, D) times the slot's (BLOCK_M, D) box of ring transposed, issued: S^T (K, Q)
@@ -422,26 +423,29 @@ if hopper_forward.gluon is not None:
         slot = t % STAGES
         mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
         row = rows_ring.index(rows + slot).load(gl.SliceLayout(0, s_layout))
-        tok = warpgroup_mma(a_op, box(ring, slot).permute((1, 0)),
-                            gl.zeros([64, BLOCK_M], gl.float32, s_layout), use_acc=False,
-                            is_async=True)
+        tok = contract(a_op, box(ring, slot), gl.zeros([64, BLOCK_M], gl.float32, s_layout),
+                       HEAD_D, True)
         return slot, row, tok
 
     @gluon.jit
     def _wide_scores(t, rows, a_op, ring, ready, rows_ring, STAGES: gl.constexpr,
-                     BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+                     BLOCK_M: gl.constexpr, s_layout: gl.constexpr, HEAD_D: gl.constexpr):
         """_wide_issue's product, waited for: the slot, its row vector and the product."""
         slot, row, tok = _wide_issue(t, rows, a_op, ring, ready, rows_ring, STAGES, BLOCK_M,
-                                     s_layout)
+                                     s_layout, HEAD_D)
         return slot, row, warpgroup_mma_wait(0, deps=[tok])
 
     @gluon.jit
-    def _wide_accumulate(x, b_op, acc, free, slot, d_layout: gl.constexpr):
+    def _wide_accumulate(x, b_op, acc, free, slot, HEAD_D: gl.constexpr):
         """acc += x b_op, x (64, BLOCK_M) in the 16-bit type taken as a register operand,
         waited for; then the step's ring slot goes back to the loading warp."""
-        x = gl.convert_layout(x, operand_layout(d_layout))
-        tok = warpgroup_mma(x, b_op, acc, is_async=True)
-        acc, _ = warpgroup_mma_wait(0, deps=[tok, x])
+        x = gl.convert_layout(x, operand_layout(first_layout(HEAD_D)))
+        tok = accumulate(x, b_op, acc, HEAD_D, True)
+        if split_at(HEAD_D) == 0:
+            acc, _ = warpgroup_mma_wait(0, deps=[tok, x])
+        else:
+            first, second, _ = warpgroup_mma_wait(0, deps=[tok[0], tok[1], x])
+            acc = (first, second)
         hold(x)
         mbarrier.arrive(free.index(slot), count=1)
         return acc
@@ -451,7 +455,7 @@ if hopper_forward.gluon is not None:
                       k_op, q_ring, do_ring, ready, free, rows_ring, p_ring, p_ready, p_free,
                       MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
                       STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr,
-                      d_layout: gl.constexpr):
+                      HEAD_D: gl.constexpr):
         """wide_dkdv_kernel's step t in the dV warpgroup: S^T and P^T of query rows [m0, m0
         + BLOCK_M) of (batch * query head) bh against its 64 keys from n0, P^T handed to the
         dK warpgroup through p_ring, then dV += P^T dO. With dropout, its mask is drawn
@@ -460,7 +464,7 @@ if hopper_forward.gluon is not None:
         it again."""
         qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         slot, lse, s_tok = _wide_issue(t, 0, k_op, q_ring, ready, rows_ring, STAGES, BLOCK_M,
-                                       s_layout)
+                                       s_layout, HEAD_D)
         if DROPOUT:
             keep = _keys_first_keep(seed, bh, m0, n0, Sq, Skv, drop_p, BLOCK_M, s_layout)
         s = warpgroup_mma_wait(0, deps=[s_tok])
@@ -481,19 +485,19 @@ if hopper_forward.gluon is not None:
         p_ring.index(held).store(handed)
         gl.thread_barrier()  # every thread's part stored before the arrival
         mbarrier.arrive(p_ready.index(held), count=1)
-        return _wide_accumulate(pt, box(do_ring, slot), dv, free, slot, d_layout)
+        return _wide_accumulate(pt, box(do_ring, slot), dv, free, slot, HEAD_D)
 
     @gluon.jit
     def _wide_dk_step(t, dk, drop_p, v_op, q_ring, do_ring, ready, free, rows_ring, p_ring,
                       p_ready, p_free, DROPOUT: gl.constexpr, STAGES: gl.constexpr,
-                      BLOCK_M: gl.constexpr, s_layout: gl.constexpr, d_layout: gl.constexpr):
+                      BLOCK_M: gl.constexpr, s_layout: gl.constexpr, HEAD_D: gl.constexpr):
         """wide_dkdv_kernel's step t in the dK warpgroup: dP^T, then, with the dV
         warpgroup's P^T of the step (hidden scores are 0 there: no index checks here),
         dS^T = P^T (dP^T - delta) and dK += dS^T Q. With dropout, P^T's dropped scores
         come negated: dP^T is kept, and scaled, where P^T is not negative (a dropped 0
         reads as kept, and adds 0 all the same)."""
         slot, delta, dp = _wide_scores(t, STAGES, v_op, do_ring, ready, rows_ring, STAGES,
-                                       BLOCK_M, s_layout)
+                                       BLOCK_M, s_layout, HEAD_D)
         held = t % 2
         mbarrier.wait(p_ready.index(held), (t // 2) & 1)
         pt = p_ring.index(held).load(s_layout).to(gl.float32)
@@ -503,7 +507,7 @@ if hopper_forward.gluon is not None:
             dp = gl.where(pt >= 0.0, dp * (1.0 / (1.0 - drop_p)), 0.0)
             pt = gl.abs(pt)
         dst = (pt * (dp - gl.expand_dims(delta, 0))).to(v_op.dtype)
-        return _wide_accumulate(dst, box(q_ring, slot), dk, free, slot, d_layout)
+        return _wide_accumulate(dst, box(q_ring, slot), dk, free, slot, HEAD_D)
 
     @gluon.jit
     def _wide_dkdv_partition(ROLE: gl.constexpr, shared, HEAD_D: gl.constexpr,
@@ -516,7 +520,6 @@ if hopper_forward.gluon is not None:
          stride_dvh, stride_dvn, k_desc, v_desc, q_desc, do_desc, k_box, v_box, kv_bar, q_ring,
          do_ring, ready, free, rows_ring, p_ring, p_ready, p_free) = shared
         s_layout: gl.constexpr = score_layout(BLOCK_M)
-        d_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
         if ROLE == 2:
             _dkdv_produce(LSE, DELTA, b, Hq, Sq, kvh, group, n0, first_block, n_blocks, k_desc,
                           v_desc, q_desc, do_desc, k_box.index(0), v_box.index(0), kv_bar,
@@ -524,7 +527,7 @@ if hopper_forward.gluon is not None:
         elif ROLE == 0:
             seed = dropout_mask.seed_value(seed, DROPOUT)
             kj = n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
-            dv = gl.zeros([64, tile_columns(HEAD_D)], gl.float32, d_layout)
+            dv = accumulator(64, HEAD_D)
             mbarrier.wait(kv_bar, 0)
             for t in range(group * n_blocks):
                 m0 = (first_block + t % n_blocks) * BLOCK_M
@@ -533,23 +536,23 @@ if hopper_forward.gluon is not None:
                     dv = _wide_dv_step(t, m0, n0, bh, dv, kj, kv_len, off, qk_scale, Sq, Skv,
                                        seed, drop_p, box(k_box, 0), q_ring, do_ring, ready,
                                        free, rows_ring, p_ring, p_ready, p_free, False, CAUSAL,
-                                       DROPOUT, STAGES, BLOCK_M, s_layout, d_layout)
+                                       DROPOUT, STAGES, BLOCK_M, s_layout, HEAD_D)
                 else:
                     dv = _wide_dv_step(t, m0, n0, bh, dv, kj, kv_len, off, qk_scale, Sq, Skv,
                                        seed, drop_p, box(k_box, 0), q_ring, do_ring, ready,
                                        free, rows_ring, p_ring, p_ready, p_free, True, CAUSAL,
-                                       DROPOUT, STAGES, BLOCK_M, s_layout, d_layout)
-            _store_keys(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv,
-                        dv.to(q_desc.dtype), HEAD_D, d_layout)
+                                       DROPOUT, STAGES, BLOCK_M, s_layout, HEAD_D)
+            store_accumulator(DV + b * stride_dvb + kvh * stride_dvh, stride_dvn, n0, Skv, dv,
+                              1.0, HEAD_D)
         else:
-            dk = gl.zeros([64, tile_columns(HEAD_D)], gl.float32, d_layout)
+            dk = accumulator(64, HEAD_D)
             mbarrier.wait(kv_bar, 0)
             for t in range(group * n_blocks):
                 dk = _wide_dk_step(t, dk, drop_p, box(v_box, 0), q_ring, do_ring, ready, free,
                                    rows_ring, p_ring, p_ready, p_free, DROPOUT, STAGES,
-                                   BLOCK_M, s_layout, d_layout)
-            _store_keys(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv,
-                        (dk * scale).to(q_desc.dtype), HEAD_D, d_layout)
+                                   BLOCK_M, s_layout, HEAD_D)
+            store_accumulator(DK + b * stride_dkb + kvh * stride_dkh, stride_dkn, n0, Skv, dk,
+                              scale, HEAD_D)
 
     @gluon.jit(do_not_specialize=["group", "seed"])  # dkdv_kernel says why
     def wide_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, LENGTHS,
@@ -589,7 +592,7 @@ if hopper_forward.gluon is not None:
                  k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                  MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_NEXT: gl.constexpr,
                  DROPOUT: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                 s_layout: gl.constexpr, ds_layout: gl.constexpr):
+                 s_layout: gl.constexpr, ds_layout: gl.constexpr, HEAD_D: gl.constexpr):
         """Key block j, whose S and dP are in registers: dropout's mask applied to dP
         (DROPOUT), block j+1's S and dP issued (HAS_NEXT), block j's exponentials and dS
         run while they are on the tensor cores, then block j's dQ product; everything is
@@ -613,24 +616,30 @@ if hopper_forward.gluon is not None:
             # Each product gets zeros of its own: one set of registers read as two
             # accumulators also serializes them.
             mbarrier.wait(k_bars.index(nxt), phase)
-            s_tok = warpgroup_mma(q_smem, box(k_smem, nxt).permute((1, 0)),
-                                  gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
-                                  is_async=True)
+            s_tok = contract(q_smem, box(k_smem, nxt), gl.zeros(s.shape, gl.float32, s_layout),
+                             HEAD_D, True)
             mbarrier.wait(v_bars.index(nxt), phase)
-            dp_tok = warpgroup_mma(do_smem, box(v_smem, nxt).permute((1, 0)),
-                                   gl.zeros(s.shape, gl.float32, s_layout), use_acc=False,
-                                   is_async=True)
+            dp_tok = contract(do_smem, box(v_smem, nxt),
+                              gl.zeros(s.shape, gl.float32, s_layout), HEAD_D, True)
         if MASKED:
             # hidden scores -inf before the one multiply-add (the scale is positive)
             kj = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = hide_unseen(s, kj, row_limit(qi, kv_len, off, CAUSAL))
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
         ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(q_smem.dtype), ds_layout)
-        dq_tok = warpgroup_mma(ds, box(k_smem, slot), dq, is_async=True)
-        if HAS_NEXT:
-            dq, s, dp, _ = warpgroup_mma_wait(0, deps=[dq_tok, s_tok, dp_tok, ds])
+        dq_tok = accumulate(ds, box(k_smem, slot), dq, HEAD_D, True)
+        if split_at(HEAD_D) == 0:
+            if HAS_NEXT:
+                dq, s, dp, _ = warpgroup_mma_wait(0, deps=[dq_tok, s_tok, dp_tok, ds])
+            else:
+                dq, _ = warpgroup_mma_wait(0, deps=[dq_tok, ds])
         else:
-            dq, _ = warpgroup_mma_wait(0, deps=[dq_tok, ds])
+            if HAS_NEXT:
+                dq0, dq1, s, dp, _ = warpgroup_mma_wait(0, deps=[dq_tok[0], dq_tok[1], s_tok,
+                                                                 dp_tok, ds])
+            else:
+                dq0, dq1, _ = warpgroup_mma_wait(0, deps=[dq_tok[0], dq_tok[1], ds])
+            dq = (dq0, dq1)
         hold(ds)
         mbarrier.arrive(k_free.index(slot), count=1)  # S and the dQ product read K's slot
         return s, dp, dq
@@ -640,12 +649,12 @@ if hopper_forward.gluon is not None:
                    q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
                    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                   ds_layout: gl.constexpr):
+                   ds_layout: gl.constexpr, HEAD_D: gl.constexpr):
         for j in range(first, last):
             s, dp, dq = _dq_step(j, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale, dropout,
                                  q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free, v_free,
                                  MASKED, CAUSAL, True, DROPOUT, STAGES, BLOCK_N, s_layout,
-                                 ds_layout)
+                                 ds_layout, HEAD_D)
         return s, dp, dq
 
     @gluon.jit
@@ -659,8 +668,7 @@ if hopper_forward.gluon is not None:
         dropout = (dropout_mask.seed_value(seed, DROPOUT), bh, row0, Sq, drop_p)
         ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = score_layout(BLOCK_N)
-        d_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
-        ds_layout: gl.constexpr = operand_layout(d_layout)
+        ds_layout: gl.constexpr = operand_layout(first_layout(HEAD_D))
         rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         qi = row0 + gl.arange(0, ROWS, layout=rows_layout)
         row_ok = qi < Sq
@@ -680,15 +688,13 @@ if hopper_forward.gluon is not None:
         gl.store(DELTA + bh.to(gl.int64) * Sq + o_rows, delta, mask=o_rows < Sq)
         delta = gl.convert_layout(delta, rows_layout)
 
-        dq = gl.zeros([ROWS, tile_columns(HEAD_D)], gl.float32, d_layout)
+        dq = accumulator(ROWS, HEAD_D)
         mbarrier.wait(k_bars.index(0), 0)
-        s_tok = warpgroup_mma(q_smem, box(k_smem, 0).permute((1, 0)),
-                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                              is_async=True)
+        s_tok = contract(q_smem, box(k_smem, 0), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
+                         HEAD_D, True)
         mbarrier.wait(v_bars.index(0), 0)
-        dp_tok = warpgroup_mma(do_smem, box(v_smem, 0).permute((1, 0)),
-                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                               is_async=True)
+        dp_tok = contract(do_smem, box(v_smem, 0),
+                          gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), HEAD_D, True)
         s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])
         # Blocks every row sees first, then the rest with index checks; the last block
         # apart, as it issues no next S and dP.
@@ -696,21 +702,17 @@ if hopper_forward.gluon is not None:
         s, dp, dq = _dq_blocks(0, split, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
                                dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
                                v_free, False, CAUSAL, DROPOUT, STAGES, BLOCK_N, s_layout,
-                               ds_layout)
+                               ds_layout, HEAD_D)
         s, dp, dq = _dq_blocks(split, total - 1, s, dp, dq, lse, delta, qi, kv_len, off,
                                qk_scale, dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars,
                                k_free, v_free, True, CAUSAL, DROPOUT, STAGES, BLOCK_N, s_layout,
-                               ds_layout)
+                               ds_layout, HEAD_D)
         s, dp, dq = _dq_step(total - 1, s, dp, dq, lse, delta, qi, kv_len, off, qk_scale,
                              dropout, q_smem, do_smem, k_smem, v_smem, k_bars, v_bars, k_free,
                              v_free, True, CAUSAL, False, DROPOUT, STAGES, BLOCK_N, s_layout,
-                             ds_layout)
-
-        d_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, d_layout))
-        d_cols = gl.arange(0, tile_columns(HEAD_D), layout=gl.SliceLayout(0, d_layout))
-        gl.store(DQ + b * stride_dqb + h * stride_dqh + gl.expand_dims(d_rows, 1) * stride_dqm
-                 + gl.expand_dims(d_cols, 0), (dq * scale).to(q_smem.dtype),
-                 mask=gl.expand_dims(d_rows < Sq, 1) & gl.expand_dims(d_cols < HEAD_D, 0))
+                             ds_layout, HEAD_D)
+        store_accumulator(DQ + b * stride_dqb + h * stride_dqh, stride_dqm, row0, Sq, dq, scale,
+                          HEAD_D)
 
     @gluon.jit
     def _dq_worker(ROLE: gl.constexpr, Out, LSE, DELTA, DQ, b, h, kvh, bh, m0, Sq, kv_len, off,

@@ -196,45 +196,61 @@ if gluon is not None:
         operand."""
         return ring.index(i).reshape([ring.shape[3], ring.shape[4]])
 
+    @gluon.constexpr_function
+    def product_parts(head_dim):
+        """How many wgmma groups contract and accumulate issue at head_dim: 2 where
+        split_columns splits, else 1."""
+        return 2 if split_at(head_dim) else 1
+
+    @gluon.constexpr_function
+    def first_layout(head_dim):
+        """The register layout of a warpgroup's accumulator over head_dim (accumulator), or
+        of its first part: the layout whose operand_layout a product's A operand takes."""
+        return score_layout(split_at(head_dim) or tile_columns(head_dim))
+
     @gluon.jit
-    def _scores(q, k, acc, HEAD_D: gl.constexpr, IS_ASYNC: gl.constexpr):
-        """Q K^T of q (rows, tile) and k (keys, tile) boxes into acc's type, over the
-        columns that split_columns keeps: one product, or two chained, the second
-        accumulating into the first's result."""
+    def contract(a, b, acc, HEAD_D: gl.constexpr, IS_ASYNC: gl.constexpr):
+        """a b^T of a (rows, tile) and b (rows', tile), boxes in shared memory, into acc's
+        type (its values unread), over the columns that split_columns(HEAD_D) keeps: one
+        product, or two chained (product_parts), the second accumulating into the first's
+        result: Q K^T, and the backward's S^T, dP^T, S and dP."""
         SPLIT: gl.constexpr = split_at(HEAD_D)
         if SPLIT == 0:
-            return warpgroup_mma(q, k.permute((1, 0)), acc, use_acc=False, is_async=IS_ASYNC)
+            return warpgroup_mma(a, b.permute((1, 0)), acc, use_acc=False, is_async=IS_ASYNC)
         else:
             REST: gl.constexpr = second_part(HEAD_D)
-            first = warpgroup_mma(q.slice(0, SPLIT, 1), k.slice(0, SPLIT, 1).permute((1, 0)),
+            first = warpgroup_mma(a.slice(0, SPLIT, 1), b.slice(0, SPLIT, 1).permute((1, 0)),
                                   acc, use_acc=False, is_async=True)
-            both = warpgroup_mma(q.slice(SPLIT, REST, 1),
-                                 k.slice(SPLIT, REST, 1).permute((1, 0)), first,
+            both = warpgroup_mma(a.slice(SPLIT, REST, 1),
+                                 b.slice(SPLIT, REST, 1).permute((1, 0)), first,
                                  is_async=True)
             if not IS_ASYNC:
                 both = warpgroup_mma_wait(0, deps=[both])
             return both
 
     @gluon.jit
-    def _values(p, v, o, HEAD_D: gl.constexpr, IS_ASYNC: gl.constexpr):
-        """o + P V, o an accumulator as accumulator() makes it, or its pair of parts. A
-        part's columns of V are a slice of its box, which may start inside a 128-byte
-        swizzled row (D=96: columns 64-95 of 128): the wgmma descriptor's start address
-        moves into the row, and the swizzle, a function of the address, still holds."""
+    def accumulate(x, b, acc, HEAD_D: gl.constexpr, IS_ASYNC: gl.constexpr):
+        """acc + x b: x (rows, K) a 16-bit register operand in operand_layout(
+        first_layout(HEAD_D)), b a (K, tile) box in shared memory, acc as accumulator()
+        makes it, one tensor or a pair of parts (and so the result, or with IS_ASYNC its
+        token or pair of tokens): P V, and the backward's dV, dK and dQ. A part's columns
+        of b are a slice of its box, which may start inside a 128-byte swizzled row (D=96:
+        columns 64-95 of 128): the wgmma descriptor's start address moves into the row,
+        and the swizzle, a function of the address, still holds."""
         SPLIT: gl.constexpr = split_at(HEAD_D)
         if SPLIT == 0:
-            return warpgroup_mma(p, v, o, is_async=IS_ASYNC)
+            return warpgroup_mma(x, b, acc, is_async=IS_ASYNC)
         else:
             REST: gl.constexpr = second_part(HEAD_D)
-            first = warpgroup_mma(p, v.slice(0, SPLIT, 1), o[0], is_async=IS_ASYNC)
-            second = warpgroup_mma(gl.convert_layout(p, operand_layout(score_layout(REST))),
-                                   v.slice(SPLIT, REST, 1), o[1], is_async=IS_ASYNC)
+            first = warpgroup_mma(x, b.slice(0, SPLIT, 1), acc[0], is_async=IS_ASYNC)
+            second = warpgroup_mma(gl.convert_layout(x, operand_layout(score_layout(REST))),
+                                   b.slice(SPLIT, REST, 1), acc[1], is_async=IS_ASYNC)
             return first, second
 
     @gluon.jit
     def accumulator(ROWS: gl.constexpr, HEAD_D: gl.constexpr):
-        """A warpgroup's zeroed out accumulator: (ROWS, tile) float32, or where P V splits
-        (split_columns) a pair, one per part."""
+        """A warpgroup's zeroed accumulator over a head dim: (ROWS, tile) float32, or where
+        split_columns splits, a pair of parts (ROWS, first) and (ROWS, second)."""
         SPLIT: gl.constexpr = split_at(HEAD_D)
         if SPLIT == 0:
             return gl.zeros([ROWS, tile_columns(HEAD_D)], gl.float32,
@@ -243,6 +259,28 @@ if gluon is not None:
             REST: gl.constexpr = second_part(HEAD_D)
             return (gl.zeros([ROWS, SPLIT], gl.float32, score_layout(SPLIT)),
                     gl.zeros([ROWS, REST], gl.float32, score_layout(REST)))
+
+    @gluon.jit
+    def store_rows(base, stride, row0, limit, x, col0, HEAD_D: gl.constexpr):
+        """x (rows, columns), float32 in a wgmma result's layout (score_layout), cast to
+        base's type and stored at rows row0.. (stride apart) and columns col0.. (unit
+        stride) from base, those at or past limit (rows) and HEAD_D (columns) left out."""
+        layout: gl.constexpr = score_layout(x.shape[1])
+        rows = row0 + gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))
+        cols = col0 + gl.arange(0, x.shape[1], layout=gl.SliceLayout(0, layout))
+        gl.store(base + gl.expand_dims(rows, 1) * stride + gl.expand_dims(cols, 0),
+                 x.to(base.dtype.element_ty),
+                 mask=gl.expand_dims(rows < limit, 1) & gl.expand_dims(cols < HEAD_D, 0))
+
+    @gluon.jit
+    def store_accumulator(base, stride, row0, limit, acc, scale, HEAD_D: gl.constexpr):
+        """An accumulator (accumulator()'s) times scale, stored as store_rows stores it."""
+        SPLIT: gl.constexpr = split_at(HEAD_D)
+        if SPLIT == 0:
+            store_rows(base, stride, row0, limit, acc * scale, 0, HEAD_D)
+        else:
+            store_rows(base, stride, row0, limit, acc[0] * scale, 0, HEAD_D)
+            store_rows(base, stride, row0, limit, acc[1] * scale, SPLIT, HEAD_D)
 
     @gluon.jit
     def _rescale(o, alpha):
@@ -274,7 +312,7 @@ if gluon is not None:
             v_at = base + j - 1
             v_slot = v_at % STAGES
             mbarrier.wait(v_bars.index(v_slot), (v_at // STAGES) & 1)
-            o_tok = _values(p_op, box(v_smem, v_slot), o, HEAD_D, True)
+            o_tok = accumulate(p_op, box(v_smem, v_slot), o, HEAD_D, True)
         p, alpha = _exp(s, m_i, m_new, qk_scale, MASKED)
         l_i = l_i * alpha + gl.sum(p, 1)
         p_next = gl.convert_layout(p.to(q_smem.dtype), p_layout)
@@ -294,12 +332,12 @@ if gluon is not None:
             k_at = base + nxt
             k_slot = k_at % STAGES
             mbarrier.wait(k_bars.index(k_slot), (k_at // STAGES) & 1)
-            s_tok = _scores(q_smem, box(k_smem, k_slot),
-                            gl.zeros(s.shape, gl.float32, s_layout), HEAD_D, True)
+            s_tok = contract(q_smem, box(k_smem, k_slot),
+                             gl.zeros(s.shape, gl.float32, s_layout), HEAD_D, True)
         if not LEAN:
             if HAS_PREV:
                 # Q K^T's products (one or two) may stay in flight.
-                IN_FLIGHT: gl.constexpr = (1 + (split_at(HEAD_D) > 0)) * HAS_NEXT
+                IN_FLIGHT: gl.constexpr = product_parts(HEAD_D) * HAS_NEXT
                 if split_at(HEAD_D) == 0:
                     o, _ = warpgroup_mma_wait(IN_FLIGHT, deps=[o_tok, p_op])
                 else:
@@ -422,8 +460,8 @@ if gluon is not None:
                 # partly hidden, or wholly), which issues block 1's.
                 first = base % STAGES
                 mbarrier.wait(k_bars.index(first), (base // STAGES) & 1)
-                s = _scores(q, box(k_smem, first), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
-                            HEAD_D, False)
+                s = contract(q, box(k_smem, first),
+                             gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), HEAD_D, False)
                 # A single block's Q K^T is issued again by _step (which always issues one),
                 # on the slot still held: only that one lets the slot go.
                 mbarrier.arrive(k_free.index(first), count=1, pred=total > 1)
@@ -452,7 +490,7 @@ if gluon is not None:
                 mbarrier.arrive(q_free.index(q_slot), count=1)
                 last = base + total - 1
                 mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-                o = _values(p_op, box(v_smem, last % STAGES), o, HEAD_D, False)
+                o = accumulate(p_op, box(v_smem, last % STAGES), o, HEAD_D, False)
                 mbarrier.arrive(v_free.index(last % STAGES), count=1)
 
                 _finish(o, (m_i, l_i, b, h, bh, row0),
@@ -508,13 +546,13 @@ if gluon is not None:
             gl.thread_barrier()
             tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], o_buf)
         else:
-            place = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh, row0, Sq,
-                     stride_om)
+            out_rows = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
             if SPLIT == 0:
-                _store_columns(_normalized(o, l_safe), 0, place, HEAD_D)
+                store_rows(out_rows, stride_om, row0, Sq, _normalized(o, l_safe), 0, HEAD_D)
             else:
-                _store_columns(_normalized(o[0], l_safe), 0, place, HEAD_D)
-                _store_columns(_normalized(o[1], l_safe), SPLIT, place, HEAD_D)
+                store_rows(out_rows, stride_om, row0, Sq, _normalized(o[0], l_safe), 0, HEAD_D)
+                store_rows(out_rows, stride_om, row0, Sq, _normalized(o[1], l_safe), SPLIT,
+                           HEAD_D)
         gl.store(LSE + bh.to(gl.int64) * Sq + qi, lse, mask=qi < Sq)
 
     @gluon.jit
@@ -522,19 +560,6 @@ if gluon is not None:
         """An accumulator (or part) over its rows' sums (1 for a dead row)."""
         o_layout: gl.constexpr = score_layout(o.shape[1])
         return o / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
-
-    @gluon.jit
-    def _store_columns(out, col0, place, HEAD_D: gl.constexpr):
-        """out's rows (from row0) and columns (from col0) through pointers, those past Sq
-        and HEAD_D left out. place: (Out at the batch and head, row0, Sq, Out's row
-        stride)."""
-        Out, row0, Sq, stride_om = place
-        o_layout: gl.constexpr = score_layout(out.shape[1])
-        rows = row0 + gl.arange(0, out.shape[0], layout=gl.SliceLayout(1, o_layout))
-        cols = col0 + gl.arange(0, out.shape[1], layout=gl.SliceLayout(0, o_layout))
-        o_ptrs = Out + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0)
-        gl.store(o_ptrs, out.to(Out.dtype.element_ty),
-                 mask=gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols < HEAD_D, 0))
 
     @gluon.jit
     def key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -701,8 +726,7 @@ if gluon is not None:
         s_layout: gl.constexpr = score_layout(BLOCK_N)
         o_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
         # P's layout is that of the A operand of a product with o's first part's result.
-        p_layout: gl.constexpr = operand_layout(score_layout(
-            split_at(HEAD_D) or tile_columns(HEAD_D)))
+        p_layout: gl.constexpr = operand_layout(first_layout(HEAD_D))
         if ROLE < WARPGROUPS:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,

@@ -1732,7 +1732,13 @@ def _auto_as_on_hopper(monkeypatch) -> None:
     ({"d": 64, "sq": 2048, "skv": 2048}, False, True),
     ({"d": 64, "sq": 2047, "skv": 4096}, False, False),  # 0.97x at 1k
     ({"sq": 16384, "skv": 16384}, False, False),  # D=128 full: 0.93-1.03x
-    ({"d": 80, "sq": 8192, "skv": 8192}, False, False),  # no Gluon forward
+    ({"d": 80, "sq": 8192, "skv": 8192}, False, False),  # not measured
+    # D=96, the Gluon forward's products split (64 + 32 columns)
+    ({"d": 96, "sq": 1024, "skv": 1024}, False, True),  # 0.98-1.02x at 1k, 1.05x at 4k
+    ({"d": 96, "sq": 1023, "skv": 4096}, False, False),
+    ({"d": 96, "causal": True}, False, True),  # 1.01-1.02x at 4k, 1.09-1.16x at 16k
+    ({"d": 96, "causal": True, "sq": 2048, "skv": 2048}, False, False),  # 0.94x at 1k
+    ({"d": 96}, True, False),  # forward+backward 0.92-1.07x: a coin toss
     # A block of queries against a cache: SDPA gets the band as a mask (1.6-16x the time).
     ({"causal": True, "sq": 4, "skv": 16384}, False, True),
     ({"d": 80, "causal": True, "sq": 256, "skv": 4096}, False, True),
@@ -1780,13 +1786,16 @@ def test_auto_tries_triton_first_where_it_led(monkeypatch, kwargs, grad, leads):
     ({"d": 192, "dropout_p": 0.1, "causal": True}, False),  # 0.99x
     ({"d": 128, "dropout_p": 0.1}, False),  # 0.86-0.91x
     ({"d": 256, "window": (64, 0)}, False),
+    ({"d": 192}, True),  # 4k, the products split (128 + 64 columns): 1.15-1.16x
+    ({"d": 192, "causal": True}, True),  # 1.13-1.17x
+    ({"d": 192, "sq": 2048, "skv": 4096}, False),  # not measured
     ({"sq": 16384, "skv": 16384}, False),  # D=128: cuDNN's backward is faster
     ({"d": 64, "sq": 16384, "skv": 16384}, False),
 ])
 def test_auto_tries_triton_first_with_gradients_at_wide_heads(monkeypatch, kwargs, leads):
     """With gradients to compute, auto leads with triton at D=256 where the Gluon forward
-    and backward kernels run the call, from 1k (2k causal), with dropout where the Gluon
-    backward kernels do, from 1k, and nowhere else."""
+    and backward kernels run the call, from 1k (2k causal), at D=192 from 4k, with dropout
+    where the Gluon backward kernels do, at D=256 from 1k, and nowhere else."""
     from attnkit import functional
     from attnkit.backends import fused_triton as ft
 

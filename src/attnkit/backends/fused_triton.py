@@ -1890,7 +1890,7 @@ def _uses_hopper_forward(call: AttentionCall) -> bool:
 # (run 17); D=128 without causal 0.93-1.03x, a coin toss. At D=96, where the Gluon
 # forward's products skip the tile's last 32 columns (hopper_forward.split_columns),
 # against sdpa_cudnn (`attnkit bench --preset core`, run 64, two runs): without causal
-# 0.98-1.02x at 1k, 1.05x at 4k, 1.02-1.06x at 16k; causal 0.94-0.95x at 1k, 1.01-1.02x
+# 0.98-1.02x at 1k, 1.04-1.05x at 4k, 1.03-1.06x at 16k; causal 0.93-0.95x at 1k, 1.01-1.02x
 # at 4k, 1.09-1.16x at 16k. So it leads from these lengths (Sq and Skv both; measured
 # where they are equal) per (head dim, causal), and nowhere else. With gradients to
 # compute, cuDNN's backward is faster than this file's at D=64 and 128 (0.68-0.93x
@@ -1919,7 +1919,7 @@ _BLOCK_WITH_GRADS_SIZE = 2**34
 # D=256 without causal 1.12x at 1k and 4k, 1.18x at 16k; causal 1.09x at 4k, 1.10x at
 # 16k, but 0.92x at 1k; at 2k 1.11x and causal 1.09x (run 62,
 # h200-core-bf16-d256-s2048-run62). D=192 at 4k, with the products split (run 64,
-# h200-core-bf16-d192-s4096-run64): 1.15-1.16x, causal 1.13-1.17x; not measured shorter.
+# h200-core-bf16-d192-s4096-run64): 1.15-1.16x, causal 1.13x; not measured shorter.
 # At D=96 0.92-1.07x, a coin toss; at D=64 and 128 cuDNN's backward is faster.
 _LEADS_WITH_GRADS_REACH: dict[tuple[int, bool], Reach] = {(192, False): (4096, 4096),
                                                           (192, True): (4096, 4096),

@@ -1648,7 +1648,9 @@ def _tile_head_dim(call: AttentionCall) -> int:
     pad the same (BLOCK_D), so what was measured between the two at 128 holds at 96. On
     an H200 the Gluon kernels against this file's: forward 1.11x at D=96 4k, 1.20x causal,
     1.32x at D=80 1k causal, 1.23x at D=192 4k, 1.07x at D=48 4k causal; backward 1.23x,
-    1.19x, 1.28x, 1.86x (1.72x causal), 1.19x (NOTES run 63)."""
+    1.19x, 1.28x, 1.86x (1.72x causal), 1.19x (NOTES run 63); since then the Gluon
+    kernels' products skip most columns past D (hopper_forward.split_columns), another
+    1.06-1.13x forward and 1.09-1.19x backward there (run 64)."""
     return hopper_forward.head_block(call.head_dim)
 
 

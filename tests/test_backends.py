@@ -1119,16 +1119,16 @@ def test_random_calls_through_torch_compile(monkeypatch, tmp_path):
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_random_calls_rounded_delta_gradients_are_the_fused_backwards(monkeypatch, return_lse):
     """random_calls.rounded_delta_grads: the float64 gradients with delta = rowsum(dO * O)
-    from O rounded to the inputs' dtype, as dS = P (dP - delta) gives them by hand, rows
-    that see no key included (key lengths 0); not the exact ones; and the row check takes
-    the nearer reference (a key one query sees carries that rounding, run 63)."""
+    from the O an implementation stored, as dS = P (dP - delta) gives them by hand, rows
+    that see no key included (key lengths 0); not the exact ones, nor those from the
+    exact O rounded where the stored O differs from it; and the row check turns to them
+    only where the rows are past the bound against the reference (the nearer counts)."""
     random_calls = benchmark_script("random_calls", monkeypatch)
     case = {"batch": 2, "heads_q": 2, "heads_kv": 1, "seq_q": 3, "seq_kv": 9, "head_dim": 8,
             "head_dim_v": 8, "causal": False, "dtype": "bfloat16", "layout": "bhsd",
             "grad_layout": "bhsd", "return_lse": return_lse, "key_lengths": [0, 6]}
     inputs = random_calls.make_inputs(case, "cpu", torch.Generator().manual_seed(3))
     leaves, kwargs, grad, views = inputs
-    got = random_calls.rounded_delta_grads(inputs)
 
     q, k, v = (t.detach().double() for t in views(*leaves))
     k, v = (t.repeat_interleave(2, dim=1) for t in (k, v))  # the kv group's two heads
@@ -1138,6 +1138,10 @@ def test_random_calls_rounded_delta_gradients_are_the_fused_backwards(monkeypatc
     s[1, :, :, 6:] = float("-inf")
     p = torch.softmax(s, -1).nan_to_num(0.0)
     out, dout = p @ v, grad.double()
+    # a stored O off the exact one's rounding, as a forward's P V in bfloat16 leaves it
+    stored = (out * (1 + 2 ** -8)).bfloat16()
+    assert not torch.equal(stored, out.bfloat16())
+    got = random_calls.rounded_delta_grads(inputs, stored)
 
     def by_hand(o_for_delta):
         delta = (dout * o_for_delta).sum(-1, keepdim=True)
@@ -1147,13 +1151,26 @@ def test_random_calls_rounded_delta_gradients_are_the_fused_backwards(monkeypatc
         return (ds @ k * scale, (ds.transpose(-1, -2) @ q * scale).unflatten(1, (1, 2)).sum(2),
                 (p.transpose(-1, -2) @ dout).unflatten(1, (1, 2)).sum(2))
 
-    for name, g, w in zip("qkv", got, by_hand(out.bfloat16().double()), strict=True):
+    for name, g, w in zip("qkv", got, by_hand(stored.double()), strict=True):
         assert torch.allclose(g, w, atol=1e-12), name
     assert not torch.allclose(got[1], by_hand(out)[1], atol=1e-9)  # not the exact dk
+    assert not torch.allclose(got[1], by_hand(out.bfloat16().double())[1], atol=1e-9)
     exact = random_calls.answers("reference", inputs)
-    # the row check: the nearer of the two references
-    errors = random_calls.compare("naive", (exact[0], got), exact, "cpu", got)["errors"]
-    assert all(errors[f"grad {i} rows"] == 0.0 for i in range(3))
+    calls = []
+
+    def rounded():
+        calls.append(1)
+        return got
+
+    # rows within the bound against the reference: the second reference is not computed
+    errors = random_calls.compare("naive", (exact[0], got), (exact[0], got), "cpu",
+                                  rounded)["errors"]
+    assert all(errors[f"grad {i} rows"] == 0.0 for i in range(3)) and not calls
+    # rows past it (2/3 of their norm off): the nearer of the two, computed once
+    far = tuple(3 * g for g in got)
+    errors = random_calls.compare("naive", (exact[0], got), (exact[0], far), "cpu",
+                                  rounded)["errors"]
+    assert all(errors[f"grad {i} rows"] == 0.0 for i in range(1, 3)) and len(calls) == 1
 
 
 def test_random_calls_under_autocast(monkeypatch, tmp_path):

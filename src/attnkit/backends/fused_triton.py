@@ -1674,14 +1674,28 @@ def _hopper_forward_fits(call: AttentionCall) -> bool:
             and _gluon_covers(call, (call.q, call.k, call.v)))
 
 
+# The Gluon kernels' head dims are multiples of this (_gluon_covers): out, which
+# _empty_outputs lays out (B, S, H, D), goes through TMA, whose strides are multiples of
+# 16 bytes (at D=44 a head is 88).
+_GLUON_DIM_STEP = 8
+
+
+def _gluon_dims_text() -> str:
+    """The head dims the Gluon kernels take, in words: those of their tiles' widths
+    (_dims_text), "a multiple of 8 from 40 to 256"."""
+    tiles = sorted({d for d, _ in _HOPPER_ROUTES})
+    return (f"a multiple of {_GLUON_DIM_STEP} from {tiles[0] // 2 + _GLUON_DIM_STEP} to "
+            f"{tiles[-1]}")
+
+
 def _gluon_covers(call: AttentionCall, tensors: tuple[Tensor, ...]) -> bool:
     """What the Gluon kernels need: bfloat16 or float16 (timed in bfloat16; the two take
-    the same tensor-core path), D = Dv a multiple of 8 (out, which _empty_outputs lays out
-    (B, S, H, D), goes through TMA, whose strides are multiples of 16 bytes: at D=44 a head
-    is 88), a positive scale, no mask tensor or window, and `tensors` (B, H, S, D) that
-    TMA can read, none broadcast."""
+    the same tensor-core path), D = Dv a multiple of _GLUON_DIM_STEP, a positive scale, no
+    mask tensor or window, and `tensors` (B, H, S, D) that TMA can read, none
+    broadcast."""
     return (call.dtype in (torch.bfloat16, torch.float16)
-            and call.head_dim_v == call.head_dim and call.head_dim % 8 == 0 and call.scale > 0
+            and call.head_dim_v == call.head_dim and call.head_dim % _GLUON_DIM_STEP == 0
+            and call.scale > 0
             and call.attn_mask is None and call.window is None
             and all(_tma_layout(t) and hopper_forward.describable(t) for t in tensors))
 
@@ -1813,7 +1827,7 @@ def _details(device: torch.device) -> str | None:
     off = "switched off in this process (it did not compile here, or by hand)"
     why = unavailable or (None if _HOPPER_FORWARD else off)
     state = (f"off: {why}" if why else
-             f"on for bfloat16/float16 calls with D = Dv a multiple of 8 from 40 to 256 "
+             f"on for bfloat16/float16 calls with D = Dv {_gluon_dims_text()} "
              f"(rows that TMA reads: 16-byte aligned), on tiles of "
              f"{_widths_text(sorted({d for d, _ in _HOPPER_ROUTES}))} columns (the narrowest "
              f"that holds D), and {_route_text()}, "
@@ -1853,8 +1867,8 @@ def _widths_text(widths: list[int]) -> str:
 
 def _dims_text(head_dim: int, tiles: bool) -> str:
     """A head dim in words; where tiles, a tile head dim, as the dims it runs (multiples of
-    8, _gluon_covers; hopper_forward.head_block): 128 -> "D=72-128"."""
-    return f"D={head_dim // 2 + 8}-{head_dim}" if tiles else f"D={head_dim}"
+    _GLUON_DIM_STEP; hopper_forward.head_block): 128 -> "D=72-128"."""
+    return f"D={head_dim // 2 + _GLUON_DIM_STEP}-{head_dim}" if tiles else f"D={head_dim}"
 
 
 def _lengths_text(reach: Reach) -> str:
@@ -2452,7 +2466,7 @@ BACKEND = Backend(
     name="triton",
     summary="fused Triton kernels (FlashAttention-2 style forward and backward; on "
             "Hopper, Gluon kernels for long sequences on tiles of 64, 128 or 256 columns "
-            "(head dims 40-256, multiples of 8): the forward, dK/dV, and dQ from 72)",
+            f"(head dims {_gluon_dims_text()}): the forward, dK/dV, and dQ from 72)",
     available=available,
     supports=supports,
     run=run,

@@ -292,8 +292,7 @@ if gluon is not None:
     def _step(j, nxt, base, s, o, p_op, m_i, l_i, q_smem, ring, limit, qk_scale,
               MASKED: gl.constexpr, HAS_PREV: gl.constexpr, HAS_NEXT: gl.constexpr,
               STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-              o_layout: gl.constexpr, p_layout: gl.constexpr, LEAN: gl.constexpr,
-              HEAD_D: gl.constexpr):
+              p_layout: gl.constexpr, LEAN: gl.constexpr, HEAD_D: gl.constexpr):
         """Key block j, whose raw scores s are in registers: its softmax runs while block
         j-1's P V (HAS_PREV) is on the tensor cores; then block nxt's Q K^T is issued
         (HAS_NEXT) and its scores are what this returns, with o, block j's p as the P V
@@ -360,13 +359,13 @@ if gluon is not None:
     @gluon.jit
     def _blocks(first, last, base, s, o, p_op, m_i, l_i, q_smem, ring, limit, qk_scale,
                 MASKED: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                s_layout: gl.constexpr, p_layout: gl.constexpr,
                 LEAN: gl.constexpr, HEAD_D: gl.constexpr):
         """_step over key blocks [first, last), each followed by another."""
         for j in range(first, last):
             s, o, p_op, m_i, l_i = _step(j, j + 1, base, s, o, p_op, m_i, l_i, q_smem, ring,
                                          limit, qk_scale, MASKED, True, True, STAGES, BLOCK_N,
-                                         s_layout, o_layout, p_layout, LEAN, HEAD_D)
+                                         s_layout, p_layout, LEAN, HEAD_D)
         return s, o, p_op, m_i, l_i
 
     @gluon.jit
@@ -410,7 +409,7 @@ if gluon is not None:
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_LENGTHS: gl.constexpr,
                  WARPGROUPS: gl.constexpr, Q_BUFFERS: gl.constexpr, O_TMA: gl.constexpr,
                  OWN_RANGES: gl.constexpr, HEAD_GROUP: gl.constexpr, ALL_SEEN: gl.constexpr,
-                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+                 s_layout: gl.constexpr, p_layout: gl.constexpr):
         """Warpgroup ROLE: rows [64 * ROLE, 64 * ROLE + 64) of each tile the loading warp
         posts (next_tile), every key block in turn (_step), then out and lse stored.
         Where OWN_RANGES, the key blocks are those its own rows see (key_blocks of its 64
@@ -467,23 +466,23 @@ if gluon is not None:
                 mbarrier.arrive(k_free.index(first), count=1, pred=total > 1)
                 s, o, p_op, m_i, l_i = _step(0, gl.minimum(1, total - 1), base, s, o, p_op, m_i,
                                              l_i, q, ring, limit, qk_scale, MASKED, False, True,
-                                             STAGES, BLOCK_N, s_layout, o_layout, p_layout, LEAN,
+                                             STAGES, BLOCK_N, s_layout, p_layout, LEAN,
                                              HEAD_D)
                 # Blocks 1 .. total-2, those every row sees first; the last block apart, as it
                 # issues no next Q K^T.
                 split = gl.maximum(gl.minimum(full_blocks, total - 1), 1)
                 s, o, p_op, m_i, l_i = _blocks(1, split, base, s, o, p_op, m_i, l_i, q, ring,
                                                limit, qk_scale, False, STAGES, BLOCK_N, s_layout,
-                                               o_layout, p_layout, LEAN, HEAD_D)
+                                               p_layout, LEAN, HEAD_D)
                 if MASKED:  # else split is total - 1
                     s, o, p_op, m_i, l_i = _blocks(split, total - 1, base, s, o, p_op, m_i, l_i,
                                                    q, ring, limit, qk_scale, True, STAGES,
-                                                   BLOCK_N, s_layout, o_layout, p_layout, LEAN,
+                                                   BLOCK_N, s_layout, p_layout, LEAN,
                                                    HEAD_D)
                 if total > 1:
                     s, o, p_op, m_i, l_i = _step(total - 1, total - 1, base, s, o, p_op, m_i,
                                                  l_i, q, ring, limit, qk_scale, MASKED, True,
-                                                 False, STAGES, BLOCK_N, s_layout, o_layout,
+                                                 False, STAGES, BLOCK_N, s_layout,
                                                  p_layout, LEAN, HEAD_D)
                 # Every Q K^T of the tile is done: the loading warp may refill Q's buffer
                 # while the last P V and the stores run.
@@ -495,7 +494,7 @@ if gluon is not None:
 
                 _finish(o, (m_i, l_i, b, h, bh, row0),
                         (Out, LSE, Sq, stride_ob, stride_oh, stride_om, o_desc, o_smem), ROLE,
-                        HEAD_D, O_TMA, s_layout, o_layout)
+                        HEAD_D, O_TMA, s_layout)
                 if OWN_RANGES:
                     # After the stores: the blocks it lets go may still be loading.
                     release(ring, base, total, tile_total, STAGES)
@@ -513,7 +512,7 @@ if gluon is not None:
 
     @gluon.jit
     def _finish(o, rows_of, dest, ROLE: gl.constexpr, HEAD_D: gl.constexpr,
-                O_TMA: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+                O_TMA: gl.constexpr, s_layout: gl.constexpr):
         """Out and lse of a warpgroup's 64 rows, from its accumulator o (accumulator()'s:
         head_block(HEAD_D) columns, or two parts, HEAD_D of them stored). rows_of: (running
         max (log2 units), running sum, batch, query head, batch * query head, first row);
@@ -722,17 +721,16 @@ if gluon is not None:
         (Out, LSE, LENGTHS, COUNTER, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
          stride_ob, stride_oh, stride_om, q_desc, k_desc, v_desc, q_smem, q_bars, q_free,
          tile_smem, ring, o_desc, o_smem) = shared
-        # A warpgroup's scores, its accumulator and its P operand, in registers.
+        # A warpgroup's scores and its P operand, in registers: P is the A operand of a
+        # product into its accumulator's (first part's) layout.
         s_layout: gl.constexpr = score_layout(BLOCK_N)
-        o_layout: gl.constexpr = score_layout(tile_columns(HEAD_D))
-        # P's layout is that of the A operand of a product with o's first part's result.
         p_layout: gl.constexpr = operand_layout(first_layout(HEAD_D))
         if ROLE < WARPGROUPS:
             _consume(ROLE, Out, LSE, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, qk_scale,
                      stride_ob, stride_oh, stride_om, q_smem, q_bars, q_free, tile_smem, ring,
                      o_desc, o_smem, HEAD_D, BLOCK_N, STAGES, CAUSAL, HAS_LENGTHS,
                      WARPGROUPS, Q_BUFFERS, O_TMA, OWN_RANGES, HEAD_GROUP, ALL_SEEN, s_layout,
-                     o_layout, p_layout)
+                     p_layout)
         else:
             _produce(COUNTER, LENGTHS, tiles, q_blocks, Hq, group, Sq, Skv, q_desc, k_desc,
                      v_desc, q_smem, q_bars, q_free, tile_smem, ring, BLOCK_N, STAGES, CAUSAL,

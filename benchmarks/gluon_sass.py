@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--kernel", choices=("forward", "dkdv", "dq"), default="forward")
     parser.add_argument("--head-dim", type=int, default=128,
                         help="up to 256; the tiles are the next of 64, 128, 256 wide "
-                             "(fused_triton routes multiples of 8 from 40)")
+                             f"(fused_triton routes {fused_triton._gluon_dims_text()})")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--lengths", action="store_true", help="with key_lengths")
     parser.add_argument("--dropout", action="store_true",

@@ -324,7 +324,7 @@ def reference_kwargs(kwargs: dict) -> dict:
 
 def rounded_delta_grads(inputs: tuple, stored_out: torch.Tensor) -> tuple:
     """The reference's gradients of the leaves with delta = rowsum(dO * O) taken from
-    stored_out, the O an implementation returned (in the inputs' dtype), as fused
+    stored_out, the O an implementation returned (in the dtype it computed in), as fused
     backwards take it from the O they stored (FlashAttention's, cuDNN's, flex's,
     triton's): rows whose exact gradient is near zero carry that O's rounding in every
     such backend (dQ rows, run 47), and so do the dK rows of a key that one query sees
@@ -336,13 +336,12 @@ def rounded_delta_grads(inputs: tuple, stored_out: torch.Tensor) -> tuple:
     those gradients, as d lse / d s = P. In float64, of float64 copies of the leaves."""
     leaves, kwargs, grad, views = inputs
     leaves = [leaf.detach().double().requires_grad_() for leaf in leaves]
-    dtype = inputs[0][0].dtype
     q, k, v = views(*leaves)
     returns_lse = kwargs.get("return_lse", False)
     out, lse = attention(q, k, v, impl="reference",
                          **{**reference_kwargs(kwargs), "return_lse": True})
     dout = grad.double()
-    c = (dout * out).sum(-1) - (dout * stored_out.detach().to(dtype).double()).sum(-1)
+    c = (dout * out).sum(-1) - (dout * stored_out.detach().double()).sum(-1)
     weight = c.detach()
     if returns_lse:  # answers' lse gradient too
         weight = weight + lse_gradient(grad, lse)

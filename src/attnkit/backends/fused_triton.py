@@ -1680,10 +1680,15 @@ def _hopper_forward_fits(call: AttentionCall) -> bool:
 _GLUON_DIM_STEP = 8
 
 
+def _tile_widths() -> list[int]:
+    """The Gluon kernels' tile head dims, narrowest first: those _HOPPER_ROUTES has."""
+    return sorted({d for d, _ in _HOPPER_ROUTES})
+
+
 def _gluon_dims_text() -> str:
     """The head dims the Gluon kernels take, in words: those of their tiles' widths
     (_dims_text), "a multiple of 8 from 40 to 256"."""
-    tiles = sorted({d for d, _ in _HOPPER_ROUTES})
+    tiles = _tile_widths()
     return (f"a multiple of {_GLUON_DIM_STEP} from {tiles[0] // 2 + _GLUON_DIM_STEP} to "
             f"{tiles[-1]}")
 
@@ -1829,7 +1834,7 @@ def _details(device: torch.device) -> str | None:
     state = (f"off: {why}" if why else
              f"on for bfloat16/float16 calls with D = Dv {_gluon_dims_text()} "
              f"(rows that TMA reads: 16-byte aligned), on tiles of "
-             f"{_widths_text(sorted({d for d, _ in _HOPPER_ROUTES}))} columns (the narrowest "
+             f"{_widths_text(_tile_widths())} columns (the narrowest "
              f"that holds D), and {_route_text()}, "
              f"and no mask tensor, window or dropout; "
              f"impl='auto' runs triton first for those calls where it was faster than "
@@ -2465,8 +2470,8 @@ def run(call: AttentionCall) -> Result:
 BACKEND = Backend(
     name="triton",
     summary="fused Triton kernels (FlashAttention-2 style forward and backward; on "
-            "Hopper, Gluon kernels for long sequences on tiles of 64, 128 or 256 columns "
-            f"(head dims {_gluon_dims_text()}): the forward, dK/dV, and dQ from 72)",
+            f"Hopper, Gluon kernels for long sequences on tiles of {_widths_text(_tile_widths())} "
+            f"columns (head dims {_gluon_dims_text()}): the forward, dK/dV, and dQ from 72)",
     available=available,
     supports=supports,
     run=run,

@@ -285,8 +285,14 @@ if gluon is not None:
     @gluon.jit
     def _rescale(o, alpha):
         """An accumulator (or part) with each row scaled by its alpha."""
-        return o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(
-            1, score_layout(o.shape[1]))), 1)
+        return o * per_row(alpha, o)
+
+    @gluon.jit
+    def per_row(v, o):
+        """v (one value a row) in the layout that broadcasts it along o's rows (o: an
+        accumulator or part, score_layout)."""
+        return gl.expand_dims(gl.convert_layout(v, gl.SliceLayout(1, score_layout(o.shape[1]))),
+                              1)
 
     @gluon.jit
     def _step(j, nxt, base, s, o, p_op, m_i, l_i, q_smem, ring, limit, qk_scale,
@@ -557,8 +563,7 @@ if gluon is not None:
     @gluon.jit
     def _normalized(o, l_safe):
         """An accumulator (or part) over its rows' sums (1 for a dead row)."""
-        o_layout: gl.constexpr = score_layout(o.shape[1])
-        return o / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+        return o / per_row(l_safe, o)
 
     @gluon.jit
     def key_blocks(LENGTHS, b, m0, Sq, Skv, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
